@@ -1,0 +1,150 @@
+"""`from_pretrained`: a checkpoint directory into a model, one tensor at a time.
+
+The model is first built abstractly (shapes only). For each parameter we know the canonical checkpoint name and the
+HF shape it must have; the whole checkpoint is checked against that plan before anything is read, so missing,
+unexpected and mis-shaped tensors come back as one error listing all of them. Then each tensor is read (dequantised
+if FP8), transposed to our [in, out] layout and put straight onto its device and sharding, so peak host memory stays
+near the largest single tensor.
+
+Reading the files (HF or Mistral-native safetensors, prefixes, FP8 scales) is `safetensors_io.CheckpointReader`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from small4_jax.config import Small4Config, load_config
+from small4_jax.errors import CheckpointError
+from small4_jax.model import Small4ForCausalLM, abstract_model
+from small4_jax.sharding import sharding_for
+
+log = logging.getLogger("small4_jax")
+
+
+class TensorSource(Protocol):
+    def names(self) -> list[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def get(self, name: str, dtype=np.float32) -> np.ndarray: ...
+
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def _identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def _t2(x: np.ndarray) -> np.ndarray:
+    return x.T
+
+
+def _t3(x: np.ndarray) -> np.ndarray:
+    return x.transpose(0, 2, 1)
+
+
+def checkpoint_plan(model_state) -> dict[tuple, tuple[str, tuple[int, ...], Transform]]:
+    """Our parameter path -> (canonical checkpoint name, shape it has in the checkpoint, transform to our layout)."""
+    plan = {}
+    for path, value in nnx.to_flat_state(model_state):
+        shape = tuple(value.shape)
+        names = [str(p) for p in path]
+        leaf, parent = names[-1], names[-2]
+        if parent == "embed_tokens":
+            plan[path] = ("embed_tokens.weight", shape, _identity)
+        elif parent == "experts":
+            hf = {"gate_up": "gate_up_proj", "down": "down_proj"}[leaf]
+            plan[path] = (".".join(names[:-1] + [hf]), (shape[0], shape[2], shape[1]), _t3)
+        elif leaf == "kernel":
+            plan[path] = (".".join(names[:-1] + ["weight"]), shape[::-1], _t2)
+        elif parent == "gate" and leaf == "weight":  # router [H, E] here, [E, H] in the checkpoint
+            plan[path] = (".".join(names), shape[::-1], _t2)
+        else:  # norms and biases
+            plan[path] = (".".join(names), shape, _identity)
+    return plan
+
+
+def load_weights(
+    config: Small4Config,
+    source: TensorSource,
+    *,
+    dtype="bfloat16",
+    mesh: Mesh | None = None,
+    moe_impl: str = "ragged_dot",
+    where: str = "checkpoint",
+) -> Small4ForCausalLM:
+    """Fill an abstract model from `source`, checking every name and shape first."""
+    graphdef, state = nnx.split(abstract_model(config, dtype=dtype, moe_impl=moe_impl))
+    plan = checkpoint_plan(state)
+    available = set(source.names())
+    expected = {name: shape for name, shape, _ in plan.values()}
+    missing = sorted(n for n in expected if n not in available)
+    unexpected = sorted(n for n in available if n not in expected)
+    if config.tie_word_embeddings and "lm_head.weight" in unexpected:
+        unexpected.remove("lm_head.weight")  # a tied checkpoint may still store the head
+    misshaped = sorted(
+        (n, tuple(source.shape(n)), shape) for n, shape in expected.items() if n in available
+        if tuple(source.shape(n)) != tuple(shape)
+    )
+    if missing or unexpected or misshaped:
+        lines = [f"{where}: the tensors do not match the model config"]
+        lines += [f"  missing: {n} (expected shape {list(expected[n])})" for n in missing]
+        lines += [f"  unexpected: {n} (shape {list(source.shape(n))})" for n in unexpected]
+        lines += [f"  wrong shape: {n} is {list(got)}, expected {list(want)}" for n, got, want in misshaped]
+        raise CheckpointError("\n".join(lines))
+
+    np_dtype = _numpy_dtype(dtype)
+    flat = []
+    for path, value in nnx.to_flat_state(state):
+        name, _, transform = plan[path]
+        host = transform(source.get(name, dtype=np_dtype))
+        arr = jax.device_put(np.ascontiguousarray(host), sharding_for(path, host.shape, mesh))
+        del host
+        flat.append((path, value.replace(arr) if hasattr(value, "replace") else arr))
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return model
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    dtype="bfloat16",
+    mesh: Mesh | None = None,
+    *,
+    config: Small4Config | None = None,
+    moe_impl: str = "ragged_dot",
+) -> Small4ForCausalLM:
+    """Load an HF (`config.json` + safetensors) or Mistral-native (`params.json` + consolidated) directory.
+
+    dtype is the parameter dtype ("bfloat16", "float32", ...). With a mesh, every parameter is placed with its
+    sharding from `small4_jax.sharding` as it is read.
+    """
+    from small4_jax.safetensors_io import CheckpointReader
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    config = config or load_config(path)
+    reader = CheckpointReader(path)
+    try:
+        return load_weights(config, reader, dtype=dtype, mesh=mesh, moe_impl=moe_impl, where=str(path))
+    finally:
+        reader.close()
+
+
+def _numpy_dtype(dtype) -> np.dtype:
+    d = jnp.dtype(dtype)
+    if d == jnp.bfloat16:
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(d)

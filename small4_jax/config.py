@@ -1,0 +1,474 @@
+"""One typed config for the Mistral Small 4 text model, and its loaders.
+
+Sources of a config:
+- `Small4Config.from_yaml(path)`: our presets in `configs/` (flat keys, the field names below);
+- `Small4Config.from_hf_json(path)`: a Hugging Face `config.json`, top-level `mistral4` or a `mistral3` wrapper with
+  `text_config`;
+- `Small4Config.from_native_json(path)`: a Mistral-native `params.json`;
+- `load_config(path)`: any of these, or a checkpoint directory holding one.
+
+Field names follow transformers' `Mistral4Config`; the RoPE settings that HF nests under `rope_parameters` are flat
+here (`rope_factor` is HF's `factor`, `rope_attention_factor` its `attention_factor`, `rope_truncate` its `truncate`).
+
+Softmax scale (ARCHITECTURE.md §6.1: the sources disagree). The attention logits are multiplied by
+`attn_softmax_scale`, chosen in this order:
+1. an explicit `softmax_scale` field wins;
+2. `scale_convention == "hf"` (configs read from `config.json`, and the YAML presets): transformers' Mistral4
+   semantics, `qk_head_dim**-0.5 * mscale**2` with `mscale = 0.1 * mscale_all_dim * ln(factor) + 1` whenever the RoPE
+   type is not "default" and `mscale_all_dim` is non-zero (the checkpoint's HF config gives 0.195);
+3. `scale_convention == "native"` (configs read from `params.json`): `yarn.apply_scale`; false (the shipped value)
+   means plain `qk_head_dim**-0.5` (0.0884) and true means the same mscale**2 factor with `mscale_all_dim = 1`.
+Set `softmax_scale` to pin one value regardless of where the config came from.
+
+The RoPE magnitude factor applied to cos/sin follows the same split: transformers' YaRN `attention_factor` for "hf",
+exactly 1 for "native" (YaRN frequency interpolation without magnitude correction).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from small4_jax.errors import ConfigError
+
+_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Small4Config:
+    """Hyper-parameters of the Mistral Small 4 text decoder. Defaults are the released 119B model."""
+
+    vocab_size: int = 131072
+    hidden_size: int = 4096
+    intermediate_size: int = 12288  # dense SwiGLU layers (the first `first_k_dense_replace` layers)
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 32
+    # MLA expands the latent to every attention head through kv_b_proj, so this field does not change the math;
+    # it is kept so that HF configs round-trip.
+    num_key_value_heads: int = 32
+    # Mixture of experts.
+    n_routed_experts: int = 128
+    num_experts_per_tok: int = 4
+    n_shared_experts: int = 1
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 0
+    # Multi-head latent attention.
+    q_lora_rank: int | None = 1024  # None: a plain q_proj
+    kv_lora_rank: int = 256
+    qk_nope_head_dim: int = 64
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    # transformers builds q_a_layernorm and kv_a_layernorm with its default eps (1e-6) whatever rms_norm_eps says.
+    latent_norm_eps: float = 1e-6
+    # Positions.
+    max_position_embeddings: int = 1048576
+    rope_type: str = "yarn"  # "yarn" or "default"
+    rope_theta: float = 10000.0
+    rope_factor: float | None = 128.0  # None: max_position_embeddings / original_max_position_embeddings
+    original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = 1.0
+    mscale_all_dim: float | None = 1.0
+    rope_attention_factor: float | None = None  # HF `attention_factor`: overrides the one derived from mscale
+    rope_truncate: bool = True
+    rope_interleave: bool = True
+    llama_4_scaling_beta: float | None = 0.1  # None or 0: no Llama-4 query scaling
+    llama_4_original_max_position_embeddings: int | None = None  # None: original_max_position_embeddings
+    scale_convention: str = "hf"  # "hf" or "native"; see the module docstring
+    yarn_apply_scale: bool = False  # native `yarn.apply_scale`; used when scale_convention == "native"
+    softmax_scale: float | None = None  # explicit override of the attention softmax scale
+    # Embeddings and special ids.
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    pad_token_id: int | None = 11
+
+    def __post_init__(self):
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def validate(self, source: str = "config") -> None:
+        """Raise ConfigError naming the first inconsistent field."""
+
+        def bad(field: str, expected: str):
+            raise ConfigError(f"{source}: field '{field}' = {getattr(self, field)!r}; expected {expected}")
+
+        for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                  "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+                  "max_position_embeddings", "original_max_position_embeddings", "n_group", "topk_group"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(f, "a positive integer")
+        if self.qk_nope_head_dim < 0:
+            bad("qk_nope_head_dim", "a non-negative integer")
+        if self.qk_rope_head_dim % 2:
+            bad("qk_rope_head_dim", "an even number (RoPE rotates pairs)")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            bad("q_lora_rank", "a positive integer or null (plain q_proj)")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            bad("num_experts_per_tok", f"at most n_routed_experts = {self.n_routed_experts}")
+        if self.n_routed_experts % self.n_group:
+            bad("n_group", f"a divisor of n_routed_experts = {self.n_routed_experts}")
+        if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
+            bad("n_group", "at most n_routed_experts / 2 (a group is scored by its top-2 experts)")
+        if self.topk_group > self.n_group:
+            bad("topk_group", f"at most n_group = {self.n_group}")
+        if self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):
+            bad("num_experts_per_tok", "at most the number of experts in the kept groups")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            bad("first_k_dense_replace", f"between 0 and num_hidden_layers = {self.num_hidden_layers}")
+        if self.first_k_dense_replace > 0 and self.intermediate_size <= 0:
+            bad("intermediate_size", "a positive integer (there are dense layers)")
+        if self.hidden_act not in _ACTIVATIONS:
+            bad("hidden_act", f"one of {', '.join(_ACTIVATIONS)}")
+        if self.rope_type not in ("yarn", "default"):
+            bad("rope_type", "'yarn' or 'default'")
+        if self.scale_convention not in ("hf", "native"):
+            bad("scale_convention", "'hf' or 'native'")
+        if self.rope_type == "yarn" and self.yarn_factor <= 0:
+            bad("rope_factor", "a positive number")
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Derived values.
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def yarn_factor(self) -> float:
+        if self.rope_factor is None:
+            return self.max_position_embeddings / self.original_max_position_embeddings
+        return float(self.rope_factor)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_k_dense_replace
+
+    @property
+    def llama_4_original(self) -> int:
+        return self.llama_4_original_max_position_embeddings or self.original_max_position_embeddings
+
+    @property
+    def attn_softmax_scale(self) -> float:
+        """The factor applied to q·k before the softmax (see the module docstring for the convention)."""
+        if self.softmax_scale is not None:
+            return float(self.softmax_scale)
+        base = self.qk_head_dim**-0.5
+        if self.rope_type == "default":
+            return base
+        if self.scale_convention == "hf":
+            if self.mscale_all_dim:
+                m = _yarn_mscale(self.yarn_factor, self.mscale_all_dim)
+                return base * m * m
+            return base
+        if self.yarn_apply_scale:
+            m = _yarn_mscale(self.yarn_factor, 1.0)
+            return base * m * m
+        return base
+
+    @property
+    def rope_magnitude(self) -> float:
+        """The factor cos/sin are multiplied by (YaRN's "attention factor"; 1 for the released model)."""
+        if self.rope_type == "default" or self.scale_convention == "native":
+            return 1.0
+        if self.rope_attention_factor is not None:
+            return float(self.rope_attention_factor)
+        f = self.yarn_factor
+        if self.mscale and self.mscale_all_dim:
+            return _yarn_mscale(f, self.mscale) / _yarn_mscale(f, self.mscale_all_dim)
+        return _yarn_mscale(f, 1.0)
+
+    def rope_inv_freq(self) -> np.ndarray:
+        """Inverse frequencies of the qk_rope_head_dim/2 rotation pairs, float32 (YaRN ramp as in transformers)."""
+        dim = self.qk_rope_head_dim
+        base = self.rope_theta
+        exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+        pos_freqs = np.power(np.float32(base), exponents, dtype=np.float32)
+        inv_freq = (1.0 / pos_freqs).astype(np.float32)
+        if self.rope_type == "default":
+            return inv_freq
+        factor = self.yarn_factor
+
+        def correction_dim(num_rotations: float) -> float:
+            return (dim * math.log(self.original_max_position_embeddings / (num_rotations * 2 * math.pi))) / (
+                2 * math.log(base)
+            )
+
+        low, high = correction_dim(self.beta_fast or 32), correction_dim(self.beta_slow or 1)
+        if self.rope_truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+        extrapolation = 1 - ramp
+        inv_interp = (1.0 / (np.float32(factor) * pos_freqs)).astype(np.float32)
+        return (inv_interp * (1 - extrapolation) + inv_freq * extrapolation).astype(np.float32)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Loaders.
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> Small4Config:
+        """Build from a flat dict of our field names; unknown keys are an error naming them."""
+        known = set(cls.field_names())
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        for k, v in d.items():
+            _check_type(k, v, types[k], source)
+        try:
+            cfg = cls(**d)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("config:", f"{source}:", 1)) from None
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> Small4Config:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            d = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if d is None:
+            d = {}
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a mapping of config fields, got {type(d).__name__}")
+        if "model" in d and isinstance(d["model"], dict):  # allow a nested `model:` section
+            d = d["model"]
+        return cls.from_dict(d, source=str(path))
+
+    @classmethod
+    def from_hf_json(cls, path: str | os.PathLike) -> Small4Config:
+        path = Path(path)
+        d = _read_json(path)
+        return cls.from_hf_dict(d, source=str(path))
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> Small4Config:
+        mt = d.get("model_type")
+        if mt == "mistral3":
+            text = d.get("text_config")
+            if not isinstance(text, dict):
+                raise ConfigError(f"{source}: model_type 'mistral3' needs a 'text_config' mapping")
+            if text.get("model_type", "mistral4") != "mistral4":
+                raise ConfigError(
+                    f"{source}: unsupported text_config.model_type {text.get('model_type')!r}; expected 'mistral4'"
+                )
+            d = text
+        elif mt != "mistral4":
+            raise ConfigError(
+                f"{source}: unsupported model_type {mt!r}; expected 'mistral4', or 'mistral3' with a mistral4 text_config"
+            )
+        out: dict[str, Any] = {}
+        direct = set(cls.field_names()) - {"rope_type", "rope_factor", "rope_attention_factor", "rope_truncate"}
+        for k in direct:
+            if k in d and d[k] is not None:
+                out[k] = d[k]
+        if d.get("q_lora_rank", "absent") is None:
+            out["q_lora_rank"] = None
+        for k in ("llama_4_scaling_beta",):
+            out.pop(k, None)
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: 'rope_parameters' must be a mapping")
+        rope_type = rope.get("rope_type", rope.get("type", "default" if not rope else "yarn"))
+        out["rope_type"] = rope_type
+        if "rope_theta" in rope or "rope_theta" in d:
+            out["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta")))
+        if rope_type == "yarn":
+            out["rope_factor"] = rope.get("factor")
+            for ours, theirs in (("original_max_position_embeddings", "original_max_position_embeddings"),
+                                 ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow")):
+                if rope.get(theirs) is not None:
+                    out[ours] = rope[theirs]
+            out["mscale"] = rope.get("mscale")
+            out["mscale_all_dim"] = rope.get("mscale_all_dim")
+            out["rope_attention_factor"] = rope.get("attention_factor")
+            out["rope_truncate"] = bool(rope.get("truncate", True))
+        elif "original_max_position_embeddings" in rope:
+            out["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
+        out["llama_4_scaling_beta"] = rope.get("llama_4_scaling_beta")
+        if rope_type != "yarn":
+            out.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 8192))
+        out["scale_convention"] = "hf"
+        eos = out.get("eos_token_id")
+        if isinstance(eos, list):
+            out["eos_token_id"] = tuple(eos)
+        for k in ("rope_theta", "beta_fast", "beta_slow", "routed_scaling_factor", "rms_norm_eps"):
+            if isinstance(out.get(k), int) and not isinstance(out.get(k), bool):
+                out[k] = float(out[k])
+        return cls.from_dict(out, source=source)
+
+    @classmethod
+    def from_native_json(cls, path: str | os.PathLike) -> Small4Config:
+        path = Path(path)
+        return cls.from_native_dict(_read_json(path), source=str(path))
+
+    @classmethod
+    def from_native_dict(cls, p: dict[str, Any], source: str = "params.json") -> Small4Config:
+        def need(key: str, block: dict | None = None, where: str = ""):
+            b = p if block is None else block
+            if key not in b:
+                raise ConfigError(f"{source}: missing field '{where}{key}'")
+            return b[key]
+
+        out: dict[str, Any] = dict(
+            hidden_size=need("dim"),
+            num_hidden_layers=need("n_layers"),
+            num_attention_heads=need("n_heads"),
+            num_key_value_heads=p.get("n_kv_heads", p["n_heads"]),
+            rms_norm_eps=float(p.get("norm_eps", 1e-6)),
+            vocab_size=need("vocab_size"),
+            rope_theta=float(p.get("rope_theta", 10000.0)),
+            q_lora_rank=p.get("q_lora_rank"),
+            kv_lora_rank=need("kv_lora_rank"),
+            qk_nope_head_dim=need("qk_nope_head_dim"),
+            qk_rope_head_dim=need("qk_rope_head_dim"),
+            v_head_dim=need("v_head_dim"),
+            tie_word_embeddings=bool(p.get("tied_embeddings", False)),
+            scale_convention="native",
+            rope_interleave=True,
+        )
+        if p.get("q_lora_rank") in (0, None):
+            out["q_lora_rank"] = None
+        if "hidden_dim" in p:
+            out["intermediate_size"] = p["hidden_dim"]
+        mpe = p.get("max_position_embeddings", p.get("max_seq_len"))
+        moe = p.get("moe")
+        if not isinstance(moe, dict):
+            raise ConfigError(f"{source}: missing 'moe' block (Mistral Small 4 is a mixture of experts)")
+        out.update(
+            n_routed_experts=need("num_experts", moe, "moe."),
+            num_experts_per_tok=need("num_experts_per_tok", moe, "moe."),
+            moe_intermediate_size=need("expert_hidden_dim", moe, "moe."),
+            first_k_dense_replace=moe.get("first_k_dense_replace", 0),
+            n_shared_experts=moe.get("num_shared_experts", 0),
+            routed_scaling_factor=float(moe.get("routed_scale", 1.0)),
+            n_group=moe.get("num_expert_groups", 1) or 1,
+            topk_group=moe.get("num_expert_groups_per_tok", 1) or 1,
+            norm_topk_prob=moe.get("renorm_strategy", "WEIGHTS") == "WEIGHTS",
+        )
+        yarn = p.get("yarn")
+        if isinstance(yarn, dict):
+            factor = float(need("factor", yarn, "yarn."))
+            orig = need("original_max_position_embeddings", yarn, "yarn.")
+            out.update(
+                rope_type="yarn",
+                rope_factor=factor,
+                original_max_position_embeddings=orig,
+                beta_fast=float(yarn.get("beta", 32.0)),
+                beta_slow=float(yarn.get("alpha", 1.0)),
+                yarn_apply_scale=bool(yarn.get("apply_scale", False)),
+            )
+            if mpe is None:
+                mpe = int(orig * factor)
+        else:
+            out["rope_type"] = "default"
+        if mpe is not None:
+            out["max_position_embeddings"] = int(mpe)
+        if out["rope_type"] == "default":
+            out["original_max_position_embeddings"] = out.get("max_position_embeddings", 8192)
+        l4 = p.get("llama_4_scaling")
+        if isinstance(l4, dict):
+            out["llama_4_scaling_beta"] = float(l4.get("beta", 0.0))
+            if "original_max_position_embeddings" in l4:
+                out["llama_4_original_max_position_embeddings"] = l4["original_max_position_embeddings"]
+        else:
+            out["llama_4_scaling_beta"] = None
+        return cls.from_dict(out, source=source)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(d["eos_token_id"], tuple):
+            d["eos_token_id"] = list(d["eos_token_id"])
+        return d
+
+    def replace(self, **changes) -> Small4Config:
+        return dataclasses.replace(self, **changes)
+
+
+def load_config(path: str | os.PathLike) -> Small4Config:
+    """A config from a YAML preset, an HF `config.json`, a native `params.json`, or a directory holding either."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return Small4Config.from_hf_json(path / "config.json")
+        if (path / "params.json").is_file():
+            return Small4Config.from_native_json(path / "params.json")
+        raise ConfigError(f"{path}: no config.json (Hugging Face) or params.json (Mistral native) in this directory")
+    if path.suffix in (".yaml", ".yml"):
+        return Small4Config.from_yaml(path)
+    if path.name == "params.json":
+        return Small4Config.from_native_json(path)
+    if path.suffix == ".json":
+        return Small4Config.from_hf_json(path)
+    raise ConfigError(f"{path}: expected a .yaml preset, a config.json, a params.json, or a checkpoint directory")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def _yarn_mscale(scale: float, mscale: float) -> float:
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return d
+
+
+def _check_type(key: str, value: Any, annotation: str, source: str) -> None:
+    """Light type check of one field against its annotation string (the module uses postponed annotations)."""
+    ann = str(annotation)
+    allowed: list[type] = []
+    if "int" in ann:
+        allowed.append(int)
+    if "float" in ann:
+        allowed += [float, int]
+    if "bool" in ann:
+        allowed.append(bool)
+    if "str" in ann:
+        allowed.append(str)
+    if "tuple" in ann:
+        allowed += [tuple, list]
+    if value is None:
+        if "None" in ann:
+            return
+        raise ConfigError(f"{source}: field '{key}' must not be null (expected {ann})")
+    if isinstance(value, bool) and bool not in allowed:
+        raise ConfigError(f"{source}: field '{key}' = {value!r}; expected {ann}")
+    if not isinstance(value, tuple(allowed)):
+        raise ConfigError(f"{source}: field '{key}' = {value!r}; expected {ann}")

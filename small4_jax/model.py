@@ -1,0 +1,379 @@
+"""The Mistral Small 4 text decoder in Flax NNX, in the order the forward pass runs.
+
+    h = embed(ids)
+    for each layer:  h += MLA(RMSNorm(h));  h += MoE(RMSNorm(h))   (dense SwiGLU for the first k layers)
+    logits = RMSNorm(h) @ lm_head
+
+Module and parameter names mirror transformers' `Mistral4ForCausalLM` (`layers[i].self_attn.q_a_proj` ...), so the
+checkpoint map is a rename plus a transpose: our linear kernels are [in, out] (`x @ W`), expert weights are
+`experts.gate_up` [E, H, 2F] (gate columns first) and `experts.down` [E, F, H].
+
+Numerics: parameters and matmuls in the model dtype; RMSNorm statistics, the router, the attention softmax and
+the expert combine in float32. The math is ARCHITECTURE.md §1; the softmax-scale choice is documented in config.py.
+
+Decoding keeps a latent KV cache (`KVCache`): per token and layer the normalised latent (kv_lora_rank values) and the
+RoPE'd shared key (qk_rope_head_dim values), expanded through kv_b_proj at attention time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from small4_jax.config import Small4Config
+from small4_jax.moe import route, routed_experts
+
+_ACT = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def _dtype(dtype) -> jnp.dtype:
+    return jnp.dtype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# KV cache.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Latent attention cache of every layer: `latent` [L, B, S, kv_lora_rank], `rope_key` [L, B, S, qk_rope_head_dim].
+
+    Slot s of a row holds the token at position s. `length` [B] counts the tokens written per row.
+    """
+
+    latent: jax.Array
+    rope_key: jax.Array
+    length: jax.Array
+
+    @classmethod
+    def create(cls, config: Small4Config, batch: int, max_len: int, dtype="float32") -> KVCache:
+        n = config.num_hidden_layers
+        return cls(
+            latent=jnp.zeros((n, batch, max_len, config.kv_lora_rank), _dtype(dtype)),
+            rope_key=jnp.zeros((n, batch, max_len, config.qk_rope_head_dim), _dtype(dtype)),
+            length=jnp.zeros((batch,), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.latent.shape[2]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks.
+class RMSNorm(nnx.Module):
+    """y = w * (x / sqrt(mean(x^2) + eps)), statistics in float32, normalised value cast back before the scale."""
+
+    def __init__(self, dim: int, eps: float, *, dtype):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), _dtype(dtype)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * y.astype(x.dtype)
+
+
+def _linear(din: int, dout: int, config: Small4Config, dtype, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=bias,
+        dtype=_dtype(dtype),
+        param_dtype=_dtype(dtype),
+        kernel_init=nnx.initializers.normal(config.initializer_range),
+        rngs=rngs,
+    )
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(act(gate x) * up x). Used for dense layers and the shared expert(s)."""
+
+    def __init__(self, config: Small4Config, intermediate: int, *, dtype, rngs: nnx.Rngs):
+        h = config.hidden_size
+        self.act = _ACT[config.hidden_act]
+        self.gate_proj = _linear(h, intermediate, config, dtype, rngs)
+        self.up_proj = _linear(h, intermediate, config, dtype, rngs)
+        self.down_proj = _linear(intermediate, h, config, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nnx.Module):
+    """Router weight [H, E]; logits and routing in float32."""
+
+    def __init__(self, config: Small4Config, *, dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(config.initializer_range)
+        self.weight = nnx.Param(init(rngs.params(), (config.hidden_size, config.n_routed_experts), _dtype(dtype)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x.astype(jnp.float32), self.weight[...].astype(jnp.float32))
+
+
+class Experts(nnx.Module):
+    """Routed experts, stacked: gate_up [E, H, 2F] (gate columns then up), down [E, F, H]."""
+
+    def __init__(self, config: Small4Config, *, dtype, rngs: nnx.Rngs):
+        e, h, f = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        init = nnx.initializers.normal(config.initializer_range)
+        self.gate_up = nnx.Param(init(rngs.params(), (e, h, 2 * f), _dtype(dtype)))
+        self.down = nnx.Param(init(rngs.params(), (e, f, h), _dtype(dtype)))
+
+
+class MoE(nnx.Module):
+    """Routed experts (top-k of a softmax over all experts) plus ungated shared expert(s)."""
+
+    def __init__(self, config: Small4Config, *, dtype, rngs: nnx.Rngs, impl: str = "ragged_dot"):
+        self.config = config
+        self.impl = impl
+        self.act = _ACT[config.hidden_act]
+        self.gate = Router(config, dtype=dtype, rngs=rngs)
+        self.experts = Experts(config, dtype=dtype, rngs=rngs)
+        if config.n_shared_experts > 0:
+            self.shared_experts = MLP(
+                config, config.moe_intermediate_size * config.n_shared_experts, dtype=dtype, rngs=rngs
+            )
+        else:
+            self.shared_experts = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        ids, weights = route(
+            self.gate(flat),
+            top_k=c.num_experts_per_tok,
+            n_group=c.n_group,
+            topk_group=c.topk_group,
+            norm_topk_prob=c.norm_topk_prob,
+            routed_scaling_factor=c.routed_scaling_factor,
+        )
+        y = routed_experts(
+            flat, ids, weights, self.experts.gate_up[...], self.experts.down[...], act=self.act, impl=self.impl
+        )
+        y = y.reshape(shape)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Positions.
+def rope_cos_sin(config: Small4Config, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, rope_dim/2] in float32, times YaRN's magnitude factor (1 for the released model)."""
+    inv_freq = jnp.asarray(config.rope_inv_freq())
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    m = config.rope_magnitude
+    return jnp.cos(angles) * m, jnp.sin(angles) * m
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleave: bool) -> jax.Array:
+    """Rotate the pairs of x [..., T, (heads,) d]; cos/sin broadcast as [..., T, 1?, d/2].
+
+    interleave=True rotates pairs (2i, 2i+1) and writes the result de-interleaved ([rotated evens, rotated odds]) as
+    transformers does; interleave=False rotates pairs (i, i + d/2). Query and keys always go through the same layout,
+    so q.k is what the checkpoint expects.
+    """
+    dt = x.dtype
+    x = x.astype(jnp.float32)
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(dt)
+
+
+def llama4_query_scale(config: Small4Config, positions: jax.Array) -> jax.Array:
+    """lambda(p) = 1 + beta * ln(1 + floor(p / L0)), float32 [B, T]."""
+    beta = config.llama_4_scaling_beta or 0.0
+    p = positions.astype(jnp.float32)
+    return 1.0 + beta * jnp.log1p(jnp.floor(p / config.llama_4_original))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention.
+class MLA(nnx.Module):
+    """Multi-head latent attention (un-absorbed), with a latent cache for decoding."""
+
+    def __init__(self, config: Small4Config, *, dtype, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        h, nh = c.hidden_size, c.num_attention_heads
+        bias = c.attention_bias
+        if c.q_lora_rank is None:
+            self.q_proj = _linear(h, nh * c.qk_head_dim, c, dtype, rngs)
+            self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
+        else:
+            self.q_proj = None
+            self.q_a_proj = _linear(h, c.q_lora_rank, c, dtype, rngs, bias=bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.latent_norm_eps, dtype=dtype)
+            self.q_b_proj = _linear(c.q_lora_rank, nh * c.qk_head_dim, c, dtype, rngs)
+        self.kv_a_proj_with_mqa = _linear(h, c.kv_lora_rank + c.qk_rope_head_dim, c, dtype, rngs, bias=bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.latent_norm_eps, dtype=dtype)
+        self.kv_b_proj = _linear(c.kv_lora_rank, nh * (c.qk_nope_head_dim + c.v_head_dim), c, dtype, rngs)
+        self.o_proj = _linear(nh * c.v_head_dim, h, c, dtype, rngs, bias=bias)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        key_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x [B, T, H], positions [B, T]; cache = (latent [B, S, R], rope_key [B, S, r]) written at `positions`.
+
+        key_mask [B, S_keys] (True = attend) masks padding; causality comes from positions.
+        """
+        c = self.config
+        b, t, _ = x.shape
+        nh, dn, dr, dv = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        if self.q_proj is not None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(b, t, nh, dn + dr)
+        q_nope, q_pe = q[..., :dn], q[..., dn:]
+        kv_a = self.kv_a_proj_with_mqa(x)
+        latent = self.kv_a_layernorm(kv_a[..., : c.kv_lora_rank])  # [B, T, R]
+        k_pe = kv_a[..., c.kv_lora_rank :]  # [B, T, r], one rope key shared by all heads
+        q_pe = apply_rope(q_pe, cos[:, :, None, :], sin[:, :, None, :], c.rope_interleave)
+        k_pe = apply_rope(k_pe, cos, sin, c.rope_interleave)
+
+        if cache is not None:
+            cache_latent, cache_rope = cache
+            start = positions[:, 0]
+            write = jax.vmap(lambda buf, new, s: jax.lax.dynamic_update_slice_in_dim(buf, new, s, axis=0))
+            cache_latent = write(cache_latent, latent.astype(cache_latent.dtype), start)
+            cache_rope = write(cache_rope, k_pe.astype(cache_rope.dtype), start)
+            keys_latent, keys_rope = cache_latent.astype(x.dtype), cache_rope.astype(x.dtype)
+            key_pos = jnp.broadcast_to(jnp.arange(cache_latent.shape[1])[None], (b, cache_latent.shape[1]))
+            cache = (cache_latent, cache_rope)
+        else:
+            keys_latent, keys_rope, key_pos = latent, k_pe, positions
+
+        kv = self.kv_b_proj(keys_latent).reshape(b, keys_latent.shape[1], nh, dn + dv)
+        k_nope, v = kv[..., :dn], kv[..., dn:]
+        scores = jnp.einsum("bthd,bshd->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
+        scores += jnp.einsum("bthd,bsd->bhts", q_pe, keys_rope, preferred_element_type=jnp.float32)
+        scale = c.attn_softmax_scale * llama4_query_scale(c, positions)  # [B, T]
+        scores = scores * scale[:, None, :, None]
+        mask = key_pos[:, None, None, :] <= positions[:, None, :, None]
+        if key_mask is not None:
+            mask = mask & key_mask[:, None, None, :]
+        scores = jnp.where(mask, scores, -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(b, t, nh * dv)
+        return self.o_proj(out), cache
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: Small4Config, layer: int, *, dtype, rngs: nnx.Rngs, moe_impl: str = "ragged_dot"):
+        c = config
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+        self.self_attn = MLA(c, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+        if c.is_moe_layer(layer):
+            self.mlp = MoE(c, dtype=dtype, rngs=rngs, impl=moe_impl)
+        else:
+            self.mlp = MLP(c, c.intermediate_size, dtype=dtype, rngs=rngs)
+
+    def __call__(self, h, positions, cos, sin, cache=None, key_mask=None):
+        a, cache = self.self_attn(self.input_layernorm(h), positions, cos, sin, cache, key_mask)
+        h = h + a
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, cache
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model.
+class Small4ForCausalLM(nnx.Module):
+    """Mistral Small 4 text model. `model(input_ids)` -> logits [B, T, vocab]."""
+
+    def __init__(self, config: Small4Config, *, dtype="float32", rngs: nnx.Rngs, moe_impl: str = "ragged_dot"):
+        c = config
+        self.config = c
+        self.dtype = _dtype(dtype)
+        self.embed_tokens = nnx.Embed(
+            c.vocab_size,
+            c.hidden_size,
+            dtype=self.dtype,
+            param_dtype=self.dtype,
+            embedding_init=nnx.initializers.normal(c.initializer_range),
+            rngs=rngs,
+        )
+        self.layers = nnx.List(
+            [DecoderLayer(c, i, dtype=dtype, rngs=rngs, moe_impl=moe_impl) for i in range(c.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+        self.lm_head = None if c.tie_word_embeddings else _linear(c.hidden_size, c.vocab_size, c, dtype, rngs)
+
+    def _forward(self, input_ids, positions, cache: KVCache | None, key_mask):
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        b, t = input_ids.shape
+        if positions is None:
+            start = jnp.zeros((b,), jnp.int32) if cache is None else cache.length
+            positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+        positions = jnp.asarray(positions, jnp.int32)
+        cos, sin = rope_cos_sin(self.config, positions)
+        h = self.embed_tokens(input_ids)
+        new_latent, new_rope = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.latent[i], cache.rope_key[i])
+            h, layer_cache = layer(h, positions, cos, sin, layer_cache, key_mask)
+            if cache is not None:
+                new_latent.append(layer_cache[0])
+                new_rope.append(layer_cache[1])
+        h = self.norm(h)
+        if self.lm_head is None:
+            logits = self.embed_tokens.attend(h)
+        else:
+            logits = self.lm_head(h)
+        if cache is None:
+            return logits, None
+        new_cache = KVCache(
+            latent=jnp.stack(new_latent), rope_key=jnp.stack(new_rope), length=jnp.max(positions, axis=1) + 1
+        )
+        return logits, new_cache
+
+    def __call__(self, input_ids, positions=None, attention_mask=None) -> jax.Array:
+        """Logits [B, T, vocab] for int32 ids [B, T] (positions default to 0..T-1; attention_mask [B, T] of 0/1)."""
+        key_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        return self._forward(input_ids, positions, None, key_mask)[0]
+
+    def step(self, input_ids, cache: KVCache, positions=None) -> tuple[jax.Array, KVCache]:
+        """Run ids [B, T] that continue each row of `cache`; returns (logits [B, T, V], updated cache)."""
+        return self._forward(input_ids, positions, cache, None)
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache.create(self.config, batch, max_len, self.dtype)
+
+
+def init_model(config: Small4Config, *, seed: int = 0, dtype="float32", moe_impl: str = "ragged_dot"):
+    """A randomly initialised model (weights from `seed`)."""
+    return Small4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed), moe_impl=moe_impl)
+
+
+def abstract_model(config: Small4Config, *, dtype="float32", moe_impl: str = "ragged_dot"):
+    """The model with shape-only parameters (no memory, no FLOPs): what a checkpoint is loaded into."""
+    return nnx.eval_shape(lambda: Small4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0), moe_impl=moe_impl))
+
+
+def param_count(config: Small4Config) -> int:
+    """Number of parameters, from shapes only."""
+    _, state = nnx.split(abstract_model(config))
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(state)))
+
+
