@@ -1,0 +1,1 @@
+"""Inference entry points: `python -m infer.generate`."""

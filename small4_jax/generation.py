@@ -1,0 +1,91 @@
+"""Autoregressive generation for one prompt: one prefill, then one jitted step per token over a latent KV cache.
+
+The jitted functions are module-level and take the model's graph definition as a static argument, so every call
+with the same model structure, prompt length and cache size reuses the compiled code; decode steps never
+recompile. (The serving engine with continuous batching builds on the same `Small4ForCausalLM.step`.)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from small4_jax.errors import InputError
+from small4_jax.model import KVCache, Small4ForCausalLM
+from small4_jax.sampling import SamplingParams, sample
+
+CACHE_BUCKET = 128  # cache lengths are rounded up to this, so nearby request sizes share compiled steps
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnames=("cache",))
+def _prefill(graphdef, state, ids, cache, key, temperature, top_k, top_p, *, greedy):
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.step(ids, cache)
+    token = sample(logits[:, -1], key, temperature, top_k, top_p, greedy=greedy)
+    return token, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnames=("cache",))
+def _decode(graphdef, state, token, cache, key, temperature, top_k, top_p, *, greedy):
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.step(token[:, None], cache)
+    token = sample(logits[:, -1], key, temperature, top_k, top_p, greedy=greedy)
+    return token, cache
+
+
+def generate(
+    model: Small4ForCausalLM,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingParams = SamplingParams(),
+    seed: int = 0,
+    stop_ids: Sequence[int] = (),
+    on_token: Callable[[int], None] | None = None,
+) -> list[int]:
+    """Generate up to `max_new_tokens` ids after `prompt_ids`; stops after emitting any of `stop_ids` (included).
+
+    `on_token(id)` is called as each id arrives (for streaming).
+    """
+    prompt = [int(t) for t in prompt_ids]
+    context = model.config.max_position_embeddings
+    if not prompt:
+        raise InputError("empty prompt: give at least one token")
+    if max_new_tokens <= 0:
+        raise InputError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if len(prompt) >= context:
+        raise InputError(
+            f"prompt has {len(prompt)} tokens but the model's context is {context} (max_position_embeddings); "
+            "shorten the prompt"
+        )
+    vocab = model.config.vocab_size
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise InputError(f"prompt ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    max_new_tokens = min(max_new_tokens, context - len(prompt))
+    total = len(prompt) + max_new_tokens
+    cache_len = min(-(-total // CACHE_BUCKET) * CACHE_BUCKET, max(context, total))
+    graphdef, state = nnx.split(model)
+    cache = KVCache.create(model.config, 1, cache_len, model.dtype)
+    temperature = jnp.float32(sampling.temperature)
+    top_k, top_p = jnp.int32(sampling.top_k), jnp.float32(sampling.top_p)
+    key = jax.random.key(seed)
+    stop = set(int(s) for s in stop_ids)
+
+    key, sub = jax.random.split(key)
+    ids = jnp.asarray([prompt], jnp.int32)
+    token, cache = _prefill(graphdef, state, ids, cache, sub, temperature, top_k, top_p, greedy=sampling.greedy)
+    out: list[int] = []
+    while True:
+        t = int(token[0])
+        out.append(t)
+        if on_token is not None:
+            on_token(t)
+        if t in stop or len(out) >= max_new_tokens:
+            return out
+        key, sub = jax.random.split(key)
+        token, cache = _decode(graphdef, state, token, cache, sub, temperature, top_k, top_p, greedy=sampling.greedy)

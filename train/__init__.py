@@ -1,0 +1,1 @@
+"""Fine-tuning entry points (LoRA fine-tuning lands here: `python -m train.finetune`)."""
