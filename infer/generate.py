@@ -31,8 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=0, help="random init (with --config) and sampling")
-    p.add_argument("--dtype", default=None, help="parameter dtype: float32 or bfloat16 (default: float32 for --config, "
-                   "bfloat16 for --checkpoint)")
+    p.add_argument("--dtype", default=None, help="parameter dtype: float32 or bfloat16 (default: float32 for --config; "
+                   "for --checkpoint, float32 if the checkpoint is float32, else bfloat16)")
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the checkpoint's, or the bundled tiny one)")
     p.add_argument("--mesh", help="device mesh, e.g. data=1,expert=8,tensor=1 (default: one device)")
     p.add_argument("--json", action="store_true", help='print a last line {"token_ids": [...], "text": "..."}')
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> dict:
             file=sys.stderr,
         )
     else:
-        model = from_pretrained(args.checkpoint, dtype=args.dtype or "bfloat16", mesh=mesh)
+        model = from_pretrained(args.checkpoint, dtype=args.dtype or "auto", mesh=mesh)
         config = model.config
         tokenizer = None
         try:
@@ -128,9 +128,24 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record (it may be replaced, e.g. under pytest)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    log = logging.getLogger("small4_jax")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        log.addHandler(_StderrHandler())
+    log.setLevel(logging.INFO)
     try:
         run(args)
     except Small4Error as e:

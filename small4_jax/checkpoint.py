@@ -12,6 +12,7 @@ Reading the files (HF or Mistral-native safetensors, prefixes, FP8 scales) is `s
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -91,7 +92,8 @@ def load_weights(
     available = set(source.names())
     expected = {name: shape for name, shape, _ in plan.values()}
     missing = sorted(n for n in expected if n not in available)
-    unexpected = sorted(n for n in available if n not in expected)
+    # transformers builds zero-sized shared experts when n_shared_experts = 0; empty tensors carry nothing
+    unexpected = sorted(n for n in available if n not in expected and math.prod(source.shape(n)) > 0)
     if config.tie_word_embeddings and "lm_head.weight" in unexpected:
         unexpected.remove("lm_head.weight")  # a tied checkpoint may still store the head
     misshaped = sorted(
@@ -127,8 +129,9 @@ def from_pretrained(
 ) -> Small4ForCausalLM:
     """Load an HF (`config.json` + safetensors) or Mistral-native (`params.json` + consolidated) directory.
 
-    dtype is the parameter dtype ("bfloat16", "float32", ...). With a mesh, every parameter is placed with its
-    sharding from `small4_jax.sharding` as it is read.
+    dtype is the parameter dtype ("bfloat16", "float32", ...), or "auto": float32 for a float32 checkpoint and
+    bfloat16 otherwise (FP8 and bf16 checkpoints). With a mesh, every parameter is placed with its sharding from
+    `small4_jax.sharding` as it is read.
     """
     from small4_jax.safetensors_io import CheckpointReader
 
@@ -137,6 +140,9 @@ def from_pretrained(
         raise CheckpointError(f"{path}: checkpoint directory not found")
     config = config or load_config(path)
     reader = CheckpointReader(path)
+    if dtype == "auto":
+        stored = reader.stored_dtype("embed_tokens.weight") if "embed_tokens.weight" in reader else "BF16"
+        dtype = "float32" if stored in ("F32", "F64") else "bfloat16"
     try:
         return load_weights(config, reader, dtype=dtype, mesh=mesh, moe_impl=moe_impl, where=str(path))
     finally:

@@ -1,0 +1,169 @@
+"""`python -m infer.generate`: greedy parity with transformers' generate, the tiny preset, and bad input.
+
+Most cases call `infer.generate.main` in-process so they share compiled functions; one runs the real command line.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ckpt_utils import make_hf_model, save_hf, save_native, tiny_hf_config, truncate_file
+from infer.generate import main
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = [1, 17, 99, 5, 42, 7, 88, 23, 64, 3, 110, 9, 31, 77, 45, 12, 100, 54]  # 18 tokens > original_max (16)
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    # eos 127: the comparison covers whatever both stop at; this seed generates all 20 tokens.
+    config = tiny_hf_config(eos_token_id=127, q_lora_rank=None, n_group=2, topk_group=1)
+    hf = make_hf_model(config, seed=21)
+    path = tmp_path_factory.mktemp("hf")
+    save_hf(hf, path)
+    return hf, path
+
+
+def _last_json(out: str) -> dict:
+    return json.loads(out.removesuffix("\n").rsplit("\n", 1)[-1])
+
+
+def _hf_greedy(hf, prompt, n):
+    with torch.no_grad():
+        seq = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=n, do_sample=False)
+    return seq[0, len(prompt):].tolist()
+
+
+def test_greedy_equals_transformers_generate(hf_checkpoint, capsys):
+    hf, path = hf_checkpoint
+    ids = ",".join(map(str, PROMPT))
+    assert main(["--checkpoint", str(path), "--prompt-ids", ids, "--temperature", "0", "--max-new-tokens", "20",
+                 "--json"]) == 0
+    ours = _last_json(capsys.readouterr().out)["token_ids"]
+    ref = _hf_greedy(hf, PROMPT, 20)
+    assert len(ref) >= 16
+    assert ours == ref
+
+
+def test_greedy_equals_transformers_native_layout_and_grouped_routing(tmp_path, capsys):
+    # eos 2 as the native params.json implies (it carries no special ids)
+    config = tiny_hf_config(n_group=4, topk_group=2, num_experts_per_tok=3)
+    hf = make_hf_model(config, seed=5)
+    save_native(hf, tmp_path)
+    params = json.loads((tmp_path / "params.json").read_text())
+    params["yarn"]["apply_scale"] = True  # = HF semantics with mscale_all_dim 1
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    assert main(["--checkpoint", str(tmp_path), "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "16",
+                 "--json"]) == 0
+    ours = _last_json(capsys.readouterr().out)["token_ids"]
+    ref = _hf_greedy(hf, PROMPT, 16)
+    assert len(ref) == 16
+    assert ours == ref
+
+
+def test_sampling_is_seeded(hf_checkpoint, capsys):
+    _, path = hf_checkpoint
+    args = ["--checkpoint", str(path), "--prompt-ids", "1,2,3", "--temperature", "0.9", "--top-k", "40", "--top-p",
+            "0.9", "--max-new-tokens", "12", "--json"]
+    runs = []
+    for seed in ("3", "3", "4"):
+        assert main(args + ["--seed", seed]) == 0
+        runs.append(_last_json(capsys.readouterr().out)["token_ids"])
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+    assert all(0 <= t < 128 for t in runs[2])
+
+
+def test_tiny_preset_from_the_command_line():
+    """The README's first command: random tiny model, bundled tokenizer, streamed text, a final JSON line."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "infer.generate", "--config", "configs/tiny.yaml", "--prompt", "Hello world",
+         "--max-new-tokens", "10", "--json"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = _last_json(proc.stdout)
+    assert len(result["token_ids"]) == 10
+    assert "RANDOM" in proc.stderr and "--checkpoint" in proc.stderr
+    # the streamed text precedes the JSON line and equals its text
+    streamed, last = proc.stdout.removesuffix("\n").rsplit("\n", 1)
+    assert json.loads(last) == result
+    assert streamed == result["text"]
+
+
+def _error(argv, capsys) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_bad_input_is_one_clear_line(hf_checkpoint, tmp_path, capsys):
+    hf, path = hf_checkpoint
+    ids = ["--prompt-ids", "1,2,3"]
+    # empty prompt
+    assert _error(["--config", "configs/tiny.yaml", "--prompt", ""], capsys) == "error: empty prompt: --prompt is empty"
+    assert "empty prompt" in _error(["--checkpoint", str(path), "--prompt-ids", ","], capsys)
+    # prompt longer than the context (max_position_embeddings = 64)
+    long_ids = ",".join(["5"] * 64)
+    assert "prompt has 64 tokens but the model's context is 64" in _error(
+        ["--checkpoint", str(path), "--prompt-ids", long_ids], capsys)
+    # unknown model_type
+    bad = tmp_path / "bad_type"
+    bad.mkdir()
+    cfg = json.loads((path / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(cfg, model_type="llama")))
+    msg = _error(["--checkpoint", str(bad)] + ids, capsys)
+    assert "unsupported model_type 'llama'" in msg and str(bad / "config.json") in msg
+    # missing tensor and wrong shape: one error that lists both
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((path / "config.json").read_text())
+    sd = load_file(str(path / "model.safetensors"))
+    del sd["model.layers.1.self_attn.o_proj.weight"]
+    sd["model.norm.weight"] = torch.ones(7)
+    save_file(sd, str(broken / "model.safetensors"))
+    code = main(["--checkpoint", str(broken)] + ids)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "missing: layers.1.self_attn.o_proj.weight (expected shape [64, 64])" in err
+    assert "wrong shape: norm.weight is [7], expected [64]" in err
+    # truncated file
+    trunc = tmp_path / "trunc"
+    trunc.mkdir()
+    (trunc / "config.json").write_text((path / "config.json").read_text())
+    (trunc / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+    truncate_file(trunc / "model.safetensors", -100)
+    msg = _error(["--checkpoint", str(trunc)] + ids, capsys)
+    assert str(trunc / "model.safetensors") in msg and "truncated" in msg
+
+
+def test_kv_cache_decode_equals_full_forward(hf_checkpoint):
+    """Logits of prefill + one-token steps over the latent cache equal one full forward pass."""
+    import jax.numpy as jnp
+
+    import small4_jax
+
+    _, path = hf_checkpoint
+    model = small4_jax.from_pretrained(path, dtype="float32")
+    ids = np.asarray([PROMPT + [4, 8, 15, 16, 23, 42]], np.int32)
+    full = np.asarray(model(ids))
+    cache = model.init_cache(1, 32)
+    logits, cache = model.step(jnp.asarray(ids[:, :18]), cache)
+    steps = [np.asarray(logits)]
+    for t in range(18, ids.shape[1]):
+        logits, cache = model.step(jnp.asarray(ids[:, t:t + 1]), cache)
+        steps.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-4, atol=1e-4 * np.abs(full).max())
+    assert int(cache.length[0]) == ids.shape[1]

@@ -1,0 +1,122 @@
+"""Logit parity with transformers' Mistral4ForCausalLM (float32) on random tiny models read from disk.
+
+Every option of the config is exercised by at least one case: q-LoRA on/off, dense first layers, group-limited
+routing, norm_topk_prob off, routed_scaling_factor, several shared experts, interleaved and half-split RoPE, the YaRN
+magnitude factor (mscale_all_dim = 0) and mscale != mscale_all_dim, tied embeddings, attention biases, rms_norm_eps.
+Sequences (40 tokens) run well past original_max_position_embeddings (16), so YaRN and the Llama-4 query scaling act.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import small4_jax
+from ckpt_utils import make_hf_model, save_hf, save_hf_fp8, save_native, tiny_hf_config
+
+SEQ, BATCH = 40, 2
+
+
+def rope(**changes):
+    base = {
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1,
+        "partial_rotary_factor": 0.5,
+    }
+    base.update(changes)
+    return base
+
+
+CASES = {
+    # 3 layers (layer 0 dense), q-LoRA, interleaved RoPE, top-2 of 8, mscale == mscale_all_dim (HF softmax mscale^2).
+    "default": {},
+    "plain_q_grouped_halfsplit": dict(
+        q_lora_rank=None, rope_interleave=False, n_group=4, topk_group=2, num_experts_per_tok=3,
+        norm_topk_prob=False, routed_scaling_factor=2.5, n_shared_experts=2, rms_norm_eps=1e-5, first_k_dense_replace=0,
+    ),
+    "yarn_magnitude_tied_bias": dict(
+        rope_parameters=rope(mscale=0.0, mscale_all_dim=0.0, llama_4_scaling_beta=0.3),
+        tie_word_embeddings=True, attention_bias=True, first_k_dense_replace=2, n_group=2, topk_group=1,
+    ),
+    "mscale_ratio_no_shared": dict(
+        rope_parameters=rope(mscale=0.707, mscale_all_dim=1.0, factor=8.0, beta_fast=16.0, beta_slow=2.0),
+        n_shared_experts=0, hidden_act="gelu",
+    ),
+}
+
+
+def _ids(vocab, seed=0):
+    return np.random.RandomState(seed).randint(0, vocab, size=(BATCH, SEQ)).astype(np.int32)
+
+
+def _hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
+
+
+def _rel(ours, ref):
+    return float(np.abs(np.asarray(ours, np.float32) - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(case, tmp_path):
+    config = tiny_hf_config(**CASES[case])
+    hf = make_hf_model(config, seed=len(case))
+    save_hf(hf, tmp_path, max_shard_size="40KB" if case == "default" else None)
+    if case == "default":
+        assert (tmp_path / "model.safetensors.index.json").is_file()  # multi-file with an index
+    ours = small4_jax.from_pretrained(tmp_path, dtype="float32")
+    ids = _ids(config.vocab_size)
+    ref = _hf_logits(hf, ids)
+    out = ours(ids)
+    assert out.shape == (BATCH, SEQ, config.vocab_size)
+    assert _rel(out, ref) < 1e-4
+
+
+def test_native_layout_matches_hf(tmp_path):
+    """Same weights as an HF directory and as a Mistral-native one (per-expert w1/w2/w3, sharded) give equal logits.
+
+    Native yarn.apply_scale=true folds mscale^2 into the softmax scale, as HF does when mscale_all_dim = 1; with
+    apply_scale=false the plain 1/sqrt(d) scale matches an HF config with mscale_all_dim = 0 and attention_factor 1.
+    """
+    import json
+
+    ids = _ids(128, seed=3)
+    for apply_scale, rope_changes in ((True, {}), (False, dict(mscale=0.0, mscale_all_dim=0.0, attention_factor=1.0))):
+        config = tiny_hf_config(rope_parameters=rope(**rope_changes))
+        hf = make_hf_model(config, seed=7)
+        hf_dir, native_dir = tmp_path / f"hf{apply_scale}", tmp_path / f"native{apply_scale}"
+        save_hf(hf, hf_dir)
+        save_native(hf, native_dir, num_shards=3)
+        params = json.loads((native_dir / "params.json").read_text())
+        params["yarn"]["apply_scale"] = apply_scale
+        (native_dir / "params.json").write_text(json.dumps(params))
+        from_hf = np.asarray(small4_jax.from_pretrained(hf_dir, dtype="float32")(ids))
+        from_native = np.asarray(small4_jax.from_pretrained(native_dir, dtype="float32")(ids))
+        assert _rel(from_native, from_hf) < 1e-6
+        assert _rel(from_native, _hf_logits(hf, ids)) < 1e-4
+
+
+@pytest.mark.parametrize("per_expert,prefix", [(True, "model."), (False, "language_model.model.")])
+def test_fp8_checkpoint_matches_transformers_on_dequantised_weights(per_expert, prefix, tmp_path):
+    config = tiny_hf_config()
+    hf = make_hf_model(config, seed=11)
+    reference = save_hf_fp8(hf, tmp_path, per_expert=per_expert, prefix=prefix)
+    hf.load_state_dict(reference)  # transformers on the dequantised weights
+    ours = small4_jax.from_pretrained(tmp_path, dtype="float32")
+    ids = _ids(config.vocab_size, seed=5)
+    assert _rel(ours(ids), _hf_logits(hf, ids)) < 1e-4
+
+
+def test_bfloat16_parameters_stay_close(tmp_path):
+    """Parameters in the dtype asked; bf16 logits stay near the float32 reference."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    config = tiny_hf_config()
+    hf = make_hf_model(config, seed=2)
+    save_hf(hf, tmp_path)
+    ours = small4_jax.from_pretrained(tmp_path)  # default dtype: bfloat16
+    dtypes = {x.dtype for x in __import__("jax").tree.leaves(nnx.state(ours))}
+    assert dtypes == {jnp.dtype(jnp.bfloat16)}
+    ids = _ids(config.vocab_size, seed=9)
+    assert _rel(ours(ids).astype(jnp.float32), _hf_logits(hf, ids)) < 5e-2
