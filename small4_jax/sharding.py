@@ -66,4 +66,6 @@ def sharding_for(path: Sequence, shape: Sequence[int], mesh: Mesh | None) -> jax
 def make_mesh(shape: dict[str, int]) -> Mesh:
     """A mesh from {'data': 1, 'expert': 8, 'tensor': 1}; the product must equal the number of devices used."""
     names = tuple(shape)
-    return jax.make_mesh(tuple(shape[n] for n in names), names)
+    # Auto axes: XLA propagates shardings through the model; the expert-parallel shard_map comes on top of this.
+    auto = (jax.sharding.AxisType.Auto,) * len(names)
+    return jax.make_mesh(tuple(shape[n] for n in names), names, axis_types=auto)

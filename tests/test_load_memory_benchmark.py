@@ -1,0 +1,23 @@
+"""benchmarks/load_memory.py runs end to end on a small synthetic checkpoint and prints its table."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_load_memory_benchmark_prints_the_table():
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/load_memory.py", "--layers", "2", "--hidden", "256", "--experts", "8",
+         "--moe-intermediate", "128", "--vocab", "2048", "--shards", "3"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "largest tensor (model.embed_tokens.weight)" in out or "largest tensor (" in out
+    largest = float(re.search(r"largest tensor \(.*?\)\s+([\d.]+)", out).group(1))
+    total = float(re.search(r"checkpoint total\s+([\d.]+)", out).group(1))
+    assert 0 < largest < total
+    assert re.search(r"transient / largest tensor\s+[\d.]+", out)
