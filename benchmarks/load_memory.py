@@ -131,7 +131,7 @@ def main(argv=None) -> int:
             print(proc.stderr, file=sys.stderr)
             return proc.returncode
         m = json.loads(proc.stdout.strip().splitlines()[-1])
-    transient = m["peak"] - m["after"]
+    transient = max(m["peak"] - m["after"], 0)  # statm and ru_maxrss differ by a few pages
     rows = [
         ("checkpoint total", info["total"]),
         (f"largest tensor ({info['largest_name']})", info["largest"]),

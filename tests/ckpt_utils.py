@@ -174,7 +174,7 @@ def _is_quantised(hf_key: str) -> bool:
 def _write_shards(out_dir: Path, tensors: dict[str, torch.Tensor], stem: str, num_shards: int) -> None:
     """Write `tensors` as `{stem}.safetensors`, or as `num_shards` files plus `{stem}.safetensors.index.json`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().clone().contiguous() for k, v in tensors.items()}  # no shared storage (tied weights)
     if num_shards == 1:
         save_file(tensors, str(out_dir / f"{stem}.safetensors"), metadata={"format": "pt"})
         return
@@ -223,6 +223,9 @@ def save_hf_layout(
     reference: dict[str, torch.Tensor] = {}
     for key, w in hf_state_dict(model).items():
         disk_key = lm_head_key if key == "lm_head.weight" else text_prefix + canonical(key)
+        if key == "lm_head.weight" and model.config.tie_word_embeddings:
+            reference[key] = reference["model.embed_tokens.weight"]  # tied: not stored, as save_pretrained does
+            continue
         if not (fp8 and _is_quantised(key)):
             on_disk[disk_key] = reference[key] = w.float()
             continue
@@ -384,6 +387,8 @@ def save_native(
             reference[key] = torch.stack(
                 [put(f"layers.{layer}.experts.{e}.w2.weight", w[e].clone(), quantise) for e in range(w.shape[0])]
             )
+        elif key == "lm_head.weight" and model.config.tie_word_embeddings:
+            reference[key] = reference["model.embed_tokens.weight"]  # tied: no output.weight
         else:
             reference[key] = put(_native_key(key), w.float(), quantise)
     _write_shards(out_dir, on_disk, "consolidated", num_shards)

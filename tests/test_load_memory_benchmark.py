@@ -16,7 +16,6 @@ def test_load_memory_benchmark_prints_the_table():
     )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "largest tensor (model.embed_tokens.weight)" in out or "largest tensor (" in out
     largest = float(re.search(r"largest tensor \(.*?\)\s+([\d.]+)", out).group(1))
     total = float(re.search(r"checkpoint total\s+([\d.]+)", out).group(1))
     assert 0 < largest < total
