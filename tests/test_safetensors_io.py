@@ -133,6 +133,18 @@ def test_native_without_q_lora(tmp_path):
         assert_matches(r, {canonical(k): v.numpy() for k, v in hf_state_dict(model).items()})
 
 
+def test_tied_embeddings_store_no_lm_head(tmp_path):
+    """Tied checkpoints (as save_pretrained writes them) have no lm_head; the reader does not invent one."""
+    model = make_hf_model(tiny_hf_config(tie_word_embeddings=True, num_hidden_layers=2), seed=3)
+    want = {canonical(k): v.numpy() for k, v in hf_state_dict(model).items() if k != "lm_head.weight"}
+    save_hf_layout(model, tmp_path / "hf", prefix="language_model.model.")
+    save_native(model, tmp_path / "native")
+    for path in (tmp_path / "hf", tmp_path / "native"):
+        with CheckpointReader(path) as r:
+            assert "lm_head.weight" not in r
+            assert_matches(r, want)
+
+
 def test_native_vision_skipped_and_format_choice(model, tmp_path, caplog):
     save_native(model, tmp_path)
     save_file({"vision_encoder.patch_conv.weight": torch.zeros(4, 3, 2, 2), "patch_merger.merging_layer.weight":
