@@ -83,11 +83,10 @@ def load_weights(
     *,
     dtype="bfloat16",
     mesh: Mesh | None = None,
-    moe_impl: str = "ragged_dot",
     where: str = "checkpoint",
 ) -> Small4ForCausalLM:
     """Fill an abstract model from `source`, checking every name and shape first."""
-    graphdef, state = nnx.split(abstract_model(config, dtype=dtype, moe_impl=moe_impl))
+    graphdef, state = nnx.split(abstract_model(config, dtype=dtype))
     plan = checkpoint_plan(state)
     available = set(source.names())
     expected = {name: shape for name, shape, _ in plan.values()}
@@ -125,13 +124,12 @@ def from_pretrained(
     mesh: Mesh | None = None,
     *,
     config: Small4Config | None = None,
-    moe_impl: str = "ragged_dot",
 ) -> Small4ForCausalLM:
     """Load an HF (`config.json` + safetensors) or Mistral-native (`params.json` + consolidated) directory.
 
     dtype is the parameter dtype ("bfloat16", "float32", ...), or "auto": float32 for a float32 checkpoint and
     bfloat16 otherwise (FP8 and bf16 checkpoints). With a mesh, every parameter is placed with its sharding from
-    `small4_jax.sharding` as it is read.
+    `small4_jax.sharding` as it is read. `config` replaces the directory's config (e.g. to pick `moe_impl`).
     """
     from small4_jax.safetensors_io import CheckpointReader
 
@@ -144,7 +142,7 @@ def from_pretrained(
         stored = reader.stored_dtype("embed_tokens.weight") if "embed_tokens.weight" in reader else "BF16"
         dtype = "float32" if stored in ("F32", "F64") else "bfloat16"
     try:
-        return load_weights(config, reader, dtype=dtype, mesh=mesh, moe_impl=moe_impl, where=str(path))
+        return load_weights(config, reader, dtype=dtype, mesh=mesh, where=str(path))
     finally:
         reader.close()
 

@@ -38,6 +38,7 @@ import numpy as np
 from small4_jax.errors import ConfigError
 
 _ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
+MOE_IMPLS = ("auto", "ragged_dot", "dense")  # "auto" picks the fastest correct one on the platform (moe.resolve_impl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +93,8 @@ class Small4Config:
     scale_convention: str = "hf"  # "hf" or "native"; see the module docstring
     yarn_apply_scale: bool = False  # native `yarn.apply_scale`; used when scale_convention == "native"
     softmax_scale: float | None = None  # explicit override of the attention softmax scale
+    # Implementation choices (not part of the checkpoint's math).
+    moe_impl: str = "auto"  # grouped matmul of the routed experts: "auto", "ragged_dot", "dense" (see moe.py)
     # Embeddings and special ids.
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
@@ -141,6 +144,8 @@ class Small4Config:
             bad("hidden_act", f"one of {', '.join(_ACTIVATIONS)}")
         if self.rope_type not in ("yarn", "default"):
             bad("rope_type", "'yarn' or 'default'")
+        if self.moe_impl not in MOE_IMPLS:
+            bad("moe_impl", f"one of {', '.join(MOE_IMPLS)}")
         if self.scale_convention not in ("hf", "native"):
             bad("scale_convention", "'hf' or 'native'")
         if self.rope_type == "yarn" and self.yarn_factor <= 0:

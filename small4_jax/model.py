@@ -121,21 +121,25 @@ class Router(nnx.Module):
 
 
 class Experts(nnx.Module):
-    """Routed experts, stacked: gate_up [E, H, 2F] (gate columns then up), down [E, F, H]."""
+    """Routed experts, stacked: gate_up [E, H, 2F] (gate columns then up), down [E, F, H].
+
+    `lora` is None, or a module with `weights() -> moe.ExpertLoRA` (per-expert adapters applied inside the same
+    grouped matmuls; attached by small4_jax.lora).
+    """
 
     def __init__(self, config: Small4Config, *, dtype, rngs: nnx.Rngs):
         e, h, f = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         init = nnx.initializers.normal(config.initializer_range)
         self.gate_up = nnx.Param(init(rngs.params(), (e, h, 2 * f), _dtype(dtype)))
         self.down = nnx.Param(init(rngs.params(), (e, f, h), _dtype(dtype)))
+        self.lora = None
 
 
 class MoE(nnx.Module):
     """Routed experts (top-k of a softmax over all experts) plus ungated shared expert(s)."""
 
-    def __init__(self, config: Small4Config, *, dtype, rngs: nnx.Rngs, impl: str = "ragged_dot"):
+    def __init__(self, config: Small4Config, *, dtype, rngs: nnx.Rngs):
         self.config = config
-        self.impl = impl
         self.act = _ACT[config.hidden_act]
         self.gate = Router(config, dtype=dtype, rngs=rngs)
         self.experts = Experts(config, dtype=dtype, rngs=rngs)
@@ -158,8 +162,10 @@ class MoE(nnx.Module):
             norm_topk_prob=c.norm_topk_prob,
             routed_scaling_factor=c.routed_scaling_factor,
         )
+        lora = None if self.experts.lora is None else self.experts.lora.weights()
         y = routed_experts(
-            flat, ids, weights, self.experts.gate_up[...], self.experts.down[...], act=self.act, impl=self.impl
+            flat, ids, weights, self.experts.gate_up[...], self.experts.down[...], act=self.act, impl=c.moe_impl,
+            lora=lora,
         )
         y = y.reshape(shape)
         if self.shared_experts is not None:
@@ -280,13 +286,13 @@ class MLA(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: Small4Config, layer: int, *, dtype, rngs: nnx.Rngs, moe_impl: str = "ragged_dot"):
+    def __init__(self, config: Small4Config, layer: int, *, dtype, rngs: nnx.Rngs):
         c = config
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
         self.self_attn = MLA(c, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
         if c.is_moe_layer(layer):
-            self.mlp = MoE(c, dtype=dtype, rngs=rngs, impl=moe_impl)
+            self.mlp = MoE(c, dtype=dtype, rngs=rngs)
         else:
             self.mlp = MLP(c, c.intermediate_size, dtype=dtype, rngs=rngs)
 
@@ -302,7 +308,7 @@ class DecoderLayer(nnx.Module):
 class Small4ForCausalLM(nnx.Module):
     """Mistral Small 4 text model. `model(input_ids)` -> logits [B, T, vocab]."""
 
-    def __init__(self, config: Small4Config, *, dtype="float32", rngs: nnx.Rngs, moe_impl: str = "ragged_dot"):
+    def __init__(self, config: Small4Config, *, dtype="float32", rngs: nnx.Rngs):
         c = config
         self.config = c
         self.dtype = _dtype(dtype)
@@ -315,7 +321,7 @@ class Small4ForCausalLM(nnx.Module):
             rngs=rngs,
         )
         self.layers = nnx.List(
-            [DecoderLayer(c, i, dtype=dtype, rngs=rngs, moe_impl=moe_impl) for i in range(c.num_hidden_layers)]
+            [DecoderLayer(c, i, dtype=dtype, rngs=rngs) for i in range(c.num_hidden_layers)]
         )
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
         self.lm_head = None if c.tie_word_embeddings else _linear(c.hidden_size, c.vocab_size, c, dtype, rngs)
@@ -361,14 +367,14 @@ class Small4ForCausalLM(nnx.Module):
         return KVCache.create(self.config, batch, max_len, self.dtype)
 
 
-def init_model(config: Small4Config, *, seed: int = 0, dtype="float32", moe_impl: str = "ragged_dot"):
+def init_model(config: Small4Config, *, seed: int = 0, dtype="float32"):
     """A randomly initialised model (weights from `seed`)."""
-    return Small4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed), moe_impl=moe_impl)
+    return Small4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed))
 
 
-def abstract_model(config: Small4Config, *, dtype="float32", moe_impl: str = "ragged_dot"):
+def abstract_model(config: Small4Config, *, dtype="float32"):
     """The model with shape-only parameters (no memory, no FLOPs): what a checkpoint is loaded into."""
-    return nnx.eval_shape(lambda: Small4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0), moe_impl=moe_impl))
+    return nnx.eval_shape(lambda: Small4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
 def param_count(config: Small4Config) -> int:

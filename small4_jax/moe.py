@@ -11,11 +11,31 @@ function.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 IMPLS = ("ragged_dot", "dense")
+
+
+class ExpertLoRA(NamedTuple):
+    """Per-expert low-rank adapters: W_e + scale * A_e @ B_e for gate_up and for down."""
+
+    gate_up_a: jax.Array  # [E, H, r]
+    gate_up_b: jax.Array  # [E, r, 2F]
+    down_a: jax.Array  # [E, F, r]
+    down_b: jax.Array  # [E, r, H]
+    scale: float
+
+
+def resolve_impl(impl: str) -> str:
+    """The grouped-matmul implementation to use for `impl` ("auto" -> the fastest correct one here)."""
+    if impl == "auto":
+        return "ragged_dot"
+    if impl not in IMPLS:
+        raise ValueError(f"unknown moe impl {impl!r}; expected 'auto' or one of {IMPLS}")
+    return impl
 
 
 def route(
@@ -57,35 +77,47 @@ def routed_experts(
     down: jax.Array,
     *,
     act: Callable[[jax.Array], jax.Array] = jax.nn.silu,
-    impl: str = "ragged_dot",
+    impl: str = "auto",
+    lora: ExpertLoRA | None = None,
 ) -> jax.Array:
     """Mixture of routed SwiGLU experts.
 
     x [N, H]; expert_ids, expert_weights [N, k]; gate_up [E, H, 2F] (gate columns first, then up); down [E, F, H].
-    Returns sum_k w_k * down_e(act(x gate_e) * (x up_e)) as [N, H] in x.dtype.
+    Returns sum_k w_k * down_e(act(x gate_e) * (x up_e)) as [N, H] in x.dtype. With `lora`, each expert's weights
+    are W_e + scale * A_e B_e, computed as extra grouped matmuls over the same sorted rows (never merged).
     """
+    impl = resolve_impl(impl)
     if impl == "dense":
-        return _dense_experts(x, expert_ids, expert_weights, gate_up, down, act)
-    if impl != "ragged_dot":
-        raise ValueError(f"unknown moe impl {impl!r}; expected one of {IMPLS}")
+        return _dense_experts(x, expert_ids, expert_weights, gate_up, down, act, lora)
     n, k = expert_ids.shape
     num_experts = gate_up.shape[0]
     flat_ids = expert_ids.reshape(-1)
     order = jnp.argsort(flat_ids, stable=True)  # sorted row r holds pair order[r]
     rows = x[order // k]  # [N*k, H], grouped by expert
     group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
-    h = jax.lax.ragged_dot(rows, gate_up.astype(x.dtype), group_sizes)
+
+    def gmm(lhs, rhs):
+        return jax.lax.ragged_dot(lhs, rhs.astype(x.dtype), group_sizes)
+
+    h = gmm(rows, gate_up)
+    if lora is not None:
+        h = h + lora.scale * gmm(gmm(rows, lora.gate_up_a), lora.gate_up_b)
     f = h.shape[-1] // 2
     a = act(h[:, :f]) * h[:, f:]
-    y = jax.lax.ragged_dot(a, down.astype(x.dtype), group_sizes)  # [N*k, H]
+    y = gmm(a, down)  # [N*k, H]
+    if lora is not None:
+        y = y + lora.scale * gmm(gmm(a, lora.down_a), lora.down_b)
     inverse = jnp.argsort(order)  # a gather, not a scatter: its transpose is a gather too
     y = y[inverse].reshape(n, k, -1)
     return jnp.einsum("nkh,nk->nh", y.astype(jnp.float32), expert_weights.astype(jnp.float32)).astype(x.dtype)
 
 
-def _dense_experts(x, expert_ids, expert_weights, gate_up, down, act):
+def _dense_experts(x, expert_ids, expert_weights, gate_up, down, act, lora=None):
     """Every expert on every token, combined by one-hot routing weights: O(E) work, for reference."""
     num_experts = gate_up.shape[0]
+    if lora is not None:  # merged weights: fine for a reference
+        gate_up = gate_up + lora.scale * jnp.einsum("ehr,erf->ehf", lora.gate_up_a, lora.gate_up_b)
+        down = down + lora.scale * jnp.einsum("efr,erh->efh", lora.down_a, lora.down_b)
     combine = jnp.einsum(
         "nke,nk->ne", jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32), expert_weights.astype(jnp.float32)
     )
