@@ -238,10 +238,12 @@ class MLA(nnx.Module):
         sin: jax.Array,
         cache: tuple[jax.Array, jax.Array] | None = None,
         key_mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """x [B, T, H], positions [B, T]; cache = (latent [B, S, R], rope_key [B, S, r]) written at `positions`.
 
-        key_mask [B, S_keys] (True = attend) masks padding; causality comes from positions.
+        key_mask [B, S_keys] (True = attend) masks padding; causality comes from positions; segment_ids [B, T]
+        (no cache) restricts attention to keys of the same segment.
         """
         c = self.config
         b, t, _ = x.shape
@@ -279,6 +281,8 @@ class MLA(nnx.Module):
         mask = key_pos[:, None, None, :] <= positions[:, None, :, None]
         if key_mask is not None:
             mask = mask & key_mask[:, None, None, :]
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         scores = jnp.where(mask, scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
         out = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(b, t, nh * dv)
@@ -296,8 +300,8 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(c, c.intermediate_size, dtype=dtype, rngs=rngs)
 
-    def __call__(self, h, positions, cos, sin, cache=None, key_mask=None):
-        a, cache = self.self_attn(self.input_layernorm(h), positions, cos, sin, cache, key_mask)
+    def __call__(self, h, positions, cos, sin, cache=None, key_mask=None, segment_ids=None):
+        a, cache = self.self_attn(self.input_layernorm(h), positions, cos, sin, cache, key_mask, segment_ids)
         h = h + a
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, cache
@@ -326,7 +330,7 @@ class Small4ForCausalLM(nnx.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
         self.lm_head = None if c.tie_word_embeddings else _linear(c.hidden_size, c.vocab_size, c, dtype, rngs)
 
-    def _forward(self, input_ids, positions, cache: KVCache | None, key_mask):
+    def _forward(self, input_ids, positions, cache: KVCache | None, key_mask, segment_ids=None):
         input_ids = jnp.asarray(input_ids, jnp.int32)
         b, t = input_ids.shape
         if positions is None:
@@ -338,7 +342,7 @@ class Small4ForCausalLM(nnx.Module):
         new_latent, new_rope = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.latent[i], cache.rope_key[i])
-            h, layer_cache = layer(h, positions, cos, sin, layer_cache, key_mask)
+            h, layer_cache = layer(h, positions, cos, sin, layer_cache, key_mask, segment_ids)
             if cache is not None:
                 new_latent.append(layer_cache[0])
                 new_rope.append(layer_cache[1])
@@ -354,10 +358,15 @@ class Small4ForCausalLM(nnx.Module):
         )
         return logits, new_cache
 
-    def __call__(self, input_ids, positions=None, attention_mask=None) -> jax.Array:
-        """Logits [B, T, vocab] for int32 ids [B, T] (positions default to 0..T-1; attention_mask [B, T] of 0/1)."""
+    def __call__(self, input_ids, positions=None, attention_mask=None, segment_ids=None) -> jax.Array:
+        """Logits [B, T, vocab] for int32 ids [B, T].
+
+        positions [B, T] default to 0..T-1 (give per-document positions for packed rows); attention_mask [B, T] of
+        0/1 hides padding keys; segment_ids [B, T] keeps attention inside each packed document (equal ids attend).
+        """
         key_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-        return self._forward(input_ids, positions, None, key_mask)[0]
+        segs = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+        return self._forward(input_ids, positions, None, key_mask, segs)[0]
 
     def step(self, input_ids, cache: KVCache, positions=None) -> tuple[jax.Array, KVCache]:
         """Run ids [B, T] that continue each row of `cache`; returns (logits [B, T, V], updated cache)."""

@@ -120,3 +120,18 @@ def test_bfloat16_parameters_stay_close(tmp_path):
     assert dtypes == {jnp.dtype(jnp.bfloat16)}
     ids = _ids(config.vocab_size, seed=9)
     assert _rel(ours(ids).astype(jnp.float32), _hf_logits(hf, ids)) < 5e-2
+
+
+def test_packed_segments_equal_separate_sequences(tmp_path):
+    """Two documents packed in one row with segment ids and per-document positions = each run alone."""
+    config = tiny_hf_config()
+    hf = make_hf_model(config, seed=13)
+    save_hf(hf, tmp_path)
+    ours = small4_jax.from_pretrained(tmp_path, dtype="float32")
+    a, b = _ids(config.vocab_size, seed=1)[0, :23], _ids(config.vocab_size, seed=2)[0, :17]
+    packed = np.concatenate([a, b])[None]
+    positions = np.concatenate([np.arange(23), np.arange(17)])[None]
+    segments = np.concatenate([np.zeros(23), np.ones(17)]).astype(np.int32)[None]
+    out = np.asarray(ours(packed, positions=positions, segment_ids=segments))[0]
+    np.testing.assert_allclose(out[:23], np.asarray(ours(a[None]))[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[23:], np.asarray(ours(b[None]))[0], rtol=1e-5, atol=1e-5)
