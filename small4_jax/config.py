@@ -291,14 +291,14 @@ class Small4Config:
                 f"{source}: unsupported model_type {mt!r}; expected 'mistral4', or 'mistral3' with a mistral4 text_config"
             )
         out: dict[str, Any] = {}
-        direct = set(cls.field_names()) - {"rope_type", "rope_factor", "rope_attention_factor", "rope_truncate"}
+        # Fields with the same name in config.json; the RoPE ones live under rope_parameters and are read below.
+        direct = set(cls.field_names()) - {"rope_type", "rope_factor", "rope_attention_factor", "rope_truncate",
+                                           "llama_4_scaling_beta"}
         for k in direct:
             if k in d and d[k] is not None:
                 out[k] = d[k]
-        if d.get("q_lora_rank", "absent") is None:
+        if "q_lora_rank" in d and d["q_lora_rank"] is None:
             out["q_lora_rank"] = None
-        for k in ("llama_4_scaling_beta",):
-            out.pop(k, None)
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if not isinstance(rope, dict):
             raise ConfigError(f"{source}: 'rope_parameters' must be a mapping")
