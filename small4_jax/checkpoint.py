@@ -77,17 +77,8 @@ def checkpoint_plan(model_state) -> dict[tuple, tuple[str, tuple[int, ...], Tran
     return plan
 
 
-def load_weights(
-    config: Small4Config,
-    source: TensorSource,
-    *,
-    dtype="bfloat16",
-    mesh: Mesh | None = None,
-    where: str = "checkpoint",
-) -> Small4ForCausalLM:
-    """Fill an abstract model from `source`, checking every name and shape first."""
-    graphdef, state = nnx.split(abstract_model(config, dtype=dtype))
-    plan = checkpoint_plan(state)
+def verify_source(config: Small4Config, plan: dict, source: TensorSource, where: str) -> None:
+    """One CheckpointError listing every missing, unexpected and mis-shaped tensor (nothing is read)."""
     available = set(source.names())
     expected = {name: shape for name, shape, _ in plan.values()}
     missing = sorted(n for n in expected if n not in available)
@@ -105,6 +96,20 @@ def load_weights(
         lines += [f"  unexpected: {n} (shape {list(source.shape(n))})" for n in unexpected]
         lines += [f"  wrong shape: {n} is {list(got)}, expected {list(want)}" for n, got, want in misshaped]
         raise CheckpointError("\n".join(lines))
+
+
+def load_weights(
+    config: Small4Config,
+    source: TensorSource,
+    *,
+    dtype="bfloat16",
+    mesh: Mesh | None = None,
+    where: str = "checkpoint",
+) -> Small4ForCausalLM:
+    """Fill an abstract model from `source`, checking every name and shape first."""
+    graphdef, state = nnx.split(abstract_model(config, dtype=dtype))
+    plan = checkpoint_plan(state)
+    verify_source(config, plan, source, where)
 
     np_dtype = _numpy_dtype(dtype)
     flat = []
@@ -125,17 +130,21 @@ def from_pretrained(
     *,
     config: Small4Config | None = None,
 ) -> Small4ForCausalLM:
-    """Load an HF (`config.json` + safetensors) or Mistral-native (`params.json` + consolidated) directory.
+    """Load an HF (`config.json` + safetensors) or Mistral-native (`params.json` + consolidated) directory, or a
+    sharded Orbax checkpoint written by `python -m small4_jax.convert`.
 
     dtype is the parameter dtype ("bfloat16", "float32", ...), or "auto": float32 for a float32 checkpoint and
     bfloat16 otherwise (FP8 and bf16 checkpoints). With a mesh, every parameter is placed with its sharding from
     `small4_jax.sharding` as it is read. `config` replaces the directory's config (e.g. to pick `moe_impl`).
     """
+    from small4_jax import sharded_ckpt
     from small4_jax.safetensors_io import CheckpointReader
 
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
+    if sharded_ckpt.is_sharded_checkpoint(path):  # written by `python -m small4_jax.convert`
+        return sharded_ckpt.load_model(path, dtype=dtype, mesh=mesh, config=config)
     config = config or load_config(path)
     reader = CheckpointReader(path)
     if dtype == "auto":

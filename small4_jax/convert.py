@@ -1,0 +1,132 @@
+"""Convert an HF or Mistral-native safetensors checkpoint into a sharded Orbax checkpoint, streaming.
+
+    python -m small4_jax.convert --from /models/Mistral-Small-4-119B-2603 --to /ckpt/small4-bf16 [--dtype bf16|fp8]
+
+Tensors are read one at a time (FP8 sources dequantised), put in the layout the model uses ([in, out] kernels,
+stacked experts [E, H, 2F] / [E, F, H]) and written into a TensorStore/OCDBT store in Orbax's format, so host memory
+stays near the largest tensor plus a constant. The output is built in `OUT.partial` and renamed to `OUT` when
+complete; a killed conversion resumes where it stopped when run again (finished tensors are listed in
+`OUT.partial/_progress.json` after each write). `small4_jax.from_pretrained(OUT, mesh=...)` then loads it onto any
+mesh, including one with a different device count.
+
+`--dtype fp8` stores projection and expert weights as float8_e4m3fn with an amax/448 scale per tensor (per expert
+for stacked experts) and dequantises on load; embeddings, head, norms and the router stay bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from small4_jax.errors import CheckpointError, Small4Error
+
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp8": "fp8", "f32": "float32", "float32": "float32"}
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf16", progress=sys.stderr) -> Path:
+    """Convert `src` into the sharded checkpoint `out`; returns `out`. Resumes an interrupted run of the same job."""
+    from flax import nnx
+
+    from small4_jax import sharded_ckpt as sc
+    from small4_jax.checkpoint import checkpoint_plan, verify_source
+    from small4_jax.config import load_config
+    from small4_jax.model import abstract_model
+    from small4_jax.safetensors_io import CheckpointReader
+
+    if dtype not in DTYPES:
+        raise CheckpointError(f"--dtype {dtype!r}: expected one of bf16, fp8, f32")
+    storage = DTYPES[dtype]
+    src, out = Path(src), Path(out)
+    if sc.is_sharded_checkpoint(out) and (out / sc.FORMAT_FILE).is_file():
+        raise CheckpointError(f"{out}: a converted checkpoint is already there; choose another --to or remove it")
+    if out.exists():
+        raise CheckpointError(f"{out}: exists and is not a finished conversion; remove it first")
+    config = load_config(src)
+    reader = CheckpointReader(src)
+    _, state = nnx.split(abstract_model(config, dtype="float32"))
+    plan = checkpoint_plan(state)
+    our_shapes = {path: tuple(v.shape) for path, v in nnx.to_flat_state(state)}
+    verify_source(config, plan, reader, str(src))
+
+    partial = out.with_name(out.name + ".partial")
+    job = {"source": str(src.resolve()), "dtype": storage, "config": config.to_dict()}
+    progress_file = partial / "_progress.json"
+    done: set[str] = set()
+    if progress_file.is_file():
+        saved = json.loads(progress_file.read_text())
+        if saved.get("job") != job:
+            raise CheckpointError(f"{partial}: an interrupted conversion of a different source or dtype is there; "
+                                  "remove it or convert to another --to")
+        done = set(saved["done"])
+    else:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    sc._atomic_write(partial / sc.CONFIG_FILE, json.dumps(config.to_dict(), indent=1))
+
+    quantised = sc.quantised_paths(plan) if storage == "fp8" else set()
+    read_dtype = np.float32 if storage in ("float32", "fp8") else ml_dtypes.bfloat16
+    out_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "fp8": ml_dtypes.bfloat16}[storage]
+    writer = sc.Writer(partial)
+    tree_shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
+    total_bytes = sum(int(np.prod(shape)) for _, shape, _ in plan.values()) * np.dtype(out_dtype).itemsize
+    written, t0, n = 0, time.perf_counter(), len(plan)
+    for i, (path, (name, _, transform)) in enumerate(plan.items()):
+        key = sc.param_key(path)
+        our_shape = our_shapes[path]
+        tree_shapes[("params",) + key] = our_shape
+        per_expert = sc._is_experts(path)
+        if path in quantised:
+            tree_shapes[("fp8_scales",) + key] = (our_shape[0], 1, 1) if per_expert else ()
+        if ".".join(key) not in done:
+            arr = transform(reader.get(name, dtype=read_dtype))
+            if path in quantised:
+                q, scale = sc.quantize_fp8(arr, per_expert=per_expert)
+                del arr
+                writer.write(("params",) + key, q)
+                writer.write(("fp8_scales",) + key, scale)
+            else:
+                writer.write(("params",) + key, arr.astype(out_dtype, copy=False))
+                del arr
+            done.add(".".join(key))
+            sc._atomic_write(progress_file, json.dumps({"job": job, "done": sorted(done)}))
+        written += int(np.prod(our_shape)) * np.dtype(out_dtype).itemsize
+        if progress is not None:
+            rate = written / max(time.perf_counter() - t0, 1e-9) / 2**20
+            print(f"\r[{i + 1}/{n}] {100 * written / total_bytes:5.1f}%  {rate:8.1f} MiB/s  {name:<60}", end="",
+                  file=progress, flush=True)
+    reader.close()
+    if progress is not None:
+        print(file=progress)
+    sc.write_metadata(partial, tree_shapes)
+    sc._atomic_write(partial / sc.FORMAT_FILE, json.dumps({"dtype": storage, "source": str(src.resolve())}))
+    progress_file.unlink()
+    os.replace(partial, out)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m small4_jax.convert", description=__doc__.split("\n")[0])
+    p.add_argument("--from", dest="src", required=True, help="HF or Mistral-native checkpoint directory")
+    p.add_argument("--to", dest="out", required=True, help="output directory (built in OUT.partial, then renamed)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp8", "f32"], help="storage dtype (default bf16)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    try:
+        out = convert(a.src, a.out, dtype=a.dtype, progress=None if a.quiet else sys.stderr)
+    except Small4Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Sharded model checkpoints in Orbax's layout (TensorStore zarr arrays in one OCDBT database), written tensor by tensor.
+
+Orbax's own `save` wants the whole pytree in memory at once; a 119B model does not fit in one host's memory. This
+module writes each parameter as its own zarr array inside the OCDBT key-value store, exactly where Orbax puts it
+(key = the parameter path joined by dots), and writes Orbax's `_METADATA` at the end. The result is an ordinary
+Orbax checkpoint: `orbax.checkpoint.StandardCheckpointer().restore(dir, abstract_tree)` restores it onto any mesh,
+each device reading only its shard. `load_model` does that for a `Small4ForCausalLM`.
+
+Directory contents: the Orbax files (`_METADATA`, `manifest.ocdbt`, `d/`, ...), `small4_config.json` (our config,
+written first so a resumed conversion can check it is the same model) and `small4_format.json` (storage dtype;
+written last: a directory without it is incomplete).
+
+Tree: {"params": {path...: array}} and, for FP8 storage, {"fp8_scales": {path...: float32 scale}} where the scale is
+a scalar, or [E, 1, 1] for stacked experts; the weight is `q.astype(f32) * scale`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from small4_jax.config import Small4Config
+from small4_jax.errors import CheckpointError
+from small4_jax.model import Small4ForCausalLM, abstract_model
+from small4_jax.sharding import sharding_for
+
+CONFIG_FILE = "small4_config.json"
+FORMAT_FILE = "small4_format.json"
+FP8_MAX = 448.0
+CHUNK_BYTES = 32 << 20
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and (path / "_METADATA").is_file()
+
+
+def param_key(path: Sequence) -> tuple[str, ...]:
+    return tuple(str(p) for p in path)
+
+
+def _zarr_dtype(dtype: np.dtype) -> str:
+    if dtype == ml_dtypes.bfloat16:
+        return "bfloat16"
+    if dtype == ml_dtypes.float8_e4m3fn:
+        return "float8_e4m3fn"
+    return np.dtype(dtype).str
+
+
+def _chunks(shape: Sequence[int], itemsize: int) -> list[int]:
+    """Split the first axis so one chunk stays under CHUNK_BYTES (stacked experts: a few experts per chunk)."""
+    shape = list(shape)
+    if not shape:
+        return []
+    row = int(np.prod(shape[1:], dtype=np.int64)) * itemsize
+    rows = max(1, min(shape[0], CHUNK_BYTES // max(row, 1)))
+    return [rows] + shape[1:]
+
+
+class Writer:
+    """Writes arrays into the OCDBT store of `directory`, one at a time (a single writer process)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        import tensorstore as ts
+
+        self._ts = ts
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._context = ts.Context()
+
+    def write(self, key: tuple[str, ...], array: np.ndarray) -> None:
+        """Write `array` (any strides: it is copied one chunk at a time) under `key`."""
+        chunks = _chunks(array.shape, array.dtype.itemsize)
+        spec = {
+            "driver": "zarr",
+            "kvstore": {"driver": "ocdbt", "base": f"file://{self.directory.resolve()}", "path": ".".join(key)},
+            "metadata": {
+                "shape": list(array.shape),
+                "chunks": chunks,
+                "dtype": _zarr_dtype(array.dtype),
+                "compressor": None,
+            },
+        }
+        store = self._ts.open(spec, create=True, delete_existing=True, context=self._context).result()
+        if not chunks:
+            store.write(np.array(array, order="C")).result()
+            return
+        for start in range(0, array.shape[0], chunks[0]):
+            store[start:start + chunks[0]].write(np.ascontiguousarray(array[start:start + chunks[0]])).result()
+
+
+def write_metadata(directory: Path, tree_shapes: dict[tuple[str, ...], Sequence[int]]) -> None:
+    """Orbax's `_METADATA` for a tree of jax.Array leaves (keys are tuples of dict keys)."""
+    tree = {
+        str(keys): {
+            "key_metadata": [{"key": k, "key_type": 2} for k in keys],
+            "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False, "write_shape": list(shape)},
+        }
+        for keys, shape in tree_shapes.items()
+    }
+    meta = {"tree_metadata": tree, "use_ocdbt": True, "use_zarr3": False,
+            "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+    _atomic_write(directory / "_METADATA", json.dumps(meta))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def quantize_fp8(w: np.ndarray, per_expert: bool) -> tuple[np.ndarray, np.ndarray]:
+    """float8_e4m3fn with scale = amax / 448 per tensor (or per expert, axis 0); w = q * scale."""
+    w = np.asarray(w, np.float32)
+    axes = tuple(range(1, w.ndim)) if per_expert else None
+    amax = np.abs(w).max(axis=axes, keepdims=per_expert) if w.size else np.float32(0)
+    scale = np.where(amax > 0, amax / FP8_MAX, 1.0).astype(np.float32)
+    q = np.clip(w / scale, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+    return q, np.asarray(scale, np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading.
+def load_model(path: str | os.PathLike, *, dtype="bfloat16", mesh: Mesh | None = None,
+               config: Small4Config | None = None) -> Small4ForCausalLM:
+    """Restore a sharded checkpoint onto `mesh` (any shape: each device reads only its shard)."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).resolve()
+    if not (path / FORMAT_FILE).is_file():
+        raise CheckpointError(f"{path}: incomplete sharded checkpoint (no {FORMAT_FILE}); resume the conversion")
+    fmt = json.loads((path / FORMAT_FILE).read_text())
+    stored_config = Small4Config.from_dict(json.loads((path / CONFIG_FILE).read_text()), source=str(path / CONFIG_FILE))
+    config = config or stored_config
+    if dtype == "auto":
+        dtype = "float32" if fmt.get("dtype") == "float32" else "bfloat16"
+    graphdef, state = nnx.split(abstract_model(config, dtype=dtype))
+    flat = list(nnx.to_flat_state(state))
+    fp8 = fmt.get("dtype") == "fp8"
+    quantised = quantised_paths(p for p, _ in flat) if fp8 else set()
+    params, scales = {}, {}
+    for p, v in flat:
+        sharding = sharding_for(p, v.shape, mesh)
+        restore_dtype = jnp.float8_e4m3fn if p in quantised else v.dtype  # Orbax casts bf16/f32 to the dtype asked
+        _nest(params, param_key(p), jax.ShapeDtypeStruct(v.shape, restore_dtype, sharding=sharding))
+        if p in quantised:
+            shape = (v.shape[0], 1, 1) if _is_experts(p) else ()
+            scale_sharding = _replicated(mesh)
+            _nest(scales, param_key(p), jax.ShapeDtypeStruct(shape, jnp.float32, sharding=scale_sharding))
+    abstract = {"params": params, **({"fp8_scales": scales} if fp8 else {})}
+    try:
+        restored = ocp.StandardCheckpointer().restore(path, abstract)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"{path}: cannot restore the sharded checkpoint ({e})") from None
+    new_flat = []
+    for p, v in flat:
+        arr = _get(restored["params"], param_key(p))
+        if p in quantised:
+            arr = _dequantize(arr, _get(restored["fp8_scales"], param_key(p)), jnp.dtype(v.dtype))
+        new_flat.append((p, v.replace(arr)))
+    return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
+
+
+def _dequantize(q, scale, dtype):
+    return jax.jit(lambda q, s: (q.astype(jnp.float32) * s).astype(dtype), out_shardings=q.sharding)(q, scale)
+
+
+def _replicated(mesh: Mesh | None) -> jax.sharding.Sharding:
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _is_experts(path) -> bool:
+    return len(path) >= 2 and str(path[-2]) == "experts"
+
+
+def quantised_paths(paths) -> set:
+    """FP8 storage covers the projection and expert weights (never embeddings, head, norms or the router)."""
+    out = set()
+    for p in paths:
+        names = [str(x) for x in p]
+        if _is_experts(p) or (names[-1] == "kernel" and names[-2] != "lm_head"):
+            out.add(p)
+    return out
+
+
+def _nest(tree: dict, keys: tuple[str, ...], value) -> None:
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
+
+
+def _get(tree: dict, keys: tuple[str, ...]):
+    for k in keys:
+        tree = tree[k]
+    return tree

@@ -1,0 +1,122 @@
+"""`python -m small4_jax.convert`: streaming conversion to a sharded Orbax checkpoint, loading onto other meshes,
+FP8 storage, resumption after an interruption."""
+
+import json
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+import small4_jax
+from ckpt_utils import make_hf_model, save_hf, save_native, tiny_hf_config
+from small4_jax import sharded_ckpt
+from small4_jax.convert import convert, main
+from small4_jax.errors import CheckpointError
+from small4_jax.sharding import make_mesh
+
+IDS = (np.arange(40, dtype=np.int32)[None] * 7) % 128
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    path = tmp_path_factory.mktemp("src")
+    save_hf(make_hf_model(tiny_hf_config(), seed=8), path)
+    reference = small4_jax.from_pretrained(path, dtype="float32")
+    return path, reference, np.asarray(reference(IDS))
+
+
+def _params(model):
+    return {tuple(str(k) for k in p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def test_f32_conversion_loads_on_any_mesh(source, tmp_path):
+    src, _, ref = source
+    out = tmp_path / "ckpt"
+    assert main(["--from", str(src), "--to", str(out), "--dtype", "f32", "--quiet"]) == 0
+    assert sharded_ckpt.is_sharded_checkpoint(out) and not (tmp_path / "ckpt.partial").exists()
+    for shape in (None, {"data": 1, "expert": 8, "tensor": 1}, {"data": 2, "expert": 2, "tensor": 2}):
+        mesh = None if shape is None else make_mesh(shape)
+        model = small4_jax.from_pretrained(out, dtype="float32", mesh=mesh)
+        if mesh is not None:
+            assert model.layers[1].mlp.experts.gate_up[...].sharding.mesh.shape == mesh.shape
+        np.testing.assert_allclose(np.asarray(model(IDS)), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_orbax_restores_it_directly(source, tmp_path):
+    """The output is a plain Orbax checkpoint: StandardCheckpointer restores it onto a 4-device mesh."""
+    import orbax.checkpoint as ocp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    src, reference, _ = source
+    out = convert(src, tmp_path / "ckpt", dtype="f32", progress=None)
+    mesh = jax.make_mesh((4,), ("x",), devices=jax.devices()[:4], axis_types=(jax.sharding.AxisType.Auto,))
+    want = reference.layers[2].mlp.experts.down[...]
+    abstract = {"params": {"layers": {"2": {"mlp": {"experts": {
+        "down": jax.ShapeDtypeStruct(want.shape, want.dtype, sharding=NamedSharding(mesh, P("x")))}}}}}}
+    restored = ocp.PyTreeCheckpointer().restore(
+        out, args=ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(
+            abstract), partial_restore=True))
+    np.testing.assert_array_equal(np.asarray(restored["params"]["layers"]["2"]["mlp"]["experts"]["down"]), want)
+
+
+def test_fp8_storage_dequantises_on_load(source, tmp_path):
+    src, reference, _ = source
+    out = convert(src, tmp_path / "fp8", dtype="fp8", progress=None)
+    model = small4_jax.from_pretrained(out, dtype="float32", mesh=make_mesh({"data": 2, "expert": 4, "tensor": 1}))
+    got, want = _params(model), _params(reference)
+    for key, w in want.items():
+        if key[-1] == "kernel" and key[-2] != "lm_head" or key[-2] == "experts":
+            q, scale = sharded_ckpt.quantize_fp8(w, per_expert=key[-2] == "experts")
+            assert q.dtype == ml_dtypes.float8_e4m3fn
+            np.testing.assert_array_equal(got[key], q.astype(np.float32) * scale, err_msg=str(key))
+        else:  # embeddings, head, norms and router stay bf16
+            np.testing.assert_array_equal(got[key], w.astype(ml_dtypes.bfloat16).astype(np.float32))
+    assert json.loads((out / "small4_format.json").read_text())["dtype"] == "fp8"
+
+
+def test_interrupted_conversion_resumes(source, tmp_path, monkeypatch):
+    src, _, ref = source
+    out = tmp_path / "ckpt"
+    writes = []
+    real_write = sharded_ckpt.Writer.write
+
+    def crashing_write(self, key, array):
+        if len(writes) == 20:
+            raise KeyboardInterrupt("simulated kill")
+        writes.append(key)
+        real_write(self, key, array)
+
+    monkeypatch.setattr(sharded_ckpt.Writer, "write", crashing_write)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, out, dtype="f32", progress=None)
+    assert not out.exists() and (tmp_path / "ckpt.partial" / "_progress.json").is_file()
+    first = list(writes)
+    writes.clear()
+    monkeypatch.setattr(sharded_ckpt.Writer, "write", lambda self, k, a: (writes.append(k), real_write(self, k, a)))
+    convert(src, out, dtype="f32", progress=None)
+    assert not set(first) & set(writes)  # finished tensors are not written again
+    assert len(first) + len(writes) == 45  # 3 layers' worth of tensors + embed, norm, head: each written once
+    model = small4_jax.from_pretrained(out, dtype="float32")
+    np.testing.assert_allclose(np.asarray(model(IDS)), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_native_source_and_errors(source, tmp_path):
+    src, _, ref = source
+    hf = make_hf_model(tiny_hf_config(), seed=8)
+    native = tmp_path / "native"
+    save_native(hf, native, num_shards=2)
+    params = json.loads((native / "params.json").read_text())
+    params["yarn"]["apply_scale"] = True  # HF semantics of the source config (mscale_all_dim = 1)
+    (native / "params.json").write_text(json.dumps(params))
+    out = convert(native, tmp_path / "from_native", dtype="f32", progress=None)
+    np.testing.assert_allclose(np.asarray(small4_jax.from_pretrained(out, dtype="float32")(IDS)), ref,
+                               rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    with pytest.raises(CheckpointError, match="a converted checkpoint is already there"):
+        convert(native, out, progress=None)
+    partial = tmp_path / "other.partial"
+    partial.mkdir()
+    (partial / "_progress.json").write_text(json.dumps({"job": {"source": "elsewhere"}, "done": []}))
+    with pytest.raises(CheckpointError, match="interrupted conversion of a different source"):
+        convert(src, tmp_path / "other", progress=None)
