@@ -1,0 +1,664 @@
+"""The serving engine: continuous batching of many requests over the paged latent cache.
+
+Each `step()`:
+1. takes new requests and cancellations from the inbox (thread-safe; `submit` / `cancel` may be called from any
+   thread), and admits waiting requests while a batch slot and the pages of their prompt are free, reusing cached
+   pages of a shared prompt prefix (`page_pool.PagePool`);
+2. runs one chunk of prefill (at most `prefill_chunk` tokens of one request, expanded MLA) if any request is still
+   reading its prompt, then
+3. one decode step (absorbed MLA) for every request that is generating, and samples each row with its own settings.
+Requests join and leave between steps. When a decoding request needs a page and none is left, the most recently
+admitted request is preempted: its pages are released and it is re-queued to recompute its tokens later.
+
+Compiled shapes: prefill [1, prefill_chunk] and decode [b, 1] for b in `batch_buckets`, each with a page-table width
+from `page_buckets` (powers of two up to the pages of `max_model_len`): a small fixed set, never one per request
+(`warmup()` compiles them all up front).
+
+Output: each request's callback receives `RequestOutput` events (new token ids, new text, logprobs, finish) on the
+engine's thread. Text is decoded incrementally when the engine has a tokenizer; stop strings are matched on it and
+text that might start a stop string is held back until it is resolved.
+
+The engine works on token ids; chat formatting and output parsing live in `infer/chat.py`, HTTP in `infer/serve.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from infer.page_pool import PagePool, chain_hashes
+from small4_jax.batch_sampling import RowSampling
+from small4_jax.errors import InputError, Small4Error
+from small4_jax.paged import NULL_PAGE, PagedCache, cache_bytes_per_token_per_layer, cache_width, step
+
+log = logging.getLogger("small4_jax")
+
+MAX_TOP_LOGPROBS = 20
+MAX_CONTEXT = 262_144  # Small 4 is served at 256K (ARCHITECTURE.md §6.15)
+
+
+class QueueFull(Small4Error):
+    """The engine's waiting queue is full: retry later (back-pressure)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """Per-request generation settings."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    seed: int | None = None  # None: drawn by the engine
+    stop: tuple[str, ...] = ()  # stop strings (not included in the text)
+    stop_token_ids: tuple[int, ...] = ()  # stop ids (included in token_ids), on top of EOS
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; n: the chosen token's logprob and the n most likely (n <= 20)
+
+    def __post_init__(self):
+        def bad(msg):
+            raise InputError(msg)
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            bad(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            bad(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            bad(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            bad(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            bad(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop strings must be non-empty strings")
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (id, logprob), most likely first
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """One event of a request: what is new since the last event, and whether it is finished."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None  # with finish_reason "error"
+
+
+@dataclasses.dataclass
+class _Request:
+    id: str
+    tokens: list[int]  # prompt + generated
+    num_prompt: int
+    options: SamplingOptions
+    seed: int
+    stop_ids: frozenset[int]
+    callback: Callable[[RequestOutput], None] | None
+    arrival: float
+    pages: list[int] = dataclasses.field(default_factory=list)
+    hashes: list[int] = dataclasses.field(default_factory=list)  # chain hashes of the full pages registered
+    num_computed: int = 0  # tokens whose cache rows are written
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    decoder: object = None
+    text: str = ""
+    emitted: int = 0  # characters of `text` already sent
+    first_token_time: float | None = None
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.num_prompt
+
+
+def _buckets(limit: int) -> tuple[int, ...]:
+    out, b = [], 1
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return tuple(out + [limit])
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+def cache_report(config, dtype, cache_bytes: int | None, page_size: int, num_pages: int) -> str:
+    """One line on what the cache holds per token and how many tokens fit (config arithmetic; allocates nothing)."""
+    per_layer = cache_bytes_per_token_per_layer(config, dtype)
+    per_token = per_layer * config.num_hidden_layers
+    tokens = (num_pages - 1) * page_size
+    where = f" in {cache_bytes / 2**30:.2f} GiB" if cache_bytes is not None else ""
+    return (
+        f"latent cache: {cache_width(config)} values x {jnp.dtype(dtype).itemsize} bytes = {per_layer} B per token "
+        f"per layer, {per_token / 1024:.1f} KiB per token over {config.num_hidden_layers} layers; "
+        f"{num_pages - 1} pages of {page_size} tokens = {tokens} cache tokens fit{where}"
+    )
+
+
+def pages_for_memory(config, dtype, cache_bytes: int, page_size: int) -> int:
+    """Pages (plus the null page) that fit in `cache_bytes`."""
+    per_page = cache_bytes_per_token_per_layer(config, dtype) * config.num_hidden_layers * page_size
+    return int(cache_bytes // per_page)
+
+
+def free_device_memory(fraction: float = 0.9) -> int | None:
+    """Bytes free on the first device times `fraction`, or None where the backend does not say (CPU)."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # some backends raise instead of returning None
+        stats = None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int((stats["bytes_limit"] * fraction) - stats.get("bytes_in_use", 0))
+
+
+class Engine:
+    """Continuous-batching generation over a `Small4ForCausalLM`.
+
+    Args:
+        model: the model (its parameters are used in place; with a mesh they should already be placed on it).
+        tokenizer: a `small4_jax.tokenizer.Tokenizer` for text output and stop strings, or None (ids only).
+        max_batch: decode batch size (requests generating at once).
+        page_size: tokens per cache page.
+        num_pages: pages in the cache, the null page included; None: what fits in 90% of the free device memory,
+            or, where the backend does not report memory, enough for `max_batch` full-length sequences.
+        max_model_len: longest sequence (prompt + output); default min(max_position_embeddings, 262,144).
+        prefill_chunk: tokens of prompt per prefill step.
+        max_queue: requests that may wait for admission; `submit` raises QueueFull beyond it.
+        batch_buckets, page_buckets: the compiled decode batch sizes and page-table widths (default powers of 2).
+        cache_dtype: dtype of the cache (default the model's).
+        mesh: a device mesh; the cache is replicated over it.
+        prefix_caching: reuse cached pages of shared prompt prefixes.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        max_batch: int = 8,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        max_model_len: int | None = None,
+        prefill_chunk: int = 64,
+        max_queue: int = 256,
+        batch_buckets: Sequence[int] | None = None,
+        page_buckets: Sequence[int] | None = None,
+        cache_dtype=None,
+        mesh=None,
+        prefix_caching: bool = True,
+        seed: int = 0,
+    ):
+        config = model.config
+        self.model = model
+        self.config = config
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.page_size = page_size
+        self.prefill_chunk = prefill_chunk
+        self.max_queue = max_queue
+        self.max_model_len = max_model_len or min(config.max_position_embeddings, MAX_CONTEXT)
+        if self.max_model_len > config.max_position_embeddings:
+            raise InputError(f"max_model_len {self.max_model_len} exceeds the model's context "
+                             f"{config.max_position_embeddings}")
+        self.max_pages_per_seq = math.ceil(self.max_model_len / page_size)
+        self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
+        cache_bytes = None
+        if num_pages is None:
+            cache_bytes = free_device_memory()
+            if cache_bytes is not None:
+                num_pages = pages_for_memory(config, self.cache_dtype, cache_bytes, page_size)
+            else:
+                num_pages = max_batch * self.max_pages_per_seq + 1
+        if num_pages - 1 < self.max_pages_per_seq:
+            raise InputError(f"the cache holds {(num_pages - 1) * page_size} tokens, less than one sequence of "
+                             f"max_model_len {self.max_model_len}: lower max_model_len or give it more memory")
+        self.batch_buckets = tuple(sorted(batch_buckets or _buckets(max_batch)))
+        if self.batch_buckets[-1] < max_batch:
+            raise InputError(f"batch_buckets {self.batch_buckets} do not reach max_batch {max_batch}")
+        self.page_buckets = tuple(sorted(page_buckets or _buckets(self.max_pages_per_seq)))
+        if self.page_buckets[-1] < self.max_pages_per_seq:
+            self.page_buckets += (self.max_pages_per_seq,)
+        self.stop_ids = frozenset(
+            s for s in (config.eos_token_id if isinstance(config.eos_token_id, tuple) else (config.eos_token_id,))
+            if s is not None
+        )
+        if tokenizer is not None:
+            self.stop_ids |= {tokenizer.eos_id}
+
+        self.mesh = mesh
+        sharding = None
+        if mesh is not None:
+            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self.graphdef, self.state = nnx.split(model)
+        self.pages = PagedCache.create(config, num_pages, page_size, self.cache_dtype, sharding).pages
+        self.pool = PagePool(num_pages, page_size, prefix_caching)
+        self.report = cache_report(config, self.cache_dtype, cache_bytes, page_size, num_pages)
+        log.info("%s", self.report)
+
+        self._inbox: queue.Queue = queue.Queue()
+        self._lock = threading.Condition()
+        self._pending = 0  # submitted, not yet admitted (or dropped)
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []  # admitted, in admission order
+        self._ids = itertools.count()
+        self._seeds = np.random.default_rng(seed)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.stats = dict(requests=0, finished=0, cancelled=0, preempted=0, prompt_tokens=0, generated_tokens=0,
+                          cached_tokens=0, steps=0, prefill_steps=0, decode_steps=0, errors=0)
+        self._token_times: deque[tuple[float, int]] = deque(maxlen=256)
+
+    # ---- public API (any thread) ---------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        options: SamplingOptions = SamplingOptions(),
+        *,
+        callback: Callable[[RequestOutput], None] | None = None,
+        request_id: str | None = None,
+        block: bool = False,
+    ) -> str:
+        """Queue a request; returns its id. Raises InputError for a bad prompt and QueueFull when `max_queue`
+        requests are already waiting (with `block=True` it waits for room instead)."""
+        prompt = [int(t) for t in prompt_ids]
+        self.check_prompt(prompt, options)
+        request_id = request_id or f"req-{next(self._ids)}"
+        with self._lock:
+            while self._pending >= self.max_queue:
+                if not block:
+                    raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
+                self._lock.wait()
+            self._pending += 1
+        seed = options.seed if options.seed is not None else int(self._seeds.integers(0, 2**31))
+        stop_ids = frozenset(options.stop_token_ids) | (frozenset() if options.ignore_eos else self.stop_ids)
+        req = _Request(request_id, prompt, len(prompt), options, seed, stop_ids, callback, time.time())
+        self._inbox.put(("submit", req))
+        return request_id
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request at the next step and free its pages; its callback gets a final "cancelled" event."""
+        self._inbox.put(("cancel", request_id))
+
+    def check_prompt(self, prompt: Sequence[int], options: SamplingOptions) -> None:
+        if not prompt:
+            raise InputError("empty prompt: give at least one token")
+        if len(prompt) >= self.max_model_len:
+            raise InputError(
+                f"prompt has {len(prompt)} tokens but the model's context is {self.max_model_len} "
+                "(max_position_embeddings); shorten the prompt"
+            )
+        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise InputError(f"prompt ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+        if options.logprobs is not None and options.logprobs > self.config.vocab_size:
+            raise InputError(f"logprobs {options.logprobs} exceeds the vocabulary size")
+
+    def start(self) -> None:
+        """Run `step()` on a background thread until `stop()`."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="small4-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stopping = True
+            self._inbox.put(("wake", None))
+            self._thread.join()
+            self._thread = None
+
+    def generate(self, prompts: Sequence[Sequence[int]], options: SamplingOptions | Sequence[SamplingOptions],
+                 on_finish: Callable[[int, RequestOutput], None] | None = None) -> list[RequestOutput]:
+        """Run a batch of prompts to completion on this thread; returns one merged `RequestOutput` per prompt.
+
+        Prompts are submitted as queue room allows (back-pressure), so any number can be given.
+        """
+        if isinstance(options, SamplingOptions):
+            options = [options] * len(prompts)
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        parts: list[list[RequestOutput]] = [[] for _ in prompts]
+
+        def collect(i):
+            def cb(out: RequestOutput):
+                parts[i].append(out)
+                if out.finished:
+                    results[i] = merge_outputs(parts[i])
+                    if on_finish is not None:
+                        on_finish(i, results[i])
+            return cb
+
+        todo = list(enumerate(prompts))
+        todo.reverse()
+        while todo or any(r is None for r in results):
+            while todo and self._pending < self.max_queue:
+                i, prompt = todo.pop()
+                self.submit(prompt, options[i], callback=collect(i), request_id=f"gen-{next(self._ids)}")
+            self.step()
+        return results
+
+    def metrics(self) -> dict:
+        """Counters and gauges for /metrics."""
+        now = time.time()
+        recent = [(t, n) for t, n in self._token_times if now - t <= 10.0]
+        tps = sum(n for _, n in recent) / 10.0 if recent else 0.0
+        return dict(self.stats, running=len(self._running), waiting=self._pending, pages_total=self.pool.capacity,
+                    pages_used=self.pool.in_use(), pages_cached=self.pool.cached(), tokens_per_second=tps,
+                    cache_tokens=self.pool.capacity * self.page_size)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running or not self._inbox.empty())
+
+    # ---- the step ------------------------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One scheduling iteration: inbox, admission, one prefill chunk, one decode step."""
+        self._drain_inbox()
+        self._admit()
+        prefilling = [r for r in self._running if len(r.tokens) - r.num_computed > 1 or r.generated == 0]
+        try:
+            if prefilling:
+                self._prefill(prefilling[0])
+            decoding = [r for r in self._running if len(r.tokens) - r.num_computed == 1 and r.generated > 0]
+            if decoding:
+                self._decode(decoding)
+        except Exception as e:  # a failing step fails its requests, not the engine
+            log.exception("engine step failed")
+            self.stats["errors"] += 1
+            for r in list(self._running):
+                self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+        self.stats["steps"] += 1
+
+    def warmup(self) -> None:
+        """Compile every prefill and decode shape now, so no request waits for a compilation."""
+        for w in self.page_buckets:
+            self._run(np.zeros((1, self.prefill_chunk), np.int32), *self._null_inputs(1, self.prefill_chunk, w),
+                      RowSampling.greedy(1), absorbed=False)
+            for b in self.batch_buckets:
+                self._run(np.zeros((b, 1), np.int32), *self._null_inputs(b, 1, w), RowSampling.greedy(b),
+                          absorbed=True)
+
+    def _null_inputs(self, b, t, w):
+        zeros = np.zeros((b, t), np.int32)
+        return zeros, zeros, np.zeros((b, t, 2), np.int32), np.zeros((b, w), np.int32), np.zeros((b,), np.int32)
+
+    def _run(self, ids, positions, seq_index, slots, page_table, logit_index, sampling, *, absorbed):
+        tokens, logprobs, top_ids, top_lp, self.pages = step(
+            self.graphdef, self.state, self.pages, ids, positions, seq_index, slots, page_table, logit_index,
+            sampling, absorbed=absorbed, num_top=MAX_TOP_LOGPROBS,
+        )
+        return jax.device_get((tokens, logprobs, top_ids, top_lp))
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            if not self.has_work():
+                try:
+                    item = self._inbox.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                self._handle(item)
+            self.step()
+
+    # ---- scheduling ----------------------------------------------------------------------------------------------
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(item)
+
+    def _handle(self, item) -> None:
+        kind, value = item
+        if kind == "submit":
+            self.stats["requests"] += 1
+            self.stats["prompt_tokens"] += value.num_prompt
+            self._waiting.append(value)
+        elif kind == "cancel":
+            for r in list(self._waiting) + self._running:
+                if r.id == value:
+                    self._finish(r, "cancelled")
+
+    def _release_pending(self, n: int = 1) -> None:
+        with self._lock:
+            self._pending -= n
+            self._lock.notify_all()
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.max_batch:
+            req = self._waiting[0]
+            n_full = (len(req.tokens) - 1) // self.page_size  # the last token is always computed (for its logits)
+            hashes = chain_hashes(req.tokens, self.page_size, n_full)
+            cached = self.pool.match(hashes)
+            need = math.ceil(len(req.tokens) / self.page_size) - len(cached)
+            fresh = self.pool.allocate(need)
+            if fresh is None:
+                self.pool.release(cached)
+                if not self._running:  # nothing will free pages: cannot happen for prompts < max_model_len
+                    raise RuntimeError("cache too small for one prompt")
+                return
+            self._waiting.popleft()
+            req.pages = cached + fresh
+            req.hashes = hashes[: len(cached)]
+            req.num_computed = len(cached) * self.page_size
+            if req.generated == 0:
+                req.cached_tokens = req.num_computed
+                self.stats["cached_tokens"] += req.num_computed
+            self._running.append(req)
+            self._release_pending()
+            if req.decoder is None and self.tokenizer is not None:
+                req.decoder = self.tokenizer.stream_decoder()
+
+    def _ensure_pages(self, req: _Request, n_tokens: int) -> bool:
+        """Give `req` pages for n_tokens tokens, preempting younger requests if needed; False if it was preempted."""
+        need = math.ceil(n_tokens / self.page_size) - len(req.pages)
+        while need > 0:
+            fresh = self.pool.allocate(need)
+            if fresh is not None:
+                req.pages += fresh
+                return True
+            victim = self._running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: _Request) -> None:
+        """Release the pages of `req` and put it first in the queue; it recomputes its tokens when readmitted."""
+        self.pool.release(req.pages)
+        req.pages, req.hashes, req.num_computed = [], [], 0
+        self._running.remove(req)
+        self._waiting.appendleft(req)
+        with self._lock:
+            self._pending += 1
+        self.stats["preempted"] += 1
+
+    def _register_pages(self, req: _Request) -> None:
+        full = min(req.num_computed, len(req.tokens)) // self.page_size
+        if full > len(req.hashes):
+            req.hashes = chain_hashes(req.tokens, self.page_size, full, req.hashes)
+            for i in range(full):
+                self.pool.register(req.pages[i], req.hashes[i])
+
+    # ---- model steps ---------------------------------------------------------------------------------------------
+
+    def _sampling(self, reqs: Sequence[_Request], rows: int) -> RowSampling:
+        pad = rows - len(reqs)
+        o = [r.options for r in reqs]
+        return RowSampling.from_lists(
+            [x.temperature for x in o] + [0.0] * pad, [x.top_k for x in o] + [0] * pad,
+            [x.top_p for x in o] + [1.0] * pad, [x.min_p for x in o] + [0.0] * pad,
+            [r.seed for r in reqs] + [0] * pad, [r.generated for r in reqs] + [0] * pad,
+        )
+
+    def _page_table(self, reqs: Sequence[_Request], rows: int, n_pages: int) -> np.ndarray:
+        width = _bucket(n_pages, self.page_buckets)
+        table = np.full((rows, width), NULL_PAGE, np.int32)
+        for i, r in enumerate(reqs):
+            table[i, : len(r.pages)] = r.pages[:width]
+        return table
+
+    def _prefill(self, req: _Request) -> None:
+        start = req.num_computed
+        end = min(len(req.tokens), start + self.prefill_chunk)
+        n, chunk = end - start, self.prefill_chunk
+        ids = np.zeros((1, chunk), np.int32)
+        ids[0, :n] = req.tokens[start:end]
+        seq_index = np.full((1, chunk), end - 1, np.int32)
+        seq_index[0, :n] = np.arange(start, end)
+        slots = np.zeros((1, chunk, 2), np.int32)  # padding writes go to the null page
+        slots[0, :n, 0] = [req.pages[i // self.page_size] for i in range(start, end)]
+        slots[0, :n, 1] = np.arange(start, end) % self.page_size
+        table = self._page_table([req], 1, math.ceil(end / self.page_size))
+        out = self._run(ids, seq_index, seq_index, slots, table, np.array([n - 1], np.int32),
+                        self._sampling([req], 1), absorbed=False)
+        self.stats["prefill_steps"] += 1
+        req.num_computed = end
+        self._register_pages(req)
+        if end == len(req.tokens):
+            self._accept([req], out)
+
+    def _decode(self, reqs: list[_Request]) -> None:
+        for r in list(reqs):
+            if r in self._running and not self._ensure_pages(r, r.num_computed + 1):
+                reqs.remove(r)
+        reqs = [r for r in reqs if r in self._running]
+        if not reqs:
+            return
+        rows = _bucket(len(reqs), self.batch_buckets)
+        ids = np.zeros((rows, 1), np.int32)
+        seq_index = np.zeros((rows, 1), np.int32)
+        slots = np.zeros((rows, 1, 2), np.int32)
+        for i, r in enumerate(reqs):
+            ids[i, 0] = r.tokens[r.num_computed]
+            seq_index[i, 0] = r.num_computed
+            slots[i, 0] = (r.pages[r.num_computed // self.page_size], r.num_computed % self.page_size)
+        table = self._page_table(reqs, rows, max(len(r.pages) for r in reqs))
+        out = self._run(ids, seq_index, seq_index, slots, table, np.zeros((rows,), np.int32),
+                        self._sampling(reqs, rows), absorbed=True)
+        self.stats["decode_steps"] += 1
+        for r in reqs:
+            r.num_computed += 1
+            self._register_pages(r)
+        self._accept(reqs, out)
+
+    def _accept(self, reqs: Sequence[_Request], out) -> None:
+        """Append each row's sampled token, emit its event, finish the requests that are done."""
+        tokens, logprobs, top_ids, top_lp = out
+        now = time.time()
+        self._token_times.append((now, len(reqs)))
+        for i, r in enumerate(reqs):
+            t = int(tokens[i])
+            r.tokens.append(t)
+            self.stats["generated_tokens"] += 1
+            if r.first_token_time is None:
+                r.first_token_time = now
+            lp = None
+            if r.options.logprobs is not None:
+                k = r.options.logprobs
+                lp = [TokenLogprob(t, float(logprobs[i]),
+                                   [(int(a), float(b)) for a, b in zip(top_ids[i, :k], top_lp[i, :k])])]
+            reason = None
+            if t in r.stop_ids:
+                reason = "stop"
+            elif r.generated >= r.options.max_tokens or len(r.tokens) >= self.max_model_len:
+                reason = "length"
+            new_text, stopped = self._push_text(r, t, final=reason is not None)
+            if stopped:
+                reason = "stop"
+            self._emit(r, RequestOutput(r.id, [t], new_text, lp))
+            if reason is not None:
+                self._finish(r, reason)
+
+    def _push_text(self, r: _Request, token: int, final: bool) -> tuple[str, bool]:
+        """Decode `token` into r.text; return (text that can be sent now, whether a stop string was hit)."""
+        if r.decoder is None:
+            return "", False
+        r.text += r.decoder.push(token)
+        stopped = False
+        stops = r.options.stop
+        if stops:
+            hits = [i for i in (r.text.find(s, max(0, r.emitted - len(s) + 1)) for s in stops) if i >= 0]
+            if hits:
+                r.text = r.text[: min(hits)]
+                stopped = final = True
+        end = len(r.text)
+        if stops and not final:  # hold back a tail that may be the start of a stop string
+            for s in stops:
+                for k in range(min(len(s) - 1, len(r.text)), 0, -1):
+                    if r.text.endswith(s[:k]):
+                        end = min(end, len(r.text) - k)
+                        break
+        new = r.text[r.emitted : max(end, r.emitted)]
+        r.emitted = max(end, r.emitted)
+        return new, stopped
+
+    def _emit(self, r: _Request, out: RequestOutput) -> None:
+        out.prompt_tokens = r.num_prompt
+        out.completion_tokens = r.generated
+        out.cached_tokens = r.cached_tokens
+        if r.callback is not None:
+            try:
+                r.callback(out)
+            except Exception:  # a broken consumer must not stop the engine
+                log.exception("request %s: callback failed", r.id)
+
+    def _finish(self, r: _Request, reason: str, error: str | None = None) -> None:
+        if r in self._running:
+            self._running.remove(r)
+            self.pool.release(r.pages)
+            r.pages = []
+        elif r in self._waiting:
+            self._waiting.remove(r)
+            self._release_pending()
+        else:
+            return
+        tail = ""
+        if r.decoder is not None and reason in ("stop", "length"):
+            tail = r.text[r.emitted :]
+            r.emitted = len(r.text)
+        self.stats["finished"] += 1
+        if reason == "cancelled":
+            self.stats["cancelled"] += 1
+        self._emit(r, RequestOutput(r.id, [], tail, None, finished=True, finish_reason=reason, error=error))
+
+
+def merge_outputs(parts: Sequence[RequestOutput]) -> RequestOutput:
+    """The events of one request merged into one (all ids, all text, all logprobs, the final reason)."""
+    last = parts[-1]
+    lps = [lp for p in parts if p.logprobs for lp in p.logprobs]
+    return RequestOutput(
+        last.request_id, [t for p in parts for t in p.token_ids], "".join(p.text for p in parts),
+        lps if any(p.logprobs is not None for p in parts) else None, last.finished, last.finish_reason,
+        last.prompt_tokens, last.completion_tokens, last.cached_tokens, last.error,
+    )

@@ -1,0 +1,221 @@
+"""Paged latent cache and absorbed-MLA attention: the serving engine's forward pass over `Small4ForCausalLM`.
+
+What is cached (ARCHITECTURE.md §2): per token and layer, the normalised latent c~ (kv_lora_rank values) and the
+RoPE'd shared key r (qk_rope_head_dim values), side by side in one row of kv_lora_rank + qk_rope_head_dim values
+(320 for Small 4). Rows live in fixed-size pages, `PagedCache.pages` [L, num_pages, page_size, R + r]; a sequence
+owns a list of pages (its page table), so memory follows the tokens held. Page 0 is the null page: it is never
+handed to a sequence, padded page-table entries point to it and padded tokens write into it.
+
+Two attention paths over the same cache, chosen statically by `absorbed`:
+- absorbed (decode): W_UK is folded into the query, q~_h = W_UK[h]^T q_nope_h, so the scores are an MQA with one
+  320-wide key per token, [q~_h ; q_pe_h] . [c~_t ; r_t]; the values are the first R columns of the same rows, and
+  W_UV is applied to the attended latent afterwards. The softmax scale stays 1/sqrt(qk_head_dim) times the Llama-4
+  factor of the query position (never 1/sqrt(320)).
+- expanded (prefill): the gathered latents go through kv_b_proj into per-head k_nope / v, as `model.MLA` does.
+
+The pass reuses the model's own submodules and parameters (norms, MLA linears, MoE / MLP, lm_head); nothing is
+copied. `forward` takes explicit token positions (RoPE and the Llama-4 scale) separately from each token's index in
+its sequence (cache slot and causal mask), so a test can place a sequence at any position up to 262,144 without
+filling the cache below it. A step gathers only the page-table width it is given, so its cost follows the pages
+attended, not the maximum context; the engine picks widths from a few buckets.
+
+This module knows nothing about requests, scheduling or tokenizers (that is `infer/engine.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from small4_jax.batch_sampling import RowSampling, sample_rows
+from small4_jax.config import Small4Config
+from small4_jax.model import Small4ForCausalLM, apply_rope, llama4_query_scale, rope_cos_sin
+
+NULL_PAGE = 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PagedCache:
+    """`pages` [L, num_pages, page_size, kv_lora_rank + qk_rope_head_dim]: latent then RoPE'd key in each row."""
+
+    pages: jax.Array
+
+    @classmethod
+    def create(cls, config: Small4Config, num_pages: int, page_size: int, dtype="float32", sharding=None):
+        shape = (config.num_hidden_layers, num_pages, page_size, cache_width(config))
+        if sharding is not None:
+            pages = jax.jit(lambda: jnp.zeros(shape, jnp.dtype(dtype)), out_shardings=sharding)()
+        else:
+            pages = jnp.zeros(shape, jnp.dtype(dtype))
+        return cls(pages=pages)
+
+    @property
+    def num_pages(self) -> int:
+        return self.pages.shape[1]
+
+    @property
+    def page_size(self) -> int:
+        return self.pages.shape[2]
+
+
+def cache_width(config: Small4Config) -> int:
+    """Values cached per token per layer: kv_lora_rank + qk_rope_head_dim (320 for Small 4)."""
+    return config.kv_lora_rank + config.qk_rope_head_dim
+
+
+def cache_bytes_per_token_per_layer(config: Small4Config, dtype) -> int:
+    """Bytes of cache per token per layer: cache_width x dtype bytes (640 for Small 4 in bf16)."""
+    return cache_width(config) * jnp.dtype(dtype).itemsize
+
+
+def _kernel(linear, din: int, dtype) -> jax.Array:
+    """The [in, out] matrix of a bias-free linear module.
+
+    A plain `nnx.Linear` gives its kernel; any other linear-like module (e.g. one wrapped with a LoRA adapter) is
+    evaluated on the identity, which yields its effective matrix whatever it adds to the base kernel.
+    """
+    if type(linear) is nnx.Linear and linear.bias is None:
+        return linear.kernel[...].astype(dtype)
+    return linear(jnp.eye(din, dtype=dtype))
+
+
+def _query(attn, config: Small4Config, x: jax.Array, cos, sin) -> tuple[jax.Array, jax.Array]:
+    """q_nope [B, T, nh, dn] and RoPE'd q_pe [B, T, nh, dr] of x [B, T, H]."""
+    b, t, _ = x.shape
+    nh, dn, dr = config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim
+    if attn.q_proj is not None:
+        q = attn.q_proj(x)
+    else:
+        q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
+    q = q.reshape(b, t, nh, dn + dr)
+    q_pe = apply_rope(q[..., dn:], cos[:, :, None, :], sin[:, :, None, :], config.rope_interleave)
+    return q[..., :dn], q_pe
+
+
+def _cache_rows(attn, config: Small4Config, x: jax.Array, cos, sin) -> jax.Array:
+    """The rows to cache for x [B, T, H]: [normalised latent ; RoPE'd shared key], [B, T, R + r]."""
+    kv_a = attn.kv_a_proj_with_mqa(x)
+    latent = attn.kv_a_layernorm(kv_a[..., : config.kv_lora_rank])
+    k_pe = apply_rope(kv_a[..., config.kv_lora_rank :], cos, sin, config.rope_interleave)
+    return jnp.concatenate([latent, k_pe], axis=-1)
+
+
+def _softmax(scores: jax.Array, valid: jax.Array, scale: jax.Array) -> jax.Array:
+    """fp32 softmax over keys of scores [B, h, T, K] * scale [B, T]; valid [B, T, K] (ARCHITECTURE.md §1.5)."""
+    scores = scores * scale[:, None, :, None]
+    scores = jnp.where(valid[:, None], scores, -jnp.inf)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def absorbed_attention(attn, config: Small4Config, q_nope, q_pe, keys, valid, scale) -> jax.Array:
+    """Attention over cached rows keys [B, K, R + r] with W_UK folded into the query; returns [B, T, nh * dv]."""
+    b, t, nh, dn = q_nope.shape
+    r, dv = config.kv_lora_rank, config.v_head_dim
+    dtype = q_nope.dtype
+    w_kvb = _kernel(attn.kv_b_proj, r, dtype).reshape(r, nh, dn + dv)
+    w_uk, w_uv = w_kvb[..., :dn], w_kvb[..., dn:]  # [R, nh, dn], [R, nh, dv]
+    q_lat = jnp.einsum("bthd,rhd->bthr", q_nope, w_uk, preferred_element_type=jnp.float32).astype(dtype)
+    latent, rope_key = keys[..., :r], keys[..., r:]
+    scores = jnp.einsum("bthr,bkr->bhtk", q_lat, latent, preferred_element_type=jnp.float32)
+    scores += jnp.einsum("bthd,bkd->bhtk", q_pe, rope_key, preferred_element_type=jnp.float32)
+    probs = _softmax(scores, valid, scale).astype(dtype)
+    o_lat = jnp.einsum("bhtk,bkr->bthr", probs, latent, preferred_element_type=jnp.float32).astype(dtype)
+    out = jnp.einsum("bthr,rhd->bthd", o_lat, w_uv, preferred_element_type=jnp.float32).astype(dtype)
+    return out.reshape(b, t, nh * dv)
+
+
+def expanded_attention(attn, config: Small4Config, q_nope, q_pe, keys, valid, scale) -> jax.Array:
+    """Attention over cached rows keys [B, K, R + r] expanded by kv_b_proj into per-head keys and values."""
+    b, t, nh, dn = q_nope.shape
+    r, dv = config.kv_lora_rank, config.v_head_dim
+    kv = attn.kv_b_proj(keys[..., :r]).reshape(b, keys.shape[1], nh, dn + dv)
+    k_nope, v = kv[..., :dn], kv[..., dn:]
+    scores = jnp.einsum("bthd,bkhd->bhtk", q_nope, k_nope, preferred_element_type=jnp.float32)
+    scores += jnp.einsum("bthd,bkd->bhtk", q_pe, keys[..., r:], preferred_element_type=jnp.float32)
+    probs = _softmax(scores, valid, scale).astype(q_nope.dtype)
+    return jnp.einsum("bhtk,bkhd->bthd", probs, v).reshape(b, t, nh * dv)
+
+
+def forward(
+    model: Small4ForCausalLM,
+    pages: jax.Array,
+    ids: jax.Array,
+    positions: jax.Array,
+    seq_index: jax.Array,
+    slots: jax.Array,
+    page_table: jax.Array,
+    logit_index: jax.Array,
+    *,
+    absorbed: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """Run new tokens through the model over the paged cache; returns (logits [B, V] at `logit_index`, pages).
+
+    ids, positions [B, T]: the new tokens and their RoPE positions. seq_index [B, T]: each token's index in its
+    sequence (keys 0..seq_index are visible to it). slots [B, T, 2]: (page, offset) each token's row is written to
+    (padding: the null page). page_table [B, W]: the pages of each sequence, in order (padding: the null page).
+    logit_index [B]: which of the T tokens to produce logits for.
+    """
+    config = model.config
+    b, t = ids.shape
+    page_size = pages.shape[2]
+    cos, sin = rope_cos_sin(config, positions)
+    scale = config.attn_softmax_scale * llama4_query_scale(config, positions)  # [B, T]
+    key_index = jnp.arange(page_table.shape[1] * page_size, dtype=jnp.int32)
+    valid = key_index[None, None, :] <= seq_index[:, :, None]  # [B, T, K]
+    write_page, write_offset = slots[..., 0].reshape(-1), slots[..., 1].reshape(-1)
+    attention = absorbed_attention if absorbed else expanded_attention
+
+    h = model.embed_tokens(jnp.asarray(ids, jnp.int32))
+    for i, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        with jax.named_scope(f"layer{i}/attention"):
+            a = layer.input_layernorm(h)
+            rows = _cache_rows(attn, config, a, cos, sin)
+            pages = pages.at[i, write_page, write_offset].set(rows.reshape(b * t, -1).astype(pages.dtype))
+            keys = pages[i][page_table].reshape(b, -1, pages.shape[-1]).astype(a.dtype)  # [B, W * page, R + r]
+            q_nope, q_pe = _query(attn, config, a, cos, sin)
+            h = h + attn.o_proj(attention(attn, config, q_nope, q_pe, keys, valid, scale))
+        with jax.named_scope(f"layer{i}/mlp"):
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+    last = jnp.take_along_axis(h, logit_index[:, None, None], axis=1)[:, 0]  # [B, H]
+    last = model.norm(last)
+    logits = model.embed_tokens.attend(last) if model.lm_head is None else model.lm_head(last)
+    return logits, pages
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "num_top"), donate_argnames=("pages",))
+def step(
+    graphdef,
+    state,
+    pages: jax.Array,
+    ids: jax.Array,
+    positions: jax.Array,
+    seq_index: jax.Array,
+    slots: jax.Array,
+    page_table: jax.Array,
+    logit_index: jax.Array,
+    sampling: RowSampling,
+    *,
+    absorbed: bool,
+    num_top: int,
+):
+    """`forward` then per-row sampling, jitted with the cache donated.
+
+    Returns (tokens [B], their logprobs [B], top ids [B, num_top], top logprobs [B, num_top], pages).
+    """
+    model = nnx.merge(graphdef, state)
+    logits, pages = forward(model, pages, ids, positions, seq_index, slots, page_table, logit_index,
+                            absorbed=absorbed)
+    return (*sample_rows(logits, sampling, num_top), pages)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed"), donate_argnames=("pages",))
+def logits_step(graphdef, state, pages, ids, positions, seq_index, slots, page_table, logit_index, *, absorbed):
+    """`forward` jitted, returning (logits [B, V], pages): for tests and benchmarks."""
+    model = nnx.merge(graphdef, state)
+    return forward(model, pages, ids, positions, seq_index, slots, page_table, logit_index, absorbed=absorbed)

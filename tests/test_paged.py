@@ -1,0 +1,103 @@
+"""The paged latent cache and absorbed-MLA decode (`small4_jax.paged`) against the model's un-absorbed forward.
+
+The reference is `Small4ForCausalLM.__call__` (itself checked against transformers in test_model_parity.py) run
+on the whole sequence at explicit positions; ours prefills part of it through scattered pages (expanded MLA) and
+decodes the rest one token at a time (absorbed MLA). Error metric: max|ours - ref| / max|ref| per position.
+"""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from small4_jax import paged
+from small4_jax.config import Small4Config
+from small4_jax.model import init_model
+
+PAGE = 4
+
+
+def _rel(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def _slots(table, idx):
+    return np.stack([table[0, idx // PAGE], idx % PAGE], -1)[None].astype(np.int32)
+
+
+@pytest.mark.parametrize("q_lora", [True, False])
+@pytest.mark.parametrize("start", [0, 600, 262_130])
+def test_absorbed_decode_equals_unabsorbed_forward(q_lora, start):
+    config = Small4Config.from_yaml("configs/tiny.yaml")  # original_max_position_embeddings 512
+    if not q_lora:
+        config = config.replace(q_lora_rank=None)
+    model = init_model(config, seed=1)
+    n_prefill, n = 7, 12
+    rng = np.random.default_rng(start)
+    ids = rng.integers(3, config.vocab_size, (1, n)).astype(np.int32)
+    pos = (start + np.arange(n))[None].astype(np.int32)
+    assert pos.max() < 262_144
+    ref = np.asarray(model(ids, positions=pos))[0]  # [n, V]
+
+    graphdef, state = nnx.split(model)
+    pages = paged.PagedCache.create(config, num_pages=9, page_size=PAGE).pages
+    table = np.array([[5, 2, 7, 0]], np.int32)  # scattered pages; the tail is the null page
+    idx = np.arange(n_prefill)
+    logits, pages = paged.logits_step(
+        graphdef, state, pages, ids[:, :n_prefill], pos[:, :n_prefill], idx[None].astype(np.int32),
+        _slots(table, idx), table, np.array([n_prefill - 1], np.int32), absorbed=False)
+    errors = [_rel(logits[0], ref[n_prefill - 1])]
+    for t in range(n_prefill, n):
+        i = np.array([t])
+        logits, pages = paged.logits_step(
+            graphdef, state, pages, ids[:, t:t + 1], pos[:, t:t + 1], i[None].astype(np.int32), _slots(table, i),
+            table, np.array([0], np.int32), absorbed=True)
+        errors.append(_rel(logits[0], ref[t]))
+    assert max(errors) < 1e-5, errors
+    # what the cache holds: the normalised latent and the RoPE'd key, 48 = kv_lora_rank + qk_rope_head_dim values
+    assert pages.shape == (config.num_hidden_layers, 9, PAGE, config.kv_lora_rank + config.qk_rope_head_dim)
+    assert not np.asarray(pages[:, [1, 3, 4, 6, 8]]).any()  # pages outside the table are untouched
+
+
+def test_absorbed_prefill_equals_expanded_prefill():
+    config = Small4Config.from_yaml("configs/tiny.yaml")
+    model = init_model(config, seed=2)
+    graphdef, state = nnx.split(model)
+    ids = np.arange(3, 13, dtype=np.int32)[None]
+    pos = (1000 + np.arange(10))[None].astype(np.int32)
+    table = np.array([[1, 2, 3]], np.int32)
+    idx = np.arange(10)
+    out = {}
+    for absorbed in (False, True):
+        pages = paged.PagedCache.create(config, num_pages=4, page_size=PAGE).pages
+        out[absorbed] = paged.logits_step(graphdef, state, pages, ids, pos, idx[None].astype(np.int32),
+                                          _slots(table, idx), table, np.array([9], np.int32), absorbed=absorbed)
+    assert _rel(out[True][0], out[False][0]) < 1e-5
+    # layer 0 writes identical rows; later layers' rows differ by rounding only
+    np.testing.assert_array_equal(np.asarray(out[True][1][0]), np.asarray(out[False][1][0]))
+    assert _rel(out[True][1], out[False][1]) < 1e-5
+
+
+def test_cache_size_of_small4_119b_from_the_config():
+    """320 values x dtype bytes per token per layer, computed from the preset (nothing allocated)."""
+    from infer.engine import cache_report
+
+    config = Small4Config.from_yaml("configs/small4-119b.yaml")
+    assert paged.cache_width(config) == 320
+    assert paged.cache_bytes_per_token_per_layer(config, "bfloat16") == 640
+    assert paged.cache_bytes_per_token_per_layer(config, "float32") == 1280
+    report = cache_report(config, "bfloat16", 80 * 2**30, page_size=64, num_pages=3641)
+    assert "320 values x 2 bytes = 640 B per token per layer, 22.5 KiB per token over 36 layers" in report
+    assert "3640 pages of 64 tokens = 232960 cache tokens fit in 80.00 GiB" in report
+    from infer.engine import pages_for_memory
+
+    assert pages_for_memory(config, "bfloat16", 5.625 * 2**30, page_size=64) == 262_144 // 64  # 256K = 5.63 GiB
+
+
+def test_cache_can_be_sharded_replicated_on_a_mesh():
+    from small4_jax.sharding import make_mesh
+
+    mesh = make_mesh({"data": 1, "expert": 8, "tensor": 1})
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    cache = paged.PagedCache.create(Small4Config.from_yaml("configs/tiny.yaml"), 3, PAGE, sharding=sharding)
+    assert cache.pages.sharding == sharding and cache.num_pages == 3 and cache.page_size == PAGE
