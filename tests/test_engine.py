@@ -1,0 +1,201 @@
+"""The serving engine (`infer.engine`) on a tiny transformers-made checkpoint.
+
+References: transformers' greedy `generate` on the same weights, one request at a time; the model's full forward
+pass for logprobs. One engine is shared by the module (two compiled shapes: prefill [1, 16], decode [8, 1]).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import small4_jax
+from ckpt_utils import make_hf_model, save_hf, tiny_hf_config
+from infer.engine import Engine, QueueFull, SamplingOptions
+from small4_jax.errors import InputError
+from small4_jax.tokenizer import ASSETS_DIR, load_tokenizer
+
+VOCAB = 512  # the bundled tiny tekken tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    config = tiny_hf_config(vocab_size=VOCAB, eos_token_id=2)  # context 64, original_max_position_embeddings 16
+    hf = make_hf_model(config, seed=21)
+    path = tmp_path_factory.mktemp("hf")
+    save_hf(hf, path)
+    model = small4_jax.from_pretrained(path, dtype="float32")
+    tokenizer = load_tokenizer(ASSETS_DIR / "tiny_tekken.json")
+    engine = Engine(model, tokenizer, max_batch=8, page_size=8, prefill_chunk=16, batch_buckets=(8,),
+                    page_buckets=(8,))
+    return hf, model, engine
+
+
+def _prompts(n, seed=0, lengths=None):
+    rng = np.random.default_rng(seed)
+    lengths = lengths or rng.integers(2, 34, n).tolist()
+    return [[1] + rng.integers(40, VOCAB, k - 1).tolist() for k in lengths]
+
+
+def _hf_greedy(hf, prompt, n):
+    with torch.no_grad():
+        seq = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=n, do_sample=False, eos_token_id=2)
+    return seq[0, len(prompt):].tolist()
+
+
+def _run(engine, arrivals, max_steps=500):
+    """Submit (step, prompt, options) entries at their steps; step until all finish; returns merged outputs."""
+    from infer.engine import merge_outputs
+
+    events = {}
+    for step in range(max_steps):
+        for i, (at, prompt, options) in enumerate(arrivals):
+            if at == step:
+                engine.submit(prompt, options, callback=lambda o, i=i: events.setdefault(i, []).append(o))
+        engine.step()
+        if len(events) == len(arrivals) and all(e[-1].finished for e in events.values()):
+            return [merge_outputs(events[i]) for i in range(len(arrivals))]
+    raise AssertionError("requests did not finish")
+
+
+def test_concurrent_greedy_equals_single_and_transformers(setup):
+    hf, _, engine = setup
+    prompts = _prompts(8, lengths=[3, 18, 7, 25, 12, 33, 5, 20])
+    max_tokens = [12, 8, 16, 10, 14, 6, 16, 9]
+    steps = [0, 0, 1, 3, 3, 5, 8, 11]  # arriving while others prefill and decode
+    together = _run(engine, [(s, p, SamplingOptions(max_tokens=m)) for s, p, m in zip(steps, prompts, max_tokens)])
+    alone = [_run(engine, [(0, p, SamplingOptions(max_tokens=m))])[0] for p, m in zip(prompts, max_tokens)]
+    generated = 0
+    for i, (p, m) in enumerate(zip(prompts, max_tokens)):
+        ref = _hf_greedy(hf, p, m)
+        assert together[i].token_ids == ref, i
+        assert alone[i].token_ids == ref, i
+        assert together[i].finish_reason == ("stop" if ref[-1] == 2 else "length")
+        generated += len(ref)
+    assert generated >= 60  # the comparison covers many tokens, not a few before EOS
+    m = engine.metrics()
+    assert m["running"] == 0 and m["waiting"] == 0 and m["pages_used"] == 0
+
+
+def test_prefix_cache_reuses_pages_and_keeps_outputs(setup):
+    hf, _, engine = setup
+    shared = _prompts(1, seed=5, lengths=[26])[0]
+    a, b = shared + [77, 78], shared + [91]
+    before = engine.metrics()["cached_tokens"]
+    first = _run(engine, [(0, a, SamplingOptions(max_tokens=6))])[0]
+    second = _run(engine, [(0, b, SamplingOptions(max_tokens=6))])[0]
+    assert first.cached_tokens == 0 or first.cached_tokens % 8 == 0
+    assert second.cached_tokens == 24  # three full pages of the shared 26-token prefix
+    assert engine.metrics()["cached_tokens"] - before >= 24
+    assert first.token_ids == _hf_greedy(hf, a, 6)
+    assert second.token_ids == _hf_greedy(hf, b, 6)
+
+
+def test_logprobs_match_the_full_forward(setup):
+    _, model, engine = setup
+    prompt = _prompts(1, seed=9, lengths=[10])[0]
+    out = _run(engine, [(0, prompt, SamplingOptions(max_tokens=5, logprobs=3))])[0]
+    seq = np.asarray([prompt + out.token_ids], np.int32)
+    ref = np.asarray(torch.log_softmax(torch.tensor(np.asarray(model(seq))[0]), -1))
+    assert len(out.logprobs) == 5
+    for k, lp in enumerate(out.logprobs):
+        row = ref[len(prompt) - 1 + k]
+        assert lp.token_id == out.token_ids[k] == int(row.argmax())
+        np.testing.assert_allclose(lp.logprob, row[lp.token_id], atol=1e-4)
+        assert [t for t, _ in lp.top] == np.argsort(-row)[:3].tolist()
+        np.testing.assert_allclose([v for _, v in lp.top], np.sort(row)[::-1][:3], atol=1e-4)
+
+
+def test_per_request_sampling_in_one_batch(setup):
+    _, _, engine = setup
+    prompt = _prompts(1, seed=3, lengths=[9])[0]
+    greedy = SamplingOptions(max_tokens=10, ignore_eos=True)
+    hot = dict(max_tokens=10, temperature=1.5, ignore_eos=True)
+    outs = _run(engine, [
+        (0, prompt, greedy),
+        (0, prompt, SamplingOptions(**hot, seed=7)),
+        (0, prompt, SamplingOptions(**hot, seed=7)),
+        (2, prompt, SamplingOptions(**hot, seed=8)),
+        (0, prompt, SamplingOptions(**hot, seed=9, top_k=1)),  # top-k 1 is greedy
+        (1, prompt, SamplingOptions(**hot, seed=9, min_p=1.0)),  # only the most likely token survives min-p 1
+        (0, prompt, SamplingOptions(**hot, seed=9, top_p=1e-6)),  # the smallest nucleus is the top token
+    ])
+    assert outs[1].token_ids == outs[2].token_ids  # same seed, same tokens, whatever the batch
+    assert outs[1].token_ids != outs[3].token_ids
+    assert outs[1].token_ids != outs[0].token_ids
+    for i in (4, 5, 6):
+        assert outs[i].token_ids == outs[0].token_ids, i
+    # the same seed alone in the batch draws the same tokens
+    assert _run(engine, [(0, prompt, SamplingOptions(**hot, seed=7))])[0].token_ids == outs[1].token_ids
+
+
+def test_stop_strings_and_stop_ids(setup):
+    _, _, engine = setup
+    prompt = _prompts(1, seed=11, lengths=[6])[0]
+    free = _run(engine, [(0, prompt, SamplingOptions(max_tokens=24, ignore_eos=True))])[0]
+    assert len(free.text) > 12, free.text
+    stop = free.text[6:9]
+    cut = free.text.find(stop)
+    out = _run(engine, [(0, prompt, SamplingOptions(max_tokens=24, ignore_eos=True, stop=(stop, "\x00never")))])[0]
+    assert out.finish_reason == "stop"
+    assert out.text == free.text[:cut]
+    stop_id = free.token_ids[4]
+    first = free.token_ids.index(stop_id)
+    out = _run(engine, [(0, prompt, SamplingOptions(max_tokens=24, ignore_eos=True, stop_token_ids=(stop_id,)))])[0]
+    assert out.finish_reason == "stop" and out.token_ids == free.token_ids[: first + 1]
+
+
+def test_streamed_text_equals_decoded_ids(setup):
+    _, _, engine = setup
+    events = []
+    prompt = _prompts(1, seed=12, lengths=[5])[0]
+    engine.submit(prompt, SamplingOptions(max_tokens=15, ignore_eos=True), callback=events.append)
+    while not (events and events[-1].finished):
+        engine.step()
+    ids = [t for e in events for t in e.token_ids]
+    assert "".join(e.text for e in events) == engine.tokenizer.decode(ids)
+    assert len(events) == 16 and events[-1].completion_tokens == 15 and events[-1].prompt_tokens == 5
+
+
+def test_cancel_frees_pages(setup):
+    _, _, engine = setup
+    events = []
+    rid = engine.submit(_prompts(1, seed=13, lengths=[20])[0], SamplingOptions(max_tokens=40, ignore_eos=True),
+                        callback=events.append)
+    for _ in range(4):
+        engine.step()
+    assert engine.metrics()["pages_used"] == 3 and engine.metrics()["running"] == 1
+    engine.cancel(rid)
+    engine.step()
+    assert events[-1].finished and events[-1].finish_reason == "cancelled"
+    assert engine.metrics()["pages_used"] == 0 and engine.metrics()["running"] == 0
+
+
+def test_bounded_queue_and_bad_requests(setup):
+    _, _, engine = setup
+    small = Engine(engine.model, max_batch=8, page_size=8, max_queue=2, batch_buckets=(8,), page_buckets=(8,))
+    small.submit([1, 2, 3])
+    small.submit([1, 2, 3])
+    with pytest.raises(QueueFull, match="queue is full"):
+        small.submit([1, 2, 3])
+    with pytest.raises(InputError, match="prompt has 64 tokens but the model's context is 64"):
+        engine.submit([1] * 64)
+    with pytest.raises(InputError, match="empty prompt"):
+        engine.submit([])
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        engine.submit([1, VOCAB])
+    for bad in (dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(min_p=2.0), dict(logprobs=21)):
+        with pytest.raises(InputError):
+            SamplingOptions(**bad)
+
+
+def test_preemption_under_page_pressure_keeps_outputs(setup):
+    hf, model, _ = setup
+    # 8 usable pages of 8 tokens: three requests growing to 23-34 tokens (3-5 pages each) must take turns
+    engine = Engine(model, max_batch=4, page_size=8, num_pages=9, prefill_chunk=16, batch_buckets=(4,),
+                    page_buckets=(8,))
+    prompts = _prompts(3, seed=17, lengths=[14, 20, 9])
+    outs = _run(engine, [(0, p, SamplingOptions(max_tokens=14)) for p in prompts])
+    assert engine.metrics()["preempted"] > 0
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == _hf_greedy(hf, p, 14)
