@@ -1,0 +1,243 @@
+"""Chat: OpenAI-style messages to prompt ids, and generated ids back to content, reasoning and tool calls.
+
+Encoding (ARCHITECTURE.md §5.2). For a `tekken.json` tokenizer the prompt is built by mistral-common
+(`ChatCompletionRequest.from_openai` + `MistralTokenizer.encode_chat_completion`), so the ids are exactly
+mistral-common's: system prompt, `[AVAILABLE_TOOLS]`, `[MODEL_SETTINGS]{"reasoning_effort": ...}` (v15), turns,
+tool calls and `[TOOL_RESULTS]`. `tool_choice`:
+- "auto" (default): tools are listed and the model decides;
+- "none": tools are left out of the prompt and calls are not parsed;
+- "required" / {"type": "function", "function": {"name": N}}: the assistant turn is started with `[TOOL_CALLS]`
+  (and `N[ARGS]`), so the model must call (that) tool; those ids are part of the prompt, not of the output.
+Sentencepiece tokenizers (the bundled tiny one) have no mistral-common chat model here; they get the plain
+`<s>[SYSTEM_PROMPT]..[/SYSTEM_PROMPT][INST]..[/INST]answer</s>` layout, without tools or settings.
+
+Decoding works on token ids, so it does not depend on special tokens being visible in the text:
+`[THINK]...[/THINK]` becomes `reasoning_content`, `[TOOL_CALLS]name[ARGS]{json}` (repeated for parallel calls)
+becomes OpenAI tool calls with fresh 9-character alphanumeric ids, everything else is `content`. `ChatParser` is
+incremental: `push(id)` returns the delta to stream (tool calls come out whole, once their arguments end).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import string
+from collections.abc import Sequence
+
+from small4_jax.errors import InputError, TokenizerError
+from small4_jax.tokenizer import StreamDecoder, TekkenTokenizer, Tokenizer
+
+REASONING_EFFORTS = ("none", "high")
+_ALPHANUMERIC = string.ascii_letters + string.digits
+
+
+def tool_call_id() -> str:
+    """A 9-character alphanumeric id, as Mistral's servers make for tool calls."""
+    return "".join(secrets.choice(_ALPHANUMERIC) for _ in range(9))
+
+
+@dataclasses.dataclass
+class ChatPrompt:
+    ids: list[int]  # the whole prompt, forced prefix included
+    forced: list[int]  # ids that start the assistant turn (tool_choice), already in `ids`; parse them as output
+
+
+def _special(tokenizer: Tokenizer, piece: str) -> int | None:
+    try:
+        return tokenizer.token_id(piece)
+    except TokenizerError:
+        return None
+
+
+def _tool_choice_name(tool_choice) -> str | None:
+    if isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or {}).get("name")
+        if tool_choice.get("type") != "function" or not isinstance(name, str) or not name:
+            raise InputError('tool_choice must be "none", "auto", "required" or '
+                             '{"type": "function", "function": {"name": ...}}')
+        return name
+    if tool_choice not in (None, "auto", "none", "required"):
+        raise InputError(f'tool_choice must be "none", "auto", "required" or a function, got {tool_choice!r}')
+    return None
+
+
+def encode_chat(
+    tokenizer: Tokenizer,
+    messages: Sequence[dict],
+    *,
+    tools: Sequence[dict] | None = None,
+    tool_choice=None,
+    reasoning_effort: str | None = None,
+) -> ChatPrompt:
+    """Prompt ids for an OpenAI-style conversation; InputError (naming the problem) for a malformed one."""
+    if not messages:
+        raise InputError("messages must be a non-empty list")
+    if reasoning_effort is not None and reasoning_effort not in REASONING_EFFORTS:
+        raise InputError(f"reasoning_effort must be one of {list(REASONING_EFFORTS)}, got {reasoning_effort!r}")
+    name = _tool_choice_name(tool_choice)
+    if tool_choice == "none":
+        tools = None
+    elif tool_choice is not None and tool_choice != "auto" and not tools:
+        raise InputError(f"tool_choice {tool_choice!r} needs tools")
+    if name is not None and name not in [(t.get("function") or {}).get("name") for t in tools]:
+        raise InputError(f"tool_choice names {name!r}, which is not among the tools")
+    if isinstance(tokenizer, TekkenTokenizer):
+        ids = _encode_mistral_common(tokenizer, messages, tools, reasoning_effort)
+    else:
+        ids = _encode_plain(tokenizer, messages, tools, reasoning_effort)
+    forced = []
+    if tool_choice == "required" or name is not None:
+        forced = [tokenizer.token_id("[TOOL_CALLS]")]
+        if name is not None:
+            forced += tokenizer.encode(name, bos=False) + [tokenizer.token_id("[ARGS]")]
+    return ChatPrompt(ids + forced, forced)
+
+
+def _encode_mistral_common(tokenizer: TekkenTokenizer, messages, tools, reasoning_effort) -> list[int]:
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    mt = tokenizer.mistral_tokenizer()
+    kwargs = {}
+    if reasoning_effort is not None:
+        kwargs["reasoning_effort"] = reasoning_effort
+    try:
+        request = ChatCompletionRequest.from_openai(list(messages), tools=list(tools) if tools else None, **kwargs)
+        return list(mt.encode_chat_completion(request).tokens)
+    except Exception as e:  # mistral-common raises pydantic, ValueError and its own exception types
+        raise InputError(f"invalid chat request: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+
+
+def _text(content) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(c, dict) and c.get("type") == "text" for c in content):
+        return "".join(str(c.get("text", "")) for c in content)
+    raise InputError("message content must be a string or a list of text parts")
+
+
+def _encode_plain(tokenizer: Tokenizer, messages, tools, reasoning_effort) -> list[int]:
+    if tools:
+        raise InputError("tools need a tekken.json tokenizer (mistral-common chat format)")
+    if reasoning_effort not in (None, "none"):
+        raise InputError("reasoning_effort needs a tekken.json tokenizer (mistral-common chat format)")
+    ids = [tokenizer.bos_id]
+    for m in messages:
+        role = m.get("role") if isinstance(m, dict) else None
+        text = _text(m.get("content")) if isinstance(m, dict) else ""
+        if role == "system":
+            ids += [tokenizer.token_id("[SYSTEM_PROMPT]"), *tokenizer.encode(text, bos=False),
+                    tokenizer.token_id("[/SYSTEM_PROMPT]")]
+        elif role == "user":
+            ids += [tokenizer.token_id("[INST]"), *tokenizer.encode(text, bos=False), tokenizer.token_id("[/INST]")]
+        elif role == "assistant":
+            ids += [*tokenizer.encode(text, bos=False), tokenizer.eos_id]
+        else:
+            raise InputError(f"message role must be system, user or assistant here, got {role!r}")
+    return ids
+
+
+@dataclasses.dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, as generated
+
+    def to_openai(self, index: int | None = None) -> dict:
+        out = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        if index is not None:
+            out["index"] = index
+        return out
+
+
+@dataclasses.dataclass
+class ChatDelta:
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.content or self.reasoning or self.tool_calls)
+
+
+class ChatParser:
+    """Splits generated ids into content, reasoning and tool calls as they arrive."""
+
+    def __init__(self, tokenizer: Tokenizer, *, parse_tools: bool = True, parse_reasoning: bool = True):
+        self.tokenizer = tokenizer
+        ids = {p: _special(tokenizer, p) for p in ("[THINK]", "[/THINK]", "[TOOL_CALLS]", "[ARGS]")}
+        self.think = ids["[THINK]"] if parse_reasoning else None
+        self.end_think = ids["[/THINK]"] if parse_reasoning else None
+        self.tool_calls_id = ids["[TOOL_CALLS]"] if parse_tools else None
+        self.args_id = ids["[ARGS]"] if parse_tools else None
+        self.mode = "content"
+        self._decoder = StreamDecoder(tokenizer)
+        self._name: list[int] = []
+        self._args: list[int] = []
+        self.content = ""
+        self.reasoning = ""
+        self.tool_calls: list[ToolCall] = []
+
+    def push(self, token_id: int) -> ChatDelta:
+        delta = ChatDelta()
+        t = int(token_id)
+        if t in (self.think, self.end_think, self.tool_calls_id) and t is not None:
+            self._flush_text(delta)
+            self._close_call(delta)
+            self.mode = {self.think: "reasoning", self.end_think: "content", self.tool_calls_id: "name"}[t]
+        elif self.mode == "name" and t == self.args_id:
+            self.mode = "args"
+        elif self.mode == "name":
+            self._name.append(t)
+        elif self.mode == "args":
+            self._args.append(t)
+        else:
+            self._add_text(delta, self._decoder.push(t))
+        return delta
+
+    def finish(self) -> ChatDelta:
+        delta = ChatDelta()
+        self._flush_text(delta)
+        self._close_call(delta)
+        return delta
+
+    def _add_text(self, delta: ChatDelta, text: str) -> None:
+        if self.mode == "reasoning":
+            delta.reasoning += text
+            self.reasoning += text
+        else:
+            delta.content += text
+            self.content += text
+
+    def _flush_text(self, delta: ChatDelta) -> None:
+        if self.mode in ("content", "reasoning"):
+            self._add_text(delta, self._decoder.flush())
+            self._decoder = StreamDecoder(self.tokenizer)
+
+    def _close_call(self, delta: ChatDelta) -> None:
+        if self.mode in ("name", "args") and (self._name or self._args):
+            name = self.tokenizer.decode(self._name).strip()
+            args = self.tokenizer.decode(self._args).strip() or "{}"
+            call = ToolCall(tool_call_id(), name, args)
+            self.tool_calls.append(call)
+            delta.tool_calls.append(call)
+        self._name, self._args = [], []
+
+
+def parse_output(tokenizer: Tokenizer, ids: Sequence[int], **kwargs) -> ChatParser:
+    """Parse all of `ids` at once; read `.content`, `.reasoning`, `.tool_calls` from the result."""
+    parser = ChatParser(tokenizer, **kwargs)
+    for t in ids:
+        parser.push(t)
+    parser.finish()
+    return parser
+
+
+def arguments_are_json(call: ToolCall) -> bool:
+    try:
+        json.loads(call.arguments)
+        return True
+    except ValueError:
+        return False
