@@ -16,6 +16,7 @@ for stacked experts) and dequantises on load; embeddings, head, norms and the ro
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import shutil
@@ -72,7 +73,6 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
     sc._atomic_write(partial / sc.CONFIG_FILE, json.dumps(config.to_dict(), indent=1))
 
     quantised = sc.quantised_paths(plan) if storage == "fp8" else set()
-    read_dtype = np.float32 if storage in ("float32", "fp8") else ml_dtypes.bfloat16
     out_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "fp8": ml_dtypes.bfloat16}[storage]
     writer = sc.Writer(partial)
     tree_shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
@@ -86,16 +86,22 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
         if path in quantised:
             tree_shapes[("fp8_scales",) + key] = (our_shape[0], 1, 1) if per_expert else ()
         if ".".join(key) not in done:
-            arr = transform(reader.get(name, dtype=read_dtype))
-            if path in quantised:
-                q, scale = sc.quantize_fp8(arr, per_expert=per_expert)
-                del arr
-                writer.write(("params",) + key, q)
-                writer.write(("fp8_scales",) + key, scale)
+            read_dtype = np.float32 if path in quantised else out_dtype
+            if per_expert:
+                _write_experts(reader, writer, name, key, transform, our_shape, read_dtype, out_dtype,
+                               quantise=path in quantised)
             else:
-                writer.write(("params",) + key, arr.astype(out_dtype, copy=False))
-                del arr
+                arr = transform(reader.get(name, dtype=read_dtype))
+                if path in quantised:
+                    q, scale = sc.quantize_fp8(arr, per_expert=False)
+                    del arr
+                    writer.write(("params",) + key, q)
+                    writer.write(("fp8_scales",) + key, scale)
+                else:
+                    writer.write(("params",) + key, arr.astype(out_dtype, copy=False))
+                    del arr
             done.add(".".join(key))
+            _release_freed_memory()
             sc._atomic_write(progress_file, json.dumps({"job": job, "done": sorted(done)}))
         written += int(np.prod(our_shape)) * np.dtype(out_dtype).itemsize
         if progress is not None:
@@ -110,6 +116,36 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
     progress_file.unlink()
     os.replace(partial, out)
     return out
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them, and TensorStore's threads fragment the heap: without
+    this, resident memory grows by a fraction of every tensor written)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _write_experts(reader, writer, name, key, transform, shape, read_dtype, out_dtype, *, quantise: bool) -> None:
+    """A stacked expert tensor [E, ...], a few experts at a time: memory stays at one block, not the whole tensor."""
+    from small4_jax import sharded_ckpt as sc
+
+    stored_dtype = ml_dtypes.float8_e4m3fn if quantise else out_dtype
+    block = sc._chunks(shape, np.dtype(stored_dtype).itemsize)[0]  # whole storage chunks: each written once
+    # FP8 quantisation works on a float32 copy: read at most one chunk's worth of float32 at a time
+    store = writer.create(("params",) + key, shape, stored_dtype)
+    scales = []
+    for e in range(0, shape[0], block):
+        part = transform(reader.get(name, dtype=read_dtype, rows=(e, min(e + block, shape[0]))))
+        if quantise:
+            part, scale = sc.quantize_fp8(part, per_expert=True)
+            scales.append(scale)
+        writer.write_rows(store, part.astype(part.dtype if quantise else out_dtype, copy=False), e)
+        del part
+        _release_freed_memory()
+    if quantise:
+        writer.write(("fp8_scales",) + key, np.concatenate(scales))
 
 
 def main(argv=None) -> int:

@@ -429,17 +429,25 @@ class CheckpointReader:
         """The safetensors dtype string `name` is stored in (for fused experts: that of the first part)."""
         return self._entry(name).parts[0][0].tensor.dtype
 
-    def get(self, name: str, dtype: npt.DTypeLike = np.float32) -> np.ndarray:
-        """Read tensor `name`, dequantise FP8 with its scale, and return it as a new array of `dtype`."""
+    def get(self, name: str, dtype: npt.DTypeLike = np.float32, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Read tensor `name`, dequantise FP8 with its scale, and return it as a new array of `dtype`.
+
+        rows=(start, stop) reads only that range of the first axis (experts, for stacked expert tensors), so a caller
+        can stream a large tensor in pieces.
+        """
         entry = self._entry(name)
-        out = np.empty(entry.shape, dtype=np.dtype(dtype))
+        start, stop = (0, entry.shape[0] if entry.shape else 0) if rows is None else rows
+        if rows is not None and not (entry.shape and 0 <= start < stop <= entry.shape[0]):
+            raise ValueError(f"rows {rows} out of range for {name!r} of shape {entry.shape}")
+        shape = entry.shape if rows is None else (stop - start,) + entry.shape[1:]
+        out = np.empty(shape, dtype=np.dtype(dtype))
         if not entry.fused:
-            self._fill(entry.parts[0][0], out)
+            self._fill(entry.parts[0][0], out, start)
             return out
-        for e, parts in enumerate(entry.parts):
+        for e in range(start, stop):
             row = 0
-            for src in parts:
-                self._fill(src, out[e, row:row + src.shape[0]])
+            for src in entry.parts[e]:
+                self._fill(src, out[e - start, row:row + src.shape[0]])
                 row += src.shape[0]
         return out
 
@@ -547,8 +555,8 @@ class CheckpointReader:
 
     # -- reading -----------------------------------------------------------------------------------------------------
 
-    def _fill(self, src: _Source, out: np.ndarray) -> None:
-        """Read `src` into `out` (same shape), dequantising and converting chunk by chunk along axis 0."""
+    def _fill(self, src: _Source, out: np.ndarray, row0: int = 0) -> None:
+        """Read rows [row0, row0 + len(out)) of `src` into `out`, dequantising and converting chunk by chunk."""
         t = src.tensor
         scale = self._read_scale(src)
         if not t.shape:
@@ -556,26 +564,32 @@ class CheckpointReader:
             out[...] = raw if scale is None else raw.astype(np.float32) * scale
             return
         rows, row_elems = t.shape[0], math.prod(t.shape[1:])
+        stop = row0 + out.shape[0]
         row_bytes = row_elems * t.np_dtype.itemsize
         rows_per_block = rows // scale.shape[0] if scale is not None and scale.ndim else rows
+        if scale is not None and scale.ndim and (row0 % rows_per_block or stop % rows_per_block and stop != rows):
+            raise ValueError(f"{t.key!r}: rows [{row0}, {stop}) cut through a block of {rows_per_block} rows that "
+                             "share one scale")
         chunk = max(1, _CHUNK_BYTES // max(1, row_elems * 4))
         if scale is not None and scale.ndim:
             chunk = max(1, chunk // rows_per_block) * rows_per_block  # whole scale blocks per chunk
         lut = _fp8_table(t.np_dtype) if scale is not None and t.dtype in _FP8_DTYPES else None
-        for i in range(0, rows, chunk):
-            j = min(rows, i + chunk)
+        for i in range(row0, stop, chunk):
+            j = min(stop, i + chunk)
+            o = out[i - row0:j - row0]
             raw = self._pool.read(t, i * row_bytes, (j - i) * row_bytes)  # uint8
             raw = (raw if lut is not None else raw.view(t.np_dtype)).reshape((j - i,) + t.shape[1:])
             if scale is None:
-                out[i:j] = raw  # numpy casts on assignment
+                o[...] = raw  # numpy casts on assignment
             elif lut is not None and all(g == 1 for g in scale.shape[1:]):
                 # One scale per tensor or per leading-axis block: look up the scaled 256-entry table directly in the
                 # output dtype. Bit-identical to (W.astype(f32) * scale).astype(dtype), and much faster.
-                for b in range(i, j, min(rows_per_block, j - i)):
+                step = min(rows_per_block, j - i)
+                for b in range(i, j, step):
                     s_b = scale if scale.ndim == 0 else scale[b // rows_per_block]
                     table = (lut * s_b).astype(out.dtype)
-                    n = min(rows_per_block, j - b)
-                    np.take(table, raw[b - i:b - i + n], out=out[b:b + n], mode="wrap")
+                    n = min(step, j - b)
+                    np.take(table, raw[b - i:b - i + n], out=o[b - i:b - i + n], mode="wrap")
             else:
                 x = lut[raw] if lut is not None else raw.astype(np.float32)
                 del raw
@@ -583,7 +597,7 @@ class CheckpointReader:
                     x *= scale
                 else:
                     _apply_scale(x, scale[i // rows_per_block:j // rows_per_block])
-                out[i:j] = x
+                o[...] = x
 
     def _read_scale(self, src: _Source) -> np.ndarray | None:
         """The scale as float32: shape () for one scale, else the block grid of `_scale_grid`."""

@@ -57,11 +57,15 @@ def _zarr_dtype(dtype: np.dtype) -> str:
 
 
 def _chunks(shape: Sequence[int], itemsize: int) -> list[int]:
-    """Split the first axis so one chunk stays under CHUNK_BYTES (stacked experts: a few experts per chunk)."""
+    """Split the first axis so one chunk stays under CHUNK_BYTES as float32 (stacked experts: a few per chunk).
+
+    Sized for float32 whatever the storage dtype, so a writer that quantises one chunk at a time holds one
+    CHUNK_BYTES float32 buffer at most.
+    """
     shape = list(shape)
     if not shape:
         return []
-    row = int(np.prod(shape[1:], dtype=np.int64)) * itemsize
+    row = int(np.prod(shape[1:], dtype=np.int64)) * max(itemsize, 4)
     rows = max(1, min(shape[0], CHUNK_BYTES // max(row, 1)))
     return [rows] + shape[1:]
 
@@ -79,23 +83,34 @@ class Writer:
 
     def write(self, key: tuple[str, ...], array: np.ndarray) -> None:
         """Write `array` (any strides: it is copied one chunk at a time) under `key`."""
-        chunks = _chunks(array.shape, array.dtype.itemsize)
+        store = self.create(key, array.shape, array.dtype)
+        self.write_rows(store, array, 0)
+
+    def create(self, key: tuple[str, ...], shape: Sequence[int], dtype) -> object:
+        """Create (or replace) the array `key`; fill it with `write_rows`."""
+        chunks = _chunks(shape, np.dtype(dtype).itemsize)
         spec = {
             "driver": "zarr",
             "kvstore": {"driver": "ocdbt", "base": f"file://{self.directory.resolve()}", "path": ".".join(key)},
             "metadata": {
-                "shape": list(array.shape),
+                "shape": list(shape),
                 "chunks": chunks,
-                "dtype": _zarr_dtype(array.dtype),
+                "dtype": _zarr_dtype(np.dtype(dtype)),
                 "compressor": None,
             },
         }
-        store = self._ts.open(spec, create=True, delete_existing=True, context=self._context).result()
-        if not chunks:
+        return self._ts.open(spec, create=True, delete_existing=True, context=self._context).result()
+
+    @staticmethod
+    def write_rows(store, array: np.ndarray, row0: int) -> None:
+        """Write `array` into rows [row0, row0 + len(array)) of `store`, one chunk-sized contiguous copy at a time."""
+        if not array.shape:
             store.write(np.array(array, order="C")).result()
             return
-        for start in range(0, array.shape[0], chunks[0]):
-            store[start:start + chunks[0]].write(np.ascontiguousarray(array[start:start + chunks[0]])).result()
+        step = _chunks(array.shape, array.dtype.itemsize)[0]
+        for start in range(0, array.shape[0], step):
+            stop = min(start + step, array.shape[0])
+            store[row0 + start:row0 + stop].write(np.ascontiguousarray(array[start:stop])).result()
 
 
 def write_metadata(directory: Path, tree_shapes: dict[tuple[str, ...], Sequence[int]]) -> None:

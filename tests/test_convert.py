@@ -79,22 +79,23 @@ def test_fp8_storage_dequantises_on_load(source, tmp_path):
 def test_interrupted_conversion_resumes(source, tmp_path, monkeypatch):
     src, _, ref = source
     out = tmp_path / "ckpt"
-    writes = []
-    real_write = sharded_ckpt.Writer.write
+    writes = []  # every array written goes through Writer.create
+    real_create = sharded_ckpt.Writer.create
 
-    def crashing_write(self, key, array):
+    def crashing_create(self, key, shape, dtype):
         if len(writes) == 20:
             raise KeyboardInterrupt("simulated kill")
         writes.append(key)
-        real_write(self, key, array)
+        return real_create(self, key, shape, dtype)
 
-    monkeypatch.setattr(sharded_ckpt.Writer, "write", crashing_write)
+    monkeypatch.setattr(sharded_ckpt.Writer, "create", crashing_create)
     with pytest.raises(KeyboardInterrupt):
         convert(src, out, dtype="f32", progress=None)
     assert not out.exists() and (tmp_path / "ckpt.partial" / "_progress.json").is_file()
     first = list(writes)
     writes.clear()
-    monkeypatch.setattr(sharded_ckpt.Writer, "write", lambda self, k, a: (writes.append(k), real_write(self, k, a)))
+    monkeypatch.setattr(sharded_ckpt.Writer, "create",
+                        lambda self, k, shape, dtype: (writes.append(k), real_create(self, k, shape, dtype))[1])
     convert(src, out, dtype="f32", progress=None)
     assert not set(first) & set(writes)  # finished tensors are not written again
     assert len(first) + len(writes) == 45  # 3 layers' worth of tensors + embed, norm, head: each written once

@@ -331,3 +331,25 @@ def test_unknown_canonical_name(model, tmp_path):
     save_hf(model, tmp_path)
     with CheckpointReader(tmp_path) as r, pytest.raises(CheckpointError, match="no tensor 'layers.9.foo'"):
         r.get("layers.9.foo")
+
+
+@pytest.mark.parametrize("layout", ["hf_fp8_per_expert", "hf_fp8_per_tensor", "native_fp8", "hf"])
+def test_row_ranges_equal_slices_of_the_whole(model, tmp_path, layout):
+    """get(rows=...) reads a piece of the first axis (experts): what convert streams large tensors with."""
+    if layout == "native_fp8":
+        save_native(model, tmp_path, num_shards=2, fp8=True)
+    elif layout == "hf":
+        save_hf(model, tmp_path)
+    else:
+        save_hf_fp8(model, tmp_path, per_expert=layout.endswith("per_expert"))
+    reader = CheckpointReader(tmp_path)
+    for name in reader.names():
+        shape = reader.shape(name)
+        if len(shape) < 2 or shape[0] < 3:
+            continue
+        whole = reader.get(name, dtype=ml_dtypes.bfloat16)
+        for rows in ((0, 1), (1, 3), (shape[0] - 2, shape[0])):
+            np.testing.assert_array_equal(reader.get(name, dtype=ml_dtypes.bfloat16, rows=rows),
+                                          whole[rows[0]:rows[1]], err_msg=f"{name} {rows}")
+    with pytest.raises(ValueError, match="out of range"):
+        reader.get("layers.1.mlp.experts.down_proj", rows=(0, 10**6))
