@@ -128,6 +128,7 @@ class _Request:
     decoder: object = None
     text: str = ""
     emitted: int = 0  # characters of `text` already sent
+    stop_hit: bool = False  # a stop string ended the text
     first_token_time: float | None = None
 
     @property
@@ -611,7 +612,7 @@ class Engine:
             hits = [i for i in (r.text.find(s, max(0, r.emitted - len(s) + 1)) for s in stops) if i >= 0]
             if hits:
                 r.text = r.text[: min(hits)]
-                stopped = final = True
+                stopped = final = r.stop_hit = True
         end = len(r.text)
         if stops and not final:  # hold back a tail that may be the start of a stop string
             for s in stops:
@@ -645,6 +646,8 @@ class Engine:
             return
         tail = ""
         if r.decoder is not None and reason in ("stop", "length"):
+            if not r.stop_hit:
+                r.text += r.decoder.flush()  # an incomplete character at the end comes out as U+FFFD
             tail = r.text[r.emitted :]
             r.emitted = len(r.text)
         self.stats["finished"] += 1

@@ -1,0 +1,622 @@
+"""An OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn).
+
+    python -m infer.serve --config configs/tiny.yaml                      # random tiny model, bundled tokenizer
+    python -m infer.serve --checkpoint /models/Mistral-Small-4 --port 8000 --api-key "$KEY"
+
+Endpoints: POST /v1/chat/completions (streaming and not; tools, tool_choice, reasoning_effort; reasoning comes back
+as `reasoning_content`), POST /v1/completions, GET /v1/models, GET /health, GET /metrics (Prometheus text).
+It binds 127.0.0.1 unless --host says otherwise. With --api-key, /v1/* answers 401 without
+`Authorization: Bearer KEY` (/health and /metrics stay open for probes and scrapers). Malformed requests get a 400
+with an OpenAI-style error body naming the problem; a full queue gets a 429. A client that disconnects cancels its
+request, which frees its cache pages at the engine's next step.
+
+The engine runs on its own thread; each request's events cross to the event loop through an asyncio queue.
+"""
+
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from infer.chat import ChatParser, encode_chat
+from infer.engine import Engine, QueueFull, RequestOutput, SamplingOptions
+from small4_jax.errors import InputError, Small4Error
+
+log = logging.getLogger("small4_jax")
+
+
+# ---- request schemas -------------------------------------------------------------------------------------------------
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=False)
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1)
+    min_p: float = Field(0.0, ge=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = 1
+    user: str | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[dict[str, Any]]
+    max_completion_tokens: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "high"] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def _error_body(message: str, kind: str, param: str | None = None, code: int | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _validation_message(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+# ---- the app ---------------------------------------------------------------------------------------------------------
+class Server:
+    """Request handling shared by the endpoints: validation, submission, event streaming, metrics."""
+
+    def __init__(self, engine: Engine, tokenizer, model_name: str, api_key: str | None = None):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.api_key = api_key
+        self.started = time.time()
+        self.http_counts: dict[tuple[str, int], int] = {}
+
+    # -- validation --
+    def options(self, req: _Common, prompt_len: int, logprobs: int | None) -> SamplingOptions:
+        if req.n != 1:
+            raise HTTPError(400, "only n=1 is supported", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if (req.model_extra or {}).get(name) not in (None, 0, 0.0):
+                raise HTTPError(400, f"{name} is not supported", param=name)
+        context = self.engine.max_model_len
+        if prompt_len >= context:
+            raise HTTPError(400, f"prompt has {prompt_len} tokens but the model's context is {context}; "
+                                 "shorten the prompt", param="messages")
+        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        if max_tokens is None:
+            max_tokens = context - prompt_len
+        elif max_tokens <= 0:
+            raise HTTPError(400, f"max_tokens must be positive, got {max_tokens}", param="max_tokens")
+        elif prompt_len + max_tokens > context:
+            raise HTTPError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                                 f"context of {context} tokens", param="max_tokens")
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        try:
+            return SamplingOptions(
+                max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
+                min_p=req.min_p, seed=req.seed, stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()),
+                ignore_eos=req.ignore_eos, logprobs=logprobs,
+            )
+        except InputError as e:
+            raise HTTPError(400, str(e)) from None
+
+    def submit(self, prompt: list[int], options: SamplingOptions):
+        """Queue a request; returns (id, asyncio queue of RequestOutput)."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def callback(out: RequestOutput):
+            loop.call_soon_threadsafe(events.put_nowait, out)
+
+        try:
+            rid = self.engine.submit(prompt, options, callback=callback, request_id=f"r-{uuid.uuid4().hex[:16]}")
+        except QueueFull as e:
+            raise HTTPError(429, str(e), kind="rate_limit_error") from None
+        except InputError as e:
+            raise HTTPError(400, str(e)) from None
+        return rid, events
+
+    # -- helpers for responses --
+    def token_str(self, t: int) -> str:
+        return self.tokenizer.decode([t], skip_special=False) if self.tokenizer is not None else str(t)
+
+    def chat_logprobs(self, lps) -> dict | None:
+        if lps is None:
+            return None
+
+        def entry(t, lp):
+            s = self.token_str(t)
+            return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+        return {"content": [dict(entry(x.token_id, x.logprob), top_logprobs=[entry(a, b) for a, b in x.top])
+                            for x in lps]}
+
+    def completion_logprobs(self, lps) -> dict | None:
+        if lps is None:
+            return None
+        return {
+            "tokens": [self.token_str(x.token_id) for x in lps],
+            "token_logprobs": [x.logprob for x in lps],
+            "top_logprobs": [self._top_dict(x.top) for x in lps],
+        }
+
+    def _top_dict(self, top) -> dict:
+        out: dict[str, float] = {}
+        for a, b in top:  # most likely first; tokens that print alike keep the larger logprob
+            out.setdefault(self.token_str(a), b)
+        return out
+
+    @staticmethod
+    def usage(out: RequestOutput) -> dict:
+        return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                "total_tokens": out.prompt_tokens + out.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
+
+    def metrics_text(self) -> str:
+        m = self.engine.metrics()
+        rows = [
+            ("requests_total", "counter", "Requests received by the engine.", m["requests"]),
+            ("requests_finished_total", "counter", "Requests finished (any reason).", m["finished"]),
+            ("requests_cancelled_total", "counter", "Requests cancelled (client gone or asked).", m["cancelled"]),
+            ("requests_preempted_total", "counter", "Preemptions for lack of cache pages.", m["preempted"]),
+            ("prompt_tokens_total", "counter", "Prompt tokens received.", m["prompt_tokens"]),
+            ("generation_tokens_total", "counter", "Tokens generated.", m["generated_tokens"]),
+            ("prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache.",
+             m["cached_tokens"]),
+            ("engine_steps_total", "counter", "Engine scheduling steps.", m["steps"]),
+            ("tokens_per_second", "gauge", "Generated tokens per second over the last 10 s.", m["tokens_per_second"]),
+            ("queue_depth", "gauge", "Requests waiting for admission.", m["waiting"]),
+            ("running_requests", "gauge", "Requests admitted (prefilling or decoding).", m["running"]),
+            ("cache_pages_used", "gauge", "Cache pages owned by requests.", m["pages_used"]),
+            ("cache_pages_total", "gauge", "Cache pages available to requests.", m["pages_total"]),
+            ("cache_usage_ratio", "gauge", "Fraction of cache pages in use.", m["pages_used"] / m["pages_total"]),
+        ]
+        lines = []
+        for name, kind, doc, value in rows:
+            lines += [f"# HELP small4_{name} {doc}", f"# TYPE small4_{name} {kind}", f"small4_{name} {value}"]
+        lines += ["# HELP small4_http_requests_total HTTP requests by path and status.",
+                  "# TYPE small4_http_requests_total counter"]
+        for (path, status), n in sorted(self.http_counts.items()):
+            lines.append(f'small4_http_requests_total{{path="{path}",status="{status}"}} {n}')
+        return "\n".join(lines) + "\n"
+
+
+def build_app(server: Server):
+    """The FastAPI application for `server`."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+    app = FastAPI(title="small4-jax", docs_url=None, redoc_url=None, openapi_url=None)
+
+    app.add_middleware(_AuthAndCount, server=server)
+
+    @app.exception_handler(HTTPError)
+    async def http_error(_request, e: HTTPError):
+        return JSONResponse(_error_body(e.message, e.kind, e.param, e.status), status_code=e.status)
+
+    async def parse(request: Request, schema):
+        body = await request.body()
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise HTTPError(400, f"the body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise HTTPError(400, "the body must be a JSON object")
+        try:
+            return schema.model_validate(data)
+        except ValidationError as e:
+            raise HTTPError(400, _validation_message(e)) from None
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        m = {"id": server.model_name, "object": "model", "created": int(server.started), "owned_by": "small4-jax",
+             "max_model_len": server.engine.max_model_len}
+        return {"object": "list", "data": [m]}
+
+    async def watch_disconnect(request: Request, rid: str, done: asyncio.Event):
+        while not done.is_set():
+            if await request.is_disconnected():
+                server.engine.cancel(rid)
+                return
+            await asyncio.sleep(0.1)
+
+    async def final_output(request: Request, rid: str, events: asyncio.Queue) -> list[RequestOutput]:
+        done = asyncio.Event()
+        watcher = asyncio.create_task(watch_disconnect(request, rid, done))
+        parts = []
+        try:
+            while True:
+                out = await events.get()
+                parts.append(out)
+                if out.finished:
+                    return parts
+        finally:
+            done.set()
+            watcher.cancel()
+            if not (parts and parts[-1].finished):
+                server.engine.cancel(rid)
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req: ChatRequest = await parse(request, ChatRequest)
+        if server.tokenizer is None:
+            raise HTTPError(400, "this server has no tokenizer: chat is unavailable")
+        try:
+            prompt = encode_chat(server.tokenizer, req.messages, tools=req.tools, tool_choice=req.tool_choice,
+                                 reasoning_effort=req.reasoning_effort)
+        except InputError as e:
+            raise HTTPError(400, str(e), param="messages") from None
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        options = server.options(req, len(prompt.ids), logprobs)
+        parse_tools = req.tool_choice != "none" and bool(req.tools)
+        rid, events = server.submit(prompt.ids, options)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def new_parser():
+            parser = ChatParser(server.tokenizer, parse_tools=parse_tools)
+            for t in prompt.forced:
+                parser.push(t)
+            return parser
+
+        def finish_reason(out: RequestOutput, parser: ChatParser) -> str:
+            if out.finish_reason == "stop" and parser.tool_calls:
+                return "tool_calls"
+            return out.finish_reason if out.finish_reason in ("stop", "length") else "stop"
+
+        if not req.stream:
+            parts = await final_output(request, rid, events)
+            parser = new_parser()
+            for p in parts:
+                for t in p.token_ids:
+                    parser.push(t)
+            parser.finish()
+            last = parts[-1]
+            if last.finish_reason == "error":
+                raise HTTPError(500, f"generation failed: {last.error}", kind="server_error")
+            content = _cut_at_stop(parser.content, options.stop)
+            message = {"role": "assistant", "content": content if content or not parser.tool_calls else None}
+            if parser.reasoning:
+                message["reasoning_content"] = parser.reasoning
+            if parser.tool_calls:
+                message["tool_calls"] = [c.to_openai() for c in parser.tool_calls]
+            lps = [lp for p in parts if p.logprobs for lp in p.logprobs] if logprobs is not None else None
+            choice = {"index": 0, "message": message, "logprobs": server.chat_logprobs(lps),
+                      "finish_reason": finish_reason(last, parser)}
+            return {"id": cid, "object": "chat.completion", "created": created, "model": server.model_name,
+                    "choices": [choice], "usage": server.usage(last)}
+
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+
+        async def stream():
+            parser = new_parser()
+            finished = False
+            sent = ""  # content sent so far, to cut at stop strings
+            n_calls = 0
+
+            def chunk(delta, reason=None, lps=None, usage=None):
+                obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": server.model_name,
+                       "choices": [{"index": 0, "delta": delta, "logprobs": lps, "finish_reason": reason}]}
+                if usage is not None:
+                    obj["usage"] = usage
+                return sse(obj)
+
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                while True:
+                    out = await events.get()
+                    deltas = [parser.push(t) for t in out.token_ids]
+                    if out.finished:
+                        deltas.append(parser.finish())
+                    for d in deltas:
+                        delta = {}
+                        if d.reasoning:
+                            delta["reasoning_content"] = d.reasoning
+                        if d.content:
+                            text = _cut_at_stop(sent + d.content, options.stop)[len(sent):]
+                            sent += text
+                            if text:
+                                delta["content"] = text
+                        if d.tool_calls:
+                            delta["tool_calls"] = [c.to_openai(n_calls + i) for i, c in enumerate(d.tool_calls)]
+                            n_calls += len(d.tool_calls)
+                        lps = server.chat_logprobs(out.logprobs) if out.logprobs and d is deltas[0] else None
+                        if delta or lps:
+                            yield chunk(delta, lps=lps)
+                    if out.finished:
+                        finished = True
+                        if out.finish_reason == "error":
+                            yield sse(_error_body(f"generation failed: {out.error}", "server_error", code=500))
+                        else:
+                            yield chunk({}, finish_reason(out, parser))
+                            if include_usage:
+                                yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                           "model": server.model_name, "choices": [], "usage": server.usage(out)})
+                        yield "data: [DONE]\n\n"
+                        return
+            finally:
+                if not finished:  # the client went away (or the server is stopping)
+                    server.engine.cancel(rid)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req: CompletionRequest = await parse(request, CompletionRequest)
+        if isinstance(req.prompt, str):
+            if server.tokenizer is None:
+                raise HTTPError(400, "this server has no tokenizer: give the prompt as token ids", param="prompt")
+            prompt = server.tokenizer.encode(req.prompt, bos=True)
+        elif req.prompt and all(isinstance(t, int) for t in req.prompt):
+            prompt = list(req.prompt)
+        else:
+            raise HTTPError(400, "prompt must be a string or a non-empty list of token ids (one prompt)",
+                            param="prompt")
+        if not prompt:
+            raise HTTPError(400, "empty prompt", param="prompt")
+        options = server.options(req, len(prompt), req.logprobs)
+        rid, events = server.submit(prompt, options)
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        echo = server.tokenizer.decode(prompt) if req.echo and server.tokenizer is not None else ""
+
+        if not req.stream:
+            parts = await final_output(request, rid, events)
+            last = parts[-1]
+            if last.finish_reason == "error":
+                raise HTTPError(500, f"generation failed: {last.error}", kind="server_error")
+            lps = [lp for p in parts if p.logprobs for lp in p.logprobs] if req.logprobs is not None else None
+            choice = {"index": 0, "text": echo + "".join(p.text for p in parts),
+                      "token_ids": [t for p in parts for t in p.token_ids],
+                      "logprobs": server.completion_logprobs(lps),
+                      "finish_reason": last.finish_reason if last.finish_reason in ("stop", "length") else "stop"}
+            return {"id": cid, "object": "text_completion", "created": created, "model": server.model_name,
+                    "choices": [choice], "usage": server.usage(last)}
+
+        async def stream():
+            finished = False
+
+            def chunk(text, reason=None, lps=None):
+                return sse({"id": cid, "object": "text_completion", "created": created, "model": server.model_name,
+                            "choices": [{"index": 0, "text": text, "logprobs": lps, "finish_reason": reason}]})
+
+            try:
+                if echo:
+                    yield chunk(echo)
+                while True:
+                    out = await events.get()
+                    if out.text or out.logprobs:
+                        yield chunk(out.text, lps=server.completion_logprobs(out.logprobs))
+                    if out.finished:
+                        finished = True
+                        yield chunk("", out.finish_reason if out.finish_reason in ("stop", "length") else "stop")
+                        yield "data: [DONE]\n\n"
+                        return
+            finally:
+                if not finished:
+                    server.engine.cancel(rid)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return app
+
+
+_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+
+class _AuthAndCount:
+    """ASGI middleware: the API key check on /v1/* and the HTTP counters for /metrics.
+
+    A plain ASGI class rather than `@app.middleware("http")`: that wrapper hides the client's disconnect from
+    `Request.is_disconnected()`, which the non-streaming endpoints poll to cancel abandoned requests.
+    """
+
+    def __init__(self, app, server: "Server"):
+        self.app = app
+        self.server = server
+
+    def _count(self, path: str, status: int) -> None:
+        key = (path if path in _PATHS else "other", status)
+        self.server.http_counts[key] = self.server.http_counts.get(key, 0) + 1
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from fastapi.responses import JSONResponse
+
+        path = scope["path"]
+        key = self.server.api_key
+        if key is not None and path.startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if given != f"Bearer {key}":
+                body = _error_body("invalid or missing API key", "authentication_error", code=401)
+                await JSONResponse(body, status_code=401)(scope, receive, send)
+                self._count(path, 401)
+                return
+        status = [500]
+
+        async def send_and_watch(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            self._count(path, status[0])
+
+
+def _cut_at_stop(text: str, stops) -> str:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[: min(hits)] if hits else text
+
+
+# ---- running it ------------------------------------------------------------------------------------------------------
+class Running:
+    """A server running on a background thread (for tests and embedding): `.url`, `.stop()`."""
+
+    def __init__(self, server: Server, host: str = "127.0.0.1", port: int = 0):
+        import socket
+        import threading
+
+        import uvicorn
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+        self.server = server
+        self.url = f"http://{host}:{port}"
+        config = uvicorn.Config(build_app(server), host=host, port=port, log_level="warning", lifespan="off")
+        self._uvicorn = uvicorn.Server(config)
+        server.engine.start()
+        self._thread = threading.Thread(target=self._uvicorn.run, name="small4-http", daemon=True)
+        self._thread.start()
+        deadline = time.time() + 30
+        while not self._uvicorn.started:
+            if time.time() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._uvicorn.should_exit = True
+        self._thread.join(timeout=10)
+        self.server.engine.stop()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m infer.serve", description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="YAML preset (random weights from --seed), e.g. configs/tiny.yaml")
+    src.add_argument("--checkpoint", help="checkpoint directory (HF config.json or native params.json + safetensors)")
+    p.add_argument("--tokenizer", help="tokenizer file or directory (default: the checkpoint's; with --config, the "
+                                       "bundled tiny tekken.json)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--served-model-name", help="model id reported by /v1/models (default: the path)")
+    p.add_argument("--dtype", default=None, help="parameter dtype (default as infer.generate)")
+    p.add_argument("--seed", type=int, default=0, help="random init with --config")
+    p.add_argument("--mesh", help="device mesh, e.g. data=1,expert=8,tensor=1 (default: one device)")
+    add_engine_args(p)
+    return p.parse_args(argv)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    g.add_argument("--page-size", type=int, default=16, help="tokens per cache page")
+    g.add_argument("--num-pages", type=int, default=None, help="cache pages (default: what fits in device memory)")
+    g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's, "
+                                                                    "at most 262144)")
+    g.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step")
+    g.add_argument("--max-queue", type=int, default=256, help="requests waiting before back-pressure")
+    g.add_argument("--no-prefix-caching", action="store_true", help="turn off prefix caching")
+    g.add_argument("--warmup", action="store_true", help="compile every shape before serving")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_batch=args.max_batch, page_size=args.page_size, num_pages=args.num_pages,
+                max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
+                prefix_caching=not args.no_prefix_caching)
+
+
+def load_model_and_tokenizer(args: argparse.Namespace, default_tokenizer: str = "tekken"):
+    """(model, tokenizer, mesh) from --config / --checkpoint, --tokenizer, --dtype, --seed, --mesh."""
+    from infer.generate import _parse_mesh
+    from small4_jax.checkpoint import from_pretrained
+    from small4_jax.config import Small4Config
+    from small4_jax.model import init_model
+    from small4_jax.placement import place_model
+    from small4_jax.tokenizer import ASSETS_DIR, default_tokenizer as spm_default, load_tokenizer
+
+    mesh = _parse_mesh(args.mesh)
+    if args.config:
+        config = Small4Config.from_yaml(args.config)
+        model = init_model(config, seed=args.seed, dtype=args.dtype or "float32")
+        if mesh is not None:
+            place_model(model, mesh)
+        if args.tokenizer:
+            tokenizer = load_tokenizer(args.tokenizer)
+        elif default_tokenizer == "tekken":
+            tokenizer = load_tokenizer(ASSETS_DIR / "tiny_tekken.json")
+        else:
+            tokenizer = spm_default()
+    else:
+        model = from_pretrained(args.checkpoint, dtype=args.dtype or "auto", mesh=mesh)
+        tokenizer = None
+        try:
+            tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
+        except Small4Error:
+            if args.tokenizer:
+                raise
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise InputError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size}")
+    return model, tokenizer, mesh
+
+
+def main(argv=None) -> int:
+    import uvicorn
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        model, tokenizer, mesh = load_model_and_tokenizer(args)
+        engine = Engine(model, tokenizer, mesh=mesh, **engine_kwargs(args))
+    except Small4Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(engine.report, file=sys.stderr)
+    if args.warmup:
+        t0 = time.time()
+        engine.warmup()
+        print(f"compiled {len(engine.page_buckets) * (1 + len(engine.batch_buckets))} shapes in "
+              f"{time.time() - t0:.1f}s", file=sys.stderr)
+    server = Server(engine, tokenizer, args.served_model_name or args.config or args.checkpoint, args.api_key)
+    engine.start()
+    try:
+        uvicorn.run(build_app(server), host=args.host, port=args.port, log_level="info")
+    finally:
+        engine.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

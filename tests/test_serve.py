@@ -1,0 +1,295 @@
+"""`infer.serve` through the official `openai` client, against transformers' greedy generate.
+
+Two servers share the module (started once, on free ports, stopped at the end):
+- `real`: a tiny transformers-made checkpoint with the bundled Tekken v15 tokenizer; its outputs are compared with
+  transformers' greedy `generate` on the ids mistral-common gives for the same chat.
+- `scripted`: the same weights with attention and MLP outputs zeroed and an lm_head that maps each token of a fixed
+  script to the next one. It always answers `[THINK]think first[/THINK]Hello[TOOL_CALLS]get_weather[ARGS]{...}</s>`,
+  which exercises the reasoning and tool-call split through the real engine and server.
+"""
+
+import asyncio
+import json
+import time
+import urllib.error
+import urllib.request
+
+import jax.numpy as jnp
+import numpy as np
+import openai
+import pytest
+import torch
+from flax import nnx
+
+import small4_jax
+from ckpt_utils import make_hf_model, save_hf, tiny_hf_config
+from infer.chat import encode_chat, parse_output
+from infer.engine import Engine
+from infer.serve import Running, Server
+from small4_jax.tokenizer import ASSETS_DIR, load_tokenizer
+
+KEY = "test-key"
+CONTEXT = 512
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"location": {"type": "string"}}}}}]
+SCRIPT = ("think first", "Hello", "get_weather", '{"location": "Rome"}')
+
+
+def _engine(model, tokenizer):
+    return Engine(model, tokenizer, max_batch=16, page_size=16, prefill_chunk=64, batch_buckets=(16,),
+                  page_buckets=(8, 32))
+
+
+def _scripted(model, tok):
+    """A copy of `model` whose next token depends only on the current one, following SCRIPT after [/INST]."""
+    m = nnx.clone(model)
+    for layer in m.layers:
+        layer.self_attn.o_proj.kernel[...] = jnp.zeros_like(layer.self_attn.o_proj.kernel[...])
+        mlp = layer.mlp
+        if hasattr(mlp, "experts"):
+            mlp.experts.down[...] = jnp.zeros_like(mlp.experts.down[...])
+            mlp = mlp.shared_experts
+        mlp.down_proj.kernel[...] = jnp.zeros_like(mlp.down_proj.kernel[...])
+    m.norm.weight[...] = jnp.ones_like(m.norm.weight[...])
+    think, name, args = SCRIPT[0], SCRIPT[2], SCRIPT[3]
+    seq = [tok.token_id("[/INST]"), tok.token_id("[THINK]"), *tok.encode(think, bos=False),
+           tok.token_id("[/THINK]"), *tok.encode(SCRIPT[1], bos=False), tok.token_id("[TOOL_CALLS]"),
+           *tok.encode(name, bos=False), tok.token_id("[ARGS]"), *tok.encode(args, bos=False), tok.eos_id]
+    assert len(set(seq)) == len(seq), "script tokens must be distinct"
+    emb = np.asarray(m.embed_tokens.embedding[...])
+    head = np.zeros_like(np.asarray(m.lm_head.kernel[...]))  # [H, V]
+    for cur, nxt in zip(seq, seq[1:]):
+        head[:, nxt] = emb[cur] / np.linalg.norm(emb[cur]) * 10
+    m.lm_head.kernel[...] = jnp.asarray(head)
+    return m
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    config = tiny_hf_config(vocab_size=512, eos_token_id=2, max_position_embeddings=CONTEXT)
+    hf = make_hf_model(config, seed=3)
+    path = tmp_path_factory.mktemp("hf")
+    save_hf(hf, path)
+    model = small4_jax.from_pretrained(path, dtype="float32")
+    tok = load_tokenizer(ASSETS_DIR / "tiny_tekken.json")
+    real = Running(Server(_engine(model, tok), tok, "tiny", api_key=KEY))
+    scripted = Running(Server(_engine(_scripted(model, tok), tok), tok, "scripted"))
+    try:
+        yield hf, tok, real, scripted
+    finally:
+        real.stop()
+        scripted.stop()
+
+
+def _client(url, key=KEY, **kw):
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, **kw)
+
+
+def _hf_greedy(hf, prompt, n):
+    with torch.no_grad():
+        seq = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=n, do_sample=False, eos_token_id=2)
+    return seq[0, len(prompt):].tolist()
+
+
+def _messages(i):
+    return [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"hello {i}, what is the weather?"}]
+
+
+def test_chat_non_streaming_equals_transformers(setup):
+    hf, tok, real, _ = setup
+    client = _client(real.url)
+    for effort in ("none", "high"):
+        r = client.chat.completions.create(model="tiny", messages=_messages(1), max_tokens=10, temperature=0,
+                                           extra_body={"reasoning_effort": effort})
+        ids = encode_chat(tok, _messages(1), reasoning_effort=effort).ids
+        ref = _hf_greedy(hf, ids, 10)
+        assert r.choices[0].message.content == parse_output(tok, ref).content
+        assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(ref)
+        assert r.choices[0].finish_reason == ("stop" if ref[-1] == 2 else "length")
+        assert r.model == "tiny" and r.object == "chat.completion"
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_completions_ids_text_and_logprobs(setup):
+    hf, tok, real, _ = setup
+    client = _client(real.url)
+    prompt = tok.encode("The weather in Paris", bos=True)
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0, logprobs=2)
+    ref = _hf_greedy(hf, prompt, 8)
+    assert r.choices[0].text == tok.decode(ref)
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + ref])).logits[0].float()
+    ref_lp = torch.log_softmax(logits, -1)[len(prompt) - 1 : -1].gather(1, torch.tensor(ref)[:, None])[:, 0]
+    np.testing.assert_allclose(r.choices[0].logprobs.token_logprobs, ref_lp.numpy(), atol=1e-4)
+    lps = r.choices[0].logprobs
+    # greedy: the chosen token is the most likely one (tokens that print alike share a key in this format)
+    assert all(1 <= len(t) <= 2 and max(t.values()) == pytest.approx(lp, abs=1e-6)
+               for t, lp in zip(lps.top_logprobs, lps.token_logprobs))
+    streamed = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+
+
+def test_64_concurrent_streams_are_each_correct(setup):
+    hf, tok, real, _ = setup
+    n = 64
+
+    async def one(client, i):
+        stream = await client.chat.completions.create(model="tiny", messages=_messages(i), max_tokens=8,
+                                                      temperature=0, stream=True)
+        text, reason = "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                reason = chunk.choices[0].finish_reason or reason
+        return text, reason
+
+    async def all_of_them():
+        client = openai.AsyncOpenAI(base_url=real.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        try:
+            return await asyncio.gather(*(one(client, i) for i in range(n)))
+        finally:
+            await client.close()
+
+    t0 = time.time()
+    results = asyncio.run(all_of_them())
+    elapsed = time.time() - t0
+    for i, (text, reason) in enumerate(results):
+        ref = _hf_greedy(hf, encode_chat(tok, _messages(i)).ids, 8)
+        assert text == parse_output(tok, ref).content, i
+        assert reason == ("stop" if ref[-1] == 2 else "length"), i
+    assert elapsed < 120
+
+
+def test_reasoning_and_tool_calls_split(setup):
+    _, _, _, scripted = setup
+    client = _client(scripted.url)
+    msgs = [{"role": "user", "content": "weather in rome?"}]
+    r = client.chat.completions.create(model="scripted", messages=msgs, tools=TOOLS, max_tokens=40, temperature=0,
+                                       extra_body={"reasoning_effort": "high"})
+    msg = r.choices[0].message
+    assert msg.reasoning_content == SCRIPT[0]
+    assert msg.content == SCRIPT[1]
+    assert r.choices[0].finish_reason == "tool_calls"
+    [call] = msg.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"location": "Rome"}
+    assert len(call.id) == 9 and call.id.isalnum() and call.type == "function"
+    # streamed: the same split
+    stream = client.chat.completions.create(model="scripted", messages=msgs, tools=TOOLS, max_tokens=40,
+                                            temperature=0, stream=True)
+    reasoning, content, calls, reason = "", "", [], None
+    for chunk in stream:
+        d = chunk.choices[0].delta
+        reasoning += getattr(d, "reasoning_content", None) or ""
+        content += d.content or ""
+        calls += d.tool_calls or []
+        reason = chunk.choices[0].finish_reason or reason
+    assert (reasoning, content, reason) == (SCRIPT[0], SCRIPT[1], "tool_calls")
+    assert [(c.function.name, c.function.arguments, c.index) for c in calls] == [("get_weather", SCRIPT[3], 0)]
+    assert len(calls[0].id) == 9
+    # tool_choice "none": no tools in the prompt, no parsing: the call text stays content
+    r = client.chat.completions.create(model="scripted", messages=msgs, tools=TOOLS, tool_choice="none",
+                                       max_tokens=40, temperature=0)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == SCRIPT[1] + SCRIPT[2] + SCRIPT[3]
+
+
+def test_named_tool_choice_forces_the_call(setup):
+    _, _, real, _ = setup
+    r = _client(real.url).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], tools=TOOLS, max_tokens=6, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    [call] = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and len(call.id) == 9
+
+
+def _raw(url, body: bytes, key=KEY):
+    req = urllib.request.Request(url + "/v1/chat/completions", data=body, method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_auth_and_bad_requests(setup):
+    _, _, real, _ = setup
+    with pytest.raises(openai.AuthenticationError) as e:
+        _client(real.url, key="wrong").models.list()
+    assert e.value.status_code == 401
+    status, body = _raw(real.url, b"{}", key="")
+    assert status == 401 and "API key" in body["error"]["message"]
+    with urllib.request.urlopen(real.url + "/health", timeout=10) as resp:  # probes need no key
+        assert json.loads(resp.read()) == {"status": "ok"}
+
+    status, body = _raw(real.url, b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = _raw(real.url, json.dumps({"messages": "hi"}).encode())
+    assert status == 400 and "messages" in body["error"]["message"]
+    status, body = _raw(real.url, json.dumps({"messages": _messages(0), "max_tokens": "ten"}).encode())
+    assert status == 400 and "max_tokens" in body["error"]["message"]
+    client = _client(real.url)
+    for bad in (0, -3):
+        with pytest.raises(openai.BadRequestError, match="max_tokens must be positive"):
+            client.chat.completions.create(model="tiny", messages=_messages(0), max_tokens=bad)
+    long = [{"role": "user", "content": "hello world " * 400}]
+    with pytest.raises(openai.BadRequestError, match="model's context is 512"):
+        client.chat.completions.create(model="tiny", messages=long, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="reasoning_effort"):
+        client.chat.completions.create(model="tiny", messages=_messages(0), extra_body={"reasoning_effort": "max"})
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="tiny", messages=_messages(0), temperature=-1)
+
+
+def _metric(url, name):
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics:\n{text}")
+
+
+def _wait_idle(url, cancelled_before, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (_metric(url, "small4_requests_cancelled_total") > cancelled_before
+                and _metric(url, "small4_running_requests") == 0 and _metric(url, "small4_cache_pages_used") == 0):
+            return
+        time.sleep(0.1)
+    raise AssertionError("the request was not cancelled and freed")
+
+
+def test_disconnects_cancel_and_free_pages(setup):
+    _, _, real, _ = setup
+    client = _client(real.url)
+    long_run = dict(model="tiny", messages=_messages(99), max_tokens=460, temperature=0,
+                    extra_body={"ignore_eos": True})
+    before = _metric(real.url, "small4_requests_cancelled_total")
+    stream = client.chat.completions.create(stream=True, **long_run)
+    for _, _chunk in zip(range(3), stream):
+        pass
+    assert _metric(real.url, "small4_cache_pages_used") > 0
+    stream.close()
+    _wait_idle(real.url, before)
+    # non-streaming: the client gives up (timeout) and goes away
+    before = _metric(real.url, "small4_requests_cancelled_total")
+    with pytest.raises(openai.APITimeoutError):
+        _client(real.url, timeout=0.5).chat.completions.create(**long_run)
+    _wait_idle(real.url, before)
+
+
+def test_metrics_are_prometheus_text(setup):
+    _, _, real, _ = setup
+    with urllib.request.urlopen(real.url + "/metrics", timeout=10) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = resp.read().decode()
+    for name in ("requests_total", "generation_tokens_total", "tokens_per_second", "queue_depth",
+                 "cache_usage_ratio", "cache_pages_total"):
+        assert f"# TYPE small4_{name} " in text
+    assert _metric(real.url, "small4_requests_total") >= 1
+    assert _metric(real.url, "small4_cache_pages_total") == real.server.engine.pool.capacity
+    assert 0 <= _metric(real.url, "small4_cache_usage_ratio") <= 1
+    assert 'small4_http_requests_total{path="/v1/chat/completions",status="200"}' in text
