@@ -3,8 +3,14 @@
     python -m infer.generate --config configs/tiny.yaml --prompt "Hello"            # random weights, bundled tokenizer
     python -m infer.generate --checkpoint /models/Mistral-Small-4 --prompt "Hello"  # real weights (HF or native dir)
 
-Text is streamed to stdout as tokens arrive; `--json` adds one last line `{"token_ids": [...], "text": "..."}`.
-Errors in the input (a bad checkpoint, an empty or too long prompt) print one line on stderr and exit with status 2.
+    python -m infer.generate --checkpoint DIR --chat --system "Be brief." --reasoning-effort high --prompt "Hi"
+    python -m infer.generate --checkpoint DIR --input prompts.jsonl --output out.jsonl   # batch, progress bar
+
+Everything runs through the serving engine (`infer/engine.py`). Text is streamed to stdout as tokens arrive
+(with --chat, the answer; the reasoning goes to stderr); `--json` adds one last line
+`{"token_ids": [...], "text": "..."}` (with --chat also "reasoning_content" and "tool_calls"). The JSONL formats of
+--input / --output are in `infer/batch.py`. Errors in the input (a bad checkpoint, an empty or too long prompt, a bad
+line) print one line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from small4_jax.errors import InputError, Small4Error
 
@@ -26,6 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (BOS is added)")
     prompt.add_argument("--prompt-ids", help="comma-separated prompt token ids, used as given, e.g. 1,2,3")
+    prompt.add_argument("--input", help="JSONL file of prompts (see infer/batch.py); results go to --output")
+    p.add_argument("--output", help="JSONL file for the --input results (default: stdout)")
+    p.add_argument("--chat", action="store_true", help="format --prompt as a user turn of the chat template")
+    p.add_argument("--system", help="system prompt (implies --chat)")
+    p.add_argument("--reasoning-effort", choices=("none", "high"), help="reasoning mode (implies --chat)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -36,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the checkpoint's, or the bundled tiny one)")
     p.add_argument("--mesh", help="device mesh, e.g. data=1,expert=8,tensor=1 (default: one device)")
     p.add_argument("--json", action="store_true", help='print a last line {"token_ids": [...], "text": "..."}')
+    from infer.cli import add_engine_args
+
+    add_engine_args(p, max_batch=8)
     return p.parse_args(argv)
 
 
@@ -69,12 +84,15 @@ def _parse_mesh(text: str | None):
 def run(args: argparse.Namespace) -> dict:
     from small4_jax.checkpoint import from_pretrained
     from small4_jax.config import Small4Config
-    from small4_jax.generation import generate
     from small4_jax.model import init_model
     from small4_jax.sampling import SamplingParams
-    from small4_jax.tokenizer import StreamDecoder, default_tokenizer, load_tokenizer
+    from small4_jax.tokenizer import default_tokenizer, load_tokenizer
 
-    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    from infer.batch import make_item, read_items, result_row
+    from infer.chat import ChatParser
+    from infer.engine import Engine, SamplingOptions, merge_outputs
+
+    SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # the CLI's checks
     if args.max_new_tokens <= 0:
         raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.prompt is not None and args.prompt == "":
@@ -101,31 +119,76 @@ def run(args: argparse.Namespace) -> dict:
         except Small4Error:
             if args.tokenizer or prompt_ids is None:
                 raise
+    if mesh is not None and args.config:
+        from small4_jax.placement import place_model
+
+        place_model(model, mesh)
     logging.getLogger("small4_jax").info("model ready in %.1fs", time.time() - t0)
+    from infer.cli import engine_kwargs
 
-    if prompt_ids is None:
-        prompt_ids = tokenizer.encode(args.prompt, bos=True)
-    stop_ids = config.eos_token_id if isinstance(config.eos_token_id, tuple) else (config.eos_token_id,)
-    stop_ids = [s for s in stop_ids if s is not None]
-    stream = StreamDecoder(tokenizer) if tokenizer is not None else None
+    engine = Engine(model, tokenizer, mesh=mesh, **engine_kwargs(args))
+    defaults = SamplingOptions(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, seed=args.seed)
+    chat = dict(chat=args.chat or bool(args.system or args.reasoning_effort), system=args.system,
+                reasoning_effort=args.reasoning_effort)
+    if args.input:
+        return _run_batch(args, engine, tokenizer, read_items(args.input, tokenizer, defaults, **chat))
+    if prompt_ids is not None:
+        item = make_item(tokenizer, {"prompt_ids": prompt_ids}, defaults, index=0, **chat)
+    else:
+        item = make_item(tokenizer, {"prompt": args.prompt}, defaults, index=0, **chat)
+    parser = ChatParser(tokenizer, parse_tools=False) if item.chat else None
+    for t in item.prompt.forced if parser else ():
+        parser.push(t)
 
-    def on_token(t: int):
-        if stream is not None:
-            sys.stdout.write(stream.push(t))
-            sys.stdout.flush()
+    events = []
 
-    ids = generate(
-        model, prompt_ids, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
-        stop_ids=stop_ids, on_token=on_token,
-    )
-    if stream is not None:
-        sys.stdout.write(stream.flush() + "\n")
-    text = tokenizer.decode(ids) if tokenizer is not None else ""
-    result = {"token_ids": ids, "text": text}
+    def on_event(out):
+        events.append(out)
+        if parser is None:
+            sys.stdout.write(out.text)
+        else:
+            for d in [parser.push(t) for t in out.token_ids] + ([parser.finish()] if out.finished else []):
+                sys.stdout.write(d.content)
+                sys.stderr.write(d.reasoning)
+        sys.stdout.flush()
+
+    engine.submit(item.prompt.ids, item.options, callback=on_event)
+    while not (events and events[-1].finished):
+        engine.step()
+    if tokenizer is not None:
+        sys.stdout.write("\n")
+    row = result_row(tokenizer, item, merge_outputs(events))
+    result = {"token_ids": row["token_ids"], "text": row["text"]}
+    if item.chat:
+        result.update(reasoning_content=row["reasoning_content"], tool_calls=row["tool_calls"])
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     sys.stdout.flush()
     return result
+
+
+def _run_batch(args, engine, tokenizer, items) -> dict:
+    from tqdm import tqdm
+
+    from infer.batch import result_row
+
+    rows = [None] * len(items)
+    with tqdm(total=len(items), desc="prompts", unit="prompt", file=sys.stderr) as bar:
+        def done(i, out):
+            rows[i] = result_row(tokenizer, items[i], out)
+            bar.update(1)
+
+        engine.generate([it.prompt.ids for it in items], [it.options for it in items], on_finish=done)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if args.output:
+        try:
+            Path(args.output).write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise InputError(f"--output {args.output}: {e.strerror}") from None
+    else:
+        sys.stdout.write(text)
+    return {"results": rows}
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -1,0 +1,65 @@
+"""Command-line pieces shared by `infer.serve` and `infer.generate`: engine flags and model / tokenizer loading.
+
+Imports stay inside the functions, so `--help` does not load JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from small4_jax.errors import InputError, Small4Error
+
+
+def add_engine_args(p: argparse.ArgumentParser, max_batch: int = 16) -> None:
+    """The engine's sizing flags (shared by infer.serve and infer.generate)."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-batch", type=int, default=max_batch, help="requests decoded together")
+    g.add_argument("--page-size", type=int, default=16, help="tokens per cache page")
+    g.add_argument("--num-pages", type=int, default=None, help="cache pages (default: what fits in device memory)")
+    g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's, "
+                                                                    "at most 262144)")
+    g.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step")
+    g.add_argument("--max-queue", type=int, default=256, help="requests waiting before back-pressure")
+    g.add_argument("--no-prefix-caching", action="store_true", help="turn off prefix caching")
+    g.add_argument("--warmup", action="store_true", help="compile every shape before serving")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_batch=args.max_batch, page_size=args.page_size, num_pages=args.num_pages,
+                max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
+                prefix_caching=not args.no_prefix_caching)
+
+
+def load_model_and_tokenizer(args: argparse.Namespace, default_tokenizer: str = "tekken"):
+    """(model, tokenizer, mesh) from --config / --checkpoint, --tokenizer, --dtype, --seed, --mesh."""
+    from infer.generate import _parse_mesh
+    from small4_jax.checkpoint import from_pretrained
+    from small4_jax.config import Small4Config
+    from small4_jax.model import init_model
+    from small4_jax.placement import place_model
+    from small4_jax.tokenizer import ASSETS_DIR, default_tokenizer as spm_default, load_tokenizer
+
+    mesh = _parse_mesh(args.mesh)
+    if args.config:
+        config = Small4Config.from_yaml(args.config)
+        model = init_model(config, seed=args.seed, dtype=args.dtype or "float32")
+        if mesh is not None:
+            place_model(model, mesh)
+        if args.tokenizer:
+            tokenizer = load_tokenizer(args.tokenizer)
+        elif default_tokenizer == "tekken":
+            tokenizer = load_tokenizer(ASSETS_DIR / "tiny_tekken.json")
+        else:
+            tokenizer = spm_default()
+    else:
+        model = from_pretrained(args.checkpoint, dtype=args.dtype or "auto", mesh=mesh)
+        tokenizer = None
+        try:
+            tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
+        except Small4Error:
+            if args.tokenizer:
+                raise
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise InputError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size}")
+    return model, tokenizer, mesh

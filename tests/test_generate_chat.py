@@ -1,0 +1,77 @@
+"""`python -m infer.generate` chat and batch modes, through the engine.
+
+Reference: `small4_jax.generation.generate` (the single-request loop over the dense latent cache, itself checked
+against transformers in test_generate.py) on the same random tiny preset, with prompt ids from mistral-common.
+"""
+
+import json
+
+import pytest
+from mistral_common.protocol.instruct.messages import SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+from infer.generate import main
+from small4_jax.config import Small4Config
+from small4_jax.generation import generate
+from small4_jax.model import init_model
+from small4_jax.tokenizer import ASSETS_DIR, load_tokenizer
+
+TEKKEN = str(ASSETS_DIR / "tiny_tekken.json")
+BASE = ["--config", "configs/tiny.yaml", "--tokenizer", TEKKEN, "--max-model-len", "256", "--prefill-chunk", "32",
+        "--max-new-tokens", "8"]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    model = init_model(Small4Config.from_yaml("configs/tiny.yaml"), seed=0)
+    tok = load_tokenizer(TEKKEN)
+    return lambda ids, n=8: generate(model, ids, max_new_tokens=n, stop_ids=[2]), tok
+
+
+def _last_json(out: str) -> dict:
+    return json.loads(out.removesuffix("\n").rsplit("\n", 1)[-1])
+
+
+def test_chat_with_system_and_reasoning_effort(reference, capsys):
+    ref, tok = reference
+    assert main(BASE + ["--chat", "--system", "be brief", "--reasoning-effort", "high", "--prompt",
+                        "what is the weather?", "--json"]) == 0
+    result = _last_json(capsys.readouterr().out)
+    request = ChatCompletionRequest(messages=[SystemMessage(content="be brief"),
+                                              UserMessage(content="what is the weather?")], reasoning_effort="high")
+    ids = tok.mistral_tokenizer().encode_chat_completion(request).tokens
+    assert result["token_ids"] == ref(ids)
+    assert {"reasoning_content", "tool_calls", "text"} <= set(result)
+
+
+def test_batch_file_in_order_with_progress(reference, tmp_path, capsys):
+    ref, tok = reference
+    rows = [
+        {"id": "a", "prompt_ids": [1, 200, 300, 400]},
+        {"id": "b", "prompt": "hello world", "max_new_tokens": 5},
+        {"id": "c", "messages": [{"role": "user", "content": "hi there"}], "reasoning_effort": "none"},
+    ]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    assert main(BASE + ["--input", str(src), "--output", str(dst)]) == 0
+    err = capsys.readouterr().err
+    assert "3/3" in err  # the progress bar
+    out = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [o["id"] for o in out] == ["a", "b", "c"]
+    chat_ids = tok.mistral_tokenizer().encode_chat_completion(ChatCompletionRequest(
+        messages=[UserMessage(content="hi there")], reasoning_effort="none")).tokens
+    assert out[0]["token_ids"] == ref([1, 200, 300, 400])
+    assert out[1]["token_ids"] == ref(tok.encode("hello world", bos=True), 5)
+    assert out[2]["token_ids"] == ref(chat_ids)
+    assert out[0]["text"] == tok.decode(out[0]["token_ids"])
+    assert out[2]["finish_reason"] in ("stop", "length") and "reasoning_content" in out[2]
+
+
+def test_batch_file_errors_name_the_line(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt_ids": [1, 2]}\n{"prompt_ids": [1, 2]\n')
+    assert main(BASE + ["--input", str(src)]) == 2
+    assert f"{src}:2: not valid JSON" in capsys.readouterr().err
+    src.write_text('{"prompt_ids": [1, 2]}\n{"text": "hi"}\n')
+    assert main(BASE + ["--input", str(src)]) == 2
+    assert f'{src}:2: each line needs "messages", "prompt" or "prompt_ids"' in capsys.readouterr().err
