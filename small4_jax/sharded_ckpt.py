@@ -143,6 +143,31 @@ def quantize_fp8(w: np.ndarray, per_expert: bool) -> tuple[np.ndarray, np.ndarra
     return q, np.asarray(scale, np.float32)
 
 
+def save_model(model: Small4ForCausalLM, path: str | os.PathLike) -> Path:
+    """Save a (possibly sharded, possibly multi-process) model in this format with Orbax; every process calls it.
+
+    Each process writes its own shards; `from_pretrained(path, mesh=...)` restores onto any other mesh.
+    """
+    import orbax.checkpoint as ocp
+    from jax.experimental import multihost_utils
+
+    path = Path(path).resolve()
+    if path.exists():
+        raise CheckpointError(f"{path}: already exists")
+    params: dict = {}
+    for p, v in nnx.to_flat_state(nnx.state(model)):
+        _nest(params, param_key(p), v[...])
+    dtypes = {str(jnp.dtype(x.dtype)) for x in jax.tree.leaves(params)}
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, {"params": params})
+    checkpointer.wait_until_finished()
+    if jax.process_index() == 0:
+        _atomic_write(path / CONFIG_FILE, json.dumps(model.config.to_dict(), indent=1))
+        _atomic_write(path / FORMAT_FILE, json.dumps({"dtype": "float32" if dtypes == {"float32"} else "bfloat16"}))
+    multihost_utils.sync_global_devices(f"small4 save_model {path}")
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading.
 def load_model(path: str | os.PathLike, *, dtype="bfloat16", mesh: Mesh | None = None,

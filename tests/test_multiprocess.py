@@ -1,0 +1,66 @@
+"""Two processes x 4 CPU devices on localhost, started by launch/local.py: the job equals one process.
+
+Covered: start-up + preflight, forward logits on a mesh spanning both processes, save on one mesh and restore on
+another (and a single-process checkpoint restored on 8 devices), a collective hang turned into an error.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import small4_jax
+from ckpt_utils import make_hf_model, save_hf, tiny_hf_config
+from small4_jax.convert import convert
+
+REPO = Path(__file__).resolve().parent.parent
+IDS = (np.arange(40, dtype=np.int32)[None] * 7) % 128
+
+
+def _launch(*args, timeout=240):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+    return subprocess.run(
+        [sys.executable, "launch/local.py", "--nproc", "2", "--cpu-devices", "4", "--timeout", str(timeout), "--",
+         sys.executable, "tests/mp_worker.py", *map(str, args)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout + 30,
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf")
+    save_hf(make_hf_model(tiny_hf_config(), seed=17), path)
+    single = np.asarray(small4_jax.from_pretrained(path, dtype="float32")(IDS))
+    return path, single
+
+
+def _close(a, b):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+def test_forward_across_two_processes_equals_one(checkpoint, tmp_path):
+    path, single = checkpoint
+    proc = _launch("forward", path, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _close(np.load(tmp_path / "forward.npy"), single)
+
+
+def test_save_on_one_mesh_restore_on_another(checkpoint, tmp_path):
+    path, single = checkpoint
+    convert(path, tmp_path / "converted", dtype="f32", progress=None)
+    proc = _launch("save_restore", path, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = np.load(tmp_path / "save_restore.npz")
+    _close(results["saved_restored"], single)
+    _close(results["converted"], single)
+    # and the 2-process checkpoint back in one process, on one device
+    _close(np.asarray(small4_jax.from_pretrained(tmp_path / "saved", dtype="float32")(IDS)), single)
+
+
+def test_a_hung_collective_becomes_an_error():
+    proc = _launch("hang", timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "preflight: all-reduce did not finish within 5s" in proc.stderr
