@@ -51,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from infer.cli import add_engine_args
 
     add_engine_args(p, max_batch=8)
+    p.add_argument("--lora", help="HF PEFT LoRA adapter directory (train.export --peft), applied without merging")
     return p.parse_args(argv)
 
 
@@ -119,6 +120,11 @@ def run(args: argparse.Namespace) -> dict:
         except Small4Error:
             if args.tokenizer or prompt_ids is None:
                 raise
+    if args.lora:
+        from small4_jax.lora import load_peft, shard_lora
+
+        load_peft(model, args.lora)
+        shard_lora(model, mesh if args.checkpoint else None)  # beside the base weights (only a checkpoint is sharded)
     if mesh is not None and args.config:
         from small4_jax.placement import place_model
 

@@ -29,7 +29,7 @@ Targets (`LoRAConfig.targets`), each one of:
 - a regular expression matched against the whole path, e.g. r"layers\\.[0-3]\\.self_attn\\..*".
 A target that matches nothing is an error. The router is adapted only when named ("router", "gate" or a path
 ending in "mlp.gate"); patterns never pick it up. Dropout applies to the dense adapters only (PEFT's
-`target_parameters` experts have none either).
+`target_parameters` experts have none either); its mask comes from a `DropoutKey` the trainer sets per micro-batch.
 
 `moe_rank_scaling`: routed experts get rank max(1, r // top_k) (a token sees top_k experts, so its expert adapter
 capacity matches the dense rank); every adapter's scale is alpha / its own rank.
@@ -113,10 +113,16 @@ def _init_a(key, shape, fan_in: int) -> jax.Array:
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
+class DropoutKey(nnx.Variable):
+    """The adapter-dropout key (a raw uint32[2] PRNG key). Never mutated by the model: the trainer derives one per
+    micro-batch from (seed, step, micro-batch), so dropout needs no RNG state to checkpoint."""
+
+
 class LoRALinear(nnx.Module):
     """An `nnx.Linear` (kernel [in, out], optional bias) plus a low-rank update: x W + b + s (x A) B."""
 
-    def __init__(self, base: nnx.Linear, rank: int, alpha: float, dropout: float, *, key, rngs: nnx.Rngs | None):
+    def __init__(self, base: nnx.Linear, rank: int, alpha: float, dropout: float = 0.0, *, key,
+                 dropout_key: DropoutKey | None = None, index: int = 0):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.dtype = base.dtype or base.kernel[...].dtype
         self.precision = base.precision
@@ -125,7 +131,9 @@ class LoRALinear(nnx.Module):
         self.rank, self.scale = rank, alpha / rank
         self.lora_a = nnx.LoRAParam(_init_a(key, (self.in_features, rank), self.in_features))
         self.lora_b = nnx.LoRAParam(jnp.zeros((rank, self.out_features), jnp.float32))
-        self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+        self.dropout_rate, self.index = dropout, index
+        self.dropout_key = dropout_key if dropout > 0 else None  # one Variable shared by every adapter
+        self.deterministic = True  # set_dropout(model, True) for training
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
@@ -133,7 +141,11 @@ class LoRALinear(nnx.Module):
         y = jax.lax.dot_general(x, self.kernel[...].astype(self.dtype), dims, precision=self.precision)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        xd = self.dropout(x) if self.dropout is not None else x
+        xd = x
+        if self.dropout_key is not None and not self.deterministic:
+            k = jax.random.fold_in(self.dropout_key[...], self.index)
+            keep = jax.random.bernoulli(k, 1.0 - self.dropout_rate, x.shape)
+            xd = jnp.where(keep, x / (1.0 - self.dropout_rate), 0).astype(x.dtype)
         low = (xd @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
         return y + (self.scale * low).astype(y.dtype)
 
@@ -249,7 +261,7 @@ def apply_lora(model: Small4ForCausalLM, config: LoRAConfig) -> list[str]:
     """Attach adapters in place; returns the adapted module paths. Call once, before jitting anything."""
     chosen = set(select_targets(model, config.targets))
     key = jax.random.key(config.seed)
-    rngs = nnx.Rngs(dropout=config.seed + 1) if config.dropout > 0 else None
+    dropout_key = DropoutKey(jax.random.PRNGKey(config.seed + 1)) if config.dropout > 0 else None
     top_k = model.config.num_experts_per_tok
     done = []
     for n, site in enumerate(_sites(model)):
@@ -258,7 +270,8 @@ def apply_lora(model: Small4ForCausalLM, config: LoRAConfig) -> list[str]:
         k = jax.random.fold_in(key, n)
         base = getattr(site.parent, site.attr)
         if site.kind == "linear":
-            setattr(site.parent, site.attr, LoRALinear(base, config.rank, config.alpha, config.dropout, key=k, rngs=rngs))
+            ad = LoRALinear(base, config.rank, config.alpha, config.dropout, key=k, dropout_key=dropout_key, index=n)
+            setattr(site.parent, site.attr, ad)
         elif site.kind == "experts":
             base.lora = nnx.data(ExpertsLoRA(base, config.expert_rank(top_k), config.alpha, key=k))
         else:
@@ -281,9 +294,9 @@ def adapters(model: Small4ForCausalLM) -> dict[str, nnx.Module]:
 
 
 def set_dropout(model: nnx.Module, enabled: bool) -> None:
-    """Turn adapter dropout on (training) or off (eval, generation)."""
+    """Turn adapter dropout on (training) or off (eval, generation; the default)."""
     for _, m in nnx.iter_graph(model):
-        if isinstance(m, nnx.Dropout):
+        if isinstance(m, LoRALinear):
             m.deterministic = not enabled
 
 
@@ -474,7 +487,7 @@ def from_peft(model: Small4ForCausalLM, tensors: dict[str, np.ndarray], config: 
                 base.lora = nnx.data(ad)
             else:
                 cls = LoRARouter if site.kind == "router" else LoRALinear
-                ad = cls(base, rank, alpha, key=k) if cls is LoRARouter else cls(base, rank, alpha, 0.0, key=k, rngs=None)
+                ad = cls(base, rank, alpha, key=k)
                 _assign(ad.lora_a, get(a_name).T)
                 _assign(ad.lora_b, get(f"{path}.lora_B.weight").T)
                 setattr(site.parent, site.attr, ad)

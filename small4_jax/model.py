@@ -136,7 +136,11 @@ class Experts(nnx.Module):
 
 
 class MoE(nnx.Module):
-    """Routed experts (top-k of a softmax over all experts) plus ungated shared expert(s)."""
+    """Routed experts (top-k of a softmax over all experts) plus ungated shared expert(s).
+
+    When the expert weights sit on a mesh with an `expert` axis (loaded with `mesh=`, or under `jax.set_mesh`), the
+    routed experts run expert-parallel (`config.moe_strategy`; see moe.py).
+    """
 
     def __init__(self, config: Small4Config, *, dtype, rngs: nnx.Rngs):
         self.config = config
@@ -165,7 +169,7 @@ class MoE(nnx.Module):
         lora = None if self.experts.lora is None else self.experts.lora.weights()
         y = routed_experts(
             flat, ids, weights, self.experts.gate_up[...], self.experts.down[...], act=self.act, impl=c.moe_impl,
-            lora=lora,
+            lora=lora, mesh="auto", strategy=c.moe_strategy, a2a_min_tokens=c.moe_a2a_min_tokens,
         )
         y = y.reshape(shape)
         if self.shared_experts is not None:
@@ -342,7 +346,11 @@ class Small4ForCausalLM(nnx.Module):
         new_latent, new_rope = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.latent[i], cache.rope_key[i])
-            h, layer_cache = layer(h, positions, cos, sin, layer_cache, key_mask, segment_ids)
+            if getattr(self, "remat", False) and cache is None:  # training: recompute the layer in the backward pass
+                h, layer_cache = nnx.remat(type(layer).__call__)(layer, h, positions, cos, sin, None, key_mask,
+                                                                 segment_ids)
+            else:
+                h, layer_cache = layer(h, positions, cos, sin, layer_cache, key_mask, segment_ids)
             if cache is not None:
                 new_latent.append(layer_cache[0])
                 new_rope.append(layer_cache[1])

@@ -1,0 +1,147 @@
+"""The fine-tuning run config: one YAML with `base`, `model`, `lora`, `data`, `optim` and `train` sections.
+
+`model` holds the architecture (Small4Config fields, as in configs/tiny.yaml), so every YAML in configs/ is also a
+model preset (`load_config` reads a nested `model:` mapping). `base` says where the weights come from: a checkpoint
+directory (whose config must then equal `model`) or random weights from a seed. Every other section is a frozen
+dataclass; unknown keys are an error naming the file, section and key. Relative paths are resolved against the
+current directory (run from the repo root, as the examples do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from small4_jax.config import Small4Config
+from small4_jax.errors import ConfigError
+from small4_jax.lora import LoRAConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseSection:
+    checkpoint: str | None = None  # HF or Mistral-native checkpoint directory; null = random weights from `seed`
+    seed: int = 0  # random init when there is no checkpoint
+    dtype: str = "bfloat16"  # base weights and activations; LoRA parameters are always float32
+    tokenizer: str | None = None  # default: the checkpoint's, or the bundled tiny one for random weights
+    moe_impl: str | None = None  # override of the config's grouped-matmul implementation
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    train: tuple[str, ...] = ()  # JSONL files
+    eval: tuple[str, ...] = ()
+    seq_len: int = 2048  # tokens per packed row
+    seed: int = 0  # packing order and per-epoch shuffles
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    lr: float = 1e-4  # peak learning rate
+    warmup_steps: int = 0  # linear warm-up from 0 to lr
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0  # global gradient-norm clipping; null = off
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    out_dir: str = "runs/default"  # checkpoints/, metrics.jsonl, config.yaml
+    steps: int = 100
+    batch_size: int = 8  # packed rows per optimizer step (all micro-batches)
+    grad_accum: int = 1  # micro-batches per step (batch_size must divide by it)
+    remat: bool = False  # recompute each layer's activations in the backward pass
+    mesh: dict | None = None  # e.g. {data: 2, expert: 4, tensor: 1}; null = one device
+    eval_every: int = 0  # 0 = only at the end (when there is eval data)
+    ckpt_every: int = 50
+    keep: int = 3  # checkpoints kept
+    log_every: int = 1
+    expected_tokens_per_s: float | None = None  # for validate_data's ETA; null = a stated rough default
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    base: BaseSection
+    model: Small4Config
+    lora: LoRAConfig
+    data: DataSection
+    optim: OptimSection
+    train: TrainSection
+    source: str = "config"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: dataclasses.asdict(getattr(self, k)) for k in ("base", "lora", "data", "optim", "train")}
+        d["model"] = self.model.to_dict()
+        for sec in d.values():
+            for k, v in sec.items():
+                if isinstance(v, tuple):
+                    sec[k] = list(v)
+        return d
+
+
+_SECTIONS = {"base": BaseSection, "model": Small4Config, "lora": LoRAConfig, "data": DataSection, "optim": OptimSection,
+             "train": TrainSection}
+
+
+def _build(cls, d: dict, where: str):
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(names)}")
+    d = {k: tuple(v) if isinstance(v, list) and k in ("train", "eval", "targets") else v for k, v in d.items()}
+    try:
+        return cls(**d)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def from_dict(d: dict, source: str = "config") -> RunConfig:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a mapping with sections {sorted(_SECTIONS)}")
+    unknown = sorted(set(d) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {unknown}; expected {sorted(_SECTIONS)}")
+    secs = {k: _build(cls, d.get(k), f"{source}: {k}") for k, cls in _SECTIONS.items() if k != "model"}
+    if not isinstance(d.get("model"), dict):
+        raise ConfigError(f"{source}: model: expected a mapping of architecture fields (as in configs/tiny.yaml)")
+    secs["model"] = Small4Config.from_dict(d["model"], source=f"{source}: model")
+    cfg = RunConfig(**secs, source=source)
+    _check(cfg)
+    return cfg
+
+
+def load(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    return from_dict(d or {}, source=str(path))
+
+
+def _check(c: RunConfig) -> None:
+    s = c.source
+    if not c.data.train:
+        raise ConfigError(f"{s}: data.train: list at least one JSONL file")
+    if c.data.seq_len <= 0:
+        raise ConfigError(f"{s}: data.seq_len must be positive")
+    t = c.train
+    if t.steps <= 0 or t.batch_size <= 0 or t.grad_accum <= 0:
+        raise ConfigError(f"{s}: train.steps, batch_size and grad_accum must be positive")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"{s}: train.batch_size = {t.batch_size} must be a multiple of grad_accum = {t.grad_accum}")
+    if t.ckpt_every <= 0 or t.keep <= 0:
+        raise ConfigError(f"{s}: train.ckpt_every and train.keep must be positive")
+    if c.optim.lr <= 0 or not 0 <= c.optim.min_lr_ratio <= 1:
+        raise ConfigError(f"{s}: optim.lr must be positive and min_lr_ratio in [0, 1]")

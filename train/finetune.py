@@ -1,0 +1,49 @@
+"""LoRA fine-tuning of Mistral Small 4 (or the tiny model) on mistral-finetune JSONL data.
+
+    python -m train.finetune --config configs/finetune-tiny.yaml             # a fresh run into train.out_dir
+    python -m train.finetune --config configs/finetune-tiny.yaml --resume    # continue from the latest checkpoint
+
+Writes `out_dir/metrics.jsonl` (one record per step: loss, lr, grad_norm, tokens, tokens_per_s, eval_loss), Orbax
+checkpoints in `out_dir/checkpoints/`, and a progress line per step on stderr. Bad data, configs or a non-finite
+loss print one line `error: ...` and exit with status 2; see train/trainer.py for what is saved and how resume works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from small4_jax.errors import Small4Error
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.finetune", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="run config YAML (model, lora, data, optim, train)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    p.add_argument("--out-dir", help="override train.out_dir")
+    p.add_argument("--steps", type=int, help="override train.steps")
+    args = p.parse_args(argv)
+    log = logging.getLogger("small4_jax")
+    if not log.handlers:
+        log.addHandler(logging.StreamHandler(sys.stderr))
+    log.setLevel(logging.INFO)
+    try:
+        import dataclasses
+
+        from train import config as run_config
+        from train.trainer import train
+
+        cfg = run_config.load(args.config)
+        changes = {k: v for k, v in (("out_dir", args.out_dir), ("steps", args.steps)) if v is not None}
+        if changes:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
+        train(cfg, resume=args.resume)
+    except Small4Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""The LoRA fine-tuning loop: model + adapters, a jitted train step, Orbax checkpoints, metrics.
+
+State that changes during training is exactly: the LoRA parameters (`nnx.LoRAParam`, float32), the optax AdamW state
+over them and the step; adapter dropout masks are a pure function of (lora.seed, step, micro-batch). The base model is split off once and
+passed to the step as a frozen input: it has no gradient and no optimizer state.
+
+One step = `grad_accum` micro-batches scanned inside one jit; the loss is the mean cross-entropy over all trained
+target tokens of the step (sum over micro-batches / token count), so accumulation does not change it. Learning rate:
+linear warm-up, then cosine to lr * min_lr_ratio; gradients clipped by global norm before AdamW.
+
+Checkpoints (Orbax CheckpointManager, async, keeping `keep`): {params, opt_state, rng, step, data_position}. Orbax
+writes each step into a temporary directory and renames it when complete, so a kill during a save leaves the
+previous checkpoint as the latest readable one. Batches are a pure function of (data seed, step), so `--resume`
+replays the exact batches; resumed losses equal an uninterrupted run's.
+
+A non-finite loss stops the run before anything is saved for that step: pending saves are finished and the last
+good checkpoint is named in the error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from small4_jax import lora
+from small4_jax.errors import Small4Error
+from small4_jax.model import Small4ForCausalLM
+from train.config import RunConfig
+from train.data import Packed, batch_indices, load_dataset
+
+log = logging.getLogger("small4_jax")
+
+
+class TrainingError(Small4Error):
+    """Training cannot go on (a non-finite loss, a missing checkpoint to resume, ...)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model, tokenizer, mesh.
+def make_mesh(cfg: RunConfig):
+    if not cfg.train.mesh:
+        return None
+    from small4_jax.sharding import make_mesh as _make
+
+    return _make(dict(cfg.train.mesh))
+
+
+def load_tokenizer(cfg: RunConfig):
+    from small4_jax.tokenizer import default_tokenizer, load_tokenizer as _load
+
+    if cfg.base.tokenizer:
+        return _load(cfg.base.tokenizer)
+    if cfg.base.checkpoint:
+        return _load(cfg.base.checkpoint)
+    return default_tokenizer()
+
+
+def load_base(cfg: RunConfig, mesh=None) -> Small4ForCausalLM:
+    """The frozen base model (checkpoint weights, or random ones from base.seed), placed on the mesh."""
+    from small4_jax.config import load_config
+    from small4_jax.errors import ConfigError
+
+    b, config = cfg.base, cfg.model
+    if b.moe_impl:
+        config = config.replace(moe_impl=b.moe_impl)
+    if b.checkpoint:
+        from small4_jax.checkpoint import from_pretrained
+
+        found = load_config(b.checkpoint).replace(moe_impl=config.moe_impl)
+        diff = sorted(k for k, v in found.to_dict().items() if config.to_dict()[k] != v)
+        if diff:
+            raise ConfigError(f"{cfg.source}: model differs from {b.checkpoint}'s config in {diff}")
+        return from_pretrained(b.checkpoint, dtype=b.dtype, mesh=mesh, config=config)
+    from small4_jax.model import init_model
+    from small4_jax.sharding import sharding_for
+
+    model = init_model(config, seed=b.seed, dtype=b.dtype)
+    if mesh is not None:
+        flat = [(p, v.replace(jax.device_put(v[...], sharding_for(p, v.shape, mesh))))
+                for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+        nnx.update(model, nnx.from_flat_state(flat))
+    return model
+
+
+def build_model(cfg: RunConfig, mesh=None) -> Small4ForCausalLM:
+    """Base + adapters (sharded beside their base), remat as configured."""
+    model = load_base(cfg, mesh)
+    paths = lora.apply_lora(model, cfg.lora)
+    lora.shard_lora(model, mesh)
+    model.remat = bool(cfg.train.remat)
+    log.info("LoRA on %d modules, %s trainable parameters", len(paths), f"{lora.num_lora_params(model):,}")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Optimizer and steps.
+def schedule(cfg: RunConfig) -> optax.Schedule:
+    o, steps = cfg.optim, cfg.train.steps
+    warm = min(o.warmup_steps, steps - 1) if steps > 1 else 0
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warm else o.lr, peak_value=o.lr, warmup_steps=warm, decay_steps=max(steps, warm + 1),
+        end_value=o.lr * o.min_lr_ratio,
+    )
+
+
+def optimizer(cfg: RunConfig) -> optax.GradientTransformation:
+    o = cfg.optim
+    adamw = optax.adamw(schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(o.clip_norm), adamw) if o.clip_norm else adamw
+
+
+def token_loss(model, batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted cross-entropy, number of weighted targets) for one micro-batch; fp32 softmax."""
+    logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segments"])
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    w = batch["weights"]
+    return jnp.sum(nll * w), jnp.sum(w)
+
+
+@dataclasses.dataclass
+class Steps:
+    """The jitted functions of one run (built once per model structure)."""
+
+    train: callable
+    eval: callable
+
+
+def make_steps(model: Small4ForCausalLM, tx: optax.GradientTransformation, sched: optax.Schedule) -> Steps:
+    lora.set_dropout(model, True)
+    graphdef, params, rng, frozen = nnx.split(model, lora.TRAINABLE, lora.DropoutKey, ...)
+    lora.set_dropout(model, False)
+    eval_graphdef = nnx.split(model, lora.TRAINABLE, lora.DropoutKey, ...)[0]
+    del params, rng, frozen
+
+    def micro_loss(p, rng, frozen, micro):
+        m = nnx.merge(graphdef, p, rng, frozen)
+        total, count = token_loss(m, micro)
+        return total, count
+
+    @jax.jit
+    def train_step(params, opt_state, rng, frozen, batch, step):
+        """batch: arrays [grad_accum, micro, S]. Returns new (params, opt_state, rng) and metrics.
+
+        rng holds the run's dropout key (constant); micro-batch i of step s drops with fold_in(key, s, i)."""
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+        def body(carry, xs):
+            g_acc, l_acc, n_acc = carry
+            i, micro = xs
+            keys = jax.tree.map(lambda k: jax.random.fold_in(jax.random.fold_in(k, step), i), rng)
+            (total, count), g = grad_fn(params, keys, frozen, micro)
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + total, n_acc + count), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        n_micro = jax.tree.leaves(batch)[0].shape[0]
+        (g, total, count), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), (jnp.arange(n_micro), batch))
+        denom = jnp.maximum(count, 1.0)
+        g = jax.tree.map(lambda x: x / denom, g)
+        updates, opt_state = tx.update(g, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": total / denom, "grad_norm": optax.tree.norm(g), "tokens": count, "lr": sched(step)}
+        return params, opt_state, rng, metrics
+
+    @jax.jit
+    def eval_step(params, rng, frozen, batch):
+        m = nnx.merge(eval_graphdef, params, rng, frozen)
+        return token_loss(m, batch)
+
+    return Steps(train_step, eval_step)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints.
+def checkpoint_manager(out_dir: Path, keep: int):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+    return ocp.CheckpointManager((out_dir / "checkpoints").resolve(), options=options)
+
+
+def restore(mngr, step: int, template: dict) -> dict:
+    import orbax.checkpoint as ocp
+
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def restore_lora(model: Small4ForCausalLM, run_dir: str | Path, step: int | None = None) -> int:
+    """Load the LoRA parameters of a run's checkpoint (latest, or `step`) into `model` (adapters attached)."""
+    import orbax.checkpoint as ocp
+
+    mngr = ocp.CheckpointManager(Path(run_dir).resolve() / "checkpoints")
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise TrainingError(f"{run_dir}: no checkpoint found")
+    params = nnx.state(model, lora.TRAINABLE)
+    abstract = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, params)}
+    restored = mngr.restore(step, args=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))
+    nnx.update(model, restored["params"])
+    mngr.close()
+    return step
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop.
+def _put_batch(batch: dict, accum: int, mesh) -> dict:
+    out = {}
+    for k, v in batch.items():
+        v = v.reshape(accum, v.shape[0] // accum, *v.shape[1:])
+        if mesh is not None and "data" in mesh.shape and v.shape[1] % mesh.shape["data"] == 0:
+            v = jax.device_put(v, NamedSharding(mesh, PartitionSpec(None, "data")))
+        out[k] = jnp.asarray(v)
+    return out
+
+
+def evaluate(steps: Steps, params, rng, frozen, data: Packed, batch_size: int, mesh) -> float:
+    total, count = 0.0, 0.0
+    for start in range(0, len(data), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(data)))
+        idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])  # fixed shape; repeats weighted 0
+        batch = data.take(idx)
+        batch["weights"] = batch["weights"] * (np.arange(batch_size) < min(batch_size, len(data) - start))[:, None]
+        b = {k: v[0] for k, v in _put_batch(batch, 1, mesh).items()}
+        t, c = steps.eval(params, rng, frozen, b)
+        total, count = total + float(t), count + float(c)
+    return total / max(count, 1.0)
+
+
+def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None) -> list[dict]:
+    """Run (or resume) the configured fine-tune; returns the metrics records of the steps run in this call."""
+    out = Path(cfg.train.out_dir)
+    if not resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+        raise TrainingError(f"{out}: already holds checkpoints; pass --resume to continue it or pick another out_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    tokenizer = load_tokenizer(cfg)
+    train_data, stats = load_dataset(cfg.data.train, tokenizer, cfg.data.seq_len, cfg.data.seed)
+    eval_data = load_dataset(cfg.data.eval, tokenizer, cfg.data.seq_len, cfg.data.seed)[0] if cfg.data.eval else None
+    log.info("data: %d rows -> %d packed rows of %d (%d train tokens)", stats.rows, stats.packed_rows,
+             cfg.data.seq_len, stats.train_tokens)
+    mesh = make_mesh(cfg)
+    model = build_model(cfg, mesh)
+    tx, sched = optimizer(cfg), schedule(cfg)
+    steps = make_steps(model, tx, sched)
+    _, params, rng, frozen = nnx.split(model, lora.TRAINABLE, lora.DropoutKey, ...)
+    opt_state = tx.init(params)
+
+    mngr = checkpoint_manager(out, cfg.train.keep)
+    start = 0
+    if resume:
+        latest = mngr.latest_step()
+        if latest is None:
+            raise TrainingError(f"{out}: --resume but no checkpoint in {out / 'checkpoints'}")
+        state = restore(mngr, latest, {"params": params, "opt_state": opt_state, "rng": rng,
+                                       "step": jnp.zeros((), jnp.int32), "data_position": jnp.zeros((), jnp.int32)})
+        params, opt_state, rng = state["params"], state["opt_state"], state["rng"]
+        start = int(state["step"])
+        log.info("resumed from step %d", start)
+    metrics_path = out / "metrics.jsonl"
+    if resume and metrics_path.exists():  # drop records past the checkpoint (they will be recomputed)
+        keep = [r for r in metrics_path.read_text().splitlines() if r and json.loads(r).get("step", 0) <= start]
+        metrics_path.write_text("".join(r + "\n" for r in keep))
+
+    t = cfg.train
+    accum, bsz = t.grad_accum, t.batch_size
+    records = []
+    last_good = start if resume else None
+    t0, tokens_seen = time.time(), 0.0
+    end = t.steps if stop_after is None else min(t.steps, stop_after)
+    with metrics_path.open("a") as mf:
+        for step in range(start, end):
+            batch = train_data.take(batch_indices(len(train_data), bsz, step, cfg.data.seed))
+            params, opt_state, rng, m = steps.train(params, opt_state, rng, frozen, _put_batch(batch, accum, mesh),
+                                                    jnp.int32(step))
+            loss = float(m["loss"])
+            done = step + 1
+            if not math.isfinite(loss):
+                mngr.wait_until_finished()
+                good = mngr.latest_step()
+                mngr.close()
+                where = f"the last good checkpoint is step {good} in {out / 'checkpoints'}" if good is not None \
+                    else "no checkpoint was saved yet"
+                raise TrainingError(f"loss is {loss} at step {done}; stopped. {where} (try a lower optim.lr)")
+            tokens_seen += float(m["tokens"])
+            rec = {"step": done, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                   "tokens": int(m["tokens"]), "elapsed_s": round(time.time() - t0, 3)}
+            rate = tokens_seen / max(time.time() - t0, 1e-9)
+            rec["tokens_per_s"] = round(rate, 1)
+            if eval_data is not None and ((t.eval_every and done % t.eval_every == 0) or done == t.steps):
+                rec["eval_loss"] = evaluate(steps, params, rng, frozen, eval_data, bsz, mesh)
+            if done % t.ckpt_every == 0 or done == t.steps:
+                import orbax.checkpoint as ocp
+
+                mngr.save(done, args=ocp.args.StandardSave({
+                    "params": params, "opt_state": opt_state, "rng": rng, "step": jnp.asarray(done, jnp.int32),
+                    "data_position": jnp.asarray(done * bsz, jnp.int32)}))
+                last_good = done
+            mf.write(json.dumps(rec) + "\n")
+            mf.flush()
+            records.append(rec)
+            if done % t.log_every == 0 or done == end:
+                eta = (end - done) * (time.time() - t0) / max(done - start, 1)
+                ev = f" eval {rec['eval_loss']:.4f}" if "eval_loss" in rec else ""
+                print(f"step {done}/{t.steps} loss {loss:.4f}{ev} lr {rec['lr']:.2e} tok/s {rate:,.0f} "
+                      f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", file=sys.stderr, flush=True)
+    mngr.wait_until_finished()
+    mngr.close()
+    del last_good
+    return records
+
+
+def clean(out_dir: str | Path) -> None:
+    shutil.rmtree(out_dir, ignore_errors=True)
