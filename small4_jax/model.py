@@ -136,11 +136,7 @@ class Experts(nnx.Module):
 
 
 class MoE(nnx.Module):
-    """Routed experts (top-k of a softmax over all experts) plus ungated shared expert(s).
-
-    When the expert weights sit on a mesh with an `expert` axis (loaded with `mesh=`, or under `jax.set_mesh`), the
-    routed experts run expert-parallel (`config.moe_strategy`; see moe.py).
-    """
+    """Routed experts (top-k of a softmax over all experts) plus ungated shared expert(s)."""
 
     def __init__(self, config: Small4Config, *, dtype, rngs: nnx.Rngs):
         self.config = config
@@ -169,7 +165,7 @@ class MoE(nnx.Module):
         lora = None if self.experts.lora is None else self.experts.lora.weights()
         y = routed_experts(
             flat, ids, weights, self.experts.gate_up[...], self.experts.down[...], act=self.act, impl=c.moe_impl,
-            lora=lora, mesh="auto", strategy=c.moe_strategy, a2a_min_tokens=c.moe_a2a_min_tokens,
+            lora=lora,
         )
         y = y.reshape(shape)
         if self.shared_experts is not None:
