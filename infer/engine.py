@@ -23,6 +23,7 @@ The engine works on token ids; chat formatting and output parsing live in `infer
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -413,10 +414,12 @@ class Engine:
         return zeros, zeros, np.zeros((b, t, 2), np.int32), np.zeros((b, w), np.int32), np.zeros((b,), np.int32)
 
     def _run(self, ids, positions, seq_index, slots, page_table, logit_index, sampling, *, absorbed):
-        tokens, logprobs, top_ids, top_lp, self.pages = step(
-            self.graphdef, self.state, self.pages, ids, positions, seq_index, slots, page_table, logit_index,
-            sampling, absorbed=absorbed, num_top=MAX_TOP_LOGPROBS,
-        )
+        # under the mesh, so mesh-aware code in the model (the expert-parallel MoE) sees it while tracing
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            tokens, logprobs, top_ids, top_lp, self.pages = step(
+                self.graphdef, self.state, self.pages, ids, positions, seq_index, slots, page_table, logit_index,
+                sampling, absorbed=absorbed, num_top=MAX_TOP_LOGPROBS,
+            )
         return jax.device_get((tokens, logprobs, top_ids, top_lp))
 
     def _loop(self) -> None:

@@ -199,3 +199,23 @@ def test_preemption_under_page_pressure_keeps_outputs(setup):
     assert engine.metrics()["preempted"] > 0
     for p, o in zip(prompts, outs):
         assert o.token_ids == _hf_greedy(hf, p, 14)
+
+
+def test_engine_on_an_expert_parallel_mesh(setup):
+    """Weights placed by the sharding rules on data=1,expert=8,tensor=1: the same greedy tokens as transformers."""
+    from flax import nnx
+
+    from small4_jax.placement import place_model
+    from small4_jax.sharding import make_mesh
+
+    hf, model, _ = setup
+    mesh = make_mesh({"data": 1, "expert": 8, "tensor": 1})
+    sharded = place_model(nnx.clone(model), mesh)
+    assert len(sharded.layers[1].mlp.experts.gate_up[...].sharding.device_set) == 8
+    engine = Engine(sharded, max_batch=8, page_size=8, prefill_chunk=16, batch_buckets=(8,), page_buckets=(8,),
+                    mesh=mesh)
+    assert len(engine.pages.sharding.device_set) == 8
+    prompts = _prompts(3, seed=23, lengths=[5, 17, 30])
+    outs = _run(engine, [(i, p, SamplingOptions(max_tokens=8)) for i, p in enumerate(prompts)])
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == _hf_greedy(hf, p, 8)

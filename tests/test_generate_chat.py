@@ -5,6 +5,7 @@ against transformers in test_generate.py) on the same random tiny preset, with p
 """
 
 import json
+from pathlib import Path
 
 import pytest
 from mistral_common.protocol.instruct.messages import SystemMessage, UserMessage
@@ -16,14 +17,16 @@ from small4_jax.generation import generate
 from small4_jax.model import init_model
 from small4_jax.tokenizer import ASSETS_DIR, load_tokenizer
 
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "tiny.yaml"
 TEKKEN = str(ASSETS_DIR / "tiny_tekken.json")
-BASE = ["--config", "configs/tiny.yaml", "--tokenizer", TEKKEN, "--max-model-len", "256", "--prefill-chunk", "32",
+BASE = ["--config", str(TINY), "--tokenizer", TEKKEN, "--max-model-len", "256", "--prefill-chunk", "32",
         "--max-new-tokens", "8"]
 
 
 @pytest.fixture(scope="module")
 def reference():
-    model = init_model(Small4Config.from_yaml("configs/tiny.yaml"), seed=0)
+    model = init_model(Small4Config.from_yaml(TINY), seed=0)
     tok = load_tokenizer(TEKKEN)
     return lambda ids, n=8: generate(model, ids, max_new_tokens=n, stop_ids=[2]), tok
 

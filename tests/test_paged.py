@@ -5,6 +5,8 @@ on the whole sequence at explicit positions; ours prefills part of it through sc
 decodes the rest one token at a time (absorbed MLA). Error metric: max|ours - ref| / max|ref| per position.
 """
 
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -15,6 +17,8 @@ from small4_jax.config import Small4Config
 from small4_jax.model import init_model
 
 PAGE = 4
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "tiny.yaml"
 
 
 def _rel(a, b):
@@ -28,7 +32,7 @@ def _slots(table, idx):
 @pytest.mark.parametrize("q_lora", [True, False])
 @pytest.mark.parametrize("start", [0, 600, 262_130])
 def test_absorbed_decode_equals_unabsorbed_forward(q_lora, start):
-    config = Small4Config.from_yaml("configs/tiny.yaml")  # original_max_position_embeddings 512
+    config = Small4Config.from_yaml(TINY)  # original_max_position_embeddings 512
     if not q_lora:
         config = config.replace(q_lora_rank=None)
     model = init_model(config, seed=1)
@@ -60,7 +64,7 @@ def test_absorbed_decode_equals_unabsorbed_forward(q_lora, start):
 
 
 def test_absorbed_prefill_equals_expanded_prefill():
-    config = Small4Config.from_yaml("configs/tiny.yaml")
+    config = Small4Config.from_yaml(TINY)
     model = init_model(config, seed=2)
     graphdef, state = nnx.split(model)
     ids = np.arange(3, 13, dtype=np.int32)[None]
@@ -82,7 +86,7 @@ def test_cache_size_of_small4_119b_from_the_config():
     """320 values x dtype bytes per token per layer, computed from the preset (nothing allocated)."""
     from infer.engine import cache_report
 
-    config = Small4Config.from_yaml("configs/small4-119b.yaml")
+    config = Small4Config.from_yaml(REPO / "configs" / "small4-119b.yaml")
     assert paged.cache_width(config) == 320
     assert paged.cache_bytes_per_token_per_layer(config, "bfloat16") == 640
     assert paged.cache_bytes_per_token_per_layer(config, "float32") == 1280
@@ -99,5 +103,5 @@ def test_cache_can_be_sharded_replicated_on_a_mesh():
 
     mesh = make_mesh({"data": 1, "expert": 8, "tensor": 1})
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    cache = paged.PagedCache.create(Small4Config.from_yaml("configs/tiny.yaml"), 3, PAGE, sharding=sharding)
+    cache = paged.PagedCache.create(Small4Config.from_yaml(TINY), 3, PAGE, sharding=sharding)
     assert cache.pages.sharding == sharding and cache.num_pages == 3 and cache.page_size == PAGE

@@ -1,0 +1,215 @@
+"""Decode throughput and time to first token on a reduced-depth, full-width proxy of Small 4 (PERFORMANCE.md §7.5).
+
+    python benchmarks/decode.py                       # P-8L-bf16: 8 layers, all 128 experts, random weights (GPU)
+    python benchmarks/decode.py --small --no-peer     # a CPU smoke test on tiny dimensions
+
+For each batch B and context T it times the engine's decode step (`small4_jax.paged.step`, absorbed MLA over a
+paged latent cache holding T tokens per row) and reports output tokens/s, the time per layer, and the fraction of
+the bandwidth floor: the bytes a step must read (every attention / router / shared-expert weight, the routed
+experts B x top-k can touch, the lm_head and the B x T latent rows) divided by the measured device copy bandwidth.
+Time to first token is a chunked prefill of T tokens for one request (expanded MLA). The peer is transformers
+`Mistral4ForCausalLM` on the same config in the same process (its own KV cache, one token per forward).
+
+Output: one JSON object per measurement on stdout and, with --markdown FILE, a table appended to FILE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from small4_jax.batch_sampling import RowSampling  # noqa: E402
+from small4_jax.config import Small4Config  # noqa: E402
+from small4_jax.model import init_model  # noqa: E402
+from small4_jax.paged import PagedCache, cache_bytes_per_token_per_layer, step  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def proxy_config(small: bool, layers: int) -> Small4Config:
+    if small:
+        return Small4Config.from_yaml(REPO / "configs" / "tiny.yaml")
+    return Small4Config.from_yaml(REPO / "configs" / "small4-119b.yaml").replace(num_hidden_layers=layers)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device copy bandwidth in bytes/s (read + write counted), from a jitted x + 1 over `nbytes`."""
+    x = jnp.zeros((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a + 1)
+    f(x).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        x = f(x)
+    x.block_until_ready()
+    return 2 * nbytes * 5 / (time.perf_counter() - t0)
+
+
+def floor_bytes(config: Small4Config, dtype, batch: int, context: int) -> int:
+    """Minimal bytes read by one decode step (weights touched + latent cache), from the config."""
+    c, b = config, jnp.dtype(dtype).itemsize
+    h, nh = c.hidden_size, c.num_attention_heads
+    q = h * c.q_lora_rank + c.q_lora_rank * nh * c.qk_head_dim if c.q_lora_rank else h * nh * c.qk_head_dim
+    attn = q + h * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank * nh * (c.qk_nope_head_dim + c.v_head_dim)
+    attn += nh * c.v_head_dim * h
+    expert = 3 * h * c.moe_intermediate_size
+    touched = min(c.n_routed_experts, batch * c.num_experts_per_tok)
+    per_layer = attn + h * c.n_routed_experts + expert * (touched + c.n_shared_experts)
+    weights = c.num_hidden_layers * per_layer + h * c.vocab_size + batch * h
+    cache = batch * context * cache_bytes_per_token_per_layer(c, dtype) * c.num_hidden_layers
+    return weights * b + cache
+
+
+def time_decode(graphdef, state, config, dtype, batch, context, page_size, iters):
+    pages_per_row = math.ceil((context + iters + 1) / page_size)
+    cache = PagedCache.create(config, batch * pages_per_row + 1, page_size, dtype).pages
+    table = (1 + np.arange(batch * pages_per_row, dtype=np.int32)).reshape(batch, pages_per_row)
+    ids = np.full((batch, 1), 5, np.int32)
+    sampling = RowSampling.greedy(batch)
+    rows = np.arange(batch)
+
+    def one(pages, pos):
+        seq = np.full((batch, 1), pos, np.int32)
+        slots = np.stack([table[rows, pos // page_size], np.full(batch, pos % page_size)], -1)[:, None].astype(
+            np.int32)
+        out = step(graphdef, state, pages, ids, seq, seq, slots, table, np.zeros((batch,), np.int32), sampling,
+                   absorbed=True, num_top=1)
+        return out[-1], out[0]
+
+    cache, tok = one(cache, context)  # compile
+    tok.block_until_ready()
+    t0 = time.perf_counter()
+    for i in range(iters):
+        cache, tok = one(cache, context + 1 + i)
+    tok.block_until_ready()
+    return (time.perf_counter() - t0) / iters
+
+
+def time_prefill(graphdef, state, config, dtype, context, page_size, chunk):
+    n_pages = math.ceil(context / page_size)
+    cache = PagedCache.create(config, n_pages + 1, page_size, dtype).pages
+    table = (1 + np.arange(n_pages, dtype=np.int32))[None]
+    sampling = RowSampling.greedy(1)
+
+    def run(pages):
+        tok = None
+        for start in range(0, context, chunk):
+            idx = np.minimum(np.arange(start, start + chunk), context - 1)[None].astype(np.int32)
+            slots = np.stack([table[0, idx[0] // page_size], idx[0] % page_size], -1)[None].astype(np.int32)
+            *out, pages = step(graphdef, state, pages, np.full((1, chunk), 5, np.int32), idx, idx, slots, table,
+                               np.array([min(chunk, context - start) - 1], np.int32), sampling, absorbed=False,
+                               num_top=1)
+            tok = out[0]
+        tok.block_until_ready()
+        return pages
+
+    cache = run(cache)  # compile
+    t0 = time.perf_counter()
+    run(cache)
+    return time.perf_counter() - t0
+
+
+def peer_decode(config, batch, context, iters, device):
+    """transformers Mistral4ForCausalLM on the same config: seconds per decode step (None if unavailable)."""
+    try:
+        import torch
+        from transformers import Mistral4Config, Mistral4ForCausalLM
+    except ImportError:
+        return None
+    c = config
+    hf_config = Mistral4Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        moe_intermediate_size=c.moe_intermediate_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+        n_routed_experts=c.n_routed_experts, num_experts_per_tok=c.num_experts_per_tok,
+        n_shared_experts=c.n_shared_experts, first_k_dense_replace=c.first_k_dense_replace,
+        q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank, qk_nope_head_dim=c.qk_nope_head_dim,
+        qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim, max_position_embeddings=context + iters + 8,
+    )
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = Mistral4ForCausalLM(hf_config).to(dtype).eval()
+    with torch.no_grad():
+        ids = torch.full((batch, context), 5, device=device)
+        out = model(ids, use_cache=True)
+        past, tok = out.past_key_values, torch.full((batch, 1), 5, device=device)
+        for i in range(iters + 1):
+            if i == 1:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            past = model(tok, past_key_values=past, use_cache=True).past_key_values
+        if device == "cuda":
+            torch.cuda.synchronize()
+    del model
+    return (time.perf_counter() - t0) / iters
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--small", action="store_true", help="tiny dimensions (configs/tiny.yaml): a CPU smoke test")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--batches", default=None, help="comma-separated (default 1,8,64,256; --small: 1,8)")
+    p.add_argument("--contexts", default=None, help="comma-separated (default 1024,8192; --small: 64,256)")
+    p.add_argument("--dtype", default=None, help="default bfloat16 (float32 with --small)")
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--prefill-chunk", type=int, default=2048)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--no-peer", action="store_true", help="skip transformers")
+    p.add_argument("--markdown", help="append a results table to this file (e.g. benchmarks/RESULTS.md)")
+    args = p.parse_args(argv)
+    batches = [int(x) for x in (args.batches or ("1,8" if args.small else "1,8,64,256")).split(",")]
+    contexts = [int(x) for x in (args.contexts or ("64,256" if args.small else "1024,8192")).split(",")]
+    dtype = jnp.dtype(args.dtype or ("float32" if args.small else "bfloat16"))
+    page_size = min(args.page_size, 16) if args.small else args.page_size
+    chunk = min(args.prefill_chunk, 64) if args.small else args.prefill_chunk
+    config = proxy_config(args.small, args.layers)
+    model = init_model(config, seed=0, dtype=dtype)
+    graphdef, state = nnx.split(model)
+    bandwidth = copy_bandwidth(1 << 26 if args.small else 1 << 30)
+    device = jax.devices()[0].device_kind
+    rows = []
+    for context in contexts:
+        ttft = time_prefill(graphdef, state, config, dtype, context, page_size, chunk)
+        for batch in batches:
+            t = time_decode(graphdef, state, config, dtype, batch, context, page_size, args.iters)
+            floor = floor_bytes(config, dtype, batch, context) / bandwidth
+            peer = None
+            if not args.no_peer:
+                torch_device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
+                peer = peer_decode(config, batch, context, max(3, args.iters // 4), torch_device)
+            row = dict(device=device, layers=config.num_hidden_layers, dtype=str(dtype), batch=batch,
+                       context=context, step_ms=t * 1e3, tokens_per_s=batch / t,
+                       us_per_layer=t * 1e6 / config.num_hidden_layers, floor_ms=floor * 1e3,
+                       fraction_of_floor=floor / t, ttft_ms=ttft * 1e3,
+                       peer_tokens_per_s=None if peer is None else batch / peer,
+                       copy_bandwidth_gbs=bandwidth / 1e9)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.markdown:
+        lines = [f"\n### decode, {config.num_hidden_layers}-layer proxy, {dtype}, {device} "
+                 f"(copy bandwidth {bandwidth / 1e9:.0f} GB/s)\n",
+                 "| batch | context | tok/s | step ms | us/layer | floor ms | % of floor | TTFT ms | transformers tok/s |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            peer = "-" if r["peer_tokens_per_s"] is None else f"{r['peer_tokens_per_s']:.1f}"
+            lines.append(f"| {r['batch']} | {r['context']} | {r['tokens_per_s']:.1f} | {r['step_ms']:.2f} | "
+                         f"{r['us_per_layer']:.0f} | {r['floor_ms']:.2f} | {100 * r['fraction_of_floor']:.0f}% | "
+                         f"{r['ttft_ms']:.0f} | {peer} |")
+        with open(args.markdown, "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

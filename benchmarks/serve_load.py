@@ -1,0 +1,111 @@
+"""A bounded load test of `infer.serve`: N streaming chat requests, at most C in flight, through the openai client.
+
+    python benchmarks/serve_load.py                          # starts the tiny random model in-process (CPU is fine)
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --api-key KEY --requests 512 --concurrency 64
+
+Reports (one JSON object): requests ok / failed, wall time, output tokens/s, requests/s, and time to first token and
+end-to-end latency percentiles (p50, p95, max). Every request has a deadline (--timeout), so the run is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _start_tiny(max_batch: int):
+    from infer.engine import Engine
+    from infer.serve import Running, Server
+    from small4_jax.config import Small4Config
+    from small4_jax.model import init_model
+    from small4_jax.tokenizer import ASSETS_DIR, load_tokenizer
+
+    repo = Path(__file__).resolve().parent.parent
+    model = init_model(Small4Config.from_yaml(repo / "configs" / "tiny.yaml"), seed=0)
+    tok = load_tokenizer(ASSETS_DIR / "tiny_tekken.json")
+    engine = Engine(model, tok, max_batch=max_batch, page_size=16, max_model_len=512, prefill_chunk=64,
+                    batch_buckets=(max_batch,), page_buckets=(8, 32))
+    return Running(Server(engine, tok, "tiny"))
+
+
+def _pct(values, q):
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def _load(url, api_key, model, n, concurrency, max_tokens, timeout):
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=api_key or "none", max_retries=0, timeout=timeout)
+    gate = asyncio.Semaphore(concurrency)
+    ttft, latency, tokens, failures = [], [], [0], []
+
+    async def one(i):
+        async with gate:
+            t0 = time.perf_counter()
+            first = None
+            try:
+                stream = await client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": f"request {i}: what is the weather?"}],
+                    max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True})
+                async for chunk in stream:
+                    if first is None and chunk.choices and chunk.choices[0].delta.content is not None:
+                        first = time.perf_counter() - t0
+                    if chunk.usage is not None:
+                        tokens[0] += chunk.usage.completion_tokens
+            except Exception as e:  # counted, not raised: a load test reports failures
+                failures.append(f"{type(e).__name__}: {e}"[:200])
+                return
+            ttft.append(first or 0.0)
+            latency.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    wall = time.perf_counter() - t0
+    await client.close()
+    return dict(requests=n, ok=len(latency), failed=len(failures), concurrency=concurrency, wall_s=wall,
+                output_tokens=tokens[0], output_tokens_per_s=tokens[0] / wall, requests_per_s=len(latency) / wall,
+                ttft_p50_s=_pct(ttft, 0.5), ttft_p95_s=_pct(ttft, 0.95), latency_p50_s=_pct(latency, 0.5),
+                latency_p95_s=_pct(latency, 0.95), latency_max_s=max(latency) if latency else None,
+                first_failures=failures[:3])
+
+
+def run(url, *, api_key=None, model="tiny", requests=64, concurrency=16, max_tokens=16, timeout=120.0) -> dict:
+    """Run the load test against `url` (None: start the tiny model in-process); returns the report."""
+    running = None
+    if url is None:
+        running = _start_tiny(max_batch=min(concurrency, 16))
+        url = running.url
+    try:
+        return asyncio.run(_load(url, api_key, model, requests, concurrency, max_tokens, timeout))
+    finally:
+        if running is not None:
+            running.stop()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--url", help="a running server (default: start the tiny model in-process)")
+    p.add_argument("--api-key")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    args = p.parse_args(argv)
+    result = run(args.url, api_key=args.api_key, model=args.model, requests=args.requests,
+                 concurrency=args.concurrency, max_tokens=args.max_tokens, timeout=args.timeout)
+    print(json.dumps(result))
+    return 0 if result["failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
