@@ -38,7 +38,7 @@ import numpy as np
 from small4_jax.errors import ConfigError
 
 _ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
-MOE_IMPLS = ("auto", "ragged_dot", "dense")  # "auto" picks the fastest correct one on the platform (moe.resolve_impl)
+MOE_IMPLS = ("auto", "pallas", "ragged_dot", "dense")  # "auto": the fastest correct one here (moe.resolve_impl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +94,11 @@ class Small4Config:
     yarn_apply_scale: bool = False  # native `yarn.apply_scale`; used when scale_convention == "native"
     softmax_scale: float | None = None  # explicit override of the attention softmax scale
     # Implementation choices (not part of the checkpoint's math).
-    moe_impl: str = "auto"  # grouped matmul of the routed experts: "auto", "ragged_dot", "dense" (see moe.py)
+    moe_impl: str = "auto"  # grouped matmul of the routed experts: "auto", "pallas", "ragged_dot", "dense" (see moe.py)
+    # Expert parallelism when the expert weights sit on a mesh with an 'expert' axis (see moe.py): "auto" (by token
+    # count), "replicated" (tokens replicated, local experts, psum), "all_to_all" (dispatch/combine), "none".
+    moe_strategy: str = "auto"
+    moe_a2a_min_tokens: int = 512  # "auto" uses all_to_all from this many tokens per data shard (untuned)
     # Embeddings and special ids.
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02

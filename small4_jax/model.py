@@ -136,7 +136,11 @@ class Experts(nnx.Module):
 
 
 class MoE(nnx.Module):
-    """Routed experts (top-k of a softmax over all experts) plus ungated shared expert(s)."""
+    """Routed experts (top-k of a softmax over all experts) plus ungated shared expert(s).
+
+    When the expert weights sit on a mesh with an `expert` axis (loaded with `mesh=`, or under `jax.set_mesh`), the
+    routed experts run expert-parallel (`config.moe_strategy`; see moe.py).
+    """
 
     def __init__(self, config: Small4Config, *, dtype, rngs: nnx.Rngs):
         self.config = config
@@ -165,7 +169,7 @@ class MoE(nnx.Module):
         lora = None if self.experts.lora is None else self.experts.lora.weights()
         y = routed_experts(
             flat, ids, weights, self.experts.gate_up[...], self.experts.down[...], act=self.act, impl=c.moe_impl,
-            lora=lora,
+            lora=lora, mesh="auto", strategy=c.moe_strategy, a2a_min_tokens=c.moe_a2a_min_tokens,
         )
         y = y.reshape(shape)
         if self.shared_experts is not None:

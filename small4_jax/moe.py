@@ -1,22 +1,55 @@
 """Routing and the routed-expert dispatch of the Mistral Small 4 MoE layer, as plain functions.
 
 `route` turns router logits into top-k expert ids and weights (fp32: softmax over all experts, group-limited top-k,
-renormalise, scale). `routed_experts` is the one dispatch function every MoE layer calls: it sorts the token-expert
-pairs by expert, runs a grouped matmul over the sorted rows (gate+up, SwiGLU, down), unsorts with a gather and applies
-the router weights. The grouped matmul is chosen by `impl`; "ragged_dot" (`jax.lax.ragged_dot`) is the pure-JAX path
-and "dense" evaluates every expert on every token (a reference for tests). A Pallas kernel goes behind the same
-function.
+renormalise, scale). `routed_experts` is the one dispatch function every MoE layer calls:
+
+    sort_by_expert -> permute (gather rows into expert order) -> expert_mlp -> unpermute (gather back) -> combine
+
+`expert_mlp` is the fused expert MLP: one grouped matmul for gate+up on the stored [E, H, 2F] layout (which already is
+the kernel's [G, K, N]; checkpoint.py transposes HF's [E, 2F, H] into it once, at load), SwiGLU, the down projection;
+the router weights are applied in float32 at the combine. Per-expert LoRA adapters (`ExpertLoRA`) are extra grouped
+matmuls over the same sorted rows. The grouped matmul is `small4_jax.kernels.gmm`, chosen by `impl`:
+
+    "pallas"      the Pallas kernel (custom VJP; Pallas interpret mode on a CPU, so only for tests there)
+    "ragged_dot"  jax.lax.ragged_dot (XLA's lowering)
+    "dense"       every expert on every token: a reference for tests (O(E) work)
+    "auto"        the fastest correct one on the platform: "pallas" on GPUs, "ragged_dot" elsewhere
+
+Permute and unpermute are gathers whose backward passes are gathers too (custom VJPs), never scatter-adds.
+
+Expert parallelism: when the expert weights live on a mesh with an `expert` axis (`sharding.mesh_of`), the dispatch
+runs inside `jax.shard_map` over the mesh axes data / expert / tensor (layout from `sharding.moe_layout`), with one of
+two strategies (`strategy`, default "auto": by tokens per data shard against `a2a_min_tokens`):
+
+    "replicated"  every expert shard sees all tokens of its data shard, runs its local experts on their rows (the
+                  kernel's local-group window), and a psum over expert (and tensor) combines. Decode, small batches.
+    "all_to_all"  tokens are split over data x expert; each shard sends every routed row to the shard owning its
+                  expert, runs its local experts, and sends results back. `jax.lax.ragged_all_to_all` on GPUs; on
+                  other platforms (XLA:CPU has no ragged all-to-all) a padded dense `all_to_all` with the same
+                  semantics (`_ragged_all_to_all_dense`). Prefill and training.
+    "none"        no shard_map: XLA partitions the single-device code (also the fallback when the mesh has no
+                  expert axis or its size does not divide the number of experts).
+
+With tensor parallelism (tp > 1) each shard holds gate_up columns [t*2F/tp, (t+1)*2F/tp) of the stored [gate | up]
+layout, so the gate_up output is all-gathered over `tensor` and each shard keeps its F/tp gate and up columns, which
+match its rows of `down`; partial outputs are summed in float32 by a psum over `tensor`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("ragged_dot", "dense")
+from small4_jax import kernels
+from small4_jax.sharding import MoELayout, mesh_of, moe_layout
+
+IMPLS = ("pallas", "ragged_dot", "dense")
+STRATEGIES = ("auto", "replicated", "all_to_all", "none")
+_GMM_BACKEND = {"pallas": "pallas", "ragged_dot": "ragged_dot", "dense": "reference"}
 
 
 class ExpertLoRA(NamedTuple):
@@ -29,13 +62,29 @@ class ExpertLoRA(NamedTuple):
     scale: float
 
 
+def _on_gpu() -> bool:
+    return jax.default_backend() in ("gpu", "cuda", "rocm")
+
+
 def resolve_impl(impl: str) -> str:
-    """The grouped-matmul implementation to use for `impl` ("auto" -> the fastest correct one here)."""
+    """The grouped-matmul implementation to use for `impl` ("auto" -> the fastest correct one here).
+
+    On a CPU the Pallas kernel only runs in interpret mode, so "auto" is "ragged_dot" there.
+    """
     if impl == "auto":
-        return "ragged_dot"
+        return "pallas" if _on_gpu() else "ragged_dot"
     if impl not in IMPLS:
         raise ValueError(f"unknown moe impl {impl!r}; expected 'auto' or one of {IMPLS}")
     return impl
+
+
+def resolve_strategy(strategy: str, tokens_per_data_shard: int, ep: int, a2a_min_tokens: int) -> str:
+    """The expert-parallel strategy for `strategy` ("auto" -> by token count)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown moe strategy {strategy!r}; expected one of {STRATEGIES}")
+    if strategy == "auto":
+        return "all_to_all" if ep > 1 and tokens_per_data_shard >= a2a_min_tokens else "replicated"
+    return strategy
 
 
 def route(
@@ -69,6 +118,125 @@ def route(
     return ids.astype(jnp.int32), weights * routed_scaling_factor
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Sort-based dropless dispatch.
+class Dispatch(NamedTuple):
+    """Token-expert pairs sorted by expert: sorted row r holds pair order[r] (pair p = token p // k, slot p % k)."""
+
+    order: jax.Array  # [P] int32
+    inverse: jax.Array  # [P] int32, argsort(order): the sorted row of pair p
+    group_sizes: jax.Array  # [E] int32, rows per expert
+    sorted_ids: jax.Array  # [P] int32, the expert of each sorted row
+
+
+def sort_by_expert(expert_ids: jax.Array, num_experts: int) -> Dispatch:
+    """Stable sort of the flattened [N, k] expert ids (ids >= num_experts sort last and count in no group)."""
+    flat = expert_ids.reshape(-1).astype(jnp.int32)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    inverse = jnp.argsort(order).astype(jnp.int32)
+    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return Dispatch(order, inverse, group_sizes, flat[order])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def permute(x: jax.Array, order: jax.Array, inverse: jax.Array, k: int) -> jax.Array:
+    """rows[r] = x[order[r] // k]: the token rows in expert order [N*k, H]. Backward: a gather and a sum over k."""
+    return x[order // k]
+
+
+def _permute_fwd(x, order, inverse, k):
+    return x[order // k], (order, inverse)
+
+
+def _permute_bwd(k, residuals, d_rows):
+    order, inverse = residuals
+    dx = d_rows[inverse].astype(jnp.float32).reshape(inverse.shape[0] // k, k, -1).sum(1)
+    return dx.astype(d_rows.dtype), None, None
+
+
+permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+@jax.custom_vjp
+def unpermute(y: jax.Array, order: jax.Array, inverse: jax.Array) -> jax.Array:
+    """out[p] = y[inverse[p]]: sorted rows back to pair order. Backward: the gather by `order`."""
+    return y[inverse]
+
+
+def _unpermute_fwd(y, order, inverse):
+    return y[inverse], (order, inverse)
+
+
+def _unpermute_bwd(residuals, d_out):
+    order, _ = residuals
+    return d_out[order], None, None
+
+
+unpermute.defvjp(_unpermute_fwd, _unpermute_bwd)
+
+
+def _combine(y_pairs: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum_k w_k y_k in float32: y_pairs [N*k, H], weights [N, k] -> [N, H]."""
+    n, k = weights.shape
+    y = y_pairs.reshape(n, k, -1).astype(jnp.float32)
+    return jnp.einsum("nkh,nk->nh", y, weights.astype(jnp.float32))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The fused expert MLP over sorted rows.
+def expert_mlp(
+    rows: jax.Array,
+    group_sizes: jax.Array,
+    gate_up: jax.Array,
+    down: jax.Array,
+    *,
+    act: Callable[[jax.Array], jax.Array] = jax.nn.silu,
+    impl: str = "ragged_dot",
+    lora: ExpertLoRA | None = None,
+    group_offset=None,
+    tensor_axis: str | None = None,
+    out_dtype=None,
+) -> jax.Array:
+    """down_e(act(rows gate_e) * (rows up_e)) for rows [M, H] sorted by expert -> [M, H] (out_dtype, default rows').
+
+    gate_up [G, H, 2F'] and down [G, F', H] hold the window of G experts from `group_offset` (all of them when None);
+    rows outside the window, and rows past sum(group_sizes), come out zero. With `tensor_axis` (inside shard_map,
+    tp > 1) gate_up holds this shard's slice of the [gate | up] columns and down its F/tp rows; the result is then
+    this shard's partial sum over F.
+    """
+    backend = _GMM_BACKEND[impl]
+
+    def gmm(lhs, rhs, dtype=None):
+        return kernels.gmm(lhs, rhs, group_sizes, group_offset, backend=backend, preferred_element_type=dtype)
+
+    h = gmm(rows, gate_up)
+    if lora is not None:
+        h = h + lora.scale * gmm(gmm(rows, lora.gate_up_a), lora.gate_up_b)
+    if tensor_axis is None:
+        f = h.shape[-1] // 2
+        gate, up = h[:, :f], h[:, f:]
+    else:
+        gate, up = _gate_up_columns(h, tensor_axis)
+    a = act(gate) * up
+    y = gmm(a, down, out_dtype)
+    if lora is not None:
+        y = y + lora.scale * gmm(gmm(a, lora.down_a), lora.down_b, out_dtype)
+    return y
+
+
+def _gate_up_columns(h: jax.Array, tensor_axis: str) -> tuple[jax.Array, jax.Array]:
+    """This tensor shard's gate and up columns from its slice of [gate | up] (an all-gather over `tensor_axis`)."""
+    full = jax.lax.all_gather(h, tensor_axis, axis=1, tiled=True)  # [M, 2F]
+    f = full.shape[1] // 2
+    width = h.shape[1] // 2  # F / tp
+    start = jax.lax.axis_index(tensor_axis) * width
+    gate = jax.lax.dynamic_slice_in_dim(full, start, width, axis=1)
+    up = jax.lax.dynamic_slice_in_dim(full, f + start, width, axis=1)
+    return gate, up
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The dispatch.
 def routed_experts(
     x: jax.Array,
     expert_ids: jax.Array,
@@ -79,37 +247,38 @@ def routed_experts(
     act: Callable[[jax.Array], jax.Array] = jax.nn.silu,
     impl: str = "auto",
     lora: ExpertLoRA | None = None,
+    mesh=None,
+    strategy: str = "auto",
+    a2a_min_tokens: int = 512,
 ) -> jax.Array:
     """Mixture of routed SwiGLU experts.
 
     x [N, H]; expert_ids, expert_weights [N, k]; gate_up [E, H, 2F] (gate columns first, then up); down [E, F, H].
     Returns sum_k w_k * down_e(act(x gate_e) * (x up_e)) as [N, H] in x.dtype. With `lora`, each expert's weights
     are W_e + scale * A_e B_e, computed as extra grouped matmuls over the same sorted rows (never merged).
+    With `mesh` (a mesh with an `expert` axis, or "auto": the one gate_up lives on, `sharding.mesh_of`) the experts
+    run expert-parallel with `strategy` (module docstring); the result equals one device's.
     """
     impl = resolve_impl(impl)
-    if impl == "dense":
-        return _dense_experts(x, expert_ids, expert_weights, gate_up, down, act, lora)
-    n, k = expert_ids.shape
-    num_experts = gate_up.shape[0]
-    flat_ids = expert_ids.reshape(-1)
-    order = jnp.argsort(flat_ids, stable=True)  # sorted row r holds pair order[r]
-    rows = x[order // k]  # [N*k, H], grouped by expert
-    group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
-
-    def gmm(lhs, rhs):
-        return jax.lax.ragged_dot(lhs, rhs.astype(x.dtype), group_sizes)
-
-    h = gmm(rows, gate_up)
-    if lora is not None:
-        h = h + lora.scale * gmm(gmm(rows, lora.gate_up_a), lora.gate_up_b)
-    f = h.shape[-1] // 2
-    a = act(h[:, :f]) * h[:, f:]
-    y = gmm(a, down)  # [N*k, H]
-    if lora is not None:
-        y = y + lora.scale * gmm(gmm(a, lora.down_a), lora.down_b)
-    inverse = jnp.argsort(order)  # a gather, not a scatter: its transpose is a gather too
-    y = y[inverse].reshape(n, k, -1)
-    return jnp.einsum("nkh,nk->nh", y.astype(jnp.float32), expert_weights.astype(jnp.float32)).astype(x.dtype)
+    if isinstance(mesh, str):
+        if mesh != "auto":
+            raise ValueError(f"mesh must be a Mesh, 'auto' or None; got {mesh!r}")
+        mesh = mesh_of(gate_up)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown moe strategy {strategy!r}; expected one of {STRATEGIES}")
+    layout = None
+    if mesh is not None and strategy != "none":
+        layout = moe_layout(mesh, gate_up.shape[0], down.shape[1])
+    if layout is None:
+        if impl == "dense":
+            return _dense_experts(x, expert_ids, expert_weights, gate_up, down, act, lora)
+        d = sort_by_expert(expert_ids, gate_up.shape[0])
+        rows = permute(x, d.order, d.inverse, expert_ids.shape[1])
+        y = expert_mlp(rows, d.group_sizes, gate_up, down, act=act, impl=impl, lora=lora)
+        return _combine(unpermute(y, d.order, d.inverse), expert_weights).astype(x.dtype)
+    strategy = resolve_strategy(strategy, x.shape[0] // layout.data, layout.ep, a2a_min_tokens)
+    return _expert_parallel(x, expert_ids, expert_weights, gate_up, down, layout=layout,
+                            all_to_all=strategy == "all_to_all", act=act, impl=impl, lora=lora)
 
 
 def _dense_experts(x, expert_ids, expert_weights, gate_up, down, act, lora=None):
@@ -126,3 +295,135 @@ def _dense_experts(x, expert_ids, expert_weights, gate_up, down, act, lora=None)
     a = act(h[..., :f]) * h[..., f:]
     y = jnp.einsum("enf,efh->enh", a, down.astype(x.dtype))
     return jnp.einsum("enh,ne->nh", y.astype(jnp.float32), combine).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Expert parallelism.
+def _expert_parallel(x, expert_ids, expert_weights, gate_up, down, *, layout: MoELayout, all_to_all: bool, act,
+                     impl, lora):
+    n = x.shape[0]
+    shards = layout.token_shards(all_to_all)
+    pad = -n % shards
+    if pad:  # padding tokens: routed anywhere with weight 0, sliced off below
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+        expert_ids = jnp.pad(expert_ids, ((0, pad), (0, 0)))
+        expert_weights = jnp.pad(expert_weights, ((0, pad), (0, 0)))
+    lora_arrays = None if lora is None else tuple(lora[:4])
+    key = (layout, all_to_all, gate_up.shape[0], act, impl, None if lora is None else lora.scale)
+    try:
+        fn = _expert_parallel_fn(*key)
+    except TypeError:  # an unhashable key (e.g. an array LoRA scale): build it uncached
+        fn = _expert_parallel_fn.__wrapped__(*key)
+    out = fn(x, expert_ids, expert_weights, gate_up, down, lora_arrays)
+    return out[:n] if pad else out
+
+
+@functools.lru_cache(maxsize=256)
+def _expert_parallel_fn(layout: MoELayout, all_to_all: bool, num_experts: int, act, impl: str, lora_scale):
+    """The jitted shard_map of one configuration, cached so that eager calls do not retrace and recompile."""
+    tokens = layout.token_spec(all_to_all)
+    lora_specs = None if lora_scale is None else layout.lora_specs
+    body = functools.partial(_all_to_all_body if all_to_all else _replicated_body, layout=layout,
+                             num_experts=num_experts, act=act, impl=impl, lora_scale=lora_scale)
+    # check_vma=False: a pallas_call inside shard_map does not type-check under varying-manual-axes checking (jax
+    # 0.10/0.11); gradients through psum / all_gather / all_to_all stay correct (tests compare with one device).
+    return jax.jit(jax.shard_map(
+        body,
+        mesh=layout.mesh,
+        in_specs=(tokens, tokens, tokens, layout.gate_up_spec, layout.down_spec, lora_specs),
+        out_specs=tokens,
+        check_vma=False,
+    ))
+
+
+def _local_lora(lora_arrays, scale):
+    return None if lora_arrays is None else ExpertLoRA(*lora_arrays, scale)
+
+
+def _replicated_body(x, expert_ids, expert_weights, gate_up, down, lora_arrays, *, layout: MoELayout, num_experts,
+                     act, impl, lora_scale):
+    """All tokens of this data shard; this shard's experts on their rows (zero elsewhere); psum combines."""
+    local = gate_up.shape[0]
+    offset = jax.lax.axis_index(layout.expert_axis) * local
+    d = sort_by_expert(expert_ids, num_experts)
+    rows = permute(x, d.order, d.inverse, expert_ids.shape[1])
+    tensor_axis = layout.tensor_axis if layout.tp > 1 else None
+    y = expert_mlp(rows, d.group_sizes, gate_up, down, act=act, impl=impl, lora=_local_lora(lora_arrays, lora_scale),
+                   group_offset=offset, tensor_axis=tensor_axis, out_dtype=jnp.float32)
+    out = _combine(unpermute(y, d.order, d.inverse), expert_weights)
+    axes = tuple(a for a in (layout.expert_axis, layout.tensor_axis) if a)
+    return jax.lax.psum(out, axes).astype(x.dtype)
+
+
+def _exclusive_cumsum(a, axis=0):
+    return jnp.cumsum(a, axis=axis) - a
+
+
+def _all_to_all_body(x, expert_ids, expert_weights, gate_up, down, lora_arrays, *, layout: MoELayout, num_experts,
+                     act, impl, lora_scale):
+    """This shard's tokens: rows go to their experts' shards (ragged all-to-all), run there, and come back."""
+    axis = layout.expert_axis
+    n, k = expert_ids.shape
+    ep, local = layout.ep, gate_up.shape[0]
+    me = jax.lax.axis_index(axis)
+    pairs = n * k
+    d = sort_by_expert(expert_ids, num_experts)
+    rows = permute(x, d.order, d.inverse, k)  # [P, H], sorted by expert, hence by destination shard
+
+    # Who sends what to whom: group sizes of every shard of this expert group, [ep (source), E].
+    all_sizes = jax.lax.all_gather(d.group_sizes, axis)
+    by_dest = all_sizes.reshape(ep, ep, local)  # [source, destination, local expert]
+    sizes = by_dest.sum(-1)  # [source, destination] rows
+    send_sizes = sizes[me]
+    input_offsets = _exclusive_cumsum(send_sizes)
+    output_offsets = _exclusive_cumsum(sizes, axis=0)[me]  # where my slice lands on each destination
+    recv_sizes = sizes[:, me]
+    recv_offsets = _exclusive_cumsum(recv_sizes)
+
+    capacity = ep * pairs  # dropless: every row of the expert group could land here
+    exchange = jax.lax.ragged_all_to_all if _on_gpu() else _ragged_all_to_all_dense
+    recv = exchange(rows, jnp.zeros((capacity, x.shape[1]), x.dtype), input_offsets, send_sizes, output_offsets,
+                    recv_sizes, axis_name=axis)
+
+    # Expert of every received row: source s's slice holds its rows for my experts, sorted, by_dest[s, me] of each.
+    counts = by_dest[:, me, :]  # [source, local expert]
+    r = jnp.arange(capacity, dtype=jnp.int32)
+    source = jnp.clip(jnp.searchsorted(recv_offsets + recv_sizes, r, side="right"), 0, ep - 1)
+    within = r - recv_offsets[source]
+    recv_ids = jnp.sum(within[:, None] >= jnp.cumsum(counts, axis=1)[source], axis=1).astype(jnp.int32)
+    recv_ids = jnp.where(r < recv_offsets[-1] + recv_sizes[-1], recv_ids, local)  # unused rows: past every group
+    d2 = sort_by_expert(recv_ids[:, None], local + 1)
+    tensor_axis = layout.tensor_axis if layout.tp > 1 else None
+    y = expert_mlp(permute(recv, d2.order, d2.inverse, 1), d2.group_sizes[:local], gate_up, down, act=act, impl=impl,
+                   lora=_local_lora(lora_arrays, lora_scale), tensor_axis=tensor_axis, out_dtype=jnp.float32)
+    y = unpermute(y, d2.order, d2.inverse)  # back to arrival order
+
+    back_offsets = _exclusive_cumsum(sizes, axis=1)[:, me]  # where each source keeps its rows for me
+    y = exchange(y, jnp.zeros((pairs, y.shape[1]), y.dtype), recv_offsets, recv_sizes, back_offsets, send_sizes,
+                 axis_name=axis)
+    out = _combine(unpermute(y, d.order, d.inverse), expert_weights)
+    if tensor_axis is not None:
+        out = jax.lax.psum(out, tensor_axis)
+    return out.astype(x.dtype)
+
+
+def _ragged_all_to_all_dense(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
+    """`jax.lax.ragged_all_to_all` (one slice per peer) from a padded dense `all_to_all`, for platforms without it.
+
+    Each slice is padded to the operand's length, so the buffer exchanged is axis_size times the operand.
+    """
+    cap = operand.shape[0]
+    peers = input_offsets.shape[0]
+    pos = jnp.arange(cap, dtype=jnp.int32)
+    send = operand[jnp.clip(input_offsets[:, None] + pos[None, :], 0, cap - 1)]  # [peers, cap, ...]
+    valid = pos[None, :] < send_sizes[:, None]
+    send = jnp.where(valid.reshape(valid.shape + (1,) * (operand.ndim - 1)), send, 0)
+    recv = jax.lax.all_to_all(send, axis_name, 0, 0, tiled=True)  # recv[i]: the slice peer i sent me
+    offsets = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)  # where peer i's slice goes here
+    r = jnp.arange(output.shape[0], dtype=jnp.int32)
+    inside = (r[None, :] >= offsets[:, None]) & (r[None, :] < (offsets + recv_sizes)[:, None])  # [peers, rows]
+    source = jnp.argmax(inside, axis=0)
+    row = jnp.clip(r - offsets[source], 0, cap - 1)
+    vals = recv.reshape((peers * cap,) + operand.shape[1:])[source * cap + row]
+    hit = inside.any(0).reshape((-1,) + (1,) * (operand.ndim - 1))
+    return jnp.where(hit, vals, output)

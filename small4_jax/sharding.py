@@ -3,17 +3,24 @@
 A parameter's logical axes come from its path in the model (`param_axes`); `RULES` maps logical names to mesh axis
 names. A logical axis is sharded only when its mesh axis exists in the mesh and divides the dimension; otherwise it
 stays replicated, so any mesh shape loads any checkpoint.
+
+The expert-parallel MoE (`moe.routed_experts` under a mesh) takes its layout from here too: `moe_layout` gives the
+`shard_map` specs of tokens, expert weights and expert adapters, derived from the same rules, so the weights enter
+the `shard_map` exactly as they are stored. `mesh_of` finds the mesh a MoE layer runs on.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 # logical axis -> mesh axis
 RULES: dict[str, str] = {
+    "batch": "data",  # activations: the token axis
     "experts": "expert",
     "expert_mlp": "tensor",
     "mlp": "tensor",
@@ -69,3 +76,80 @@ def make_mesh(shape: dict[str, int]) -> Mesh:
     # Auto axes: XLA propagates shardings through the model; the expert-parallel shard_map comes on top of this.
     auto = (jax.sharding.AxisType.Auto,) * len(names)
     return jax.make_mesh(tuple(shape[n] for n in names), names, axis_types=auto)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Expert parallelism.
+@dataclasses.dataclass(frozen=True)
+class MoELayout:
+    """How one MoE call is laid out on a mesh inside `shard_map` (strategy-independent parts).
+
+    `expert_axis` / `tensor_axis` / `data_axis` are the mesh axis names in use (None when absent); `ep` and `tp`
+    their sizes. Expert weights are sharded over experts on `expert_axis` (ep must divide E) and over the expert
+    MLP width on `tensor_axis` when tp divides F (else tp = 1 and the weights enter replicated over `tensor`).
+    """
+
+    mesh: Mesh | AbstractMesh
+    data_axis: str | None
+    expert_axis: str
+    tensor_axis: str | None
+    data: int
+    ep: int
+    tp: int
+
+    def token_spec(self, all_to_all: bool) -> PartitionSpec:
+        """Tokens [N, ...]: over data (replicated strategy), or over data x expert (all-to-all strategy)."""
+        axes = tuple(a for a in (self.data_axis, self.expert_axis if all_to_all else None) if a)
+        return PartitionSpec(axes if axes else None)
+
+    def token_shards(self, all_to_all: bool) -> int:
+        return self.data * (self.ep if all_to_all else 1)
+
+    @property
+    def gate_up_spec(self) -> PartitionSpec:  # [E, H, 2F]
+        return PartitionSpec(self.expert_axis, None, self.tensor_axis if self.tp > 1 else None)
+
+    @property
+    def down_spec(self) -> PartitionSpec:  # [E, F, H]
+        return PartitionSpec(self.expert_axis, self.tensor_axis if self.tp > 1 else None, None)
+
+    @property
+    def lora_specs(self) -> tuple[PartitionSpec, ...]:
+        """gate_up_a [E, H, r], gate_up_b [E, r, 2F], down_a [E, F, r], down_b [E, r, H]: each beside its base."""
+        t = self.tensor_axis if self.tp > 1 else None
+        e = self.expert_axis
+        return PartitionSpec(e, None, None), PartitionSpec(e, None, t), PartitionSpec(e, t, None), PartitionSpec(e)
+
+
+def moe_layout(mesh, num_experts: int, intermediate: int) -> MoELayout | None:
+    """The expert-parallel layout on `mesh`, or None when the mesh has no expert axis / it cannot shard the experts."""
+    shape = dict(mesh.shape)
+    expert = RULES["experts"]
+    if expert not in shape or num_experts % shape[expert]:
+        return None
+    data, tensor = RULES["batch"], RULES["expert_mlp"]
+    tp = shape.get(tensor, 1)
+    if intermediate % tp:
+        tp = 1
+    return MoELayout(
+        mesh=mesh,
+        data_axis=data if data in shape else None,
+        expert_axis=expert,
+        tensor_axis=tensor if tensor in shape else None,
+        data=shape.get(data, 1),
+        ep=shape[expert],
+        tp=tp,
+    )
+
+
+def mesh_of(x: jax.Array) -> Mesh | AbstractMesh | None:
+    """The mesh `x` lives on: the context mesh (`jax.set_mesh`), else the mesh of x's sharding (an abstract mesh,
+    eager or under `jit`); None for one device, and inside a `shard_map` (manual axes)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
+        return None
+    if any(t == jax.sharding.AxisType.Manual for t in getattr(mesh, "axis_types", ())):
+        return None
+    return mesh

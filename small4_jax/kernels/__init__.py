@@ -1,0 +1,15 @@
+"""Custom kernels. One folder per op, laid out as reference + backends + one shared test suite:
+
+    gmm/reference.py      the op in plain jax.numpy (dense, masked): the definition every backend is tested against
+    gmm/pallas_triton.py  the Pallas kernels (Triton backend; Pallas interpret mode on CPU)
+    gmm/metadata.py       tile-to-group bookkeeping computed on device (no host synchronisation)
+    gmm/tiling.py         block sizes, picked from static shapes (decode vs prefill)
+    gmm/api.py            the public functions: backend choice and the custom VJP
+    tests/test_gmm_kernel.py  the one test suite, run against every backend
+
+`gmm` is the grouped matmul of the routed experts (rows sorted by expert); `tgmm` is its weight gradient.
+"""
+
+from small4_jax.kernels.gmm import GmmTiling, gmm, gmm_reference, gmm_tiling, tgmm, tgmm_reference
+
+__all__ = ["GmmTiling", "gmm", "gmm_reference", "gmm_tiling", "tgmm", "tgmm_reference"]

@@ -1,0 +1,203 @@
+"""`gmm` and `tgmm`: the grouped matmul of the routed experts and its weight gradient, over several backends.
+
+    gmm(lhs [M, K], rhs [G_local, K, N], group_sizes [G], group_offset=0)  -> [M, N]
+    tgmm(lhs [M, K], rhs [M, N], group_sizes [G], group_offset=0, num_groups=G_local) -> [G_local, K, N]
+
+Semantics (window, zero rows) are defined in `reference.py`. Backends:
+
+    "pallas"      the Pallas kernels of `pallas_triton.py` inside a `jax.custom_vjp` (Pallas has no reverse-mode
+                  autodiff): dlhs = gmm(dy, rhs^T) with the transposed rhs read in place, drhs = tgmm(lhs, dy).
+                  The weight gradient is only computed when the weights are being differentiated (a frozen base
+                  under LoRA costs no tgmm), and likewise the input gradient. Runs in interpret mode on a CPU.
+    "ragged_dot"  `jax.lax.ragged_dot` (XLA's own lowering; native autodiff). A window is expressed by a leading
+                  zero group, which copies rhs: fine on a CPU, where this is the default.
+    "reference"   `reference.py`: every local group on every row, masked (O(G) work).
+
+Tiling: `tiling=None` picks decode or prefill block sizes from the static shapes (`tiling.py`); an explicit
+`GmmTiling` is used by all three kernels of the VJP (tests use this to cover both tilings on tiny shapes).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+from small4_jax.kernels.gmm import pallas_triton
+from small4_jax.kernels.gmm.reference import gmm_reference, tgmm_reference
+from small4_jax.kernels.gmm.tiling import GmmTiling, gmm_tiling, tgmm_tiling
+
+BACKENDS = ("pallas", "ragged_dot", "reference")
+
+
+def default_interpret() -> bool:
+    """Pallas interpret mode unless the default backend is a GPU (the Triton kernels only compile for GPUs)."""
+    return jax.default_backend() not in ("gpu", "cuda", "rocm")
+
+
+def _check(lhs, rhs, group_sizes, transpose_rhs):
+    if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.ndim != 1:
+        raise ValueError(f"gmm expects lhs [M, K], rhs [G, K, N], group_sizes [G]; got {lhs.shape}, {rhs.shape}, "
+                         f"{group_sizes.shape}")
+    k = rhs.shape[2] if transpose_rhs else rhs.shape[1]
+    if k != lhs.shape[1]:
+        raise ValueError(f"gmm: contracting dims differ: lhs {lhs.shape}, rhs {rhs.shape}, {transpose_rhs=}")
+    if rhs.shape[0] > group_sizes.shape[0]:
+        raise ValueError(f"gmm: rhs holds {rhs.shape[0]} groups but group_sizes has only {group_sizes.shape[0]}")
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"gmm: group_sizes must be integers, got {group_sizes.dtype}")
+
+
+def gmm(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    group_offset=None,
+    *,
+    transpose_rhs: bool = False,
+    preferred_element_type=None,
+    backend: str = "pallas",
+    tiling: GmmTiling | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Grouped matmul over rows sorted by group; rows outside the window [group_offset, + rhs.shape[0]) are zero.
+
+    lhs [M, K]; rhs [G_local, K, N] ([G_local, N, K] with transpose_rhs) holding groups group_offset...;
+    group_sizes [G] int (G >= G_local, a traced array: no host sync). Output [M, N] in preferred_element_type
+    (default lhs.dtype), accumulated in float32. rhs is cast to lhs.dtype.
+    """
+    _check(lhs, rhs, group_sizes, transpose_rhs)
+    group_sizes = group_sizes.astype(jnp.int32)
+    window = group_offset is not None or rhs.shape[0] != group_sizes.shape[0]
+    group_offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)
+    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    rhs = rhs.astype(lhs.dtype)
+    if backend == "reference":
+        return gmm_reference(lhs, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs,
+                             preferred_element_type=out_dtype)
+    if backend == "ragged_dot":
+        return _ragged_dot_gmm(lhs, rhs, group_sizes, group_offset, window, transpose_rhs, out_dtype)
+    if backend != "pallas":
+        raise ValueError(f"unknown gmm backend {backend!r}; expected one of {BACKENDS}")
+    cfg = _Config(tiling, default_interpret() if interpret is None else bool(interpret), transpose_rhs, out_dtype,
+                  rhs.shape[0], jnp.dtype(lhs.dtype))
+    return _gmm_vjp(cfg, lhs, rhs, group_sizes, group_offset)
+
+
+def tgmm(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    group_offset=None,
+    *,
+    num_groups: int | None = None,
+    preferred_element_type=None,
+    backend: str = "pallas",
+    tiling: GmmTiling | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Per-group lhs[rows]^T @ rhs[rows] for the window's groups: lhs [M, K], rhs [M, N] -> [num_groups, K, N].
+
+    num_groups defaults to len(group_sizes); empty groups give zeros. Not differentiable (it is itself a gradient).
+    """
+    if lhs.ndim != 2 or rhs.ndim != 2 or lhs.shape[0] != rhs.shape[0]:
+        raise ValueError(f"tgmm expects lhs [M, K] and rhs [M, N]; got {lhs.shape}, {rhs.shape}")
+    group_sizes = group_sizes.astype(jnp.int32)
+    num_groups = group_sizes.shape[0] if num_groups is None else num_groups
+    group_offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)
+    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    rhs = rhs.astype(lhs.dtype)
+    if backend == "reference":
+        return tgmm_reference(lhs, rhs, group_sizes, group_offset, num_groups=num_groups,
+                              preferred_element_type=out_dtype)
+    if backend == "ragged_dot":
+        k = lhs.shape[1]
+        window = num_groups != group_sizes.shape[0]
+        zeros = jnp.zeros((num_groups, k, rhs.shape[1]), lhs.dtype)
+        _, pullback = jax.vjp(
+            lambda w: _ragged_dot_gmm(lhs, w, group_sizes, group_offset, window, False, jnp.dtype(jnp.float32)),
+            zeros)
+        return pullback(rhs.astype(jnp.float32))[0].astype(out_dtype)
+    if backend != "pallas":
+        raise ValueError(f"unknown tgmm backend {backend!r}; expected one of {BACKENDS}")
+    return _tgmm_pallas(lhs, rhs, group_sizes, group_offset, num_groups, tiling,
+                        default_interpret() if interpret is None else interpret, out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ragged_dot backend.
+def _ragged_dot_gmm(lhs, rhs, group_sizes, group_offset, window, transpose_rhs, out_dtype):
+    if transpose_rhs:
+        rhs = jnp.swapaxes(rhs, 1, 2)
+    if window:
+        # Rows before the window form a leading group with zero weights; rows after it are past the sum: zeros.
+        num_groups = rhs.shape[0]
+        local = jax.lax.dynamic_slice(group_sizes, (group_offset,), (num_groups,))
+        before = jnp.sum(jnp.where(jnp.arange(group_sizes.shape[0]) < group_offset, group_sizes, 0))
+        group_sizes = jnp.concatenate([before[None], local]).astype(jnp.int32)
+        rhs = jnp.concatenate([jnp.zeros_like(rhs[:1]), rhs])
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pallas backend with its custom VJP.
+class _Config(NamedTuple):
+    """Static (hashable) arguments of the Pallas gmm."""
+
+    tiling: GmmTiling | None
+    interpret: bool
+    transpose_rhs: bool
+    out_dtype: jnp.dtype
+    num_groups: int  # rhs.shape[0]
+    dtype: jnp.dtype  # of lhs and rhs
+
+
+def _gmm_pallas(cfg: _Config, lhs, rhs, group_sizes, group_offset):
+    m, k = lhs.shape
+    n = rhs.shape[1] if cfg.transpose_rhs else rhs.shape[2]
+    tiling = cfg.tiling or gmm_tiling(m, k, n, rhs.shape[0], lhs.dtype)
+    return pallas_triton.gmm_pallas(lhs, rhs, group_sizes, group_offset, tiling=tiling,
+                                    transpose_rhs=cfg.transpose_rhs, out_dtype=cfg.out_dtype,
+                                    interpret=cfg.interpret)
+
+
+def _tgmm_pallas(lhs, rhs, group_sizes, group_offset, num_groups, tiling, interpret, out_dtype):
+    m, k = lhs.shape
+    tiling = tiling or tgmm_tiling(m, k, rhs.shape[1], num_groups, lhs.dtype)
+    return pallas_triton.tgmm_pallas(lhs, rhs, group_sizes, group_offset, num_groups=num_groups, tiling=tiling,
+                                     out_dtype=jnp.dtype(out_dtype), interpret=interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gmm_vjp(cfg, lhs, rhs, group_sizes, group_offset):
+    return _gmm_pallas(cfg, lhs, rhs, group_sizes, group_offset)
+
+
+def _gmm_vjp_fwd(cfg, lhs, rhs, group_sizes, group_offset):
+    # symbolic_zeros=True: each argument arrives as CustomVJPPrimal(value, perturbed). Keep only the residuals the
+    # backward pass needs: no lhs when the weights are frozen (so no tgmm), no rhs when lhs is not differentiated.
+    out = _gmm_pallas(cfg, lhs.value, rhs.value, group_sizes.value, group_offset.value)
+    residuals = (lhs.value if rhs.perturbed else None, rhs.value if lhs.perturbed else None, group_sizes.value,
+                 group_offset.value)
+    return out, residuals
+
+
+def _gmm_vjp_bwd(cfg, residuals, dy):
+    lhs, rhs, group_sizes, group_offset = residuals
+    if isinstance(dy, SymbolicZero):
+        return None, None, None, None
+    dy = dy.astype(cfg.dtype)
+    dlhs = drhs = None
+    if rhs is not None:  # dlhs = dy @ rhs[g]^T: the same kernel reading rhs transposed in place
+        dcfg = cfg._replace(transpose_rhs=not cfg.transpose_rhs, out_dtype=cfg.dtype)
+        dlhs = _gmm_pallas(dcfg, dy, rhs, group_sizes, group_offset)
+    if lhs is not None:  # drhs[g] = lhs[rows]^T @ dy[rows]  ([G, N, K] = dy^T @ lhs for a transposed rhs)
+        a, b = (dy, lhs) if cfg.transpose_rhs else (lhs, dy)
+        drhs = _tgmm_pallas(a, b, group_sizes, group_offset, cfg.num_groups, cfg.tiling, cfg.interpret, cfg.dtype)
+    return dlhs, drhs, None, None
+
+
+_gmm_vjp.defvjp(_gmm_vjp_fwd, _gmm_vjp_bwd, symbolic_zeros=True)

@@ -1,0 +1,158 @@
+"""Pallas kernels (Triton backend) for the grouped matmul: `gmm_pallas` (forward and input gradient) and `tgmm_pallas`
+(weight gradient). Semantics are those of `reference.py`; the custom VJP lives in `api.py`.
+
+gmm: grid (work item, column tile[, K split]). Work item w is one (segment, row tile) pair from `metadata.py`; the
+program loads the metadata scalars, loops over K in block_k steps accumulating lhs_tile @ rhs[group] tile in float32,
+and stores only the rows of its segment. Zero segments (rows outside the window) run no K steps and store zeros, so
+every output row is defined. With split_k > 1 (decode tiling) each program covers one K slice and writes a float32
+partial [split_k, M, N], summed by XLA afterwards.
+
+tgmm: grid (local group, K tile, N tile). Each program loops over its group's rows in block_m chunks accumulating
+lhs_chunk^T @ rhs_chunk; an empty group runs no steps and writes zeros.
+
+Loads are masked (rows outside the segment, K and N edges) with zero fill, so M, K and N need not be multiples of
+the tiles. Every array is passed whole (no BlockSpec blocking): tiles are addressed with dynamic `pl.ds` slices.
+
+On a CPU the same kernels run under Pallas interpret mode (`interpret=True`), which is how the test suite checks them.
+The Triton backend is deprecated in jax 0.11 in favour of Mosaic GPU; it is used here because it has an interpret
+mode (Mosaic GPU kernels cannot run on a CPU). The API used (`pl.pallas_call`, `pl.ds`, `plgpu.load/store`,
+`plgpu.CompilerParams`) is the same in jax 0.10 and 0.11.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from small4_jax.kernels.gmm.metadata import local_offsets, make_group_metadata, num_work_items
+from small4_jax.kernels.gmm.tiling import GmmTiling
+
+_WHOLE = pl.BlockSpec()  # the whole array, unblocked
+
+
+def _dot_precision(dtype):
+    # float32 in, float32 out: IEEE products (Triton would default to TF32).
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _gmm_kernel(seg_start_ref, seg_end_ref, seg_group_ref, work_seg_ref, work_tile_ref, num_work_ref, lhs_ref,
+                rhs_ref, out_ref, *, k: int, n: int, t: GmmTiling, k_per_split: int, transpose_rhs: bool):
+    bm, bk, bn = t.block_m, t.block_k, t.block_n
+    w, j = pl.program_id(0), pl.program_id(1)
+    split = pl.program_id(2) if t.split_k > 1 else 0
+
+    @pl.when(w < num_work_ref[0])
+    def _():
+        seg = work_seg_ref[w]
+        row0 = work_tile_ref[w] * bm
+        lo = jnp.maximum(seg_start_ref[seg], row0)
+        hi = jnp.minimum(seg_end_ref[seg], row0 + bm)
+        group = seg_group_ref[seg]
+        rows = row0 + jnp.arange(bm, dtype=jnp.int32)
+        row_mask = (rows >= lo) & (rows < hi)
+        cols = j * bn + jnp.arange(bn, dtype=jnp.int32)
+        col_mask = cols < n
+        k_begin = split * k_per_split
+        steps = jnp.minimum((k - k_begin + bk - 1) // bk, k_per_split // bk)
+        steps = jnp.where(group >= 0, steps, 0)  # zero segments: no K steps, zeros stored
+        g = jnp.maximum(group, 0)
+        rows_slice, cols_slice = pl.ds(row0, bm), pl.ds(j * bn, bn)
+
+        def step(i, acc):
+            k0 = k_begin + i * bk
+            k_mask = (k0 + jnp.arange(bk, dtype=jnp.int32)) < k
+            a = plgpu.load(lhs_ref.at[rows_slice, pl.ds(k0, bk)], mask=row_mask[:, None] & k_mask[None, :], other=0)
+            if transpose_rhs:  # rhs [G, N, K]
+                b = plgpu.load(rhs_ref.at[g, cols_slice, pl.ds(k0, bk)], mask=col_mask[:, None] & k_mask[None, :],
+                               other=0)
+                dims = (((1,), (1,)), ((), ()))
+            else:  # rhs [G, K, N]
+                b = plgpu.load(rhs_ref.at[g, pl.ds(k0, bk), cols_slice], mask=k_mask[:, None] & col_mask[None, :],
+                               other=0)
+                dims = (((1,), (0,)), ((), ()))
+            return acc + jax.lax.dot_general(a, b.astype(a.dtype), dims, precision=_dot_precision(a.dtype),
+                                             preferred_element_type=jnp.float32)
+
+        acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
+        mask = row_mask[:, None] & col_mask[None, :]
+        if t.split_k > 1:
+            plgpu.store(out_ref.at[split, rows_slice, cols_slice], acc, mask=mask)
+        else:
+            plgpu.store(out_ref.at[rows_slice, cols_slice], acc.astype(out_ref.dtype), mask=mask)
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "transpose_rhs", "out_dtype", "interpret"))
+def gmm_pallas(lhs, rhs, group_sizes, group_offset, *, tiling: GmmTiling, transpose_rhs: bool, out_dtype,
+               interpret: bool):
+    """lhs [M, K] @ rhs[g] per row group, for the window rhs.shape[0] groups from group_offset -> [M, N]."""
+    m, k = lhs.shape
+    num_groups = rhs.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    t = tiling
+    meta = make_group_metadata(group_sizes, group_offset, num_groups, m, t.block_m)
+    k_per_split = -(-(-(-k // t.split_k)) // t.block_k) * t.block_k  # ceil(K / split_k), rounded up to block_k
+    grid = (num_work_items(m, num_groups, t.block_m), -(-n // t.block_n))
+    if t.split_k > 1:
+        grid += (t.split_k,)
+        out_shape = jax.ShapeDtypeStruct((t.split_k, m, n), jnp.float32)
+    else:
+        out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
+    kernel = functools.partial(_gmm_kernel, k=k, n=n, t=t, k_per_split=k_per_split, transpose_rhs=transpose_rhs)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=grid,
+        in_specs=[_WHOLE] * 8,
+        out_specs=_WHOLE,
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
+        name="small4_gmm",
+    )(*meta, lhs, rhs)
+    if t.split_k > 1:
+        out = out.sum(0).astype(out_dtype)
+    return out
+
+
+def _tgmm_kernel(offsets_ref, lhs_ref, rhs_ref, out_ref, *, k: int, n: int, t: GmmTiling):
+    bm, bk, bn = t.block_m, t.block_k, t.block_n
+    g, kt, nt = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    start, end = offsets_ref[g], offsets_ref[g + 1]
+    k_mask = (kt * bk + jnp.arange(bk, dtype=jnp.int32)) < k
+    n_mask = (nt * bn + jnp.arange(bn, dtype=jnp.int32)) < n
+    k_slice, n_slice = pl.ds(kt * bk, bk), pl.ds(nt * bn, bn)
+
+    def step(i, acc):
+        r0 = start + i * bm
+        row_mask = (r0 + jnp.arange(bm, dtype=jnp.int32)) < end
+        a = plgpu.load(lhs_ref.at[pl.ds(r0, bm), k_slice], mask=row_mask[:, None] & k_mask[None, :], other=0)
+        b = plgpu.load(rhs_ref.at[pl.ds(r0, bm), n_slice], mask=row_mask[:, None] & n_mask[None, :], other=0)
+        return acc + jax.lax.dot_general(a, b.astype(a.dtype), (((0,), (0,)), ((), ())),
+                                         precision=_dot_precision(a.dtype), preferred_element_type=jnp.float32)
+
+    steps = jnp.maximum(end - start + bm - 1, 0) // bm
+    acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bk, bn), jnp.float32))
+    plgpu.store(out_ref.at[g, k_slice, n_slice], acc.astype(out_ref.dtype), mask=k_mask[:, None] & n_mask[None, :])
+
+
+@functools.partial(jax.jit, static_argnames=("num_groups", "tiling", "out_dtype", "interpret"))
+def tgmm_pallas(lhs, rhs, group_sizes, group_offset, *, num_groups: int, tiling: GmmTiling, out_dtype,
+                interpret: bool):
+    """Per local group lhs[rows]^T @ rhs[rows]: lhs [M, K], rhs [M, N] -> [num_groups, K, N]."""
+    m, k = lhs.shape
+    n = rhs.shape[1]
+    t = tiling
+    offsets = local_offsets(group_sizes, group_offset, num_groups, m)
+    return pl.pallas_call(
+        functools.partial(_tgmm_kernel, k=k, n=n, t=t),
+        out_shape=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+        grid=(num_groups, -(-k // t.block_k), -(-n // t.block_n)),
+        in_specs=[_WHOLE] * 3,
+        out_specs=_WHOLE,
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
+        name="small4_tgmm",
+    )(offsets, lhs, rhs)

@@ -1,0 +1,69 @@
+"""The grouped matmul in plain jax.numpy: the definition that every backend of `gmm` / `tgmm` is tested against.
+
+Rows of `lhs` are sorted by group: group g owns rows [offsets[g], offsets[g+1]) with offsets = [0, cumsum(sizes)].
+A call sees a window of `num_groups` consecutive groups starting at `group_offset` (the experts held by one device
+under expert parallelism); `rhs` holds exactly those groups.
+
+    gmm:   out[r]  = lhs[r] @ rhs[g(r) - group_offset]   for rows of groups in the window, 0 for every other row
+    tgmm:  out[j]  = lhs[rows of group group_offset + j]^T @ rhs[same rows]   (0 for an empty group)
+
+Rows outside the window include the rows past sum(group_sizes): they are defined (zero), never garbage.
+This evaluates every local group on every row and masks (O(G) work): fine for tests, never for speed.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def row_groups(group_sizes: jax.Array, group_offset, num_groups: int, num_rows: int) -> jax.Array:
+    """Local group of every row [num_rows] int32: g - group_offset for rows of window groups, -1 for all others."""
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    rows = jnp.arange(num_rows, dtype=jnp.int32)
+    global_group = jnp.searchsorted(ends, rows, side="right").astype(jnp.int32)  # = G for rows past the sum
+    local = global_group - jnp.asarray(group_offset, jnp.int32)
+    return jnp.where((local >= 0) & (local < num_groups), local, -1)
+
+
+def _precision(dtype):
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def gmm_reference(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    group_offset=0,
+    *,
+    transpose_rhs: bool = False,
+    preferred_element_type=None,
+) -> jax.Array:
+    """lhs [M, K] @ rhs [G_local, K, N] (or [G_local, N, K] with transpose_rhs) per row group -> [M, N]."""
+    out_dtype = preferred_element_type or lhs.dtype
+    w = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
+    local = row_groups(group_sizes, group_offset, w.shape[0], lhs.shape[0])
+    onehot = (local[:, None] == jnp.arange(w.shape[0])[None, :]).astype(jnp.float32)  # [M, G]
+    y = jnp.einsum("mk,gkn->gmn", lhs, w.astype(lhs.dtype), preferred_element_type=jnp.float32,
+                   precision=_precision(lhs.dtype))
+    return jnp.einsum("gmn,mg->mn", y, onehot, precision=jax.lax.Precision.HIGHEST).astype(out_dtype)
+
+
+def tgmm_reference(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    group_offset=0,
+    *,
+    num_groups: int | None = None,
+    preferred_element_type=None,
+) -> jax.Array:
+    """Per-group lhs[rows]^T @ rhs[rows]: lhs [M, K], rhs [M, N] -> [num_groups, K, N] (default: all groups)."""
+    num_groups = group_sizes.shape[0] if num_groups is None else num_groups
+    out_dtype = preferred_element_type or lhs.dtype
+    local = row_groups(group_sizes, group_offset, num_groups, lhs.shape[0])
+    onehot = (local[:, None] == jnp.arange(num_groups)[None, :]).astype(lhs.dtype)  # [M, G]; exact in any dtype
+    masked = jnp.einsum("mk,mg->gmk", lhs, onehot)
+    out = jnp.einsum("gmk,mn->gkn", masked, rhs.astype(lhs.dtype), preferred_element_type=jnp.float32,
+                     precision=_precision(lhs.dtype))
+    return out.astype(out_dtype)
