@@ -23,6 +23,7 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
     p.add_argument("--out-dir", help="override train.out_dir")
     p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--mesh", help="override train.mesh, e.g. data=2,expert=4,tensor=1")
     args = p.parse_args(argv)
     log = logging.getLogger("small4_jax")
     if not log.handlers:
@@ -31,11 +32,16 @@ def main(argv=None) -> int:
     try:
         import dataclasses
 
+        from small4_jax import distributed
+
+        distributed.initialize()  # joins a multi-process job when the environment describes one (launch/)
         from train import config as run_config
         from train.trainer import train
 
         cfg = run_config.load(args.config)
-        changes = {k: v for k, v in (("out_dir", args.out_dir), ("steps", args.steps)) if v is not None}
+        mesh = None if args.mesh is None else _parse_mesh(args.mesh)
+        changes = {k: v for k, v in (("out_dir", args.out_dir), ("steps", args.steps), ("mesh", mesh))
+                   if v is not None}
         if changes:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
         train(cfg, resume=args.resume)
@@ -43,6 +49,18 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _parse_mesh(text: str) -> dict[str, int]:
+    from small4_jax.errors import ConfigError
+
+    shape = {}
+    for part in text.split(","):
+        name, _, size = part.partition("=")
+        if not name.strip() or not size.strip().isdigit():
+            raise ConfigError(f"--mesh: expected name=size pairs like data=2,expert=4, got {text!r}")
+        shape[name.strip()] = int(size)
+    return shape
 
 
 if __name__ == "__main__":

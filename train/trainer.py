@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -220,13 +221,35 @@ def restore_lora(model: Small4ForCausalLM, run_dir: str | Path, step: int | None
 # ----------------------------------------------------------------------------------------------------------------------
 # The loop.
 def _put_batch(batch: dict, accum: int, mesh) -> dict:
+    """[B, S] host arrays -> [accum, B / accum, S] on the mesh (rows split over `data` when it divides them).
+
+    Every process holds the same batch (a pure function of seed and step), so with several processes each one
+    places its own shards of the same global array.
+    """
     out = {}
     for k, v in batch.items():
         v = v.reshape(accum, v.shape[0] // accum, *v.shape[1:])
-        if mesh is not None and "data" in mesh.shape and v.shape[1] % mesh.shape["data"] == 0:
-            v = jax.device_put(v, NamedSharding(mesh, PartitionSpec(None, "data")))
-        out[k] = jnp.asarray(v)
+        if mesh is None:
+            out[k] = jnp.asarray(v)
+            continue
+        split = "data" in mesh.shape and v.shape[1] % mesh.shape["data"] == 0
+        out[k] = jax.device_put(v, NamedSharding(mesh, PartitionSpec(None, "data") if split else PartitionSpec()))
     return out
+
+
+def _global(tree, mesh):
+    """Leaves not yet on the mesh (host scalars, single-device keys) replicated over it: Orbax saves and restores
+    only global arrays when several processes share a checkpoint."""
+    if mesh is None:
+        return tree
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def put(x):
+        if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated)
+
+    return jax.tree.map(put, tree)
 
 
 def evaluate(steps: Steps, params, rng, frozen, data: Packed, batch_size: int, mesh) -> float:
@@ -247,8 +270,10 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
     out = Path(cfg.train.out_dir)
     if not resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
         raise TrainingError(f"{out}: already holds checkpoints; pass --resume to continue it or pick another out_dir")
+    primary = jax.process_index() == 0  # with several processes, one writes the run's files and progress
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if primary:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     tokenizer = load_tokenizer(cfg)
     train_data, stats = load_dataset(cfg.data.train, tokenizer, cfg.data.seq_len, cfg.data.seed)
@@ -268,13 +293,14 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
         latest = mngr.latest_step()
         if latest is None:
             raise TrainingError(f"{out}: --resume but no checkpoint in {out / 'checkpoints'}")
-        state = restore(mngr, latest, {"params": params, "opt_state": opt_state, "rng": rng,
-                                       "step": jnp.zeros((), jnp.int32), "data_position": jnp.zeros((), jnp.int32)})
+        state = restore(mngr, latest, _global({"params": params, "opt_state": opt_state, "rng": rng,
+                                               "step": np.zeros((), np.int32), "data_position": np.zeros((), np.int32)},
+                                              mesh))
         params, opt_state, rng = state["params"], state["opt_state"], state["rng"]
         start = int(state["step"])
         log.info("resumed from step %d", start)
-    metrics_path = out / "metrics.jsonl"
-    if resume and metrics_path.exists():  # drop records past the checkpoint (they will be recomputed)
+    metrics_path = out / "metrics.jsonl" if primary else Path(os.devnull)
+    if resume and primary and metrics_path.exists():  # drop records past the checkpoint (they will be recomputed)
         keep = [r for r in metrics_path.read_text().splitlines() if r and json.loads(r).get("step", 0) <= start]
         metrics_path.write_text("".join(r + "\n" for r in keep))
 
@@ -308,14 +334,14 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
             if done % t.ckpt_every == 0 or done == t.steps:
                 import orbax.checkpoint as ocp
 
-                mngr.save(done, args=ocp.args.StandardSave({
-                    "params": params, "opt_state": opt_state, "rng": rng, "step": jnp.asarray(done, jnp.int32),
-                    "data_position": jnp.asarray(done * bsz, jnp.int32)}))
+                mngr.save(done, args=ocp.args.StandardSave(_global({
+                    "params": params, "opt_state": opt_state, "rng": rng, "step": np.asarray(done, np.int32),
+                    "data_position": np.asarray(done * bsz, np.int32)}, mesh)))
                 last_good = done
             mf.write(json.dumps(rec) + "\n")
             mf.flush()
             records.append(rec)
-            if done % t.log_every == 0 or done == end:
+            if primary and (done % t.log_every == 0 or done == end):
                 eta = (end - done) * (time.time() - t0) / max(done - start, 1)
                 ev = f" eval {rec['eval_loss']:.4f}" if "eval_loss" in rec else ""
                 print(f"step {done}/{t.steps} loss {loss:.4f}{ev} lr {rec['lr']:.2e} tok/s {rate:,.0f} "
