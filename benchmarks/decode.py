@@ -199,7 +199,8 @@ def main(argv=None) -> int:
     if args.markdown:
         lines = [f"\n### decode, {config.num_hidden_layers}-layer proxy, {dtype}, {device} "
                  f"(copy bandwidth {bandwidth / 1e9:.0f} GB/s)\n",
-                 "| batch | context | tok/s | step ms | us/layer | floor ms | % of floor | TTFT ms | transformers tok/s |",
+                 "| batch | context | tok/s | step ms | us/layer | floor ms | % of floor | TTFT ms "
+                 "| transformers tok/s |",
                  "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             peer = "-" if r["peer_tokens_per_s"] is None else f"{r['peer_tokens_per_s']:.1f}"

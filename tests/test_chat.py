@@ -11,7 +11,6 @@ import pytest
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
-from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 
 from infer.chat import ChatParser, encode_chat, parse_output
 from small4_jax.errors import InputError
