@@ -18,7 +18,8 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch: int = 16) -> None:
     g.add_argument("--num-pages", type=int, default=None, help="cache pages (default: what fits in device memory)")
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's, "
                                                                     "at most 262144)")
-    g.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step")
+    g.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per request per prefill step")
+    g.add_argument("--prefill-batch", type=int, default=4, help="requests prefilled together in one step")
     g.add_argument("--max-queue", type=int, default=256, help="requests waiting before back-pressure")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn off prefix caching")
     g.add_argument("--warmup", action="store_true", help="compile every shape before serving")
@@ -26,7 +27,8 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch: int = 16) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(max_batch=args.max_batch, page_size=args.page_size, num_pages=args.num_pages,
-                max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
+                max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk, prefill_batch=args.prefill_batch,
+                max_queue=args.max_queue,
                 prefix_caching=not args.no_prefix_caching)
 
 

@@ -4,15 +4,15 @@ Each `step()`:
 1. takes new requests and cancellations from the inbox (thread-safe; `submit` / `cancel` may be called from any
    thread), and admits waiting requests while a batch slot and the pages of their prompt are free, reusing cached
    pages of a shared prompt prefix (`page_pool.PagePool`);
-2. runs one chunk of prefill (at most `prefill_chunk` tokens of one request, expanded MLA) if any request is still
-   reading its prompt, then
+2. runs one chunk of prefill (at most `prefill_chunk` tokens for each of up to `prefill_batch` requests, expanded
+   MLA) if any request is still reading its prompt, then
 3. one decode step (absorbed MLA) for every request that is generating, and samples each row with its own settings.
 Requests join and leave between steps. When a decoding request needs a page and none is left, the most recently
 admitted request is preempted: its pages are released and it is re-queued to recompute its tokens later.
 
-Compiled shapes: prefill [1, prefill_chunk] and decode [b, 1] for b in `batch_buckets`, each with a page-table width
-from `page_buckets` (powers of two up to the pages of `max_model_len`): a small fixed set, never one per request
-(`warmup()` compiles them all up front).
+Compiled shapes: prefill [p, prefill_chunk] for p in 1, 2, 4 .. prefill_batch and decode [b, 1] for b in
+`batch_buckets`, each with a page-table width from `page_buckets` (powers of two up to the pages of `max_model_len`):
+a small fixed set, never one per request (`warmup()` compiles them all up front).
 
 Output: each request's callback receives `RequestOutput` events (new token ids, new text, logprobs, finish) on the
 engine's thread. Text is decoded incrementally when the engine has a tokenizer; stop strings are matched on it and
@@ -193,7 +193,8 @@ class Engine:
         num_pages: pages in the cache, the null page included; None: what fits in 90% of the free device memory,
             or, where the backend does not report memory, enough for `max_batch` full-length sequences.
         max_model_len: longest sequence (prompt + output); default min(max_position_embeddings, 262,144).
-        prefill_chunk: tokens of prompt per prefill step.
+        prefill_chunk: tokens of prompt per prefill step and request.
+        prefill_batch: requests whose prompts advance together in one prefill step (compiled as 1, 2, 4, ...).
         max_queue: requests that may wait for admission; `submit` raises QueueFull beyond it.
         batch_buckets, page_buckets: the compiled decode batch sizes and page-table widths (default powers of 2).
         cache_dtype: dtype of the cache (default the model's).
@@ -211,6 +212,7 @@ class Engine:
         num_pages: int | None = None,
         max_model_len: int | None = None,
         prefill_chunk: int = 64,
+        prefill_batch: int = 1,
         max_queue: int = 256,
         batch_buckets: Sequence[int] | None = None,
         page_buckets: Sequence[int] | None = None,
@@ -243,6 +245,7 @@ class Engine:
         if num_pages - 1 < self.max_pages_per_seq:
             raise InputError(f"the cache holds {(num_pages - 1) * page_size} tokens, less than one sequence of "
                              f"max_model_len {self.max_model_len}: lower max_model_len or give it more memory")
+        self.prefill_buckets = _buckets(prefill_batch)
         self.batch_buckets = tuple(sorted(batch_buckets or _buckets(max_batch)))
         if self.batch_buckets[-1] < max_batch:
             raise InputError(f"batch_buckets {self.batch_buckets} do not reach max_batch {max_batch}")
@@ -389,7 +392,7 @@ class Engine:
         prefilling = [r for r in self._running if len(r.tokens) - r.num_computed > 1 or r.generated == 0]
         try:
             if prefilling:
-                self._prefill(prefilling[0])
+                self._prefill(prefilling[: self.prefill_buckets[-1]])
             decoding = [r for r in self._running if len(r.tokens) - r.num_computed == 1 and r.generated > 0]
             if decoding:
                 self._decode(decoding)
@@ -403,8 +406,9 @@ class Engine:
     def warmup(self) -> None:
         """Compile every prefill and decode shape now, so no request waits for a compilation."""
         for w in self.page_buckets:
-            self._run(np.zeros((1, self.prefill_chunk), np.int32), *self._null_inputs(1, self.prefill_chunk, w),
-                      RowSampling.greedy(1), absorbed=False)
+            for p in self.prefill_buckets:
+                self._run(np.zeros((p, self.prefill_chunk), np.int32), *self._null_inputs(p, self.prefill_chunk, w),
+                          RowSampling.greedy(p), absorbed=False)
             for b in self.batch_buckets:
                 self._run(np.zeros((b, 1), np.int32), *self._null_inputs(b, 1, w), RowSampling.greedy(b),
                           absorbed=True)
@@ -532,25 +536,37 @@ class Engine:
             table[i, : len(r.pages)] = r.pages[:width]
         return table
 
-    def _prefill(self, req: _Request) -> None:
-        start = req.num_computed
-        end = min(len(req.tokens), start + self.prefill_chunk)
-        n, chunk = end - start, self.prefill_chunk
-        ids = np.zeros((1, chunk), np.int32)
-        ids[0, :n] = req.tokens[start:end]
-        seq_index = np.full((1, chunk), end - 1, np.int32)
-        seq_index[0, :n] = np.arange(start, end)
-        slots = np.zeros((1, chunk, 2), np.int32)  # padding writes go to the null page
-        slots[0, :n, 0] = [req.pages[i // self.page_size] for i in range(start, end)]
-        slots[0, :n, 1] = np.arange(start, end) % self.page_size
-        table = self._page_table([req], 1, math.ceil(end / self.page_size))
-        out = self._run(ids, seq_index, seq_index, slots, table, np.array([n - 1], np.int32),
-                        self._sampling([req], 1), absorbed=False)
+    def _prefill(self, reqs: Sequence[_Request]) -> None:
+        """One chunk of prompt for each of `reqs` (up to `prefill_batch` rows); rows that reach the end sample."""
+        rows, chunk, size = _bucket(len(reqs), self.prefill_buckets), self.prefill_chunk, self.page_size
+        ids = np.zeros((rows, chunk), np.int32)
+        seq_index = np.zeros((rows, chunk), np.int32)
+        slots = np.zeros((rows, chunk, 2), np.int32)  # padding writes go to the null page
+        logit_index = np.zeros((rows,), np.int32)
+        ends = []
+        for i, r in enumerate(reqs):
+            start = r.num_computed
+            end = min(len(r.tokens), start + chunk)
+            n = end - start
+            ids[i, :n] = r.tokens[start:end]
+            seq_index[i] = end - 1
+            seq_index[i, :n] = np.arange(start, end)
+            slots[i, :n, 0] = [r.pages[k // size] for k in range(start, end)]
+            slots[i, :n, 1] = np.arange(start, end) % size
+            logit_index[i] = n - 1
+            ends.append(end)
+        table = self._page_table(reqs, rows, math.ceil(max(ends) / size))
+        out = self._run(ids, seq_index, seq_index, slots, table, logit_index, self._sampling(reqs, rows),
+                        absorbed=False)
         self.stats["prefill_steps"] += 1
-        req.num_computed = end
-        self._register_pages(req)
-        if end == len(req.tokens):
-            self._accept([req], out)
+        done = []
+        for i, (r, end) in enumerate(zip(reqs, ends)):
+            r.num_computed = end
+            self._register_pages(r)
+            if end == len(r.tokens):
+                done.append(i)
+        if done:
+            self._accept([reqs[i] for i in done], [x[done] for x in out])
 
     def _decode(self, reqs: list[_Request]) -> None:
         for r in list(reqs):

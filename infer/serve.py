@@ -557,7 +557,8 @@ def main(argv=None) -> int:
     if args.warmup:
         t0 = time.time()
         engine.warmup()
-        print(f"compiled {len(engine.page_buckets) * (1 + len(engine.batch_buckets))} shapes in "
+        n = len(engine.page_buckets) * (len(engine.prefill_buckets) + len(engine.batch_buckets))
+        print(f"compiled {n} shapes in "
               f"{time.time() - t0:.1f}s", file=sys.stderr)
     server = Server(engine, tokenizer, args.served_model_name or args.config or args.checkpoint, args.api_key)
     engine.start()

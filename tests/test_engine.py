@@ -1,7 +1,7 @@
 """The serving engine (`infer.engine`) on a tiny transformers-made checkpoint.
 
 References: transformers' greedy `generate` on the same weights, one request at a time; the model's full forward
-pass for logprobs. One engine is shared by the module (two compiled shapes: prefill [1, 16], decode [8, 1]).
+pass for logprobs. One engine is shared by the module (three compiled shapes: prefill [1, 16] and [2, 16], decode [8, 1]).
 """
 
 import numpy as np
@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
     save_hf(hf, path)
     model = small4_jax.from_pretrained(path, dtype="float32")
     tokenizer = load_tokenizer(ASSETS_DIR / "tiny_tekken.json")
-    engine = Engine(model, tokenizer, max_batch=8, page_size=8, prefill_chunk=16, batch_buckets=(8,),
+    engine = Engine(model, tokenizer, max_batch=8, page_size=8, prefill_chunk=16, prefill_batch=2, batch_buckets=(8,),
                     page_buckets=(8,))
     return hf, model, engine
 
