@@ -1,7 +1,7 @@
 """The serving engine (`infer.engine`) on a tiny transformers-made checkpoint.
 
 References: transformers' greedy `generate` on the same weights, one request at a time; the model's full forward
-pass for logprobs. One engine is shared by the module (three compiled shapes: prefill [1, 16] and [2, 16], decode [8, 1]).
+pass for logprobs. One engine is shared by the module (compiled: prefill [1, 16] and [2, 16], decode [8, 1]).
 """
 
 import numpy as np
