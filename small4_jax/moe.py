@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from small4_jax import kernels
+from small4_jax.kernels.gmm import pallas_triton
 from small4_jax.sharding import MoELayout, mesh_of, moe_layout
 
 IMPLS = ("pallas", "ragged_dot", "dense")
@@ -72,7 +73,7 @@ def resolve_impl(impl: str) -> str:
     On a CPU the Pallas kernel only runs in interpret mode, so "auto" is "ragged_dot" there.
     """
     if impl == "auto":
-        return "pallas" if _on_gpu() else "ragged_dot"
+        return "pallas" if _on_gpu() and pallas_triton.available() else "ragged_dot"
     if impl not in IMPLS:
         raise ValueError(f"unknown moe impl {impl!r}; expected 'auto' or one of {IMPLS}")
     return impl

@@ -26,12 +26,26 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
+
+try:  # deprecated in jax 0.11 and slated for removal: keep the package importable without it
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover - only on a jax without the Triton backend
+    plgpu = None
 
 from small4_jax.kernels.gmm.metadata import local_offsets, make_group_metadata, num_work_items
 from small4_jax.kernels.gmm.tiling import GmmTiling
 
 _WHOLE = pl.BlockSpec()  # the whole array, unblocked
+
+
+def available() -> bool:
+    """Whether this jax has the Pallas Triton backend."""
+    return plgpu is not None
+
+
+def _require_triton():
+    if plgpu is None:
+        raise NotImplementedError(f"jax {jax.__version__} has no Pallas Triton backend: use moe_impl='ragged_dot'")
 
 
 def _dot_precision(dtype):
@@ -89,6 +103,7 @@ def _gmm_kernel(seg_start_ref, seg_end_ref, seg_group_ref, work_seg_ref, work_ti
 def gmm_pallas(lhs, rhs, group_sizes, group_offset, *, tiling: GmmTiling, transpose_rhs: bool, out_dtype,
                interpret: bool):
     """lhs [M, K] @ rhs[g] per row group, for the window rhs.shape[0] groups from group_offset -> [M, N]."""
+    _require_triton()
     m, k = lhs.shape
     num_groups = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -142,6 +157,7 @@ def _tgmm_kernel(offsets_ref, lhs_ref, rhs_ref, out_ref, *, k: int, n: int, t: G
 def tgmm_pallas(lhs, rhs, group_sizes, group_offset, *, num_groups: int, tiling: GmmTiling, out_dtype,
                 interpret: bool):
     """Per local group lhs[rows]^T @ rhs[rows]: lhs [M, K], rhs [M, N] -> [num_groups, K, N]."""
+    _require_triton()
     m, k = lhs.shape
     n = rhs.shape[1]
     t = tiling
