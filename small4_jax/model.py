@@ -333,6 +333,7 @@ class Small4ForCausalLM(nnx.Module):
         )
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
         self.lm_head = None if c.tie_word_embeddings else _linear(c.hidden_size, c.vocab_size, c, dtype, rngs)
+        self.remat = False  # recompute each layer's activations in the backward pass (training memory)
 
     def _forward(self, input_ids, positions, cache: KVCache | None, key_mask, segment_ids=None):
         input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -346,9 +347,8 @@ class Small4ForCausalLM(nnx.Module):
         new_latent, new_rope = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.latent[i], cache.rope_key[i])
-            if getattr(self, "remat", False) and cache is None:  # training: recompute the layer in the backward pass
-                h, layer_cache = nnx.remat(type(layer).__call__)(layer, h, positions, cos, sin, None, key_mask,
-                                                                 segment_ids)
+            if self.remat and cache is None:  # training: recompute the layer in the backward pass
+                h = _remat_layer(layer, h, positions, cos, sin, key_mask, segment_ids)
             else:
                 h, layer_cache = layer(h, positions, cos, sin, layer_cache, key_mask, segment_ids)
             if cache is not None:
@@ -382,6 +382,17 @@ class Small4ForCausalLM(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache.create(self.config, batch, max_len, self.dtype)
+
+
+def _remat_layer(layer: DecoderLayer, h, positions, cos, sin, key_mask, segment_ids):
+    """layer(h) under jax.checkpoint, as a pure function of the layer's state (works inside jax.jit / jax.grad of a
+    merged model, where NNX's own transforms would see Params from another trace)."""
+    graphdef, state = nnx.split(layer)
+
+    def run(state, h):
+        return nnx.merge(graphdef, state)(h, positions, cos, sin, None, key_mask, segment_ids)[0]
+
+    return jax.checkpoint(run)(state, h)
 
 
 def init_model(config: Small4Config, *, seed: int = 0, dtype="float32"):
