@@ -286,6 +286,11 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
     steps = make_steps(model, tx, sched)
     _, params, rng, frozen = nnx.split(model, lora.TRAINABLE, lora.DropoutKey, ...)
     opt_state = tx.init(params)
+    # Commit every input where the step's outputs will live, so the second step does not compile again.
+    if mesh is None:
+        params, opt_state, rng, frozen = jax.device_put((params, opt_state, rng, frozen), jax.devices()[0])
+    else:
+        params, opt_state, rng, frozen = _global((params, opt_state, rng, frozen), mesh)
 
     mngr = checkpoint_manager(out, cfg.train.keep)
     start = 0
