@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -216,6 +217,14 @@ def main(argv=None) -> int:
         log.addHandler(_StderrHandler())
     log.setLevel(logging.INFO)
     try:
+        from small4_jax import distributed
+
+        # In a multi-process job (launch/), every process runs the same request in lockstep; one prints.
+        if distributed.initialize().multi_process:
+            import jax
+
+            if jax.process_index() != 0:
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this process
         run(args)
     except Small4Error as e:
         print(f"error: {e}", file=sys.stderr)

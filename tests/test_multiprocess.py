@@ -1,7 +1,8 @@
 """Two processes x 4 CPU devices on localhost, started by launch/local.py: the job equals one process.
 
 Covered: start-up + preflight, forward logits on a mesh spanning both processes, save on one mesh and restore on
-another (and a single-process checkpoint restored on 8 devices), a collective hang turned into an error.
+another (and a single-process checkpoint restored on 8 devices), a collective hang turned into an error, a LoRA
+fine-tune, and one request through the serving engine.
 """
 
 import os
@@ -109,3 +110,27 @@ def test_lora_finetune_two_processes_equals_one(tmp_path):
     diffs = np.concatenate([np.abs(params[0][p] - params[1][p]).ravel() for p in params[1]])
     assert np.mean(diffs > 1e-5) < 1e-3, np.mean(diffs > 1e-5)
     assert diffs.max() < 1e-2
+
+
+def test_serve_one_request_across_two_processes(checkpoint, capsys):
+    """The serving engine (through infer.generate) on a mesh spanning both processes answers one request with the
+    tokens one process gives."""
+    import json
+
+    from infer.generate import main as generate
+
+    path, _ = checkpoint
+    args = ["--checkpoint", str(path), "--prompt-ids", "1,17,99,5,42,7,88,23,64,3,110,9,31,77,45,12,100,54",
+            "--max-new-tokens", "12", "--json"]
+    proc = subprocess.run(
+        [sys.executable, "launch/local.py", "--nproc", "2", "--cpu-devices", "4", "--timeout", "240", "--",
+         sys.executable, "-m", "infer.generate", *args, "--mesh", "data=1,expert=8,tensor=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=280,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    answers = [line for line in proc.stdout.splitlines() if line.startswith("[0] {")]
+    assert len(answers) == 1 and not any(line.startswith("[1] {") for line in proc.stdout.splitlines())
+    two = json.loads(answers[0][len("[0] "):])
+    assert generate(args) == 0
+    one = json.loads(capsys.readouterr().out.removesuffix("\n").rsplit("\n", 1)[-1])
+    assert two["token_ids"] == one["token_ids"] and len(one["token_ids"]) == 12
