@@ -255,19 +255,8 @@ class Small4Config:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Small4Config:
-        import yaml
-
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            d = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        if d is None:
-            d = {}
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a mapping of config fields, got {type(d).__name__}")
+        d = read_yaml(path)
         if "model" in d and isinstance(d["model"], dict):  # allow a nested `model:` section
             d = d["model"]
         return cls.from_dict(d, source=str(path))
@@ -441,6 +430,24 @@ def load_config(path: str | os.PathLike) -> Small4Config:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML file holding a mapping (empty file: {}); ConfigError naming the file otherwise."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields, got {type(d).__name__}")
+    return d
+
+
 def _yarn_mscale(scale: float, mscale: float) -> float:
     if scale <= 1:
         return 1.0

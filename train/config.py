@@ -13,7 +13,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from small4_jax.config import Small4Config
 from small4_jax.errors import ConfigError
@@ -120,14 +119,9 @@ def from_dict(d: dict, source: str = "config") -> RunConfig:
 
 
 def load(path: str | Path) -> RunConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        d = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    return from_dict(d or {}, source=str(path))
+    from small4_jax.config import read_yaml
+
+    return from_dict(read_yaml(path), source=str(path))
 
 
 def _check(c: RunConfig) -> None:
