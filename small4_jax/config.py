@@ -39,6 +39,7 @@ from small4_jax.errors import ConfigError
 
 _ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
 MOE_IMPLS = ("auto", "pallas", "ragged_dot", "dense")  # "auto": the fastest correct one here (moe.resolve_impl)
+MOE_STRATEGIES = ("auto", "replicated", "all_to_all", "none")  # must equal moe.STRATEGIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +151,10 @@ class Small4Config:
             bad("rope_type", "'yarn' or 'default'")
         if self.moe_impl not in MOE_IMPLS:
             bad("moe_impl", f"one of {', '.join(MOE_IMPLS)}")
+        if self.moe_strategy not in MOE_STRATEGIES:
+            bad("moe_strategy", f"one of {', '.join(MOE_STRATEGIES)}")
+        if self.moe_a2a_min_tokens < 0:
+            bad("moe_a2a_min_tokens", "a non-negative integer")
         if self.scale_convention not in ("hf", "native"):
             bad("scale_convention", "'hf' or 'native'")
         if self.rope_type == "yarn" and self.yarn_factor <= 0:

@@ -15,6 +15,13 @@ REPO = Path(__file__).resolve().parent.parent
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
 
 
+def test_config_and_moe_agree_on_the_strategies():
+    from small4_jax import moe
+    from small4_jax.config import MOE_STRATEGIES
+
+    assert set(MOE_STRATEGIES) == set(moe.STRATEGIES)
+
+
 @pytest.mark.parametrize("path", PRESETS, ids=[p.name for p in PRESETS])
 def test_every_preset_loads(path):
     cfg = load_config(path)
@@ -110,6 +117,9 @@ def test_bad_configs_name_the_file_and_field(tmp_path):
         load_config(p)
     p.write_text("hidden_size: sixty\n")
     with pytest.raises(ConfigError, match=r"x\.yaml: field 'hidden_size' = 'sixty'; expected int"):
+        load_config(p)
+    p.write_text("moe_strategy: scatter\n")
+    with pytest.raises(ConfigError, match=r"x\.yaml: field 'moe_strategy' = 'scatter'; expected one of auto, replicated"):
         load_config(p)
     p.write_text("n_routed_experts: 8\nn_group: 3\n")
     with pytest.raises(ConfigError, match=r"x\.yaml: field 'n_group' = 3; expected a divisor of n_routed_experts"):
