@@ -548,11 +548,23 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        from small4_jax import distributed
+
+        # Several processes (launch/): process 0 serves HTTP, every process runs the engine in lockstep.
+        multi = distributed.initialize().multi_process
         model, tokenizer, mesh = load_model_and_tokenizer(args)
-        engine = Engine(model, tokenizer, mesh=mesh, **engine_kwargs(args))
+        if multi:
+            from infer.lockstep import LockstepEngine
+
+            engine = LockstepEngine(model, tokenizer, mesh=mesh, **engine_kwargs(args))
+        else:
+            engine = Engine(model, tokenizer, mesh=mesh, **engine_kwargs(args))
     except Small4Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if multi and not engine.leader:
+        engine.follow()
+        return 0
     print(engine.report, file=sys.stderr)
     if args.warmup:
         t0 = time.time()

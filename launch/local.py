@@ -55,6 +55,8 @@ def launch(command: list[str], nproc: int, *, cpu_devices: int | None = None, ti
             pumps.append(t)
     deadline = None if timeout is None else time.monotonic() + timeout
     status = 0
+    # SIGTERM (a scheduler, a test) stops the whole job, not just this launcher
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         while any(p.poll() is None for p in procs):
             failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
@@ -68,10 +70,13 @@ def launch(command: list[str], nproc: int, *, cpu_devices: int | None = None, ti
             time.sleep(0.05)
         else:
             status = next((p.returncode for p in procs if p.returncode != 0), 0)
+    except SystemExit as e:
+        status = e.code
     finally:
         _stop(procs)
         for t in pumps:
             t.join(timeout=5)
+        signal.signal(signal.SIGTERM, previous)
     return status
 
 

@@ -134,3 +134,46 @@ def test_serve_one_request_across_two_processes(checkpoint, capsys):
     assert generate(args) == 0
     one = json.loads(capsys.readouterr().out.removesuffix("\n").rsplit("\n", 1)[-1])
     assert two["token_ids"] == one["token_ids"] and len(one["token_ids"]) == 12
+
+
+def test_http_server_across_two_processes(capsys):
+    """infer.serve on 2 processes (process 0 serves HTTP, both run the engine in lockstep) answers a completion with
+    the tokens a single process generates, then shuts down cleanly on SIGTERM."""
+    import json
+    import signal
+    import time
+    import urllib.request
+
+    from infer.generate import main as generate
+    from launch.local import free_port
+
+    port = free_port()
+    job = subprocess.Popen(
+        [sys.executable, "launch/local.py", "--nproc", "2", "--cpu-devices", "4", "--timeout", "300", "--",
+         sys.executable, "-m", "infer.serve", "--config", "configs/tiny.yaml", "--mesh", "data=1,expert=8,tensor=1",
+         "--port", str(port), "--max-batch", "4", "--num-pages", "64", "--max-model-len", "256"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                assert job.poll() is None, job.stdout.read()
+                time.sleep(0.5)
+        body = json.dumps({"model": "tiny", "prompt": [1, 17, 99, 5, 42], "max_tokens": 8, "temperature": 0}).encode()
+        request = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=120).read())
+    finally:
+        job.send_signal(signal.SIGTERM)
+        out = job.communicate(timeout=60)[0]
+    assert job.returncode is not None
+    text = answer["choices"][0]["text"]
+    assert answer["usage"]["completion_tokens"] == 8, out
+    assert generate(["--config", "configs/tiny.yaml", "--prompt-ids", "1,17,99,5,42", "--max-new-tokens", "8",
+                     "--json", "--tokenizer", "small4_jax/assets/tiny_tekken.json"]) == 0
+    one = json.loads(capsys.readouterr().out.removesuffix("\n").rsplit("\n", 1)[-1])
+    assert len(one["token_ids"]) == 8 and one["text"]  # 8 ordinary tokens: the text pins them down
+    assert text == one["text"], (answer, one)
