@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -171,40 +170,11 @@ BPE_CORPUS = [
 
 
 def train_byte_bpe(corpus: list[str], num_merges: int) -> list[bytes]:
-    """Tiny byte-level BPE: the 256 bytes, then the most frequent adjacent pair merged, `num_merges` times.
+    """Tiny byte-level BPE (the trainer behind the bundled tiny_tekken.json): the 256 bytes plus `num_merges` merged
+    tokens, each the concatenation of two existing tokens, so tiktoken can reach it by merging."""
+    from small4_jax.assets.make_tiny_tekken import train_byte_bpe as train
 
-    Every new token is the concatenation of two existing tokens, so tiktoken can reach it by merging.
-    """
-    words = Counter()
-    for line in corpus:
-        for word in re.findall(r" ?\w+| ?[^\w\s]+|\s+", line):
-            words[tuple(bytes([b]) for b in word.encode("utf-8"))] += 1
-    vocab = [bytes([i]) for i in range(256)]
-    known = set(vocab)
-    for _ in range(num_merges):
-        pairs = Counter()
-        for word, count in words.items():
-            for a, b in zip(word, word[1:]):
-                pairs[(a, b)] += count
-        if not pairs:
-            break
-        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))  # ties broken by the bytes: deterministic
-        if a + b not in known:
-            vocab.append(a + b)
-            known.add(a + b)
-        merged = Counter()
-        for word, count in words.items():
-            out, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == (a, b):
-                    out.append(a + b)
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            merged[tuple(out)] += count
-        words = merged
-    return vocab
+    return train(corpus, 256 + num_merges)
 
 
 def write_tekken(path: Path, specials: list[str], num_special: int, version: str, num_merges: int = 60) -> Path:
