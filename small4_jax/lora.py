@@ -153,6 +153,10 @@ class LoRALinear(nnx.Module):
         """The merged update s A B [in, out], float32."""
         return self.scale * (self.lora_a[...] @ self.lora_b[...])
 
+    def effective_kernel(self) -> jax.Array:
+        """W + s A B [in, out] in the compute dtype (what absorbed MLA decode folds into the query), unmerged."""
+        return (self.kernel[...].astype(jnp.float32) + self.delta()).astype(self.dtype)
+
 
 class ExpertsLoRA(nnx.Module):
     """Stacked per-expert adapters for `Experts` (set as `experts.lora`); read by `moe.routed_experts`."""

@@ -76,11 +76,13 @@ def cache_bytes_per_token_per_layer(config: Small4Config, dtype) -> int:
 def _kernel(linear, din: int, dtype) -> jax.Array:
     """The [in, out] matrix of a bias-free linear module.
 
-    A plain `nnx.Linear` gives its kernel; any other linear-like module (e.g. one wrapped with a LoRA adapter) is
-    evaluated on the identity, which yields its effective matrix whatever it adds to the base kernel.
+    A plain `nnx.Linear` gives its kernel; a module with `effective_kernel()` (a LoRA-wrapped linear) gives that;
+    any other linear-like module is evaluated on the identity, which yields its effective matrix.
     """
     if type(linear) is nnx.Linear and linear.bias is None:
         return linear.kernel[...].astype(dtype)
+    if hasattr(linear, "effective_kernel") and getattr(linear, "bias", None) is None:
+        return linear.effective_kernel().astype(dtype)
     return linear(jnp.eye(din, dtype=dtype))
 
 

@@ -31,11 +31,18 @@ def _slots(table, idx):
 
 @pytest.mark.parametrize("q_lora", [True, False])
 @pytest.mark.parametrize("start", [0, 600, 262_130])
-def test_absorbed_decode_equals_unabsorbed_forward(q_lora, start):
+def test_absorbed_decode_equals_unabsorbed_forward(q_lora, start, adapters=False):
     config = Small4Config.from_yaml(TINY)  # original_max_position_embeddings 512
     if not q_lora:
         config = config.replace(q_lora_rank=None)
     model = init_model(config, seed=1)
+    if adapters:  # LoRA on every attention projection, kv_b_proj included (folded into the absorbed query)
+        from small4_jax import lora
+
+        lora.apply_lora(model, lora.LoRAConfig(targets=["attention"], rank=4, alpha=8.0))
+        for _, b in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+            if b.shape[0] == 4:  # lora_b [r, out]: zero at init; give the adapters an effect
+                b.set_value(jax.random.normal(jax.random.key(b.shape[1]), b.shape) * 0.05)
     n_prefill, n = 7, 12
     rng = np.random.default_rng(start)
     ids = rng.integers(3, config.vocab_size, (1, n)).astype(np.int32)
@@ -61,6 +68,10 @@ def test_absorbed_decode_equals_unabsorbed_forward(q_lora, start):
     # what the cache holds: the normalised latent and the RoPE'd key, 48 = kv_lora_rank + qk_rope_head_dim values
     assert pages.shape == (config.num_hidden_layers, 9, PAGE, config.kv_lora_rank + config.qk_rope_head_dim)
     assert not np.asarray(pages[:, [1, 3, 4, 6, 8]]).any()  # pages outside the table are untouched
+
+
+def test_absorbed_decode_with_lora_adapters():
+    test_absorbed_decode_equals_unabsorbed_forward(True, 600, adapters=True)
 
 
 def test_absorbed_prefill_equals_expanded_prefill():
