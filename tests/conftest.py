@@ -13,3 +13,32 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Deviceless GPU compile checks (`@pytest.mark.gpu_compile`): skipped where jax's CUDA plugin is missing, except in CI
+# (CI=true or SMALL4_REQUIRE_GPU_COMPILE=1), where a missing plugin is a failure: the README's install command puts it
+# there (`python -m small4_jax.aot --install-plugin`).
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu_compile: compiles programs for H100/H200 (sm_90a) without a GPU")
+
+
+def _require_gpu_compile() -> bool:
+    flag = os.environ.get("SMALL4_REQUIRE_GPU_COMPILE", os.environ.get("CI", ""))
+    return flag.lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(autouse=True)
+def _gpu_compile_gate(request):
+    if request.node.get_closest_marker("gpu_compile") is None:
+        return
+    from small4_jax import aot
+
+    ok, why = aot.available()
+    if not ok:
+        if _require_gpu_compile():
+            pytest.fail(f"deviceless GPU compile is required here (CI) but unavailable: {why}")
+        pytest.skip(f"deviceless GPU compile unavailable: {why}")

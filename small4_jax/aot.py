@@ -1,0 +1,185 @@
+"""Compile for H100 / H200 GPUs on a machine without one (deviceless ahead-of-time compilation).
+
+With jax's CUDA plugin and ptxas installed at jaxlib's version (`python -m small4_jax.aot --install-plugin`),
+`jax.experimental.topologies` hands out compile-only GPU devices described by an XLA `GpuTargetConfigProto`
+(`assets/h100.txtpb`, `assets/h200.txtpb`: shared memory and registers per block, SM count, memory size). A
+program lowered for a mesh of those devices and compiled runs XLA's real GPU pipeline (Pallas -> Triton IR -> PTX
+-> ptxas for sm_90a, with the target's limits), and `memory_analysis()` gives its per-device bytes. This is how CI
+checks, without a GPU, that every GPU program of ours compiles and how much memory it needs.
+
+    mesh = aot.gpu_mesh("h200", {"data": 1, "expert": 8, "tensor": 1})
+    x = aot.spec((4096, 4096), jnp.bfloat16, mesh, P("expert", None))
+    c = aot.compile_for(f, x, mesh=mesh)
+    c.memory.temp, c.uses_triton, c.seconds
+
+Nothing here runs a program: arguments are `jax.ShapeDtypeStruct`s. Use it with `JAX_PLATFORMS=cpu` (the plugin
+still registers its compiler); tests mark such checks `@pytest.mark.gpu_compile`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+TARGETS = ("h100", "h200")
+_ASSETS = Path(__file__).resolve().parent / "assets"
+TRITON_MARKER = "__gpu$xla.gpu.triton"  # custom-call target of a Pallas Triton kernel in lowered text
+
+
+class AotUnavailable(RuntimeError):
+    """Deviceless GPU compilation is not possible here (the CUDA plugin or ptxas is missing)."""
+
+
+def target_config(target: str) -> str:
+    """The `GpuTargetConfigProto` text of an H100 ("h100", SXM 80 GB) or H200 ("h200", 141 GB)."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown GPU target {target!r}; expected one of {TARGETS}")
+    return (_ASSETS / f"{target}.txtpb").read_text()
+
+
+def device_memory_bytes(target: str) -> int:
+    """The target's device memory (`device_memory_size` of its target config)."""
+    for line in target_config(target).splitlines():
+        line = line.strip()
+        if line.startswith("device_memory_size:"):
+            return int(line.split(":")[1])
+    raise ValueError(f"{target}.txtpb has no device_memory_size")
+
+
+@functools.cache
+def gpu_devices(target: str = "h200", topology: str = "1x1x8") -> tuple:
+    """Compile-only devices of `topology` (partitions x hosts x devices per host, e.g. "1x1x8", "2x1x8")."""
+    from jax.experimental import topologies
+
+    try:
+        topo = topologies.get_topology_desc(platform="cuda", target_config=target_config(target), topology=topology)
+    except Exception as e:  # noqa: BLE001 - the plugin's errors vary by version; the message is what matters
+        raise AotUnavailable(f"no deviceless CUDA compiler: {type(e).__name__}: {e}. "
+                             "Install it with `python -m small4_jax.aot --install-plugin`, and run with "
+                             "JAX_PLATFORMS=cpu on a machine without a GPU.") from e
+    return tuple(topo.devices)
+
+
+@functools.cache
+def available() -> tuple[bool, str]:
+    """(True, "") when programs can be compiled for GPUs here, else (False, why not)."""
+    try:
+        mesh = gpu_mesh("h100", {"x": 1}, topology="1x1x1")
+        compile_for(lambda a: a * 2, spec((8,), np.float32, mesh, PartitionSpec()), mesh=mesh)
+    except Exception as e:  # noqa: BLE001
+        return False, f"{type(e).__name__}: {e}"
+    return True, ""
+
+
+def gpu_mesh(target: str, shape: dict[str, int], topology: str | None = None) -> Mesh:
+    """A mesh with axes `shape` (e.g. {"data": 1, "expert": 8, "tensor": 1}) over compile-only GPU devices.
+
+    topology defaults to one host holding prod(shape) devices; give "2x1x8" style strings for several hosts.
+    """
+    n = int(np.prod(list(shape.values())))
+    devices = gpu_devices(target, topology or f"1x1x{n}")
+    if len(devices) != n:
+        raise ValueError(f"mesh {shape} needs {n} devices; topology {topology} has {len(devices)}")
+    auto = (jax.sharding.AxisType.Auto,) * len(shape)
+    return Mesh(np.array(devices).reshape(tuple(shape.values())), tuple(shape), axis_types=auto)
+
+
+def spec(shape: Sequence[int], dtype, mesh: Mesh, pspec: PartitionSpec | None = None) -> jax.ShapeDtypeStruct:
+    """An abstract argument placed on `mesh` (replicated when pspec is None)."""
+    return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype) if not hasattr(dtype, "dtype") else dtype,
+                                sharding=NamedSharding(mesh, pspec or PartitionSpec()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """Per-device bytes of a compiled program (XLA's memory analysis)."""
+
+    argument: int
+    output: int
+    alias: int
+    temp: int
+
+    @property
+    def peak(self) -> int:
+        """Arguments + outputs not aliased to arguments + temporaries: what the program holds at once, at most."""
+        return self.argument + self.output - self.alias + self.temp
+
+
+@dataclasses.dataclass
+class Compiled:
+    compiled: object  # jax.stages.Compiled
+    text: str  # the lowered StableHLO
+    memory: Memory
+    seconds: float  # lower + compile wall time
+
+    @property
+    def uses_triton(self) -> bool:
+        """Whether a Pallas Triton kernel is part of the program."""
+        return TRITON_MARKER in self.text
+
+
+def _default_device(mesh: Mesh):
+    # jax >= 0.11 resolves some placements against the default device: make it one of the target devices.
+    return jax.default_device(mesh.devices.flat[0])
+
+
+def compile_for(fn: Callable, *args, mesh: Mesh, **jit_kwargs) -> Compiled:
+    """Lower `jax.jit(fn, **jit_kwargs)` on abstract `args` placed on `mesh` and compile it for the mesh's GPUs."""
+    t0 = time.perf_counter()
+    with _default_device(mesh), jax.set_mesh(mesh):
+        lowered = jax.jit(fn, **jit_kwargs).lower(*args)
+        text = lowered.as_text()
+        compiled = lowered.compile()
+    m = compiled.memory_analysis()
+    memory = Memory(int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.alias_size_in_bytes),
+                    int(m.temp_size_in_bytes))
+    return Compiled(compiled, text, memory, time.perf_counter() - t0)
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def install_plugin() -> int:
+    """pip-install jax's CUDA plugin at this jaxlib's exact version, plus ptxas (nvidia-cuda-nvcc-cu12)."""
+    import jaxlib
+
+    v = jaxlib.__version__
+    cmd = [sys.executable, "-m", "pip", "install", "-q", f"jax-cuda12-plugin=={v}", f"jax-cuda12-pjrt=={v}",
+           "nvidia-cuda-nvcc-cu12<13"]
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m small4_jax.aot", description=__doc__.split("\n\n")[0])
+    p.add_argument("--install-plugin", action="store_true", help="install the CUDA plugin and ptxas for this jaxlib")
+    p.add_argument("--check", action="store_true", help="say whether deviceless GPU compilation works here")
+    a = p.parse_args(argv)
+    if a.install_plugin:
+        rc = install_plugin()
+        if rc:
+            return rc
+    if os.environ.get("JAX_PLATFORMS") != "cpu" or a.install_plugin:
+        # The plugin registers when jax is imported, and needs the CPU platform where no GPU driver is present:
+        # check in a fresh process.
+        return subprocess.call([sys.executable, "-m", "small4_jax.aot", "--check"],
+                               env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    ok, why = available()
+    print("deviceless GPU compile: " + ("available" if ok else f"unavailable ({why})"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
