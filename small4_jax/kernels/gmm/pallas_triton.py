@@ -72,7 +72,10 @@ def _gmm_kernel(seg_start_ref, seg_end_ref, seg_group_ref, work_seg_ref, work_ti
         col_mask = cols < n
         k_begin = split * k_per_split
         steps = jnp.minimum((k - k_begin + bk - 1) // bk, k_per_split // bk)
-        steps = jnp.where(group >= 0, steps, 0)  # zero segments: no K steps, zeros stored
+        # Zero segments: no K steps, zeros stored. Not `jnp.where(group >= 0, steps, 0)`: jax 0.10.2's Triton
+        # lowering passes the literal 0 into the nested `_where` jit as an i1, and the module fails to verify
+        # ("'arith.select' op failed to verify that all of {true_value, false_value, result} have same type").
+        steps = steps * (group >= 0).astype(jnp.int32)
         g = jnp.maximum(group, 0)
         rows_slice, cols_slice = pl.ds(row0, bm), pl.ds(j * bn, bn)
 
