@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infer.page_pool import PagePool, chain_hashes
+from infer.page_pool import PagePool, chain_hashes, prefix_context
 from small4_jax.batch_sampling import RowSampling
 from small4_jax.errors import InputError, Small4Error
 from small4_jax.paged import NULL_PAGE, PagedCache, cache_bytes_per_token_per_layer, cache_width, step
@@ -122,8 +122,9 @@ class _Request:
     stop_ids: frozenset[int]
     callback: Callable[[RequestOutput], None] | None
     arrival: float
+    context: bytes = b""  # root of the prefix-cache key chain (page_pool.prefix_context)
     pages: list[int] = dataclasses.field(default_factory=list)
-    hashes: list[int] = dataclasses.field(default_factory=list)  # chain hashes of the full pages registered
+    hashes: list[bytes] = dataclasses.field(default_factory=list)  # chain keys of the full pages registered
     num_computed: int = 0  # tokens whose cache rows are written
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     decoder: object = None
@@ -292,9 +293,16 @@ class Engine:
         callback: Callable[[RequestOutput], None] | None = None,
         request_id: str | None = None,
         block: bool = False,
+        adapter: str | None = None,
+        image_hashes: Sequence[str | bytes] = (),
+        cache_salt: str | None = None,
     ) -> str:
         """Queue a request; returns its id. Raises InputError for a bad prompt and QueueFull when `max_queue`
-        requests are already waiting (with `block=True` it waits for room instead)."""
+        requests are already waiting (with `block=True` it waits for room instead).
+
+        adapter, image_hashes, cache_salt: what besides the prompt ids decides its cache rows; they root its
+        prefix-cache key chain (`page_pool.prefix_context`), so it shares cached pages only with requests that
+        agree on all three."""
         prompt = [int(t) for t in prompt_ids]
         self.check_prompt(prompt, options)
         request_id = request_id or f"req-{next(self._ids)}"
@@ -306,7 +314,8 @@ class Engine:
             self._pending += 1
         seed = options.seed if options.seed is not None else int(self._seeds.integers(0, 2**31))
         stop_ids = frozenset(options.stop_token_ids) | (frozenset() if options.ignore_eos else self.stop_ids)
-        req = _Request(request_id, prompt, len(prompt), options, seed, stop_ids, callback, time.time())
+        req = _Request(request_id, prompt, len(prompt), options, seed, stop_ids, callback, time.time(),
+                       context=prefix_context(adapter, image_hashes, cache_salt))
         self._inbox.put(("submit", req))
         return request_id
 
@@ -466,8 +475,8 @@ class Engine:
         while self._waiting and len(self._running) < self.max_batch:
             req = self._waiting[0]
             n_full = (len(req.tokens) - 1) // self.page_size  # the last token is always computed (for its logits)
-            hashes = chain_hashes(req.tokens, self.page_size, n_full)
-            cached = self.pool.match(hashes)
+            hashes = chain_hashes(req.tokens, self.page_size, n_full, context=req.context)
+            cached = self.pool.match(hashes, req.tokens, req.context)
             need = math.ceil(len(req.tokens) / self.page_size) - len(cached)
             fresh = self.pool.allocate(need)
             if fresh is None:
@@ -514,9 +523,11 @@ class Engine:
     def _register_pages(self, req: _Request) -> None:
         full = min(req.num_computed, len(req.tokens)) // self.page_size
         if full > len(req.hashes):
-            req.hashes = chain_hashes(req.tokens, self.page_size, full, req.hashes)
+            req.hashes = chain_hashes(req.tokens, self.page_size, full, req.hashes, req.context)
+            size = self.page_size
             for i in range(full):
-                self.pool.register(req.pages[i], req.hashes[i])
+                self.pool.register(req.pages[i], req.hashes[i], req.hashes[i - 1] if i else req.context,
+                                   req.tokens[i * size : (i + 1) * size])
 
     # ---- model steps ---------------------------------------------------------------------------------------------
 

@@ -1,8 +1,13 @@
 """Page bookkeeping for the paged latent cache: a free list, reference counts and the prefix cache.
 
 A sequence owns a list of page ids. A page that is full of prompt (or generated) tokens can be registered under
-the hash of its tokens and of every token before it (a hash chain, one link per page), so a later sequence that
-starts with the same tokens reuses the page instead of recomputing it. Pages are reference counted; a registered
+a key chained over everything that determines its cache rows: the parent page's key, the page's tokens, and the
+sequence's context (`prefix_context`: the LoRA adapter serving it, the hashes of the images whose embeddings sit
+in its prompt, and a tenant's `cache_salt`). A later sequence that starts with the same tokens in the same context
+reuses the page instead of recomputing it. Keys are BLAKE2b digests (not Python's `hash()`, which collides on
+purpose-built inputs and differs between processes), and a hit is verified: the pool keeps each cached page's
+tokens and parent key and serves the page only when they are equal, so even a digest collision cannot hand one
+prompt another's cache. Pages are reference counted; a registered
 page whose count drops to zero is not freed but kept in an LRU list, and is recycled only when no free page is
 left. Page 0 is the null page (`small4_jax.paged.NULL_PAGE`) and is never handed out.
 
@@ -11,18 +16,52 @@ Pure Python, no JAX: the engine calls it between steps, on one thread.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import numpy as np
+
 from small4_jax.paged import NULL_PAGE
 
+_ROOT = b"small4-prefix-v1"
 
-def chain_hashes(tokens: Sequence[int], page_size: int, num_pages: int, start: Sequence[int] = ()) -> list[int]:
-    """Hashes of the first `num_pages` full pages of `tokens`, continuing the chain `start` (already hashed)."""
+
+def prefix_context(adapter: str | None = None, image_hashes: Sequence[str | bytes] = (),
+                   cache_salt: str | None = None) -> bytes:
+    """The root of a sequence's key chain: what besides the tokens decides its cache rows.
+
+    adapter: the LoRA adapter's identity (name or content hash; None = the base model).
+    image_hashes: digests of the images in the prompt, in order (the image tokens alone do not say which image).
+    cache_salt: a tenant's secret; sequences with different salts never share pages.
+    """
+    h = hashlib.blake2b(_ROOT, digest_size=32)
+    for tag, value in ((b"adapter", adapter), (b"salt", cache_salt)):
+        if value is not None:
+            data = value.encode("utf-8")
+            h.update(tag + len(data).to_bytes(8, "little") + data)
+    for image in image_hashes:
+        data = image.encode("utf-8") if isinstance(image, str) else bytes(image)
+        h.update(b"image" + len(data).to_bytes(8, "little") + data)
+    return h.digest()
+
+
+ROOT_CONTEXT = prefix_context()
+
+
+def page_key(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """BLAKE2b-256 of (parent key, the page's token ids as int64)."""
+    return hashlib.blake2b(parent + np.asarray(tokens, np.int64).tobytes(), digest_size=32).digest()
+
+
+def chain_hashes(tokens: Sequence[int], page_size: int, num_pages: int, start: Sequence[bytes] = (),
+                 context: bytes = ROOT_CONTEXT) -> list[bytes]:
+    """Keys of the first `num_pages` full pages of `tokens`, continuing the chain `start` (already keyed), rooted
+    at `context` (`prefix_context`)."""
     out = list(start)
-    prev = out[-1] if out else None
+    prev = out[-1] if out else context
     for i in range(len(out), num_pages):
-        prev = hash((prev, tuple(tokens[i * page_size : (i + 1) * page_size])))
+        prev = page_key(prev, tokens[i * page_size : (i + 1) * page_size])
         out.append(prev)
     return out
 
@@ -38,8 +77,9 @@ class PagePool:
         self.prefix_caching = prefix_caching
         self._free = list(range(num_pages - 1, 0, -1))  # pop() hands out low ids first
         self._refs = [0] * num_pages
-        self._by_hash: dict[int, int] = {}
-        self._hash_of: dict[int, int] = {}
+        self._by_hash: dict[bytes, int] = {}
+        self._hash_of: dict[int, bytes] = {}
+        self._content: dict[int, tuple[bytes, tuple[int, ...]]] = {}  # cached page -> (parent key, its tokens)
         self._idle: OrderedDict[int, None] = OrderedDict()  # registered pages with no owner, oldest first
 
     # ---- queries -------------------------------------------------------------------------------------------------
@@ -74,6 +114,7 @@ class PagePool:
             else:
                 page, _ = self._idle.popitem(last=False)  # evict the least recently released cached page
                 del self._by_hash[self._hash_of.pop(page)]
+                del self._content[page]
             self._refs[page] = 1
             out.append(page)
         return out
@@ -91,24 +132,32 @@ class PagePool:
 
     # ---- prefix cache --------------------------------------------------------------------------------------------
 
-    def match(self, hashes: Sequence[int]) -> list[int]:
-        """Take a reference to the cached pages of the longest prefix of `hashes` found; returns their ids."""
+    def match(self, hashes: Sequence[bytes], tokens: Sequence[int], context: bytes = ROOT_CONTEXT) -> list[int]:
+        """Take a reference to the cached pages of the longest prefix of `hashes` (the chain of `tokens` rooted at
+        `context`) found and verified; returns their ids. A page is served only if its parent key and tokens are
+        those of the request."""
         out = []
         if not self.prefix_caching:
             return out
-        for h in hashes:
+        size = self.page_size
+        for i, h in enumerate(hashes):
             page = self._by_hash.get(h)
             if page is None:
                 break
+            parent = hashes[i - 1] if i else context
+            if self._content[page] != (parent, tuple(tokens[i * size : (i + 1) * size])):
+                break  # a digest collision: never serve another sequence's rows
             if self._refs[page] == 0:
                 del self._idle[page]
             self._refs[page] += 1
             out.append(page)
         return out
 
-    def register(self, page: int, h: int) -> None:
-        """Record that `page` (owned, full, never written again) holds the tokens of hash `h`."""
+    def register(self, page: int, h: bytes, parent: bytes, tokens: Sequence[int]) -> None:
+        """Record that `page` (owned, full, never written again) holds `tokens` under key `h`, whose parent key
+        (the previous page's, or the context's for the first page) is `parent`."""
         if not self.prefix_caching or h in self._by_hash or page in self._hash_of:
             return
         self._by_hash[h] = page
         self._hash_of[page] = h
+        self._content[page] = (parent, tuple(tokens))

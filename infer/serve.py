@@ -51,6 +51,7 @@ class _Common(BaseModel):
     stream_options: dict[str, Any] | None = None
     n: int = 1
     user: str | None = None
+    cache_salt: str | None = None  # a tenant's prefix-cache salt: requests share cached pages only with the same salt
 
 
 class ChatRequest(_Common):
@@ -128,7 +129,7 @@ class Server:
         except InputError as e:
             raise HTTPError(400, str(e)) from None
 
-    def submit(self, prompt: list[int], options: SamplingOptions):
+    def submit(self, prompt: list[int], options: SamplingOptions, cache_salt: str | None = None):
         """Queue a request; returns (id, asyncio queue of RequestOutput)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -137,7 +138,8 @@ class Server:
             loop.call_soon_threadsafe(events.put_nowait, out)
 
         try:
-            rid = self.engine.submit(prompt, options, callback=callback, request_id=f"r-{uuid.uuid4().hex[:16]}")
+            rid = self.engine.submit(prompt, options, callback=callback, request_id=f"r-{uuid.uuid4().hex[:16]}",
+                                     cache_salt=cache_salt)
         except QueueFull as e:
             raise HTTPError(429, str(e), kind="rate_limit_error") from None
         except InputError as e:
@@ -288,7 +290,7 @@ def build_app(server: Server):
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         options = server.options(req, len(prompt.ids), logprobs)
         parse_tools = req.tool_choice != "none" and bool(req.tools)
-        rid, events = server.submit(prompt.ids, options)
+        rid, events = server.submit(prompt.ids, options, req.cache_salt)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def new_parser():
@@ -393,7 +395,7 @@ def build_app(server: Server):
         if not prompt:
             raise HTTPError(400, "empty prompt", param="prompt")
         options = server.options(req, len(prompt), req.logprobs)
-        rid, events = server.submit(prompt, options)
+        rid, events = server.submit(prompt, options, req.cache_salt)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         echo = server.tokenizer.decode(prompt) if req.echo and server.tokenizer is not None else ""
 

@@ -89,6 +89,14 @@ def test_prefix_cache_reuses_pages_and_keeps_outputs(setup):
     assert engine.metrics()["cached_tokens"] - before >= 24
     assert first.token_ids == _hf_greedy(hf, a, 6)
     assert second.token_ids == _hf_greedy(hf, b, 6)
+    # another tenant's salt, or another adapter, roots another key chain: nothing is shared
+    for kwargs in (dict(cache_salt="tenant-2"), dict(adapter="other"), dict(image_hashes=["img"])):
+        events = []
+        engine.submit(b, SamplingOptions(max_tokens=6), callback=events.append, **kwargs)
+        while not (events and events[-1].finished):
+            engine.step()
+        assert events[-1].cached_tokens == 0, kwargs
+        assert [t for e in events for t in e.token_ids] == second.token_ids
 
 
 def test_logprobs_match_the_full_forward(setup):
