@@ -146,34 +146,43 @@ class Tokenizer(abc.ABC):
 class StreamDecoder:
     """Incremental detokeniser: feed generated ids one at a time, get the newly completed text back.
 
-    Text is held back while the decoded tail ends in U+FFFD, i.e. while a multi-byte character is still split
-    across byte tokens. The concatenation of everything `push` and `flush` return is exactly
-    `tokenizer.decode(all ids, skip_special=...)`. Each push decodes the whole sequence so far (O(n) per token),
-    which is simple and exact, and cheap next to a model step.
+    Each push decodes only a small window, so its cost does not grow with the output: the window starts at the
+    token where the previous emission's window ended (`_prefix`) and the text returned is
+    decode(window + new ids) minus decode(window). Decoding from a token boundary inside the text is safe because
+    both strings start at the same token, so what a backend does at the start of a decode (sentencepiece drops a
+    leading dummy space, a byte token cut from its character decodes to U+FFFD) cancels in the difference.
+    Text is held back while the window's text ends in U+FFFD (a multi-byte character still split across byte
+    tokens) or has not grown (a skipped control token), so the concatenation of everything `push` and `flush`
+    return is exactly `tokenizer.decode(all ids, skip_special=...)`.
     """
 
     def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = True):
         self.tokenizer = tokenizer
         self.skip_special = skip_special
-        self.ids: list[int] = []
-        self._emitted = 0  # characters of the decoded text already returned
+        self._window: list[int] = []  # ids from the start of the current window
+        self._read = 0  # ids of the window whose text has been returned
 
     def push(self, token_id: int) -> str:
         """Add one token id; return the text it completes ("" while a character is still incomplete)."""
-        self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids, skip_special=self.skip_special)
-        if text.endswith(_REPLACEMENT_CHAR):
+        self._window.append(int(token_id))
+        decode = self.tokenizer.decode
+        before = decode(self._window[: self._read], skip_special=self.skip_special) if self._read else ""
+        text = decode(self._window, skip_special=self.skip_special)
+        if len(text) <= len(before) or text.endswith(_REPLACEMENT_CHAR):
             return ""
-        return self._take(text)
+        self._window = self._window[self._read :]  # the next window starts at this one's read point
+        self._read = len(self._window)
+        return text[len(before) :]
 
     def flush(self) -> str:
         """Return whatever is held back (an incomplete character comes out as U+FFFD)."""
-        return self._take(self.tokenizer.decode(self.ids, skip_special=self.skip_special))
-
-    def _take(self, text: str) -> str:
-        new = text[self._emitted :]
-        self._emitted = len(text)
-        return new
+        if len(self._window) == self._read:
+            return ""
+        before = self.tokenizer.decode(self._window[: self._read], skip_special=self.skip_special) if self._read else ""
+        text = self.tokenizer.decode(self._window, skip_special=self.skip_special)
+        self._window = self._window[self._read :]
+        self._read = len(self._window)
+        return text[len(before) :]
 
 
 class SentencePieceTokenizer(Tokenizer):

@@ -419,3 +419,20 @@ def test_real_spm_v7():
     assert (tok.vocab_size, tok.pad_id, tok.token_id("[INST]"), tok.token_id("[SYSTEM_PROMPT]")) == (32768, None, 3, 16)
     text = "Hello, world! 🙂"
     assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.parametrize("which", ["spm", "tekken"])
+@pytest.mark.parametrize("skip_special", [True, False])
+def test_stream_decoder_equals_full_decode_on_random_ids(spm_tok, tekken_v13, which, skip_special):
+    """Random ids (byte tokens cut from their characters, control tokens, spaces) decoded through the window."""
+    import numpy as np
+
+    tok = spm_tok if which == "spm" else TekkenTokenizer(tekken_v13)
+    rng = np.random.default_rng(3)
+    specials = sorted(tok.special_ids)
+    for trial in range(20):
+        ids = rng.integers(0, tok.vocab_size, int(rng.integers(1, 60))).tolist()
+        ids = [specials[int(rng.integers(len(specials)))] if rng.random() < 0.1 else t for t in ids]
+        dec = StreamDecoder(tok, skip_special=skip_special)
+        out = "".join(dec.push(t) for t in ids) + dec.flush()
+        assert out == tok.decode(ids, skip_special=skip_special), (trial, ids)
