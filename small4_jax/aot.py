@@ -147,6 +147,22 @@ def compile_for(fn: Callable, *args, mesh: Mesh, **jit_kwargs) -> Compiled:
     return Compiled(compiled, text, memory, time.perf_counter() - t0)
 
 
+def placed(state, mesh: Mesh, spec_fn: Callable | None = None):
+    """An nnx State (e.g. of `model.abstract_model`) as abstract arguments on `mesh`, each leaf at the sharding
+    `spec_fn(path, shape, mesh)` gives it (default `sharding.spec_for`, the rule every loader places weights by)."""
+    from flax import nnx
+
+    from small4_jax.sharding import spec_for
+
+    spec_fn = spec_fn or spec_for
+    flat = []
+    for path, value in nnx.to_flat_state(state):
+        arr = value.get_raw_value() if hasattr(value, "get_raw_value") else value
+        s = spec(arr.shape, arr.dtype, mesh, spec_fn(path, arr.shape, mesh))
+        flat.append((path, value.replace(s) if hasattr(value, "replace") else s))
+    return nnx.from_flat_state(flat)
+
+
 def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 

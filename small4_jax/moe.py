@@ -13,7 +13,8 @@ matmuls over the same sorted rows. The grouped matmul is `small4_jax.kernels.gmm
     "pallas"      the Pallas kernel (custom VJP; Pallas interpret mode on a CPU, so only for tests there)
     "ragged_dot"  jax.lax.ragged_dot (XLA's lowering)
     "dense"       every expert on every token: a reference for tests (O(E) work)
-    "auto"        the fastest correct one on the platform: "pallas" on GPUs, "ragged_dot" elsewhere
+    "auto"        the fastest correct one where the program runs (`platform.platform_of` the weights / mesh, not the
+                  default backend): "pallas" on GPUs once its first-use self-check passed, "ragged_dot" elsewhere
 
 Permute and unpermute are gathers whose backward passes are gathers too (custom VJPs), never scatter-adds.
 
@@ -24,7 +25,7 @@ two strategies (`strategy`, default "auto": by tokens per data shard against `a2
     "replicated"  every expert shard sees all tokens of its data shard, runs its local experts on their rows (the
                   kernel's local-group window), and a psum over expert (and tensor) combines. Decode, small batches.
     "all_to_all"  tokens are split over data x expert; each shard sends every routed row to the shard owning its
-                  expert, runs its local experts, and sends results back. `jax.lax.ragged_all_to_all` on GPUs; on
+                  expert, runs its local experts, and sends results back. `jax.lax.ragged_all_to_all` on GPU meshes; on
                   other platforms (XLA:CPU has no ragged all-to-all) a padded dense `all_to_all` with the same
                   semantics (`_ragged_all_to_all_dense`). Prefill and training.
     "none"        no shard_map: XLA partitions the single-device code (also the fallback when the mesh has no
@@ -38,13 +39,14 @@ match its rows of `down`; partial outputs are summed in float32 by a psum over `
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from small4_jax import kernels
+from small4_jax import kernels, platform
 from small4_jax.kernels.gmm import pallas_triton
 from small4_jax.sharding import MoELayout, mesh_of, moe_layout
 
@@ -63,17 +65,50 @@ class ExpertLoRA(NamedTuple):
     scale: float
 
 
-def _on_gpu() -> bool:
-    return jax.default_backend() in ("gpu", "cuda", "rocm")
+# The first-use self-check of the Pallas kernel: device key -> None (passed) or the error text (fell back).
+_SELF_CHECK: dict[tuple[str, int], str | None] = {}
+FALLBACK_COST = (
+    "jax.lax.ragged_dot compiled for a GPU (jax 0.10.2) computes every expert for every row: E / top_k times the "
+    "FLOPs of the routed experts (32x for Small 4's 128 experts, top-4) and [rows, E, N] temporaries (8.0 GiB at "
+    "8192 rows x 4096 -> 4096 with 128 experts)")
 
 
-def resolve_impl(impl: str) -> str:
-    """The grouped-matmul implementation to use for `impl` ("auto" -> the fastest correct one here).
+def kernel_self_check(device=None) -> str | None:
+    """Run the Pallas grouped matmul once on `device` (default: this process's first GPU) against its reference.
 
-    On a CPU the Pallas kernel only runs in interpret mode, so "auto" is "ragged_dot" there.
+    Once per device and process; returns None when it passed (or there is no GPU to run on: a CPU host compiling for
+    compile-only GPUs, where the compile tests are the check), else the error, after one warning that names it and
+    what the ragged_dot fallback costs.
+    """
+    device = device or platform.runnable_gpu()
+    if device is None:
+        return None
+    key = (device.platform, device.id)
+    if key not in _SELF_CHECK:
+        try:
+            kernels.gmm_self_check(device)
+            _SELF_CHECK[key] = None
+        except Exception as e:  # noqa: BLE001 - any failure (Triton, ptxas, driver, wrong numbers) means fall back
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            _SELF_CHECK[key] = f"{type(e).__name__}: {first}"
+            warnings.warn(
+                f"moe_impl 'auto': the Pallas grouped-matmul kernel failed its first-use check on {device.device_kind}"
+                f" ({_SELF_CHECK[key]}); falling back to 'ragged_dot'. Cost: {FALLBACK_COST}. Set moe_impl to "
+                "'ragged_dot' or 'pallas' explicitly to skip the check.", RuntimeWarning, stacklevel=3)
+    return _SELF_CHECK[key]
+
+
+def resolve_impl(impl: str, *placed) -> str:
+    """The grouped-matmul implementation to use for `impl` ("auto" -> the fastest correct one where it runs).
+
+    The platform is that of `placed` (the expert weights, the tokens, the mesh: `platform.platform_of`). "auto" is
+    "pallas" on GPUs, after the kernel's first-use self-check (`kernel_self_check`) passed on a real GPU, and
+    "ragged_dot" elsewhere (on a CPU the Pallas kernel only runs in interpret mode) or when the check failed.
     """
     if impl == "auto":
-        return "pallas" if _on_gpu() and pallas_triton.available() else "ragged_dot"
+        if not (platform.on_gpu(*placed) and pallas_triton.available()):
+            return "ragged_dot"
+        return "pallas" if kernel_self_check() is None else "ragged_dot"
     if impl not in IMPLS:
         raise ValueError(f"unknown moe impl {impl!r}; expected 'auto' or one of {IMPLS}")
     return impl
@@ -260,11 +295,11 @@ def routed_experts(
     With `mesh` (a mesh with an `expert` axis, or "auto": the one gate_up lives on, `sharding.mesh_of`) the experts
     run expert-parallel with `strategy` (module docstring); the result equals one device's.
     """
-    impl = resolve_impl(impl)
     if isinstance(mesh, str):
         if mesh != "auto":
             raise ValueError(f"mesh must be a Mesh, 'auto' or None; got {mesh!r}")
         mesh = mesh_of(gate_up)
+    impl = resolve_impl(impl, mesh, gate_up, x)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown moe strategy {strategy!r}; expected one of {STRATEGIES}")
     layout = None
@@ -382,7 +417,7 @@ def _all_to_all_body(x, expert_ids, expert_weights, gate_up, down, lora_arrays, 
     recv_offsets = _exclusive_cumsum(recv_sizes)
 
     capacity = ep * pairs  # dropless: every row of the expert group could land here
-    exchange = jax.lax.ragged_all_to_all if _on_gpu() else _ragged_all_to_all_dense
+    exchange = jax.lax.ragged_all_to_all if platform.on_gpu(layout.mesh, x) else _ragged_all_to_all_dense
     recv = exchange(rows, jnp.zeros((capacity, x.shape[1]), x.dtype), input_offsets, send_sizes, output_offsets,
                     recv_sizes, axis_name=axis)
 

@@ -11,5 +11,6 @@
 """
 
 from small4_jax.kernels.gmm import GmmTiling, gmm, gmm_reference, gmm_tiling, tgmm, tgmm_reference
+from small4_jax.kernels.gmm import self_check as gmm_self_check
 
-__all__ = ["GmmTiling", "gmm", "gmm_reference", "gmm_tiling", "tgmm", "tgmm_reference"]
+__all__ = ["GmmTiling", "gmm", "gmm_reference", "gmm_self_check", "gmm_tiling", "tgmm", "tgmm_reference"]

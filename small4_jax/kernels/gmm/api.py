@@ -27,15 +27,20 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from small4_jax.kernels.gmm import pallas_triton
+from small4_jax.platform import on_gpu
 from small4_jax.kernels.gmm.reference import gmm_reference, tgmm_reference
 from small4_jax.kernels.gmm.tiling import GmmTiling, gmm_tiling, tgmm_tiling
 
 BACKENDS = ("pallas", "ragged_dot", "reference")
 
 
-def default_interpret() -> bool:
-    """Pallas interpret mode unless the default backend is a GPU (the Triton kernels only compile for GPUs)."""
-    return jax.default_backend() not in ("gpu", "cuda", "rocm")
+def default_interpret(*placed) -> bool:
+    """Pallas interpret mode unless the program runs on GPUs (the Triton kernels only compile for GPUs).
+
+    The platform is that of `placed` (the operands, a mesh; `small4_jax.platform.platform_of`), not the default
+    backend: a CPU host lowering for compile-only GPU devices gets the compiled kernel, as a GPU would.
+    """
+    return not on_gpu(*placed)
 
 
 def _check(lhs, rhs, group_sizes, transpose_rhs):
@@ -82,8 +87,8 @@ def gmm(
         return _ragged_dot_gmm(lhs, rhs, group_sizes, group_offset, window, transpose_rhs, out_dtype)
     if backend != "pallas":
         raise ValueError(f"unknown gmm backend {backend!r}; expected one of {BACKENDS}")
-    cfg = _Config(tiling, default_interpret() if interpret is None else bool(interpret), transpose_rhs, out_dtype,
-                  rhs.shape[0], jnp.dtype(lhs.dtype))
+    interpret = default_interpret(lhs, rhs) if interpret is None else bool(interpret)
+    cfg = _Config(tiling, interpret, transpose_rhs, out_dtype, rhs.shape[0], jnp.dtype(lhs.dtype))
     return _gmm_vjp(cfg, lhs, rhs, group_sizes, group_offset)
 
 
@@ -124,7 +129,7 @@ def tgmm(
     if backend != "pallas":
         raise ValueError(f"unknown tgmm backend {backend!r}; expected one of {BACKENDS}")
     return _tgmm_pallas(lhs, rhs, group_sizes, group_offset, num_groups, tiling,
-                        default_interpret() if interpret is None else interpret, out_dtype)
+                        default_interpret(lhs, rhs) if interpret is None else interpret, out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -201,3 +206,41 @@ def _gmm_vjp_bwd(cfg, residuals, dy):
 
 
 _gmm_vjp.defvjp(_gmm_vjp_fwd, _gmm_vjp_bwd, symbolic_zeros=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# First-use self-check (moe.kernel_self_check calls it before `moe_impl: auto` picks the kernel on a GPU).
+def self_check(device=None, *, interpret: bool | None = None) -> None:
+    """Run the Pallas gmm and tgmm once on a small problem on `device` and compare them with the reference.
+
+    Raises whatever compiling or running raises, or AssertionError naming the largest difference. Runs eagerly even
+    when called while a program is being traced: in its own thread, whose trace state is fresh (jax's trace context
+    is per thread; `ensure_compile_time_eval` would also evaluate the kernel body). interpret=None: compiled on GPUs,
+    interpreted elsewhere (how the CPU tests exercise it).
+    """
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(_self_check, device or jax.devices()[0], interpret).result()
+
+
+def _self_check(device, interpret):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    sizes = np.array([12, 0, 30, 6], np.int32)  # an empty group, uneven sizes; 48 rows
+    m, k, n = int(sizes.sum()), 64, 32
+    with jax.default_device(device):
+        lhs, dy = (jax.device_put(rng.standard_normal(s, np.float32), device) for s in ((m, k), (m, n)))
+        rhs = jax.device_put(rng.standard_normal((len(sizes), k, n), np.float32), device)
+        gs = jax.device_put(sizes, device)
+        checks = {
+            "gmm": (gmm(lhs, rhs, gs, interpret=interpret), gmm_reference(lhs, rhs, gs, jnp.int32(0))),
+            "tgmm": (tgmm(lhs, dy, gs, interpret=interpret),
+                     tgmm_reference(lhs, dy, gs, jnp.int32(0), num_groups=len(sizes))),
+        }
+        for name, (got, want) in checks.items():
+            got, want = np.asarray(got), np.asarray(want)
+            err = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")
+            if not err <= 1e-3 * (1.0 + float(np.max(np.abs(want)))):
+                raise AssertionError(f"{name} differs from its reference by {err:.3g} on {device.device_kind}")
