@@ -39,6 +39,7 @@ from small4_jax.errors import ConfigError
 
 _ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
 MOE_IMPLS = ("auto", "pallas", "ragged_dot", "dense")  # "auto": the fastest correct one here (moe.resolve_impl)
+ATTN_IMPLS = ("auto", "blockwise", "pallas", "reference")  # small4_jax.kernels.attention (api.py)
 MOE_STRATEGIES = ("auto", "replicated", "all_to_all", "none")  # must equal moe.STRATEGIES
 
 
@@ -96,6 +97,7 @@ class Small4Config:
     softmax_scale: float | None = None  # explicit override of the attention softmax scale
     # Implementation choices (not part of the checkpoint's math).
     moe_impl: str = "auto"  # grouped matmul of the routed experts: "auto", "pallas", "ragged_dot", "dense" (see moe.py)
+    attn_impl: str = "auto"  # softmax attention: "auto", "blockwise", "pallas", "reference" (kernels/attention/api.py)
     # Expert parallelism when the expert weights sit on a mesh with an 'expert' axis (see moe.py): "auto" (by token
     # count), "replicated" (tokens replicated, local experts, psum), "all_to_all" (dispatch/combine), "none".
     moe_strategy: str = "auto"
@@ -151,6 +153,8 @@ class Small4Config:
             bad("rope_type", "'yarn' or 'default'")
         if self.moe_impl not in MOE_IMPLS:
             bad("moe_impl", f"one of {', '.join(MOE_IMPLS)}")
+        if self.attn_impl not in ATTN_IMPLS:
+            bad("attn_impl", f"one of {', '.join(ATTN_IMPLS)}")
         if self.moe_strategy not in MOE_STRATEGIES:
             bad("moe_strategy", f"one of {', '.join(MOE_STRATEGIES)}")
         if self.moe_a2a_min_tokens < 0:

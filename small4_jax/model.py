@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from small4_jax.config import Small4Config
+from small4_jax.kernels.attention import attention
 from small4_jax.moe import route, routed_experts
 
 _ACT = {
@@ -247,7 +248,8 @@ class MLA(nnx.Module):
         """x [B, T, H], positions [B, T]; cache = (latent [B, S, R], rope_key [B, S, r]) written at `positions`.
 
         key_mask [B, S_keys] (True = attend) masks padding; causality comes from positions; segment_ids [B, T]
-        (no cache) restricts attention to keys of the same segment.
+        (no cache) restricts attention to keys of the same segment. The softmax itself is
+        `small4_jax.kernels.attention` (O(T) memory; backend from `config.attn_impl`).
         """
         c = self.config
         b, t, _ = x.shape
@@ -278,18 +280,17 @@ class MLA(nnx.Module):
 
         kv = self.kv_b_proj(keys_latent).reshape(b, keys_latent.shape[1], nh, dn + dv)
         k_nope, v = kv[..., :dn], kv[..., dn:]
-        scores = jnp.einsum("bthd,bshd->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
-        scores += jnp.einsum("bthd,bsd->bhts", q_pe, keys_rope, preferred_element_type=jnp.float32)
+        # Expanded MLA is ordinary attention with K = dn + dr: the rope key is shared by every head, and the softmax
+        # scale times the Llama-4 per-position factor is folded into q (in float32, then cast).
         scale = c.attn_softmax_scale * llama4_query_scale(c, positions)  # [B, T]
-        scores = scores * scale[:, None, :, None]
-        mask = key_pos[:, None, None, :] <= positions[:, None, :, None]
-        if key_mask is not None:
-            mask = mask & key_mask[:, None, None, :]
-        if segment_ids is not None:
-            mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-        scores = jnp.where(mask, scores, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bhts,bshd->bthd", probs, v).reshape(b, t, nh * dv)
+        q = jnp.concatenate([q_nope, q_pe], axis=-1)
+        q = (q.astype(jnp.float32) * scale[:, :, None, None]).astype(q.dtype)
+        k_pe_heads = jnp.broadcast_to(keys_rope[:, :, None, :], (*keys_rope.shape[:2], nh, dr)).astype(k_nope.dtype)
+        k = jnp.concatenate([k_nope, k_pe_heads], axis=-1)
+        out = attention(
+            q, k, v, q_positions=positions, k_positions=key_pos, q_segments=segment_ids, k_segments=segment_ids,
+            key_mask=key_mask, impl=c.attn_impl,
+        ).reshape(b, t, nh * dv)
         return self.o_proj(out), cache
 
 

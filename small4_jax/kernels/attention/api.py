@@ -1,0 +1,91 @@
+"""`attention`: the model's one attention entry point (training, prefill, and the latent-cache `step`), over backends.
+
+    attention(q [B, T, H, K], k [B, S, H, K], v [B, S, H, U], q_positions [B, T], k_positions [B, S],
+              q_segments=None, k_segments=None, key_mask=None, impl="auto") -> [B, T, H, U]
+
+q is already scaled (softmax scale x Llama-4 per-position factor, folded in by the caller). Key s is visible to
+query t when k_positions[s] <= q_positions[t], key_mask[s] (if given) and k_segments[s] == q_segments[t] (if given).
+A query that sees no key gets zeros. Semantics: `reference.py`.
+
+Backends:
+    "blockwise"  `blockwise.py`: flash attention in XLA (online softmax, custom VJP), O(T) memory forward and
+                 backward. The default off GPUs.
+    "pallas"     `pallas_triton.py`: the same algorithm as fused Triton kernels (forward, dK/dV, dQ), the default on
+                 NVIDIA GPUs; in Pallas interpret mode on a CPU (tests).
+    "reference"  `reference.py`: every score materialised (O(T S) memory); the definition, for tests.
+"auto" picks by the platform of the devices the program runs on (`_platform`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from small4_jax.kernels.attention.blockwise import HIDDEN, blockwise_attention
+from small4_jax.kernels.attention.reference import attention_reference
+
+BACKENDS = ("auto", "blockwise", "pallas", "reference")
+
+
+def _platform() -> str:
+    """"gpu" or "cpu" (...): the platform of the mesh in context if there is one (so a deviceless compile for H100s
+    picks the GPU path), else of the default backend. Works inside jit (reads the abstract mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    platform = device.platform if device is not None else jax.default_backend()
+    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+
+
+def resolve_impl(impl: str) -> str:
+    if impl not in BACKENDS:
+        raise ValueError(f"attention impl must be one of {', '.join(BACKENDS)}, got {impl!r}")
+    if impl == "auto":
+        return "pallas" if _platform() == "gpu" else "blockwise"
+    return impl
+
+
+def normalise_masks(q_positions, k_positions, q_segments=None, k_segments=None, key_mask=None):
+    """int32 (q_positions, k_positions, q_segments, k_segments): key padding becomes an unreachable key position,
+    missing segments become one segment."""
+    qp = jnp.asarray(q_positions, jnp.int32)
+    kp = jnp.asarray(k_positions, jnp.int32)
+    if key_mask is not None:
+        kp = jnp.where(jnp.asarray(key_mask, bool), kp, HIDDEN)
+    if (q_segments is None) != (k_segments is None):
+        raise ValueError("attention: give both q_segments and k_segments, or neither")
+    if q_segments is None:
+        qs, ks = jnp.zeros(qp.shape, jnp.int32), jnp.zeros(kp.shape, jnp.int32)
+    else:
+        qs, ks = jnp.asarray(q_segments, jnp.int32), jnp.asarray(k_segments, jnp.int32)
+    return qp, kp, qs, ks
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_positions: jax.Array,
+    k_positions: jax.Array,
+    q_segments: jax.Array | None = None,
+    k_segments: jax.Array | None = None,
+    key_mask: jax.Array | None = None,
+    impl: str = "auto",
+    block_q: int | None = None,
+    block_k: int | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Masked softmax attention (see the module docstring); block sizes and interpret mode default per backend."""
+    b, t, h, d = q.shape
+    if k.shape[:3] != (b, k.shape[1], h) or k.shape[3] != d or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"attention expects q [B, T, H, K], k [B, S, H, K], v [B, S, H, U]; got {q.shape}, "
+                         f"{k.shape}, {v.shape}")
+    qp, kp, qs, ks = normalise_masks(q_positions, k_positions, q_segments, k_segments, key_mask)
+    impl = resolve_impl(impl)
+    if impl == "reference":
+        return attention_reference(q, k, v, qp, kp, qs, ks)
+    if impl == "blockwise":
+        return blockwise_attention(q, k, v, qp, kp, qs, ks, block_q or 512, block_k or 512)
+    from small4_jax.kernels.attention.pallas_triton import pallas_attention
+
+    return pallas_attention(q, k, v, qp, kp, qs, ks, block_q=block_q, block_k=block_k, interpret=interpret)
