@@ -29,7 +29,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from small4_jax.batch_sampling import RowSampling  # noqa: E402
+from small4_jax.batch_sampling import RowSampling, TokenHistory  # noqa: E402
 from small4_jax.config import Small4Config  # noqa: E402
 from small4_jax.model import init_model  # noqa: E402
 from small4_jax.paged import PagedCache, cache_bytes_per_token_per_layer, step  # noqa: E402
@@ -75,16 +75,17 @@ def time_decode(graphdef, state, config, dtype, batch, context, page_size, iters
     cache = PagedCache.create(config, batch * pages_per_row + 1, page_size, dtype).pages
     table = (1 + np.arange(batch * pages_per_row, dtype=np.int32)).reshape(batch, pages_per_row)
     ids = np.full((batch, 1), 5, np.int32)
-    sampling = RowSampling.greedy(batch)
+    sampling = RowSampling.greedy(batch, config.vocab_size)
+    history = [TokenHistory.create(1, config.vocab_size)]
     rows = np.arange(batch)
 
     def one(pages, pos):
         seq = np.full((batch, 1), pos, np.int32)
         slots = np.stack([table[rows, pos // page_size], np.full(batch, pos % page_size)], -1)[:, None].astype(
             np.int32)
-        out = step(graphdef, state, pages, ids, seq, seq, slots, table, np.zeros((batch,), np.int32), sampling,
-                   absorbed=True, num_top=1)
-        return out[-1], out[0]
+        *out, history[0], pages = step(graphdef, state, pages, history[0], ids, seq, seq, slots, table,
+                                       np.zeros((batch,), np.int32), sampling, absorbed=True, num_top=1)
+        return pages, out[0]
 
     cache, tok = one(cache, context)  # compile
     tok.block_until_ready()
@@ -99,16 +100,17 @@ def time_prefill(graphdef, state, config, dtype, context, page_size, chunk):
     n_pages = math.ceil(context / page_size)
     cache = PagedCache.create(config, n_pages + 1, page_size, dtype).pages
     table = (1 + np.arange(n_pages, dtype=np.int32))[None]
-    sampling = RowSampling.greedy(1)
+    sampling = RowSampling.greedy(1, config.vocab_size)
+    history = [TokenHistory.create(1, config.vocab_size)]
 
     def run(pages):
         tok = None
         for start in range(0, context, chunk):
             idx = np.minimum(np.arange(start, start + chunk), context - 1)[None].astype(np.int32)
             slots = np.stack([table[0, idx[0] // page_size], idx[0] % page_size], -1)[None].astype(np.int32)
-            *out, pages = step(graphdef, state, pages, np.full((1, chunk), 5, np.int32), idx, idx, slots, table,
-                               np.array([min(chunk, context - start) - 1], np.int32), sampling, absorbed=False,
-                               num_top=1)
+            *out, history[0], pages = step(graphdef, state, pages, history[0], np.full((1, chunk), 5, np.int32), idx,
+                                           idx, slots, table, np.array([min(chunk, context - start) - 1], np.int32),
+                                           sampling, absorbed=False, num_top=1)
             tok = out[0]
         tok.block_until_ready()
         return pages

@@ -40,9 +40,9 @@ import numpy as np
 from flax import nnx
 
 from infer.page_pool import PagePool, chain_hashes, prefix_context
-from small4_jax.batch_sampling import RowSampling
+from small4_jax.batch_sampling import MAX_LOGIT_BIAS, RowSampling, TokenHistory, mask_words, sample_rows, set_slot
 from small4_jax.errors import InputError, Small4Error
-from small4_jax.paged import NULL_PAGE, PagedCache, cache_bytes_per_token_per_layer, cache_width, step
+from small4_jax.paged import NULL_PAGE, PagedCache, cache_bytes_per_token_per_layer, cache_width, logits_step
 
 log = logging.getLogger("small4_jax")
 
@@ -68,6 +68,11 @@ class SamplingOptions:
     stop_token_ids: tuple[int, ...] = ()  # stop ids (included in token_ids), on top of EOS
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; n: the chosen token's logprob and the n most likely (n <= 20)
+    presence_penalty: float = 0.0  # OpenAI, [-2, 2]
+    frequency_penalty: float = 0.0  # OpenAI, [-2, 2]
+    repetition_penalty: float = 1.0  # HF / vLLM, > 0 (1: off)
+    logit_bias: dict[int, float] | None = None  # token id -> value added to its logit, [-100, 100]
+    grammar: str | None = None  # an llguidance Lark grammar the output must match (structured output)
 
     def __post_init__(self):
         def bad(msg):
@@ -87,6 +92,24 @@ class SamplingOptions:
             bad(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop strings must be non-empty strings")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                bad(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0:
+            bad(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+        if self.logit_bias:
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                bad(f"logit_bias has {len(self.logit_bias)} entries, at most {MAX_LOGIT_BIAS} are allowed")
+            for k, v in self.logit_bias.items():
+                if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+                    bad(f"logit_bias keys must be token ids (non-negative integers), got {k!r}")
+                if not -100 <= v <= 100:
+                    bad(f"logit_bias values must be in [-100, 100], got {v} for token {k}")
+
+    @property
+    def penalised(self) -> bool:
+        """Whether the request needs its token history (a penalty is on)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 @dataclasses.dataclass
@@ -123,6 +146,9 @@ class _Request:
     callback: Callable[[RequestOutput], None] | None
     arrival: float
     context: bytes = b""  # root of the prefix-cache key chain (page_pool.prefix_context)
+    slot: int = -1  # row of the engine's TokenHistory while running
+    matcher: object = None  # llguidance LLMatcher of a structured-output request
+    after: str | None = None  # admit only once this request's prompt pages are cached (n > 1 shares them)
     pages: list[int] = dataclasses.field(default_factory=list)
     hashes: list[bytes] = dataclasses.field(default_factory=list)  # chain keys of the full pages registered
     num_computed: int = 0  # tokens whose cache rows are written
@@ -267,6 +293,8 @@ class Engine:
         self.graphdef, self.state = nnx.split(model)
         self.pages = PagedCache.create(config, num_pages, page_size, self.cache_dtype, sharding).pages
         self.pool = PagePool(num_pages, page_size, prefix_caching)
+        self.history = TokenHistory.create(max_batch + 1, config.vocab_size, sharding)  # last slot: padding rows
+        self._free_slots = list(range(max_batch - 1, -1, -1))
         self.report = cache_report(config, self.cache_dtype, cache_bytes, page_size, num_pages)
         log.info("%s", self.report)
 
@@ -280,8 +308,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.stats = dict(requests=0, finished=0, cancelled=0, preempted=0, prompt_tokens=0, generated_tokens=0,
-                          cached_tokens=0, steps=0, prefill_steps=0, decode_steps=0, errors=0)
+                          cached_tokens=0, steps=0, prefill_steps=0, decode_steps=0, errors=0, host_seconds=0.0,
+                          mask_seconds=0.0, masked_tokens=0)
         self._token_times: deque[tuple[float, int]] = deque(maxlen=256)
+        self._waited = 0.0  # seconds of this step spent waiting for the device
 
     # ---- public API (any thread) ---------------------------------------------------------------------------------
 
@@ -293,6 +323,7 @@ class Engine:
         callback: Callable[[RequestOutput], None] | None = None,
         request_id: str | None = None,
         block: bool = False,
+        after: str | None = None,
         adapter: str | None = None,
         image_hashes: Sequence[str | bytes] = (),
         cache_salt: str | None = None,
@@ -300,11 +331,15 @@ class Engine:
         """Queue a request; returns its id. Raises InputError for a bad prompt and QueueFull when `max_queue`
         requests are already waiting (with `block=True` it waits for room instead).
 
+        after: the id of an earlier request with the same prompt; this one is admitted once that one's full prompt
+        pages are in the prefix cache, so the n choices of one request share them instead of computing them n times.
+
         adapter, image_hashes, cache_salt: what besides the prompt ids decides its cache rows; they root its
         prefix-cache key chain (`page_pool.prefix_context`), so it shares cached pages only with requests that
         agree on all three."""
         prompt = [int(t) for t in prompt_ids]
         self.check_prompt(prompt, options)
+        matcher = self._matcher(options)
         request_id = request_id or f"req-{next(self._ids)}"
         with self._lock:
             while self._pending >= self.max_queue:
@@ -315,7 +350,7 @@ class Engine:
         seed = options.seed if options.seed is not None else int(self._seeds.integers(0, 2**31))
         stop_ids = frozenset(options.stop_token_ids) | (frozenset() if options.ignore_eos else self.stop_ids)
         req = _Request(request_id, prompt, len(prompt), options, seed, stop_ids, callback, time.time(),
-                       context=prefix_context(adapter, image_hashes, cache_salt))
+                       context=prefix_context(adapter, image_hashes, cache_salt), matcher=matcher, after=after)
         self._inbox.put(("submit", req))
         return request_id
 
@@ -334,8 +369,20 @@ class Engine:
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
             raise InputError(f"prompt ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+        bad = [t for t in options.logit_bias or () if t >= self.config.vocab_size]
+        if bad:
+            raise InputError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
         if options.logprobs is not None and options.logprobs > self.config.vocab_size:
             raise InputError(f"logprobs {options.logprobs} exceeds the vocabulary size")
+
+    def _matcher(self, options: SamplingOptions):
+        if options.grammar is None:
+            return None
+        if self.tokenizer is None:
+            raise InputError("structured output needs a tokenizer")
+        from infer.structured import new_matcher
+
+        return new_matcher(self.tokenizer, options.grammar)
 
     def start(self) -> None:
         """Run `step()` on a background thread until `stop()`."""
@@ -396,6 +443,8 @@ class Engine:
 
     def step(self) -> None:
         """One scheduling iteration: inbox, admission, one prefill chunk, one decode step."""
+        t0 = time.perf_counter()
+        self._waited = 0.0
         self._drain_inbox()
         self._admit()
         prefilling = [r for r in self._running if len(r.tokens) - r.num_computed > 1 or r.generated == 0]
@@ -411,29 +460,34 @@ class Engine:
             for r in list(self._running):
                 self._finish(r, "error", error=f"{type(e).__name__}: {e}")
         self.stats["steps"] += 1
+        self.stats["host_seconds"] += time.perf_counter() - t0 - self._waited
 
     def warmup(self) -> None:
         """Compile every prefill and decode shape now, so no request waits for a compilation."""
         for w in self.page_buckets:
             for p in self.prefill_buckets:
                 self._run(np.zeros((p, self.prefill_chunk), np.int32), *self._null_inputs(p, self.prefill_chunk, w),
-                          RowSampling.greedy(p), absorbed=False)
+                          [], p, [], absorbed=False)
             for b in self.batch_buckets:
-                self._run(np.zeros((b, 1), np.int32), *self._null_inputs(b, 1, w), RowSampling.greedy(b),
-                          absorbed=True)
+                self._run(np.zeros((b, 1), np.int32), *self._null_inputs(b, 1, w), [], b, [], absorbed=True)
 
     def _null_inputs(self, b, t, w):
         zeros = np.zeros((b, t), np.int32)
         return zeros, zeros, np.zeros((b, t, 2), np.int32), np.zeros((b, w), np.int32), np.zeros((b,), np.int32)
 
-    def _run(self, ids, positions, seq_index, slots, page_table, logit_index, sampling, *, absorbed):
+    def _run(self, ids, positions, seq_index, slots, page_table, logit_index, reqs, rows, accept, *, absorbed):
+        """The forward pass, then the sampler. The forward is dispatched first (asynchronously), so the host builds
+        the rows' sampling settings, structured-output masks included, while the device computes the logits."""
         # under the mesh, so mesh-aware code in the model (the expert-parallel MoE) sees it while tracing
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            tokens, logprobs, top_ids, top_lp, self.pages = step(
-                self.graphdef, self.state, self.pages, ids, positions, seq_index, slots, page_table, logit_index,
-                sampling, absorbed=absorbed, num_top=MAX_TOP_LOGPROBS,
-            )
-        return jax.device_get((tokens, logprobs, top_ids, top_lp))
+            logits, self.pages = logits_step(self.graphdef, self.state, self.pages, ids, positions, seq_index, slots,
+                                             page_table, logit_index, absorbed=absorbed)
+            sampling = self._sampling(reqs, rows, accept)
+            *out, self.history = _sample_step(logits, sampling, self.history, num_top=MAX_TOP_LOGPROBS)
+        t0 = time.perf_counter()
+        out = jax.device_get(out)
+        self._waited += time.perf_counter() - t0
+        return out
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -474,6 +528,8 @@ class Engine:
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.max_batch:
             req = self._waiting[0]
+            if req.after is not None and self._prompt_pending(req.after):
+                return
             n_full = (len(req.tokens) - 1) // self.page_size  # the last token is always computed (for its logits)
             hashes = chain_hashes(req.tokens, self.page_size, n_full, context=req.context)
             cached = self.pool.match(hashes, req.tokens, req.context)
@@ -485,6 +541,9 @@ class Engine:
                     raise RuntimeError("cache too small for one prompt")
                 return
             self._waiting.popleft()
+            req.slot = self._free_slots.pop()
+            if req.options.penalised:
+                self._reset_history(req)
             req.pages = cached + fresh
             req.hashes = hashes[: len(cached)]
             req.num_computed = len(cached) * self.page_size
@@ -495,6 +554,21 @@ class Engine:
             self._release_pending()
             if req.decoder is None and self.tokenizer is not None:
                 req.decoder = self.tokenizer.stream_decoder()
+
+    def _prompt_pending(self, request_id: str) -> bool:
+        """Whether request `request_id` is queued or still computing the full pages of its prompt."""
+        for r in self._running:
+            if r.id == request_id:
+                return r.num_computed < (r.num_prompt - 1) // self.page_size * self.page_size
+        return any(r.id == request_id for r in self._waiting)
+
+    def _reset_history(self, req: _Request) -> None:
+        """Write `req`'s token history into its slot: its output counts and the tokens of its prompt."""
+        vocab = self.config.vocab_size
+        counts = np.bincount(np.asarray(req.tokens[req.num_prompt :], np.int64), minlength=vocab).astype(np.int32)
+        prompt = np.zeros(vocab, np.bool_)
+        prompt[req.tokens[: req.num_prompt]] = True
+        self.history = set_slot(self.history, np.int32(req.slot), counts, prompt)
 
     def _ensure_pages(self, req: _Request, n_tokens: int) -> bool:
         """Give `req` pages for n_tokens tokens, preempting younger requests if needed; False if it was preempted."""
@@ -514,6 +588,7 @@ class Engine:
         """Release the pages of `req` and put it first in the queue; it recomputes its tokens when readmitted."""
         self.pool.release(req.pages)
         req.pages, req.hashes, req.num_computed = [], [], 0
+        self._free_slots.append(req.slot)
         self._running.remove(req)
         self._waiting.appendleft(req)
         with self._lock:
@@ -531,13 +606,29 @@ class Engine:
 
     # ---- model steps ---------------------------------------------------------------------------------------------
 
-    def _sampling(self, reqs: Sequence[_Request], rows: int) -> RowSampling:
+    def _sampling(self, reqs: Sequence[_Request], rows: int, accept: Sequence[int]) -> RowSampling:
+        """Settings of `rows` rows (the requests, then padding); `accept[i]`: row i's token joins its output."""
         pad = rows - len(reqs)
         o = [r.options for r in reqs]
+        mask = None
+        constrained = [(r.matcher, i) for i, r in enumerate(reqs) if r.matcher is not None and accept[i]]
+        if constrained:
+            from infer.structured import fill_masks
+
+            t0 = time.perf_counter()
+            mask = np.full((rows, mask_words(self.config.vocab_size)), -1, np.int32)
+            fill_masks(self.tokenizer, constrained, mask)
+            self.stats["mask_seconds"] += time.perf_counter() - t0
+            self.stats["masked_tokens"] += len(constrained)
         return RowSampling.from_lists(
             [x.temperature for x in o] + [0.0] * pad, [x.top_k for x in o] + [0] * pad,
             [x.top_p for x in o] + [1.0] * pad, [x.min_p for x in o] + [0.0] * pad,
             [r.seed for r in reqs] + [0] * pad, [r.generated for r in reqs] + [0] * pad,
+            vocab=self.config.vocab_size, presence=[x.presence_penalty for x in o] + [0.0] * pad,
+            frequency=[x.frequency_penalty for x in o] + [0.0] * pad,
+            repetition=[x.repetition_penalty for x in o] + [1.0] * pad,
+            logit_bias=[x.logit_bias for x in o] + [None] * pad, mask=mask,
+            slot=[r.slot for r in reqs] + [self.max_batch] * pad, accept=list(accept) + [0] * pad,
         )
 
     def _page_table(self, reqs: Sequence[_Request], rows: int, n_pages: int) -> np.ndarray:
@@ -567,8 +658,8 @@ class Engine:
             logit_index[i] = n - 1
             ends.append(end)
         table = self._page_table(reqs, rows, math.ceil(max(ends) / size))
-        out = self._run(ids, seq_index, seq_index, slots, table, logit_index, self._sampling(reqs, rows),
-                        absorbed=False)
+        accept = [int(end == len(r.tokens)) for r, end in zip(reqs, ends)]
+        out = self._run(ids, seq_index, seq_index, slots, table, logit_index, reqs, rows, accept, absorbed=False)
         self.stats["prefill_steps"] += 1
         done = []
         for i, (r, end) in enumerate(zip(reqs, ends)):
@@ -595,8 +686,8 @@ class Engine:
             seq_index[i, 0] = r.num_computed
             slots[i, 0] = (r.pages[r.num_computed // self.page_size], r.num_computed % self.page_size)
         table = self._page_table(reqs, rows, max(len(r.pages) for r in reqs))
-        out = self._run(ids, seq_index, seq_index, slots, table, np.zeros((rows,), np.int32),
-                        self._sampling(reqs, rows), absorbed=True)
+        out = self._run(ids, seq_index, seq_index, slots, table, np.zeros((rows,), np.int32), reqs, rows,
+                        [1] * len(reqs), absorbed=True)
         self.stats["decode_steps"] += 1
         for r in reqs:
             r.num_computed += 1
@@ -620,7 +711,11 @@ class Engine:
                 lp = [TokenLogprob(t, float(logprobs[i]),
                                    [(int(a), float(b)) for a, b in zip(top_ids[i, :k], top_lp[i, :k])])]
             reason = None
-            if t in r.stop_ids:
+            if r.matcher is not None and not r.matcher.consume_token(t):
+                self._emit(r, RequestOutput(r.id, [t], "", lp))
+                self._finish(r, "error", error=f"structured output: {r.matcher.get_error()}")
+                continue
+            if t in r.stop_ids or (r.matcher is not None and r.matcher.is_stopped()):
                 reason = "stop"
             elif r.generated >= r.options.max_tokens or len(r.tokens) >= self.max_model_len:
                 reason = "length"
@@ -669,6 +764,7 @@ class Engine:
             self._running.remove(r)
             self.pool.release(r.pages)
             r.pages = []
+            self._free_slots.append(r.slot)
         elif r in self._waiting:
             self._waiting.remove(r)
             self._release_pending()
@@ -684,6 +780,9 @@ class Engine:
         if reason == "cancelled":
             self.stats["cancelled"] += 1
         self._emit(r, RequestOutput(r.id, [], tail, None, finished=True, finish_reason=reason, error=error))
+
+
+_sample_step = jax.jit(sample_rows, static_argnames=("num_top",), donate_argnames=("history",))
 
 
 def merge_outputs(parts: Sequence[RequestOutput]) -> RequestOutput:

@@ -59,11 +59,13 @@ class LockstepEngine(Engine):
             items = [(kind, value) for kind, value in items if kind in ("submit", "cancel")]
             if self._stopping:
                 items.append(("shutdown", None))
-            wire = [(k, dataclasses.replace(v, callback=None) if k == "submit" else v) for k, v in items]
+            wire = [(k, dataclasses.replace(v, callback=None, matcher=None) if k == "submit" else v) for k, v in items]
             broadcast_bytes(pickle.dumps(wire))
         else:
             items = pickle.loads(broadcast_bytes(None))
         for kind, value in items:
+            if kind == "submit" and value.matcher is None:
+                value.matcher = self._matcher(value.options)  # llguidance matchers do not pickle: one per process
             if kind == "shutdown":
                 self._shutdown = True
             else:

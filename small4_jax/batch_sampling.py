@@ -1,10 +1,26 @@
-"""Per-row next-token sampling for a batch of independent requests: greedy, temperature, top-k, top-p, min-p, seed.
+"""Per-row next-token sampling for a batch of independent requests: the one sampler of the serving engine.
+
+Each row's logits go through, in order:
+1. `logit_bias` (OpenAI): a per-row sparse list of (token id, value) added to the logits;
+2. `repetition_penalty` (HF / vLLM): logits of tokens seen in the prompt or the output are divided by it when
+   positive and multiplied by it when negative (1 = off);
+3. `frequency_penalty` and `presence_penalty` (OpenAI): minus frequency * count - presence * (count > 0), with
+   count the token's occurrences in the output so far;
+4. the structured-output mask: a per-row bitmask [B, ceil(V/32)] int32 (bit j of word w allows token 32w + j,
+   llguidance's layout); disallowed tokens get -inf;
+5. temperature (0 = greedy: argmax of the result of 1-4), then top-k, top-p and min-p.
+`adjusted_logits` (1-4) and `filtered_logits` (5) are public: `sampling_logits` composes them into the exact
+distribution a row's token is drawn from (softmax of it), which rejection sampling (speculative decoding) needs.
 
 Every setting is a traced array with one value per row, so requests with different settings share one compiled
 step and changing them never recompiles. A row's random key is `fold_in(key(seed), counter)` where the counter is
 the number of tokens the request has generated: a seeded request draws the same tokens whatever else is in the
-batch. Temperature 0 is greedy (argmax of the raw logits). Logprobs are those of the model's distribution (raw
-logits, before temperature and filtering), as OpenAI-compatible servers report them.
+batch. Logprobs are those of the model's distribution (raw logits, before any processing), as OpenAI-compatible
+servers report them.
+
+The output counts live on the device in a `TokenHistory` ([slots, V], one slot per running request, owned by the
+engine): `sample_rows` adds each accepted token to its row's slot, so no per-step host transfer grows with the
+output length.
 """
 
 from __future__ import annotations
@@ -15,12 +31,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+MAX_LOGIT_BIAS = 300  # entries of logit_bias per request (OpenAI's limit)
+
+
+def mask_words(vocab: int) -> int:
+    """int32 words of a row's token bitmask."""
+    return (vocab + 31) // 32
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class RowSampling:
-    """Sampling settings of each row, arrays [B]: temperature (0 = greedy), top_k (0 = off), top_p (1 = off),
-    min_p (0 = off), seed and counter (int32)."""
+    """Sampling settings of each row: arrays [B] unless noted.
+
+    temperature (0 = greedy), top_k (0 = off), top_p (1 = off), min_p (0 = off), seed and counter (int32);
+    presence_penalty, frequency_penalty (0 = off), repetition_penalty (1 = off);
+    bias_ids, bias_values [B, MAX_LOGIT_BIAS] (value 0 = unused entry);
+    mask [B, ceil(V/32)] int32 allowed-token bitmask (all bits set = unconstrained);
+    slot: the row's slot in the `TokenHistory`; accept: 1 where the sampled token joins the output (0 for padding
+    rows and prefill rows that have not reached the end of their prompt).
+    """
 
     temperature: jax.Array
     top_k: jax.Array
@@ -28,23 +58,90 @@ class RowSampling:
     min_p: jax.Array
     seed: jax.Array
     counter: jax.Array
+    presence_penalty: jax.Array
+    frequency_penalty: jax.Array
+    repetition_penalty: jax.Array
+    bias_ids: jax.Array
+    bias_values: jax.Array
+    mask: jax.Array
+    slot: jax.Array
+    accept: jax.Array
 
     @classmethod
-    def from_lists(cls, temperature, top_k, top_p, min_p, seed, counter) -> RowSampling:
+    def from_lists(cls, temperature, top_k, top_p, min_p, seed, counter, *, vocab: int, presence=None,
+                   frequency=None, repetition=None, logit_bias=None, mask=None, slot=None, accept=None) -> RowSampling:
+        """Settings from per-row lists; logit_bias is a list of {token id: value} (or None) per row, mask an
+        array [B, ceil(V/32)] or None (unconstrained); the rest default to off, slot 0, accept 1."""
         f32, i32 = np.float32, np.int32
+        b = len(temperature)
+        bias_ids = np.zeros((b, MAX_LOGIT_BIAS), i32)
+        bias_values = np.zeros((b, MAX_LOGIT_BIAS), f32)
+        for i, entries in enumerate(logit_bias or ()):
+            if entries:
+                bias_ids[i, : len(entries)] = list(entries.keys())
+                bias_values[i, : len(entries)] = list(entries.values())
+        if mask is None:
+            mask = np.full((b, mask_words(vocab)), -1, i32)
         return cls(
             temperature=np.asarray(temperature, f32), top_k=np.asarray(top_k, i32), top_p=np.asarray(top_p, f32),
             min_p=np.asarray(min_p, f32), seed=np.asarray(seed, np.uint32).view(i32), counter=np.asarray(counter, i32),
+            presence_penalty=np.asarray(presence if presence is not None else [0.0] * b, f32),
+            frequency_penalty=np.asarray(frequency if frequency is not None else [0.0] * b, f32),
+            repetition_penalty=np.asarray(repetition if repetition is not None else [1.0] * b, f32),
+            bias_ids=bias_ids, bias_values=bias_values, mask=np.asarray(mask, i32),
+            slot=np.asarray(slot if slot is not None else [0] * b, i32),
+            accept=np.asarray(accept if accept is not None else [1] * b, i32),
         )
 
     @classmethod
-    def greedy(cls, batch: int) -> RowSampling:
+    def greedy(cls, batch: int, vocab: int) -> RowSampling:
         zeros = [0] * batch
-        return cls.from_lists(zeros, zeros, [1.0] * batch, zeros, zeros, zeros)
+        return cls.from_lists(zeros, zeros, [1.0] * batch, zeros, zeros, zeros, vocab=vocab, accept=zeros)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TokenHistory:
+    """Per-slot token statistics on the device: counts [S, V] int32 (occurrences in the output) and
+    prompt [S, V] bool (present in the prompt), for the penalties."""
+
+    counts: jax.Array
+    prompt: jax.Array
+
+    @classmethod
+    def create(cls, slots: int, vocab: int, sharding=None) -> TokenHistory:
+        counts = jnp.zeros((slots, vocab), jnp.int32, device=sharding)
+        return cls(counts, jnp.zeros((slots, vocab), jnp.bool_, device=sharding))
+
+
+@jax.jit
+def set_slot(history: TokenHistory, slot, counts, prompt) -> TokenHistory:
+    """Overwrite one slot (a request admitted with penalties): counts [V] int32 and prompt [V] bool."""
+    return TokenHistory(history.counts.at[slot].set(counts), history.prompt.at[slot].set(prompt))
+
+
+def allowed_by_mask(mask: jax.Array, vocab: int) -> jax.Array:
+    """Bitmask [B, ceil(V/32)] int32 -> allowed [B, V] bool."""
+    bits = (mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [B, W, 32]
+    return bits.reshape(mask.shape[0], -1)[:, :vocab].astype(jnp.bool_)
+
+
+def adjusted_logits(logits: jax.Array, p: RowSampling, counts: jax.Array, prompt: jax.Array) -> jax.Array:
+    """Steps 1-4 of the module docstring: logits [B, V] float32 with logit bias, penalties and the mask applied.
+    counts [B, V] int32 and prompt [B, V] bool are the rows' history (`TokenHistory` rows at their slots)."""
+    logits = jnp.asarray(logits, jnp.float32)
+    b, vocab = logits.shape
+    rows = jnp.arange(b)[:, None]
+    logits = logits.at[rows, p.bias_ids].add(p.bias_values)
+    seen = prompt | (counts > 0)
+    rp = p.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rp, logits * rp), logits)
+    logits = logits - p.frequency_penalty[:, None] * counts - p.presence_penalty[:, None] * (counts > 0)
+    return jnp.where(allowed_by_mask(p.mask, vocab), logits, -jnp.inf)
 
 
 def filtered_logits(logits: jax.Array, p: RowSampling) -> jax.Array:
-    """logits [B, V] / temperature with everything outside top-k, top-p and min-p set to -inf."""
+    """Step 5: logits [B, V] / temperature with everything outside top-k, top-p and min-p set to -inf."""
     vocab = logits.shape[-1]
     scaled = logits / jnp.maximum(p.temperature, 1e-6)[:, None]
     sorted_desc = -jnp.sort(-scaled, axis=-1)
@@ -62,18 +159,28 @@ def filtered_logits(logits: jax.Array, p: RowSampling) -> jax.Array:
     return jnp.where(keep, scaled, -jnp.inf)
 
 
-def sample_rows(logits: jax.Array, p: RowSampling, num_top: int):
-    """logits [B, V] -> (tokens [B] int32, their logprobs [B], top ids [B, num_top], top logprobs [B, num_top])."""
+def sampling_logits(logits: jax.Array, p: RowSampling, counts: jax.Array, prompt: jax.Array) -> jax.Array:
+    """The processed distribution of each sampled row (temperature > 0): its tokens are drawn from softmax of
+    this. Greedy rows take the argmax of `adjusted_logits` instead."""
+    return filtered_logits(adjusted_logits(logits.astype(jnp.float32), p, counts, prompt), p)
+
+
+def sample_rows(logits: jax.Array, p: RowSampling, history: TokenHistory, num_top: int):
+    """logits [B, V] -> (tokens [B] int32, their logprobs [B], top ids [B, num_top], top logprobs [B, num_top],
+    history with the accepted tokens counted)."""
     logits = logits.astype(jnp.float32)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    counts, prompt = history.counts[p.slot], history.prompt[p.slot]
+    adjusted = adjusted_logits(logits, p, counts, prompt)
+    greedy = jnp.argmax(adjusted, axis=-1).astype(jnp.int32)
 
     def draw(_):
         keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s.astype(jnp.uint32)), c))(p.seed, p.counter)
-        sampled = jax.vmap(jax.random.categorical)(keys, filtered_logits(logits, p)).astype(jnp.int32)
+        sampled = jax.vmap(jax.random.categorical)(keys, filtered_logits(adjusted, p)).astype(jnp.int32)
         return jnp.where(p.temperature > 0, sampled, greedy)
 
     tokens = jax.lax.cond(jnp.any(p.temperature > 0), draw, lambda _: greedy, None)
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top)
-    return tokens, chosen, top_ids.astype(jnp.int32), top_logprobs
+    history = TokenHistory(history.counts.at[p.slot, tokens].add(p.accept), history.prompt)
+    return tokens, chosen, top_ids.astype(jnp.int32), top_logprobs, history

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from small4_jax.batch_sampling import RowSampling, sample_rows
+from small4_jax.batch_sampling import RowSampling, TokenHistory, sample_rows
 from small4_jax.config import Small4Config
 from small4_jax.model import Small4ForCausalLM, apply_rope, llama4_query_scale, rope_cos_sin
 
@@ -190,11 +190,13 @@ def forward(
     return logits, pages
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "num_top"), donate_argnames=("pages",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "num_top"),
+                   donate_argnames=("pages", "history"))
 def step(
     graphdef,
     state,
     pages: jax.Array,
+    history: TokenHistory,
     ids: jax.Array,
     positions: jax.Array,
     seq_index: jax.Array,
@@ -206,14 +208,15 @@ def step(
     absorbed: bool,
     num_top: int,
 ):
-    """`forward` then per-row sampling, jitted with the cache donated.
+    """`forward` then per-row sampling (`batch_sampling.sample_rows`), jitted with the cache and the token history
+    donated.
 
-    Returns (tokens [B], their logprobs [B], top ids [B, num_top], top logprobs [B, num_top], pages).
+    Returns (tokens [B], their logprobs [B], top ids [B, num_top], top logprobs [B, num_top], history, pages).
     """
     model = nnx.merge(graphdef, state)
     logits, pages = forward(model, pages, ids, positions, seq_index, slots, page_table, logit_index,
                             absorbed=absorbed)
-    return (*sample_rows(logits, sampling, num_top), pages)
+    return (*sample_rows(logits, sampling, history, num_top), pages)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "absorbed"), donate_argnames=("pages",))

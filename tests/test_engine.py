@@ -227,3 +227,40 @@ def test_engine_on_an_expert_parallel_mesh(setup):
     outs = _run(engine, [(i, p, SamplingOptions(max_tokens=8)) for i, p in enumerate(prompts)])
     for p, o in zip(prompts, outs):
         assert o.token_ids == _hf_greedy(hf, p, 8)
+
+
+def _hf_penalised_greedy(hf, prompt, n, rep=1.0, freq=0.0, pres=0.0, bias=None):
+    """Greedy decoding over transformers' logits with the penalties and bias applied in numpy, token by token."""
+    seq, out = list(prompt), []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = hf(torch.tensor([seq])).logits[0, -1].double().numpy()
+        for t, v in (bias or {}).items():
+            logits[t] += v
+        counts = np.bincount(out, minlength=VOCAB) if out else np.zeros(VOCAB, int)
+        seen = counts > 0
+        seen[prompt] = True
+        logits = np.where(seen, np.where(logits > 0, logits / rep, logits * rep), logits)
+        logits = logits - freq * counts - pres * (counts > 0)
+        out.append(int(logits.argmax()))
+        seq.append(out[-1])
+        if out[-1] == 2:
+            break
+    return out
+
+
+def test_penalties_and_logit_bias_equal_a_numpy_reference(setup):
+    hf, _, engine = setup
+    prompts = _prompts(4, seed=13, lengths=[9, 20, 5, 14])
+    settings = [dict(repetition_penalty=1.8), dict(frequency_penalty=1.5, presence_penalty=0.5),
+                dict(presence_penalty=2.0, logit_bias={77: 4.0, 91: -100.0}), dict(frequency_penalty=-0.5)]
+    arrivals = [(i, p, SamplingOptions(max_tokens=10, **kw)) for i, (p, kw) in enumerate(zip(prompts, settings))]
+    got = _run(engine, arrivals)
+    for (_, p, o), out in zip(arrivals, got):
+        ref = _hf_penalised_greedy(hf, p, 10, o.repetition_penalty, o.frequency_penalty, o.presence_penalty,
+                                   o.logit_bias)
+        assert out.token_ids == ref, o
+    plain = _run(engine, [(0, prompts[1], SamplingOptions(max_tokens=10))])[0]
+    assert plain.token_ids != got[1].token_ids  # the penalties changed something
+    forced = _run(engine, [(0, prompts[0], SamplingOptions(max_tokens=4, logit_bias={123: 100.0}))])[0]
+    assert forced.token_ids == [123] * 4
