@@ -146,7 +146,7 @@ def from_pretrained(
     if sharded_ckpt.is_sharded_checkpoint(path):  # written by `python -m small4_jax.convert`
         return sharded_ckpt.load_model(path, dtype=dtype, mesh=mesh, config=config)
     config = config or load_config(path)
-    reader = CheckpointReader(path)
+    reader = CheckpointReader(path, vision=config.vision is not None)
     if dtype == "auto":
         stored = reader.stored_dtype("embed_tokens.weight") if "embed_tokens.weight" in reader else "BF16"
         dtype = "float32" if stored in ("F32", "F64") else "bfloat16"

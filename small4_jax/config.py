@@ -44,6 +44,144 @@ MOE_STRATEGIES = ("auto", "replicated", "all_to_all", "none")  # must equal moe.
 
 
 @dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The Pixtral vision encoder and the Mistral3 projector (ARCHITECTURE.md §3). Defaults are Small 4's.
+
+    `rope_interleave` says which layout the q/k projection rows of the encoder are in: False for HF checkpoints
+    (the converter permuted them to rotate-half, pair i = dims (i, i + head_dim/2)), True for Mistral-native ones
+    (pair i = dims (2i, 2i+1)). `projector_norm_eps` is the text `rms_norm_eps` in HF (Mistral3 builds the projector
+    norm with it) and 1e-5 in native checkpoints (vLLM's `pre_mm_projector_norm`).
+    """
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    patch_size: int = 14
+    image_size: int = 1540  # the longest side an image is resized to (mistral-common's max_image_size)
+    rope_theta: float = 10000.0
+    hidden_act: str = "silu"
+    norm_eps: float = 1e-5  # ln_pre and the encoder blocks' norms
+    rope_interleave: bool = False
+    spatial_merge_size: int = 2
+    projector_hidden_act: str = "gelu"
+    projector_norm_eps: float = 1e-6
+    multimodal_projector_bias: bool = False
+    vision_feature_layer: int = -1  # which encoder layer's output is projected (-1: the last; no final norm)
+    image_token_id: int = 10
+    image_break_token_id: int = 12
+    image_end_token_id: int = 13
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self, source: str = "config") -> None:
+        def bad(field: str, expected: str):
+            raise ConfigError(f"{source}: field 'vision.{field}' = {getattr(self, field)!r}; expected {expected}")
+
+        for f in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                  "patch_size", "image_size", "spatial_merge_size"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(f, "a positive integer")
+        if self.hidden_size % self.num_attention_heads:
+            bad("num_attention_heads", f"a divisor of vision.hidden_size = {self.hidden_size}")
+        if self.head_dim % 4:
+            bad("hidden_size", "hidden_size / num_attention_heads a multiple of 4 (2-D RoPE: row and column pairs)")
+        for f in ("hidden_act", "projector_hidden_act"):
+            if getattr(self, f) not in _ACTIVATIONS:
+                bad(f, f"one of {', '.join(_ACTIVATIONS)}")
+        if not -self.num_hidden_layers <= self.vision_feature_layer < self.num_hidden_layers + 1:
+            bad("vision_feature_layer", f"an encoder layer index in [-{self.num_hidden_layers}, "
+                f"{self.num_hidden_layers}] (one layer, as Small 4 uses)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def image_token_size(self) -> int:
+        """Pixels per side of one image token: patch_size x spatial_merge_size (28 for Small 4)."""
+        return self.patch_size * self.spatial_merge_size
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> VisionConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: field 'vision' must be a mapping of vision fields (or null)")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join('vision.' + u for u in unknown)}; known vision "
+                              f"fields: {', '.join(sorted(known))}")
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        for k, v in d.items():
+            _check_type("vision." + k, v, types[k], source)
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("config:", f"{source}:", 1)) from None
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], text: dict[str, Any], source: str) -> VisionConfig:
+        """From a `mistral3` config.json: its `vision_config` (pixtral) and the top-level projector fields."""
+        v = d.get("vision_config")
+        if not isinstance(v, dict):
+            raise ConfigError(f"{source}: model_type 'mistral3' needs a 'vision_config' mapping")
+        if v.get("model_type", "pixtral") != "pixtral":
+            raise ConfigError(f"{source}: unsupported vision_config.model_type {v.get('model_type')!r}; expected "
+                              "'pixtral'")
+        rope = v.get("rope_parameters") or {}
+        layer = d.get("vision_feature_layer", -1)
+        if not isinstance(layer, int):
+            raise ConfigError(f"{source}: field 'vision_feature_layer' = {layer!r}; expected one integer layer")
+        # transformers' PixtralVisionConfig defaults where the file is silent (shipped files state every field)
+        out: dict[str, Any] = {"rope_interleave": False, "vision_feature_layer": layer, "patch_size": 16,
+                               "image_size": 1024, "hidden_act": "gelu"}
+        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                  "patch_size", "image_size", "hidden_act", "initializer_range"):
+            if v.get(k) is not None:
+                out[k] = v[k]
+        theta = rope.get("rope_theta", v.get("rope_theta"))
+        if theta is not None:
+            out["rope_theta"] = float(theta)
+        for k in ("spatial_merge_size", "projector_hidden_act", "multimodal_projector_bias"):
+            if d.get(k) is not None:
+                out[k] = d[k]
+        image_token = d.get("image_token_id", d.get("image_token_index"))
+        if image_token is not None:
+            out["image_token_id"] = image_token
+        out["projector_norm_eps"] = float(text.get("rms_norm_eps", 1e-6))
+        return cls.from_dict(out, source=source)
+
+    @classmethod
+    def from_native_dict(cls, v: dict[str, Any], source: str) -> VisionConfig:
+        """From the `vision_encoder` block of a native params.json (q/k rows in the interleaved RoPE layout)."""
+        if not isinstance(v, dict):
+            raise ConfigError(f"{source}: field 'vision_encoder' must be a mapping")
+        if v.get("mm_projector_id", "patch_merge") not in ("patch_merge", ""):
+            raise ConfigError(f"{source}: vision_encoder.mm_projector_id = {v.get('mm_projector_id')!r}; expected "
+                              "'patch_merge'")
+        if v.get("add_pre_mm_projector_layer_norm") is False:
+            raise ConfigError(f"{source}: vision_encoder.add_pre_mm_projector_layer_norm = false is not supported "
+                              "(Small 4 normalises the features before the patch merger)")
+        out: dict[str, Any] = {"rope_interleave": True, "hidden_act": "silu", "projector_norm_eps": 1e-5}
+        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                  "patch_size", "spatial_merge_size", "image_token_id", "image_break_token_id", "image_end_token_id"):
+            if k not in v:
+                raise ConfigError(f"{source}: missing field 'vision_encoder.{k}'")
+            out[k] = v[k]
+        size = v.get("max_image_size", v.get("image_size"))
+        if size is not None:
+            out["image_size"] = size
+        if v.get("rope_theta") is not None:
+            out["rope_theta"] = float(v["rope_theta"])
+        out["multimodal_projector_bias"] = bool(v.get("adapter_bias", False))
+        return cls.from_dict(out, source=source)
+
+
+@dataclasses.dataclass(frozen=True)
 class Small4Config:
     """Hyper-parameters of the Mistral Small 4 text decoder. Defaults are the released 119B model."""
 
@@ -108,8 +246,12 @@ class Small4Config:
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = 11
+    # Image input (ARCHITECTURE.md §3): the vision encoder and projector; None for a text-only model.
+    vision: VisionConfig | None = None
 
     def __post_init__(self):
+        if isinstance(self.vision, dict):
+            object.__setattr__(self, "vision", VisionConfig.from_dict(self.vision))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         self.validate()
@@ -254,7 +396,12 @@ class Small4Config:
         if unknown:
             raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
         types = {f.name: f.type for f in dataclasses.fields(cls)}
+        d = dict(d)
+        if isinstance(d.get("vision"), dict):
+            d["vision"] = VisionConfig.from_dict(d["vision"], source=source)
         for k, v in d.items():
+            if k == "vision" and (v is None or isinstance(v, VisionConfig)):
+                continue
             _check_type(k, v, types[k], source)
         try:
             cfg = cls(**d)
@@ -279,6 +426,7 @@ class Small4Config:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> Small4Config:
         mt = d.get("model_type")
+        vision = None
         if mt == "mistral3":
             text = d.get("text_config")
             if not isinstance(text, dict):
@@ -287,6 +435,9 @@ class Small4Config:
                 raise ConfigError(
                     f"{source}: unsupported text_config.model_type {text.get('model_type')!r}; expected 'mistral4'"
                 )
+            vision = VisionConfig.from_hf_dict(d, text, source) if d.get("vision_config") is not None else None
+            if d.get("tie_word_embeddings") is not None:  # transformers ties the head by the wrapper's flag
+                text = dict(text, tie_word_embeddings=d["tie_word_embeddings"])
             d = text
         elif mt != "mistral4":
             raise ConfigError(
@@ -330,6 +481,7 @@ class Small4Config:
         for k in ("rope_theta", "beta_fast", "beta_slow", "routed_scaling_factor", "rms_norm_eps"):
             if isinstance(out.get(k), int) and not isinstance(out.get(k), bool):
                 out[k] = float(out[k])
+        out["vision"] = vision
         return cls.from_dict(out, source=source)
 
     @classmethod
@@ -408,6 +560,8 @@ class Small4Config:
                 out["llama_4_original_max_position_embeddings"] = l4["original_max_position_embeddings"]
         else:
             out["llama_4_scaling_beta"] = None
+        if p.get("vision_encoder") is not None:
+            out["vision"] = VisionConfig.from_native_dict(p["vision_encoder"], source)
         return cls.from_dict(out, source=source)
 
     def to_dict(self) -> dict[str, Any]:

@@ -51,7 +51,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
     if out.exists():
         raise CheckpointError(f"{out}: exists and is not a finished conversion; remove it first")
     config = load_config(src)
-    reader = CheckpointReader(src)
+    reader = CheckpointReader(src, vision=config.vision is not None)
     _, state = nnx.split(abstract_model(config, dtype="float32"))
     plan = checkpoint_plan(state)
     our_shapes = {path: tuple(v.shape) for path, v in nnx.to_flat_state(state)}

@@ -22,9 +22,9 @@ CACHE_BUCKET = 128  # cache lengths are rounded up to this, so nearby request si
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnames=("cache",))
-def _prefill(graphdef, state, ids, cache, key, temperature, top_k, top_p, *, greedy):
+def _prefill(graphdef, state, ids, cache, key, temperature, top_k, top_p, embeds=None, *, greedy):
     model = nnx.merge(graphdef, state)
-    logits, cache = model.step(ids, cache)
+    logits, cache = model.step(ids, cache, input_embeds=embeds)
     token = sample(logits[:, -1], key, temperature, top_k, top_p, greedy=greedy)
     return token, cache
 
@@ -46,10 +46,12 @@ def generate(
     seed: int = 0,
     stop_ids: Sequence[int] = (),
     on_token: Callable[[int], None] | None = None,
+    images: Sequence = (),
 ) -> list[int]:
     """Generate up to `max_new_tokens` ids after `prompt_ids`; stops after emitting any of `stop_ids` (included).
 
-    `on_token(id)` is called as each id arrives (for streaming).
+    `on_token(id)` is called as each id arrives (for streaming). `images`: preprocessed images [C, H, W] whose
+    features fill the prompt's [IMG] tokens, in order (small4_jax.vision; encode them with infer.chat.encode_chat).
     """
     prompt = [int(t) for t in prompt_ids]
     context = model.config.max_position_embeddings
@@ -78,7 +80,14 @@ def generate(
 
     key, sub = jax.random.split(key)
     ids = jnp.asarray([prompt], jnp.int32)
-    token, cache = _prefill(graphdef, state, ids, cache, sub, temperature, top_k, top_p, greedy=sampling.greedy)
+    embeds = None
+    vision = model.config.vision
+    if len(images) or (vision is not None and vision.image_token_id in prompt):  # [IMG] slots need their images
+        from small4_jax.vision import input_embeddings
+
+        embeds = input_embeddings(model, ids, images)
+    token, cache = _prefill(graphdef, state, ids, cache, sub, temperature, top_k, top_p, embeds,
+                            greedy=sampling.greedy)
     out: list[int] = []
     while True:
         t = int(token[0])

@@ -334,9 +334,16 @@ class Small4ForCausalLM(nnx.Module):
         )
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
         self.lm_head = None if c.tie_word_embeddings else _linear(c.hidden_size, c.vocab_size, c, dtype, rngs)
+        if c.vision is not None:  # image input (small4_jax/vision.py); its features come in through input_embeds
+            from small4_jax.vision import MultiModalProjector, PixtralVisionModel
+
+            self.vision_tower = PixtralVisionModel(c.vision, dtype=dtype, rngs=rngs)
+            self.multi_modal_projector = MultiModalProjector(c.vision, c.hidden_size, dtype=dtype, rngs=rngs)
+        else:
+            self.vision_tower = self.multi_modal_projector = None
         self.remat = False  # recompute each layer's activations in the backward pass (training memory)
 
-    def _forward(self, input_ids, positions, cache: KVCache | None, key_mask, segment_ids=None):
+    def _forward(self, input_ids, positions, cache: KVCache | None, key_mask, segment_ids=None, input_embeds=None):
         input_ids = jnp.asarray(input_ids, jnp.int32)
         b, t = input_ids.shape
         if positions is None:
@@ -344,7 +351,7 @@ class Small4ForCausalLM(nnx.Module):
             positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
         positions = jnp.asarray(positions, jnp.int32)
         cos, sin = rope_cos_sin(self.config, positions)
-        h = self.embed_tokens(input_ids)
+        h = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
         new_latent, new_rope = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.latent[i], cache.rope_key[i])
@@ -367,19 +374,23 @@ class Small4ForCausalLM(nnx.Module):
         )
         return logits, new_cache
 
-    def __call__(self, input_ids, positions=None, attention_mask=None, segment_ids=None) -> jax.Array:
+    def __call__(self, input_ids, positions=None, attention_mask=None, segment_ids=None, input_embeds=None) -> jax.Array:
         """Logits [B, T, vocab] for int32 ids [B, T].
 
         positions [B, T] default to 0..T-1 (give per-document positions for packed rows); attention_mask [B, T] of
         0/1 hides padding keys; segment_ids [B, T] keeps attention inside each packed document (equal ids attend).
+        input_embeds [B, T, H], if given, replaces the embedding lookup (image features in the [IMG] rows: vision.py).
         """
         key_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         segs = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
-        return self._forward(input_ids, positions, None, key_mask, segs)[0]
+        return self._forward(input_ids, positions, None, key_mask, segs, input_embeds)[0]
 
-    def step(self, input_ids, cache: KVCache, positions=None) -> tuple[jax.Array, KVCache]:
-        """Run ids [B, T] that continue each row of `cache`; returns (logits [B, T, V], updated cache)."""
-        return self._forward(input_ids, positions, cache, None)
+    def step(self, input_ids, cache: KVCache, positions=None, input_embeds=None) -> tuple[jax.Array, KVCache]:
+        """Run ids [B, T] that continue each row of `cache`; returns (logits [B, T, V], updated cache).
+
+        input_embeds [B, T, H], if given, replaces the embedding lookup (image features in the [IMG] rows: vision.py).
+        """
+        return self._forward(input_ids, positions, cache, None, None, input_embeds)
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache.create(self.config, batch, max_len, self.dtype)

@@ -14,7 +14,11 @@ Every tensor is reported under its canonical name: the HF `Mistral4ForCausalLM` 
 (`embed_tokens.weight`, `layers.3.self_attn.q_a_proj.weight`, `layers.3.mlp.experts.gate_up_proj`, ...), in HF's torch
 [out, in] orientation. FP8 tensors are dequantised on read: `W = W_fp8.astype(float32) * scale`, with the scale taken
 from `<name>_scale_inv` (HF) or `<name>.qscale_weight` (native). Activation scales are ignored. Vision-tower and
-projector tensors are skipped and listed in `CheckpointReader.skipped`.
+projector tensors are skipped and listed in `CheckpointReader.skipped`, unless the reader is opened with
+`vision=True`: then they are read too, under the HF `Mistral3` names without the leading `model.`
+(`vision_tower.transformer.layers.0.attention.q_proj.weight`, `multi_modal_projector.linear_1.weight`, ...); native
+`vision_encoder.*`, `pre_mm_projector_norm`, `patch_merger` and `vision_language_adapter.w_in/w_out` are renamed to
+them (their q/k rows stay in the native interleaved RoPE layout: `VisionConfig.rope_interleave`).
 
 The safetensors header is parsed and validated here (not by the `safetensors` package), and tensor data is read with
 seek + read in chunks of the leading axis, so the peak host memory of `get()` is the output array plus one chunk.
@@ -109,6 +113,28 @@ _NATIVE_LAYER = {
     "feed_forward.w3.weight": "mlp.up_proj.weight",
 }
 _NATIVE_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+_NATIVE_VISION_GLOBAL = {
+    "vision_encoder.patch_conv.weight": "vision_tower.patch_conv.weight",
+    "vision_encoder.ln_pre.weight": "vision_tower.ln_pre.weight",
+    "pre_mm_projector_norm.weight": "multi_modal_projector.norm.weight",
+    "patch_merger.merging_layer.weight": "multi_modal_projector.patch_merger.merging_layer.weight",
+    "vision_language_adapter.w_in.weight": "multi_modal_projector.linear_1.weight",
+    "vision_language_adapter.w_in.bias": "multi_modal_projector.linear_1.bias",
+    "vision_language_adapter.w_out.weight": "multi_modal_projector.linear_2.weight",
+    "vision_language_adapter.w_out.bias": "multi_modal_projector.linear_2.bias",
+}
+_NATIVE_VISION_LAYER = {
+    "attention_norm.weight": "attention_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+    "attention.wq.weight": "attention.q_proj.weight",
+    "attention.wk.weight": "attention.k_proj.weight",
+    "attention.wv.weight": "attention.v_proj.weight",
+    "attention.wo.weight": "attention.o_proj.weight",
+    "feed_forward.w1.weight": "feed_forward.gate_proj.weight",
+    "feed_forward.w2.weight": "feed_forward.down_proj.weight",
+    "feed_forward.w3.weight": "feed_forward.up_proj.weight",
+}
+_NATIVE_VISION_LAYER_RE = re.compile(r"^vision_encoder\.transformer\.layers\.(\d+)\.(.+)$")
 _NATIVE_EXPERT_RE = re.compile(r"^layers\.(\d+)\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
 
 
@@ -377,9 +403,14 @@ def _hf_name(key: str) -> str | None:
 
 
 def _native_name(key: str) -> str | None:
-    """Native name (non-expert, without FP8 suffix) -> canonical name; None if not a known native text tensor."""
+    """Native name (non-expert, without FP8 suffix) -> canonical name; None if not a known native tensor."""
     if key in _NATIVE_GLOBAL:
         return _NATIVE_GLOBAL[key]
+    if key in _NATIVE_VISION_GLOBAL:
+        return _NATIVE_VISION_GLOBAL[key]
+    m = _NATIVE_VISION_LAYER_RE.match(key)
+    if m and m[2] in _NATIVE_VISION_LAYER:
+        return f"vision_tower.transformer.layers.{m[1]}.{_NATIVE_VISION_LAYER[m[2]]}"
     m = _NATIVE_LAYER_RE.match(key)
     if m and m[2] in _NATIVE_LAYER:
         return f"layers.{m[1]}.{_NATIVE_LAYER[m[2]]}"
@@ -397,9 +428,11 @@ class CheckpointReader:
     or call `close()` to release the file handles.
     """
 
-    def __init__(self, path: str | os.PathLike, fmt: str | None = None):
-        """Open `path`. `fmt` ("hf" or "native") forces a layout when a directory holds both; default prefers HF."""
+    def __init__(self, path: str | os.PathLike, fmt: str | None = None, *, vision: bool = False):
+        """Open `path`. `fmt` ("hf" or "native") forces a layout when a directory holds both; default prefers HF.
+        `vision`: also read the vision-tower and projector tensors (else they are skipped)."""
         self.directory = Path(path)
+        self.vision = vision
         self.format, files, index_path, weight_map = _discover(self.directory, fmt)
         self.skipped: list[str] = []
         self._pool = _FilePool()
@@ -490,9 +523,12 @@ class CheckpointReader:
         scales: dict[str, StoredTensor] = {}
         for key, t in stored.items():
             if key.startswith(_HF_VISION_PREFIXES):
-                self.skipped.append(key)
-                continue
-            name = _hf_name(key)
+                if not self.vision:
+                    self.skipped.append(key)
+                    continue
+                name = key.removeprefix("model.")
+            else:
+                name = _hf_name(key)
             if name is None:
                 raise CheckpointError(f"{t.path}: unrecognised tensor {key!r} in an HF checkpoint (expected a "
                                       "model., model.language_model., language_model.model. or lm_head. prefix)")
@@ -509,7 +545,7 @@ class CheckpointReader:
         tensors: dict[str, StoredTensor] = {}  # native key -> tensor (experts included)
         scales: dict[str, StoredTensor] = {}  # native weight key -> its qscale_weight
         for key, t in stored.items():
-            if key.startswith(_NATIVE_VISION_PREFIXES):
+            if key.startswith(_NATIVE_VISION_PREFIXES) and not self.vision:
                 self.skipped.append(key)
             elif key.endswith(".qscale_act"):
                 continue

@@ -225,10 +225,13 @@ def _is_experts(path) -> bool:
 
 
 def quantised_paths(paths) -> set:
-    """FP8 storage covers the projection and expert weights (never embeddings, head, norms or the router)."""
+    """FP8 storage covers the projection and expert weights (never embeddings, head, norms, the router, or the vision
+    tower and projector, which stay in the model dtype)."""
     out = set()
     for p in paths:
         names = [str(x) for x in p]
+        if names[0] in ("vision_tower", "multi_modal_projector"):
+            continue
         if _is_experts(p) or (names[-1] == "kernel" and names[-2] != "lm_head"):
             out.add(p)
     return out

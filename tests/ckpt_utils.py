@@ -50,16 +50,24 @@ HF_PREFIXES = {
     "model.language_model.": ("model.language_model.", "lm_head.weight", "model."),
     "language_model.model.": ("language_model.model.", "language_model.lm_head.weight", ""),
 }
-# Fake vision/projector tensors (name after the vision prefix -> shape), only there to be skipped by readers.
-FAKE_VISION_TENSORS = {
-    "vision_tower.patch_conv.weight": (8, 3, 2, 2),
-    "vision_tower.ln_pre.weight": (8,),
-    "vision_tower.transformer.layers.0.attention.q_proj.weight": (8, 8),
-    "vision_tower.transformer.layers.0.feed_forward.gate_proj.weight": (16, 8),
-    "multi_modal_projector.norm.weight": (8,),
-    "multi_modal_projector.patch_merger.merging_layer.weight": (8, 32),
-    "multi_modal_projector.linear_1.weight": (64, 8),
-}
+# A complete toy vision tower + projector (the `vision_config` `_write_hf_config` writes: hidden 8, one layer, one
+# head, patch 2): random tensors, read by a model with a vision block and skipped by text-only readers.
+def fake_vision_tensors(text_hidden: int) -> dict[str, tuple[int, ...]]:
+    """Name after the vision prefix -> shape."""
+    layer = "vision_tower.transformer.layers.0."
+    return {
+        "vision_tower.patch_conv.weight": (8, 3, 2, 2),
+        "vision_tower.ln_pre.weight": (8,),
+        **{layer + n: (8,) for n in ("attention_norm.weight", "ffn_norm.weight")},
+        **{layer + f"attention.{p}_proj.weight": (8, 8) for p in "qkvo"},
+        layer + "feed_forward.gate_proj.weight": (16, 8),
+        layer + "feed_forward.up_proj.weight": (16, 8),
+        layer + "feed_forward.down_proj.weight": (8, 16),
+        "multi_modal_projector.norm.weight": (8,),
+        "multi_modal_projector.patch_merger.merging_layer.weight": (8, 32),
+        "multi_modal_projector.linear_1.weight": (text_hidden, 8),
+        "multi_modal_projector.linear_2.weight": (text_hidden, text_hidden),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -241,7 +249,7 @@ def save_hf_layout(
             on_disk[disk_key.removesuffix("weight") + "activation_scale"] = torch.tensor(0.05)
     if vision_prefix is not None:
         gen = torch.Generator().manual_seed(1234)
-        for name, shape in FAKE_VISION_TENSORS.items():
+        for name, shape in fake_vision_tensors(model.config.hidden_size).items():
             on_disk[vision_prefix + name] = torch.randn(shape, generator=gen)
     _write_shards(out_dir, on_disk, "model", num_shards)
     _write_hf_config(model.config, out_dir, multimodal=vision_prefix is not None, fp8=fp8)

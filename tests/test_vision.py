@@ -1,0 +1,227 @@
+"""Image input: logits and greedy generations against transformers' Mistral3ForConditionalGeneration (float32).
+
+One tiny random Mistral3 (a mistral4 text model + a pixtral vision tower, silu, patch 4, merge 2) is written with
+`save_pretrained` and read back by `small4_jax.from_pretrained`; the same weights are also written as a
+Mistral-native checkpoint (q/k rows of the encoder permuted back to the interleaved RoPE layout, native names) and
+converted to a sharded checkpoint. Prompts hold images of several sizes and aspect ratios, one and two per prompt,
+in two turns, with text around them.
+"""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from ckpt_utils import save_native, tiny_hf_config
+from flax import nnx
+from safetensors.torch import save_file
+from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Mistral4ForCausalLM, PixtralVisionConfig
+
+import small4_jax
+from small4_jax import vision
+from small4_jax.errors import InputError
+from small4_jax.generation import generate
+from small4_jax.sampling import SamplingParams
+
+IMG, BREAK, END = 10, 12, 13
+PATCH, MERGE = 4, 2
+
+
+SEQ = 64  # prompts are padded with text to one length, so every case shares one compiled forward
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _forward(graphdef, state, ids, embeds):
+    return nnx.merge(graphdef, state)(ids, input_embeds=embeds)
+
+
+def _logits(model, ids, images):
+    return _forward(*nnx.split(model), jnp.asarray(ids), vision.input_embeddings(model, ids, images))
+
+
+def _rel(ours, ref):
+    return float(np.abs(np.asarray(ours, np.float32) - ref).max() / np.abs(ref).max())
+
+
+@torch.no_grad()
+def _tiny_mistral3(seed=0):
+    text = tiny_hf_config(max_position_embeddings=512)
+    vc = PixtralVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                             patch_size=PATCH, image_size=64, hidden_act="silu",
+                             rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})
+    cfg = Mistral3Config(text_config=text.to_dict(), vision_config=vc.to_dict(), image_token_id=IMG,
+                         spatial_merge_size=MERGE, projector_hidden_act="gelu", multimodal_projector_bias=False,
+                         vision_feature_layer=-1, tie_word_embeddings=False)
+    model = Mistral3ForConditionalGeneration(cfg).float().eval()
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        z = torch.randn(p.shape, generator=gen)
+        if name.endswith("norm.weight") or name.endswith("ln_pre.weight"):
+            p.copy_(1.0 + 0.1 * z)
+        elif name.endswith("mlp.gate.weight"):
+            p.copy_(0.3 * z)
+        elif name.endswith("embed_tokens.weight"):
+            p.copy_(0.5 * z)
+        else:
+            p.copy_(0.08 * z)
+    return model
+
+
+def _to_native(hf, out_dir):
+    """The same weights as a Mistral-native checkpoint: text through ckpt_utils.save_native, vision renamed and the
+    encoder's q/k rows permuted from rotate-half (HF) back to interleaved pairs."""
+    text = Mistral4ForCausalLM(hf.config.text_config).float().eval()
+    state = {k: v for k, v in hf.state_dict().items()}
+    text.model.load_state_dict({k.removeprefix("model.language_model."): v for k, v in state.items()
+                                if k.startswith("model.language_model.")})
+    text.lm_head.weight.data.copy_(state["lm_head.weight"])
+    save_native(text, out_dir)
+    vc = hf.config.vision_config
+    nh, hd = vc.num_attention_heads, vc.hidden_size // vc.num_attention_heads
+    names = {"attention.q_proj": "attention.wq", "attention.k_proj": "attention.wk", "attention.v_proj": "attention.wv",
+             "attention.o_proj": "attention.wo", "feed_forward.gate_proj": "feed_forward.w1",
+             "feed_forward.down_proj": "feed_forward.w2", "feed_forward.up_proj": "feed_forward.w3",
+             "attention_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+    native = {}
+    for k, v in state.items():
+        if k.startswith("model.vision_tower.transformer.layers."):
+            layer, rest = k.removeprefix("model.vision_tower.transformer.layers.").split(".", 1)
+            module = rest.removesuffix(".weight")
+            if module in ("attention.q_proj", "attention.k_proj"):  # (head, half, i) -> (head, i, half)
+                v = v.view(nh, 2, hd // 2, -1).transpose(1, 2).reshape(nh * hd, -1)
+            native[f"vision_encoder.transformer.layers.{layer}.{names[module]}.weight"] = v
+        elif k.startswith("model.vision_tower."):
+            native["vision_encoder." + k.removeprefix("model.vision_tower.")] = v
+    proj = "model.multi_modal_projector."
+    native["pre_mm_projector_norm.weight"] = state[proj + "norm.weight"]
+    native["patch_merger.merging_layer.weight"] = state[proj + "patch_merger.merging_layer.weight"]
+    native["vision_language_adapter.w_in.weight"] = state[proj + "linear_1.weight"]
+    native["vision_language_adapter.w_out.weight"] = state[proj + "linear_2.weight"]
+    save_file({k: v.contiguous() for k, v in native.items()}, str(out_dir / "consolidated-vision.safetensors"))
+    params = json.loads((out_dir / "params.json").read_text())
+    params["yarn"]["apply_scale"] = True  # the HF text config folds mscale^2 into the softmax scale
+    params["vision_encoder"] = {
+        "hidden_size": vc.hidden_size, "num_channels": 3, "max_image_size": vc.image_size, "image_size": vc.image_size,
+        "patch_size": vc.patch_size, "rope_theta": 10000.0, "intermediate_size": vc.intermediate_size,
+        "num_hidden_layers": vc.num_hidden_layers, "num_attention_heads": vc.num_attention_heads,
+        "image_token_id": IMG, "image_break_token_id": BREAK, "image_end_token_id": END, "spatial_merge_size": MERGE,
+        "mm_projector_id": "patch_merge", "add_pre_mm_projector_layer_norm": True, "adapter_bias": False,
+    }
+    (out_dir / "params.json").write_text(json.dumps(params))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    hf = _tiny_mistral3()
+    root = tmp_path_factory.mktemp("mistral3")
+    hf.save_pretrained(str(root / "hf"))
+    _to_native(hf, root / "native")
+    return hf, root
+
+
+@pytest.fixture(scope="module")
+def ours(models):
+    return small4_jax.from_pretrained(models[1] / "hf", dtype="float32")
+
+
+def _image_tokens(h, w):
+    gh, gw = h // (PATCH * MERGE), w // (PATCH * MERGE)
+    t = ([IMG] * gw + [BREAK]) * gh
+    t[-1] = END
+    return t
+
+
+def _prompt(sizes, seed, length=None):
+    """[BOS][INST] img1 text [/INST] text [INST] img2 text [/INST] ...: images in turns, with text between (and
+    after, up to `length`)."""
+    rng = np.random.RandomState(seed)
+    ids = [1]
+    for h, w in sizes:
+        ids += [3] + _image_tokens(h, w) + list(rng.randint(20, 128, 3)) + [4] + list(rng.randint(20, 128, 2))
+    if length is not None:
+        ids += list(rng.randint(20, 128, length - len(ids)))
+    images = [rng.randn(3, h, w).astype(np.float32) for h, w in sizes]
+    return np.asarray([ids], np.int32), images
+
+
+def _hf_inputs(ids, images):
+    sizes = [im.shape[1:] for im in images]
+    hm, wm = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    pv = np.zeros((len(images), 3, hm, wm), np.float32)
+    for i, im in enumerate(images):
+        pv[i, :, : im.shape[1], : im.shape[2]] = im
+    return dict(input_ids=torch.tensor(ids, dtype=torch.long), pixel_values=torch.tensor(pv),
+                image_sizes=torch.tensor(np.asarray(sizes)))
+
+
+CASES = {
+    "one_square": [(16, 16)],  # (a single merged token trips transformers: it squeezes the features)
+    "one_wide": [(16, 40)],
+    "one_tall": [(32, 8)],
+    "two_images_two_turns": [(24, 16), (8, 32)],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(models, ours, case):
+    hf, _ = models
+    assert ours.config.vision.rope_interleave is False
+    ids, images = _prompt(CASES[case], seed=len(case), length=SEQ)
+    with torch.no_grad():
+        ref = hf(**_hf_inputs(ids, images)).logits.numpy()
+    assert _rel(_logits(ours, ids, images), ref) < 1e-4
+    # the image matters: other pixels give other logits
+    assert _rel(_logits(ours, ids, [im[:, ::-1].copy() for im in images]), ref) > 1e-3
+
+
+def test_native_and_sharded_checkpoints_match(models, tmp_path):
+    """Native names and the interleaved q/k layout, and a convert()ed copy of each, give the HF logits."""
+    from small4_jax.convert import convert
+
+    hf, root = models
+    ids, images = _prompt([(16, 24), (8, 8)], seed=3, length=SEQ)
+    with torch.no_grad():
+        ref = hf(**_hf_inputs(ids, images)).logits.numpy()
+    native = small4_jax.from_pretrained(root / "native", dtype="float32")
+    assert native.config.vision.rope_interleave is True and native.config.vision.projector_norm_eps == 1e-5
+    # the projector norm's eps differs (1e-5 vs 1e-6): negligible, as documented
+    assert _rel(_logits(native, ids, images), ref) < 1e-4
+    sharded = small4_jax.from_pretrained(convert(root / "hf", tmp_path / "sharded", dtype="f32", progress=None),
+                                         dtype="float32")
+    assert _rel(_logits(sharded, ids, images), ref) < 1e-4
+
+
+def test_greedy_generation_matches_transformers(models, ours):
+    hf, _ = models
+    ids, images = _prompt([(16, 16), (8, 24)], seed=7)
+    with torch.no_grad():
+        ref = hf.generate(**_hf_inputs(ids, images), max_new_tokens=8, do_sample=False, pad_token_id=11)
+    want = ref[0, ids.shape[1]:].tolist()
+    got = generate(ours, ids[0].tolist(), max_new_tokens=8, sampling=SamplingParams(temperature=0.0), images=images)
+    assert got == want
+
+
+def test_image_token_count_must_match(ours):
+    ids, images = _prompt([(8, 16)], seed=1)
+    with pytest.raises(InputError, match=r"the prompt has 2 \[IMG\] tokens but its images give 8 \(8\)"):
+        vision.input_embeddings(ours, ids, [np.zeros((3, 16, 32), np.float32)])
+    with pytest.raises(InputError, match=r"image array is 12x16 pixels; expected a positive multiple of 8"):
+        vision.input_embeddings(ours, ids, [np.zeros((3, 12, 16), np.float32)])
+
+
+def test_packing_layout():
+    """Patches row-major in (c, kh, kw) order, (row, col) positions, segments, and the channel-major 2x2 merge."""
+    cfg = small4_jax.config.VisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                         num_attention_heads=1, patch_size=2, image_size=16)
+    a = np.arange(3 * 4 * 8, dtype=np.float32).reshape(3, 4, 8)  # 2 x 4 patches -> 1 x 2 merged tokens
+    b = -np.ones((3, 4, 4), np.float32)  # 2 x 2 patches -> 1 merged token
+    p = vision.pack_images(cfg, [a, b])
+    assert p.patches.shape == (16, 12) and p.tokens == [2, 1]
+    np.testing.assert_array_equal(p.patches[5], a[:, 2:4, 2:4].reshape(-1))  # row 1, column 1
+    np.testing.assert_array_equal(p.rows[:12], [0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 1, 1])
+    np.testing.assert_array_equal(p.cols[:12], [0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 0, 1])
+    np.testing.assert_array_equal(p.segment_ids, [0] * 8 + [1] * 4 + [vision.PAD_SEGMENT] * 4)
+    np.testing.assert_array_equal(p.merge_index[:3], [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 10, 11]])
