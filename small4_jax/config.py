@@ -73,6 +73,9 @@ class VisionConfig:
     image_break_token_id: int = 12
     image_end_token_id: int = 13
     initializer_range: float = 0.02
+    # The encoder's bidirectional attention (kernels/attention, block-diagonal through segment ids): "auto",
+    # "blockwise", "pallas" or "reference" (every score materialised: tests only; 12,100 patches need O(N) memory).
+    attn_impl: str = "auto"
 
     def __post_init__(self):
         self.validate()
@@ -93,6 +96,8 @@ class VisionConfig:
         for f in ("hidden_act", "projector_hidden_act"):
             if getattr(self, f) not in _ACTIVATIONS:
                 bad(f, f"one of {', '.join(_ACTIVATIONS)}")
+        if self.attn_impl not in ATTN_IMPLS:
+            bad("attn_impl", f"one of {', '.join(ATTN_IMPLS)}")
         if not -self.num_hidden_layers <= self.vision_feature_layer < self.num_hidden_layers + 1:
             bad("vision_feature_layer", f"an encoder layer index in [-{self.num_hidden_layers}, "
                 f"{self.num_hidden_layers}] (one layer, as Small 4 uses)")

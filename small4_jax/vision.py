@@ -36,6 +36,7 @@ from flax import nnx
 
 from small4_jax.config import VisionConfig
 from small4_jax.errors import InputError
+from small4_jax.kernels.attention import attention
 from small4_jax.model import _ACT, RMSNorm, apply_rope
 
 PAD_SEGMENT = -1  # segment id of the padding patches (they attend only to each other)
@@ -78,16 +79,18 @@ def rope_2d(config: VisionConfig, rows: jax.Array, cols: jax.Array) -> tuple[jax
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def block_diagonal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, scale: float):
-    """Bidirectional attention of q, k, v [N, heads, d] where only equal segment ids attend; returns [N, heads, d].
+def block_diagonal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, scale: float,
+                             impl: str = "auto") -> jax.Array:
+    """Bidirectional attention of q, k, v [N, heads, d] in which only equal segment ids attend; returns [N, heads, d].
 
-    Plain (the [heads, N, N] float32 scores are materialised): the reference for the blockwise path.
+    The model's one attention op (kernels/attention) with every position 0 (nothing is causal) and the image index as
+    the segment: blockwise / flash by default, so 12,100 patches never build [heads, N, N] scores.
     """
-    scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * scale
-    same = segment_ids[:, None] == segment_ids[None, :]
-    scores = jnp.where(same[None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("hqk,khd->qhd", probs, v)
+    zeros = jnp.zeros((1, q.shape[0]), jnp.int32)
+    segs = segment_ids[None].astype(jnp.int32)
+    out = attention((q * scale)[None], k[None], v[None], q_positions=zeros, k_positions=zeros, q_segments=segs,
+                    k_segments=segs, impl=impl)
+    return out[0]
 
 
 class VisionAttention(nnx.Module):
@@ -108,7 +111,7 @@ class VisionAttention(nnx.Module):
         v = self.v_proj(x).reshape(n, nh, hd)
         q = apply_rope(q, cos[:, None], sin[:, None], c.rope_interleave)
         k = apply_rope(k, cos[:, None], sin[:, None], c.rope_interleave)
-        out = block_diagonal_attention(q, k, v, segment_ids, hd**-0.5)
+        out = block_diagonal_attention(q, k, v, segment_ids, hd**-0.5, c.attn_impl)
         return self.o_proj(out.reshape(n, nh * hd))
 
 
