@@ -23,10 +23,18 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch: int = 16) -> None:
     g.add_argument("--max-queue", type=int, default=256, help="requests waiting before back-pressure")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn off prefix caching")
     g.add_argument("--warmup", action="store_true", help="compile every shape before serving")
+    g.add_argument("--speculative", metavar="METHOD", help="speculative decoding: 'ngram' (prompt lookup) or "
+                   "'eagle:DIR' (an EAGLE draft head checkpoint); see infer/speculative.py")
+    g.add_argument("--num-draft-tokens", type=int, default=4, help="draft tokens per row and step (--speculative)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(max_batch=args.max_batch, page_size=args.page_size, num_pages=args.num_pages,
+    speculative = None
+    if getattr(args, "speculative", None):
+        from infer.speculative import SpeculativeConfig
+
+        speculative = SpeculativeConfig.parse(args.speculative, args.num_draft_tokens)
+    return dict(speculative=speculative, max_batch=args.max_batch, page_size=args.page_size, num_pages=args.num_pages,
                 max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk, prefill_batch=args.prefill_batch,
                 max_queue=args.max_queue,
                 prefix_caching=not args.no_prefix_caching)

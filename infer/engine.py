@@ -224,6 +224,7 @@ class Engine:
         prefill_batch: requests whose prompts advance together in one prefill step (compiled as 1, 2, 4, ...).
         max_queue: requests that may wait for admission; `submit` raises QueueFull beyond it.
         batch_buckets, page_buckets: the compiled decode batch sizes and page-table widths (default powers of 2).
+        speculative: an `infer.speculative.SpeculativeConfig` (n-gram or EAGLE drafts, batched verify), or None.
         cache_dtype: dtype of the cache (default the model's).
         mesh: a device mesh; the cache is replicated over it.
         prefix_caching: reuse cached pages of shared prompt prefixes.
@@ -247,6 +248,7 @@ class Engine:
         mesh=None,
         prefix_caching: bool = True,
         seed: int = 0,
+        speculative=None,
     ):
         config = model.config
         self.model = model
@@ -312,6 +314,11 @@ class Engine:
                           mask_seconds=0.0, masked_tokens=0)
         self._token_times: deque[tuple[float, int]] = deque(maxlen=256)
         self._waited = 0.0  # seconds of this step spent waiting for the device
+        self.speculator = None
+        if speculative is not None:  # infer/speculative.py: drafter + batched verify instead of the decode step
+            from infer.speculative import Speculator
+
+            self.speculator = Speculator(speculative, self)
 
     # ---- public API (any thread) ---------------------------------------------------------------------------------
 
@@ -434,7 +441,8 @@ class Engine:
         tps = sum(n for _, n in recent) / 10.0 if recent else 0.0
         return dict(self.stats, running=len(self._running), waiting=self._pending, pages_total=self.pool.capacity,
                     pages_used=self.pool.in_use(), pages_cached=self.pool.cached(), tokens_per_second=tps,
-                    cache_tokens=self.pool.capacity * self.page_size)
+                    cache_tokens=self.pool.capacity * self.page_size,
+                    **(self.speculator.metrics() if self.speculator is not None else {}))
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._running or not self._inbox.empty())
@@ -453,7 +461,7 @@ class Engine:
                 self._prefill(prefilling[: self.prefill_buckets[-1]])
             decoding = [r for r in self._running if len(r.tokens) - r.num_computed == 1 and r.generated > 0]
             if decoding:
-                self._decode(decoding)
+                self._decode(decoding) if self.speculator is None else self.speculator.decode(self, decoding)
         except Exception as e:  # a failing step fails its requests, not the engine
             log.exception("engine step failed")
             self.stats["errors"] += 1
@@ -470,6 +478,8 @@ class Engine:
                           [], p, [], absorbed=False)
             for b in self.batch_buckets:
                 self._run(np.zeros((b, 1), np.int32), *self._null_inputs(b, 1, w), [], b, [], absorbed=True)
+        if self.speculator is not None:
+            self.speculator.warmup(self)
 
     def _null_inputs(self, b, t, w):
         zeros = np.zeros((b, t), np.int32)

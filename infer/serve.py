@@ -201,6 +201,16 @@ class Server:
             ("cache_pages_total", "gauge", "Cache pages available to requests.", m["pages_total"]),
             ("cache_usage_ratio", "gauge", "Fraction of cache pages in use.", m["pages_used"] / m["pages_total"]),
         ]
+        if "spec_draft_tokens" in m:  # --speculative (infer/speculative.py)
+            rows += [
+                ("spec_draft_tokens_total", "counter", "Draft tokens proposed.", m["spec_draft_tokens"]),
+                ("spec_accepted_tokens_total", "counter", "Draft tokens accepted.", m["spec_accepted_tokens"]),
+                ("spec_verify_rows_total", "counter", "Rows verified (one per request and step).",
+                 m["spec_verify_rows"]),
+                ("spec_acceptance_rate", "gauge", "Accepted / proposed draft tokens.", m["spec_acceptance_rate"]),
+                ("spec_mean_accepted_length", "gauge", "Tokens gained per row and verify step.",
+                 m["spec_mean_accepted_length"]),
+            ]
         lines = []
         for name, kind, doc, value in rows:
             lines += [f"# HELP small4_{name} {doc}", f"# TYPE small4_{name} {kind}", f"small4_{name} {value}"]

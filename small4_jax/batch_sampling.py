@@ -184,3 +184,63 @@ def sample_rows(logits: jax.Array, p: RowSampling, history: TokenHistory, num_to
     top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top)
     history = TokenHistory(history.counts.at[p.slot, tokens].add(p.accept), history.prompt)
     return tokens, chosen, top_ids.astype(jnp.int32), top_logprobs, history
+
+
+def verify_rows(logits: jax.Array, drafts: jax.Array, num_drafts: jax.Array, p: RowSampling, history: TokenHistory,
+                num_top: int):
+    """Speculative verification: accept a prefix of each row's draft tokens so the output keeps the target's law.
+
+    logits [B, T, V]: the target's logits after the last accepted token (position 0) and after each of the T - 1
+    draft tokens drafts [B, T - 1]; num_drafts [B]: how many of them are real (the rest is padding). Position j is
+    processed exactly as `sample_rows` would after d_1..d_j joined the output (its penalties count them; the
+    structured-output mask applies at position 0, so constrained rows must come without drafts). Drafters are
+    deterministic (the draft distribution q is one-hot on the proposed token), so the rejection-sampling rule of
+    Leviathan et al. / Chen et al. becomes: accept d_j with probability p_j(d_j), p_j the softmax of
+    `sampling_logits`; at the first rejection draw from the residual max(p_j - q_j, 0), i.e. p_j without d_j
+    renormalised; if every draft is accepted draw the bonus token from p_T. Greedy rows (temperature 0) accept d_j
+    iff it is the argmax, so their output is exactly the non-speculative greedy output. Position j of a row uses the
+    key fold_in(key(seed), counter + j), split into the acceptance coin and the draw.
+
+    Returns (num_accepted [B], tokens [B, T], their logprobs [B, T], top ids [B, T, num_top], top logprobs
+    [B, T, num_top], history with the row's accepted drafts and own token counted); tokens[:, :num_accepted] are the
+    accepted drafts, tokens[:, num_accepted] the target's own token, later positions are meaningless. Logprobs are
+    those of the raw model distribution, as in `sample_rows`.
+    """
+    b, t, vocab = logits.shape
+    logits = logits.astype(jnp.float32)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    j = jnp.arange(t, dtype=jnp.int32)[None, :]
+    d = jnp.concatenate([drafts.astype(jnp.int32), jnp.zeros((b, 1), jnp.int32)], axis=1)  # [B, T]
+    real = j < num_drafts[:, None]
+    # the rows' history at each position: d_1..d_j counted (padding drafts never are)
+    seen = jax.nn.one_hot(jnp.where(real, d, vocab), vocab, dtype=jnp.int32)  # [B, T, V]
+    counts = history.counts[p.slot][:, None] + jnp.cumsum(seen, axis=1) - seen
+    prompt = jnp.broadcast_to(history.prompt[p.slot][:, None], (b, t, vocab))
+    rows = jax.tree.map(lambda x: jnp.repeat(x, t, axis=0), p)
+    rows = dataclasses.replace(rows, counter=rows.counter + jnp.tile(jnp.arange(t, dtype=jnp.int32), b))
+    adjusted = adjusted_logits(logits.reshape(b * t, vocab), rows, counts.reshape(b * t, vocab),
+                               prompt.reshape(b * t, vocab))
+    greedy = jnp.argmax(adjusted, axis=-1).astype(jnp.int32).reshape(b, t)
+
+    def draw(_):
+        keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s.astype(jnp.uint32)), c))(rows.seed,
+                                                                                                   rows.counter)
+        keys = jax.vmap(jax.random.split)(keys)  # [B*T, 2]
+        coin = jax.vmap(jax.random.uniform)(keys[:, 0]).reshape(b, t)
+        filtered = filtered_logits(adjusted, rows).reshape(b, t, vocab)
+        p_draft = jnp.take_along_axis(jax.nn.softmax(filtered, axis=-1), d[..., None], axis=-1)[..., 0]
+        residual = jnp.where(real[..., None] & (jnp.arange(vocab) == d[..., None]), -jnp.inf, filtered)
+        drawn = jax.vmap(jax.random.categorical)(keys[:, 1], residual.reshape(b * t, vocab)).reshape(b, t)
+        hot = (p.temperature > 0)[:, None]
+        return jnp.where(hot, coin < p_draft, d == greedy), jnp.where(hot, drawn.astype(jnp.int32), greedy)
+
+    accept, own = jax.lax.cond(jnp.any(p.temperature > 0), draw, lambda _: (d == greedy, greedy), None)
+    accept &= real
+    num_accepted = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
+    tokens = jnp.where(j < num_accepted[:, None], d, own)
+    chosen = jnp.take_along_axis(logprobs, tokens[..., None], axis=-1)[..., 0]
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, num_top)
+    joined = (j <= num_accepted[:, None]) & (p.accept[:, None] > 0)
+    slots = jnp.broadcast_to(p.slot[:, None], (b, t))
+    history = TokenHistory(history.counts.at[slots, tokens].add(joined.astype(jnp.int32)), history.prompt)
+    return num_accepted, tokens, chosen, top_ids.astype(jnp.int32), top_logprobs, history

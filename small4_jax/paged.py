@@ -154,13 +154,16 @@ def forward(
     logit_index: jax.Array,
     *,
     absorbed: bool,
-) -> tuple[jax.Array, jax.Array]:
+    with_hidden: bool = False,
+):
     """Run new tokens through the model over the paged cache; returns (logits [B, V] at `logit_index`, pages).
 
     ids, positions [B, T]: the new tokens and their RoPE positions. seq_index [B, T]: each token's index in its
     sequence (keys 0..seq_index are visible to it). slots [B, T, 2]: (page, offset) each token's row is written to
     (padding: the null page). page_table [B, W]: the pages of each sequence, in order (padding: the null page).
-    logit_index [B]: which of the T tokens to produce logits for.
+    logit_index [B]: which of the T tokens to produce logits for; [B, T'] gives logits [B, T', V] (speculative
+    verification scores every draft position). `with_hidden` also returns the final-normed hidden states at
+    `logit_index` (what an EAGLE draft head reads): (logits, pages, hidden).
     """
     config = model.config
     b, t = ids.shape
@@ -184,10 +187,11 @@ def forward(
             h = h + attn.o_proj(attention(attn, config, q_nope, q_pe, keys, valid, scale))
         with jax.named_scope(f"layer{i}/mlp"):
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-    last = jnp.take_along_axis(h, logit_index[:, None, None], axis=1)[:, 0]  # [B, H]
-    last = model.norm(last)
+    index = logit_index if logit_index.ndim == 2 else logit_index[:, None]
+    last = model.norm(jnp.take_along_axis(h, index[:, :, None], axis=1))  # [B, T', H]
+    last = last if logit_index.ndim == 2 else last[:, 0]
     logits = model.embed_tokens.attend(last) if model.lm_head is None else model.lm_head(last)
-    return logits, pages
+    return (logits, pages, last) if with_hidden else (logits, pages)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "num_top"),
