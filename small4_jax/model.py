@@ -342,8 +342,10 @@ class Small4ForCausalLM(nnx.Module):
         else:
             self.vision_tower = self.multi_modal_projector = None
         self.remat = False  # recompute each layer's activations in the backward pass (training memory)
+        self.loss_chunk = 1024  # tokens per chunk of `token_loss` (logits held: chunk x vocab float32)
 
-    def _forward(self, input_ids, positions, cache: KVCache | None, key_mask, segment_ids=None, input_embeds=None):
+    def _forward(self, input_ids, positions, cache: KVCache | None, key_mask, segment_ids=None, input_embeds=None,
+                 head=True):
         input_ids = jnp.asarray(input_ids, jnp.int32)
         b, t = input_ids.shape
         if positions is None:
@@ -363,10 +365,9 @@ class Small4ForCausalLM(nnx.Module):
                 new_latent.append(layer_cache[0])
                 new_rope.append(layer_cache[1])
         h = self.norm(h)
-        if self.lm_head is None:
-            logits = self.embed_tokens.attend(h)
-        else:
-            logits = self.lm_head(h)
+        if not head:  # the final hidden states, for the chunked loss
+            return h, None
+        logits = self.logits(h)
         if cache is None:
             return logits, None
         new_cache = KVCache(
@@ -384,6 +385,23 @@ class Small4ForCausalLM(nnx.Module):
         key_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         segs = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
         return self._forward(input_ids, positions, None, key_mask, segs, input_embeds)[0]
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """The output head on final (normed) hidden states [..., H] -> [..., vocab] (tied to the embeddings or not)."""
+        return self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+
+    def token_loss(self, input_ids, targets, weights, positions=None, segment_ids=None, chunk: int | None = None,
+                   input_embeds=None):
+        """(sum of weights x cross-entropy of `targets`, sum of weights), float32 scalars, for ids [B, T].
+
+        Same as a float32 log-softmax over `self(input_ids)`, without ever holding the [B, T, vocab] logits: the
+        head and the log-softmax run over `chunk` tokens at a time (default `self.loss_chunk`) in a scan whose body
+        is rematerialised, so the backward is chunked too (`chunked_cross_entropy`).
+        """
+        segs = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+        h = self._forward(input_ids, positions, None, None, segs, input_embeds, head=False)[0]
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return chunked_cross_entropy(head, h, targets, weights, chunk or self.loss_chunk)
 
     def step(self, input_ids, cache: KVCache, positions=None, input_embeds=None) -> tuple[jax.Array, KVCache]:
         """Run ids [B, T] that continue each row of `cache`; returns (logits [B, T, V], updated cache).
@@ -405,6 +423,41 @@ def _remat_layer(layer: DecoderLayer, h, positions, cos, sin, key_mask, segment_
         return nnx.merge(graphdef, state)(h, positions, cos, sin, None, key_mask, segment_ids)[0]
 
     return jax.checkpoint(run)(state, h)
+
+
+def chunked_cross_entropy(head: nnx.Module, h: jax.Array, targets, weights, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """(sum w * (logsumexp(z) - z[target]), sum w) with z = head(h) in float32, over tokens h [..., H].
+
+    The tokens are flattened and cut into chunks of `chunk` (the last padded with weight 0); a `lax.scan` computes
+    each chunk's logits and loss under `jax.checkpoint`, so forward and backward hold one [chunk, vocab] block of
+    logits, never [tokens, vocab]. `head` is the model's lm_head (or the tied embedding, through `attend`), passed
+    as split state like `_remat_layer`'s layer.
+    """
+    dim = h.shape[-1]
+    h = h.reshape(-1, dim)
+    targets = jnp.asarray(targets, jnp.int32).reshape(-1)
+    weights = jnp.asarray(weights, jnp.float32).reshape(-1)
+    n = h.shape[0]
+    chunk = max(1, min(chunk, n))
+    pad = -n % chunk
+    if pad:
+        h = jnp.pad(h, ((0, pad), (0, 0)))
+        targets, weights = jnp.pad(targets, (0, pad)), jnp.pad(weights, (0, pad))
+    graphdef, state = nnx.split(head)
+
+    @jax.checkpoint
+    def chunk_loss(state, hc, tc, wc):
+        m = nnx.merge(graphdef, state)
+        z = (m.attend(hc) if isinstance(m, nnx.Embed) else m(hc)).astype(jnp.float32)
+        nll = jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, tc[:, None], axis=-1)[:, 0]
+        return jnp.sum(nll * wc)
+
+    def body(total, xs):
+        return total + chunk_loss(state, *xs), None
+
+    xs = (h.reshape(-1, chunk, dim), targets.reshape(-1, chunk), weights.reshape(-1, chunk))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    return total, jnp.sum(weights)
 
 
 def init_model(config: Small4Config, *, seed: int = 0, dtype="float32"):

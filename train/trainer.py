@@ -125,12 +125,10 @@ def optimizer(cfg: RunConfig) -> optax.GradientTransformation:
 
 
 def token_loss(model, batch) -> tuple[jax.Array, jax.Array]:
-    """(sum of weighted cross-entropy, number of weighted targets) for one micro-batch; fp32 softmax."""
-    logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segments"])
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-    w = batch["weights"]
-    return jnp.sum(nll * w), jnp.sum(w)
+    """(sum of weighted cross-entropy, sum of weights) for one micro-batch; fp32 log-softmax computed in chunks of
+    tokens (`Small4ForCausalLM.token_loss`), so [rows, seq, vocab] logits never exist."""
+    return model.token_loss(batch["inputs"], batch["targets"], batch["weights"], positions=batch["positions"],
+                            segment_ids=batch["segments"])
 
 
 @dataclasses.dataclass

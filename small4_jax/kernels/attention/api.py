@@ -13,7 +13,7 @@ Backends:
     "pallas"     `pallas_triton.py`: the same algorithm as fused Triton kernels (forward, dK/dV, dQ), the default on
                  NVIDIA GPUs; in Pallas interpret mode on a CPU (tests).
     "reference"  `reference.py`: every score materialised (O(T S) memory); the definition, for tests.
-"auto" picks by the platform of the devices the program runs on (`_platform`).
+"auto" picks by the platform of the devices the program runs on (`small4_jax.platform`).
 """
 
 from __future__ import annotations
@@ -23,24 +23,18 @@ import jax.numpy as jnp
 
 from small4_jax.kernels.attention.blockwise import HIDDEN, blockwise_attention
 from small4_jax.kernels.attention.reference import attention_reference
+from small4_jax.platform import on_gpu
 
 BACKENDS = ("auto", "blockwise", "pallas", "reference")
 
 
-def _platform() -> str:
-    """"gpu" or "cpu" (...): the platform of the mesh in context if there is one (so a deviceless compile for H100s
-    picks the GPU path), else of the default backend. Works inside jit (reads the abstract mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    platform = device.platform if device is not None else jax.default_backend()
-    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
-
-
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, *placed) -> str:
+    """The backend for `impl`; "auto" follows the platform of `placed` (arrays, mesh; `small4_jax.platform`), so a
+    CPU host compiling for GPU devices (`small4_jax.aot`) gets the GPU kernel."""
     if impl not in BACKENDS:
         raise ValueError(f"attention impl must be one of {', '.join(BACKENDS)}, got {impl!r}")
     if impl == "auto":
-        return "pallas" if _platform() == "gpu" else "blockwise"
+        return "pallas" if on_gpu(*placed) else "blockwise"
     return impl
 
 
@@ -81,7 +75,7 @@ def attention(
         raise ValueError(f"attention expects q [B, T, H, K], k [B, S, H, K], v [B, S, H, U]; got {q.shape}, "
                          f"{k.shape}, {v.shape}")
     qp, kp, qs, ks = normalise_masks(q_positions, k_positions, q_segments, k_segments, key_mask)
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, q)
     if impl == "reference":
         return attention_reference(q, k, v, qp, kp, qs, ks)
     if impl == "blockwise":
