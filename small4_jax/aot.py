@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 TARGETS = ("h100", "h200")
 _ASSETS = Path(__file__).resolve().parent / "assets"
 TRITON_MARKER = "__gpu$xla.gpu.triton"  # custom-call target of a Pallas Triton kernel in lowered text
+RAGGED_A2A_MARKER = "custom_call @ragged_all_to_all"  # jax.lax.ragged_all_to_all in lowered text
 
 
 class AotUnavailable(RuntimeError):
@@ -122,11 +123,22 @@ class Compiled:
     text: str  # the lowered StableHLO
     memory: Memory
     seconds: float  # lower + compile wall time
+    notes: list[str] = dataclasses.field(default_factory=list)  # how the compile deviated from a GPU's, if at all
 
     @property
     def uses_triton(self) -> bool:
         """Whether a Pallas Triton kernel is part of the program."""
         return TRITON_MARKER in self.text
+
+    @property
+    def triton_calls(self) -> int:
+        """How many Pallas Triton kernel calls the program makes (call sites in the lowered text)."""
+        return self.text.count(TRITON_MARKER)
+
+    @property
+    def uses_ragged_all_to_all(self) -> bool:
+        """Whether the program exchanges rows with the real `ragged_all_to_all` (not the dense CPU stand-in)."""
+        return RAGGED_A2A_MARKER in self.text
 
 
 def _default_device(mesh: Mesh):
@@ -134,17 +146,35 @@ def _default_device(mesh: Mesh):
     return jax.default_device(mesh.devices.flat[0])
 
 
+_CUDA_LIBRARIES = "Error loading CUDA libraries"
+# A deviceless compile for the H100 target rewrites some sorts to CUB radix sorts, whose scratch size XLA then asks
+# the CUDA runtime for: without a GPU that fails with "Error loading CUDA libraries" (the H200 target has no CUB data
+# and falls back to XLA's own sort with a warning). Such programs are compiled again with XLA's sort.
+_NO_CUB_SORT = {"xla_gpu_enable_cub_radix_sort": False}
+
+
 def compile_for(fn: Callable, *args, mesh: Mesh, **jit_kwargs) -> Compiled:
-    """Lower `jax.jit(fn, **jit_kwargs)` on abstract `args` placed on `mesh` and compile it for the mesh's GPUs."""
+    """Lower `jax.jit(fn, **jit_kwargs)` on abstract `args` placed on `mesh` and compile it for the mesh's GPUs.
+
+    When XLA needs the CUDA runtime for a CUB sort (module comment above `_NO_CUB_SORT`), the program is compiled
+    with XLA's own sort instead and `Compiled.notes` says so (memory then lacks the CUB sort's small scratch).
+    """
     t0 = time.perf_counter()
+    notes = []
     with _default_device(mesh), jax.set_mesh(mesh):
         lowered = jax.jit(fn, **jit_kwargs).lower(*args)
         text = lowered.as_text()
-        compiled = lowered.compile()
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # noqa: BLE001 - jax's runtime error type moved between versions
+            if _CUDA_LIBRARIES not in str(e):
+                raise
+            compiled = lowered.compile(compiler_options=_NO_CUB_SORT)
+            notes.append("compiled with XLA's sort: the CUB radix sort needs the CUDA runtime to size its scratch")
     m = compiled.memory_analysis()
     memory = Memory(int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.alias_size_in_bytes),
                     int(m.temp_size_in_bytes))
-    return Compiled(compiled, text, memory, time.perf_counter() - t0)
+    return Compiled(compiled, text, memory, time.perf_counter() - t0, notes)
 
 
 def placed(state, mesh: Mesh, spec_fn: Callable | None = None):

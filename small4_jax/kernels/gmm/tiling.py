@@ -75,3 +75,73 @@ def tgmm_tiling(m: int, k: int, n: int, num_groups: int, dtype) -> GmmTiling:
     bm = 16 if is_decode(m, num_groups) else (32 if wide else 64)
     return GmmTiling(block_m=bm, block_k=_pow2_at_most(64, k), block_n=_pow2_at_most(64 if wide else 128, n),
                      num_warps=4, num_stages=3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The target's limits, and what a tiling asks of them.
+@dataclasses.dataclass(frozen=True)
+class GpuLimits:
+    """Per-block limits of a GPU (fields of XLA's `GpuTargetConfigProto`, `small4_jax/assets/*.txtpb`)."""
+
+    shared_memory_per_block: int  # bytes a block may opt in to (shared_memory_per_block_optin)
+    registers_per_block: int
+    threads_per_block: int
+    block_dim_limit_y: int = 65535  # grid dims 1 and 2 (column tiles, K splits); dim 0 allows 2^31 - 1
+    block_dim_limit_z: int = 65535
+    registers_per_thread: int = 255  # NVIDIA's per-thread cap (sm_50 and later)
+
+    @classmethod
+    def from_target_config(cls, text: str) -> GpuLimits:
+        fields = {}
+        for line in text.splitlines():
+            key, _, value = line.strip().partition(":")
+            if value.strip().isdigit():
+                fields.setdefault(key, int(value))
+        return cls(fields["shared_memory_per_block_optin"], fields["registers_per_block_limit"],
+                   fields["threads_per_block_limit"], fields["block_dim_limit_y"], fields["block_dim_limit_z"])
+
+
+HOPPER = GpuLimits(shared_memory_per_block=232448, registers_per_block=65536, threads_per_block=1024)  # H100, H200
+_ACC_REGISTERS = 128  # float32 accumulator registers per thread we allow: the rest holds operands and addresses
+
+
+def resources(t: GmmTiling, dtype, kind: str = "gmm") -> dict[str, int]:
+    """What one program of the kernel asks for, as Triton lays it out:
+
+    shared_memory  num_stages pipelined copies of both operand tiles (gmm: [bm, bk] and [bk, bn]; tgmm: [bm, bk]
+                   and [bm, bn]): the figure Triton requests (tests/test_gpu_compile.py checks it against the
+                   compiler's own "requested N" on an oversized tiling)
+    acc_registers  float32 accumulator elements per thread ([bm, bn] for gmm, [bk, bn] for tgmm)
+    threads        32 * num_warps
+    """
+    size = jnp.dtype(dtype).itemsize
+    threads = 32 * t.num_warps
+    if kind == "gmm":
+        operands, acc = t.block_m * t.block_k + t.block_k * t.block_n, t.block_m * t.block_n
+    elif kind == "tgmm":
+        operands, acc = t.block_m * t.block_k + t.block_m * t.block_n, t.block_k * t.block_n
+    else:
+        raise ValueError(f"kind must be 'gmm' or 'tgmm', got {kind!r}")
+    return {"shared_memory": t.num_stages * operands * size, "acc_registers": -(-acc // threads),
+            "threads": threads}
+
+
+def check_tiling(t: GmmTiling, dtype, limits: GpuLimits = HOPPER, kind: str = "gmm", *, m: int | None = None,
+                 n: int | None = None) -> list[str]:
+    """The limits `t` would break on `limits` (empty when it fits). With m and n, also the grid's limits."""
+    r = resources(t, dtype, kind)
+    bad = []
+    if r["shared_memory"] > limits.shared_memory_per_block:
+        bad.append(f"shared memory {r['shared_memory']} B > {limits.shared_memory_per_block} B per block")
+    if r["threads"] > limits.threads_per_block:
+        bad.append(f"{r['threads']} threads > {limits.threads_per_block} per block")
+    if r["acc_registers"] > min(_ACC_REGISTERS, limits.registers_per_thread):
+        bad.append(f"{r['acc_registers']} accumulator registers per thread > {_ACC_REGISTERS}")
+    if r["threads"] * limits.registers_per_thread > limits.registers_per_block and \
+            r["threads"] * (r["acc_registers"] + 64) > limits.registers_per_block:
+        bad.append(f"{r['threads']} threads x {r['acc_registers'] + 64} registers > {limits.registers_per_block}")
+    if kind == "gmm" and n is not None and -(-n // t.block_n) > limits.block_dim_limit_y:
+        bad.append(f"{-(-n // t.block_n)} column tiles > grid limit {limits.block_dim_limit_y}")
+    if kind == "gmm" and t.split_k > limits.block_dim_limit_z:
+        bad.append(f"split_k {t.split_k} > grid limit {limits.block_dim_limit_z}")
+    return bad

@@ -1,0 +1,194 @@
+"""Every GPU program of ours compiles for H100 / H200 (sm_90a) on this CPU machine, at Small 4's real dims.
+
+Deviceless compilation (`small4_jax/aot.py`) runs XLA's real GPU pipeline: Pallas -> Triton IR -> PTX -> ptxas with
+the target's shared-memory and register limits, so a kernel change that breaks the GPU build fails here. Programs
+(`small4_jax/aot_programs.py`, the same builders `benchmarks/memory_plan.py` uses), each compiled once per module:
+
+    kernels   gmm + its VJP (gmm on both weight layouts, tgmm): decode / prefill tilings, bf16 and fp32, ragged M
+    experts   expert parallelism, replicated and all-to-all (the real ragged_all_to_all), on 1x1x8 and 2x1x8
+    model     the forward (moe_impl auto) on 8 x H200; the serving engine's prefill and decode steps on 8 x H100;
+              the LoRA train step on configs/finetune-small4.yaml's mesh
+Layers: one (every layer is the same program; depth changes argument bytes, not what compiles). The tilings are also
+checked analytically against the target limits for every row count 1 .. 2^17 the heuristics can see.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from small4_jax import aot
+from small4_jax import aot_programs as ap
+from small4_jax.config import Small4Config
+from small4_jax.kernels.gmm import tiling as T
+
+E, H, F, TOP_K = 128, 4096, 2048, 4
+CONFIG = "configs/small4-119b.yaml"
+FINETUNE = "configs/finetune-small4.yaml"
+
+
+def _one_layer(config: Small4Config) -> Small4Config:
+    return config.replace(num_hidden_layers=1)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """name -> aot.Compiled, compiled on first use and shared by the module's tests."""
+    cache = {}
+
+    def get(name, build):
+        if name not in cache:
+            cache[name] = build().compile()
+        return cache[name]
+
+    return get
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Kernels.
+KERNEL_CASES = [  # (target, rows, dtype, transpose_rhs, k, n): each VJP compiles gmm on both layouts and tgmm
+    ("h200", 64, jnp.bfloat16, False, H, 2 * F),  # decode tiling with split-K (gate_up)
+    ("h200", 16384, jnp.bfloat16, True, F, H),  # prefill tiling, weights stored [G, N, K] (down, transposed)
+    ("h100", 8192 + 3, jnp.float32, False, H, 2 * F),  # fp32 prefill tiling, rows not a multiple of any tile
+    ("h100", 1, jnp.bfloat16, True, H, 2 * F),  # one row
+]
+
+
+@pytest.mark.gpu_compile
+@pytest.mark.parametrize("target, rows, dtype, transpose_rhs, k, n", KERNEL_CASES,
+                         ids=[f"{c[0]}-{c[1]}rows-{jnp.dtype(c[2]).name}-{'T' if c[3] else 'N'}" for c in KERNEL_CASES])
+def test_gmm_and_its_vjp_compile(compiled, target, rows, dtype, transpose_rhs, k, n):
+    mesh = aot.gpu_mesh(target, {"x": 1}, topology="1x1x1")
+    c = compiled(("gmm", target, rows, dtype, transpose_rhs),
+                 lambda: ap.gmm_vjp(mesh, rows, groups=E, k=k, n=n, dtype=dtype, transpose_rhs=transpose_rhs))
+    assert c.triton_calls == 3  # gmm, gmm on the other layout (dlhs), tgmm (dw)
+    size = jnp.dtype(dtype).itemsize
+    assert c.memory.argument == (rows * k + E * k * n) * size + E * 4
+    assert c.memory.output >= (rows * k + E * k * n) * size  # both gradients
+
+
+@pytest.mark.gpu_compile
+def test_the_tiling_check_agrees_with_the_compiler():
+    """An oversized tiling: the analytic check and the compiler both refuse it, over the same shared-memory bytes."""
+    t = T.GmmTiling(128, 256, 256, num_warps=8, num_stages=4)
+    need = T.resources(t, jnp.bfloat16)["shared_memory"]
+    assert T.check_tiling(t, jnp.bfloat16) == [f"shared memory {need} B > 232448 B per block"]
+    mesh = aot.gpu_mesh("h100", {"x": 1}, topology="1x1x1")
+    with pytest.raises(Exception, match=f"Shared memory size limit exceeded: requested {need}, available: 232448"):
+        ap.gmm_vjp(mesh, 8192, grad=False, tiling=t).compile()
+
+
+def _kernel_shapes(h, f, experts, top_k, ranks=(4, 16), parallel=(1, 8)):
+    """(k, n, local groups) of every gmm the model issues: gate_up, down and their input gradients (the same shapes
+    swapped), LoRA A and B of both, under tensor parallelism tp and expert parallelism ep."""
+    out = set()
+    for tp in parallel:
+        for ep in parallel:
+            g = experts // ep
+            mats = [(h, 2 * f // tp), (f // tp, h)]
+            for r in ranks:
+                mats += [(h, r), (r, 2 * f // tp), (f // tp, r), (r, h)]
+            for k, n in mats:
+                out |= {(k, n, g), (n, k, g)}
+    return sorted(out)
+
+
+def test_every_tiling_the_heuristics_pick_fits_hopper():
+    """Rows 1 .. 2^17 (decode, prefill, training), fp32 and bf16: gmm and tgmm tilings within the H100/H200 limits.
+
+    Every row count for the main shape (gate_up, 128 experts); for the rest, every row count where a tiling can change
+    (1..512, powers of two and their neighbours, the decode threshold of each group count)."""
+    for target in aot.TARGETS:
+        assert T.GpuLimits.from_target_config(aot.target_config(target)) == T.HOPPER
+    seen = {}
+    every = range(1, 2**17 + 1)
+    edges = sorted(set(range(1, 513)) | {2**i + d for i in range(18) for d in (-1, 0, 1)} |
+                   {T._DECODE_ROWS_PER_GROUP * g + d for g in (1, 2, 4, 8, 16, 32, 64, 128) for d in (-1, 0, 1)})
+    edges = [m for m in edges if 1 <= m <= 2**17]
+    for k, n, g in _kernel_shapes(H, F, E, TOP_K):
+        rows = every if (k, n, g) == (H, 2 * F, E) else edges
+        for dtype in (jnp.float32, jnp.bfloat16):
+            for m in rows:
+                for kind, t in (("gmm", T.gmm_tiling(m, k, n, g, dtype)), ("tgmm", T.tgmm_tiling(m, k, n, g, dtype))):
+                    key = (kind, t, jnp.dtype(dtype).name, n if kind == "gmm" else 0)
+                    if key not in seen:
+                        seen[key] = (m, k, n, g)
+                        bad = T.check_tiling(t, dtype, T.HOPPER, kind, m=m, n=n)
+                        assert not bad, f"{kind} {t} ({jnp.dtype(dtype).name}, m={m} k={k} n={n} g={g}): {bad}"
+    assert len({key[1] for key in seen}) >= 6  # decode (several split-K), prefill, tgmm tilings in both dtypes
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Expert parallelism.
+EP_CASES = [  # (target, topology, mesh, strategy, tokens, grad)
+    ("h200", "1x1x8", {"data": 1, "expert": 8, "tensor": 1}, "replicated", 64, False),
+    ("h200", "1x1x8", {"data": 1, "expert": 8, "tensor": 1}, "all_to_all", 2048, True),
+    ("h100", "2x1x8", {"data": 2, "expert": 8, "tensor": 1}, "replicated", 64, False),
+    ("h100", "2x1x8", {"data": 2, "expert": 8, "tensor": 1}, "all_to_all", 2048, True),
+]
+
+
+@pytest.mark.gpu_compile
+@pytest.mark.parametrize("target, topology, shape, strategy, tokens, grad", EP_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[3]}{'-grad' if c[5] else ''}" for c in EP_CASES])
+def test_expert_parallel_compiles_with_the_kernel(compiled, target, topology, shape, strategy, tokens, grad):
+    mesh = aot.gpu_mesh(target, shape, topology=topology)
+    c = compiled(("ep", target, topology, strategy),
+                 lambda: ap.expert_parallel(mesh, tokens, strategy=strategy, grad=grad, experts=E, hidden=H,
+                                            intermediate=F, top_k=TOP_K))
+    assert c.uses_triton, "moe_impl auto on GPU devices must run the Pallas kernel"
+    assert c.uses_ragged_all_to_all == (strategy == "all_to_all")
+    # gate_up and down of this device's 16 experts, in bf16; tokens replicated over expert, split over data
+    assert c.memory.argument >= (E // 8) * 3 * H * F * 2
+    if grad:
+        assert c.triton_calls >= 6  # forward gmm x2, dlhs x2, tgmm x2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model: forward, serving steps, LoRA train step.
+def _sharded_bytes(state) -> int:
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
+@pytest.mark.gpu_compile
+def test_model_forward_with_auto_runs_the_kernel_on_8_h200(compiled):
+    config = _one_layer(Small4Config.from_yaml(CONFIG))
+    assert config.moe_impl == "auto"
+    mesh = aot.gpu_mesh("h200", {"data": 1, "expert": 8, "tensor": 1})
+    program = ap.model_forward(config, mesh, 4096)
+    c = compiled("forward", lambda: program)
+    assert c.uses_triton and c.triton_calls == 2  # gate_up and down of the one MoE layer
+    assert c.uses_ragged_all_to_all  # 4096 tokens >= moe_a2a_min_tokens: all-to-all dispatch
+    assert c.memory.argument == _sharded_bytes(program.args[0]) + 4096 * 4
+
+
+@pytest.mark.gpu_compile
+@pytest.mark.parametrize("absorbed", [False, True], ids=["prefill", "decode"])
+def test_serving_steps_compile_on_8_h100(compiled, absorbed):
+    """The engine's step at the serve defaults (page 16, prefill 4 x 256, decode batch 16), a 64-page table."""
+    config = _one_layer(Small4Config.from_yaml(CONFIG))
+    mesh = aot.gpu_mesh("h100", {"data": 1, "expert": 8, "tensor": 1})
+    rows, tokens = (16, 1) if absorbed else (4, 256)
+    program = ap.serve_step(config, mesh, absorbed=absorbed, rows=rows, tokens=tokens, table_pages=64,
+                            num_pages=1024)
+    c = compiled(("serve", absorbed), lambda: program)
+    assert c.uses_triton
+    assert c.uses_ragged_all_to_all == (rows * tokens >= config.moe_a2a_min_tokens)
+    pages = program.args[1]
+    assert c.memory.alias >= pages.size * pages.dtype.itemsize  # the cache is donated: updated in place
+
+
+@pytest.mark.gpu_compile
+def test_lora_train_step_compiles_on_the_finetune_mesh(compiled):
+    from train.config import load
+
+    run = load(FINETUNE)
+    run = dataclasses.replace(run, model=_one_layer(run.model))
+    mesh = aot.gpu_mesh("h200", dict(run.train.mesh))
+    program = ap.lora_train_step(run, mesh, micro_batch=1, seq_len=2048, grad_accum=1)
+    c = compiled("lora", lambda: program)
+    assert c.uses_triton and c.uses_ragged_all_to_all
+    # frozen base: no weight gradient for the experts; the expert adapters' gradients are tgmm calls
+    assert c.triton_calls >= 8
