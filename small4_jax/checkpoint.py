@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from small4_jax import quant
 from small4_jax.config import Small4Config, load_config
 from small4_jax.errors import CheckpointError
 from small4_jax.model import Small4ForCausalLM, abstract_model
@@ -105,16 +106,35 @@ def load_weights(
     dtype="bfloat16",
     mesh: Mesh | None = None,
     where: str = "checkpoint",
+    quantize: str | None = None,
 ) -> Small4ForCausalLM:
-    """Fill an abstract model from `source`, checking every name and shape first."""
+    """Fill an abstract model from `source`, checking every name and shape first.
+
+    With `quantize` ("fp8", "int8", "int4") the linears and experts are loaded quantised (`quant.py`): FP8 tensors
+    stored with scales are kept as they are (bytes and scale grid, transposed to our layout) when the format is
+    "fp8"; anything else is read as float32 on the host and quantised there, one tensor (experts: a block of
+    experts) at a time, so no float copy of a quantised weight ever reaches a device."""
+    fmt = quant.check_format(quantize)
     graphdef, state = nnx.split(abstract_model(config, dtype=dtype))
     plan = checkpoint_plan(state)
     verify_source(config, plan, source, where)
+    quantised = {}
+    if fmt is not None:
+        graphdef, qstate = nnx.split(abstract_model(config, dtype=dtype, quantize=fmt))
+        quantised = dict(nnx.to_flat_state(qstate))
 
     np_dtype = _numpy_dtype(dtype)
     flat = []
     for path, value in nnx.to_flat_state(state):
         name, _, transform = plan[path]
+        scale_path = path[:-1] + (f"{path[-1]}_scale",)
+        if scale_path in quantised:
+            q = _read_quantized(source, name, fmt, transform)
+            for p, host in ((path, q.values), (scale_path, q.scale)):
+                arr = jax.device_put(np.ascontiguousarray(host), sharding_for(p, host.shape, mesh))
+                flat.append((p, quantised[p].replace(arr)))
+            del q
+            continue
         host = transform(source.get(name, dtype=np_dtype))
         arr = jax.device_put(np.ascontiguousarray(host), sharding_for(path, host.shape, mesh))
         del host
@@ -123,12 +143,52 @@ def load_weights(
     return model
 
 
+_EXPERT_BLOCK = 8  # experts quantised per host step (bounds host memory to a block in float32)
+
+
+def _read_quantized(source: TensorSource, name: str, fmt: str, transform: Transform,
+                    rows: tuple[int, int] | None = None) -> quant.QArray:
+    """One weight as a host QArray in our layout: the checkpoint's FP8 bytes and scales when it has them and `fmt` is
+    "fp8", else read in float32 and quantised (stacked experts in blocks of `_EXPERT_BLOCK`). `rows` (experts only)
+    reads that range of experts."""
+    stored = source.get_fp8(name, rows) if fmt == "fp8" and hasattr(source, "get_fp8") else None
+    if stored is not None:
+        values, grid = stored
+        values = transform(values)
+        grid = grid.reshape((1,) * values.ndim) if grid.ndim == 0 else transform(grid)
+        if grid.ndim == 3 and grid.shape[0] == 1 and values.shape[0] > 1:  # one scale for all experts
+            grid = np.repeat(grid, values.shape[0], axis=0)
+        if len(grid.shape) != values.ndim or any(d % g for d, g in zip(values.shape, grid.shape)):
+            raise CheckpointError(f"{name}: scale grid {list(grid.shape)} does not tile the weight {list(values.shape)}")
+        return quant.QArray(values, np.ascontiguousarray(grid, np.float32))
+    shape = source.shape(name)
+    if len(shape) != 3 or not hasattr(source, "get_fp8"):  # dense (or a plain source): one tensor
+        return quant.quantize(transform(source.get(name, dtype=np.float32)), fmt)
+    start, stop = rows or (0, shape[0])
+    parts = []
+    for e0 in range(start, stop, _EXPERT_BLOCK):
+        block = (e0, min(stop, e0 + _EXPERT_BLOCK))
+        parts.append(quant.quantize(transform(source.get(name, dtype=np.float32, rows=block)), fmt))
+    return quant.QArray(np.concatenate([p.values for p in parts]), np.concatenate([p.scale for p in parts]))
+
+
+def default_quantize(source) -> str | None:
+    """"fp8" when the checkpoint stores its projection weights in FP8 (they then stay FP8), else None."""
+    if not hasattr(source, "stored_dtype"):
+        return None
+    for name in source.names():
+        if name.endswith("q_a_proj.weight") or name.endswith("o_proj.weight") or name.endswith("experts.down_proj"):
+            return "fp8" if source.stored_dtype(name).startswith("F8") else None
+    return None
+
+
 def from_pretrained(
     path: str | os.PathLike,
     dtype="bfloat16",
     mesh: Mesh | None = None,
     *,
     config: Small4Config | None = None,
+    quantize: str | None = None,
 ) -> Small4ForCausalLM:
     """Load an HF (`config.json` + safetensors) or Mistral-native (`params.json` + consolidated) directory, or a
     sharded Orbax checkpoint written by `python -m small4_jax.convert`.
@@ -136,6 +196,12 @@ def from_pretrained(
     dtype is the parameter dtype ("bfloat16", "float32", ...), or "auto": float32 for a float32 checkpoint and
     bfloat16 otherwise (FP8 and bf16 checkpoints). With a mesh, every parameter is placed with its sharding from
     `small4_jax.sharding` as it is read. `config` replaces the directory's config (e.g. to pick `moe_impl`).
+
+    quantize: the weight format of the linears and routed experts in memory and in compute (`small4_jax.quant`):
+    "fp8" (e4m3, per-tensor / per-expert scales: an FP8 checkpoint's own bytes and scales, kept), "int8" (per output
+    channel), "int4" (groups of 128 along the input, two per byte), or "none" (dequantised to `dtype`). None, the
+    default, keeps an FP8 checkpoint in FP8 and loads anything else unquantised. Embeddings, lm_head, norms and
+    the router are never quantised.
     """
     from small4_jax import sharded_ckpt
     from small4_jax.safetensors_io import CheckpointReader
@@ -144,14 +210,17 @@ def from_pretrained(
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
     if sharded_ckpt.is_sharded_checkpoint(path):  # written by `python -m small4_jax.convert`
-        return sharded_ckpt.load_model(path, dtype=dtype, mesh=mesh, config=config)
+        return sharded_ckpt.load_model(path, dtype=dtype, mesh=mesh, config=config, quantize=quantize)
     config = config or load_config(path)
+    quant.check_format(quantize)
     reader = CheckpointReader(path, vision=config.vision is not None)
+    if quantize is None:
+        quantize = default_quantize(reader)
     if dtype == "auto":
         stored = reader.stored_dtype("embed_tokens.weight") if "embed_tokens.weight" in reader else "BF16"
         dtype = "float32" if stored in ("F32", "F64") else "bfloat16"
     try:
-        return load_weights(config, reader, dtype=dtype, mesh=mesh, where=str(path))
+        return load_weights(config, reader, dtype=dtype, mesh=mesh, where=str(path), quantize=quantize)
     finally:
         reader.close()
 

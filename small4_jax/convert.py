@@ -32,8 +32,15 @@ from small4_jax.errors import CheckpointError, Small4Error
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp8": "fp8", "f32": "float32", "float32": "float32"}
 
 
-def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf16", progress=sys.stderr) -> Path:
-    """Convert `src` into the sharded checkpoint `out`; returns `out`. Resumes an interrupted run of the same job."""
+def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf16", progress=sys.stderr,
+            quantize: str | None = None) -> Path:
+    """Convert `src` into the sharded checkpoint `out`; returns `out`. Resumes an interrupted run of the same job.
+
+    With `quantize` ("fp8", "int8", "int4"; `small4_jax.quant`) the linears and experts are written in that format,
+    values and scale grids as the quantised model holds them (an FP8 source's own bytes and scales for "fp8"), so
+    `from_pretrained` restores them without requantising; the other parameters are stored in `dtype`."""
+    if quantize is not None:
+        return _convert_quantized(src, out, dtype=dtype, progress=progress, fmt=quantize)
     from flax import nnx
 
     from small4_jax import sharded_ckpt as sc
@@ -118,6 +125,77 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
     return out
 
 
+def _convert_quantized(src, out, *, dtype: str, progress, fmt: str) -> Path:
+    from flax import nnx
+
+    from small4_jax import quant
+    from small4_jax import sharded_ckpt as sc
+    from small4_jax.checkpoint import _read_quantized, checkpoint_plan, verify_source
+    from small4_jax.config import load_config
+    from small4_jax.model import abstract_model
+    from small4_jax.safetensors_io import CheckpointReader
+
+    fmt = quant.check_format(fmt, "--quantize")
+    if fmt is None or DTYPES.get(dtype) not in ("bfloat16", "float32"):
+        raise CheckpointError(f"--quantize {fmt} stores the unquantised parameters in bf16 or f32, not {dtype!r}")
+    storage = DTYPES[dtype]
+    src, out = Path(src), Path(out)
+    if out.exists():
+        raise CheckpointError(f"{out}: exists; remove it first or choose another --to")
+    config = load_config(src)
+    reader = CheckpointReader(src)
+    _, state = nnx.split(abstract_model(config, dtype="float32"))
+    plan = checkpoint_plan(state)
+    verify_source(config, plan, reader, str(src))
+    _, qstate = nnx.split(abstract_model(config, dtype=storage, quantize=fmt))
+    qshapes = {p: (tuple(v.shape), v.dtype) for p, v in nnx.to_flat_state(qstate)}
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    sc._atomic_write(partial / sc.CONFIG_FILE, json.dumps(config.to_dict(), indent=1))
+    writer = sc.Writer(partial)
+    out_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[storage]
+    tree_shapes = {}
+    for i, (path, (name, _, transform)) in enumerate(plan.items()):
+        key = sc.param_key(path)
+        scale_path = path[:-1] + (f"{path[-1]}_scale",)
+        if scale_path not in qshapes:
+            arr = transform(reader.get(name, dtype=out_dtype))
+            writer.write(("params",) + key, arr)
+            tree_shapes[("params",) + key] = arr.shape
+            continue
+        skey = sc.param_key(scale_path)
+        if len(qshapes[path][0]) == 3:  # experts: a block at a time, values and scales row by row
+            e = qshapes[path][0][0]
+            q = _read_quantized(reader, name, fmt, transform, rows=(0, min(e, 8)))
+            vstore = writer.create(("params",) + key, qshapes[path][0][:1] + q.values.shape[1:], q.values.dtype)
+            sstore = writer.create(("params",) + skey, (e,) + q.scale.shape[1:], np.float32)
+            for e0 in range(0, e, 8):
+                if e0:
+                    q = _read_quantized(reader, name, fmt, transform, rows=(e0, min(e, e0 + 8)))
+                writer.write_rows(vstore, q.values, e0)
+                writer.write_rows(sstore, q.scale, e0)
+                _release_freed_memory()
+            tree_shapes[("params",) + key] = qshapes[path][0][:1] + q.values.shape[1:]
+            tree_shapes[("params",) + skey] = (e,) + q.scale.shape[1:]
+        else:
+            q = _read_quantized(reader, name, fmt, transform)
+            writer.write(("params",) + key, q.values)
+            writer.write(("params",) + skey, q.scale)
+            tree_shapes[("params",) + key], tree_shapes[("params",) + skey] = q.values.shape, q.scale.shape
+        if progress is not None:
+            print(f"\r[{i + 1}/{len(plan)}] {name:<60}", end="", file=progress, flush=True)
+    reader.close()
+    if progress is not None:
+        print(file=progress)
+    sc.write_metadata(partial, tree_shapes)
+    scale_shapes = {".".join(k[1:]): list(v) for k, v in tree_shapes.items() if k[-1].endswith("_scale")}
+    sc._atomic_write(partial / sc.FORMAT_FILE, json.dumps({"dtype": storage, "quantize": fmt, "scale_shapes":
+                                                           scale_shapes, "source": str(src.resolve())}))
+    os.replace(partial, out)
+    return out
+
+
 def _release_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc keeps them, and TensorStore's threads fragment the heap: without
     this, resident memory grows by a fraction of every tensor written)."""
@@ -153,10 +231,12 @@ def main(argv=None) -> int:
     p.add_argument("--from", dest="src", required=True, help="HF or Mistral-native checkpoint directory")
     p.add_argument("--to", dest="out", required=True, help="output directory (built in OUT.partial, then renamed)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp8", "f32"], help="storage dtype (default bf16)")
+    p.add_argument("--quantize", choices=["fp8", "int8", "int4"], default=None,
+                   help="store linears and experts quantised (small4_jax.quant; loads without requantising)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     try:
-        out = convert(a.src, a.out, dtype=a.dtype, progress=None if a.quiet else sys.stderr)
+        out = convert(a.src, a.out, dtype=a.dtype, progress=None if a.quiet else sys.stderr, quantize=a.quantize)
     except Small4Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

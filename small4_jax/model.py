@@ -133,7 +133,26 @@ class Experts(nnx.Module):
         init = nnx.initializers.normal(config.initializer_range)
         self.gate_up = nnx.Param(init(rngs.params(), (e, h, 2 * f), _dtype(dtype)))
         self.down = nnx.Param(init(rngs.params(), (e, f, h), _dtype(dtype)))
+        # set by quantize(): gate_up / down then hold quant.QArray values, these their scale grids
+        self.gate_up_scale, self.down_scale = nnx.data(None), nnx.data(None)
         self.lora = None
+
+    def quantize(self, fmt: str) -> None:
+        """Quantise the stacked weights in place (quant.py formats; fp8 gets one scale per expert)."""
+        from small4_jax import quant
+
+        for name in ("gate_up", "down"):
+            q = quant.quantize(getattr(self, name)[...], fmt)
+            setattr(self, name, nnx.Param(q.values))
+            setattr(self, name + "_scale", nnx.Param(q.scale))
+
+    def weights(self):
+        """(gate_up, down): float arrays, or `quant.QArray`s (values + scales) for a quantised model."""
+        if self.gate_up_scale is None:
+            return self.gate_up[...], self.down[...]
+        from small4_jax.quant import QArray
+
+        return QArray(self.gate_up[...], self.gate_up_scale[...]), QArray(self.down[...], self.down_scale[...])
 
 
 class MoE(nnx.Module):
@@ -168,8 +187,9 @@ class MoE(nnx.Module):
             routed_scaling_factor=c.routed_scaling_factor,
         )
         lora = None if self.experts.lora is None else self.experts.lora.weights()
+        gate_up, down = self.experts.weights()
         y = routed_experts(
-            flat, ids, weights, self.experts.gate_up[...], self.experts.down[...], act=self.act, impl=c.moe_impl,
+            flat, ids, weights, gate_up, down, act=self.act, impl=c.moe_impl,
             lora=lora, mesh="auto", strategy=c.moe_strategy, a2a_min_tokens=c.moe_a2a_min_tokens,
         )
         y = y.reshape(shape)
@@ -460,14 +480,19 @@ def chunked_cross_entropy(head: nnx.Module, h: jax.Array, targets, weights, chun
     return total, jnp.sum(weights)
 
 
-def init_model(config: Small4Config, *, seed: int = 0, dtype="float32"):
-    """A randomly initialised model (weights from `seed`)."""
-    return Small4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed))
+def init_model(config: Small4Config, *, seed: int = 0, dtype="float32", quantize: str | None = None):
+    """A randomly initialised model (weights from `seed`), its linears and experts quantised when `quantize` is
+    "fp8", "int8" or "int4" (quant.py)."""
+    from small4_jax.quant import quantize_model
+
+    return quantize_model(Small4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed)), quantize)
 
 
-def abstract_model(config: Small4Config, *, dtype="float32"):
+def abstract_model(config: Small4Config, *, dtype="float32", quantize: str | None = None):
     """The model with shape-only parameters (no memory, no FLOPs): what a checkpoint is loaded into."""
-    return nnx.eval_shape(lambda: Small4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    from small4_jax.quant import quantize_model
+
+    return nnx.eval_shape(lambda: quantize_model(Small4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)), quantize))
 
 
 def param_count(config: Small4Config) -> int:

@@ -48,7 +48,8 @@ import jax.numpy as jnp
 
 from small4_jax import kernels, platform
 from small4_jax.kernels.gmm import pallas_triton
-from small4_jax.sharding import MoELayout, mesh_of, moe_layout
+from small4_jax.quant import QArray, dequantize
+from small4_jax.sharding import MoELayout, mesh_of, moe_layout, scale_spec
 
 IMPLS = ("pallas", "ragged_dot", "dense")
 STRATEGIES = ("auto", "replicated", "all_to_all", "none")
@@ -289,7 +290,8 @@ def routed_experts(
 ) -> jax.Array:
     """Mixture of routed SwiGLU experts.
 
-    x [N, H]; expert_ids, expert_weights [N, k]; gate_up [E, H, 2F] (gate columns first, then up); down [E, F, H].
+    x [N, H]; expert_ids, expert_weights [N, k]; gate_up [E, H, 2F] (gate columns first, then up); down [E, F, H],
+    each a float array or a `quant.QArray` (quantised values + scales, dequantised tile by tile by the kernel).
     Returns sum_k w_k * down_e(act(x gate_e) * (x up_e)) as [N, H] in x.dtype. With `lora`, each expert's weights
     are W_e + scale * A_e B_e, computed as extra grouped matmuls over the same sorted rows (never merged).
     With `mesh` (a mesh with an `expert` axis, or "auto": the one gate_up lives on, `sharding.mesh_of`) the experts
@@ -298,8 +300,8 @@ def routed_experts(
     if isinstance(mesh, str):
         if mesh != "auto":
             raise ValueError(f"mesh must be a Mesh, 'auto' or None; got {mesh!r}")
-        mesh = mesh_of(gate_up)
-    impl = resolve_impl(impl, mesh, gate_up, x)
+        mesh = mesh_of(gate_up.values if isinstance(gate_up, QArray) else gate_up)
+    impl = resolve_impl(impl, mesh, gate_up.values if isinstance(gate_up, QArray) else gate_up, x)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown moe strategy {strategy!r}; expected one of {STRATEGIES}")
     layout = None
@@ -320,6 +322,8 @@ def routed_experts(
 def _dense_experts(x, expert_ids, expert_weights, gate_up, down, act, lora=None):
     """Every expert on every token, combined by one-hot routing weights: O(E) work, for reference."""
     num_experts = gate_up.shape[0]
+    if isinstance(gate_up, QArray):  # dequantise-then-compute: the definition the quantised kernels meet
+        gate_up, down = dequantize(gate_up, jnp.float32), dequantize(down, jnp.float32)
     if lora is not None:  # merged weights: fine for a reference
         gate_up = gate_up + lora.scale * jnp.einsum("ehr,erf->ehf", lora.gate_up_a, lora.gate_up_b)
         down = down + lora.scale * jnp.einsum("efr,erh->efh", lora.down_a, lora.down_b)
@@ -345,7 +349,8 @@ def _expert_parallel(x, expert_ids, expert_weights, gate_up, down, *, layout: Mo
         expert_ids = jnp.pad(expert_ids, ((0, pad), (0, 0)))
         expert_weights = jnp.pad(expert_weights, ((0, pad), (0, 0)))
     lora_arrays = None if lora is None else tuple(lora[:4])
-    key = (layout, all_to_all, gate_up.shape[0], act, impl, None if lora is None else lora.scale)
+    weight_specs = (_weight_spec(layout.gate_up_spec, gate_up), _weight_spec(layout.down_spec, down))
+    key = (layout, all_to_all, gate_up.shape[0], act, impl, None if lora is None else lora.scale, weight_specs)
     try:
         fn = _expert_parallel_fn(*key)
     except TypeError:  # an unhashable key (e.g. an array LoRA scale): build it uncached
@@ -354,8 +359,15 @@ def _expert_parallel(x, expert_ids, expert_weights, gate_up, down, *, layout: Mo
     return out[:n] if pad else out
 
 
+def _weight_spec(spec, w):
+    """The shard_map spec of an expert weight: its layout spec, or for a QArray that spec for the values and the
+    matching scale spec (quantised weights and their scales are sharded together, `sharding.scale_spec`)."""
+    return QArray(spec, scale_spec(spec, w.scale.shape)) if isinstance(w, QArray) else spec
+
+
 @functools.lru_cache(maxsize=256)
-def _expert_parallel_fn(layout: MoELayout, all_to_all: bool, num_experts: int, act, impl: str, lora_scale):
+def _expert_parallel_fn(layout: MoELayout, all_to_all: bool, num_experts: int, act, impl: str, lora_scale,
+                        weight_specs=None):
     """The jitted shard_map of one configuration, cached so that eager calls do not retrace and recompile."""
     tokens = layout.token_spec(all_to_all)
     lora_specs = None if lora_scale is None else layout.lora_specs
@@ -366,7 +378,7 @@ def _expert_parallel_fn(layout: MoELayout, all_to_all: bool, num_experts: int, a
     return jax.jit(jax.shard_map(
         body,
         mesh=layout.mesh,
-        in_specs=(tokens, tokens, tokens, layout.gate_up_spec, layout.down_spec, lora_specs),
+        in_specs=(tokens, tokens, tokens, *(weight_specs or (layout.gate_up_spec, layout.down_spec)), lora_specs),
         out_specs=tokens,
         check_vma=False,
     ))

@@ -484,6 +484,40 @@ class CheckpointReader:
                 row += src.shape[0]
         return out
 
+    def get_fp8(self, name: str, rows: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """(the stored FP8 values of `name`, unconverted, and its float32 scale grid), or None when `name` is not
+        stored in FP8 with scales. The grid is in the canonical orientation: shape () for one scale, (E, 1, 1) per
+        expert, (E, parts, 1) for native experts fused from parts with a scale each (w1 | w3), or a block grid. No
+        float copy of the weight is made (quantised compute, small4_jax.quant)."""
+        entry = self._entry(name)
+        srcs = [src for parts in entry.parts for src in parts]
+        if not all(src.tensor.dtype in _FP8_DTYPES and src.scale is not None for src in srcs):
+            return None
+        if len({src.tensor.dtype for src in srcs}) != 1:
+            return None
+        start, stop = (0, entry.shape[0]) if rows is None else rows
+        shape = entry.shape if rows is None else (stop - start,) + entry.shape[1:]
+        out = np.empty(shape, dtype=srcs[0].tensor.np_dtype)
+        if not entry.fused:
+            self._fill(_Source(srcs[0].tensor), out, start)
+            grid = self._read_scale(srcs[0])
+            if rows is not None and grid.ndim == 3:  # per expert (or per expert block): this range's scales
+                grid = grid[start:stop]
+            return out, grid
+        grid = np.empty((stop - start, len(entry.parts[0]), 1), np.float32)
+        for e in range(start, stop):
+            row = 0
+            for p, src in enumerate(entry.parts[e]):
+                scale = self._read_scale(src)
+                if scale.ndim:  # block scales inside a fused part: not representable as one grid here
+                    return None
+                self._fill(_Source(src.tensor), out[e - start, row:row + src.shape[0]])
+                grid[e - start, p, 0] = scale
+                row += src.shape[0]
+        if len({src.shape[0] for src in entry.parts[0]}) != 1:
+            return None  # parts of unequal height do not form a grid
+        return out, grid
+
     def close(self) -> None:
         self._pool.close()
 

@@ -171,9 +171,17 @@ def save_model(model: Small4ForCausalLM, path: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading.
 def load_model(path: str | os.PathLike, *, dtype="bfloat16", mesh: Mesh | None = None,
-               config: Small4Config | None = None) -> Small4ForCausalLM:
-    """Restore a sharded checkpoint onto `mesh` (any shape: each device reads only its shard)."""
+               config: Small4Config | None = None, quantize: str | None = None) -> Small4ForCausalLM:
+    """Restore a sharded checkpoint onto `mesh` (any shape: each device reads only its shard).
+
+    A checkpoint converted with `--quantize F` (format file {"quantize": F}) restores its quantised values and scales
+    as they are (no requantisation); `quantize` must then be None or F. FP8 storage (`--dtype fp8`) stays FP8 by
+    default (its per-tensor / per-expert scales become the model's scale grids) or is dequantised with
+    quantize="none". A float checkpoint cannot be quantised here: convert it with `--quantize`.
+    """
     import orbax.checkpoint as ocp
+
+    from small4_jax import quant
 
     path = Path(path).resolve()
     if not (path / FORMAT_FILE).is_file():
@@ -183,6 +191,20 @@ def load_model(path: str | os.PathLike, *, dtype="bfloat16", mesh: Mesh | None =
     config = config or stored_config
     if dtype == "auto":
         dtype = "float32" if fmt.get("dtype") == "float32" else "bfloat16"
+    asked = quant.check_format(quantize)
+    stored = fmt.get("quantize")
+    if stored is not None:
+        if quantize is not None and asked != stored:
+            raise CheckpointError(f"{path}: holds {stored} weights; it loads as {stored} (quantize=None), not as "
+                                  f"{quantize!r}: convert the original checkpoint again for another format")
+        return _load_quantized(path, config, dtype, mesh, stored, fmt.get("scale_shapes", {}))
+    if fmt.get("dtype") == "fp8" and quantize is None:
+        return _load_fp8_kept(path, config, dtype, mesh)
+    if asked is not None and not (asked == "fp8" and fmt.get("dtype") == "fp8"):
+        raise CheckpointError(f"{path}: stores {fmt.get('dtype')} weights; to serve them as {asked}, convert the "
+                              f"original checkpoint with `python -m small4_jax.convert --quantize {asked}`")
+    if asked == "fp8":
+        return _load_fp8_kept(path, config, dtype, mesh)
     graphdef, state = nnx.split(abstract_model(config, dtype=dtype))
     flat = list(nnx.to_flat_state(state))
     fp8 = fmt.get("dtype") == "fp8"
@@ -206,6 +228,57 @@ def load_model(path: str | os.PathLike, *, dtype="bfloat16", mesh: Mesh | None =
         arr = _get(restored["params"], param_key(p))
         if p in quantised:
             arr = _dequantize(arr, _get(restored["fp8_scales"], param_key(p)), jnp.dtype(v.dtype))
+        new_flat.append((p, v.replace(arr)))
+    return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
+
+
+def _restore(path: Path, abstract: dict) -> dict:
+    import orbax.checkpoint as ocp
+
+    try:
+        return ocp.StandardCheckpointer().restore(path, abstract)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"{path}: cannot restore the sharded checkpoint ({e})") from None
+
+
+def _load_quantized(path: Path, config: Small4Config, dtype, mesh: Mesh | None, fmt: str,
+                    scale_shapes: dict) -> Small4ForCausalLM:
+    """The model's own quantised state (values and `*_scale` grids, whose stored shapes the format file lists: an
+    FP8 source's grid may be finer than the default one), each array restored onto its sharding."""
+    graphdef, state = nnx.split(abstract_model(config, dtype=dtype, quantize=fmt))
+    flat = list(nnx.to_flat_state(state))
+    params: dict = {}
+    for p, v in flat:
+        shape = tuple(scale_shapes.get(".".join(param_key(p)), v.shape))
+        _nest(params, param_key(p), jax.ShapeDtypeStruct(shape, v.dtype, sharding=sharding_for(p, shape, mesh)))
+    restored = _restore(path, {"params": params})
+    return nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(_get(restored["params"], param_key(p))))
+                                                    for p, v in flat]))
+
+
+def _load_fp8_kept(path: Path, config: Small4Config, dtype, mesh: Mesh | None) -> Small4ForCausalLM:
+    """FP8 storage into an fp8 model: the stored bytes, and the stored scale as the [1, 1] / [E, 1, 1] grid."""
+    graphdef, state = nnx.split(abstract_model(config, dtype=dtype, quantize="fp8"))
+    flat = list(nnx.to_flat_state(state))
+    by_path = dict(flat)
+    params, scales = {}, {}
+    for p, v in flat:
+        leaf = str(p[-1])
+        if leaf.endswith("_scale"):
+            weight = p[:-1] + (leaf[: -len("_scale")],)
+            shape = (v.shape[0], 1, 1) if _is_experts(p) else ()
+            _nest(scales, param_key(weight), jax.ShapeDtypeStruct(shape, jnp.float32, sharding=_replicated(mesh)))
+            continue
+        _nest(params, param_key(p), jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_for(p, v.shape, mesh)))
+    restored = _restore(path, {"params": params, "fp8_scales": scales})
+    new_flat = []
+    for p, v in flat:
+        leaf = str(p[-1])
+        if leaf.endswith("_scale"):
+            weight = p[:-1] + (leaf[: -len("_scale")],)
+            arr = _get(restored["fp8_scales"], param_key(weight)).reshape(by_path[p].shape)
+        else:
+            arr = _get(restored["params"], param_key(p))
         new_flat.append((p, v.replace(arr)))
     return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
 

@@ -37,6 +37,8 @@ def param_axes(path: Sequence, ndim: int) -> tuple[str | None, ...]:
     names = [str(p) for p in path]
     leaf = names[-1]
     parent = names[-2] if len(names) > 1 else ""
+    if leaf.endswith("_scale"):  # a quantised weight's scale grid: the axes of its weight (quant.py)
+        leaf = leaf[: -len("_scale")]
     if parent == "experts" and leaf == "gate_up":
         return ("experts", None, "expert_mlp")
     if parent == "experts" and leaf == "down":
@@ -50,6 +52,14 @@ def param_axes(path: Sequence, ndim: int) -> tuple[str | None, ...]:
     if leaf == "kernel" and parent in _ROW:
         return ("heads" if parent == "o_proj" else "mlp", None)
     return (None,) * ndim
+
+
+def scale_spec(values_spec: PartitionSpec, scale_shape: Sequence[int]) -> PartitionSpec:
+    """The spec of a quantised weight's scale grid (quant.py): its weight's mesh axes on the dims where the grid has
+    more than one block, replicated where it has one (a per-tensor or per-expert scale), so that every shard holds
+    the scales of exactly the weight blocks it holds."""
+    spec = tuple(values_spec) + (None,) * (len(scale_shape) - len(values_spec))
+    return PartitionSpec(*(a if d > 1 else None for a, d in zip(spec, scale_shape)))
 
 
 def spec_for(path: Sequence, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:

@@ -64,13 +64,17 @@ def test_orbax_restores_it_directly(source, tmp_path):
 def test_fp8_storage_dequantises_on_load(source, tmp_path):
     src, reference, _ = source
     out = convert(src, tmp_path / "fp8", dtype="fp8", progress=None)
-    model = small4_jax.from_pretrained(out, dtype="float32", mesh=make_mesh({"data": 2, "expert": 4, "tensor": 1}))
+    mesh = make_mesh({"data": 2, "expert": 4, "tensor": 1})
+    model = small4_jax.from_pretrained(out, dtype="float32", mesh=mesh, quantize="none")
+    kept = _params(small4_jax.from_pretrained(out, dtype="float32", mesh=mesh))  # default: FP8 storage stays FP8
     got, want = _params(model), _params(reference)
     for key, w in want.items():
         if key[-1] == "kernel" and key[-2] != "lm_head" or key[-2] == "experts":
             q, scale = sharded_ckpt.quantize_fp8(w, per_expert=key[-2] == "experts")
             assert q.dtype == ml_dtypes.float8_e4m3fn
             np.testing.assert_array_equal(got[key], q.astype(np.float32) * scale, err_msg=str(key))
+            np.testing.assert_array_equal(kept[key], q.astype(np.float32), err_msg=str(key))
+            np.testing.assert_array_equal(kept[key[:-1] + (key[-1] + "_scale",)].reshape(scale.shape), scale)
         else:  # embeddings, head, norms and router stay bf16
             np.testing.assert_array_equal(got[key], w.astype(ml_dtypes.bfloat16).astype(np.float32))
     assert json.loads((out / "small4_format.json").read_text())["dtype"] == "fp8"

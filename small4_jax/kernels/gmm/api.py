@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from small4_jax.kernels.gmm import pallas_triton
+from small4_jax.kernels.gmm import pallas_triton, quant_triton
+from small4_jax.kernels.gmm.reference import gmm_quant_reference, gmm_reference, tgmm_reference
 from small4_jax.platform import on_gpu
-from small4_jax.kernels.gmm.reference import gmm_reference, tgmm_reference
 from small4_jax.kernels.gmm.tiling import GmmTiling, gmm_tiling, tgmm_tiling
 
 BACKENDS = ("pallas", "ragged_dot", "reference")
@@ -73,7 +73,17 @@ def gmm(
     lhs [M, K]; rhs [G_local, K, N] ([G_local, N, K] with transpose_rhs) holding groups group_offset...;
     group_sizes [G] int (G >= G_local, a traced array: no host sync). Output [M, N] in preferred_element_type
     (default lhs.dtype), accumulated in float32. rhs is cast to lhs.dtype.
+
+    rhs may be a `small4_jax.quant.QArray` (fp8 / int8 / int4 values + scale grid): the "pallas" backend then
+    dequantises tiles in the kernel (`quant_triton.py`, differentiable in lhs only: the base of QLoRA is frozen);
+    "ragged_dot" dequantises the window's weights in lhs.dtype first (XLA; a float copy of the layer's experts) and
+    "reference" is `gmm_quant_reference`.
     """
+    from small4_jax.quant import QArray
+
+    if isinstance(rhs, QArray):
+        return _gmm_quant(lhs, rhs, group_sizes, group_offset, transpose_rhs, preferred_element_type, backend,
+                          tiling, interpret)
     _check(lhs, rhs, group_sizes, transpose_rhs)
     group_sizes = group_sizes.astype(jnp.int32)
     window = group_offset is not None or rhs.shape[0] != group_sizes.shape[0]
@@ -130,6 +140,63 @@ def tgmm(
         raise ValueError(f"unknown tgmm backend {backend!r}; expected one of {BACKENDS}")
     return _tgmm_pallas(lhs, rhs, group_sizes, group_offset, num_groups, tiling,
                         default_interpret(lhs, rhs) if interpret is None else interpret, out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Quantised weights.
+def _gmm_quant(lhs, rhs, group_sizes, group_offset, transpose_rhs, preferred_element_type, backend, tiling, interpret):
+    from small4_jax.quant import column_scale, dequantize
+
+    _check(lhs, jax.ShapeDtypeStruct(rhs.shape, jnp.float32), group_sizes, transpose_rhs)
+    group_sizes = group_sizes.astype(jnp.int32)
+    window = group_offset is not None or rhs.shape[0] != group_sizes.shape[0]
+    group_offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)
+    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    if backend == "reference":
+        return gmm_quant_reference(lhs, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs,
+                                   preferred_element_type=out_dtype)
+    if backend == "ragged_dot":
+        w = dequantize(rhs, jnp.float32).astype(lhs.dtype)
+        return _ragged_dot_gmm(lhs, w, group_sizes, group_offset, window, transpose_rhs, out_dtype)
+    if backend != "pallas":
+        raise ValueError(f"unknown gmm backend {backend!r}; expected one of {BACKENDS}")
+    cfg = _Config(tiling, default_interpret(lhs, rhs.values) if interpret is None else bool(interpret), transpose_rhs,
+                  out_dtype, rhs.shape[0], jnp.dtype(lhs.dtype))
+    return _gmm_quant_vjp(cfg, lhs, rhs.values, column_scale(rhs), group_sizes, group_offset)
+
+
+def _gmm_quant_pallas(cfg: _Config, lhs, values, scale, group_sizes, group_offset):
+    m, k = lhs.shape
+    packed = jnp.dtype(values.dtype) == jnp.uint8
+    kw, nw = values.shape[1] * (2 if packed else 1), values.shape[2]
+    n = kw if cfg.transpose_rhs else nw
+    tiling = cfg.tiling or gmm_tiling(m, k, n, values.shape[0], lhs.dtype)
+    return quant_triton.gmm_quant_pallas(lhs, values, scale, group_sizes, group_offset, tiling=tiling,
+                                         transpose_rhs=cfg.transpose_rhs, out_dtype=cfg.out_dtype,
+                                         interpret=cfg.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gmm_quant_vjp(cfg, lhs, values, scale, group_sizes, group_offset):
+    return _gmm_quant_pallas(cfg, lhs, values, scale, group_sizes, group_offset)
+
+
+def _gmm_quant_fwd(cfg, lhs, values, scale, group_sizes, group_offset):
+    return _gmm_quant_pallas(cfg, lhs, values, scale, group_sizes, group_offset), (values, scale, group_sizes,
+                                                                                    group_offset)
+
+
+def _gmm_quant_bwd(cfg, residuals, dy):
+    """dlhs = dy @ W^T from the same quantised bytes; no gradient for the frozen quantised weights or scales."""
+    values, scale, group_sizes, group_offset = residuals
+    dcfg = cfg._replace(transpose_rhs=not cfg.transpose_rhs, out_dtype=cfg.dtype)
+    dlhs = _gmm_quant_pallas(dcfg, dy.astype(cfg.dtype), values, scale, group_sizes, group_offset)
+    zero = jax.tree.map(lambda v: jnp.zeros(v.shape, jax.dtypes.float0) if not jnp.issubdtype(v.dtype, jnp.floating)
+                        else jnp.zeros_like(v), (values, scale, group_sizes, group_offset))
+    return (dlhs, *zero)
+
+
+_gmm_quant_vjp.defvjp(_gmm_quant_fwd, _gmm_quant_bwd)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

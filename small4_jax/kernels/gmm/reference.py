@@ -67,3 +67,13 @@ def tgmm_reference(
     out = jnp.einsum("gmk,mn->gkn", masked, rhs.astype(lhs.dtype), preferred_element_type=jnp.float32,
                      precision=_precision(lhs.dtype))
     return out.astype(out_dtype)
+
+
+def gmm_quant_reference(lhs: jax.Array, rhs, group_sizes: jax.Array, group_offset=0, *, transpose_rhs: bool = False,
+                        preferred_element_type=None) -> jax.Array:
+    """`gmm_reference` on quantised weights (`small4_jax.quant.QArray` [G, K, N]): dequantise in float32, then the
+    weights are cast to lhs.dtype exactly as the kernel casts each dequantised tile."""
+    from small4_jax.quant import dequantize
+
+    return gmm_reference(lhs, dequantize(rhs, jnp.float32).astype(lhs.dtype), group_sizes, group_offset,
+                         transpose_rhs=transpose_rhs, preferred_element_type=preferred_element_type)

@@ -1,0 +1,295 @@
+"""Quantised weights: fp8 e4m3 (checkpoint scales kept), int8 per output channel, int4 in groups of 128 along K.
+
+One representation, `QArray(values, scale)`, for a dense kernel [K, N] and for stacked experts [E, K, N]:
+
+    values  fp8 e4m3   [..., K, N]      the checkpoint's bytes, never widened on host or device
+            int8       [..., K, N]      q = round(w / s), |q| <= 127
+            uint8      [..., K/2, N]    int4 packed two per byte (below), q in [-7, 7] stored as q + 8
+    scale   float32    [..., Kb, Nb]    a block grid: the block of rows K/Kb x columns N/Nb shares scale[kb, nb]
+
+    W[..., k, n] = q[..., k, n] * scale[..., k // (K/Kb), n // (N/Nb)]
+
+So fp8 per tensor is a [1, 1] grid ([E, 1, 1] per expert, the release's `weight_scale_inv`), a Mistral-native fused
+gate_up whose w1 and w3 carry separate scales is [E, 1, 2] (one per half), int8 per channel is [1, N], int4 with
+group g is [K/g, N], and a block-quantised FP8 checkpoint is its own grid. The format is known from the values'
+dtype alone (`format_of`); the group size from the shapes.
+
+int4 packing: within each group of g rows along K, byte row j (0 <= j < g/2) holds row j in its low nibble and row
+j + g/2 in its high nibble. A kernel tile of rows that lies in one half of one group therefore reads contiguous
+bytes and one nibble (`gmm_quant` in kernels/gmm), and no interleave is needed.
+
+Which weights: every projection of attention, the dense and shared MLPs and the routed experts. Never the
+embeddings, lm_head, norms or router (ARCHITECTURE.md §4; the vision tower is not part of the text model).
+
+Why our own layer and not qwix: qwix quantises by intercepting `dot_general` / `ragged_dot` calls of a float model
+(PTQ from materialised float weights), its kernels are TPU (Mosaic) ones, and its ragged_dot is XLA's; keeping the
+checkpoint's fp8 bytes and scales, and feeding them to our own Triton grouped matmul, would mean converting to and
+from its QArray at every boundary. The format above is the same idea (values + a tiled scale) in one small file.
+
+Compute (`qdot`, dense linears): with one scale row (fp8 per tensor or per block column, int8 per channel) the
+product is (x @ q) * scale, the cast of q fused into the dot by XLA; otherwise (int4 groups, block grids) the weight
+is dequantised in the compute dtype and multiplied (XLA fuses the dequantisation into the dot's operand on GPUs).
+The routed experts go through `kernels.gmm` with the QArray itself (in-kernel dequantisation with the Pallas backend).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from small4_jax.errors import ConfigError
+
+FORMATS = ("fp8", "int8", "int4")
+INT4_GROUP = 128
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+_FP8 = jnp.dtype(jnp.float8_e4m3fn)
+
+# Modules whose linears are quantised (module names as in model.py); lm_head, embeddings, norms, router never.
+QUANTISED_LINEARS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+                     "gate_proj", "up_proj", "down_proj")
+
+
+def check_format(fmt: str | None, where: str = "quantize") -> str | None:
+    """None (no quantisation) or one of FORMATS; anything else is a ConfigError naming the choices."""
+    if fmt is None or fmt in ("none", "bf16", "bfloat16"):
+        return None
+    if fmt not in FORMATS:
+        raise ConfigError(f"{where} = {fmt!r}: expected one of {', '.join(FORMATS)} (or none)")
+    return fmt
+
+
+class QArray(NamedTuple):
+    """A quantised weight (module docstring). A pytree of two arrays; `shape` is the logical [..., K, N]."""
+
+    values: jax.Array
+    scale: jax.Array
+
+    @property
+    def format(self) -> str:
+        return format_of(self.values.dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return logical_shape(self.values.shape, self.values.dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.values.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(math.prod(self.values.shape) * jnp.dtype(self.values.dtype).itemsize
+                   + math.prod(self.scale.shape) * jnp.dtype(self.scale.dtype).itemsize)
+
+
+def format_of(dtype) -> str:
+    d = jnp.dtype(dtype)
+    if d == _FP8:
+        return "fp8"
+    if d == jnp.int8:
+        return "int8"
+    if d == jnp.uint8:
+        return "int4"
+    raise ValueError(f"not a quantised values dtype: {d}")
+
+
+def is_quantised_dtype(dtype) -> bool:
+    return jnp.dtype(dtype) in (_FP8, jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8))
+
+
+def logical_shape(shape, dtype) -> tuple[int, ...]:
+    """[..., K, N] of values stored with `shape` and `dtype` (int4 stores K/2 rows)."""
+    shape = tuple(shape)
+    if jnp.dtype(dtype) == jnp.uint8:
+        return shape[:-2] + (2 * shape[-2], shape[-1])
+    return shape
+
+
+def int4_group(k: int) -> int:
+    """The int4 group size along K: 128 when it divides K, else gcd(K, 128) (tiny test models); must be even."""
+    g = math.gcd(k, INT4_GROUP)
+    if g % 2:
+        raise ConfigError(f"int4 quantisation needs an even K (rows are packed in pairs within a group); K = {k}")
+    return g
+
+
+def stored_shapes(shape, fmt: str, experts: bool = False) -> tuple[tuple[int, ...], tuple[int, ...], np.dtype]:
+    """(values shape, scale shape, values dtype) of a float weight of logical `shape` [..., K, N] in `fmt`."""
+    *lead, k, n = shape
+    lead = tuple(lead)
+    if fmt == "fp8":
+        return shape, lead + (1, 1), _FP8
+    if fmt == "int8":
+        return shape, lead + (1, n), jnp.dtype(jnp.int8)
+    g = int4_group(k)
+    return lead + (k // 2, n), lead + (k // g, n), jnp.dtype(jnp.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Quantise (numpy on the host or jax on a device: the same code, `xp` is the array module).
+def _xp(x):
+    return np if isinstance(x, np.ndarray) else jnp
+
+
+def quantize(w, fmt: str) -> QArray:
+    """Quantise float w [..., K, N] (numpy or jax): fp8 per tensor (per leading index for stacked experts), int8 per
+    output channel, int4 per group of `int4_group(K)` rows. Returns a QArray of the same array kind."""
+    xp = _xp(w)
+    w = w.astype(xp.float32)
+    *lead, k, n = w.shape
+    if fmt == "fp8":
+        amax = xp.max(xp.abs(w), axis=(-2, -1), keepdims=True)
+        scale = xp.where(amax > 0, amax / FP8_MAX, 1.0).astype(xp.float32)
+        q = xp.clip(w / scale, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn if xp is np else _FP8)
+        return QArray(q, scale)
+    if fmt == "int8":
+        amax = xp.max(xp.abs(w), axis=-2, keepdims=True)  # [..., 1, N]
+        scale = xp.where(amax > 0, amax / 127.0, 1.0).astype(xp.float32)
+        return QArray(xp.clip(xp.round(w / scale), -127, 127).astype(xp.int8), scale)
+    if fmt != "int4":
+        raise ConfigError(f"quantize = {fmt!r}: expected one of {', '.join(FORMATS)}")
+    g = int4_group(k)
+    blocks = w.reshape(*lead, k // g, g, n)
+    amax = xp.max(xp.abs(blocks), axis=-2)  # [..., K/g, N]
+    scale = xp.where(amax > 0, amax / 7.0, 1.0).astype(xp.float32)
+    q = xp.clip(xp.round(blocks / scale[..., None, :]), -7, 7).astype(xp.int8) + 8  # [..., K/g, g, N] in [1, 15]
+    q = q.astype(xp.uint8)
+    packed = q[..., : g // 2, :] | (q[..., g // 2:, :] << 4)
+    return QArray(packed.reshape(*lead, k // 2, n), scale)
+
+
+def unpack_int4(packed, group: int):
+    """uint8 [..., K/2, N] -> int8 [..., K, N] in [-8, 7] (the layout of the module docstring)."""
+    xp = _xp(packed)
+    *lead, kh, n = packed.shape
+    blocks = packed.reshape(*lead, kh // (group // 2), group // 2, n)
+    lo = (blocks & 15).astype(xp.int8) - 8
+    hi = (blocks >> 4).astype(xp.int8) - 8
+    return xp.concatenate([lo, hi], axis=-2).reshape(*lead, 2 * kh, n)
+
+
+def int_values(q: QArray):
+    """The values as unpacked numbers [..., K, N] (fp8 / int8 as stored, int4 unpacked to int8)."""
+    if jnp.dtype(q.values.dtype) == jnp.uint8:
+        k = 2 * q.values.shape[-2]
+        return unpack_int4(q.values, k // q.scale.shape[-2])
+    return q.values
+
+
+def dequantize(q: QArray, dtype=jnp.float32):
+    """The float weight [..., K, N] in `dtype` (computed in float32): only for references, tests and export."""
+    xp = _xp(q.values)
+    v = int_values(q).astype(xp.float32)
+    *lead, k, n = v.shape
+    kb, nb = q.scale.shape[-2:]
+    s = q.scale.astype(xp.float32)
+    s = xp.broadcast_to(s, tuple(lead) + (kb, nb)) if s.ndim == v.ndim else s
+    w = v.reshape(*lead, kb, k // kb, nb, n // nb) * s.reshape(*lead, kb, 1, nb, 1)
+    return w.reshape(*lead, k, n).astype(dtype)
+
+
+def column_scale(q: QArray):
+    """The scale grid expanded along N: float32 [..., Kb, N] (what a kernel multiplies a tile's columns by)."""
+    n = q.values.shape[-1]
+    nb = q.scale.shape[-1]
+    s = q.scale.astype(jnp.float32)
+    return s if nb == n else jnp.repeat(s, n // nb, axis=-1)
+
+
+def qdot(x: jax.Array, q: QArray, dtype) -> jax.Array:
+    """x [..., K] @ W [K, N] for a dense quantised kernel, accumulated in float32, returned in `dtype`."""
+    dtype = jnp.dtype(dtype)
+    x = x.astype(dtype)
+    if q.scale.shape[-2] == 1 and jnp.dtype(q.values.dtype) != jnp.uint8:
+        y = jnp.dot(x, q.values.astype(dtype), preferred_element_type=jnp.float32)
+        return (y * column_scale(q)[0]).astype(dtype)
+    return jnp.dot(x, dequantize(q, dtype), preferred_element_type=jnp.float32).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Modules.
+class QLinear(nnx.Module):
+    """A linear layer y = x W + b with a quantised kernel: `kernel` (QArray values, [in, out] or packed) and
+    `kernel_scale` beside it, both plain (frozen) parameters. Same attribute names as `nnx.Linear`, so the checkpoint
+    map, the sharding rules and LoRA see the same paths."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, *, dtype, use_bias: bool = False):
+        vshape, sshape, vdtype = stored_shapes((in_features, out_features), fmt)
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = jnp.dtype(dtype)
+        self.precision = None
+        self.kernel = nnx.Param(jnp.zeros(vshape, vdtype))
+        self.kernel_scale = nnx.Param(jnp.ones(sshape, jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((out_features,), self.dtype)) if use_bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nnx.Linear, fmt: str) -> QLinear:
+        q = quantize(linear.kernel[...], fmt)
+        dtype = linear.dtype or linear.kernel[...].dtype
+        out = cls(linear.in_features, linear.out_features, fmt, dtype=dtype, use_bias=linear.bias is not None)
+        out.kernel = nnx.Param(q.values)
+        out.kernel_scale = nnx.Param(q.scale)
+        if linear.bias is not None:
+            out.bias = nnx.Param(linear.bias[...])
+        return out
+
+    def qarray(self) -> QArray:
+        return QArray(self.kernel[...], self.kernel_scale[...])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = qdot(x, self.qarray(), self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+    def effective_kernel(self) -> jax.Array:
+        """The dequantised [in, out] matrix (absorbed MLA decode folds kv_b_proj into the query with it)."""
+        return dequantize(self.qarray(), self.dtype)
+
+
+def quantize_model(model, fmt: str | None):
+    """Replace, in place, every quantisable linear by a `QLinear` and quantise the routed experts; returns model.
+
+    Used on freshly initialised (random) models and inside `nnx.eval_shape` for the abstract model a checkpoint is
+    loaded into; checkpoints themselves are quantised tensor by tensor on the host (checkpoint.py)."""
+    fmt = check_format(fmt)
+    if fmt is None:
+        return model
+    from small4_jax.model import Experts  # model.py does not import this module's users
+
+    for _, module in list(nnx.iter_graph(model)):
+        if isinstance(module, Experts):
+            module.quantize(fmt)
+            continue
+        if not isinstance(module, nnx.Module):
+            continue
+        for name in QUANTISED_LINEARS:
+            child = getattr(module, name, None)
+            if type(child) is nnx.Linear:
+                setattr(module, name, QLinear.from_linear(child, fmt))
+    return model
+
+
+def model_format(model) -> str | None:
+    """The quantisation format of a model's weights (None when unquantised)."""
+    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if str(path[-1]).endswith("_scale") or str(path[-1]) == "kernel_scale":
+            kernel = path[:-1] + (str(path[-1])[: -len("_scale")],)
+            state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+            return format_of(state[kernel].dtype)
+    return None
+
+
+def is_scale_path(path) -> bool:
+    return str(path[-1]).endswith("_scale")
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every parameter of `model` (quantised values at their stored width, scales in float32)."""
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model))))

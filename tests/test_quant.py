@@ -1,0 +1,195 @@
+"""Quantised weights (small4_jax.quant): formats, the in-kernel-dequantising grouped matmul, FP8 checkpoints kept FP8.
+
+Every kernel case draws fresh random inputs and compares the Pallas kernel (interpret mode) with
+`gmm_quant_reference` (dequantise in float32, then the plain grouped matmul), forward, transposed and the input
+gradient. Checkpoint cases write tiny FP8 checkpoints (HF and Mistral-native) with tests/ckpt_utils.py and check that
+the loaded model holds exactly the FP8 bytes plus scales and computes what the dequantised model computes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ckpt_utils import make_hf_model, save_hf_fp8, save_native, tiny_hf_config
+from flax import nnx
+
+import small4_jax
+from small4_jax import quant
+from small4_jax.kernels import GmmTiling
+from small4_jax.kernels.gmm import api
+from small4_jax.kernels.gmm.reference import gmm_quant_reference
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Formats.
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_quantize_round_trip_error_is_bounded_by_the_scale(fmt):
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(3, 256, 40)).astype(np.float32) * rng.uniform(0.1, 3, size=(3, 1, 40)).astype(np.float32)
+    q = quant.quantize(w, fmt)
+    vshape, sshape, vdtype = quant.stored_shapes(w.shape, fmt)
+    assert (q.values.shape, q.scale.shape, np.dtype(q.values.dtype)) == (vshape, sshape, np.dtype(vdtype)), seed
+    assert q.shape == w.shape and q.format == fmt
+    back = quant.dequantize(q)
+    if fmt == "fp8":  # 3 mantissa bits: relative error <= 2^-4 above the subnormal range
+        assert np.all(np.abs(back - w) <= np.abs(w) * 2.0**-4 + q.scale * 2.0**-9), seed
+    else:  # round to nearest: at most half a step, the step being the scale of the element's block
+        step = np.repeat(q.scale, w.shape[1] // q.scale.shape[1], axis=1)
+        assert np.all(np.abs(back - w) <= step / 2 * (1 + 1e-5)), seed
+    # jax and numpy quantise alike
+    qj = quant.quantize(jnp.asarray(w), fmt)
+    np.testing.assert_array_equal(np.asarray(qj.values).view(np.uint8), np.asarray(q.values).view(np.uint8))
+
+
+def test_int4_packing_layout():
+    """Byte j of each 128-row group holds row j (low nibble) and row j + 64 (high nibble), stored as q + 8."""
+    rng = np.random.default_rng(0)
+    ints = rng.integers(-7, 8, size=(256, 3)).astype(np.float32)
+    ints[0] = 7  # every column reaches the max: scale = 1 exactly
+    q = quant.quantize(ints, "int4")
+    np.testing.assert_array_equal(q.scale, np.ones((2, 3), np.float32))
+    v = q.values.astype(np.int32)
+    np.testing.assert_array_equal((v[:64] & 15) - 8, ints[:64])
+    np.testing.assert_array_equal((v[:64] >> 4) - 8, ints[64:128])
+    np.testing.assert_array_equal((v[64:] >> 4) - 8, ints[192:])
+    np.testing.assert_array_equal(quant.int_values(q), ints)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The grouped matmul with quantised weights: Pallas (interpret) vs the reference.
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_gmm_quant_kernel_matches_reference(fmt):
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    rng = np.random.default_rng(seed)
+    m, k, n, g, local = 45, 128, 48, 5, 3
+    sizes = rng.multinomial(m - 4, [0.3, 0.0, 0.3, 0.2, 0.2]).astype(np.int32)  # an empty group, rows past the sum
+    offset = 1  # the window holds groups 1..3
+    w = quant.quantize(jnp.asarray(rng.normal(size=(local, k, n)), jnp.float32), fmt)
+    lhs = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+    dy = jnp.asarray(rng.normal(size=(m, n)), jnp.float32)
+    gs = jnp.asarray(sizes)
+    tiling = GmmTiling(block_m=16, block_k=64, block_n=32, split_k=2)
+
+    def run(backend, x, transpose=False):
+        return api.gmm(x, w, gs, offset, backend=backend, tiling=tiling, transpose_rhs=transpose)
+
+    ref = gmm_quant_reference(lhs, w, gs, offset)
+    np.testing.assert_allclose(run("pallas", lhs), ref, rtol=1e-5, atol=1e-4, err_msg=f"seed {seed}")
+    np.testing.assert_allclose(run("ragged_dot", lhs), ref, rtol=1e-5, atol=1e-4, err_msg=f"seed {seed}")
+    ref_t = gmm_quant_reference(dy, w, gs, offset, transpose_rhs=True)
+    np.testing.assert_allclose(run("pallas", dy, True), ref_t, rtol=1e-5, atol=1e-4, err_msg=f"seed {seed}")
+    grad = jax.grad(lambda x: jnp.vdot(run("pallas", x), dy))(lhs)
+    np.testing.assert_allclose(grad, ref_t, rtol=1e-5, atol=1e-4, err_msg=f"seed {seed}")
+    # bf16 activations: the kernel casts each dequantised tile to bf16, as the reference casts the weights
+    xb = lhs.astype(jnp.bfloat16)
+    out_b = api.gmm(xb, w, gs, offset, backend="pallas", tiling=tiling, preferred_element_type=jnp.float32)
+    ref_b = gmm_quant_reference(xb, w, gs, offset, preferred_element_type=jnp.float32)
+    assert _rel(out_b, ref_b) < 1e-2, seed
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models.
+@pytest.fixture(scope="module")
+def hf_model():
+    config = tiny_hf_config()
+    return config, make_hf_model(config, seed=11)
+
+
+@pytest.fixture(scope="module")
+def fp8_dirs(hf_model, tmp_path_factory):
+    _, hf = hf_model
+    root = tmp_path_factory.mktemp("fp8")
+    save_hf_fp8(hf, root / "hf", per_expert=True)
+    save_native(hf, root / "native", fp8=True)
+    return root
+
+
+def _ids(vocab, seed=0):
+    return np.random.RandomState(seed).randint(0, vocab, size=(2, 16)).astype(np.int32)
+
+
+@pytest.mark.parametrize("layout", ["hf", "native"])
+def test_fp8_checkpoint_stays_fp8_in_memory_and_computes_the_dequantised_model(hf_model, fp8_dirs, layout):
+    config, _ = hf_model
+    before = {id(a) for a in jax.live_arrays()}
+    model = small4_jax.from_pretrained(fp8_dirs / layout, dtype="bfloat16")  # default: FP8 stays FP8
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    fp8_bytes = scale_bytes = other_bytes = 0
+    for path, v in flat.items():
+        leaf = str(path[-1])
+        if leaf.endswith("_scale"):
+            assert v.dtype == jnp.float32
+            scale_bytes += v.nbytes
+        elif (path[:-1] + (leaf + "_scale",)) in flat:
+            assert v.dtype == jnp.float8_e4m3fn, path
+            fp8_bytes += v.nbytes
+        else:  # embeddings, lm_head, norms, router: never quantised
+            assert v.dtype == jnp.bfloat16, path
+            assert leaf in ("embedding", "weight") or "lm_head" in map(str, path), path
+            other_bytes += v.nbytes
+    # the expected bytes, counted from the checkpoint's own shapes: every FP8 tensor at one byte per element
+    from small4_jax.safetensors_io import CheckpointReader
+
+    with CheckpointReader(fp8_dirs / layout) as reader:
+        fp8_expected = sum(int(np.prod(reader.shape(n))) for n in reader.names()
+                           if reader.stored_dtype(n) == "F8_E4M3")
+    assert fp8_bytes == fp8_expected
+    n_experts = config.n_routed_experts
+    assert scale_bytes < 4 * (len(flat) + 2 * n_experts * config.num_hidden_layers * 2)  # scalars / per expert
+    live = sum(a.nbytes for a in jax.live_arrays() if id(a) not in before)
+    assert live == fp8_bytes + scale_bytes + other_bytes  # measured: nothing else stayed on the device
+
+    deq = small4_jax.from_pretrained(fp8_dirs / layout, dtype="bfloat16", quantize="none")
+    ids = _ids(config.vocab_size)
+    assert _rel(model(ids), deq(ids)) < 2e-2
+
+
+@pytest.mark.parametrize("fmt,tol", [("fp8", 4e-2), ("int8", 1e-2), ("int4", 0.15)])
+def test_quantised_logits_stay_near_the_float_model(hf_model, tmp_path_factory, fmt, tol):
+    """Float32 compute, so the difference is the weight format alone (tolerances: module docstring of quant.py)."""
+    from ckpt_utils import save_hf
+
+    config, hf = hf_model
+    d = tmp_path_factory.getbasetemp() / "float_ckpt"
+    if not d.exists():
+        save_hf(hf, d)
+    ref = small4_jax.from_pretrained(d, dtype="float32")
+    q = small4_jax.from_pretrained(d, dtype="float32", quantize=fmt)
+    ids = _ids(config.vocab_size, seed=3)
+    assert _rel(q(ids), ref(ids)) < tol
+
+
+def test_unknown_format_is_a_clear_error(fp8_dirs):
+    with pytest.raises(small4_jax.ConfigError, match=r"quantize = 'int3': expected one of fp8, int8, int4"):
+        small4_jax.from_pretrained(fp8_dirs / "hf", quantize="int3")
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+def test_quantized_sharded_checkpoint_loads_without_requantising(hf_model, fp8_dirs, tmp_path, fmt):
+    """convert --quantize writes the quantised model's own arrays; loading on an expert mesh gives them back."""
+    from small4_jax.convert import convert
+    from small4_jax.sharding import make_mesh
+
+    config, _ = hf_model
+    out = convert(fp8_dirs / "native", tmp_path / fmt, dtype="f32", quantize=fmt, progress=None)
+    direct = small4_jax.from_pretrained(fp8_dirs / "native", quantize=fmt, dtype="float32")
+    mesh = make_mesh({"data": 2, "expert": 4, "tensor": 1})
+    loaded = small4_jax.from_pretrained(out, mesh=mesh, dtype="float32")
+    want, got = dict(nnx.to_flat_state(nnx.state(direct))), dict(nnx.to_flat_state(nnx.state(loaded)))
+    assert want.keys() == got.keys()
+    for path, v in want.items():
+        assert got[path].dtype == v.dtype, path
+        np.testing.assert_array_equal(np.asarray(got[path][...]).view(np.uint8) if v.dtype.itemsize == 1 else
+                                      np.asarray(got[path][...]), np.asarray(v[...]).view(np.uint8)
+                                      if v.dtype.itemsize == 1 else np.asarray(v[...]), err_msg=str(path))
+    experts = got[("layers", 1, "mlp", "experts", "gate_up")]
+    assert experts[...].sharding.spec[0] == "expert"  # sharded over experts, and so are its scales:
+    assert got[("layers", 1, "mlp", "experts", "gate_up_scale")][...].sharding.spec[0] == "expert"
+    ids = _ids(config.vocab_size)
+    assert _rel(loaded(ids), direct(ids)) < 1e-5  # expert-parallel over quantised experts = one device
