@@ -6,7 +6,7 @@ at real dims) and the memory plan (`benchmarks/memory_plan.py`: per-device bytes
     gmm_vjp          the grouped matmul, forward and gradients (gmm, its transposed-rhs twin, tgmm)
     expert_parallel  the routed experts on an expert mesh (replicated or all-to-all), forward or with gradients
     model_forward    the model's forward over a batch of tokens
-    serve_step       the serving engine's jitted step (`paged.step`): a prefill chunk or a decode step, cache donated
+    serve_step       the serving engine's model step (`paged.logits_step`): a prefill chunk or a decode step
     lora_train_step  the fine-tuning step of `train.trainer.make_steps` (grad accumulation scan, AdamW)
 
 Arguments are `jax.ShapeDtypeStruct`s placed the way the real code places them (weights by `sharding.spec_for`,
@@ -108,26 +108,23 @@ def model_forward(config, mesh: Mesh, tokens: int, *, batch: int = 1, dtype="bfl
 
 def serve_step(config, mesh: Mesh, *, absorbed: bool, rows: int, tokens: int, table_pages: int, num_pages: int,
                page_size: int = 16, dtype="bfloat16", cache_dtype=None) -> Program:
-    """The engine's step (`paged.step` with sampling) as `Engine._run` calls it: decode (absorbed MLA, [rows, 1]) or
-    one prefill chunk (expanded MLA, [rows, tokens]) over a page table `table_pages` wide; the paged cache
-    [layers, num_pages, page_size, width] is replicated over the mesh and donated."""
-    from infer.engine import MAX_TOP_LOGPROBS
-    from small4_jax.batch_sampling import RowSampling
-    from small4_jax.paged import PagedCache, step
+    """The engine's model step (`paged.logits_step`, as `Engine._run` dispatches it; the sampler is a separate small
+    program): decode (absorbed MLA, [rows, 1]) or one prefill chunk (expanded MLA, [rows, tokens]) over a page table
+    `table_pages` wide; the paged cache [layers, num_pages, page_size, width] replicated over the mesh and donated."""
+    from small4_jax.paged import PagedCache, logits_step
 
     graphdef, state = abstract_placed_model(config, mesh, dtype)
     cache_dtype = cache_dtype or dtype
     pages = jax.eval_shape(lambda: PagedCache.create(config, num_pages, page_size, cache_dtype).pages)
 
-    def run(state, pages, ids, positions, seq_index, slots, page_table, logit_index, sampling):
-        return step(graphdef, state, pages, ids, positions, seq_index, slots, page_table, logit_index, sampling,
-                    absorbed=absorbed, num_top=MAX_TOP_LOGPROBS)
+    def run(state, pages, ids, positions, seq_index, slots, page_table, logit_index):
+        return logits_step(graphdef, state, pages, ids, positions, seq_index, slots, page_table, logit_index,
+                           absorbed=absorbed)
 
     i32 = jnp.int32
     inputs = (jax.ShapeDtypeStruct((rows, tokens), i32), jax.ShapeDtypeStruct((rows, tokens), i32),
               jax.ShapeDtypeStruct((rows, tokens), i32), jax.ShapeDtypeStruct((rows, tokens, 2), i32),
-              jax.ShapeDtypeStruct((rows, table_pages), i32), jax.ShapeDtypeStruct((rows,), i32),
-              jax.eval_shape(lambda: RowSampling.greedy(rows)))
+              jax.ShapeDtypeStruct((rows, table_pages), i32), jax.ShapeDtypeStruct((rows,), i32))
     args = (state, _replicated(pages, mesh), *_replicated(inputs, mesh))
     kind = "decode" if absorbed else "prefill"
     return Program(f"serve {kind} {rows}x{tokens}, {table_pages} pages/seq", run, args, mesh,

@@ -1,0 +1,190 @@
+"""Per-device memory of the documented deployments, from compiled GPU programs (deviceless, `small4_jax/aot.py`).
+
+    JAX_PLATFORMS=cpu python benchmarks/memory_plan.py                  # every deployment, full depth (minutes)
+    JAX_PLATFORMS=cpu python benchmarks/memory_plan.py --only serve-119b-bf16-8xH200 --layers 2   # quick look
+
+Each deployment is a row of `DEPLOYMENTS`, built by a small function that returns the programs that run on it (the
+largest of each kind) and what stays resident beside them. A program's per-device need is XLA's memory analysis of
+the compiled program: arguments + outputs not aliased to arguments + temporaries; a deployment needs the largest of
+its programs. It fits when that is within the allocator's limit: XLA_PYTHON_CLIENT_MEM_FRACTION (0.92, what
+launch/slurm and launch/k8s set) of the device's memory. Headroom is limit - need.
+
+Deployments (add one by writing a function and listing it in DEPLOYMENTS):
+    serve-119b-bf16-8xH100 / 8xH200   `infer.serve` at its default flags with the README's mesh (data=1, expert=8):
+        weights, the paged cache the engine allocates by default (90% of what the allocator has free after the
+        weights, `Engine.__init__`), and the largest prefill step ([prefill_batch, prefill_chunk]) and decode step
+        ([max_batch, 1]), both over the widest page table (max_model_len / page_size pages).
+    finetune-small4-8xH100 / 8xH200   `train.finetune --config configs/finetune-small4.yaml` on its mesh: frozen
+        bf16 base, fp32 adapters + AdamW state, one train step (grad_accum x micro-batch x seq_len, remat as set).
+
+`--layers N` compiles N layers instead of the config's (quick, not the deployment). moe_impl is "auto" (the Pallas
+kernel on these GPUs). `jax.lax.ragged_dot` is no memory rescue: compiled for a GPU (jax 0.10.2) it computes every
+expert for every row, with [rows, E, N] temporaries (8.0 GiB at 8192 rows x 4096 -> 4096 and 128 experts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from small4_jax import aot  # noqa: E402
+from small4_jax import aot_programs as ap  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "configs" / "small4-119b.yaml"
+FINETUNE = ROOT / "configs" / "finetune-small4.yaml"
+SERVE_MESH = "data=1,expert=8,tensor=1"  # the README's serving command
+MEM_FRACTION = 0.92  # XLA_PYTHON_CLIENT_MEM_FRACTION in launch/slurm/*.sbatch and launch/k8s
+
+
+@dataclasses.dataclass
+class Plan:
+    """One deployment: the programs that run on it; `resident` names what their arguments hold (for the table)."""
+
+    name: str
+    target: str
+    programs: list[ap.Program]
+    resident: dict[str, int]  # e.g. {"weights": bytes, "cache": bytes} per device
+    note: str = ""
+
+
+def _shard_bytes(tree) -> int:
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
+
+
+def _mesh_shape(text: str) -> dict[str, int]:
+    return {k: int(v) for k, v in (p.split("=") for p in text.split(","))}
+
+
+def serve_plan(target: str, layers: int | None, mem_fraction: float) -> Plan:
+    """`infer.serve --checkpoint DIR --mesh data=1,expert=8,tensor=1` at the default engine flags, bf16."""
+    from infer.engine import MAX_CONTEXT, pages_for_memory
+    from infer.serve import parse_args
+    from small4_jax.config import Small4Config
+
+    args = parse_args(["--config", str(MODEL), "--mesh", SERVE_MESH])
+    config = Small4Config.from_yaml(MODEL)
+    if layers:
+        config = config.replace(num_hidden_layers=layers)
+    dtype = args.dtype or "bfloat16"
+    mesh = aot.gpu_mesh(target, _mesh_shape(SERVE_MESH))
+    weights = _shard_bytes(ap.abstract_placed_model(config, mesh, dtype)[1])
+    limit = int(mem_fraction * aot.device_memory_bytes(target))
+    max_len = args.max_model_len or min(config.max_position_embeddings, MAX_CONTEXT)
+    table = -(-max_len // args.page_size)
+    num_pages = args.num_pages or pages_for_memory(config, dtype, int(limit * 0.9) - weights, args.page_size)
+    note = ""
+    if num_pages - 1 < table:
+        note = f"the engine refuses to start: {num_pages - 1} pages < one {max_len}-token sequence ({table} pages)"
+        num_pages = table + 1
+    common = dict(table_pages=table, num_pages=num_pages, page_size=args.page_size, dtype=dtype)
+    programs = [
+        ap.serve_step(config, mesh, absorbed=False, rows=args.prefill_batch, tokens=args.prefill_chunk, **common),
+        ap.serve_step(config, mesh, absorbed=True, rows=args.max_batch, tokens=1, **common),
+    ]
+    cache = _shard_bytes(programs[0].args[1])
+    return Plan(f"serve-119b-bf16-8x{target.upper()}", target, programs, {"weights": weights, "cache": cache}, note)
+
+
+def finetune_plan(target: str, layers: int | None, mem_fraction: float) -> Plan:
+    """`train.finetune --config configs/finetune-small4.yaml`: one step at the config's batch, on its mesh."""
+    from train.config import load
+
+    run = load(FINETUNE)
+    if layers:
+        run = dataclasses.replace(run, model=run.model.replace(num_hidden_layers=layers))
+    mesh = aot.gpu_mesh(target, dict(run.train.mesh))
+    program = ap.lora_train_step(run, mesh)
+    params, opt_state, _, frozen = program.args[:4]
+    return Plan(f"finetune-small4-8x{target.upper()}", target, [program],
+                {"weights": _shard_bytes(frozen), "adapters+adam": _shard_bytes((params, opt_state))})
+
+
+DEPLOYMENTS: dict[str, Callable[[int | None, float], Plan]] = {
+    "serve-119b-bf16-8xH100": lambda layers, f: serve_plan("h100", layers, f),
+    "serve-119b-bf16-8xH200": lambda layers, f: serve_plan("h200", layers, f),
+    "finetune-small4-8xH100": lambda layers, f: finetune_plan("h100", layers, f),
+    "finetune-small4-8xH200": lambda layers, f: finetune_plan("h200", layers, f),
+}
+
+
+def measure(plan: Plan, mem_fraction: float) -> list[dict]:
+    """One row per program of the plan, each compiled for the plan's GPUs."""
+    device = aot.device_memory_bytes(plan.target)
+    limit = int(mem_fraction * device)
+    rows = []
+    for program in plan.programs:
+        try:
+            c = program.compile()
+        except Exception as e:  # noqa: BLE001 - report it in the table, keep going
+            rows.append(dict(deployment=plan.name, program=program.name, error=f"{type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}"))
+            continue
+        m = c.memory
+        rows.append(dict(deployment=plan.name, program=program.name, **plan.resident, argument=m.argument,
+                         output=m.output, alias=m.alias, temp=m.temp, need=m.peak, limit=limit, device=device,
+                         fits=m.peak <= limit, headroom=limit - m.peak, compile_s=round(c.seconds, 1),
+                         triton=c.uses_triton, note="; ".join(filter(None, [plan.note, *c.notes]))))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    gib = lambda n: f"{n / 2**30:.1f}"  # noqa: E731
+    head = ("| deployment | program | weights GiB | cache GiB | temp GiB | need GiB | limit GiB (device) | fits | "
+            "headroom GiB |")
+    out = [head, "|" + "---|" * 9]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['deployment']} | {r['program']} | | | | | | compile error | {r['error']} |")
+            continue
+        cache = r.get("cache", r.get("adapters+adam", 0))
+        out.append(f"| {r['deployment']} | {r['program']} | {gib(r['weights'])} | {gib(cache)} | {gib(r['temp'])} | "
+                   f"{gib(r['need'])} | {gib(r['limit'])} ({gib(r['device'])}) | {'yes' if r['fits'] else 'NO'} | "
+                   f"{gib(r['headroom'])} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="+", choices=sorted(DEPLOYMENTS), help="deployments to plan (default: all)")
+    p.add_argument("--layers", type=int, help="compile this many layers instead of the config's (quick look)")
+    p.add_argument("--mem-fraction", type=float, default=MEM_FRACTION, help="XLA_PYTHON_CLIENT_MEM_FRACTION")
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    a = p.parse_args(argv)
+    ok, why = aot.available()
+    if not ok:
+        print(f"deviceless GPU compile unavailable: {why}", file=sys.stderr)
+        return 2
+    rows = []
+    t0 = time.perf_counter()
+    for name in a.only or DEPLOYMENTS:
+        plan = DEPLOYMENTS[name](a.layers, a.mem_fraction)
+        rows += measure(plan, a.mem_fraction)
+        print(f"# {name}: planned ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    depth = f"{a.layers} layers (NOT the deployment)" if a.layers else "full depth"
+    print(f"# per-device memory from compiled programs (jax {jax.__version__}, {depth}, limit = "
+          f"{a.mem_fraction} x device memory)")
+    print(table(rows))
+    for r in rows:
+        if r.get("note"):
+            print(f"# {r['deployment']} / {r['program']}: {r['note']}")
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
