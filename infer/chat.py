@@ -25,7 +25,10 @@ import secrets
 import string
 from collections.abc import Sequence
 
+import numpy as np
+
 from small4_jax.errors import InputError, TokenizerError
+from small4_jax.images import image_hash, prepare_messages
 from small4_jax.tokenizer import StreamDecoder, TekkenTokenizer, Tokenizer
 
 REASONING_EFFORTS = ("none", "high")
@@ -41,6 +44,10 @@ def tool_call_id() -> str:
 class ChatPrompt:
     ids: list[int]  # the whole prompt, forced prefix included
     forced: list[int]  # ids that start the assistant turn (tool_choice), already in `ids`; parse them as output
+    # Preprocessed images [C, H, W] (mistral-common's), in the order of their [IMG] runs in `ids`, and their
+    # content hashes (small4_jax.images.image_hash), e.g. to key a prefix cache.
+    images: list = dataclasses.field(default_factory=list)
+    image_hashes: list[str] = dataclasses.field(default_factory=list)
 
 
 def _special(tokenizer: Tokenizer, piece: str) -> int | None:
@@ -69,8 +76,13 @@ def encode_chat(
     tools: Sequence[dict] | None = None,
     tool_choice=None,
     reasoning_effort: str | None = None,
+    image_dir=None,
 ) -> ChatPrompt:
-    """Prompt ids for an OpenAI-style conversation; InputError (naming the problem) for a malformed one."""
+    """Prompt ids for an OpenAI-style conversation; InputError (naming the problem) for a malformed one.
+
+    Image parts (`image_url` with a `data:` URL; local files only inside `image_dir`) are checked by
+    small4_jax.images and tokenised with their pixels by mistral-common.
+    """
     if not messages:
         raise InputError("messages must be a non-empty list")
     if reasoning_effort is not None and reasoning_effort not in REASONING_EFFORTS:
@@ -82,8 +94,12 @@ def encode_chat(
         raise InputError(f"tool_choice {tool_choice!r} needs tools")
     if name is not None and name not in [(t.get("function") or {}).get("name") for t in tools]:
         raise InputError(f"tool_choice names {name!r}, which is not among the tools")
+    messages, n_images = prepare_messages(messages, image_dir)
+    images = []
     if isinstance(tokenizer, TekkenTokenizer):
-        ids = _encode_mistral_common(tokenizer, messages, tools, reasoning_effort)
+        ids, images = _encode_mistral_common(tokenizer, messages, tools, reasoning_effort, n_images)
+    elif n_images:
+        raise InputError("images need a tekken.json tokenizer with image settings (mistral-common chat format)")
     else:
         ids = _encode_plain(tokenizer, messages, tools, reasoning_effort)
     forced = []
@@ -91,19 +107,24 @@ def encode_chat(
         forced = [tokenizer.token_id("[TOOL_CALLS]")]
         if name is not None:
             forced += tokenizer.encode(name, bos=False) + [tokenizer.token_id("[ARGS]")]
-    return ChatPrompt(ids + forced, forced)
+    return ChatPrompt(ids + forced, forced, images, [image_hash(im) for im in images])
 
 
-def _encode_mistral_common(tokenizer: TekkenTokenizer, messages, tools, reasoning_effort) -> list[int]:
+def _encode_mistral_common(tokenizer: TekkenTokenizer, messages, tools, reasoning_effort, n_images=0):
+    """(ids, preprocessed images) from mistral-common's encode_chat_completion."""
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
     mt = tokenizer.mistral_tokenizer()
+    if n_images and getattr(mt.instruct_tokenizer, "image_encoder", None) is None:
+        raise InputError(f"{tokenizer.path}: this tokenizer has no image settings ('image' in tekken.json); the "
+                         "request has images")
     kwargs = {}
     if reasoning_effort is not None:
         kwargs["reasoning_effort"] = reasoning_effort
     try:
         request = ChatCompletionRequest.from_openai(list(messages), tools=list(tools) if tools else None, **kwargs)
-        return list(mt.encode_chat_completion(request).tokens)
+        encoded = mt.encode_chat_completion(request)
+        return list(encoded.tokens), [np.asarray(im, np.float32) for im in encoded.images]
     except Exception as e:  # mistral-common raises pydantic, ValueError and its own exception types
         raise InputError(f"invalid chat request: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
 

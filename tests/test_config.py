@@ -32,7 +32,11 @@ def test_small4_preset_has_the_released_size():
     cfg = load_config(REPO / "configs" / "small4-119b.yaml")
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.n_routed_experts, cfg.num_experts_per_tok) == (4096, 36, 128, 4)
     assert cfg.kv_lora_rank + cfg.qk_rope_head_dim == 320  # cached values per token per layer
-    assert param_count(cfg) == 118_972_826_624  # ARCHITECTURE.md §1.8: 118.973B text parameters
+    assert param_count(cfg.replace(vision=None)) == 118_972_826_624  # ARCHITECTURE.md §1.8: 118.973B text parameters
+    # + vision tower 0.403B (24 x 16.78M + conv + ln_pre) + projector 0.025B = 119.40B
+    assert param_count(cfg) - 118_972_826_624 == 24 * (4 * 1024**2 + 3 * 1024 * 4096 + 2 * 1024) + 1024 * 3 * 14 * 14 \
+        + 1024 + (1024 + 4096 * 1024 + 1024 * 4096 + 4096**2)
+    assert param_count(cfg) == 119_401_298_944
 
 
 def test_yarn_frequencies_of_the_released_model():

@@ -13,7 +13,8 @@ encodes the real v15 chat format with it (system prompt, tools, `[MODEL_SETTINGS
     40 .. 511  byte-level BPE: the 256 bytes, then merges learnt from the fixed text below
 
 so vocab_size is 512, as in configs/tiny.yaml. `model_settings_builder` accepts reasoning_effort none|high
-(default none), like Small 4's file. Deterministic: the same code always writes the same bytes.
+(default none), like Small 4's file, and the `image` settings are Small 4's (patch 14, merge 2, longest side 1540), so
+mistral-common encodes image chats ([IMG]=10, [IMG_BREAK]=12, [IMG_END]=13) as for the real model. Deterministic: the same code always writes the same bytes.
 """
 
 import base64
@@ -119,6 +120,8 @@ def build() -> dict:
         "model_settings_builder": {
             "reasoning_effort": {"type": "enum", "values": ["none", "high"], "default": "none", "accepts_none": True}
         },
+        # Small 4's image settings (ARCHITECTURE.md §3.4): 14-pixel patches merged 2x2, longest side 1540.
+        "image": {"image_patch_size": 14, "max_image_size": 1540, "spatial_merge_size": 2},
     }
 
 
