@@ -7,12 +7,18 @@ Input lines (`--input prompts.jsonl`), one JSON object each; the first of these 
 plus optional "id", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "system", "stop".
 Output lines (`--output out.jsonl`), in input order: {"id", "token_ids", "text", "finish_reason"} and, for chat,
 "reasoning_content" and "tool_calls". A malformed line is an InputError naming the file and line.
+
+Nothing is lost: the whole input is checked and the output opened before the model is built; each result is written
+and flushed as soon as the results before it are; a rerun with the same --output skips the ids already there
+(a line cut short by a kill is dropped and redone).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 from pathlib import Path
 
 from infer.chat import ChatPrompt, encode_chat, parse_output
@@ -72,20 +78,36 @@ def make_item(tokenizer, row: dict, defaults: SamplingOptions, *, chat: bool, sy
     raise InputError('each line needs "messages", "prompt" or "prompt_ids"')
 
 
-def read_items(path: str, tokenizer, defaults: SamplingOptions, **kwargs) -> list[Item]:
+def read_items(path: str, tokenizer, defaults: SamplingOptions, vocab_size: int | None = None,
+               max_len: int | None = None, **kwargs) -> list[Item]:
+    """Every line of `path` as an Item; the first bad line is an InputError naming path:line."""
     items = []
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_bytes().split(b"\n")
     except OSError as e:
         raise InputError(f"--input {path}: {e.strerror}") from None
-    for n, line in enumerate(lines, 1):
+    ids = set()
+    for n, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}:{n}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
         if not line.strip():
             continue
         try:
             row = json.loads(line)
             if not isinstance(row, dict):
                 raise InputError("expected a JSON object")
-            items.append(make_item(tokenizer, row, defaults, index=len(items), **kwargs))
+            item = make_item(tokenizer, row, defaults, index=len(items), **kwargs)
+            bad = [t for t in item.prompt.ids if vocab_size is not None and not 0 <= t < vocab_size]
+            if bad:
+                raise InputError(f"prompt ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+            check_length(item, max_len)
+            key = json.dumps(item.id)
+            if key in ids:
+                raise InputError(f"id {item.id!r} appears twice; each line needs its own id")
+            ids.add(key)
+            items.append(item)
         except ValueError as e:
             raise InputError(f"{path}:{n}: not valid JSON ({e})") from None
         except Small4Error as e:
@@ -93,6 +115,72 @@ def read_items(path: str, tokenizer, defaults: SamplingOptions, **kwargs) -> lis
     if not items:
         raise InputError(f"--input {path}: no prompts")
     return items
+
+
+def check_length(item: Item, max_len: int | None) -> None:
+    if max_len is not None and len(item.prompt.ids) >= max_len:
+        raise InputError(f"prompt has {len(item.prompt.ids)} tokens but the model's context is {max_len} "
+                         "(--max-model-len); shorten the prompt")
+
+
+class ResultWriter:
+    """The results of a batch, one JSONL line each, in input order, flushed as soon as written.
+
+    Opened before the model is built, so a bad --output fails at once. An existing --output file is resumed: the ids
+    it holds are skipped (`todo` is what is left), a last line cut short by a kill is dropped. Without a path the
+    lines go to stdout.
+    """
+
+    def __init__(self, path: str | None, items: list[Item], input_path: str = "--input"):
+        self.path = path
+        done: set[str] = set()
+        if path is None:
+            self._file = None
+        else:
+            if os.path.exists(path) and os.path.samefile(path, input_path):
+                raise InputError(f"--output {path}: the same file as --input")
+            try:
+                self._file = open(path, "a+b")  # noqa: SIM115 - closed by close()
+            except OSError as e:
+                raise InputError(f"--output {path}: {e.strerror}") from None
+            self._file.seek(0)
+            data = self._file.read()
+            keep = data[: data.rfind(b"\n") + 1]  # a line without its newline was cut short: redo it
+            wanted = {json.dumps(it.id) for it in items}
+            for n, line in enumerate(keep.splitlines(), 1):
+                try:
+                    key = json.dumps(json.loads(line)["id"])
+                except (ValueError, KeyError, TypeError):
+                    raise InputError(f"{path}:{n}: not a result line of this tool; remove the file or choose "
+                                     "another --output") from None
+                if key not in wanted:
+                    raise InputError(f"{path}:{n}: id {json.loads(line)['id']!r} is not in {input_path}; these "
+                                     "are results of another input: remove the file or choose another --output")
+                done.add(key)
+            if len(keep) < len(data):
+                self._file.truncate(len(keep))
+        self.todo = [it for it in items if json.dumps(it.id) not in done]
+        self.skipped = len(items) - len(self.todo)
+        self._pending: dict[int, dict] = {}
+        self._next = 0
+
+    def add(self, i: int, row: dict) -> None:
+        """The result of todo[i]; written with every result before it that is ready."""
+        self._pending[i] = row
+        while self._next in self._pending:
+            line = (json.dumps(self._pending.pop(self._next), ensure_ascii=False) + "\n").encode("utf-8")
+            if self._file is None:
+                sys.stdout.write(line.decode("utf-8"))
+                sys.stdout.flush()
+            else:
+                self._file.write(line)
+                self._file.flush()
+            self._next += 1
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def result_row(tokenizer, item: Item, out: RequestOutput) -> dict:

@@ -69,6 +69,44 @@ def _tool_choice_name(tool_choice) -> str | None:
     return None
 
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_shape(messages, tools) -> None:
+    """The structure of `messages` and `tools`, checked here so a mistake is named (`messages[1]: 'content' is
+    missing`) instead of surfacing as mistral-common's validation error against the wrong field."""
+    if not isinstance(messages, (list, tuple)):
+        raise InputError("messages: expected a list of {role, content} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InputError(f"messages[{i}]: expected an object with 'role' and 'content', got {type(m).__name__}")
+        if m.get("role") not in ROLES:
+            raise InputError(f"messages[{i}].role: {m.get('role')!r}; expected one of {', '.join(ROLES)}")
+        if "content" not in m and not (m["role"] == "assistant" and m.get("tool_calls")):
+            raise InputError(f"messages[{i}]: 'content' is missing")
+        if m.get("content") is None and m["role"] != "assistant":
+            raise InputError(f"messages[{i}].content: null; expected a string or a list of content parts")
+        if not isinstance(m.get("content"), (str, list, type(None))):
+            raise InputError(f"messages[{i}].content: expected a string or a list of content parts, "
+                             f"got {type(m['content']).__name__}")
+    if tools is None:
+        return
+    if not isinstance(tools, (list, tuple)):
+        raise InputError("tools: expected a list of {type: function, function: {name, parameters}} objects")
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict) or t.get("type", "function") != "function":
+            raise InputError(f"tools[{i}]: expected {{\"type\": \"function\", \"function\": {{...}}}}")
+        f = t.get("function")
+        if not isinstance(f, dict):
+            raise InputError(f"tools[{i}].function: expected an object with 'name' and 'parameters'")
+        if not isinstance(f.get("name"), str) or not f["name"]:
+            raise InputError(f"tools[{i}].function.name: expected a non-empty string, got {f.get('name')!r}")
+        if not isinstance(f.get("parameters", {}), dict):
+            raise InputError(f"tools[{i}].function.parameters: expected a JSON Schema object")
+        if not isinstance(f.get("description", ""), (str, type(None))):
+            raise InputError(f"tools[{i}].function.description: expected a string")
+
+
 def encode_chat(
     tokenizer: Tokenizer,
     messages: Sequence[dict],
@@ -85,6 +123,7 @@ def encode_chat(
     """
     if not messages:
         raise InputError("messages must be a non-empty list")
+    check_shape(messages, tools)
     if reasoning_effort is not None and reasoning_effort not in REASONING_EFFORTS:
         raise InputError(f"reasoning_effort must be one of {list(REASONING_EFFORTS)}, got {reasoning_effort!r}")
     name = _tool_choice_name(tool_choice)

@@ -40,36 +40,54 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 prefix_caching=not args.no_prefix_caching)
 
 
-def load_model_and_tokenizer(args: argparse.Namespace, default_tokenizer: str = "tekken"):
-    """(model, tokenizer, mesh) from --config / --checkpoint, --tokenizer, --dtype, --seed, --mesh."""
+DTYPES = ("float32", "bfloat16")
+DEFAULT_TOKENIZER = "tiny_tekken.json"  # in small4_jax/assets: --config's tokenizer for generate and serve alike
+
+
+def preflight(args: argparse.Namespace, need_tokenizer: bool = False):
+    """(config, tokenizer, mesh): everything --config / --checkpoint / --tokenizer / --dtype / --mesh say that can be
+    checked before a model is built, so a mistake costs a second, not the build's minute.
+
+    The tokenizer is the --tokenizer given, else the checkpoint's, else (with --config) the bundled tiny tekken.json;
+    a checkpoint without one gives None unless `need_tokenizer`.
+    """
     from infer.generate import _parse_mesh
-    from small4_jax.checkpoint import from_pretrained
+    from small4_jax.checkpoint import checkpoint_config
     from small4_jax.config import Small4Config
+    from small4_jax.tokenizer import ASSETS_DIR, load_tokenizer
+
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise InputError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPES)}")
+    mesh = _parse_mesh(args.mesh)
+    config = Small4Config.from_yaml(args.config) if args.config else checkpoint_config(args.checkpoint)
+    tokenizer = None
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    elif args.config:
+        tokenizer = load_tokenizer(ASSETS_DIR / DEFAULT_TOKENIZER)
+    else:
+        try:
+            tokenizer = load_tokenizer(args.checkpoint)
+        except Small4Error as e:
+            if need_tokenizer:
+                raise InputError(f"{e}; pass --tokenizer FILE") from None
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise InputError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{config.vocab_size}")
+    return config, tokenizer, mesh
+
+
+def load_model_and_tokenizer(args: argparse.Namespace):
+    """(model, tokenizer, mesh) from --config / --checkpoint, --tokenizer, --dtype, --seed, --mesh."""
+    from small4_jax.checkpoint import from_pretrained
     from small4_jax.model import init_model
     from small4_jax.placement import place_model
-    from small4_jax.tokenizer import ASSETS_DIR, default_tokenizer as spm_default, load_tokenizer
 
-    mesh = _parse_mesh(args.mesh)
+    config, tokenizer, mesh = preflight(args)
     if args.config:
-        config = Small4Config.from_yaml(args.config)
         model = init_model(config, seed=args.seed, dtype=args.dtype or "float32")
         if mesh is not None:
             place_model(model, mesh)
-        if args.tokenizer:
-            tokenizer = load_tokenizer(args.tokenizer)
-        elif default_tokenizer == "tekken":
-            tokenizer = load_tokenizer(ASSETS_DIR / "tiny_tekken.json")
-        else:
-            tokenizer = spm_default()
     else:
         model = from_pretrained(args.checkpoint, dtype=args.dtype or "auto", mesh=mesh)
-        tokenizer = None
-        try:
-            tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
-        except Small4Error:
-            if args.tokenizer:
-                raise
-    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
-        raise InputError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                         f"{model.config.vocab_size}")
     return model, tokenizer, mesh

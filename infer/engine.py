@@ -319,6 +319,8 @@ class Engine:
             from infer.speculative import Speculator
 
             self.speculator = Speculator(speculative, self)
+        # metrics() runs on the HTTP thread while the engine thread appends: both hold this lock
+        self._metrics_lock = threading.Lock()
 
     # ---- public API (any thread) ---------------------------------------------------------------------------------
 
@@ -437,9 +439,11 @@ class Engine:
     def metrics(self) -> dict:
         """Counters and gauges for /metrics."""
         now = time.time()
-        recent = [(t, n) for t, n in self._token_times if now - t <= 10.0]
+        with self._metrics_lock:
+            times, stats = list(self._token_times), dict(self.stats)
+        recent = [(t, n) for t, n in times if now - t <= 10.0]
         tps = sum(n for _, n in recent) / 10.0 if recent else 0.0
-        return dict(self.stats, running=len(self._running), waiting=self._pending, pages_total=self.pool.capacity,
+        return dict(stats, running=len(self._running), waiting=self._pending, pages_total=self.pool.capacity,
                     pages_used=self.pool.in_use(), pages_cached=self.pool.cached(), tokens_per_second=tps,
                     cache_tokens=self.pool.capacity * self.page_size,
                     **(self.speculator.metrics() if self.speculator is not None else {}))
@@ -708,7 +712,8 @@ class Engine:
         """Append each row's sampled token, emit its event, finish the requests that are done."""
         tokens, logprobs, top_ids, top_lp = out
         now = time.time()
-        self._token_times.append((now, len(reqs)))
+        with self._metrics_lock:
+            self._token_times.append((now, len(reqs)))
         for i, r in enumerate(reqs):
             t = int(tokens[i])
             r.tokens.append(t)

@@ -71,42 +71,59 @@ def _parse_mesh(text: str | None):
         return None
     from small4_jax.sharding import make_mesh
 
-    shape = {}
-    for part in text.split(","):
-        name, _, size = part.partition("=")
-        if not name or not size.isdigit():
-            raise InputError(f"--mesh: expected name=size pairs like data=1,expert=8, got {text!r}")
-        shape[name.strip()] = int(size)
-    try:
-        return make_mesh(shape)
-    except Exception as e:  # jax explains why (device count, ...)
-        raise InputError(f"--mesh {text}: {e}") from None
+    return make_mesh(text, "--mesh")
 
 
 def run(args: argparse.Namespace) -> dict:
     from small4_jax.checkpoint import from_pretrained
-    from small4_jax.config import Small4Config
     from small4_jax.model import init_model
     from small4_jax.sampling import SamplingParams
-    from small4_jax.tokenizer import default_tokenizer, load_tokenizer
 
-    from infer.batch import make_item, read_items, result_row
+    from infer.batch import ResultWriter, check_length, make_item, read_items, result_row
     from infer.chat import ChatParser
-    from infer.engine import Engine, SamplingOptions, merge_outputs
+    from infer.cli import preflight
+    from infer.engine import MAX_CONTEXT, Engine, SamplingOptions, merge_outputs
 
+    # Everything the input says is checked before the model is built (seconds, not the build's minute).
     SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # the CLI's checks
     if args.max_new_tokens <= 0:
         raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.prompt is not None and args.prompt == "":
         raise InputError("empty prompt: --prompt is empty")
+    if args.output and not args.input:
+        raise InputError("--output is for the results of --input; a single prompt prints to stdout")
     prompt_ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else None
-    mesh = _parse_mesh(args.mesh)
+    chat = dict(chat=args.chat or bool(args.system or args.reasoning_effort), system=args.system,
+                reasoning_effort=args.reasoning_effort)
+    config, tokenizer, mesh = preflight(args, need_tokenizer=prompt_ids is None)
+    if tokenizer is None and chat["chat"]:
+        raise InputError("--chat needs a tokenizer: pass --tokenizer (a tekken.json)")
+    if prompt_ids is not None:
+        bad = [t for t in prompt_ids if not 0 <= t < config.vocab_size]
+        if bad:
+            raise InputError(f"--prompt-ids: ids {bad[:5]} are outside the vocabulary [0, {config.vocab_size})")
+    defaults = SamplingOptions(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, seed=args.seed)
+    max_len = args.max_model_len or min(config.max_position_embeddings, MAX_CONTEXT)
+    if args.input:
+        items = read_items(args.input, tokenizer, defaults, vocab_size=config.vocab_size, max_len=max_len, **chat)
+        writer = ResultWriter(args.output, items, args.input)  # opened (and earlier results read) before the build
+        if writer.skipped:
+            print(f"{args.output}: {writer.skipped} of {len(items)} results already there; "
+                  f"{len(writer.todo)} to go", file=sys.stderr)
+        if not writer.todo:
+            writer.close()
+            return {"results": []}
+    elif prompt_ids is not None:
+        item = make_item(tokenizer, {"prompt_ids": prompt_ids}, defaults, index=0, **chat)
+    else:
+        item = make_item(tokenizer, {"prompt": args.prompt}, defaults, index=0, **chat)
+    if not args.input:
+        check_length(item, max_len)
 
     t0 = time.time()
     if args.config:
-        config = Small4Config.from_yaml(args.config)
         model = init_model(config, seed=args.seed, dtype=args.dtype or "float32")
-        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else default_tokenizer()
         print(
             f"note: the weights are RANDOM ({args.config}, seed {args.seed}), so the text is gibberish. "
             "For real text pass --checkpoint DIR with a Mistral Small 4 checkpoint (HF or Mistral-native).",
@@ -114,13 +131,6 @@ def run(args: argparse.Namespace) -> dict:
         )
     else:
         model = from_pretrained(args.checkpoint, dtype=args.dtype or "auto", mesh=mesh)
-        config = model.config
-        tokenizer = None
-        try:
-            tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
-        except Small4Error:
-            if args.tokenizer or prompt_ids is None:
-                raise
     if args.lora:
         from small4_jax.lora import load_peft, shard_lora
 
@@ -134,16 +144,8 @@ def run(args: argparse.Namespace) -> dict:
     from infer.cli import engine_kwargs
 
     engine = Engine(model, tokenizer, mesh=mesh, **engine_kwargs(args))
-    defaults = SamplingOptions(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, seed=args.seed)
-    chat = dict(chat=args.chat or bool(args.system or args.reasoning_effort), system=args.system,
-                reasoning_effort=args.reasoning_effort)
     if args.input:
-        return _run_batch(args, engine, tokenizer, read_items(args.input, tokenizer, defaults, **chat))
-    if prompt_ids is not None:
-        item = make_item(tokenizer, {"prompt_ids": prompt_ids}, defaults, index=0, **chat)
-    else:
-        item = make_item(tokenizer, {"prompt": args.prompt}, defaults, index=0, **chat)
+        return _run_batch(engine, tokenizer, writer)
     parser = ChatParser(tokenizer, parse_tools=False) if item.chat else None
     for t in item.prompt.forced if parser else ():
         parser.push(t)
@@ -175,26 +177,23 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def _run_batch(args, engine, tokenizer, items) -> dict:
+def _run_batch(engine, tokenizer, writer) -> dict:
     from tqdm import tqdm
 
     from infer.batch import result_row
 
+    items = writer.todo
     rows = [None] * len(items)
-    with tqdm(total=len(items), desc="prompts", unit="prompt", file=sys.stderr) as bar:
-        def done(i, out):
-            rows[i] = result_row(tokenizer, items[i], out)
-            bar.update(1)
+    try:
+        with tqdm(total=len(items), desc="prompts", unit="prompt", file=sys.stderr) as bar:
+            def done(i, out):
+                rows[i] = result_row(tokenizer, items[i], out)
+                writer.add(i, rows[i])  # written and flushed as soon as the rows before it are
+                bar.update(1)
 
-        engine.generate([it.prompt.ids for it in items], [it.options for it in items], on_finish=done)
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    if args.output:
-        try:
-            Path(args.output).write_text(text, encoding="utf-8")
-        except OSError as e:
-            raise InputError(f"--output {args.output}: {e.strerror}") from None
-    else:
-        sys.stdout.write(text)
+            engine.generate([it.prompt.ids for it in items], [it.options for it in items], on_finish=done)
+    finally:
+        writer.close()
     return {"results": rows}
 
 

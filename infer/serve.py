@@ -13,7 +13,6 @@ request, which frees its cache pages at the engine's next step.
 The engine runs on its own thread; each request's events cross to the event loop through an asyncio queue.
 """
 
-
 import argparse
 import asyncio
 import json
@@ -27,15 +26,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from infer.chat import ChatParser, encode_chat
 from infer.cli import add_engine_args, engine_kwargs, load_model_and_tokenizer
-from infer.engine import Engine, QueueFull, RequestOutput, SamplingOptions
 from small4_jax.errors import InputError, Small4Error
 
+# The engine (and so JAX) is imported where it is used, so `--help` answers without loading JAX.
 log = logging.getLogger("small4_jax")
 
 
 # ---- request schemas -------------------------------------------------------------------------------------------------
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=False)
+    # strict: `"temperature": "0.5"` is a 400 naming the field, not silently a number
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = None
     max_tokens: int | None = None
@@ -92,16 +92,22 @@ def _validation_message(e: ValidationError) -> str:
 class Server:
     """Request handling shared by the endpoints: validation, submission, event streaming, metrics."""
 
-    def __init__(self, engine: Engine, tokenizer, model_name: str, api_key: str | None = None):
+    def __init__(self, engine: "Engine", tokenizer, model_name: str, api_key: str | None = None):
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.model_names = {model_name}  # what a request's `model` may say
         self.api_key = api_key
         self.started = time.time()
         self.http_counts: dict[tuple[str, int], int] = {}
 
     # -- validation --
-    def options(self, req: _Common, prompt_len: int, logprobs: int | None) -> SamplingOptions:
+    def options(self, req: _Common, prompt_len: int, logprobs: int | None) -> "SamplingOptions":
+        from infer.engine import SamplingOptions
+
+        if req.model is not None and req.model not in self.model_names:
+            raise HTTPError(400, f"model {req.model!r} is not served here; GET /v1/models lists "
+                                 f"{', '.join(map(repr, sorted(self.model_names)))}", param="model")
         if req.n != 1:
             raise HTTPError(400, "only n=1 is supported", param="n")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -129,12 +135,14 @@ class Server:
         except InputError as e:
             raise HTTPError(400, str(e)) from None
 
-    def submit(self, prompt: list[int], options: SamplingOptions, cache_salt: str | None = None):
+    def submit(self, prompt: list[int], options: "SamplingOptions", cache_salt: str | None = None):
         """Queue a request; returns (id, asyncio queue of RequestOutput)."""
+        from infer.engine import QueueFull
+
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
-        def callback(out: RequestOutput):
+        def callback(out: "RequestOutput"):
             loop.call_soon_threadsafe(events.put_nowait, out)
 
         try:
@@ -177,7 +185,7 @@ class Server:
         return out
 
     @staticmethod
-    def usage(out: RequestOutput) -> dict:
+    def usage(out: "RequestOutput") -> dict:
         return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
                 "total_tokens": out.prompt_tokens + out.completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
@@ -225,6 +233,8 @@ def build_app(server: Server):
     """The FastAPI application for `server`."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+    from infer.engine import RequestOutput
 
     app = FastAPI(title="small4-jax", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -296,7 +306,7 @@ def build_app(server: Server):
             prompt = encode_chat(server.tokenizer, req.messages, tools=req.tools, tool_choice=req.tool_choice,
                                  reasoning_effort=req.reasoning_effort)
         except InputError as e:
-            raise HTTPError(400, str(e), param="messages") from None
+            raise HTTPError(400, str(e), param="tools" if str(e).startswith("tools") else "messages") from None
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         options = server.options(req, len(prompt.ids), logprobs)
         parse_tools = req.tool_choice != "none" and bool(req.tools)
@@ -555,9 +565,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    args = parse_args(argv)
     import uvicorn
 
-    args = parse_args(argv)
+    from infer.engine import Engine
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         from small4_jax import distributed

@@ -4,12 +4,31 @@ Public API:
     from_pretrained(path, dtype="bfloat16", mesh=None) -> Small4ForCausalLM   # HF or Mistral-native directory
     model(input_ids)                                  -> logits [B, T, vocab]
     Small4Config, load_config(path), init_model(config, seed=0), load_tokenizer(path)
+
+The names are imported on first use (PEP 562), so `import small4_jax.errors` (which every command-line tool does
+before parsing its arguments) does not import JAX: `--help` answers at once.
 """
 
-from small4_jax.checkpoint import from_pretrained
-from small4_jax.config import Small4Config, load_config
 from small4_jax.errors import CheckpointError, ConfigError, InputError, Small4Error, TokenizerError
-from small4_jax.model import KVCache, Small4ForCausalLM, init_model
+
+_LAZY = {
+    "from_pretrained": "small4_jax.checkpoint",
+    "Small4Config": "small4_jax.config",
+    "load_config": "small4_jax.config",
+    "KVCache": "small4_jax.model",
+    "Small4ForCausalLM": "small4_jax.model",
+    "init_model": "small4_jax.model",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'small4_jax' has no attribute {name!r}")
 
 
 def load_tokenizer(path):

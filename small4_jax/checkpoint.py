@@ -182,6 +182,22 @@ def default_quantize(source) -> str | None:
     return None
 
 
+def checkpoint_config(path: str | os.PathLike) -> Small4Config:
+    """The config of a checkpoint directory (HF, native or sharded), read without touching a weight: the command-line
+    tools check a request against it before spending the minute a model build takes."""
+    import json
+
+    from small4_jax import sharded_ckpt
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    if sharded_ckpt.is_sharded_checkpoint(path):
+        f = path / sharded_ckpt.CONFIG_FILE
+        return Small4Config.from_dict(json.loads(f.read_text()), source=str(f))
+    return load_config(path)
+
+
 def from_pretrained(
     path: str | os.PathLike,
     dtype="bfloat16",

@@ -648,6 +648,8 @@ def _check_type(key: str, value: Any, annotation: str, source: str) -> None:
         allowed.append(str)
     if "tuple" in ann:
         allowed += [tuple, list]
+    if "dict" in ann:
+        allowed.append(dict)
     if value is None:
         if "None" in ann:
             return

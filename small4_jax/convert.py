@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from small4_jax.errors import CheckpointError, Small4Error
@@ -41,6 +40,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
     `from_pretrained` restores them without requantising; the other parameters are stored in `dtype`."""
     if quantize is not None:
         return _convert_quantized(src, out, dtype=dtype, progress=progress, fmt=quantize)
+    import ml_dtypes
     from flax import nnx
 
     from small4_jax import sharded_ckpt as sc
@@ -126,6 +126,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
 
 
 def _convert_quantized(src, out, *, dtype: str, progress, fmt: str) -> Path:
+    import ml_dtypes
     from flax import nnx
 
     from small4_jax import quant
@@ -140,6 +141,8 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str) -> Path:
         raise CheckpointError(f"--quantize {fmt} stores the unquantised parameters in bf16 or f32, not {dtype!r}")
     storage = DTYPES[dtype]
     src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: checkpoint directory not found")
     if out.exists():
         raise CheckpointError(f"{out}: exists; remove it first or choose another --to")
     config = load_config(src)
@@ -207,6 +210,8 @@ def _release_freed_memory() -> None:
 
 def _write_experts(reader, writer, name, key, transform, shape, read_dtype, out_dtype, *, quantise: bool) -> None:
     """A stacked expert tensor [E, ...], a few experts at a time: memory stays at one block, not the whole tensor."""
+    import ml_dtypes
+
     from small4_jax import sharded_ckpt as sc
 
     stored_dtype = ml_dtypes.float8_e4m3fn if quantise else out_dtype

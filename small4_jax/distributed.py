@@ -240,7 +240,7 @@ def preflight(*, expected_devices: int | None = None, deadline_s: float = 120.0)
 
     def global_array(per_device: Callable[[int], np.ndarray], width: int):
         return jax.make_array_from_callback(
-            (n * width,), sharding, lambda idx: per_device(idx[0].start // width)
+            (n * width,), sharding, lambda idx: per_device((idx[0].start or 0) // width)  # one device: slice(None)
         )
 
     # all-reduce: device d contributes d + 1
@@ -267,7 +267,7 @@ def preflight(*, expected_devices: int | None = None, deadline_s: float = 120.0)
     out = _with_deadline("all-to-all", lambda: jax.block_until_ready(a2a(y)), deadline_s)
     timings["all_to_all_s"] = time.perf_counter() - t
     for shard in out.addressable_shards:
-        j = shard.index[0].start // n
+        j = (shard.index[0].start or 0) // n
         got = np.asarray(shard.data)
         if not np.array_equal(got, 1000 * np.arange(n) + j):
             raise DistributedError(f"preflight: all-to-all gave {got.tolist()} on device {j}")

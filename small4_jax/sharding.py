@@ -80,9 +80,56 @@ def sharding_for(path: Sequence, shape: Sequence[int], mesh: Mesh | None) -> jax
     return NamedSharding(mesh, spec_for(path, shape, mesh))
 
 
-def make_mesh(shape: dict[str, int]) -> Mesh:
-    """A mesh from {'data': 1, 'expert': 8, 'tensor': 1}; the product must equal the number of devices used."""
+MESH_AXES = ("data", "expert", "tensor")  # the mesh axis names RULES and the MoE layout use
+
+
+def parse_mesh(spec: str | dict, where: str = "--mesh") -> dict[str, int]:
+    """The one mesh parser: 'data=1,expert=8,tensor=1' (a flag) or a mapping (YAML) -> {'data': 1, ...}.
+
+    Axis names must be among MESH_AXES (a typo such as `exprt` would otherwise run unsharded) and sizes positive
+    integers; a ConfigError names `where` and the offending part.
+    """
+    from small4_jax.errors import ConfigError
+
+    expected = f"name=size pairs over the axes {', '.join(MESH_AXES)}, e.g. data=1,expert=8,tensor=1"
+    if isinstance(spec, str):
+        pairs = []
+        for part in spec.split(","):
+            name, eq, size = (x.strip() for x in part.partition("="))
+            if not name or not eq or not size.isdigit():
+                raise ConfigError(f"{where}: {part.strip()!r} in {spec!r} is not name=size; expected {expected}")
+            pairs.append((name, int(size)))
+    elif isinstance(spec, dict):
+        pairs = list(spec.items())
+        for name, size in pairs:
+            if not isinstance(size, int) or isinstance(size, bool):
+                raise ConfigError(f"{where}: size of axis {name!r} = {size!r}; expected a positive integer")
+    else:
+        raise ConfigError(f"{where}: got {spec!r}; expected {expected}")
+    shape: dict[str, int] = {}
+    for name, size in pairs:
+        if name not in MESH_AXES:
+            raise ConfigError(f"{where}: unknown mesh axis {name!r}; expected {expected}")
+        if name in shape:
+            raise ConfigError(f"{where}: axis {name!r} given twice")
+        if size <= 0:
+            raise ConfigError(f"{where}: size of axis {name!r} = {size}; expected a positive integer")
+        shape[name] = size
+    return shape
+
+
+def make_mesh(shape: str | dict[str, int], where: str = "--mesh") -> Mesh:
+    """A mesh from {'data': 1, 'expert': 8, 'tensor': 1} (or its text form); the product of the sizes must equal the
+    number of devices in the job (a ConfigError saying both otherwise)."""
+    from small4_jax.errors import ConfigError
+
+    shape = parse_mesh(shape, where)
     names = tuple(shape)
+    size, n = math.prod(shape.values()), jax.device_count()
+    if size != n:
+        text = ",".join(f"{k}={v}" for k, v in shape.items())
+        raise ConfigError(f"{where}: {text} spans {size} devices but this job has {n} "
+                          f"({jax.default_backend()}); the sizes must multiply to {n}")
     # Auto axes: XLA propagates shardings through the model; the expert-parallel shard_map comes on top of this.
     auto = (jax.sharding.AxisType.Auto,) * len(names)
     return jax.make_mesh(tuple(shape[n] for n in names), names, axis_types=auto)

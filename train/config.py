@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 
-from small4_jax.config import Small4Config
+from small4_jax.config import Small4Config, _check_type
 from small4_jax.errors import ConfigError
 from small4_jax.lora import LoRAConfig
 
@@ -96,6 +96,9 @@ def _build(cls, d: dict, where: str):
     unknown = sorted(set(d) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(names)}")
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    for k, v in d.items():  # e.g. `steps: "abc"` is an error naming train.steps, not a TypeError later
+        _check_type(k, v, types[k], where)
     d = {k: tuple(v) if isinstance(v, list) and k in ("train", "eval", "targets") else v for k, v in d.items()}
     try:
         return cls(**d)
@@ -128,6 +131,10 @@ def _check(c: RunConfig) -> None:
     s = c.source
     if not c.data.train:
         raise ConfigError(f"{s}: data.train: list at least one JSONL file")
+    if c.train.mesh is not None:
+        from small4_jax.sharding import parse_mesh
+
+        parse_mesh(c.train.mesh, f"{s}: train.mesh")
     if c.data.seq_len <= 0:
         raise ConfigError(f"{s}: data.seq_len must be positive")
     t = c.train

@@ -18,7 +18,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from small4_jax.config import Small4Config
@@ -68,6 +67,8 @@ def save_merged(model, out_dir: str | Path, *, source: str | Path | None = None,
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    import ml_dtypes
+
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     merged = lora.merged_params(model)
     plan = checkpoint_plan(nnx.state(abstract_model(model.config, dtype="float32"), nnx.Param))

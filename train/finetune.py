@@ -36,10 +36,11 @@ def main(argv=None) -> int:
 
         distributed.initialize()  # joins a multi-process job when the environment describes one (launch/)
         from train import config as run_config
+        from small4_jax.sharding import parse_mesh
         from train.trainer import train
 
         cfg = run_config.load(args.config)
-        mesh = None if args.mesh is None else _parse_mesh(args.mesh)
+        mesh = None if args.mesh is None else parse_mesh(args.mesh, "--mesh")
         changes = {k: v for k, v in (("out_dir", args.out_dir), ("steps", args.steps), ("mesh", mesh))
                    if v is not None}
         if changes:
@@ -49,18 +50,6 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def _parse_mesh(text: str) -> dict[str, int]:
-    from small4_jax.errors import ConfigError
-
-    shape = {}
-    for part in text.split(","):
-        name, _, size = part.partition("=")
-        if not name.strip() or not size.strip().isdigit():
-            raise ConfigError(f"--mesh: expected name=size pairs like data=2,expert=4, got {text!r}")
-        shape[name.strip()] = int(size)
-    return shape
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def make_mesh(cfg: RunConfig):
         return None
     from small4_jax.sharding import make_mesh as _make
 
-    return _make(dict(cfg.train.mesh))
+    return _make(dict(cfg.train.mesh), f"{cfg.source}: train.mesh")
 
 
 def load_tokenizer(cfg: RunConfig):
