@@ -137,7 +137,7 @@ class ResultWriter:
         if path is None:
             self._file = None
         else:
-            if os.path.exists(path) and os.path.samefile(path, input_path):
+            if os.path.exists(path) and os.path.exists(input_path) and os.path.samefile(path, input_path):
                 raise InputError(f"--output {path}: the same file as --input")
             try:
                 self._file = open(path, "a+b")  # noqa: SIM115 - closed by close()

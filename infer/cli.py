@@ -48,12 +48,12 @@ def preflight(args: argparse.Namespace, need_tokenizer: bool = False):
     """(config, tokenizer, mesh): everything --config / --checkpoint / --tokenizer / --dtype / --mesh say that can be
     checked before a model is built, so a mistake costs a second, not the build's minute.
 
-    The tokenizer is the --tokenizer given, else the checkpoint's, else (with --config) the bundled tiny tekken.json;
-    a checkpoint without one gives None unless `need_tokenizer`.
+    The tokenizer is the --tokenizer given, else the checkpoint's, else (with --config) the run config's
+    `base.tokenizer`, else the bundled tiny tekken.json; a checkpoint without one gives None unless `need_tokenizer`.
     """
     from infer.generate import _parse_mesh
     from small4_jax.checkpoint import checkpoint_config
-    from small4_jax.config import Small4Config
+    from small4_jax.config import Small4Config, read_yaml
     from small4_jax.tokenizer import ASSETS_DIR, load_tokenizer
 
     if args.dtype is not None and args.dtype not in DTYPES:
@@ -62,9 +62,14 @@ def preflight(args: argparse.Namespace, need_tokenizer: bool = False):
     config = Small4Config.from_yaml(args.config) if args.config else checkpoint_config(args.checkpoint)
     tokenizer = None
     if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer)
+        try:
+            tokenizer = load_tokenizer(args.tokenizer)
+        except Small4Error as e:
+            raise InputError(f"--tokenizer: {e}") from None
     elif args.config:
-        tokenizer = load_tokenizer(ASSETS_DIR / DEFAULT_TOKENIZER)
+        base = read_yaml(args.config).get("base")  # a fine-tuning run config names the tokenizer it trained with
+        named = base.get("tokenizer") if isinstance(base, dict) else None
+        tokenizer = load_tokenizer(named or ASSETS_DIR / DEFAULT_TOKENIZER)
     else:
         try:
             tokenizer = load_tokenizer(args.checkpoint)

@@ -197,24 +197,11 @@ def _run_batch(engine, tokenizer, writer) -> dict:
     return {"results": rows}
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is at the time of the record (it may be replaced, e.g. under pytest)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _):
-        pass
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    log = logging.getLogger("small4_jax")
-    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
-        log.addHandler(_StderrHandler())
-    log.setLevel(logging.INFO)
+    from small4_jax.console import setup_logging
+
+    setup_logging()
     try:
         from small4_jax import distributed
 

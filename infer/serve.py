@@ -570,7 +570,9 @@ def main(argv=None) -> int:
 
     from infer.engine import Engine
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from small4_jax.console import setup_logging
+
+    setup_logging()  # our lines only: no library INFO chatter (absl, jax backends)
     try:
         from small4_jax import distributed
 

@@ -105,9 +105,34 @@ def main(argv=None) -> int:
     command = a.command[1:] if a.command[:1] == ["--"] else a.command
     if not command:
         p.error("give the command to run after --")
-    if a.nproc < 1:
-        p.error("--nproc must be >= 1")
+    problem = _check(a, command)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     return launch(command, a.nproc, cpu_devices=a.cpu_devices, timeout=a.timeout, port=a.port)
+
+
+def _check(a, command: list[str]) -> str | None:
+    """What would make every process fail at start, said once here instead of N times by the processes."""
+    import shutil
+
+    for name in ("nproc", "cpu_devices"):
+        value = getattr(a, name)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} must be at least 1, got {value}"
+    if a.timeout is not None and a.timeout <= 0:
+        return f"--timeout must be positive, got {a.timeout:g}"
+    if shutil.which(command[0]) is None:
+        return f"launch/local.py: command not found: {command[0]}"
+    if a.port is not None:
+        if not 0 < a.port < 65536:
+            return f"--port {a.port}: expected 1-65535"
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", a.port))
+            except OSError:
+                return f"--port {a.port}: 127.0.0.1:{a.port} is already in use"
+    return None
 
 
 if __name__ == "__main__":

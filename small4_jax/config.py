@@ -452,6 +452,7 @@ class Small4Config:
         # Fields with the same name in config.json; the RoPE ones live under rope_parameters and are read below.
         direct = set(cls.field_names()) - {"rope_type", "rope_factor", "rope_attention_factor", "rope_truncate",
                                            "llama_4_scaling_beta"}
+        _check_typos(d, direct | {"rope_parameters", "rope_scaling", "rope_theta"}, source)
         for k in direct:
             if k in d and d[k] is not None:
                 out[k] = d[k]
@@ -460,6 +461,7 @@ class Small4Config:
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         if not isinstance(rope, dict):
             raise ConfigError(f"{source}: 'rope_parameters' must be a mapping")
+        _check_typos(rope, _ROPE_KEYS, f"{source}: rope_parameters")
         rope_type = rope.get("rope_type", rope.get("type", "default" if not rope else "yarn"))
         out["rope_type"] = rope_type
         if "rope_theta" in rope or "rope_theta" in d:
@@ -632,6 +634,23 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return d
+
+
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+              "mscale", "mscale_all_dim", "attention_factor", "truncate", "llama_4_scaling_beta"}
+
+
+def _check_typos(d: dict[str, Any], read: set[str], source: str) -> None:
+    """A config.json holds many keys we do not read (transformers' own), so unknown keys are fine, except one that
+    looks like a misspelling of a key we read and which is missing: that key would silently take the 119B default
+    and surface later as a page of shape errors that never name it."""
+    import difflib
+
+    for key in sorted(set(d) - read):
+        close = [k for k in difflib.get_close_matches(key, sorted(read), n=3, cutoff=0.85) if k not in d]
+        if close:
+            raise ConfigError(f"{source}: unknown key '{key}'; did you mean '{close[0]}'? (without it "
+                              f"'{close[0]}' takes its default)")
 
 
 def _check_type(key: str, value: Any, annotation: str, source: str) -> None:

@@ -53,6 +53,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
         raise CheckpointError(f"--dtype {dtype!r}: expected one of bf16, fp8, f32")
     storage = DTYPES[dtype]
     src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: checkpoint directory not found")
     if sc.is_sharded_checkpoint(out) and (out / sc.FORMAT_FILE).is_file():
         raise CheckpointError(f"{out}: a converted checkpoint is already there; choose another --to or remove it")
     if out.exists():

@@ -42,3 +42,16 @@ def _gpu_compile_gate(request):
         if _require_gpu_compile():
             pytest.fail(f"deviceless GPU compile is required here (CI) but unavailable: {why}")
         pytest.skip(f"deviceless GPU compile unavailable: {why}")
+
+
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _small4_log_propagates():
+    """The command-line tools stop "small4_jax" records at their own handler (small4_jax.console); a test that
+    called one in-process must not hide later records from pytest's caplog, which listens on the root logger."""
+    yield
+    logging.getLogger("small4_jax").propagate = True

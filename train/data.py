@@ -17,7 +17,8 @@ the first user turn) [INST]u[/INST] [THINK]r[/THINK]a [TOOL_CALLS]name[ARGS]args
 
 Packing: examples are shuffled by seed, then packed greedily into rows of `seq_len` (+1 for the shifted target); each
 document gets its own segment id (attention never crosses documents) and positions restarting at 0; an example
-longer than a row is truncated (counted in the stats). Batches are a pure function of (seed, step): epoch e visits
+longer than a row is truncated (counted in the stats); a row whose trained tokens would all be cut off is an error
+naming file:line, and so is a line that is not valid UTF-8. Batches are a pure function of (seed, step): epoch e visits
 the rows in permutation(seed, e), so a resumed run sees exactly the batches it would have seen.
 """
 
@@ -155,11 +156,16 @@ def read_jsonl(paths: Sequence[str | Path]) -> tuple[list[tuple[str, int, dict]]
             errors.append(RowError(str(p), 0, "file not found"))
             continue
         n = 0
-        with p.open(encoding="utf-8", errors="replace") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
+        with p.open("rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
                 n += 1
+                try:  # strict: replacement characters would train the model on U+FFFD
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    errors.append(RowError(str(p), line_no, f"not valid UTF-8 (byte {e.start + 1} of the line)"))
+                    continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -376,12 +382,21 @@ def load_dataset(paths: Sequence[str | Path], tokenizer, seq_len: int, seed: int
             examples.append(encode_row(row, tokenizer, chat))
         except Exception as e:  # the tokenizer's own checks (mistral-common validation, ...)
             errors.append(RowError(file, line, f"cannot be tokenised: {e}"))
+        else:
+            # A row longer than seq_len is cut to its first seq_len + 1 ids; if no trained target survives the cut
+            # (a long prompt), its weights would all be zero: an error rather than a row that trains on nothing.
+            ids, mask = examples[-1]
+            if len(ids) > seq_len + 1 and not any(mask[1:seq_len + 1]):
+                first = next((i for i, m in enumerate(mask) if m and i > 0), len(ids))
+                errors.append(RowError(file, line, f"{len(ids)} tokens and the first trained one is token {first + 1}: "
+                                                   f"cut to data.seq_len = {seq_len} it trains on nothing; shorten "
+                                                   "the prompt or raise data.seq_len"))
     if errors:
         raise DataError(f"{len(errors)} bad row(s):\n" + "\n".join(f"  {e}" for e in errors))
     order = np.random.default_rng(seed).permutation(len(examples))
     packed, truncated = pack([examples[i] for i in order], seq_len, tokenizer.pad_id or 0)
     stats = DataStats(len(paths), len(rows), sum(len(e[0]) for e in examples),
-                      int(sum(sum(e[1]) for e in examples)), len(packed), truncated)
+                      int(packed.weights.sum()), len(packed), truncated)
     return packed, stats
 
 

@@ -57,8 +57,11 @@ def hf_config_dict(c: Small4Config, dtype: str = "float32") -> dict:
 
 
 def save_merged(model, out_dir: str | Path, *, source: str | Path | None = None, dtype: str = "float32",
-                max_shard_bytes: int = 5 << 30) -> Path:
-    """Write the merged weights of `model` (adapters attached) as an HF checkpoint directory."""
+                max_shard_bytes: int = 5 << 30, tokenizer: str | Path | None = None) -> Path:
+    """Write the merged weights of `model` (adapters attached) as an HF checkpoint directory.
+
+    The tokenizer files come from `source`; `tokenizer` (the file the run trained with) is copied when `source`
+    has none, so the export always generates text (`infer.generate --checkpoint OUT`)."""
     from flax import nnx
 
     from small4_jax import lora
@@ -93,6 +96,9 @@ def save_merged(model, out_dir: str | Path, *, source: str | Path | None = None,
                         "generation_config.json", "special_tokens_map.json"):
             for f in src.glob(pattern):
                 shutil.copy(f, out / f.name)
+    tok = Path(tokenizer) if tokenizer else None
+    if tok is not None and tok.is_file() and not any(out.glob("tekken.json")) and not any(out.glob("tokenizer.model*")):
+        shutil.copy(tok, out / ("tekken.json" if tok.suffix == ".json" else "tokenizer.model"))
     return out
 
 
@@ -128,6 +134,9 @@ def load_run(run_dir: str | Path, step: int | None = None):
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"{run}: not a training run directory (config.yaml missing)")
     cfg = run_config.load(run / "config.yaml")
+    from train.trainer import check_step
+
+    step = check_step(run, step)  # before the model is built
     model = build_model(cfg)
     step = restore_lora(model, run, step)
     return model, cfg, step
@@ -151,7 +160,10 @@ def main(argv=None) -> int:
             lora.save_peft(model, args.peft, base_model_name_or_path=cfg.base.checkpoint)
             print(f"PEFT adapter (step {step}) -> {args.peft}", file=sys.stderr)
         if args.merged:
-            save_merged(model, args.merged, source=cfg.base.checkpoint, dtype=args.dtype)
+            from train.trainer import tokenizer_path
+
+            save_merged(model, args.merged, source=cfg.base.checkpoint, dtype=args.dtype,
+                        tokenizer=tokenizer_path(cfg))
             print(f"merged checkpoint (step {step}) -> {args.merged}", file=sys.stderr)
     except Small4Error as e:
         print(f"error: {e}", file=sys.stderr)

@@ -11,7 +11,6 @@ loss print one line `error: ...` and exit with status 2; see train/trainer.py fo
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from small4_jax.errors import Small4Error
@@ -25,10 +24,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, help="override train.steps")
     p.add_argument("--mesh", help="override train.mesh, e.g. data=2,expert=4,tensor=1")
     args = p.parse_args(argv)
-    log = logging.getLogger("small4_jax")
-    if not log.handlers:
-        log.addHandler(logging.StreamHandler(sys.stderr))
-    log.setLevel(logging.INFO)
+    from small4_jax.console import setup_logging
+
+    setup_logging()
     try:
         import dataclasses
 

@@ -60,14 +60,17 @@ def make_mesh(cfg: RunConfig):
     return _make(dict(cfg.train.mesh), f"{cfg.source}: train.mesh")
 
 
-def load_tokenizer(cfg: RunConfig):
-    from small4_jax.tokenizer import default_tokenizer, load_tokenizer as _load
+def tokenizer_path(cfg: RunConfig) -> str:
+    """base.tokenizer, else the checkpoint directory's, else the bundled tiny sentencepiece model."""
+    from small4_jax.tokenizer import TINY_SPM_PATH
 
-    if cfg.base.tokenizer:
-        return _load(cfg.base.tokenizer)
-    if cfg.base.checkpoint:
-        return _load(cfg.base.checkpoint)
-    return default_tokenizer()
+    return str(cfg.base.tokenizer or cfg.base.checkpoint or TINY_SPM_PATH)
+
+
+def load_tokenizer(cfg: RunConfig):
+    from small4_jax.tokenizer import load_tokenizer as _load
+
+    return _load(tokenizer_path(cfg))
 
 
 def load_base(cfg: RunConfig, mesh=None) -> Small4ForCausalLM:
@@ -199,14 +202,53 @@ def restore(mngr, step: int, template: dict) -> dict:
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
+def saved_steps(run_dir: str | Path) -> list[int]:
+    """The steps with a complete checkpoint in a run directory (Orbax renames a step's directory when complete)."""
+    d = Path(run_dir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()) if d.is_dir() else []
+
+
+def check_step(run_dir: str | Path, step: int | None) -> int:
+    """`step` (default: the latest) if the run saved it, else a TrainingError listing the steps there are."""
+    steps = saved_steps(run_dir)
+    if not steps:
+        raise TrainingError(f"{run_dir}: no checkpoint in {Path(run_dir) / 'checkpoints'}")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise TrainingError(f"{run_dir}: no checkpoint for step {step}; saved steps: "
+                            f"{', '.join(map(str, steps))}")
+    return step
+
+
+def restore_latest_readable(mngr, out: Path, template: dict) -> dict:
+    """The newest checkpoint that restores. One that does not (a corrupted or half-deleted step) is skipped with a
+    warning naming it and the step used instead; none readable is a TrainingError."""
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+        raise TrainingError(f"{out}: --resume but no checkpoint in {out / 'checkpoints'}")
+    failures = []
+    for step in steps:
+        try:
+            state = restore(mngr, step, template)
+        except Exception as e:  # Orbax / TensorStore raise many types for a damaged checkpoint
+            failures.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            log.warning("checkpoint step %d in %s cannot be restored (%s); trying the one before", step,
+                        out / "checkpoints", failures[-1])
+            continue
+        if failures:
+            log.warning("resuming from step %d: the newer checkpoint(s) %s are unreadable", step,
+                        ", ".join(f.split(":")[0] for f in failures))
+        return state
+    raise TrainingError(f"{out}: no checkpoint in {out / 'checkpoints'} can be restored: " + "; ".join(failures))
+
+
 def restore_lora(model: Small4ForCausalLM, run_dir: str | Path, step: int | None = None) -> int:
     """Load the LoRA parameters of a run's checkpoint (latest, or `step`) into `model` (adapters attached)."""
     import orbax.checkpoint as ocp
 
     mngr = ocp.CheckpointManager(Path(run_dir).resolve() / "checkpoints")
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise TrainingError(f"{run_dir}: no checkpoint found")
+    step = check_step(run_dir, step)
     params = nnx.state(model, lora.TRAINABLE)
     abstract = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, params)}
     restored = mngr.restore(step, args=ocp.args.PyTreeRestore(
@@ -293,12 +335,9 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
     mngr = checkpoint_manager(out, cfg.train.keep)
     start = 0
     if resume:
-        latest = mngr.latest_step()
-        if latest is None:
-            raise TrainingError(f"{out}: --resume but no checkpoint in {out / 'checkpoints'}")
-        state = restore(mngr, latest, _global({"params": params, "opt_state": opt_state, "rng": rng,
-                                               "step": np.zeros((), np.int32), "data_position": np.zeros((), np.int32)},
-                                              mesh))
+        template = _global({"params": params, "opt_state": opt_state, "rng": rng, "step": np.zeros((), np.int32),
+                            "data_position": np.zeros((), np.int32)}, mesh)
+        state = restore_latest_readable(mngr, out, template)
         params, opt_state, rng = state["params"], state["opt_state"], state["rng"]
         start = int(state["step"])
         log.info("resumed from step %d", start)
@@ -327,10 +366,14 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
                 where = f"the last good checkpoint is step {good} in {out / 'checkpoints'}" if good is not None \
                     else "no checkpoint was saved yet"
                 raise TrainingError(f"loss is {loss} at step {done}; stopped. {where} (try a lower optim.lr)")
+            now = time.time()
+            if done == start + 1:  # this process's first step includes compiling it: rates and ETAs start after it
+                t_first, tokens_first = now, float(m["tokens"])
             tokens_seen += float(m["tokens"])
             rec = {"step": done, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-                   "tokens": int(m["tokens"]), "elapsed_s": round(time.time() - t0, 3)}
-            rate = tokens_seen / max(time.time() - t0, 1e-9)
+                   "tokens": int(m["tokens"]), "elapsed_s": round(now - t0, 3)}
+            steady = done - start - 1  # steps timed after the compiling one
+            rate = (tokens_seen - tokens_first) / max(now - t_first, 1e-9) if steady else tokens_seen / max(now - t0, 1e-9)
             rec["tokens_per_s"] = round(rate, 1)
             if eval_data is not None and ((t.eval_every and done % t.eval_every == 0) or done == t.steps):
                 rec["eval_loss"] = evaluate(steps, params, rng, frozen, eval_data, bsz, mesh)
@@ -345,10 +388,14 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
             mf.flush()
             records.append(rec)
             if primary and (done % t.log_every == 0 or done == end):
-                eta = (end - done) * (time.time() - t0) / max(done - start, 1)
                 ev = f" eval {rec['eval_loss']:.4f}" if "eval_loss" in rec else ""
-                print(f"step {done}/{t.steps} loss {loss:.4f}{ev} lr {rec['lr']:.2e} tok/s {rate:,.0f} "
-                      f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", file=sys.stderr, flush=True)
+                if steady:
+                    eta = (end - done) * (time.time() - t_first) / steady
+                    timing = f"tok/s {rate:,.0f} eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+                else:
+                    timing = f"compile + first step {now - t0:.1f}s (eta from the next step)"
+                print(f"step {done}/{t.steps} loss {loss:.4f}{ev} lr {rec['lr']:.2e} {timing}", file=sys.stderr,
+                      flush=True)
     mngr.wait_until_finished()
     mngr.close()
     del last_good

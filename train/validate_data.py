@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         from train import config as run_config
-        from train.data import load_dataset, read_jsonl
+        from train.data import DataError, load_dataset, read_jsonl
         from train.trainer import load_tokenizer
 
         cfg = run_config.load(args.config)
@@ -37,7 +37,12 @@ def main(argv=None) -> int:
                   "training.", file=sys.stderr)
             return 1
         tokenizer = load_tokenizer(cfg)
-        _, stats = load_dataset(cfg.data.train, tokenizer, cfg.data.seq_len, cfg.data.seed)
+        try:
+            _, stats = load_dataset(cfg.data.train, tokenizer, cfg.data.seq_len, cfg.data.seed)
+        except DataError as e:  # rows that cannot be tokenised or would train on nothing, one per line
+            print("\n".join(x.strip() for x in str(e).splitlines()[1:]))
+            print(f"{str(e).splitlines()[0]} Fix them before training.", file=sys.stderr)
+            return 1
         t = cfg.train
         step_tokens = t.batch_size * cfg.data.seq_len
         epochs = t.steps * t.batch_size / max(stats.packed_rows, 1)
