@@ -89,8 +89,10 @@ def test_bad_requests_are_input_errors(tok):
         encode_chat(tok, [{"role": "user", "content": "hi"}], reasoning_effort="medium")
     with pytest.raises(InputError, match="non-empty"):
         encode_chat(tok, [])
-    with pytest.raises(InputError, match="invalid chat request"):
+    with pytest.raises(InputError, match=r"^messages\[0\].role: 'wizard'; expected one of system, user, assistant, tool$"):
         encode_chat(tok, [{"role": "wizard", "content": "hi"}])
+    with pytest.raises(InputError, match="invalid chat request"):  # what only mistral-common checks
+        encode_chat(tok, [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}])
 
 
 def _assistant_ids(tok, message):
