@@ -15,6 +15,7 @@ The engine runs on its own thread; each request's events cross to the event loop
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import sys
@@ -404,6 +405,8 @@ def build_app(server: Server):
     async def completions(request: Request):
         req: CompletionRequest = await parse(request, CompletionRequest)
         if isinstance(req.prompt, str):
+            if not req.prompt:  # BOS alone is not a prompt
+                raise HTTPError(400, "empty prompt", param="prompt")
             if server.tokenizer is None:
                 raise HTTPError(400, "this server has no tokenizer: give the prompt as token ids", param="prompt")
             prompt = server.tokenizer.encode(req.prompt, bos=True)
@@ -564,6 +567,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 
+def check_address(host: str, port: int) -> None:
+    """InputError unless host:port can be bound (as uvicorn will, with SO_REUSEADDR)."""
+    import socket
+
+    if not 0 <= port < 65536:
+        raise InputError(f"--port {port}: expected 0-65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise InputError(f"--host {host}: {e.strerror or e}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            reason = "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be bound: {e.strerror}"
+            raise InputError(f"--port {port}: {host}:{port} {reason}") from None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import uvicorn
@@ -577,7 +600,10 @@ def main(argv=None) -> int:
         from small4_jax import distributed
 
         # Several processes (launch/): process 0 serves HTTP, every process runs the engine in lockstep.
-        multi = distributed.initialize().multi_process
+        spec = distributed.initialize()
+        multi = spec.multi_process
+        if spec.process_id == 0:
+            check_address(args.host, args.port)  # a taken port is said now, not after the model build
         model, tokenizer, mesh = load_model_and_tokenizer(args)
         if multi:
             from infer.lockstep import LockstepEngine

@@ -344,3 +344,87 @@ def test_distributed_preflight_on_one_device():
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("process 0/1 (single): 1 devices, all-reduce ")
+
+
+# ---- the server --------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_server():
+    """The tiny model behind the HTTP server; every request below is refused before the engine runs anything."""
+    from infer.engine import Engine
+    from infer.serve import Running, Server
+    from small4_jax.config import Small4Config
+    from small4_jax.model import init_model
+    from small4_jax.tokenizer import ASSETS_DIR, load_tokenizer
+
+    model = init_model(Small4Config.from_yaml(TINY), seed=0)
+    tok = load_tokenizer(ASSETS_DIR / "tiny_tekken.json")
+    running = Running(Server(Engine(model, tok, max_batch=2, max_model_len=128, prefill_chunk=16), tok, "tiny"))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def _post(url: str, path: str, body) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+HI = [{"role": "user", "content": "hi"}]
+CHAT_CASES = [  # (body, param, message)
+    (b"{not json", None, "the body is not valid JSON: Expecting property name enclosed in double quotes: line 1 "
+                         "column 2 (char 1)"),
+    (b"[1, 2]", None, "the body must be a JSON object"),
+    ({"model": "gpt-4", "messages": HI}, "model", "model 'gpt-4' is not served here; GET /v1/models lists 'tiny'"),
+    ({"messages": HI, "temperature": "0.5"}, None, "temperature: Input should be a valid number"),
+    ({"messages": HI, "max_tokens": 2.5}, None, "max_tokens: Input should be a valid integer"),
+    ({"messages": HI, "stream": "yes"}, None, "stream: Input should be a valid boolean"),
+    ({"messages": HI, "top_p": 0}, None, "top_p: Input should be greater than 0"),
+    ({"messages": HI, "n": 2}, "n", "only n=1 is supported"),
+    ({"messages": HI, "max_tokens": 0}, "max_tokens", "max_tokens must be positive, got 0"),
+    ({"messages": HI, "max_tokens": 200}, "max_tokens",
+     "prompt (22 tokens) + max_tokens (200) exceeds the model's context of 128 tokens"),
+    ({"messages": "hi"}, None, "messages: Input should be a valid list"),
+    ({"messages": []}, "messages", "messages must be a non-empty list"),
+    ({"messages": [{"role": "user"}]}, "messages", "messages[0]: 'content' is missing"),
+    ({"messages": [{"content": "hi"}]}, "messages",
+     "messages[0].role: None; expected one of system, user, assistant, tool"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages",
+     "messages[0].content: expected a string or a list of content parts, got int"),
+    ({"messages": HI, "tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools",
+     "tools[0].function.name: expected a non-empty string, got None"),
+    ({"messages": HI, "tools": [{"type": "function"}]}, "tools",
+     "tools[0].function: expected an object with 'name' and 'parameters'"),
+    ({"messages": HI, "tools": {"name": "f"}}, None, "tools: Input should be a valid list"),
+    ({"messages": HI, "reasoning_effort": "max"}, None, "reasoning_effort: Input should be 'none' or 'high'"),
+]
+COMPLETION_CASES = [
+    ({"prompt": ""}, "prompt", "empty prompt"),
+    ({"prompt": [1, 2, 999]}, None, "prompt ids [999] are outside the vocabulary [0, 512)"),
+    ({"prompt": [[1, 2], [3]]}, None, None),
+    ({"prompt": "hi", "model": "tiny-2"}, "model", "model 'tiny-2' is not served here; GET /v1/models lists 'tiny'"),
+    ({"prompt": "hi", "logprobs": 50}, None, "logprobs: Input should be less than or equal to 20"),
+]
+
+
+def test_every_bad_request_is_a_400_naming_the_field(tiny_server):
+    for path, cases in (("/v1/chat/completions", CHAT_CASES), ("/v1/completions", COMPLETION_CASES)):
+        for body, param, message in cases:
+            status, got = _post(tiny_server.url, path, body)
+            assert status == 400, (body, got)
+            err = got["error"]
+            assert err["type"] == "invalid_request_error" and err["code"] == 400, (body, err)
+            if message is not None:
+                assert err["message"] == message, (body, err["message"])
+            if param is not None:
+                assert err["param"] == param, (body, err)
+            assert "\n" not in err["message"] and "Traceback" not in err["message"]
+    assert tiny_server.server.engine.metrics()["requests"] == 0  # none reached the engine
