@@ -26,6 +26,9 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch: int = 16) -> None:
     g.add_argument("--speculative", metavar="METHOD", help="speculative decoding: 'ngram' (prompt lookup) or "
                    "'eagle:DIR' (an EAGLE draft head checkpoint); see infer/speculative.py")
     g.add_argument("--num-draft-tokens", type=int, default=4, help="draft tokens per row and step (--speculative)")
+    g.add_argument("--quantize", choices=["fp8", "int8", "int4", "none"], default=None,
+                   help="weights of the linears and experts in memory and compute (small4_jax.quant; default: an FP8 "
+                   "checkpoint stays fp8, others unquantised; none dequantises)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -90,9 +93,9 @@ def load_model_and_tokenizer(args: argparse.Namespace):
 
     config, tokenizer, mesh = preflight(args)
     if args.config:
-        model = init_model(config, seed=args.seed, dtype=args.dtype or "float32")
+        model = init_model(config, seed=args.seed, dtype=args.dtype or "float32", quantize=args.quantize)
         if mesh is not None:
             place_model(model, mesh)
     else:
-        model = from_pretrained(args.checkpoint, dtype=args.dtype or "auto", mesh=mesh)
+        model = from_pretrained(args.checkpoint, dtype=args.dtype or "auto", mesh=mesh, quantize=args.quantize)
     return model, tokenizer, mesh

@@ -192,6 +192,46 @@ def cache_report(config, dtype, cache_bytes: int | None, page_size: int, num_pag
     )
 
 
+def device_bytes(tree, device) -> int:
+    """Bytes of the arrays of `tree` that live on `device` (its shards only: a sharded weight counts its slice)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        for shard in getattr(x, "addressable_shards", ()):
+            if shard.device == device:
+                total += shard.data.nbytes
+    return total
+
+
+def _size(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.2f} MiB"
+
+
+def memory_report(weights, cache, device=None) -> tuple[str, dict]:
+    """(one line, figures) for one device (default: the first device the weights are on): weight bytes (quantised
+    values at their stored width plus scales, with the format), cache bytes, and the headroom the backend reports
+    (bytes_limit - bytes_in_use; None where it reports no limit, as on CPUs)."""
+    from small4_jax.quant import format_of, is_quantised_dtype
+
+    leaves = jax.tree.leaves(weights)
+    if device is None:
+        device = min(leaves[0].sharding.device_set, key=lambda d: d.id) if leaves else jax.devices()[0]
+    fmts = sorted({format_of(x.dtype) for x in leaves if is_quantised_dtype(x.dtype)})
+    figures = {"weights": device_bytes(weights, device), "cache": device_bytes(cache, device), "headroom": None}
+    try:
+        stats = device.memory_stats()
+    except Exception:  # some backends raise instead of returning None
+        stats = None
+    if stats and "bytes_limit" in stats:
+        figures["headroom"] = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        headroom = f"{_size(figures['headroom'])} headroom of {_size(stats['bytes_limit'])}"
+    else:
+        headroom = "headroom unknown (the backend reports no memory limit)"
+    kind = f" ({', '.join(fmts)} weights + scales)" if fmts else ""
+    line = f"per device ({device}): weights {_size(figures['weights'])}{kind}, cache {_size(figures['cache'])}, " \
+           f"{headroom}"
+    return line, figures
+
+
 def pages_for_memory(config, dtype, cache_bytes: int, page_size: int) -> int:
     """Pages (plus the null page) that fit in `cache_bytes`."""
     per_page = cache_bytes_per_token_per_layer(config, dtype) * config.num_hidden_layers * page_size
@@ -298,6 +338,8 @@ class Engine:
         self.history = TokenHistory.create(max_batch + 1, config.vocab_size, sharding)  # last slot: padding rows
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self.report = cache_report(config, self.cache_dtype, cache_bytes, page_size, num_pages)
+        line, self.memory = memory_report(self.state, self.pages)  # weights / cache / headroom bytes, one device
+        self.report += "\n" + line
         log.info("%s", self.report)
 
         self._inbox: queue.Queue = queue.Queue()

@@ -123,14 +123,14 @@ def run(args: argparse.Namespace) -> dict:
 
     t0 = time.time()
     if args.config:
-        model = init_model(config, seed=args.seed, dtype=args.dtype or "float32")
+        model = init_model(config, seed=args.seed, dtype=args.dtype or "float32", quantize=args.quantize)
         print(
             f"note: the weights are RANDOM ({args.config}, seed {args.seed}), so the text is gibberish. "
             "For real text pass --checkpoint DIR with a Mistral Small 4 checkpoint (HF or Mistral-native).",
             file=sys.stderr,
         )
     else:
-        model = from_pretrained(args.checkpoint, dtype=args.dtype or "auto", mesh=mesh)
+        model = from_pretrained(args.checkpoint, dtype=args.dtype or "auto", mesh=mesh, quantize=args.quantize)
     if args.lora:
         from small4_jax.lora import load_peft, shard_lora
 

@@ -52,6 +52,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from small4_jax.errors import ConfigError
 from small4_jax.model import MLA, MLP, Experts, MoE, Router, Small4ForCausalLM
 from small4_jax.moe import ExpertLoRA
+from small4_jax.quant import QArray, dequantize, qdot
 from small4_jax.sharding import spec_for
 
 TRAINABLE = nnx.LoRAParam  # the filter of everything training updates
@@ -119,7 +120,10 @@ class DropoutKey(nnx.Variable):
 
 
 class LoRALinear(nnx.Module):
-    """An `nnx.Linear` (kernel [in, out], optional bias) plus a low-rank update: x W + b + s (x A) B."""
+    """An `nnx.Linear` (kernel [in, out], optional bias) plus a low-rank update: x W + b + s (x A) B.
+
+    Over a `quant.QLinear` (QLoRA) the frozen base stays quantised: `kernel` holds its values and `kernel_scale` its
+    scales, and x W is `quant.qdot` (gradients flow to x through the dequantising product, never to the base)."""
 
     def __init__(self, base: nnx.Linear, rank: int, alpha: float, dropout: float = 0.0, *, key,
                  dropout_key: DropoutKey | None = None, index: int = 0):
@@ -127,6 +131,7 @@ class LoRALinear(nnx.Module):
         self.dtype = base.dtype or base.kernel[...].dtype
         self.precision = base.precision
         self.kernel = base.kernel
+        self.kernel_scale = getattr(base, "kernel_scale", None)  # a quantised base (QLoRA)
         self.bias = base.bias
         self.rank, self.scale = rank, alpha / rank
         self.lora_a = nnx.LoRAParam(_init_a(key, (self.in_features, rank), self.in_features))
@@ -137,8 +142,11 @@ class LoRALinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        dims = (((x.ndim - 1,), (0,)), ((), ()))
-        y = jax.lax.dot_general(x, self.kernel[...].astype(self.dtype), dims, precision=self.precision)
+        if self.kernel_scale is not None:
+            y = qdot(x, QArray(self.kernel[...], self.kernel_scale[...]), self.dtype)
+        else:
+            dims = (((x.ndim - 1,), (0,)), ((), ()))
+            y = jax.lax.dot_general(x, self.kernel[...].astype(self.dtype), dims, precision=self.precision)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         xd = x
@@ -155,14 +163,20 @@ class LoRALinear(nnx.Module):
 
     def effective_kernel(self) -> jax.Array:
         """W + s A B [in, out] in the compute dtype (what absorbed MLA decode folds into the query), unmerged."""
-        return (self.kernel[...].astype(jnp.float32) + self.delta()).astype(self.dtype)
+        return (self.base_kernel() + self.delta()).astype(self.dtype)
+
+    def base_kernel(self) -> jax.Array:
+        """The frozen base matrix [in, out] in float32 (dequantised for a quantised base)."""
+        if self.kernel_scale is not None:
+            return dequantize(QArray(self.kernel[...], self.kernel_scale[...]), jnp.float32)
+        return self.kernel[...].astype(jnp.float32)
 
 
 class ExpertsLoRA(nnx.Module):
     """Stacked per-expert adapters for `Experts` (set as `experts.lora`); read by `moe.routed_experts`."""
 
     def __init__(self, experts: Experts, rank: int, alpha: float, *, key):
-        e, h, f2 = experts.gate_up.shape
+        e, h, f2 = experts.weights()[0].shape  # logical [E, H, 2F] (also for packed int4 values)
         f = f2 // 2
         k1, k2 = jax.random.split(key)
         self.rank, self.scale = rank, alpha / rank
@@ -345,9 +359,14 @@ def shard_lora(model: nnx.Module, mesh: Mesh | None) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Merging (for export; serving keeps adapters separate).
 def merged_params(model: Small4ForCausalLM) -> dict[tuple, np.ndarray]:
-    """The plain model's parameters (path -> float32 numpy, our layout) with every adapter folded in."""
-    base = {tuple(str(p) for p in path): np.asarray(v[...], np.float32)
-            for path, v in nnx.to_flat_state(nnx.state(model, FROZEN))}
+    """The plain model's parameters (path -> float32 numpy, our layout) with every adapter folded in.
+
+    A quantised base (QLoRA) is dequantised first: the merged model is a float model."""
+    raw = {tuple(str(p) for p in path): v[...] for path, v in nnx.to_flat_state(nnx.state(model, FROZEN))}
+    for key in [k for k in raw if k[-1].endswith("_scale")]:
+        weight = key[:-1] + (key[-1][: -len("_scale")],)
+        raw[weight] = dequantize(QArray(raw[weight], raw.pop(key)), jnp.float32)
+    base = {k: np.asarray(v, np.float32) for k, v in raw.items()}
     for path, ad in adapters(model).items():
         prefix = tuple(path.split("."))
         if isinstance(ad, ExpertsLoRA):

@@ -23,6 +23,8 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", help="override train.out_dir")
     p.add_argument("--steps", type=int, help="override train.steps")
     p.add_argument("--mesh", help="override train.mesh, e.g. data=2,expert=4,tensor=1")
+    p.add_argument("--quantize", choices=["fp8", "int8", "int4", "none"],
+                   help="override base.quantize: QLoRA over a frozen fp8/int8/int4 base (small4_jax.quant)")
     args = p.parse_args(argv)
     from small4_jax.console import setup_logging
 
@@ -43,6 +45,8 @@ def main(argv=None) -> int:
                    if v is not None}
         if changes:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
+        if args.quantize is not None:
+            cfg = dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, quantize=args.quantize))
         train(cfg, resume=args.resume)
     except Small4Error as e:
         print(f"error: {e}", file=sys.stderr)

@@ -88,11 +88,11 @@ def load_base(cfg: RunConfig, mesh=None) -> Small4ForCausalLM:
         diff = sorted(k for k, v in found.to_dict().items() if config.to_dict()[k] != v)
         if diff:
             raise ConfigError(f"{cfg.source}: model differs from {b.checkpoint}'s config in {diff}")
-        return from_pretrained(b.checkpoint, dtype=b.dtype, mesh=mesh, config=config)
+        return from_pretrained(b.checkpoint, dtype=b.dtype, mesh=mesh, config=config, quantize=b.quantize)
     from small4_jax.model import init_model
     from small4_jax.sharding import sharding_for
 
-    model = init_model(config, seed=b.seed, dtype=b.dtype)
+    model = init_model(config, seed=b.seed, dtype=b.dtype, quantize=b.quantize)
     if mesh is not None:
         flat = [(p, v.replace(jax.device_put(v[...], sharding_for(p, v.shape, mesh))))
                 for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
