@@ -7,8 +7,9 @@ For each batch B and context T it times the engine's decode step (`small4_jax.pa
 paged latent cache holding T tokens per row) and reports output tokens/s, the time per layer, and the fraction of
 the bandwidth floor: the bytes a step must read (every attention / router / shared-expert weight, the routed
 experts B x top-k can touch, the lm_head and the B x T latent rows) divided by the measured device copy bandwidth.
-Time to first token is a chunked prefill of T tokens for one request (expanded MLA). The peer is transformers
-`Mistral4ForCausalLM` on the same config in the same process (its own KV cache, one token per forward).
+Time to first token is a chunked prefill of T tokens for one request (absorbed MLA over the pages, as the
+engine). The peer is transformers `Mistral4ForCausalLM` on the same config in the same process (its own KV cache,
+one token per forward).
 
 Output: one JSON object per measurement on stdout and, with --markdown FILE, a table appended to FILE.
 """
@@ -110,7 +111,7 @@ def time_prefill(graphdef, state, config, dtype, context, page_size, chunk):
             slots = np.stack([table[0, idx[0] // page_size], idx[0] % page_size], -1)[None].astype(np.int32)
             *out, history[0], pages = step(graphdef, state, pages, history[0], np.full((1, chunk), 5, np.int32), idx,
                                            idx, slots, table, np.array([min(chunk, context - start) - 1], np.int32),
-                                           sampling, absorbed=False, num_top=1)
+                                           sampling, num_top=1)
             tok = out[0]
         tok.block_until_ready()
         return pages

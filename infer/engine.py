@@ -4,15 +4,19 @@ Each `step()`:
 1. takes new requests and cancellations from the inbox (thread-safe; `submit` / `cancel` may be called from any
    thread), and admits waiting requests while a batch slot and the pages of their prompt are free, reusing cached
    pages of a shared prompt prefix (`page_pool.PagePool`);
-2. runs one chunk of prefill (at most `prefill_chunk` tokens for each of up to `prefill_batch` requests, expanded
-   MLA) if any request is still reading its prompt, then
-3. one decode step (absorbed MLA) for every request that is generating, and samples each row with its own settings.
+2. runs one chunk of prefill (at most `prefill_chunk` tokens for each of up to `prefill_batch` requests) if any
+   request is still reading its prompt, then
+3. one decode step for every request that is generating, and samples each row with its own settings.
+Both run absorbed MLA over the latent pages in place (`small4_jax.paged`): a chunk costs chunk x prefix in latent
+form, never the prefix re-expanded, and a step's attention work follows the keys its rows hold.
 Requests join and leave between steps. When a decoding request needs a page and none is left, the most recently
 admitted request is preempted: its pages are released and it is re-queued to recompute its tokens later.
 
 Compiled shapes: prefill [p, prefill_chunk] for p in 1, 2, 4 .. prefill_batch and decode [b, 1] for b in
-`batch_buckets`, each with a page-table width from `page_buckets` (powers of two up to the pages of `max_model_len`):
-a small fixed set, never one per request (`warmup()` compiles them all up front).
+`batch_buckets`, each with a page-table width from `page_buckets`. The attention loops over the keys held, so the
+width only sizes the page table sent each step: by default there is one width (the pages of `max_model_len`) and
+the engine compiles len(prefill buckets) + len(batch_buckets) programs (8 at the serve defaults), never one per
+request; `warmup()` compiles them all up front.
 
 Output: each request's callback receives `RequestOutput` events (new token ids, new text, logprobs, finish) on the
 engine's thread. Text is decoded incrementally when the engine has a tokenizer; stop strings are matched on it and
@@ -263,7 +267,8 @@ class Engine:
         prefill_chunk: tokens of prompt per prefill step and request.
         prefill_batch: requests whose prompts advance together in one prefill step (compiled as 1, 2, 4, ...).
         max_queue: requests that may wait for admission; `submit` raises QueueFull beyond it.
-        batch_buckets, page_buckets: the compiled decode batch sizes and page-table widths (default powers of 2).
+        batch_buckets: the compiled decode batch sizes (default powers of 2 up to max_batch).
+        page_buckets: the compiled page-table widths (default: one, the pages of max_model_len).
         speculative: an `infer.speculative.SpeculativeConfig` (n-gram or EAGLE drafts, batched verify), or None.
         cache_dtype: dtype of the cache (default the model's).
         mesh: a device mesh; the cache is replicated over it.
@@ -318,7 +323,7 @@ class Engine:
         self.batch_buckets = tuple(sorted(batch_buckets or _buckets(max_batch)))
         if self.batch_buckets[-1] < max_batch:
             raise InputError(f"batch_buckets {self.batch_buckets} do not reach max_batch {max_batch}")
-        self.page_buckets = tuple(sorted(page_buckets or _buckets(self.max_pages_per_seq)))
+        self.page_buckets = tuple(sorted(page_buckets or (self.max_pages_per_seq,)))
         if self.page_buckets[-1] < self.max_pages_per_seq:
             self.page_buckets += (self.max_pages_per_seq,)
         self.stop_ids = frozenset(
@@ -521,9 +526,9 @@ class Engine:
         for w in self.page_buckets:
             for p in self.prefill_buckets:
                 self._run(np.zeros((p, self.prefill_chunk), np.int32), *self._null_inputs(p, self.prefill_chunk, w),
-                          [], p, [], absorbed=False)
+                          [], p, [])
             for b in self.batch_buckets:
-                self._run(np.zeros((b, 1), np.int32), *self._null_inputs(b, 1, w), [], b, [], absorbed=True)
+                self._run(np.zeros((b, 1), np.int32), *self._null_inputs(b, 1, w), [], b, [])
         if self.speculator is not None:
             self.speculator.warmup(self)
 
@@ -531,7 +536,7 @@ class Engine:
         zeros = np.zeros((b, t), np.int32)
         return zeros, zeros, np.zeros((b, t, 2), np.int32), np.zeros((b, w), np.int32), np.zeros((b,), np.int32)
 
-    def _run(self, ids, positions, seq_index, slots, page_table, logit_index, reqs, rows, accept, *, absorbed):
+    def _run(self, ids, positions, seq_index, slots, page_table, logit_index, reqs, rows, accept, *, absorbed=True):
         """The forward pass, then the sampler. The forward is dispatched first (asynchronously), so the host builds
         the rows' sampling settings, structured-output masks included, while the device computes the logits."""
         # under the mesh, so mesh-aware code in the model (the expert-parallel MoE) sees it while tracing
@@ -715,7 +720,7 @@ class Engine:
             ends.append(end)
         table = self._page_table(reqs, rows, math.ceil(max(ends) / size))
         accept = [int(end == len(r.tokens)) for r, end in zip(reqs, ends)]
-        out = self._run(ids, seq_index, seq_index, slots, table, logit_index, reqs, rows, accept, absorbed=False)
+        out = self._run(ids, seq_index, seq_index, slots, table, logit_index, reqs, rows, accept)
         self.stats["prefill_steps"] += 1
         done = []
         for i, (r, end) in enumerate(zip(reqs, ends)):
@@ -743,7 +748,7 @@ class Engine:
             slots[i, 0] = (r.pages[r.num_computed // self.page_size], r.num_computed % self.page_size)
         table = self._page_table(reqs, rows, max(len(r.pages) for r in reqs))
         out = self._run(ids, seq_index, seq_index, slots, table, np.zeros((rows,), np.int32), reqs, rows,
-                        [1] * len(reqs), absorbed=True)
+                        [1] * len(reqs))
         self.stats["decode_steps"] += 1
         for r in reqs:
             r.num_computed += 1

@@ -6,18 +6,23 @@ RoPE'd shared key r (qk_rope_head_dim values), side by side in one row of kv_lor
 owns a list of pages (its page table), so memory follows the tokens held. Page 0 is the null page: it is never
 handed to a sequence, padded page-table entries point to it and padded tokens write into it.
 
-Two attention paths over the same cache, chosen statically by `absorbed`:
-- absorbed (decode): W_UK is folded into the query, q~_h = W_UK[h]^T q_nope_h, so the scores are an MQA with one
-  320-wide key per token, [q~_h ; q_pe_h] . [c~_t ; r_t]; the values are the first R columns of the same rows, and
-  W_UV is applied to the attended latent afterwards. The softmax scale stays 1/sqrt(qk_head_dim) times the Llama-4
-  factor of the query position (never 1/sqrt(320)).
-- expanded (prefill): the gathered latents go through kv_b_proj into per-head k_nope / v, as `model.MLA` does.
+Attention over the cache, chosen statically by `absorbed`:
+- absorbed (the engine's path, prefill chunks and decode alike): W_UK is folded into the query,
+  q~_h = W_UK[h]^T q_nope_h, so the scores are an MQA with one 320-wide key per token, [q~_h ; q_pe_h] . [c~_t ; r_t];
+  the values are the first R columns of the same rows, and W_UV is applied to the attended latent afterwards. The
+  softmax scale stays 1/sqrt(qk_head_dim) times the Llama-4 factor of the query position (never 1/sqrt(320)). It
+  runs over the pages in place (`small4_jax.kernels.mla_decode`, backend `impl`): the ragged split-KV Pallas kernel
+  on GPUs, a blockwise online-softmax loop elsewhere, "reference" (every score materialised) for tests. A prefill
+  chunk of T tokens over a prefix of K tokens costs T x K in latent form with temporaries of one key block, never
+  the prefix re-expanded through kv_b_proj, and a step's work follows the keys held, not the page-table width.
+- expanded (the reference): the gathered latents go through kv_b_proj into per-head k_nope / v, as `model.MLA`
+  does, materialising every score over the page-table width.
 
 The pass reuses the model's own submodules and parameters (norms, MLA linears, MoE / MLP, lm_head); nothing is
 copied. `forward` takes explicit token positions (RoPE and the Llama-4 scale) separately from each token's index in
 its sequence (cache slot and causal mask), so a test can place a sequence at any position up to 262,144 without
-filling the cache below it. A step gathers only the page-table width it is given, so its cost follows the pages
-attended, not the maximum context; the engine picks widths from a few buckets.
+filling the cache below it. T is any number of tokens per row (1 for decode, a chunk for prefill, k + 1 for a
+speculative verify step): token t of row b sees the keys 0 .. seq_index[b, t] of its row.
 
 This module knows nothing about requests, scheduling or tokenizers (that is `infer/engine.py`).
 """
@@ -33,6 +38,7 @@ from flax import nnx
 
 from small4_jax.batch_sampling import RowSampling, TokenHistory, sample_rows
 from small4_jax.config import Small4Config
+from small4_jax.kernels.mla_decode import gather_keys, mla_attention
 from small4_jax.model import Small4ForCausalLM, apply_rope, llama4_query_scale, rope_cos_sin
 
 NULL_PAGE = 0
@@ -107,39 +113,40 @@ def _cache_rows(attn, config: Small4Config, x: jax.Array, cos, sin) -> jax.Array
     return jnp.concatenate([latent, k_pe], axis=-1)
 
 
-def _softmax(scores: jax.Array, valid: jax.Array, scale: jax.Array) -> jax.Array:
-    """fp32 softmax over keys of scores [B, h, T, K] * scale [B, T]; valid [B, T, K] (ARCHITECTURE.md §1.5)."""
-    scores = scores * scale[:, None, :, None]
-    scores = jnp.where(valid[:, None], scores, -jnp.inf)
-    return jax.nn.softmax(scores, axis=-1)
+def _absorbed_weights(attn, config: Small4Config, dtype) -> tuple[jax.Array, jax.Array]:
+    """W_UK [R, nh, dn] and W_UV [R, nh, dv]: the key and value halves of kv_b_proj's (effective) kernel."""
+    r, nh, dn = config.kv_lora_rank, config.num_attention_heads, config.qk_nope_head_dim
+    w_kvb = _kernel(attn.kv_b_proj, r, dtype).reshape(r, nh, dn + config.v_head_dim)
+    return w_kvb[..., :dn], w_kvb[..., dn:]
 
 
-def absorbed_attention(attn, config: Small4Config, q_nope, q_pe, keys, valid, scale) -> jax.Array:
-    """Attention over cached rows keys [B, K, R + r] with W_UK folded into the query; returns [B, T, nh * dv]."""
-    b, t, nh, dn = q_nope.shape
-    r, dv = config.kv_lora_rank, config.v_head_dim
+def absorbed_attention(attn, config: Small4Config, q_nope, q_pe, pages, layer, page_table, seq_index, scale, *,
+                       impl: str = "auto") -> jax.Array:
+    """Attention of q_nope / q_pe [B, T, nh, *] over the cached rows of `layer` with W_UK folded into the query and
+    W_UV applied to the attended latent; returns [B, T, nh * dv]."""
+    b, t, nh, _ = q_nope.shape
     dtype = q_nope.dtype
-    w_kvb = _kernel(attn.kv_b_proj, r, dtype).reshape(r, nh, dn + dv)
-    w_uk, w_uv = w_kvb[..., :dn], w_kvb[..., dn:]  # [R, nh, dn], [R, nh, dv]
+    w_uk, w_uv = _absorbed_weights(attn, config, dtype)
     q_lat = jnp.einsum("bthd,rhd->bthr", q_nope, w_uk, preferred_element_type=jnp.float32).astype(dtype)
-    latent, rope_key = keys[..., :r], keys[..., r:]
-    scores = jnp.einsum("bthr,bkr->bhtk", q_lat, latent, preferred_element_type=jnp.float32)
-    scores += jnp.einsum("bthd,bkd->bhtk", q_pe, rope_key, preferred_element_type=jnp.float32)
-    probs = _softmax(scores, valid, scale).astype(dtype)
-    o_lat = jnp.einsum("bhtk,bkr->bthr", probs, latent, preferred_element_type=jnp.float32).astype(dtype)
+    o_lat = mla_attention(q_lat, q_pe, pages, layer, page_table, seq_index, scale, impl=impl).astype(dtype)
     out = jnp.einsum("bthr,rhd->bthd", o_lat, w_uv, preferred_element_type=jnp.float32).astype(dtype)
-    return out.reshape(b, t, nh * dv)
+    return out.reshape(b, t, nh * config.v_head_dim)
 
 
-def expanded_attention(attn, config: Small4Config, q_nope, q_pe, keys, valid, scale) -> jax.Array:
-    """Attention over cached rows keys [B, K, R + r] expanded by kv_b_proj into per-head keys and values."""
+def expanded_attention(attn, config: Small4Config, q_nope, q_pe, pages, layer, page_table, seq_index,
+                       scale) -> jax.Array:
+    """The reference: the rows of `layer` gathered over the page-table width and expanded by kv_b_proj into
+    per-head keys and values, every score materialised; returns [B, T, nh * dv]."""
     b, t, nh, dn = q_nope.shape
     r, dv = config.kv_lora_rank, config.v_head_dim
+    keys = gather_keys(pages, layer, page_table).astype(q_nope.dtype)  # [B, W * page, R + r]
+    valid = jnp.arange(keys.shape[1], dtype=jnp.int32)[None, None, :] <= seq_index[:, :, None]  # [B, T, K]
     kv = attn.kv_b_proj(keys[..., :r]).reshape(b, keys.shape[1], nh, dn + dv)
     k_nope, v = kv[..., :dn], kv[..., dn:]
     scores = jnp.einsum("bthd,bkhd->bhtk", q_nope, k_nope, preferred_element_type=jnp.float32)
     scores += jnp.einsum("bthd,bkd->bhtk", q_pe, keys[..., r:], preferred_element_type=jnp.float32)
-    probs = _softmax(scores, valid, scale).astype(q_nope.dtype)
+    scores = jnp.where(valid[:, None], scores * scale[:, None, :, None], -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_nope.dtype)
     return jnp.einsum("bhtk,bkhd->bthd", probs, v).reshape(b, t, nh * dv)
 
 
@@ -153,7 +160,8 @@ def forward(
     page_table: jax.Array,
     logit_index: jax.Array,
     *,
-    absorbed: bool,
+    absorbed: bool = True,
+    impl: str = "auto",
     with_hidden: bool = False,
 ):
     """Run new tokens through the model over the paged cache; returns (logits [B, V] at `logit_index`, pages).
@@ -163,17 +171,14 @@ def forward(
     (padding: the null page). page_table [B, W]: the pages of each sequence, in order (padding: the null page).
     logit_index [B]: which of the T tokens to produce logits for; [B, T'] gives logits [B, T', V] (speculative
     verification scores every draft position). `with_hidden` also returns the final-normed hidden states at
-    `logit_index` (what an EAGLE draft head reads): (logits, pages, hidden).
+    `logit_index` (what an EAGLE draft head reads): (logits, pages, hidden). absorbed / impl: the attention
+    (module docstring; impl is the `kernels.mla_decode` backend of the absorbed path).
     """
     config = model.config
     b, t = ids.shape
-    page_size = pages.shape[2]
     cos, sin = rope_cos_sin(config, positions)
     scale = config.attn_softmax_scale * llama4_query_scale(config, positions)  # [B, T]
-    key_index = jnp.arange(page_table.shape[1] * page_size, dtype=jnp.int32)
-    valid = key_index[None, None, :] <= seq_index[:, :, None]  # [B, T, K]
     write_page, write_offset = slots[..., 0].reshape(-1), slots[..., 1].reshape(-1)
-    attention = absorbed_attention if absorbed else expanded_attention
 
     h = model.embed_tokens(jnp.asarray(ids, jnp.int32))
     for i, layer in enumerate(model.layers):
@@ -182,9 +187,12 @@ def forward(
             a = layer.input_layernorm(h)
             rows = _cache_rows(attn, config, a, cos, sin)
             pages = pages.at[i, write_page, write_offset].set(rows.reshape(b * t, -1).astype(pages.dtype))
-            keys = pages[i][page_table].reshape(b, -1, pages.shape[-1]).astype(a.dtype)  # [B, W * page, R + r]
             q_nope, q_pe = _query(attn, config, a, cos, sin)
-            h = h + attn.o_proj(attention(attn, config, q_nope, q_pe, keys, valid, scale))
+            if absorbed:
+                out = absorbed_attention(attn, config, q_nope, q_pe, pages, i, page_table, seq_index, scale, impl=impl)
+            else:
+                out = expanded_attention(attn, config, q_nope, q_pe, pages, i, page_table, seq_index, scale)
+            h = h + attn.o_proj(out)
         with jax.named_scope(f"layer{i}/mlp"):
             h = h + layer.mlp(layer.post_attention_layernorm(h))
     index = logit_index if logit_index.ndim == 2 else logit_index[:, None]
@@ -194,7 +202,7 @@ def forward(
     return (logits, pages, last) if with_hidden else (logits, pages)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "num_top"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "impl", "num_top"),
                    donate_argnames=("pages", "history"))
 def step(
     graphdef,
@@ -209,7 +217,8 @@ def step(
     logit_index: jax.Array,
     sampling: RowSampling,
     *,
-    absorbed: bool,
+    absorbed: bool = True,
+    impl: str = "auto",
     num_top: int,
 ):
     """`forward` then per-row sampling (`batch_sampling.sample_rows`), jitted with the cache and the token history
@@ -219,12 +228,14 @@ def step(
     """
     model = nnx.merge(graphdef, state)
     logits, pages = forward(model, pages, ids, positions, seq_index, slots, page_table, logit_index,
-                            absorbed=absorbed)
+                            absorbed=absorbed, impl=impl)
     return (*sample_rows(logits, sampling, history, num_top), pages)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed"), donate_argnames=("pages",))
-def logits_step(graphdef, state, pages, ids, positions, seq_index, slots, page_table, logit_index, *, absorbed):
+@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "impl"), donate_argnames=("pages",))
+def logits_step(graphdef, state, pages, ids, positions, seq_index, slots, page_table, logit_index, *,
+                absorbed=True, impl="auto"):
     """`forward` jitted, returning (logits [B, V], pages): for tests and benchmarks."""
     model = nnx.merge(graphdef, state)
-    return forward(model, pages, ids, positions, seq_index, slots, page_table, logit_index, absorbed=absorbed)
+    return forward(model, pages, ids, positions, seq_index, slots, page_table, logit_index, absorbed=absorbed,
+                   impl=impl)

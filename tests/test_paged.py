@@ -1,8 +1,9 @@
 """The paged latent cache and absorbed-MLA decode (`small4_jax.paged`) against the model's un-absorbed forward.
 
 The reference is `Small4ForCausalLM.__call__` (itself checked against transformers in test_model_parity.py) run
-on the whole sequence at explicit positions; ours prefills part of it through scattered pages (expanded MLA) and
-decodes the rest one token at a time (absorbed MLA). Error metric: max|ours - ref| / max|ref| per position.
+on the whole sequence at explicit positions; ours prefills part of it through scattered pages (expanded MLA, or the
+absorbed path) and decodes the rest one token at a time (absorbed MLA over the pages: the blockwise XLA loop, or the
+Pallas kernel in interpret mode). Error metric: max|ours - ref| / max|ref| per position.
 """
 
 from pathlib import Path
@@ -29,9 +30,11 @@ def _slots(table, idx):
     return np.stack([table[0, idx // PAGE], idx % PAGE], -1)[None].astype(np.int32)
 
 
-@pytest.mark.parametrize("q_lora", [True, False])
-@pytest.mark.parametrize("start", [0, 600, 262_130])
-def test_absorbed_decode_equals_unabsorbed_forward(q_lora, start, adapters=False):
+@pytest.mark.parametrize("q_lora,start,impl", [
+    (True, 0, "auto"), (True, 600, "auto"), (True, 262_130, "auto"), (False, 0, "auto"), (False, 600, "auto"),
+    (False, 262_130, "auto"), (True, 262_130, "pallas"), (False, 600, "pallas"),
+])
+def test_absorbed_decode_equals_unabsorbed_forward(q_lora, start, impl, adapters=False):
     config = Small4Config.from_yaml(TINY)  # original_max_position_embeddings 512
     if not q_lora:
         config = config.replace(q_lora_rank=None)
@@ -62,7 +65,7 @@ def test_absorbed_decode_equals_unabsorbed_forward(q_lora, start, adapters=False
         i = np.array([t])
         logits, pages = paged.logits_step(
             graphdef, state, pages, ids[:, t:t + 1], pos[:, t:t + 1], i[None].astype(np.int32), _slots(table, i),
-            table, np.array([0], np.int32), absorbed=True)
+            table, np.array([0], np.int32), absorbed=True, impl=impl)
         errors.append(_rel(logits[0], ref[t]))
     assert max(errors) < 1e-5, errors
     # what the cache holds: the normalised latent and the RoPE'd key, 48 = kv_lora_rank + qk_rope_head_dim values
@@ -71,7 +74,7 @@ def test_absorbed_decode_equals_unabsorbed_forward(q_lora, start, adapters=False
 
 
 def test_absorbed_decode_with_lora_adapters():
-    test_absorbed_decode_equals_unabsorbed_forward(True, 600, adapters=True)
+    test_absorbed_decode_equals_unabsorbed_forward(True, 600, "auto", adapters=True)
 
 
 def test_absorbed_prefill_equals_expanded_prefill():
@@ -83,14 +86,15 @@ def test_absorbed_prefill_equals_expanded_prefill():
     table = np.array([[1, 2, 3]], np.int32)
     idx = np.arange(10)
     out = {}
-    for absorbed in (False, True):
+    for absorbed, impl in ((False, "auto"), (True, "xla"), (True, "pallas"), (True, "reference")):
         pages = paged.PagedCache.create(config, num_pages=4, page_size=PAGE).pages
-        out[absorbed] = paged.logits_step(graphdef, state, pages, ids, pos, idx[None].astype(np.int32),
-                                          _slots(table, idx), table, np.array([9], np.int32), absorbed=absorbed)
-    assert _rel(out[True][0], out[False][0]) < 1e-5
-    # layer 0 writes identical rows; later layers' rows differ by rounding only
-    np.testing.assert_array_equal(np.asarray(out[True][1][0]), np.asarray(out[False][1][0]))
-    assert _rel(out[True][1], out[False][1]) < 1e-5
+        out[impl] = paged.logits_step(graphdef, state, pages, ids, pos, idx[None].astype(np.int32),
+                                      _slots(table, idx), table, np.array([9], np.int32), absorbed=absorbed, impl=impl)
+    for impl in ("xla", "pallas", "reference"):  # the absorbed paths against the expanded reference
+        assert _rel(out[impl][0], out["auto"][0]) < 1e-5, impl
+        # layer 0 writes identical rows; later layers' rows differ by rounding only
+        np.testing.assert_array_equal(np.asarray(out[impl][1][0]), np.asarray(out["auto"][1][0]))
+        assert _rel(out[impl][1], out["auto"][1]) < 1e-5, impl
 
 
 def test_cache_size_of_small4_119b_from_the_config():

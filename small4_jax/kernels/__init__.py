@@ -8,6 +8,7 @@
     tests/test_gmm_kernel.py  the one test suite, run against every backend
 
 `gmm` is the grouped matmul of the routed experts (rows sorted by expert); `tgmm` is its weight gradient.
+`mla_decode` is absorbed MLA attention over the paged latent cache (the serving engine's attention).
 """
 
 from small4_jax.kernels.gmm import GmmTiling, gmm, gmm_reference, gmm_tiling, tgmm, tgmm_reference
