@@ -92,7 +92,7 @@ def serve_plan(target: str, layers: int | None, mem_fraction: float) -> Plan:
         num_pages = table + 1
     common = dict(table_pages=table, num_pages=num_pages, page_size=args.page_size, dtype=dtype)
     programs = [
-        ap.serve_step(config, mesh, absorbed=False, rows=args.prefill_batch, tokens=args.prefill_chunk, **common),
+        ap.serve_step(config, mesh, absorbed=True, rows=args.prefill_batch, tokens=args.prefill_chunk, **common),
         ap.serve_step(config, mesh, absorbed=True, rows=args.max_batch, tokens=1, **common),
     ]
     cache = _shard_bytes(programs[0].args[1])

@@ -109,8 +109,9 @@ def model_forward(config, mesh: Mesh, tokens: int, *, batch: int = 1, dtype="bfl
 def serve_step(config, mesh: Mesh, *, absorbed: bool, rows: int, tokens: int, table_pages: int, num_pages: int,
                page_size: int = 16, dtype="bfloat16", cache_dtype=None) -> Program:
     """The engine's model step (`paged.logits_step`, as `Engine._run` dispatches it; the sampler is a separate small
-    program): decode (absorbed MLA, [rows, 1]) or one prefill chunk (expanded MLA, [rows, tokens]) over a page table
-    `table_pages` wide; the paged cache [layers, num_pages, page_size, width] replicated over the mesh and donated."""
+    program): decode ([rows, 1]) or one prefill chunk ([rows, tokens]), absorbed MLA over the pages as the engine
+    runs both (absorbed=False: the expanded reference), over a page table `table_pages` wide; the paged cache
+    [layers, num_pages, page_size, width] replicated over the mesh and donated."""
     from small4_jax.paged import PagedCache, logits_step
 
     graphdef, state = abstract_placed_model(config, mesh, dtype)
@@ -126,7 +127,7 @@ def serve_step(config, mesh: Mesh, *, absorbed: bool, rows: int, tokens: int, ta
               jax.ShapeDtypeStruct((rows, tokens), i32), jax.ShapeDtypeStruct((rows, tokens, 2), i32),
               jax.ShapeDtypeStruct((rows, table_pages), i32), jax.ShapeDtypeStruct((rows,), i32))
     args = (state, _replicated(pages, mesh), *_replicated(inputs, mesh))
-    kind = "decode" if absorbed else "prefill"
+    kind = "decode" if tokens == 1 else "prefill"
     return Program(f"serve {kind} {rows}x{tokens}, {table_pages} pages/seq", run, args, mesh,
                    dict(donate_argnums=(1,)))
 

@@ -165,16 +165,17 @@ def test_model_forward_with_auto_runs_the_kernel_on_8_h200(compiled):
 
 
 @pytest.mark.gpu_compile
-@pytest.mark.parametrize("absorbed", [False, True], ids=["prefill", "decode"])
-def test_serving_steps_compile_on_8_h100(compiled, absorbed):
-    """The engine's step at the serve defaults (page 16, prefill 4 x 256, decode batch 16), a 64-page table."""
+@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
+def test_serving_steps_compile_on_8_h100(compiled, decode):
+    """The engine's step at the serve defaults (page 16, prefill 4 x 256, decode batch 16), a 64-page table; both
+    run absorbed MLA over the pages (the Pallas MLA kernel beside the MoE's)."""
     config = _one_layer(Small4Config.from_yaml(CONFIG))
     mesh = aot.gpu_mesh("h100", {"data": 1, "expert": 8, "tensor": 1})
-    rows, tokens = (16, 1) if absorbed else (4, 256)
-    program = ap.serve_step(config, mesh, absorbed=absorbed, rows=rows, tokens=tokens, table_pages=64,
+    rows, tokens = (16, 1) if decode else (4, 256)
+    program = ap.serve_step(config, mesh, absorbed=True, rows=rows, tokens=tokens, table_pages=64,
                             num_pages=1024)
-    c = compiled(("serve", absorbed), lambda: program)
-    assert c.uses_triton
+    c = compiled(("serve", decode), lambda: program)
+    assert c.uses_triton and "small4_mla" in c.text  # the MLA kernel (kernels/mla_decode) is in the program
     assert c.uses_ragged_all_to_all == (rows * tokens >= config.moe_a2a_min_tokens)
     pages = program.args[1]
     assert c.memory.alias >= pages.size * pages.dtype.itemsize  # the cache is donated: updated in place
