@@ -6,8 +6,10 @@ mistral-common's: system prompt, `[AVAILABLE_TOOLS]`, `[MODEL_SETTINGS]{"reasoni
 tool calls and `[TOOL_RESULTS]`. `tool_choice`:
 - "auto" (default): tools are listed and the model decides;
 - "none": tools are left out of the prompt and calls are not parsed;
-- "required" / {"type": "function", "function": {"name": N}}: the assistant turn is started with `[TOOL_CALLS]`
-  (and `N[ARGS]`), so the model must call (that) tool; those ids are part of the prompt, not of the output.
+- "required" / {"type": "function", "function": {"name": N}}: the model must call (that) tool. The server forces it
+  with a grammar (`infer.structured`, reasoning allowed first); without one (no llguidance, or
+  `force_prefix=True`), the assistant turn is started with `[TOOL_CALLS]` (and `N[ARGS]`), ids that are part of
+  the prompt, not of the output.
 Sentencepiece tokenizers (the bundled tiny one) have no mistral-common chat model here; they get the plain
 `<s>[SYSTEM_PROMPT]..[/SYSTEM_PROMPT][INST]..[/INST]answer</s>` layout, without tools or settings.
 
@@ -115,11 +117,15 @@ def encode_chat(
     tool_choice=None,
     reasoning_effort: str | None = None,
     image_dir=None,
+    force_prefix: bool = True,
 ) -> ChatPrompt:
     """Prompt ids for an OpenAI-style conversation; InputError (naming the problem) for a malformed one.
 
     Image parts (`image_url` with a `data:` URL; local files only inside `image_dir`) are checked by
     small4_jax.images and tokenised with their pixels by mistral-common.
+
+    force_prefix: start the assistant turn with the forced tool call's ids (tool_choice required / named); False
+    where a grammar (`infer.structured`) forces the call instead, which also lets reasoning come first.
     """
     if not messages:
         raise InputError("messages must be a non-empty list")
@@ -142,7 +148,7 @@ def encode_chat(
     else:
         ids = _encode_plain(tokenizer, messages, tools, reasoning_effort)
     forced = []
-    if tool_choice == "required" or name is not None:
+    if force_prefix and (tool_choice == "required" or name is not None):
         forced = [tokenizer.token_id("[TOOL_CALLS]")]
         if name is not None:
             forced += tokenizer.encode(name, bos=False) + [tokenizer.token_id("[ARGS]")]

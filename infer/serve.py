@@ -15,6 +15,7 @@ The engine runs on its own thread; each request's events cross to the event loop
 
 import argparse
 import asyncio
+import dataclasses
 import errno
 import json
 import logging
@@ -25,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from infer import structured
 from infer.chat import ChatParser, encode_chat
 from infer.cli import add_engine_args, engine_kwargs, load_model_and_tokenizer
 from small4_jax.errors import InputError, Small4Error
@@ -34,9 +36,21 @@ log = logging.getLogger("small4_jax")
 
 
 # ---- request schemas -------------------------------------------------------------------------------------------------
+MAX_N = 16  # choices per request
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    include_usage: bool = False
+
+
 class _Common(BaseModel):
+    """Fields every endpoint takes. Every field a client may send is listed: any other is a 400 naming it (`parse`),
+    never silently ignored."""
+
     # strict: `"temperature": "0.5"` is a 400 naming the field, not silently a number
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     max_tokens: int | None = None
@@ -49,9 +63,13 @@ class _Common(BaseModel):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    n: int = 1
-    user: str | None = None
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # an end-user id for the operator's logs; it changes nothing
     cache_salt: str | None = None  # a tenant's prefix-cache salt: requests share cached pages only with the same salt
 
 
@@ -61,6 +79,8 @@ class ChatRequest(_Common):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     reasoning_effort: Literal["none", "high"] | None = None
+    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -103,17 +123,13 @@ class Server:
         self.http_counts: dict[tuple[str, int], int] = {}
 
     # -- validation --
-    def options(self, req: _Common, prompt_len: int, logprobs: int | None) -> "SamplingOptions":
+    def options(self, req: _Common, prompt_len: int, logprobs: int | None, grammar: str | None = None
+                ) -> "SamplingOptions":
         from infer.engine import SamplingOptions
 
         if req.model is not None and req.model not in self.model_names:
             raise HTTPError(400, f"model {req.model!r} is not served here; GET /v1/models lists "
                                  f"{', '.join(map(repr, sorted(self.model_names)))}", param="model")
-        if req.n != 1:
-            raise HTTPError(400, "only n=1 is supported", param="n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if (req.model_extra or {}).get(name) not in (None, 0, 0.0):
-                raise HTTPError(400, f"{name} is not supported", param=name)
         context = self.engine.max_model_len
         if prompt_len >= context:
             raise HTTPError(400, f"prompt has {prompt_len} tokens but the model's context is {context}; "
@@ -127,33 +143,53 @@ class Server:
             raise HTTPError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                                  f"context of {context} tokens", param="max_tokens")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        bias = None
+        if req.logit_bias:
+            try:
+                bias = {int(k): float(v) for k, v in req.logit_bias.items()}
+            except ValueError:
+                raise HTTPError(400, "logit_bias keys must be token ids (integers as strings)", param="logit_bias") \
+                    from None
         try:
             return SamplingOptions(
                 max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
                 min_p=req.min_p, seed=req.seed, stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()),
-                ignore_eos=req.ignore_eos, logprobs=logprobs,
+                ignore_eos=req.ignore_eos, logprobs=logprobs, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty, logit_bias=bias,
+                grammar=grammar,
             )
         except InputError as e:
             raise HTTPError(400, str(e)) from None
 
-    def submit(self, prompt: list[int], options: "SamplingOptions", cache_salt: str | None = None):
-        """Queue a request; returns (id, asyncio queue of RequestOutput)."""
+    def submit(self, prompt: list[int], options: "SamplingOptions", n: int = 1, cache_salt: str | None = None):
+        """Queue the n choices of a request; returns (their engine ids, asyncio queue of (choice, RequestOutput)).
+
+        Choices after the first are admitted once the first has cached its prompt pages (`Engine.submit(after=)`),
+        so the prompt is computed once; a seeded request gives choice i the seed seed + i."""
         from infer.engine import QueueFull
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-
-        def callback(out: "RequestOutput"):
-            loop.call_soon_threadsafe(events.put_nowait, out)
-
+        rids: list[str] = []
+        base = f"r-{uuid.uuid4().hex[:16]}"
         try:
-            rid = self.engine.submit(prompt, options, callback=callback, request_id=f"r-{uuid.uuid4().hex[:16]}",
-                                     cache_salt=cache_salt)
-        except QueueFull as e:
-            raise HTTPError(429, str(e), kind="rate_limit_error") from None
-        except InputError as e:
+            for i in range(n):
+                opts = options
+                if i and options.seed is not None:
+                    opts = dataclasses.replace(options, seed=(options.seed + i) % 2**32)
+
+                def callback(out: "RequestOutput", i=i):
+                    loop.call_soon_threadsafe(events.put_nowait, (i, out))
+
+                rids.append(self.engine.submit(prompt, opts, callback=callback, request_id=f"{base}-{i}",
+                                               after=rids[0] if rids else None, cache_salt=cache_salt))
+        except (QueueFull, InputError) as e:
+            for rid in rids:
+                self.engine.cancel(rid)
+            if isinstance(e, QueueFull):
+                raise HTTPError(429, str(e), kind="rate_limit_error") from None
             raise HTTPError(400, str(e)) from None
-        return rid, events
+        return rids, events
 
     # -- helpers for responses --
     def token_str(self, t: int) -> str:
@@ -186,10 +222,11 @@ class Server:
         return out
 
     @staticmethod
-    def usage(out: "RequestOutput") -> dict:
-        return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-                "total_tokens": out.prompt_tokens + out.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
+    def usage(outs: list["RequestOutput"]) -> dict:
+        """Usage of a request from its choices' final events (the prompt counted once)."""
+        prompt, completion = outs[0].prompt_tokens, sum(o.completion_tokens for o in outs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": outs[0].cached_tokens}}
 
     def metrics_text(self) -> str:
         m = self.engine.metrics()
@@ -253,6 +290,10 @@ def build_app(server: Server):
             raise HTTPError(400, f"the body is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise HTTPError(400, "the body must be a JSON object")
+        unknown = [k for k in data if k not in schema.model_fields]
+        if unknown:
+            raise HTTPError(400, f"unsupported parameter {unknown[0]!r}: this server does not implement it",
+                            param=unknown[0])
         try:
             return schema.model_validate(data)
         except ValidationError as e:
@@ -272,46 +313,72 @@ def build_app(server: Server):
              "max_model_len": server.engine.max_model_len}
         return {"object": "list", "data": [m]}
 
-    async def watch_disconnect(request: Request, rid: str, done: asyncio.Event):
+    def cancel_all(rids):
+        for rid in rids:
+            server.engine.cancel(rid)
+
+    async def watch_disconnect(request: Request, rids: list[str], done: asyncio.Event):
         while not done.is_set():
             if await request.is_disconnected():
-                server.engine.cancel(rid)
+                cancel_all(rids)
                 return
             await asyncio.sleep(0.1)
 
-    async def final_output(request: Request, rid: str, events: asyncio.Queue) -> list[RequestOutput]:
+    async def final_outputs(request: Request, rids: list[str], events: asyncio.Queue) -> list[list[RequestOutput]]:
+        """Every choice's events, once all are finished."""
         done = asyncio.Event()
-        watcher = asyncio.create_task(watch_disconnect(request, rid, done))
-        parts = []
+        watcher = asyncio.create_task(watch_disconnect(request, rids, done))
+        parts: list[list[RequestOutput]] = [[] for _ in rids]
+        left = len(rids)
         try:
-            while True:
-                out = await events.get()
-                parts.append(out)
-                if out.finished:
-                    return parts
+            while left:
+                i, out = await events.get()
+                parts[i].append(out)
+                left -= out.finished
+            return parts
         finally:
             done.set()
             watcher.cancel()
-            if not (parts and parts[-1].finished):
-                server.engine.cancel(rid)
+            if left:
+                cancel_all(rids)
 
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    def reason_of(out: RequestOutput) -> str:
+        return out.finish_reason if out.finish_reason in ("stop", "length") else "stop"
+
+    def check_errors(finals: list[RequestOutput]) -> None:
+        for out in finals:
+            if out.finish_reason == "error":
+                raise HTTPError(500, f"generation failed: {out.error}", kind="server_error")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req: ChatRequest = await parse(request, ChatRequest)
         if server.tokenizer is None:
             raise HTTPError(400, "this server has no tokenizer: chat is unavailable")
+        forced_tools = req.tool_choice == "required" or isinstance(req.tool_choice, dict)
+        grammar = None
         try:
+            use_grammar = (req.response_format not in (None, {"type": "text"})
+                           or (forced_tools and structured.available(server.tokenizer)))
             prompt = encode_chat(server.tokenizer, req.messages, tools=req.tools, tool_choice=req.tool_choice,
-                                 reasoning_effort=req.reasoning_effort)
+                                 reasoning_effort=req.reasoning_effort, force_prefix=not use_grammar)
         except InputError as e:
             raise HTTPError(400, str(e), param="tools" if str(e).startswith("tools") else "messages") from None
+        if use_grammar:
+            try:
+                grammar = structured.chat_grammar(
+                    server.tokenizer, req.messages, tools=req.tools, tool_choice=req.tool_choice,
+                    response_format=req.response_format, parallel_tool_calls=req.parallel_tool_calls,
+                    reasoning=req.reasoning_effort == "high")
+            except InputError as e:
+                raise HTTPError(400, str(e), param="response_format") from None
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        options = server.options(req, len(prompt.ids), logprobs)
+        options = server.options(req, len(prompt.ids), logprobs, grammar)
         parse_tools = req.tool_choice != "none" and bool(req.tools)
-        rid, events = server.submit(prompt.ids, options, req.cache_salt)
+        rids, events = server.submit(prompt.ids, options, req.n, req.cache_salt)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def new_parser():
@@ -323,49 +390,50 @@ def build_app(server: Server):
         def finish_reason(out: RequestOutput, parser: ChatParser) -> str:
             if out.finish_reason == "stop" and parser.tool_calls:
                 return "tool_calls"
-            return out.finish_reason if out.finish_reason in ("stop", "length") else "stop"
+            return reason_of(out)
 
         if not req.stream:
-            parts = await final_output(request, rid, events)
-            parser = new_parser()
-            for p in parts:
-                for t in p.token_ids:
-                    parser.push(t)
-            parser.finish()
-            last = parts[-1]
-            if last.finish_reason == "error":
-                raise HTTPError(500, f"generation failed: {last.error}", kind="server_error")
-            content = _cut_at_stop(parser.content, options.stop)
-            message = {"role": "assistant", "content": content if content or not parser.tool_calls else None}
-            if parser.reasoning:
-                message["reasoning_content"] = parser.reasoning
-            if parser.tool_calls:
-                message["tool_calls"] = [c.to_openai() for c in parser.tool_calls]
-            lps = [lp for p in parts if p.logprobs for lp in p.logprobs] if logprobs is not None else None
-            choice = {"index": 0, "message": message, "logprobs": server.chat_logprobs(lps),
-                      "finish_reason": finish_reason(last, parser)}
+            parts = await final_outputs(request, rids, events)
+            finals = [p[-1] for p in parts]
+            check_errors(finals)
+            choices = []
+            for i, choice_parts in enumerate(parts):
+                parser = new_parser()
+                for p in choice_parts:
+                    for t in p.token_ids:
+                        parser.push(t)
+                parser.finish()
+                content = _cut_at_stop(parser.content, options.stop)
+                message = {"role": "assistant", "content": content if content or not parser.tool_calls else None}
+                if parser.reasoning:
+                    message["reasoning_content"] = parser.reasoning
+                if parser.tool_calls:
+                    message["tool_calls"] = [c.to_openai() for c in parser.tool_calls]
+                lps = [lp for p in choice_parts if p.logprobs for lp in p.logprobs] if logprobs is not None else None
+                choices.append({"index": i, "message": message, "logprobs": server.chat_logprobs(lps),
+                                "finish_reason": finish_reason(finals[i], parser)})
             return {"id": cid, "object": "chat.completion", "created": created, "model": server.model_name,
-                    "choices": [choice], "usage": server.usage(last)}
+                    "choices": choices, "usage": server.usage(finals)}
 
-        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
 
         async def stream():
-            parser = new_parser()
-            finished = False
-            sent = ""  # content sent so far, to cut at stop strings
-            n_calls = 0
+            parsers = [new_parser() for _ in rids]
+            sent = [""] * len(rids)  # content sent so far per choice, to cut at stop strings
+            n_calls = [0] * len(rids)
+            finals: list[RequestOutput | None] = [None] * len(rids)
 
-            def chunk(delta, reason=None, lps=None, usage=None):
-                obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": server.model_name,
-                       "choices": [{"index": 0, "delta": delta, "logprobs": lps, "finish_reason": reason}]}
-                if usage is not None:
-                    obj["usage"] = usage
-                return sse(obj)
+            def chunk(i, delta, reason=None, lps=None):
+                return sse({"id": cid, "object": "chat.completion.chunk", "created": created,
+                            "model": server.model_name,
+                            "choices": [{"index": i, "delta": delta, "logprobs": lps, "finish_reason": reason}]})
 
             try:
-                yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    out = await events.get()
+                for i in range(len(rids)):
+                    yield chunk(i, {"role": "assistant", "content": ""})
+                while not all(finals):
+                    i, out = await events.get()
+                    parser = parsers[i]
                     deltas = [parser.push(t) for t in out.token_ids]
                     if out.finished:
                         deltas.append(parser.finish())
@@ -374,30 +442,31 @@ def build_app(server: Server):
                         if d.reasoning:
                             delta["reasoning_content"] = d.reasoning
                         if d.content:
-                            text = _cut_at_stop(sent + d.content, options.stop)[len(sent):]
-                            sent += text
+                            text = _cut_at_stop(sent[i] + d.content, options.stop)[len(sent[i]):]
+                            sent[i] += text
                             if text:
                                 delta["content"] = text
                         if d.tool_calls:
-                            delta["tool_calls"] = [c.to_openai(n_calls + i) for i, c in enumerate(d.tool_calls)]
-                            n_calls += len(d.tool_calls)
+                            delta["tool_calls"] = [c.to_openai(n_calls[i] + k) for k, c in enumerate(d.tool_calls)]
+                            n_calls[i] += len(d.tool_calls)
                         lps = server.chat_logprobs(out.logprobs) if out.logprobs and d is deltas[0] else None
                         if delta or lps:
-                            yield chunk(delta, lps=lps)
+                            yield chunk(i, delta, lps=lps)
                     if out.finished:
-                        finished = True
+                        finals[i] = out
                         if out.finish_reason == "error":
                             yield sse(_error_body(f"generation failed: {out.error}", "server_error", code=500))
-                        else:
-                            yield chunk({}, finish_reason(out, parser))
-                            if include_usage:
-                                yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                           "model": server.model_name, "choices": [], "usage": server.usage(out)})
-                        yield "data: [DONE]\n\n"
-                        return
+                            cancel_all(rids)
+                            yield "data: [DONE]\n\n"
+                            return
+                        yield chunk(i, {}, finish_reason(out, parser))
+                if include_usage:
+                    yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
+                               "model": server.model_name, "choices": [], "usage": server.usage(finals)})
+                yield "data: [DONE]\n\n"
             finally:
-                if not finished:  # the client went away (or the server is stopping)
-                    server.engine.cancel(rid)
+                if not all(finals):  # the client went away (or the server is stopping)
+                    cancel_all(rids)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -418,45 +487,51 @@ def build_app(server: Server):
         if not prompt:
             raise HTTPError(400, "empty prompt", param="prompt")
         options = server.options(req, len(prompt), req.logprobs)
-        rid, events = server.submit(prompt, options, req.cache_salt)
+        rids, events = server.submit(prompt, options, req.n, req.cache_salt)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         echo = server.tokenizer.decode(prompt) if req.echo and server.tokenizer is not None else ""
 
         if not req.stream:
-            parts = await final_output(request, rid, events)
-            last = parts[-1]
-            if last.finish_reason == "error":
-                raise HTTPError(500, f"generation failed: {last.error}", kind="server_error")
-            lps = [lp for p in parts if p.logprobs for lp in p.logprobs] if req.logprobs is not None else None
-            choice = {"index": 0, "text": echo + "".join(p.text for p in parts),
-                      "token_ids": [t for p in parts for t in p.token_ids],
-                      "logprobs": server.completion_logprobs(lps),
-                      "finish_reason": last.finish_reason if last.finish_reason in ("stop", "length") else "stop"}
+            parts = await final_outputs(request, rids, events)
+            finals = [p[-1] for p in parts]
+            check_errors(finals)
+            choices = []
+            for i, choice_parts in enumerate(parts):
+                lps = ([lp for p in choice_parts if p.logprobs for lp in p.logprobs] if req.logprobs is not None
+                       else None)
+                choices.append({"index": i, "text": echo + "".join(p.text for p in choice_parts),
+                                "token_ids": [t for p in choice_parts for t in p.token_ids],
+                                "logprobs": server.completion_logprobs(lps), "finish_reason": reason_of(finals[i])})
             return {"id": cid, "object": "text_completion", "created": created, "model": server.model_name,
-                    "choices": [choice], "usage": server.usage(last)}
+                    "choices": choices, "usage": server.usage(finals)}
+
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
 
         async def stream():
-            finished = False
+            finals: list[RequestOutput | None] = [None] * len(rids)
 
-            def chunk(text, reason=None, lps=None):
+            def chunk(i, text, reason=None, lps=None):
                 return sse({"id": cid, "object": "text_completion", "created": created, "model": server.model_name,
-                            "choices": [{"index": 0, "text": text, "logprobs": lps, "finish_reason": reason}]})
+                            "choices": [{"index": i, "text": text, "logprobs": lps, "finish_reason": reason}]})
 
             try:
                 if echo:
-                    yield chunk(echo)
-                while True:
-                    out = await events.get()
+                    for i in range(len(rids)):
+                        yield chunk(i, echo)
+                while not all(finals):
+                    i, out = await events.get()
                     if out.text or out.logprobs:
-                        yield chunk(out.text, lps=server.completion_logprobs(out.logprobs))
+                        yield chunk(i, out.text, lps=server.completion_logprobs(out.logprobs))
                     if out.finished:
-                        finished = True
-                        yield chunk("", out.finish_reason if out.finish_reason in ("stop", "length") else "stop")
-                        yield "data: [DONE]\n\n"
-                        return
+                        finals[i] = out
+                        yield chunk(i, "", reason_of(out))
+                if include_usage:
+                    yield sse({"id": cid, "object": "text_completion", "created": created,
+                               "model": server.model_name, "choices": [], "usage": server.usage(finals)})
+                yield "data: [DONE]\n\n"
             finally:
-                if not finished:
-                    server.engine.cancel(rid)
+                if not all(finals):
+                    cancel_all(rids)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
