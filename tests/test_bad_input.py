@@ -388,7 +388,9 @@ CHAT_CASES = [  # (body, param, message)
     ({"messages": HI, "max_tokens": 2.5}, None, "max_tokens: Input should be a valid integer"),
     ({"messages": HI, "stream": "yes"}, None, "stream: Input should be a valid boolean"),
     ({"messages": HI, "top_p": 0}, None, "top_p: Input should be greater than 0"),
-    ({"messages": HI, "n": 2}, "n", "only n=1 is supported"),
+    ({"messages": HI, "n": 17}, None, "n: Input should be less than or equal to 16"),
+    ({"messages": HI, "frobnicate": 1}, "frobnicate", "unsupported parameter 'frobnicate': this server does not "
+                                                      "implement it"),
     ({"messages": HI, "max_tokens": 0}, "max_tokens", "max_tokens must be positive, got 0"),
     ({"messages": HI, "max_tokens": 200}, "max_tokens",
      "prompt (22 tokens) + max_tokens (200) exceeds the model's context of 128 tokens"),
