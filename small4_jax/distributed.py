@@ -257,7 +257,9 @@ def preflight(*, expected_devices: int | None = None, deadline_s: float = 120.0)
 
     # all-to-all: device d sends value 1000*d + j to device j
     y = global_array(lambda d: (1000 * d + np.arange(n)).astype(np.int32), n)
-    if jax.default_backend() == "gpu":
+    from small4_jax.platform import on_gpu
+
+    if on_gpu(mesh):  # the devices of the job's mesh, as the expert-parallel dispatch decides (small4_jax.platform)
         body = _ragged_all_to_all_body(n)
     else:
         def body(v):
