@@ -14,6 +14,8 @@ Deployments (add one by writing a function and listing it in DEPLOYMENTS):
         weights, the paged cache the engine allocates by default (90% of what the allocator has free after the
         weights, `Engine.__init__`), and the largest prefill step ([prefill_batch, prefill_chunk]) and decode step
         ([max_batch, 1]), both over the widest page table (max_model_len / page_size pages).
+    serve-119b-fp8-1xH200 / serve-119b-int4-1xH100   the same on ONE GPU with `--quantize fp8` (the release's FP8
+        weights kept, small4_jax.quant) / `--quantize int4` (groups of 128): the whole model on one device.
     finetune-small4-8xH100 / 8xH200   `train.finetune --config configs/finetune-small4.yaml` on its mesh: frozen
         bf16 base, fp32 adapters + AdamW state, one train step (grad_accum x micro-batch x seq_len, remat as set).
 
@@ -69,34 +71,40 @@ def _mesh_shape(text: str) -> dict[str, int]:
     return {k: int(v) for k, v in (p.split("=") for p in text.split(","))}
 
 
-def serve_plan(target: str, layers: int | None, mem_fraction: float) -> Plan:
-    """`infer.serve --checkpoint DIR --mesh data=1,expert=8,tensor=1` at the default engine flags, bf16."""
-    from infer.engine import MAX_CONTEXT, pages_for_memory
+def serve_plan(target: str, layers: int | None, mem_fraction: float, quantize: str | None = None,
+               mesh_text: str = SERVE_MESH) -> Plan:
+    """`infer.serve --checkpoint DIR --mesh MESH [--quantize Q]` at the default engine flags (bf16 unless Q)."""
+    from infer.engine import MAX_CONTEXT, free_device_memory_after, pages_for_memory
     from infer.serve import parse_args
     from small4_jax.config import Small4Config
 
-    args = parse_args(["--config", str(MODEL), "--mesh", SERVE_MESH])
+    args = parse_args(["--config", str(MODEL), "--mesh", mesh_text] + (["--quantize", quantize] if quantize else []))
     config = Small4Config.from_yaml(MODEL)
     if layers:
         config = config.replace(num_hidden_layers=layers)
     dtype = args.dtype or "bfloat16"
-    mesh = aot.gpu_mesh(target, _mesh_shape(SERVE_MESH))
-    weights = _shard_bytes(ap.abstract_placed_model(config, mesh, dtype)[1])
+    shape = _mesh_shape(mesh_text)
+    n = int(np.prod(list(shape.values())))
+    mesh = aot.gpu_mesh(target, shape, topology=None if n == 8 else f"1x1x{n}")
+    weights = _shard_bytes(ap.abstract_placed_model(config, mesh, dtype, quantize)[1])
     limit = int(mem_fraction * aot.device_memory_bytes(target))
     max_len = args.max_model_len or min(config.max_position_embeddings, MAX_CONTEXT)
     table = -(-max_len // args.page_size)
-    num_pages = args.num_pages or pages_for_memory(config, dtype, int(limit * 0.9) - weights, args.page_size)
+    num_pages = args.num_pages or pages_for_memory(config, dtype, free_device_memory_after(limit, weights),
+                                                   args.page_size)
     note = ""
     if num_pages - 1 < table:
         note = f"the engine refuses to start: {num_pages - 1} pages < one {max_len}-token sequence ({table} pages)"
         num_pages = table + 1
-    common = dict(table_pages=table, num_pages=num_pages, page_size=args.page_size, dtype=dtype)
+    common = dict(table_pages=table, num_pages=num_pages, page_size=args.page_size, dtype=dtype, quantize=quantize)
     programs = [
         ap.serve_step(config, mesh, absorbed=True, rows=args.prefill_batch, tokens=args.prefill_chunk, **common),
         ap.serve_step(config, mesh, absorbed=True, rows=args.max_batch, tokens=1, **common),
     ]
     cache = _shard_bytes(programs[0].args[1])
-    return Plan(f"serve-119b-bf16-8x{target.upper()}", target, programs, {"weights": weights, "cache": cache}, note)
+    note = "; ".join(filter(None, [note, f"{(num_pages - 1) * args.page_size} cache tokens"]))
+    return Plan(f"serve-119b-{quantize or 'bf16'}-{n}x{target.upper()}", target, programs,
+                {"weights": weights, "cache": cache}, note)
 
 
 def finetune_plan(target: str, layers: int | None, mem_fraction: float) -> Plan:
@@ -116,6 +124,8 @@ def finetune_plan(target: str, layers: int | None, mem_fraction: float) -> Plan:
 DEPLOYMENTS: dict[str, Callable[[int | None, float], Plan]] = {
     "serve-119b-bf16-8xH100": lambda layers, f: serve_plan("h100", layers, f),
     "serve-119b-bf16-8xH200": lambda layers, f: serve_plan("h200", layers, f),
+    "serve-119b-fp8-1xH200": lambda layers, f: serve_plan("h200", layers, f, "fp8", "data=1,expert=1,tensor=1"),
+    "serve-119b-int4-1xH100": lambda layers, f: serve_plan("h100", layers, f, "int4", "data=1,expert=1,tensor=1"),
     "finetune-small4-8xH100": lambda layers, f: finetune_plan("h100", layers, f),
     "finetune-small4-8xH200": lambda layers, f: finetune_plan("h200", layers, f),
 }

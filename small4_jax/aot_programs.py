@@ -85,19 +85,38 @@ def expert_parallel(mesh: Mesh, tokens: int, *, strategy: str, grad: bool, exper
     return Program(f"experts {strategy}{' +grad' if grad else ''} {tokens} tokens", fn, args, mesh)
 
 
+def gmm_quant(mesh: Mesh, rows: int, fmt: str, *, groups: int = 128, k: int = 4096, n: int = 4096,
+              dtype=jnp.bfloat16, grad: bool = False, tiling=None) -> Program:
+    """gmm over quantised experts (`quant.QArray` [groups, k, n] in `fmt`: the in-kernel dequantising kernel); with
+    `grad`, also the input gradient (dy @ W^T from the same bytes: QLoRA's backward through the frozen base)."""
+    from small4_jax import kernels, quant
+
+    def loss(x, values, scale, sizes):
+        y = kernels.gmm(x, quant.QArray(values, scale), sizes, backend="pallas", tiling=tiling)
+        return jnp.sum(y.astype(jnp.float32))
+
+    fn = jax.value_and_grad(loss) if grad else loss
+    vshape, sshape, vdtype = quant.stored_shapes((groups, k, n), fmt)
+    args = (aot.spec((rows, k), dtype, mesh), aot.spec(vshape, vdtype, mesh), aot.spec(sshape, jnp.float32, mesh),
+            aot.spec((groups,), jnp.int32, mesh))
+    return Program(f"gmm {fmt}{' +dx' if grad else ''} {rows}x{k} @ [G, K, N]", fn, args, mesh)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The model.
-def abstract_placed_model(config, mesh: Mesh, dtype="bfloat16"):
-    """(graphdef, state) of the model with every weight abstract and placed on `mesh` (`sharding.spec_for`)."""
+def abstract_placed_model(config, mesh: Mesh, dtype="bfloat16", quantize: str | None = None):
+    """(graphdef, state) of the model with every weight abstract and placed on `mesh` (`sharding.spec_for`), its
+    linears and experts in `quantize`'s format (small4_jax.quant) when given."""
     from small4_jax.model import abstract_model
 
-    graphdef, state = nnx.split(abstract_model(config, dtype=dtype))
+    graphdef, state = nnx.split(abstract_model(config, dtype=dtype, quantize=quantize))
     return graphdef, aot.placed(state, mesh)
 
 
-def model_forward(config, mesh: Mesh, tokens: int, *, batch: int = 1, dtype="bfloat16") -> Program:
+def model_forward(config, mesh: Mesh, tokens: int, *, batch: int = 1, dtype="bfloat16",
+                  quantize: str | None = None) -> Program:
     """Logits of `batch` sequences of `tokens` tokens (the prefill / scoring forward)."""
-    graphdef, state = abstract_placed_model(config, mesh, dtype)
+    graphdef, state = abstract_placed_model(config, mesh, dtype, quantize)
 
     def forward(state, ids):
         return nnx.merge(graphdef, state)(ids)
@@ -107,14 +126,14 @@ def model_forward(config, mesh: Mesh, tokens: int, *, batch: int = 1, dtype="bfl
 
 
 def serve_step(config, mesh: Mesh, *, absorbed: bool, rows: int, tokens: int, table_pages: int, num_pages: int,
-               page_size: int = 16, dtype="bfloat16", cache_dtype=None) -> Program:
+               page_size: int = 16, dtype="bfloat16", cache_dtype=None, quantize: str | None = None) -> Program:
     """The engine's model step (`paged.logits_step`, as `Engine._run` dispatches it; the sampler is a separate small
     program): decode ([rows, 1]) or one prefill chunk ([rows, tokens]), absorbed MLA over the pages as the engine
     runs both (absorbed=False: the expanded reference), over a page table `table_pages` wide; the paged cache
     [layers, num_pages, page_size, width] replicated over the mesh and donated."""
     from small4_jax.paged import PagedCache, logits_step
 
-    graphdef, state = abstract_placed_model(config, mesh, dtype)
+    graphdef, state = abstract_placed_model(config, mesh, dtype, quantize)
     cache_dtype = cache_dtype or dtype
     pages = jax.eval_shape(lambda: PagedCache.create(config, num_pages, page_size, cache_dtype).pages)
 

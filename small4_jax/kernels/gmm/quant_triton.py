@@ -65,11 +65,13 @@ def _dequant_tile(values_ref, scale_ref, g, r0, rows: int, col0, cols: int, row_
         vrow = r0
     else:  # int4: the half-group's bytes are contiguous; choose the nibble
         # arithmetic, not jnp.where (see pallas_triton: jax 0.10.2's Triton lowering and literal operands)
-        gi, off = r0 // group, r0 % group
+        gi = r0 // group
+        off = r0 - gi * group  # not `%`: jnp.remainder's lowering meets the same literal-as-i1 problem
         upper = (off >= group // 2).astype(jnp.int32)
         vrow = gi * (group // 2) + off - upper * (group // 2)
     mask = row_mask[:, None] & col_mask[None, :]
-    q = plgpu.load(values_ref.at[g, pl.ds(vrow, rows), pl.ds(col0, cols)], mask=mask, other=0)
+    fill = 0.0 if jnp.issubdtype(values_ref.dtype, jnp.floating) else 0  # Triton casts no int literal to fp8
+    q = plgpu.load(values_ref.at[g, pl.ds(vrow, rows), pl.ds(col0, cols)], mask=mask, other=fill)
     if group is None:
         w = q.astype(jnp.float32)
     else:
