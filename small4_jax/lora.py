@@ -52,7 +52,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from small4_jax.errors import ConfigError
 from small4_jax.model import MLA, MLP, Experts, MoE, Router, Small4ForCausalLM
 from small4_jax.moe import ExpertLoRA
-from small4_jax.quant import QArray, dequantize, qdot
+from small4_jax.quant import QArray, dequantize, logical_shape, qdot
 from small4_jax.sharding import spec_for
 
 TRAINABLE = nnx.LoRAParam  # the filter of everything training updates
@@ -176,7 +176,8 @@ class ExpertsLoRA(nnx.Module):
     """Stacked per-expert adapters for `Experts` (set as `experts.lora`); read by `moe.routed_experts`."""
 
     def __init__(self, experts: Experts, rank: int, alpha: float, *, key):
-        e, h, f2 = experts.weights()[0].shape  # logical [E, H, 2F] (also for packed int4 values)
+        # logical [E, H, 2F] (also for packed int4 values), from shape and dtype only: the model may be abstract
+        e, h, f2 = logical_shape(experts.gate_up.shape, experts.gate_up.dtype)
         f = f2 // 2
         k1, k2 = jax.random.split(key)
         self.rank, self.scale = rank, alpha / rank
