@@ -20,6 +20,7 @@ good checkpoint is named in the error.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -380,12 +382,12 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
             if done % t.ckpt_every == 0 or done == t.steps:
                 import orbax.checkpoint as ocp
 
-                mngr.save(done, args=ocp.args.StandardSave(_global({
-                    "params": params, "opt_state": opt_state, "rng": rng, "step": np.asarray(done, np.int32),
-                    "data_position": np.asarray(done * bsz, np.int32)}, mesh)))
+                state = _global({"params": params, "opt_state": opt_state, "rng": rng,
+                                 "step": np.asarray(done, np.int32), "data_position": np.asarray(done * bsz, np.int32)},
+                                mesh)
+                _writing(out, lambda: mngr.save(done, args=ocp.args.StandardSave(state)))
                 last_good = done
-            mf.write(json.dumps(rec) + "\n")
-            mf.flush()
+            _writing(out, lambda: (mf.write(json.dumps(rec) + "\n"), mf.flush()))
             records.append(rec)
             if primary and (done % t.log_every == 0 or done == end):
                 ev = f" eval {rec['eval_loss']:.4f}" if "eval_loss" in rec else ""
@@ -396,10 +398,28 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
                     timing = f"compile + first step {now - t0:.1f}s (eta from the next step)"
                 print(f"step {done}/{t.steps} loss {loss:.4f}{ev} lr {rec['lr']:.2e} {timing}", file=sys.stderr,
                       flush=True)
-    mngr.wait_until_finished()
+    _writing(out, mngr.wait_until_finished)
     mngr.close()
     del last_good
     return records
+
+
+def _writing(out: Path, write: Callable[[], object]) -> None:
+    """A checkpoint save (Orbax raises an async save's failure at the next save or wait) or a metrics write. A
+    failure, such as a full disk, stops the run with a TrainingError naming the newest complete checkpoint: Orbax
+    renames a step's directory only when it is complete, so the ones before stay loadable."""
+    try:
+        write()
+    except Exception as e:
+        if isinstance(e, TrainingError):
+            raise
+        steps = saved_steps(out)
+        good = f"the last complete checkpoint is step {steps[-1]}" if steps else "no checkpoint is complete"
+        reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
+            reason = f"no space left on the device ({reason})"
+        raise TrainingError(f"writing to {out} failed: {reason}; {good}: free space and run again with --resume") \
+            from None
 
 
 def clean(out_dir: str | Path) -> None:
