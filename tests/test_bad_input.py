@@ -430,3 +430,30 @@ def test_every_bad_request_is_a_400_naming_the_field(tiny_server):
                 assert err["param"] == param, (body, err)
             assert "\n" not in err["message"] and "Traceback" not in err["message"]
     assert tiny_server.server.engine.metrics()["requests"] == 0  # none reached the engine
+
+
+def test_metrics_while_the_engine_thread_appends(tiny_server):
+    """/metrics read the engine's token times while the engine thread appended to them: 'deque mutated during
+    iteration' (a 500). The engine's own append path runs here on another thread, as fast as it can."""
+    import threading
+
+    engine = tiny_server.server.engine
+    stop = threading.Event()
+    empty = (None, None, None, None)
+
+    def engine_thread():
+        while not stop.is_set():
+            engine._accept([], empty)
+
+    t = threading.Thread(target=engine_thread, daemon=True)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can: a race shows within the loop
+    t.start()
+    try:
+        for _ in range(30000):
+            m = engine.metrics()
+            assert m["tokens_per_second"] == 0.0  # rows of zero tokens
+    finally:
+        sys.setswitchinterval(interval)
+        stop.set()
+        t.join(timeout=10)
