@@ -77,6 +77,9 @@ class SamplingOptions:
     repetition_penalty: float = 1.0  # HF / vLLM, > 0 (1: off)
     logit_bias: dict[int, float] | None = None  # token id -> value added to its logit, [-100, 100]
     grammar: str | None = None  # an llguidance Lark grammar the output must match (structured output)
+    # False: events carry ids only (text ""), for a caller that decodes them itself (the chat parser), so each
+    # token is detokenised once and not on the engine's thread; stop strings still need (and turn on) the text
+    detokenize: bool = True
 
     def __post_init__(self):
         def bad(msg):
@@ -621,7 +624,7 @@ class Engine:
                 self.stats["cached_tokens"] += req.num_computed
             self._running.append(req)
             self._release_pending()
-            if req.decoder is None and self.tokenizer is not None:
+            if req.decoder is None and self.tokenizer is not None and (req.options.detokenize or req.options.stop):
                 req.decoder = self.tokenizer.stream_decoder()
 
     def _prompt_pending(self, request_id: str) -> bool:

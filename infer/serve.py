@@ -123,8 +123,8 @@ class Server:
         self.http_counts: dict[tuple[str, int], int] = {}
 
     # -- validation --
-    def options(self, req: _Common, prompt_len: int, logprobs: int | None, grammar: str | None = None
-                ) -> "SamplingOptions":
+    def options(self, req: _Common, prompt_len: int, logprobs: int | None, grammar: str | None = None,
+                detokenize: bool = True) -> "SamplingOptions":
         from infer.engine import SamplingOptions
 
         if req.model is not None and req.model not in self.model_names:
@@ -156,7 +156,7 @@ class Server:
                 min_p=req.min_p, seed=req.seed, stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()),
                 ignore_eos=req.ignore_eos, logprobs=logprobs, presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty, logit_bias=bias,
-                grammar=grammar,
+                grammar=grammar, detokenize=detokenize,
             )
         except InputError as e:
             raise HTTPError(400, str(e)) from None
@@ -240,6 +240,13 @@ class Server:
             ("prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache.",
              m["cached_tokens"]),
             ("engine_steps_total", "counter", "Engine scheduling steps.", m["steps"]),
+            ("engine_host_seconds_total", "counter",
+             "Seconds the engine thread spent on host work (scheduling, inputs, sampling settings, outputs), not "
+             "waiting for the device.", m["host_seconds"]),
+            ("structured_mask_seconds_total", "counter", "Seconds spent computing structured-output token masks.",
+             m["mask_seconds"]),
+            ("structured_masked_tokens_total", "counter", "Tokens sampled under a structured-output mask.",
+             m["masked_tokens"]),
             ("tokens_per_second", "gauge", "Generated tokens per second over the last 10 s.", m["tokens_per_second"]),
             ("queue_depth", "gauge", "Requests waiting for admission.", m["waiting"]),
             ("running_requests", "gauge", "Requests admitted (prefilling or decoding).", m["running"]),
@@ -376,7 +383,8 @@ def build_app(server: Server):
             except InputError as e:
                 raise HTTPError(400, str(e), param="response_format") from None
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        options = server.options(req, len(prompt.ids), logprobs, grammar)
+        # the chat parser decodes the ids (once, on this event loop, not on the engine's thread)
+        options = server.options(req, len(prompt.ids), logprobs, grammar, detokenize=False)
         parse_tools = req.tool_choice != "none" and bool(req.tools)
         rids, events = server.submit(prompt.ids, options, req.n, req.cache_salt)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
