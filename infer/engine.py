@@ -372,6 +372,7 @@ class Engine:
                           mask_seconds=0.0, masked_tokens=0)
         self._token_times: deque[tuple[float, int]] = deque(maxlen=256)
         self._waited = 0.0  # seconds of this step spent waiting for the device
+        self._logits_step = logits_step  # an EAGLE drafter swaps in a step that also keeps the hidden states
         self.speculator = None
         if speculative is not None:  # infer/speculative.py: drafter + batched verify instead of the decode step
             from infer.speculative import Speculator
@@ -552,8 +553,8 @@ class Engine:
         the rows' sampling settings, structured-output masks included, while the device computes the logits."""
         # under the mesh, so mesh-aware code in the model (the expert-parallel MoE) sees it while tracing
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            logits, self.pages = logits_step(self.graphdef, self.state, self.pages, ids, positions, seq_index, slots,
-                                             page_table, logit_index, absorbed=absorbed)
+            logits, self.pages = self._logits_step(self.graphdef, self.state, self.pages, ids, positions, seq_index,
+                                                   slots, page_table, logit_index, absorbed=absorbed)
             sampling = self._sampling(reqs, rows, accept)
             *out, self.history = _sample_step(logits, sampling, self.history, num_top=MAX_TOP_LOGPROBS)
         t0 = time.perf_counter()
@@ -741,6 +742,8 @@ class Engine:
                 done.append(i)
         if done:
             self._accept([reqs[i] for i in done], [x[done] for x in out])
+        if self.speculator is not None:  # an EAGLE draft writes its rows of this chunk
+            self.speculator.prefilled(self, reqs, ends)
 
     def _decode(self, reqs: list[_Request]) -> None:
         for r in list(reqs):

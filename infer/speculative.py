@@ -146,6 +146,10 @@ class Speculator:
             else 0.0
         return dict(s, spec_acceptance_rate=rate, spec_mean_accepted_length=length)
 
+    def prefilled(self, engine, reqs, ends) -> None:
+        if hasattr(self.drafter, "prefilled"):
+            self.drafter.prefilled(engine, reqs, ends)
+
     def warmup(self, engine) -> None:
         t = self.k + 1
         for w in engine.page_buckets:

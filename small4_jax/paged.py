@@ -163,6 +163,7 @@ def forward(
     absorbed: bool = True,
     impl: str = "auto",
     with_hidden: bool = False,
+    input_embeds: jax.Array | None = None,
 ):
     """Run new tokens through the model over the paged cache; returns (logits [B, V] at `logit_index`, pages).
 
@@ -170,9 +171,10 @@ def forward(
     sequence (keys 0..seq_index are visible to it). slots [B, T, 2]: (page, offset) each token's row is written to
     (padding: the null page). page_table [B, W]: the pages of each sequence, in order (padding: the null page).
     logit_index [B]: which of the T tokens to produce logits for; [B, T'] gives logits [B, T', V] (speculative
-    verification scores every draft position). `with_hidden` also returns the final-normed hidden states at
-    `logit_index` (what an EAGLE draft head reads): (logits, pages, hidden). absorbed / impl: the attention
-    (module docstring; impl is the `kernels.mla_decode` backend of the absorbed path).
+    verification scores every draft position). `with_hidden` also returns the final-normed hidden states of all T
+    tokens (what an EAGLE draft head reads): (logits, pages, hidden [B, T, H]). input_embeds [B, T, H], if given,
+    replaces the embedding lookup (an EAGLE draft's fused input). absorbed / impl: the attention (module docstring;
+    impl is the `kernels.mla_decode` backend of the absorbed path).
     """
     config = model.config
     b, t = ids.shape
@@ -180,7 +182,7 @@ def forward(
     scale = config.attn_softmax_scale * llama4_query_scale(config, positions)  # [B, T]
     write_page, write_offset = slots[..., 0].reshape(-1), slots[..., 1].reshape(-1)
 
-    h = model.embed_tokens(jnp.asarray(ids, jnp.int32))
+    h = model.embed_tokens(jnp.asarray(ids, jnp.int32)) if input_embeds is None else input_embeds
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
         with jax.named_scope(f"layer{i}/attention"):
@@ -196,10 +198,12 @@ def forward(
         with jax.named_scope(f"layer{i}/mlp"):
             h = h + layer.mlp(layer.post_attention_layernorm(h))
     index = logit_index if logit_index.ndim == 2 else logit_index[:, None]
-    last = model.norm(jnp.take_along_axis(h, index[:, :, None], axis=1))  # [B, T', H]
+    normed = model.norm(h) if with_hidden else None
+    last = jnp.take_along_axis(normed, index[:, :, None], axis=1) if with_hidden \
+        else model.norm(jnp.take_along_axis(h, index[:, :, None], axis=1))  # [B, T', H]
     last = last if logit_index.ndim == 2 else last[:, 0]
     logits = model.embed_tokens.attend(last) if model.lm_head is None else model.lm_head(last)
-    return (logits, pages, last) if with_hidden else (logits, pages)
+    return (logits, pages, normed) if with_hidden else (logits, pages)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "impl", "num_top"),

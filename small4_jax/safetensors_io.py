@@ -92,6 +92,8 @@ _NATIVE_GLOBAL = {
     "tok_embeddings.weight": "embed_tokens.weight",
     "norm.weight": "norm.weight",
     "output.weight": "lm_head.weight",
+    "eagle_linear.weight": "fc.weight",  # an EAGLE draft's fusion linear (small4_jax/eagle.py)
+    "eagle_linear.bias": "fc.bias",
 }
 _NATIVE_LAYER = {
     "attention_norm.weight": "input_layernorm.weight",

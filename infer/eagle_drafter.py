@@ -1,0 +1,196 @@
+"""The EAGLE drafter of `infer/speculative.py`: Mistral's EAGLE head (`small4_jax/eagle.py`) on its own paged cache.
+
+The draft's cache rows live in a second page array [L_draft, num_pages, page_size, R + r] addressed by the SAME page
+ids and slots as the target's (a request's pages hold both), so admission, preemption, rollback and freeing need
+nothing extra. Draft row i is computed from (t_{i+1}, h_i), h_i the target's final-normed hidden state at i.
+
+Per request, the drafter keeps the target hidden states whose draft rows are not written yet ("pending"): always the
+positions num_computed - c .. num_computed - 1 (1 <= c <= k + 1), in a device buffer [slots, k + 1, H] indexed by
+the request's engine slot:
+- after the last prefill chunk: c = 1, the last prompt position (the chunk's other rows are drafted at once, as are
+  all rows of earlier chunks, whose next tokens are known);
+- after a verify step that accepted a drafts: c = a + 1, the verified positions.
+`propose` first writes the pending rows (one draft step over T = k + 1 positions; its last output proposes d_1),
+then runs k - 1 single-token draft steps, each fed the previous step's token and output state. Drafts are greedy
+(argmax of the draft's logits), which `verify_rows` treats as a one-hot draft distribution.
+
+The target's hidden states come from the engine's own steps: prefill runs `hidden_step` (the same forward, also
+returning the final-normed hidden states), and verify asks `verify_forward` for them (`needs_hidden`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from infer.engine import _bucket
+from small4_jax.eagle import as_model, load_eagle
+from small4_jax.paged import PagedCache, forward
+
+
+def _draft_forward(target, draft, pages, ids, hidden, positions, seq_index, slots, table, logit_index):
+    """One draft step: (greedy token [B], state g [B, H] at logit_index, pages)."""
+    view = as_model(draft, target)
+    embeds = draft.fuse(target.embed_tokens(ids), hidden)
+    logits, pages, g = forward(view, pages, ids, positions, seq_index, slots, table, logit_index, absorbed=True,
+                               with_hidden=True, input_embeds=embeds)
+    g_last = jnp.take_along_axis(g, logit_index[:, None, None], axis=1)[:, 0]
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), g_last, pages
+
+
+@functools.partial(jax.jit, static_argnames=("target_def", "draft_def"), donate_argnames=("pages",))
+def draft_rows(target_def, target_state, draft_def, draft_state, pages, ids, hidden, seq_index, slots, table):
+    """Write draft rows for ids/hidden [B, T(, H)] at seq_index/slots (prefill); returns pages."""
+    target, draft = nnx.merge(target_def, target_state), nnx.merge(draft_def, draft_state)
+    index = jnp.zeros((ids.shape[0],), jnp.int32)
+    return _draft_forward(target, draft, pages, ids, hidden, seq_index, seq_index, slots, table, index)[2]
+
+
+@functools.partial(jax.jit, static_argnames=("target_def", "draft_def"), donate_argnames=("pages",))
+def propose_step(target_def, target_state, draft_def, draft_state, pages, buffer, ids, buffer_slot, seq_index, slots,
+                 table, last, step_index, step_slots):
+    """Catch up the pending rows (ids [B, T], hidden buffer[buffer_slot], seq_index/slots [B, T], logits at `last`),
+    then k - 1 greedy steps at step_index [B, k - 1] writing step_slots [B, k - 1, 2]. Returns (drafts [B, k], pages).
+    """
+    target, draft = nnx.merge(target_def, target_state), nnx.merge(draft_def, draft_state)
+    hidden = buffer[buffer_slot]  # [B, T, H]
+    token, g, pages = _draft_forward(target, draft, pages, ids, hidden, seq_index, seq_index, slots, table, last)
+    drafts = [token]
+    zero = jnp.zeros_like(last)
+    for s in range(step_index.shape[1]):
+        pos = step_index[:, s : s + 1]
+        token, g, pages = _draft_forward(target, draft, pages, token[:, None], g[:, None], pos, pos,
+                                         step_slots[:, s : s + 1], table, zero)
+        drafts.append(token)
+    return jnp.stack(drafts, axis=1), pages
+
+
+@functools.partial(jax.jit, donate_argnames=("buffer",))
+def put_pending(buffer, buffer_slot, source, rows, start):
+    """buffer[buffer_slot[i], j] = source[rows[i], start[i] + j] for j < buffer width (clipped to source)."""
+    width = buffer.shape[1]
+    cols = jnp.clip(start[:, None] + jnp.arange(width)[None, :], 0, source.shape[1] - 1)
+    return buffer.at[buffer_slot].set(source[rows[:, None], cols].astype(buffer.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed"), donate_argnames=("pages",))
+def hidden_step(graphdef, state, pages, ids, positions, seq_index, slots, page_table, logit_index, *, absorbed):
+    """`paged.logits_step` that also returns the final-normed hidden states of every token."""
+    model = nnx.merge(graphdef, state)
+    return forward(model, pages, ids, positions, seq_index, slots, page_table, logit_index, absorbed=absorbed,
+                   with_hidden=True)
+
+
+class EagleDrafter:
+    needs_hidden = True
+
+    def __init__(self, config, engine):
+        self.k = config.num_draft_tokens
+        self.draft = load_eagle(config.path, engine.model)
+        self.draft_def, self.draft_state = nnx.split(self.draft)
+        sharding = None
+        if engine.mesh is not None:
+            sharding = jax.sharding.NamedSharding(engine.mesh, jax.sharding.PartitionSpec())
+        num_pages, page_size = engine.pages.shape[1], engine.pages.shape[2]
+        self.pages = PagedCache.create(self.draft.config, num_pages, page_size, engine.cache_dtype, sharding).pages
+        self.buffer = jnp.zeros((engine.max_batch + 1, self.k + 1, engine.config.hidden_size), engine.model.dtype,
+                                device=sharding)
+        self.pending: dict[str, int] = {}
+        self._stash = None
+        engine._logits_step = self._prefill_forward
+
+    def _mesh(self, engine):
+        return jax.set_mesh(engine.mesh) if engine.mesh is not None else contextlib.nullcontext()
+
+    # ---- prefill ---------------------------------------------------------------------------------------------------
+    def _prefill_forward(self, graphdef, state, pages, ids, positions, seq_index, slots, page_table, logit_index, *,
+                         absorbed):
+        logits, pages, hidden = hidden_step(graphdef, state, pages, ids, positions, seq_index, slots, page_table,
+                                            logit_index, absorbed=absorbed)
+        self._stash = (hidden, np.asarray(seq_index), np.asarray(slots), np.asarray(page_table))
+        return logits, pages
+
+    def prefilled(self, engine, reqs, ends) -> None:
+        """Draft rows of the chunk just prefilled (all but a final chunk's last row, which becomes pending)."""
+        hidden, seq_index, slots, table = self._stash
+        self._stash = None
+        rows, chunk = seq_index.shape
+        ids = np.zeros((rows, chunk), np.int32)
+        write = np.zeros_like(slots)
+        pend_rows, pend_slot, pend_start = [], [], []
+        for i, (r, end) in enumerate(zip(reqs, ends)):
+            if r not in engine._running:
+                continue
+            start = int(seq_index[i, 0])
+            n = end - start
+            if len(r.tokens) == end + 1:  # final chunk: the last row waits for the first propose
+                n -= 1
+                self.pending[r.id] = 1
+                pend_rows.append(i)
+                pend_slot.append(r.slot)
+                pend_start.append(end - 1 - start)
+            ids[i, :n] = r.tokens[start + 1 : start + 1 + n]
+            write[i, :n] = slots[i, :n]
+        with self._mesh(engine):
+            self.pages = draft_rows(engine.graphdef, engine.state, self.draft_def, self.draft_state, self.pages, ids,
+                                    hidden, seq_index, write, table)
+            if pend_rows:
+                self.buffer = put_pending(self.buffer, np.asarray(pend_slot, np.int32), hidden,
+                                          np.asarray(pend_rows, np.int32), np.asarray(pend_start, np.int32))
+
+    # ---- decode ----------------------------------------------------------------------------------------------------
+    def propose(self, engine, reqs, rooms) -> list[list[int]]:
+        size, k = engine.page_size, self.k
+        rows, t = _bucket(len(reqs), engine.batch_buckets), k + 1
+        ids = np.zeros((rows, t), np.int32)
+        seq_index = np.zeros((rows, t), np.int32)
+        slots = np.zeros((rows, t, 2), np.int32)
+        last = np.zeros((rows,), np.int32)
+        buffer_slot = np.full((rows,), engine.max_batch, np.int32)
+        step_index = np.zeros((rows, max(k - 1, 0)), np.int32)
+        step_slots = np.zeros((rows, max(k - 1, 0), 2), np.int32)
+        for i, (r, room) in enumerate(zip(reqs, rooms)):
+            c = self.pending.get(r.id, 0)
+            n_done = r.num_computed
+            start = n_done - c
+            if c:
+                ids[i, :c] = r.tokens[start + 1 : n_done + 1]
+                pos = np.arange(start, n_done)
+                seq_index[i] = n_done - 1
+                seq_index[i, :c] = pos
+                slots[i, :c, 0] = [r.pages[p // size] for p in pos]
+                slots[i, :c, 1] = pos % size
+                last[i] = c - 1
+                buffer_slot[i] = r.slot
+            self.pending[r.id] = 0
+            for s in range(k - 1):
+                p = n_done + s
+                step_index[i, s] = p
+                if s < room - 1:
+                    step_slots[i, s] = (r.pages[p // size], p % size)
+        table = engine._page_table(reqs, rows, max(len(r.pages) for r in reqs))
+        with self._mesh(engine):
+            drafts, self.pages = propose_step(engine.graphdef, engine.state, self.draft_def, self.draft_state,
+                                              self.pages, self.buffer, ids, buffer_slot, seq_index, slots, table,
+                                              last, step_index, step_slots)
+        drafts = np.asarray(jax.device_get(drafts))
+        return [drafts[i, :room].tolist() for i, room in enumerate(rooms)]
+
+    def verified(self, engine, reqs, tokens, accepted, hidden) -> None:
+        """The verified positions (last token + accepted drafts) become pending, their hidden states buffered."""
+        n = len(reqs)
+        for i, r in enumerate(reqs):
+            self.pending[r.id] = int(accepted[i]) + 1
+        with self._mesh(engine):
+            self.buffer = put_pending(self.buffer, np.asarray([r.slot for r in reqs], np.int32), hidden,
+                                      np.arange(n, dtype=np.int32), np.zeros((n,), np.int32))
+        running = {r.id for r in engine._running}
+        self.pending = {i: c for i, c in self.pending.items() if i in running}
+
+    def warmup(self, engine) -> None:
+        pass
