@@ -22,12 +22,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 . "$VENV/bin/activate"
+if ! python -c "import jax, flax, optax, pytest, jax_plugins.xla_cuda12; assert jax.__version__ == '$JAX'" 2>/dev/null; then
 pip install -q --upgrade pip
 # The package's runtime dependencies (no torch / transformers: the compile tests do not use them), pytest, and jax at
 # $JAX with its CUDA plugin and ptxas (what `python -m small4_jax.aot --install-plugin` installs for that jaxlib).
 pip install -q "jax==$JAX" "jaxlib==$JAX" "jax-cuda12-plugin==$JAX" "jax-cuda12-pjrt==$JAX" "nvidia-cuda-nvcc-cu12<13" \
   "flax>=0.12.0" "optax>=0.2.4" "orbax-checkpoint>=0.11.0" "tensorstore>=0.1.70" numpy pillow sentencepiece \
   safetensors pyyaml "mistral-common>=1.10.0" fastapi uvicorn tqdm "pytest>=8.0"
+fi
 python -c "import jax, sys; print('python', sys.version.split()[0], 'jax', jax.__version__)"
 export JAX_PLATFORMS=cpu SMALL4_REQUIRE_GPU_COMPILE=1 JAX_COMPILATION_CACHE_DIR=  # no cache shared with jax 0.10
 set -o pipefail

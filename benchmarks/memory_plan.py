@@ -5,7 +5,8 @@
 
 Each deployment is a row of `DEPLOYMENTS`, built by a small function that returns the programs that run on it (the
 largest of each kind) and what stays resident beside them. A program's per-device need is XLA's memory analysis of
-the compiled program: arguments + outputs not aliased to arguments + temporaries; a deployment needs the largest of
+the compiled program: arguments + outputs not aliased to arguments + temporaries, plus resident bytes the program
+does not take (weights jit dropped as unused, e.g. the vision tower in a text step); a deployment needs the largest of
 its programs. It fits when that is within the allocator's limit: XLA_PYTHON_CLIENT_MEM_FRACTION (0.92, what
 launch/slurm and launch/k8s set) of the device's memory. Headroom is limit - need.
 
@@ -143,12 +144,19 @@ def measure(plan: Plan, mem_fraction: float) -> list[dict]:
             rows.append(dict(deployment=plan.name, program=program.name, error=f"{type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200]}"))
             continue
-        m = c.memory
-        rows.append(dict(deployment=plan.name, program=program.name, **plan.resident, argument=m.argument,
-                         output=m.output, alias=m.alias, temp=m.temp, need=m.peak, limit=limit, device=device,
-                         fits=m.peak <= limit, headroom=limit - m.peak, compile_s=round(c.seconds, 1),
-                         triton=c.uses_triton, note="; ".join(filter(None, [plan.note, *c.notes]))))
+        rows.append(row(plan, program.name, c.memory, limit, device, seconds=round(c.seconds, 1),
+                        triton=c.uses_triton, note="; ".join(filter(None, [plan.note, *c.notes]))))
     return rows
+
+
+def row(plan: Plan, program: str, m: aot.Memory, limit: int, device: int, **extra) -> dict:
+    """A table row. Need = the program's peak plus resident bytes it does not take as arguments: jit drops unused
+    arguments (the vision tower in a text step), but the engine keeps them on the device."""
+    unused = max(0, sum(plan.resident.values()) - m.argument)
+    need = m.peak + unused
+    return dict(deployment=plan.name, program=program, **plan.resident, argument=m.argument, output=m.output,
+                alias=m.alias, temp=m.temp, unused_resident=unused, need=need, limit=limit, device=device,
+                fits=need <= limit, headroom=limit - need, **extra)
 
 
 def table(rows: list[dict]) -> str:

@@ -157,12 +157,17 @@ def lora_train_step(run_config, mesh: Mesh, *, micro_batch: int | None = None, s
     frozen base placed by `sharding.spec_for`, adapters and AdamW state by `lora.lora_spec`, the batch
     [grad_accum, micro_batch, seq_len] split over `data` as `trainer._put_batch` does. Defaults: the config's."""
     from small4_jax import lora
-    from small4_jax.model import abstract_model
+    from small4_jax.model import Small4ForCausalLM
     from train import trainer
 
     cfg = run_config
-    model = abstract_model(cfg.model, dtype=cfg.base.dtype)
-    lora.apply_lora(model, cfg.lora)
+
+    def build():  # adapters attached while tracing: apply_lora reads the base weights' shapes through [...]
+        m = Small4ForCausalLM(cfg.model, dtype=cfg.base.dtype, rngs=nnx.Rngs(0))
+        lora.apply_lora(m, cfg.lora)
+        return m
+
+    model = nnx.eval_shape(build)
     model.remat = cfg.train.remat
     tx, sched = trainer.optimizer(cfg), trainer.schedule(cfg)
     steps = trainer.make_steps(model, tx, sched)
