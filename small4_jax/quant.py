@@ -263,7 +263,9 @@ def quantize_model(model, fmt: str | None):
         return model
     from small4_jax.model import Experts  # model.py does not import this module's users
 
-    for _, module in list(nnx.iter_graph(model)):
+    for path, module in list(nnx.iter_graph(model)):
+        if path and str(path[0]) in ("vision_tower", "multi_modal_projector"):
+            continue  # the vision encoder and projector stay in the model dtype
         if isinstance(module, Experts):
             module.quantize(fmt)
             continue

@@ -241,3 +241,18 @@ def test_block_diagonal_attention_blockwise_equals_reference():
     out2 = vision.block_diagonal_attention(q, k2, v, segs, d**-0.5, "blockwise")
     np.testing.assert_array_equal(out2[:600], out[:600])
     assert not np.allclose(out2[600:1050], out[600:1050])
+
+
+def test_vision_weights_are_never_quantised():
+    from small4_jax import quant
+    from small4_jax.config import load_config
+    from small4_jax.model import init_model
+    from small4_jax.tokenizer import ASSETS_DIR
+
+    config = load_config(ASSETS_DIR.parent.parent / "configs" / "tiny.yaml")
+    model = quant.quantize_model(init_model(config), "int8")
+    assert type(model.layers[0].self_attn.o_proj) is quant.QLinear
+    tower, projector = model.vision_tower, model.multi_modal_projector
+    assert type(tower.transformer.layers[0].attention.q_proj) is nnx.Linear
+    assert type(tower.transformer.layers[0].feed_forward.down_proj) is nnx.Linear
+    assert type(projector.linear_1) is nnx.Linear and type(projector.patch_merger.merging_layer) is nnx.Linear
