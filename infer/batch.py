@@ -38,14 +38,20 @@ class Item:
     parse_tools: bool = False
 
 
-def chat_messages(text: str, system: str | None) -> list[dict]:
+def chat_messages(text: str, system: str | None, images=()) -> list[dict]:
+    """System + user turn; `images` (file paths) go before the text, as image parts."""
     messages = [{"role": "system", "content": system}] if system else []
+    if images:
+        from small4_jax.images import file_part
+
+        parts = [file_part(p) for p in images] + [{"type": "text", "text": text}]
+        return messages + [{"role": "user", "content": parts}]
     return messages + [{"role": "user", "content": text}]
 
 
 def make_item(tokenizer, row: dict, defaults: SamplingOptions, *, chat: bool, system: str | None,
-              reasoning_effort: str | None, index: int) -> Item:
-    """One request from a JSONL row (or from the command line, as a row)."""
+              reasoning_effort: str | None, index: int, images=()) -> Item:
+    """One request from a JSONL row (or from the command line, as a row; `images`: --image files, chat only)."""
     overrides = {}
     for key, field in _OPTION_KEYS.items():
         if key in row:
@@ -58,12 +64,15 @@ def make_item(tokenizer, row: dict, defaults: SamplingOptions, *, chat: bool, sy
     if "messages" in row or (chat and "prompt" in row):
         if tokenizer is None:
             raise InputError("chat needs a tokenizer")
-        messages = row["messages"] if "messages" in row else chat_messages(row["prompt"], row.get("system", system))
+        messages = (row["messages"] if "messages" in row
+                    else chat_messages(row["prompt"], row.get("system", system), images))
         if not isinstance(messages, list):
             raise InputError("messages must be a list")
         prompt = encode_chat(tokenizer, messages, tools=tools, tool_choice=row.get("tool_choice"),
                              reasoning_effort=effort)
         return Item(row.get("id", index), prompt, options, True, bool(tools) and row.get("tool_choice") != "none")
+    if images:
+        raise InputError("--image needs a chat prompt: use --chat (or --system) with --prompt")
     if "prompt_ids" in row:
         ids = row["prompt_ids"]
         if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids) or not ids:

@@ -46,6 +46,7 @@ from flax import nnx
 from infer.page_pool import PagePool, chain_hashes, prefix_context
 from small4_jax.batch_sampling import MAX_LOGIT_BIAS, RowSampling, TokenHistory, mask_words, sample_rows, set_slot
 from small4_jax.errors import InputError, Small4Error
+from small4_jax.images import image_hash
 from small4_jax.paged import NULL_PAGE, PagedCache, cache_bytes_per_token_per_layer, cache_width, logits_step
 
 log = logging.getLogger("small4_jax")
@@ -165,6 +166,8 @@ class _Request:
     emitted: int = 0  # characters of `text` already sent
     stop_hit: bool = False  # a stop string ended the text
     first_token_time: float | None = None
+    images: object = None  # vision.PackedImages of the prompt's images (None: text only)
+    image_features: object = None  # their features [K, H] on the device, while the prompt is being prefilled
 
     @property
     def generated(self) -> int:
@@ -395,6 +398,7 @@ class Engine:
         adapter: str | None = None,
         image_hashes: Sequence[str | bytes] = (),
         cache_salt: str | None = None,
+        images: Sequence = (),
     ) -> str:
         """Queue a request; returns its id. Raises InputError for a bad prompt and QueueFull when `max_queue`
         requests are already waiting (with `block=True` it waits for room instead).
@@ -404,9 +408,13 @@ class Engine:
 
         adapter, image_hashes, cache_salt: what besides the prompt ids decides its cache rows; they root its
         prefix-cache key chain (`page_pool.prefix_context`), so it shares cached pages only with requests that
-        agree on all three."""
+        agree on all three.
+
+        images: the prompt's preprocessed images [C, H, W] (infer.chat.encode_chat), in the order of their [IMG]
+        runs; their features replace those tokens' embeddings. Checked here, encoded when the prompt is prefilled."""
         prompt = [int(t) for t in prompt_ids]
         self.check_prompt(prompt, options)
+        packed = self._check_images(prompt, images)
         matcher = self._matcher(options)
         request_id = request_id or f"req-{next(self._ids)}"
         with self._lock:
@@ -418,7 +426,8 @@ class Engine:
         seed = options.seed if options.seed is not None else int(self._seeds.integers(0, 2**31))
         stop_ids = frozenset(options.stop_token_ids) | (frozenset() if options.ignore_eos else self.stop_ids)
         req = _Request(request_id, prompt, len(prompt), options, seed, stop_ids, callback, time.time(),
-                       context=prefix_context(adapter, image_hashes, cache_salt), matcher=matcher, after=after)
+                       context=prefix_context(adapter, image_hashes, cache_salt), matcher=matcher, after=after,
+                       images=packed)
         self._inbox.put(("submit", req))
         return request_id
 
@@ -467,10 +476,12 @@ class Engine:
             self._thread = None
 
     def generate(self, prompts: Sequence[Sequence[int]], options: SamplingOptions | Sequence[SamplingOptions],
-                 on_finish: Callable[[int, RequestOutput], None] | None = None) -> list[RequestOutput]:
+                 on_finish: Callable[[int, RequestOutput], None] | None = None,
+                 images: Sequence[Sequence] | None = None) -> list[RequestOutput]:
         """Run a batch of prompts to completion on this thread; returns one merged `RequestOutput` per prompt.
 
-        Prompts are submitted as queue room allows (back-pressure), so any number can be given.
+        Prompts are submitted as queue room allows (back-pressure), so any number can be given. images: per prompt,
+        its preprocessed images (see `submit`).
         """
         if isinstance(options, SamplingOptions):
             options = [options] * len(prompts)
@@ -491,7 +502,9 @@ class Engine:
         while todo or any(r is None for r in results):
             while todo and self._pending < self.max_queue:
                 i, prompt = todo.pop()
-                self.submit(prompt, options[i], callback=collect(i), request_id=f"gen-{next(self._ids)}")
+                imgs = images[i] if images is not None else ()
+                self.submit(prompt, options[i], callback=collect(i), request_id=f"gen-{next(self._ids)}",
+                            images=imgs, image_hashes=[image_hash(im) for im in imgs])
             self.step()
         return results
 
@@ -548,13 +561,61 @@ class Engine:
         zeros = np.zeros((b, t), np.int32)
         return zeros, zeros, np.zeros((b, t, 2), np.int32), np.zeros((b, w), np.int32), np.zeros((b,), np.int32)
 
-    def _run(self, ids, positions, seq_index, slots, page_table, logit_index, reqs, rows, accept, *, absorbed=True):
+    def _check_images(self, prompt: list[int], images: Sequence):
+        """PackedImages for a prompt with [IMG] tokens (InputError if they do not match its images), else None."""
+        vc = self.config.vision
+        if vc is None:
+            if len(images):
+                raise InputError("this model has no vision encoder; the request has images")
+            return None
+        if not len(images) and vc.image_token_id not in prompt:
+            return None
+        from small4_jax import vision
+
+        packed = vision.pack_images(vc, images)
+        vision.check_image_tokens(vc, np.asarray(prompt), packed)
+        return packed
+
+    def _image_embeds(self, reqs, ids: np.ndarray, starts):
+        """The input embeddings [rows, chunk, H] of a prefill chunk whose [IMG] tokens take image features, or None
+        when the chunk has none. Each request's image features are computed once, by its first chunk with them."""
+        if not any(r.images is not None for r in reqs):
+            return None
+        from small4_jax import vision
+
+        rows, chunk = ids.shape
+        vc = self.config.vision
+        index = np.full((rows, chunk), -1, np.int32)
+        parts, offset = [], 0
+        for i, (r, start) in enumerate(zip(reqs, starts)):
+            if r.images is None:
+                continue
+            token_rows = vision.image_token_rows(vc, np.asarray([r.tokens[: r.num_prompt]]))[0]
+            seg = token_rows[start : start + chunk]
+            if not (seg >= 0).any():
+                continue
+            if r.image_features is None:
+                with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+                    r.image_features = vision.encode_images(self.model, r.images)
+            index[i, : len(seg)] = np.where(seg >= 0, seg + offset, -1)
+            parts.append(r.image_features)
+            offset += r.image_features.shape[0]
+        if not parts:
+            return None
+        features = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            return vision.merge_image_features(self.model.embed_tokens(jnp.asarray(ids)), jnp.asarray(index),
+                                               features)
+
+    def _run(self, ids, positions, seq_index, slots, page_table, logit_index, reqs, rows, accept, *, absorbed=True,
+             input_embeds=None):
         """The forward pass, then the sampler. The forward is dispatched first (asynchronously), so the host builds
         the rows' sampling settings, structured-output masks included, while the device computes the logits."""
         # under the mesh, so mesh-aware code in the model (the expert-parallel MoE) sees it while tracing
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            extra = {} if input_embeds is None else {"input_embeds": input_embeds}  # prompt chunks with images
             logits, self.pages = self._logits_step(self.graphdef, self.state, self.pages, ids, positions, seq_index,
-                                                   slots, page_table, logit_index, absorbed=absorbed)
+                                                   slots, page_table, logit_index, absorbed=absorbed, **extra)
             sampling = self._sampling(reqs, rows, accept)
             *out, self.history = _sample_step(logits, sampling, self.history, num_top=MAX_TOP_LOGPROBS)
         t0 = time.perf_counter()
@@ -732,11 +793,14 @@ class Engine:
             ends.append(end)
         table = self._page_table(reqs, rows, math.ceil(max(ends) / size))
         accept = [int(end == len(r.tokens)) for r, end in zip(reqs, ends)]
-        out = self._run(ids, seq_index, seq_index, slots, table, logit_index, reqs, rows, accept)
+        embeds = self._image_embeds(reqs, ids, [r.num_computed for r in reqs])
+        out = self._run(ids, seq_index, seq_index, slots, table, logit_index, reqs, rows, accept, input_embeds=embeds)
         self.stats["prefill_steps"] += 1
         done = []
         for i, (r, end) in enumerate(zip(reqs, ends)):
             r.num_computed = end
+            if end >= r.num_prompt:
+                r.image_features = None  # the prompt's cache rows are written (a preempted request recomputes them)
             self._register_pages(r)
             if end == len(r.tokens):
                 done.append(i)

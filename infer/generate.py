@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chat", action="store_true", help="format --prompt as a user turn of the chat template")
     p.add_argument("--system", help="system prompt (implies --chat)")
     p.add_argument("--reasoning-effort", choices=("none", "high"), help="reasoning mode (implies --chat)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image file for the user turn, before the text (repeatable; with --chat)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -105,6 +107,8 @@ def run(args: argparse.Namespace) -> dict:
     defaults = SamplingOptions(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                top_p=args.top_p, seed=args.seed)
     max_len = args.max_model_len or min(config.max_position_embeddings, MAX_CONTEXT)
+    if args.image and args.input:
+        raise InputError("--image goes with --prompt; in an --input file give image parts in \"messages\"")
     if args.input:
         items = read_items(args.input, tokenizer, defaults, vocab_size=config.vocab_size, max_len=max_len, **chat)
         writer = ResultWriter(args.output, items, args.input)  # opened (and earlier results read) before the build
@@ -115,9 +119,9 @@ def run(args: argparse.Namespace) -> dict:
             writer.close()
             return {"results": []}
     elif prompt_ids is not None:
-        item = make_item(tokenizer, {"prompt_ids": prompt_ids}, defaults, index=0, **chat)
+        item = make_item(tokenizer, {"prompt_ids": prompt_ids}, defaults, index=0, images=args.image, **chat)
     else:
-        item = make_item(tokenizer, {"prompt": args.prompt}, defaults, index=0, **chat)
+        item = make_item(tokenizer, {"prompt": args.prompt}, defaults, index=0, images=args.image, **chat)
     if not args.input:
         check_length(item, max_len)
 
@@ -162,7 +166,8 @@ def run(args: argparse.Namespace) -> dict:
                 sys.stderr.write(d.reasoning)
         sys.stdout.flush()
 
-    engine.submit(item.prompt.ids, item.options, callback=on_event)
+    engine.submit(item.prompt.ids, item.options, callback=on_event, images=item.prompt.images,
+                  image_hashes=item.prompt.image_hashes)
     while not (events and events[-1].finished):
         engine.step()
     if tokenizer is not None:
@@ -191,7 +196,8 @@ def _run_batch(engine, tokenizer, writer) -> dict:
                 writer.add(i, rows[i])  # written and flushed as soon as the rows before it are
                 bar.update(1)
 
-            engine.generate([it.prompt.ids for it in items], [it.options for it in items], on_finish=done)
+            engine.generate([it.prompt.ids for it in items], [it.options for it in items], on_finish=done,
+                            images=[it.prompt.images for it in items])
     finally:
         writer.close()
     return {"results": rows}

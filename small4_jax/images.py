@@ -140,6 +140,16 @@ def prepare_messages(messages: Sequence, image_dir: str | os.PathLike | None = N
     return out, count
 
 
+def file_part(path: str | os.PathLike) -> dict:
+    """An `image_url` part (data: URL) holding the image file at `path` (a command-line --image)."""
+    where = f"--image {path}"
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"{where}: cannot read the file ({e.strerror or e})") from None
+    return {"type": "image_url", "image_url": {"url": data_url(data, decode_image(data, where))}}
+
+
 def image_hash(image: np.ndarray) -> str:
     """sha256 (hex) of a preprocessed image [C, H, W]: equal exactly when the model sees the same pixels."""
     a = np.ascontiguousarray(np.asarray(image, np.float32))

@@ -173,7 +173,8 @@ def forward(
     logit_index [B]: which of the T tokens to produce logits for; [B, T'] gives logits [B, T', V] (speculative
     verification scores every draft position). `with_hidden` also returns the final-normed hidden states of all T
     tokens (what an EAGLE draft head reads): (logits, pages, hidden [B, T, H]). input_embeds [B, T, H], if given,
-    replaces the embedding lookup (an EAGLE draft's fused input). absorbed / impl: the attention (module docstring;
+    replaces the embedding lookup (an EAGLE draft's fused input; image features in the [IMG] rows of a prompt chunk,
+    small4_jax.vision). absorbed / impl: the attention (module docstring;
     impl is the `kernels.mla_decode` backend of the absorbed path).
     """
     config = model.config
@@ -238,8 +239,8 @@ def step(
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "impl"), donate_argnames=("pages",))
 def logits_step(graphdef, state, pages, ids, positions, seq_index, slots, page_table, logit_index, *,
-                absorbed=True, impl="auto"):
-    """`forward` jitted, returning (logits [B, V], pages): for tests and benchmarks."""
+                absorbed=True, impl="auto", input_embeds=None):
+    """`forward` jitted, returning (logits [B, V], pages): the engine's model step (input_embeds: see `forward`)."""
     model = nnx.merge(graphdef, state)
     return forward(model, pages, ids, positions, seq_index, slots, page_table, logit_index, absorbed=absorbed,
-                   impl=impl)
+                   impl=impl, input_embeds=input_embeds)

@@ -146,3 +146,32 @@ def test_local_files_inside_the_allowed_directory(tok, reference, tmp_path):
                          image_dir=tmp_path)
     inline = _check_equal(tok, reference, [{"role": "user", "content": [_part(_url(png))]}])
     assert by_path.ids == by_url.ids == inline.ids and by_path.image_hashes == inline.image_hashes
+
+
+def test_generate_cli_with_images(tmp_path, capsys):
+    """`infer.generate --chat --image A --image B` (through the engine) = generation.generate on mistral-common's ids
+    and pixels for the same messages, on the tiny preset with its vision block."""
+    import json
+
+    from infer.generate import main
+    from small4_jax.config import Small4Config
+    from small4_jax.generation import generate
+    from small4_jax.model import init_model
+
+    tiny = ASSETS_DIR.parent.parent / "configs" / "tiny.yaml"
+    paths = []
+    for i, (size, mode) in enumerate([((60, 40), "RGB"), ((30, 70), "RGBA")]):
+        paths.append(tmp_path / f"img{i}.png")
+        paths[-1].write_bytes(_encode(_image(mode, size, i)))
+    argv = ["--config", str(tiny), "--max-model-len", "256", "--prefill-chunk", "16", "--max-new-tokens", "6",
+            "--chat", "--prompt", "compare them", "--json"]
+    assert main(argv + ["--image", str(paths[0]), "--image", str(paths[1])]) == 0
+    result = json.loads(capsys.readouterr().out.rstrip("\n").rsplit("\n", 1)[-1])
+    messages = [{"role": "user", "content": [_part(_url(p.read_bytes())) for p in paths] +
+                 [{"type": "text", "text": "compare them"}]}]
+    ref = MistralTokenizer.from_file(str(ASSETS_DIR / "tiny_tekken.json")).encode_chat_completion(
+        ChatCompletionRequest.from_openai(messages))
+    model = init_model(Small4Config.from_yaml(tiny), seed=0)
+    assert result["token_ids"] == generate(model, ref.tokens, max_new_tokens=6, stop_ids=[2], images=ref.images)
+    assert main(argv + ["--image", str(tmp_path / "missing.png")]) == 2
+    assert f"error: --image {tmp_path / 'missing.png'}: cannot read the file" in capsys.readouterr().err

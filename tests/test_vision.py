@@ -256,3 +256,34 @@ def test_vision_weights_are_never_quantised():
     assert type(tower.transformer.layers[0].attention.q_proj) is nnx.Linear
     assert type(tower.transformer.layers[0].feed_forward.down_proj) is nnx.Linear
     assert type(projector.linear_1) is nnx.Linear and type(projector.patch_merger.merging_layer) is nnx.Linear
+
+
+def test_engine_with_images_matches_transformers(models, ours):
+    """The serving engine: images across prefill chunks, two image requests in one prefill batch, a text-only one
+    beside them, and the prefix cache keyed by image content (same ids, other pixels: no sharing)."""
+    from infer.engine import Engine, SamplingOptions
+    from small4_jax.images import image_hash
+
+    hf, _ = models
+    prompts = [_prompt([(16, 16), (8, 24)], seed=7), _prompt([(24, 8)], seed=8)]
+    want = []
+    for ids, images in prompts:
+        with torch.no_grad():
+            ref = hf.generate(**_hf_inputs(ids, images), max_new_tokens=6, do_sample=False, pad_token_id=11)
+        want.append(ref[0, ids.shape[1]:].tolist())
+    engine = Engine(ours, max_batch=4, page_size=8, prefill_chunk=8, prefill_batch=4, batch_buckets=(4,))
+    text = [1, 3, 40, 41, 42, 4]
+    opts = SamplingOptions(max_tokens=6)
+    out = engine.generate([ids[0].tolist() for ids, _ in prompts] + [text], opts,
+                          images=[images for _, images in prompts] + [[]])
+    assert [o.token_ids for o in out[:2]] == want
+    assert out[2].token_ids == generate(ours, text, max_new_tokens=6, sampling=SamplingParams(temperature=0.0))
+    ids, images = prompts[0]
+    again = engine.generate([ids[0].tolist()], opts, images=[images])[0]
+    assert again.token_ids == want[0] and again.cached_tokens >= 8
+    other = [im[:, ::-1].copy() for im in images]
+    assert image_hash(other[0]) != image_hash(images[0])
+    flipped = engine.generate([ids[0].tolist()], opts, images=[other])[0]
+    assert flipped.cached_tokens == 0
+    with pytest.raises(InputError, match=r"the prompt has 7 \[IMG\] tokens but its images give 4 \(4\)"):
+        engine.submit(ids[0].tolist(), opts, images=images[:1])
