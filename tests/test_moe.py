@@ -44,3 +44,23 @@ def test_group_limited_routing_only_picks_kept_groups():
     kept = jnp.argsort(-group_score, -1)[:, :2]
     assert bool(jnp.all(jnp.isin(ids // 4, kept) if False else jnp.any((ids // 4)[..., None] == kept[:, None], -1)))
     np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 37])
+def test_cpu_auto_paths_equal_the_sorted_dispatch(n):
+    """`auto` on a CPU: the top-k gather (few pairs) and dense (many) give the grouped matmul's result and grads."""
+    import small4_jax.moe as moe
+
+    x, ids, w, gate_up, down, _ = _inputs(n, n=n, e=8)
+    ref = routed_experts(x, ids, w, gate_up, down, impl="ragged_dot")
+    np.testing.assert_allclose(routed_experts(x, ids, w, gate_up, down, impl="auto"), ref, rtol=1e-5, atol=1e-5)
+    assert moe.cpu_impl(n * ids.shape[1], 8) == ("gather" if n == 1 else "dense")
+    gathered = moe._gathered_experts(x, ids, w, gate_up, down, jax.nn.silu)
+    np.testing.assert_allclose(gathered, ref, rtol=1e-5, atol=1e-5)
+
+    def loss(impl):
+        return lambda x, gu, d: jnp.sum(routed_experts(x, ids, w, gu, d, impl=impl) ** 2)
+
+    for a, b in zip(jax.grad(loss("auto"), argnums=(0, 1, 2))(x, gate_up, down),
+                    jax.grad(loss("ragged_dot"), argnums=(0, 1, 2))(x, gate_up, down)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
