@@ -19,6 +19,13 @@ Deployments (add one by writing a function and listing it in DEPLOYMENTS):
         weights kept, small4_jax.quant) / `--quantize int4` (groups of 128): the whole model on one device.
     finetune-small4-8xH100 / 8xH200   `train.finetune --config configs/finetune-small4.yaml` on its mesh: frozen
         bf16 base, fp32 adapters + AdamW state, one train step (grad_accum x micro-batch x seq_len, remat as set).
+    serve-262k-prompt-8xH100   one 262,144-token prompt at the default serve flags: the cache the engine allocates
+        holds its 16,384 pages, and the prefill step that reads the whole prefix (its last chunks: [prefill_batch,
+        prefill_chunk] over the 16,384-page table; absorbed MLA over the pages, no prefix re-expansion) fits.
+    decode-ragged-64-8xH100   a decode step at batch 64 with one 262,144-token row and 63 rows of 1,024 (serve mesh):
+        the cache holds exactly those rows' pages, and cache + temporaries are printed beside the bound
+        sum(row lengths) x cache bytes per token (within 2x), not 64 x 256K (the attention reads each row's own
+        pages: the split-KV kernel, kernels/mla_decode).
 
 `--layers N` compiles N layers instead of the config's (quick, not the deployment). moe_impl is "auto" (the Pallas
 kernel on these GPUs). `jax.lax.ragged_dot` is no memory rescue: compiled for a GPU (jax 0.10.2) it computes every
@@ -61,6 +68,7 @@ class Plan:
     programs: list[ap.Program]
     resident: dict[str, int]  # e.g. {"weights": bytes, "cache": bytes} per device
     note: str = ""
+    check: Callable[[aot.Memory], str] | None = None  # a line on the compiled memory, added to the note
 
 
 def _shard_bytes(tree) -> int:
@@ -122,6 +130,52 @@ def finetune_plan(target: str, layers: int | None, mem_fraction: float) -> Plan:
                 {"weights": _shard_bytes(frozen), "adapters+adam": _shard_bytes((params, opt_state))})
 
 
+def long_prompt_plan(target: str, layers: int | None, mem_fraction: float) -> Plan:
+    """One 262,144-token prompt at the default serve flags: its pages fit the default cache, its prefill step fits."""
+    plan = serve_plan(target, layers, mem_fraction)
+    prefill = plan.programs[0]
+    num_pages = prefill.args[1].shape[1]
+    page_size = prefill.args[1].shape[2]
+    need = -(-262_144 // page_size)
+    fits = f"holds {num_pages - 1} pages >= {need}" if num_pages - 1 >= need else f"only {num_pages - 1} < {need} pages"
+    note = "; ".join(filter(None, [plan.note, f"262,144-token prompt: the cache {fits}, prefilled in "
+                                              f"{262_144 // prefill.args[2].shape[1]} chunks of this step"]))
+    return Plan(f"serve-262k-prompt-8x{target.upper()}", target, [prefill], plan.resident, note)
+
+
+def ragged_decode_plan(target: str, layers: int | None, mem_fraction: float, batch: int = 64,
+                       long: int = 262_144, short: int = 1024) -> Plan:
+    """A decode step over one `long` row and batch - 1 `short` rows: the cache holds exactly their pages."""
+    from infer.engine import MAX_CONTEXT
+    from small4_jax.config import Small4Config
+    from small4_jax.paged import cache_bytes_per_token_per_layer
+
+    config = Small4Config.from_yaml(MODEL)
+    if layers:
+        config = config.replace(num_hidden_layers=layers)
+    page_size, dtype = 16, "bfloat16"  # the serve defaults
+    lengths = [long] + [short] * (batch - 1)
+    pages = sum(-(-n // page_size) for n in lengths) + 1  # + the null page
+    table = -(-min(config.max_position_embeddings, MAX_CONTEXT) // page_size)
+    mesh = aot.gpu_mesh(target, _mesh_shape(SERVE_MESH))
+    program = ap.serve_step(config, mesh, absorbed=True, rows=batch, tokens=1, table_pages=table, num_pages=pages,
+                            page_size=page_size, dtype=dtype)
+    weights = _shard_bytes(program.args[0])
+    cache = _shard_bytes(program.args[1])
+    per_token = cache_bytes_per_token_per_layer(config, dtype) * config.num_hidden_layers
+    bound = sum(lengths) * per_token
+    dense = batch * long * per_token
+
+    def check(m: aot.Memory) -> str:
+        held = cache + m.temp
+        return (f"cache + temp {held / 2**30:.2f} GiB = {held / bound:.2f}x the bound sum(lengths) x "
+                f"{per_token} B = {bound / 2**30:.2f} GiB ({sum(lengths)} tokens; {batch} x {long} would be "
+                f"{dense / 2**30:.1f} GiB)")
+
+    return Plan(f"decode-ragged-{batch}-8x{target.upper()}", target, [program], {"weights": weights, "cache": cache},
+                check=check)
+
+
 DEPLOYMENTS: dict[str, Callable[[int | None, float], Plan]] = {
     "serve-119b-bf16-8xH100": lambda layers, f: serve_plan("h100", layers, f),
     "serve-119b-bf16-8xH200": lambda layers, f: serve_plan("h200", layers, f),
@@ -129,6 +183,8 @@ DEPLOYMENTS: dict[str, Callable[[int | None, float], Plan]] = {
     "serve-119b-int4-1xH100": lambda layers, f: serve_plan("h100", layers, f, "int4", "data=1,expert=1,tensor=1"),
     "finetune-small4-8xH100": lambda layers, f: finetune_plan("h100", layers, f),
     "finetune-small4-8xH200": lambda layers, f: finetune_plan("h200", layers, f),
+    "serve-262k-prompt-8xH100": lambda layers, f: long_prompt_plan("h100", layers, f),
+    "decode-ragged-64-8xH100": lambda layers, f: ragged_decode_plan("h100", layers, f),
 }
 
 
@@ -144,8 +200,9 @@ def measure(plan: Plan, mem_fraction: float) -> list[dict]:
             rows.append(dict(deployment=plan.name, program=program.name, error=f"{type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200]}"))
             continue
+        checked = plan.check(c.memory) if plan.check is not None else ""
         rows.append(row(plan, program.name, c.memory, limit, device, seconds=round(c.seconds, 1),
-                        triton=c.uses_triton, note="; ".join(filter(None, [plan.note, *c.notes]))))
+                        triton=c.uses_triton, note="; ".join(filter(None, [plan.note, checked, *c.notes]))))
     return rows
 
 

@@ -22,7 +22,10 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch: int = 16) -> None:
     g.add_argument("--prefill-batch", type=int, default=4, help="requests prefilled together in one step")
     g.add_argument("--max-queue", type=int, default=256, help="requests waiting before back-pressure")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn off prefix caching")
-    g.add_argument("--warmup", action="store_true", help="compile every shape before serving")
+    g.add_argument("--cache-axes", default=None, help="mesh axes the paged cache is sharded over, comma-separated "
+                   "(data-parallel attention: the cache grows with them); 'none' replicates it (default: data)")
+    g.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile every step shape before serving, with a progress line each (default on)")
     g.add_argument("--speculative", metavar="METHOD", help="speculative decoding: 'ngram' (prompt lookup) or "
                    "'eagle:DIR' (an EAGLE draft head checkpoint); see infer/speculative.py")
     g.add_argument("--num-draft-tokens", type=int, default=4, help="draft tokens per row and step (--speculative)")
@@ -40,7 +43,13 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(speculative=speculative, max_batch=args.max_batch, page_size=args.page_size, num_pages=args.num_pages,
                 max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk, prefill_batch=args.prefill_batch,
                 max_queue=args.max_queue,
-                prefix_caching=not args.no_prefix_caching)
+                prefix_caching=not args.no_prefix_caching, cache_axes=_cache_axes(getattr(args, "cache_axes", None)))
+
+
+def _cache_axes(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    return tuple(a.strip() for a in text.split(",") if a.strip() and a.strip() != "none")
 
 
 DTYPES = ("float32", "bfloat16")

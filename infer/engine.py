@@ -47,7 +47,8 @@ from infer.page_pool import PagePool, chain_hashes, prefix_context
 from small4_jax.batch_sampling import MAX_LOGIT_BIAS, RowSampling, TokenHistory, mask_words, sample_rows, set_slot
 from small4_jax.errors import InputError, Small4Error
 from small4_jax.images import image_hash
-from small4_jax.paged import NULL_PAGE, PagedCache, cache_bytes_per_token_per_layer, cache_width, logits_step
+from small4_jax.paged import (NULL_PAGE, PagedCache, cache_bytes_per_token_per_layer, cache_spec, cache_width,
+                               logits_step)
 
 log = logging.getLogger("small4_jax")
 
@@ -155,6 +156,7 @@ class _Request:
     arrival: float
     context: bytes = b""  # root of the prefix-cache key chain (page_pool.prefix_context)
     slot: int = -1  # row of the engine's TokenHistory while running
+    shard: int = 0  # the cache shard holding its pages
     matcher: object = None  # llguidance LLMatcher of a structured-output request
     after: str | None = None  # admit only once this request's prompt pages are cached (n > 1 shares them)
     pages: list[int] = dataclasses.field(default_factory=list)
@@ -189,16 +191,19 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
-def cache_report(config, dtype, cache_bytes: int | None, page_size: int, num_pages: int) -> str:
-    """One line on what the cache holds per token and how many tokens fit (config arithmetic; allocates nothing)."""
+def cache_report(config, dtype, cache_bytes: int | None, page_size: int, num_pages: int, shards: int = 1) -> str:
+    """One line on what the cache holds per token and how many tokens fit (config arithmetic; allocates nothing).
+    cache_bytes: per device; shards: the cache's shards (each with its own null page)."""
     per_layer = cache_bytes_per_token_per_layer(config, dtype)
     per_token = per_layer * config.num_hidden_layers
-    tokens = (num_pages - 1) * page_size
+    tokens = (num_pages - shards) * page_size
     where = f" in {cache_bytes / 2**30:.2f} GiB" if cache_bytes is not None else ""
+    over = f" over {shards} shards" if shards > 1 else ""
     return (
         f"latent cache: {cache_width(config)} values x {jnp.dtype(dtype).itemsize} bytes = {per_layer} B per token "
         f"per layer, {per_token / 1024:.1f} KiB per token over {config.num_hidden_layers} layers; "
-        f"{num_pages - 1} pages of {page_size} tokens = {tokens} cache tokens fit{where}"
+        f"{num_pages - shards} pages of {page_size} tokens = {tokens} cache tokens fit{over}"
+        f"{where + ' per device' if where and shards > 1 else where}"
     )
 
 
@@ -285,7 +290,12 @@ class Engine:
         page_buckets: the compiled page-table widths (default: one, the pages of max_model_len).
         speculative: an `infer.speculative.SpeculativeConfig` (n-gram or EAGLE drafts, batched verify), or None.
         cache_dtype: dtype of the cache (default the model's).
-        mesh: a device mesh; the cache is replicated over it.
+        mesh: a device mesh (the model's parameters live on it).
+        cache_axes: mesh axes the cache's pages are sharded over (default: "data" when the mesh has it): each shard
+            holds num_pages / shards pages and attends for its own rows (data-parallel attention, while the MoE stays
+            expert-parallel), so the cache grows with the devices. A request's pages all live on one shard, chosen
+            at admission (most prefix-cache hits, then most free pages); max_batch and the batch buckets count rows
+            over all shards (multiples of the shard count), prefill_batch counts requests per shard.
         prefix_caching: reuse cached pages of shared prompt prefixes.
     """
 
@@ -308,6 +318,7 @@ class Engine:
         prefix_caching: bool = True,
         seed: int = 0,
         speculative=None,
+        cache_axes: Sequence[str] | None = None,
     ):
         config = model.config
         self.model = model
@@ -323,20 +334,35 @@ class Engine:
                              f"{config.max_position_embeddings}")
         self.max_pages_per_seq = math.ceil(self.max_model_len / page_size)
         self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
+        if cache_axes is None:
+            cache_axes = ("data",) if mesh is not None and "data" in mesh.shape else ()
+        for a in cache_axes:
+            if mesh is None or a not in mesh.shape:
+                where = "there is no mesh" if mesh is None else f"the mesh has axes {dict(mesh.shape)}"
+                raise InputError(f"cache axis {a!r} is not an axis of the mesh: {where}")
+        self.cache_axes = tuple(a for a in cache_axes if mesh.shape[a] > 1)
+        d = self.cache_shards = math.prod(mesh.shape[a] for a in self.cache_axes) if self.cache_axes else 1
+        if d > 1 and speculative is not None:
+            raise InputError("speculative decoding does not run on a sharded cache yet: give cache_axes=()")
+        self.rows_per_shard = math.ceil(max_batch / d)
         cache_bytes = None
         if num_pages is None:
             cache_bytes = free_device_memory()
-            if cache_bytes is not None:
-                num_pages = pages_for_memory(config, self.cache_dtype, cache_bytes, page_size)
+            if cache_bytes is not None:  # per device: each shard's pages fit its devices
+                num_pages = d * pages_for_memory(config, self.cache_dtype, cache_bytes, page_size)
             else:
-                num_pages = max_batch * self.max_pages_per_seq + 1
-        if num_pages - 1 < self.max_pages_per_seq:
-            raise InputError(f"the cache holds {(num_pages - 1) * page_size} tokens, less than one sequence of "
-                             f"max_model_len {self.max_model_len}: lower max_model_len or give it more memory")
-        self.prefill_buckets = _buckets(prefill_batch)
-        self.batch_buckets = tuple(sorted(batch_buckets or _buckets(max_batch)))
+                num_pages = d * (self.rows_per_shard * self.max_pages_per_seq + 1)
+        num_pages -= num_pages % d
+        if num_pages // d - 1 < self.max_pages_per_seq:
+            per = " per shard" if d > 1 else ""
+            raise InputError(f"the cache holds {(num_pages // d - 1) * page_size} tokens{per}, less than one sequence "
+                             f"of max_model_len {self.max_model_len}: lower max_model_len or give it more memory")
+        self.prefill_buckets = tuple(d * p for p in _buckets(prefill_batch))
+        self.batch_buckets = tuple(sorted(batch_buckets or (d * b for b in _buckets(self.rows_per_shard))))
         if self.batch_buckets[-1] < max_batch:
             raise InputError(f"batch_buckets {self.batch_buckets} do not reach max_batch {max_batch}")
+        if any(b % d for b in self.batch_buckets):
+            raise InputError(f"batch_buckets {self.batch_buckets} must be multiples of the {d} cache shards")
         self.page_buckets = tuple(sorted(page_buckets or (self.max_pages_per_seq,)))
         if self.page_buckets[-1] < self.max_pages_per_seq:
             self.page_buckets += (self.max_pages_per_seq,)
@@ -352,11 +378,14 @@ class Engine:
         if mesh is not None:
             sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self.graphdef, self.state = nnx.split(model)
-        self.pages = PagedCache.create(config, num_pages, page_size, self.cache_dtype, sharding).pages
-        self.pool = PagePool(num_pages, page_size, prefix_caching)
+        # placed (committed) from the start, as every step returns it: the first step compiles for the same input
+        cache_sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None
+                          else jax.sharding.NamedSharding(mesh, cache_spec(self.cache_axes)))
+        self.pages = PagedCache.create(config, num_pages, page_size, self.cache_dtype, cache_sharding).pages
+        self.pool = PagePool(num_pages, page_size, prefix_caching, shards=d)
         self.history = TokenHistory.create(max_batch + 1, config.vocab_size, sharding)  # last slot: padding rows
         self._free_slots = list(range(max_batch - 1, -1, -1))
-        self.report = cache_report(config, self.cache_dtype, cache_bytes, page_size, num_pages)
+        self.report = cache_report(config, self.cache_dtype, cache_bytes, page_size, num_pages, d)
         line, self.memory = memory_report(self.state, self.pages)  # weights / cache / headroom bytes, one device
         self.report += "\n" + line
         log.info("%s", self.report)
@@ -534,7 +563,7 @@ class Engine:
         prefilling = [r for r in self._running if len(r.tokens) - r.num_computed > 1 or r.generated == 0]
         try:
             if prefilling:
-                self._prefill(prefilling[: self.prefill_buckets[-1]])
+                self._prefill(self._per_shard(prefilling, self.prefill_buckets[-1] // self.cache_shards))
             decoding = [r for r in self._running if len(r.tokens) - r.num_computed == 1 and r.generated > 0]
             if decoding:
                 self._decode(decoding) if self.speculator is None else self.speculator.decode(self, decoding)
@@ -546,16 +575,27 @@ class Engine:
         self.stats["steps"] += 1
         self.stats["host_seconds"] += time.perf_counter() - t0 - self._waited
 
-    def warmup(self) -> None:
-        """Compile every prefill and decode shape now, so no request waits for a compilation."""
-        for w in self.page_buckets:
-            for p in self.prefill_buckets:
-                self._run(np.zeros((p, self.prefill_chunk), np.int32), *self._null_inputs(p, self.prefill_chunk, w),
-                          [], p, [])
-            for b in self.batch_buckets:
-                self._run(np.zeros((b, 1), np.int32), *self._null_inputs(b, 1, w), [], b, [])
+    def warmup_shapes(self) -> list[tuple[str, int, int, int]]:
+        """Every (kind, rows, tokens per row, page-table width) the engine's steps compile."""
+        return [(kind, rows, t, w) for w in self.page_buckets
+                for kind, rows_list, t in (("prefill", self.prefill_buckets, self.prefill_chunk),
+                                           ("decode", self.batch_buckets, 1))
+                for rows in rows_list]
+
+    def warmup(self, progress: Callable[[str], None] | None = None) -> None:
+        """Compile every prefill and decode shape now, so no request waits for a compilation; `progress` gets one
+        line per program compiled (infer.serve prints them)."""
+        shapes = self.warmup_shapes()
+        t0 = time.perf_counter()
+        for k, (kind, rows, t, w) in enumerate(shapes, 1):
+            self._run(np.zeros((rows, t), np.int32), *self._null_inputs(rows, t, w), [], rows, [])
+            if progress is not None:
+                progress(f"warm-up {k}/{len(shapes)}: {kind} [{rows} x {t}] x {w} pages compiled "
+                         f"({time.perf_counter() - t0:.1f} s)")
         if self.speculator is not None:
             self.speculator.warmup(self)
+            if progress is not None:
+                progress(f"warm-up: speculative steps compiled ({time.perf_counter() - t0:.1f} s)")
 
     def _null_inputs(self, b, t, w):
         zeros = np.zeros((b, t), np.int32)
@@ -611,11 +651,23 @@ class Engine:
              input_embeds=None):
         """The forward pass, then the sampler. The forward is dispatched first (asynchronously), so the host builds
         the rows' sampling settings, structured-output masks included, while the device computes the logits."""
+        inv = None
+        if self.cache_shards > 1:  # rows in shard blocks, page ids within each shard
+            perm = self._shard_layout(reqs, rows)
+            inv = np.argsort(perm)
+            ids, positions, seq_index, logit_index = ids[perm], positions[perm], seq_index[perm], logit_index[perm]
+            slots, page_table = slots[perm].copy(), page_table[perm] % self.pool.per_shard
+            slots[..., 0] %= self.pool.per_shard
+            input_embeds = None if input_embeds is None else input_embeds[perm]
         # under the mesh, so mesh-aware code in the model (the expert-parallel MoE) sees it while tracing
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             extra = {} if input_embeds is None else {"input_embeds": input_embeds}  # prompt chunks with images
+            if self.cache_axes:
+                extra["cache_axes"] = self.cache_axes
             logits, self.pages = self._logits_step(self.graphdef, self.state, self.pages, ids, positions, seq_index,
                                                    slots, page_table, logit_index, absorbed=absorbed, **extra)
+            if inv is not None:
+                logits = logits[inv]
             sampling = self._sampling(reqs, rows, accept)
             *out, self.history = _sample_step(logits, sampling, self.history, num_top=MAX_TOP_LOGPROBS)
         t0 = time.perf_counter()
@@ -659,6 +711,29 @@ class Engine:
             self._pending -= n
             self._lock.notify_all()
 
+    def _per_shard(self, reqs: Sequence[_Request], limit: int) -> list[_Request]:
+        """The first `limit` requests of each cache shard, in order."""
+        count = [0] * self.cache_shards
+        out = []
+        for r in reqs:
+            if count[r.shard] < limit:
+                count[r.shard] += 1
+                out.append(r)
+        return out
+
+    def _pick_shard(self, hashes, req: _Request) -> int | None:
+        """The cache shard for a new request: one with a free row, most prefix-cache hits, then most free pages."""
+        if self.cache_shards == 1:
+            return 0
+        rows = [0] * self.cache_shards
+        for r in self._running:
+            rows[r.shard] += 1
+        open_ = [s for s in range(self.cache_shards) if rows[s] < self.rows_per_shard]
+        if not open_:
+            return None
+        return max(open_, key=lambda s: (self.pool.peek(hashes, req.tokens, req.context, s), self.pool.available(s),
+                                         -rows[s], -s))
+
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.max_batch:
             req = self._waiting[0]
@@ -666,9 +741,13 @@ class Engine:
                 return
             n_full = (len(req.tokens) - 1) // self.page_size  # the last token is always computed (for its logits)
             hashes = chain_hashes(req.tokens, self.page_size, n_full, context=req.context)
-            cached = self.pool.match(hashes, req.tokens, req.context)
+            shard = self._pick_shard(hashes, req)
+            if shard is None:
+                return
+            req.shard = shard
+            cached = self.pool.match(hashes, req.tokens, req.context, shard)
             need = math.ceil(len(req.tokens) / self.page_size) - len(cached)
-            fresh = self.pool.allocate(need)
+            fresh = self.pool.allocate(need, shard)
             if fresh is None:
                 self.pool.release(cached)
                 if not self._running:  # nothing will free pages: cannot happen for prompts < max_model_len
@@ -708,11 +787,11 @@ class Engine:
         """Give `req` pages for n_tokens tokens, preempting younger requests if needed; False if it was preempted."""
         need = math.ceil(n_tokens / self.page_size) - len(req.pages)
         while need > 0:
-            fresh = self.pool.allocate(need)
+            fresh = self.pool.allocate(need, req.shard)
             if fresh is not None:
                 req.pages += fresh
                 return True
-            victim = self._running[-1]
+            victim = [r for r in self._running if r.shard == req.shard][-1]  # only its shard's pages help
             self._preempt(victim)
             if victim is req:
                 return False
@@ -765,6 +844,27 @@ class Engine:
             slot=[r.slot for r in reqs] + [self.max_batch] * pad, accept=list(accept) + [0] * pad,
         )
 
+    def _rows(self, reqs: Sequence[_Request], buckets: Sequence[int]) -> int:
+        """Rows of a step over `reqs`: a bucket holding them, and with a sharded cache, holding each shard's
+        requests in its block of rows / shards rows (`_shard_layout`)."""
+        d = self.cache_shards
+        if d == 1:
+            return _bucket(len(reqs), buckets)
+        most = max(sum(r.shard == s for r in reqs) for s in range(d))
+        return _bucket(d * most, buckets)
+
+    def _shard_layout(self, reqs: Sequence[_Request], rows: int) -> np.ndarray:
+        """perm [rows]: the step's row j in the sharded layout is row perm[j] of the request-ordered arrays (requests
+        first, then padding), so that block s of rows / shards rows holds shard s's requests."""
+        d, local = self.cache_shards, rows // self.cache_shards
+        perm = np.full(rows, -1, np.int64)
+        fill = [0] * d
+        for i, r in enumerate(reqs):
+            perm[r.shard * local + fill[r.shard]] = i
+            fill[r.shard] += 1
+        perm[perm < 0] = np.arange(len(reqs), rows)
+        return perm
+
     def _page_table(self, reqs: Sequence[_Request], rows: int, n_pages: int) -> np.ndarray:
         width = _bucket(n_pages, self.page_buckets)
         table = np.full((rows, width), NULL_PAGE, np.int32)
@@ -774,7 +874,7 @@ class Engine:
 
     def _prefill(self, reqs: Sequence[_Request]) -> None:
         """One chunk of prompt for each of `reqs` (up to `prefill_batch` rows); rows that reach the end sample."""
-        rows, chunk, size = _bucket(len(reqs), self.prefill_buckets), self.prefill_chunk, self.page_size
+        rows, chunk, size = self._rows(reqs, self.prefill_buckets), self.prefill_chunk, self.page_size
         ids = np.zeros((rows, chunk), np.int32)
         seq_index = np.zeros((rows, chunk), np.int32)
         slots = np.zeros((rows, chunk, 2), np.int32)  # padding writes go to the null page
@@ -816,7 +916,7 @@ class Engine:
         reqs = [r for r in reqs if r in self._running]
         if not reqs:
             return
-        rows = _bucket(len(reqs), self.batch_buckets)
+        rows = self._rows(reqs, self.batch_buckets)
         ids = np.zeros((rows, 1), np.int32)
         seq_index = np.zeros((rows, 1), np.int32)
         slots = np.zeros((rows, 1, 2), np.int32)

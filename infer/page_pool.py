@@ -11,6 +11,12 @@ prompt another's cache. Pages are reference counted; a registered
 page whose count drops to zero is not freed but kept in an LRU list, and is recycled only when no free page is
 left. Page 0 is the null page (`small4_jax.paged.NULL_PAGE`) and is never handed out.
 
+A sharded cache (`shards` > 1: the pages split over a mesh axis, data-parallel attention) is one pool over the
+global page ids 0 .. num_pages-1 in `shards` contiguous ranges of num_pages / shards pages; range s lives on shard s,
+and its first page is that shard's null page. A sequence takes all its pages from one shard (`allocate(n, shard)`),
+prefix-cache hits are looked up per shard, and `local(page)` is the id within the shard that the shard's attention
+reads.
+
 Pure Python, no JAX: the engine calls it between steps, on one thread.
 """
 
@@ -67,31 +73,47 @@ def chain_hashes(tokens: Sequence[int], page_size: int, num_pages: int, start: S
 
 
 class PagePool:
-    """Allocates pages 1 .. num_pages-1, with reference counts and an LRU prefix cache of released full pages."""
+    """Allocates pages (all but each shard's null page), with reference counts and an LRU prefix cache of released
+    full pages per shard."""
 
-    def __init__(self, num_pages: int, page_size: int, prefix_caching: bool = True):
-        if num_pages < 2:
-            raise ValueError(f"need at least 2 pages (one is the null page), got {num_pages}")
+    def __init__(self, num_pages: int, page_size: int, prefix_caching: bool = True, shards: int = 1):
+        if shards < 1 or num_pages % shards:
+            raise ValueError(f"{num_pages} pages do not split into {shards} equal shards")
+        if num_pages // shards < 2:
+            raise ValueError(f"need at least 2 pages per shard (one is the null page), got {num_pages // shards}")
         self.num_pages = num_pages
         self.page_size = page_size
         self.prefix_caching = prefix_caching
-        self._free = list(range(num_pages - 1, 0, -1))  # pop() hands out low ids first
+        self.shards = shards
+        self.per_shard = num_pages // shards
+        # pop() hands out low ids first
+        self._free = [list(range((s + 1) * self.per_shard - 1, s * self.per_shard, -1)) for s in range(shards)]
         self._refs = [0] * num_pages
-        self._by_hash: dict[bytes, int] = {}
+        self._by_hash: dict[tuple[int, bytes], int] = {}  # (shard, key) -> page
         self._hash_of: dict[int, bytes] = {}
         self._content: dict[int, tuple[bytes, tuple[int, ...]]] = {}  # cached page -> (parent key, its tokens)
-        self._idle: OrderedDict[int, None] = OrderedDict()  # registered pages with no owner, oldest first
+        # registered pages with no owner, oldest first, per shard
+        self._idle: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(shards)]
 
     # ---- queries -------------------------------------------------------------------------------------------------
 
     @property
     def capacity(self) -> int:
-        """Pages a sequence can ever use (all but the null page)."""
-        return self.num_pages - 1
+        """Pages sequences can ever use (all but the null pages)."""
+        return self.num_pages - self.shards
 
-    def available(self) -> int:
-        """Pages that can be allocated now (free, or cached without an owner)."""
-        return len(self._free) + len(self._idle)
+    def shard_of(self, page: int) -> int:
+        return page // self.per_shard
+
+    def local(self, page: int) -> int:
+        """The page's id within its shard (what that shard's attention indexes)."""
+        return page % self.per_shard
+
+    def available(self, shard: int | None = None) -> int:
+        """Pages that can be allocated now (free, or cached without an owner), on `shard` or on all shards."""
+        if shard is None:
+            return sum(self.available(s) for s in range(self.shards))
+        return len(self._free[shard]) + len(self._idle[shard])
 
     def in_use(self) -> int:
         """Pages owned by at least one sequence."""
@@ -103,17 +125,18 @@ class PagePool:
 
     # ---- allocation ----------------------------------------------------------------------------------------------
 
-    def allocate(self, n: int) -> list[int] | None:
-        """n fresh pages, or None (and nothing allocated) when fewer are available."""
-        if n > self.available():
+    def allocate(self, n: int, shard: int = 0) -> list[int] | None:
+        """n fresh pages of `shard`, or None (and nothing allocated) when fewer are available there."""
+        if n > self.available(shard):
             return None
         out = []
+        free, idle = self._free[shard], self._idle[shard]
         for _ in range(n):
-            if self._free:
-                page = self._free.pop()
+            if free:
+                page = free.pop()
             else:
-                page, _ = self._idle.popitem(last=False)  # evict the least recently released cached page
-                del self._by_hash[self._hash_of.pop(page)]
+                page, _ = idle.popitem(last=False)  # evict the least recently released cached page
+                del self._by_hash[(shard, self._hash_of.pop(page))]
                 del self._content[page]
             self._refs[page] = 1
             out.append(page)
@@ -122,42 +145,54 @@ class PagePool:
     def release(self, pages: Sequence[int]) -> None:
         """Drop one reference to each page; unreferenced pages become free, or idle if they are cached."""
         for page in pages:
-            assert page != NULL_PAGE and self._refs[page] > 0, f"page {page} released too often"
+            assert page % self.per_shard != NULL_PAGE and self._refs[page] > 0, f"page {page} released too often"
             self._refs[page] -= 1
             if self._refs[page] == 0:
                 if page in self._hash_of:
-                    self._idle[page] = None
+                    self._idle[self.shard_of(page)][page] = None
                 else:
-                    self._free.append(page)
+                    self._free[self.shard_of(page)].append(page)
 
     # ---- prefix cache --------------------------------------------------------------------------------------------
 
-    def match(self, hashes: Sequence[bytes], tokens: Sequence[int], context: bytes = ROOT_CONTEXT) -> list[int]:
-        """Take a reference to the cached pages of the longest prefix of `hashes` (the chain of `tokens` rooted at
-        `context`) found and verified; returns their ids. A page is served only if its parent key and tokens are
-        those of the request."""
+    def _matching(self, hashes: Sequence[bytes], tokens: Sequence[int], context: bytes, shard: int) -> list[int]:
         out = []
         if not self.prefix_caching:
             return out
         size = self.page_size
         for i, h in enumerate(hashes):
-            page = self._by_hash.get(h)
+            page = self._by_hash.get((shard, h))
             if page is None:
                 break
             parent = hashes[i - 1] if i else context
             if self._content[page] != (parent, tuple(tokens[i * size : (i + 1) * size])):
                 break  # a digest collision: never serve another sequence's rows
-            if self._refs[page] == 0:
-                del self._idle[page]
-            self._refs[page] += 1
             out.append(page)
+        return out
+
+    def peek(self, hashes: Sequence[bytes], tokens: Sequence[int], context: bytes = ROOT_CONTEXT,
+             shard: int = 0) -> int:
+        """How many pages `match` would serve on `shard` (takes nothing)."""
+        return len(self._matching(hashes, tokens, context, shard))
+
+    def match(self, hashes: Sequence[bytes], tokens: Sequence[int], context: bytes = ROOT_CONTEXT,
+              shard: int = 0) -> list[int]:
+        """Take a reference to the cached pages (on `shard`) of the longest prefix of `hashes` (the chain of `tokens`
+        rooted at `context`) found and verified; returns their ids. A page is served only if its parent key and
+        tokens are those of the request."""
+        out = self._matching(hashes, tokens, context, shard)
+        for page in out:
+            if self._refs[page] == 0:
+                del self._idle[shard][page]
+            self._refs[page] += 1
         return out
 
     def register(self, page: int, h: bytes, parent: bytes, tokens: Sequence[int]) -> None:
         """Record that `page` (owned, full, never written again) holds `tokens` under key `h`, whose parent key
         (the previous page's, or the context's for the first page) is `parent`."""
-        if not self.prefix_caching or h in self._by_hash or page in self._hash_of:
+        key = (self.shard_of(page), h)
+        if not self.prefix_caching or key in self._by_hash or page in self._hash_of:
             return
-        self._by_hash[h] = page
+        self._by_hash[key] = page
         self._hash_of[page] = h
         self._content[page] = (parent, tuple(tokens))

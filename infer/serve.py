@@ -697,16 +697,13 @@ def main(argv=None) -> int:
     except Small4Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not multi or engine.leader:
+        print(engine.report, file=sys.stderr)
+    if args.warmup:  # on every process: the same programs in the same order, as the lockstep steps
+        engine.warmup(progress=lambda line: print(line, file=sys.stderr, flush=True))
     if multi and not engine.leader:
         engine.follow()
         return 0
-    print(engine.report, file=sys.stderr)
-    if args.warmup:
-        t0 = time.time()
-        engine.warmup()
-        n = len(engine.page_buckets) * (len(engine.prefill_buckets) + len(engine.batch_buckets))
-        print(f"compiled {n} shapes in "
-              f"{time.time() - t0:.1f}s", file=sys.stderr)
     server = Server(engine, tokenizer, args.served_model_name or args.config or args.checkpoint, args.api_key)
     engine.start()
     try:

@@ -35,6 +35,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from small4_jax.batch_sampling import RowSampling, TokenHistory, sample_rows
 from small4_jax.config import Small4Config
@@ -120,17 +121,42 @@ def _absorbed_weights(attn, config: Small4Config, dtype) -> tuple[jax.Array, jax
     return w_kvb[..., :dn], w_kvb[..., dn:]
 
 
-def absorbed_attention(attn, config: Small4Config, q_nope, q_pe, pages, layer, page_table, seq_index, scale, *,
-                       impl: str = "auto") -> jax.Array:
-    """Attention of q_nope / q_pe [B, T, nh, *] over the cached rows of `layer` with W_UK folded into the query and
-    W_UV applied to the attended latent; returns [B, T, nh * dv]."""
+def _write_and_attend(pages, rows, slots, q_lat, q_pe, page_table, seq_index, scale, *, layer: int, impl: str):
+    """Write the new tokens' rows [B, T, R + r] at slots [B, T, 2] of `layer`, then attend over the pages: the
+    attended latent [B, T, nh, R] (fp32) and the pages. Page ids are those of the `pages` given (a shard's own,
+    inside the sharded cache's shard_map)."""
+    b, t = seq_index.shape
+    pages = pages.at[layer, slots[..., 0].reshape(-1), slots[..., 1].reshape(-1)].set(
+        rows.reshape(b * t, -1).astype(pages.dtype))
+    return mla_attention(q_lat, q_pe, pages, layer, page_table, seq_index, scale, impl=impl), pages
+
+
+def cache_spec(cache_axes: tuple[str, ...]) -> PartitionSpec:
+    """The PartitionSpec of a cache sharded over `cache_axes` (its page axis): [L, P, page, R + r]."""
+    return PartitionSpec(None, cache_axes or None)
+
+
+def absorbed_attention(attn, config: Small4Config, q_nope, q_pe, rows, pages, layer, slots, page_table, seq_index,
+                       scale, *, impl: str = "auto", cache_axes: tuple[str, ...] = ()):
+    """Write `rows` into the cache, then attention of q_nope / q_pe [B, T, nh, *] over the cached rows of `layer`
+    with W_UK folded into the query and W_UV applied to the attended latent; returns ([B, T, nh * dv], pages).
+
+    cache_axes: mesh axes the cache's pages (and the batch rows) are sharded over; each shard writes and reads only
+    its own pages for its own rows (data-parallel attention) inside a shard_map over the context mesh.
+    """
     b, t, nh, _ = q_nope.shape
     dtype = q_nope.dtype
     w_uk, w_uv = _absorbed_weights(attn, config, dtype)
     q_lat = jnp.einsum("bthd,rhd->bthr", q_nope, w_uk, preferred_element_type=jnp.float32).astype(dtype)
-    o_lat = mla_attention(q_lat, q_pe, pages, layer, page_table, seq_index, scale, impl=impl).astype(dtype)
-    out = jnp.einsum("bthr,rhd->bthd", o_lat, w_uv, preferred_element_type=jnp.float32).astype(dtype)
-    return out.reshape(b, t, nh * config.v_head_dim)
+    attend = functools.partial(_write_and_attend, layer=layer, impl=impl)
+    if cache_axes:
+        rows_spec = PartitionSpec(cache_axes)
+        # every mesh axis manual: the attention of a shard's rows is replicated over the other axes
+        attend = jax.shard_map(attend, in_specs=(cache_spec(cache_axes),) + (rows_spec,) * 7,
+                               out_specs=(rows_spec, cache_spec(cache_axes)), check_vma=False)
+    o_lat, pages = attend(pages, rows, slots, q_lat, q_pe, page_table, seq_index, scale)
+    out = jnp.einsum("bthr,rhd->bthd", o_lat.astype(dtype), w_uv, preferred_element_type=jnp.float32).astype(dtype)
+    return out.reshape(b, t, nh * config.v_head_dim), pages
 
 
 def expanded_attention(attn, config: Small4Config, q_nope, q_pe, pages, layer, page_table, seq_index,
@@ -162,6 +188,7 @@ def forward(
     *,
     absorbed: bool = True,
     impl: str = "auto",
+    cache_axes: tuple[str, ...] = (),
     with_hidden: bool = False,
     input_embeds: jax.Array | None = None,
 ):
@@ -174,14 +201,19 @@ def forward(
     verification scores every draft position). `with_hidden` also returns the final-normed hidden states of all T
     tokens (what an EAGLE draft head reads): (logits, pages, hidden [B, T, H]). input_embeds [B, T, H], if given,
     replaces the embedding lookup (an EAGLE draft's fused input; image features in the [IMG] rows of a prompt chunk,
-    small4_jax.vision). absorbed / impl: the attention (module docstring;
-    impl is the `kernels.mla_decode` backend of the absorbed path).
+    small4_jax.vision). absorbed / impl: the attention (module docstring; impl is the `kernels.mla_decode` backend
+    of the absorbed path). cache_axes: the mesh axes the pages are sharded over (`cache_spec`; run under
+    `jax.set_mesh`): then the batch rows are split over them in order (row block s on shard s) and slots /
+    page_table hold each shard's own page ids.
     """
+    if cache_axes and not absorbed:
+        raise ValueError("the expanded reference attention does not take a sharded cache (cache_axes)")
     config = model.config
     b, t = ids.shape
     cos, sin = rope_cos_sin(config, positions)
     scale = config.attn_softmax_scale * llama4_query_scale(config, positions)  # [B, T]
     write_page, write_offset = slots[..., 0].reshape(-1), slots[..., 1].reshape(-1)
+    slots = jnp.asarray(slots, jnp.int32)
 
     h = model.embed_tokens(jnp.asarray(ids, jnp.int32)) if input_embeds is None else input_embeds
     for i, layer in enumerate(model.layers):
@@ -189,11 +221,12 @@ def forward(
         with jax.named_scope(f"layer{i}/attention"):
             a = layer.input_layernorm(h)
             rows = _cache_rows(attn, config, a, cos, sin)
-            pages = pages.at[i, write_page, write_offset].set(rows.reshape(b * t, -1).astype(pages.dtype))
             q_nope, q_pe = _query(attn, config, a, cos, sin)
             if absorbed:
-                out = absorbed_attention(attn, config, q_nope, q_pe, pages, i, page_table, seq_index, scale, impl=impl)
+                out, pages = absorbed_attention(attn, config, q_nope, q_pe, rows, pages, i, slots, page_table,
+                                                seq_index, scale, impl=impl, cache_axes=cache_axes)
             else:
+                pages = pages.at[i, write_page, write_offset].set(rows.reshape(b * t, -1).astype(pages.dtype))
                 out = expanded_attention(attn, config, q_nope, q_pe, pages, i, page_table, seq_index, scale)
             h = h + attn.o_proj(out)
         with jax.named_scope(f"layer{i}/mlp"):
@@ -207,7 +240,7 @@ def forward(
     return (logits, pages, normed) if with_hidden else (logits, pages)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "impl", "num_top"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "impl", "cache_axes", "num_top"),
                    donate_argnames=("pages", "history"))
 def step(
     graphdef,
@@ -224,6 +257,7 @@ def step(
     *,
     absorbed: bool = True,
     impl: str = "auto",
+    cache_axes: tuple[str, ...] = (),
     num_top: int,
 ):
     """`forward` then per-row sampling (`batch_sampling.sample_rows`), jitted with the cache and the token history
@@ -233,14 +267,16 @@ def step(
     """
     model = nnx.merge(graphdef, state)
     logits, pages = forward(model, pages, ids, positions, seq_index, slots, page_table, logit_index,
-                            absorbed=absorbed, impl=impl)
+                            absorbed=absorbed, impl=impl, cache_axes=cache_axes)
     return (*sample_rows(logits, sampling, history, num_top), pages)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "impl"), donate_argnames=("pages",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "impl", "cache_axes"),
+                   donate_argnames=("pages",))
 def logits_step(graphdef, state, pages, ids, positions, seq_index, slots, page_table, logit_index, *,
-                absorbed=True, impl="auto", input_embeds=None):
-    """`forward` jitted, returning (logits [B, V], pages): the engine's model step (input_embeds: see `forward`)."""
+                absorbed=True, impl="auto", input_embeds=None, cache_axes=()):
+    """`forward` jitted, returning (logits [B, V], pages): the engine's model step (input_embeds, cache_axes: see
+    `forward`)."""
     model = nnx.merge(graphdef, state)
     return forward(model, pages, ids, positions, seq_index, slots, page_table, logit_index, absorbed=absorbed,
-                   impl=impl, input_embeds=input_embeds)
+                   impl=impl, input_embeds=input_embeds, cache_axes=cache_axes)

@@ -229,6 +229,67 @@ def test_engine_on_an_expert_parallel_mesh(setup):
         assert o.token_ids == _hf_greedy(hf, p, 8)
 
 
+def test_warmup_compiles_every_step_so_requests_compile_nothing(setup):
+    """One page-table width by default: warm-up compiles len(prefill buckets) + len(batch buckets) programs, one
+    progress line each, and requests of any length afterwards compile nothing."""
+    from small4_jax import paged
+
+    _, model, _ = setup
+    engine = Engine(model, max_batch=4, page_size=8, prefill_chunk=16, prefill_batch=2)
+    assert engine.page_buckets == (8,)  # the pages of the model's 64-token context
+    assert engine.warmup_shapes() == [("prefill", 1, 16, 8), ("prefill", 2, 16, 8), ("decode", 1, 1, 8),
+                                      ("decode", 2, 1, 8), ("decode", 4, 1, 8)]
+    lines = []
+    engine.warmup(progress=lines.append)
+    assert len(lines) == 5 and lines[-1].startswith("warm-up 5/5: decode [4 x 1] x 8 pages compiled (")
+    from infer.engine import _sample_step
+
+    compiled = paged.logits_step._cache_size(), _sample_step._cache_size()
+    _run(engine, [(i, p, SamplingOptions(max_tokens=6)) for i, p in enumerate(_prompts(4, seed=31,
+                                                                                      lengths=[3, 40, 17, 9]))])
+    assert (paged.logits_step._cache_size(), _sample_step._cache_size()) == compiled
+
+
+def test_sharded_cache_equals_the_single_device_engine(setup):
+    """Pages sharded over data=2 (data-parallel attention) with the MoE expert-parallel over expert=4: each request's
+    pages live on the shard it was given, both shards serve, the cache is split in two, and the greedy tokens are
+    those of the single-device engine (itself = transformers above)."""
+    from flax import nnx
+    from jax.sharding import PartitionSpec
+
+    from infer.engine import merge_outputs
+    from small4_jax.placement import place_model
+    from small4_jax.sharding import make_mesh
+
+    _, model, single = setup
+    mesh = make_mesh({"data": 2, "expert": 4, "tensor": 1})
+    dp = Engine(place_model(nnx.clone(model), mesh), max_batch=8, page_size=8, num_pages=2 * 20, prefill_chunk=16,
+                prefill_batch=1, batch_buckets=(8,), mesh=mesh)
+    assert dp.cache_axes == ("data",) and dp.cache_shards == 2 and dp.pool.capacity == 38
+    assert dp.pages.sharding.spec == PartitionSpec(None, "data")
+    assert {s.data.shape[1] for s in dp.pages.addressable_shards} == {20}  # each device holds its shard's pages
+    prompts = _prompts(6, seed=29, lengths=[5, 17, 30, 9, 22, 3])
+    arrivals = [(0, prompts[0]), (0, prompts[1]), (1, prompts[2]), (2, prompts[3]), (4, prompts[4]), (6, prompts[5])]
+    options = SamplingOptions(max_tokens=9)
+    want = _run(single, [(at, p, options) for at, p in arrivals])
+    events, used = {}, set()
+    for step in range(300):
+        for i, (at, p) in enumerate(arrivals):
+            if at == step:
+                dp.submit(p, options, callback=lambda o, i=i: events.setdefault(i, []).append(o))
+        dp.step()
+        for r in dp._running:
+            used.add(r.shard)
+            assert {dp.pool.shard_of(pg) for pg in r.pages} <= {r.shard}, (r.id, r.shard, r.pages)
+        if len(events) == len(arrivals) and all(e[-1].finished for e in events.values()):
+            break
+    got = [merge_outputs(events[i]) for i in range(len(arrivals))]
+    assert used == {0, 1}
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.token_ids == w.token_ids, i
+    assert dp.metrics()["pages_used"] == 0
+
+
 def _hf_penalised_greedy(hf, prompt, n, rep=1.0, freq=0.0, pres=0.0, bias=None):
     """Greedy decoding over transformers' logits with the penalties and bias applied in numpy, token by token."""
     seq, out = list(prompt), []
