@@ -19,6 +19,7 @@ import dataclasses
 import errno
 import json
 import logging
+import os
 import sys
 import time
 import uuid
@@ -113,8 +114,10 @@ def _validation_message(e: ValidationError) -> str:
 class Server:
     """Request handling shared by the endpoints: validation, submission, event streaming, metrics."""
 
-    def __init__(self, engine: "Engine", tokenizer, model_name: str, api_key: str | None = None):
+    def __init__(self, engine: "Engine", tokenizer, model_name: str, api_key: str | None = None,
+                 image_dir: str | None = None):
         self.engine = engine
+        self.image_dir = image_dir  # image parts may name files under it (None: data: URLs only)
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.model_names = {model_name}  # what a request's `model` may say
@@ -161,7 +164,8 @@ class Server:
         except InputError as e:
             raise HTTPError(400, str(e)) from None
 
-    def submit(self, prompt: list[int], options: "SamplingOptions", n: int = 1, cache_salt: str | None = None):
+    def submit(self, prompt: list[int], options: "SamplingOptions", n: int = 1, cache_salt: str | None = None,
+               images=(), image_hashes=()):
         """Queue the n choices of a request; returns (their engine ids, asyncio queue of (choice, RequestOutput)).
 
         Choices after the first are admitted once the first has cached its prompt pages (`Engine.submit(after=)`),
@@ -182,7 +186,8 @@ class Server:
                     loop.call_soon_threadsafe(events.put_nowait, (i, out))
 
                 rids.append(self.engine.submit(prompt, opts, callback=callback, request_id=f"{base}-{i}",
-                                               after=rids[0] if rids else None, cache_salt=cache_salt))
+                                               after=rids[0] if rids else None, cache_salt=cache_salt,
+                                               images=images, image_hashes=image_hashes))
         except (QueueFull, InputError) as e:
             for rid in rids:
                 self.engine.cancel(rid)
@@ -371,9 +376,13 @@ def build_app(server: Server):
             use_grammar = (req.response_format not in (None, {"type": "text"})
                            or (forced_tools and structured.available(server.tokenizer)))
             prompt = encode_chat(server.tokenizer, req.messages, tools=req.tools, tool_choice=req.tool_choice,
-                                 reasoning_effort=req.reasoning_effort, force_prefix=not use_grammar)
+                                 reasoning_effort=req.reasoning_effort, force_prefix=not use_grammar,
+                                 image_dir=server.image_dir)
         except InputError as e:
-            raise HTTPError(400, str(e), param="tools" if str(e).startswith("tools") else "messages") from None
+            msg = str(e)
+            param = "tools" if msg.startswith("tools") else msg.split(":")[0] if msg.startswith("messages[") \
+                else "messages"  # an image part's error names it: messages[i].content[j]
+            raise HTTPError(400, msg, param=param) from None
         if use_grammar:
             try:
                 grammar = structured.chat_grammar(
@@ -386,7 +395,7 @@ def build_app(server: Server):
         # the chat parser decodes the ids (once, on this event loop, not on the engine's thread)
         options = server.options(req, len(prompt.ids), logprobs, grammar, detokenize=False)
         parse_tools = req.tool_choice != "none" and bool(req.tools)
-        rids, events = server.submit(prompt.ids, options, req.n, req.cache_salt)
+        rids, events = server.submit(prompt.ids, options, req.n, req.cache_salt, prompt.images, prompt.image_hashes)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def new_parser():
@@ -643,6 +652,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="parameter dtype (default as infer.generate)")
     p.add_argument("--seed", type=int, default=0, help="random init with --config")
     p.add_argument("--mesh", help="device mesh, e.g. data=1,expert=8,tensor=1 (default: one device)")
+    p.add_argument("--image-dir", help="let image parts name local files inside this directory (default: images come "
+                   "only as data: URLs; nothing is ever fetched from the network)")
     add_engine_args(p)
     return p.parse_args(argv)
 
@@ -687,6 +698,8 @@ def main(argv=None) -> int:
         multi = spec.multi_process
         if spec.process_id == 0:
             check_address(args.host, args.port)  # a taken port is said now, not after the model build
+        if args.image_dir is not None and not os.path.isdir(args.image_dir):
+            raise InputError(f"--image-dir {args.image_dir}: not a directory")
         model, tokenizer, mesh = load_model_and_tokenizer(args)
         if multi:
             from infer.lockstep import LockstepEngine
@@ -704,7 +717,8 @@ def main(argv=None) -> int:
     if multi and not engine.leader:
         engine.follow()
         return 0
-    server = Server(engine, tokenizer, args.served_model_name or args.config or args.checkpoint, args.api_key)
+    server = Server(engine, tokenizer, args.served_model_name or args.config or args.checkpoint, args.api_key,
+                    image_dir=args.image_dir)
     engine.start()
     try:
         uvicorn.run(build_app(server), host=args.host, port=args.port, log_level="info")

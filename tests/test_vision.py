@@ -47,10 +47,11 @@ def _rel(ours, ref):
 
 
 @torch.no_grad()
-def _tiny_mistral3(seed=0):
-    text = tiny_hf_config(max_position_embeddings=512)
+def tiny_mistral3(seed=0, patch=PATCH, image_size=64, **text_overrides):
+    """A random float32 Mistral3ForConditionalGeneration: ckpt_utils' tiny mistral4 text model + a 2-layer pixtral."""
+    text = tiny_hf_config(**{"max_position_embeddings": 512, **text_overrides})
     vc = PixtralVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                             patch_size=PATCH, image_size=64, hidden_act="silu",
+                             patch_size=patch, image_size=image_size, hidden_act="silu",
                              rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})
     cfg = Mistral3Config(text_config=text.to_dict(), vision_config=vc.to_dict(), image_token_id=IMG,
                          spatial_merge_size=MERGE, projector_hidden_act="gelu", multimodal_projector_bias=False,
@@ -115,7 +116,7 @@ def _to_native(hf, out_dir):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    hf = _tiny_mistral3()
+    hf = tiny_mistral3()
     root = tmp_path_factory.mktemp("mistral3")
     hf.save_pretrained(str(root / "hf"))
     _to_native(hf, root / "native")
