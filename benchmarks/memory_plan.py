@@ -14,7 +14,9 @@ Deployments (add one by writing a function and listing it in DEPLOYMENTS):
     serve-119b-bf16-8xH100 / 8xH200   `infer.serve` at its default flags with the README's mesh (data=1, expert=8):
         weights, the paged cache the engine allocates by default (90% of what the allocator has free after the
         weights, `Engine.__init__`), and the largest prefill step ([prefill_batch, prefill_chunk]) and decode step
-        ([max_batch, 1]), both over the widest page table (max_model_len / page_size pages).
+        ([max_batch, 1]), both over the widest page table (max_model_len / page_size pages); and the vision
+        encoder + projector on one 1540 x 1540 image (12,100 patches, flash attention with image segments), which
+        runs before a prompt with images is prefilled.
     serve-119b-fp8-1xH200 / serve-119b-int4-1xH100   the same on ONE GPU with `--quantize fp8` (the release's FP8
         weights kept, small4_jax.quant) / `--quantize int4` (groups of 128): the whole model on one device.
     finetune-small4-8xH100 / 8xH200   `train.finetune --config configs/finetune-small4.yaml` on its mesh: frozen
@@ -110,6 +112,8 @@ def serve_plan(target: str, layers: int | None, mem_fraction: float, quantize: s
         ap.serve_step(config, mesh, absorbed=True, rows=args.prefill_batch, tokens=args.prefill_chunk, **common),
         ap.serve_step(config, mesh, absorbed=True, rows=args.max_batch, tokens=1, **common),
     ]
+    if config.vision is not None:  # a prompt's images are encoded (one 1540 x 1540 image: 12,100 patches) first
+        programs.append(ap.vision_encode(config, mesh, ((1540, 1540),), dtype=dtype))
     cache = _shard_bytes(programs[0].args[1])
     note = "; ".join(filter(None, [note, f"{(num_pages - 1) * args.page_size} cache tokens"]))
     return Plan(f"serve-119b-{quantize or 'bf16'}-{n}x{target.upper()}", target, programs,

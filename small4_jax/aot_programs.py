@@ -7,6 +7,7 @@ at real dims) and the memory plan (`benchmarks/memory_plan.py`: per-device bytes
     expert_parallel  the routed experts on an expert mesh (replicated or all-to-all), forward or with gradients
     model_forward    the model's forward over a batch of tokens
     serve_step       the serving engine's model step (`paged.logits_step`): a prefill chunk or a decode step
+    vision_encode    the vision encoder + projector on images packed as the engine packs them (`vision._encode`)
     lora_train_step  the fine-tuning step of `train.trainer.make_steps` (grad accumulation scan, AdamW)
 
 Arguments are `jax.ShapeDtypeStruct`s placed the way the real code places them (weights by `sharding.spec_for`,
@@ -190,3 +191,35 @@ def lora_train_step(run_config, mesh: Mesh, *, micro_batch: int | None = None, s
     step = aot.spec((), jnp.int32, mesh)
     return Program(f"LoRA train step {accum}x{micro}x{seq}", steps.train, (params, opt_state, rng, frozen, batch, step),
                    mesh)
+
+
+def vision_encode(config, mesh: Mesh, images: tuple[tuple[int, int], ...] = ((1540, 1540),), *,
+                  dtype="bfloat16") -> Program:
+    """Image features of `images` ((height, width) pixels, multiples of 28) packed into one sequence, as
+    `vision.encode_images` runs them when a prompt with images is prefilled: the encoder's weights placed by
+    `sharding.spec_for`, the packed patches, positions, segments and merge index replicated. A 1540 x 1540 image is
+    12,100 patches (padded to 12,288), 3,025 merged tokens."""
+    import numpy as np
+
+    from small4_jax.vision import _encode, pack_images
+
+    vc = config.vision
+    if vc is None:
+        raise ValueError("vision_encode needs a config with a 'vision' block")
+    graphdef, state = abstract_placed_model(config, mesh, dtype)
+    vision_state = nnx.State({k: state[k] for k in ("vision_tower", "multi_modal_projector")})
+    from small4_jax.model import abstract_model
+
+    model = abstract_model(config, dtype=dtype)
+    vision_def, _ = nnx.split((model.vision_tower, model.multi_modal_projector))
+    packed = pack_images(vc, [np.zeros((vc.num_channels, h, w), np.float32) for h, w in images])
+
+    def run(tower, projector, patches, rows, cols, segment_ids, merge_index):
+        return _encode(vision_def, nnx.State({0: tower, 1: projector}), patches, rows, cols, segment_ids,
+                       merge_index)
+
+    inputs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (packed.patches, packed.rows, packed.cols,
+                                                               packed.segment_ids, packed.merge_index)]
+    args = (vision_state["vision_tower"], vision_state["multi_modal_projector"], *_replicated(inputs, mesh))
+    name = " + ".join(f"{h}x{w}" for h, w in images)
+    return Program(f"vision encode {name} ({packed.patches.shape[0]} patches)", run, args, mesh)

@@ -7,6 +7,7 @@ converted to a sharded checkpoint. Prompts hold images of several sizes and aspe
 in two turns, with text around them.
 """
 
+import dataclasses
 import functools
 import json
 
@@ -288,3 +289,26 @@ def test_engine_with_images_matches_transformers(models, ours):
     assert flipped.cached_tokens == 0
     with pytest.raises(InputError, match=r"the prompt has 7 \[IMG\] tokens but its images give 4 \(4\)"):
         engine.submit(ids[0].tolist(), opts, images=images[:1])
+
+
+@pytest.mark.gpu_compile
+def test_encoder_compiles_for_h200_at_real_dims():
+    """The encoder + projector at Small 4's dims (one encoder block: each is the same program) on a 1540 x 1540 image
+    (12,100 patches): compiles for sm_90a with the flash-attention kernel, and its temporaries stay far below one
+    [heads, N, N] float32 score tensor (9.7 GB)."""
+    from small4_jax import aot
+    from small4_jax import aot_programs as ap
+    from small4_jax.config import load_config
+    from small4_jax.tokenizer import ASSETS_DIR
+
+    config = load_config(ASSETS_DIR.parent.parent / "configs" / "small4-119b.yaml")
+    config = config.replace(num_hidden_layers=1, vision=dataclasses.replace(config.vision, num_hidden_layers=1))
+    mesh = aot.gpu_mesh("h200", {"data": 1, "expert": 8, "tensor": 1})
+    program = ap.vision_encode(config, mesh, ((1540, 1540),))
+    patches = program.args[2]
+    assert patches.shape == (12288, 3 * 14 * 14)
+    c = program.compile()
+    assert c.uses_triton  # the Pallas flash attention (kernels/attention), segment ids = image index
+    scores = 16 * 12288 * 12288 * 4
+    assert c.memory.temp < scores / 16
+    assert c.memory.output == 3072 * 4096 * 2  # 3,025 merged tokens (padded to 3,072) x text hidden, bf16
