@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU compile checks (tests/test_gpu_compile.py, test_aot.py, test_platform.py) under Python 3.12 + jax 0.11.2:
+# The GPU compile checks (tests/test_*gpu_compile*.py, test_aot.py, test_platform.py) under Python 3.12 + jax 0.11.2:
 # what the GPU machines run. CI runs them on the project's own jax; this script builds a second environment
 # (.venv-jax011, about 2 GB: jax + jaxlib + the CUDA plugin + ptxas, no torch) and compiles the same programs there.
 #
@@ -33,5 +33,5 @@ fi
 python -c "import jax, sys; print('python', sys.version.split()[0], 'jax', jax.__version__)"
 export JAX_PLATFORMS=cpu SMALL4_REQUIRE_GPU_COMPILE=1 JAX_COMPILATION_CACHE_DIR=  # no cache shared with jax 0.10
 set -o pipefail
-python -m pytest -q -p no:cacheprovider tests/test_gpu_compile.py tests/test_aot.py tests/test_platform.py "$@" 2>&1 \
+python -m pytest -q -p no:cacheprovider tests/test_*gpu_compile*.py tests/test_aot.py tests/test_platform.py "$@" 2>&1 \
   | tee benchmarks/gpu_compile_jax011.log
