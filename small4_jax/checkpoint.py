@@ -160,6 +160,9 @@ def _read_quantized(source: TensorSource, name: str, fmt: str, transform: Transf
             grid = np.repeat(grid, values.shape[0], axis=0)
         if len(grid.shape) != values.ndim or any(d % g for d, g in zip(values.shape, grid.shape)):
             raise CheckpointError(f"{name}: scale grid {list(grid.shape)} does not tile the weight {list(values.shape)}")
+        n, nb = values.shape[-1], grid.shape[-1]
+        if 1 < nb < n:  # column blocks (a native w1 | w3 pair, a block-quantised release): one scale per column, so
+            grid = np.repeat(grid, n // nb, axis=-1)  # the scales shard with the columns on any tensor mesh
         return quant.QArray(values, np.ascontiguousarray(grid, np.float32))
     shape = source.shape(name)
     if len(shape) != 3 or not hasattr(source, "get_fp8"):  # dense (or a plain source): one tensor

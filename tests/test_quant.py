@@ -93,6 +93,17 @@ def test_gmm_quant_kernel_matches_reference(fmt):
     assert _rel(out_b, ref_b) < 1e-2, seed
 
 
+def test_gmm_quant_narrow_groups_fall_back_to_dequantise_then_gmm():
+    """int4 with K = 80 (groups of 16: half-groups of 8 rows, narrower than any kernel tile) still computes."""
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2**31))
+    w = quant.quantize(jnp.asarray(rng.normal(size=(3, 80, 32)), jnp.float32), "int4")
+    assert w.scale.shape == (3, 5, 32)
+    lhs = jnp.asarray(rng.normal(size=(20, 80)), jnp.float32)
+    gs = jnp.asarray([7, 0, 13], jnp.int32)
+    out = api.gmm(lhs, w, gs, backend="pallas", tiling=GmmTiling(block_m=16, block_k=16, block_n=16))
+    np.testing.assert_allclose(out, gmm_quant_reference(lhs, w, gs), rtol=1e-5, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Models.
 @pytest.fixture(scope="module")

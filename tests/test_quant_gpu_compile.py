@@ -49,3 +49,20 @@ def test_fp8_decode_step_compiles_on_one_h200():
     fp8 = sum(int(np.prod(x.shape)) for x in leaves if x.dtype == jnp.float8_e4m3fn)
     assert fp8 >= E * H * 3 * F  # the experts (and projections) are fp8 arguments
     assert c.memory.temp < 2 * 4096 * 4096  # below one bf16 copy of o_proj: weights are never widened in memory
+
+
+@pytest.mark.gpu_compile
+def test_fp8_forward_compiles_expert_parallel_on_8_h200():
+    """fp8 experts and their per-expert scales sharded together over `expert`, all-to-all dispatch (4096 tokens)."""
+    config = Small4Config.from_yaml("configs/small4-119b.yaml").replace(num_hidden_layers=1)
+    mesh = aot.gpu_mesh("h200", {"data": 1, "expert": 8, "tensor": 1})
+    program = ap.model_forward(config, mesh, 4096, quantize="fp8")
+    c = program.compile()
+    assert c.uses_triton and c.uses_ragged_all_to_all
+    flat = {tuple(str(p) for p in path): v for path, v in __import__("flax").nnx.to_flat_state(program.args[0])}
+    scale = flat[("layers", "0", "mlp", "experts", "gate_up_scale")]
+    assert scale.sharding.spec[0] == "expert" and flat[("layers", "0", "mlp", "experts", "gate_up")].sharding.spec[0] \
+        == "expert"
+    # no bf16 copy of this device's experts: the temporaries are those of the bf16 model's same program
+    bf16 = ap.model_forward(config, mesh, 4096).compile()
+    assert c.memory.temp <= bf16.memory.temp * 1.05

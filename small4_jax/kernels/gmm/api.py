@@ -171,6 +171,13 @@ def _gmm_quant_pallas(cfg: _Config, lhs, values, scale, group_sizes, group_offse
     kw, nw = values.shape[1] * (2 if packed else 1), values.shape[2]
     n = kw if cfg.transpose_rhs else nw
     tiling = cfg.tiling or gmm_tiling(m, k, n, values.shape[0], lhs.dtype)
+    try:
+        quant_triton.quant_tiling(tiling, kw, scale.shape[1], packed, cfg.transpose_rhs)
+    except ValueError:  # scale rows / int4 half-groups narrower than any tile (tiny models): dequantise, then gmm
+        from small4_jax.quant import QArray, dequantize
+
+        w = dequantize(QArray(values, scale), jnp.float32).astype(lhs.dtype)  # scale: column-expanded grid
+        return _gmm_pallas(cfg._replace(num_groups=w.shape[0]), lhs, w, group_sizes, group_offset)
     return quant_triton.gmm_quant_pallas(lhs, values, scale, group_sizes, group_offset, tiling=tiling,
                                          transpose_rhs=cfg.transpose_rhs, out_dtype=cfg.out_dtype,
                                          interpret=cfg.interpret)
