@@ -79,11 +79,12 @@ def put_pending(buffer, buffer_slot, source, rows, start):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "absorbed"), donate_argnames=("pages",))
-def hidden_step(graphdef, state, pages, ids, positions, seq_index, slots, page_table, logit_index, *, absorbed):
+def hidden_step(graphdef, state, pages, ids, positions, seq_index, slots, page_table, logit_index, *, absorbed,
+                input_embeds=None):
     """`paged.logits_step` that also returns the final-normed hidden states of every token."""
     model = nnx.merge(graphdef, state)
     return forward(model, pages, ids, positions, seq_index, slots, page_table, logit_index, absorbed=absorbed,
-                   with_hidden=True)
+                   with_hidden=True, input_embeds=input_embeds)
 
 
 class EagleDrafter:
@@ -109,9 +110,9 @@ class EagleDrafter:
 
     # ---- prefill ---------------------------------------------------------------------------------------------------
     def _prefill_forward(self, graphdef, state, pages, ids, positions, seq_index, slots, page_table, logit_index, *,
-                         absorbed):
+                         absorbed, input_embeds=None):
         logits, pages, hidden = hidden_step(graphdef, state, pages, ids, positions, seq_index, slots, page_table,
-                                            logit_index, absorbed=absorbed)
+                                            logit_index, absorbed=absorbed, input_embeds=input_embeds)
         self._stash = (hidden, np.asarray(seq_index), np.asarray(slots), np.asarray(page_table))
         return logits, pages
 

@@ -155,6 +155,7 @@ class _Request:
     callback: Callable[[RequestOutput], None] | None
     arrival: float
     context: bytes = b""  # root of the prefix-cache key chain (page_pool.prefix_context)
+    adapter_slot: int = 0  # multi-LoRA slot of its adapter (0: the base model)
     slot: int = -1  # row of the engine's TokenHistory while running
     shard: int = 0  # the cache shard holding its pages
     matcher: object = None  # llguidance LLMatcher of a structured-output request
@@ -289,6 +290,9 @@ class Engine:
         batch_buckets: the compiled decode batch sizes (default powers of 2 up to max_batch).
         page_buckets: the compiled page-table widths (default: one, the pages of max_model_len).
         speculative: an `infer.speculative.SpeculativeConfig` (n-gram or EAGLE drafts, batched verify), or None.
+        lora_adapters: (name, PEFT directory) pairs served side by side; `submit(adapter=name)` picks one per
+            request. max_loras: adapter slots (default: as many as given; more leave room for `load_adapter`).
+            max_lora_rank: the largest rank a slot holds (default: the largest given, else 16).
         cache_dtype: dtype of the cache (default the model's).
         mesh: a device mesh (the model's parameters live on it).
         cache_axes: mesh axes the cache's pages are sharded over (default: "data" when the mesh has it): each shard
@@ -319,8 +323,19 @@ class Engine:
         seed: int = 0,
         speculative=None,
         cache_axes: Sequence[str] | None = None,
+        lora_adapters: Sequence[tuple[str, str]] = (),
+        max_loras: int | None = None,
+        max_lora_rank: int | None = None,
     ):
         config = model.config
+        self.lora = None  # multi-LoRA serving (small4_jax/multi_lora.py): adapters chosen per request
+        if lora_adapters or max_loras:
+            from small4_jax.multi_lora import MultiLoRA, adapter_rank
+
+            rank = max_lora_rank or max([adapter_rank(path) for _, path in lora_adapters] or [16])
+            self.lora = MultiLoRA(model, (max_loras or len(lora_adapters)) + 1, rank)
+            for name, path in lora_adapters:
+                self.lora.load(name, path)
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
@@ -454,11 +469,54 @@ class Engine:
             self._pending += 1
         seed = options.seed if options.seed is not None else int(self._seeds.integers(0, 2**31))
         stop_ids = frozenset(options.stop_token_ids) | (frozenset() if options.ignore_eos else self.stop_ids)
+        slot, identity = 0, adapter
+        if adapter is not None and self.lora is not None:  # the adapter's content identity keys its cached pages
+            slot, identity = self.lora.slot_of(adapter), self.lora.identity(adapter)
+        elif adapter is not None:
+            raise InputError(f"unknown adapter {adapter!r}: this engine serves no LoRA adapters")
         req = _Request(request_id, prompt, len(prompt), options, seed, stop_ids, callback, time.time(),
-                       context=prefix_context(adapter, image_hashes, cache_salt), matcher=matcher, after=after,
-                       images=packed)
+                       context=prefix_context(identity, image_hashes, cache_salt), matcher=matcher, after=after,
+                       images=packed, adapter_slot=slot)
         self._inbox.put(("submit", req))
         return request_id
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load the PEFT adapter in `path` as `name` (any thread; takes effect between steps, no recompilation)."""
+        if self.lora is None:
+            raise InputError("this engine was started without LoRA slots (--max-loras)")
+        weights, identity = self.lora.read(name, path)  # host work off the engine thread
+        self._between_steps(lambda: self._install_adapter(name, path, weights, identity))
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload adapter `name`; refused while requests using it are queued or running."""
+        if self.lora is None:
+            raise InputError("this engine was started without LoRA slots (--max-loras)")
+        self._between_steps(lambda: self._remove_adapter(name))
+
+    def _install_adapter(self, name, path, weights, identity):
+        if name in self.lora.adapters:
+            raise InputError(f"adapter {name!r} is already loaded")
+        self.lora.install(name, path, weights, identity, self.lora.free_slot())
+        self.graphdef, self.state = nnx.split(self.model)
+
+    def _remove_adapter(self, name):
+        slot = self.lora.slot_of(name)
+        busy = [r.id for r in list(self._waiting) + self._running if r.adapter_slot == slot]
+        if busy:
+            raise InputError(f"adapter {name!r} is in use by {len(busy)} request(s); retry when they finish")
+        self.lora.unload(name)
+        self.graphdef, self.state = nnx.split(self.model)
+
+    def _between_steps(self, fn):
+        done, result = threading.Event(), []
+        if self._thread is None:  # no engine thread: run it here
+            self._handle(("call", (fn, done, result)))
+        else:
+            self._inbox.put(("call", (fn, done, result)))
+            done.wait()
+        if isinstance(result[0], Exception):
+            raise result[0]
+        return result[0]
 
     def cancel(self, request_id: str) -> None:
         """Stop a request at the next step and free its pages; its callback gets a final "cancelled" event."""
@@ -660,6 +718,7 @@ class Engine:
             slots[..., 0] %= self.pool.per_shard
             input_embeds = None if input_embeds is None else input_embeds[perm]
         # under the mesh, so mesh-aware code in the model (the expert-parallel MoE) sees it while tracing
+        self._set_adapters(reqs, rows, None if inv is None else perm)
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             extra = {} if input_embeds is None else {"input_embeds": input_embeds}  # prompt chunks with images
             if self.cache_axes:
@@ -674,6 +733,13 @@ class Engine:
         out = jax.device_get(out)
         self._waited += time.perf_counter() - t0
         return out
+
+    def _set_adapters(self, reqs, rows, perm=None) -> None:
+        """Each row's adapter slot into the state before a step (padding rows: the base model; `perm`: the rows'
+        order on a sharded cache)."""
+        if self.lora is not None:
+            ids = np.asarray([r.adapter_slot for r in reqs] + [0] * (rows - len(reqs)), np.int32)
+            self.lora.set_ids(self.state, ids if perm is None else ids[perm])
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -705,6 +771,13 @@ class Engine:
             for r in list(self._waiting) + self._running:
                 if r.id == value:
                     self._finish(r, "cancelled")
+        elif kind == "call":  # a function to run between steps (adapter loading); value = (fn, done event, result)
+            fn, done, result = value
+            try:
+                result.append(fn())
+            except Exception as e:  # handed back to the caller's thread
+                result.append(e)
+            done.set()
 
     def _release_pending(self, n: int = 1) -> None:
         with self._lock:

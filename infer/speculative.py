@@ -134,6 +134,9 @@ class Speculator:
     """The engine's speculative decode step (`decode`) and its counters."""
 
     def __init__(self, config: SpeculativeConfig, engine):
+        if getattr(engine, "cache_shards", 1) > 1:
+            raise InputError("speculative decoding does not run on a sharded cache yet (cache_axes / a data mesh "
+                             "axis); serve it with the cache replicated")
         self.config = config
         self.k = config.num_draft_tokens
         self.drafter = make_drafter(config, engine)
@@ -162,6 +165,7 @@ class Speculator:
 
     def _run(self, engine, ids, seq_index, slots, table, drafts, num_drafts, reqs, rows):
         """The verify forward, then `verify_rows` with the rows' settings (built while the device runs)."""
+        engine._set_adapters(reqs, rows)
         with jax.set_mesh(engine.mesh) if engine.mesh is not None else contextlib.nullcontext():
             out = verify_forward(engine.graphdef, engine.state, engine.pages, ids, seq_index, seq_index, slots, table,
                                  with_hidden=getattr(self.drafter, "needs_hidden", False))

@@ -254,9 +254,16 @@ def expert_mlp(
     def gmm(lhs, rhs, dtype=None):
         return kernels.gmm(lhs, rhs, group_sizes, group_offset, backend=backend, preferred_element_type=dtype)
 
+    per_pair = lora is not None and jnp.ndim(lora.scale) == 2  # multi-LoRA: a scale mask [M, S*R] per row
+
+    def low_rank(x, a, b, dtype=None):
+        if per_pair:
+            return gmm(gmm(x, a) * lora.scale.astype(x.dtype), b, dtype)
+        return lora.scale * gmm(gmm(x, a), b, dtype)
+
     h = gmm(rows, gate_up)
     if lora is not None:
-        h = h + lora.scale * gmm(gmm(rows, lora.gate_up_a), lora.gate_up_b)
+        h = h + low_rank(rows, lora.gate_up_a, lora.gate_up_b)
     if tensor_axis is None:
         f = h.shape[-1] // 2
         gate, up = h[:, :f], h[:, f:]
@@ -265,7 +272,7 @@ def expert_mlp(
     a = act(gate) * up
     y = gmm(a, down, out_dtype)
     if lora is not None:
-        y = y + lora.scale * gmm(gmm(a, lora.down_a), lora.down_b, out_dtype)
+        y = y + low_rank(a, lora.down_a, lora.down_b, out_dtype)
     return y
 
 
@@ -316,6 +323,12 @@ def routed_experts(
     layout = None
     if mesh is not None and strategy != "none":
         layout = moe_layout(mesh, gate_up.shape[0], down.shape[1])
+    if lora is not None and jnp.ndim(lora.scale) == 2:
+        # multi-LoRA (small4_jax/multi_lora.py): the per-row scale mask [B, S*R] -> per token [N, S*R]; below, per
+        # routed pair in expert order, so each pair's grouped matmuls use its own token's adapter
+        if layout is not None:
+            raise NotImplementedError("multi-LoRA expert adapters run on one device (no expert-parallel mesh yet)")
+        lora = lora._replace(scale=jnp.repeat(lora.scale, x.shape[0] // lora.scale.shape[0], axis=0))
     if layout is None:
         if (requested == "auto" and lora is None and not isinstance(gate_up, QArray)
                 and platform.platform_of(gate_up, x) == "cpu"):
@@ -326,6 +339,8 @@ def routed_experts(
             return _dense_experts(x, expert_ids, expert_weights, gate_up, down, act, lora)
         d = sort_by_expert(expert_ids, gate_up.shape[0])
         rows = permute(x, d.order, d.inverse, expert_ids.shape[1])
+        if lora is not None and jnp.ndim(lora.scale) == 2:
+            lora = lora._replace(scale=permute(lora.scale, d.order, d.inverse, expert_ids.shape[1]))
         y = expert_mlp(rows, d.group_sizes, gate_up, down, act=act, impl=impl, lora=lora)
         return _combine(unpermute(y, d.order, d.inverse), expert_weights).astype(x.dtype)
     strategy = resolve_strategy(strategy, x.shape[0] // layout.data, layout.ep, a2a_min_tokens)
@@ -353,16 +368,24 @@ def _dense_experts(x, expert_ids, expert_weights, gate_up, down, act, lora=None)
     num_experts = gate_up.shape[0]
     if isinstance(gate_up, QArray):  # dequantise-then-compute: the definition the quantised kernels meet
         gate_up, down = dequantize(gate_up, jnp.float32), dequantize(down, jnp.float32)
-    if lora is not None:  # merged weights: fine for a reference
+    per_token = lora is not None and jnp.ndim(lora.scale) == 2  # multi-LoRA: each token's own adapter, unmerged
+    if lora is not None and not per_token:  # merged weights: fine for a reference
         gate_up = gate_up + lora.scale * jnp.einsum("ehr,erf->ehf", lora.gate_up_a, lora.gate_up_b)
         down = down + lora.scale * jnp.einsum("efr,erh->efh", lora.down_a, lora.down_b)
     combine = jnp.einsum(
         "nke,nk->ne", jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32), expert_weights.astype(jnp.float32)
     )
     h = jnp.einsum("nh,ehf->enf", x, gate_up.astype(x.dtype))
+    if per_token:
+        m = lora.scale.astype(x.dtype)[None]  # [1, N, S*R]
+        low = jnp.einsum("nh,ehj->enj", x, lora.gate_up_a.astype(x.dtype)) * m
+        h = h + jnp.einsum("enj,ejf->enf", low, lora.gate_up_b.astype(x.dtype))
     f = h.shape[-1] // 2
     a = act(h[..., :f]) * h[..., f:]
     y = jnp.einsum("enf,efh->enh", a, down.astype(x.dtype))
+    if per_token:
+        low = jnp.einsum("enf,efj->enj", a, lora.down_a.astype(x.dtype)) * m
+        y = y + jnp.einsum("enj,ejh->enh", low, lora.down_b.astype(x.dtype))
     return jnp.einsum("enh,ne->nh", y.astype(jnp.float32), combine).astype(x.dtype)
 
 

@@ -88,6 +88,8 @@ def _kernel(linear, din: int, dtype) -> jax.Array:
     """
     if type(linear) is nnx.Linear and linear.bias is None:
         return linear.kernel[...].astype(dtype)
+    if hasattr(linear, "row_lora"):  # per-row adapters (multi_lora.py): the base here, each row's adapter in low rank
+        return linear.kernel[...].astype(dtype)
     if hasattr(linear, "effective_kernel") and getattr(linear, "bias", None) is None:
         return linear.effective_kernel().astype(dtype)
     return linear(jnp.eye(din, dtype=dtype))
@@ -147,7 +149,11 @@ def absorbed_attention(attn, config: Small4Config, q_nope, q_pe, rows, pages, la
     b, t, nh, _ = q_nope.shape
     dtype = q_nope.dtype
     w_uk, w_uv = _absorbed_weights(attn, config, dtype)
-    q_lat = jnp.einsum("bthd,rhd->bthr", q_nope, w_uk, preferred_element_type=jnp.float32).astype(dtype)
+    row_lora = getattr(attn.kv_b_proj, "row_lora", None)  # multi-LoRA serving: each row's kv_b_proj adapter
+    q_lat = jnp.einsum("bthd,rhd->bthr", q_nope, w_uk, preferred_element_type=jnp.float32)
+    if row_lora is not None:
+        q_lat = q_lat + row_lora.absorb_query(q_nope)
+    q_lat = q_lat.astype(dtype)
     attend = functools.partial(_write_and_attend, layer=layer, impl=impl)
     if cache_axes:
         rows_spec = PartitionSpec(cache_axes)
@@ -155,8 +161,11 @@ def absorbed_attention(attn, config: Small4Config, q_nope, q_pe, rows, pages, la
         attend = jax.shard_map(attend, in_specs=(cache_spec(cache_axes),) + (rows_spec,) * 7,
                                out_specs=(rows_spec, cache_spec(cache_axes)), check_vma=False)
     o_lat, pages = attend(pages, rows, slots, q_lat, q_pe, page_table, seq_index, scale)
-    out = jnp.einsum("bthr,rhd->bthd", o_lat.astype(dtype), w_uv, preferred_element_type=jnp.float32).astype(dtype)
-    return out.reshape(b, t, nh * config.v_head_dim), pages
+    o_lat = o_lat.astype(dtype)
+    out = jnp.einsum("bthr,rhd->bthd", o_lat, w_uv, preferred_element_type=jnp.float32)
+    if row_lora is not None:
+        out = out + row_lora.absorb_output(o_lat, config.qk_nope_head_dim)
+    return out.astype(dtype).reshape(b, t, nh * config.v_head_dim), pages
 
 
 def expanded_attention(attn, config: Small4Config, q_nope, q_pe, pages, layer, page_table, seq_index,

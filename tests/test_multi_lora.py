@@ -1,0 +1,183 @@
+"""Multi-LoRA serving (`small4_jax/multi_lora.py`): one batch of base rows and rows of different adapters.
+
+References: each request run alone through the same paged forward with its adapter attached the single-adapter way
+(`lora.load_peft`: LoRALinear / ExpertsLoRA), and transformers + PEFT for an adapter made by peft itself.
+Adapters: two written by our export (`lora.save_peft`: attention, shared and dense MLPs, all routed experts; different
+ranks and alphas) and one made by peft (`get_peft_model(..., target_parameters=experts)`, random init).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import small4_jax
+from ckpt_utils import make_hf_model, save_hf, tiny_hf_config
+from infer.engine import Engine, SamplingOptions, merge_outputs
+from small4_jax import lora
+from small4_jax.errors import ConfigError, InputError
+from small4_jax.multi_lora import MultiLoRA, parse_lora_flags
+from small4_jax.paged import PagedCache, logits_step
+
+peft = pytest.importorskip("peft")
+
+VOCAB = 128
+
+
+def _randomise(model, seed):
+    rng = np.random.RandomState(seed)
+    flat = [(p, v.replace(jnp.asarray(0.05 * rng.randn(*v.shape), jnp.float32)))
+            for p, v in nnx.to_flat_state(nnx.state(model, lora.TRAINABLE))]
+    nnx.update(model, nnx.from_flat_state(flat))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multi_lora")
+    cfg = tiny_hf_config()  # 3 layers: dense, then MoE (8 experts top-2, a shared expert)
+    save_hf(make_hf_model(cfg, seed=3), root / "base")
+    dirs = {}
+    for name, (targets, rank, alpha, seed) in {
+        "all4": (("all",), 4, 6.0, 1),
+        "attn2": (("attention", "experts"), 2, 5.0, 2),
+    }.items():
+        m = small4_jax.from_pretrained(root / "base", dtype="float32")
+        lora.apply_lora(m, lora.LoRAConfig(targets=targets, rank=rank, alpha=alpha, seed=seed))
+        _randomise(m, seed + 10)
+        lora.save_peft(m, root / name)
+        dirs[name] = root / name
+    hf = make_hf_model(cfg, seed=3)
+    pcfg = peft.LoraConfig(r=3, lora_alpha=7, init_lora_weights=False,
+                           target_modules=["q_a_proj", "kv_b_proj", "o_proj", "down_proj", "up_proj"],
+                           target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    torch.manual_seed(0)
+    made = peft.get_peft_model(hf, pcfg)
+    made.save_pretrained(root / "peft3")
+    dirs["peft3"] = root / "peft3"
+    return root, cfg, dirs, made.eval()
+
+
+def _single(root, adapter_dir):
+    m = small4_jax.from_pretrained(root / "base", dtype="float32")
+    if adapter_dir is not None:
+        lora.load_peft(m, adapter_dir)
+    return m
+
+
+def _forward_alone(model, ids, absorbed_steps=3):
+    """Prefill ids [1, T] (expanded) then `absorbed_steps` absorbed decode steps of fixed tokens on a fresh cache;
+    the logits of every step."""
+    graphdef, state = nnx.split(model)
+    pages = PagedCache.create(model.config, 9, 8).pages  # row 0: pages 1..8
+    return _steps(graphdef, state, pages, ids, absorbed_steps, lambda: None)
+
+
+def _steps(graphdef, state, pages, ids, absorbed_steps, before_step):
+    b, t = ids.shape
+    table = np.tile(np.arange(1, 9, dtype=np.int32)[None], (b, 1)) + 8 * np.arange(b, dtype=np.int32)[:, None]
+    pos = np.tile(np.arange(t, dtype=np.int32), (b, 1))
+    slots = np.stack([np.take_along_axis(table, pos // 8, 1), pos % 8], -1).astype(np.int32)
+    before_step()
+    out = []
+    logits, pages = logits_step(graphdef, state, pages, ids, pos, pos, slots, table, np.full((b,), t - 1, np.int32),
+                                absorbed=False)
+    out.append(np.asarray(logits))
+    for s in range(absorbed_steps):
+        p = t + s
+        nxt = np.full((b, 1), 7 + s, np.int32)
+        ps = np.full((b, 1), p, np.int32)
+        sl = np.stack([table[:, p // 8][:, None], np.full((b, 1), p % 8)], -1).astype(np.int32)
+        before_step()
+        logits, pages = logits_step(graphdef, state, pages, nxt, ps, ps, sl, table, np.zeros((b,), np.int32),
+                                    absorbed=True)
+        out.append(np.asarray(logits))
+    return out
+
+
+def test_mixed_batch_equals_each_request_alone(setup):
+    root, cfg, dirs, _ = setup
+    base = small4_jax.from_pretrained(root / "base", dtype="float32")
+    multi = MultiLoRA(base, slots=5, rank=4)
+    for name in ("all4", "attn2", "peft3"):
+        multi.load(name, dirs[name])
+    assert isinstance(base.layers[2].mlp.experts.lora, nnx.Module)
+    rows = [None, "all4", "attn2", "peft3", "all4"]
+    rng = np.random.RandomState(0)
+    ids = rng.randint(3, VOCAB, size=(len(rows), 13)).astype(np.int32)
+    graphdef, state = nnx.split(base)
+    pages = PagedCache.create(base.config, 1 + 8 * len(rows), 8).pages
+    got = _steps(graphdef, state, pages, ids, 3,
+                 lambda: multi.set_ids(state, [multi.slot_of(n) for n in rows]))
+    for i, name in enumerate(rows):
+        want = _forward_alone(_single(root, dirs[name] if name else None), ids[i : i + 1])
+        for step, (g, w) in enumerate(zip(got, want)):
+            np.testing.assert_allclose(g[i], w[0], atol=1e-5, rtol=0, err_msg=f"row {i} ({name}), step {step}")
+    # the adapters matter (also the experts': attn2 has only attention and expert adapters)
+    assert np.abs(got[0][1] - got[0][0]).max() > 1e-2 and np.abs(got[-1][2] - got[-1][0]).max() > 1e-2
+
+
+def test_peft_made_adapter_matches_transformers_peft(setup):
+    root, cfg, dirs, made = setup
+    base = small4_jax.from_pretrained(root / "base", dtype="float32")
+    multi = MultiLoRA(base, slots=2, rank=3)
+    multi.load("peft3", dirs["peft3"])
+    ids = np.random.RandomState(1).randint(3, VOCAB, size=(2, 11)).astype(np.int32)
+    graphdef, state = nnx.split(base)
+    multi.set_ids(state, [1, 0])
+    got = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, ids))
+    with torch.no_grad():
+        want = made(torch.tensor(ids[:1], dtype=torch.long)).logits.numpy()
+        with made.disable_adapter():
+            plain = made(torch.tensor(ids[1:], dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(got[0], want[0], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got[1], plain[0], atol=1e-4, rtol=0)
+    assert np.abs(want[0] - plain[0]).max() > 1e-2
+
+
+def test_engine_mixes_adapters_and_keys_the_prefix_cache_by_adapter(setup):
+    root, cfg, dirs, _ = setup
+    kw = dict(max_batch=4, page_size=8, prefill_chunk=16, batch_buckets=(4,), page_buckets=(4,), max_model_len=32)
+    engine = Engine(small4_jax.from_pretrained(root / "base", dtype="float32"),
+                    lora_adapters=[("all4", str(dirs["all4"])), ("peft3", str(dirs["peft3"]))], max_loras=3, **kw)
+    prompt = np.random.RandomState(2).randint(3, VOCAB, 19).tolist()
+    opts = SamplingOptions(max_tokens=6, ignore_eos=True)
+
+    def run(adapters):
+        events = {i: [] for i in range(len(adapters))}
+        for i, a in enumerate(adapters):
+            engine.submit(prompt, opts, callback=events[i].append, adapter=a)
+        while not all(e and e[-1].finished for e in events.values()):
+            engine.step()
+        return [merge_outputs(events[i]) for i in range(len(adapters))]
+
+    mixed = run([None, "all4", "peft3"])
+    alone = {a: run([a])[0] for a in (None, "all4", "peft3")}
+    for out, a in zip(mixed, [None, "all4", "peft3"]):
+        assert out.token_ids == alone[a].token_ids, a
+        assert alone[a].cached_tokens == 16  # the mixed run cached two pages of each adapter's own rows
+    assert len({tuple(o.token_ids) for o in mixed}) == 3
+    with pytest.raises(InputError, match="unknown adapter 'nope'"):
+        engine.submit(prompt, opts, adapter="nope")
+    # load a third adapter at run time into the spare slot; unload frees it; the base is untouched
+    engine.load_adapter("attn2", str(dirs["attn2"]))
+    assert run(["attn2"])[0].token_ids != alone[None].token_ids
+    with pytest.raises(InputError, match="all 3 adapter slots are in use"):
+        engine.load_adapter("again", str(dirs["attn2"]))
+    engine.unload_adapter("attn2")
+    assert sorted(engine.lora.adapters) == ["all4", "peft3"]
+    assert run([None])[0].token_ids == alone[None].token_ids
+
+
+def test_bad_lora_flags_and_adapters(setup, tmp_path):
+    root, _, dirs, _ = setup
+    assert parse_lora_flags(["a=/x", "b=/y/z"]) == [("a", "/x"), ("b", "/y/z")]
+    with pytest.raises(InputError, match="expected NAME=DIR"):
+        parse_lora_flags(["/x"])
+    base = small4_jax.from_pretrained(root / "base", dtype="float32")
+    multi = MultiLoRA(base, slots=2, rank=2)
+    with pytest.raises(ConfigError, match="rank 4, above --max-lora-rank 2"):
+        multi.load("all4", dirs["all4"])
+    with pytest.raises(ConfigError, match="not a PEFT adapter directory"):
+        multi.load("x", tmp_path)
