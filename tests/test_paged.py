@@ -120,3 +120,35 @@ def test_cache_can_be_sharded_replicated_on_a_mesh():
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     cache = paged.PagedCache.create(Small4Config.from_yaml(TINY), 3, PAGE, sharding=sharding)
     assert cache.pages.sharding == sharding and cache.num_pages == 3 and cache.page_size == PAGE
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_ragged_batch_at_long_positions_equals_the_expanded_reference(t):
+    """Three rows holding 5, 23 and 41 keys (one, six and eleven scattered pages) at positions up to 262,130,
+    stepping t new tokens each (decode; a verify step): the blockwise loop and the split-KV kernel (interpret mode)
+    give the logits and cache rows of the expanded reference."""
+    config = Small4Config.from_yaml(TINY)
+    graphdef, state = nnx.split(init_model(config, seed=3))
+    rng = np.random.default_rng(7)
+    lengths = [5, 23, 41]
+    starts = [262_131 - 41, 600, 262_131 - 5]  # the last token of some rows sits at 262,130
+    width = 12
+    table = np.zeros((3, width), np.int32)
+    free = list(rng.permutation(np.arange(1, 25)))
+    for b, n in enumerate(lengths):
+        for k in range(-(-n // PAGE)):
+            table[b, k] = free.pop()
+    base = paged.PagedCache.create(config, num_pages=25, page_size=PAGE).pages
+    base = base.at[:, 1:].set(rng.standard_normal(base[:, 1:].shape).astype(np.float32) * 0.5)  # earlier keys
+    seq = np.stack([np.arange(n - t, n) for n in lengths]).astype(np.int32)
+    pos = np.stack([s + np.arange(n - t, n) for s, n in zip(starts, lengths)]).astype(np.int32)
+    ids = rng.integers(3, config.vocab_size, (3, t)).astype(np.int32)
+    slots = np.stack([np.stack([table[b, seq[b] // PAGE], seq[b] % PAGE], -1) for b in range(3)]).astype(np.int32)
+    index = np.broadcast_to(np.arange(t, dtype=np.int32), (3, t))
+    out = {}
+    for absorbed, impl in ((False, "auto"), (True, "xla"), (True, "pallas")):
+        out[impl] = paged.logits_step(graphdef, state, jax.numpy.array(base), ids, pos, seq, slots, table, index,
+                                      absorbed=absorbed, impl=impl)
+    for impl in ("xla", "pallas"):
+        assert _rel(out[impl][0], out["auto"][0]) < 1e-5, impl
+        assert _rel(out[impl][1], out["auto"][1]) < 1e-5, impl
