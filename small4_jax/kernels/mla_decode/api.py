@@ -36,8 +36,8 @@ def mla_attention(q_lat, q_pe, pages, layer, page_table, seq_index, scale, *, im
     pages [L, P, page, R + r] at `layer` listed by page_table [B, W]; key k is visible to token (b, t) when
     k <= seq_index[b, t]; scale [B, T] multiplies the fp32 scores.
 
-    kv_splits: split-KV work items beyond one per row for the kernel (default: 64 for single-token steps, none
-    for longer chunks, whose query blocks already fill the GPU).
+    kv_splits: split-KV work items beyond one per row for the kernel (default: 64 for steps of up to 8 tokens per
+    row, decode and speculative verify; none for prefill chunks, whose query blocks already fill the GPU).
     """
     impl = resolve(impl, q_lat.shape, q_pe.shape, pages.shape[2], pages)
     if impl == "reference":
@@ -48,7 +48,7 @@ def mla_attention(q_lat, q_pe, pages, layer, page_table, seq_index, scale, *, im
     if not ok:
         raise ValueError(f"the MLA kernel cannot take these shapes: {why}; use impl='xla'")
     if kv_splits is None:
-        kv_splits = 64 if q_lat.shape[1] == 1 else 0
+        kv_splits = 64 if q_lat.shape[1] <= 8 else 0
     if interpret is None:
         interpret = not on_gpu(pages)
     return pallas_triton.mla_pallas(q_lat, q_pe, pages, layer, page_table, seq_index, scale, kv_splits=kv_splits,
