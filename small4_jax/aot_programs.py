@@ -127,11 +127,13 @@ def model_forward(config, mesh: Mesh, tokens: int, *, batch: int = 1, dtype="bfl
 
 
 def serve_step(config, mesh: Mesh, *, absorbed: bool, rows: int, tokens: int, table_pages: int, num_pages: int,
-               page_size: int = 16, dtype="bfloat16", cache_dtype=None, quantize: str | None = None) -> Program:
+               page_size: int = 16, dtype="bfloat16", cache_dtype=None, quantize: str | None = None,
+               cache_axes: tuple[str, ...] = ()) -> Program:
     """The engine's model step (`paged.logits_step`, as `Engine._run` dispatches it; the sampler is a separate small
     program): decode ([rows, 1]) or one prefill chunk ([rows, tokens]), absorbed MLA over the pages as the engine
     runs both (absorbed=False: the expanded reference), over a page table `table_pages` wide; the paged cache
-    [layers, num_pages, page_size, width] replicated over the mesh and donated."""
+    [layers, num_pages, page_size, width] replicated over the mesh (or its pages sharded over `cache_axes`, the
+    rows with them, as the engine's data-parallel attention) and donated."""
     from small4_jax.paged import PagedCache, logits_step
 
     graphdef, state = abstract_placed_model(config, mesh, dtype, quantize)
@@ -140,13 +142,18 @@ def serve_step(config, mesh: Mesh, *, absorbed: bool, rows: int, tokens: int, ta
 
     def run(state, pages, ids, positions, seq_index, slots, page_table, logit_index):
         return logits_step(graphdef, state, pages, ids, positions, seq_index, slots, page_table, logit_index,
-                           absorbed=absorbed)
+                           absorbed=absorbed, cache_axes=cache_axes)
 
     i32 = jnp.int32
     inputs = (jax.ShapeDtypeStruct((rows, tokens), i32), jax.ShapeDtypeStruct((rows, tokens), i32),
               jax.ShapeDtypeStruct((rows, tokens), i32), jax.ShapeDtypeStruct((rows, tokens, 2), i32),
               jax.ShapeDtypeStruct((rows, table_pages), i32), jax.ShapeDtypeStruct((rows,), i32))
     args = (state, _replicated(pages, mesh), *_replicated(inputs, mesh))
+    if cache_axes:
+        from small4_jax.paged import cache_spec
+
+        args = (state, aot.spec(pages.shape, pages.dtype, mesh, cache_spec(cache_axes)),
+                *(aot.spec(x.shape, x.dtype, mesh, P(cache_axes)) for x in inputs))
     kind = "decode" if tokens == 1 else "prefill"
     return Program(f"serve {kind} {rows}x{tokens}, {table_pages} pages/seq", run, args, mesh,
                    dict(donate_argnums=(1,)))

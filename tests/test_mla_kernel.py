@@ -139,3 +139,25 @@ def test_ragged_decode_holds_memory_in_proportion_to_the_rows_lengths():
     held = plan.resident["cache"] + c.memory.temp
     assert bound <= held < 2 * bound, (held, bound)
     assert "x the bound" in plan.check(c.memory)
+
+
+@pytest.mark.gpu_compile
+@pytest.mark.parametrize("tokens", [1, 256], ids=["decode", "prefill"])
+def test_sharded_cache_step_compiles_on_8_h100(tokens):
+    """The engine's step with the cache's pages sharded over data=2 (each shard's MLA kernel inside the shard_map)
+    and the MoE expert-parallel over expert=4, one layer of Small 4: the kernel compiles there and each device holds
+    half the pages."""
+    from small4_jax import aot
+    from small4_jax import aot_programs as ap
+    from small4_jax.config import Small4Config
+
+    config = Small4Config.from_yaml("configs/small4-119b.yaml").replace(num_hidden_layers=1)
+    mesh = aot.gpu_mesh("h100", {"data": 2, "expert": 4, "tensor": 1})
+    rows = 16 if tokens == 1 else 4
+    program = ap.serve_step(config, mesh, absorbed=True, rows=rows, tokens=tokens, table_pages=256, num_pages=2048,
+                            cache_axes=("data",))
+    c = program.compile()
+    assert "small4_mla" in c.text
+    pages = program.args[1]
+    half = pages.size * pages.dtype.itemsize // 2
+    assert c.memory.alias == half, (c.memory, half)  # this device's half of the pages, updated in place
