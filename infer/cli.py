@@ -29,6 +29,10 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch: int = 16) -> None:
     g.add_argument("--speculative", metavar="METHOD", help="speculative decoding: 'ngram' (prompt lookup) or "
                    "'eagle:DIR' (an EAGLE draft head checkpoint); see infer/speculative.py")
     g.add_argument("--num-draft-tokens", type=int, default=4, help="draft tokens per row and step (--speculative)")
+    g.add_argument("--max-loras", type=int, default=None, help="LoRA adapter slots (default: the adapters given; "
+                   "more leave room for loading at run time)")
+    g.add_argument("--max-lora-rank", type=int, default=None, help="largest adapter rank a slot holds (default: the "
+                   "largest given)")
     g.add_argument("--quantize", choices=["fp8", "int8", "int4", "none"], default=None,
                    help="weights of the linears and experts in memory and compute (small4_jax.quant; default: an FP8 "
                    "checkpoint stays fp8, others unquantised; none dequantises)")
@@ -40,7 +44,11 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         from infer.speculative import SpeculativeConfig
 
         speculative = SpeculativeConfig.parse(args.speculative, args.num_draft_tokens)
-    return dict(speculative=speculative, max_batch=args.max_batch, page_size=args.page_size, num_pages=args.num_pages,
+    from small4_jax.multi_lora import parse_lora_flags
+
+    loras = parse_lora_flags(getattr(args, "lora_adapters", None))
+    return dict(speculative=speculative, lora_adapters=loras, max_loras=getattr(args, "max_loras", None),
+                max_lora_rank=getattr(args, "max_lora_rank", None), max_batch=args.max_batch, page_size=args.page_size, num_pages=args.num_pages,
                 max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk, prefill_batch=args.prefill_batch,
                 max_queue=args.max_queue,
                 prefix_caching=not args.no_prefix_caching, cache_axes=_cache_axes(getattr(args, "cache_axes", None)))

@@ -46,6 +46,17 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class _LoadLoRA(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    lora_name: str
+    lora_path: str
+
+
+class _UnloadLoRA(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    lora_name: str
+
+
 class _Common(BaseModel):
     """Fields every endpoint takes. Every field a client may send is listed: any other is a 400 naming it (`parse`),
     never silently ignored."""
@@ -130,9 +141,10 @@ class Server:
                 detokenize: bool = True) -> "SamplingOptions":
         from infer.engine import SamplingOptions
 
-        if req.model is not None and req.model not in self.model_names:
+        if req.model is not None and req.model not in self.model_names and req.model not in self.adapters():
             raise HTTPError(400, f"model {req.model!r} is not served here; GET /v1/models lists "
-                                 f"{', '.join(map(repr, sorted(self.model_names)))}", param="model")
+                                 f"{', '.join(map(repr, sorted(self.model_names | set(self.adapters()))))}",
+                            param="model")
         context = self.engine.max_model_len
         if prompt_len >= context:
             raise HTTPError(400, f"prompt has {prompt_len} tokens but the model's context is {context}; "
@@ -164,8 +176,16 @@ class Server:
         except InputError as e:
             raise HTTPError(400, str(e)) from None
 
+    def adapters(self) -> dict:
+        """The LoRA adapters served (name -> adapter), selected by a request's `model` (small4_jax/multi_lora.py)."""
+        lora = getattr(self.engine, "lora", None)
+        return {} if lora is None else dict(lora.adapters)
+
+    def adapter_for(self, model: str | None) -> str | None:
+        return model if model is not None and model not in self.model_names and model in self.adapters() else None
+
     def submit(self, prompt: list[int], options: "SamplingOptions", n: int = 1, cache_salt: str | None = None,
-               images=(), image_hashes=()):
+               images=(), image_hashes=(), adapter: str | None = None):
         """Queue the n choices of a request; returns (their engine ids, asyncio queue of (choice, RequestOutput)).
 
         Choices after the first are admitted once the first has cached its prompt pages (`Engine.submit(after=)`),
@@ -187,7 +207,7 @@ class Server:
 
                 rids.append(self.engine.submit(prompt, opts, callback=callback, request_id=f"{base}-{i}",
                                                after=rids[0] if rids else None, cache_salt=cache_salt,
-                                               images=images, image_hashes=image_hashes))
+                                               images=images, image_hashes=image_hashes, adapter=adapter))
         except (QueueFull, InputError) as e:
             for rid in rids:
                 self.engine.cancel(rid)
@@ -323,7 +343,30 @@ def build_app(server: Server):
     async def models():
         m = {"id": server.model_name, "object": "model", "created": int(server.started), "owned_by": "small4-jax",
              "max_model_len": server.engine.max_model_len}
-        return {"object": "list", "data": [m]}
+        loras = [{"id": a.name, "object": "model", "created": int(server.started), "owned_by": "small4-jax",
+                  "parent": server.model_name, "root": a.path, "max_model_len": server.engine.max_model_len}
+                 for a in sorted(server.adapters().values(), key=lambda a: a.slot)]
+        return {"object": "list", "data": [m, *loras]}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        """{"lora_name": NAME, "lora_path": DIR}: load a PEFT adapter (behind the API key, like all of /v1)."""
+        body = await parse(request, _LoadLoRA)
+        try:
+            await asyncio.to_thread(server.engine.load_adapter, body.lora_name, body.lora_path)
+        except Small4Error as e:
+            raise HTTPError(400, str(e), param="lora_path") from None
+        return {"object": "lora_adapter", "id": body.lora_name, "loaded": True}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        """{"lora_name": NAME}: unload an adapter no request is using."""
+        body = await parse(request, _UnloadLoRA)
+        try:
+            await asyncio.to_thread(server.engine.unload_adapter, body.lora_name)
+        except Small4Error as e:
+            raise HTTPError(400, str(e), param="lora_name") from None
+        return {"object": "lora_adapter", "id": body.lora_name, "loaded": False}
 
     def cancel_all(rids):
         for rid in rids:
@@ -395,7 +438,8 @@ def build_app(server: Server):
         # the chat parser decodes the ids (once, on this event loop, not on the engine's thread)
         options = server.options(req, len(prompt.ids), logprobs, grammar, detokenize=False)
         parse_tools = req.tool_choice != "none" and bool(req.tools)
-        rids, events = server.submit(prompt.ids, options, req.n, req.cache_salt, prompt.images, prompt.image_hashes)
+        rids, events = server.submit(prompt.ids, options, req.n, req.cache_salt, prompt.images, prompt.image_hashes,
+                                     adapter=server.adapter_for(req.model))
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def new_parser():
@@ -504,7 +548,7 @@ def build_app(server: Server):
         if not prompt:
             raise HTTPError(400, "empty prompt", param="prompt")
         options = server.options(req, len(prompt), req.logprobs)
-        rids, events = server.submit(prompt, options, req.n, req.cache_salt)
+        rids, events = server.submit(prompt, options, req.n, req.cache_salt, adapter=server.adapter_for(req.model))
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         echo = server.tokenizer.decode(prompt) if req.echo and server.tokenizer is not None else ""
 
@@ -654,6 +698,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mesh", help="device mesh, e.g. data=1,expert=8,tensor=1 (default: one device)")
     p.add_argument("--image-dir", help="let image parts name local files inside this directory (default: images come "
                    "only as data: URLs; nothing is ever fetched from the network)")
+    p.add_argument("--lora", action="append", dest="lora_adapters", metavar="NAME=DIR",
+                   help="serve a PEFT LoRA adapter as model NAME (repeatable; see --max-loras, --max-lora-rank)")
     add_engine_args(p)
     return p.parse_args(argv)
 

@@ -181,3 +181,63 @@ def test_bad_lora_flags_and_adapters(setup, tmp_path):
         multi.load("all4", dirs["all4"])
     with pytest.raises(ConfigError, match="not a PEFT adapter directory"):
         multi.load("x", tmp_path)
+
+
+def _http(url, path, body=None, key="k"):
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url + path, data=None if body is None else json.dumps(body).encode(),
+                                 method="GET" if body is None else "POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_server_selects_adapters_by_model_and_loads_them_behind_the_key(setup):
+    from infer.serve import Running, Server
+
+    root, _, dirs, _ = setup
+    engine = Engine(small4_jax.from_pretrained(root / "base", dtype="float32"), max_batch=2, page_size=8,
+                    prefill_chunk=16, batch_buckets=(2,), page_buckets=(4,), max_model_len=32,
+                    lora_adapters=[("all4", str(dirs["all4"]))], max_loras=2, max_lora_rank=4)
+    prompt = np.random.RandomState(4).randint(3, VOCAB, 9).tolist()
+    want = {a: engine.generate([prompt], SamplingOptions(max_tokens=5, ignore_eos=True))[0].token_ids
+            if a is None else None for a in (None,)}
+    running = Running(Server(engine, None, "base", api_key="k"))
+    try:
+        status, models = _http(running.url, "/v1/models")
+        assert status == 200 and [m["id"] for m in models["data"]] == ["base", "all4"]
+        assert models["data"][1]["parent"] == "base"
+
+        def complete(model):
+            status, out = _http(running.url, "/v1/completions", dict(model=model, prompt=prompt, max_tokens=5,
+                                                                       temperature=0, logprobs=0, ignore_eos=True))
+            assert status == 200, out
+            lp = out["choices"][0]["logprobs"]
+            return [int(t) for t in lp["tokens"]], lp["token_logprobs"]
+
+        base_ids, base_lp = complete("base")
+        assert base_ids == want[None]
+        tuned = complete("all4")[0]
+        assert tuned != want[None]
+        status, err = _http(running.url, "/v1/completions", dict(model="attn2", prompt=prompt, max_tokens=2))
+        assert status == 400 and "'attn2' is not served here" in err["error"]["message"]
+        assert _http(running.url, "/v1/load_lora_adapter", dict(lora_name="attn2", lora_path=str(dirs["attn2"])),
+                     key="wrong")[0] == 401
+        assert _http(running.url, "/v1/load_lora_adapter",
+                     dict(lora_name="attn2", lora_path=str(dirs["attn2"])))[0] == 200
+        assert [m["id"] for m in _http(running.url, "/v1/models")[1]["data"]] == ["base", "all4", "attn2"]
+        ids, lp = complete("attn2")  # a weak adapter may keep the greedy ids; it moves the logprobs
+        assert ids != tuned and np.abs(np.asarray(lp[:1]) - np.asarray(base_lp[:1])).max() > 1e-4
+        status, err = _http(running.url, "/v1/load_lora_adapter", dict(lora_name="x", lora_path=str(root)))
+        assert status == 400 and "not a PEFT adapter directory" in err["error"]["message"]
+        assert _http(running.url, "/v1/unload_lora_adapter", dict(lora_name="all4"))[0] == 200
+        assert [m["id"] for m in _http(running.url, "/v1/models")[1]["data"]] == ["base", "attn2"]
+        assert complete("base")[0] == want[None]
+    finally:
+        running.stop()
