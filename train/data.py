@@ -7,7 +7,11 @@ Row schema (mistral-finetune's, plus reasoning chunks):
   assistant `tool_calls`: [{"id": 9 alphanumerics, "type": "function", "function": {"name", "arguments": JSON
   string}}], each answered by a {"role": "tool", "tool_call_id", "content"} message; `"weight": 0` on an assistant
   message leaves it out of the loss; the last message is the assistant's.
-Loss is on assistant tokens only (their text, reasoning, tool calls and closing </s>).
+Loss is on assistant tokens only (their text, reasoning, tool calls and closing </s>). User `content` may also be a list
+of text and image chunks ({"type": "image_url", "image_url": "data:..." or {"url": ...}}, or {"type": "image",
+"image": ...}); an image is a data: URL or a file inside the JSONL file's directory (small4_jax.images: never a
+fetch), tokenised with its pixels by mistral-common (tekken.json with image settings); its features fill the
+[IMG] tokens (the vision encoder and projector stay frozen).
 
 Tokenisation follows the checkpoint's tokenizer. For tekken.json the chat layout is mistral-common's own encoder
 (`InstructTokenizer.encode_*_message`, called message by message exactly as `encode_instruct` does, so the ids equal
@@ -59,6 +63,16 @@ class RowError:
 def _content_text(content: Any, role: str, where: str) -> str | None:
     """None if fine, else the reason."""
     if isinstance(content, str):
+        return None
+    if role == "user" and isinstance(content, list):  # text and image chunks (mistral-finetune's image rows)
+        from small4_jax.images import is_image_part
+
+        for j, chunk in enumerate(content):
+            ok = is_image_part(chunk) or (isinstance(chunk, dict) and chunk.get("type") == "text"
+                                          and isinstance(chunk.get("text"), str))
+            if not ok:
+                return (f"{where}: content[{j}] must be {{'type': 'text', 'text': str}} or an image "
+                        "{'type': 'image_url', 'image_url': 'data:...'}")
         return None
     if role != "assistant" or not isinstance(content, list):
         return f"{where}: content must be a string"
@@ -240,11 +254,18 @@ class TekkenChat:
     def __init__(self, tokenizer):
         self.mt = tokenizer.mistral_tokenizer()
 
-    def encode(self, row: dict, *, for_generation: bool = False) -> tuple[list[int], list[bool]]:
+    def encode(self, row: dict, *, for_generation: bool = False, images: list | None = None,
+               image_dir=None) -> tuple[list[int], list[bool]]:
+        """(ids, loss mask); the preprocessed images of the row are appended to `images` (in [IMG] order)."""
         from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
+        from small4_jax.images import prepare_messages
+
         messages = [{k: v for k, v in m.items() if k != "weight"} for m in row["messages"]]
+        messages, n_images = prepare_messages(messages, image_dir)
+        if n_images and getattr(self.mt.instruct_tokenizer, "image_encoder", None) is None:
+            raise DataError("the row has images but the tokenizer has no image settings ('image' in tekken.json)")
         for m in messages:
             if m["role"] == "assistant" and isinstance(m.get("content"), list):
                 m["content"] = [{"type": "thinking", "thinking": c["thinking"]} if c["type"] == "thinking" else c
@@ -263,9 +284,11 @@ class TekkenChat:
         for i, msg in enumerate(normalized.messages):
             train = False
             if isinstance(msg, UserMessage):
-                toks = inst.encode_user_message(msg, normalized.available_tools, i == last_user, i == first_user,
-                                                system_prompt=normalized.system_prompt, force_img_first=True,
-                                                settings=normalized.settings)[0]
+                toks, imgs = inst.encode_user_message(msg, normalized.available_tools, i == last_user,
+                                                      i == first_user, system_prompt=normalized.system_prompt,
+                                                      force_img_first=True, settings=normalized.settings)[:2]
+                if images is not None:
+                    images.extend(np.asarray(im, np.float32) for im in imgs or ())
             elif isinstance(msg, ToolMessage):
                 toks = inst.encode_tool_message(msg, i < last_user)[0]
             elif isinstance(msg, AssistantMessage):
@@ -288,12 +311,22 @@ def chat_encoder(tokenizer):
     return TekkenChat(tokenizer) if isinstance(tokenizer, TekkenTokenizer) else SentencePieceChat(tokenizer)
 
 
-def encode_row(row: dict, tokenizer, chat=None) -> tuple[list[int], list[bool]]:
-    """(ids, loss mask) of one valid row; mask[i] says whether token i is a training target."""
+def encode_row(row: dict, tokenizer, chat=None, images: list | None = None,
+               image_dir=None) -> tuple[list[int], list[bool]]:
+    """(ids, loss mask) of one valid row; mask[i] says whether token i is a training target. The row's preprocessed
+    images are appended to `images` (image parts need a tekken.json tokenizer)."""
     if "messages" not in row:
         ids = tokenizer.encode(row["text"], bos=True, eos=True)
         return ids, [False] + [True] * (len(ids) - 1)
-    return (chat or chat_encoder(tokenizer)).encode(row)
+    chat = chat or chat_encoder(tokenizer)
+    if isinstance(chat, TekkenChat):
+        return chat.encode(row, images=images, image_dir=image_dir)
+    from small4_jax.images import is_image_part
+
+    if any(isinstance(m.get("content"), list) and any(is_image_part(c) for c in m["content"])
+           for m in row["messages"]):
+        raise DataError("image chunks need a tekken.json tokenizer with image settings")
+    return chat.encode(row)
 
 
 def prompt_ids(tokenizer, messages: list[dict], tools: list | None = None) -> list[int]:
@@ -319,19 +352,31 @@ class Packed:
     weights: np.ndarray  # [N, S] float32
     segments: np.ndarray  # [N, S] int32
     positions: np.ndarray  # [N, S] int32
+    # per row, the preprocessed images whose features fill its [IMG] inputs, in order (empty lists: text only)
+    images: list = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.inputs)
 
+    @property
+    def has_images(self) -> bool:
+        return any(self.images)
+
     def take(self, idx) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)}
+        return {f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self) if f.name != "images"}
+
+    def take_images(self, idx) -> list:
+        """The images of rows `idx`, row after row (the order of their [IMG] tokens in `take(idx)["inputs"]`)."""
+        return [im for i in np.asarray(idx).reshape(-1) for im in (self.images[i] if self.images else ())]
 
 
-def pack(examples: Sequence[tuple[list[int], list[bool]]], seq_len: int, pad_id: int) -> tuple[Packed, int]:
-    """Greedy packing in the given order; returns (rows, number of truncated examples)."""
-    rows: list[list[tuple[list[int], list[bool]]]] = [[]]
+def pack(examples: Sequence[tuple], seq_len: int, pad_id: int) -> tuple[Packed, int]:
+    """Greedy packing in the given order of (ids, mask) or (ids, mask, images) examples; returns (rows, number of
+    truncated examples). An example's images go with it (load_dataset refuses one whose images a cut would split)."""
+    rows: list[list[tuple]] = [[]]
     used, truncated = 0, 0
-    for ids, mask in examples:
+    for ex in examples:
+        ids, mask, imgs = ex[0], ex[1], (ex[2] if len(ex) > 2 else [])
         n = len(ids) - 1  # (input, target) pairs this example yields
         if n <= 0:
             continue
@@ -341,15 +386,16 @@ def pack(examples: Sequence[tuple[list[int], list[bool]]], seq_len: int, pad_id:
         if used + n > seq_len:
             rows.append([])
             used = 0
-        rows[-1].append((ids, mask))
+        rows[-1].append((ids, mask, imgs))
         used += n
     rows = [r for r in rows if r]
     shape = (len(rows), seq_len)
     out = Packed(np.full(shape, pad_id, np.int32), np.full(shape, pad_id, np.int32), np.zeros(shape, np.float32),
                  np.zeros(shape, np.int32), np.zeros(shape, np.int32))
+    out.images = [[im for _, _, imgs in docs for im in imgs] for docs in rows]
     for r, docs in enumerate(rows):
         at = 0
-        for seg, (ids, mask) in enumerate(docs, 1):
+        for seg, (ids, mask, _) in enumerate(docs, 1):
             n = len(ids) - 1
             out.inputs[r, at:at + n] = ids[:-1]
             out.targets[r, at:at + n] = ids[1:]
@@ -378,14 +424,20 @@ def load_dataset(paths: Sequence[str | Path], tokenizer, seq_len: int, seed: int
     chat = chat_encoder(tokenizer)
     examples = []
     for file, line, row in rows:
+        images: list = []
         try:
-            examples.append(encode_row(row, tokenizer, chat))
+            examples.append((*encode_row(row, tokenizer, chat, images, image_dir=Path(file).parent), images))
         except Exception as e:  # the tokenizer's own checks (mistral-common validation, ...)
             errors.append(RowError(file, line, f"cannot be tokenised: {e}"))
         else:
             # A row longer than seq_len is cut to its first seq_len + 1 ids; if no trained target survives the cut
             # (a long prompt), its weights would all be zero: an error rather than a row that trains on nothing.
-            ids, mask = examples[-1]
+            ids, mask, _ = examples[-1]
+            if images and len(ids) > seq_len + 1 and any(t in _image_ids(tokenizer) for t in ids[seq_len:]):
+                errors.append(RowError(file, line, f"{len(ids)} tokens with images: cut to data.seq_len = {seq_len} "
+                                                   "it would split an image; raise data.seq_len or use smaller "
+                                                   "images"))
+                continue
             if len(ids) > seq_len + 1 and not any(mask[1:seq_len + 1]):
                 first = next((i for i, m in enumerate(mask) if m and i > 0), len(ids))
                 errors.append(RowError(file, line, f"{len(ids)} tokens and the first trained one is token {first + 1}: "
@@ -398,6 +450,16 @@ def load_dataset(paths: Sequence[str | Path], tokenizer, seq_len: int, seed: int
     stats = DataStats(len(paths), len(rows), sum(len(e[0]) for e in examples),
                       int(packed.weights.sum()), len(packed), truncated)
     return packed, stats
+
+
+def _image_ids(tokenizer) -> set[int]:
+    out = set()
+    for piece in ("[IMG]", "[IMG_BREAK]", "[IMG_END]"):
+        try:
+            out.add(tokenizer.token_id(piece))
+        except Exception:  # noqa: BLE001 - a tokenizer without the piece
+            pass
+    return out
 
 
 @functools.lru_cache(maxsize=4)

@@ -133,7 +133,7 @@ def token_loss(model, batch) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted cross-entropy, sum of weights) for one micro-batch; fp32 log-softmax computed in chunks of
     tokens (`Small4ForCausalLM.token_loss`), so [rows, seq, vocab] logits never exist."""
     return model.token_loss(batch["inputs"], batch["targets"], batch["weights"], positions=batch["positions"],
-                            segment_ids=batch["segments"])
+                            segment_ids=batch["segments"], input_embeds=batch.get("input_embeds"))
 
 
 @dataclasses.dataclass
@@ -294,12 +294,23 @@ def _global(tree, mesh):
     return jax.tree.map(put, tree)
 
 
-def evaluate(steps: Steps, params, rng, frozen, data: Packed, batch_size: int, mesh) -> float:
+def with_images(batch: dict, data: Packed, idx, model) -> dict:
+    """For a dataset with images: the batch's input embeddings, image features in the [IMG] rows. The vision tower and
+    projector are frozen, so the features are computed once here, outside the gradient (small4_jax.vision)."""
+    if model is None or not data.has_images:
+        return batch
+    from small4_jax.vision import input_embeddings
+
+    batch["input_embeds"] = input_embeddings(model, batch["inputs"], data.take_images(idx))
+    return batch
+
+
+def evaluate(steps: Steps, params, rng, frozen, data: Packed, batch_size: int, mesh, model=None) -> float:
     total, count = 0.0, 0.0
     for start in range(0, len(data), batch_size):
         idx = np.arange(start, min(start + batch_size, len(data)))
         idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])  # fixed shape; repeats weighted 0
-        batch = data.take(idx)
+        batch = with_images(data.take(idx), data, idx, model)
         batch["weights"] = batch["weights"] * (np.arange(batch_size) < min(batch_size, len(data) - start))[:, None]
         b = {k: v[0] for k, v in _put_batch(batch, 1, mesh).items()}
         t, c = steps.eval(params, rng, frozen, b)
@@ -356,7 +367,8 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
     end = t.steps if stop_after is None else min(t.steps, stop_after)
     with metrics_path.open("a") as mf:
         for step in range(start, end):
-            batch = train_data.take(batch_indices(len(train_data), bsz, step, cfg.data.seed))
+            idx = batch_indices(len(train_data), bsz, step, cfg.data.seed)
+            batch = with_images(train_data.take(idx), train_data, idx, model)
             params, opt_state, rng, m = steps.train(params, opt_state, rng, frozen, _put_batch(batch, accum, mesh),
                                                     jnp.int32(step))
             loss = float(m["loss"])
@@ -378,7 +390,7 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
             rate = (tokens_seen - tokens_first) / max(now - t_first, 1e-9) if steady else tokens_seen / max(now - t0, 1e-9)
             rec["tokens_per_s"] = round(rate, 1)
             if eval_data is not None and ((t.eval_every and done % t.eval_every == 0) or done == t.steps):
-                rec["eval_loss"] = evaluate(steps, params, rng, frozen, eval_data, bsz, mesh)
+                rec["eval_loss"] = evaluate(steps, params, rng, frozen, eval_data, bsz, mesh, model)
             if done % t.ckpt_every == 0 or done == t.steps:
                 import orbax.checkpoint as ocp
 
