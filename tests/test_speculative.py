@@ -123,7 +123,7 @@ def test_rejection_sampling_keeps_the_target_distribution():
     assert np.all((accepted >= 1) == (tokens[:, 0] == first))
 
 
-@pytest.mark.parametrize("k", [2, 5])
+@pytest.mark.parametrize("k", [2, 4])
 def test_ngram_speculative_greedy_equals_plain_greedy(model, k):
     plain = Engine(model, **ENGINE)
     spec = Engine(model, speculative=SpeculativeConfig("ngram", num_draft_tokens=k), **ENGINE)
