@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -71,11 +72,11 @@ def propose_step(target_def, target_state, draft_def, draft_state, pages, buffer
 
 
 @functools.partial(jax.jit, donate_argnames=("buffer",))
-def put_pending(buffer, buffer_slot, source, rows, start):
-    """buffer[buffer_slot[i], j] = source[rows[i], start[i] + j] for j < buffer width (clipped to source)."""
+def put_pending(buffer, buffer_slot, rows, start, *, hidden):
+    """buffer[buffer_slot[i], j] = hidden[rows[i], start[i] + j] for j < buffer width (clipped to hidden)."""
     width = buffer.shape[1]
-    cols = jnp.clip(start[:, None] + jnp.arange(width)[None, :], 0, source.shape[1] - 1)
-    return buffer.at[buffer_slot].set(source[rows[:, None], cols].astype(buffer.dtype))
+    cols = jnp.clip(start[:, None] + jnp.arange(width)[None, :], 0, hidden.shape[1] - 1)
+    return buffer.at[buffer_slot].set(hidden[rows[:, None], cols].astype(buffer.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "absorbed"), donate_argnames=("pages",))
@@ -141,8 +142,8 @@ class EagleDrafter:
             self.pages = draft_rows(engine.graphdef, engine.state, self.draft_def, self.draft_state, self.pages, ids,
                                     hidden, seq_index, write, table)
             if pend_rows:
-                self.buffer = put_pending(self.buffer, np.asarray(pend_slot, np.int32), hidden,
-                                          np.asarray(pend_rows, np.int32), np.asarray(pend_start, np.int32))
+                self.buffer = put_pending(self.buffer, *self._padded(engine, rows, pend_slot, pend_rows, pend_start),
+                                          hidden=hidden)
 
     # ---- decode ----------------------------------------------------------------------------------------------------
     def propose(self, engine, reqs, rooms) -> list[list[int]]:
@@ -188,10 +189,36 @@ class EagleDrafter:
         for i, r in enumerate(reqs):
             self.pending[r.id] = int(accepted[i]) + 1
         with self._mesh(engine):
-            self.buffer = put_pending(self.buffer, np.asarray([r.slot for r in reqs], np.int32), hidden,
-                                      np.arange(n, dtype=np.int32), np.zeros((n,), np.int32))
+            self.buffer = put_pending(self.buffer, *self._padded(engine, hidden.shape[0], [r.slot for r in reqs],
+                                                                 range(n), [0] * n), hidden=hidden)
         running = {r.id for r in engine._running}
         self.pending = {i: c for i, c in self.pending.items() if i in running}
 
+    @staticmethod
+    def _padded(engine, rows, slots, src_rows, starts):
+        """(buffer slots, source rows, starts) padded to `rows` entries (padding writes the padding slot), so the
+        copy compiles once per batch shape, not once per number of rows."""
+        pad = rows - len(slots)
+        return (np.asarray(list(slots) + [engine.max_batch] * pad, np.int32),
+                np.asarray(list(src_rows) + [0] * pad, np.int32), np.asarray(list(starts) + [0] * pad, np.int32))
+
     def warmup(self, engine) -> None:
-        pass
+        """Compile the draft's steps for every batch and prefill shape (the target's are the engine's)."""
+        k, hdim = self.k, engine.config.hidden_size
+        with self._mesh(engine):
+            for width, b in itertools.product(engine.page_buckets, engine.batch_buckets):
+                zeros = np.zeros((b, k + 1), np.int32)
+                _, self.pages = propose_step(
+                    engine.graphdef, engine.state, self.draft_def, self.draft_state, self.pages, self.buffer, zeros,
+                    np.full((b,), engine.max_batch, np.int32), zeros, np.zeros((b, k + 1, 2), np.int32),
+                    np.zeros((b, width), np.int32), np.zeros((b,), np.int32), np.zeros((b, max(k - 1, 0)), np.int32),
+                    np.zeros((b, max(k - 1, 0), 2), np.int32))
+                hidden = jnp.zeros((b, k + 1, hdim), self.buffer.dtype)
+                self.buffer = put_pending(self.buffer, *self._padded(engine, b, [], [], []), hidden=hidden)
+            for width, p in itertools.product(engine.page_buckets, engine.prefill_buckets):
+                zeros = np.zeros((p, engine.prefill_chunk), np.int32)
+                hidden = jnp.zeros((p, engine.prefill_chunk, hdim), self.buffer.dtype)
+                self.pages = draft_rows(engine.graphdef, engine.state, self.draft_def, self.draft_state, self.pages,
+                                        zeros, hidden, zeros, np.zeros((p, engine.prefill_chunk, 2), np.int32),
+                                        np.zeros((p, width), np.int32))
+                self.buffer = put_pending(self.buffer, *self._padded(engine, p, [], [], []), hidden=hidden)

@@ -152,6 +152,7 @@ def test_eagle_speculative_greedy_equals_plain_greedy_and_drafts_match_the_refer
     plain = _run(Engine(target, **ENGINE), prompts, options)
     spec = Engine(target, speculative=SpeculativeConfig("eagle", str(path), k), **ENGINE)
     drafter = spec.speculator.drafter
+    drafter.warmup(spec)  # compiles the draft's shapes ahead (what --warmup runs)
     calls = []
     propose = drafter.propose
 
