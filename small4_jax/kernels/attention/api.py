@@ -9,7 +9,9 @@ A query that sees no key gets zeros. Semantics: `reference.py`.
 
 Backends:
     "blockwise"  `blockwise.py`: flash attention in XLA (online softmax, custom VJP), O(T) memory forward and
-                 backward. The default off GPUs.
+                 backward. The default off GPUs; "auto" takes the reference instead when the queries and the keys
+                 each fit in one block (then the blockwise path computes exactly that one block, and the plain
+                 einsum compiles faster: short rows in tests, decoding over a short cache).
     "pallas"     `pallas_triton.py`: the same algorithm as fused Triton kernels (forward, dK/dV, dQ), the default on
                  NVIDIA GPUs; in Pallas interpret mode on a CPU (tests).
     "reference"  `reference.py`: every score materialised (O(T S) memory); the definition, for tests.
@@ -84,7 +86,10 @@ def attention(
         raise ValueError(f"attention expects q [B, T, H, K], k [B, S, H, K], v [B, S, H, U]; got {q.shape}, "
                          f"{k.shape}, {v.shape}")
     qp, kp, qs, ks = normalise_masks(q_positions, k_positions, q_segments, k_segments, key_mask)
+    auto = impl == "auto"
     impl = resolve_impl(impl, q)
+    if auto and impl == "blockwise" and t <= (block_q or 512) and k.shape[1] <= (block_k or 512):
+        impl = "reference"  # one block pair (module docstring)
     if impl == "reference":
         return attention_reference(q, k, v, qp, kp, qs, ks)
     if impl == "blockwise":
