@@ -10,16 +10,17 @@ exact per-block skipping of fully hidden block pairs), one fused kernel per pass
 Operands are head-major [B, H, T, D] in HBM; the last dims are padded to powers of two (Triton tiles), the sequence
 to whole blocks (padding keys get an unreachable position). delta = rowsum(dO * O) is one XLA reduction.
 
-Why this kernel and not the alternatives (measured on jax 0.10.2 / CUDA plugin, sm_90a deviceless compile):
+Why this kernel and not the alternatives (jax 0.10.2 + CUDA plugin on a CPU host, sm_90a deviceless compile; jax 0.11's
+public `dot_product_attention` has the same mask arguments, not tried here):
 - cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`) takes index-causal, seq-length
   padding and sliding-window masks; packed documents need segment offsets that only jax's private
   `jax._src.cudnn.fused_attention_stablehlo` accepts (THD layout, a static maximum number of segments per row),
   a general mask goes in as a dense [B, 1, T, S] bias (O(T^2) again), and a prefix cache (queries at positions
-  past the first key) is not expressible. Its checks also ask the *local* GPU for its compute capability and cuDNN
-  version at trace time, so it cannot be lowered from a CPU host for an H100 mesh: it cannot be gated by our
-  deviceless compile tests at all.
+  past the first key) is not expressible. It also checks the *local* cuDNN and GPU at trace time: lowering it for
+  an H100 mesh from our CPU hosts fails with "RuntimeError: cuDNN not found." (jax 0.10.2 with the CUDA plugin,
+  causal and causal + seq lengths alike), so no deviceless compile test could gate it.
 - `jax.experimental.pallas.ops.gpu.attention` (Triton) has segment ids but index-causal masking only (no prefix
-  cache, no key padding) and sits in a deprecated module (STYLE.md, anti-pattern 15).
+  cache: queries and keys are assumed to start at the same index) and sits in a deprecated module (STYLE.md, anti-pattern 15).
 Ours masks by positions and segments (training rows, packed rows, padded rows and a prefix cache alike), compiles
 for sm_90a from a CPU host, and runs in Pallas interpret mode on a CPU, where the tests compare it with the reference.
 The Triton backend is deprecated in jax 0.11 in favour of Mosaic GPU; it is used because it has an interpret mode
