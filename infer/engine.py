@@ -12,11 +12,12 @@ form, never the prefix re-expanded, and a step's attention work follows the keys
 Requests join and leave between steps. When a decoding request needs a page and none is left, the most recently
 admitted request is preempted: its pages are released and it is re-queued to recompute its tokens later.
 
-Compiled shapes: prefill [p, prefill_chunk] for p in 1, 2, 4 .. prefill_batch and decode [b, 1] for b in
-`batch_buckets`, each with a page-table width from `page_buckets`. The attention loops over the keys held, so the
-width only sizes the page table sent each step: by default there is one width (the pages of `max_model_len`) and
-the engine compiles len(prefill buckets) + len(batch_buckets) programs (8 at the serve defaults), never one per
-request; `warmup()` compiles them all up front.
+Compiled shapes: prefill [p, c] for p in 1, 2, 4 .. prefill_batch and c in `prefill_chunks` (prefill_chunk,
+prefill_chunk / 4, ... down to 16: a step takes the smallest that holds its longest row, so a short prompt is not
+padded to prefill_chunk), and decode [b, 1] for b in `batch_buckets`, each with a page-table width from
+`page_buckets`. The attention loops over the keys held, so the width only sizes the page table sent each step: by
+default there is one width (the pages of `max_model_len`) and the engine compiles len(prefill buckets) x
+len(prefill_chunks) + len(batch_buckets) programs, never one per request; `warmup()` compiles them all up front.
 
 Output: each request's callback receives `RequestOutput` events (new token ids, new text, logprobs, finish) on the
 engine's thread. Text is decoded incrementally when the engine has a tokenizer; stop strings are matched on it and
@@ -284,7 +285,9 @@ class Engine:
         num_pages: pages in the cache, the null page included; None: what fits in 90% of the free device memory,
             or, where the backend does not report memory, enough for `max_batch` full-length sequences.
         max_model_len: longest sequence (prompt + output); default min(max_position_embeddings, 262,144).
-        prefill_chunk: tokens of prompt per prefill step and request.
+        prefill_chunk: tokens of prompt per prefill step and request (at most). A step is compiled for the smallest
+            of `prefill_chunks` that holds its longest row, so short prompts are not padded to prefill_chunk.
+        prefill_chunks: those chunk sizes (default prefill_chunk, prefill_chunk / 4, ... down to 16).
         prefill_batch: requests whose prompts advance together in one prefill step (compiled as 1, 2, 4, ...).
         max_queue: requests that may wait for admission; `submit` raises QueueFull beyond it.
         batch_buckets: the compiled decode batch sizes (default powers of 2 up to max_batch).
@@ -313,6 +316,7 @@ class Engine:
         num_pages: int | None = None,
         max_model_len: int | None = None,
         prefill_chunk: int = 64,
+        prefill_chunks: Sequence[int] | None = None,
         prefill_batch: int = 1,
         max_queue: int = 256,
         batch_buckets: Sequence[int] | None = None,
@@ -342,6 +346,11 @@ class Engine:
         self.max_batch = max_batch
         self.page_size = page_size
         self.prefill_chunk = prefill_chunk
+        if prefill_chunks is None:
+            prefill_chunks = [prefill_chunk]
+            while prefill_chunks[0] // 4 >= 16:
+                prefill_chunks.insert(0, prefill_chunks[0] // 4)
+        self.prefill_chunks = tuple(sorted({min(c, prefill_chunk) for c in prefill_chunks} | {prefill_chunk}))
         self.max_queue = max_queue
         self.max_model_len = max_model_len or min(config.max_position_embeddings, MAX_CONTEXT)
         if self.max_model_len > config.max_position_embeddings:
@@ -636,9 +645,9 @@ class Engine:
     def warmup_shapes(self) -> list[tuple[str, int, int, int]]:
         """Every (kind, rows, tokens per row, page-table width) the engine's steps compile."""
         return [(kind, rows, t, w) for w in self.page_buckets
-                for kind, rows_list, t in (("prefill", self.prefill_buckets, self.prefill_chunk),
-                                           ("decode", self.batch_buckets, 1))
-                for rows in rows_list]
+                for kind, rows_list, ts in (("prefill", self.prefill_buckets, self.prefill_chunks),
+                                            ("decode", self.batch_buckets, (1,)))
+                for t in ts for rows in rows_list]
 
     def warmup(self, progress: Callable[[str], None] | None = None) -> None:
         """Compile every prefill and decode shape now, so no request waits for a compilation; `progress` gets one
@@ -947,7 +956,9 @@ class Engine:
 
     def _prefill(self, reqs: Sequence[_Request]) -> None:
         """One chunk of prompt for each of `reqs` (up to `prefill_batch` rows); rows that reach the end sample."""
-        rows, chunk, size = self._rows(reqs, self.prefill_buckets), self.prefill_chunk, self.page_size
+        rows, size = self._rows(reqs, self.prefill_buckets), self.page_size
+        longest = max(min(len(r.tokens) - r.num_computed, self.prefill_chunk) for r in reqs)
+        chunk = _bucket(longest, self.prefill_chunks)
         ids = np.zeros((rows, chunk), np.int32)
         seq_index = np.zeros((rows, chunk), np.int32)
         slots = np.zeros((rows, chunk, 2), np.int32)  # padding writes go to the null page
