@@ -28,7 +28,9 @@ Targets (`LoRAConfig.targets`), each one of:
 - a module name or dotted suffix: "o_proj", "gate_proj" (dense and shared), "shared_experts.down_proj";
 - a regular expression matched against the whole path, e.g. r"layers\\.[0-3]\\.self_attn\\..*".
 A target that matches nothing is an error. The router is adapted only when named ("router", "gate" or a path
-ending in "mlp.gate"); patterns never pick it up. Dropout applies to the dense adapters only (PEFT's
+ending in "mlp.gate"); patterns never pick it up. The same holds for the multimodal projector's linears (alias
+"projector", or "multi_modal_projector.linear_1" / "linear_2" / "patch_merger.merging_layer"): the vision encoder
+and projector stay frozen unless named. Dropout applies to the dense adapters only (PEFT's
 `target_parameters` experts have none either); its mask comes from a `DropoutKey` the trainer sets per micro-batch.
 
 `moe_rank_scaling`: routed experts get rank max(1, r // top_k) (a token sees top_k experts, so its expert adapter
@@ -67,6 +69,7 @@ ALIASES = {
     "dense_mlp": {"dense_mlp"},
     "experts": {"experts"},
     "router": {"router"},
+    "projector": {"projector"},
     "all": {"attention", "shared_experts", "dense_mlp", "experts"},
 }
 
@@ -243,11 +246,18 @@ def _sites(model: Small4ForCausalLM) -> Iterator[_Site]:
         elif isinstance(mlp, MLP):
             for name in MLP_PROJ:
                 yield _Site(f"layers.{i}.mlp.{name}", "linear", "dense_mlp", mlp, name)
+    projector = getattr(model, "multi_modal_projector", None)
+    if projector is not None:
+        for name, parent, attr in (("linear_1", projector, "linear_1"), ("linear_2", projector, "linear_2"),
+                                   ("patch_merger.merging_layer", projector.patch_merger, "merging_layer")):
+            yield _Site(f"multi_modal_projector.{name}", "linear", "projector", parent, attr)
 
 
 def _matches(target: str, site: _Site) -> bool:
     if target in ALIASES:
         return site.group in ALIASES[target]
+    if site.group == "projector":  # only when asked for (alias or name)
+        return site.path == target or site.path.endswith("." + target)
     if site.kind == "router":  # only by name
         return target in ("gate", "mlp.gate") or site.path == target or site.path.endswith("." + target)
     if site.path == target or site.path.endswith("." + target):

@@ -298,6 +298,18 @@ def encode_images(model, packed: PackedImages) -> jax.Array:
     return _encode(graphdef, state, packed.patches, packed.rows, packed.cols, packed.segment_ids, packed.merge_index)
 
 
+def encode_tower(model, packed: PackedImages) -> jax.Array:
+    """The encoder's output [N_padded, D] for the packed images (no projector): what a fine-tune that trains
+    projector adapters computes once, outside the gradient (train.trainer)."""
+    graphdef, state = nnx.split(model.vision_tower)
+    return _tower(graphdef, state, packed.patches, packed.rows, packed.cols, packed.segment_ids)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _tower(graphdef, state, patches, rows, cols, segment_ids):
+    return nnx.merge(graphdef, state)(patches, rows, cols, segment_ids)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _encode(graphdef, state, patches, rows, cols, segment_ids, merge_index):
     tower, projector = nnx.merge(graphdef, state)

@@ -84,20 +84,32 @@ def test_bad_image_rows_name_the_line(tmp_path):
         load_dataset([big], tok, seq_len=64, seed=0)
 
 
-def test_lora_run_on_image_rows(tmp_path):
-    """Three steps of a LoRA run on image rows (the tiny preset with its vision block; the encoder and projector are
-    frozen: only adapters are trained, the image features are computed outside the gradient)."""
-    from train.trainer import train
+@pytest.mark.parametrize("targets", [["attention"], ["attention", "projector"]])
+def test_lora_run_on_image_rows(tmp_path, targets):
+    """Three steps of a LoRA run on image rows (the tiny preset with its vision block). The encoder is always
+    frozen; the projector is frozen unless "projector" is a target, and then its adapters learn."""
+    from small4_jax import lora
+    from train.trainer import build_model, restore_lora, train
 
     rows = [_row(i, (28 * (1 + i % 3), 56)) for i in range(6)]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     d = {"base": {"seed": 0, "dtype": "float32", "tokenizer": str(TEKKEN)}, "model": model,
-         "lora": {"targets": ["attention"], "rank": 4, "alpha": 8.0},
+         "lora": {"targets": targets, "rank": 4, "alpha": 8.0},
          "data": {"train": [str(tmp_path / "train.jsonl")], "seq_len": 128, "seed": 0},
          "optim": {"lr": 1e-2, "warmup_steps": 0},
-         "train": {"out_dir": str(tmp_path / "run"), "steps": 3, "batch_size": 2, "grad_accum": 1,
+         "train": {"out_dir": str(tmp_path / "run"), "steps": 3, "batch_size": 2, "grad_accum": 2,
                    "ckpt_every": 3, "log_every": 1000, "eval_every": 0}}
-    records = train(run_config.from_dict(d))
+    cfg = run_config.from_dict(d)
+    records = train(cfg)
     assert len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)
     assert records[-1]["loss"] < records[0]["loss"]
+    trained = build_model(cfg)
+    restore_lora(trained, tmp_path / "run")
+    projector = {p: a for p, a in lora.adapters(trained).items() if p.startswith("multi_modal_projector.")}
+    if "projector" in targets:
+        assert sorted(projector) == ["multi_modal_projector.linear_1", "multi_modal_projector.linear_2",
+                                     "multi_modal_projector.patch_merger.merging_layer"]
+        assert all(np.abs(np.asarray(a.lora_b[...])).max() > 0 for a in projector.values())  # B starts at 0
+    else:
+        assert projector == {}

@@ -132,8 +132,14 @@ def optimizer(cfg: RunConfig) -> optax.GradientTransformation:
 def token_loss(model, batch) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted cross-entropy, sum of weights) for one micro-batch; fp32 log-softmax computed in chunks of
     tokens (`Small4ForCausalLM.token_loss`), so [rows, seq, vocab] logits never exist."""
+    embeds = batch.get("input_embeds")
+    if "image_tower" in batch:  # projector adapters train: the projector runs here, on the frozen encoder's output
+        from small4_jax.vision import merge_image_features
+
+        features = model.multi_modal_projector(batch["image_tower"][0], batch["image_merge"][0])
+        embeds = merge_image_features(model.embed_tokens(batch["inputs"]), batch["image_rows"], features)
     return model.token_loss(batch["inputs"], batch["targets"], batch["weights"], positions=batch["positions"],
-                            segment_ids=batch["segments"], input_embeds=batch.get("input_embeds"))
+                            segment_ids=batch["segments"], input_embeds=embeds)
 
 
 @dataclasses.dataclass
@@ -294,14 +300,35 @@ def _global(tree, mesh):
     return jax.tree.map(put, tree)
 
 
-def with_images(batch: dict, data: Packed, idx, model) -> dict:
-    """For a dataset with images: the batch's input embeddings, image features in the [IMG] rows. The vision tower and
-    projector are frozen, so the features are computed once here, outside the gradient (small4_jax.vision)."""
+def with_images(batch: dict, data: Packed, idx, model, accum: int = 1) -> dict:
+    """For a dataset with images: what the loss needs to put image features in the [IMG] rows.
+
+    The vision encoder is frozen, so its work is done here, once, outside the gradient. With the projector frozen
+    too (the default) that is the whole image path: `input_embeds` [B, S, H]. With adapters on the projector (LoRA
+    target "projector"), each micro-batch's encoder output (`image_tower` [accum, 1, N, D], `image_merge`
+    [accum, 1, M, 4], padded to the step's largest) goes in the batch and the projector runs inside the loss."""
     if model is None or not data.has_images:
         return batch
-    from small4_jax.vision import input_embeddings
+    from small4_jax import vision
 
-    batch["input_embeds"] = input_embeddings(model, batch["inputs"], data.take_images(idx))
+    if not any(p.startswith("multi_modal_projector.") for p in lora.adapters(model)):
+        batch["input_embeds"] = vision.input_embeddings(model, batch["inputs"], data.take_images(idx))
+        return batch
+    vc = model.config.vision
+    micro = np.asarray(idx).reshape(accum, -1)
+    inputs = batch["inputs"].reshape(accum, micro.shape[1], -1)
+    packs = [vision.pack_images(vc, data.take_images(i)) for i in micro]
+    n = max(p.patches.shape[0] for p in packs)
+    m = max(p.merge_index.shape[0] for p in packs)
+    towers, merges = [], []
+    for p, ids in zip(packs, inputs):
+        vision.check_image_tokens(vc, ids, p)
+        out = vision.encode_tower(model, p)
+        towers.append(jnp.pad(out, ((0, n - out.shape[0]), (0, 0))))
+        merges.append(np.pad(p.merge_index, ((0, m - p.merge_index.shape[0]), (0, 0))))
+    batch["image_tower"] = jnp.stack(towers)
+    batch["image_merge"] = np.stack(merges)
+    batch["image_rows"] = np.concatenate([vision.image_token_rows(vc, ids) for ids in inputs])
     return batch
 
 
@@ -368,7 +395,7 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
     with metrics_path.open("a") as mf:
         for step in range(start, end):
             idx = batch_indices(len(train_data), bsz, step, cfg.data.seed)
-            batch = with_images(train_data.take(idx), train_data, idx, model)
+            batch = with_images(train_data.take(idx), train_data, idx, model, accum)
             params, opt_state, rng, m = steps.train(params, opt_state, rng, frozen, _put_batch(batch, accum, mesh),
                                                     jnp.int32(step))
             loss = float(m["loss"])
