@@ -5,11 +5,12 @@
 1. LoRA: `train.trainer.train` on configs/finetune-tiny.yaml (the demo data) with a float32 base; the adapters are
    merged into the base (`lora.merge_into`), giving a fine-tuned tiny model.
 2. That model quantised to fp8 / int8 / int4 (`quant.quantize_model`): the relative error of its logits on the
-   demo eval prompts (||q - ref|| / ||ref||, float32 compute, so the weight format alone differs) and the greedy
+   random prompts (||q - ref|| / ||ref||, float32 compute, so the weight format alone differs) and the greedy
    agreement over 64 generated tokens (the fraction of positions where the quantised model's greedy token equals
    the float model's, each continuing its own text; a first disagreement usually ends agreement).
-3. QLoRA: the same run over a frozen fp8 / int4 base (`base.quantize`); its loss curve against LoRA's: the mean
-   over steps of |loss_q - loss| / loss, and the final losses.
+3. QLoRA: the same run over a frozen fp8 / int4 base (`base.quantize`); its loss curve against LoRA's: the ratio
+   of the mean losses over the run (the curves' areas), the mean over steps of |loss_q - loss| / loss (dominated by
+   step-to-step noise once the loss is near zero), and the final losses.
 
 Output: JSON lines on stdout.
 """
@@ -84,7 +85,8 @@ def main(argv=None) -> int:
         curve = losses(run(cfg, out / f"qlora-{fmt}", fmt))
         steps = sorted(set(curve) & set(ref_curve))
         dev = float(np.mean([abs(curve[s] - ref_curve[s]) / ref_curve[s] for s in steps]))
-        print(json.dumps(dict(qlora=fmt, mean_rel_loss_diff=dev, final_loss=curve[steps[-1]],
+        area = sum(curve[s] for s in steps) / sum(ref_curve[s] for s in steps)  # mean loss, QLoRA / LoRA
+        print(json.dumps(dict(qlora=fmt, mean_rel_loss_diff=dev, mean_loss_ratio=area, final_loss=curve[steps[-1]],
                               final_loss_lora=ref_curve[steps[-1]], steps=len(steps))), flush=True)
     return 0
 

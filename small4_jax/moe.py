@@ -330,8 +330,8 @@ def routed_experts(
             raise NotImplementedError("multi-LoRA expert adapters run on one device (no expert-parallel mesh yet)")
         lora = lora._replace(scale=jnp.repeat(lora.scale, x.shape[0] // lora.scale.shape[0], axis=0))
     if layout is None:
-        if (requested == "auto" and lora is None and not isinstance(gate_up, QArray)
-                and platform.platform_of(gate_up, x) == "cpu"):
+        placed = gate_up.values if isinstance(gate_up, QArray) else gate_up
+        if requested == "auto" and lora is None and platform.platform_of(placed, x) == "cpu":
             impl = cpu_impl(x.shape[0] * expert_ids.shape[1], gate_up.shape[0])
         if impl == "gather":
             return _gathered_experts(x, expert_ids, expert_weights, gate_up, down, act)
@@ -355,11 +355,17 @@ def cpu_impl(pairs: int, num_experts: int) -> str:
 
 
 def _gathered_experts(x, expert_ids, expert_weights, gate_up, down, act):
-    """Each token through its own k experts, their weights gathered: [N, k, H, 2F] and [N, k, F, H]."""
-    h = jnp.einsum("nh,nkhf->nkf", x, gate_up[expert_ids].astype(x.dtype))
+    """Each token through its own k experts, their weights gathered: [N, k, H, 2F] and [N, k, F, H] (quantised
+    weights: the touched experts' values and scales gathered, then dequantised)."""
+    def gathered(w):
+        if isinstance(w, QArray):
+            return dequantize(QArray(w.values[expert_ids], w.scale[expert_ids]), x.dtype)
+        return w[expert_ids].astype(x.dtype)
+
+    h = jnp.einsum("nh,nkhf->nkf", x, gathered(gate_up))
     f = h.shape[-1] // 2
     a = act(h[..., :f]) * h[..., f:]
-    y = jnp.einsum("nkf,nkfh->nkh", a, down[expert_ids].astype(x.dtype))
+    y = jnp.einsum("nkf,nkfh->nkh", a, gathered(down))
     return jnp.einsum("nkh,nk->nh", y.astype(jnp.float32), expert_weights.astype(jnp.float32)).astype(x.dtype)
 
 

@@ -251,3 +251,25 @@ def test_engine_start_up_report_states_quantised_weights_cache_and_headroom():
     assert engine.memory["weights"] < dense.memory["weights"] / 2  # int8 linears and experts, f32 embeddings/head
     assert engine.memory["cache"] == sum(x.nbytes for x in jax.tree.leaves(engine.pages))
     assert "int8 weights + scales" in engine.report and "headroom unknown" in engine.report  # CPU: no limit
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+def test_routed_experts_on_quantised_weights_match_dequantised_weights(fmt):
+    """Every path of moe.routed_experts (CPU auto: gather / dense, and ragged_dot) on a QArray = the same call on the
+    dequantised float weights."""
+    from small4_jax import moe
+
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    rng = np.random.default_rng(seed)
+    e, h, f, k = 8, 64, 32, 2
+    gu = quant.quantize(jnp.asarray(rng.normal(size=(e, h, 2 * f)) * 0.1, jnp.float32), fmt)
+    dn = quant.quantize(jnp.asarray(rng.normal(size=(e, f, h)) * 0.1, jnp.float32), fmt)
+    gu_f, dn_f = quant.dequantize(gu), quant.dequantize(dn)
+    for n in (1, 12):  # one token: gather; 12 tokens: dense
+        x = jnp.asarray(rng.normal(size=(n, h)), jnp.float32)
+        ids = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(n)]), jnp.int32)
+        w = jnp.asarray(rng.uniform(size=(n, k)), jnp.float32)
+        want = moe.routed_experts(x, ids, w, gu_f, dn_f, impl="dense")
+        for impl in ("auto", "ragged_dot"):
+            got = moe.routed_experts(x, ids, w, gu, dn, impl=impl)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"seed {seed} {impl} {n}")
