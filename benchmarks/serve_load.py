@@ -1,6 +1,7 @@
 """A bounded load test of `infer.serve`: N streaming chat requests, at most C in flight, through the openai client.
 
     python benchmarks/serve_load.py                          # starts the tiny random model in-process (CPU is fine)
+    python benchmarks/serve_load.py --small                  # the CPU smoke run: 16 requests, 4 in flight
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --api-key KEY --requests 512 --concurrency 64
 
 Reports (one JSON object): requests ok / failed, wall time, output tokens/s, requests/s, time to first token and
@@ -8,6 +9,9 @@ end-to-end latency percentiles (p50, p95, max), and from the server's /metrics t
 (scheduling, inputs, sampling settings and outputs, i.e. everything but waiting for the device) and, with
 --json-schema, the structured-output mask cost per masked token. Every request has a deadline (--timeout), so the
 run is bounded.
+Compilation is outside the timing: a round of `concurrency` untimed requests, shaped like the timed ones, runs first
+(it compiles the shapes the timed requests use, in-process or on a remote server). Time to first token is to the
+first chunk carrying generated text (or reasoning), not the empty role chunk the stream opens with.
 """
 
 from __future__ import annotations
@@ -81,8 +85,10 @@ async def _load(url, api_key, model, n, concurrency, max_tokens, timeout, json_s
                     **({"response_format": {"type": "json_schema", "json_schema": {
                         "name": "trip", "schema": SCHEMA, "strict": True}}} if json_schema else {}))
                 async for chunk in stream:
-                    if first is None and chunk.choices and chunk.choices[0].delta.content is not None:
-                        first = time.perf_counter() - t0
+                    delta = chunk.choices[0].delta if chunk.choices else None
+                    if first is None and delta is not None and (
+                            delta.content or getattr(delta, "reasoning_content", None) or delta.tool_calls):
+                        first = time.perf_counter() - t0  # the first generated token, not the role chunk
                     if chunk.usage is not None:
                         tokens[0] += chunk.usage.completion_tokens
             except Exception as e:  # counted, not raised: a load test reports failures
@@ -91,6 +97,9 @@ async def _load(url, api_key, model, n, concurrency, max_tokens, timeout, json_s
             ttft.append(first or 0.0)
             latency.append(time.perf_counter() - t0)
 
+    await asyncio.gather(*(one(-1 - i) for i in range(min(concurrency, n))))  # warm-up round, untimed
+    ttft.clear(), latency.clear(), failures.clear()
+    tokens[0] = 0
     before = _metrics(url, api_key)
     t0 = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(n)))
@@ -135,7 +144,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--json-schema", action="store_true", help="every request asks for a JSON-schema answer")
+    p.add_argument("--small", action="store_true", help="CPU smoke run: 16 requests, 4 in flight, 8 tokens each")
     args = p.parse_args(argv)
+    if args.small:
+        args.requests, args.concurrency, args.max_tokens = 16, 4, 8
     result = run(args.url, api_key=args.api_key, model=args.model, requests=args.requests,
                  concurrency=args.concurrency, max_tokens=args.max_tokens, timeout=args.timeout,
                  json_schema=args.json_schema, warmup=args.url is None)

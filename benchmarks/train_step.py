@@ -49,6 +49,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the torch peer shares the GPU
+# OpenMP threads that spin while waiting (libgomp's default) steal the CPU from XLA's threads between torch ops: on a
+# shared 2-core machine that made the peer look 28x slower than it is. PASSIVE threads sleep instead; both sides
+# then use all cores (printed with the results). Set before torch is imported (libgomp reads it once).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
@@ -84,7 +88,7 @@ OPTIM = dict(lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip=1.0)
 def proxy_config(small: bool, layers: int | None) -> Small4Config:
     """The proxy (the released dimensions, `layers` deep) or the --small shape; weights drawn with std 1.5/sqrt(H)
     so logits are far from uniform and a wrong layer moves the loss."""
-    c = Small4Config.from_yaml(REPO / "configs" / "small4-119b.yaml")
+    c = Small4Config.from_yaml(REPO / "configs" / "small4-119b.yaml").replace(vision=None)  # the text model
     if small:
         c = c.replace(vocab_size=1024, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
                       num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
@@ -228,9 +232,9 @@ def _nnx_step(model, batch):
 STEPS = {"trainer": _trainer_step, "nnx": _nnx_step}
 
 
-def run_ours(model, ids: np.ndarray, warmup: int, iters: int, step_impl: str = "auto", gate=None) -> dict:
-    """First-step loss and gradient norm, then `iters` timed steps. `gate(first)` runs after the first step; when it
-    returns False nothing is timed.
+def ours_step(model, ids: np.ndarray, step_impl: str = "auto"):
+    """(first-step loss, gradient norm and compile time, one_step()): the first step compiles; one_step() runs the
+    next step to completion.
 
     step_impl "trainer" is `train.trainer.make_steps`; "nnx" the same step with NNX transforms; "auto" tries the
     trainer's and falls back to "nnx" when tracing it fails (its jax.jit/value_and_grad around `nnx.merge` meets
@@ -252,16 +256,40 @@ def run_ours(model, ids: np.ndarray, warmup: int, iters: int, step_impl: str = "
                   f"timing the same step built with NNX transforms", flush=True)
     first = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "compile_s": time.perf_counter() - t0,
              "step_impl": impl}
+    count = [0]
+
+    def one_step():
+        count[0] += 1
+        return float(jax.block_until_ready(step(count[0]))["loss"])
+
+    return first, one_step
+
+
+def time_steps(steps: dict, warmup: int, iters: int) -> dict[str, dict]:
+    """Each of `steps` (name -> one_step()) run `warmup` untimed times, then `iters` timed rounds in which every one
+    runs once, in an order that alternates between rounds: peers share the machine's state (load, clocks, caches)
+    fairly. Returns per name the median / p10 / p90 and the last loss."""
+    names = list(steps)
+    for _ in range(warmup):
+        for n in names:
+            steps[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    last = {}
+    for i in range(iters):
+        for n in (names if i % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            last[n] = steps[n]()
+            times[n].append(time.perf_counter() - t0)
+    return {n: {"last_loss": last[n], "timed_steps": iters, **_stats(times[n])} for n in names}
+
+
+def run_ours(model, ids: np.ndarray, warmup: int, iters: int, step_impl: str = "auto", gate=None) -> dict:
+    """First-step loss and gradient norm, then `iters` timed steps. `gate(first)` runs after the first step; when it
+    returns False nothing is timed."""
+    first, one_step = ours_step(model, ids, step_impl)
     if gate is not None and not gate(first):
         return first
-    times = []
-    for i in range(warmup + iters):
-        t0 = time.perf_counter()
-        m = step(i + 1)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-    first["last_loss"] = float(m["loss"])
-    return {**first, **_stats(times[warmup:])}
+    return {**first, **time_steps({"ours": one_step}, warmup, iters)["ours"]}
 
 
 def build_ours(config: Small4Config, dtype: str, state: dict | None, adapter_dir: Path | None, lcfg, remat: bool):
@@ -309,9 +337,9 @@ def build_peer_base(hf_kwargs: dict, dtype: str, device: str, seed: int = 0):
     return model.to(tdtype)
 
 
-def run_peer(base, adapter_dir: Path, ids: np.ndarray, device: str, remat: bool, warmup: int, iters: int) -> dict:
-    """transformers + PEFT: the same step as ours (loss, backward, clip, AdamW); {"error": ...} if it runs out of
-    memory."""
+def peer_step(base, adapter_dir: Path, ids: np.ndarray, device: str, remat: bool):
+    """transformers + PEFT, the same step as ours (loss, backward, clip, AdamW): (first-step results, one_step(),
+    close()). torch.cuda.OutOfMemoryError propagates."""
     import peft
     import torch
 
@@ -343,25 +371,38 @@ def run_peer(base, adapter_dir: Path, ids: np.ndarray, device: str, remat: bool,
         opt.zero_grad(set_to_none=True)
         return loss, norm
 
-    try:
-        t0 = time.perf_counter()
-        loss, norm = step()
-        first = {"loss": loss.item(), "grad_norm": norm.item(), "compile_s": time.perf_counter() - t0}
-        times = []
-        for _ in range(warmup + iters):
-            sync()
-            t0 = time.perf_counter()
-            loss, _ = step()
-            sync()
-            times.append(time.perf_counter() - t0)
-        return {**first, "last_loss": loss.item(), **_stats(times[warmup:])}
-    except torch.cuda.OutOfMemoryError as e:
-        return {"error": f"out of memory ({str(e).splitlines()[0][:120]})"}
-    finally:
+    def one_step():
+        loss, _ = step()
+        sync()
+        return loss.item()
+
+    def close():
+        nonlocal model, opt, params
         del model, opt, params
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
+
+    t0 = time.perf_counter()
+    loss, norm = step()
+    sync()
+    first = {"loss": loss.item(), "grad_norm": norm.item(), "compile_s": time.perf_counter() - t0}
+    return first, one_step, close
+
+
+def run_peer(base, adapter_dir: Path, ids: np.ndarray, device: str, remat: bool, warmup: int, iters: int) -> dict:
+    """The peer alone (on a GPU, where both models do not fit at once): {"error": ...} if it runs out of memory."""
+    import torch
+
+    close = None
+    try:
+        first, one_step, close = peer_step(base, adapter_dir, ids, device, remat)
+        return {**first, **time_steps({"peer": one_step}, warmup, iters)["peer"]}
+    except torch.cuda.OutOfMemoryError as e:
+        return {"error": f"out of memory ({str(e).splitlines()[0][:120]})"}
+    finally:
+        if close is not None:
+            close()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -409,8 +450,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-remat", action="store_true", help="keep activations instead of recomputing each layer")
     p.add_argument("--dtype", default=None, help="base and compute dtype: default bfloat16 (--small: float32)")
     p.add_argument("--moe-impl", default=None, help="our grouped matmul (config.moe_impl; default auto)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps after the first (default 2; --small 0)")
-    p.add_argument("--iters", type=int, default=None, help="timed steps (default 10; --small 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps after the first (default 2; --small 1)")
+    p.add_argument("--iters", type=int, default=None, help="timed steps, at least 5 (default 10; --small 5)")
     p.add_argument("--step", choices=("auto", "trainer", "nnx"), default="auto",
                    help="our step: train.trainer.make_steps, the NNX-transform build, or the first that works")
     p.add_argument("--no-peer", action="store_true", help="skip transformers + peft (and the comparison)")
@@ -425,8 +466,11 @@ def main(argv=None) -> int:
         return 2
     seq = a.seq or (128 if a.small else 4096)
     dtype = a.dtype or ("float32" if a.small else "bfloat16")
-    warmup = a.warmup if a.warmup is not None else (0 if a.small else 2)
-    iters = a.iters or (3 if a.small else 10)
+    warmup = a.warmup if a.warmup is not None else (1 if a.small else 2)
+    iters = a.iters or (5 if a.small else 10)
+    if iters < 5:
+        print("train_step.py: --iters must be at least 5 (a median of fewer is noise)", file=sys.stderr)
+        return 2
     remat = not a.no_remat
     config = proxy_config(a.small, a.layers)
     if a.moe_impl:
@@ -446,15 +490,22 @@ def main(argv=None) -> int:
     except ImportError:
         have_torch = False
     use_peer = have_torch and not a.no_peer
+    # On a CPU both models fit: their timed steps interleave in one process (`time_steps`). On a GPU the peer runs
+    # first and frees its memory (both copies of the proxy do not fit).
+    interleave = use_peer and platform == "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dir = Path(tmp) / "adapter"
         state = None
+        peer_fn = close_peer = None
         if use_peer:
             write_adapter(config, lcfg, adapter_dir)
             device = "cuda" if platform == "gpu" else "cpu"
             base = build_peer_base(hf_config_dict(config), dtype, device)
             state = {k: v.detach().to("cpu") for k, v in base.state_dict().items()}  # the bytes ours will load
-            peer = run_peer(base, adapter_dir, ids, device, remat, warmup, iters)
+            if interleave:
+                peer, peer_fn, close_peer = peer_step(base, adapter_dir, ids, device, remat)
+            else:
+                peer = run_peer(base, adapter_dir, ids, device, remat, warmup, iters)
             del base
             gc.collect()
             if device == "cuda":
@@ -470,7 +521,15 @@ def main(argv=None) -> int:
             print(verdict["msg"], flush=True)
             return verdict["ok"]
 
-        ours = run_ours(model, ids, warmup, iters, a.step, gate)
+        if interleave:
+            ours, ours_fn = ours_step(model, ids, a.step)
+            if not gate(ours):
+                return 1
+            timed = time_steps({"ours": ours_fn, "peer": peer_fn}, warmup, iters)
+            ours, peer = {**ours, **timed["ours"]}, {**peer, **timed["peer"]}
+            close_peer()
+        else:
+            ours = run_ours(model, ids, warmup, iters, a.step, gate)
         if not verdict["ok"]:
             return 1
         msg = verdict["msg"]
@@ -493,18 +552,28 @@ def main(argv=None) -> int:
     fl = (f"model FLOPs per token {flops['total'] / 1e9:.4g} G = linear 4 x N_active {flops['linear'] / 1e9:.4g} "
           f"(N_active {flops['n_active'] / 1e6:,.1f} M) + attention {flops['attention'] / 1e9:.4g} + adapters "
           f"{flops['adapters'] / 1e9:.4g}; {flops['total'] * tokens / 1e12:.4g} TFLOP per step")
+    threads = f"XLA CPU threads {os.cpu_count()}"
+    if use_peer:
+        import torch
+
+        threads += f", torch threads {torch.get_num_threads()} (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')})"
+    timing = (f"medians of {iters} timed steps after {warmup} untimed, "
+              + ("ours and the peer interleaved step by step" if interleave else "each side timed on its own")
+              + f"; {threads}")
     lines = table(rows, gpu_peak)
     print(head)
+    print(timing)
     print(fl)
     print(f"first step (compile included): ours {ours['compile_s']:.1f} s"
           + ("" if peer is None or "error" in peer else f", peer {peer['compile_s']:.1f} s"))
     print("\n".join(lines), flush=True)
     if a.json:
-        Path(a.json).write_text(json.dumps({"config": head, "flops_per_token": flops, "check": msg, "rows": rows},
+        Path(a.json).write_text(json.dumps({"config": head, "timing": timing, "flops_per_token": flops, "check": msg,
+                                            "rows": rows},
                                            indent=2) + "\n")
     if a.markdown:
         with open(a.markdown, "a", encoding="utf-8") as f:
-            f.write(f"\n### train step (LoRA)\n\n{head}\n\n{fl}\n\n{msg}\n\n" + "\n".join(lines) + "\n")
+            f.write(f"\n### train step (LoRA)\n\n{head}\n\n{timing}\n\n{fl}\n\n{msg}\n\n" + "\n".join(lines) + "\n")
     return 0
 
 

@@ -436,6 +436,7 @@ class Engine:
             self.speculator = Speculator(speculative, self)
         # metrics() runs on the HTTP thread while the engine thread appends: both hold this lock
         self._metrics_lock = threading.Lock()
+        self._shapes_seen: set[tuple] = set()  # step shapes run so far (each new one compiles)
 
     # ---- public API (any thread) ---------------------------------------------------------------------------------
 
@@ -718,6 +719,10 @@ class Engine:
              input_embeds=None):
         """The forward pass, then the sampler. The forward is dispatched first (asynchronously), so the host builds
         the rows' sampling settings, structured-output masks included, while the device computes the logits."""
+        shape = ("decode" if absorbed else "prefill", *ids.shape, page_table.shape[1])
+        if shape not in self._shapes_seen:  # a new shape compiles first: say so, or the wait looks like a hang
+            self._shapes_seen.add(shape)
+            log.info("compiling the %s step for %d x %d tokens over %d pages (once per shape)...", *shape)
         inv = None
         if self.cache_shards > 1:  # rows in shard blocks, page ids within each shard
             perm = self._shard_layout(reqs, rows)
