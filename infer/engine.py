@@ -719,7 +719,7 @@ class Engine:
              input_embeds=None):
         """The forward pass, then the sampler. The forward is dispatched first (asynchronously), so the host builds
         the rows' sampling settings, structured-output masks included, while the device computes the logits."""
-        shape = ("decode" if absorbed else "prefill", *ids.shape, page_table.shape[1])
+        shape = ("prefill" if ids.shape[1] > 1 else "decode", *ids.shape, page_table.shape[1])
         if shape not in self._shapes_seen:  # a new shape compiles first: say so, or the wait looks like a hang
             self._shapes_seen.add(shape)
             log.info("compiling the %s step for %d x %d tokens over %d pages (once per shape)...", *shape)

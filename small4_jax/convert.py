@@ -87,6 +87,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
     tree_shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
     total_bytes = sum(int(np.prod(shape)) for _, shape, _ in plan.values()) * np.dtype(out_dtype).itemsize
     written, t0, n = 0, time.perf_counter(), len(plan)
+    skipped = 0  # bytes a resumed conversion had already written: in the percentage, not in the rate
     for i, (path, (name, _, transform)) in enumerate(plan.items()):
         key = sc.param_key(path)
         our_shape = our_shapes[path]
@@ -94,7 +95,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
         per_expert = sc._is_experts(path)
         if path in quantised:
             tree_shapes[("fp8_scales",) + key] = (our_shape[0], 1, 1) if per_expert else ()
-        if ".".join(key) not in done:
+        nbytes = int(np.prod(our_shape)) * np.dtype(out_dtype).itemsize
+        if ".".join(key) in done:
+            skipped += nbytes
+        else:
             read_dtype = np.float32 if path in quantised else out_dtype
             if per_expert:
                 _write_experts(reader, writer, name, key, transform, our_shape, read_dtype, out_dtype,
@@ -112,9 +116,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
             done.add(".".join(key))
             _release_freed_memory()
             sc._atomic_write(progress_file, json.dumps({"job": job, "done": sorted(done)}))
-        written += int(np.prod(our_shape)) * np.dtype(out_dtype).itemsize
+        written += nbytes
         if progress is not None:
-            rate = written / max(time.perf_counter() - t0, 1e-9) / 2**20
+            rate = (written - skipped) / max(time.perf_counter() - t0, 1e-9) / 2**20
             print(f"\r[{i + 1}/{n}] {100 * written / total_bytes:5.1f}%  {rate:8.1f} MiB/s  {name:<60}", end="",
                   file=progress, flush=True)
     reader.close()
