@@ -104,6 +104,8 @@ def test_exports_load_in_transformers_and_peft(trained):
     model, _, _ = load_run(cfg.train.out_dir)
     subprocess.run([sys.executable, "-m", "train.export", "--run", cfg.train.out_dir, "--peft", str(tmp / "adapter"),
                     "--merged", str(tmp / "merged")], check=True, cwd=ROOT, capture_output=True)
+    # the merged export carries the tokenizer the run trained with (base.tokenizer: the bundled sentencepiece model)
+    assert (tmp / "merged" / "tokenizer.model").read_bytes() == (ROOT / cfg.base.tokenizer).read_bytes()
     base = init_model(model.config, seed=cfg.base.seed, dtype="float32")  # the run's random base, for PEFT
     save_merged(base, tmp / "base")
 
