@@ -129,8 +129,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.config:
         model = init_model(config, seed=args.seed, dtype=args.dtype or "float32", quantize=args.quantize)
         print(
-            f"note: the weights are RANDOM ({args.config}, seed {args.seed}), so the text is gibberish. "
-            "For real text pass --checkpoint DIR with a Mistral Small 4 checkpoint (HF or Mistral-native).",
+            f"note: the weights are RANDOM ({args.config}, seed {args.seed}), so the text is gibberish"
+            + (f" unless the adapter ({args.lora}) was trained on them. " if args.lora else ". ")
+            + "For real text pass --checkpoint DIR with a Mistral Small 4 checkpoint (HF or Mistral-native).",
             file=sys.stderr,
         )
     else:
@@ -156,8 +157,7 @@ def run(args: argparse.Namespace) -> dict:
 
     events = []
 
-    def on_event(out):
-        events.append(out)
+    def show(out):
         if parser is None:
             sys.stdout.write(out.text)
         else:
@@ -165,6 +165,13 @@ def run(args: argparse.Namespace) -> dict:
                 sys.stdout.write(d.content)
                 sys.stderr.write(d.reasoning)
         sys.stdout.flush()
+
+    def on_event(out):
+        events.append(out)
+        if len(events) == 1 and not out.finished:
+            return  # shown with the next: the decode step compiles in between, and its log line would split the text
+        for o in events[:2] if len(events) == 2 else [out]:
+            show(o)
 
     engine.submit(item.prompt.ids, item.options, callback=on_event, images=item.prompt.images,
                   image_hashes=item.prompt.image_hashes)
