@@ -457,3 +457,28 @@ def test_metrics_while_the_engine_thread_appends(tiny_server):
         sys.setswitchinterval(interval)
         stop.set()
         t.join(timeout=10)
+
+
+def test_serve_command_line_rejects_bad_input_before_building(tmp_path, capsys, no_build):
+    import socket
+
+    from infer.serve import main as serve
+
+    def err(*argv):
+        return _error(serve, list(argv), capsys)
+
+    assert err("--config", TINY, "--dtype", "banana") == "error: --dtype 'banana': expected one of float32, bfloat16"
+    assert err("--config", TINY, "--mesh", "data=1,exprt=4,tensor=1") == (
+        "error: --mesh: unknown mesh axis 'exprt'; expected name=size pairs over the axes data, expert, tensor, "
+        "e.g. data=1,expert=8,tensor=1")
+    assert err("--config", str(tmp_path / "none.yaml")) == f"error: {tmp_path / 'none.yaml'}: config file not found"
+    typo = tmp_path / "typo.yaml"
+    typo.write_text((REPO / "configs/tiny.yaml").read_text().replace("hidden_size:", "hiden_size:", 1))
+    assert err("--config", str(typo)).startswith(f"error: {typo}: unknown field(s) hiden_size; known fields: ")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert err("--config", TINY, "--port", str(port)) == \
+            f"error: --port {port}: 127.0.0.1:{port} is already in use"
+    assert err("--config", TINY, "--port", "70000") == "error: --port 70000: expected 0-65535"
