@@ -656,6 +656,7 @@ class Engine:
         shapes = self.warmup_shapes()
         t0 = time.perf_counter()
         for k, (kind, rows, t, w) in enumerate(shapes, 1):
+            self._shapes_seen.add(("prefill" if t > 1 else "decode", rows, t, w))  # `progress` reports these
             self._run(np.zeros((rows, t), np.int32), *self._null_inputs(rows, t, w), [], rows, [])
             if progress is not None:
                 progress(f"warm-up {k}/{len(shapes)}: {kind} [{rows} x {t}] x {w} pages compiled "

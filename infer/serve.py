@@ -756,8 +756,7 @@ def main(argv=None) -> int:
     except Small4Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not multi or engine.leader:
-        print(engine.report, file=sys.stderr)
+    # (the engine logged its cache report when it was built: once is enough)
     if args.warmup:  # on every process: the same programs in the same order, as the lockstep steps
         engine.warmup(progress=lambda line: print(line, file=sys.stderr, flush=True))
     if multi and not engine.leader:
