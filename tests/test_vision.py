@@ -312,3 +312,22 @@ def test_encoder_compiles_for_h200_at_real_dims():
     scores = 16 * 12288 * 12288 * 4
     assert c.memory.temp < scores / 16
     assert c.memory.output == 3072 * 4096 * 2  # 3,025 merged tokens (padded to 3,072) x text hidden, bf16
+
+
+def test_merged_export_loads_in_transformers_mistral3(models, ours, tmp_path):
+    """train.export's merged checkpoint of a model with a vision block is a Mistral3 directory transformers loads
+    (text under model.language_model., the encoder and projector beside it) with the same image logits."""
+    from transformers import Mistral3ForConditionalGeneration as HFMistral3
+
+    from train.export import save_merged
+
+    hf, _ = models
+    out = save_merged(ours, tmp_path / "merged")
+    ids, images = _prompt([(16, 24)], seed=11, length=SEQ)
+    with torch.no_grad():
+        ref = hf(**_hf_inputs(ids, images)).logits.numpy()
+        again = HFMistral3.from_pretrained(str(out)).float().eval()(**_hf_inputs(ids, images)).logits.numpy()
+    assert _rel(again, ref) < 1e-5
+    back = small4_jax.from_pretrained(out, dtype="float32")
+    assert back.config.vision == ours.config.vision
+    assert _rel(_logits(back, ids, images), ref) < 1e-4

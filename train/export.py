@@ -56,6 +56,24 @@ def hf_config_dict(c: Small4Config, dtype: str = "float32") -> dict:
     return d
 
 
+def hf_multimodal_config_dict(c: Small4Config, dtype: str = "float32") -> dict:
+    """A transformers `Mistral3Config` dict (mistral4 text + pixtral vision) for a config with a vision block."""
+    v = c.vision
+    if v.rope_interleave:
+        raise ConfigError("this vision encoder's q/k rows are in the native interleaved RoPE layout; a config.json "
+                          "(HF rotate-half layout) can only be written for HF-layout encoders")
+    vision = {"model_type": "pixtral", "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+              "num_hidden_layers": v.num_hidden_layers, "num_attention_heads": v.num_attention_heads,
+              "num_channels": v.num_channels, "patch_size": v.patch_size, "image_size": v.image_size,
+              "hidden_act": v.hidden_act, "head_dim": v.head_dim,
+              "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta}}
+    return {"architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3", "dtype": dtype,
+            "text_config": hf_config_dict(c, dtype), "vision_config": vision, "image_token_index": v.image_token_id,
+            "spatial_merge_size": v.spatial_merge_size, "projector_hidden_act": v.projector_hidden_act,
+            "multimodal_projector_bias": v.multimodal_projector_bias,
+            "vision_feature_layer": v.vision_feature_layer, "tie_word_embeddings": c.tie_word_embeddings}
+
+
 def save_merged(model, out_dir: str | Path, *, source: str | Path | None = None, dtype: str = "float32",
                 max_shard_bytes: int = 5 << 30, tokenizer: str | Path | None = None) -> Path:
     """Write the merged weights of `model` (adapters attached) as an HF checkpoint directory.
@@ -84,13 +102,17 @@ def save_merged(model, out_dir: str | Path, *, source: str | Path | None = None,
             w = w.T
         assert tuple(w.shape) == tuple(hf_shape), (name, w.shape, hf_shape)
         key = name if name == "lm_head.weight" else "model." + name
+        if model.config.vision is not None and not name.startswith(("vision_tower.", "multi_modal_projector.",
+                                                                    "lm_head.")):
+            key = "model.language_model." + name  # transformers' Mistral3ForConditionalGeneration layout
         tensors[key] = np.ascontiguousarray(w.astype(np_dtype))
     _write_shards(out, tensors, max_shard_bytes)
     src = Path(source) if source else None
     if src is not None and (src / "config.json").is_file():
         shutil.copy(src / "config.json", out / "config.json")
     else:
-        (out / "config.json").write_text(json.dumps(hf_config_dict(model.config, dtype), indent=2) + "\n")
+        write = hf_config_dict if model.config.vision is None else hf_multimodal_config_dict
+        (out / "config.json").write_text(json.dumps(write(model.config, dtype), indent=2) + "\n")
     if src is not None:
         for pattern in ("tekken.json", "tokenizer.model*", "tokenizer.json", "tokenizer_config.json",
                         "generation_config.json", "special_tokens_map.json"):
