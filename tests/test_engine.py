@@ -89,8 +89,11 @@ def test_prefix_cache_reuses_pages_and_keeps_outputs(setup):
     assert engine.metrics()["cached_tokens"] - before >= 24
     assert first.token_ids == _hf_greedy(hf, a, 6)
     assert second.token_ids == _hf_greedy(hf, b, 6)
-    # another tenant's salt, or another adapter, roots another key chain: nothing is shared
-    for kwargs in (dict(cache_salt="tenant-2"), dict(adapter="other"), dict(image_hashes=["img"])):
+    # another tenant's salt or images root another key chain: nothing is shared (an adapter's identity does too:
+    # tests/test_multi_lora.py; an engine without adapter slots refuses an adapter instead of ignoring it)
+    with pytest.raises(InputError, match="serves no LoRA adapters"):
+        engine.submit(b, SamplingOptions(max_tokens=6), adapter="other")
+    for kwargs in (dict(cache_salt="tenant-2"), dict(image_hashes=["img"])):
         events = []
         engine.submit(b, SamplingOptions(max_tokens=6), callback=events.append, **kwargs)
         while not (events and events[-1].finished):
