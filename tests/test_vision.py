@@ -331,3 +331,16 @@ def test_merged_export_loads_in_transformers_mistral3(models, ours, tmp_path):
     back = small4_jax.from_pretrained(out, dtype="float32")
     assert back.config.vision == ours.config.vision
     assert _rel(_logits(back, ids, images), ref) < 1e-4
+
+
+def test_vision_feature_layer_counts_as_transformers(tmp_path):
+    """vision_feature_layer = -2 projects the second-to-last block's output (hidden_states[0] is ln_pre's)."""
+    hf = tiny_mistral3(seed=4)
+    hf.config.vision_feature_layer = -2
+    hf.save_pretrained(str(tmp_path))
+    ours = small4_jax.from_pretrained(tmp_path, dtype="float32")
+    assert ours.config.vision.vision_feature_layer == -2
+    ids, images = _prompt([(16, 24)], seed=12, length=SEQ)
+    with torch.no_grad():
+        ref = hf(**_hf_inputs(ids, images)).logits.numpy()
+    assert _rel(_logits(ours, ids, images), ref) < 1e-4
