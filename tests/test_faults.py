@@ -46,7 +46,7 @@ def four_steps(tmp_path_factory):
     return out, {r["step"]: r["loss"] for r in records}
 
 
-def test_corrupted_latest_checkpoint_resumes_from_the_one_before_loudly(four_steps, tmp_path, caplog):
+def test_corrupted_latest_checkpoint_resumes_from_the_one_before_loudly(four_steps, tmp_path, capsys):
     from train.trainer import train
 
     ref_out, ref = four_steps
@@ -57,13 +57,22 @@ def test_corrupted_latest_checkpoint_resumes_from_the_one_before_loudly(four_ste
     for f in data:  # every array chunk of step 4 cut short
         if f.is_file():
             f.write_bytes(f.read_bytes()[:8])
-    caplog.set_level("WARNING", logger="small4_jax")
-    records = train(_cfg(out), resume=True)
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any(w.startswith(f"checkpoint step 4 in {out / 'checkpoints'} cannot be restored (") for w in warnings)
-    assert "resuming from step 2: the newer checkpoint(s) step 4 are unreadable" in warnings
-    assert [r["step"] for r in records] == [3, 4]
-    for r in records:  # the batches and state of step 2 replayed exactly
+    # through the command line, as a user resumes: what it prints is checked too (each line once, only ours)
+    from train.finetune import main as finetune
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(_cfg(out).to_dict()))
+    capsys.readouterr()
+    assert finetune(["--config", str(config), "--resume"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert sum(x.startswith(f"checkpoint step 4 in {out / 'checkpoints'} cannot be restored (") for x in lines) == 1
+    assert lines.count("resuming from step 2: the newer checkpoint(s) step 4 are unreadable") == 1
+    assert lines.count("resumed from step 2") == 1
+    assert not [x for x in lines if "absl" in x or x.startswith(("INFO", "I0", "I1"))], lines
+    assert len(lines) == len(set(lines)), lines
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # the records past step 2 were recomputed
+    for r in records[2:]:  # the batches and state of step 2 replayed exactly
         assert abs(r["loss"] - ref[r["step"]]) < 1e-5, (r, ref)
     # every checkpoint unreadable: an error naming each, not a traceback
     from train.trainer import TrainingError
