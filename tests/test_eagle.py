@@ -175,3 +175,15 @@ def test_eagle_speculative_greedy_equals_plain_greedy_and_drafts_match_the_refer
             assert drafts == _reference_drafts(target, drafter.draft, tokens, len(drafts)), tokens
             checked += 1
     assert checked >= 3
+
+
+def test_hf_layout_config_is_completed_by_the_tensors_and_the_target(tmp_path, target):
+    """An HF-style draft config naming only a few fields (an MoE draft here): the rest is the target's."""
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["EagleMistral4"], "hidden_size": 128,
+                                                       "n_routed_experts": 8, "num_experts_per_tok": 2}))
+    c = load_eagle_config(tmp_path, target.config, {"n_layers": 2, "q_lora_rank": 64})
+    t = target.config
+    assert (c.num_hidden_layers, c.n_routed_experts, c.num_experts_per_tok, c.q_lora_rank) == (2, 8, 2, 64)
+    assert c.first_k_dense_replace == t.first_k_dense_replace and c.moe_intermediate_size == t.moe_intermediate_size
+    for field in ("vocab_size", "rope_type", "rope_factor", "kv_lora_rank", "rms_norm_eps", "scale_convention"):
+        assert getattr(c, field) == getattr(t, field), field
