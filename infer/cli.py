@@ -96,10 +96,24 @@ def preflight(args: argparse.Namespace, need_tokenizer: bool = False):
         except Small4Error as e:
             if need_tokenizer:
                 raise InputError(f"{e}; pass --tokenizer FILE") from None
+    check_engine_args(args, config)
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise InputError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{config.vocab_size}")
     return config, tokenizer, mesh
+
+
+def check_engine_args(args: argparse.Namespace, config) -> None:
+    """The engine's sizes, checked before the model is built (the Engine would say the same after the build)."""
+    for flag in ("max_batch", "page_size", "num_pages", "max_model_len", "prefill_chunk", "prefill_batch",
+                 "max_queue", "num_draft_tokens", "max_loras", "max_lora_rank"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    limit = config.max_position_embeddings
+    if args.max_model_len is not None and args.max_model_len > limit:
+        raise InputError(f"--max-model-len {args.max_model_len} exceeds the model's context of {limit} tokens "
+                         "(max_position_embeddings)")
 
 
 def load_model_and_tokenizer(args: argparse.Namespace):

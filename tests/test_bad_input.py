@@ -106,6 +106,10 @@ def test_generate_rejects_bad_input_before_building_a_model(tmp_path, capsys, no
         f"error: --tokenizer: tokenizer path does not exist: {tmp_path / 'nope.json'}"
     assert err(*g, "--prompt", "hi", "--output", str(tmp_path / "o.jsonl")) == \
         "error: --output is for the results of --input; a single prompt prints to stdout"
+    assert err(*g, "--prompt", "hi", "--max-batch", "0") == "error: --max-batch must be at least 1, got 0"
+    assert err(*g, "--prompt", "hi", "--page-size", "-4") == "error: --page-size must be at least 1, got -4"
+    assert err(*g, "--prompt", "hi", "--max-model-len", "5000") == (
+        "error: --max-model-len 5000 exceeds the model's context of 4096 tokens (max_position_embeddings)")
     assert err(*g, "--prompt-ids", "1,2,3", "--max-model-len", "3") == (
         "error: prompt has 3 tokens but the model's context is 3 (--max-model-len); shorten the prompt")
     # chat without a tekken tokenizer: the sentencepiece one has no reasoning mode; a checkpoint without any
