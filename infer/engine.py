@@ -302,7 +302,8 @@ class Engine:
             holds num_pages / shards pages and attends for its own rows (data-parallel attention, while the MoE stays
             expert-parallel), so the cache grows with the devices. A request's pages all live on one shard, chosen
             at admission (most prefix-cache hits, then most free pages); max_batch and the batch buckets count rows
-            over all shards (multiples of the shard count), prefill_batch counts requests per shard.
+            over all shards (multiples of the shard count), prefill_batch counts requests per shard, num_pages all
+            pages (rounded down to a multiple of the shard count).
         prefix_caching: reuse cached pages of shared prompt prefixes.
     """
 

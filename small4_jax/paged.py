@@ -24,6 +24,11 @@ its sequence (cache slot and causal mask), so a test can place a sequence at any
 filling the cache below it. T is any number of tokens per row (1 for decode, a chunk for prefill, k + 1 for a
 speculative verify step): token t of row b sees the keys 0 .. seq_index[b, t] of its row.
 
+A sharded cache (`cache_axes`, data-parallel attention): the pages axis is split over mesh axes (`cache_spec`), the
+batch rows with it in order, and each layer's cache write and attention run in a shard_map in which a shard sees
+only its own pages (page ids are the shard's own, each shard has its own null page 0) and its own rows; everything
+else (projections, the expert-parallel MoE) stays as XLA and the MoE place it.
+
 This module knows nothing about requests, scheduling or tokenizers (that is `infer/engine.py`).
 """
 
