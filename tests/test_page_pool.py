@@ -3,6 +3,7 @@
 import hashlib
 
 import numpy as np
+import pytest
 
 import infer.page_pool as pp
 from infer.page_pool import PagePool, chain_hashes, page_key, prefix_context
@@ -73,3 +74,29 @@ def test_page_key_is_not_pythons_hash():
     # Python hashes -1 and -2 alike; those tuples collided in the old keys
     assert hash((None, (-1,))) == hash((None, (-2,)))
     assert page_key(pp.ROOT_CONTEXT, [-1]) != page_key(pp.ROOT_CONTEXT, [-2])
+
+
+def test_sharded_pool_keeps_each_shard_to_its_own_pages():
+    """shards=3 over 12 pages: ids 0-3, 4-7, 8-11, each range with its own null page; allocation, eviction and
+    prefix hits stay inside the shard asked for."""
+    pool = PagePool(12, SIZE, shards=3)
+    assert pool.capacity == 9 and pool.available() == 9 and [pool.available(s) for s in range(3)] == [3, 3, 3]
+    assert pool.allocate(3, shard=1) == [5, 6, 7] and pool.allocate(1, shard=1) is None
+    assert [pool.local(p) for p in (5, 6, 7)] == [1, 2, 3] and pool.shard_of(7) == 1
+    tokens = list(range(20, 28))
+    keys = chain_hashes(tokens, SIZE, 2)
+    pages = pool.allocate(2, shard=2)
+    assert pages == [9, 10]
+    for i, page in enumerate(pages):
+        pool.register(page, keys[i], keys[i - 1] if i else pp.ROOT_CONTEXT, tokens[i * SIZE : (i + 1) * SIZE])
+    pool.release(pages)  # idle, cached on shard 2
+    assert pool.peek(keys, tokens, shard=2) == 2 and pool.peek(keys, tokens, shard=0) == 0
+    assert pool.match(keys, tokens, shard=0) == []  # another shard's cache is not this one's
+    assert pool.match(keys, tokens, shard=2) == [9, 10]
+    pool.release([9, 10])
+    assert pool.allocate(3, shard=2) == [11, 9, 10]  # the free page first, then the cached ones evicted
+    assert pool.peek(keys, tokens, shard=2) == 0 and pool.cached() == 0
+    pool.release([5, 6, 7, 11, 9, 10])
+    assert pool.in_use() == 0
+    with pytest.raises(ValueError, match="do not split into 5 equal shards"):
+        PagePool(12, SIZE, shards=5)
