@@ -34,6 +34,7 @@ from flax import nnx
 from small4_jax.errors import ConfigError, InputError
 from small4_jax.lora import ExpertsLoRA, LoRALinear, LoRARouter, _sites, load_peft
 from small4_jax.moe import ExpertLoRA
+from small4_jax.quant import QArray, dequantize, qdot
 
 
 class AdapterIds(nnx.Variable):
@@ -66,6 +67,7 @@ class MultiLoRALinear(nnx.Module):
         self.dtype = base.dtype or base.kernel[...].dtype
         self.precision = base.precision
         self.kernel = base.kernel
+        self.kernel_scale = getattr(base, "kernel_scale", None)  # a quantised base stays quantised
         self.bias = base.bias
         self.rank = rank
         self.lora_a = MultiLoRAParam(jnp.zeros((self.in_features, slots * rank), jnp.float32))
@@ -78,8 +80,11 @@ class MultiLoRALinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        dims = (((x.ndim - 1,), (0,)), ((), ()))
-        y = jax.lax.dot_general(x, self.kernel[...].astype(self.dtype), dims, precision=self.precision)
+        if self.kernel_scale is not None:
+            y = qdot(x, QArray(self.kernel[...], self.kernel_scale[...]), self.dtype)
+        else:
+            dims = (((x.ndim - 1,), (0,)), ((), ()))
+            y = jax.lax.dot_general(x, self.kernel[...].astype(self.dtype), dims, precision=self.precision)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         low = (x @ self.lora_a[...].astype(self.dtype)) * self.mask(x.shape[:-1]).astype(self.dtype)
@@ -89,6 +94,12 @@ class MultiLoRALinear(nnx.Module):
     @property
     def row_lora(self) -> MultiLoRALinear:
         return self
+
+    def base_kernel(self, dtype) -> jax.Array:
+        """The base [in, out] matrix (dequantised if quantised), without any adapter."""
+        if self.kernel_scale is not None:
+            return dequantize(QArray(self.kernel[...], self.kernel_scale[...]), dtype)
+        return self.kernel[...].astype(dtype)
 
     def _halves(self, nh: int, dn: int):
         b = self.lora_b[...].reshape(-1, nh, self.out_features // nh)
@@ -115,7 +126,9 @@ class MultiExpertsLoRA(nnx.Module):
     """Stacked per-expert adapters (`experts.lora`): gate_up_a [E, H, S*R] ... down_b [E, S*R, H], scales [S]."""
 
     def __init__(self, experts, slots: int, rank: int, ids: AdapterIds):
-        e, h, f2 = experts.gate_up.shape
+        from small4_jax.quant import logical_shape
+
+        e, h, f2 = logical_shape(experts.gate_up.shape, experts.gate_up.dtype)  # [E, H, 2F] also when quantised
         j = slots * rank
         self.rank = rank
         self.gate_up_a = MultiLoRAParam(jnp.zeros((e, h, j), jnp.float32))

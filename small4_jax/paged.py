@@ -94,7 +94,7 @@ def _kernel(linear, din: int, dtype) -> jax.Array:
     if type(linear) is nnx.Linear and linear.bias is None:
         return linear.kernel[...].astype(dtype)
     if hasattr(linear, "row_lora"):  # per-row adapters (multi_lora.py): the base here, each row's adapter in low rank
-        return linear.kernel[...].astype(dtype)
+        return linear.base_kernel(dtype)
     if hasattr(linear, "effective_kernel") and getattr(linear, "bias", None) is None:
         return linear.effective_kernel().astype(dtype)
     return linear(jnp.eye(din, dtype=dtype))
