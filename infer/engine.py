@@ -408,7 +408,9 @@ class Engine:
                           else jax.sharding.NamedSharding(mesh, cache_spec(self.cache_axes)))
         self.pages = PagedCache.create(config, num_pages, page_size, self.cache_dtype, cache_sharding).pages
         self.pool = PagePool(num_pages, page_size, prefix_caching, shards=d)
-        self.history = TokenHistory.create(max_batch + 1, config.vocab_size, sharding)  # last slot: padding rows
+        # last slot: padding rows; committed like the cache, so the first sampling step does not compile twice
+        self.history = TokenHistory.create(max_batch + 1, config.vocab_size,
+                                           sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0]))
         self._free_slots = list(range(max_batch - 1, -1, -1))
         self.report = cache_report(config, self.cache_dtype, cache_bytes, page_size, num_pages, d)
         line, self.memory = memory_report(self.state, self.pages)  # weights / cache / headroom bytes, one device

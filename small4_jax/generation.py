@@ -1,8 +1,9 @@
 """Autoregressive generation for one prompt: one prefill, then one jitted step per token over a latent KV cache.
 
 The jitted functions are module-level and take the model's graph definition as a static argument, so every call
-with the same model structure, prompt length and cache size reuses the compiled code; decode steps never
-recompile. (The serving engine with continuous batching builds on the same `Small4ForCausalLM.step`.)
+with the same model structure and cache size reuses the compiled code; decode steps never recompile. The prompt is
+read in chunks whose lengths are powers of two (its binary decomposition: 100 = 64 + 32 + 4), so any prompt length
+reuses at most log2(context) compiled prefill shapes instead of compiling one per length. (The serving engine with continuous batching builds on the same `Small4ForCausalLM.step`.)
 """
 
 from __future__ import annotations
@@ -27,6 +28,18 @@ def _prefill(graphdef, state, ids, cache, key, temperature, top_k, top_p, embeds
     logits, cache = model.step(ids, cache, input_embeds=embeds)
     token = sample(logits[:, -1], key, temperature, top_k, top_p, greedy=greedy)
     return token, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _extend(graphdef, state, ids, cache, embeds=None):
+    """Write a chunk of prompt into the cache (no sampling: not the prompt's last chunk)."""
+    model = nnx.merge(graphdef, state)
+    return model.step(ids, cache, input_embeds=embeds)[1]
+
+
+def _chunks(n: int) -> list[int]:
+    """n as powers of two, largest first (its binary decomposition)."""
+    return [1 << b for b in range(n.bit_length() - 1, -1, -1) if n >> b & 1]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnames=("cache",))
@@ -86,8 +99,16 @@ def generate(
         from small4_jax.vision import input_embeddings
 
         embeds = input_embeddings(model, ids, images)
-    token, cache = _prefill(graphdef, state, ids, cache, sub, temperature, top_k, top_p, embeds,
-                            greedy=sampling.greedy)
+    start = 0
+    for n in _chunks(len(prompt)):
+        piece = ids[:, start : start + n]
+        piece_embeds = None if embeds is None else embeds[:, start : start + n]
+        start += n
+        if start < len(prompt):
+            cache = _extend(graphdef, state, piece, cache, piece_embeds)
+        else:
+            token, cache = _prefill(graphdef, state, piece, cache, sub, temperature, top_k, top_p, piece_embeds,
+                                    greedy=sampling.greedy)
     out: list[int] = []
     while True:
         t = int(token[0])

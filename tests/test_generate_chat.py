@@ -78,3 +78,25 @@ def test_batch_file_errors_name_the_line(tmp_path, capsys):
     src.write_text('{"prompt_ids": [1, 2]}\n{"text": "hi"}\n')
     assert main(BASE + ["--input", str(src)]) == 2
     assert f'{src}:2: each line needs "messages", "prompt" or "prompt_ids"' in capsys.readouterr().err
+
+
+def test_reference_generate_compiles_powers_of_two_not_prompt_lengths(reference):
+    """The prompt is read in power-of-two chunks: a new prompt length reuses the chunk programs already compiled,
+    and the greedy output equals the argmax of the model's full forward, token by token."""
+    import numpy as np
+
+    from small4_jax import generation
+
+    gen, _ = reference
+    for n in (5, 3):  # chunks 4+1 and 2+1
+        gen(list(range(40, 40 + n)), 1)
+    sizes = generation._extend._cache_size(), generation._prefill._cache_size()
+    prompt = [1] + list(range(60, 66))  # 7 = 4 + 2 + 1: nothing new to compile
+    out = gen(prompt, 3)
+    assert (generation._extend._cache_size(), generation._prefill._cache_size()) == sizes
+    assert generation._chunks(7) == [4, 2, 1] and generation._chunks(64) == [64]
+    model = init_model(Small4Config.from_yaml(TINY), seed=0)  # the fixture's weights
+    seq = list(prompt)
+    for t in out:
+        assert t == int(np.argmax(np.asarray(model(np.asarray([seq], np.int32)))[0, -1]))
+        seq.append(t)
