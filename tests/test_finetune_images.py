@@ -84,10 +84,21 @@ def test_bad_image_rows_name_the_line(tmp_path):
         load_dataset([big], tok, seq_len=64, seed=0)
 
 
-@pytest.mark.parametrize("targets", [["attention"], ["attention", "projector"]])
-def test_lora_run_on_image_rows(tmp_path, targets):
-    """Three steps of a LoRA run on image rows (the tiny preset with its vision block). The encoder is always
-    frozen; the projector is frozen unless "projector" is a target, and then its adapters learn."""
+def test_projector_adapters_only_on_request():
+    from small4_jax import lora
+    from small4_jax.config import Small4Config
+    from small4_jax.model import abstract_model
+
+    model = abstract_model(Small4Config.from_yaml(ROOT / "configs" / "tiny.yaml"))
+    assert not [p for p in lora.select_targets(model, ["all", r".*proj.*"]) if "multi_modal" in p]
+    assert lora.select_targets(model, ["linear_1"]) == ["multi_modal_projector.linear_1"]
+    assert len(lora.select_targets(model, ["projector"])) == 3
+
+
+def test_lora_run_on_image_rows(tmp_path):
+    """Three steps of a LoRA run on image rows (the tiny preset with its vision block) with adapters on attention
+    and on the projector: the encoder stays frozen, the projector's adapters learn inside the loss."""
+    targets = ["attention", "projector"]
     from small4_jax import lora
     from train.trainer import build_model, restore_lora, train
 
@@ -107,9 +118,6 @@ def test_lora_run_on_image_rows(tmp_path, targets):
     trained = build_model(cfg)
     restore_lora(trained, tmp_path / "run")
     projector = {p: a for p, a in lora.adapters(trained).items() if p.startswith("multi_modal_projector.")}
-    if "projector" in targets:
-        assert sorted(projector) == ["multi_modal_projector.linear_1", "multi_modal_projector.linear_2",
-                                     "multi_modal_projector.patch_merger.merging_layer"]
-        assert all(np.abs(np.asarray(a.lora_b[...])).max() > 0 for a in projector.values())  # B starts at 0
-    else:
-        assert projector == {}
+    assert sorted(projector) == ["multi_modal_projector.linear_1", "multi_modal_projector.linear_2",
+                                 "multi_modal_projector.patch_merger.merging_layer"]
+    assert all(np.abs(np.asarray(a.lora_b[...])).max() > 0 for a in projector.values())  # B starts at 0
