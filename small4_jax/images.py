@@ -48,7 +48,8 @@ def decode_image(data: bytes, where: str):
         img = Image.open(io.BytesIO(data))
         img.load()
     except UnidentifiedImageError:
-        raise InputError(f"{where}: not an image in a supported format (PNG, JPEG, WebP, GIF, BMP, TIFF, ...)") from None
+        raise InputError(f"{where}: not an image in a supported format (PNG, JPEG, WebP, GIF, BMP, TIFF, ...)") \
+            from None
     except Image.DecompressionBombError as e:
         raise InputError(f"{where}: image too large to decode ({e})") from None
     except (OSError, ValueError, SyntaxError) as e:  # pillow's truncated / corrupt data errors
