@@ -210,19 +210,18 @@ def test_quantized_sharded_checkpoint_loads_without_requantising(hf_model, fp8_d
     assert _rel(loaded(ids), direct(ids)) < 1e-5  # expert-parallel over quantised experts = one device
 
 
-def test_qlora_and_engine_report_on_a_quantised_model():
-    """LoRA over an int4 base: gradients reach the adapters through the dequantising matmuls (the base gets none);
-    the engine's start-up report states the quantised weight bytes per device."""
-    from infer.engine import Engine
-
+def test_qlora_gradients_flow_through_the_dequantising_kernel():
+    """LoRA over an int4 base: gradients reach every adapter through the dequantising matmuls (the base gets none)."""
     from small4_jax import load_config
     from small4_jax.lora import TRAINABLE, LoRAConfig, apply_lora
     from small4_jax.model import init_model
 
-    config = load_config("configs/tiny.yaml").replace(moe_impl="pallas")  # the in-kernel dequantising gmm
+    # the kernel's own input gradient is checked against the reference in test_gmm_quant_kernel_matches_reference;
+    # here the model-level wiring, with the XLA grouped matmul (Pallas interpret mode is slow on a whole model)
+    config = load_config("configs/tiny.yaml").replace(moe_impl="ragged_dot", num_hidden_layers=1)
     model = init_model(config, seed=0, quantize="int4")
     apply_lora(model, LoRAConfig(targets=("all",), rank=4))
-    ids = jnp.asarray(_ids(config.vocab_size, seed=4)[:, :8])
+    ids = jnp.asarray(_ids(config.vocab_size, seed=4)[:1, :6])
     graphdef, trainable, rest = nnx.split(model, TRAINABLE, ...)
 
     def loss(trainable):
@@ -231,7 +230,7 @@ def test_qlora_and_engine_report_on_a_quantised_model():
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1))
 
     # B starts at zero, so A's gradient is zero: the signal is in B, for dense and expert adapters alike
-    grads = dict(nnx.to_flat_state(jax.grad(loss)(trainable)))
+    grads = dict(nnx.to_flat_state(jax.jit(jax.grad(loss))(trainable)))
     for path, g in grads.items():
         if str(path[-1]) in ("lora_b", "gate_up_b", "down_b"):
             assert float(jnp.abs(g[...]).max()) > 0, path
