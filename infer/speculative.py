@@ -95,15 +95,33 @@ def ngram_lookup(tokens: np.ndarray, room: int, ngram_max: int, ngram_min: int) 
 
 
 class NgramDrafter:
-    """Draft-free prompt lookup (`ngram_lookup`) over each row's prompt and output."""
+    """Draft-free prompt lookup (`ngram_lookup`) over each row's prompt and output.
+
+    Each request's tokens are kept in a growing numpy array (only the new tokens are copied per step), so the host
+    cost per step is the vectorised search, not a list conversion of the whole sequence."""
 
     def __init__(self, config: SpeculativeConfig):
         self.config = config
+        self._arrays: dict[str, tuple[np.ndarray, int]] = {}
+
+    def _tokens(self, r) -> np.ndarray:
+        buf, n = self._arrays.get(r.id, (np.zeros(0, np.int32), 0))
+        total = len(r.tokens)
+        if total > len(buf):
+            grown = np.zeros(max(2 * len(buf), total, 64), np.int32)
+            grown[:n] = buf[:n]
+            buf = grown
+        if total > n:
+            buf[n:total] = r.tokens[n:total]
+        self._arrays[r.id] = (buf, total)
+        return buf[:total]
 
     def propose(self, engine, reqs, rooms) -> list[list[int]]:
         c = self.config
-        return [ngram_lookup(np.asarray(r.tokens, np.int32), room, c.ngram_max, c.ngram_min)
-                for r, room in zip(reqs, rooms)]
+        live = {r.id for r in engine._running}
+        for rid in [rid for rid in self._arrays if rid not in live]:
+            del self._arrays[rid]
+        return [ngram_lookup(self._tokens(r), room, c.ngram_max, c.ngram_min) for r, room in zip(reqs, rooms)]
 
 
 def make_drafter(config: SpeculativeConfig, engine):
