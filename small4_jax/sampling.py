@@ -6,10 +6,12 @@ All settings except greedy-or-not are traced values, so changing them never reco
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from small4_jax.batch_sampling import filtered_logits
 from small4_jax.errors import InputError
 
 
@@ -32,22 +34,22 @@ class SamplingParams:
         return self.temperature == 0
 
 
+class _Filters(NamedTuple):
+    """The settings `batch_sampling.filtered_logits` reads, one value per row."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+
+
 def sample(logits: jax.Array, key: jax.Array, temperature, top_k, top_p, *, greedy: bool) -> jax.Array:
-    """logits [B, V] -> token ids [B] int32."""
+    """logits [B, V] -> token ids [B] int32: argmax, or a draw from the serving sampler's filtered distribution
+    (`batch_sampling.filtered_logits`, one implementation of temperature / top-k / top-p for both paths)."""
     logits = logits.astype(jnp.float32)
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    vocab = logits.shape[-1]
-    logits = logits / jnp.maximum(temperature, 1e-6)
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    # top-k: keep logits >= the k-th largest (k = 0 keeps everything)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(sorted_logits, jnp.broadcast_to(k - 1, (logits.shape[0], 1)), axis=-1)
-    logits = jnp.where(logits >= kth, logits, -jnp.inf)
-    # top-p: keep the smallest prefix of the sorted distribution whose mass reaches top_p
-    sorted_probs = jax.nn.softmax(jnp.where(sorted_logits >= kth, sorted_logits, -jnp.inf), axis=-1)
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    keep_sorted = mass_before < top_p
-    cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    b = logits.shape[0]
+    rows = _Filters(*(jnp.broadcast_to(jnp.asarray(v, d), (b,)) for v, d in (
+        (temperature, jnp.float32), (top_k, jnp.int32), (top_p, jnp.float32), (0.0, jnp.float32))))
+    return jax.random.categorical(key, filtered_logits(logits, rows), axis=-1).astype(jnp.int32)

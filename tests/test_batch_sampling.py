@@ -93,3 +93,24 @@ def test_sampled_rows_draw_from_the_processed_distribution(rows):
         freq = np.bincount(got[:, b], minlength=V) / n
         assert freq[want[b] == 0].sum() == 0  # masked, filtered and top-p-cut tokens never drawn
         assert np.abs(freq - want[b]).max() < 0.04, b
+
+
+def test_single_request_sampler_is_the_serving_filter():
+    """`sampling.sample` (generation.generate) draws from `filtered_logits`: within top-k and the top-p nucleus
+    (numpy), at their probabilities."""
+    from small4_jax.sampling import sample
+
+    logits = np.asarray(jax.random.normal(jax.random.key(0), (2, 50)) * 3, np.float32)
+    draw = jax.jit(jax.vmap(lambda k: sample(logits, k, 0.8, 6, 0.7, greedy=False)))
+    got = np.asarray(draw(jax.random.split(jax.random.key(1), 4000)))
+    for b in range(2):
+        z = logits[b] / 0.8
+        order = np.argsort(-z)[:6]
+        p = np.exp(z[order] - z[order].max())
+        p /= p.sum()
+        keep = order[(np.cumsum(p) - p) < 0.7]
+        want = np.zeros(50)
+        want[keep] = np.exp(z[keep] - z[keep].max()) / np.exp(z[keep] - z[keep].max()).sum()
+        freq = np.bincount(got[:, b], minlength=50) / len(got)
+        assert set(np.nonzero(freq)[0]) <= set(keep) and np.abs(freq - want).max() < 0.04
+    np.testing.assert_array_equal(sample(logits, jax.random.key(0), 1.0, 0, 1.0, greedy=True), logits.argmax(-1))
