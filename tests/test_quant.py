@@ -272,3 +272,23 @@ def test_routed_experts_on_quantised_weights_match_dequantised_weights(fmt):
         for impl in ("auto", "ragged_dot"):
             got = moe.routed_experts(x, ids, w, gu, dn, impl=impl)
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"seed {seed} {impl} {n}")
+
+
+def test_qlora_merged_export_equals_the_adapted_quantised_model():
+    """merge_into dequantises the base and folds the adapters in: the merged float model computes what the QLoRA
+    model (quantised base + unmerged adapters) computes."""
+    from small4_jax import load_config
+    from small4_jax.lora import TRAINABLE, LoRAConfig, apply_lora, merge_into
+    from small4_jax.model import init_model
+
+    config = load_config("configs/tiny.yaml").replace(num_hidden_layers=1, moe_impl="ragged_dot")
+    model = init_model(config, seed=1, quantize="int8")
+    apply_lora(model, LoRAConfig(targets=("all",), rank=4))
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2**31))
+    flat = [(p, v.replace(jnp.asarray(rng.normal(size=v.shape) * 0.05, jnp.float32)))
+            for p, v in nnx.to_flat_state(nnx.state(model, TRAINABLE))]
+    nnx.update(model, nnx.from_flat_state(flat))  # non-zero B: the adapters change the output
+    merged = merge_into(init_model(config, seed=7), model)
+    ids = jnp.asarray(_ids(config.vocab_size, seed=2)[:, :10])
+    assert _rel(merged(ids), model(ids)) < 1e-4
+    assert _rel(merged(ids), init_model(config, seed=1, quantize="int8")(ids)) > 1e-2  # the adapters mattered
