@@ -278,20 +278,6 @@ def quantize_model(model, fmt: str | None):
     return model
 
 
-def model_format(model) -> str | None:
-    """The quantisation format of a model's weights (None when unquantised)."""
-    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if str(path[-1]).endswith("_scale") or str(path[-1]) == "kernel_scale":
-            kernel = path[:-1] + (str(path[-1])[: -len("_scale")],)
-            state = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-            return format_of(state[kernel].dtype)
-    return None
-
-
-def is_scale_path(path) -> bool:
-    return str(path[-1]).endswith("_scale")
-
-
 def weight_bytes(model) -> int:
     """Bytes of every parameter of `model` (quantised values at their stored width, scales in float32)."""
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model))))
