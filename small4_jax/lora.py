@@ -117,6 +117,20 @@ def _init_a(key, shape, fan_in: int) -> jax.Array:
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
+def base_output(layer, x: jax.Array) -> jax.Array:
+    """x W + b of an adapted linear's frozen base in its compute dtype: `kernel` [in, out] (quantised when
+    `kernel_scale` is set: `quant.qdot` dequantises in the product), optional `bias`. Shared by the single- and the
+    multi-adapter linears (multi_lora.py)."""
+    if layer.kernel_scale is not None:
+        y = qdot(x, QArray(layer.kernel[...], layer.kernel_scale[...]), layer.dtype)
+    else:
+        dims = (((x.ndim - 1,), (0,)), ((), ()))
+        y = jax.lax.dot_general(x, layer.kernel[...].astype(layer.dtype), dims, precision=layer.precision)
+    if layer.bias is not None:
+        y = y + layer.bias[...].astype(layer.dtype)
+    return y
+
+
 class DropoutKey(nnx.Variable):
     """The adapter-dropout key (a raw uint32[2] PRNG key). Never mutated by the model: the trainer derives one per
     micro-batch from (seed, step, micro-batch), so dropout needs no RNG state to checkpoint."""
@@ -145,13 +159,7 @@ class LoRALinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        if self.kernel_scale is not None:
-            y = qdot(x, QArray(self.kernel[...], self.kernel_scale[...]), self.dtype)
-        else:
-            dims = (((x.ndim - 1,), (0,)), ((), ()))
-            y = jax.lax.dot_general(x, self.kernel[...].astype(self.dtype), dims, precision=self.precision)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+        y = base_output(self, x)
         xd = x
         if self.dropout_key is not None and not self.deterministic:
             k = jax.random.fold_in(self.dropout_key[...], self.index)

@@ -32,9 +32,9 @@ import numpy as np
 from flax import nnx
 
 from small4_jax.errors import ConfigError, InputError
-from small4_jax.lora import ExpertsLoRA, LoRALinear, LoRARouter, _sites, load_peft
+from small4_jax.lora import ExpertsLoRA, LoRALinear, LoRARouter, _sites, base_output, load_peft
 from small4_jax.moe import ExpertLoRA
-from small4_jax.quant import QArray, dequantize, qdot
+from small4_jax.quant import QArray, dequantize
 
 
 class AdapterIds(nnx.Variable):
@@ -80,13 +80,7 @@ class MultiLoRALinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        if self.kernel_scale is not None:
-            y = qdot(x, QArray(self.kernel[...], self.kernel_scale[...]), self.dtype)
-        else:
-            dims = (((x.ndim - 1,), (0,)), ((), ()))
-            y = jax.lax.dot_general(x, self.kernel[...].astype(self.dtype), dims, precision=self.precision)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+        y = base_output(self, x)
         low = (x @ self.lora_a[...].astype(self.dtype)) * self.mask(x.shape[:-1]).astype(self.dtype)
         return y + (low @ self.lora_b[...].astype(self.dtype)).astype(y.dtype)
 

@@ -35,7 +35,7 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _pad(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+def pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     extra = size - x.shape[axis]
     if extra == 0:
         return x
@@ -62,11 +62,11 @@ def _prepare(q, k, v, qp, kp, qs, ks, block_q, block_k):
     t, s = q.shape[1], k.shape[1]
     bq, bk = min(block_q, t), min(block_k, s)
     tp, sp = _round_up(t, bq), _round_up(s, bk)
-    q = _blocks(_pad(jnp.swapaxes(q, 1, 2), 2, tp), 2, bq)
-    k = _blocks(_pad(jnp.swapaxes(k, 1, 2), 2, sp), 2, bk)
-    v = _blocks(_pad(jnp.swapaxes(v, 1, 2), 2, sp), 2, bk)
-    qp, qs = _blocks(_pad(qp, 1, tp), 1, bq), _blocks(_pad(qs, 1, tp), 1, bq)
-    kp, ks = _blocks(_pad(kp, 1, sp, HIDDEN), 1, bk), _blocks(_pad(ks, 1, sp), 1, bk)
+    q = _blocks(pad_to(jnp.swapaxes(q, 1, 2), 2, tp), 2, bq)
+    k = _blocks(pad_to(jnp.swapaxes(k, 1, 2), 2, sp), 2, bk)
+    v = _blocks(pad_to(jnp.swapaxes(v, 1, 2), 2, sp), 2, bk)
+    qp, qs = _blocks(pad_to(qp, 1, tp), 1, bq), _blocks(pad_to(qs, 1, tp), 1, bq)
+    kp, ks = _blocks(pad_to(kp, 1, sp, HIDDEN), 1, bk), _blocks(pad_to(ks, 1, sp), 1, bk)
     return q, k, v, qp, kp, qs, ks
 
 
@@ -120,9 +120,9 @@ def _backward(q, k, v, qp, kp, qs, ks, out, lse, dout, block_q, block_k):
     bq = qb.shape[3]
     tp = qb.shape[0] * bq
     delta = jnp.einsum("bthu,bthu->bht", dout.astype(jnp.float32), out.astype(jnp.float32))
-    dob = _blocks(_pad(jnp.swapaxes(dout, 1, 2), 2, tp), 2, bq)  # [nq, B, H, bq, U]
-    lseb = _blocks(_pad(lse, 2, tp, -jnp.inf), 2, bq)  # [nq, B, H, bq]
-    deltab = _blocks(_pad(delta, 2, tp), 2, bq)
+    dob = _blocks(pad_to(jnp.swapaxes(dout, 1, 2), 2, tp), 2, bq)  # [nq, B, H, bq, U]
+    lseb = _blocks(pad_to(lse, 2, tp, -jnp.inf), 2, bq)  # [nq, B, H, bq]
+    deltab = _blocks(pad_to(delta, 2, tp), 2, bq)
 
     def k_step(dq, kargs):
         kj, vj, kpj, ksj = kargs

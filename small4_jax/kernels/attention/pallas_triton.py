@@ -41,7 +41,7 @@ try:  # deprecated in jax 0.11 and slated for removal: keep the package importab
 except ImportError:  # pragma: no cover - only on a jax without the Triton backend
     plgpu = None
 
-from small4_jax.kernels.attention.blockwise import HIDDEN
+from small4_jax.kernels.attention.blockwise import HIDDEN, pad_to
 from small4_jax.platform import on_gpu
 
 
@@ -64,15 +64,6 @@ def _pow2(n: int) -> int:
 def _fit(block: int, n: int) -> int:
     """A power-of-two block no larger than needed for n (>= 16, Triton's smallest dot tile)."""
     return min(block, _pow2(n))
-
-
-def _pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
-    extra = size - x.shape[axis]
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
 
 
 def _visible(qp, qs, kp, ks):
@@ -266,10 +257,10 @@ def _layout(q, k, v, qp, kp, qs, ks, blocks: AttentionBlocks):
     kd, ud = _pow2(q.shape[3]), _pow2(v.shape[3])
 
     def heads(x, n, d):
-        return _pad_to(_pad_to(jnp.swapaxes(x, 1, 2), 2, n), 3, d)
+        return pad_to(pad_to(jnp.swapaxes(x, 1, 2), 2, n), 3, d)
 
-    return (heads(q, tp, kd), heads(k, sp, kd), heads(v, sp, ud), _pad_to(qp, 1, tp), _pad_to(qs, 1, tp),
-            _pad_to(kp, 1, sp, HIDDEN), _pad_to(ks, 1, sp))
+    return (heads(q, tp, kd), heads(k, sp, kd), heads(v, sp, ud), pad_to(qp, 1, tp), pad_to(qs, 1, tp),
+            pad_to(kp, 1, sp, HIDDEN), pad_to(ks, 1, sp))
 
 
 def _unlayout(x, n, d):
@@ -290,7 +281,7 @@ def _flash_fwd(q, k, v, qp, kp, qs, ks, blocks, interpret):
 def _flash_bwd(blocks, interpret, res, dout):
     q, k, v, qp, kp, qs, ks, out, lse = res
     lq, lk, lv, lqp, lqs, lkp, lks = _layout(q, k, v, qp, kp, qs, ks, blocks)
-    ldo = _pad_to(_pad_to(jnp.swapaxes(dout, 1, 2), 2, out.shape[2]), 3, out.shape[3])
+    ldo = pad_to(pad_to(jnp.swapaxes(dout, 1, 2), 2, out.shape[2]), 3, out.shape[3])
     dq, dk, dv = _backward_call(lq, lk, lv, lqp, lqs, lkp, lks, out, lse, ldo, blocks, interpret)
     t, s = q.shape[1], k.shape[1]
     return (_unlayout(dq, t, q.shape[3]), _unlayout(dk, s, k.shape[3]), _unlayout(dv, s, v.shape[3]),
