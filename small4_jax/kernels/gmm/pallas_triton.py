@@ -53,8 +53,15 @@ def _dot_precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def _gmm_kernel(seg_start_ref, seg_end_ref, seg_group_ref, work_seg_ref, work_tile_ref, num_work_ref, lhs_ref,
-                rhs_ref, out_ref, *, k: int, n: int, t: GmmTiling, k_per_split: int, transpose_rhs: bool):
+def _gmm_program(seg_start_ref, seg_end_ref, seg_group_ref, work_seg_ref, work_tile_ref, num_work_ref, lhs_ref,
+                 *weight_and_out_refs, load_weight_tile, k: int, n: int, t: GmmTiling, k_per_split: int):
+    """The program of every gmm kernel (float weights here, quantised ones in `quant_triton.py`): one work item's
+    row tile x one column tile [x one K slice], accumulated in float32 over K steps.
+
+    `load_weight_tile(weight_refs, g, k0, k_mask, col0, col_mask) -> (tile, dot dimension numbers)` is the only
+    difference between the kernels: it returns group g's weight tile for K rows [k0, k0 + block_k) and columns
+    [col0, col0 + block_n) in the activation dtype, masked with zeros."""
+    *weight_refs, out_ref = weight_and_out_refs
     bm, bk, bn = t.block_m, t.block_k, t.block_n
     w, j = pl.program_id(0), pl.program_id(1)
     split = pl.program_id(2) if t.split_k > 1 else 0
@@ -83,14 +90,7 @@ def _gmm_kernel(seg_start_ref, seg_end_ref, seg_group_ref, work_seg_ref, work_ti
             k0 = k_begin + i * bk
             k_mask = (k0 + jnp.arange(bk, dtype=jnp.int32)) < k
             a = plgpu.load(lhs_ref.at[rows_slice, pl.ds(k0, bk)], mask=row_mask[:, None] & k_mask[None, :], other=0)
-            if transpose_rhs:  # rhs [G, N, K]
-                b = plgpu.load(rhs_ref.at[g, cols_slice, pl.ds(k0, bk)], mask=col_mask[:, None] & k_mask[None, :],
-                               other=0)
-                dims = (((1,), (1,)), ((), ()))
-            else:  # rhs [G, K, N]
-                b = plgpu.load(rhs_ref.at[g, pl.ds(k0, bk), cols_slice], mask=k_mask[:, None] & col_mask[None, :],
-                               other=0)
-                dims = (((1,), (0,)), ((), ()))
+            b, dims = load_weight_tile(weight_refs, g, k0, k_mask, j * bn, col_mask)
             return acc + jax.lax.dot_general(a, b.astype(a.dtype), dims, precision=_dot_precision(a.dtype),
                                              preferred_element_type=jnp.float32)
 
@@ -102,14 +102,12 @@ def _gmm_kernel(seg_start_ref, seg_end_ref, seg_group_ref, work_seg_ref, work_ti
             plgpu.store(out_ref.at[rows_slice, cols_slice], acc.astype(out_ref.dtype), mask=mask)
 
 
-@functools.partial(jax.jit, static_argnames=("tiling", "transpose_rhs", "out_dtype", "interpret"))
-def gmm_pallas(lhs, rhs, group_sizes, group_offset, *, tiling: GmmTiling, transpose_rhs: bool, out_dtype,
-               interpret: bool):
-    """lhs [M, K] @ rhs[g] per row group, for the window rhs.shape[0] groups from group_offset -> [M, N]."""
+def gmm_call(load_weight_tile, lhs, weights: tuple, group_sizes, group_offset, *, num_groups: int, n: int,
+             tiling: GmmTiling, out_dtype, interpret: bool, name: str):
+    """Launch `_gmm_program` over lhs [M, K] and the weight arrays `weights` (read by `load_weight_tile`) -> [M, N]:
+    the group metadata, the grid (work items x column tiles [x K splits]) and the split-K sum."""
     _require_triton()
     m, k = lhs.shape
-    num_groups = rhs.shape[0]
-    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     t = tiling
     meta = make_group_metadata(group_sizes, group_offset, num_groups, m, t.block_m)
     k_per_split = -(-(-(-k // t.split_k)) // t.block_k) * t.block_k  # ceil(K / split_k), rounded up to block_k
@@ -119,20 +117,41 @@ def gmm_pallas(lhs, rhs, group_sizes, group_offset, *, tiling: GmmTiling, transp
         out_shape = jax.ShapeDtypeStruct((t.split_k, m, n), jnp.float32)
     else:
         out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
-    kernel = functools.partial(_gmm_kernel, k=k, n=n, t=t, k_per_split=k_per_split, transpose_rhs=transpose_rhs)
+    kernel = functools.partial(_gmm_program, load_weight_tile=load_weight_tile, k=k, n=n, t=t,
+                               k_per_split=k_per_split)
     out = pl.pallas_call(
         kernel,
         out_shape=out_shape,
         grid=grid,
-        in_specs=[_WHOLE] * 8,
+        in_specs=[_WHOLE] * (len(meta) + 1 + len(weights)),
         out_specs=_WHOLE,
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
-        name="small4_gmm",
-    )(*meta, lhs, rhs)
+        name=name,
+    )(*meta, lhs, *weights)
     if t.split_k > 1:
         out = out.sum(0).astype(out_dtype)
     return out
+
+
+def _float_tile(weight_refs, g, k0, k_mask, col0, col_mask, *, bk: int, bn: int, transpose_rhs: bool):
+    (rhs_ref,) = weight_refs
+    if transpose_rhs:  # rhs [G, N, K]
+        b = plgpu.load(rhs_ref.at[g, pl.ds(col0, bn), pl.ds(k0, bk)], mask=col_mask[:, None] & k_mask[None, :],
+                       other=0)
+        return b, (((1,), (1,)), ((), ()))
+    b = plgpu.load(rhs_ref.at[g, pl.ds(k0, bk), pl.ds(col0, bn)], mask=k_mask[:, None] & col_mask[None, :], other=0)
+    return b, (((1,), (0,)), ((), ()))
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "transpose_rhs", "out_dtype", "interpret"))
+def gmm_pallas(lhs, rhs, group_sizes, group_offset, *, tiling: GmmTiling, transpose_rhs: bool, out_dtype,
+               interpret: bool):
+    """lhs [M, K] @ rhs[g] per row group, for the window rhs.shape[0] groups from group_offset -> [M, N]."""
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    load = functools.partial(_float_tile, bk=tiling.block_k, bn=tiling.block_n, transpose_rhs=transpose_rhs)
+    return gmm_call(load, lhs, (rhs,), group_sizes, group_offset, num_groups=rhs.shape[0], n=n, tiling=tiling,
+                    out_dtype=out_dtype, interpret=interpret, name="small4_gmm")
 
 
 def _tgmm_kernel(offsets_ref, lhs_ref, rhs_ref, out_ref, *, k: int, n: int, t: GmmTiling):
