@@ -20,11 +20,12 @@ from safetensors.torch import load_file, save_file
 
 import small4_jax
 from ckpt_utils import make_hf_model, quantize_fp8, save_native, tiny_hf_config
-from infer.engine import Engine, SamplingOptions, merge_outputs
+from infer.engine import Engine, SamplingOptions
 from infer.speculative import SpeculativeConfig
 from small4_jax.eagle import load_eagle, load_eagle_config, reference_forward
 from small4_jax.errors import CheckpointError, ConfigError
 from small4_jax.model import rope_cos_sin
+from test_speculative import _run  # the speculative tests' engine driver
 
 ENGINE = dict(max_batch=4, page_size=8, prefill_chunk=16, prefill_batch=2, batch_buckets=(4,), page_buckets=(8,),
               max_model_len=64, num_pages=13)  # the shapes of tests/test_speculative.py (shared compiles)
@@ -129,17 +130,6 @@ def _reference_drafts(target, draft, tokens, n):
         ids.append(out[-1])
         hidden = hidden.at[0, len(ids) - 1].set(g[0, len(ids) - 2])  # the draft's state stands in for h
     return out
-
-
-def _run(engine, prompts, options, max_steps=400):
-    events = {i: [] for i in range(len(prompts))}
-    for i, (p, o) in enumerate(zip(prompts, options)):
-        engine.submit(p, o, callback=events[i].append)
-    for _ in range(max_steps):
-        engine.step()
-        if all(e and e[-1].finished for e in events.values()):
-            return [merge_outputs(events[i]) for i in range(len(prompts))]
-    raise AssertionError("requests did not finish")
 
 
 @pytest.mark.parametrize("k", [3])
