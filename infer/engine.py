@@ -367,8 +367,6 @@ class Engine:
                 raise InputError(f"cache axis {a!r} is not an axis of the mesh: {where}")
         self.cache_axes = tuple(a for a in cache_axes if mesh.shape[a] > 1)
         d = self.cache_shards = math.prod(mesh.shape[a] for a in self.cache_axes) if self.cache_axes else 1
-        if d > 1 and speculative is not None:
-            raise InputError("speculative decoding does not run on a sharded cache yet: give cache_axes=()")
         self.rows_per_shard = math.ceil(max_batch / d)
         cache_bytes = None
         if num_pages is None:
@@ -727,16 +725,11 @@ class Engine:
         if shape not in self._shapes_seen:  # a new shape compiles first: say so, or the wait looks like a hang
             self._shapes_seen.add(shape)
             log.info("compiling the %s step for %d x %d tokens over %d pages (once per shape)...", *shape)
-        inv = None
-        if self.cache_shards > 1:  # rows in shard blocks, page ids within each shard
-            perm = self._shard_layout(reqs, rows)
-            inv = np.argsort(perm)
-            ids, positions, seq_index, logit_index = ids[perm], positions[perm], seq_index[perm], logit_index[perm]
-            slots, page_table = slots[perm].copy(), page_table[perm] % self.pool.per_shard
-            slots[..., 0] %= self.pool.per_shard
-            input_embeds = None if input_embeds is None else input_embeds[perm]
+        (ids, positions, seq_index, logit_index, input_embeds), slots, page_table, perm = self._to_shards(
+            reqs, rows, (ids, positions, seq_index, logit_index, input_embeds), slots, page_table)
+        inv = None if perm is None else np.argsort(perm)
         # under the mesh, so mesh-aware code in the model (the expert-parallel MoE) sees it while tracing
-        self._set_adapters(reqs, rows, None if inv is None else perm)
+        self._set_adapters(reqs, rows, perm)
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             extra = {} if input_embeds is None else {"input_embeds": input_embeds}  # prompt chunks with images
             if self.cache_axes:
@@ -955,6 +948,17 @@ class Engine:
             fill[r.shard] += 1
         perm[perm < 0] = np.arange(len(reqs), rows)
         return perm
+
+    def _to_shards(self, reqs, rows, arrays, slots, page_table):
+        """A step's inputs for the sharded cache: each of `arrays` ([rows, ...] or None), slots and page_table with
+        their rows in shard blocks (`_shard_layout`) and page ids made each shard's own, and perm (outputs[argsort(
+        perm)] are back in request order). Unchanged, with perm None, on an unsharded cache."""
+        if self.cache_shards == 1:
+            return arrays, slots, page_table, None
+        perm = self._shard_layout(reqs, rows)
+        slots, page_table = slots[perm].copy(), page_table[perm] % self.pool.per_shard
+        slots[..., 0] %= self.pool.per_shard
+        return [None if a is None else a[perm] for a in arrays], slots, page_table, perm
 
     def _page_table(self, reqs: Sequence[_Request], rows: int, n_pages: int) -> np.ndarray:
         width = _bucket(n_pages, self.page_buckets)

@@ -18,6 +18,11 @@ Each speculative decode step, for every generating row (`decode`):
    are dead (never attended: the causal mask stops at the sequence length; overwritten by the next step), and the
    pages beyond what the row now needs go back to the pool.
 
+On a sharded cache (`cache_axes`) the verify step is the engine's layout: each shard's rows in its block of the
+batch, attending over that shard's own pages (`Engine._to_shards`), logits handed back in request order; a row's
+pages all come from its shard, so rollback returns them there. (EAGLE drafts keep a cache of their own and are
+refused on a sharded cache for now.)
+
 Tokens are handed to the engine's `_accept` one position at a time, so stop ids, stop strings, max_tokens, logprobs
 and streaming behave exactly as without speculation (a row that stops mid-draft drops the rest).
 Counters for /metrics: draft tokens proposed, accepted, verify rows; acceptance rate = accepted / proposed, mean
@@ -36,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infer.engine import MAX_TOP_LOGPROBS, _bucket
+from infer.engine import MAX_TOP_LOGPROBS
 from small4_jax.batch_sampling import RowSampling, verify_rows
 from small4_jax.errors import InputError
 from small4_jax.paged import forward
@@ -134,15 +139,17 @@ def make_drafter(config: SpeculativeConfig, engine):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The verify step.
-@functools.partial(jax.jit, static_argnames=("graphdef", "with_hidden"), donate_argnames=("pages",))
-def verify_forward(graphdef, state, pages, ids, positions, seq_index, slots, page_table, *, with_hidden: bool = False):
+@functools.partial(jax.jit, static_argnames=("graphdef", "with_hidden", "cache_axes"), donate_argnames=("pages",))
+def verify_forward(graphdef, state, pages, ids, positions, seq_index, slots, page_table, *, with_hidden: bool = False,
+                   cache_axes: tuple[str, ...] = ()):
     """The target over ids [B, T] = [last token, drafts] on the paged cache (absorbed MLA, as decode), logits at
-    every position: (logits [B, T, V], pages[, final-normed hidden [B, T, H]])."""
+    every position: (logits [B, T, V], pages[, final-normed hidden [B, T, H]]). cache_axes: a sharded cache's axes
+    (rows in shard blocks, page ids each shard's own: `paged.forward`)."""
     model = nnx.merge(graphdef, state)
     b, t = ids.shape
     index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     return forward(model, pages, ids, positions, seq_index, slots, page_table, index, absorbed=True,
-                   with_hidden=with_hidden)
+                   with_hidden=with_hidden, cache_axes=cache_axes)
 
 
 _verify = jax.jit(verify_rows, static_argnames=("num_top",), donate_argnames=("history",))
@@ -152,9 +159,9 @@ class Speculator:
     """The engine's speculative decode step (`decode`) and its counters."""
 
     def __init__(self, config: SpeculativeConfig, engine):
-        if getattr(engine, "cache_shards", 1) > 1:
-            raise InputError("speculative decoding does not run on a sharded cache yet (cache_axes / a data mesh "
-                             "axis); serve it with the cache replicated")
+        if config.method == "eagle" and engine.cache_shards > 1:
+            raise InputError("--speculative eagle does not run on a sharded cache yet (cache_axes / a data mesh "
+                             "axis): use --speculative ngram there, or serve the cache replicated")
         self.config = config
         self.k = config.num_draft_tokens
         self.drafter = make_drafter(config, engine)
@@ -182,16 +189,24 @@ class Speculator:
             self.drafter.warmup(engine)
 
     def _run(self, engine, ids, seq_index, slots, table, drafts, num_drafts, reqs, rows):
-        """The verify forward, then `verify_rows` with the rows' settings (built while the device runs)."""
-        engine._set_adapters(reqs, rows)
+        """The verify forward, then `verify_rows` with the rows' settings (built while the device runs). On a sharded
+        cache the forward runs with each shard's rows in its block (`Engine._to_shards`) and its logits come back in
+        request order, so verification, drafts and rollback never see the layout."""
+        (ids, seq_index), slots, table, perm = engine._to_shards(reqs, rows, (ids, seq_index), slots, table)
+        engine._set_adapters(reqs, rows, perm)
         with jax.set_mesh(engine.mesh) if engine.mesh is not None else contextlib.nullcontext():
             out = verify_forward(engine.graphdef, engine.state, engine.pages, ids, seq_index, seq_index, slots, table,
-                                 with_hidden=getattr(self.drafter, "needs_hidden", False))
+                                 with_hidden=getattr(self.drafter, "needs_hidden", False),
+                                 cache_axes=engine.cache_axes)
             engine.pages = out[1]
+            logits, hidden = out[0], (out[2] if len(out) > 2 else None)
+            if perm is not None:
+                inv = np.argsort(perm)
+                logits, hidden = logits[inv], (None if hidden is None else hidden[inv])
             sampling = engine._sampling(reqs, rows, [1] * len(reqs))
-            *result, engine.history = _verify(out[0], drafts, num_drafts, sampling, engine.history,
+            *result, engine.history = _verify(logits, drafts, num_drafts, sampling, engine.history,
                                               num_top=MAX_TOP_LOGPROBS)
-        return jax.device_get(result), (out[2] if len(out) > 2 else None)
+        return jax.device_get(result), hidden
 
     def decode(self, engine, reqs: list) -> None:
         """One speculative step for the generating rows `reqs` (see the module docstring)."""
@@ -210,7 +225,7 @@ class Speculator:
         if not reqs:
             return
         drafts = self.drafter.propose(engine, reqs, [rooms[r.id] for r in reqs])
-        rows, t = _bucket(len(reqs), engine.batch_buckets), self.k + 1
+        rows, t = engine._rows(reqs, engine.batch_buckets), self.k + 1
         ids = np.zeros((rows, t), np.int32)
         seq_index = np.zeros((rows, t), np.int32)
         slots = np.zeros((rows, t, 2), np.int32)  # padding writes go to the null page

@@ -151,6 +151,40 @@ def test_speculative_greedy_across_preemption(model):
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
 
 
+def test_speculative_greedy_on_a_sharded_cache(model):
+    """Pages sharded over data=2 (data-parallel attention; the MoE expert-parallel over expert=4, 8 devices): the
+    verify step runs each shard's rows on its own pages and rollback returns pages to their shard; the greedy tokens
+    are the single-device plain engine's, across preemption within a shard."""
+    from flax import nnx
+
+    from small4_jax.placement import place_model
+    from small4_jax.sharding import make_mesh
+
+    prompts = _prompts(13, [24, 30, 19, 27, 9, 14])
+    options = [SamplingOptions(max_tokens=19, ignore_eos=True)] * 4 + [
+        SamplingOptions(max_tokens=12, ignore_eos=True, frequency_penalty=0.5), SamplingOptions(max_tokens=15)]
+    want = _run(Engine(model, **ENGINE), prompts, options)
+    mesh = make_mesh({"data": 2, "expert": 4, "tensor": 1})
+    spec = Engine(place_model(nnx.clone(model), mesh), mesh=mesh,
+                  speculative=SpeculativeConfig("ngram", num_draft_tokens=3), **dict(ENGINE, num_pages=2 * 11))
+    assert spec.cache_shards == 2
+    shards, events = set(), {i: [] for i in range(len(prompts))}
+    for i, (p, o) in enumerate(zip(prompts, options)):
+        spec.submit(p, o, callback=events[i].append)
+    for _ in range(400):
+        spec.step()
+        for r in spec._running:
+            shards.add(r.shard)
+            assert {spec.pool.shard_of(pg) for pg in r.pages} <= {r.shard}
+        if all(e and e[-1].finished for e in events.values()):
+            break
+    got = [merge_outputs(events[i]) for i in range(len(prompts))]
+    m = spec.metrics()
+    assert shards == {0, 1} and m["preempted"] > 0 and m["spec_accepted_tokens"] > 0
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert m["pages_used"] == 0
+
+
 class _Oracle:
     """A drafter that proposes exactly the target's greedy continuation (a draft equal to the target)."""
 
