@@ -903,13 +903,14 @@ class Engine:
 
     # ---- model steps ---------------------------------------------------------------------------------------------
 
-    def _sampling(self, reqs: Sequence[_Request], rows: int, accept: Sequence[int]) -> RowSampling:
-        """Settings of `rows` rows (the requests, then padding); `accept[i]`: row i's token joins its output."""
+    def _sampling(self, reqs: Sequence[_Request], rows: int, accept: Sequence[int], mask=None) -> RowSampling:
+        """Settings of `rows` rows (the requests, then padding); `accept[i]`: row i's token joins its output. mask:
+        the rows' token masks if the caller made them (speculative verification: one per position), else the
+        structured-output rows' masks are computed here."""
         pad = rows - len(reqs)
         o = [r.options for r in reqs]
-        mask = None
         constrained = [(r.matcher, i) for i, r in enumerate(reqs) if r.matcher is not None and accept[i]]
-        if constrained:
+        if constrained and mask is None:
             from infer.structured import fill_masks
 
             t0 = time.perf_counter()

@@ -10,8 +10,10 @@ Each speculative decode step, for every generating row (`decode`):
 1. room = min(k, tokens left before max_tokens / max_model_len); the row gets cache pages for 1 + room new rows
    (preempting younger requests exactly as a plain decode step does);
 2. the drafter proposes up to `room` tokens d_1..d_n (fewer where it has nothing: n-gram without a match);
+   structured-output rows cut their drafts to what the grammar allows (`draft_masks`);
 3. one target step over [last token, d_1 .. d_n] (T = k + 1, padded; absorbed MLA on the paged cache, every
-   position's logits) and `batch_sampling.verify_rows`: greedy rows accept while d_j is the argmax, sampled rows by
+   position's logits) and `batch_sampling.verify_rows` (a grammar row's position j masked by its grammar's state
+   after d_1..d_j): greedy rows accept while d_j is the argmax, sampled rows by
    rejection sampling against the one sampler's processed distribution; each row gains its accepted drafts plus
    the target's own next token;
 4. rollback: the row's computed length becomes old + 1 + accepted, so the cache rows written for rejected drafts
@@ -35,6 +37,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from infer.engine import MAX_TOP_LOGPROBS
-from small4_jax.batch_sampling import RowSampling, verify_rows
+from small4_jax.batch_sampling import mask_words, verify_rows
 from small4_jax.errors import InputError
 from small4_jax.paged import forward
 
@@ -152,6 +155,41 @@ def verify_forward(graphdef, state, pages, ids, positions, seq_index, slots, pag
                    with_hidden=with_hidden, cache_axes=cache_axes)
 
 
+def draft_masks(tokenizer, reqs, drafts: np.ndarray, num_drafts: np.ndarray, mask: np.ndarray) -> list[int]:
+    """Structured-output rows in a verify step: cut each row's drafts to what its grammar allows and write the
+    token mask of every verify position into mask [B, T, W] (position j: the matcher's state after d_1..d_j, so
+    verification masks each position as plain decoding would after those tokens). The matchers are walked forward
+    through the drafts and rolled back, so they end as they began; `Engine._accept` consumes what is accepted.
+
+    Rows without a matcher are left alone (all bits set). num_drafts is lowered in place where a draft is not
+    allowed (the grammar rejects it, or a token before it already ends the output); returns the masked rows'
+    number of positions (the mask work done)."""
+    from infer.structured import fill_masks
+
+    flat = mask.reshape(-1, mask.shape[-1])  # a view: position j of row i is flat row i * T + j
+    t = mask.shape[1]
+    rows = [(i, r.matcher) for i, r in enumerate(reqs) if r.matcher is not None]
+    for i, m in rows:
+        n = int(num_drafts[i])
+        if n:
+            n = m.validate_tokens(drafts[i, :n].tolist())
+            ends = [j for j in range(n) if int(drafts[i, j]) in reqs[i].stop_ids]
+            num_drafts[i] = min([n] + [j + 1 for j in ends])  # nothing is drafted past a stop token
+    done = 0
+    for j in range(int(max([num_drafts[i] for i, _ in rows], default=0)) + 1):
+        at = [(m, i * t + j) for i, m in rows if num_drafts[i] >= j]
+        if j:
+            for m, row in at:
+                if not m.consume_token(int(drafts[row // t, j - 1])):
+                    raise RuntimeError(f"structured output: a validated draft was refused: {m.get_error()}")
+        fill_masks(tokenizer, [(m, row) for m, row in at if not m.is_stopped()], flat)  # stopped: nothing follows
+        done += len(at)
+    for i, m in rows:
+        if num_drafts[i]:
+            m.rollback(int(num_drafts[i]))
+    return done
+
+
 _verify = jax.jit(verify_rows, static_argnames=("num_top",), donate_argnames=("history",))
 
 
@@ -203,7 +241,12 @@ class Speculator:
             if perm is not None:
                 inv = np.argsort(perm)
                 logits, hidden = logits[inv], (None if hidden is None else hidden[inv])
-            sampling = engine._sampling(reqs, rows, [1] * len(reqs))
+            mask = np.full((rows, self.k + 1, mask_words(engine.config.vocab_size)), -1, np.int32)
+            if any(r.matcher is not None for r in reqs):
+                t0 = time.perf_counter()
+                engine.stats["masked_tokens"] += draft_masks(engine.tokenizer, reqs, drafts, num_drafts, mask)
+                engine.stats["mask_seconds"] += time.perf_counter() - t0
+            sampling = engine._sampling(reqs, rows, [1] * len(reqs), mask=mask)
             *result, engine.history = _verify(logits, drafts, num_drafts, sampling, engine.history,
                                               num_top=MAX_TOP_LOGPROBS)
         return jax.device_get(result), hidden
@@ -216,8 +259,6 @@ class Speculator:
             if r not in engine._running:
                 continue
             room = min(self.k, r.options.max_tokens - r.generated - 1, engine.max_model_len - len(r.tokens) - 1)
-            if r.matcher is not None:  # structured output: the grammar's mask is known for the next token only
-                room = 0
             rooms[r.id] = max(room, 0)
             if not engine._ensure_pages(r, r.num_computed + 1 + rooms[r.id]):
                 reqs.remove(r)

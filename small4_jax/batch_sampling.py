@@ -193,7 +193,8 @@ def verify_rows(logits: jax.Array, drafts: jax.Array, num_drafts: jax.Array, p: 
     logits [B, T, V]: the target's logits after the last accepted token (position 0) and after each of the T - 1
     draft tokens drafts [B, T - 1]; num_drafts [B]: how many of them are real (the rest is padding). Position j is
     processed exactly as `sample_rows` would after d_1..d_j joined the output (its penalties count them; the
-    structured-output mask applies at position 0, so constrained rows must come without drafts). Drafters are
+    structured-output mask is p.mask [B, W] for position 0 only, or [B, T, W] with position j's own mask, the
+    grammar's state after d_1..d_j: `infer.speculative.draft_masks`). Drafters are
     deterministic (the draft distribution q is one-hot on the proposed token), so the rejection-sampling rule of
     Leviathan et al. / Chen et al. becomes: accept d_j with probability p_j(d_j), p_j the softmax of
     `sampling_logits`; at the first rejection draw from the residual max(p_j - q_j, 0), i.e. p_j without d_j
@@ -216,8 +217,11 @@ def verify_rows(logits: jax.Array, drafts: jax.Array, num_drafts: jax.Array, p: 
     seen = jax.nn.one_hot(jnp.where(real, d, vocab), vocab, dtype=jnp.int32)  # [B, T, V]
     counts = history.counts[p.slot][:, None] + jnp.cumsum(seen, axis=1) - seen
     prompt = jnp.broadcast_to(history.prompt[p.slot][:, None], (b, t, vocab))
-    rows = jax.tree.map(lambda x: jnp.repeat(x, t, axis=0), p)
-    rows = dataclasses.replace(rows, counter=rows.counter + jnp.tile(jnp.arange(t, dtype=jnp.int32), b))
+    per_position = p.mask.ndim == 3
+    rows = jax.tree.map(lambda x: jnp.repeat(x, t, axis=0), dataclasses.replace(p, mask=p.mask[:, 0])
+                        if per_position else p)
+    rows = dataclasses.replace(rows, counter=rows.counter + jnp.tile(jnp.arange(t, dtype=jnp.int32), b),
+                               mask=p.mask.reshape(b * t, -1) if per_position else rows.mask)
     adjusted = adjusted_logits(logits.reshape(b * t, vocab), rows, counts.reshape(b * t, vocab),
                                prompt.reshape(b * t, vocab))
     greedy = jnp.argmax(adjusted, axis=-1).astype(jnp.int32).reshape(b, t)

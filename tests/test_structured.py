@@ -141,3 +141,52 @@ def test_masks_are_built_while_the_device_runs_and_counted(setup):
     [out] = _generate(engine, encode_chat(tok, MESSAGES).ids, [grammar])
     assert engine.stats["masked_tokens"] - before["masked_tokens"] == len(out.token_ids)
     assert engine.stats["mask_seconds"] > before["mask_seconds"]
+
+
+class _OracleDrafter:
+    """Proposes each request's plain-decoding continuation; every other call puts the BOS token (never allowed by a
+    JSON grammar) second, so constrained rows must cut their drafts there and roll their matchers back."""
+
+    def __init__(self, continuations):
+        self.continuations, self.calls, self.proposed = continuations, 0, 0
+
+    def propose(self, engine, reqs, rooms):
+        self.calls += 1
+        out = []
+        for r, room in zip(reqs, rooms):
+            d = list(self.continuations[(r.options.grammar, r.options.temperature)][r.generated: r.generated + room])
+            if self.calls % 2 and len(d) > 1:
+                d[1] = 1
+            self.proposed += len(d)
+            out.append(d)
+        return out
+
+
+def test_speculative_constrained_rows_equal_plain_constrained_decoding(setup):
+    """Grammar rows in a speculative batch (beside a free row): drafts are checked against each row's grammar, every
+    verify position is masked with the grammar's state after the drafts before it, and rejected drafts are rolled
+    back in the matcher, so greedy tokens equal plain constrained decoding; sampled rows still validate."""
+    from infer.speculative import SpeculativeConfig
+
+    tok, engine = setup
+    prompt = encode_chat(tok, MESSAGES).ids
+    grammars = [structured.chat_grammar(tok, MESSAGES, response_format={
+        "type": "json_schema", "json_schema": {"name": f"s{i}", "schema": s, "strict": True}})
+        for i, s in enumerate(SCHEMAS) if i != 2] + [None]  # (SCHEMAS[2]'s random floats can run long)
+    options = [SamplingOptions(max_tokens=60, grammar=g) for g in grammars]
+    options += [SamplingOptions(max_tokens=60, temperature=1.0, seed=5, grammar=grammars[1])]
+    want = engine.generate([prompt] * len(options), options)
+    spec = Engine(engine.model, tok, max_batch=8, page_size=16, max_model_len=512, prefill_chunk=32,
+                  batch_buckets=(8,), page_buckets=(32,), speculative=SpeculativeConfig("ngram", num_draft_tokens=3))
+    drafter = spec.speculator.drafter = _OracleDrafter(
+        {(o.grammar, o.temperature): w.token_ids for o, w in zip(options, want)})
+    got = spec.generate([prompt] * len(options), options)
+    for i, (w, g) in enumerate(zip(want[:5], got[:5])):
+        assert g.token_ids == w.token_ids and g.finish_reason == w.finish_reason, i
+    for i, out in enumerate(got[:4] + got[5:]):
+        assert out.finish_reason == "stop", (i, out)
+        jsonschema.validate(json.loads(out.text), SCHEMAS[[0, 1, 3, 4, 1][i]])
+    m = spec.metrics()
+    assert m["spec_accepted_tokens"] > 0 and m["spec_draft_tokens"] < drafter.proposed  # BOS drafts were cut
+    assert m["masked_tokens"] > sum(len(w.token_ids) for w in want[:4])  # a mask per verify position
+    assert m["running"] == 0 and m["pages_used"] == 0
