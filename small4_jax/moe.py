@@ -325,9 +325,8 @@ def routed_experts(
         layout = moe_layout(mesh, gate_up.shape[0], down.shape[1])
     if lora is not None and jnp.ndim(lora.scale) == 2:
         # multi-LoRA (small4_jax/multi_lora.py): the per-row scale mask [B, S*R] -> per token [N, S*R]; below, per
-        # routed pair in expert order, so each pair's grouped matmuls use its own token's adapter
-        if layout is not None:
-            raise NotImplementedError("multi-LoRA expert adapters run on one device (no expert-parallel mesh yet)")
+        # routed pair in expert order (travelling with its row through an expert-parallel exchange), so each pair's
+        # grouped matmuls use its own token's adapter
         lora = lora._replace(scale=jnp.repeat(lora.scale, x.shape[0] // lora.scale.shape[0], axis=0))
     if layout is None:
         placed = gate_up.values if isinstance(gate_up, QArray) else gate_up
@@ -402,10 +401,14 @@ def _expert_parallel(x, expert_ids, expert_weights, gate_up, down, *, layout: Mo
     n = x.shape[0]
     shards = layout.token_shards(all_to_all)
     pad = -n % shards
+    token_scale = None  # multi-LoRA: each token's adapter mask [N, S*R], an input sharded as the tokens are
+    if lora is not None and jnp.ndim(lora.scale) == 2:
+        token_scale, lora = lora.scale, lora._replace(scale=PER_TOKEN)
     if pad:  # padding tokens: routed anywhere with weight 0, sliced off below
         x = jnp.pad(x, ((0, pad), (0, 0)))
         expert_ids = jnp.pad(expert_ids, ((0, pad), (0, 0)))
         expert_weights = jnp.pad(expert_weights, ((0, pad), (0, 0)))
+        token_scale = None if token_scale is None else jnp.pad(token_scale, ((0, pad), (0, 0)))
     lora_arrays = None if lora is None else tuple(lora[:4])
     weight_specs = (_weight_spec(layout.gate_up_spec, gate_up), _weight_spec(layout.down_spec, down))
     key = (layout, all_to_all, gate_up.shape[0], act, impl, None if lora is None else lora.scale, weight_specs)
@@ -413,7 +416,7 @@ def _expert_parallel(x, expert_ids, expert_weights, gate_up, down, *, layout: Mo
         fn = _expert_parallel_fn(*key)
     except TypeError:  # an unhashable key (e.g. an array LoRA scale): build it uncached
         fn = _expert_parallel_fn.__wrapped__(*key)
-    out = fn(x, expert_ids, expert_weights, gate_up, down, lora_arrays)
+    out = fn(x, expert_ids, expert_weights, gate_up, down, lora_arrays, token_scale)
     return out[:n] if pad else out
 
 
@@ -421,6 +424,9 @@ def _weight_spec(spec, w):
     """The shard_map spec of an expert weight: its layout spec, or for a QArray that spec for the values and the
     matching scale spec (quantised weights and their scales are sharded together, `sharding.scale_spec`)."""
     return QArray(spec, scale_spec(spec, w.scale.shape)) if isinstance(w, QArray) else spec
+
+
+PER_TOKEN = "per_token"  # the static LoRA scale of the expert-parallel bodies when each token has its own mask
 
 
 @functools.lru_cache(maxsize=256)
@@ -436,25 +442,31 @@ def _expert_parallel_fn(layout: MoELayout, all_to_all: bool, num_experts: int, a
     return jax.jit(jax.shard_map(
         body,
         mesh=layout.mesh,
-        in_specs=(tokens, tokens, tokens, *(weight_specs or (layout.gate_up_spec, layout.down_spec)), lora_specs),
+        in_specs=(tokens, tokens, tokens, *(weight_specs or (layout.gate_up_spec, layout.down_spec)), lora_specs,
+                  tokens if isinstance(lora_scale, str) else None),
         out_specs=tokens,
         check_vma=False,
     ))
 
 
-def _local_lora(lora_arrays, scale):
-    return None if lora_arrays is None else ExpertLoRA(*lora_arrays, scale)
+def _local_lora(lora_arrays, scale, pair_scale=None):
+    """The shard's ExpertLoRA: its adapters with the static scale, or (multi-LoRA) each sorted row's mask."""
+    if lora_arrays is None:
+        return None
+    return ExpertLoRA(*lora_arrays, scale if pair_scale is None else pair_scale)
 
 
-def _replicated_body(x, expert_ids, expert_weights, gate_up, down, lora_arrays, *, layout: MoELayout, num_experts,
-                     act, impl, lora_scale):
+def _replicated_body(x, expert_ids, expert_weights, gate_up, down, lora_arrays, token_scale, *, layout: MoELayout,
+                     num_experts, act, impl, lora_scale):
     """All tokens of this data shard; this shard's experts on their rows (zero elsewhere); psum combines."""
     local = gate_up.shape[0]
     offset = jax.lax.axis_index(layout.expert_axis) * local
     d = sort_by_expert(expert_ids, num_experts)
     rows = permute(x, d.order, d.inverse, expert_ids.shape[1])
+    pair_scale = None if token_scale is None else permute(token_scale, d.order, d.inverse, expert_ids.shape[1])
     tensor_axis = layout.tensor_axis if layout.tp > 1 else None
-    y = expert_mlp(rows, d.group_sizes, gate_up, down, act=act, impl=impl, lora=_local_lora(lora_arrays, lora_scale),
+    y = expert_mlp(rows, d.group_sizes, gate_up, down, act=act, impl=impl,
+                   lora=_local_lora(lora_arrays, lora_scale, pair_scale),
                    group_offset=offset, tensor_axis=tensor_axis, out_dtype=jnp.float32)
     out = _combine(unpermute(y, d.order, d.inverse), expert_weights)
     axes = tuple(a for a in (layout.expert_axis, layout.tensor_axis) if a)
@@ -465,8 +477,8 @@ def _exclusive_cumsum(a, axis=0):
     return jnp.cumsum(a, axis=axis) - a
 
 
-def _all_to_all_body(x, expert_ids, expert_weights, gate_up, down, lora_arrays, *, layout: MoELayout, num_experts,
-                     act, impl, lora_scale):
+def _all_to_all_body(x, expert_ids, expert_weights, gate_up, down, lora_arrays, token_scale, *, layout: MoELayout,
+                     num_experts, act, impl, lora_scale):
     """This shard's tokens: rows go to their experts' shards (ragged all-to-all), run there, and come back."""
     axis = layout.expert_axis
     n, k = expert_ids.shape
@@ -490,6 +502,11 @@ def _all_to_all_body(x, expert_ids, expert_weights, gate_up, down, lora_arrays, 
     exchange = jax.lax.ragged_all_to_all if platform.on_gpu(layout.mesh, x) else _ragged_all_to_all_dense
     recv = exchange(rows, jnp.zeros((capacity, x.shape[1]), x.dtype), input_offsets, send_sizes, output_offsets,
                     recv_sizes, axis_name=axis)
+    recv_scale = None
+    if token_scale is not None:  # multi-LoRA: each row's adapter mask goes along with it
+        pair_scale = permute(token_scale, d.order, d.inverse, k)
+        recv_scale = exchange(pair_scale, jnp.zeros((capacity, pair_scale.shape[1]), pair_scale.dtype),
+                              input_offsets, send_sizes, output_offsets, recv_sizes, axis_name=axis)
 
     # Expert of every received row: source s's slice holds its rows for my experts, sorted, by_dest[s, me] of each.
     counts = by_dest[:, me, :]  # [source, local expert]
@@ -500,8 +517,10 @@ def _all_to_all_body(x, expert_ids, expert_weights, gate_up, down, lora_arrays, 
     recv_ids = jnp.where(r < recv_offsets[-1] + recv_sizes[-1], recv_ids, local)  # unused rows: past every group
     d2 = sort_by_expert(recv_ids[:, None], local + 1)
     tensor_axis = layout.tensor_axis if layout.tp > 1 else None
+    pair_scale = None if recv_scale is None else permute(recv_scale, d2.order, d2.inverse, 1)
     y = expert_mlp(permute(recv, d2.order, d2.inverse, 1), d2.group_sizes[:local], gate_up, down, act=act, impl=impl,
-                   lora=_local_lora(lora_arrays, lora_scale), tensor_axis=tensor_axis, out_dtype=jnp.float32)
+                   lora=_local_lora(lora_arrays, lora_scale, pair_scale), tensor_axis=tensor_axis,
+                   out_dtype=jnp.float32)
     y = unpermute(y, d2.order, d2.inverse)  # back to arrival order
 
     back_offsets = _exclusive_cumsum(sizes, axis=1)[:, me]  # where each source keeps its rows for me

@@ -11,7 +11,8 @@ A row whose adapter is s computes  y = x W + ((x A_cat) * m_s) B_cat,  with m_s 
 scales[s]: exactly x W + scale_s (x A_s) B_s, for every row of the batch in the same matmuls (the zero blocks add
 exact zeros). The routed experts do the same inside the grouped matmuls: per routed (token, expert) pair the mask of
 its token's adapter (`moe.expert_mlp` with a per-pair scale), i.e. per-pair adapter ids, over the same sorted rows
-and group sizes as the base. Absorbed-MLA decode folds kv_b_proj into the query; a row's adapter on kv_b_proj stays
+and group sizes as the base, on one device or expert-parallel inside the MoE's shard_map (the masks are an input
+sharded like the tokens, sent with their rows by the all-to-all). Absorbed-MLA decode folds kv_b_proj into the query; a row's adapter on kv_b_proj stays
 low rank there (`absorb_query` / `absorb_output`, called by `paged.absorbed_attention`).
 
 The rows' adapter slots are one `AdapterIds` variable [B] shared by every adapted module, set in the split state

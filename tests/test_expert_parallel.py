@@ -117,3 +117,32 @@ def test_model_logits_match_one_device(checkpoint, mesh_name, strategy, jit, mon
     logits = nnx.jit(lambda m, i: m(i))(model, ids) if jit else model(ids)
     assert calls and all(a == (strategy == "all_to_all") for a in calls), "the expert-parallel path did not run"
     np.testing.assert_allclose(np.asarray(logits), single, rtol=1e-5, atol=1e-5 * np.abs(single).max())
+
+
+@pytest.mark.parametrize("mesh_name,strategy", [("2x4x1", "replicated"), ("2x4x1", "all_to_all"),
+                                                ("2x2x2", "replicated"), ("2x2x2", "all_to_all")])
+def test_per_token_adapters_inside_the_expert_parallel_shard_map(mesh_name, strategy, monkeypatch):
+    """Multi-LoRA serving's expert adapters (stacked slots, each row's own slot through a per-row scale mask) inside
+    the expert-parallel shard_map, the masks sent along with the rows by the all-to-all: = one device's dense
+    per-token reference."""
+    from small4_jax.multi_lora import block_mask
+
+    slots, rank, rows = 3, 2, 4  # 4 rows of 5 tokens, slots 0 (base), 1, 2
+    ks = jax.random.split(jax.random.key(7), 9)
+    x = jax.random.normal(ks[0], (N, H))
+    ids, w = route(jax.random.normal(ks[1], (N, E)) * 2, top_k=K)
+    gate_up = jax.random.normal(ks[2], (E, H, 2 * F)) * 0.3
+    down = jax.random.normal(ks[3], (E, F, H)) * 0.3
+    j = slots * rank
+    arrays = [jax.random.normal(k, s) * 0.3 for k, s in zip(ks[4:8], [(E, H, j), (E, j, 2 * F), (E, F, j), (E, j, H)])]
+    mask = block_mask(jnp.asarray([2, 0, 1, 2]), jnp.asarray([0.0, 0.5, 1.5]), rank)  # [rows, S*R]
+    lora = ExpertLoRA(*arrays, mask)
+    want = routed_experts(x, ids, w, gate_up, down, impl="dense", lora=lora, mesh=None, strategy="none")
+    calls = []
+    monkeypatch.setattr(moe, "_expert_parallel", lambda *a, **kw: calls.append(kw["all_to_all"]) or ep(*a, **kw))
+    got = jax.jit(lambda *a: routed_experts(*a, impl="ragged_dot", lora=lora, mesh=make_mesh(MESHES[mesh_name]),
+                                            strategy=strategy))(x, ids, w, gate_up, down)
+    assert calls == [strategy == "all_to_all"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    base = routed_experts(x, ids, w, gate_up, down, impl="dense", mesh=None, strategy="none")
+    assert float(jnp.abs(want - base)[5:10].max()) == 0.0 and float(jnp.abs(want - base)[:5].max()) > 1e-2

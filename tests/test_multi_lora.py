@@ -96,22 +96,42 @@ def _steps(graphdef, state, pages, ids, absorbed_steps, before_step):
     return out
 
 
-def test_mixed_batch_equals_each_request_alone(setup):
+MIXED_ROWS = [None, "all4", "attn2", "peft3", "all4"]
+
+
+@pytest.fixture(scope="module")
+def alone(setup):
+    """Each request of the mixed batch run alone with its adapter attached the single-adapter way: (ids, logits)."""
+    root, _, dirs, _ = setup
+    ids = np.random.RandomState(0).randint(3, VOCAB, size=(len(MIXED_ROWS), 13)).astype(np.int32)
+    want = [_forward_alone(_single(root, dirs[name] if name else None), ids[i : i + 1])
+            for i, name in enumerate(MIXED_ROWS)]
+    return ids, want
+
+
+@pytest.mark.parametrize("mesh_shape", [None, {"data": 2, "expert": 4, "tensor": 1}])
+def test_mixed_batch_equals_each_request_alone(setup, alone, mesh_shape):
+    """On one device, and on 8 (the routed experts expert-parallel inside their shard_map, expert adapters too)."""
+    import contextlib
+
+    from small4_jax.sharding import make_mesh
+
     root, cfg, dirs, _ = setup
-    base = small4_jax.from_pretrained(root / "base", dtype="float32")
+    mesh = None if mesh_shape is None else make_mesh(mesh_shape)
+    base = small4_jax.from_pretrained(root / "base", dtype="float32", mesh=mesh)
     multi = MultiLoRA(base, slots=5, rank=4)
     for name in ("all4", "attn2", "peft3"):
         multi.load(name, dirs[name])
     assert isinstance(base.layers[2].mlp.experts.lora, nnx.Module)
-    rows = [None, "all4", "attn2", "peft3", "all4"]
-    rng = np.random.RandomState(0)
-    ids = rng.randint(3, VOCAB, size=(len(rows), 13)).astype(np.int32)
+    rows = MIXED_ROWS
+    ids, alone_logits = alone
     graphdef, state = nnx.split(base)
     pages = PagedCache.create(base.config, 1 + 8 * len(rows), 8).pages
-    got = _steps(graphdef, state, pages, ids, 3,
-                 lambda: multi.set_ids(state, [multi.slot_of(n) for n in rows]))
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        got = _steps(graphdef, state, pages, ids, 3,
+                     lambda: multi.set_ids(state, [multi.slot_of(n) for n in rows]))
     for i, name in enumerate(rows):
-        want = _forward_alone(_single(root, dirs[name] if name else None), ids[i : i + 1])
+        want = alone_logits[i]
         for step, (g, w) in enumerate(zip(got, want)):
             np.testing.assert_allclose(g[i], w[0], atol=1e-5, rtol=0, err_msg=f"row {i} ({name}), step {step}")
     # the adapters matter (also the experts': attn2 has only attention and expert adapters)
