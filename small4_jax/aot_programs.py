@@ -98,8 +98,8 @@ def gmm_quant(mesh: Mesh, rows: int, fmt: str, *, groups: int = 128, k: int = 40
 
     fn = jax.value_and_grad(loss) if grad else loss
     vshape, sshape, vdtype = quant.stored_shapes((groups, k, n), fmt)
-    args = (aot.spec((rows, k), dtype, mesh), aot.spec(vshape, vdtype, mesh), aot.spec(sshape, jnp.float32, mesh),
-            aot.spec((groups,), jnp.int32, mesh))
+    args = (aot.spec((rows, k), dtype, mesh), aot.spec(vshape, vdtype, mesh),
+            aot.spec(sshape, quant.scale_dtype(fmt), mesh), aot.spec((groups,), jnp.int32, mesh))
     return Program(f"gmm {fmt}{' +dx' if grad else ''} {rows}x{k} @ [G, K, N]", fn, args, mesh)
 
 

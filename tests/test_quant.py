@@ -8,6 +8,7 @@ the loaded model holds exactly the FP8 bytes plus scales and computes what the d
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from ckpt_utils import make_hf_model, save_hf_fp8, save_native, tiny_hf_config
@@ -36,12 +37,29 @@ def test_quantize_round_trip_error_is_bounded_by_the_scale(fmt):
     vshape, sshape, vdtype = quant.stored_shapes(w.shape, fmt)
     assert (q.values.shape, q.scale.shape, np.dtype(q.values.dtype)) == (vshape, sshape, np.dtype(vdtype)), seed
     assert q.shape == w.shape and q.format == fmt
+    assert np.dtype(q.scale.dtype) == np.dtype(quant.scale_dtype(fmt)), seed
     back = quant.dequantize(q)
     if fmt == "fp8":  # 3 mantissa bits: relative error <= 2^-4 above the subnormal range
         assert np.all(np.abs(back - w) <= np.abs(w) * 2.0**-4 + q.scale * 2.0**-9), seed
-    else:  # round to nearest: at most half a step, the step being the scale of the element's block
-        step = np.repeat(q.scale, w.shape[1] // q.scale.shape[1], axis=1)
-        assert np.all(np.abs(back - w) <= step / 2 * (1 + 1e-5)), seed
+    elif fmt == "int8":  # round to nearest: at most half a step, the step being the scale of the element's column
+        assert np.all(np.abs(back - w) <= np.repeat(q.scale, 256, axis=1) / 2 * (1 + 1e-5)), seed
+    else:  # int4: per group column, the least squared error over the clipping grid, levels [-8, 7], bf16 scales
+        blocks = w.reshape(3, 2, 128, 40)
+        s = np.asarray(q.scale, np.float32)[:, :, None, :]
+        levels = quant.int_values(q).reshape(blocks.shape)
+        np.testing.assert_array_equal(back.reshape(blocks.shape), levels * s)  # exactly q * scale
+        assert levels.min() >= -8 and levels.max() <= 7
+        err = ((back.reshape(blocks.shape) - blocks) ** 2).sum(2)
+        inside = np.abs(blocks / s) <= np.where(blocks / s < 0, 8, 7)  # not clipped: rounded to the nearest level
+        half_step = np.broadcast_to(np.abs(s) / 2 * (1 + 1e-5), blocks.shape)
+        assert np.all(np.abs(back.reshape(blocks.shape) - blocks)[inside] <= half_step[inside]), seed
+        extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(2)[:, :, None], 2)
+        for r in quant.INT4_CLIP:  # an independent evaluation of every candidate the search had
+            c = (-extreme / 8 * np.float32(r)).astype(ml_dtypes.bfloat16).astype(np.float32)
+            cand = ((np.clip(np.round(blocks / c), -8, 7) * c - blocks) ** 2).sum(2)
+            assert np.all(err <= cand * (1 + 1e-6)), (seed, r)
+        rtn7 = np.abs(blocks).max(2, keepdims=True) / 7  # the old [-7, 7] absmax rounding: worse in total
+        assert err.sum() < 0.85 * ((np.round(blocks / rtn7) * rtn7 - blocks) ** 2).sum(), seed
     # jax and numpy quantise alike
     qj = quant.quantize(jnp.asarray(w), fmt)
     np.testing.assert_array_equal(np.asarray(qj.values).view(np.uint8), np.asarray(q.values).view(np.uint8))
@@ -50,10 +68,9 @@ def test_quantize_round_trip_error_is_bounded_by_the_scale(fmt):
 def test_int4_packing_layout():
     """Byte j of each 128-row group holds row j (low nibble) and row j + 64 (high nibble), stored as q + 8."""
     rng = np.random.default_rng(0)
-    ints = rng.integers(-7, 8, size=(256, 3)).astype(np.float32)
-    ints[0] = 7  # every column reaches the max: scale = 1 exactly
-    q = quant.quantize(ints, "int4")
-    np.testing.assert_array_equal(q.scale, np.ones((2, 3), np.float32))
+    ints = rng.integers(-8, 8, size=(256, 3)).astype(np.float32)
+    q = quant.quantize_int4(ints, scale=np.ones((2, 3), np.float32))  # a given scale: the values are the ints
+    np.testing.assert_array_equal(np.asarray(q.scale, np.float32), np.ones((2, 3), np.float32))
     v = q.values.astype(np.int32)
     np.testing.assert_array_equal((v[:64] & 15) - 8, ints[:64])
     np.testing.assert_array_equal((v[:64] >> 4) - 8, ints[64:128])

@@ -76,7 +76,7 @@ def _dequant_tile(values_ref, scale_ref, g, r0, rows: int, col0, cols: int, row_
         q = q.astype(jnp.int32)
         w = (((q >> (4 * upper)) & 15) - 8).astype(jnp.float32)
     s = plgpu.load(scale_ref.at[g, r0 // rows_per_scale, pl.ds(col0, cols)], mask=col_mask, other=0)
-    w = (w * s[None, :]).astype(dtype)
+    w = (w * s.astype(jnp.float32)[None, :]).astype(dtype)  # bf16 (int4) or float32 scales, widened exactly
     return w.T if transposed else w
 
 
@@ -98,7 +98,7 @@ def gmm_quant_pallas(lhs, values, scale, group_sizes, group_offset, *, tiling: G
                      out_dtype, interpret: bool):
     """lhs [M, K] @ W[g] (or W[g]^T) per row group for quantised W (module docstring) -> [M, N].
 
-    values [G, Kw(/2), Nw] (fp8 / int8 / uint8 int4), scale [G, Kb, Nw] float32 (columns expanded)."""
+    values [G, Kw(/2), Nw] (fp8 / int8 / uint8 int4), scale [G, Kb, Nw] float32 or bfloat16 (columns expanded)."""
     packed = jnp.dtype(values.dtype) == jnp.uint8
     kw = values.shape[1] * (2 if packed else 1)
     nw = values.shape[2]
