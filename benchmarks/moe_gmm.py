@@ -3,6 +3,8 @@
     python benchmarks/moe_gmm.py                 # Small 4 shapes (E=128, top-4, H=4096, F=2048) on a GPU
     python benchmarks/moe_gmm.py --small         # tiny shapes: a smoke test that runs on a CPU (interpret mode)
     python benchmarks/moe_gmm.py --json out.json # also write every measurement as JSON ($OUT/moe_gmm.json by default)
+    python benchmarks/moe_gmm.py --cpu           # the CPU expert paths (tiled / dense / ragged_dot) at the medium
+                                                 # serving config (E=16, top-4, H=F=512, fp32), level B only
 
 Level A (one projection: gate_up K=H N=2F, down K=F N=H) for tokens T in {1, 8, 64, 512, 4096, 16384} (M = 4T rows)
 and routings uniform / skewed (Zipf 1.2) / four (every token to the same four experts, the rest empty); passes
@@ -16,7 +18,8 @@ forward and dx (the input gradient: gmm with the transposed weights). Peers in t
     torch_grouped   torch._grouped_mm on the same sorted rows (CUDA only, when torch is installed)
 
 Level B (the routed-expert block: sort, gate_up, SwiGLU, down, combine) for the same T: `moe.routed_experts` with
-impl pallas / ragged_dot, against transformers' `Mistral4Experts` (eager and grouped_mm) when torch is present.
+impl pallas / ragged_dot (with --cpu: tiled / dense / ragged_dot, the expert weights passed as arguments as the
+serving engine passes them), against transformers' `Mistral4Experts` (eager and grouped_mm) when torch is present.
 
 Every case is checked before it is timed, on random normal data (never zeros): sampled rows of 8 groups against a
 float32 reference (relative error < 1e-2 in bf16); any NaN fails. Time is the median of --iters runs after a warm-up.
@@ -97,7 +100,7 @@ def gshard(lhs, w, gids, capacity):
 
 def level_a(args, dev, rng, results):
     e, k, h, f = args.experts, args.top_k, args.hidden, args.intermediate
-    dtype = jnp.bfloat16
+    dtype = args.dtype
     on_gpu = dev.platform == "gpu"
     torch = _torch() if on_gpu else None
     flag = "jax_ragged_dot_use_gpu_pallas_triton_lowering"
@@ -161,7 +164,7 @@ def level_a(args, dev, rng, results):
 
 def level_b(args, dev, rng, results):
     e, k, h, f = args.experts, args.top_k, args.hidden, args.intermediate
-    dtype = jnp.bfloat16
+    dtype = args.dtype
     gate_up = jnp.asarray(rng.standard_normal((e, h, 2 * f), np.float32) / math.sqrt(h), dtype)
     down = jnp.asarray(rng.standard_normal((e, f, h), np.float32) / math.sqrt(f), dtype)
     hf = _hf_experts(gate_up, down, args) if _torch() is not None else {}
@@ -175,7 +178,7 @@ def level_b(args, dev, rng, results):
         row = dict(level="B", proj="block", pass_="fwd", tokens=tokens, routing="uniform", m=tokens * k,
                    flops=2.0 * tokens * k * 3 * h * f, bytes=2.0 * (int(len(np.unique(ids))) * 3 * h * f + 2 * tokens * h),
                    impls={})
-        for impl in ("pallas", "ragged_dot"):
+        for impl in args.block_impls:
             try:
                 fn = jax.jit(lambda x, i, w, a, b, impl=impl: routed_experts(x, i, w, a, b, impl=impl))
                 out, t = timed(fn, (x, jnp.asarray(ids), jnp.asarray(wts), gate_up, down), args.iters)
@@ -246,7 +249,7 @@ def _hf_experts(gate_up, down, args):
             cfg = Mistral4Config(hidden_size=args.hidden, moe_intermediate_size=args.intermediate,
                                  n_routed_experts=args.experts, num_experts_per_tok=args.top_k)
             cfg._experts_implementation = impl
-            mod = Mistral4Experts(cfg).to(device=device, dtype=torch.bfloat16)
+            mod = Mistral4Experts(cfg).to(device=device, dtype=getattr(torch, jnp.dtype(args.dtype).name))
             with torch.no_grad():
                 mod.gate_up_proj.copy_(torch.tensor(np.asarray(gate_up.astype(jnp.float32))).transpose(1, 2))
                 mod.down_proj.copy_(torch.tensor(np.asarray(down.astype(jnp.float32))).transpose(1, 2))
@@ -258,10 +261,10 @@ def _hf_experts(gate_up, down, args):
 
 def _torch_block(module, x, ids, wts, iters):
     torch = _torch()
-    device = next(module.parameters()).device
-    xt = torch.from_numpy(np.asarray(x.astype(jnp.float32))).to(device=device, dtype=torch.bfloat16)
+    device, dtype = next(module.parameters()).device, next(module.parameters()).dtype
+    xt = torch.from_numpy(np.array(x.astype(jnp.float32))).to(device=device, dtype=dtype)
     it = torch.from_numpy(ids.astype(np.int64)).to(device)
-    wt = torch.from_numpy(wts).to(device=device, dtype=torch.bfloat16)
+    wt = torch.from_numpy(wts).to(device=device, dtype=dtype)
     with torch.no_grad():
         out = module(xt, it, wt)
         times = []
@@ -288,7 +291,8 @@ def _peaks(dev):
 def _print_row(row, dev):
     peaks = _peaks(dev)
     dense = row["impls"].get("dense", {}).get("time_s")
-    ours = row["impls"].get("pallas", {}).get("time_s")
+    mine = "pallas" if "pallas" in row["impls"] else "tiled"  # the implementation under test
+    ours = row["impls"].get(mine, {}).get("time_s")
     head = f"{row['level']} {row['proj']:7s} {row['pass_']:3s} T={row['tokens']:<6d} {row['routing']:7s}"
     for name, r in row["impls"].items():
         if "error" in r:
@@ -301,8 +305,8 @@ def _print_row(row, dev):
             extra += f" {100 * tf * 1e12 / peaks[0]:5.1f}%peakTF {100 * gb * 1e9 / peaks[1]:5.1f}%HBM"
         if dense and name != "dense":
             extra += f" {dense / t:5.2f}x-dense"
-        if ours and name != "pallas":
-            extra += f"  pallas speedup {t / ours:6.2f}x"
+        if ours and name != mine:
+            extra += f"  {mine} speedup {t / ours:6.2f}x"
         err = "" if r.get("rel_err") is None else f" err {r['rel_err']:.1e}"
         print(f"{head} {name:14s} {t * 1e3:9.3f}ms {tf:8.3f}TF/s {gb:8.1f}GB/s{extra}{err}")
     sys.stdout.flush()
@@ -317,8 +321,15 @@ def main(argv=None):
     p.add_argument("--levels", nargs="*", default=["A", "B"])
     p.add_argument("--json", default=None, help="write results here (default $OUT/moe_gmm.json when $OUT is set)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu", action="store_true", help="the CPU expert paths at the medium serving config (level B)")
     args = p.parse_args(argv)
-    if args.small:
+    args.dtype, args.block_impls = jnp.bfloat16, ("pallas", "ragged_dot")
+    if args.cpu:
+        args.experts, args.top_k, args.hidden, args.intermediate = 16, 4, 512, 512
+        args.tokens = args.tokens or [1, 16, 64, 256, 1024]
+        args.iters = args.iters or 7
+        args.levels, args.dtype, args.block_impls = ["B"], jnp.float32, ("tiled", "dense", "ragged_dot")
+    elif args.small:
         args.experts, args.top_k, args.hidden, args.intermediate = 16, 4, 64, 32
         args.tokens = args.tokens or [1, 8, 64]
         args.iters = args.iters or 2
@@ -329,8 +340,8 @@ def main(argv=None):
     args.gshard_max = 2 ** 31 // 8
     dev = jax.devices()[0]
     print(f"# device {dev.device_kind} ({dev.platform}), jax {jax.__version__}; E={args.experts} top-{args.top_k} "
-          f"H={args.hidden} F={args.intermediate}; bf16; median of {args.iters}")
-    if dev.platform != "gpu":
+          f"H={args.hidden} F={args.intermediate}; {jnp.dtype(args.dtype).name}; median of {args.iters}")
+    if dev.platform != "gpu" and "pallas" in args.block_impls:
         print("# not a GPU: the Pallas kernel runs in interpret mode; times here say nothing about GPU speed")
     rng = np.random.default_rng(args.seed)
     print("# level proj pass tokens routing impl  median  TF/s(real FLOPs)  GB/s(touched experts + activations)  "

@@ -13,16 +13,23 @@ matmuls over the same sorted rows. The grouped matmul is `small4_jax.kernels.gmm
     "pallas"      the Pallas kernel (custom VJP; Pallas interpret mode on a CPU, so only for tests there)
     "ragged_dot"  jax.lax.ragged_dot (XLA's lowering)
     "dense"       every expert on every token: a reference for tests (O(E) work)
+    "tiled"       not a grouped matmul: the whole expert MLP per row tile in an XLA loop (below; one device, no LoRA)
     "auto"        the fastest correct one where the program runs (`platform.platform_of` the weights / mesh, not the
                   default backend): "pallas" on GPUs once its first-use self-check passed, "ragged_dot" elsewhere;
-                  on a CPU without expert parallelism, LoRA or quantised weights, `cpu_impl` (below) instead
+                  on one CPU device without LoRA, "tiled" (below)
 
-On a CPU XLA lowers ragged_dot to a masked matmul of every routed row with every expert (E x the work), so `auto`
-there takes the top-k gather ("gather": each token's k experts' weights gathered, two einsums; exact work, but weight
-copies of N*k experts) while the token-expert pairs are fewer than half the experts (one decoding row), and "dense"
-above that (every expert on every token: E/k x the work, no copies, k x less than the masked ragged_dot). Measured
-on the 2-core CPU (E=16, k=4, H=F=512, fp32): one token 1.6 ms gathered vs 88 ms dense vs 109 ms ragged_dot; 16
-tokens 108 ms dense vs 164 ms ragged_dot vs 524 ms gathered; 1024 tokens 1.17 s dense vs 2.98 s ragged_dot.
+On a CPU XLA lowers ragged_dot to a masked matmul of every routed row with every expert (E x the work), and the
+dense einsum over all experts relayouts every expert's weights on every call, so `auto` there (one device, no LoRA)
+takes the tiled loop instead (`_tiled_experts`, impl "tiled"): the routed pairs sorted by expert are cut into
+fixed-size row tiles that never straddle two experts, and an XLA loop runs each tile through its expert's fused MLP
+(gate_up, SwiGLU, down), skipping the unused tail of the static tile bound. Its work follows the routed pairs: at
+most P + E (T - 1) rows for P pairs over E experts with tile T, where T is the mean group size P / E rounded up to a
+power of two (capped at 128), so padding adds at most about the routed work and the loop runs at most about 2E
+tiles. Measured on the shared 2-core CPU (load 6-7, so noisy) with `python benchmarks/moe_gmm.py --cpu` (E=16,
+k=4, H=F=512, fp32, the weights passed as arguments as in the engine): one token 2.0 ms tiled vs 38 ms dense vs
+61 ms ragged_dot (the top-k weight gather this replaced: about the same, 0.4-1.8 ms); 16 tokens 4.8 / 81 / 80 ms
+(gather 68-208 ms); 256 tokens 17 / 187 / 476 ms; 1024 tokens 125 / 736 / 1465 ms; transformers' eager experts
+0.6 / 15 / 66 / 164 ms.
 
 Permute and unpermute are gathers whose backward passes are gathers too (custom VJPs), never scatter-adds.
 
@@ -113,6 +120,7 @@ def resolve_impl(impl: str, *placed) -> str:
     The platform is that of `placed` (the expert weights, the tokens, the mesh: `platform.platform_of`). "auto" is
     "pallas" on GPUs, after the kernel's first-use self-check (`kernel_self_check`) passed on a real GPU, and
     "ragged_dot" elsewhere (on a CPU the Pallas kernel only runs in interpret mode) or when the check failed.
+    `routed_experts` then replaces "auto" on one CPU device without LoRA by "tiled" (module docstring).
     """
     if impl == "auto":
         if not (platform.on_gpu(*placed) and pallas_triton.available()):
@@ -317,23 +325,25 @@ def routed_experts(
             raise ValueError(f"mesh must be a Mesh, 'auto' or None; got {mesh!r}")
         mesh = mesh_of(gate_up.values if isinstance(gate_up, QArray) else gate_up)
     requested = impl
-    impl = resolve_impl(impl, mesh, gate_up.values if isinstance(gate_up, QArray) else gate_up, x)
+    placed = gate_up.values if isinstance(gate_up, QArray) else gate_up
+    impl = impl if impl == "tiled" else resolve_impl(impl, mesh, placed, x)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown moe strategy {strategy!r}; expected one of {STRATEGIES}")
     layout = None
     if mesh is not None and strategy != "none":
         layout = moe_layout(mesh, gate_up.shape[0], down.shape[1])
+    if impl == "tiled" and (layout is not None or lora is not None):
+        raise ValueError("moe impl 'tiled' runs on one device without LoRA adapters; use 'auto' or 'ragged_dot'")
     if lora is not None and jnp.ndim(lora.scale) == 2:
         # multi-LoRA (small4_jax/multi_lora.py): the per-row scale mask [B, S*R] -> per token [N, S*R]; below, per
         # routed pair in expert order (travelling with its row through an expert-parallel exchange), so each pair's
         # grouped matmuls use its own token's adapter
         lora = lora._replace(scale=jnp.repeat(lora.scale, x.shape[0] // lora.scale.shape[0], axis=0))
     if layout is None:
-        placed = gate_up.values if isinstance(gate_up, QArray) else gate_up
         if requested == "auto" and lora is None and platform.platform_of(placed, x) == "cpu":
-            impl = cpu_impl(x.shape[0] * expert_ids.shape[1], gate_up.shape[0])
-        if impl == "gather":
-            return _gathered_experts(x, expert_ids, expert_weights, gate_up, down, act)
+            impl = "tiled"  # module docstring: the fastest measured on a CPU from one token to 1024
+        if impl == "tiled":
+            return _tiled_experts(x, expert_ids, expert_weights, gate_up, down, act)
         if impl == "dense":
             return _dense_experts(x, expert_ids, expert_weights, gate_up, down, act, lora)
         d = sort_by_expert(expert_ids, gate_up.shape[0])
@@ -347,25 +357,67 @@ def routed_experts(
                             all_to_all=strategy == "all_to_all", act=act, impl=impl, lora=lora)
 
 
-def cpu_impl(pairs: int, num_experts: int) -> str:
-    """`auto` on a CPU (module docstring): "gather" for fewer than num_experts / 2 token-expert pairs, else
-    "dense"."""
-    return "gather" if 2 * pairs < num_experts else "dense"
+def tile_rows(pairs: int, num_experts: int) -> int:
+    """Rows per tile of `_tiled_experts`: the mean group size pairs / num_experts rounded up to a power of two,
+    at most 128 (module docstring)."""
+    mean = -(-pairs // num_experts)
+    return min(1 << max(mean - 1, 0).bit_length(), 128)
 
 
-def _gathered_experts(x, expert_ids, expert_weights, gate_up, down, act):
-    """Each token through its own k experts, their weights gathered: [N, k, H, 2F] and [N, k, F, H] (quantised
-    weights: the touched experts' values and scales gathered, then dequantised)."""
-    def gathered(w):
-        if isinstance(w, QArray):
-            return dequantize(QArray(w.values[expert_ids], w.scale[expert_ids]), x.dtype)
-        return w[expert_ids].astype(x.dtype)
+def _expert_weight(w, e, dtype):
+    """Expert `e`'s weight [K, N] in `dtype` (a quantised one dequantised from its values and scale grid)."""
+    if isinstance(w, QArray):
+        scale = w.scale[e] if w.scale.ndim == w.values.ndim else w.scale
+        return dequantize(QArray(w.values[e], scale), dtype)
+    return w[e].astype(dtype)
 
-    h = jnp.einsum("nh,nkhf->nkf", x, gathered(gate_up))
-    f = h.shape[-1] // 2
-    a = act(h[..., :f]) * h[..., f:]
-    y = jnp.einsum("nkf,nkfh->nkh", a, gathered(down))
-    return jnp.einsum("nkh,nk->nh", y.astype(jnp.float32), expert_weights.astype(jnp.float32)).astype(x.dtype)
+
+def _tiled_experts(x, expert_ids, expert_weights, gate_up, down, act, tile: int | None = None):
+    """The routed experts by row tiles (module docstring): pairs sorted by expert, each expert's rows cut into tiles
+    of `tile` rows (default `tile_rows`), one fused expert MLP per tile in an XLA loop; the routed work plus padding.
+
+    The loop has a static bound of ceil(P / tile) + min(E, P) tiles (the most that sum over experts of
+    ceil(rows_e / tile) can be); tiles past the real count are skipped by a cond. Every step is a gather, a matmul
+    or a cond, so it is differentiable, and the tiles' outputs are stacked rather than scattered into a carry, so
+    reverse mode keeps one tile's residuals per step.
+    """
+    n, k = expert_ids.shape
+    pairs, num_experts, width = n * k, gate_up.shape[0], x.shape[1]
+    tile = tile or tile_rows(pairs, num_experts)
+    d = sort_by_expert(expert_ids, num_experts)
+    sizes = d.group_sizes
+    starts = jnp.cumsum(sizes) - sizes  # first sorted row of each expert
+    counts = (sizes + tile - 1) // tile  # tiles of each expert
+    tiles_end = jnp.cumsum(counts)
+    tiles_start = tiles_end - counts
+    bound = -(-pairs // tile) + min(num_experts, pairs)
+    t = jnp.arange(bound, dtype=jnp.int32)
+    tile_expert = jnp.minimum(jnp.searchsorted(tiles_end, t, side="right"), num_experts - 1).astype(jnp.int32)
+    first_row = starts[tile_expert] + (t - tiles_start[tile_expert]) * tile
+    rows = jnp.concatenate([x[d.order // k], jnp.zeros((tile, width), x.dtype)])  # a tile of zeros past the end
+    tiles = rows[jnp.clip(first_row, 0, pairs)[:, None] + jnp.arange(tile, dtype=jnp.int32)]  # [bound, tile, H]
+
+    def one_tile(args):
+        lhs, e, used = args
+
+        def mlp(lhs):
+            h = jnp.dot(lhs, _expert_weight(gate_up, e, x.dtype), preferred_element_type=jnp.float32)
+            f = h.shape[-1] // 2
+            a = (act(h[:, :f]) * h[:, f:]).astype(x.dtype)
+            return jnp.dot(a, _expert_weight(down, e, x.dtype), preferred_element_type=jnp.float32)
+
+        return jax.lax.cond(used, mlp, lambda lhs: jnp.zeros((tile, width), jnp.float32), lhs)
+
+    ys = jax.lax.map(one_tile, (tiles, tile_expert, t < tiles_end[-1]))  # [bound, tile, H] float32
+    # Sorted row r of expert e is row (r - starts[e]) % tile of tile tiles_start[e] + (r - starts[e]) // tile; rows
+    # of no expert (ids >= E) read the zero row appended after the last tile.
+    r = jnp.arange(pairs, dtype=jnp.int32)
+    e = jnp.minimum(d.sorted_ids, num_experts - 1)
+    within = r - starts[e]
+    flat = jnp.where(d.sorted_ids < num_experts, (tiles_start[e] + within // tile) * tile + within % tile,
+                     bound * tile)
+    ys = jnp.concatenate([ys.reshape(bound * tile, width), jnp.zeros((1, width), jnp.float32)])
+    return _combine(ys[flat[d.inverse]], expert_weights).astype(x.dtype)
 
 
 def _dense_experts(x, expert_ids, expert_weights, gate_up, down, act, lora=None):

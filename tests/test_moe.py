@@ -1,5 +1,7 @@
 """The routed-expert dispatch: sort-based grouped matmul == every-expert dense reference, with and without LoRA."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,21 +48,53 @@ def test_group_limited_routing_only_picks_kept_groups():
     np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("n", [1, 37])
-def test_cpu_auto_paths_equal_the_sorted_dispatch(n):
-    """`auto` on a CPU: the top-k gather (few pairs) and dense (many) give the grouped matmul's result and grads."""
+@pytest.mark.parametrize("n,e,k,tile", [(1, 8, 2, None), (37, 6, 3, None), (23, 5, 4, 3), (64, 4, 2, 128)])
+def test_tiled_experts_equal_the_dense_reference(n, e, k, tile):
+    """The CPU tiled loop (what `auto` runs on one CPU device) == the every-expert reference, values and grads, on
+    fresh random inputs: one token, uneven groups, tiles of one row, tiles wider than any group."""
     import small4_jax.moe as moe
 
-    x, ids, w, gate_up, down, _ = _inputs(n, n=n, e=8)
-    ref = routed_experts(x, ids, w, gate_up, down, impl="ragged_dot")
-    np.testing.assert_allclose(routed_experts(x, ids, w, gate_up, down, impl="auto"), ref, rtol=1e-5, atol=1e-5)
-    assert moe.cpu_impl(n * ids.shape[1], 8) == ("gather" if n == 1 else "dense")
-    gathered = moe._gathered_experts(x, ids, w, gate_up, down, jax.nn.silu)
-    np.testing.assert_allclose(gathered, ref, rtol=1e-5, atol=1e-5)
+    x, ids, w, gate_up, down, _ = _inputs(np.random.randint(1 << 30), n=n, e=e, k=k)
+    ref = jax.jit(functools.partial(routed_experts, impl="dense"))(x, ids, w, gate_up, down)
+    tiled = jax.jit(moe._tiled_experts, static_argnums=(5, 6))
+    np.testing.assert_allclose(tiled(x, ids, w, gate_up, down, jax.nn.silu, tile), ref, rtol=1e-5, atol=1e-5)
+    if tile is None:  # what `auto` runs here
+        auto = jax.jit(functools.partial(routed_experts, impl="auto"))(x, ids, w, gate_up, down)
+        np.testing.assert_allclose(auto, ref, rtol=1e-5, atol=1e-5)
+    if tile == 128:
+        return  # values only: the gradients below cover one tile per row, uneven groups and the default tile
 
-    def loss(impl):
-        return lambda x, gu, d: jnp.sum(routed_experts(x, ids, w, gu, d, impl=impl) ** 2)
+    def loss(fn):
+        return lambda x, gu, d: jnp.sum(fn(x, gu, d) ** 2)
 
-    for a, b in zip(jax.grad(loss("auto"), argnums=(0, 1, 2))(x, gate_up, down),
-                    jax.grad(loss("ragged_dot"), argnums=(0, 1, 2))(x, gate_up, down)):
+    ours = jax.jit(jax.grad(loss(lambda x, gu, d: moe._tiled_experts(x, ids, w, gu, d, jax.nn.silu, tile)),
+                            argnums=(0, 1, 2)))(x, gate_up, down)
+    theirs = jax.jit(jax.grad(loss(lambda x, gu, d: routed_experts(x, ids, w, gu, d, impl="dense")),
+                              argnums=(0, 1, 2)))(x, gate_up, down)
+    for a, b in zip(ours, theirs):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+def test_tiled_experts_quantised_and_bf16():
+    """Quantised experts through the tiled loop == the reference on the dequantised weights; bf16 within bf16."""
+    import small4_jax.moe as moe
+    from small4_jax import quant
+
+    x, ids, w, gate_up, down, _ = _inputs(np.random.randint(1 << 30), n=19, h=32, f=16, e=6, k=2)
+    gu, dn = quant.quantize(gate_up, "int8"), quant.quantize(down, "int8")
+    dense = jax.jit(functools.partial(routed_experts, impl="dense"))
+    ref = dense(x, ids, w, quant.dequantize(gu), quant.dequantize(dn))
+    got = jax.jit(functools.partial(routed_experts, impl="tiled"))(x, ids, w, gu, dn)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    xb, gb, db = (a.astype(jnp.bfloat16) for a in (x, gate_up, down))
+    ref = dense(xb.astype(jnp.float32), ids, w, gb.astype(jnp.float32), db.astype(jnp.float32))
+    got = jax.jit(moe._tiled_experts, static_argnums=(5,))(xb, ids, w, gb, db, jax.nn.silu)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), ref, rtol=3e-2, atol=3e-2 * float(jnp.abs(ref).max()))
+
+
+def test_tile_rows_follow_the_mean_group_size():
+    from small4_jax.moe import tile_rows
+
+    assert [tile_rows(p, 16) for p in (4, 16, 17, 64, 65, 1024, 4096, 1 << 20)] == [1, 1, 2, 4, 8, 64, 128, 128]
+    assert tile_rows(8, 4) == 2 and tile_rows(1, 128) == 1
