@@ -31,7 +31,8 @@ def test_quantised_gmm_compiles(target, fmt, rows, k, n, grad):
     c = ap.gmm_quant(mesh, rows, fmt, k=k, n=n, grad=grad).compile()
     assert c.triton_calls == (2 if grad else 1)  # the forward, and dx = dy @ W^T from the same bytes
     vshape, sshape, vdtype = quant.stored_shapes((E, k, n), fmt)
-    weight_bytes = int(np.prod(vshape)) * jnp.dtype(vdtype).itemsize + int(np.prod(sshape)) * 4
+    weight_bytes = (int(np.prod(vshape)) * jnp.dtype(vdtype).itemsize
+                    + int(np.prod(sshape)) * quant.scale_dtype(fmt).itemsize)  # int4: bf16 scales
     assert c.memory.argument == rows * k * 2 + weight_bytes + E * 4
     assert c.memory.temp < E * k * n  # no dequantised copy of the experts (that would be 2 bytes per weight)
 
