@@ -2,6 +2,14 @@
 
     python benchmarks/structured_mask.py [--rows 1 16] [--repeats 5]
 
+Each case is timed twice: llguidance's mask alone (`canonical=False`), and narrowed to the canonical tokens
+(`structured.Constrained.refine`: chunk junctions, BPE pair validity, lookahead through forced text), the default.
+`canon_build_s` is the one-off cost of the canonical tables for this vocabulary (`TekkenTokenizer.canon()`).
+Pair-validity rows (cached per previous token) are cleared before every pass, so repeats do not flatter them;
+the per-tail class-string tables (a few hundred distinct tails, bounded) stay warm as in a running server.
+Per row-token figures: median, mean and max over the walk (free-string steps cost the most: most of the
+vocabulary is allowed there and checked against the previous token).
+
 mistral-common ships the real 131,072-token Tekken vocabulary (`tekken_240911.json`, a v3 file); this writes a
 copy with Small 4's v15 layout (its special tokens at their ids, `[THINK]`, `[TOOL_CALLS]`, `[ARGS]`, ...; as
 `small4_jax/assets/make_tiny_tekken.py` does at toy size) so mistral-common's grammar factory accepts it. For a JSON
@@ -55,13 +63,14 @@ ANSWER = {"city": "Paris", "days": 4, "tags": ["museums", "food", "walks along t
 TOOLS = [{"type": "function", "function": {"name": "book_trip", "parameters": SCHEMA}}]
 
 
-def time_masks(tok, grammar, ids, rows, repeats):
+def time_masks(tok, grammar, ids, rows, repeats, canonical):
     from infer import structured
 
     words = (tok.vocab_size + 31) // 32
     per_step = []
     for rep in range(repeats + 1):
-        matchers = [structured.new_matcher(tok, grammar) for _ in range(rows)]
+        matchers = [structured.new_matcher(tok, grammar, canonical=canonical) for _ in range(rows)]
+        tok.canon()._valid_cache.clear()  # pair-validity rows cold each pass (the class-string tables stay warm)
         mask = np.zeros((rows, words), np.int32)
         for t in ids:
             t0 = time.perf_counter()
@@ -74,7 +83,9 @@ def time_masks(tok, grammar, ids, rows, repeats):
             if rep:  # the first pass warms the lexer up
                 per_step.append(dt)
     med = statistics.median(per_step)
-    return {"tokens": len(ids), "us_per_step": round(med * 1e6, 1), "us_per_row_token": round(med * 1e6 / rows, 1)}
+    return {"tokens": len(ids), "us_per_step": round(med * 1e6, 1), "us_per_row_token": round(med * 1e6 / rows, 1),
+            "us_per_row_token_mean": round(statistics.mean(per_step) * 1e6 / rows, 1),
+            "us_per_row_token_max": round(max(per_step) * 1e6 / rows, 1)}
 
 
 def main(argv=None):
@@ -96,10 +107,14 @@ def main(argv=None):
                           [tok.token_id("[TOOL_CALLS]"), *tok.encode("book_trip", bos=False), tok.token_id("[ARGS]"),
                            *tok.encode(text, bos=False), tok.eos_id]),
         }
-        report = {"vocab_size": tok.vocab_size}
+        t0 = time.perf_counter()
+        tok.canon()
+        report = {"vocab_size": tok.vocab_size, "canon_build_s": round(time.perf_counter() - t0, 2)}
         for name, (grammar, ids) in cases.items():
             for rows in args.rows:
-                report[f"{name}_rows{rows}"] = time_masks(tok, grammar, ids, rows, args.repeats)
+                for canonical in (False, True):
+                    key = f"{name}_rows{rows}" + ("_canonical" if canonical else "_llguidance")
+                    report[key] = time_masks(tok, grammar, ids, rows, args.repeats, canonical)
     print(json.dumps(report, indent=1))
 
 

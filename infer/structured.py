@@ -52,7 +52,10 @@ def _factory(tokenizer: Tokenizer):
 
 JSON_OBJECT_SCHEMA = {"anyOf": [{"type": "object"}, {"type": "array"}]}  # mistral-common's json_object
 # JSON laid out as json.dumps does (", " and ": ", no other whitespace), unless the schema sets its own layout
-_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# and strings escaped as json.dumps(ensure_ascii=False) escapes them (no "\/", no "\uXXXX"): mistral-common
+# re-serialises tool-call arguments that way, so only that text encodes to the tokens the model wrote
+_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ",
+           "json_allowed_escapes": "\"\\bfnrt"}
 
 
 def _compact(schema: dict) -> dict:
@@ -77,11 +80,13 @@ def chat_grammar(tokenizer: Tokenizer, messages, *, tools=None, tool_choice=None
     Constrained: `response_format` json_object / json_schema, and `tool_choice` "required" or a named function.
     tool_choice "auto" and "none" with a text response are left free (the model may answer in text).
 
-    Two edits to mistral-common's grammar, so the constraint holds whatever the weights: without `reasoning`
-    (reasoning_effort none, where the format has no `[THINK]` section) the optional think section is removed, and
+    Three edits to mistral-common's grammar, so the constraint holds whatever the weights: without `reasoning`
+    (reasoning_effort none, where the format has no `[THINK]` section) the optional think section is removed;
     under a forced tool choice no free text may precede the calls (mistral-common's think template allows it, so a
     model could write text until max_tokens and never call); a `[THINK]...[/THINK]` section before them stays
-    allowed when reasoning is on.
+    allowed when reasoning is on. And the optional whitespace (`SAFE_WS?`) around JSON values, tool names and
+    calls is removed: mistral-common encodes a message's content, a call's name and its re-serialised arguments
+    without it, so whitespace there would make the tokens differ from the encoding of the parsed answer.
     """
     if response_format is None:
         response_format = {"type": "text"}
@@ -127,6 +132,8 @@ def _edit(grammar: str, *, reasoning: bool, forced_tools: bool) -> str:
             lines[i] = line.replace("think? ", "").replace("think ", "")
         if forced_tools and line.startswith("fcalls:"):
             lines[i] = line.replace("fcalls: content? ", "fcalls: ").replace("fcalls: pretool_content? ", "fcalls: ")
+        if not lines[i].startswith("SAFE_WS:"):
+            lines[i] = lines[i].replace(" SAFE_WS?", "").replace("SAFE_WS? ", "")
     out = "\n".join(lines)
     if forced_tools and "content?" in out.split("fcalls:", 1)[-1].split("\n", 1)[0]:
         raise InputError("unexpected tool-call grammar from mistral-common (free text before forced calls)")
@@ -139,19 +146,204 @@ def json_schema_grammar(tokenizer: Tokenizer, schema: dict) -> str:
     return factory.get_lark_for_json_schema(factory.select_jinja_template(), schema)
 
 
-def new_matcher(tokenizer: Tokenizer, grammar: str):
-    """An llguidance matcher for `grammar`; InputError naming the problem for a grammar it rejects."""
+def new_matcher(tokenizer: Tokenizer, grammar: str, *, canonical: bool = True):
+    """A matcher for `grammar` (`Constrained`); InputError naming the problem for a grammar llguidance rejects.
+
+    With `canonical` (the default) its masks also keep the output canonically tokenised (`Constrained`)."""
     import llguidance as llg
 
     factory = _factory(tokenizer)
     matcher = llg.LLMatcher(factory.llg_tokenizer, llg.grammar_from("lark", grammar))
     if matcher.is_error():
         raise InputError(f"invalid output grammar: {matcher.get_error()}")
-    return matcher
+    return Constrained(tokenizer, matcher, canonical=canonical)
+
+
+class Constrained:
+    """An llguidance matcher whose masks also keep the output canonical: token for token what the tokenizer's own
+    `encode` gives for the text written so far, so the ids of a finished answer equal mistral-common's encoding
+    of it (`[TOOL_CALLS]`, `[ARGS]`, `[THINK]` ... are special tokens: each text between them is encoded alone).
+
+    llguidance allows every tokenisation of an allowed text; a model (a random one for sure) picks others, e.g.
+    `{"` as `{` + `"`. Each step `refine` removes from llguidance's mask the tokens that would make the text's last
+    chunk non-canonical (`small4_jax.canonical`: chunk junctions by class string, BPE pair validity), and
+    special tokens where the text so far may not end. Where few tokens remain it also looks ahead through the
+    grammar, so that a token is kept only if its chunk can be finished canonically: after `{"`, `loc` is allowed by
+    the grammar and canonical so far, but the key the grammar forces, `location`, is one token, so `loc` leads
+    nowhere and is dropped. Should no token remain (a grammar forcing a text whose canonical tokens the lookahead
+    missed), llguidance's mask is used as it is for that step and `fallbacks` counts it.
+
+    The methods the engine uses are llguidance's: consume_token(s), is_stopped, is_accepting, is_error,
+    get_error, rollback (speculative verification: `validate_tokens` checks grammar and canonical order).
+    """
+
+    LOOKAHEAD = 32  # look ahead when at most this many tokens remain
+    DEPTH = 3  # tokens of lookahead
+    BREADTH = 8  # continuations tried per lookahead token
+
+    def __init__(self, tokenizer: Tokenizer, matcher, *, canonical: bool = True):
+        self.llm = matcher
+        self.canon = tokenizer.canon() if canonical else None
+        self.nspec = self.canon.nspec if canonical else 0
+        self.vocab = tokenizer.vocab_size
+        self.tail: list[tuple[str, tuple]] = [("", ())]  # per consumed token: the settled tail after it
+        self.fallbacks = 0
+
+    # ---- llguidance's interface ---------------------------------------------------------------------------
+
+    def consume_token(self, t: int) -> bool:
+        if not self.llm.consume_token(int(t)):
+            return False
+        self.tail.append(self._after(self.tail[-1], int(t)))
+        return True
+
+    def consume_tokens(self, ts) -> bool:
+        return all(self.consume_token(t) for t in ts)
+
+    def rollback(self, n: int) -> bool:
+        ok = self.llm.rollback(n)
+        if ok and n:
+            del self.tail[-n:]
+        return ok
+
+    def validate_tokens(self, ts) -> int:
+        """How many of `ts` the grammar accepts in order, each also canonical after the ones before it."""
+        ts = [int(t) for t in ts]
+        n = self.llm.validate_tokens(ts)
+        state = self.tail[-1]
+        for i, t in enumerate(ts[:n]):
+            if not self._canonical_next(state, [t])[0]:
+                return i
+            state = self._after(state, t)
+        return n
+
+    def is_stopped(self) -> bool:
+        return self.llm.is_stopped()
+
+    def is_accepting(self) -> bool:
+        return self.llm.is_accepting()
+
+    def is_error(self) -> bool:
+        return self.llm.is_error()
+
+    def get_error(self) -> str:
+        return self.llm.get_error()
+
+    # ---- canonical masks ----------------------------------------------------------------------------------
+
+    def _after(self, state, t: int):
+        if self.canon is None:
+            return state
+        if t < self.nspec:  # a special token ends the text segment
+            return ("", ())
+        return self.canon.advance(state[0], state[1], t - self.nspec)
+
+    def _canonical_next(self, state, ids) -> np.ndarray:
+        """Which of the token ids `ids` may follow the text whose settled tail is `state` canonically."""
+        ids = np.asarray(ids, np.int64)
+        ok = np.zeros(len(ids), bool)
+        if self.canon is None:
+            return ~ok
+        c = self.canon
+        tail, tail_ids = state
+        special = ids < self.nspec
+        if special.any():
+            ok[special] = c.end_ok(tail, tail_ids, c.encode)
+        text = np.flatnonzero(~special & (ids < self.nspec + c.n))
+        if len(text):
+            ok[text] = c.allowed(tail, list(tail_ids), ids[text] - self.nspec, c.encode)
+        return ok
+
+    def _bits(self, words: np.ndarray) -> np.ndarray:
+        return np.unpackbits(words.view(np.uint8), bitorder="little")[: self.vocab].astype(bool)
+
+    def refine(self, words: np.ndarray) -> None:
+        """Narrow llguidance's bitmask `words` ([W] int32, in place) to the tokens that keep the output canonical."""
+        if self.canon is None:
+            return
+        bits = self._bits(words)
+        cands = np.flatnonzero(bits)
+        if not len(cands):
+            return
+        state = self.tail[-1]
+        keep = cands[self._canonical_next(state, cands)]
+        if len(keep) <= self.LOOKAHEAD:
+            look = np.ones(len(keep), bool)
+        else:  # a free region (a string's characters): only a closing quote leads into text the grammar forces
+            look = self._quote()[np.maximum(keep - self.nspec, 0)] & (keep >= self.nspec)
+            look[np.flatnonzero(look)[self.LOOKAHEAD:]] = False
+        if look.any():
+            dead = [i for i in np.flatnonzero(look) if not self._viable(self.llm, state, int(keep[i]), self.DEPTH)]
+            keep = np.delete(keep, dead)
+        if not len(keep):
+            self.fallbacks += 1
+            return
+        out = np.zeros(len(words) * 32, bool)
+        out[keep] = True
+        words[:] = np.packbits(out, bitorder="little").view(np.int32)
+
+    def _quote(self) -> np.ndarray:
+        """Tokens holding a '"': in JSON the only way out of a string into text the grammar may force."""
+        c = self.canon
+        if getattr(c, "quote", None) is None:
+            c.quote = np.array([b'"' in b for b in c.tbytes])
+        return c.quote
+
+    def _forced(self, m, state, t: int) -> bool | None:
+        """The answer of `_viable` from the text the grammar forces after t (None when that does not decide it):
+        where it finishes t's chunk, the encoding of the text so far plus that text must begin with ours."""
+        c = self.canon
+        try:
+            forced = m.compute_ff_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if not forced:
+            return None
+        tail, tail_ids = state
+        text = tail + c.tstr[t - self.nspec]
+        full = text + forced
+        if not any(len(text) < s < len(full) for s in c.chunk_starts(full)):
+            return None  # t's chunk runs to the end of the forced text: what follows decides
+        want = [*tail_ids, t - self.nspec]
+        return c.encode(full)[: len(want)] == want
+
+    def _viable(self, matcher, state, t: int, depth: int) -> bool:
+        """Whether token t (canonical next) leaves a canonical way on: the grammar stops, or a special token that
+        may end the text, or a token that starts a new chunk may follow, or (within `depth`) a canonical
+        continuation of t's chunk does."""
+        m = matcher.deep_copy()
+        if not m.consume_token(t):
+            return False
+        if m.is_stopped() or t < self.nspec or depth == 0:
+            return True
+        c = self.canon
+        forced = self._forced(m, state, t)
+        if forced is not None:
+            return forced
+        after = self._after(state, t)
+        words = np.frombuffer(m.compute_bitmask(), np.int32)
+        nmask = c.new_chunk_mask(after[0])
+        if after[0] and (words[: len(nmask)] & nmask[: len(words)]).any():  # a new chunk may start
+            return True
+        cands = np.flatnonzero(self._bits(words.copy()))
+        special = cands[cands < self.nspec]
+        if len(special) and c.end_ok(after[0], after[1], c.encode):
+            return True
+        text = cands[cands >= self.nspec] - self.nspec
+        text = text[c.text_ok[text] & ~c.ends_ws[text]]
+        if not len(text):
+            return bool(len(cands)) and self._canonical_next(after, cands).any()
+        kinds = c.kinds(after[0])[c.ckey[text]]
+        if (kinds == c.N).any():  # a new chunk may start: t's chunk is finished as it is
+            return True
+        cont = text[kinds == c.C]
+        cont = cont[c.valid_after(after[1][-1], cont)] if len(cont) else cont
+        return any(self._viable(m, after, int(u) + self.nspec, depth - 1) for u in cont[: self.BREADTH])
 
 
 def fill_masks(tokenizer: Tokenizer, rows: list[tuple[object, int]], mask: np.ndarray) -> None:
-    """Write the allowed-token bitmask of each (matcher, row) into `mask` [B, W] int32 (in parallel, off the GIL).
+    """Write the allowed-token bitmask of each (matcher, row) into `mask` [B, W] int32: llguidance's masks of all
+    rows in parallel (off the GIL), each then narrowed to the canonical tokens (`Constrained.refine`).
 
     Words past the tokenizer's vocabulary (a model vocabulary padded beyond it) are zeroed: never allowed."""
     global _EXECUTOR
@@ -164,8 +356,9 @@ def fill_masks(tokenizer: Tokenizer, rows: list[tuple[object, int]], mask: np.nd
         _EXECUTOR = llg.LLExecutor()
     words = (_factory(tokenizer).llg_tokenizer.vocab_size + 31) // 32
     buf = np.full((len(rows), words), -1, np.int32)
-    llnp.fill_next_token_bitmask_par(_EXECUTOR, [(m, i) for i, (m, _) in enumerate(rows)], buf)
-    for i, (_, row) in enumerate(rows):
+    llnp.fill_next_token_bitmask_par(_EXECUTOR, [(m.llm, i) for i, (m, _) in enumerate(rows)], buf)
+    for i, (m, row) in enumerate(rows):
+        m.refine(buf[i])
         mask[row, : buf.shape[1]] = buf[i]
         mask[row, buf.shape[1] :] = 0
 

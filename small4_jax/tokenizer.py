@@ -15,6 +15,7 @@ which is what prompt templates want. Every failure is raised as `TokenizerError`
 
 import abc
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -259,6 +260,9 @@ class SentencePieceTokenizer(Tokenizer):
         return self._special_id_set
 
 
+_CANON_LOCK = threading.Lock()
+
+
 class TekkenTokenizer(Tokenizer):
     """Tokenizer over a `tekken.json` file, through mistral-common's `Tekkenizer`.
 
@@ -319,6 +323,19 @@ class TekkenTokenizer(Tokenizer):
     @property
     def special_ids(self) -> frozenset[int]:
         return frozenset(self.tekkenizer.special_ids)
+
+    def canon(self):
+        """The canonical-tokenisation tables of this vocabulary (`small4_jax.canonical.Canon`), built once (about a
+        second for the 131K vocabulary) and shared by every structured-output request."""
+        with _CANON_LOCK:
+            if getattr(self, "_canon", None) is None:
+                from small4_jax.canonical import Canon
+
+                tk = self.tekkenizer
+                model = tk._model  # tiktoken.Encoding: its ranks and regex are the tokenizer's definition
+                self._canon = Canon(model._mergeable_ranks, model._pat_str, tk.num_special_tokens, tk.n_words)
+                self._canon.encode = model.encode_ordinary  # text -> inner ranks, the exact reference
+            return self._canon
 
     def mistral_tokenizer(self):
         """mistral-common's `MistralTokenizer` for this file (chat templates, tool calls), loaded once.

@@ -1,13 +1,17 @@
 """Structured output (`infer.structured` + the engine's masked sampler) on a tiny model with random weights.
 
 Random weights make no attempt at JSON: everything valid here is forced by the grammar. Each output is checked
-by independent parsers (json + jsonschema, `infer.chat.parse_output`).
+by independent parsers (json + jsonschema, `infer.chat.parse_output`), and its token ids against mistral-common's
+encoding of the parsed answer (`encode_assistant_message`): a random model picks any tokenisation llguidance
+allows, so only the canonical filter (`small4_jax.canonical`, `structured.Constrained`) makes them equal.
 """
 
 import json
+import random
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
 
 from infer import structured
@@ -35,16 +39,32 @@ SCHEMAS = [
     {"anyOf": [{"type": "null"}, {"type": "object", "properties": {"n": {"const": 3}}, "required": ["n"],
                                   "additionalProperties": False}]},
 ]
+MORE_SCHEMAS = [  # enums that share prefixes (lookahead), arrays of objects, free strings with spaces
+    {"type": "object", "properties": {"unit": {"enum": ["celsius", "cel", "celeron", "kelvin"]},
+                                      "when": {"enum": ["today", "tomorrow"]}, "n": {"type": "integer"}},
+     "required": ["unit", "when", "n"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                                                "ok": {"type": ["boolean", "null"]}},
+                                "required": ["name", "ok"], "additionalProperties": False}, "maxItems": 2},
+]
 TOOLSETS = [
     [{"type": "function", "function": {"name": "get_weather", "description": "w", "parameters": {
         "type": "object", "properties": {"location": {"type": "string", "maxLength": 8},
                                          "unit": {"enum": ["celsius", "kelvin"]}},
         "required": ["location", "unit"], "additionalProperties": False}}}],
     [{"type": "function", "function": {"name": "add", "parameters": {
-        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": -99999, "maximum": 99999},
+                                         "b": {"type": "integer", "minimum": 0}},
         "required": ["a", "b"], "additionalProperties": False}}},
      {"type": "function", "function": {"name": "noop", "parameters": {
          "type": "object", "properties": {}, "additionalProperties": False}}}],
+    [{"type": "function", "function": {"name": "book", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["paris", "london", "rome"]},
+                                         "guests": {"type": "integer", "minimum": -3, "maximum": 12},
+                                         "note": {"type": "string", "maxLength": 12},
+                                         "tags": {"type": "array", "items": {"enum": ["a", "the", "then"]},
+                                                  "maxItems": 3}},
+        "required": ["city", "guests", "note", "tags"], "additionalProperties": False}}}],
 ]
 
 
@@ -63,18 +83,35 @@ def _generate(engine, prompt, grammars, temperature=0.0, max_tokens=200):
     return engine.generate([prompt] * len(grammars), opts)
 
 
+def _ended(tok, ids):
+    """`ids` ending in EOS (llguidance stops a JSON answer at its last brace: nothing but EOS could follow)."""
+    return list(ids) if ids and ids[-1] == tok.eos_id else [*ids, tok.eos_id]
+
+
+def _assistant_ids(tok, parsed):
+    """mistral-common's tokens for the assistant message that `parsed` (infer.chat.parse_output) describes."""
+    from mistral_common.protocol.instruct.messages import AssistantMessage
+    from mistral_common.protocol.instruct.tool_calls import FunctionCall, ToolCall
+
+    calls = [ToolCall(id=f"call{i:05d}", function=FunctionCall(name=c.name, arguments=c.arguments))
+             for i, c in enumerate(parsed.tool_calls)] or None
+    message = AssistantMessage(content=parsed.content or None, tool_calls=calls)
+    return tok.mistral_tokenizer().instruct_tokenizer.encode_assistant_message(message, False)
+
+
 def test_json_schema_outputs_validate(setup):
     tok, engine = setup
     prompt = encode_chat(tok, MESSAGES).ids
     grammars = [structured.chat_grammar(tok, MESSAGES, response_format={
         "type": "json_schema", "json_schema": {"name": f"s{i}", "schema": s, "strict": True}})
-        for i, s in enumerate(SCHEMAS)]
+        for i, s in enumerate(SCHEMAS + MORE_SCHEMAS)]
     outs = _generate(engine, prompt, grammars) + _generate(engine, prompt, grammars, temperature=1.0)
     for i, out in enumerate(outs):
-        schema = SCHEMAS[i % len(SCHEMAS)]
+        schema = (SCHEMAS + MORE_SCHEMAS)[i % len(grammars)]
         assert out.finish_reason == "stop", (i, out)
         value = json.loads(out.text)
         jsonschema.validate(value, schema)
+        assert _ended(tok, out.token_ids) == _assistant_ids(tok, parse_output(tok, out.token_ids)), out.text
         if "point" not in out.text:  # (random floats such as 2e2673 do not round-trip)
             assert out.text.strip() == json.dumps(value, ensure_ascii=False)  # laid out as json.dumps
 
@@ -89,6 +126,9 @@ def test_json_object_mode(setup):
     for out in outs:
         if out.finish_reason == "stop":
             assert isinstance(json.loads(out.text), (dict, list))
+            assert _ended(tok, out.token_ids) == _assistant_ids(tok, parse_output(tok, out.token_ids))
+        else:
+            assert out.token_ids == tok.encode(out.text, bos=False)
 
 
 @pytest.mark.parametrize("tools", TOOLSETS)
@@ -112,6 +152,7 @@ def test_forced_tool_calls_parse(setup, tools):
                 assert call.name == choice["function"]["name"]
             schema = next(t["function"]["parameters"] for t in tools if t["function"]["name"] == call.name)
             jsonschema.validate(json.loads(call.arguments), schema)
+        assert _ended(tok, out.token_ids) == _assistant_ids(tok, parsed), tok.decode(out.token_ids, skip_special=False)
 
 
 def test_reasoning_may_precede_a_forced_call_only_when_on(setup):
@@ -190,3 +231,136 @@ def test_speculative_constrained_rows_equal_plain_constrained_decoding(setup):
     assert m["spec_accepted_tokens"] > 0 and m["spec_draft_tokens"] < drafter.proposed  # BOS drafts were cut
     assert m["masked_tokens"] > sum(len(w.token_ids) for w in want[:4])  # a mask per verify position
     assert m["running"] == 0 and m["pages_used"] == 0
+
+
+# ---- canonical tokenisation -----------------------------------------------------------------------------------
+
+def _real_tokenizer(tmp_path_factory):
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from structured_mask import real_v15_tekken
+
+    return real_v15_tekken(tmp_path_factory.mktemp("real_tekken"))
+
+
+@pytest.fixture(scope="module")
+def real_tok(tmp_path_factory):
+    return _real_tokenizer(tmp_path_factory)
+
+
+def _accepts(canon, ids) -> bool:
+    """Whether `canon` lets the inner-rank sequence `ids` be written token by token and then end."""
+    tail, tail_ids = "", ()
+    for t in ids:
+        if not canon.allowed(tail, list(tail_ids), np.array([t]), canon.encode)[0]:
+            return False
+        tail, tail_ids = canon.advance(tail, tail_ids, t)
+    return canon.end_ok(tail, tail_ids, canon.encode)
+
+
+ALPHABET = list('abcXYZ é1234567890{}[]":,.-_/\\\n\r\t') + ["ñ", "東", "ß", "\u0301", "ǅ", "  ", "\n\n", '"}',
+                                                            '", "', '": ', "location", "Paris", "the ", "The"]
+
+
+@pytest.mark.parametrize("which", ["tiny", "real"])
+def test_canonical_steps_accept_exactly_the_encodings(setup, real_tok, which):
+    """On random texts: the encoder's tokens pass every step; a token split into its two merge halves, or two
+    tokens merged into one, pass only where that is the encoding too (tiktoken decides)."""
+    tok = setup[0] if which == "tiny" else real_tok
+    canon = tok.canon()
+    rng = random.Random(0)
+    checked = 0
+    for _ in range(400):
+        text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 20)))
+        ids = canon.encode(text)
+        if any(canon.tstr[t] is None for t in ids):  # pieces of a character: never written
+            assert not _accepts(canon, ids)
+            continue
+        assert _accepts(canon, ids), text
+        variants = []
+        for i, t in enumerate(ids):
+            if canon.left[t] != t:
+                variants.append(ids[:i] + [int(canon.left[t]), int(canon.right[t])] + ids[i + 1:])
+            if i + 1 < len(ids) and canon.tbytes[t] + canon.tbytes[ids[i + 1]] in canon.ranks:
+                variants.append(ids[:i] + [canon.ranks[canon.tbytes[t] + canon.tbytes[ids[i + 1]]]] + ids[i + 2:])
+        for v in variants:
+            if all(canon.tstr[t] is not None for t in v):
+                assert _accepts(canon, v) == (canon.encode(text) == v), (text, v)
+                checked += 1
+    assert checked > 100
+
+
+def test_pair_validity_is_bpe(setup, real_tok):
+    """`pair_valid` (merge unwinding) == tiktoken's own BPE of the two tokens' bytes: every pair of the tiny
+    vocabulary, and 40 x 2000 random pairs of the real one."""
+    for tok, firsts, seconds in ((setup[0], None, None), (real_tok, 40, 2000)):
+        canon = tok.canon()
+        piece = tok.tekkenizer._model._encode_single_piece
+        rng = np.random.default_rng(0)
+        ok = np.flatnonzero(canon.reachable)
+        for a in ok if firsts is None else rng.choice(ok, firsts):
+            bs = ok if seconds is None else rng.choice(ok, seconds)
+            got = canon.pair_valid(int(a), bs)
+            want = [piece(canon.tbytes[a] + canon.tbytes[b]) == [a, b] for b in bs]
+            assert got.tolist() == want
+
+
+def _all_outputs(tok, grammar, canonical, limit=5000):
+    """Every token sequence (to the end of the output) the masks allow, by depth-first search."""
+    done, fallbacks = [], 0
+    stack = [(structured.new_matcher(tok, grammar, canonical=canonical), [])]
+    while stack:
+        m, ids = stack.pop()
+        if m.is_stopped():
+            done.append(ids)
+            continue
+        words = np.frombuffer(m.llm.compute_bitmask(), np.int32).copy()
+        m.refine(words)
+        fallbacks += m.fallbacks
+        for t in np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little")):
+            nxt = structured.Constrained(tok, m.llm.deep_copy(), canonical=canonical)
+            nxt.tail = list(m.tail)
+            assert nxt.consume_token(int(t))
+            stack.append((nxt, ids + [int(t)]))
+        assert len(done) + len(stack) < limit
+    return done, fallbacks
+
+
+def test_masks_allow_exactly_the_canonical_encodings_of_a_finite_language(setup):
+    """For schemas with finitely many answers, the canonical masks allow exactly one token sequence per answer,
+    its encoding, with no dead end; llguidance alone allows other tokenisations of the same answers."""
+    tok = setup[0]
+    schemas = [{"enum": ["celsius", "cel", "celeron", "kelvin", "location", "Paris"]},
+               {"type": "object", "properties": {"unit": {"enum": ["celsius", "kelvin"]}, "ok": {"type": "boolean"}},
+                "required": ["unit", "ok"], "additionalProperties": False}]
+    answers = [[json.dumps(v) for v in schemas[0]["enum"]],
+               [json.dumps({"unit": u, "ok": o}) for u in ("celsius", "kelvin") for o in (True, False)]]
+    for schema, texts in zip(schemas, answers):
+        grammar = structured.chat_grammar(tok, MESSAGES, response_format={
+            "type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+        got, fallbacks = _all_outputs(tok, grammar, canonical=True)
+        assert fallbacks == 0
+        assert sorted(_ended(tok, ids) for ids in got) == sorted(tok.encode(t, bos=False) + [tok.eos_id] for t in texts)
+        raw, _ = _all_outputs(tok, grammar, canonical=False, limit=200000)
+        assert len(raw) > len(got)
+
+
+def test_tool_call_arguments_are_written_as_mistral_common_writes_them(setup):
+    """mistral-common re-serialises arguments (json.loads + json.dumps): the grammar allows only that layout
+    (", " and ": ", no "\\/", no "\\u" escapes), so the text written is the text it encodes."""
+    tok = setup[0]
+    tools = TOOLSETS[2]
+    grammar = structured.chat_grammar(tok, MESSAGES, tools=tools, tool_choice="required")
+
+    def accepts(args: str) -> bool:
+        m = structured.new_matcher(tok, grammar, canonical=False)
+        ids = [tok.token_id("[TOOL_CALLS]"), *tok.encode("book", bos=False), tok.token_id("[ARGS]"),
+               *tok.encode(args, bos=False), tok.eos_id]
+        return m.llm.validate_tokens(ids) == len(ids)
+
+    value = {"city": "rome", "guests": 2, "note": 'a "b"\n', "tags": ["the"]}
+    assert accepts(json.dumps(value, ensure_ascii=False))
+    assert not accepts(json.dumps(value, separators=(",", ":")))
+    assert not accepts(json.dumps(value).replace("the", "\\u0074he"))
+    assert not accepts(json.dumps({**value, "note": "a/b"}).replace("/", "\\/"))
