@@ -159,6 +159,58 @@ def new_matcher(tokenizer: Tokenizer, grammar: str, *, canonical: bool = True):
     return Constrained(tokenizer, matcher, canonical=canonical)
 
 
+_NUMBER = frozenset("-+0123456789.eE")
+_NO_ARGS = None  # not inside a tool call's arguments
+_ARGS = (False, False, "")  # (inside a string, after a backslash there, the number being written)
+
+
+def _special_names(tokenizer) -> set:
+    return set(getattr(tokenizer, "_special_map", {}))
+
+
+def _number_ok(lit: str, complete: bool) -> bool:
+    """Whether the JSON number `lit` is json.dumps(json.loads(lit)) (complete), or can still become one."""
+    if complete:
+        try:
+            return json.dumps(json.loads(lit)) == lit
+        except ValueError:
+            return False
+    if any(ch in "eE+" for ch in lit):
+        return False  # Python writes exponents only beyond 1e16 and below 1e-4: kept out altogether
+    head, _, frac = lit.lstrip("-").partition(".")
+    if "." not in lit:
+        return True
+    digits = (head + frac).lstrip("0")
+    if len(digits) > 15:
+        return False  # more digits than a double keeps: json.dumps would write others
+    return head != "0" or len(frac) - len(frac.lstrip("0")) <= 3  # 0.0000x is below 1e-4: an exponent
+
+
+def _scan(js, text: str):
+    """The JSON number scanner's state after `text` (None where a number would not survive re-serialisation)."""
+    if js is _NO_ARGS:
+        return js
+    in_str, esc, num = js
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch in _NUMBER:
+            num += ch
+            if not _number_ok(num, False):
+                return None
+        else:
+            if num and not _number_ok(num, True):
+                return None
+            num = ""
+            in_str = ch == '"'
+    return (in_str, esc, num)
+
+
 class Constrained:
     """An llguidance matcher whose masks also keep the output canonical: token for token what the tokenizer's own
     `encode` gives for the text written so far, so the ids of a finished answer equal mistral-common's encoding
@@ -173,6 +225,10 @@ class Constrained:
     nowhere and is dropped. Should no token remain (a grammar forcing a text whose canonical tokens the lookahead
     missed), llguidance's mask is used as it is for that step and `fallbacks` counts it.
 
+    A tool call's arguments are re-serialised by mistral-common (json.loads, then json.dumps): their numbers are
+    kept to spellings that survive that (`_number_ok`: no `-0`, no exponent, no trailing fraction zeros, at most
+    15 significant digits), so the arguments' text is the text it encodes.
+
     The methods the engine uses are llguidance's: consume_token(s), is_stopped, is_accepting, is_error,
     get_error, rollback (speculative verification: `validate_tokens` checks grammar and canonical order).
     """
@@ -186,7 +242,9 @@ class Constrained:
         self.canon = tokenizer.canon() if canonical else None
         self.nspec = self.canon.nspec if canonical else 0
         self.vocab = tokenizer.vocab_size
-        self.tail: list[tuple[str, tuple]] = [("", ())]  # per consumed token: the settled tail after it
+        # per consumed token, the state after it: (settled tail text, its token ids, JSON number scanner)
+        self.tail: list[tuple] = [("", (), _NO_ARGS)]
+        self.args_id = tokenizer.token_id("[ARGS]") if canonical and "[ARGS]" in _special_names(tokenizer) else -1
         self.fallbacks = 0
 
     # ---- llguidance's interface ---------------------------------------------------------------------------
@@ -235,8 +293,9 @@ class Constrained:
         if self.canon is None:
             return state
         if t < self.nspec:  # a special token ends the text segment
-            return ("", ())
-        return self.canon.advance(state[0], state[1], t - self.nspec)
+            return ("", (), _ARGS if t == self.args_id else _NO_ARGS)
+        return (*self.canon.advance(state[0], state[1], t - self.nspec),
+                _scan(state[2], self.canon.tstr[t - self.nspec]))
 
     def _canonical_next(self, state, ids) -> np.ndarray:
         """Which of the token ids `ids` may follow the text whose settled tail is `state` canonically."""
@@ -245,13 +304,21 @@ class Constrained:
         if self.canon is None:
             return ~ok
         c = self.canon
-        tail, tail_ids = state
+        tail, tail_ids = state[:2]
         special = ids < self.nspec
         if special.any():
             ok[special] = c.end_ok(tail, tail_ids, c.encode)
         text = np.flatnonzero(~special & (ids < self.nspec + c.n))
         if len(text):
             ok[text] = c.allowed(tail, list(tail_ids), ids[text] - self.nspec, c.encode)
+        js = state[2]
+        if js is not _NO_ARGS:  # in a call's arguments: numbers that survive json.loads + json.dumps
+            if special.any() and js[2]:
+                ok[special] &= _number_ok(js[2], True)
+            for i in text[ok[text]]:
+                s = c.tstr[ids[i] - self.nspec]
+                if js[2] or (js[0] and '"' in s) or (not js[0] and any(ch in _NUMBER for ch in s)):
+                    ok[i] = _scan(js, s) is not None
         return ok
 
     def _bits(self, words: np.ndarray) -> np.ndarray:
@@ -299,7 +366,7 @@ class Constrained:
             return None
         if not forced:
             return None
-        tail, tail_ids = state
+        tail, tail_ids = state[:2]
         text = tail + c.tstr[t - self.nspec]
         full = text + forced
         if not any(len(text) < s < len(full) for s in c.chunk_starts(full)):
