@@ -315,10 +315,11 @@ class Constrained:
         if js is not _NO_ARGS:  # in a call's arguments: numbers that survive json.loads + json.dumps
             if special.any() and js[2]:
                 ok[special] &= _number_ok(js[2], True)
-            for i in text[ok[text]]:
-                s = c.tstr[ids[i] - self.nspec]
-                if js[2] or (js[0] and '"' in s) or (not js[0] and any(ch in _NUMBER for ch in s)):
-                    ok[i] = _scan(js, s) is not None
+            sel = text[ok[text]]
+            if not js[2]:  # no number open: only tokens that leave the string, or start a number, matter
+                sel = sel[(self._quote() if js[0] else self._numeric())[ids[sel] - self.nspec]]
+            for i in sel:
+                ok[i] = _scan(js, c.tstr[ids[i] - self.nspec]) is not None
         return ok
 
     def _bits(self, words: np.ndarray) -> np.ndarray:
@@ -373,6 +374,13 @@ class Constrained:
             return None  # t's chunk runs to the end of the forced text: what follows decides
         want = [*tail_ids, t - self.nspec]
         return c.encode(full)[: len(want)] == want
+
+    def _numeric(self) -> np.ndarray:
+        """Tokens holding a character of a JSON number."""
+        c = self.canon
+        if getattr(c, "numeric", None) is None:
+            c.numeric = np.array([s is not None and any(ch in _NUMBER for ch in s) for s in c.tstr])
+        return c.numeric
 
     def _viable(self, matcher, state, t: int, depth: int) -> bool:
         """Whether token t (canonical next) leaves a canonical way on: the grammar stops, or a special token that

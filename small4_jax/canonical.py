@@ -165,33 +165,31 @@ class Canon:
         spine = [a]
         while self.right[spine[-1]] != spine[-1]:
             spine.append(int(self.right[spine[-1]]))
-        rows = np.stack([self._row(x) for x in spine])  # rows[i, y]: rank of the merge (spine[i], y)
+        n = self.n
+        rows = np.concatenate([self._row(x) for x in spine])  # rows[i * n + y]: rank of the merge (spine[i], y)
         spine = np.asarray(spine, np.int32)
+        last = len(spine) - 1
+        left = self.left
         bs = np.asarray(bs, np.int32)
         out = np.ones(len(bs), bool)
+        idx = np.arange(len(bs))
         pos = np.zeros(len(bs), np.int32)  # the first token is spine[pos]
         t2 = bs.copy()
-        limit = np.full(len(bs), _INF, np.int64)
-        idx = np.arange(len(bs))
-        last = len(spine) - 1
+        limit = np.full(len(bs), _INF, np.int32)  # ranks fit int32; INF is above them all
         while len(idx):
-            bad = rows[pos, t2] < limit
-            out[idx[bad]] = False
-            keep = ~bad
-            idx, pos, t2, limit = idx[keep], pos[keep], t2[keep], limit[keep]
-            t1 = spine[pos]
+            bad = rows[pos * n + t2] < limit
+            l2 = left[t2]
+            b2 = l2 == t2  # the second token is a single byte
             b1 = pos == last  # the first token is a single byte
-            b2 = self.left[t2] == t2  # the second token is a single byte
-            first = t1 > t2
-            done = b1 & b2
-            up1 = ~done & ((first & ~b1) | (~first & b2))  # unwind the first token's merge
-            up2 = ~done & ~up1  # unwind the second token's merge
-            limit[up1] = t1[up1]
-            pos[up1] += 1
-            limit[up2] = t2[up2].astype(np.int64) + 1
-            t2[up2] = self.left[t2[up2]]
-            keep = ~done
-            idx, pos, t2, limit = idx[keep], pos[keep], t2[keep], limit[keep]
+            t1 = spine[pos]
+            up1 = (t1 > t2) & ~b1 | b2 & ~b1  # unwind the first token's merge
+            live = ~bad & ~(b1 & b2)  # b1 & b2: both are bytes, nothing crosses: valid
+            out[idx[bad]] = False
+            up2 = ~up1
+            limit = np.where(up1, t1, t2 + 1)
+            pos = pos + up1
+            t2 = np.where(up2, l2, t2)
+            idx, pos, t2, limit = idx[live], pos[live], t2[live], limit[live]
         return out
 
     def valid_after(self, a: int, bs: np.ndarray) -> np.ndarray:
