@@ -9,6 +9,12 @@ matcher for its allowed-token bitmask ([B, ceil(V/32)] int32, `batch_sampling.Ro
 while the device computes the step's logits, and the sampler masks the logits on the device. After a token is
 sampled the matcher consumes it.
 
+The masks also keep the tokens canonical (`Constrained`, `small4_jax.canonical`): the ids of a finished answer
+are what mistral-common's `encode_assistant_message` gives for the parsed answer (its content, or each call's
+`[TOOL_CALLS]` name `[ARGS]` json.dumps(arguments)), not merely some tokenisation of the same text. The grammar
+is edited to match what mistral-common writes (no optional whitespace around names and JSON; `", "` / `": "`
+separators; json.dumps's string escapes), and argument numbers are kept to json.dumps's spellings.
+
 llguidance (and jinja2, which mistral-common renders the grammars with) are imported only when a request asks for
 structured output.
 """
@@ -143,7 +149,10 @@ def _edit(grammar: str, *, reasoning: bool, forced_tools: bool) -> str:
 def json_schema_grammar(tokenizer: Tokenizer, schema: dict) -> str:
     """A grammar of exactly one JSON value matching `schema` (no reasoning, no text): for completions."""
     factory = _factory(tokenizer)
-    return factory.get_lark_for_json_schema(factory.select_jinja_template(), schema)
+    if not isinstance(schema, dict):
+        raise InputError("the JSON schema must be an object")
+    grammar = factory.get_lark_for_json_schema(factory.select_jinja_template(), _compact(schema))
+    return _edit(grammar, reasoning=False, forced_tools=False)  # mistral-common's template allows [THINK] first
 
 
 def new_matcher(tokenizer: Tokenizer, grammar: str, *, canonical: bool = True):
@@ -294,8 +303,10 @@ class Constrained:
             return state
         if t < self.nspec:  # a special token ends the text segment
             return ("", (), _ARGS if t == self.args_id else _NO_ARGS)
-        return (*self.canon.advance(state[0], state[1], t - self.nspec),
-                _scan(state[2], self.canon.tstr[t - self.nspec]))
+        s = self.canon.tstr[t - self.nspec] if t - self.nspec < self.canon.n else None
+        if s is None or not self.canon.text_ok[t - self.nspec]:  # a piece of a character (after a fallback)
+            return ("", (), _NO_ARGS)  # nothing to keep canonical against: start afresh
+        return (*self.canon.advance(state[0], state[1], t - self.nspec), _scan(state[2], s))
 
     def _canonical_next(self, state, ids) -> np.ndarray:
         """Which of the token ids `ids` may follow the text whose settled tail is `state` canonically."""

@@ -392,3 +392,21 @@ def test_argument_numbers_survive_reserialisation(setup):
         canonical = json.dumps(json.loads(lit)) == lit
         assert writes(call, head, text) == canonical, lit
         assert writes(answer, [], text), lit
+
+
+def test_a_character_without_a_whole_token_falls_back_and_still_parses(setup):
+    """'東' has no token of its own in the tiny vocabulary (its encoding is three byte pieces, which the canonical
+    masks never allow): an enum that forces it leaves no canonical token, so that step uses llguidance's mask as
+    it is (counted in `fallbacks`) and the answer still completes."""
+    tok = setup[0]
+    assert all(tok.canon().tstr[t - tok.canon().nspec] is None for t in tok.encode("東", bos=False))
+    grammar = structured.json_schema_grammar(tok, {"enum": ["東"]})
+    m = structured.new_matcher(tok, grammar)
+    ids = []
+    while not m.is_stopped():
+        words = np.frombuffer(m.llm.compute_bitmask(), np.int32).copy()
+        m.refine(words)
+        t = int(np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little"))[0])
+        assert m.consume_token(t)
+        ids.append(t)
+    assert m.fallbacks > 0 and json.loads(tok.decode(ids)) == "東"
