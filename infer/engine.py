@@ -496,13 +496,13 @@ class Engine:
         if self.lora is None:
             raise InputError("this engine was started without LoRA slots (--max-loras)")
         weights, identity = self.lora.read(name, path)  # host work off the engine thread
-        self._between_steps(lambda: self._install_adapter(name, path, weights, identity))
+        self._between_steps(lambda: self._install_adapter(name, path, weights, identity), op=("load", name, str(path)))
 
     def unload_adapter(self, name: str) -> None:
         """Unload adapter `name`; refused while requests using it are queued or running."""
         if self.lora is None:
             raise InputError("this engine was started without LoRA slots (--max-loras)")
-        self._between_steps(lambda: self._remove_adapter(name))
+        self._between_steps(lambda: self._remove_adapter(name), op=("unload", name))
 
     def _install_adapter(self, name, path, weights, identity):
         if name in self.lora.adapters:
@@ -518,12 +518,15 @@ class Engine:
         self.lora.unload(name)
         self.graphdef, self.state = nnx.split(self.model)
 
-    def _between_steps(self, fn):
+    def _between_steps(self, fn, op=None):
+        """Run fn() on the engine thread between two steps; returns its result or raises its exception. op: what fn
+        does, as data (("load", name, path) or ("unload", name)), which a multi-process engine (infer/lockstep.py)
+        replays on the other processes."""
         done, result = threading.Event(), []
         if self._thread is None:  # no engine thread: run it here
-            self._handle(("call", (fn, done, result)))
+            self._handle(("call", (fn, done, result, op)))
         else:
-            self._inbox.put(("call", (fn, done, result)))
+            self._inbox.put(("call", (fn, done, result, op)))
             done.wait()
         if isinstance(result[0], Exception):
             raise result[0]
@@ -782,8 +785,8 @@ class Engine:
             for r in list(self._waiting) + self._running:
                 if r.id == value:
                     self._finish(r, "cancelled")
-        elif kind == "call":  # a function to run between steps (adapter loading); value = (fn, done event, result)
-            fn, done, result = value
+        elif kind == "call":  # a function to run between steps (adapter loading): (fn, done event, result, op)
+            fn, done, result, _ = value
             try:
                 result.append(fn())
             except Exception as e:  # handed back to the caller's thread

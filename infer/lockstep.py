@@ -6,17 +6,27 @@ server and the request queue) broadcasts, at the start of every step, the events
 the other processes apply the same events and run the same step. Process 0 ticks at least every `IDLE_TICK` seconds
 while idle, so the followers, blocked in the broadcast, never wait long in a collective. `stop()` on process 0 sends
 a shutdown event that ends `follow()` on the others.
+
+Adapter loads and unloads (`load_adapter` / `unload_adapter`, the server's /v1/load_lora_adapter) are events too:
+process 0 reads the adapter, then sends ("load", name, path) in its step's events and installs it there; every other
+process reads the same path (a filesystem all hosts see) and installs it at the same point of the step sequence,
+so the adapter slots stay identical everywhere. A process that cannot read an adapter process 0 loaded stops with
+an error instead of running on with different weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pickle
 import queue
 
 import numpy as np
 
 from infer.engine import Engine
+from small4_jax.errors import Small4Error
+
+log = logging.getLogger("small4_jax")
 
 IDLE_TICK = 0.5  # seconds
 
@@ -56,11 +66,10 @@ class LockstepEngine(Engine):
                     items.append(self._inbox.get_nowait())
                 except queue.Empty:
                     break
-            items = [(kind, value) for kind, value in items if kind in ("submit", "cancel")]
+            items = [(kind, value) for kind, value in items if kind in ("submit", "cancel", "call")]
             if self._stopping:
                 items.append(("shutdown", None))
-            wire = [(k, dataclasses.replace(v, callback=None, matcher=None) if k == "submit" else v) for k, v in items]
-            broadcast_bytes(pickle.dumps(wire))
+            broadcast_bytes(pickle.dumps([self._wire(k, v) for k, v in items]))
         else:
             items = pickle.loads(broadcast_bytes(None))
         for kind, value in items:
@@ -68,8 +77,42 @@ class LockstepEngine(Engine):
                 value.matcher = self._matcher(value.options)  # llguidance matchers do not pickle: one per process
             if kind == "shutdown":
                 self._shutdown = True
+            elif kind == "adapter":
+                self._replay(value)
+            elif kind == "call" and value[3] is None:  # not replayable: it would make the processes diverge
+                value[2].append(RuntimeError("this engine call is not supported on a multi-process engine"))
+                value[1].set()
             else:
                 self._handle((kind, value))
+
+    @staticmethod
+    def _wire(kind, value):
+        """What the other processes receive for one of process 0's events: requests without their callback and
+        matcher, adapter calls as their op."""
+        if kind == "submit":
+            return kind, dataclasses.replace(value, callback=None, matcher=None)
+        if kind == "call":
+            return ("adapter", value[3]) if value[3] is not None else ("skip", None)
+        return kind, value
+
+    def _replay(self, op) -> None:
+        """Process 0's adapter load / unload, here (see the module docstring)."""
+        import jax
+
+        if op[0] == "load":
+            _, name, path = op
+            try:
+                weights, identity = self.lora.read(name, path)
+            except (Small4Error, OSError) as e:
+                raise RuntimeError(f"process {jax.process_index()}: cannot read adapter {name!r} from {path}, which "
+                                   f"process 0 loaded ({e}); the processes would run different weights") from e
+            fn = lambda: self._install_adapter(name, path, weights, identity)  # noqa: E731
+        else:
+            fn = lambda: self._remove_adapter(op[1])  # noqa: E731
+        try:
+            fn()
+        except Small4Error as e:  # refused here as on process 0 (same state, same checks)
+            log.info("adapter %s %r refused as on process 0: %s", op[0], op[1], e)
 
     def _loop(self) -> None:
         """Process 0's engine thread: a step whenever there is work, and at least every IDLE_TICK seconds."""

@@ -3,6 +3,7 @@
     python tests/mp_worker.py forward CKPT OUT_DIR      # logits on a mesh spanning every process
     python tests/mp_worker.py save_restore CKPT OUT_DIR # save on one mesh, restore on another; also a 1-process ckpt
     python tests/mp_worker.py hang                      # process 1 never joins the all-reduce: preflight must fail
+    python tests/mp_worker.py lora_lockstep CKPT OUT ENGINE_KWARGS_JSON  # adapters loaded at run time, 2 processes
 """
 
 import os
@@ -66,6 +67,38 @@ def main() -> int:
         results = {"saved_restored": logits(restored), "converted": logits(converted)}
         if spec.process_id == 0:
             np.savez(os.path.join(out, "save_restore.npz"), **results)
+    elif scenario == "lora_lockstep":  # adapters loaded and unloaded at run time on a 2-process serving engine
+        import json
+        import threading
+
+        from infer.engine import SamplingOptions, merge_outputs
+        from infer.lockstep import LockstepEngine
+
+        mesh = make_mesh({"data": 1, "expert": 8, "tensor": 1})
+        engine = LockstepEngine(small4_jax.from_pretrained(ckpt, dtype="float32", mesh=mesh), mesh=mesh, max_loras=1,
+                                max_lora_rank=4, **json.loads(sys.argv[4]))
+        if spec.process_id == 0:
+            engine.start()
+
+            def run(adapter):
+                events, done = [], threading.Event()
+                engine.submit(list(IDS[0, :19]), SamplingOptions(max_tokens=6, ignore_eos=True), adapter=adapter,
+                              callback=lambda o: (events.append(o), o.finished and done.set()))
+                done.wait(120)
+                return merge_outputs(events).token_ids
+
+            engine.load_adapter("a", os.path.join(out, "adapter"))
+            results = {"adapter": run("a"), "base": None}
+            engine.unload_adapter("a")
+            results["base"] = run(None)
+            engine.load_adapter("b", os.path.join(out, "adapter"))  # the freed slot, under another name
+            results["again"] = run("b")
+            engine.stop()
+            with open(os.path.join(out, "lora_lockstep.json"), "w") as f:
+                json.dump(results, f)
+        else:
+            engine.follow()
+            assert sorted(engine.lora.adapters) == ["b"], engine.lora.adapters
     jax.distributed.shutdown()
     return 0
 

@@ -178,3 +178,43 @@ def test_http_server_across_two_processes(capsys):
     one = json.loads(capsys.readouterr().out.removesuffix("\n").rsplit("\n", 1)[-1])
     assert len(one["token_ids"]) == 8 and one["text"]  # 8 ordinary tokens: the text pins them down
     assert text == one["text"], (answer, one)
+
+
+def test_adapter_load_and_unload_in_lockstep_across_two_processes(checkpoint, tmp_path):
+    """load_adapter / unload_adapter on process 0 of a 2-process engine reach process 1 at the same step: requests
+    with the adapter, after unloading it, and with it loaded again into the freed slot give one process's tokens."""
+    import json
+
+    from infer.engine import Engine, SamplingOptions
+    from small4_jax import lora
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    path, _ = checkpoint
+    tuned = small4_jax.from_pretrained(path, dtype="float32")
+    lora.apply_lora(tuned, lora.LoRAConfig(targets=("all",), rank=4, alpha=6.0, seed=1))
+    rng = np.random.RandomState(4)  # B is zero at init: give the adapter a large effect
+    nnx.update(tuned, nnx.from_flat_state([(p, v.replace(jnp.asarray(0.5 * rng.randn(*v.shape), jnp.float32)))
+                                           for p, v in nnx.to_flat_state(nnx.state(tuned, lora.TRAINABLE))]))
+    lora.save_peft(tuned, tmp_path / "adapter")
+    kw = dict(max_batch=2, page_size=8, prefill_chunk=16, batch_buckets=(2,), page_buckets=(4,), max_model_len=32)
+    proc = _launch("lora_lockstep", path, tmp_path, json.dumps(kw), timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = json.loads((tmp_path / "lora_lockstep.json").read_text())
+    one = Engine(small4_jax.from_pretrained(path, dtype="float32"), lora_adapters=[("a", str(tmp_path / "adapter"))],
+                 **kw)
+    prompt, options = IDS[0, :19].tolist(), SamplingOptions(max_tokens=6, ignore_eos=True)
+    want = {a: _run_one(one, prompt, options, a) for a in ("a", None)}
+    assert got["adapter"] == want["a"] and got["again"] == want["a"] and got["base"] == want[None]
+    assert got["adapter"] != got["base"]
+
+
+def _run_one(engine, prompt, options, adapter):
+    from infer.engine import merge_outputs
+
+    events = []
+    engine.submit(prompt, options, adapter=adapter, callback=events.append)
+    while not (events and events[-1].finished):
+        engine.step()
+    return merge_outputs(events).token_ids
