@@ -193,25 +193,25 @@ class Canon:
         return out
 
     def valid_after(self, a: int, bs: np.ndarray) -> np.ndarray:
-        """`pair_valid(a, bs)`; for many `bs` through a cached row over the whole vocabulary (free text asks
-        for most of it after each token, and frequent tokens come back)."""
-        if len(bs) < 4096:
+        """`pair_valid(a, bs)`, remembered per `a` (free text asks for most of the vocabulary after each token, and
+        frequent tokens come back): only pairs not asked before are computed."""
+        bs = np.asarray(bs, np.int32)
+        if len(bs) < 1024:
             return self.pair_valid(a, bs)
         with self._lock:
-            row = self._valid_cache.get(a)
-            if row is not None:
-                self._valid_cache.move_to_end(a)
-        if row is None:
-            bits = np.zeros(self.n, bool)
-            ok = np.flatnonzero(self.text_ok)
-            bits[ok] = self.pair_valid(a, ok)
-            row = np.packbits(bits, bitorder="little")  # 16 KB for 131K tokens
-            with self._lock:
-                self._valid_cache[a] = row
-                if len(self._valid_cache) > 2048:
+            entry = self._valid_cache.get(a)
+            if entry is None:
+                entry = self._valid_cache[a] = (np.zeros(self.n, bool), np.zeros(self.n, bool))  # valid, known
+                if len(self._valid_cache) > 256:  # 256 KB each
                     self._valid_cache.popitem(last=False)
-        bs = np.asarray(bs)
-        return ((row[bs >> 3] >> (bs & 7)) & 1).astype(bool)
+            else:
+                self._valid_cache.move_to_end(a)
+        valid, known = entry
+        new = bs[~known[bs]]
+        if len(new):
+            valid[new] = self.pair_valid(a, new)
+            known[new] = True
+        return valid[bs]
 
     def new_chunk_mask(self, tail: str) -> np.ndarray:
         """Packed bitmask ([ceil((num_special + n) / 32)] int32, token ids) of the tokens that start a new chunk
