@@ -4,7 +4,8 @@ Input lines (`--input prompts.jsonl`), one JSON object each; the first of these 
     {"messages": [{"role": "user", "content": "..."}, ...]}   chat (also with "tools", "reasoning_effort")
     {"prompt": "..."}                                         text (chat-formatted with --chat)
     {"prompt_ids": [1, 2, 3]}                                 ids, used as given
-plus optional "id", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "system", "stop".
+plus optional "id", "max_new_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "system", "stop", and
+"adapter" (one of the --lora NAME=DIR adapters; default --adapter, else the base model).
 Output lines (`--output out.jsonl`), in input order: {"id", "token_ids", "text", "finish_reason"} and, for chat,
 "reasoning_content" and "tool_calls". A malformed line is an InputError naming the file and line.
 
@@ -36,6 +37,7 @@ class Item:
     options: SamplingOptions
     chat: bool
     parse_tools: bool = False
+    adapter: str | None = None  # the multi-LoRA adapter it runs with (None: the base model)
 
 
 def chat_messages(text: str, system: str | None, images=()) -> list[dict]:
@@ -50,8 +52,21 @@ def chat_messages(text: str, system: str | None, images=()) -> list[dict]:
 
 
 def make_item(tokenizer, row: dict, defaults: SamplingOptions, *, chat: bool, system: str | None,
-              reasoning_effort: str | None, index: int, images=()) -> Item:
-    """One request from a JSONL row (or from the command line, as a row; `images`: --image files, chat only)."""
+              reasoning_effort: str | None, index: int, images=(), adapter: str | None = None,
+              adapters=()) -> Item:
+    """One request from a JSONL row (or from the command line, as a row; `images`: --image files, chat only).
+    adapter: the default adapter name; adapters: the names a row's "adapter" may take."""
+    item = _make_item(tokenizer, row, defaults, chat=chat, system=system, reasoning_effort=reasoning_effort,
+                      index=index, images=images)
+    item.adapter = row.get("adapter", adapter)
+    if item.adapter is not None and item.adapter not in adapters:
+        raise InputError(f"adapter {item.adapter!r} is not one of the --lora NAME=DIR adapters "
+                         f"({', '.join(adapters) or 'none given'})")
+    return item
+
+
+def _make_item(tokenizer, row: dict, defaults: SamplingOptions, *, chat: bool, system: str | None,
+               reasoning_effort: str | None, index: int, images=()) -> Item:
     overrides = {}
     for key, field in _OPTION_KEYS.items():
         if key in row:

@@ -578,11 +578,12 @@ class Engine:
 
     def generate(self, prompts: Sequence[Sequence[int]], options: SamplingOptions | Sequence[SamplingOptions],
                  on_finish: Callable[[int, RequestOutput], None] | None = None,
-                 images: Sequence[Sequence] | None = None) -> list[RequestOutput]:
+                 images: Sequence[Sequence] | None = None,
+                 adapters: Sequence[str | None] | None = None) -> list[RequestOutput]:
         """Run a batch of prompts to completion on this thread; returns one merged `RequestOutput` per prompt.
 
         Prompts are submitted as queue room allows (back-pressure), so any number can be given. images: per prompt,
-        its preprocessed images (see `submit`).
+        its preprocessed images (see `submit`); adapters: per prompt, its LoRA adapter name (None: the base model).
         """
         if isinstance(options, SamplingOptions):
             options = [options] * len(prompts)
@@ -605,7 +606,8 @@ class Engine:
                 i, prompt = todo.pop()
                 imgs = images[i] if images is not None else ()
                 self.submit(prompt, options[i], callback=collect(i), request_id=f"gen-{next(self._ids)}",
-                            images=imgs, image_hashes=[image_hash(im) for im in imgs])
+                            images=imgs, image_hashes=[image_hash(im) for im in imgs],
+                            adapter=adapters[i] if adapters is not None else None)
             self.step()
         return results
 

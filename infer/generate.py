@@ -5,6 +5,12 @@
 
     python -m infer.generate --checkpoint DIR --chat --system "Be brief." --reasoning-effort high --prompt "Hi"
     python -m infer.generate --checkpoint DIR --input prompts.jsonl --output out.jsonl   # batch, progress bar
+    python -m infer.generate --checkpoint DIR --lora ADAPTER --prompt "Hi"             # one adapter, every prompt
+    python -m infer.generate --checkpoint DIR --lora a=DIR_A --lora b=DIR_B --input prompts.jsonl   # per prompt
+
+`--lora DIR` attaches one PEFT adapter to the model for every prompt. `--lora NAME=DIR` (repeatable) serves several
+side by side as the server does (`small4_jax/multi_lora.py`, one batch mixing them): each prompt picks one with
+`--adapter NAME` (--prompt / --prompt-ids) or its input line's "adapter"; prompts without a choice use the base model.
 
 Everything runs through the serving engine (`infer/engine.py`). Text is streamed to stdout as tokens arrive
 (with --chat, the answer; the reasoning goes to stderr); `--json` adds one last line
@@ -54,8 +60,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     from infer.cli import add_engine_args
 
     add_engine_args(p, max_batch=8)
-    p.add_argument("--lora", help="HF PEFT LoRA adapter directory (train.export --peft), applied without merging")
+    p.add_argument("--lora", action="append", default=[], metavar="[NAME=]DIR",
+                   help="HF PEFT LoRA adapter directory (train.export --peft), applied without merging to every prompt; "
+                   "or NAME=DIR, repeatable: adapters each prompt picks from (--adapter, an input line's \"adapter\")")
+    p.add_argument("--adapter", metavar="NAME", help="the --lora NAME=DIR adapter the prompt runs with (default: the base "
+                   "model); in --input files each line's \"adapter\" (this is the default for lines without one)")
     return p.parse_args(argv)
+
+
+def lora_flags(values) -> tuple[str | None, list[tuple[str, str]]]:
+    """--lora values -> (one adapter directory for every prompt, or None; [(name, dir)] adapters chosen per prompt).
+    A value is NAME=DIR when the part before its first '=' is a name (no path separator), else a directory."""
+    from small4_jax.multi_lora import parse_lora_flags
+
+    named = [v for v in values if "=" in v and not any(c in v.partition("=")[0] for c in "/\\")]
+    plain = [v for v in values if v not in named]
+    if plain and (named or len(plain) > 1):
+        raise InputError("--lora: give one adapter DIR (applied to every prompt) or NAME=DIR adapters (each prompt "
+                         "picks one), not both, and not several unnamed ones")
+    pairs = parse_lora_flags(named)
+    names = [n for n, _ in pairs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InputError(f"--lora: adapter name {dup[0]!r} given twice")
+    return (plain[0] if plain else None), pairs
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -95,8 +123,14 @@ def run(args: argparse.Namespace) -> dict:
     if args.output and not args.input:
         raise InputError("--output is for the results of --input; a single prompt prints to stdout")
     prompt_ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else None
+    single_lora, named_loras = lora_flags(args.lora)
+    args.lora_adapters = [f"{n}={d}" for n, d in named_loras]  # the engine's multi-LoRA (infer.cli.engine_kwargs)
+    names = [n for n, _ in named_loras]
+    if args.adapter is not None and args.adapter not in names:
+        raise InputError(f"--adapter {args.adapter!r}: not one of the --lora NAME=DIR adapters "
+                         f"({', '.join(names) or 'none given'})")
     chat = dict(chat=args.chat or bool(args.system or args.reasoning_effort), system=args.system,
-                reasoning_effort=args.reasoning_effort)
+                reasoning_effort=args.reasoning_effort, adapter=args.adapter, adapters=names)
     config, tokenizer, mesh = preflight(args, need_tokenizer=prompt_ids is None)
     if tokenizer is None and chat["chat"]:
         raise InputError("--chat needs a tokenizer: pass --tokenizer (a tekken.json)")
@@ -130,16 +164,16 @@ def run(args: argparse.Namespace) -> dict:
         model = init_model(config, seed=args.seed, dtype=args.dtype or "float32", quantize=args.quantize)
         print(
             f"note: the weights are RANDOM ({args.config}, seed {args.seed}), so the text is gibberish"
-            + (f" unless the adapter ({args.lora}) was trained on them. " if args.lora else ". ")
+            + (f" unless the adapters ({', '.join(args.lora)}) were trained on them. " if args.lora else ". ")
             + "For real text pass --checkpoint DIR with a Mistral Small 4 checkpoint (HF or Mistral-native).",
             file=sys.stderr,
         )
     else:
         model = from_pretrained(args.checkpoint, dtype=args.dtype or "auto", mesh=mesh, quantize=args.quantize)
-    if args.lora:
+    if single_lora:
         from small4_jax.lora import load_peft, shard_lora
 
-        load_peft(model, args.lora)
+        load_peft(model, single_lora)
         shard_lora(model, mesh if args.checkpoint else None)  # beside the base weights (only a checkpoint is sharded)
     if mesh is not None and args.config:
         from small4_jax.placement import place_model
@@ -174,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
             show(o)
 
     engine.submit(item.prompt.ids, item.options, callback=on_event, images=item.prompt.images,
-                  image_hashes=item.prompt.image_hashes)
+                  image_hashes=item.prompt.image_hashes, adapter=item.adapter)
     while not (events and events[-1].finished):
         engine.step()
     if tokenizer is not None:
@@ -204,7 +238,7 @@ def _run_batch(engine, tokenizer, writer) -> dict:
                 bar.update(1)
 
             engine.generate([it.prompt.ids for it in items], [it.options for it in items], on_finish=done,
-                            images=[it.prompt.images for it in items])
+                            images=[it.prompt.images for it in items], adapters=[it.adapter for it in items])
     finally:
         writer.close()
     return {"results": rows}
