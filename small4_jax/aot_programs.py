@@ -176,7 +176,7 @@ def lora_train_step(run_config, mesh: Mesh, *, micro_batch: int | None = None, s
         return m
 
     model = nnx.eval_shape(build)
-    model.remat = cfg.train.remat
+    trainer.configure(model, cfg)
     tx, sched = trainer.optimizer(cfg), trainer.schedule(cfg)
     steps = trainer.make_steps(model, tx, sched)
     _, params, rng, frozen = nnx.split(model, lora.TRAINABLE, lora.DropoutKey, ...)

@@ -267,6 +267,13 @@ def test_finetune_and_validate_data_reject_bad_configs(tmp_path, capsys, no_buil
             "expert, tensor, e.g. data=1,expert=8,tensor=1")
         cfg = _run_yaml(tmp_path, optim__lr="fast")
         assert _error(tool, ["--config", cfg], capsys) == f"error: {cfg}: optim: field 'lr' = 'fast'; expected float"
+        cfg = _run_yaml(tmp_path, train__loss_chunk=0)
+        assert _error(tool, ["--config", cfg], capsys) == (
+            f"error: {cfg}: train.loss_chunk = 0 must be a positive number of tokens (the cross-entropy's chunk: "
+            "[loss_chunk, vocab] float32 logits are held at once)")
+        cfg = _run_yaml(tmp_path, train__loss_chunk="1k")
+        assert _error(tool, ["--config", cfg], capsys) == \
+            f"error: {cfg}: train: field 'loss_chunk' = '1k'; expected int"
     cfg = _run_yaml(tmp_path)
     assert _error(finetune, ["--config", cfg, "--mesh", "data=1,exprt=4,tensor=1"], capsys) == (
         "error: --mesh: unknown mesh axis 'exprt'; expected name=size pairs over the axes data, expert, tensor, "

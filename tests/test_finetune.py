@@ -266,4 +266,25 @@ def test_validate_data_names_every_bad_line_and_trains_nothing(tmp_path, capsys)
 def test_run_configs_parse():
     for name in ("finetune-tiny.yaml", "finetune-small4.yaml"):
         cfg = run_config.load(ROOT / "configs" / name)
-        assert cfg.lora.rank > 0 and cfg.train.steps > 0
+        assert cfg.lora.rank > 0 and cfg.train.steps > 0 and cfg.train.loss_chunk == 1024
+
+
+def test_loss_chunk_from_the_run_config_reaches_the_model(monkeypatch):
+    """train.loss_chunk is the chunk the training loss runs with (trainer.configure, as build_model applies it)."""
+    import dataclasses
+
+    from small4_jax.model import init_model
+    from train import trainer
+
+    cfg = run_config.load(ROOT / "configs" / "finetune-tiny.yaml")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loss_chunk=96, remat=True))
+    model = init_model(cfg.model, dtype="float32")
+    trainer.configure(model, cfg)
+    assert (model.loss_chunk, model.remat) == (96, True)
+    from small4_jax import model as model_module
+
+    seen, real = [], model_module.chunked_cross_entropy
+    monkeypatch.setattr(model_module, "chunked_cross_entropy", lambda *a: seen.append(a[-1]) or real(*a))
+    ids = np.ones((1, 8), np.int32)
+    model.token_loss(ids, ids, np.ones((1, 8), np.float32))
+    assert seen == [96]

@@ -56,6 +56,7 @@ class TrainSection:
     batch_size: int = 8  # packed rows per optimizer step (all micro-batches)
     grad_accum: int = 1  # micro-batches per step (batch_size must divide by it)
     remat: bool = False  # recompute each layer's activations in the backward pass
+    loss_chunk: int = 1024  # tokens per chunk of the fp32 cross-entropy: [loss_chunk, vocab] logits held at once
     mesh: dict | None = None  # e.g. {data: 2, expert: 4, tensor: 1}; null = one device
     eval_every: int = 0  # 0 = only at the end (when there is eval data)
     ckpt_every: int = 50
@@ -143,6 +144,9 @@ def _check(c: RunConfig) -> None:
         raise ConfigError(f"{s}: train.steps, batch_size and grad_accum must be positive")
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"{s}: train.batch_size = {t.batch_size} must be a multiple of grad_accum = {t.grad_accum}")
+    if t.loss_chunk <= 0:
+        raise ConfigError(f"{s}: train.loss_chunk = {t.loss_chunk} must be a positive number of tokens (the "
+                          "cross-entropy's chunk: [loss_chunk, vocab] float32 logits are held at once)")
     if t.ckpt_every <= 0 or t.keep <= 0:
         raise ConfigError(f"{s}: train.ckpt_every and train.keep must be positive")
     if c.optim.lr <= 0 or not 0 <= c.optim.min_lr_ratio <= 1:

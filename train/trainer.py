@@ -103,13 +103,19 @@ def load_base(cfg: RunConfig, mesh=None) -> Small4ForCausalLM:
 
 
 def build_model(cfg: RunConfig, mesh=None) -> Small4ForCausalLM:
-    """Base + adapters (sharded beside their base), remat as configured."""
+    """Base + adapters (sharded beside their base), remat and the loss chunk as configured."""
     model = load_base(cfg, mesh)
     paths = lora.apply_lora(model, cfg.lora)
     lora.shard_lora(model, mesh)
-    model.remat = bool(cfg.train.remat)
+    configure(model, cfg)
     log.info("LoRA on %d modules, %s trainable parameters", len(paths), f"{lora.num_lora_params(model):,}")
     return model
+
+
+def configure(model: Small4ForCausalLM, cfg: RunConfig) -> None:
+    """The run config's settings of the model's training forward: `train.remat` and `train.loss_chunk`."""
+    model.remat = bool(cfg.train.remat)
+    model.loss_chunk = int(cfg.train.loss_chunk)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
