@@ -560,7 +560,7 @@ class Engine:
             raise InputError("structured output needs a tokenizer")
         from infer.structured import new_matcher
 
-        return new_matcher(self.tokenizer, options.grammar)
+        return new_matcher(self.tokenizer, options.grammar, max_tokens=options.max_tokens)  # closes within it
 
     def start(self) -> None:
         """Run `step()` on a background thread until `stop()`."""

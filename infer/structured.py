@@ -155,22 +155,24 @@ def json_schema_grammar(tokenizer: Tokenizer, schema: dict) -> str:
     return _edit(grammar, reasoning=False, forced_tools=False)  # mistral-common's template allows [THINK] first
 
 
-def new_matcher(tokenizer: Tokenizer, grammar: str, *, canonical: bool = True):
+def new_matcher(tokenizer: Tokenizer, grammar: str, *, canonical: bool = True, max_tokens: int | None = None):
     """A matcher for `grammar` (`Constrained`); InputError naming the problem for a grammar llguidance rejects.
 
-    With `canonical` (the default) its masks also keep the output canonically tokenised (`Constrained`)."""
+    With `canonical` (the default) its masks also keep the output canonically tokenised (`Constrained`); with
+    `max_tokens` (the request's budget) they steer the answer to a close before the budget runs out."""
     import llguidance as llg
 
     factory = _factory(tokenizer)
     matcher = llg.LLMatcher(factory.llg_tokenizer, llg.grammar_from("lark", grammar))
     if matcher.is_error():
         raise InputError(f"invalid output grammar: {matcher.get_error()}")
-    return Constrained(tokenizer, matcher, canonical=canonical)
+    return Constrained(tokenizer, matcher, canonical=canonical, max_tokens=max_tokens)
 
 
 _NUMBER = frozenset("-+0123456789.eE")
-_NO_ARGS = None  # not inside a tool call's arguments
-_ARGS = (False, False, "")  # (inside a string, after a backslash there, the number being written)
+# JSON scanner state: (inside a call's arguments, inside a string, after a backslash there, the number being written)
+_TEXT = (False, False, False, "")
+_ARGS = (True, False, False, "")
 
 
 def _special_names(tokenizer) -> set:
@@ -195,11 +197,11 @@ def _number_ok(lit: str, complete: bool) -> bool:
     return head != "0" or len(frac) - len(frac.lstrip("0")) <= 3  # 0.0000x is below 1e-4: an exponent
 
 
-def _scan(js, text: str):
-    """The JSON number scanner's state after `text` (None where a number would not survive re-serialisation)."""
-    if js is _NO_ARGS:
-        return js
-    in_str, esc, num = js
+def _scan(js, text: str, check: bool = True):
+    """The JSON scanner's state after `text`; with `check`, None where a number in a call's arguments would not
+    survive re-serialisation."""
+    args, in_str, esc, num = js
+    check = check and args
     for ch in text:
         if in_str:
             if esc:
@@ -210,14 +212,14 @@ def _scan(js, text: str):
                 in_str = False
         elif ch in _NUMBER:
             num += ch
-            if not _number_ok(num, False):
+            if check and not _number_ok(num, False):
                 return None
         else:
-            if num and not _number_ok(num, True):
+            if check and num and not _number_ok(num, True):
                 return None
             num = ""
             in_str = ch == '"'
-    return (in_str, esc, num)
+    return (args, in_str, esc, num)
 
 
 class Constrained:
@@ -246,15 +248,22 @@ class Constrained:
     DEPTH = 3  # tokens of lookahead
     BREADTH = 8  # continuations tried per lookahead token
 
-    def __init__(self, tokenizer: Tokenizer, matcher, *, canonical: bool = True):
+    CLOSE_WITHIN = 48  # with a budget: from this many tokens before it, plan how the answer would close
+    SLACK = 4  # and follow that plan once it needs all but this many of the tokens left
+
+    def __init__(self, tokenizer: Tokenizer, matcher, *, canonical: bool = True, max_tokens: int | None = None):
         self.llm = matcher
+        self.budget = max_tokens
+        self.eos = tokenizer.eos_id
+        self._plan = None  # (tokens consumed when planned, closing path from there)
         self.canon = tokenizer.canon() if canonical else None
         self.nspec = self.canon.nspec if canonical else 0
         self.vocab = tokenizer.vocab_size
         # per consumed token, the state after it: (settled tail text, its token ids, JSON number scanner)
-        self.tail: list[tuple] = [("", (), _NO_ARGS)]
+        self.tail: list[tuple] = [("", (), _TEXT)]
         self.args_id = tokenizer.token_id("[ARGS]") if canonical and "[ARGS]" in _special_names(tokenizer) else -1
         self.fallbacks = 0
+        self._last = -1
 
     # ---- llguidance's interface ---------------------------------------------------------------------------
 
@@ -262,6 +271,7 @@ class Constrained:
         if not self.llm.consume_token(int(t)):
             return False
         self.tail.append(self._after(self.tail[-1], int(t)))
+        self._last = int(t)
         return True
 
     def consume_tokens(self, ts) -> bool:
@@ -302,11 +312,11 @@ class Constrained:
         if self.canon is None:
             return state
         if t < self.nspec:  # a special token ends the text segment
-            return ("", (), _ARGS if t == self.args_id else _NO_ARGS)
+            return ("", (), _ARGS if t == self.args_id else _TEXT)
         s = self.canon.tstr[t - self.nspec] if t - self.nspec < self.canon.n else None
         if s is None or not self.canon.text_ok[t - self.nspec]:  # a piece of a character (after a fallback)
-            return ("", (), _NO_ARGS)  # nothing to keep canonical against: start afresh
-        return (*self.canon.advance(state[0], state[1], t - self.nspec), _scan(state[2], s))
+            return ("", (), _TEXT)  # nothing to keep canonical against: start afresh
+        return (*self.canon.advance(state[0], state[1], t - self.nspec), _scan(state[2], s, check=False))
 
     def _canonical_next(self, state, ids) -> np.ndarray:
         """Which of the token ids `ids` may follow the text whose settled tail is `state` canonically."""
@@ -323,12 +333,12 @@ class Constrained:
         if len(text):
             ok[text] = c.allowed(tail, list(tail_ids), ids[text] - self.nspec, c.encode)
         js = state[2]
-        if js is not _NO_ARGS:  # in a call's arguments: numbers that survive json.loads + json.dumps
-            if special.any() and js[2]:
-                ok[special] &= _number_ok(js[2], True)
+        if js[0]:  # in a call's arguments: numbers that survive json.loads + json.dumps
+            if special.any() and js[3]:
+                ok[special] &= _number_ok(js[3], True)
             sel = text[ok[text]]
-            if not js[2]:  # no number open: only tokens that leave the string, or start a number, matter
-                sel = sel[(self._quote() if js[0] else self._numeric())[ids[sel] - self.nspec]]
+            if not js[3]:  # no number open: only tokens that leave the string, or start a number, matter
+                sel = sel[(self._quote() if js[1] else self._numeric())[ids[sel] - self.nspec]]
             for i in sel:
                 ok[i] = _scan(js, c.tstr[ids[i] - self.nspec]) is not None
         return ok
@@ -337,13 +347,95 @@ class Constrained:
         return np.unpackbits(words.view(np.uint8), bitorder="little")[: self.vocab].astype(bool)
 
     def refine(self, words: np.ndarray) -> None:
-        """Narrow llguidance's bitmask `words` ([W] int32, in place) to the tokens that keep the output canonical."""
-        if self.canon is None:
+        """Narrow llguidance's bitmask `words` ([W] int32, in place) to the tokens that keep the output canonical
+        (and, near the budget, to the next token of the plan that closes the answer in time: `_closing`)."""
+        if self.canon is None and not self.budget:
             return
-        bits = self._bits(words)
-        cands = np.flatnonzero(bits)
+        cands = np.flatnonzero(self._bits(words))
         if not len(cands):
             return
+        keep = self._canonical(cands) if self.canon is not None else cands
+        if not len(keep):
+            self.fallbacks += 1
+            keep = cands
+        if self.budget:
+            keep = self._closing(keep)
+        if len(keep) == len(cands):
+            return
+        out = np.zeros(len(words) * 32, bool)
+        out[keep] = True
+        words[:] = np.packbits(out, bitorder="little").view(np.int32)
+
+    def _closing(self, keep: np.ndarray) -> np.ndarray:
+        """`keep`, or only the next token of the closing plan where the budget leaves no more room than it needs.
+
+        The plan is a greedy way to the grammar's end (`_closer` each step, canonical masks included), recomputed
+        while the model writes something else; once it needs all but SLACK of the tokens left it is followed to the
+        end, so the answer parses (a random model writes free strings and numbers until max_tokens otherwise)."""
+        consumed = len(self.tail) - 1
+        left = self.budget - consumed
+        if left > self.CLOSE_WITHIN:
+            return keep
+        plan = self._plan
+        if plan is None or plan[0] != consumed:
+            if plan is not None and plan[0] == consumed - 1 and plan[1] and len(plan[1]) > 1 and self._last == plan[1][0]:
+                plan = (consumed, plan[1][1:])
+            else:
+                plan = (consumed, self._closing_path())
+            self._plan = plan
+        path = plan[1]
+        if path and len(path) + self.SLACK >= left and path[0] in keep:
+            return np.asarray(path[:1], np.int64)
+        return keep
+
+    def _closing_path(self) -> list[int] | None:
+        sim = Constrained.__new__(Constrained)
+        sim.__dict__.update(self.__dict__)
+        sim.llm, sim.tail, sim.budget, sim.fallbacks = self.llm.deep_copy(), self.tail[-1:], None, 0
+        path = []
+        while not sim.llm.is_stopped():
+            if len(path) > self.CLOSE_WITHIN:
+                return None
+            words = np.frombuffer(sim.llm.compute_bitmask(), np.int32).copy()
+            sim.refine(words)
+            allowed = np.flatnonzero(self._bits(words))
+            if not len(allowed):
+                return None
+            t = self._closer(allowed, sim.tail[-1][2][1])
+            if not sim.consume_token(t):
+                return None
+            path.append(t)
+        return path
+
+    def _closer(self, allowed: np.ndarray, in_string: bool) -> int:
+        """The greedy closing choice: the end of the output; else, inside a JSON string, the token with the most
+        '"', outside one the token with the most '}' and ']', else a short value ('0', '""', '"'); else the lowest
+        text token id (a short one)."""
+        if self.eos in allowed:
+            return self.eos
+        text = allowed[allowed >= self.nspec] if self.canon is not None else allowed
+        if not len(text):
+            return int(allowed[0])
+        if self.canon is not None:
+            score = self._closers(b'"' if in_string else b"}]")[text - self.nspec]
+            if score.max() > 0:
+                return int(text[np.argmax(score)])
+            if not in_string:  # a value: the shortest ones
+                for short in ("0", '""', '"'):
+                    t = self.canon.ranks.get(short.encode())
+                    if t is not None and t + self.nspec in text:
+                        return t + self.nspec
+        return int(text[0])
+
+    def _closers(self, chars: bytes) -> np.ndarray:
+        c = self.canon
+        key = f"closers_{chars!r}"
+        if getattr(c, key, None) is None:
+            setattr(c, key, np.array([sum(b.count(x) for x in chars) for b in c.tbytes], np.int32))
+        return getattr(c, key)
+
+    def _canonical(self, cands: np.ndarray) -> np.ndarray:
+        """The canonical ones of llguidance's allowed tokens `cands` (with lookahead; empty at a dead end)."""
         state = self.tail[-1]
         keep = cands[self._canonical_next(state, cands)]
         if len(keep) <= self.LOOKAHEAD:
@@ -354,12 +446,7 @@ class Constrained:
         if look.any():
             dead = [i for i in np.flatnonzero(look) if not self._viable(self.llm, state, int(keep[i]), self.DEPTH)]
             keep = np.delete(keep, dead)
-        if not len(keep):
-            self.fallbacks += 1
-            return
-        out = np.zeros(len(words) * 32, bool)
-        out[keep] = True
-        words[:] = np.packbits(out, bitorder="little").view(np.int32)
+        return keep
 
     def _quote(self) -> np.ndarray:
         """Tokens holding a '"': in JSON the only way out of a string into text the grammar may force."""

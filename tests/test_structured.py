@@ -410,3 +410,24 @@ def test_a_character_without_a_whole_token_falls_back_and_still_parses(setup):
         assert m.consume_token(t)
         ids.append(t)
     assert m.fallbacks > 0 and json.loads(tok.decode(ids)) == "東"
+
+
+def test_answers_close_within_max_tokens(setup):
+    """Free-form JSON and unbounded numbers: random weights would write strings and digits until max_tokens; near
+    the budget the masks follow a plan that closes the answer, so every answer ends, parses and stays canonical."""
+    tok, engine = setup
+    prompt = encode_chat(tok, MESSAGES).ids
+    grammar = structured.chat_grammar(tok, MESSAGES, response_format={"type": "json_object"})
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "s": {"type": "string"}},
+              "required": ["n", "s"], "additionalProperties": False}
+    strict = structured.chat_grammar(tok, MESSAGES, response_format={
+        "type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    opts = [SamplingOptions(max_tokens=m, temperature=1.0, seed=i, grammar=g)
+            for i, (m, g) in enumerate([(12, grammar), (16, grammar), (24, grammar), (12, strict), (20, strict)] * 2)]
+    for out, o in zip(engine.generate([prompt] * len(opts), opts), opts):
+        assert out.finish_reason == "stop", tok.decode(out.token_ids)
+        assert len(out.token_ids) <= o.max_tokens
+        value = json.loads(out.text)
+        if o.grammar is strict:
+            jsonschema.validate(value, schema)
+        assert _ended(tok, out.token_ids) == _assistant_ids(tok, parse_output(tok, out.token_ids))
