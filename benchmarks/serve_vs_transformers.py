@@ -7,7 +7,8 @@ float32. transformers' Mistral4 with random weights is saved and loaded by `smal
 measurements, each run alternately by the two (medians over --reps, after a warm-up of each):
 - decode: one request, 16-token prompt, 64 generated tokens (greedy, EOS ignored): tokens/s;
 - batch: 16 requests of 16-token prompts at once, 64 tokens each: generated tokens/s;
-- prefill: one 1024-token prompt to its first token: seconds.
+- prefill: one 1024-token prompt to its first token: seconds (a new random prompt each run, so nothing comes from
+  the prefix cache).
 The engine is warmed up (`Engine.warmup`) first, so its numbers exclude compilation. OMP_WAIT_POLICY=PASSIVE keeps
 torch's idle OpenMP threads from spinning on the cores JAX is using (set it in the environment before starting).
 """
@@ -42,6 +43,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prefill", type=int, default=1024)
     p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--cases", nargs="*", default=["decode", "batch", "prefill"], choices=["decode", "batch", "prefill"])
     args = p.parse_args(argv)
 
     import torch
@@ -66,7 +68,10 @@ def main(argv=None):
 
     rng = np.random.default_rng(0)
     short = [[1] + rng.integers(40, MEDIUM["vocab_size"], 15).tolist() for _ in range(args.batch)]
-    long = [1] + rng.integers(40, MEDIUM["vocab_size"], args.prefill - 1).tolist()
+
+    def long():  # a fresh prompt each time: a repeated one would be served from the engine's prefix cache
+        return [1] + rng.integers(40, MEDIUM["vocab_size"], args.prefill - 1).tolist()
+
     greedy = SamplingOptions(max_tokens=args.new, ignore_eos=True)
 
     def ours(prompts, options):
@@ -92,9 +97,10 @@ def main(argv=None):
                                 lambda: args.new / theirs(short[:1], args.new)),
         "batch_tokens_per_s": (lambda: args.batch * args.new / ours(short, greedy),
                                lambda: args.batch * args.new / theirs(short, args.new)),
-        "prefill_seconds": (lambda: ours([long], SamplingOptions(max_tokens=1)), lambda: theirs([long], 0)),
+        "prefill_seconds": (lambda: ours([long()], SamplingOptions(max_tokens=1)), lambda: theirs([long()], 0)),
     }
     report = {"config": MEDIUM, "torch_threads": torch.get_num_threads(), "engine_warmup_s": round(warmup_s, 1)}
+    cases = {name: v for name, v in cases.items() if name.split("_")[0] in args.cases}
     for name, (a, b) in cases.items():
         a(), b()  # warm-up (allocations, caches)
         ra, rb = [], []

@@ -547,7 +547,8 @@ def build_app(server: Server):
                             param="prompt")
         if not prompt:
             raise HTTPError(400, "empty prompt", param="prompt")
-        options = server.options(req, len(prompt), req.logprobs)
+        # the text is decoded here, on the event loop, not on the engine's thread (`_completion_text`)
+        options = server.options(req, len(prompt), req.logprobs, detokenize=False)
         rids, events = server.submit(prompt, options, req.n, req.cache_salt, adapter=server.adapter_for(req.model))
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         echo = server.tokenizer.decode(prompt) if req.echo and server.tokenizer is not None else ""
@@ -560,7 +561,8 @@ def build_app(server: Server):
             for i, choice_parts in enumerate(parts):
                 lps = ([lp for p in choice_parts if p.logprobs for lp in p.logprobs] if req.logprobs is not None
                        else None)
-                choices.append({"index": i, "text": echo + "".join(p.text for p in choice_parts),
+                text = _completion_text(server.tokenizer, options)
+                choices.append({"index": i, "text": echo + "".join(text(p) for p in choice_parts),
                                 "token_ids": [t for p in choice_parts for t in p.token_ids],
                                 "logprobs": server.completion_logprobs(lps), "finish_reason": reason_of(finals[i])})
             return {"id": cid, "object": "text_completion", "created": created, "model": server.model_name,
@@ -570,6 +572,7 @@ def build_app(server: Server):
 
         async def stream():
             finals: list[RequestOutput | None] = [None] * len(rids)
+            texts = [_completion_text(server.tokenizer, options) for _ in rids]
 
             def chunk(i, text, reason=None, lps=None):
                 return sse({"id": cid, "object": "text_completion", "created": created, "model": server.model_name,
@@ -581,8 +584,9 @@ def build_app(server: Server):
                         yield chunk(i, echo)
                 while not all(finals):
                     i, out = await events.get()
-                    if out.text or out.logprobs:
-                        yield chunk(i, out.text, lps=server.completion_logprobs(out.logprobs))
+                    text = texts[i](out)
+                    if text or out.logprobs:
+                        yield chunk(i, text, lps=server.completion_logprobs(out.logprobs))
                     if out.finished:
                         finals[i] = out
                         yield chunk(i, "", reason_of(out))
@@ -597,6 +601,23 @@ def build_app(server: Server):
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     return app
+
+
+def _completion_text(tokenizer, options):
+    """A function from one completion choice's events, in order, to their new text, decoded on the caller's thread
+    (the event loop): the engine sends ids only (`detokenize=False`). With stop strings the engine does decode (it
+    must see the text to stop on it, and holds back what may start one), so its text is used as it comes."""
+    if tokenizer is None or options.stop:
+        return lambda out: out.text
+    decoder = tokenizer.stream_decoder()
+
+    def text(out: "RequestOutput") -> str:
+        new = "".join(decoder.push(t) for t in out.token_ids)
+        if out.finished and out.finish_reason in ("stop", "length"):  # as the engine: no flush on cancel / error
+            new += decoder.flush()
+        return new
+
+    return text
 
 
 _PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")

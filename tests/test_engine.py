@@ -234,23 +234,44 @@ def test_engine_on_an_expert_parallel_mesh(setup):
 
 def test_warmup_compiles_every_step_so_requests_compile_nothing(setup):
     """One page-table width by default: warm-up compiles len(prefill buckets) + len(batch buckets) programs, one
-    progress line each, and requests of any length afterwards compile nothing."""
-    from small4_jax import paged
+    progress line each, and afterwards requests of every length the limits allow (1 token to the whole context),
+    arriving while others run, greedy and sampled, with penalties, logit bias, logprobs and stop strings, compile
+    nothing: every XLA compile in the process is counted (jax.monitoring's backend-compile event)."""
+    import dataclasses
+
+    from jax import monitoring
 
     _, model, _ = setup
-    engine = Engine(model, max_batch=4, page_size=8, prefill_chunk=16, prefill_batch=2)
+    engine = Engine(model, load_tokenizer(ASSETS_DIR / "tiny_tekken.json"), max_batch=4, page_size=8,
+                    prefill_chunk=16, prefill_batch=2)
     assert engine.page_buckets == (8,)  # the pages of the model's 64-token context
     assert engine.warmup_shapes() == [("prefill", 1, 16, 8), ("prefill", 2, 16, 8), ("decode", 1, 1, 8),
                                       ("decode", 2, 1, 8), ("decode", 4, 1, 8)]
     lines = []
     engine.warmup(progress=lines.append)
     assert len(lines) == 5 and lines[-1].startswith("warm-up 5/5: decode [4 x 1] x 8 pages compiled (")
-    from infer.engine import _sample_step
 
-    compiled = paged.logits_step._cache_size(), _sample_step._cache_size()
-    _run(engine, [(i, p, SamplingOptions(max_tokens=6)) for i, p in enumerate(_prompts(4, seed=31,
-                                                                                      lengths=[3, 40, 17, 9]))])
-    assert (paged.logits_step._cache_size(), _sample_step._cache_size()) == compiled
+    compiles = []
+
+    def listen(event, seconds, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(kw)
+
+    context = engine.max_model_len
+    lengths = [1, 3, 8, 9, 16, 17, 40, context - 1]
+    kinds = [SamplingOptions(max_tokens=6), SamplingOptions(max_tokens=5, temperature=0.8, top_p=0.9, seed=1),
+             SamplingOptions(max_tokens=4, presence_penalty=0.5, repetition_penalty=1.2, logit_bias={5: 3.0}),
+             SamplingOptions(max_tokens=7, logprobs=3, stop=("e",), top_k=5, temperature=1.0)]
+    arrivals = [(2 * i, p, dataclasses.replace(kinds[i % len(kinds)],
+                                               max_tokens=min(kinds[i % len(kinds)].max_tokens, context - len(p))))
+                for i, p in enumerate(_prompts(len(lengths), seed=31, lengths=lengths))]
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        outs = _run(engine, arrivals)
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    assert all(o.finish_reason in ("stop", "length") for o in outs)
+    assert compiles == [], f"{len(compiles)} compiles after warm-up"
 
 
 def test_sharded_cache_equals_the_single_device_engine(setup):
@@ -328,3 +349,42 @@ def test_penalties_and_logit_bias_equal_a_numpy_reference(setup):
     assert plain.token_ids != got[1].token_ids  # the penalties changed something
     forced = _run(engine, [(0, prompts[0], SamplingOptions(max_tokens=4, logit_bias={123: 100.0}))])[0]
     assert forced.token_ids == [123] * 4
+
+
+def test_page_table_rows_follow_every_change_of_the_page_lists():
+    """The engine's per-slot page table, updated by what changed, equals the table built from the page lists after
+    random appends, rollbacks (`del pages[k:]`), preemptions (a new list) and slots passing to other requests."""
+    import types
+
+    from infer.engine import Engine, PageList, _Request
+    from small4_jax.paged import NULL_PAGE
+
+    rng = np.random.default_rng()
+    max_batch, width = 4, 12
+    eng = Engine.__new__(Engine)
+    eng.max_batch, eng.page_buckets = max_batch, (5, width)
+    eng._table = np.full((max_batch + 1, width), NULL_PAGE, np.int32)
+    eng._table_copy = [(None, 0)] * (max_batch + 1)
+    reqs = [types.SimpleNamespace(slot=s, pages=PageList()) for s in range(max_batch)]
+    assert isinstance(_Request("r", [1], 1, None, 0, frozenset(), None, 0.0).pages, PageList)
+    for _ in range(300):
+        r = reqs[rng.integers(max_batch)]
+        op = rng.integers(5)
+        if op == 0:  # a decode or prefill step appends pages
+            r.pages += rng.integers(1, 1000, rng.integers(1, 4)).tolist()
+        elif op == 1 and r.pages:  # a speculative rollback, then new pages
+            del r.pages[rng.integers(len(r.pages)):]
+            r.pages += rng.integers(1, 1000, rng.integers(0, 3)).tolist()
+        elif op == 2:  # preempted and readmitted (or the slot goes to a new request): a new list
+            r.pages = PageList(rng.integers(1, 1000, rng.integers(0, width)).tolist())
+        elif op == 3 and r.pages:
+            r.pages[rng.integers(len(r.pages))] = int(rng.integers(1, 1000))
+        del r.pages[width:]
+        step = [q for q in reqs if rng.random() < 0.7]
+        rows = len(step) + int(rng.integers(0, 2))
+        n_pages = max([len(q.pages) for q in step] + [1])
+        got = eng._page_table(step, rows, n_pages)
+        want = np.full((rows, 5 if n_pages <= 5 else width), NULL_PAGE, np.int32)
+        for i, q in enumerate(step):
+            want[i, : len(q.pages)] = q.pages[: want.shape[1]]
+        np.testing.assert_array_equal(got, want)

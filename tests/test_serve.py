@@ -136,6 +136,31 @@ def test_completions_ids_text_and_logprobs(setup):
     assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
 
 
+def test_completions_text_is_decoded_off_the_engine_thread(setup, monkeypatch):
+    """Completion text is detokenised on the event loop, not the engine's thread (which decodes only to find stop
+    strings); streamed and whole it equals the ids' decoding, with and without a stop string."""
+    import threading
+
+    hf, tok, real, _ = setup
+    threads = []
+    make = tok.stream_decoder
+    monkeypatch.setattr(tok, "stream_decoder", lambda **kw: threads.append(threading.current_thread().name) or make(**kw))
+    client = _client(real.url)
+    prompt = tok.encode("The weather in Rome", bos=True)
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    ids = _hf_greedy(hf, prompt, 12)
+    assert r.choices[0].text == tok.decode(ids)
+    streamed = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+    assert threads and "small4-engine" not in threads, threads
+    threads.clear()
+    text = r.choices[0].text
+    stop = next(text[k : k + 2] for k in range(len(text) // 2, len(text) - 1) if text[k : k + 2].strip())
+    cut = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert "small4-engine" in threads  # stop strings need the engine to see the text
+
+
 def test_64_concurrent_streams_are_each_correct(setup):
     """64 streams at once (16 distinct chats, 4 times each; some share a cached prefix) all equal transformers."""
     hf, tok, real, _ = setup
