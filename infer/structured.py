@@ -261,7 +261,9 @@ class Constrained:
         self.vocab = tokenizer.vocab_size
         # per consumed token, the state after it: (settled tail text, its token ids, JSON number scanner)
         self.tail: list[tuple] = [("", (), _TEXT)]
-        self.args_id = tokenizer.token_id("[ARGS]") if canonical and "[ARGS]" in _special_names(tokenizer) else -1
+        names = _special_names(tokenizer) if canonical else set()
+        self.args_id = tokenizer.token_id("[ARGS]") if "[ARGS]" in names else -1
+        self.think_id = tokenizer.token_id("[THINK]") if "[THINK]" in names else -1
         self.fallbacks = 0
         self._last = -1
 
@@ -408,11 +410,15 @@ class Constrained:
         return path
 
     def _closer(self, allowed: np.ndarray, in_string: bool) -> int:
-        """The greedy closing choice: the end of the output; else, inside a JSON string, the token with the most
+        """The greedy closing choice: the end of the output; else a special token other than [THINK]; else, inside
+        a JSON string, the token with the most
         '"', outside one the token with the most '}' and ']', else a short value ('0', '""', '"'); else the lowest
         text token id (a short one)."""
         if self.eos in allowed:
             return self.eos
+        special = [t for t in allowed[allowed < self.nspec] if t != self.think_id] if self.canon is not None else []
+        if special:  # ends a section ([/THINK]) or starts the forced part ([TOOL_CALLS]); never opens a [THINK]
+            return int(special[0])
         text = allowed[allowed >= self.nspec] if self.canon is not None else allowed
         if not len(text):
             return int(allowed[0])

@@ -94,9 +94,14 @@ def _assistant_ids(tok, parsed):
     from mistral_common.protocol.instruct.messages import AssistantMessage
     from mistral_common.protocol.instruct.tool_calls import FunctionCall, ToolCall
 
+    from mistral_common.protocol.instruct.messages import TextChunk, ThinkChunk
+
     calls = [ToolCall(id=f"call{i:05d}", function=FunctionCall(name=c.name, arguments=c.arguments))
              for i, c in enumerate(parsed.tool_calls)] or None
-    message = AssistantMessage(content=parsed.content or None, tool_calls=calls)
+    content = parsed.content or None
+    if parsed.reasoning:
+        content = [ThinkChunk(thinking=parsed.reasoning)] + ([TextChunk(text=content)] if content else [])
+    message = AssistantMessage(content=content, tool_calls=calls)
     return tok.mistral_tokenizer().instruct_tokenizer.encode_assistant_message(message, False)
 
 
@@ -431,3 +436,27 @@ def test_answers_close_within_max_tokens(setup):
         if o.grammar is strict:
             jsonschema.validate(value, schema)
         assert _ended(tok, out.token_ids) == _assistant_ids(tok, parse_output(tok, out.token_ids))
+
+
+def test_reasoning_then_answer_is_canonical_and_closes(setup):
+    """reasoning_effort high: [THINK] free text [/THINK] then the JSON answer or the forced call; the whole output
+    is mistral-common's encoding of the parsed reasoning and answer, and closes within max_tokens."""
+    tok, engine = setup
+    msgs = MESSAGES
+    grammars = [structured.chat_grammar(tok, msgs, response_format={
+        "type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMAS[0]}}, reasoning=True),
+        structured.chat_grammar(tok, msgs, tools=TOOLSETS[0], tool_choice="required", reasoning=True,
+                                parallel_tool_calls=False)]
+    prompts = [encode_chat(tok, msgs, reasoning_effort="high").ids,
+               encode_chat(tok, msgs, tools=TOOLSETS[0], tool_choice="required", force_prefix=False,
+                           reasoning_effort="high").ids]
+    opts = [SamplingOptions(max_tokens=40, temperature=1.0, seed=s, grammar=grammars[i % 2]) for i, s in
+            enumerate(range(6))]
+    outs = engine.generate([prompts[i % 2] for i in range(len(opts))], opts)
+    assert any(out.token_ids[0] == tok.token_id("[THINK]") for out in outs)
+    for out in outs:
+        assert out.finish_reason == "stop", tok.decode(out.token_ids, skip_special=False)
+        parsed = parse_output(tok, out.token_ids)
+        assert parsed.content or parsed.tool_calls
+        assert _ended(tok, out.token_ids) == _assistant_ids(tok, parsed), tok.decode(out.token_ids,
+                                                                                     skip_special=False)
