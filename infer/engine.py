@@ -449,6 +449,7 @@ class Engine:
         sharding = None
         if mesh is not None:
             sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self._replicated = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
         self.graphdef, self.state = nnx.split(model)
         # placed (committed) from the start, as every step returns it: the first step compiles for the same input
         cache_sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None
@@ -706,10 +707,12 @@ class Engine:
         self.stats["host_seconds"] += time.perf_counter() - t0 - self._waited
 
     def warmup_shapes(self) -> list[tuple[str, int, int, int]]:
-        """Every (kind, rows, tokens per row, page-table width) the engine's steps compile."""
-        return [(kind, rows, t, w) for w in self.page_buckets
-                for kind, rows_list, ts in (("prefill", self.prefill_buckets, self.prefill_chunks),
-                                            ("decode", self.batch_buckets, (1,)))
+        """Every (kind, rows, tokens per row, page-table width) the engine's steps compile; with a vision encoder,
+        also each prefill shape taking input embeddings ("image prefill": a chunk with image features)."""
+        kinds = [("prefill", self.prefill_buckets, self.prefill_chunks), ("decode", self.batch_buckets, (1,))]
+        if self.config.vision is not None:
+            kinds.append(("image prefill", self.prefill_buckets, self.prefill_chunks))
+        return [(kind, rows, t, w) for w in self.page_buckets for kind, rows_list, ts in kinds
                 for t in ts for rows in rows_list]
 
     def warmup(self, progress: Callable[[str], None] | None = None) -> None:
@@ -718,8 +721,12 @@ class Engine:
         shapes = self.warmup_shapes()
         t0 = time.perf_counter()
         for k, (kind, rows, t, w) in enumerate(shapes, 1):
-            self._shapes_seen.add(("prefill" if t > 1 else "decode", rows, t, w))  # `progress` reports these
-            self._run(np.zeros((rows, t), np.int32), *self._null_inputs(rows, t, w), [], rows, [])
+            self._shapes_seen.add((kind, rows, t, w))  # `progress` reports these
+            embeds = None
+            if kind == "image prefill":
+                embeds = np.zeros((rows, t, self.config.hidden_size), self._embeds_dtype())
+            self._run(np.zeros((rows, t), np.int32), *self._null_inputs(rows, t, w), [], rows, [],
+                      input_embeds=embeds)
             if progress is not None:
                 progress(f"warm-up {k}/{len(shapes)}: {kind} [{rows} x {t}] x {w} pages compiled "
                          f"({time.perf_counter() - t0:.1f} s)")
@@ -732,6 +739,10 @@ class Engine:
             self.speculator.warmup(self)
             if progress is not None:
                 progress(f"warm-up: speculative steps compiled ({time.perf_counter() - t0:.1f} s)")
+
+    def _embeds_dtype(self):
+        """The dtype of the model's input embeddings (what an image chunk's merged embeddings are)."""
+        return jax.eval_shape(self.model.embed_tokens, jax.ShapeDtypeStruct((1, 1), jnp.int32)).dtype
 
     def _null_inputs(self, b, t, w):
         zeros = np.zeros((b, t), np.int32)
@@ -787,13 +798,16 @@ class Engine:
              input_embeds=None):
         """The forward pass, then the sampler. The forward is dispatched first (asynchronously), so the host builds
         the rows' sampling settings, structured-output masks included, while the device computes the logits."""
-        shape = ("prefill" if ids.shape[1] > 1 else "decode", *ids.shape, page_table.shape[1])
+        kind = "decode" if ids.shape[1] == 1 else "prefill" if input_embeds is None else "image prefill"
+        shape = (kind, *ids.shape, page_table.shape[1])
         if shape not in self._shapes_seen:  # a new shape compiles first: say so, or the wait looks like a hang
             self._shapes_seen.add(shape)
             log.info("compiling the %s step for %d x %d tokens over %d pages (once per shape)...", *shape)
         (ids, positions, seq_index, logit_index, input_embeds), slots, page_table, perm = self._to_shards(
             reqs, rows, (ids, positions, seq_index, logit_index, input_embeds), slots, page_table)
         inv = None if perm is None else np.argsort(perm)
+        if input_embeds is not None:  # one placement, so the image prefill step compiles once per shape (warm-up)
+            input_embeds = jax.device_put(input_embeds, self._replicated)
         # under the mesh, so mesh-aware code in the model (the expert-parallel MoE) sees it while tracing
         self._set_adapters(reqs, rows, perm)
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():

@@ -264,6 +264,7 @@ def test_engine_with_images_matches_transformers(models, ours):
     """The serving engine: images across prefill chunks, two image requests in one prefill batch, a text-only one
     beside them, and the prefix cache keyed by image content (same ids, other pixels: no sharing)."""
     from infer.engine import Engine, SamplingOptions
+    from small4_jax import paged
     from small4_jax.images import image_hash
 
     hf, _ = models
@@ -274,10 +275,15 @@ def test_engine_with_images_matches_transformers(models, ours):
             ref = hf.generate(**_hf_inputs(ids, images), max_new_tokens=6, do_sample=False, pad_token_id=11)
         want.append(ref[0, ids.shape[1]:].tolist())
     engine = Engine(ours, max_batch=4, page_size=8, prefill_chunk=8, prefill_batch=4, batch_buckets=(4,))
+    engine.warmup()  # with a vision encoder: also every prefill shape that takes image features
+    assert [s for s in engine.warmup_shapes() if s[0] == "image prefill"] == [
+        ("image prefill", rows, 8, engine.page_buckets[0]) for rows in (1, 2, 4)]
+    compiled = paged.logits_step._cache_size()
     text = [1, 3, 40, 41, 42, 4]
     opts = SamplingOptions(max_tokens=6)
     out = engine.generate([ids[0].tolist() for ids, _ in prompts] + [text], opts,
                           images=[images for _, images in prompts] + [[]])
+    assert paged.logits_step._cache_size() == compiled  # the image chunks compiled nothing new
     assert [o.token_ids for o in out[:2]] == want
     assert out[2].token_ids == generate(ours, text, max_new_tokens=6, sampling=SamplingParams(temperature=0.0))
     ids, images = prompts[0]
