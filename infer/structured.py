@@ -240,6 +240,9 @@ class Constrained:
     kept to spellings that survive that (`_number_ok`: no `-0`, no exponent, no trailing fraction zeros, at most
     15 significant digits), so the arguments' text is the text it encodes.
 
+    With the request's `max_tokens`, the last CLOSE_WITHIN tokens also follow a planned close of the answer
+    (`_closing`), so an answer that would otherwise run to the budget (free strings, numbers) ends and parses.
+
     The methods the engine uses are llguidance's: consume_token(s), is_stopped, is_accepting, is_error,
     get_error, rollback (speculative verification: `validate_tokens` checks grammar and canonical order).
     """
@@ -265,7 +268,7 @@ class Constrained:
         self.args_id = tokenizer.token_id("[ARGS]") if "[ARGS]" in names else -1
         self.think_id = tokenizer.token_id("[THINK]") if "[THINK]" in names else -1
         self.fallbacks = 0
-        self._last = -1
+        self.ids: list[int] = []  # consumed tokens
 
     # ---- llguidance's interface ---------------------------------------------------------------------------
 
@@ -273,7 +276,7 @@ class Constrained:
         if not self.llm.consume_token(int(t)):
             return False
         self.tail.append(self._after(self.tail[-1], int(t)))
-        self._last = int(t)
+        self.ids.append(int(t))
         return True
 
     def consume_tokens(self, ts) -> bool:
@@ -282,7 +285,7 @@ class Constrained:
     def rollback(self, n: int) -> bool:
         ok = self.llm.rollback(n)
         if ok and n:
-            del self.tail[-n:]
+            del self.tail[-n:], self.ids[-n:]
         return ok
 
     def validate_tokens(self, ts) -> int:
@@ -380,7 +383,8 @@ class Constrained:
             return keep
         plan = self._plan
         if plan is None or plan[0] != consumed:
-            if plan is not None and plan[0] == consumed - 1 and plan[1] and len(plan[1]) > 1 and self._last == plan[1][0]:
+            if plan is not None and plan[0] == consumed - 1 and plan[1] and len(plan[1]) > 1 \
+                    and self.ids[-1] == plan[1][0]:  # the model wrote the plan's token: the rest still holds
                 plan = (consumed, plan[1][1:])
             else:
                 plan = (consumed, self._closing_path())
@@ -393,7 +397,7 @@ class Constrained:
     def _closing_path(self) -> list[int] | None:
         sim = Constrained.__new__(Constrained)
         sim.__dict__.update(self.__dict__)
-        sim.llm, sim.tail, sim.budget, sim.fallbacks = self.llm.deep_copy(), self.tail[-1:], None, 0
+        sim.llm, sim.tail, sim.ids, sim.budget, sim.fallbacks = self.llm.deep_copy(), self.tail[-1:], [], None, 0
         path = []
         while not sim.llm.is_stopped():
             if len(path) > self.CLOSE_WITHIN:
