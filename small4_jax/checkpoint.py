@@ -208,6 +208,7 @@ def from_pretrained(
     *,
     config: Small4Config | None = None,
     quantize: str | None = None,
+    calibration=None,
 ) -> Small4ForCausalLM:
     """Load an HF (`config.json` + safetensors) or Mistral-native (`params.json` + consolidated) directory, or a
     sharded Orbax checkpoint written by `python -m small4_jax.convert`.
@@ -220,8 +221,13 @@ def from_pretrained(
     "fp8" (e4m3, per-tensor / per-expert scales: an FP8 checkpoint's own bytes and scales, kept), "int8" (per output
     channel), "int4" (groups of 128 along the input, two per byte), or "none" (dequantised to `dtype`). None, the
     default, keeps an FP8 checkpoint in FP8 and loads anything else unquantised. Embeddings, lm_head, norms and
-    the router are never quantised.
+    the router are never quantised. `calibration` (with "int4": a JSONL file or token-id lists) quantises by GPTQ
+    against the inputs each weight sees on that text (`small4_jax.calibration`).
     """
+    if calibration is not None:
+        from small4_jax.calibration import load_calibrated
+
+        return load_calibrated(path, calibration, dtype=dtype, mesh=mesh, config=config, quantize=quantize)
     from small4_jax import sharded_ckpt
     from small4_jax.safetensors_io import CheckpointReader
 

@@ -5,8 +5,9 @@
 Tensors are read one at a time (FP8 sources dequantised), put in the layout the model uses ([in, out] kernels,
 stacked experts [E, H, 2F] / [E, F, H]) and written into a TensorStore/OCDBT store in Orbax's format, so host memory
 stays near the largest tensor plus a constant. The output is built in `OUT.partial` and renamed to `OUT` when
-complete; a killed conversion resumes where it stopped when run again (finished tensors are listed in
-`OUT.partial/_progress.json` after each write). `small4_jax.from_pretrained(OUT, mesh=...)` then loads it onto any
+complete; a killed conversion (plain or `--quantize`) resumes where it stopped when run again: finished tensors
+are listed in `OUT.partial/_progress.json` after each one is written (atomically), and skipped; a tensor cut off
+mid-write is written again whole. `small4_jax.from_pretrained(OUT, mesh=...)` then loads it onto any
 mesh, including one with a different device count.
 
 `--dtype fp8` stores projection and expert weights as float8_e4m3fn with an amax/448 scale per tensor (per expert
@@ -66,19 +67,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
     our_shapes = {path: tuple(v.shape) for path, v in nnx.to_flat_state(state)}
     verify_source(config, plan, reader, str(src))
 
-    partial = out.with_name(out.name + ".partial")
     job = {"source": str(src.resolve()), "dtype": storage, "config": config.to_dict()}
-    progress_file = partial / "_progress.json"
-    done: set[str] = set()
-    if progress_file.is_file():
-        saved = json.loads(progress_file.read_text())
-        if saved.get("job") != job:
-            raise CheckpointError(f"{partial}: an interrupted conversion of a different source or dtype is there; "
-                                  "remove it or convert to another --to")
-        done = set(saved["done"])
-    else:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+    partial, progress_file, saved = _partial(out, job)
+    done: set[str] = set(saved.get("done", []))
     sc._atomic_write(partial / sc.CONFIG_FILE, json.dumps(config.to_dict(), indent=1))
 
     quantised = sc.quantised_paths(plan) if storage == "fp8" else set()
@@ -131,6 +122,22 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
     return out
 
 
+def _partial(out: Path, job: dict) -> tuple[Path, Path, dict]:
+    """(OUT.partial, its progress file, the saved progress: {} for a fresh start). An interrupted conversion of the
+    same job is resumed; one of another job is an error (never silently mixed or deleted)."""
+    partial = out.with_name(out.name + ".partial")
+    progress_file = partial / "_progress.json"
+    if progress_file.is_file():
+        saved = json.loads(progress_file.read_text())
+        if saved.get("job") != job:
+            raise CheckpointError(f"{partial}: an interrupted conversion of a different source or dtype is there; "
+                                  "remove it or convert to another --to")
+        return partial, progress_file, saved
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial, progress_file, {}
+
+
 def _convert_quantized(src, out, *, dtype: str, progress, fmt: str) -> Path:
     import ml_dtypes
     from flax import nnx
@@ -149,8 +156,10 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str) -> Path:
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise CheckpointError(f"{src}: checkpoint directory not found")
+    if sc.is_sharded_checkpoint(out) and (out / sc.FORMAT_FILE).is_file():
+        raise CheckpointError(f"{out}: a converted checkpoint is already there; choose another --to or remove it")
     if out.exists():
-        raise CheckpointError(f"{out}: exists; remove it first or choose another --to")
+        raise CheckpointError(f"{out}: exists and is not a finished conversion; remove it first")
     config = load_config(src)
     reader = CheckpointReader(src)
     _, state = nnx.split(abstract_model(config, dtype="float32"))
@@ -158,27 +167,31 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str) -> Path:
     verify_source(config, plan, reader, str(src))
     _, qstate = nnx.split(abstract_model(config, dtype=storage, quantize=fmt))
     qshapes = {p: (tuple(v.shape), v.dtype) for p, v in nnx.to_flat_state(qstate)}
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    job = {"source": str(src.resolve()), "dtype": storage, "quantize": fmt, "config": config.to_dict()}
+    partial, progress_file, saved = _partial(out, job)
+    done: set[str] = set(saved.get("done", []))
+    # the stored shapes of what is done (an FP8 source's scale grid is the checkpoint's, known only once read)
+    tree_shapes = {("params",) + tuple(k.split(".")): tuple(v) for k, v in saved.get("shapes", {}).items()}
     sc._atomic_write(partial / sc.CONFIG_FILE, json.dumps(config.to_dict(), indent=1))
     writer = sc.Writer(partial)
     out_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[storage]
-    tree_shapes = {}
     for i, (path, (name, _, transform)) in enumerate(plan.items()):
         key = sc.param_key(path)
+        if ".".join(key) in done:  # written, with its scales, before an interruption
+            continue
         scale_path = path[:-1] + (f"{path[-1]}_scale",)
         if scale_path not in qshapes:
             arr = transform(reader.get(name, dtype=out_dtype))
             writer.write(("params",) + key, arr)
             tree_shapes[("params",) + key] = arr.shape
+            _mark_done(progress_file, job, done, key, tree_shapes)
             continue
         skey = sc.param_key(scale_path)
         if len(qshapes[path][0]) == 3:  # experts: a block at a time, values and scales row by row
             e = qshapes[path][0][0]
             q = _read_quantized(reader, name, fmt, transform, rows=(0, min(e, 8)))
             vstore = writer.create(("params",) + key, qshapes[path][0][:1] + q.values.shape[1:], q.values.dtype)
-            sstore = writer.create(("params",) + skey, (e,) + q.scale.shape[1:], np.float32)
+            sstore = writer.create(("params",) + skey, (e,) + q.scale.shape[1:], q.scale.dtype)
             for e0 in range(0, e, 8):
                 if e0:
                     q = _read_quantized(reader, name, fmt, transform, rows=(e0, min(e, e0 + 8)))
@@ -192,6 +205,7 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str) -> Path:
             writer.write(("params",) + key, q.values)
             writer.write(("params",) + skey, q.scale)
             tree_shapes[("params",) + key], tree_shapes[("params",) + skey] = q.values.shape, q.scale.shape
+        _mark_done(progress_file, job, done, key, tree_shapes)
         if progress is not None:
             print(f"\r[{i + 1}/{len(plan)}] {name:<60}", end="", file=progress, flush=True)
     reader.close()
@@ -201,8 +215,18 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str) -> Path:
     scale_shapes = {".".join(k[1:]): list(v) for k, v in tree_shapes.items() if k[-1].endswith("_scale")}
     sc._atomic_write(partial / sc.FORMAT_FILE, json.dumps({"dtype": storage, "quantize": fmt, "scale_shapes":
                                                            scale_shapes, "source": str(src.resolve())}))
+    progress_file.unlink()
     os.replace(partial, out)
     return out
+
+
+def _mark_done(progress_file: Path, job: dict, done: set[str], key: tuple[str, ...], tree_shapes: dict) -> None:
+    """Record tensor `key` (values and scales) as written: atomically, after its last byte is in the store."""
+    from small4_jax import sharded_ckpt as sc
+
+    done.add(".".join(key))
+    shapes = {".".join(k[1:]): list(v) for k, v in tree_shapes.items()}
+    sc._atomic_write(progress_file, json.dumps({"job": job, "done": sorted(done), "shapes": shapes}))
 
 
 def _release_freed_memory() -> None:

@@ -239,6 +239,55 @@ def quantize_int4(w, importance=None, scale=None) -> QArray:
     return QArray(packed.reshape(*lead, k // 2, n), s.astype(ml_dtypes.bfloat16 if xp is np else jnp.bfloat16))
 
 
+GPTQ_DAMP = 0.01  # fraction of the mean Hessian diagonal added to it (GPTQ's `percdamp`)
+
+
+def gptq_int4(w, hessian, damp: float = GPTQ_DAMP) -> QArray:
+    """int4 by GPTQ (Frantar et al. 2022): rows of w [..., K, N] (its inputs) are quantised in order, and each row's
+    rounding error is fed back into the rows not yet quantised, weighted by the inverse of the Hessian
+    H = sum_t x_t x_t^T [..., K, K] of the calibration inputs x_t, so the error of x W on those inputs is what is
+    minimised rather than the error of W. Each group's scales are chosen (`int4_scale`, weighted by diag H) when the
+    group is reached, from its rows as the feedback has left them. Lazy block updates, one block per group; numpy in
+    float64 on the host. Leading axes (stacked layers or experts) are independent problems, each with its own H.
+
+    Rows no calibration input touched (H[k, k] = 0) carry no information: they are quantised as they are. Returns
+    the same QArray layout as `quantize_int4` (levels [-8, 7], bf16 scales)."""
+    w = np.asarray(w, np.float64)
+    hessian = np.asarray(hessian, np.float64)
+    *lead, k, n = w.shape
+    if hessian.shape != (*lead, k, k):
+        raise ValueError(f"gptq_int4: Hessian {hessian.shape} for a weight {w.shape}; expected {(*lead, k, k)}")
+    if lead:
+        parts = [gptq_int4(w[i], hessian[i], damp) for i in np.ndindex(*lead)]
+        values = np.stack([p.values for p in parts]).reshape(*lead, *parts[0].values.shape)
+        return QArray(values, np.stack([p.scale for p in parts]).reshape(*lead, *parts[0].scale.shape))
+    g = int4_group(k)
+    h = hessian.copy()
+    diag = np.diag(h).copy()
+    dead = diag <= 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices(k)] += damp * (np.mean(diag[~dead]) if np.any(~dead) else 1.0)
+    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper Cholesky factor of H^-1: row j's feedback coefficients
+    imp = np.where(dead, 1.0, diag)[:, None].astype(np.float32)
+    w = w.copy()
+    levels = np.zeros((k, n), np.float64)
+    scales = np.zeros((k // g, n), np.float32)
+    for b in range(k // g):
+        r0, r1 = b * g, (b + 1) * g
+        block = w[r0:r1]  # a view: updated in place by the feedback within the block
+        s = np.asarray(int4_scale(block.astype(np.float32)[None], imp[None, r0:r1])[0], np.float64)
+        scales[b] = s
+        errs = np.zeros((g, n))
+        for j in range(g):
+            q = np.clip(np.round(block[j] / s), -8, 7)
+            levels[r0 + j] = q
+            e = (block[j] - q * s) / u[r0 + j, r0 + j]
+            block[j + 1:] -= np.outer(u[r0 + j, r0 + j + 1:r1], e)
+            errs[j] = e
+        w[r1:] -= u[r0:r1, r1:].T @ errs
+    return quantize_int4(levels.astype(np.float32) * scales.repeat(g, axis=0), scale=scales)
+
+
 def unpack_int4(packed, group: int):
     """uint8 [..., K/2, N] -> int8 [..., K, N] in [-8, 7] (the layout of the module docstring)."""
     xp = _xp(packed)
@@ -304,8 +353,9 @@ class QLinear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), self.dtype)) if use_bias else None
 
     @classmethod
-    def from_linear(cls, linear: nnx.Linear, fmt: str) -> QLinear:
-        q = quantize(linear.kernel[...], fmt)
+    def from_linear(cls, linear: nnx.Linear, fmt: str, q: QArray | None = None) -> QLinear:
+        """`linear` quantised to `fmt` (or holding the given quantised kernel `q`, e.g. from `gptq_int4`)."""
+        q = quantize(linear.kernel[...], fmt) if q is None else q
         dtype = linear.dtype or linear.kernel[...].dtype
         out = cls(linear.in_features, linear.out_features, fmt, dtype=dtype, use_bias=linear.bias is not None)
         out.kernel = nnx.Param(q.values)
@@ -328,28 +378,45 @@ class QLinear(nnx.Module):
         return dequantize(self.qarray(), self.dtype)
 
 
-def quantize_model(model, fmt: str | None):
+def quantize_model(model, fmt: str | None, hessians: dict | None = None):
     """Replace, in place, every quantisable linear by a `QLinear` and quantise the routed experts; returns model.
 
     Used on freshly initialised (random) models and inside `nnx.eval_shape` for the abstract model a checkpoint is
-    loaded into; checkpoints themselves are quantised tensor by tensor on the host (checkpoint.py)."""
+    loaded into; checkpoints themselves are quantised tensor by tensor on the host (checkpoint.py). With `hessians`
+    ({weight path: H}, `calibration.hessians`; int4 only) every weight is quantised by `gptq_int4` against its H."""
     fmt = check_format(fmt)
     if fmt is None:
         return model
+    if hessians is not None and fmt != "int4":
+        raise ConfigError(f"calibrated quantisation (GPTQ) is for int4; quantize = {fmt!r}")
     from small4_jax.model import Experts  # model.py does not import this module's users
+
+    def calibrated(path, w) -> QArray:
+        key = tuple(path)
+        if key not in hessians:
+            raise ConfigError(f"calibration: no Hessian for {'.'.join(map(str, key))} (no calibration input reached "
+                              "it)")
+        return QArray(*(jnp.asarray(a) for a in gptq_int4(np.asarray(w, np.float32), hessians[key])))
 
     for path, module in list(nnx.iter_graph(model)):
         if path and str(path[0]) in ("vision_tower", "multi_modal_projector"):
             continue  # the vision encoder and projector stay in the model dtype
         if isinstance(module, Experts):
-            module.quantize(fmt)
+            if hessians is None:
+                module.quantize(fmt)
+                continue
+            for name in ("gate_up", "down"):  # as Experts.quantize, with the calibrated values
+                q = calibrated(tuple(path) + (name,), getattr(module, name)[...])
+                setattr(module, name, nnx.Param(q.values))
+                setattr(module, name + "_scale", nnx.Param(q.scale))
             continue
         if not isinstance(module, nnx.Module):
             continue
         for name in QUANTISED_LINEARS:
             child = getattr(module, name, None)
             if type(child) is nnx.Linear:
-                setattr(module, name, QLinear.from_linear(child, fmt))
+                q = None if hessians is None else calibrated(tuple(path) + (name, "kernel"), child.kernel[...])
+                setattr(module, name, QLinear.from_linear(child, fmt, q))
     return model
 
 
