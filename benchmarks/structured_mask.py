@@ -1,6 +1,6 @@
 """Per-token host cost of structured-output masks (`infer.structured.fill_masks`) with the real Tekken vocabulary.
 
-    python benchmarks/structured_mask.py [--rows 1 16] [--repeats 5]
+    python benchmarks/structured_mask.py [--rows 1 16] [--repeats 5] [--walk 200]
 
 Each case is timed twice: llguidance's mask alone (`canonical=False`), and narrowed to the canonical tokens
 (`structured.Constrained.refine`: chunk junctions, BPE pair validity, lookahead through forced text), the default.
@@ -91,10 +91,35 @@ def time_masks(tok, grammar, ids, rows, repeats, canonical):
             "cpu_us_per_row_token_mean": round(statistics.mean(cpu) * 1e6 / rows, 1)}
 
 
+def random_walk(tok, grammar, steps, seed=0):
+    """A random model's worst case: each token drawn uniformly from the canonical mask (free JSON strings and keys,
+    a cold pair-validity row after almost every token). Process CPU time of `refine` per token."""
+    import random
+
+    from infer import structured
+
+    rng = random.Random(seed)
+    m, fallbacks = structured.new_matcher(tok, grammar), 0
+    cpu = []
+    while len(cpu) < steps:
+        if m.is_stopped():  # an answer ended ('{}' is one token): the next one
+            fallbacks += m.fallbacks
+            m = structured.new_matcher(tok, grammar)
+        words = np.frombuffer(m.llm.compute_bitmask(), np.int32).copy()
+        c0 = time.process_time()
+        m.refine(words)
+        cpu.append(time.process_time() - c0)
+        allowed = np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little"))
+        m.consume_token(int(rng.choice(allowed)))
+    return {"tokens": len(cpu), "cpu_us_per_token_median": round(statistics.median(cpu) * 1e6, 1),
+            "cpu_us_per_token_mean": round(statistics.mean(cpu) * 1e6, 1), "fallbacks": fallbacks + m.fallbacks}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--walk", type=int, default=200, help="tokens of the random-walk case")
     args = p.parse_args(argv)
     from infer import structured
 
@@ -118,6 +143,8 @@ def main(argv=None):
                 for canonical in (False, True):
                     key = f"{name}_rows{rows}" + ("_canonical" if canonical else "_llguidance")
                     report[key] = time_masks(tok, grammar, ids, rows, args.repeats, canonical)
+        report["json_object_random_walk_canonical"] = random_walk(
+            tok, structured.chat_grammar(tok, msgs, response_format={"type": "json_object"}), args.walk)
     print(json.dumps(report, indent=1))
 
 
