@@ -264,7 +264,6 @@ def test_engine_with_images_matches_transformers(models, ours):
     """The serving engine: images across prefill chunks, two image requests in one prefill batch, a text-only one
     beside them, and the prefix cache keyed by image content (same ids, other pixels: no sharing)."""
     from infer.engine import Engine, SamplingOptions
-    from small4_jax import paged
     from small4_jax.images import image_hash
 
     hf, _ = models
@@ -278,12 +277,17 @@ def test_engine_with_images_matches_transformers(models, ours):
     engine.warmup()  # with a vision encoder: also every prefill shape that takes image features
     assert [s for s in engine.warmup_shapes() if s[0] == "image prefill"] == [
         ("image prefill", rows, 8, engine.page_buckets[0]) for rows in (1, 2, 4)]
-    compiled = paged.logits_step._cache_size()
+
+    def compiled():  # the engine's whole-model step programs (its jitted flat-state steps, `Engine._forward`)
+        return sum(step._cache_size() for _, _, step in engine._flat_steps.values())
+
+    before = compiled()
+    assert before == 7  # prefill x 3, decode x 1, image prefill x 3
     text = [1, 3, 40, 41, 42, 4]
     opts = SamplingOptions(max_tokens=6)
     out = engine.generate([ids[0].tolist() for ids, _ in prompts] + [text], opts,
                           images=[images for _, images in prompts] + [[]])
-    assert paged.logits_step._cache_size() == compiled  # the image chunks compiled nothing new
+    assert compiled() == before  # the image chunks compiled no model step
     assert [o.token_ids for o in out[:2]] == want
     assert out[2].token_ids == generate(ours, text, max_new_tokens=6, sampling=SamplingParams(temperature=0.0))
     ids, images = prompts[0]
