@@ -16,6 +16,10 @@ then runs k - 1 single-token draft steps, each fed the previous step's token and
 
 The target's hidden states come from the engine's own steps: prefill runs `hidden_step` (the same forward, also
 returning the final-normed hidden states), and verify asks `verify_forward` for them (`needs_hidden`).
+
+On a sharded cache (`cache_axes`) the draft's pages are sharded as the target's (a request's draft rows live on its
+shard) and every draft step runs in the engine's layout (`Engine._to_shards`: each shard's rows in its block, page
+ids the shard's own); drafts come back in request order.
 """
 
 from __future__ import annotations
@@ -29,44 +33,45 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infer.engine import _bucket
 from small4_jax.eagle import as_model, load_eagle
-from small4_jax.paged import PagedCache, forward
+from small4_jax.paged import PagedCache, cache_spec, forward
 
 
-def _draft_forward(target, draft, pages, ids, hidden, positions, seq_index, slots, table, logit_index):
+def _draft_forward(target, draft, pages, ids, hidden, positions, seq_index, slots, table, logit_index, cache_axes):
     """One draft step: (greedy token [B], state g [B, H] at logit_index, pages)."""
     view = as_model(draft, target)
     embeds = draft.fuse(target.embed_tokens(ids), hidden)
     logits, pages, g = forward(view, pages, ids, positions, seq_index, slots, table, logit_index, absorbed=True,
-                               with_hidden=True, input_embeds=embeds)
+                               with_hidden=True, input_embeds=embeds, cache_axes=cache_axes)
     g_last = jnp.take_along_axis(g, logit_index[:, None, None], axis=1)[:, 0]
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), g_last, pages
 
 
-@functools.partial(jax.jit, static_argnames=("target_def", "draft_def"), donate_argnames=("pages",))
-def draft_rows(target_def, target_state, draft_def, draft_state, pages, ids, hidden, seq_index, slots, table):
+@functools.partial(jax.jit, static_argnames=("target_def", "draft_def", "cache_axes"), donate_argnames=("pages",))
+def draft_rows(target_def, target_state, draft_def, draft_state, pages, ids, hidden, seq_index, slots, table,
+               cache_axes=()):
     """Write draft rows for ids/hidden [B, T(, H)] at seq_index/slots (prefill); returns pages."""
     target, draft = nnx.merge(target_def, target_state), nnx.merge(draft_def, draft_state)
     index = jnp.zeros((ids.shape[0],), jnp.int32)
-    return _draft_forward(target, draft, pages, ids, hidden, seq_index, seq_index, slots, table, index)[2]
+    return _draft_forward(target, draft, pages, ids, hidden, seq_index, seq_index, slots, table, index, cache_axes)[2]
 
 
-@functools.partial(jax.jit, static_argnames=("target_def", "draft_def"), donate_argnames=("pages",))
+@functools.partial(jax.jit, static_argnames=("target_def", "draft_def", "cache_axes"), donate_argnames=("pages",))
 def propose_step(target_def, target_state, draft_def, draft_state, pages, buffer, ids, buffer_slot, seq_index, slots,
-                 table, last, step_index, step_slots):
+                 table, last, step_index, step_slots, cache_axes=()):
     """Catch up the pending rows (ids [B, T], hidden buffer[buffer_slot], seq_index/slots [B, T], logits at `last`),
     then k - 1 greedy steps at step_index [B, k - 1] writing step_slots [B, k - 1, 2]. Returns (drafts [B, k], pages).
     """
     target, draft = nnx.merge(target_def, target_state), nnx.merge(draft_def, draft_state)
     hidden = buffer[buffer_slot]  # [B, T, H]
-    token, g, pages = _draft_forward(target, draft, pages, ids, hidden, seq_index, seq_index, slots, table, last)
+    token, g, pages = _draft_forward(target, draft, pages, ids, hidden, seq_index, seq_index, slots, table, last,
+                                     cache_axes)
     drafts = [token]
     zero = jnp.zeros_like(last)
     for s in range(step_index.shape[1]):
         pos = step_index[:, s : s + 1]
         token, g, pages = _draft_forward(target, draft, pages, token[:, None], g[:, None], pos, pos,
-                                         step_slots[:, s : s + 1], table, zero)
+                                         step_slots[:, s : s + 1], table, zero, cache_axes)
         drafts.append(token)
     return jnp.stack(drafts, axis=1), pages
 
@@ -79,13 +84,13 @@ def put_pending(buffer, buffer_slot, rows, start, *, hidden):
     return buffer.at[buffer_slot].set(hidden[rows[:, None], cols].astype(buffer.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed"), donate_argnames=("pages",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "cache_axes"), donate_argnames=("pages",))
 def hidden_step(graphdef, state, pages, ids, positions, seq_index, slots, page_table, logit_index, *, absorbed,
-                input_embeds=None):
+                input_embeds=None, cache_axes=()):
     """`paged.logits_step` that also returns the final-normed hidden states of every token."""
     model = nnx.merge(graphdef, state)
     return forward(model, pages, ids, positions, seq_index, slots, page_table, logit_index, absorbed=absorbed,
-                   with_hidden=True, input_embeds=input_embeds)
+                   with_hidden=True, input_embeds=input_embeds, cache_axes=cache_axes)
 
 
 class EagleDrafter:
@@ -95,11 +100,13 @@ class EagleDrafter:
         self.k = config.num_draft_tokens
         self.draft = load_eagle(config.path, engine.model)
         self.draft_def, self.draft_state = nnx.split(self.draft)
-        sharding = None
+        sharding = pages_sharding = None
         if engine.mesh is not None:
             sharding = jax.sharding.NamedSharding(engine.mesh, jax.sharding.PartitionSpec())
+            pages_sharding = jax.sharding.NamedSharding(engine.mesh, cache_spec(engine.cache_axes))
         num_pages, page_size = engine.pages.shape[1], engine.pages.shape[2]
-        self.pages = PagedCache.create(self.draft.config, num_pages, page_size, engine.cache_dtype, sharding).pages
+        self.pages = PagedCache.create(self.draft.config, num_pages, page_size, engine.cache_dtype,
+                                       pages_sharding).pages
         self.buffer = jnp.zeros((engine.max_batch + 1, self.k + 1, engine.config.hidden_size), engine.model.dtype,
                                 device=sharding)
         self.pending: dict[str, int] = {}
@@ -111,21 +118,25 @@ class EagleDrafter:
 
     # ---- prefill ---------------------------------------------------------------------------------------------------
     def _prefill_forward(self, graphdef, state, pages, ids, positions, seq_index, slots, page_table, logit_index, *,
-                         absorbed, input_embeds=None):
+                         absorbed, input_embeds=None, cache_axes=()):
         logits, pages, hidden = hidden_step(graphdef, state, pages, ids, positions, seq_index, slots, page_table,
-                                            logit_index, absorbed=absorbed, input_embeds=input_embeds)
+                                            logit_index, absorbed=absorbed, input_embeds=input_embeds,
+                                            cache_axes=cache_axes)
         self._stash = (hidden, np.asarray(seq_index), np.asarray(slots), np.asarray(page_table))
         return logits, pages
 
     def prefilled(self, engine, reqs, ends) -> None:
-        """Draft rows of the chunk just prefilled (all but a final chunk's last row, which becomes pending)."""
+        """Draft rows of the chunk just prefilled (all but a final chunk's last row, which becomes pending). The
+        stashed step inputs are in the step's layout (on a sharded cache: shard blocks, each shard's page ids)."""
         hidden, seq_index, slots, table = self._stash
         self._stash = None
         rows, chunk = seq_index.shape
+        at = np.arange(len(reqs)) if engine.cache_shards == 1 else np.argsort(engine._shard_layout(reqs, rows))
         ids = np.zeros((rows, chunk), np.int32)
         write = np.zeros_like(slots)
         pend_rows, pend_slot, pend_start = [], [], []
-        for i, (r, end) in enumerate(zip(reqs, ends)):
+        for q, (r, end) in enumerate(zip(reqs, ends)):
+            i = int(at[q])  # the request's row of the step
             if r not in engine._running:
                 continue
             start = int(seq_index[i, 0])
@@ -140,7 +151,7 @@ class EagleDrafter:
             write[i, :n] = slots[i, :n]
         with self._mesh(engine):
             self.pages = draft_rows(engine.graphdef, engine.state, self.draft_def, self.draft_state, self.pages, ids,
-                                    hidden, seq_index, write, table)
+                                    hidden, seq_index, write, table, cache_axes=engine.cache_axes)
             if pend_rows:
                 self.buffer = put_pending(self.buffer, *self._padded(engine, rows, pend_slot, pend_rows, pend_start),
                                           hidden=hidden)
@@ -148,7 +159,7 @@ class EagleDrafter:
     # ---- decode ----------------------------------------------------------------------------------------------------
     def propose(self, engine, reqs, rooms) -> list[list[int]]:
         size, k = engine.page_size, self.k
-        rows, t = _bucket(len(reqs), engine.batch_buckets), k + 1
+        rows, t = engine._rows(reqs, engine.batch_buckets), k + 1
         ids = np.zeros((rows, t), np.int32)
         seq_index = np.zeros((rows, t), np.int32)
         slots = np.zeros((rows, t, 2), np.int32)
@@ -176,11 +187,17 @@ class EagleDrafter:
                 if s < room - 1:
                     step_slots[i, s] = (r.pages[p // size], p % size)
         table = engine._page_table(reqs, rows, max(len(r.pages) for r in reqs))
+        (ids, seq_index, last, buffer_slot, step_index, step_slots), slots, table, perm = engine._to_shards(
+            reqs, rows, (ids, seq_index, last, buffer_slot, step_index, step_slots), slots, table)
+        if perm is not None:
+            step_slots[..., 0] %= engine.pool.per_shard  # (a copy: indexed by perm)
         with self._mesh(engine):
             drafts, self.pages = propose_step(engine.graphdef, engine.state, self.draft_def, self.draft_state,
                                               self.pages, self.buffer, ids, buffer_slot, seq_index, slots, table,
-                                              last, step_index, step_slots)
+                                              last, step_index, step_slots, cache_axes=engine.cache_axes)
         drafts = np.asarray(jax.device_get(drafts))
+        if perm is not None:
+            drafts = drafts[np.argsort(perm)]
         return [drafts[i, :room].tolist() for i, room in enumerate(rooms)]
 
     def verified(self, engine, reqs, tokens, accepted, hidden) -> None:
@@ -212,7 +229,7 @@ class EagleDrafter:
                     engine.graphdef, engine.state, self.draft_def, self.draft_state, self.pages, self.buffer, zeros,
                     np.full((b,), engine.max_batch, np.int32), zeros, np.zeros((b, k + 1, 2), np.int32),
                     np.zeros((b, width), np.int32), np.zeros((b,), np.int32), np.zeros((b, max(k - 1, 0)), np.int32),
-                    np.zeros((b, max(k - 1, 0), 2), np.int32))
+                    np.zeros((b, max(k - 1, 0), 2), np.int32), cache_axes=engine.cache_axes)
                 hidden = jnp.zeros((b, k + 1, hdim), self.buffer.dtype)
                 self.buffer = put_pending(self.buffer, *self._padded(engine, b, [], [], []), hidden=hidden)
             for width, p in itertools.product(engine.page_buckets, engine.prefill_buckets):
@@ -220,5 +237,5 @@ class EagleDrafter:
                 hidden = jnp.zeros((p, engine.prefill_chunk, hdim), self.buffer.dtype)
                 self.pages = draft_rows(engine.graphdef, engine.state, self.draft_def, self.draft_state, self.pages,
                                         zeros, hidden, zeros, np.zeros((p, engine.prefill_chunk, 2), np.int32),
-                                        np.zeros((p, width), np.int32))
+                                        np.zeros((p, width), np.int32), cache_axes=engine.cache_axes)
                 self.buffer = put_pending(self.buffer, *self._padded(engine, p, [], [], []), hidden=hidden)

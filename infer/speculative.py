@@ -22,8 +22,8 @@ Each speculative decode step, for every generating row (`decode`):
 
 On a sharded cache (`cache_axes`) the verify step is the engine's layout: each shard's rows in its block of the
 batch, attending over that shard's own pages (`Engine._to_shards`), logits handed back in request order; a row's
-pages all come from its shard, so rollback returns them there. (EAGLE drafts keep a cache of their own and are
-refused on a sharded cache for now.)
+pages all come from its shard, so rollback returns them there. An EAGLE draft's own cache is sharded the same way
+(`infer/eagle_drafter.py`).
 
 Tokens are handed to the engine's `_accept` one position at a time, so stop ids, stop strings, max_tokens, logprobs
 and streaming behave exactly as without speculation (a row that stops mid-draft drops the rest).
@@ -197,9 +197,6 @@ class Speculator:
     """The engine's speculative decode step (`decode`) and its counters."""
 
     def __init__(self, config: SpeculativeConfig, engine):
-        if config.method == "eagle" and engine.cache_shards > 1:
-            raise InputError("--speculative eagle does not run on a sharded cache yet (cache_axes / a data mesh "
-                             "axis): use --speculative ngram there, or serve the cache replicated")
         self.config = config
         self.k = config.num_draft_tokens
         self.drafter = make_drafter(config, engine)

@@ -132,15 +132,28 @@ def _reference_drafts(target, draft, tokens, n):
     return out
 
 
-@pytest.mark.parametrize("k", [3])
-def test_eagle_speculative_greedy_equals_plain_greedy_and_drafts_match_the_reference(draft_dir, target, k):
+@pytest.mark.parametrize("k,sharded", [(3, False), (3, True)])
+def test_eagle_speculative_greedy_equals_plain_greedy_and_drafts_match_the_reference(draft_dir, target, k, sharded):
+    """On one device, and on a cache sharded over data=2 (8 devices, the MoE expert-parallel over expert=4): the
+    draft's cache is sharded as the target's and its steps run in the engine's shard layout."""
     path, _ = draft_dir
     rng = np.random.default_rng(k)
     prompts = [[1] + rng.integers(3, 512, n - 1).tolist() for n in (9, 23, 14, 30, 6)]
     options = [SamplingOptions(max_tokens=m, ignore_eos=True) for m in (14, 9, 17, 20, 12)]
     options[4] = SamplingOptions(max_tokens=12, temperature=0.8, seed=5, ignore_eos=True)  # a sampled row too
     plain = _run(Engine(target, **ENGINE), prompts, options)
-    spec = Engine(target, speculative=SpeculativeConfig("eagle", str(path), k), **ENGINE)
+    if sharded:
+        from flax import nnx
+
+        from small4_jax.placement import place_model
+        from small4_jax.sharding import make_mesh
+
+        mesh = make_mesh({"data": 2, "expert": 4, "tensor": 1})
+        spec = Engine(place_model(nnx.clone(target), mesh), mesh=mesh,
+                      speculative=SpeculativeConfig("eagle", str(path), k), **dict(ENGINE, num_pages=2 * 13))
+        assert spec.cache_shards == 2 and spec.speculator.drafter.pages.sharding.spec == spec.pages.sharding.spec
+    else:
+        spec = Engine(target, speculative=SpeculativeConfig("eagle", str(path), k), **ENGINE)
     drafter = spec.speculator.drafter
     drafter.warmup(spec)  # compiles the draft's shapes ahead (what --warmup runs)
     calls = []
