@@ -126,6 +126,10 @@ def run(args: argparse.Namespace) -> dict:
     single_lora, named_loras = lora_flags(args.lora)
     args.lora_adapters = [f"{n}={d}" for n, d in named_loras]  # the engine's multi-LoRA (infer.cli.engine_kwargs)
     names = [n for n, _ in named_loras]
+    from small4_jax.multi_lora import adapter_rank
+
+    for _, directory in named_loras:  # a missing or malformed adapter_config.json is named before the build
+        adapter_rank(directory)
     if args.adapter is not None and args.adapter not in names:
         raise InputError(f"--adapter {args.adapter!r}: not one of the --lora NAME=DIR adapters "
                          f"({', '.join(names) or 'none given'})")

@@ -202,8 +202,6 @@ def test_several_loras_each_prompt_with_its_own(tmp_path, capsys):
         assert main([*common, *extra, "--prompt-ids", ids, "--json"]) == 0
         want[key] = _last_json(capsys.readouterr().out)["token_ids"]
     assert got == want and len({tuple(v) for v in want.values()}) == 3
-    assert main([*common, *loras, "--adapter", "a", "--prompt-ids", ids, "--json"]) == 0  # one prompt, --adapter
-    assert _last_json(capsys.readouterr().out)["token_ids"] == want["a"]
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt_ids": PROMPT, "adapter": "c"}) + "\n")
     assert _error([*common, *loras, "--input", str(tmp_path / "bad.jsonl")], capsys) == \
         f"error: {tmp_path / 'bad.jsonl'}:1: adapter 'c' is not one of the --lora NAME=DIR adapters (a, b)"
@@ -211,3 +209,5 @@ def test_several_loras_each_prompt_with_its_own(tmp_path, capsys):
         "error: --adapter 'z': not one of the --lora NAME=DIR adapters (a, b)"
     assert _error([*common, "--lora", str(tmp_path / "a"), *loras, "--prompt-ids", ids], capsys).startswith(
         "error: --lora: give one adapter DIR (applied to every prompt) or NAME=DIR adapters")
+    assert _error([*common, "--lora", f"c={tmp_path}", "--prompt-ids", ids], capsys) == \
+        f"error: {tmp_path}: not a PEFT adapter directory (adapter_config.json missing)"
