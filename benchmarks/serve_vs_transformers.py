@@ -43,6 +43,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prefill", type=int, default=1024)
     p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--prefill-batch", type=int, default=1,
+                   help="requests prefilled together in one step (infer.serve's default is 4)")
     p.add_argument("--cases", nargs="*", default=["decode", "batch", "prefill"], choices=["decode", "batch", "prefill"])
     args = p.parse_args(argv)
 
@@ -60,7 +62,7 @@ def main(argv=None):
     page = 16
     max_len = args.prefill + 64
     engine = Engine(model, None, max_batch=args.batch, page_size=page, max_model_len=max_len,
-                    prefill_chunk=args.prefill_chunk, batch_buckets=(1, args.batch),
+                    prefill_chunk=args.prefill_chunk, prefill_batch=args.prefill_batch, batch_buckets=(1, args.batch),
                     page_buckets=(-(-(16 + args.new) // page), -(-max_len // page)))
     t0 = time.perf_counter()
     engine.warmup()

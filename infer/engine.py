@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -1239,9 +1240,11 @@ class Engine:
 _sample_step = jax.jit(sample_rows, static_argnames=("num_top",), donate_argnames=("history",))
 
 
+@functools.lru_cache(maxsize=64)
 def _flat_logits_step(graphdef, treedef, absorbed: bool, cache_axes: tuple[str, ...]):
     """`paged.logits_step` for one graph definition, jitted over the state's flat list of arrays (`Engine._forward`),
-    with the cache donated."""
+    with the cache donated. Cached by value: a new split of an equal model (an adapter loaded into a free slot)
+    gets the same jitted function, so it compiles nothing."""
 
     def run(leaves, pages, ids, positions, seq_index, slots, page_table, logit_index, input_embeds=None):
         extra = {} if input_embeds is None else {"input_embeds": input_embeds}

@@ -180,9 +180,22 @@ def test_engine_mixes_adapters_and_keys_the_prefix_cache_by_adapter(setup):
     assert len({tuple(o.token_ids) for o in mixed}) == 3
     with pytest.raises(InputError, match="unknown adapter 'nope'"):
         engine.submit(prompt, opts, adapter="nope")
-    # load a third adapter at run time into the spare slot; unload frees it; the base is untouched
-    engine.load_adapter("attn2", str(dirs["attn2"]))
-    assert run(["attn2"])[0].token_ids != alone[None].token_ids
+    # load a third adapter at run time into the spare slot (compiling nothing); unload frees it; the base is untouched
+    from jax import monitoring
+
+    compiles = []
+
+    def listen(event, seconds, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(kw.get("fun_name"))
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        engine.load_adapter("attn2", str(dirs["attn2"]))
+        assert run(["attn2"])[0].token_ids != alone[None].token_ids
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    assert not [c for c in compiles if "run" in str(c) or "step" in str(c)], compiles
     with pytest.raises(InputError, match="all 3 adapter slots are in use"):
         engine.load_adapter("again", str(dirs["attn2"]))
     engine.unload_adapter("attn2")
