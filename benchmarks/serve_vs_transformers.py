@@ -1,6 +1,7 @@
 """The serving engine against transformers eager on the CPU, same weights, same process, interleaved.
 
     OMP_WAIT_POLICY=PASSIVE JAX_PLATFORMS=cpu python benchmarks/serve_vs_transformers.py [--reps 3]
+        [--cases decode batch prefill] [--prefill-batch 4]
 
 Medium config (issue 13): hidden 512, 4 layers (all MoE), 16 routed experts top-4 + 1 shared, MLA, vocab 32768,
 float32. transformers' Mistral4 with random weights is saved and loaded by `small4_jax.from_pretrained`. Three
@@ -9,7 +10,7 @@ measurements, each run alternately by the two (medians over --reps, after a warm
 - batch: 16 requests of 16-token prompts at once, 64 tokens each: generated tokens/s;
 - prefill: one 1024-token prompt to its first token: seconds (a new random prompt each run, so nothing comes from
   the prefix cache).
-The engine is warmed up (`Engine.warmup`) first, so its numbers exclude compilation. OMP_WAIT_POLICY=PASSIVE keeps
+The engine is warmed up (`Engine.warmup`) first, so its numbers exclude compilation. Results: benchmarks/RESULTS.md. OMP_WAIT_POLICY=PASSIVE keeps
 torch's idle OpenMP threads from spinning on the cores JAX is using (set it in the environment before starting).
 """
 

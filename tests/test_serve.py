@@ -144,7 +144,8 @@ def test_completions_text_is_decoded_off_the_engine_thread(setup, monkeypatch):
     hf, tok, real, _ = setup
     threads = []
     make = tok.stream_decoder
-    monkeypatch.setattr(tok, "stream_decoder", lambda **kw: threads.append(threading.current_thread().name) or make(**kw))
+    monkeypatch.setattr(tok, "stream_decoder",
+                        lambda **kw: threads.append(threading.current_thread().name) or make(**kw))
     client = _client(real.url)
     prompt = tok.encode("The weather in Rome", bos=True)
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
