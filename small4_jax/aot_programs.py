@@ -105,19 +105,23 @@ def gmm_quant(mesh: Mesh, rows: int, fmt: str, *, groups: int = 128, k: int = 40
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The model.
-def abstract_placed_model(config, mesh: Mesh, dtype="bfloat16", quantize: str | None = None):
+def abstract_placed_model(config, mesh: Mesh, dtype="bfloat16", quantize: str | None = None,
+                          scan_layers: bool = True):
     """(graphdef, state) of the model with every weight abstract and placed on `mesh` (`sharding.spec_for`), its
-    linears and experts in `quantize`'s format (small4_jax.quant) when given."""
+    linears and experts in `quantize`'s format (small4_jax.quant) when given; `scan_layers=False` unrolls the
+    layer loop (model.run_layers; compile-time comparison)."""
     from small4_jax.model import abstract_model
 
-    graphdef, state = nnx.split(abstract_model(config, dtype=dtype, quantize=quantize))
+    model = abstract_model(config, dtype=dtype, quantize=quantize)
+    model.scan_layers = scan_layers
+    graphdef, state = nnx.split(model)
     return graphdef, aot.placed(state, mesh)
 
 
 def model_forward(config, mesh: Mesh, tokens: int, *, batch: int = 1, dtype="bfloat16",
-                  quantize: str | None = None) -> Program:
+                  quantize: str | None = None, scan_layers: bool = True) -> Program:
     """Logits of `batch` sequences of `tokens` tokens (the prefill / scoring forward)."""
-    graphdef, state = abstract_placed_model(config, mesh, dtype, quantize)
+    graphdef, state = abstract_placed_model(config, mesh, dtype, quantize, scan_layers)
 
     def forward(state, ids):
         return nnx.merge(graphdef, state)(ids)

@@ -11,10 +11,11 @@ Reading the files (HF or Mistral-native safetensors, prefixes, FP8 scales) is `s
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -57,31 +58,64 @@ def _t3(x: np.ndarray) -> np.ndarray:
     return x.transpose(0, 2, 1)
 
 
-def checkpoint_plan(model_state) -> dict[tuple, tuple[str, tuple[int, ...], Transform]]:
-    """Our parameter path -> (canonical checkpoint name, shape it has in the checkpoint, transform to our layout)."""
+def is_stacked(path) -> bool:
+    """Whether the parameter at `path` belongs to a layer stack (leading layer axis; model.layer_groups)."""
+    return len(path) > 2 and str(path[0]) == "layer_stacks"
+
+
+def _stack_starts(model_state) -> dict[str, int]:
+    """Stack index -> its first layer, from the stacks' leading dims (stacks hold consecutive layers in order)."""
+    counts: dict[int, int] = {}
+    for path, value in nnx.to_flat_state(model_state):
+        if is_stacked(path):
+            counts.setdefault(int(str(path[1])), value.shape[0])
+    starts, start = {}, 0
+    for g in sorted(counts):
+        starts[str(g)], start = start, start + counts[g]
+    return starts
+
+
+def checkpoint_plan(model_state) -> dict[tuple, tuple[str | tuple[str, ...], tuple[int, ...], Transform]]:
+    """Our parameter path -> (canonical checkpoint name, shape it has in the checkpoint, transform to our layout).
+
+    A layer stack's parameter [n, ...] (model.py) maps to the n per-layer tensors `layers.{start + j}.<name>`: its
+    entry holds the tuple of their names and the shape and transform of one layer (slice j <-> layer start + j)."""
     plan = {}
+    starts = _stack_starts(model_state)
     for path, value in nnx.to_flat_state(model_state):
         shape = tuple(value.shape)
         names = [str(p) for p in path]
+        stacked = is_stacked(path)
+        if stacked:
+            shape, names = shape[1:], names[2:]
         leaf, parent = names[-1], names[-2]
         if parent == "embed_tokens":
-            plan[path] = ("embed_tokens.weight", shape, _identity)
+            entry = ("embed_tokens.weight", shape, _identity)
         elif parent == "experts":
             hf = {"gate_up": "gate_up_proj", "down": "down_proj"}[leaf]
-            plan[path] = (".".join(names[:-1] + [hf]), (shape[0], shape[2], shape[1]), _t3)
+            entry = (".".join(names[:-1] + [hf]), (shape[0], shape[2], shape[1]), _t3)
         elif leaf == "kernel":
-            plan[path] = (".".join(names[:-1] + ["weight"]), shape[::-1], _t2)
+            entry = (".".join(names[:-1] + ["weight"]), shape[::-1], _t2)
         elif parent == "gate" and leaf == "weight":  # router [H, E] here, [E, H] in the checkpoint
-            plan[path] = (".".join(names), shape[::-1], _t2)
+            entry = (".".join(names), shape[::-1], _t2)
         else:  # norms and biases
-            plan[path] = (".".join(names), shape, _identity)
+            entry = (".".join(names), shape, _identity)
+        if stacked:
+            start, n = starts[str(path[1])], value.shape[0]
+            entry = (tuple(f"layers.{start + j}.{entry[0]}" for j in range(n)), entry[1], entry[2])
+        plan[path] = entry
     return plan
+
+
+def plan_names(entry) -> tuple[str, ...]:
+    """The checkpoint names of a plan entry: one, or a stack's per-layer names."""
+    return entry[0] if isinstance(entry[0], tuple) else (entry[0],)
 
 
 def verify_source(config: Small4Config, plan: dict, source: TensorSource, where: str) -> None:
     """One CheckpointError listing every missing, unexpected and mis-shaped tensor (nothing is read)."""
     available = set(source.names())
-    expected = {name: shape for name, shape, _ in plan.values()}
+    expected = {name: entry[1] for entry in plan.values() for name in plan_names(entry)}
     missing = sorted(n for n in expected if n not in available)
     # transformers builds zero-sized shared experts when n_shared_experts = 0; empty tensors carry nothing
     unexpected = sorted(n for n in available if n not in expected and math.prod(source.shape(n)) > 0)
@@ -97,6 +131,39 @@ def verify_source(config: Small4Config, plan: dict, source: TensorSource, where:
         lines += [f"  unexpected: {n} (shape {list(source.shape(n))})" for n in unexpected]
         lines += [f"  wrong shape: {n} is {list(got)}, expected {list(want)}" for n, got, want in misshaped]
         raise CheckpointError("\n".join(lines))
+
+
+def _slice_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of one layer of an array placed with `sharding` (its leading layer axis is never sharded)."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:]))
+    return sharding
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros_fn(shape, dtype, sharding):
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stack: jax.Array, layer: jax.Array, j) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stack, layer.astype(stack.dtype), j, 0)
+
+
+def put_stacked(path, layers: Iterable[np.ndarray], n: int, mesh: Mesh | None) -> jax.Array:
+    """A layer stack's parameter [n, ...] built on its devices one layer at a time: `layers` yields the n host
+    arrays in order; each is placed at its sharding and written into its slice of the (donated) stack, so the host
+    holds one layer and the devices the stack plus one layer, never two copies of a stack."""
+    stack = None
+    for j, host in enumerate(layers):
+        if stack is None:
+            shape = (n,) + tuple(host.shape)
+            sharding = sharding_for(path, shape, mesh)
+            stack = _zeros_fn(shape, jnp.dtype(host.dtype), sharding)()
+        layer = jax.device_put(np.ascontiguousarray(host), _slice_sharding(stack.sharding))
+        del host
+        stack = _set_layer(stack, layer, np.int32(j))
+    return stack
 
 
 def load_weights(
@@ -126,18 +193,35 @@ def load_weights(
     np_dtype = _numpy_dtype(dtype)
     flat = []
     for path, value in nnx.to_flat_state(state):
-        name, _, transform = plan[path]
+        entry = plan[path]
+        names, transform = plan_names(entry), entry[2]
         scale_path = path[:-1] + (f"{path[-1]}_scale",)
         if scale_path in quantised:
-            q = _read_quantized(source, name, fmt, transform)
-            for p, host in ((path, q.values), (scale_path, q.scale)):
-                arr = jax.device_put(np.ascontiguousarray(host), sharding_for(p, host.shape, mesh))
+            if is_stacked(path):  # values layer by layer; each layer's (small) scale grid waits in a list
+                scales: list[np.ndarray] = []
+
+                def values(names=names, transform=transform, scales=scales):
+                    for name in names:
+                        q = _read_quantized(source, name, fmt, transform)
+                        scales.append(q.scale)
+                        yield q.values
+
+                arrs = (put_stacked(path, values(), len(names), mesh),)
+                arrs += (put_stacked(scale_path, scales, len(names), mesh),)
+            else:
+                q = _read_quantized(source, names[0], fmt, transform)
+                arrs = tuple(jax.device_put(np.ascontiguousarray(h), sharding_for(p, h.shape, mesh))
+                             for p, h in ((path, q.values), (scale_path, q.scale)))
+                del q
+            for p, arr in zip((path, scale_path), arrs):
                 flat.append((p, quantised[p].replace(arr)))
-            del q
             continue
-        host = transform(source.get(name, dtype=np_dtype))
-        arr = jax.device_put(np.ascontiguousarray(host), sharding_for(path, host.shape, mesh))
-        del host
+        if is_stacked(path):
+            arr = put_stacked(path, (transform(source.get(name, dtype=np_dtype)) for name in names), len(names), mesh)
+        else:
+            host = transform(source.get(names[0], dtype=np_dtype))
+            arr = jax.device_put(np.ascontiguousarray(host), sharding_for(path, host.shape, mesh))
+            del host
         flat.append((path, value.replace(arr) if hasattr(value, "replace") else arr))
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     return model

@@ -4,9 +4,16 @@
     for each layer:  h += MLA(RMSNorm(h));  h += MoE(RMSNorm(h))   (dense SwiGLU for the first k layers)
     logits = RMSNorm(h) @ lm_head
 
-Module and parameter names mirror transformers' `Mistral4ForCausalLM` (`layers[i].self_attn.q_a_proj` ...), so the
-checkpoint map is a rename plus a transpose: our linear kernels are [in, out] (`x @ W`), expert weights are
-`experts.gate_up` [E, H, 2F] (gate columns first) and `experts.down` [E, F, H].
+Layers are stacked: each run of consecutive layers of one kind (the dense prefix, then the MoE layers: `layer_groups`)
+is one `DecoderLayer` whose every parameter has a leading layer axis (`layer_stacks[g]`, built by `stack_modules`),
+and the forward runs the layer function under `jax.lax.scan` over that axis (`run_layers`), so a program holds one
+copy of the layer however deep the model is and compile time does not grow with the layer count. `scan_layers =
+False` runs the same function in a Python loop over slices of the same parameters (for comparison only).
+
+Module and parameter names below the stack mirror transformers' `Mistral4ForCausalLM` (`self_attn.q_a_proj` ...),
+so the checkpoint map is a rename, a transpose and slice g of a stack <-> `layers.{start + g}`
+(`checkpoint.checkpoint_plan`): our linear kernels are [in, out] (`x @ W`), expert weights are `experts.gate_up`
+[E, H, 2F] (gate columns first) and `experts.down` [E, F, H]. `model.layers[i]` is a read-only view of layer i.
 
 Numerics: parameters and matmuls in the model dtype; RMSNorm statistics, the router, the attention softmax and
 the expert combine in float32. The math is ARCHITECTURE.md §1; the softmax-scale choice is documented in config.py.
@@ -333,6 +340,96 @@ class DecoderLayer(nnx.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Stacked layers.
+def layer_groups(config: Small4Config) -> list[tuple[int, int]]:
+    """(first layer, count) of each run of consecutive layers of one kind (dense MLP or MoE), in order: the layers
+    one stack holds. Small 4 (every layer MoE) is one group; `first_k_dense_replace = k` gives [(0, k), (k, L - k)]."""
+    groups: list[tuple[int, int]] = []
+    for i in range(config.num_hidden_layers):
+        if groups and config.is_moe_layer(i) == config.is_moe_layer(groups[-1][0]):
+            groups[-1] = (groups[-1][0], groups[-1][1] + 1)
+        else:
+            groups.append((i, 1))
+    return groups
+
+
+STACKED = nnx.Param  # the variables a layer stack holds per layer (leading axis); anything else is shared
+
+
+def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
+    """One module of the same class whose parameters are those of `modules` stacked on a new leading axis (the
+    modules must have one structure). Works abstractly (inside `nnx.eval_shape`) as well as on arrays."""
+    parts = [nnx.split(m) for m in modules]
+    graphdef = parts[0][0]
+    state = jax.tree.map(lambda *xs: jnp.stack(xs), *(p[1] for p in parts))
+    return nnx.merge(graphdef, state)
+
+
+def build_layer_stacks(config: Small4Config, *, dtype, rngs: nnx.Rngs) -> nnx.List:
+    """The decoder's layer stacks, one per `layer_groups` entry (layers initialised in order from `rngs`)."""
+    return nnx.List([
+        stack_modules([DecoderLayer(config, i, dtype=dtype, rngs=rngs) for i in range(start, start + n)])
+        for start, n in layer_groups(config)
+    ])
+
+
+def layer_slice(stack: nnx.Module, j: int) -> nnx.Module:
+    """Layer j of a stack as an ordinary (unstacked) module: a copy of slice j of its parameters."""
+    graphdef, params, rest = nnx.split(stack, STACKED, ...)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x[j], params), rest)
+
+
+class LayerViews:
+    """`model.layers`: a read-only sequence of the layers (`layers[i]` is layer i sliced out of its stack, a copy;
+    change parameters through `layer_stacks`)."""
+
+    def __init__(self, stacks, groups):
+        self._stacks, self._groups = stacks, groups
+
+    def __len__(self) -> int:
+        return sum(n for _, n in self._groups)
+
+    def __getitem__(self, i: int) -> nnx.Module:
+        if i < 0:
+            i += len(self)
+        for stack, (start, n) in zip(self._stacks, self._groups):
+            if start <= i < start + n:
+                return layer_slice(stack, i - start)
+        raise IndexError(f"layer {i} out of range ({len(self)} layers)")
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def run_layers(stacks, groups, h: jax.Array, carry, fn, *, scan: bool = True, remat: bool = False):
+    """h, carry through every layer in order: `fn(layer, i, h, carry) -> (h, carry)` with `layer` an unstacked
+    DecoderLayer (the stack's slice) and i its global index (a traced int32 under the scan, a Python int unrolled).
+
+    Each stack runs under `jax.lax.scan` over its parameters' leading axis (`scan=False`: a Python loop over the
+    same slices). `carry` is what every layer reads and writes, e.g. the whole stacked cache, updated in place at
+    row i, so the loop carries one buffer and nothing is copied per layer. `remat` wraps each layer in
+    `jax.checkpoint` (its activations are recomputed in the backward pass, one layer at a time).
+    """
+    for stack, (start, n) in zip(stacks, groups):
+        graphdef, params, rest = nnx.split(stack, STACKED, ...)
+
+        def body(c, xs, graphdef=graphdef, rest=rest):
+            h, carry = c
+            i, p = xs
+            out, carry = fn(nnx.merge(graphdef, p, rest), i, h, carry)
+            return (out.astype(h.dtype), carry), None
+
+        if remat:
+            body = jax.checkpoint(body)
+        if scan:
+            (h, carry), _ = jax.lax.scan(body, (h, carry), (jnp.arange(start, start + n, dtype=jnp.int32), params))
+        else:
+            for j in range(n):
+                (h, carry), _ = body((h, carry), (start + j, jax.tree.map(lambda x, j=j: x[j], params)))
+    return h, carry
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The model.
 class Small4ForCausalLM(nnx.Module):
     """Mistral Small 4 text model. `model(input_ids)` -> logits [B, T, vocab]."""
@@ -349,9 +446,7 @@ class Small4ForCausalLM(nnx.Module):
             embedding_init=nnx.initializers.normal(c.initializer_range),
             rngs=rngs,
         )
-        self.layers = nnx.List(
-            [DecoderLayer(c, i, dtype=dtype, rngs=rngs) for i in range(c.num_hidden_layers)]
-        )
+        self.layer_stacks = build_layer_stacks(c, dtype=dtype, rngs=rngs)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
         self.lm_head = None if c.tie_word_embeddings else _linear(c.hidden_size, c.vocab_size, c, dtype, rngs)
         if c.vision is not None:  # image input (small4_jax/vision.py); its features come in through input_embeds
@@ -362,6 +457,7 @@ class Small4ForCausalLM(nnx.Module):
         else:
             self.vision_tower = self.multi_modal_projector = None
         self.remat = False  # recompute each layer's activations in the backward pass (training memory)
+        self.scan_layers = True  # False: the same layers in a Python loop (compile-time comparison only)
         self.loss_chunk = 1024  # tokens per chunk of `token_loss` (logits held: chunk x vocab float32)
 
     def _forward(self, input_ids, positions, cache: KVCache | None, key_mask, segment_ids=None, input_embeds=None,
@@ -374,25 +470,25 @@ class Small4ForCausalLM(nnx.Module):
         positions = jnp.asarray(positions, jnp.int32)
         cos, sin = rope_cos_sin(self.config, positions)
         h = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
-        new_latent, new_rope = [], []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.latent[i], cache.rope_key[i])
-            if self.remat and cache is None:  # training: recompute the layer in the backward pass
-                h = _remat_layer(layer, h, positions, cos, sin, key_mask, segment_ids)
-            else:
-                h, layer_cache = layer(h, positions, cos, sin, layer_cache, key_mask, segment_ids)
-            if cache is not None:
-                new_latent.append(layer_cache[0])
-                new_rope.append(layer_cache[1])
+        remat = self.remat and cache is None  # training: recompute each layer in the backward pass
+
+        def layer_fn(layer, i, h, kv):
+            if kv is None:
+                return layer(h, positions, cos, sin, None, key_mask, segment_ids)[0], None
+            latent, rope = kv
+            h, (lat_i, rope_i) = layer(h, positions, cos, sin, (latent[i], rope[i]), key_mask, segment_ids)
+            return h, (latent.at[i].set(lat_i), rope.at[i].set(rope_i))
+
+        kv = None if cache is None else (cache.latent, cache.rope_key)
+        h, kv = run_layers(self.layer_stacks, layer_groups(self.config), h, kv, layer_fn, scan=self.scan_layers,
+                           remat=remat)
         h = self.norm(h)
         if not head:  # the final hidden states, for the chunked loss
             return h, None
         logits = self.logits(h)
         if cache is None:
             return logits, None
-        new_cache = KVCache(
-            latent=jnp.stack(new_latent), rope_key=jnp.stack(new_rope), length=jnp.max(positions, axis=1) + 1
-        )
+        new_cache = KVCache(latent=kv[0], rope_key=kv[1], length=jnp.max(positions, axis=1) + 1)
         return logits, new_cache
 
     def __call__(self, input_ids, positions=None, attention_mask=None, segment_ids=None, input_embeds=None) -> jax.Array:
@@ -405,6 +501,11 @@ class Small4ForCausalLM(nnx.Module):
         key_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         segs = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
         return self._forward(input_ids, positions, None, key_mask, segs, input_embeds)[0]
+
+    @property
+    def layers(self) -> LayerViews:
+        """Layer i as `model.layers[i]` (read-only copies sliced out of the stacks)."""
+        return LayerViews(self.layer_stacks, layer_groups(self.config))
 
     def logits(self, h: jax.Array) -> jax.Array:
         """The output head on final (normed) hidden states [..., H] -> [..., vocab] (tied to the embeddings or not)."""
@@ -434,24 +535,13 @@ class Small4ForCausalLM(nnx.Module):
         return KVCache.create(self.config, batch, max_len, self.dtype)
 
 
-def _remat_layer(layer: DecoderLayer, h, positions, cos, sin, key_mask, segment_ids):
-    """layer(h) under jax.checkpoint, as a pure function of the layer's state (works inside jax.jit / jax.grad of a
-    merged model, where NNX's own transforms would see Params from another trace)."""
-    graphdef, state = nnx.split(layer)
-
-    def run(state, h):
-        return nnx.merge(graphdef, state)(h, positions, cos, sin, None, key_mask, segment_ids)[0]
-
-    return jax.checkpoint(run)(state, h)
-
-
 def chunked_cross_entropy(head: nnx.Module, h: jax.Array, targets, weights, chunk: int) -> tuple[jax.Array, jax.Array]:
     """(sum w * (logsumexp(z) - z[target]), sum w) with z = head(h) in float32, over tokens h [..., H].
 
     The tokens are flattened and cut into chunks of `chunk` (the last padded with weight 0); a `lax.scan` computes
     each chunk's logits and loss under `jax.checkpoint`, so forward and backward hold one [chunk, vocab] block of
     logits, never [tokens, vocab]. `head` is the model's lm_head (or the tied embedding, through `attend`), passed
-    as split state like `_remat_layer`'s layer.
+    as split state (a pure function inside jax.jit / jax.grad of a merged model).
     """
     dim = h.shape[-1]
     h = h.reshape(-1, dim)

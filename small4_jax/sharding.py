@@ -33,8 +33,13 @@ _ROW = ("o_proj", "down_proj")  # [in, out]: shard the input dim
 
 
 def param_axes(path: Sequence, ndim: int) -> tuple[str | None, ...]:
-    """Logical axes of the parameter at `path` (a tuple of module names / indices ending in the parameter name)."""
+    """Logical axes of the parameter at `path` (a tuple of module names / indices ending in the parameter name).
+
+    A layer stack's parameter (`layer_stacks/g/...`, model.py) has the axes of its layer behind a leading layer axis,
+    which is never sharded: every device holds its share of every layer, and the scan slices it locally."""
     names = [str(p) for p in path]
+    if len(names) > 2 and names[0] == "layer_stacks":
+        return (None,) + param_axes(names[2:], ndim - 1)
     leaf = names[-1]
     parent = names[-2] if len(names) > 1 else ""
     if leaf.endswith("_scale"):  # a quantised weight's scale grid: the axes of its weight (quant.py)
