@@ -45,7 +45,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
     from flax import nnx
 
     from small4_jax import sharded_ckpt as sc
-    from small4_jax.checkpoint import checkpoint_plan, verify_source
+    from small4_jax.checkpoint import checkpoint_plan, is_stacked, plan_names, verify_source
     from small4_jax.config import load_config
     from small4_jax.model import abstract_model
     from small4_jax.safetensors_io import CheckpointReader
@@ -76,36 +76,44 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
     out_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "fp8": ml_dtypes.bfloat16}[storage]
     writer = sc.Writer(partial)
     tree_shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
-    total_bytes = sum(int(np.prod(shape)) for _, shape, _ in plan.values()) * np.dtype(out_dtype).itemsize
+    total_bytes = sum(int(np.prod(s)) for s in our_shapes.values()) * np.dtype(out_dtype).itemsize
     written, t0, n = 0, time.perf_counter(), len(plan)
     skipped = 0  # bytes a resumed conversion had already written: in the percentage, not in the rate
-    for i, (path, (name, _, transform)) in enumerate(plan.items()):
+    for i, (path, entry) in enumerate(plan.items()):
+        names, transform = plan_names(entry), entry[2]
+        name = names[-1]
         key = sc.param_key(path)
         our_shape = our_shapes[path]
         tree_shapes[("params",) + key] = our_shape
         per_expert = sc._is_experts(path)
         if path in quantised:
-            tree_shapes[("fp8_scales",) + key] = (our_shape[0], 1, 1) if per_expert else ()
+            tree_shapes[("fp8_scales",) + key] = sc.fp8_scale_shape(path, our_shape)
         nbytes = int(np.prod(our_shape)) * np.dtype(out_dtype).itemsize
         if ".".join(key) in done:
             skipped += nbytes
         else:
             read_dtype = np.float32 if path in quantised else out_dtype
-            if per_expert:
-                _write_experts(reader, writer, name, key, transform, our_shape, read_dtype, out_dtype,
-                               quantise=path in quantised)
-            else:
-                arr = transform(reader.get(name, dtype=read_dtype))
-                if path in quantised:
-                    q, scale = sc.quantize_fp8(arr, per_expert=False)
-                    del arr
-                    writer.write(("params",) + key, q)
-                    writer.write(("fp8_scales",) + key, scale)
+            stored_dtype = ml_dtypes.float8_e4m3fn if path in quantised else out_dtype
+            stacked = is_stacked(path)
+            store = writer.create(("params",) + key, our_shape, stored_dtype)
+            scales = []
+            for j, layer_name in enumerate(names):  # a layer stack: layer by layer into its slice j
+                at = (j,) if stacked else ()
+                layer_shape = our_shape[1:] if stacked else our_shape
+                if per_expert:
+                    scales.append(_write_experts(reader, writer, store, at, layer_name, transform, layer_shape,
+                                                 read_dtype, out_dtype, quantise=path in quantised))
                 else:
-                    writer.write(("params",) + key, arr.astype(out_dtype, copy=False))
+                    arr = transform(reader.get(layer_name, dtype=read_dtype))
+                    if path in quantised:
+                        arr, scale = sc.quantize_fp8(arr, per_expert=False)
+                        scales.append(scale)
+                    writer.write_rows(store, arr.astype(stored_dtype, copy=False), 0, at)
                     del arr
+                _release_freed_memory()
+            if path in quantised:
+                writer.write(("fp8_scales",) + key, np.stack(scales).reshape(sc.fp8_scale_shape(path, our_shape)))
             done.add(".".join(key))
-            _release_freed_memory()
             sc._atomic_write(progress_file, json.dumps({"job": job, "done": sorted(done)}))
         written += nbytes
         if progress is not None:
@@ -144,7 +152,7 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str) -> Path:
 
     from small4_jax import quant
     from small4_jax import sharded_ckpt as sc
-    from small4_jax.checkpoint import _read_quantized, checkpoint_plan, verify_source
+    from small4_jax.checkpoint import _read_quantized, checkpoint_plan, is_stacked, plan_names, verify_source
     from small4_jax.config import load_config
     from small4_jax.model import abstract_model
     from small4_jax.safetensors_io import CheckpointReader
@@ -175,36 +183,44 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str) -> Path:
     sc._atomic_write(partial / sc.CONFIG_FILE, json.dumps(config.to_dict(), indent=1))
     writer = sc.Writer(partial)
     out_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[storage]
-    for i, (path, (name, _, transform)) in enumerate(plan.items()):
+    for i, (path, entry) in enumerate(plan.items()):
+        names, transform = plan_names(entry), entry[2]
+        name = names[-1]
         key = sc.param_key(path)
         if ".".join(key) in done:  # written, with its scales, before an interruption
             continue
         scale_path = path[:-1] + (f"{path[-1]}_scale",)
+        stacked = is_stacked(path)
+        lead = (len(names),) if stacked else ()  # a layer stack: each layer into its slice j
         if scale_path not in qshapes:
-            arr = transform(reader.get(name, dtype=out_dtype))
-            writer.write(("params",) + key, arr)
-            tree_shapes[("params",) + key] = arr.shape
+            store = None
+            for j, layer_name in enumerate(names):
+                arr = transform(reader.get(layer_name, dtype=out_dtype))
+                if store is None:
+                    shape = lead + arr.shape
+                    store = writer.create(("params",) + key, shape, arr.dtype)
+                    tree_shapes[("params",) + key] = shape
+                writer.write_rows(store, arr, 0, (j,) if stacked else ())
             _mark_done(progress_file, job, done, key, tree_shapes)
             continue
         skey = sc.param_key(scale_path)
-        if len(qshapes[path][0]) == 3:  # experts: a block at a time, values and scales row by row
-            e = qshapes[path][0][0]
-            q = _read_quantized(reader, name, fmt, transform, rows=(0, min(e, 8)))
-            vstore = writer.create(("params",) + key, qshapes[path][0][:1] + q.values.shape[1:], q.values.dtype)
-            sstore = writer.create(("params",) + skey, (e,) + q.scale.shape[1:], q.scale.dtype)
-            for e0 in range(0, e, 8):
-                if e0:
-                    q = _read_quantized(reader, name, fmt, transform, rows=(e0, min(e, e0 + 8)))
-                writer.write_rows(vstore, q.values, e0)
-                writer.write_rows(sstore, q.scale, e0)
+        vstore = sstore = None
+        experts = len(qshapes[path][0]) - len(lead) == 3
+        for j, layer_name in enumerate(names):
+            at = (j,) if stacked else ()
+            e = qshapes[path][0][len(lead)] if experts else 1
+            for e0 in range(0, e, 8):  # experts: a block at a time, values and scales row by row
+                rows = (e0, min(e, e0 + 8)) if experts else None
+                q = _read_quantized(reader, layer_name, fmt, transform, rows=rows)
+                if vstore is None:
+                    vshape = lead + ((e,) + q.values.shape[1:] if experts else q.values.shape)
+                    sshape = lead + ((e,) + q.scale.shape[1:] if experts else q.scale.shape)
+                    vstore = writer.create(("params",) + key, vshape, q.values.dtype)
+                    sstore = writer.create(("params",) + skey, sshape, q.scale.dtype)
+                    tree_shapes[("params",) + key], tree_shapes[("params",) + skey] = vshape, sshape
+                writer.write_rows(vstore, q.values, e0 if experts else 0, at)
+                writer.write_rows(sstore, np.asarray(q.scale), e0 if experts else 0, at)
                 _release_freed_memory()
-            tree_shapes[("params",) + key] = qshapes[path][0][:1] + q.values.shape[1:]
-            tree_shapes[("params",) + skey] = (e,) + q.scale.shape[1:]
-        else:
-            q = _read_quantized(reader, name, fmt, transform)
-            writer.write(("params",) + key, q.values)
-            writer.write(("params",) + skey, q.scale)
-            tree_shapes[("params",) + key], tree_shapes[("params",) + skey] = q.values.shape, q.scale.shape
         _mark_done(progress_file, job, done, key, tree_shapes)
         if progress is not None:
             print(f"\r[{i + 1}/{len(plan)}] {name:<60}", end="", file=progress, flush=True)
@@ -238,8 +254,9 @@ def _release_freed_memory() -> None:
         pass
 
 
-def _write_experts(reader, writer, name, key, transform, shape, read_dtype, out_dtype, *, quantise: bool) -> None:
-    """A stacked expert tensor [E, ...], a few experts at a time: memory stays at one block, not the whole tensor."""
+def _write_experts(reader, writer, store, at, name, transform, shape, read_dtype, out_dtype, *, quantise: bool):
+    """One stacked expert tensor [E, ...] into `store[at]`, a few experts at a time: memory stays at one block, not
+    the whole tensor. Returns its per-expert FP8 scales [E, 1, 1] when `quantise`."""
     import ml_dtypes
 
     from small4_jax import sharded_ckpt as sc
@@ -247,18 +264,16 @@ def _write_experts(reader, writer, name, key, transform, shape, read_dtype, out_
     stored_dtype = ml_dtypes.float8_e4m3fn if quantise else out_dtype
     block = sc._chunks(shape, np.dtype(stored_dtype).itemsize)[0]  # whole storage chunks: each written once
     # FP8 quantisation works on a float32 copy: read at most one chunk's worth of float32 at a time
-    store = writer.create(("params",) + key, shape, stored_dtype)
     scales = []
     for e in range(0, shape[0], block):
         part = transform(reader.get(name, dtype=read_dtype, rows=(e, min(e + block, shape[0]))))
         if quantise:
             part, scale = sc.quantize_fp8(part, per_expert=True)
             scales.append(scale)
-        writer.write_rows(store, part.astype(part.dtype if quantise else out_dtype, copy=False), e)
+        writer.write_rows(store, part.astype(part.dtype if quantise else out_dtype, copy=False), e, at)
         del part
         _release_freed_memory()
-    if quantise:
-        writer.write(("fp8_scales",) + key, np.concatenate(scales))
+    return np.concatenate(scales) if quantise else None
 
 
 def main(argv=None) -> int:

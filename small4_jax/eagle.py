@@ -36,21 +36,27 @@ from flax import nnx
 
 from small4_jax.config import Small4Config
 from small4_jax.errors import CheckpointError, ConfigError
-from small4_jax.model import DecoderLayer, RMSNorm, _linear
+from small4_jax.model import LayerViews, RMSNorm, _linear, build_layer_stacks, layer_groups, run_layers
 
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.")
 
 
 class EagleDraft(nnx.Module):
-    """fc [2H -> H] (optional bias), `layers` (Small-4 decoder layers of the draft's config), `norm`."""
+    """fc [2H -> H] (optional bias), `layer_stacks` (Small-4 decoder layers of the draft's config, stacked as the
+    target's: model.py), `norm`."""
 
     def __init__(self, config: Small4Config, *, dtype="float32", fc_bias: bool = False, rngs: nnx.Rngs):
         c = config
         self.config = c
         self.dtype = jnp.dtype(dtype)
         self.fc = _linear(2 * c.hidden_size, c.hidden_size, c, dtype, rngs, bias=fc_bias)
-        self.layers = nnx.List([DecoderLayer(c, i, dtype=dtype, rngs=rngs) for i in range(c.num_hidden_layers)])
+        self.layer_stacks = build_layer_stacks(c, dtype=dtype, rngs=rngs)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+
+    @property
+    def layers(self) -> LayerViews:
+        """Layer i as `draft.layers[i]` (read-only copies sliced out of the stacks)."""
+        return LayerViews(self.layer_stacks, layer_groups(self.config))
 
     def fuse(self, embeds: jax.Array, hidden: jax.Array) -> jax.Array:
         """fc(concat(embedding, target hidden)) [.., H]."""
@@ -59,7 +65,7 @@ class EagleDraft(nnx.Module):
 
 def as_model(draft: EagleDraft, target) -> types.SimpleNamespace:
     """A model-shaped view for `paged.forward`: the draft's layers and norm, the target's embedding and lm_head."""
-    return types.SimpleNamespace(config=draft.config, embed_tokens=target.embed_tokens, layers=draft.layers,
+    return types.SimpleNamespace(config=draft.config, embed_tokens=target.embed_tokens, layer_stacks=draft.layer_stacks,
                                  norm=draft.norm, lm_head=target.lm_head)
 
 
@@ -72,8 +78,8 @@ def reference_forward(draft: EagleDraft, target, ids: jax.Array, hidden: jax.Arr
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cos, sin = rope_cos_sin(draft.config, positions)
     h = draft.fuse(target.embed_tokens(ids), hidden)
-    for layer in draft.layers:
-        h, _ = layer(h, positions, cos, sin)
+    h, _ = run_layers(draft.layer_stacks, layer_groups(draft.config), h, None,
+                      lambda layer, i, h, _: (layer(h, positions, cos, sin)[0], None), scan=False)
     g = draft.norm(h)
     logits = target.embed_tokens.attend(g) if target.lm_head is None else target.lm_head(g)
     return logits, g
@@ -223,7 +229,7 @@ class _DraftSource:
 
 def load_eagle(path: str | Path, target, *, dtype=None) -> EagleDraft:
     """Load the EAGLE draft in `path` for `target` (a `Small4ForCausalLM`), in the target's dtype by default."""
-    from small4_jax.checkpoint import checkpoint_plan, verify_source
+    from small4_jax.checkpoint import checkpoint_plan, is_stacked, plan_names, verify_source
     from small4_jax.safetensors_io import CheckpointReader
 
     path = Path(path)
@@ -246,8 +252,9 @@ def load_eagle(path: str | Path, target, *, dtype=None) -> EagleDraft:
         np_dtype = np.dtype(jnp.dtype(dtype)) if jnp.dtype(dtype) != jnp.bfloat16 else jnp.bfloat16
         flat = []
         for p, value in nnx.to_flat_state(state):
-            name, _, transform = plan[p]
-            arr = jnp.asarray(np.ascontiguousarray(transform(source.get(name, dtype=np_dtype))))
+            entry = plan[p]
+            host = [np.ascontiguousarray(entry[2](source.get(n, dtype=np_dtype))) for n in plan_names(entry)]
+            arr = jnp.asarray(np.stack(host) if is_stacked(p) else host[0])  # the draft: a couple of layers
             flat.append((p, value.replace(arr) if hasattr(value, "replace") else arr))
         return nnx.merge(graphdef, nnx.from_flat_state(flat))
     finally:

@@ -10,7 +10,11 @@ Adapters are attached by module surgery on a built model (`apply_lora`); model.p
     layers[i].mlp.gate (router, only if asked)     LoRARouter(weight [H, E], lora_a [H, r], lora_b [r, E])
 
 `LoRALinear` keeps the base `kernel` / `bias` under their own names, so the checkpoint map and the sharding rules
-see the same paths as for the plain model; the adapters sit beside them. Routed experts are never merged: the
+see the same paths as for the plain model; the adapters sit beside them. On the model's layer stacks (model.py) an
+adapter is stacked like its base ([layers, in, r] ...): one adapter module per stacked module, with a per-layer
+`active` flag (0 on the stack's layers the targets did not pick: they add exactly nothing and get zero gradients).
+Paths, targets, `adapters()` and the PEFT files stay per layer (`layers.{i}.self_attn.q_a_proj`); within one stack
+a module's adapters share one rank and alpha. Routed experts are never merged: the
 `ExpertLoRA` hook of `moe.routed_experts` runs two extra grouped matmuls per projection over the same sorted rows
 and group sizes as the base (W_e x + s * B_e A_e x).
 
@@ -52,7 +56,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from small4_jax.errors import ConfigError
-from small4_jax.model import MLA, MLP, Experts, MoE, Router, Small4ForCausalLM
+from small4_jax.model import MLA, MLP, Experts, MoE, PerLayer, Router, Shared, Small4ForCausalLM, layer_groups, \
+    layer_slice
 from small4_jax.moe import ExpertLoRA
 from small4_jax.quant import QArray, dequantize, logical_shape, qdot
 from small4_jax.sharding import spec_for
@@ -113,8 +118,20 @@ class LoRAConfig:
 # ----------------------------------------------------------------------------------------------------------------------
 # Adapter modules.
 def _init_a(key, shape, fan_in: int) -> jax.Array:
+    """PEFT's A init; `key` [n] (one key per layer of a stack) gives [n, *shape]."""
     bound = 1.0 / math.sqrt(fan_in)
+    if jnp.ndim(key) == 1:
+        return jax.vmap(lambda k: jax.random.uniform(k, shape, jnp.float32, -bound, bound))(key)
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def _lead(key) -> tuple[int, ...]:
+    """The stack's leading shape for per-layer keys [n], () for one key."""
+    return tuple(key.shape[:1]) if jnp.ndim(key) == 1 else ()
+
+
+def _per_layer(value, lead: tuple[int, ...], dtype) -> PerLayer:
+    return PerLayer(jnp.broadcast_to(jnp.asarray(value, dtype), lead))
 
 
 def base_output(layer, x: jax.Array) -> jax.Array:
@@ -131,7 +148,7 @@ def base_output(layer, x: jax.Array) -> jax.Array:
     return y
 
 
-class DropoutKey(nnx.Variable):
+class DropoutKey(Shared):
     """The adapter-dropout key (a raw uint32[2] PRNG key). Never mutated by the model: the trainer derives one per
     micro-batch from (seed, step, micro-batch), so dropout needs no RNG state to checkpoint."""
 
@@ -143,7 +160,9 @@ class LoRALinear(nnx.Module):
     scales, and x W is `quant.qdot` (gradients flow to x through the dequantising product, never to the base)."""
 
     def __init__(self, base: nnx.Linear, rank: int, alpha: float, dropout: float = 0.0, *, key,
-                 dropout_key: DropoutKey | None = None, index: int = 0):
+                 dropout_key: DropoutKey | None = None, index=0, active=1.0):
+        """key: one PRNG key, or [n] keys for a stacked base (then index / active are [n] per layer)."""
+        lead = _lead(key)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.dtype = base.dtype or base.kernel[...].dtype
         self.precision = base.precision
@@ -152,8 +171,9 @@ class LoRALinear(nnx.Module):
         self.bias = base.bias
         self.rank, self.scale = rank, alpha / rank
         self.lora_a = nnx.LoRAParam(_init_a(key, (self.in_features, rank), self.in_features))
-        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, self.out_features), jnp.float32))
-        self.dropout_rate, self.index = dropout, index
+        self.lora_b = nnx.LoRAParam(jnp.zeros(lead + (rank, self.out_features), jnp.float32))
+        self.active = _per_layer(active, lead, jnp.float32)
+        self.dropout_rate, self.index = dropout, _per_layer(index, lead, jnp.int32)
         self.dropout_key = dropout_key if dropout > 0 else None  # one Variable shared by every adapter
         self.deterministic = True  # set_dropout(model, True) for training
 
@@ -162,15 +182,15 @@ class LoRALinear(nnx.Module):
         y = base_output(self, x)
         xd = x
         if self.dropout_key is not None and not self.deterministic:
-            k = jax.random.fold_in(self.dropout_key[...], self.index)
+            k = jax.random.fold_in(self.dropout_key[...], self.index[...])
             keep = jax.random.bernoulli(k, 1.0 - self.dropout_rate, x.shape)
             xd = jnp.where(keep, x / (1.0 - self.dropout_rate), 0).astype(x.dtype)
         low = (xd @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
-        return y + (self.scale * low).astype(y.dtype)
+        return y + (self.scale * self.active[...] * low).astype(y.dtype)
 
     def delta(self) -> jax.Array:
-        """The merged update s A B [in, out], float32."""
-        return self.scale * (self.lora_a[...] @ self.lora_b[...])
+        """The merged update s A B [(layers,) in, out], float32."""
+        return self.scale * self.active[...][..., None, None] * (self.lora_a[...] @ self.lora_b[...])
 
     def effective_kernel(self) -> jax.Array:
         """W + s A B [in, out] in the compute dtype (what absorbed MLA decode folds into the query), unmerged."""
@@ -186,43 +206,53 @@ class LoRALinear(nnx.Module):
 class ExpertsLoRA(nnx.Module):
     """Stacked per-expert adapters for `Experts` (set as `experts.lora`); read by `moe.routed_experts`."""
 
-    def __init__(self, experts: Experts, rank: int, alpha: float, *, key):
+    def __init__(self, experts: Experts, rank: int, alpha: float, *, key, active=1.0):
         # logical [E, H, 2F] (also for packed int4 values), from shape and dtype only: the model may be abstract
-        e, h, f2 = logical_shape(experts.gate_up.shape, experts.gate_up.dtype)
+        lead = _lead(key)
+        e, h, f2 = logical_shape(experts.gate_up.shape, experts.gate_up.dtype)[-3:]
         f = f2 // 2
-        k1, k2 = jax.random.split(key)
+        k1, k2 = (jax.vmap(jax.random.split, out_axes=1)(key) if lead else jax.random.split(key))
         self.rank, self.scale = rank, alpha / rank
         self.gate_up_a = nnx.LoRAParam(_init_a(k1, (e, h, rank), h))
-        self.gate_up_b = nnx.LoRAParam(jnp.zeros((e, rank, f2), jnp.float32))
+        self.gate_up_b = nnx.LoRAParam(jnp.zeros(lead + (e, rank, f2), jnp.float32))
         self.down_a = nnx.LoRAParam(_init_a(k2, (e, f, rank), f))
-        self.down_b = nnx.LoRAParam(jnp.zeros((e, rank, h), jnp.float32))
+        self.down_b = nnx.LoRAParam(jnp.zeros(lead + (e, rank, h), jnp.float32))
+        self.active = _per_layer(active, lead, jnp.float32)
 
     def weights(self) -> ExpertLoRA:
-        return ExpertLoRA(self.gate_up_a[...], self.gate_up_b[...], self.down_a[...], self.down_b[...], self.scale)
+        # the layer's flag multiplies the B matrices: the scale stays a Python number (a static of the
+        # expert-parallel shard_map), and an inactive layer's adapter adds zeros and gets zero gradients
+        on = self.active[...]
+        return ExpertLoRA(self.gate_up_a[...], self.gate_up_b[...] * on, self.down_a[...], self.down_b[...] * on,
+                          self.scale)
 
     def delta(self) -> tuple[jax.Array, jax.Array]:
-        """Merged updates (gate_up [E, H, 2F], down [E, F, H]), float32."""
-        gu = self.scale * jnp.einsum("ehr,erf->ehf", self.gate_up_a[...], self.gate_up_b[...])
-        dn = self.scale * jnp.einsum("efr,erh->efh", self.down_a[...], self.down_b[...])
+        """Merged updates (gate_up [(layers,) E, H, 2F], down [(layers,) E, F, H]), float32."""
+        s = self.scale * self.active[...][..., None, None, None]
+        gu = s * jnp.einsum("...ehr,...erf->...ehf", self.gate_up_a[...], self.gate_up_b[...])
+        dn = s * jnp.einsum("...efr,...erh->...efh", self.down_a[...], self.down_b[...])
         return gu, dn
 
 
 class LoRARouter(nnx.Module):
     """The router (weight [H, E], float32 logits) with a low-rank update; only when a target names it."""
 
-    def __init__(self, base: Router, rank: int, alpha: float, *, key):
+    def __init__(self, base: Router, rank: int, alpha: float, *, key, active=1.0):
+        lead = _lead(key)
         self.weight = base.weight
-        h, e = base.weight.shape
+        h, e = base.weight.shape[-2:]
         self.rank, self.scale = rank, alpha / rank
         self.lora_a = nnx.LoRAParam(_init_a(key, (h, rank), h))
-        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, e), jnp.float32))
+        self.lora_b = nnx.LoRAParam(jnp.zeros(lead + (rank, e), jnp.float32))
+        self.active = _per_layer(active, lead, jnp.float32)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
-        return jnp.dot(x, self.weight[...].astype(jnp.float32)) + self.scale * ((x @ self.lora_a[...]) @ self.lora_b[...])
+        low = (x @ self.lora_a[...]) @ self.lora_b[...]
+        return jnp.dot(x, self.weight[...].astype(jnp.float32)) + self.scale * self.active[...] * low
 
     def delta(self) -> jax.Array:
-        return self.scale * (self.lora_a[...] @ self.lora_b[...])
+        return self.scale * self.active[...][..., None, None] * (self.lora_a[...] @ self.lora_b[...])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -232,33 +262,70 @@ class _Site:
     path: str  # "layers.1.self_attn.q_a_proj"
     kind: str  # "linear" | "experts" | "router"
     group: str  # "attention" | "shared_experts" | "dense_mlp" | "experts" | "router"
-    parent: nnx.Module
+    parent: nnx.Module  # a layer stack's (stacked) module, or an unstacked one (the projector)
     attr: str
+    index: int | None = None  # the layer's slice in its stack; None for an unstacked module
+    stack_size: int = 1
 
 
 def _sites(model: Small4ForCausalLM) -> Iterator[_Site]:
-    """Every place an adapter can go, in model order."""
-    for i, layer in enumerate(model.layers):
-        attn: MLA = layer.self_attn
-        for name in ATTENTION:
-            if getattr(attn, name, None) is not None:
-                yield _Site(f"layers.{i}.self_attn.{name}", "linear", "attention", attn, name)
-        mlp = layer.mlp
-        if isinstance(mlp, MoE):
-            if mlp.shared_experts is not None:
+    """Every place an adapter can go, in model order (per layer: the sites of one stack's module share `parent`)."""
+    for stack, (start, n) in zip(model.layer_stacks, layer_groups(model.config)):
+        for j in range(n):
+            i = start + j
+            attn: MLA = stack.self_attn
+            for name in ATTENTION:
+                if getattr(attn, name, None) is not None:
+                    yield _Site(f"layers.{i}.self_attn.{name}", "linear", "attention", attn, name, j, n)
+            mlp = stack.mlp
+            if isinstance(mlp, MoE):
+                if mlp.shared_experts is not None:
+                    for name in MLP_PROJ:
+                        path = f"layers.{i}.mlp.shared_experts.{name}"
+                        yield _Site(path, "linear", "shared_experts", mlp.shared_experts, name, j, n)
+                yield _Site(f"layers.{i}.mlp.experts", "experts", "experts", mlp, "experts", j, n)
+                yield _Site(f"layers.{i}.mlp.gate", "router", "router", mlp, "gate", j, n)
+            elif isinstance(mlp, MLP):
                 for name in MLP_PROJ:
-                    path = f"layers.{i}.mlp.shared_experts.{name}"
-                    yield _Site(path, "linear", "shared_experts", mlp.shared_experts, name)
-            yield _Site(f"layers.{i}.mlp.experts", "experts", "experts", mlp, "experts")
-            yield _Site(f"layers.{i}.mlp.gate", "router", "router", mlp, "gate")
-        elif isinstance(mlp, MLP):
-            for name in MLP_PROJ:
-                yield _Site(f"layers.{i}.mlp.{name}", "linear", "dense_mlp", mlp, name)
+                    yield _Site(f"layers.{i}.mlp.{name}", "linear", "dense_mlp", mlp, name, j, n)
     projector = getattr(model, "multi_modal_projector", None)
     if projector is not None:
         for name, parent, attr in (("linear_1", projector, "linear_1"), ("linear_2", projector, "linear_2"),
                                    ("patch_merger.merging_layer", projector.patch_merger, "merging_layer")):
             yield _Site(f"multi_modal_projector.{name}", "linear", "projector", parent, attr)
+
+
+def _modules(model: Small4ForCausalLM) -> list[list[tuple[int, _Site]]]:
+    """The sites grouped by the module that holds them (a stacked module's per-layer sites together, in layer
+    order), each with its model-order number."""
+    groups: dict[tuple[int, str], list[tuple[int, _Site]]] = {}
+    for n, site in enumerate(_sites(model)):
+        groups.setdefault((id(site.parent), site.attr), []).append((n, site))
+    return list(groups.values())
+
+
+def _adapter_of(site: _Site):
+    """The adapter module on `site`'s module (stacked for a stack), or None."""
+    m = getattr(site.parent, site.attr)
+    if site.kind == "experts":
+        return m.lora
+    return m if isinstance(m, (LoRALinear, LoRARouter)) else None
+
+
+def _make_adapter(site: _Site, base, rank: int, alpha: float, *, key, active, index=0, dropout=0.0,
+                  dropout_key=None):
+    if site.kind == "linear":
+        return LoRALinear(base, rank, alpha, dropout, key=key, dropout_key=dropout_key, index=index, active=active)
+    if site.kind == "experts":
+        return ExpertsLoRA(base, rank, alpha, key=key, active=active)
+    return LoRARouter(base, rank, alpha, key=key, active=active)
+
+
+def _attach(site: _Site, adapter) -> None:
+    if site.kind == "experts":
+        getattr(site.parent, site.attr).lora = nnx.data(adapter)
+    else:
+        setattr(site.parent, site.attr, adapter)
 
 
 def _matches(target: str, site: _Site) -> bool:
@@ -301,32 +368,50 @@ def apply_lora(model: Small4ForCausalLM, config: LoRAConfig) -> list[str]:
     dropout_key = DropoutKey(jax.random.PRNGKey(config.seed + 1)) if config.dropout > 0 else None
     top_k = model.config.num_experts_per_tok
     done = []
-    for n, site in enumerate(_sites(model)):
-        if site.path not in chosen:
+    for members in _modules(model):
+        picked = [site.path for _, site in members if site.path in chosen]
+        if not picked:
             continue
-        k = jax.random.fold_in(key, n)
-        base = getattr(site.parent, site.attr)
-        if site.kind == "linear":
-            ad = LoRALinear(base, config.rank, config.alpha, config.dropout, key=k, dropout_key=dropout_key, index=n)
-            setattr(site.parent, site.attr, ad)
-        elif site.kind == "experts":
-            base.lora = nnx.data(ExpertsLoRA(base, config.expert_rank(top_k), config.alpha, key=k))
-        else:
-            setattr(site.parent, site.attr, LoRARouter(base, config.rank, config.alpha, key=k))
-        done.append(site.path)
-    return done
+        site = members[0][1]
+        rank = config.expert_rank(top_k) if site.kind == "experts" else config.rank
+        keys = jnp.stack([jax.random.fold_in(key, n) for n, _ in members])
+        index = [n for n, _ in members]
+        active = [float(s.path in chosen) for _, s in members]
+        if site.index is None:  # an unstacked module: one site
+            keys, index, active = keys[0], index[0], active[0]
+        ad = _make_adapter(site, getattr(site.parent, site.attr), rank, config.alpha, key=keys, active=active,
+                           index=index, dropout=config.dropout, dropout_key=dropout_key)
+        _attach(site, ad)
+        done += picked
+    return [p for p in (s.path for s in _sites(model)) if p in set(done)]
 
 
 def adapters(model: Small4ForCausalLM) -> dict[str, nnx.Module]:
-    """Adapted module path -> its adapter module (LoRALinear, ExpertsLoRA or LoRARouter)."""
+    """Adapted module path -> its adapter module (LoRALinear, ExpertsLoRA or LoRARouter), per layer: a stacked
+    adapter's layer j is a read-only copy of its slice (layers the targets did not pick are left out)."""
     out = {}
     for site in _sites(model):
-        m = getattr(site.parent, site.attr)
-        if site.kind == "experts":
-            if m.lora is not None:
-                out[site.path] = m.lora
-        elif isinstance(m, (LoRALinear, LoRARouter)):
-            out[site.path] = m
+        ad = _adapter_of(site)
+        if ad is None:
+            continue
+        if site.index is not None:
+            if not float(ad.active[...][site.index]):
+                continue
+            ad = layer_slice(ad, site.index)
+        out[site.path] = ad
+    return out
+
+
+def _stacked_adapters(model: Small4ForCausalLM) -> dict[tuple[str, ...], nnx.Module]:
+    """State path of each adapted module (a stack's module: stacked) -> its adapter module, for merging."""
+    paths = {id(m): tuple(str(p) for p in path) for path, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
+    out = {}
+    for members in _modules(model):
+        site = members[0][1]
+        ad = _adapter_of(site)
+        if ad is not None:
+            base = getattr(site.parent, site.attr)
+            out[paths[id(base)]] = ad
     return out
 
 
@@ -338,7 +423,20 @@ def set_dropout(model: nnx.Module, enabled: bool) -> None:
 
 
 def num_lora_params(model: nnx.Module) -> int:
-    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, TRAINABLE))))
+    """Trainable adapter parameters of the adapted layers (a stack's layers without an adapter are not counted)."""
+    if not isinstance(model, Small4ForCausalLM):
+        return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, TRAINABLE))))
+    total = 0
+    for members in _modules(model):
+        site = members[0][1]
+        ad = _adapter_of(site)
+        if ad is None:
+            continue
+        size = sum(x.size for x in jax.tree.leaves(nnx.state(ad, TRAINABLE)))
+        if site.index is not None:
+            size = size // len(members) * int(np.count_nonzero(np.asarray(ad.active[...])))
+        total += size
+    return int(total)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -346,6 +444,8 @@ def num_lora_params(model: nnx.Module) -> int:
 def lora_spec(path: Sequence, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
     """PartitionSpec of the LoRA parameter at `path`: A shares the base's input-dim sharding, B its output dim."""
     names = [str(p) for p in path]
+    if len(names) > 2 and names[0] == "layer_stacks":  # a stacked adapter: the layer axis is never sharded
+        return PartitionSpec(None, *lora_spec(names[2:], tuple(shape)[1:], mesh))
     leaf = names[-1]
     if names[-2] == "lora" and names[-3] == "experts":  # experts.lora.{gate_up,down}_{a,b}
         proj, side = leaf.rsplit("_", 1)
@@ -386,8 +486,7 @@ def merged_params(model: Small4ForCausalLM) -> dict[tuple, np.ndarray]:
         weight = key[:-1] + (key[-1][: -len("_scale")],)
         raw[weight] = dequantize(QArray(raw[weight], raw.pop(key)), jnp.float32)
     base = {k: np.asarray(v, np.float32) for k, v in raw.items()}
-    for path, ad in adapters(model).items():
-        prefix = tuple(path.split("."))
+    for prefix, ad in _stacked_adapters(model).items():
         if isinstance(ad, ExpertsLoRA):
             gu, dn = ad.delta()
             base[prefix + ("gate_up",)] = base[prefix + ("gate_up",)] + np.asarray(gu)
@@ -504,38 +603,59 @@ def from_peft(model: Small4ForCausalLM, tensors: dict[str, np.ndarray], config: 
         return default
 
     names = {k.removeprefix(PEFT_PREFIX).removeprefix("base_model.model."): k for k in tensors}
-    sites = {s.path: s for s in _sites(model)}
     e = model.config.n_routed_experts
     done = []
-    for path, site in sites.items():
+
+    def get(n):
+        return np.asarray(tensors[names[n]], np.float32)
+
+    def read(site: _Site) -> tuple | None:
+        """(rank, alpha, {field: array}) of the site's adapter in the files, or None."""
+        path = site.path
         key = f"{path}.weight" if site.kind == "router" else (f"{path}.gate_up_proj" if site.kind == "experts" else path)
         a_name = f"{path}.base_layer.lora_A.weight" if site.kind == "experts" else f"{path}.lora_A.weight"
         if a_name not in names:
-            continue
+            return None
         rank, alpha = int(pattern(rank_pattern, key, r0)), float(pattern(alpha_pattern, key, alpha0))
-        k = jax.random.key(0)
-        base = getattr(site.parent, site.attr)
+        if site.kind == "experts":
+            ga, gb = _expert_from_peft(get(a_name), get(f"{path}.base_layer.lora_B.weight"), e)
+            da, db = _expert_from_peft(get(f"{path}.lora_A.weight"), get(f"{path}.lora_B.weight"), e)
+            return rank, alpha, dict(gate_up_a=ga, gate_up_b=gb, down_a=da, down_b=db)
+        return rank, alpha, dict(lora_a=get(a_name).T, lora_b=get(f"{path}.lora_B.weight").T)
 
-        def get(n):
-            return np.asarray(tensors[names[n]], np.float32)
-
+    for members in _modules(model):
+        found = [(site, read(site)) for _, site in members]
+        present = [(site, r) for site, r in found if r is not None]
+        if not present:
+            continue
+        rank, alpha = present[0][1][0], present[0][1][1]
+        for site, (r, al, _) in present:
+            if (r, al) != (rank, alpha):
+                raise ConfigError(f"{where}: {site.path} has rank {r} / alpha {al:g} but {present[0][0].path} "
+                                  f"{rank} / {alpha:g}: one module's adapters must share rank and alpha across its "
+                                  "layers")
+        site0 = members[0][1]
+        stacked = site0.index is not None
+        k = jax.random.split(jax.random.key(0), len(members)) if stacked else jax.random.key(0)
+        active = [float(r is not None) for _, r in found] if stacked else 1.0
+        ad = _make_adapter(site0, getattr(site0.parent, site0.attr), rank, alpha, key=k, active=active)
         try:
-            if site.kind == "experts":
-                ad = ExpertsLoRA(base, rank, alpha, key=k)
-                ga, gb = _expert_from_peft(get(a_name), get(f"{path}.base_layer.lora_B.weight"), e)
-                da, db = _expert_from_peft(get(f"{path}.lora_A.weight"), get(f"{path}.lora_B.weight"), e)
-                for var, val in ((ad.gate_up_a, ga), (ad.gate_up_b, gb), (ad.down_a, da), (ad.down_b, db)):
-                    _assign(var, val)
-                base.lora = nnx.data(ad)
-            else:
-                cls = LoRARouter if site.kind == "router" else LoRALinear
-                ad = cls(base, rank, alpha, key=k)
-                _assign(ad.lora_a, get(a_name).T)
-                _assign(ad.lora_b, get(f"{path}.lora_B.weight").T)
-                setattr(site.parent, site.attr, ad)
+            for field in present[0][1][2]:
+                var = getattr(ad, field)
+                want = tuple(var.shape[1:]) if stacked else tuple(var.shape)
+                values = []
+                for site, r in found:
+                    if r is None:
+                        values.append(np.zeros(want, np.float32))
+                        continue
+                    if tuple(r[2][field].shape) != want:
+                        raise ValueError(f"{site.path}: shape {list(r[2][field].shape)}, expected {list(want)}")
+                    values.append(r[2][field])
+                var[...] = jnp.asarray(np.stack(values) if stacked else values[0], jnp.float32)
         except ValueError as err:
-            raise ConfigError(f"{where}: adapter for {path}: {err}") from None
-        done.append(path)
+            raise ConfigError(f"{where}: adapter for {err}") from None
+        _attach(site0, ad)
+        done += [site.path for site, _ in present]
     used = set()
     for path in done:
         used |= {n for n in names if n.startswith(path + ".")}
@@ -544,7 +664,8 @@ def from_peft(model: Small4ForCausalLM, tensors: dict[str, np.ndarray], config: 
         raise ConfigError(f"{where}: tensors that match no module of this model: {unused[:5]}")
     if not done:
         raise ConfigError(f"{where}: no LoRA tensors found")
-    return done
+    order = {s.path: n for n, s in enumerate(_sites(model))}
+    return sorted(done, key=order.get)
 
 
 def _assign(var: nnx.Variable, value: np.ndarray) -> None:

@@ -353,7 +353,14 @@ def layer_groups(config: Small4Config) -> list[tuple[int, int]]:
     return groups
 
 
-STACKED = nnx.Param  # the variables a layer stack holds per layer (leading axis); anything else is shared
+class Shared(nnx.Variable):
+    """A variable one object of which serves every layer (e.g. the batch rows' adapter ids, the dropout key): a
+    layer stack does not stack it, and the scan passes it to every layer whole. Every other variable of a stacked
+    module (parameters, adapters, per-layer flags) has the leading layer axis."""
+
+
+class PerLayer(nnx.Variable):
+    """A non-trainable per-layer value of a stacked module (e.g. whether layer j of a stack has an adapter)."""
 
 
 def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
@@ -373,10 +380,37 @@ def build_layer_stacks(config: Small4Config, *, dtype, rngs: nnx.Rngs) -> nnx.Li
     ])
 
 
+def _read_only(var, value):
+    raise TypeError("a layer view (model.layers[i], lora.adapters()) is a read-only copy of one layer of a stack: "
+                    "change model.layer_stacks[g] (slice i - start of its group, model.layer_groups) instead")
+
+
 def layer_slice(stack: nnx.Module, j: int) -> nnx.Module:
-    """Layer j of a stack as an ordinary (unstacked) module: a copy of slice j of its parameters."""
-    graphdef, params, rest = nnx.split(stack, STACKED, ...)
-    return nnx.merge(graphdef, jax.tree.map(lambda x: x[j], params), rest)
+    """Layer j of a stack as an ordinary (unstacked) module: a read-only copy of slice j of its variables (writing
+    one raises a TypeError, rather than silently changing the copy)."""
+    graphdef, shared, params = nnx.split(stack, Shared, ...)
+    view = nnx.merge(graphdef, shared, jax.tree.map(lambda x: x[j], params))
+    for _, var in nnx.iter_graph(view):
+        if isinstance(var, nnx.Variable) and not isinstance(var, Shared):
+            var.set_metadata(on_set_value=_read_only)
+    return view
+
+
+def per_layer_items(config: Small4Config, state) -> list[tuple[tuple[str, ...], jax.Array]]:
+    """(path, array) of every leaf of `state` (the model's, or a part of it such as the LoRA parameters or their
+    gradients) with a layer stack's leaves unstacked to the per-layer paths they had before the layers were
+    stacked: ('layer_stacks', g, *rest) [n, ...] -> ('layers', str(start + j), *rest) for each j."""
+    groups = layer_groups(config)
+    out = []
+    for path, var in nnx.to_flat_state(state):
+        names = tuple(str(p) for p in path)
+        value = var[...] if isinstance(var, nnx.Variable) else var
+        if len(names) > 2 and names[0] == "layer_stacks":
+            start, n = groups[int(names[1])]
+            out += [(("layers", str(start + j)) + names[2:], value[j]) for j in range(n)]
+        else:
+            out.append((names, value))
+    return out
 
 
 class LayerViews:
@@ -411,12 +445,12 @@ def run_layers(stacks, groups, h: jax.Array, carry, fn, *, scan: bool = True, re
     `jax.checkpoint` (its activations are recomputed in the backward pass, one layer at a time).
     """
     for stack, (start, n) in zip(stacks, groups):
-        graphdef, params, rest = nnx.split(stack, STACKED, ...)
+        graphdef, shared, params = nnx.split(stack, Shared, ...)
 
-        def body(c, xs, graphdef=graphdef, rest=rest):
+        def body(c, xs, graphdef=graphdef, shared=shared):
             h, carry = c
             i, p = xs
-            out, carry = fn(nnx.merge(graphdef, p, rest), i, h, carry)
+            out, carry = fn(nnx.merge(graphdef, shared, p), i, h, carry)
             return (out.astype(h.dtype), carry), None
 
         if remat:

@@ -15,6 +15,9 @@ and group sizes as the base, on one device or expert-parallel inside the MoE's s
 sharded like the tokens, sent with their rows by the all-to-all). Absorbed-MLA decode folds kv_b_proj into the query; a row's adapter on kv_b_proj stays
 low rank there (`absorb_query` / `absorb_output`, called by `paged.absorbed_attention`).
 
+On the model's layer stacks (model.py) each stacked module gets one stacked holder ([layers, in, S*R] ..., scales
+[layers, S]); a layer where an adapter has no tensors keeps zeros and scale 0 in that slot.
+
 The rows' adapter slots are one `AdapterIds` variable [B] shared by every adapted module, set in the split state
 before each step (`set_ids`); changing adapters never recompiles. Loading (`load`) reads a PEFT directory (from
 `train.export` or from peft) into a free slot, unloading zeroes it; both swap the adapter arrays of the state.
@@ -33,12 +36,13 @@ import numpy as np
 from flax import nnx
 
 from small4_jax.errors import ConfigError, InputError
-from small4_jax.lora import ExpertsLoRA, LoRALinear, LoRARouter, _sites, base_output, load_peft
+from small4_jax.lora import ExpertsLoRA, LoRALinear, LoRARouter, _modules, base_output, load_peft
+from small4_jax.model import Shared
 from small4_jax.moe import ExpertLoRA
 from small4_jax.quant import QArray, dequantize
 
 
-class AdapterIds(nnx.Variable):
+class AdapterIds(Shared):
     """Each batch row's adapter slot [B] int32 (0 = the base model)."""
 
 
@@ -63,7 +67,7 @@ def _row_ids(ids: jax.Array, lead: tuple[int, ...]) -> jax.Array:
 class MultiLoRALinear(nnx.Module):
     """An `nnx.Linear` plus `slots` stacked adapters chosen per row by `ids`."""
 
-    def __init__(self, base: nnx.Linear, slots: int, rank: int, ids: AdapterIds):
+    def __init__(self, base: nnx.Linear, slots: int, rank: int, ids: AdapterIds, lead: tuple[int, ...] = ()):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.dtype = base.dtype or base.kernel[...].dtype
         self.precision = base.precision
@@ -71,9 +75,9 @@ class MultiLoRALinear(nnx.Module):
         self.kernel_scale = getattr(base, "kernel_scale", None)  # a quantised base stays quantised
         self.bias = base.bias
         self.rank = rank
-        self.lora_a = MultiLoRAParam(jnp.zeros((self.in_features, slots * rank), jnp.float32))
-        self.lora_b = MultiLoRAParam(jnp.zeros((slots * rank, self.out_features), jnp.float32))
-        self.scales = MultiLoRAParam(jnp.zeros((slots,), jnp.float32))
+        self.lora_a = MultiLoRAParam(jnp.zeros(lead + (self.in_features, slots * rank), jnp.float32))
+        self.lora_b = MultiLoRAParam(jnp.zeros(lead + (slots * rank, self.out_features), jnp.float32))
+        self.scales = MultiLoRAParam(jnp.zeros(lead + (slots,), jnp.float32))
         self.ids = ids
 
     def mask(self, lead: tuple[int, ...]) -> jax.Array:
@@ -120,17 +124,17 @@ class MultiLoRALinear(nnx.Module):
 class MultiExpertsLoRA(nnx.Module):
     """Stacked per-expert adapters (`experts.lora`): gate_up_a [E, H, S*R] ... down_b [E, S*R, H], scales [S]."""
 
-    def __init__(self, experts, slots: int, rank: int, ids: AdapterIds):
+    def __init__(self, experts, slots: int, rank: int, ids: AdapterIds, lead: tuple[int, ...] = ()):
         from small4_jax.quant import logical_shape
 
-        e, h, f2 = logical_shape(experts.gate_up.shape, experts.gate_up.dtype)  # [E, H, 2F] also when quantised
+        e, h, f2 = logical_shape(experts.gate_up.shape, experts.gate_up.dtype)[-3:]  # [E, H, 2F] also quantised
         j = slots * rank
         self.rank = rank
-        self.gate_up_a = MultiLoRAParam(jnp.zeros((e, h, j), jnp.float32))
-        self.gate_up_b = MultiLoRAParam(jnp.zeros((e, j, f2), jnp.float32))
-        self.down_a = MultiLoRAParam(jnp.zeros((e, f2 // 2, j), jnp.float32))
-        self.down_b = MultiLoRAParam(jnp.zeros((e, j, h), jnp.float32))
-        self.scales = MultiLoRAParam(jnp.zeros((slots,), jnp.float32))
+        self.gate_up_a = MultiLoRAParam(jnp.zeros(lead + (e, h, j), jnp.float32))
+        self.gate_up_b = MultiLoRAParam(jnp.zeros(lead + (e, j, f2), jnp.float32))
+        self.down_a = MultiLoRAParam(jnp.zeros(lead + (e, f2 // 2, j), jnp.float32))
+        self.down_b = MultiLoRAParam(jnp.zeros(lead + (e, j, h), jnp.float32))
+        self.scales = MultiLoRAParam(jnp.zeros(lead + (slots,), jnp.float32))
         self.ids = ids
 
     def weights(self) -> ExpertLoRA:
@@ -157,19 +161,23 @@ class MultiLoRA:
             raise ConfigError(f"max_lora_rank must be positive, got {rank}")
         self.model, self.slots, self.rank = model, slots, rank
         self.ids = AdapterIds(jnp.zeros((1,), jnp.int32))
-        self.sites = {}
-        for site in _sites(model):
+        self.sites = {}  # per-layer site path -> (holder, its layer's slice in a stack or None)
+        for members in _modules(model):
+            site = members[0][1]
             base = getattr(site.parent, site.attr)
+            lead = (len(members),) if site.index is not None else ()
             if site.kind == "linear":
                 if isinstance(base, (LoRALinear, MultiLoRALinear)):
                     raise ConfigError(f"{site.path}: already has an adapter; multi-LoRA serving needs the base model")
-                m = MultiLoRALinear(base, slots, rank, self.ids)
+                m = MultiLoRALinear(base, slots, rank, self.ids, lead)
                 setattr(site.parent, site.attr, m)
-                self.sites[site.path] = m
             elif site.kind == "experts":
-                m = MultiExpertsLoRA(base, slots, rank, self.ids)
+                m = MultiExpertsLoRA(base, slots, rank, self.ids, lead)
                 base.lora = nnx.data(m)
-                self.sites[site.path] = m
+            else:
+                continue
+            for _, s in members:
+                self.sites[s.path] = (m, s.index)
         self.adapters: dict[str, _Adapter] = {}
         self._ids_path = None
 
@@ -237,30 +245,33 @@ class MultiLoRA:
     def install(self, name: str, path, weights: dict, identity: str, slot: int) -> None:
         """Write `weights` (from `read`) into `slot` of every site (zeros where the adapter has none)."""
         lo, hi = slot * self.rank, (slot + 1) * self.rank
-        for site_path, m in self.sites.items():
+        for site_path, (m, j) in self.sites.items():
             w = weights.get(site_path)
             scale = 0.0 if w is None else float(w["scale"])
+            at = () if j is None else (j,)  # the layer's slice of a stacked holder
             if isinstance(m, MultiExpertsLoRA):
                 for field in ("gate_up_a", "down_a"):
                     var = getattr(m, field)
-                    block = jnp.zeros(var.shape[:2] + (self.rank,), jnp.float32)
+                    e, din = var.shape[-3:-1]
+                    block = jnp.zeros((e, din, self.rank), jnp.float32)
                     if w is not None:
                         block = block.at[..., : w["rank"]].set(w[field])
-                    var[...] = var[...].at[..., lo:hi].set(block)
+                    var[...] = var[...].at[at + (Ellipsis, slice(lo, hi))].set(block)
                 for field in ("gate_up_b", "down_b"):
                     var = getattr(m, field)
-                    block = jnp.zeros((var.shape[0], self.rank, var.shape[2]), jnp.float32)
+                    e, dout = var.shape[-3], var.shape[-1]
+                    block = jnp.zeros((e, self.rank, dout), jnp.float32)
                     if w is not None:
                         block = block.at[:, : w["rank"]].set(w[field])
-                    var[...] = var[...].at[:, lo:hi].set(block)
+                    var[...] = var[...].at[at + (slice(None), slice(lo, hi))].set(block)
             else:
                 a = jnp.zeros((m.in_features, self.rank), jnp.float32)
                 b = jnp.zeros((self.rank, m.out_features), jnp.float32)
                 if w is not None:
                     a, b = a.at[:, : w["rank"]].set(w["a"]), b.at[: w["rank"]].set(w["b"])
-                m.lora_a[...] = m.lora_a[...].at[:, lo:hi].set(a)
-                m.lora_b[...] = m.lora_b[...].at[lo:hi].set(b)
-            m.scales[...] = m.scales[...].at[slot].set(scale)
+                m.lora_a[...] = m.lora_a[...].at[at + (Ellipsis, slice(lo, hi))].set(a)
+                m.lora_b[...] = m.lora_b[...].at[at + (slice(lo, hi),)].set(b)
+            m.scales[...] = m.scales[...].at[at + (slot,)].set(scale)
         if name is not None:
             self.adapters[name] = _Adapter(name, slot, identity, str(path))
 

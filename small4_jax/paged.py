@@ -45,7 +45,7 @@ from jax.sharding import PartitionSpec
 from small4_jax.batch_sampling import RowSampling, TokenHistory, sample_rows
 from small4_jax.config import Small4Config
 from small4_jax.kernels.mla_decode import gather_keys, mla_attention
-from small4_jax.model import Small4ForCausalLM, apply_rope, llama4_query_scale, rope_cos_sin
+from small4_jax.model import Small4ForCausalLM, apply_rope, layer_groups, llama4_query_scale, rope_cos_sin, run_layers
 
 NULL_PAGE = 0
 
@@ -128,8 +128,9 @@ def _absorbed_weights(attn, config: Small4Config, dtype) -> tuple[jax.Array, jax
     return w_kvb[..., :dn], w_kvb[..., dn:]
 
 
-def _write_and_attend(pages, rows, slots, q_lat, q_pe, page_table, seq_index, scale, *, layer: int, impl: str):
-    """Write the new tokens' rows [B, T, R + r] at slots [B, T, 2] of `layer`, then attend over the pages: the
+def _write_and_attend(pages, rows, slots, q_lat, q_pe, page_table, seq_index, scale, layer, *, impl: str):
+    """Write the new tokens' rows [B, T, R + r] at slots [B, T, 2] of `layer` (an int, or a traced int32 under
+    the layer scan), then attend over the pages: the
     attended latent [B, T, nh, R] (fp32) and the pages. Page ids are those of the `pages` given (a shard's own,
     inside the sharded cache's shard_map)."""
     b, t = seq_index.shape
@@ -159,13 +160,14 @@ def absorbed_attention(attn, config: Small4Config, q_nope, q_pe, rows, pages, la
     if row_lora is not None:
         q_lat = q_lat + row_lora.absorb_query(q_nope)
     q_lat = q_lat.astype(dtype)
-    attend = functools.partial(_write_and_attend, layer=layer, impl=impl)
+    attend = functools.partial(_write_and_attend, impl=impl)
     if cache_axes:
         rows_spec = PartitionSpec(cache_axes)
         # every mesh axis manual: the attention of a shard's rows is replicated over the other axes
-        attend = jax.shard_map(attend, in_specs=(cache_spec(cache_axes),) + (rows_spec,) * 7,
+        attend = jax.shard_map(attend, in_specs=(cache_spec(cache_axes),) + (rows_spec,) * 7 + (PartitionSpec(),),
                                out_specs=(rows_spec, cache_spec(cache_axes)), check_vma=False)
-    o_lat, pages = attend(pages, rows, slots, q_lat, q_pe, page_table, seq_index, scale)
+    o_lat, pages = attend(pages, rows, slots, q_lat, q_pe, page_table, seq_index, scale,
+                          jnp.asarray(layer, jnp.int32))
     o_lat = o_lat.astype(dtype)
     out = jnp.einsum("bthr,rhd->bthd", o_lat, w_uv, preferred_element_type=jnp.float32)
     if row_lora is not None:
@@ -230,9 +232,11 @@ def forward(
     slots = jnp.asarray(slots, jnp.int32)
 
     h = model.embed_tokens(jnp.asarray(ids, jnp.int32)) if input_embeds is None else input_embeds
-    for i, layer in enumerate(model.layers):
+
+    def layer_fn(layer, i, h, pages):
+        """One layer over the stacked pages [L, ...] (the scan's carry: written in place at layer i)."""
         attn = layer.self_attn
-        with jax.named_scope(f"layer{i}/attention"):
+        with jax.named_scope("attention"):
             a = layer.input_layernorm(h)
             rows = _cache_rows(attn, config, a, cos, sin)
             q_nope, q_pe = _query(attn, config, a, cos, sin)
@@ -243,8 +247,12 @@ def forward(
                 pages = pages.at[i, write_page, write_offset].set(rows.reshape(b * t, -1).astype(pages.dtype))
                 out = expanded_attention(attn, config, q_nope, q_pe, pages, i, page_table, seq_index, scale)
             h = h + attn.o_proj(out)
-        with jax.named_scope(f"layer{i}/mlp"):
+        with jax.named_scope("mlp"):
             h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h, pages
+
+    h, pages = run_layers(model.layer_stacks, layer_groups(config), h, pages, layer_fn,
+                          scan=getattr(model, "scan_layers", True))
     index = logit_index if logit_index.ndim == 2 else logit_index[:, None]
     normed = model.norm(h) if with_hidden else None
     last = jnp.take_along_axis(normed, index[:, :, None], axis=1) if with_hidden \

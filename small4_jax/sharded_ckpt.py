@@ -57,17 +57,22 @@ def _zarr_dtype(dtype: np.dtype) -> str:
 
 
 def _chunks(shape: Sequence[int], itemsize: int) -> list[int]:
-    """Split the first axis so one chunk stays under CHUNK_BYTES as float32 (stacked experts: a few per chunk).
-
-    Sized for float32 whatever the storage dtype, so a writer that quantises one chunk at a time holds one
-    CHUNK_BYTES float32 buffer at most.
-    """
+    """Storage chunks under CHUNK_BYTES as float32 (whatever the storage dtype, so a writer that quantises one chunk
+    at a time holds one CHUNK_BYTES float32 buffer at most): the leading axes are split to 1 (a layer stack's
+    layers) until the rest is small enough, then the next axis into blocks (stacked experts: a few per chunk)."""
     shape = list(shape)
     if not shape:
         return []
-    row = int(np.prod(shape[1:], dtype=np.int64)) * max(itemsize, 4)
-    rows = max(1, min(shape[0], CHUNK_BYTES // max(row, 1)))
-    return [rows] + shape[1:]
+    chunks = list(shape)
+    size = max(itemsize, 4)
+    for a in range(len(shape)):
+        row = int(np.prod(shape[a + 1:], dtype=np.int64)) * size
+        if a + 1 < len(shape) and row * shape[a] > CHUNK_BYTES and row >= CHUNK_BYTES and shape[a] > 1:
+            chunks[a] = 1
+            continue
+        chunks[a] = max(1, min(shape[a], CHUNK_BYTES // max(row, 1)))
+        break
+    return chunks
 
 
 class Writer:
@@ -102,15 +107,16 @@ class Writer:
         return self._ts.open(spec, create=True, delete_existing=True, context=self._context).result()
 
     @staticmethod
-    def write_rows(store, array: np.ndarray, row0: int) -> None:
-        """Write `array` into rows [row0, row0 + len(array)) of `store`, one chunk-sized contiguous copy at a time."""
+    def write_rows(store, array: np.ndarray, row0: int, at: tuple[int, ...] = ()) -> None:
+        """Write `array` into rows [row0, row0 + len(array)) of `store` (of `store[at]`: e.g. one layer of a
+        stack), one chunk-sized contiguous copy at a time."""
         if not array.shape:
-            store.write(np.array(array, order="C")).result()
+            store[at].write(np.array(array, order="C")).result() if at else store.write(np.array(array)).result()
             return
         step = _chunks(array.shape, array.dtype.itemsize)[0]
         for start in range(0, array.shape[0], step):
             stop = min(start + step, array.shape[0])
-            store[row0 + start:row0 + stop].write(np.ascontiguousarray(array[start:stop])).result()
+            store[at + (slice(row0 + start, row0 + stop),)].write(np.ascontiguousarray(array[start:stop])).result()
 
 
 def write_metadata(directory: Path, tree_shapes: dict[tuple[str, ...], Sequence[int]]) -> None:
@@ -215,7 +221,7 @@ def load_model(path: str | os.PathLike, *, dtype="bfloat16", mesh: Mesh | None =
         restore_dtype = jnp.float8_e4m3fn if p in quantised else v.dtype  # Orbax casts bf16/f32 to the dtype asked
         _nest(params, param_key(p), jax.ShapeDtypeStruct(v.shape, restore_dtype, sharding=sharding))
         if p in quantised:
-            shape = (v.shape[0], 1, 1) if _is_experts(p) else ()
+            shape = fp8_scale_shape(p, v.shape)
             scale_sharding = _replicated(mesh)
             _nest(scales, param_key(p), jax.ShapeDtypeStruct(shape, jnp.float32, sharding=scale_sharding))
     abstract = {"params": params, **({"fp8_scales": scales} if fp8 else {})}
@@ -266,7 +272,7 @@ def _load_fp8_kept(path: Path, config: Small4Config, dtype, mesh: Mesh | None) -
         leaf = str(p[-1])
         if leaf.endswith("_scale"):
             weight = p[:-1] + (leaf[: -len("_scale")],)
-            shape = (v.shape[0], 1, 1) if _is_experts(p) else ()
+            shape = fp8_scale_shape(weight, by_path[weight].shape)
             _nest(scales, param_key(weight), jax.ShapeDtypeStruct(shape, jnp.float32, sharding=_replicated(mesh)))
             continue
         _nest(params, param_key(p), jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_for(p, v.shape, mesh)))
@@ -295,6 +301,17 @@ def _replicated(mesh: Mesh | None) -> jax.sharding.Sharding:
 
 def _is_experts(path) -> bool:
     return len(path) >= 2 and str(path[-2]) == "experts"
+
+
+def _is_stacked(path) -> bool:
+    return len(path) > 2 and str(path[0]) == "layer_stacks"
+
+
+def fp8_scale_shape(path, shape: Sequence[int]) -> tuple[int, ...]:
+    """The stored scale of an FP8-stored weight: one per tensor, i.e. per layer of a layer stack ([n, 1, 1]) and per
+    expert of stacked experts ([n, E, 1, 1]); () for an unstacked dense weight."""
+    lead = int(_is_stacked(path)) + int(_is_experts(path))
+    return tuple(shape[:lead]) + (1, 1) if lead else ()
 
 
 def quantised_paths(paths) -> set:

@@ -14,6 +14,7 @@ from ckpt_utils import make_hf_model, save_hf, save_native, tiny_hf_config
 from small4_jax import sharded_ckpt
 from small4_jax.convert import convert, main
 from small4_jax.errors import CheckpointError
+from small4_jax.model import layer_groups, per_layer_items
 from small4_jax.sharding import make_mesh
 
 IDS = (np.arange(40, dtype=np.int32)[None] * 7) % 128
@@ -28,7 +29,8 @@ def source(tmp_path_factory):
 
 
 def _params(model):
-    return {tuple(str(k) for k in p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}
+    """Every parameter per layer (layer stacks unstacked to `layers.i.*` paths), as numpy."""
+    return {p: np.asarray(v) for p, v in per_layer_items(model.config, nnx.state(model))}
 
 
 def test_f32_conversion_loads_on_any_mesh(source, tmp_path):
@@ -53,12 +55,15 @@ def test_orbax_restores_it_directly(source, tmp_path):
     out = convert(src, tmp_path / "ckpt", dtype="f32", progress=None)
     mesh = jax.make_mesh((4,), ("x",), devices=jax.devices()[:4], axis_types=(jax.sharding.AxisType.Auto,))
     want = reference.layers[2].mlp.experts.down[...]
-    abstract = {"params": {"layers": {"2": {"mlp": {"experts": {
-        "down": jax.ShapeDtypeStruct(want.shape, want.dtype, sharding=NamedSharding(mesh, P("x")))}}}}}}
+    g, (start, n) = next((g, (s, n)) for g, (s, n) in enumerate(layer_groups(reference.config)) if s <= 2 < s + n)
+    shape = (n,) + want.shape  # layer 2 is slice 2 - start of its layer stack
+    abstract = {"params": {"layer_stacks": {str(g): {"mlp": {"experts": {
+        "down": jax.ShapeDtypeStruct(shape, want.dtype, sharding=NamedSharding(mesh, P(None, "x")))}}}}}}
     restored = ocp.PyTreeCheckpointer().restore(
         out, args=ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(
             abstract), partial_restore=True))
-    np.testing.assert_array_equal(np.asarray(restored["params"]["layers"]["2"]["mlp"]["experts"]["down"]), want)
+    down = np.asarray(restored["params"]["layer_stacks"][str(g)]["mlp"]["experts"]["down"])
+    np.testing.assert_array_equal(down[2 - start], want)
 
 
 def test_fp8_storage_dequantises_on_load(source, tmp_path):
@@ -102,7 +107,8 @@ def test_interrupted_conversion_resumes(source, tmp_path, monkeypatch):
                         lambda self, k, shape, dtype: (writes.append(k), real_create(self, k, shape, dtype))[1])
     convert(src, out, dtype="f32", progress=None)
     assert not set(first) & set(writes)  # finished tensors are not written again
-    assert len(first) + len(writes) == 45  # 3 layers' worth of tensors + embed, norm, head: each written once
+    # every parameter array (a layer stack's: once, all its layers) written once
+    assert len(first) + len(writes) == len(nnx.to_flat_state(nnx.state(small4_jax.from_pretrained(out))))
     model = small4_jax.from_pretrained(out, dtype="float32")
     np.testing.assert_allclose(np.asarray(model(IDS)), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 

@@ -18,6 +18,7 @@ import small4_jax
 from ckpt_utils import make_hf_model, save_hf, tiny_hf_config
 from small4_jax import lora
 from small4_jax.errors import ConfigError
+from small4_jax.model import per_layer_items
 
 peft = pytest.importorskip("peft")
 
@@ -104,7 +105,7 @@ def test_lora_gradients_match_peft(setup):
     assert abs(float(loss) - want_loss) < 1e-5 * abs(want_loss)
     # every trainable PEFT parameter is LoRA, and every one of ours has a counterpart
     assert all(".lora_A." in n or ".lora_B." in n for n in want)
-    flat = {tuple(str(p) for p in path): np.asarray(v[...]) for path, v in nnx.to_flat_state(grads)}
+    flat = {path: np.asarray(v) for path, v in per_layer_items(ours.config, grads)}  # stacks unstacked
     e = cfg.n_routed_experts
     checked = 0
     for path, ad in lora.adapters(ours).items():
@@ -132,7 +133,7 @@ def test_grouped_matmul_adapters_equal_merged_dense_reference(setup):
     lora.merge_into(plain, ours)
     dense = nnx.clone(plain)
     dense.config = ours.config.replace(moe_impl="dense")
-    for layer in dense.layers:
+    for layer in dense.layer_stacks:
         if hasattr(layer.mlp, "config"):
             layer.mlp.config = dense.config
     assert _rel(dense(ids), ours(ids)) < 1e-4

@@ -49,7 +49,7 @@ def _engine(model, tokenizer):
 def _scripted(model, tok):
     """A copy of `model` whose next token depends only on the current one, following SCRIPT after [/INST]."""
     m = nnx.clone(model)
-    for layer in m.layers:
+    for layer in m.layer_stacks:  # each stack's layers at once
         layer.self_attn.o_proj.kernel[...] = jnp.zeros_like(layer.self_attn.o_proj.kernel[...])
         mlp = layer.mlp
         if hasattr(mlp, "experts"):

@@ -24,10 +24,11 @@ def test_sharded_load_matches_single_device(checkpoint, shape):
     single = np.asarray(small4_jax.from_pretrained(checkpoint, dtype="float32")(ids))
     mesh = make_mesh(shape)
     model = small4_jax.from_pretrained(checkpoint, dtype="float32", mesh=mesh)
-    experts = model.layers[1].mlp.experts
+    stack = model.layer_stacks[-1]  # the MoE layers, stacked: the layer axis is never sharded
     tensor = "tensor" if shape["tensor"] > 1 else None
-    assert experts.gate_up[...].sharding.spec == P("expert" if shape["expert"] > 1 else None, None, tensor)
-    assert model.layers[1].self_attn.o_proj.kernel[...].sharding.spec == P(tensor, None)
+    assert stack.mlp.experts.gate_up[...].sharding.spec == P(None, "expert" if shape["expert"] > 1 else None, None,
+                                                             tensor)
+    assert stack.self_attn.o_proj.kernel[...].sharding.spec == P(None, tensor, None)
     assert all(x.sharding.mesh.shape == mesh.shape for x in jax.tree.leaves(nnx.state(model)))
     sharded = np.asarray(model(ids))
     np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-5 * np.abs(single).max())

@@ -83,7 +83,7 @@ def save_merged(model, out_dir: str | Path, *, source: str | Path | None = None,
     from flax import nnx
 
     from small4_jax import lora
-    from small4_jax.checkpoint import checkpoint_plan
+    from small4_jax.checkpoint import checkpoint_plan, is_stacked, plan_names
     from small4_jax.model import abstract_model
 
     out = Path(out_dir)
@@ -94,18 +94,21 @@ def save_merged(model, out_dir: str | Path, *, source: str | Path | None = None,
     merged = lora.merged_params(model)
     plan = checkpoint_plan(nnx.state(abstract_model(model.config, dtype="float32"), nnx.Param))
     tensors = {}
-    for path, (name, hf_shape, _) in plan.items():
-        w = merged[tuple(str(p) for p in path)]
-        if w.ndim == 3:
-            w = w.transpose(0, 2, 1)
-        elif w.ndim == 2 and not name.endswith("embed_tokens.weight"):
-            w = w.T
-        assert tuple(w.shape) == tuple(hf_shape), (name, w.shape, hf_shape)
-        key = name if name == "lm_head.weight" else "model." + name
-        if model.config.vision is not None and not name.startswith(("vision_tower.", "multi_modal_projector.",
-                                                                    "lm_head.")):
-            key = "model.language_model." + name  # transformers' Mistral3ForConditionalGeneration layout
-        tensors[key] = np.ascontiguousarray(w.astype(np_dtype))
+    for path, entry in plan.items():
+        hf_shape = entry[1]
+        whole = merged[tuple(str(p) for p in path)]
+        layers = list(whole) if is_stacked(path) else [whole]  # a layer stack: slice j is layer start + j
+        for name, w in zip(plan_names(entry), layers):
+            if w.ndim == 3:
+                w = w.transpose(0, 2, 1)
+            elif w.ndim == 2 and not name.endswith("embed_tokens.weight"):
+                w = w.T
+            assert tuple(w.shape) == tuple(hf_shape), (name, w.shape, hf_shape)
+            key = name if name == "lm_head.weight" else "model." + name
+            if model.config.vision is not None and not name.startswith(("vision_tower.", "multi_modal_projector.",
+                                                                        "lm_head.")):
+                key = "model.language_model." + name  # transformers' Mistral3ForConditionalGeneration layout
+            tensors[key] = np.ascontiguousarray(w.astype(np_dtype))
     _write_shards(out, tensors, max_shard_bytes)
     src = Path(source) if source else None
     if src is not None and (src / "config.json").is_file():
