@@ -385,11 +385,18 @@ def _read_only(var, value):
                     "change model.layer_stacks[g] (slice i - start of its group, model.layer_groups) instead")
 
 
+def _take(x, j: int):
+    """x[j], also for the shape-only leaves of an abstract model."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+    return x[j]
+
+
 def layer_slice(stack: nnx.Module, j: int) -> nnx.Module:
     """Layer j of a stack as an ordinary (unstacked) module: a read-only copy of slice j of its variables (writing
     one raises a TypeError, rather than silently changing the copy)."""
     graphdef, shared, params = nnx.split(stack, Shared, ...)
-    view = nnx.merge(graphdef, shared, jax.tree.map(lambda x: x[j], params))
+    view = nnx.merge(graphdef, shared, jax.tree.map(lambda x: _take(x, j), params))
     for _, var in nnx.iter_graph(view):
         if isinstance(var, nnx.Variable) and not isinstance(var, Shared):
             var.set_metadata(on_set_value=_read_only)

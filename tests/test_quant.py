@@ -21,6 +21,7 @@ from small4_jax import quant
 from small4_jax.kernels import GmmTiling
 from small4_jax.kernels.gmm import api
 from small4_jax.kernels.gmm.reference import gmm_quant_reference
+from small4_jax.model import layer_groups
 
 
 def _rel(a, b):
@@ -206,7 +207,8 @@ def test_fp8_checkpoint_stays_fp8_in_memory_and_computes_the_dequantised_model(h
     assert fp8_bytes == fp8_expected
     # scales: one float32 per dense tensor; per expert for HF's fused experts; native w1 | w3 carry a scale each,
     # kept as one scale per gate_up column (the halves' scales, repeated), and one per expert for down
-    dense = sum(1 for p in flat if str(p[-1]) == "kernel_scale")
+    dense = sum(v.shape[0] if str(p[0]) == "layer_stacks" else 1  # a layer stack's: one per layer
+                for p, v in flat.items() if str(p[-1]) == "kernel_scale")
     moe_layers = config.num_hidden_layers - config.first_k_dense_replace
     per_gate_up = 2 * config.moe_intermediate_size if layout == "native" else 1
     assert scale_bytes == 4 * (dense + moe_layers * config.n_routed_experts * (per_gate_up + 1))
@@ -280,9 +282,10 @@ def test_quantized_sharded_checkpoint_loads_without_requantising(hf_model, fp8_d
         np.testing.assert_array_equal(np.asarray(got[path][...]).view(np.uint8) if v.dtype.itemsize == 1 else
                                       np.asarray(got[path][...]), np.asarray(v[...]).view(np.uint8)
                                       if v.dtype.itemsize == 1 else np.asarray(v[...]), err_msg=str(path))
-    experts = got[("layers", 1, "mlp", "experts", "gate_up")]
-    assert experts[...].sharding.spec[0] == "expert"  # sharded over experts, and so are its scales:
-    assert got[("layers", 1, "mlp", "experts", "gate_up_scale")][...].sharding.spec[0] == "expert"
+    moe = len(layer_groups(loaded.config)) - 1  # the MoE layers' stack: [layers, E, ...], the layer axis unsharded
+    experts = got[("layer_stacks", moe, "mlp", "experts", "gate_up")]
+    assert experts[...].sharding.spec[1] == "expert"  # sharded over experts, and so are its scales:
+    assert got[("layer_stacks", moe, "mlp", "experts", "gate_up_scale")][...].sharding.spec[1] == "expert"
     ids = _ids(config.vocab_size)
     assert _rel(loaded(ids), direct(ids)) < 1e-5  # expert-parallel over quantised experts = one device
 
