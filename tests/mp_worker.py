@@ -51,7 +51,7 @@ def main() -> int:
     if scenario == "forward":
         mesh = make_mesh({"data": 2, "expert": 4, "tensor": 1})
         model = small4_jax.from_pretrained(ckpt, dtype="float32", mesh=mesh)
-        assert not model.layers[1].mlp.experts.gate_up[...].is_fully_addressable
+        assert not model.layer_stacks[-1].mlp.experts.gate_up[...].is_fully_addressable
         result = logits(model)
         if spec.process_id == 0:
             np.save(os.path.join(out, "forward.npy"), result)
@@ -61,7 +61,7 @@ def main() -> int:
         saved = save_model(model, os.path.join(out, "saved"))
         mesh_b = make_mesh({"data": 2, "expert": 2, "tensor": 2})
         restored = small4_jax.from_pretrained(saved, dtype="float32", mesh=mesh_b)
-        assert restored.layers[1].mlp.experts.gate_up[...].sharding.mesh.shape == mesh_b.shape
+        assert restored.layer_stacks[-1].mlp.experts.gate_up[...].sharding.mesh.shape == mesh_b.shape
         # a checkpoint converted by one process on one device, restored across both processes' 8 devices
         converted = small4_jax.from_pretrained(os.path.join(out, "converted"), dtype="float32", mesh=mesh_b)
         results = {"saved_restored": logits(restored), "converted": logits(converted)}
