@@ -389,10 +389,14 @@ def quantize_model(model, fmt: str | None, hessians: dict | None = None):
         return model
     if hessians is not None and fmt != "int4":
         raise ConfigError(f"calibrated quantisation (GPTQ) is for int4; quantize = {fmt!r}")
-    from small4_jax.model import Experts  # model.py does not import this module's users
+    from small4_jax.model import Experts, layer_groups  # model.py does not import this module's users
 
     def calibrated(path, w) -> QArray:
         key = tuple(path)
+        if len(key) > 2 and str(key[0]) == "layer_stacks":  # a layer stack [n, ...]: layer by layer, named per layer
+            start = layer_groups(model.config)[int(key[1])][0]
+            parts = [calibrated(("layers", start + j) + key[2:], w[j]) for j in range(w.shape[0])]
+            return QArray(jnp.stack([p.values for p in parts]), jnp.stack([p.scale for p in parts]))
         if key not in hessians:
             raise ConfigError(f"calibration: no Hessian for {'.'.join(map(str, key))} (no calibration input reached "
                               "it)")

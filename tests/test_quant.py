@@ -21,7 +21,7 @@ from small4_jax import quant
 from small4_jax.kernels import GmmTiling
 from small4_jax.kernels.gmm import api
 from small4_jax.kernels.gmm.reference import gmm_quant_reference
-from small4_jax.model import layer_groups
+from small4_jax.model import layer_groups, per_layer_items
 
 
 def _rel(a, b):
@@ -249,9 +249,9 @@ def test_calibrated_int4_checkpoint_load_fits_its_calibration_text_better(hf_mod
     ref = small4_jax.from_pretrained(d, dtype="float32")
     plain = small4_jax.from_pretrained(d, dtype="float32", quantize="int4")
     gptq = small4_jax.from_pretrained(d, dtype="float32", quantize="int4", calibration=cal.tolist())
-    state = dict(nnx.to_flat_state(nnx.state(gptq)))
-    assert state[("layers", 1, "mlp", "experts", "gate_up")][...].dtype == jnp.uint8
-    assert state[("layers", 0, "self_attn", "o_proj", "kernel_scale")][...].dtype == jnp.bfloat16
+    state = dict(per_layer_items(gptq.config, nnx.state(gptq)))  # the stacks unstacked to per-layer paths
+    assert state[("layers", "1", "mlp", "experts", "gate_up")].dtype == jnp.uint8
+    assert state[("layers", "0", "self_attn", "o_proj", "kernel_scale")].dtype == jnp.bfloat16
     want = np.asarray(ref(cal))
     errs = [_rel(np.asarray(m(cal)), want) for m in (gptq, plain)]
     assert errs[0] < 0.9 * errs[1], errs  # measured 0.068 against 0.089
@@ -300,9 +300,11 @@ def test_interrupted_quantized_conversion_resumes_to_the_same_bytes(fp8_dirs, tm
     src, out = fp8_dirs / "native", tmp_path / "int4"
     writes = []
     real_create = sharded_ckpt.Writer.create
+    moe = str(len(layer_groups(small4_jax.load_config(src))) - 1)  # the MoE layers' stack
+    experts = ("params", "layer_stacks", moe, "mlp", "experts")
 
     def crashing_create(self, key, shape, dtype):
-        if key[-1] == "gate_up_scale" and key[-4] == "1":  # layer 1's experts: values created, scales next
+        if key[:-1] == experts and key[-1] == "gate_up_scale":  # the stacked experts: values created, scales next
             raise KeyboardInterrupt("simulated kill")
         writes.append(key)
         return real_create(self, key, shape, dtype)
@@ -312,13 +314,12 @@ def test_interrupted_quantized_conversion_resumes_to_the_same_bytes(fp8_dirs, tm
         convert(src, out, dtype="f32", quantize="int4", progress=None)
     assert not out.exists() and (tmp_path / "int4.partial" / "_progress.json").is_file()
     first = list(writes)
-    assert ("params", "layers", "1", "mlp", "experts", "gate_up") in first  # cut off inside this tensor
+    assert experts + ("gate_up",) in first  # cut off inside this tensor
     writes.clear()
     monkeypatch.setattr(sharded_ckpt.Writer, "create",
                         lambda self, k, shape, dtype: (writes.append(k), real_create(self, k, shape, dtype))[1])
     convert(src, out, dtype="f32", quantize="int4", progress=None)
-    assert writes[:2] == [("params", "layers", "1", "mlp", "experts", "gate_up"),
-                          ("params", "layers", "1", "mlp", "experts", "gate_up_scale")]  # rewritten whole
+    assert writes[:2] == [experts + ("gate_up",), experts + ("gate_up_scale",)]  # rewritten whole
     assert not set(first[:-1]) & set(writes)  # everything finished before the kill is not written again
     assert not (tmp_path / "int4.partial").exists()
     whole = convert(src, tmp_path / "whole", dtype="f32", quantize="int4", progress=None)
