@@ -149,15 +149,17 @@ def test_http_server_across_two_processes(capsys):
 
     port = free_port()
     job = subprocess.Popen(
-        [sys.executable, "launch/local.py", "--nproc", "2", "--cpu-devices", "4", "--timeout", "300", "--",
+        [sys.executable, "launch/local.py", "--nproc", "2", "--cpu-devices", "4", "--timeout", "600", "--",
          sys.executable, "-m", "infer.serve", "--config", "configs/tiny.yaml", "--mesh", "data=1,expert=8,tensor=1",
          "--port", str(port), "--max-batch", "4", "--num-pages", "64", "--max-model-len", "256",
+         "--prefill-batch", "1",
          "--served-model-name", "tiny"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(240):
+        deadline = time.time() + 540  # the warm-up compiles every step shape on both processes first
+        while time.time() < deadline:
             try:
                 urllib.request.urlopen(url + "/health", timeout=1)
                 break
