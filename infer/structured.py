@@ -407,17 +407,17 @@ class Constrained:
             allowed = np.flatnonzero(self._bits(words))
             if not len(allowed):
                 return None
-            t = self._closer(allowed, sim.tail[-1][2][1])
+            t = self._closer(allowed, sim.tail[-1][2][1], sim.tail[-1][2][3])
             if not sim.consume_token(t):
                 return None
             path.append(t)
         return path
 
-    def _closer(self, allowed: np.ndarray, in_string: bool) -> int:
-        """The greedy closing choice: the end of the output; else a special token other than [THINK]; else, inside
-        a JSON string, the token with the most
-        '"', outside one the token with the most '}' and ']', else a short value ('0', '""', '"'); else the lowest
-        text token id (a short one)."""
+    def _closer(self, allowed: np.ndarray, in_string: bool, number: str = "") -> int:
+        """The greedy closing choice: the end of the output; else a special token other than [THINK]; else the
+        text token that leaves no string open and closes the most arrays and objects (net of those it opens; a
+        shorter one on ties), where that closes something or ends the string being written; else a short value
+        ('0', '""', '"'); else the lowest text token id (a short one)."""
         if self.eos in allowed:
             return self.eos
         special = [t for t in allowed[allowed < self.nspec] if t != self.think_id] if self.canon is not None else []
@@ -427,9 +427,14 @@ class Constrained:
         if not len(text):
             return int(allowed[0])
         if self.canon is not None:
-            score = self._closers(b'"' if in_string else b"}]")[text - self.nspec]
-            if score.max() > 0:
-                return int(text[np.argmax(score)])
+            score = self._closing_scores(in_string)[text - self.nspec]
+            if number:  # a number is being written: end it (a token that does not go on with its characters)
+                ends = np.array([self.canon.tstr[t - self.nspec][0] not in _NUMBER for t in text])
+                if ends.any():
+                    score = np.where(ends, score + 10**7, score)
+            best = int(np.argmax(score))
+            if score[best] > -10**8 and (in_string or number or score[best] > 0):  # ends a string / number
+                return int(text[best])
             if not in_string:  # a value: the shortest ones
                 for short in ("0", '""', '"'):
                     t = self.canon.ranks.get(short.encode())
@@ -437,11 +442,34 @@ class Constrained:
                         return t + self.nspec
         return int(text[0])
 
-    def _closers(self, chars: bytes) -> np.ndarray:
+    def _closing_scores(self, in_string: bool) -> np.ndarray:
+        """Per token, written inside (or outside) a JSON string: 1000 x (brackets closed - opened) - its length,
+        or a large negative number where it leaves a string open."""
         c = self.canon
-        key = f"closers_{chars!r}"
+        key = "closing_in" if in_string else "closing_out"
         if getattr(c, key, None) is None:
-            setattr(c, key, np.array([sum(b.count(x) for x in chars) for b in c.tbytes], np.int32))
+            out = np.full(c.n, -10**9, np.int64)
+            for r, s in enumerate(c.tstr):
+                if s is None:
+                    continue
+                in_str, esc, net = in_string, False, 0
+                for ch in s:
+                    if in_str:
+                        if esc:
+                            esc = False
+                        elif ch == "\\":
+                            esc = True
+                        elif ch == '"':
+                            in_str = False
+                    elif ch == '"':
+                        in_str = True
+                    elif ch in "]}":
+                        net += 1
+                    elif ch in "[{":
+                        net -= 1
+                if not in_str:
+                    out[r] = 1000 * net - len(s)
+            setattr(c, key, out)
         return getattr(c, key)
 
     def _canonical(self, cands: np.ndarray) -> np.ndarray:
@@ -450,9 +478,12 @@ class Constrained:
         keep = cands[self._canonical_next(state, cands)]
         if len(keep) <= self.LOOKAHEAD:
             look = np.ones(len(keep), bool)
-        else:  # a free region (a string's characters): only a closing quote leads into text the grammar forces
-            look = self._quote()[np.maximum(keep - self.nspec, 0)] & (keep >= self.nspec)
-            look[np.flatnonzero(look)[self.LOOKAHEAD:]] = False
+        else:  # many tokens: look ahead only from those after which the grammar may force text (outside a string)
+            inner = np.maximum(keep - self.nspec, 0)
+            look = (self._quote()[inner] | self.canon.ends_ws[inner]) & (keep >= self.nspec)
+            for i in np.flatnonzero(look):
+                look[i] = not _scan(state[2], self.canon.tstr[inner[i]], check=False)[1]
+            look[np.flatnonzero(look)[4 * self.LOOKAHEAD:]] = False
         if look.any():
             dead = [i for i in np.flatnonzero(look) if not self._viable(self.llm, state, int(keep[i]), self.DEPTH)]
             keep = np.delete(keep, dead)
@@ -481,6 +512,8 @@ class Constrained:
         if not any(len(text) < s < len(full) for s in c.chunk_starts(full)):
             return None  # t's chunk runs to the end of the forced text: what follows decides
         want = [*tail_ids, t - self.nspec]
+        if state[2][0] and _scan(_scan(state[2], text[len(tail):], check=False), forced) is None:
+            return False  # the forced text ends a number of the arguments in a spelling json.dumps would not keep
         return c.encode(full)[: len(want)] == want
 
     def _numeric(self) -> np.ndarray:
@@ -505,6 +538,10 @@ class Constrained:
             return forced
         after = self._after(state, t)
         words = np.frombuffer(m.compute_bitmask(), np.int32)
+        if after[2][0] and after[2][3]:  # a number in a call's arguments: it must also end as json.dumps writes it
+            cands = np.flatnonzero(self._bits(words.copy()))
+            if not self._canonical_next(after, cands).any():
+                return False
         nmask = c.new_chunk_mask(after[0])
         if after[0] and (words[: len(nmask)] & nmask[: len(words)]).any():  # a new chunk may start
             return True
