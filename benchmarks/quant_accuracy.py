@@ -4,8 +4,14 @@
 
 1. LoRA: `train.trainer.train` on configs/finetune-tiny.yaml (the demo data) with a float32 base; the adapters are
    merged into the base (`lora.merge_into`), giving a fine-tuned tiny model.
-2. That model quantised to fp8 / int8 / int4 (`quant.quantize_model`): the relative error of its logits on the
-   random prompts (||q - ref|| / ||ref||, float32 compute, so the weight format alone differs) and the greedy
+2. That model quantised to fp8 / int8 / int4 (`quant.quantize_model`), and int4 by GPTQ ("int4-gptq", calibrated on
+   the fine-tuning config's eval split, data/demo_eval.jsonl: conversations that are not the prompts measured
+   below). Logit metrics, float32 compute (the weight format alone differs), relative error = Frobenius norm
+   ||q - ref|| / ||ref|| over the whole [B, T, V] logits (centring each row first changes it by < 1e-4 here, so a
+   shared offset does not hide error): `logits_rel` on random-token prompts (out of the tuned domain: the most
+   sensitive inputs), `domain_logits_rel` teacher-forced over the domain prompts followed by the float model's
+   own answers, with `domain_kl` (mean KL(ref || q) per answer position) and `domain_top1` (the fraction of
+   answer positions whose argmax agrees). Then the greedy
    agreement over 64 generated tokens (the fraction of positions where the quantised model's greedy token equals
    the float model's, each continuing its own text; a first disagreement usually ends agreement). Agreement is
    measured twice: on the fine-tuning set's own user turns (the domain the model was tuned for: each answer runs
@@ -30,6 +36,7 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -64,7 +71,7 @@ def main(argv=None) -> int:
     from small4_jax.lora import merge_into
     from small4_jax.model import init_model
     from small4_jax.tokenizer import load_tokenizer
-    from train.data import prompt_ids
+    from train.data import encode_row, prompt_ids, read_jsonl
     from train import config as run_config
     from train.export import load_run
 
@@ -93,14 +100,36 @@ def main(argv=None) -> int:
     ref_logits = np.asarray(plain(ids))
     ref_gen = [generate(plain, pr, max_new_tokens=a.tokens) for pr in prompts]
     ref_domain = [generate(plain, pr, max_new_tokens=a.tokens, stop_ids=stop) for pr in domain]
-    for fmt in quant.FORMATS:
+    seqs = [list(pr) + list(g) for pr, g in zip(domain, ref_domain)]
+    ref_seq = [np.asarray(plain(jnp.asarray([s], jnp.int32)))[0] for s in seqs]
+    cal = [encode_row(r, tok)[0] for _, _, r in read_jsonl(
+        [f if Path(f).is_absolute() else ROOT / f for f in rcfg.data.eval])[0]]
+
+    def teacher_forced(m):
+        got = [np.asarray(m(jnp.asarray([s], jnp.int32)))[0] for s in seqs]
+        ans = [slice(len(pr) - 1, None) for pr in domain]
+        kl = [np.sum(np.exp(lp) * (lp - lq), -1).mean() for lp, lq in
+              ((np.asarray(jax.nn.log_softmax(r[s])), np.asarray(jax.nn.log_softmax(g[s])))
+               for g, r, s in zip(got, ref_seq, ans))]
+        return dict(domain_logits_rel=float(np.linalg.norm(np.concatenate(got) - np.concatenate(ref_seq))
+                                            / np.linalg.norm(np.concatenate(ref_seq))),
+                    domain_kl=float(np.mean(kl)),
+                    domain_top1=float(np.mean([np.mean(g[s].argmax(-1) == r[s].argmax(-1))
+                                               for g, r, s in zip(got, ref_seq, ans)])))
+
+    for fmt in quant.FORMATS + ("int4-gptq",):
         q = merge_into(init_model(rcfg.model, seed=rcfg.base.seed, dtype="float32"), model)
-        quant.quantize_model(q, fmt)
+        if fmt == "int4-gptq":
+            from small4_jax.calibration import hessians
+
+            quant.quantize_model(q, "int4", hessians=hessians(q, cal))
+        else:
+            quant.quantize_model(q, fmt)
         logits = np.asarray(q(ids))
         rel = float(np.linalg.norm(logits - ref_logits) / np.linalg.norm(ref_logits))
-        print(json.dumps(dict(format=fmt, logits_rel=rel, tokens=a.tokens,
+        print(json.dumps(dict(format=fmt, logits_rel=rel, **teacher_forced(q), tokens=a.tokens,
                               greedy_agreement_domain=agreement(q, ref_domain, domain, stop),
-                              domain_prompts=len(domain),
+                              domain_prompts=len(domain), calibration_sequences=len(cal) if "gptq" in fmt else 0,
                               greedy_agreement_random=agreement(q, ref_gen, prompts, ()))), flush=True)
     for fmt in () if a.no_qlora else ("fp8", "int4"):
         curve = losses(run(cfg, out / f"qlora-{fmt}", fmt))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import os
 import shutil
@@ -33,14 +34,18 @@ DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp8": "fp8", "f32": "floa
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf16", progress=sys.stderr,
-            quantize: str | None = None) -> Path:
+            quantize: str | None = None, calibration=None) -> Path:
     """Convert `src` into the sharded checkpoint `out`; returns `out`. Resumes an interrupted run of the same job.
 
     With `quantize` ("fp8", "int8", "int4"; `small4_jax.quant`) the linears and experts are written in that format,
     values and scale grids as the quantised model holds them (an FP8 source's own bytes and scales for "fp8"), so
-    `from_pretrained` restores them without requantising; the other parameters are stored in `dtype`."""
+    `from_pretrained` restores them without requantising; the other parameters are stored in `dtype`. With
+    `calibration` (int4; a JSONL file or token-id lists, `small4_jax.calibration`) they are quantised by GPTQ: the
+    float model is then loaded whole on the host and calibrated first, and the arrays written from it."""
+    if calibration is not None and quantize is None:
+        raise CheckpointError("--calibration goes with --quantize int4")
     if quantize is not None:
-        return _convert_quantized(src, out, dtype=dtype, progress=progress, fmt=quantize)
+        return _convert_quantized(src, out, dtype=dtype, progress=progress, fmt=quantize, calibration=calibration)
     import ml_dtypes
     from flax import nnx
 
@@ -146,7 +151,7 @@ def _partial(out: Path, job: dict) -> tuple[Path, Path, dict]:
     return partial, progress_file, {}
 
 
-def _convert_quantized(src, out, *, dtype: str, progress, fmt: str) -> Path:
+def _convert_quantized(src, out, *, dtype: str, progress, fmt: str, calibration=None) -> Path:
     import ml_dtypes
     from flax import nnx
 
@@ -176,6 +181,19 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str) -> Path:
     _, qstate = nnx.split(abstract_model(config, dtype=storage, quantize=fmt))
     qshapes = {p: (tuple(v.shape), v.dtype) for p, v in nnx.to_flat_state(qstate)}
     job = {"source": str(src.resolve()), "dtype": storage, "quantize": fmt, "config": config.to_dict()}
+    if calibration is None:
+        read = functools.partial(_read_quantized, reader)
+    else:  # GPTQ needs the float model's activations: calibrate it whole, then write from it
+        import hashlib
+
+        from small4_jax.calibration import load_calibrated
+
+        text = Path(calibration).read_bytes() if isinstance(calibration, (str, os.PathLike)) else json.dumps(
+            [list(map(int, s)) for s in calibration]).encode()
+        job["calibration"] = hashlib.sha256(text).hexdigest()
+        model = load_calibrated(src, calibration, dtype="float32", quantize=fmt)
+        read = _held_reader({p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}, plan)
+        del model
     partial, progress_file, saved = _partial(out, job)
     done: set[str] = set(saved.get("done", []))
     # the stored shapes of what is done (an FP8 source's scale grid is the checkpoint's, known only once read)
@@ -211,7 +229,7 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str) -> Path:
             e = qshapes[path][0][len(lead)] if experts else 1
             for e0 in range(0, e, 8):  # experts: a block at a time, values and scales row by row
                 rows = (e0, min(e, e0 + 8)) if experts else None
-                q = _read_quantized(reader, layer_name, fmt, transform, rows=rows)
+                q = read(layer_name, fmt, transform, rows=rows)
                 if vstore is None:
                     vshape = lead + ((e,) + q.values.shape[1:] if experts else q.values.shape)
                     sshape = lead + ((e,) + q.scale.shape[1:] if experts else q.scale.shape)
@@ -234,6 +252,27 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str) -> Path:
     progress_file.unlink()
     os.replace(partial, out)
     return out
+
+
+def _held_reader(held: dict, plan: dict):
+    """`_read_quantized`'s signature over a quantised model's arrays in memory (`held`: flat path -> array)."""
+    from small4_jax import quant
+
+    from small4_jax.checkpoint import is_stacked, plan_names
+
+    where = {name: (path, j if is_stacked(path) else None) for path, entry in plan.items()
+             for j, name in enumerate(plan_names(entry))}  # a checkpoint name -> its array (and layer of a stack)
+
+    def read(name, fmt, transform, rows=None):
+        path, j = where[name]
+        values, scale = held[path], held[path[:-1] + (f"{path[-1]}_scale",)]
+        if j is not None:
+            values, scale = values[j], scale[j]
+        if rows is not None:
+            values, scale = values[rows[0]:rows[1]], scale[rows[0]:rows[1]]
+        return quant.QArray(values, scale)
+
+    return read
 
 
 def _mark_done(progress_file: Path, job: dict, done: set[str], key: tuple[str, ...], tree_shapes: dict) -> None:
@@ -283,10 +322,14 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp8", "f32"], help="storage dtype (default bf16)")
     p.add_argument("--quantize", choices=["fp8", "int8", "int4"], default=None,
                    help="store linears and experts quantised (small4_jax.quant; loads without requantising)")
+    p.add_argument("--calibration", metavar="FILE", default=None,
+                   help="with --quantize int4: GPTQ against the activations of this JSONL text "
+                        "(small4_jax.calibration; loads the float model whole on the host)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     try:
-        out = convert(a.src, a.out, dtype=a.dtype, progress=None if a.quiet else sys.stderr, quantize=a.quantize)
+        out = convert(a.src, a.out, dtype=a.dtype, progress=None if a.quiet else sys.stderr, quantize=a.quantize,
+                      calibration=a.calibration)
     except Small4Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

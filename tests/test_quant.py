@@ -220,9 +220,12 @@ def test_fp8_checkpoint_stays_fp8_in_memory_and_computes_the_dequantised_model(h
     assert _rel(model(ids), deq(ids)) < 2e-2
 
 
-@pytest.mark.parametrize("fmt,tol", [("fp8", 4e-2), ("int8", 1e-2), ("int4", 0.15)])
+@pytest.mark.parametrize("fmt,tol", [("fp8", 4e-2), ("int8", 1e-2), ("int4", 0.12)])
 def test_quantised_logits_stay_near_the_float_model(hf_model, tmp_path_factory, fmt, tol):
-    """Float32 compute, so the difference is the weight format alone (tolerances: module docstring of quant.py)."""
+    """Float32 compute, so the difference is the weight format alone; relative error = Frobenius norm over the whole
+    logits. Measured here: fp8 3.2%, int8 0.6%, int4 9.5%. fp8's 2e-2 target is below e4m3's floor on random
+    models (2.6% rms weight error at any scale, amplified 1.3x by this model: quant.py's docstring and
+    benchmarks/quant_logits.py), hence 4e-2."""
     from ckpt_utils import save_hf
 
     config, hf = hf_model
@@ -257,6 +260,19 @@ def test_calibrated_int4_checkpoint_load_fits_its_calibration_text_better(hf_mod
     assert errs[0] < 0.9 * errs[1], errs  # measured 0.068 against 0.089
     with pytest.raises(small4_jax.ConfigError, match="calibration is for quantize='int4'"):
         small4_jax.from_pretrained(d, quantize="fp8", calibration=cal.tolist())
+    # convert --quantize int4 --calibration FILE writes that model: it loads back byte for byte
+    from small4_jax.convert import main
+
+    f = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    f.write_text("".join(json.dumps({"ids": row}) + "\n" for row in cal.tolist()))
+    out = f.parent / "ckpt"
+    assert main(["--from", str(d), "--to", str(out), "--dtype", "f32", "--quantize", "int4", "--calibration",
+                 str(f), "--quiet"]) == 0
+    loaded = small4_jax.from_pretrained(out, dtype="float32")
+    loaded = dict(per_layer_items(loaded.config, nnx.state(loaded)))
+    assert loaded.keys() == state.keys()
+    for path, v in state.items():
+        assert np.asarray(loaded[path]).tobytes() == np.asarray(v).tobytes(), path
 
 
 def test_unknown_format_is_a_clear_error(fp8_dirs):
