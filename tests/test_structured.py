@@ -460,3 +460,27 @@ def test_reasoning_then_answer_is_canonical_and_closes(setup):
         assert parsed.content or parsed.tool_calls
         assert _ended(tok, out.token_ids) == _assistant_ids(tok, parsed), tok.decode(out.token_ids,
                                                                                      skip_special=False)
+
+
+def test_random_walks_over_the_real_vocabulary_are_canonical(real_tok):
+    """The real 131K Tekken vocabulary: tokens drawn uniformly from the masks (a random model's worst case) for a
+    JSON answer, a forced call with a number argument and free-form JSON after reasoning; every output ends within
+    max_tokens, with no fallback, as mistral-common's encoding of what it parses to."""
+    tok = real_tok
+    grammars = [structured.chat_grammar(tok, MESSAGES, response_format={
+        "type": "json_schema", "json_schema": {"name": "s", "schema": MORE_SCHEMAS[0]}}),
+        structured.chat_grammar(tok, MESSAGES, tools=TOOLSETS[2], tool_choice="required", parallel_tool_calls=False),
+        structured.chat_grammar(tok, MESSAGES, response_format={"type": "json_object"}, reasoning=True)]
+    rng = random.Random(2)
+    for grammar in grammars:
+        m = structured.new_matcher(tok, grammar, max_tokens=40)
+        ids = []
+        while not m.is_stopped():
+            assert len(ids) < 40
+            words = np.frombuffer(m.llm.compute_bitmask(), np.int32).copy()
+            m.refine(words)
+            t = int(rng.choice(np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little"))))
+            assert m.consume_token(t)
+            ids.append(t)
+        assert m.fallbacks == 0
+        assert _ended(tok, ids) == _assistant_ids(tok, parse_output(tok, ids)), tok.decode(ids, skip_special=False)
