@@ -3,8 +3,8 @@
     python benchmarks/quant_logits.py [--sizes tiny,wide,deep] [--seeds 2]
 
 For each model (configs/tiny.yaml's architecture with random weights, `init_model`; SIZES change the init std and
-the dimensions: `wide` 4x the width, `deep` 8 layers) and each format: the weights' relative rms error sqrt(sum (w_q - w)^2 / sum w^2) over every quantised
-weight, the logits' relative error ||l_q - l|| / ||l|| (Frobenius over [B, T, V], float32 compute: the format
+the dimensions: `wide` 4x the width, `deep` 8 layers) and each format: the weights' relative rms error
+sqrt(sum (w_q - w)^2 / sum w^2) over every quantised weight, the logits' relative error ||l_q - l|| / ||l|| (Frobenius over [B, T, V], float32 compute: the format
 alone differs), and the logits' error when the same weights get Gaussian noise of the format's relative rms instead
 (`noise`): the model's amplification of weight noise, which no choice of format changes. Formats: fp8 per tensor
 (ours: amax/448), fp8 per output column (amax/448 per column: e4m3's relative error hardly depends on the scale,

@@ -61,9 +61,9 @@ def test_fp8_forward_compiles_expert_parallel_on_8_h200():
     c = program.compile()
     assert c.uses_triton and c.uses_ragged_all_to_all
     flat = {tuple(str(p) for p in path): v for path, v in __import__("flax").nnx.to_flat_state(program.args[0])}
-    scale = flat[("layers", "0", "mlp", "experts", "gate_up_scale")]
-    assert scale.sharding.spec[0] == "expert" and flat[("layers", "0", "mlp", "experts", "gate_up")].sharding.spec[0] \
-        == "expert"
+    experts = ("layer_stacks", "0", "mlp", "experts")  # one layer: stack 0 [1, E, ...], the layer axis unsharded
+    scale, values = flat[experts + ("gate_up_scale",)], flat[experts + ("gate_up",)]
+    assert scale.sharding.spec[1] == "expert" and values.sharding.spec[1] == "expert"
     # no bf16 copy of this device's experts: the temporaries are those of the bf16 model's same program
     bf16 = ap.model_forward(config, mesh, 4096).compile()
     assert c.memory.temp <= bf16.memory.temp * 1.05
