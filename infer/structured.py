@@ -480,9 +480,8 @@ class Constrained:
             look = np.ones(len(keep), bool)
         else:  # many tokens: look ahead only from those after which the grammar may force text (outside a string)
             inner = np.maximum(keep - self.nspec, 0)
-            look = (self._quote()[inner] | self.canon.ends_ws[inner]) & (keep >= self.nspec)
-            for i in np.flatnonzero(look):
-                look[i] = not _scan(state[2], self.canon.tstr[inner[i]], check=False)[1]
+            outside = self._closing_scores(state[2][1])[inner] > -10**8  # leaves no JSON string open
+            look = (self._quote()[inner] | self.canon.ends_ws[inner]) & outside & (keep >= self.nspec)
             look[np.flatnonzero(look)[4 * self.LOOKAHEAD:]] = False
         if look.any():
             dead = [i for i in np.flatnonzero(look) if not self._viable(self.llm, state, int(keep[i]), self.DEPTH)]
