@@ -150,7 +150,7 @@ class Canon:
             row = np.full(self.n, _INF, np.int32)
             row[self._pr[lo:hi]] = self._pm[lo:hi]
             self._row_cache[x] = row
-            if len(self._row_cache) > 32:
+            if len(self._row_cache) > 128:  # 0.5 MB each at 131K tokens
                 self._row_cache.popitem(last=False)
         else:
             self._row_cache.move_to_end(x)
