@@ -1,6 +1,7 @@
 """`gmm` and `tgmm`: the grouped matmul of the routed experts and its weight gradient, over several backends.
 
     gmm(lhs [M, K], rhs [G_local, K, N], group_sizes [G], group_offset=0)  -> [M, N]
+    gmm(lhs [M, K], rhs [L, G_local, K, N], group_sizes [G], group_offset=0, layer=i)  -> [M, N], with rhs[i]
     tgmm(lhs [M, K], rhs [M, N], group_sizes [G], group_offset=0, num_groups=G_local) -> [G_local, K, N]
 
 Semantics (window, zero rows) are defined in `reference.py`. Backends:
@@ -62,6 +63,7 @@ def gmm(
     group_sizes: jax.Array,
     group_offset=None,
     *,
+    layer=None,
     transpose_rhs: bool = False,
     preferred_element_type=None,
     backend: str = "pallas",
@@ -78,13 +80,21 @@ def gmm(
     dequantises tiles in the kernel (`quant_triton.py`, differentiable in lhs only: the base of QLoRA is frozen);
     "ragged_dot" dequantises the window's weights in lhs.dtype first (XLA; a float copy of the layer's experts) and
     "reference" is `gmm_quant_reference`.
+
+    `layer` (an int32 scalar, e.g. the index of a scan over layers): rhs is a stack with a leading layer axis
+    ([L, G_local, K, N]; a QArray's values and scales likewise) and the product uses rhs[layer]. The "pallas" backend
+    passes the whole stack to the kernel, which reads its tiles at that layer: inside the scan the loop-invariant
+    stack is read in place instead of being sliced into a per-layer copy. The other backends slice it first.
     """
     from small4_jax.quant import QArray
 
+    if layer is not None and backend != "pallas":
+        rhs = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), rhs)
+        layer = None
     if isinstance(rhs, QArray):
-        return _gmm_quant(lhs, rhs, group_sizes, group_offset, transpose_rhs, preferred_element_type, backend,
+        return _gmm_quant(lhs, rhs, group_sizes, group_offset, layer, transpose_rhs, preferred_element_type, backend,
                           tiling, interpret)
-    _check(lhs, rhs, group_sizes, transpose_rhs)
+    _check(lhs, jax.ShapeDtypeStruct(rhs.shape[layer is not None:], rhs.dtype), group_sizes, transpose_rhs)
     group_sizes = group_sizes.astype(jnp.int32)
     window = group_offset is not None or rhs.shape[0] != group_sizes.shape[0]
     group_offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)
@@ -98,8 +108,11 @@ def gmm(
     if backend != "pallas":
         raise ValueError(f"unknown gmm backend {backend!r}; expected one of {BACKENDS}")
     interpret = default_interpret(lhs, rhs) if interpret is None else bool(interpret)
-    cfg = _Config(tiling, interpret, transpose_rhs, out_dtype, rhs.shape[0], jnp.dtype(lhs.dtype))
-    return _gmm_vjp(cfg, lhs, rhs, group_sizes, group_offset)
+    if layer is None:
+        return _gmm_vjp(_Config(tiling, interpret, transpose_rhs, out_dtype, rhs.shape[0], jnp.dtype(lhs.dtype)), lhs,
+                        rhs[None], group_sizes, group_offset, jnp.int32(0))  # a stack of one (a bitcast)
+    cfg = _Config(tiling, interpret, transpose_rhs, out_dtype, rhs.shape[1], jnp.dtype(lhs.dtype))
+    return _gmm_vjp(cfg, lhs, rhs, group_sizes, group_offset, jnp.asarray(layer, jnp.int32))
 
 
 def tgmm(
@@ -144,10 +157,11 @@ def tgmm(
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Quantised weights.
-def _gmm_quant(lhs, rhs, group_sizes, group_offset, transpose_rhs, preferred_element_type, backend, tiling, interpret):
+def _gmm_quant(lhs, rhs, group_sizes, group_offset, layer, transpose_rhs, preferred_element_type, backend, tiling,
+               interpret):
     from small4_jax.quant import column_scale, dequantize
 
-    _check(lhs, jax.ShapeDtypeStruct(rhs.shape, jnp.float32), group_sizes, transpose_rhs)
+    _check(lhs, jax.ShapeDtypeStruct(rhs.shape[layer is not None:], jnp.float32), group_sizes, transpose_rhs)
     group_sizes = group_sizes.astype(jnp.int32)
     window = group_offset is not None or rhs.shape[0] != group_sizes.shape[0]
     group_offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)
@@ -160,46 +174,51 @@ def _gmm_quant(lhs, rhs, group_sizes, group_offset, transpose_rhs, preferred_ele
         return _ragged_dot_gmm(lhs, w, group_sizes, group_offset, window, transpose_rhs, out_dtype)
     if backend != "pallas":
         raise ValueError(f"unknown gmm backend {backend!r}; expected one of {BACKENDS}")
-    cfg = _Config(tiling, default_interpret(lhs, rhs.values) if interpret is None else bool(interpret), transpose_rhs,
-                  out_dtype, rhs.shape[0], jnp.dtype(lhs.dtype))
-    return _gmm_quant_vjp(cfg, lhs, rhs.values, column_scale(rhs), group_sizes, group_offset)
+    interpret = default_interpret(lhs, rhs.values) if interpret is None else bool(interpret)
+    values, scale = rhs.values, column_scale(rhs)
+    if layer is None:  # a stack of one (bitcasts)
+        values, scale, layer = values[None], scale[None], 0
+    cfg = _Config(tiling, interpret, transpose_rhs, out_dtype, values.shape[1], jnp.dtype(lhs.dtype))
+    return _gmm_quant_vjp(cfg, lhs, values, scale, group_sizes, group_offset, jnp.asarray(layer, jnp.int32))
 
 
-def _gmm_quant_pallas(cfg: _Config, lhs, values, scale, group_sizes, group_offset):
+def _gmm_quant_pallas(cfg: _Config, lhs, values, scale, group_sizes, group_offset, layer):
+    """values [L, G, Kw(/2), Nw] and the column-expanded scale [L, G, Kb, Nw] read at `layer`."""
     m, k = lhs.shape
     packed = jnp.dtype(values.dtype) == jnp.uint8
-    kw, nw = values.shape[1] * (2 if packed else 1), values.shape[2]
+    kw, nw = values.shape[2] * (2 if packed else 1), values.shape[3]
     n = kw if cfg.transpose_rhs else nw
-    tiling = cfg.tiling or gmm_tiling(m, k, n, values.shape[0], lhs.dtype)
+    tiling = cfg.tiling or gmm_tiling(m, k, n, values.shape[1], lhs.dtype)
     try:
-        quant_triton.quant_tiling(tiling, kw, scale.shape[1], packed, cfg.transpose_rhs)
+        quant_triton.quant_tiling(tiling, kw, scale.shape[2], packed, cfg.transpose_rhs)
     except ValueError:  # scale rows / int4 half-groups narrower than any tile (tiny models): dequantise, then gmm
         from small4_jax.quant import QArray, dequantize
 
-        w = dequantize(QArray(values, scale), jnp.float32).astype(lhs.dtype)  # scale: column-expanded grid
-        return _gmm_pallas(cfg._replace(num_groups=w.shape[0]), lhs, w, group_sizes, group_offset)
-    return quant_triton.gmm_quant_pallas(lhs, values, scale, group_sizes, group_offset, tiling=tiling,
+        at = functools.partial(jax.lax.dynamic_index_in_dim, index=layer, axis=0, keepdims=True)
+        w = dequantize(QArray(at(values), at(scale)), jnp.float32).astype(lhs.dtype)  # scale: column-expanded grid
+        return _gmm_pallas(cfg, lhs, w, group_sizes, group_offset, jnp.int32(0))
+    return quant_triton.gmm_quant_pallas(lhs, values, scale, group_sizes, group_offset, layer, tiling=tiling,
                                          transpose_rhs=cfg.transpose_rhs, out_dtype=cfg.out_dtype,
                                          interpret=cfg.interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gmm_quant_vjp(cfg, lhs, values, scale, group_sizes, group_offset):
-    return _gmm_quant_pallas(cfg, lhs, values, scale, group_sizes, group_offset)
+def _gmm_quant_vjp(cfg, lhs, values, scale, group_sizes, group_offset, layer):
+    return _gmm_quant_pallas(cfg, lhs, values, scale, group_sizes, group_offset, layer)
 
 
-def _gmm_quant_fwd(cfg, lhs, values, scale, group_sizes, group_offset):
-    return _gmm_quant_pallas(cfg, lhs, values, scale, group_sizes, group_offset), (values, scale, group_sizes,
-                                                                                    group_offset)
+def _gmm_quant_fwd(cfg, lhs, values, scale, group_sizes, group_offset, layer):
+    return _gmm_quant_pallas(cfg, lhs, values, scale, group_sizes, group_offset, layer), (values, scale, group_sizes,
+                                                                                           group_offset, layer)
 
 
 def _gmm_quant_bwd(cfg, residuals, dy):
     """dlhs = dy @ W^T from the same quantised bytes; no gradient for the frozen quantised weights or scales."""
-    values, scale, group_sizes, group_offset = residuals
+    values, scale, group_sizes, group_offset, layer = residuals
     dcfg = cfg._replace(transpose_rhs=not cfg.transpose_rhs, out_dtype=cfg.dtype)
-    dlhs = _gmm_quant_pallas(dcfg, dy.astype(cfg.dtype), values, scale, group_sizes, group_offset)
+    dlhs = _gmm_quant_pallas(dcfg, dy.astype(cfg.dtype), values, scale, group_sizes, group_offset, layer)
     zero = jax.tree.map(lambda v: jnp.zeros(v.shape, jax.dtypes.float0) if not jnp.issubdtype(v.dtype, jnp.floating)
-                        else jnp.zeros_like(v), (values, scale, group_sizes, group_offset))
+                        else jnp.zeros_like(v), (values, scale, group_sizes, group_offset, layer))
     return (dlhs, *zero)
 
 
@@ -230,15 +249,16 @@ class _Config(NamedTuple):
     interpret: bool
     transpose_rhs: bool
     out_dtype: jnp.dtype
-    num_groups: int  # rhs.shape[0]
+    num_groups: int  # groups of rhs (its axis after the layer axis)
     dtype: jnp.dtype  # of lhs and rhs
 
 
-def _gmm_pallas(cfg: _Config, lhs, rhs, group_sizes, group_offset):
+def _gmm_pallas(cfg: _Config, lhs, rhs, group_sizes, group_offset, layer):
+    """rhs a stack [L, G, K, N] ([L, G, N, K] transposed) read at `layer`."""
     m, k = lhs.shape
-    n = rhs.shape[1] if cfg.transpose_rhs else rhs.shape[2]
-    tiling = cfg.tiling or gmm_tiling(m, k, n, rhs.shape[0], lhs.dtype)
-    return pallas_triton.gmm_pallas(lhs, rhs, group_sizes, group_offset, tiling=tiling,
+    n = rhs.shape[2] if cfg.transpose_rhs else rhs.shape[3]
+    tiling = cfg.tiling or gmm_tiling(m, k, n, rhs.shape[1], lhs.dtype)
+    return pallas_triton.gmm_pallas(lhs, rhs, group_sizes, group_offset, layer, tiling=tiling,
                                     transpose_rhs=cfg.transpose_rhs, out_dtype=cfg.out_dtype,
                                     interpret=cfg.interpret)
 
@@ -251,32 +271,34 @@ def _tgmm_pallas(lhs, rhs, group_sizes, group_offset, num_groups, tiling, interp
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gmm_vjp(cfg, lhs, rhs, group_sizes, group_offset):
-    return _gmm_pallas(cfg, lhs, rhs, group_sizes, group_offset)
+def _gmm_vjp(cfg, lhs, rhs, group_sizes, group_offset, layer):
+    return _gmm_pallas(cfg, lhs, rhs, group_sizes, group_offset, layer)
 
 
-def _gmm_vjp_fwd(cfg, lhs, rhs, group_sizes, group_offset):
+def _gmm_vjp_fwd(cfg, lhs, rhs, group_sizes, group_offset, layer):
     # symbolic_zeros=True: each argument arrives as CustomVJPPrimal(value, perturbed). Keep only the residuals the
     # backward pass needs: no lhs when the weights are frozen (so no tgmm), no rhs when lhs is not differentiated.
-    out = _gmm_pallas(cfg, lhs.value, rhs.value, group_sizes.value, group_offset.value)
+    out = _gmm_pallas(cfg, lhs.value, rhs.value, group_sizes.value, group_offset.value, layer.value)
     residuals = (lhs.value if rhs.perturbed else None, rhs.value if lhs.perturbed else None, group_sizes.value,
-                 group_offset.value)
+                 group_offset.value, layer.value, rhs.value.shape[0])
     return out, residuals
 
 
 def _gmm_vjp_bwd(cfg, residuals, dy):
-    lhs, rhs, group_sizes, group_offset = residuals
+    lhs, rhs, group_sizes, group_offset, layer, num_layers = residuals
     if isinstance(dy, SymbolicZero):
-        return None, None, None, None
+        return None, None, None, None, None
     dy = dy.astype(cfg.dtype)
     dlhs = drhs = None
     if rhs is not None:  # dlhs = dy @ rhs[g]^T: the same kernel reading rhs transposed in place
         dcfg = cfg._replace(transpose_rhs=not cfg.transpose_rhs, out_dtype=cfg.dtype)
-        dlhs = _gmm_pallas(dcfg, dy, rhs, group_sizes, group_offset)
+        dlhs = _gmm_pallas(dcfg, dy, rhs, group_sizes, group_offset, layer)
     if lhs is not None:  # drhs[g] = lhs[rows]^T @ dy[rows]  ([G, N, K] = dy^T @ lhs for a transposed rhs)
         a, b = (dy, lhs) if cfg.transpose_rhs else (lhs, dy)
         drhs = _tgmm_pallas(a, b, group_sizes, group_offset, cfg.num_groups, cfg.tiling, cfg.interpret, cfg.dtype)
-    return dlhs, drhs, None, None
+        # the stack's gradient: this layer's slice (a stack of one: a bitcast)
+        drhs = drhs[None] if num_layers == 1 else jnp.zeros((num_layers, *drhs.shape), drhs.dtype).at[layer].set(drhs)
+    return dlhs, drhs, None, None, None
 
 
 _gmm_vjp.defvjp(_gmm_vjp_fwd, _gmm_vjp_bwd, symbolic_zeros=True)

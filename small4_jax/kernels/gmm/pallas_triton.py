@@ -53,14 +53,15 @@ def _dot_precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def _gmm_program(seg_start_ref, seg_end_ref, seg_group_ref, work_seg_ref, work_tile_ref, num_work_ref, lhs_ref,
-                 *weight_and_out_refs, load_weight_tile, k: int, n: int, t: GmmTiling, k_per_split: int):
+def _gmm_program(seg_start_ref, seg_end_ref, seg_group_ref, work_seg_ref, work_tile_ref, num_work_ref, layer_ref,
+                 lhs_ref, *weight_and_out_refs, load_weight_tile, k: int, n: int, t: GmmTiling, k_per_split: int):
     """The program of every gmm kernel (float weights here, quantised ones in `quant_triton.py`): one work item's
     row tile x one column tile [x one K slice], accumulated in float32 over K steps.
 
-    `load_weight_tile(weight_refs, g, k0, k_mask, col0, col_mask) -> (tile, dot dimension numbers)` is the only
-    difference between the kernels: it returns group g's weight tile for K rows [k0, k0 + block_k) and columns
-    [col0, col0 + block_n) in the activation dtype, masked with zeros."""
+    `load_weight_tile(weight_refs, layer, g, k0, k_mask, col0, col_mask) -> (tile, dot dimension numbers)` is the
+    only difference between the kernels: it returns group g's weight tile of layer `layer` (the weights are stacks
+    with a leading layer axis, read in place) for K rows [k0, k0 + block_k) and columns [col0, col0 + block_n) in
+    the activation dtype, masked with zeros."""
     *weight_refs, out_ref = weight_and_out_refs
     bm, bk, bn = t.block_m, t.block_k, t.block_n
     w, j = pl.program_id(0), pl.program_id(1)
@@ -84,13 +85,14 @@ def _gmm_program(seg_start_ref, seg_end_ref, seg_group_ref, work_seg_ref, work_t
         # ("'arith.select' op failed to verify that all of {true_value, false_value, result} have same type").
         steps = steps * (group >= 0).astype(jnp.int32)
         g = jnp.maximum(group, 0)
+        layer = layer_ref[0]
         rows_slice, cols_slice = pl.ds(row0, bm), pl.ds(j * bn, bn)
 
         def step(i, acc):
             k0 = k_begin + i * bk
             k_mask = (k0 + jnp.arange(bk, dtype=jnp.int32)) < k
             a = plgpu.load(lhs_ref.at[rows_slice, pl.ds(k0, bk)], mask=row_mask[:, None] & k_mask[None, :], other=0)
-            b, dims = load_weight_tile(weight_refs, g, k0, k_mask, j * bn, col_mask)
+            b, dims = load_weight_tile(weight_refs, layer, g, k0, k_mask, j * bn, col_mask)
             return acc + jax.lax.dot_general(a, b.astype(a.dtype), dims, precision=_dot_precision(a.dtype),
                                              preferred_element_type=jnp.float32)
 
@@ -102,10 +104,14 @@ def _gmm_program(seg_start_ref, seg_end_ref, seg_group_ref, work_seg_ref, work_t
             plgpu.store(out_ref.at[rows_slice, cols_slice], acc.astype(out_ref.dtype), mask=mask)
 
 
-def gmm_call(load_weight_tile, lhs, weights: tuple, group_sizes, group_offset, *, num_groups: int, n: int,
+def gmm_call(load_weight_tile, lhs, weights: tuple, group_sizes, group_offset, layer, *, num_groups: int, n: int,
              tiling: GmmTiling, out_dtype, interpret: bool, name: str):
-    """Launch `_gmm_program` over lhs [M, K] and the weight arrays `weights` (read by `load_weight_tile`) -> [M, N]:
-    the group metadata, the grid (work items x column tiles [x K splits]) and the split-K sum."""
+    """Launch `_gmm_program` over lhs [M, K] and the weight stacks `weights` (leading layer axis, read by
+    `load_weight_tile` at `layer`, an int32 scalar) -> [M, N]: the group metadata, the grid (work items x column
+    tiles [x K splits]) and the split-K sum.
+
+    The stacks are passed whole: inside a scan over layers the custom call reads the loop-invariant stack at the
+    scan index, so no layer's weights are sliced into a temporary copy before the kernel (one weight read a step)."""
     _require_triton()
     m, k = lhs.shape
     t = tiling
@@ -123,34 +129,39 @@ def gmm_call(load_weight_tile, lhs, weights: tuple, group_sizes, group_offset, *
         kernel,
         out_shape=out_shape,
         grid=grid,
-        in_specs=[_WHOLE] * (len(meta) + 1 + len(weights)),
+        in_specs=[_WHOLE] * (len(meta) + 2 + len(weights)),
         out_specs=_WHOLE,
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
         name=name,
-    )(*meta, lhs, *weights)
+    )(*meta, jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), lhs, *weights)
     if t.split_k > 1:
         out = out.sum(0).astype(out_dtype)
     return out
 
 
-def _float_tile(weight_refs, g, k0, k_mask, col0, col_mask, *, bk: int, bn: int, transpose_rhs: bool):
+def _float_tile(weight_refs, layer, g, k0, k_mask, col0, col_mask, *, bk: int, bn: int, transpose_rhs: bool):
     (rhs_ref,) = weight_refs
-    if transpose_rhs:  # rhs [G, N, K]
-        b = plgpu.load(rhs_ref.at[g, pl.ds(col0, bn), pl.ds(k0, bk)], mask=col_mask[:, None] & k_mask[None, :],
-                       other=0)
+    if transpose_rhs:  # rhs [L, G, N, K]
+        b = plgpu.load(rhs_ref.at[layer, g, pl.ds(col0, bn), pl.ds(k0, bk)],
+                       mask=col_mask[:, None] & k_mask[None, :], other=0)
         return b, (((1,), (1,)), ((), ()))
-    b = plgpu.load(rhs_ref.at[g, pl.ds(k0, bk), pl.ds(col0, bn)], mask=k_mask[:, None] & col_mask[None, :], other=0)
+    b = plgpu.load(rhs_ref.at[layer, g, pl.ds(k0, bk), pl.ds(col0, bn)], mask=k_mask[:, None] & col_mask[None, :],
+                   other=0)
     return b, (((1,), (0,)), ((), ()))
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "transpose_rhs", "out_dtype", "interpret"))
-def gmm_pallas(lhs, rhs, group_sizes, group_offset, *, tiling: GmmTiling, transpose_rhs: bool, out_dtype,
-               interpret: bool):
-    """lhs [M, K] @ rhs[g] per row group, for the window rhs.shape[0] groups from group_offset -> [M, N]."""
-    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+def gmm_pallas(lhs, rhs, group_sizes, group_offset, layer=None, *, tiling: GmmTiling, transpose_rhs: bool,
+               out_dtype, interpret: bool):
+    """lhs [M, K] @ rhs[g] per row group, for the window of G groups from group_offset -> [M, N].
+
+    rhs [G, K, N], or with `layer` (int32 scalar) a stack [L, G, K, N] read at that layer in place."""
+    if layer is None:
+        rhs, layer = rhs[None], 0  # a stack of one layer (a bitcast)
+    n = rhs.shape[2] if transpose_rhs else rhs.shape[3]
     load = functools.partial(_float_tile, bk=tiling.block_k, bn=tiling.block_n, transpose_rhs=transpose_rhs)
-    return gmm_call(load, lhs, (rhs,), group_sizes, group_offset, num_groups=rhs.shape[0], n=n, tiling=tiling,
+    return gmm_call(load, lhs, (rhs,), group_sizes, group_offset, layer, num_groups=rhs.shape[1], n=n, tiling=tiling,
                     out_dtype=out_dtype, interpret=interpret, name="small4_gmm")
 
 

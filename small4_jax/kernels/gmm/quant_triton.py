@@ -56,9 +56,9 @@ def quant_tiling(tiling: GmmTiling, kw: int, kb: int, packed: bool, transpose_rh
     return dataclasses.replace(tiling, **{field: r})
 
 
-def _dequant_tile(values_ref, scale_ref, g, r0, rows: int, col0, cols: int, row_mask, col_mask, *, transposed: bool,
+def _dequant_tile(values_ref, scale_ref, layer, g, r0, rows: int, col0, cols: int, row_mask, col_mask, *, transposed: bool,
                   rows_per_scale: int, group: int | None, dtype):
-    """The float tile of W[g] at rows [r0, r0+rows), columns [col0, col0+cols); [cols, rows] when `transposed`."""
+    """The float tile of W[layer, g] at rows [r0, r0+rows), columns [col0, col0+cols); [cols, rows] when `transposed`."""
     if group is None:
         vrow = r0
     else:  # int4: the half-group's bytes are contiguous; choose the nibble
@@ -69,22 +69,22 @@ def _dequant_tile(values_ref, scale_ref, g, r0, rows: int, col0, cols: int, row_
         vrow = gi * (group // 2) + off - upper * (group // 2)
     mask = row_mask[:, None] & col_mask[None, :]
     fill = 0.0 if jnp.issubdtype(values_ref.dtype, jnp.floating) else 0  # Triton casts no int literal to fp8
-    q = plgpu.load(values_ref.at[g, pl.ds(vrow, rows), pl.ds(col0, cols)], mask=mask, other=fill)
+    q = plgpu.load(values_ref.at[layer, g, pl.ds(vrow, rows), pl.ds(col0, cols)], mask=mask, other=fill)
     if group is None:
         w = q.astype(jnp.float32)
     else:
         q = q.astype(jnp.int32)
         w = (((q >> (4 * upper)) & 15) - 8).astype(jnp.float32)
-    s = plgpu.load(scale_ref.at[g, r0 // rows_per_scale, pl.ds(col0, cols)], mask=col_mask, other=0)
+    s = plgpu.load(scale_ref.at[layer, g, r0 // rows_per_scale, pl.ds(col0, cols)], mask=col_mask, other=0)
     w = (w * s.astype(jnp.float32)[None, :]).astype(dtype)  # bf16 (int4) or float32 scales, widened exactly
     return w.T if transposed else w
 
 
-def _quant_tile(weight_refs, g, k0, k_mask, col0, col_mask, *, bk: int, bn: int, transpose_rhs: bool,
+def _quant_tile(weight_refs, layer, g, k0, k_mask, col0, col_mask, *, bk: int, bn: int, transpose_rhs: bool,
                 rows_per_scale: int, group: int | None, dtype):
     """`pallas_triton._gmm_program`'s weight tile for quantised W: dequantised in registers, [bk, bn]."""
     values_ref, scale_ref = weight_refs
-    tile = functools.partial(_dequant_tile, values_ref, scale_ref, g, rows_per_scale=rows_per_scale, group=group,
+    tile = functools.partial(_dequant_tile, values_ref, scale_ref, layer, g, rows_per_scale=rows_per_scale, group=group,
                              dtype=dtype)
     if transpose_rhs:  # W[g] rows are the output columns, its columns the contraction: b = W tile^T
         b = tile(col0, bn, k0, bk, col_mask, k_mask, transposed=True)
@@ -94,18 +94,22 @@ def _quant_tile(weight_refs, g, k0, k_mask, col0, col_mask, *, bk: int, bn: int,
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "transpose_rhs", "out_dtype", "interpret"))
-def gmm_quant_pallas(lhs, values, scale, group_sizes, group_offset, *, tiling: GmmTiling, transpose_rhs: bool,
-                     out_dtype, interpret: bool):
+def gmm_quant_pallas(lhs, values, scale, group_sizes, group_offset, layer=None, *, tiling: GmmTiling,
+                     transpose_rhs: bool, out_dtype, interpret: bool):
     """lhs [M, K] @ W[g] (or W[g]^T) per row group for quantised W (module docstring) -> [M, N].
 
-    values [G, Kw(/2), Nw] (fp8 / int8 / uint8 int4), scale [G, Kb, Nw] float32 or bfloat16 (columns expanded)."""
+    values [G, Kw(/2), Nw] (fp8 / int8 / uint8 int4), scale [G, Kb, Nw] float32 or bfloat16 (columns expanded);
+    with `layer` (int32 scalar) both are stacks [L, G, ...] read at that layer in place."""
+    if layer is None:
+        values, scale, layer = values[None], scale[None], 0  # a stack of one layer (bitcasts)
     packed = jnp.dtype(values.dtype) == jnp.uint8
-    kw = values.shape[1] * (2 if packed else 1)
-    nw = values.shape[2]
-    kb = scale.shape[1]
+    kw = values.shape[2] * (2 if packed else 1)
+    nw = values.shape[3]
+    kb = scale.shape[2]
     t = quant_tiling(tiling, kw, kb, packed, transpose_rhs)
     load = functools.partial(_quant_tile, bk=t.block_k, bn=t.block_n, transpose_rhs=transpose_rhs,
                              rows_per_scale=kw // kb, group=(kw // kb) if packed else None, dtype=lhs.dtype)
-    return pallas_triton.gmm_call(load, lhs, (values, scale), group_sizes, group_offset, num_groups=values.shape[0],
+    return pallas_triton.gmm_call(load, lhs, (values, scale), group_sizes, group_offset, layer,
+                                  num_groups=values.shape[1],
                                   n=kw if transpose_rhs else nw, tiling=t, out_dtype=out_dtype, interpret=interpret,
                                   name="small4_gmm_quant")

@@ -36,10 +36,15 @@ def gmm_reference(
     group_sizes: jax.Array,
     group_offset=0,
     *,
+    layer=None,
     transpose_rhs: bool = False,
     preferred_element_type=None,
 ) -> jax.Array:
-    """lhs [M, K] @ rhs [G_local, K, N] (or [G_local, N, K] with transpose_rhs) per row group -> [M, N]."""
+    """lhs [M, K] @ rhs [G_local, K, N] (or [G_local, N, K] with transpose_rhs) per row group -> [M, N].
+
+    With `layer`, rhs is a stack [L, G_local, ...] and rhs[layer] is used (the kernels read it in place)."""
+    if layer is not None:
+        rhs = rhs[layer]
     out_dtype = preferred_element_type or lhs.dtype
     w = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
     local = row_groups(group_sizes, group_offset, w.shape[0], lhs.shape[0])
@@ -69,11 +74,15 @@ def tgmm_reference(
     return out.astype(out_dtype)
 
 
-def gmm_quant_reference(lhs: jax.Array, rhs, group_sizes: jax.Array, group_offset=0, *, transpose_rhs: bool = False,
-                        preferred_element_type=None) -> jax.Array:
+def gmm_quant_reference(lhs: jax.Array, rhs, group_sizes: jax.Array, group_offset=0, *, layer=None,
+                        transpose_rhs: bool = False, preferred_element_type=None) -> jax.Array:
     """`gmm_reference` on quantised weights (`small4_jax.quant.QArray` [G, K, N]): dequantise in float32, then the
-    weights are cast to lhs.dtype exactly as the kernel casts each dequantised tile."""
+    weights are cast to lhs.dtype exactly as the kernel casts each dequantised tile. With `layer`, values and scales
+    are stacks [L, G, ...] and their slices at `layer` are used."""
     from small4_jax.quant import dequantize
+
+    if layer is not None:
+        rhs = jax.tree.map(lambda a: a[layer], rhs)
 
     return gmm_reference(lhs, dequantize(rhs, jnp.float32).astype(lhs.dtype), group_sizes, group_offset,
                          transpose_rhs=transpose_rhs, preferred_element_type=preferred_element_type)
