@@ -33,7 +33,7 @@ from flax import nnx
 
 from small4_jax.config import Small4Config
 from small4_jax.kernels.attention import attention
-from small4_jax.moe import route, routed_experts
+from small4_jax.moe import AtLayer, route, routed_experts
 
 _ACT = {
     "silu": jax.nn.silu,
@@ -154,12 +154,18 @@ class Experts(nnx.Module):
             setattr(self, name + "_scale", nnx.Param(q.scale))
 
     def weights(self):
-        """(gate_up, down): float arrays, or `quant.QArray`s (values + scales) for a quantised model."""
+        """(gate_up, down): float arrays, or `quant.QArray`s (values + scales) for a quantised model; each wrapped
+        in one `moe.AtLayer` when `run_layers` passes the layer its stacks whole."""
         if self.gate_up_scale is None:
             return self.gate_up[...], self.down[...]
         from small4_jax.quant import QArray
 
-        return QArray(self.gate_up[...], self.gate_up_scale[...]), QArray(self.down[...], self.down_scale[...])
+        def quantised(values, scale):
+            if isinstance(values, AtLayer):
+                return AtLayer(QArray(values.stack, scale.stack), values.index)
+            return QArray(values, scale)
+
+        return quantised(self.gate_up[...], self.gate_up_scale[...]), quantised(self.down[...], self.down_scale[...])
 
 
 class MoE(nnx.Module):
@@ -442,7 +448,14 @@ class LayerViews:
         return (self[i] for i in range(len(self)))
 
 
-def run_layers(stacks, groups, h: jax.Array, carry, fn, *, scan: bool = True, remat: bool = False):
+def _frozen_expert_weight(path, value) -> bool:
+    """The routed experts' base weights and scales (not their LoRA adapters): what `run_layers` passes whole."""
+    return (len(path) >= 2 and path[-2] == "experts" and path[-1] in ("gate_up", "down", "gate_up_scale", "down_scale")
+            and not isinstance(value, nnx.LoRAParam))
+
+
+def run_layers(stacks, groups, h: jax.Array, carry, fn, *, scan: bool = True, remat: bool = False,
+               frozen_experts: bool = True):
     """h, carry through every layer in order: `fn(layer, i, h, carry) -> (h, carry)` with `layer` an unstacked
     DecoderLayer (the stack's slice) and i its global index (a traced int32 under the scan, a Python int unrolled).
 
@@ -450,14 +463,25 @@ def run_layers(stacks, groups, h: jax.Array, carry, fn, *, scan: bool = True, re
     same slices). `carry` is what every layer reads and writes, e.g. the whole stacked cache, updated in place at
     row i, so the loop carries one buffer and nothing is copied per layer. `remat` wraps each layer in
     `jax.checkpoint` (its activations are recomputed in the backward pass, one layer at a time).
+
+    `frozen_experts` (serving, LoRA fine-tuning: no gradient w.r.t. the routed experts' base weights): those stacks
+    are not scanned but closed over, and the layer gets them as `moe.AtLayer(stack, i - start)`, read in place by
+    the grouped-matmul kernel. Sliced by the scan instead, each layer's experts were copied into a temporary
+    before the kernel (a dynamic-slice fusion in the loop body): twice the weight reads of a decode step. Pass
+    False where their gradient is wanted (full fine-tuning of the experts): it then comes one slice a layer.
     """
     for stack, (start, n) in zip(stacks, groups):
-        graphdef, shared, params = nnx.split(stack, Shared, ...)
+        if frozen_experts:
+            graphdef, shared, whole, params = nnx.split(stack, Shared, _frozen_expert_weight, ...)
+        else:
+            (graphdef, shared, params), whole = nnx.split(stack, Shared, ...), None
 
-        def body(c, xs, graphdef=graphdef, shared=shared):
+        def body(c, xs, graphdef=graphdef, shared=shared, whole=whole, start=start):
             h, carry = c
             i, p = xs
-            out, carry = fn(nnx.merge(graphdef, shared, p), i, h, carry)
+            states = (shared, p) if whole is None else (
+                shared, jax.tree.map(lambda x: AtLayer(x, jnp.asarray(i - start, jnp.int32)), whole), p)
+            out, carry = fn(nnx.merge(graphdef, *states), i, h, carry)
             return (out.astype(h.dtype), carry), None
 
         if remat:
@@ -500,6 +524,9 @@ class Small4ForCausalLM(nnx.Module):
         self.remat = False  # recompute each layer's activations in the backward pass (training memory)
         self.scan_layers = True  # False: the same layers in a Python loop (compile-time comparison only)
         self.loss_chunk = 1024  # tokens per chunk of `token_loss` (logits held: chunk x vocab float32)
+        # True to differentiate the routed experts' base weights (full fine-tuning): `run_layers` then scans them
+        # per layer. False (serving, LoRA): each layer reads the frozen stacks in place (`run_layers`)
+        self.train_experts = False
 
     def _forward(self, input_ids, positions, cache: KVCache | None, key_mask, segment_ids=None, input_embeds=None,
                  head=True):
@@ -522,7 +549,7 @@ class Small4ForCausalLM(nnx.Module):
 
         kv = None if cache is None else (cache.latent, cache.rope_key)
         h, kv = run_layers(self.layer_stacks, layer_groups(self.config), h, kv, layer_fn, scan=self.scan_layers,
-                           remat=remat)
+                           remat=remat, frozen_experts=not self.train_experts)
         h = self.norm(h)
         if not head:  # the final hidden states, for the chunked loss
             return h, None

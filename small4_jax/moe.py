@@ -53,10 +53,11 @@ match its rows of `down`; partial outputs are summed in float32 by a psum over `
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +70,39 @@ from small4_jax.sharding import MoELayout, mesh_of, moe_layout, scale_spec
 IMPLS = ("pallas", "ragged_dot", "dense")
 STRATEGIES = ("auto", "replicated", "all_to_all", "none")
 _GMM_BACKEND = {"pallas": "pallas", "ragged_dot": "ragged_dot", "dense": "reference"}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AtLayer:
+    """One layer's expert weight given as its whole layer stack and the layer's index: `stack[index]`, not sliced.
+
+    `model.run_layers` hands the frozen expert weights to each layer this way (the stack closed over by the scan,
+    `index` the scan's int32 counter): the "pallas" grouped matmul reads its tiles at that layer in place
+    (`kernels.gmm(..., layer=index)`), so no layer's experts are copied into a temporary before the kernel. Every
+    other path takes `get()`, the slice. `stack` is an array [L, E, ...] or a QArray of stacks."""
+
+    stack: Any
+    index: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.stack.shape[1:])
+
+    def __getitem__(self, key):  # `param[...]` of an nnx variable holding an AtLayer
+        if key is Ellipsis:
+            return self
+        raise TypeError(f"AtLayer supports only [...]; got {key!r}")
+
+    def get(self):
+        """stack[index] (a dynamic slice: a copy of the layer's weights)."""
+        return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, self.index, 0, keepdims=False), self.stack)
+
+
+def _placed(w):
+    """The array an expert weight lives on (for its mesh and platform)."""
+    w = w.stack if isinstance(w, AtLayer) else w
+    return w.values if isinstance(w, QArray) else w
 
 
 class ExpertLoRA(NamedTuple):
@@ -260,6 +294,9 @@ def expert_mlp(
     backend = _GMM_BACKEND[impl]
 
     def gmm(lhs, rhs, dtype=None):
+        if isinstance(rhs, AtLayer):  # a frozen stack read at the layer in place (module docstring of AtLayer)
+            return kernels.gmm(lhs, rhs.stack, group_sizes, group_offset, layer=rhs.index, backend=backend,
+                               preferred_element_type=dtype)
         return kernels.gmm(lhs, rhs, group_sizes, group_offset, backend=backend, preferred_element_type=dtype)
 
     per_pair = lora is not None and jnp.ndim(lora.scale) == 2  # multi-LoRA: a scale mask [M, S*R] per row
@@ -314,7 +351,8 @@ def routed_experts(
     """Mixture of routed SwiGLU experts.
 
     x [N, H]; expert_ids, expert_weights [N, k]; gate_up [E, H, 2F] (gate columns first, then up); down [E, F, H],
-    each a float array or a `quant.QArray` (quantised values + scales, dequantised tile by tile by the kernel).
+    each a float array or a `quant.QArray` (quantised values + scales, dequantised tile by tile by the kernel), or
+    an `AtLayer` of such stacks (read in place by the "pallas" kernel, sliced for every other impl).
     Returns sum_k w_k * down_e(act(x gate_e) * (x up_e)) as [N, H] in x.dtype. With `lora`, each expert's weights
     are W_e + scale * A_e B_e, computed as extra grouped matmuls over the same sorted rows (never merged).
     With `mesh` (a mesh with an `expert` axis, or "auto": the one gate_up lives on, `sharding.mesh_of`) the experts
@@ -323,10 +361,12 @@ def routed_experts(
     if isinstance(mesh, str):
         if mesh != "auto":
             raise ValueError(f"mesh must be a Mesh, 'auto' or None; got {mesh!r}")
-        mesh = mesh_of(gate_up.values if isinstance(gate_up, QArray) else gate_up)
+        mesh = mesh_of(_placed(gate_up))
     requested = impl
-    placed = gate_up.values if isinstance(gate_up, QArray) else gate_up
+    placed = _placed(gate_up)
     impl = impl if impl == "tiled" else resolve_impl(impl, mesh, placed, x)
+    if impl != "pallas" or (requested == "auto" and lora is None and platform.platform_of(placed, x) == "cpu"):
+        gate_up, down = (w.get() if isinstance(w, AtLayer) else w for w in (gate_up, down))
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown moe strategy {strategy!r}; expected one of {STRATEGIES}")
     layout = None
@@ -475,6 +515,8 @@ def _expert_parallel(x, expert_ids, expert_weights, gate_up, down, *, layout: Mo
 def _weight_spec(spec, w):
     """The shard_map spec of an expert weight: its layout spec, or for a QArray that spec for the values and the
     matching scale spec (quantised weights and their scales are sharded together, `sharding.scale_spec`)."""
+    if isinstance(w, AtLayer):  # the stack: no layer axis sharding; the index replicated
+        return AtLayer(_weight_spec(jax.sharding.PartitionSpec(None, *spec), w.stack), jax.sharding.PartitionSpec())
     return QArray(spec, scale_spec(spec, w.scale.shape)) if isinstance(w, QArray) else spec
 
 
