@@ -68,6 +68,7 @@ def hessians(model, sequences: Sequence[Sequence[int]], max_len: int = 2048) -> 
     Paths are ("layers", i, ..., linear name, "kernel") [K, K] and ("layers", i, ..., "experts", "gate_up" | "down")
     [E, K, K], float64. Each sequence is cut to `max_len` tokens."""
     from small4_jax import model as m
+    from small4_jax.moe import AtLayer
     from small4_jax.quant import QUANTISED_LINEARS
 
     vocab = model.config.vocab_size
@@ -110,7 +111,7 @@ def hessians(model, sequences: Sequence[Sequence[int]], max_len: int = 2048) -> 
     def experts_call(x, expert_ids, expert_weights, gate_up, down, *, act=jax.nn.silu, **kwargs):
         path = current.get("path")
         if path is not None:
-            gu = concrete(gate_up)
+            gu = concrete(gate_up.get() if isinstance(gate_up, AtLayer) else gate_up)  # the layer's stack slice
             e, h, f2 = gu.shape
             f = f2 // 2
             xs, ids, wt = concrete(x), concrete(expert_ids).astype(np.int64), concrete(expert_weights)
