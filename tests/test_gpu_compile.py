@@ -211,7 +211,8 @@ def test_decode_step_reads_the_expert_stacks_in_place(compiled, quantize):
     hlo = c.compiled.as_text()
     for shard in stacks:  # the whole stack [2, 16, ...] is an operand of the kernel's custom calls
         assert f"[{','.join(map(str, shard))}]" in hlo
-    copied = {tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} copy\(", hlo)}
+    copies = re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} copy\(", hlo)  # the shapes of every copy in the program
+    copied = {tuple(int(d) for d in dims.split(",") if d) for dims in copies}
     layer_shapes = {s[1:] for s in stacks} | {(1, *s[1:]) for s in stacks}
     assert not copied & layer_shapes, f"a layer's expert weights are copied: {copied & layer_shapes}"
     weights = [b for name, b in stacks.values() if not name.endswith("_scale")]  # gate_up / down of one layer

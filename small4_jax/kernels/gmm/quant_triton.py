@@ -56,9 +56,10 @@ def quant_tiling(tiling: GmmTiling, kw: int, kb: int, packed: bool, transpose_rh
     return dataclasses.replace(tiling, **{field: r})
 
 
-def _dequant_tile(values_ref, scale_ref, layer, g, r0, rows: int, col0, cols: int, row_mask, col_mask, *, transposed: bool,
-                  rows_per_scale: int, group: int | None, dtype):
-    """The float tile of W[layer, g] at rows [r0, r0+rows), columns [col0, col0+cols); [cols, rows] when `transposed`."""
+def _dequant_tile(values_ref, scale_ref, layer, g, r0, rows: int, col0, cols: int, row_mask, col_mask, *,
+                  transposed: bool, rows_per_scale: int, group: int | None, dtype):
+    """The float tile of W[layer, g] at rows [r0, r0+rows), columns [col0, col0+cols); [cols, rows] when
+    `transposed`."""
     if group is None:
         vrow = r0
     else:  # int4: the half-group's bytes are contiguous; choose the nibble
