@@ -79,8 +79,9 @@ class AtLayer:
 
     `model.run_layers` hands the frozen expert weights to each layer this way (the stack closed over by the scan,
     `index` the scan's int32 counter): the "pallas" grouped matmul reads its tiles at that layer in place
-    (`kernels.gmm(..., layer=index)`), so no layer's experts are copied into a temporary before the kernel. Every
-    other path takes `get()`, the slice. `stack` is an array [L, E, ...] or a QArray of stacks."""
+    (`kernels.gmm(..., layer=index)`), so no layer's experts are copied into a temporary before the kernel; the
+    CPU tile loop (`_tiled_experts`) slices one expert of it per tile. Every other path takes `get()`, the layer's
+    slice. `stack` is an array [L, E, ...] or a QArray of stacks."""
 
     stack: Any
     index: Any
@@ -97,6 +98,11 @@ class AtLayer:
     def get(self):
         """stack[index] (a dynamic slice: a copy of the layer's weights)."""
         return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, self.index, 0, keepdims=False), self.stack)
+
+
+def _sliced(w):
+    """An expert weight as its layer's own array (an AtLayer's slice: a copy of the layer's weights)."""
+    return w.get() if isinstance(w, AtLayer) else w
 
 
 def _placed(w):
@@ -365,8 +371,6 @@ def routed_experts(
     requested = impl
     placed = _placed(gate_up)
     impl = impl if impl == "tiled" else resolve_impl(impl, mesh, placed, x)
-    if impl != "pallas" or (requested == "auto" and lora is None and platform.platform_of(placed, x) == "cpu"):
-        gate_up, down = (w.get() if isinstance(w, AtLayer) else w for w in (gate_up, down))
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown moe strategy {strategy!r}; expected one of {STRATEGIES}")
     layout = None
@@ -382,8 +386,10 @@ def routed_experts(
     if layout is None:
         if requested == "auto" and lora is None and platform.platform_of(placed, x) == "cpu":
             impl = "tiled"  # module docstring: the fastest measured on a CPU from one token to 1024
-        if impl == "tiled":
+        if impl == "tiled":  # reads an AtLayer stack one expert at a time (`_expert_weight`)
             return _tiled_experts(x, expert_ids, expert_weights, gate_up, down, act)
+        if impl != "pallas":
+            gate_up, down = _sliced(gate_up), _sliced(down)
         if impl == "dense":
             return _dense_experts(x, expert_ids, expert_weights, gate_up, down, act, lora)
         d = sort_by_expert(expert_ids, gate_up.shape[0])
@@ -393,6 +399,8 @@ def routed_experts(
         y = expert_mlp(rows, d.group_sizes, gate_up, down, act=act, impl=impl, lora=lora)
         return _combine(unpermute(y, d.order, d.inverse), expert_weights).astype(x.dtype)
     strategy = resolve_strategy(strategy, x.shape[0] // layout.data, layout.ep, a2a_min_tokens)
+    if impl != "pallas":
+        gate_up, down = _sliced(gate_up), _sliced(down)
     return _expert_parallel(x, expert_ids, expert_weights, gate_up, down, layout=layout,
                             all_to_all=strategy == "all_to_all", act=act, impl=impl, lora=lora)
 
@@ -405,7 +413,14 @@ def tile_rows(pairs: int, num_experts: int) -> int:
 
 
 def _expert_weight(w, e, dtype):
-    """Expert `e`'s weight [K, N] in `dtype` (a quantised one dequantised from its values and scale grid)."""
+    """Expert `e`'s weight [K, N] in `dtype` (a quantised one dequantised from its values and scale grid); of an
+    AtLayer, expert e of the stack at its layer (one expert's slice: no copy of the layer's weights)."""
+    if isinstance(w, AtLayer):
+        q, i = w.stack, w.index
+        if isinstance(q, QArray):
+            scale = q.scale[i, e] if q.scale.ndim == q.values.ndim else q.scale[i]
+            return dequantize(QArray(q.values[i, e], scale), dtype)
+        return q[i, e].astype(dtype)
     if isinstance(w, QArray):
         scale = w.scale[e] if w.scale.ndim == w.values.ndim else w.scale
         return dequantize(QArray(w.values[e], scale), dtype)
