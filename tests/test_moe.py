@@ -98,3 +98,37 @@ def test_tile_rows_follow_the_mean_group_size():
 
     assert [tile_rows(p, 16) for p in (4, 16, 17, 64, 65, 1024, 4096, 1 << 20)] == [1, 1, 2, 4, 8, 64, 128, 128]
     assert tile_rows(8, 4) == 2 and tile_rows(1, 128) == 1
+
+
+@pytest.mark.parametrize("fmt", [None, "int8"])
+def test_tiled_experts_read_a_layer_stack_in_place(fmt):
+    """Under a layer scan the CPU tiled loop takes the frozen stacks whole (`AtLayer`) and == the dense reference on
+    each layer's slice; the compiled scan never holds one layer's experts as an array of their own (the copy that
+    slicing the layer first made every step)."""
+    from small4_jax import quant
+    from small4_jax.moe import AtLayer
+
+    e, h, f, layers = 6, 16, 8, 3
+    x, ids, w, gate_up, down, _ = _inputs(np.random.randint(1 << 30), n=9, h=h, f=f, e=e, k=2)
+    gu = jnp.stack([gate_up * (1 + 0.5 * i) for i in range(layers)])
+    dn = jnp.stack([down[:, :, ::-1] * (1 - 0.2 * i) for i in range(layers)])
+    if fmt:
+        gu, dn = quant.quantize(gu, fmt), quant.quantize(dn, fmt)
+
+    def run(x, gu, dn):
+        def body(y, i):
+            y = routed_experts(y, ids, w, AtLayer(gu, i), AtLayer(dn, i), impl="auto")  # one CPU device: tiled
+            return y, None
+
+        return jax.lax.scan(body, x, jnp.arange(layers, dtype=jnp.int32))[0]
+
+    float_gu, float_dn = (quant.dequantize(a) for a in (gu, dn)) if fmt else (gu, dn)
+    ref = x
+    for i in range(layers):
+        ref = routed_experts(ref, ids, w, float_gu[i], float_dn[i], impl="dense")
+    got = jax.jit(run)(x, gu, dn)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(jnp.abs(ref).max()))
+    text = jax.jit(run).lower(x, gu, dn).compile().as_text()
+    dtype = "s8" if fmt else "f32"
+    for shape in ((e, h, 2 * f), (e, f, h), (1, e, h, 2 * f), (1, e, f, h)):
+        assert f"{dtype}[{','.join(map(str, shape))}]" not in text, shape
