@@ -106,16 +106,22 @@ def checkpoint(tmp_path_factory):
     return path, ids, single
 
 
-@pytest.mark.parametrize("mesh_name,strategy,jit", [("1x8x1", "all_to_all", False), ("2x2x2", "replicated", True),
-                                                   ("2x2x2", "all_to_all", True)])
-def test_model_logits_match_one_device(checkpoint, mesh_name, strategy, jit, monkeypatch):
+@pytest.mark.parametrize("mesh_name,strategy,jit,impl", [("1x8x1", "all_to_all", False, "auto"),
+                                                        ("2x2x2", "replicated", True, "auto"),
+                                                        ("2x2x2", "all_to_all", True, "auto"),
+                                                        ("2x4x1", "replicated", True, "pallas")])
+def test_model_logits_match_one_device(checkpoint, mesh_name, strategy, jit, impl, monkeypatch):
+    """With moe_impl "pallas" (interpret mode here) the layers' expert stacks enter the shard_map whole, with the
+    scan's layer index (`moe.AtLayer`), and the kernel reads each shard's stack at that layer."""
     path, ids, single = checkpoint
     calls = []
-    monkeypatch.setattr(moe, "_expert_parallel", lambda *a, **kw: calls.append(kw["all_to_all"]) or ep(*a, **kw))
-    config = load_config(path).replace(moe_strategy=strategy)
+    monkeypatch.setattr(moe, "_expert_parallel", lambda *a, **kw: calls.append(
+        (kw["all_to_all"], isinstance(a[3], moe.AtLayer))) or ep(*a, **kw))
+    config = load_config(path).replace(moe_strategy=strategy, moe_impl=impl)
     model = small4_jax.from_pretrained(path, dtype="float32", mesh=make_mesh(MESHES[mesh_name]), config=config)
     logits = nnx.jit(lambda m, i: m(i))(model, ids) if jit else model(ids)
-    assert calls and all(a == (strategy == "all_to_all") for a in calls), "the expert-parallel path did not run"
+    assert calls and all(a == (strategy == "all_to_all") for a, _ in calls), "the expert-parallel path did not run"
+    assert all(whole == (impl == "pallas") for _, whole in calls), calls
     np.testing.assert_allclose(np.asarray(logits), single, rtol=1e-5, atol=1e-5 * np.abs(single).max())
 
 
