@@ -60,3 +60,16 @@ def _small4_log_propagates():
     called one in-process must not hide later records from pytest's caplog, which listens on the root logger."""
     yield
     logging.getLogger("small4_jax").propagate = True
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop jax's compiled programs after each test module. The full suite (~470 tests, one process) aborted inside
+    XLA:CPU compiles at test_paged, twice, after ~230 tests, while the module passes alone; every live CPU
+    executable holds JIT'd code mappings, and the suspected limit is the process's mapping count
+    (vm.max_map_count 65530). Not confirmed: see the session's closing note."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
