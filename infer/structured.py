@@ -197,6 +197,15 @@ def _number_ok(lit: str, complete: bool) -> bool:
     return head != "0" or len(frac) - len(frac.lstrip("0")) <= 3  # 0.0000x is below 1e-4: an exponent
 
 
+def _string_char(in_str: bool, esc: bool, ch: str) -> tuple[bool, bool]:
+    """One character through a JSON string scanner: (inside a string, after a backslash) once `ch` is read."""
+    if not in_str:
+        return ch == '"', False
+    if esc:
+        return True, False
+    return ch != '"', ch == "\\"
+
+
 def _scan(js, text: str, check: bool = True):
     """The JSON scanner's state after `text`; with `check`, None where a number in a call's arguments would not
     survive re-serialisation."""
@@ -204,12 +213,7 @@ def _scan(js, text: str, check: bool = True):
     check = check and args
     for ch in text:
         if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
+            in_str, esc = _string_char(True, esc, ch)
         elif ch in _NUMBER:
             num += ch
             if check and not _number_ok(num, False):
@@ -454,18 +458,11 @@ class Constrained:
                     continue
                 in_str, esc, net = in_string, False, 0
                 for ch in s:
-                    if in_str:
-                        if esc:
-                            esc = False
-                        elif ch == "\\":
-                            esc = True
-                        elif ch == '"':
-                            in_str = False
-                    elif ch == '"':
-                        in_str = True
-                    elif ch in "]}":
+                    was_in_str = in_str
+                    in_str, esc = _string_char(in_str, esc, ch)
+                    if not was_in_str and ch in "]}":
                         net += 1
-                    elif ch in "[{":
+                    elif not was_in_str and ch in "[{":
                         net -= 1
                 if not in_str:
                     out[r] = 1000 * net - len(s)
