@@ -152,7 +152,7 @@ def test_http_server_across_two_processes(capsys):
         [sys.executable, "launch/local.py", "--nproc", "2", "--cpu-devices", "4", "--timeout", "600", "--",
          sys.executable, "-m", "infer.serve", "--config", "configs/tiny.yaml", "--mesh", "data=1,expert=8,tensor=1",
          "--port", str(port), "--max-batch", "4", "--num-pages", "64", "--max-model-len", "256",
-         "--prefill-batch", "1",
+         "--prefill-batch", "1", "--prefill-chunk", "16",  # few warm-up programs: 16-token chunks only
          "--served-model-name", "tiny"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
