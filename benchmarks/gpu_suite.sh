@@ -35,6 +35,14 @@ step() {  # step NAME SECONDS CMD...: run with a limit, record the command, the 
   return $rc
 }
 
+# 0. Peers that are not dependencies, from wheels downloaded beforehand (benchmarks/fetch_peer_wheels.sh; the device
+#    has no network: pass carry [".wheels"]). Nothing is replaced that is already installed.
+if ls .wheels/*.whl > /dev/null 2>&1; then
+  $PY -m pip install -q --no-index --find-links .wheels tokamax > "$WORK/peers.out" 2>&1 \
+    && echo "- peers: $($PY -c 'import tokamax; print("tokamax", tokamax.__version__)' 2>&1 | tail -1)" >> "$RESULTS" \
+    || { echo "- peers: tokamax did not install: $(tail -n 1 "$WORK/peers.out")" >> "$RESULTS"; }
+fi
+
 # 1. The kernel tests on the GPU: arrays live on the GPU, so the Pallas kernels compile (platform.platform_of),
 #    plus the first-use self-check of moe_impl auto.
 JAX_PLATFORMS=cuda,cpu step kernel-tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_gmm_kernel.py \
@@ -78,7 +86,12 @@ step decode 120 $PY benchmarks/decode.py --layers 4 --batches 1,64 --contexts 10
 # 4. The LoRA train step (4-layer proxy) against transformers + peft.
 step train_step 150 $PY benchmarks/train_step.py --layers 4 --seq 4096 --iters 5 --markdown "$RESULTS"
 
-# 5. The HTTP server under load (tiny model, in-process).
+# 5. Quantised decode (fp8 / int8 / int4 vs bf16, 4-layer full-width proxy) against the bandwidth floor, and tokamax's
+#    quantised ragged_dot on the same weights.
+step quant_decode 150 $PY benchmarks/quant_decode.py --layers 4 --batches 1,64 --iters 10
+{ echo; echo '```'; cat "$WORK/quant_decode.out"; echo '```'; } >> "$RESULTS"
+
+# 6. The HTTP server under load (tiny model, in-process).
 step serve_load 60 $PY benchmarks/serve_load.py --requests 64 --concurrency 16
 { echo; echo '```'; tail -n 3 "$WORK/serve_load.out"; echo '```'; } >> "$RESULTS"
 

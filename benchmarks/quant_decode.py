@@ -11,9 +11,12 @@ B x context latent rows, divided by the measured device copy bandwidth. Decode i
 per weight should be speed: PERFORMANCE.md's batch-1 floor on an H100 is 3.64 ms/token in bf16, 1.98 in fp8 and 1.15
 in int4 for the full model.
 
-Peer (on a GPU only, import-guarded): tokamax's `ragged_dot` at the same decode shapes (one MoE layer's gate_up and
-down, B x top-k rows), bf16 and, where the installed tokamax takes quantised operands, quantised; beside our grouped
-matmul on the same QArray. Reported as microseconds per layer.
+Peer (on a GPU; import-guarded): tokamax's `ragged_dot` at the same decode shapes (one MoE layer's gate_up, B x top-k
+rows) on the same weights, passed in tokamax's own quantised operand (`qwix.QArray`: int4 / int8 / fp8 values with
+the per-column scale grid), beside our grouped matmul on our QArray: microseconds each, their ratio, and the largest
+difference of the outputs. tokamax is not a dependency: `bash benchmarks/fetch_peer_wheels.sh` downloads it and its
+dependencies (Python 3.12 wheels) into .wheels/, which benchmarks/gpu_suite.sh installs offline (carry ".wheels").
+`--peer-on-cpu` calls it on the CPU (tokamax's XLA fallback) to check the call.
 
 Output: one JSON object per measurement on stdout.
 """
@@ -57,14 +60,35 @@ def floor_bytes(model, dtype, batch: int, context: int) -> int:
     return total + batch * context * cache_bytes_per_token_per_layer(c, dtype) * c.num_hidden_layers
 
 
-def tokamax_peer(config, batch: int, fmt: str | None, dtype) -> dict:
-    """tokamax.ragged_dot on one layer's gate_up and down at B x top-k rows: microseconds, or why it did not run."""
-    if jax.devices()[0].platform != "gpu":
+def tokamax_weights(q: "quant.QArray | None", w):
+    """Our weight in tokamax's operand format: the float array, or a `qwix.QArray` (values unpacked to [G, K, N] in
+    their own dtype: int4 as jnp.int4, int8, fp8; scales as the per-column grid [G, K / group, N] tokamax reads,
+    which is our `column_scale`)."""
+    if q is None:
+        return w
+    import qwix
+
+    values = quant.int_values(q)
+    if q.format == "int4":
+        values = values.astype(jnp.int4)
+    return qwix.QArray(qvalue=values, scale=quant.column_scale(q))
+
+
+def tokamax_peer(config, batch: int, fmt: str | None, dtype, on_cpu: bool = False) -> dict:
+    """tokamax.ragged_dot on one layer's gate_up at B x top-k rows, on the same (quantised) weights as our grouped
+    matmul: microseconds each, and the largest difference of tokamax's output from ours relative to our largest
+    output (both dequantise the same values; tokamax's quantised path is its own kernel). On a GPU only unless
+    `on_cpu` (its XLA fallback there: a check that the call is right, not a timing)."""
+    if jax.devices()[0].platform != "gpu" and not on_cpu:
         return {"peer": "tokamax: GPU only"}
     try:
         import tokamax
     except ImportError as e:
-        return {"peer": f"tokamax not installed ({e})"}
+        return {"peer": f"tokamax not installed ({e}); benchmarks/fetch_peer_wheels.sh"}
+    from absl import flags as absl_flags
+
+    if not absl_flags.FLAGS.is_parsed():  # tokamax reads absl flags, which would parse our argv and reject it
+        absl_flags.FLAGS.mark_as_parsed()
     from small4_jax.kernels import gmm
 
     c = config
@@ -77,22 +101,25 @@ def tokamax_peer(config, batch: int, fmt: str | None, dtype) -> dict:
     gs = jnp.asarray(sizes)
 
     def timed(f, *args):
-        f(*args).block_until_ready()
+        out = f(*args).block_until_ready()
         t0 = time.perf_counter()
         for _ in range(20):
-            out = f(*args)
-        out.block_until_ready()
-        return (time.perf_counter() - t0) / 20 * 1e6
+            f(*args).block_until_ready()
+        return (time.perf_counter() - t0) / 20 * 1e6, out
 
-    out = {}
+    out = {"peer": f"tokamax {tokamax.__version__}"}
+    ours_us, ours = timed(jax.jit(lambda x, w, gs: gmm(x, w, gs, backend="pallas" if not on_cpu else "reference")),
+                          x, w if q is None else q, gs)
+    out["ours_us"] = ours_us
     try:
-        out["tokamax_us"] = timed(jax.jit(lambda x, w, gs: tokamax.ragged_dot(x, w, gs)), x,
-                                  w if q is None else quant.dequantize(q, dtype), gs)
+        peer_us, peer = timed(jax.jit(lambda x, w, gs: tokamax.ragged_dot(x, w, gs, preferred_element_type=dtype)),
+                              x, tokamax_weights(q, w), gs)
+        out["tokamax_us"] = peer_us
+        out["tokamax_vs_ours"] = ours_us / peer_us
+        ref = jnp.max(jnp.abs(ours.astype(jnp.float32)))
+        out["tokamax_max_rel_diff"] = float(jnp.max(jnp.abs(peer.astype(jnp.float32) - ours.astype(jnp.float32))) / ref)
     except Exception as e:  # noqa: BLE001 - the peer's API moves; report, do not fail the benchmark
-        out["tokamax"] = f"{type(e).__name__}: {str(e)[:120]}"
-    ours = (lambda x, gs: gmm(x, q, gs, backend="pallas")) if q is not None else (
-        lambda x, gs: gmm(x, w, gs, backend="pallas"))
-    out["ours_us"] = timed(jax.jit(ours), x, gs)
+        out["tokamax"] = f"{type(e).__name__}: {str(e)[:160]}"
     return out
 
 
@@ -104,6 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=None, help="tokens per row in the cache (default 1024; --small 64)")
     p.add_argument("--formats", default="none,fp8,int8,int4", help="comma-separated; none = bf16")
     p.add_argument("--iters", type=int, default=None, help="timed steps (default 20; --small 3)")
+    p.add_argument("--peer-on-cpu", action="store_true", help="call tokamax on the CPU too (a check, not a timing)")
     a = p.parse_args(argv)
     config = proxy_config(a.small, a.layers)
     dtype = jnp.dtype("float32" if a.small else "bfloat16")
@@ -123,7 +151,8 @@ def main(argv=None) -> int:
                        context=context, step_ms=t * 1e3, tokens_per_s=batch / t, floor_ms=floor * 1e3,
                        fraction_of_floor=floor / t, copy_bandwidth_gbs=bandwidth / 1e9,
                        weight_gib=quant.weight_bytes(model) / 2**30)
-            row.update(tokamax_peer(config, batch, fmt, dtype) if not a.small else {})
+            if not a.small or a.peer_on_cpu:
+                row.update(tokamax_peer(config, batch, fmt, dtype, on_cpu=a.peer_on_cpu))
             print(json.dumps(row), flush=True)
         del model, state
     return 0
