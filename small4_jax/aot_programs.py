@@ -87,20 +87,24 @@ def expert_parallel(mesh: Mesh, tokens: int, *, strategy: str, grad: bool, exper
 
 
 def gmm_quant(mesh: Mesh, rows: int, fmt: str, *, groups: int = 128, k: int = 4096, n: int = 4096,
-              dtype=jnp.bfloat16, grad: bool = False, tiling=None) -> Program:
+              dtype=jnp.bfloat16, grad: bool = False, tiling=None, w8a8: bool = False) -> Program:
     """gmm over quantised experts (`quant.QArray` [groups, k, n] in `fmt`: the in-kernel dequantising kernel); with
-    `grad`, also the input gradient (dy @ W^T from the same bytes: QLoRA's backward through the frozen base)."""
+    `grad`, also the input gradient (dy @ W^T from the same bytes: QLoRA's backward through the frozen base). With
+    `w8a8` (fp8 only, no grad): the fp8 x fp8 kernel, with the experts' static activation scales [groups, 1, 1]."""
     from small4_jax import kernels, quant
 
-    def loss(x, values, scale, sizes):
-        y = kernels.gmm(x, quant.QArray(values, scale), sizes, backend="pallas", tiling=tiling)
+    def loss(x, values, scale, sizes, *act):
+        y = kernels.gmm(x, quant.QArray(values, scale, *act), sizes, backend="pallas", tiling=tiling)
         return jnp.sum(y.astype(jnp.float32))
 
     fn = jax.value_and_grad(loss) if grad else loss
     vshape, sshape, vdtype = quant.stored_shapes((groups, k, n), fmt)
     args = (aot.spec((rows, k), dtype, mesh), aot.spec(vshape, vdtype, mesh),
             aot.spec(sshape, quant.scale_dtype(fmt), mesh), aot.spec((groups,), jnp.int32, mesh))
-    return Program(f"gmm {fmt}{' +dx' if grad else ''} {rows}x{k} @ [G, K, N]", fn, args, mesh)
+    if w8a8:
+        args += (aot.spec((groups, 1, 1), jnp.float32, mesh),)
+    kind = f"{fmt}{' W8A8' if w8a8 else ''}{' +dx' if grad else ''}"
+    return Program(f"gmm {kind} {rows}x{k} @ [G, K, N]", fn, args, mesh)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

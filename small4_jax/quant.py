@@ -77,10 +77,14 @@ def check_format(fmt: str | None, where: str = "quantize") -> str | None:
 
 
 class QArray(NamedTuple):
-    """A quantised weight (module docstring). A pytree of two arrays; `shape` is the logical [..., K, N]."""
+    """A quantised weight (module docstring). A pytree of two arrays (three with W8A8); `shape` is the logical
+    [..., K, N]. `act_scale` (W8A8 only, fp8 values): the checkpoint's static scale of the activations this weight
+    multiplies, float32 [..., 1, 1] (one per tensor, [E, 1, 1] per expert); when present the product is fp8 x fp8
+    (`quantize_act`, `w8a8_dot`, the W8A8 grouped-matmul kernel)."""
 
     values: jax.Array
     scale: jax.Array
+    act_scale: jax.Array | None = None
 
     @property
     def format(self) -> str:
@@ -96,8 +100,7 @@ class QArray(NamedTuple):
 
     @property
     def nbytes(self) -> int:
-        return int(math.prod(self.values.shape) * jnp.dtype(self.values.dtype).itemsize
-                   + math.prod(self.scale.shape) * jnp.dtype(self.scale.dtype).itemsize)
+        return int(sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in self if a is not None))
 
 
 def format_of(dtype) -> str:
@@ -332,13 +335,70 @@ def column_scale(q: QArray):
 
 
 def qdot(x: jax.Array, q: QArray, dtype) -> jax.Array:
-    """x [..., K] @ W [K, N] for a dense quantised kernel, accumulated in float32, returned in `dtype`."""
+    """x [..., K] @ W [K, N] for a dense quantised kernel, accumulated in float32, returned in `dtype` (W8A8 when
+    `q.act_scale` is set: `w8a8_dot`)."""
     dtype = jnp.dtype(dtype)
+    if q.act_scale is not None:
+        return w8a8_dot(x, q, dtype)
     x = x.astype(dtype)
     if q.scale.shape[-2] == 1 and jnp.dtype(q.values.dtype) != jnp.uint8:
         y = jnp.dot(x, q.values.astype(dtype), preferred_element_type=jnp.float32)
         return (y * column_scale(q)[0].astype(jnp.float32)).astype(dtype)
     return jnp.dot(x, dequantize(q, dtype), preferred_element_type=jnp.float32).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# W8A8: fp8 activations with the checkpoint's static scales.
+ACTIVATIONS = ("fp8",)
+
+
+def check_activations(activations: str | None, quantize: str | None = "fp8") -> str | None:
+    """None (weight-only: activations stay in the compute dtype) or "fp8" (W8A8, which needs fp8 weights)."""
+    if activations is None or activations in ("none", "bf16", "bfloat16"):
+        return None
+    if activations not in ACTIVATIONS:
+        raise ConfigError(f"activations = {activations!r}: expected 'fp8' (W8A8: fp8 weights x fp8 activations with "
+                          "the checkpoint's static activation scales) or none")
+    if quantize != "fp8":
+        raise ConfigError(f"activations = 'fp8' (W8A8) needs fp8 weights; quantize = {quantize!r}")
+    return activations
+
+
+def quantize_act(x: jax.Array, act_scale) -> jax.Array:
+    """x in e4m3 with a static per-tensor scale: clamp(x / s, +-448) cast to float8_e4m3fn (round to nearest even),
+    computed in float32. The W8A8 kernels do exactly this to each activation tile."""
+    return jnp.clip(x.astype(jnp.float32) / act_scale, -FP8_MAX, FP8_MAX).astype(_FP8)
+
+
+def check_w8a8(q: QArray, where: str = "W8A8") -> None:
+    """W8A8 needs fp8 values and one weight-scale row (per tensor / expert / column): the fp8 x fp8 product is
+    scaled once after the sum over K."""
+    if jnp.dtype(q.values.dtype) != _FP8 or q.scale.shape[-2] != 1:
+        raise ConfigError(f"{where}: fp8 activations need fp8 weights with per-tensor, per-expert or per-column scales;"
+                          f" got {jnp.dtype(q.values.dtype).name} values with a scale grid {list(q.scale.shape)}")
+
+
+def w8a8_dot(x: jax.Array, q: QArray, dtype) -> jax.Array:
+    """x [..., K] @ W [K, N] as fp8 x fp8 (W8A8): x quantised with the static scale `q.act_scale`, the dot of the two
+    fp8 operands accumulated in float32, times s_x * s_w. Written as XLA's GPU compiler wants it for an FP8 GEMM
+    (a dot_general of float8 operands with a float32 result and scalar scales after; `gemm_rewriter` turns it into
+    cuBLASLt's `__cublas$lt$matmul$f8` with the scales as alpha when cuBLAS is chosen, and the Triton GEMM emitter
+    keeps the operands fp8 otherwise). On a CPU the same program converts the fp8 operands to float32: exact
+    products, the same numbers."""
+    check_w8a8(q)
+    s_x = jnp.reshape(q.act_scale, ()).astype(jnp.float32)
+    xq = quantize_act(x, s_x)
+    y = jax.lax.dot_general(xq, q.values, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return (y * (s_x * column_scale(q)[0].astype(jnp.float32))).astype(dtype)
+
+
+def w8a8_reference(x: jax.Array, q: QArray, dtype=jnp.float32) -> jax.Array:
+    """The definition of a W8A8 product in numbers: (quantised x in float32) @ (fp8 values in float32) at full
+    precision, times s_x * s_w (x [..., K], one dense weight, or one expert's)."""
+    s_x = jnp.reshape(q.act_scale, ()).astype(jnp.float32)
+    xq = quantize_act(x, s_x).astype(jnp.float32)
+    y = jnp.matmul(xq, q.values.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return (y * (s_x * column_scale(q)[0].astype(jnp.float32))).astype(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -147,6 +147,59 @@ def test_gmm_quant_kernel_matches_reference(fmt):
     assert _rel(out_b, ref_b) < 1e-2, seed
 
 
+def _w8a8_numpy(x, values, col_scale, act, sizes, offset):
+    """W8A8 grouped matmul in numpy (float64 sums), independent of small4_jax: per row of local group g,
+    q = e4m3(clip(x / s_x[g], +-448)) and y = (q @ values[g]) * s_x[g] * s_w[g, column]; zero outside the window."""
+    x = np.asarray(x, np.float32)
+    v = np.asarray(values, np.float32)
+    out = np.zeros((x.shape[0], v.shape[-1]))
+    ends = np.cumsum(sizes)
+    for g in range(v.shape[0]):
+        lo, hi = ends[offset + g] - sizes[offset + g], ends[offset + g]
+        q = np.clip(x[lo:hi] / act[g], -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+        out[lo:hi] = (q @ v[g]) * act[g] * col_scale[g]
+    return out
+
+
+def test_gmm_w8a8_kernel_matches_reference():
+    """fp8 activations x fp8 weights: the Pallas kernel (interpret mode, split-K decode tiling and a prefill tiling,
+    a layer stack read at a layer), the ragged_dot backend and `gmm_w8a8_reference` all equal an independent numpy
+    evaluation, with activation scales that saturate some rows; its gradient is refused with the reason."""
+    from small4_jax.kernels.gmm.reference import gmm_w8a8_reference
+
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    rng = np.random.default_rng(seed)
+    m, k, n, g, local, layers = 45, 128, 48, 5, 3, 2
+    sizes = rng.multinomial(m - 4, [0.3, 0.0, 0.3, 0.2, 0.2]).astype(np.int32)  # an empty group, rows past the sum
+    offset = 1
+    w = rng.normal(size=(layers, local, k, n)).astype(np.float32)
+    values = np.clip(w / 0.01, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    scale = rng.uniform(0.005, 0.02, size=(layers, local, 1, 2)).astype(np.float32)  # native w1 | w3: two per expert
+    lhs = (rng.normal(size=(m, k)) * rng.uniform(0.1, 3, size=(m, 1))).astype(np.float32)
+    act = (np.abs(lhs).max() / 448 * rng.uniform(0.5, 2.0, size=(layers, local, 1, 1))).astype(np.float32)
+    li = 1
+    rows2 = lhs[sizes[:2].sum():sizes[:3].sum()]  # group 2 (local 1): a scale that saturates its largest entries
+    act[li, 1] = np.abs(rows2).max(initial=1.0) / 448 * 0.5
+    x = jnp.asarray(lhs, jnp.bfloat16)  # bf16 activations, as served
+    q = quant.QArray(jnp.asarray(values), jnp.asarray(scale), jnp.asarray(act))
+    gs = jnp.asarray(sizes)
+    want = _w8a8_numpy(x, values[li], np.repeat(scale[li, :, 0], n // 2, axis=-1), act[li, :, 0, 0], sizes, offset)
+    at = jax.tree.map(lambda a: a[li], q)
+    for tiling in (GmmTiling(block_m=16, block_k=64, block_n=32, split_k=2), GmmTiling(block_m=32, block_k=32,
+                                                                                       block_n=16)):
+        got = api.gmm(x, q, gs, offset, layer=jnp.int32(li), backend="pallas", tiling=tiling,
+                      preferred_element_type=jnp.float32)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=f"seed {seed} {tiling}")
+    for got in (api.gmm(x, at, gs, offset, backend="ragged_dot", preferred_element_type=jnp.float32),
+                gmm_w8a8_reference(x, at, gs, offset, preferred_element_type=jnp.float32)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=f"seed {seed}")
+    with pytest.raises(NotImplementedError, match="W8A8 .* is inference only"):
+        jax.grad(lambda x: api.gmm(x, at, gs, offset, backend="pallas").astype(jnp.float32).sum())(x)
+    int8 = quant.quantize(jnp.asarray(w[0]), "int8")
+    with pytest.raises(Exception, match="fp8 activations need fp8 weights"):
+        api.gmm(x, int8._replace(act_scale=jnp.asarray(act[0])), gs, offset, backend="pallas")
+
+
 def test_gmm_quant_narrow_groups_fall_back_to_dequantise_then_gmm():
     """int4 with K = 80 (groups of 16: half-groups of 8 rows, narrower than any kernel tile) still computes."""
     rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2**31))

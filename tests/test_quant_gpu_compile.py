@@ -37,6 +37,24 @@ def test_quantised_gmm_compiles(target, fmt, rows, k, n, grad):
     assert c.memory.temp < E * k * n  # no dequantised copy of the experts (that would be 2 bytes per weight)
 
 
+W8A8_CASES = [(64, H, 2 * F), (4096, F, H)]  # gate_up at decode (split-K), down at prefill
+
+
+@pytest.mark.gpu_compile
+@pytest.mark.parametrize("rows, k, n", W8A8_CASES, ids=[f"{c[0]}rows" for c in W8A8_CASES])
+def test_w8a8_gmm_compiles(rows, k, n):
+    """fp8 x fp8 (activations quantised with the experts' static scales): the kernel compiles for sm_90a with fp8
+    operands; arguments are the bf16 rows, the fp8 experts and three small scale arrays, and the temporaries hold the
+    rows in fp8 (the quantisation pass), never a widened weight."""
+    mesh = aot.gpu_mesh("h200", {"x": 1}, topology="1x1x1")
+    c = ap.gmm_quant(mesh, rows, "fp8", k=k, n=n, w8a8=True).compile()
+    assert c.triton_calls == 1
+    call = next(line for line in c.text.splitlines() if aot.TRITON_MARKER in line)
+    assert f"tensor<{rows}x{k}xf8E4M3FN>, tensor<1x{E}x{k}x{n}xf8E4M3FN>" in call  # fp8 rows, fp8 experts in
+    assert c.memory.argument == rows * k * 2 + E * k * n + E * 4 + E * 4 + E * 4
+    assert c.memory.temp < E * k * n  # no widened copy of the experts
+
+
 @pytest.mark.gpu_compile
 def test_fp8_decode_step_compiles_on_one_h200():
     config = Small4Config.from_yaml("configs/small4-119b.yaml").replace(num_hidden_layers=1)

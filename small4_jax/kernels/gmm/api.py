@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from small4_jax.kernels.gmm import pallas_triton, quant_triton
-from small4_jax.kernels.gmm.reference import gmm_quant_reference, gmm_reference, tgmm_reference
+from small4_jax.kernels.gmm.reference import (gmm_quant_reference, gmm_reference, gmm_w8a8_reference, row_groups,
+                                              tgmm_reference)
 from small4_jax.platform import on_gpu
 from small4_jax.kernels.gmm.tiling import GmmTiling, gmm_tiling, tgmm_tiling
 
@@ -79,7 +80,10 @@ def gmm(
     rhs may be a `small4_jax.quant.QArray` (fp8 / int8 / int4 values + scale grid): the "pallas" backend then
     dequantises tiles in the kernel (`quant_triton.py`, differentiable in lhs only: the base of QLoRA is frozen);
     "ragged_dot" dequantises the window's weights in lhs.dtype first (XLA; a float copy of the layer's experts) and
-    "reference" is `gmm_quant_reference`.
+    "reference" is `gmm_quant_reference`. A QArray with `act_scale` (fp8 weights and the experts' static activation
+    scales) is W8A8: "pallas" runs the fp8 x fp8 kernel (`quant_triton.gmm_w8a8_pallas`), "reference" is
+    `gmm_w8a8_reference` and "ragged_dot" computes the same numbers with XLA (rows quantised with their expert's
+    scale, fp8 values widened exactly); forward only: its gradient is refused.
 
     `layer` (an int32 scalar, e.g. the index of a scan over layers): rhs is a stack with a leading layer axis
     ([L, G_local, K, N]; a QArray's values and scales likewise) and the product uses rhs[layer]. The "pallas" backend
@@ -166,6 +170,9 @@ def _gmm_quant(lhs, rhs, group_sizes, group_offset, layer, transpose_rhs, prefer
     window = group_offset is not None or rhs.shape[0] != group_sizes.shape[0]
     group_offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    if rhs.act_scale is not None:
+        return _gmm_w8a8(lhs, rhs, group_sizes, group_offset, window, layer, transpose_rhs, out_dtype, backend, tiling,
+                         interpret)
     if backend == "reference":
         return gmm_quant_reference(lhs, rhs, group_sizes, group_offset, transpose_rhs=transpose_rhs,
                                    preferred_element_type=out_dtype)
@@ -223,6 +230,60 @@ def _gmm_quant_bwd(cfg, residuals, dy):
 
 
 _gmm_quant_vjp.defvjp(_gmm_quant_fwd, _gmm_quant_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# W8A8: fp8 activations (static per-expert scales) x fp8 weights.
+W8A8_NO_GRAD = ("gmm W8A8 (fp8 activations) is inference only: it has no gradient. Load the model without "
+                "activations='fp8' (weight-only fp8, whose input gradient QLoRA uses) to train through it")
+
+
+def _gmm_w8a8(lhs, rhs, group_sizes, group_offset, window, layer, transpose_rhs, out_dtype, backend, tiling,
+              interpret):
+    from small4_jax.quant import check_w8a8, column_scale
+
+    check_w8a8(rhs, "gmm")
+    if transpose_rhs:
+        raise ValueError("gmm W8A8 computes lhs @ W only (no transposed product: it has no backward)")
+    if backend == "reference":
+        return gmm_w8a8_reference(lhs, rhs, group_sizes, group_offset, preferred_element_type=out_dtype)
+    num_groups = rhs.values.shape[-3]
+    if backend == "ragged_dot":  # rows quantised with their expert's scale; fp8 values are exact in bf16 / f32
+        act = rhs.act_scale.reshape(num_groups).astype(jnp.float32)
+        q = quant_triton.quantize_rows(lhs, act, group_sizes, group_offset).astype(lhs.dtype)
+        y = _ragged_dot_gmm(q, rhs.values.astype(lhs.dtype), group_sizes, group_offset, window, False,
+                            jnp.dtype(jnp.float32))
+        local = jnp.maximum(row_groups(group_sizes, group_offset, num_groups, lhs.shape[0]), 0)
+        s_w = column_scale(rhs)[:, 0, :].astype(jnp.float32)[local]  # [M, N]
+        return (y * act[local][:, None] * s_w).astype(out_dtype)
+    if backend != "pallas":
+        raise ValueError(f"unknown gmm backend {backend!r}; expected one of {BACKENDS}")
+    interpret = default_interpret(lhs, rhs.values) if interpret is None else bool(interpret)
+    values, scale = rhs.values, column_scale(rhs)
+    act = rhs.act_scale.reshape(values.shape[:-2]).astype(jnp.float32)  # [(L,) G]
+    if layer is None:  # a stack of one (bitcasts)
+        values, scale, act, layer = values[None], scale[None], act[None], 0
+    cfg = _Config(tiling, interpret, False, out_dtype, values.shape[1], jnp.dtype(lhs.dtype))
+    return _gmm_w8a8_vjp(cfg, lhs, values, scale, act, group_sizes, group_offset, jnp.asarray(layer, jnp.int32))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gmm_w8a8_vjp(cfg, lhs, values, scale, act, group_sizes, group_offset, layer):
+    m, k = lhs.shape
+    tiling = cfg.tiling or gmm_tiling(m, k, values.shape[3], values.shape[1], lhs.dtype)
+    return quant_triton.gmm_w8a8_pallas(lhs, values, scale, act, group_sizes, group_offset, layer, tiling=tiling,
+                                        out_dtype=cfg.out_dtype, interpret=cfg.interpret)
+
+
+def _gmm_w8a8_fwd(cfg, *args):
+    return _gmm_w8a8_vjp(cfg, *args), None
+
+
+def _gmm_w8a8_bwd(cfg, residuals, dy):
+    raise NotImplementedError(W8A8_NO_GRAD)
+
+
+_gmm_w8a8_vjp.defvjp(_gmm_w8a8_fwd, _gmm_w8a8_bwd)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -54,14 +54,16 @@ def _dot_precision(dtype):
 
 
 def _gmm_program(seg_start_ref, seg_end_ref, seg_group_ref, work_seg_ref, work_tile_ref, num_work_ref, layer_ref,
-                 lhs_ref, *weight_and_out_refs, load_weight_tile, k: int, n: int, t: GmmTiling, k_per_split: int):
+                 lhs_ref, *weight_and_out_refs, load_weight_tile, k: int, n: int, t: GmmTiling, k_per_split: int,
+                 epilogue=None):
     """The program of every gmm kernel (float weights here, quantised ones in `quant_triton.py`): one work item's
     row tile x one column tile [x one K slice], accumulated in float32 over K steps.
 
     `load_weight_tile(weight_refs, layer, g, k0, k_mask, col0, col_mask) -> (tile, dot dimension numbers)` is the
-    only difference between the kernels: it returns group g's weight tile of layer `layer` (the weights are stacks
+    main difference between the kernels: it returns group g's weight tile of layer `layer` (the weights are stacks
     with a leading layer axis, read in place) for K rows [k0, k0 + block_k) and columns [col0, col0 + block_n) in
-    the activation dtype, masked with zeros."""
+    the activation dtype, masked with zeros. W8A8 (`quant_triton.gmm_w8a8_pallas`: lhs and weights both fp8) also
+    passes `epilogue(acc, weight_refs, layer, g, col0, col_mask) -> acc` (the scales, applied once after K)."""
     *weight_refs, out_ref = weight_and_out_refs
     bm, bk, bn = t.block_m, t.block_k, t.block_n
     w, j = pl.program_id(0), pl.program_id(1)
@@ -91,12 +93,15 @@ def _gmm_program(seg_start_ref, seg_end_ref, seg_group_ref, work_seg_ref, work_t
         def step(i, acc):
             k0 = k_begin + i * bk
             k_mask = (k0 + jnp.arange(bk, dtype=jnp.int32)) < k
-            a = plgpu.load(lhs_ref.at[rows_slice, pl.ds(k0, bk)], mask=row_mask[:, None] & k_mask[None, :], other=0)
+            # a float literal: Triton casts no int literal to fp8 (W8A8's lhs)
+            a = plgpu.load(lhs_ref.at[rows_slice, pl.ds(k0, bk)], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             b, dims = load_weight_tile(weight_refs, layer, g, k0, k_mask, j * bn, col_mask)
             return acc + jax.lax.dot_general(a, b.astype(a.dtype), dims, precision=_dot_precision(a.dtype),
                                              preferred_element_type=jnp.float32)
 
         acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
+        if epilogue is not None:
+            acc = epilogue(acc, weight_refs, layer, g, j * bn, col_mask)
         mask = row_mask[:, None] & col_mask[None, :]
         if t.split_k > 1:
             plgpu.store(out_ref.at[split, rows_slice, cols_slice], acc, mask=mask)
@@ -105,10 +110,10 @@ def _gmm_program(seg_start_ref, seg_end_ref, seg_group_ref, work_seg_ref, work_t
 
 
 def gmm_call(load_weight_tile, lhs, weights: tuple, group_sizes, group_offset, layer, *, num_groups: int, n: int,
-             tiling: GmmTiling, out_dtype, interpret: bool, name: str):
+             tiling: GmmTiling, out_dtype, interpret: bool, name: str, epilogue=None):
     """Launch `_gmm_program` over lhs [M, K] and the weight stacks `weights` (leading layer axis, read by
     `load_weight_tile` at `layer`, an int32 scalar) -> [M, N]: the group metadata, the grid (work items x column
-    tiles [x K splits]) and the split-K sum.
+    tiles [x K splits]) and the split-K sum (`epilogue`: see `_gmm_program`).
 
     The stacks are passed whole: inside a scan over layers the custom call reads the loop-invariant stack at the
     scan index, so no layer's weights are sliced into a temporary copy before the kernel (one weight read a step)."""
@@ -124,7 +129,7 @@ def gmm_call(load_weight_tile, lhs, weights: tuple, group_sizes, group_offset, l
     else:
         out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
     kernel = functools.partial(_gmm_program, load_weight_tile=load_weight_tile, k=k, n=n, t=t,
-                               k_per_split=k_per_split)
+                               k_per_split=k_per_split, epilogue=epilogue)
     out = pl.pallas_call(
         kernel,
         out_shape=out_shape,

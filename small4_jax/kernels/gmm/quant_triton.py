@@ -1,4 +1,5 @@
-"""Pallas kernel (Triton backend) for the grouped matmul with quantised weights: `gmm_quant_pallas`.
+"""Pallas kernels (Triton backend) for the grouped matmul with quantised weights: `gmm_quant_pallas` (weight-only:
+tiles dequantised in registers) and `gmm_w8a8_pallas` (fp8 x fp8: activations quantised with static scales).
 
 Same grid, metadata and masking as `pallas_triton.gmm_pallas` (work items of (segment, row tile), column tiles,
 optional split K); the difference is the weight tile. The weights never exist in a float copy: each program loads
@@ -114,3 +115,57 @@ def gmm_quant_pallas(lhs, values, scale, group_sizes, group_offset, layer=None, 
                                   num_groups=values.shape[1],
                                   n=kw if transpose_rhs else nw, tiling=t, out_dtype=out_dtype, interpret=interpret,
                                   name="small4_gmm_quant")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# W8A8: fp8 activations x fp8 weights.
+def _fp8_tile(weight_refs, layer, g, k0, k_mask, col0, col_mask, *, bk: int, bn: int):
+    """The weight tile as stored (fp8, [bk, bn]): no dequantisation, the scales come after the K loop."""
+    values_ref = weight_refs[0]
+    b = plgpu.load(values_ref.at[layer, g, pl.ds(k0, bk), pl.ds(col0, bn)], mask=k_mask[:, None] & col_mask[None, :],
+                   other=0.0)  # a float literal: Triton casts no int literal to fp8
+    return b, (((1,), (0,)), ((), ()))
+
+
+def _w8a8_epilogue(acc, weight_refs, layer, g, col0, col_mask, *, bn: int, num_groups: int):
+    """acc * s_x[g] * s_w[g, columns]: the fp8 x fp8 products back to real units, once per output tile."""
+    _, scale_ref, act_ref = weight_refs
+    s_w = plgpu.load(scale_ref.at[layer, g, pl.ds(col0, bn)], mask=col_mask, other=0.0)  # scale_ref [L, G, N]
+    return acc * (s_w.astype(jnp.float32) * act_ref[layer * num_groups + g])[None, :]
+
+
+def quantize_rows(lhs, act_scale, group_sizes, group_offset, layer=None):
+    """lhs [M, K] in e4m3, each row with its group's static scale (`quant.quantize_act`; rows outside the window
+    with the first group's: the kernel never reads them). act_scale [G] or a stack [L, G] read at `layer`."""
+    from small4_jax.kernels.gmm.reference import row_groups
+    from small4_jax.quant import quantize_act
+
+    if layer is not None:
+        act_scale = jax.lax.dynamic_index_in_dim(act_scale, layer, 0, keepdims=False)
+    local = jnp.maximum(row_groups(group_sizes, group_offset, act_scale.shape[0], lhs.shape[0]), 0)
+    return quantize_act(lhs, act_scale.astype(jnp.float32)[local][:, None])
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "out_dtype", "interpret"))
+def gmm_w8a8_pallas(lhs, values, scale, act_scale, group_sizes, group_offset, layer=None, *, tiling: GmmTiling,
+                    out_dtype, interpret: bool):
+    """lhs [M, K] @ W[g] per row group with W8A8 (module docstring) -> [M, N].
+
+    values [G, K, N] fp8, scale [G, 1, N] float32 (one row: per expert or per column, columns expanded), act_scale
+    [G] float32 (the experts' static activation scales); with `layer` (int32 scalar) all three are stacks [L, G, ...]
+    read at that layer in place. lhs is quantised here, row by row with its expert's scale (one fused XLA pass over
+    [M, K]: each row once, not once per column tile), and enters the kernel as fp8."""
+    if layer is None:
+        values, scale, act_scale, layer = values[None], scale[None], act_scale[None], 0
+    num_layers, num_groups, k, n = values.shape
+    if scale.shape[2] != 1:
+        raise ValueError(f"gmm W8A8: the weight scale grid has {scale.shape[2]} row blocks; the fp8 x fp8 product "
+                         "scales after the K loop, so it needs one scale per expert or per column")
+    q = quantize_rows(lhs, act_scale, group_sizes, group_offset, layer).astype(values.dtype)
+    load = functools.partial(_fp8_tile, bk=tiling.block_k, bn=tiling.block_n)
+    epilogue = functools.partial(_w8a8_epilogue, bn=tiling.block_n, num_groups=num_groups)
+    act = jnp.reshape(act_scale.astype(jnp.float32), (num_layers * num_groups,))
+    scale = jnp.reshape(scale, (num_layers, num_groups, n))  # the one scale row (a bitcast)
+    return pallas_triton.gmm_call(load, q, (values, scale, act), group_sizes, group_offset, layer,
+                                  num_groups=num_groups, n=n, tiling=tiling, out_dtype=out_dtype,
+                                  interpret=interpret, name="small4_gmm_w8a8", epilogue=epilogue)

@@ -86,3 +86,25 @@ def gmm_quant_reference(lhs: jax.Array, rhs, group_sizes: jax.Array, group_offse
 
     return gmm_reference(lhs, dequantize(rhs, jnp.float32).astype(lhs.dtype), group_sizes, group_offset,
                          transpose_rhs=transpose_rhs, preferred_element_type=preferred_element_type)
+
+
+def gmm_w8a8_reference(lhs: jax.Array, rhs, group_sizes: jax.Array, group_offset=0, *, layer=None,
+                       preferred_element_type=None) -> jax.Array:
+    """The W8A8 grouped matmul (`quant_triton.gmm_w8a8_pallas`) in plain jax.numpy: rhs a `quant.QArray` [G, K, N]
+    of fp8 values, one weight-scale row per expert [G, 1, N'] and the static activation scales `act_scale`
+    [G, 1, 1]. Row r of group g: q = clamp(lhs[r] / s_x[g], +-448) in e4m3; out[r] = (q @ values[g]) * s_x[g] *
+    s_w[g, column], the products and sums in float32 at full precision. Zero outside the window."""
+    from small4_jax.quant import column_scale, quantize_act
+
+    if layer is not None:
+        rhs = jax.tree.map(lambda a: a[layer], rhs)
+    out_dtype = preferred_element_type or lhs.dtype
+    num_groups = rhs.values.shape[0]
+    s_x = rhs.act_scale.reshape(num_groups).astype(jnp.float32)
+    s_w = column_scale(rhs)[:, 0, :].astype(jnp.float32)  # [G, N]
+    q = jax.vmap(lambda s: quantize_act(lhs, s).astype(jnp.float32))(s_x)  # [G, M, K]: each group's quantisation
+    y = jnp.einsum("gmk,gkn->gmn", q, rhs.values.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    y = y * (s_x[:, None, None] * s_w[:, None, :])
+    local = row_groups(group_sizes, group_offset, num_groups, lhs.shape[0])
+    onehot = (local[:, None] == jnp.arange(num_groups)[None, :]).astype(jnp.float32)  # [M, G]
+    return jnp.einsum("gmn,mg->mn", y, onehot, precision=jax.lax.Precision.HIGHEST).astype(out_dtype)
