@@ -483,7 +483,7 @@ class Engine:
         self._stopping = False
         self.stats = dict(requests=0, finished=0, cancelled=0, preempted=0, prompt_tokens=0, generated_tokens=0,
                           cached_tokens=0, steps=0, prefill_steps=0, decode_steps=0, errors=0, host_seconds=0.0,
-                          mask_seconds=0.0, masked_tokens=0)
+                          mask_seconds=0.0, masked_tokens=0, structured_fallbacks=0)
         self._token_times: deque[tuple[float, int]] = deque(maxlen=256)
         self._waited = 0.0  # seconds of this step spent waiting for the device
         self._logits_step = logits_step  # an EAGLE drafter swaps in a step that also keeps the hidden states
@@ -1232,6 +1232,8 @@ class Engine:
             tail = r.text[r.emitted :]
             r.emitted = len(r.text)
         self.stats["finished"] += 1
+        if r.matcher is not None:
+            self.stats["structured_fallbacks"] += getattr(r.matcher, "fallbacks", 0)
         if reason == "cancelled":
             self.stats["cancelled"] += 1
         self._emit(r, RequestOutput(r.id, [], tail, None, finished=True, finish_reason=reason, error=error))

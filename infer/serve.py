@@ -272,6 +272,9 @@ class Server:
              m["mask_seconds"]),
             ("structured_masked_tokens_total", "counter", "Tokens sampled under a structured-output mask.",
              m["masked_tokens"]),
+            ("structured_fallbacks_total", "counter",
+             "Structured-output steps where no canonical token was found and the grammar's mask was used as is "
+             "(that answer's token ids may not be the tokenizer's encoding of its text).", m["structured_fallbacks"]),
             ("tokens_per_second", "gauge", "Generated tokens per second over the last 10 s.", m["tokens_per_second"]),
             ("queue_depth", "gauge", "Requests waiting for admission.", m["waiting"]),
             ("running_requests", "gauge", "Requests admitted (prefilling or decoding).", m["running"]),
@@ -783,6 +786,10 @@ def main(argv=None) -> int:
     if multi and not engine.leader:
         engine.follow()
         return 0
+    if args.warmup:  # the structured-output tables too, so the first such request does not wait for them
+        from infer.structured import prepare
+
+        print(prepare(tokenizer), file=sys.stderr, flush=True)
     server = Server(engine, tokenizer, args.served_model_name or args.config or args.checkpoint, args.api_key,
                     image_dir=args.image_dir)
     engine.start()

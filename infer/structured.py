@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import numpy as np
 
@@ -144,6 +145,18 @@ def _edit(grammar: str, *, reasoning: bool, forced_tools: bool) -> str:
     if forced_tools and "content?" in out.split("fcalls:", 1)[-1].split("\n", 1)[0]:
         raise InputError("unexpected tool-call grammar from mistral-common (free text before forced calls)")
     return out
+
+
+def prepare(tokenizer: Tokenizer) -> str:
+    """Build now what the first structured-output request would otherwise wait for (mistral-common's grammar
+    factory and the canonical-tokenisation tables: seconds for the 131K vocabulary); a line saying what was done."""
+    t0 = time.perf_counter()
+    try:
+        _factory(tokenizer)
+    except InputError as e:
+        return f"structured output unavailable: {e}"
+    tokenizer.canon()
+    return f"structured output: grammar factory and canonical-token tables built ({time.perf_counter() - t0:.1f} s)"
 
 
 def json_schema_grammar(tokenizer: Tokenizer, schema: dict) -> str:

@@ -325,7 +325,7 @@ def test_metrics_are_prometheus_text(setup):
         assert resp.headers["Content-Type"].startswith("text/plain")
         text = resp.read().decode()
     for name in ("requests_total", "generation_tokens_total", "tokens_per_second", "queue_depth",
-                 "cache_usage_ratio", "cache_pages_total"):
+                 "cache_usage_ratio", "cache_pages_total", "structured_fallbacks_total"):
         assert f"# TYPE small4_{name} " in text
     assert _metric(real.url, "small4_requests_total") >= 1
     assert _metric(real.url, "small4_cache_pages_total") == real.server.engine.pool.capacity

@@ -192,6 +192,21 @@ def test_masks_are_built_while_the_device_runs_and_counted(setup):
     assert engine.stats["mask_seconds"] > before["mask_seconds"]
 
 
+def test_fallbacks_are_counted_when_an_answer_cannot_stay_canonical(setup):
+    """A character no token holds whole (a 4-byte emoji: byte tokens) forces llguidance's own mask for a step: the
+    engine's `structured_fallbacks` counter (exported on /metrics) counts it once the request finishes."""
+    tok, engine = setup
+    before = engine.stats["structured_fallbacks"]
+    schema = {"type": "object", "properties": {"k": {"const": "\U0001d11e"}}, "required": ["k"],
+              "additionalProperties": False}
+    grammar = structured.chat_grammar(tok, MESSAGES, response_format={
+        "type": "json_schema", "json_schema": {"name": "emoji", "schema": schema}})
+    [out] = _generate(engine, encode_chat(tok, MESSAGES).ids, [grammar], max_tokens=40)
+    assert json.loads(tok.decode([t for t in out.token_ids if t != tok.eos_id])) == {"k": "\U0001d11e"}
+    assert engine.stats["structured_fallbacks"] > before
+    assert engine.metrics()["structured_fallbacks"] == engine.stats["structured_fallbacks"]
+
+
 class _OracleDrafter:
     """Proposes each request's plain-decoding continuation; every other call puts the BOS token (never allowed by a
     JSON grammar) second, so constrained rows must cut their drafts there and roll their matchers back."""
