@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import functools
 import os
+import re
 import subprocess
 import sys
 import time
@@ -140,6 +141,83 @@ class Compiled:
         """Whether the program exchanges rows with the real `ragged_all_to_all` (not the dense CPU stand-in)."""
         return RAGGED_A2A_MARKER in self.text
 
+    def written_arrays(self, min_bytes: int = 1) -> list[WrittenArray]:
+        """The arrays the compiled program writes to device memory (`written_arrays` of its optimised HLO)."""
+        return written_arrays(self.compiled.as_text(), min_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class WrittenArray:
+    """One output of an instruction of a compiled program that lands in device memory."""
+
+    name: str  # the instruction
+    op: str  # its opcode: fusion, copy, custom-call, ...
+    shape: tuple[int, ...]
+    dtype: str
+    bytes: int
+    computation: str  # the computation it runs in
+    # Times one run of the program writes it: 1 in the entry computation; in a while loop's body (e.g. a layer scan),
+    # the loop's known trip count (times that of the computation holding the loop); None when XLA does not know it.
+    writes: int | None
+
+
+_ELEMENT_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "f8e4m3fn": 8, "f8e5m2": 8, "f8e4m3": 8, "bf16": 16,
+                 "f16": 16, "s16": 16, "u16": 16, "f32": 32, "s32": 32, "u32": 32, "f64": 64, "s64": 64, "u64": 64}
+# Instructions that name, alias or route buffers other instructions wrote: they write nothing themselves.
+_NO_WRITE = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant", "while", "conditional", "call",
+             "after-all", "opt-barrier"}
+
+
+def written_arrays(hlo_text: str, min_bytes: int = 1) -> list[WrittenArray]:
+    """The arrays of at least `min_bytes` that a compiled (optimised, scheduled) HLO module writes: every array
+    output of an instruction in a computation that runs as a sequence of kernels (the entry, while bodies and
+    conditions, branches), not inside a fusion (whose values stay in registers / shared memory) and not a buffer
+    alias (`_NO_WRITE`). A per-layer weight slice found here in a scan's while body is copied every iteration."""
+    computations: dict[str, list[str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%([\w.\-]+) \(.*\{$", line)
+        if head:
+            current = head.group(1)
+            computations[current] = []
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            computations[current].append(line)
+    inlined = set(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", hlo_text))
+    loops = {}  # while body -> (computation holding the while, known trip count or None)
+    for holder, lines in computations.items():
+        for line in lines:
+            loop = re.search(r" while\(.*body=%([\w.\-]+)", line)
+            if loop:
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                loops[loop.group(1)] = (holder, int(trips.group(1)) if trips else None)
+
+    def writes(computation, depth=0):
+        if computation not in loops:
+            return 1
+        holder, trips = loops[computation]
+        outer = writes(holder, depth + 1) if depth < 16 else None
+        return None if trips is None or outer is None else trips * outer
+
+    out = []
+    for computation, lines in computations.items():
+        if computation in inlined:
+            continue
+        for line in lines:
+            m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\(", line)
+            if not m or m.group(3) in _NO_WRITE:
+                continue
+            for dtype, dims in re.findall(r"([a-z]\w*)\[([\d,]*)\]", m.group(2)):
+                if dtype not in _ELEMENT_BITS:
+                    continue
+                shape = tuple(int(d) for d in dims.split(",") if d)
+                size = int(np.prod(shape, dtype=np.int64)) * _ELEMENT_BITS[dtype] // 8
+                if size >= min_bytes:
+                    out.append(WrittenArray(m.group(1), m.group(3), shape, dtype, size, computation,
+                                            writes(computation)))
+    return out
+
 
 def _default_device(mesh: Mesh):
     # jax >= 0.11 resolves some placements against the default device: make it one of the target devices.
@@ -153,23 +231,26 @@ _CUDA_LIBRARIES = "Error loading CUDA libraries"
 _NO_CUB_SORT = {"xla_gpu_enable_cub_radix_sort": False}
 
 
-def compile_for(fn: Callable, *args, mesh: Mesh, **jit_kwargs) -> Compiled:
+def compile_for(fn: Callable, *args, mesh: Mesh, compiler_options: dict | None = None, **jit_kwargs) -> Compiled:
     """Lower `jax.jit(fn, **jit_kwargs)` on abstract `args` placed on `mesh` and compile it for the mesh's GPUs.
 
+    `compiler_options`: XLA debug options for this program only (e.g. {"xla_gpu_enable_triton_gemm": False}), as
+    `jax.stages.Lowered.compile(compiler_options=...)` takes them; an option this XLA lacks is an error.
     When XLA needs the CUDA runtime for a CUB sort (module comment above `_NO_CUB_SORT`), the program is compiled
     with XLA's own sort instead and `Compiled.notes` says so (memory then lacks the CUB sort's small scratch).
     """
     t0 = time.perf_counter()
     notes = []
+    options = dict(compiler_options or {})
     with _default_device(mesh), jax.set_mesh(mesh):
         lowered = jax.jit(fn, **jit_kwargs).lower(*args)
         text = lowered.as_text()
         try:
-            compiled = lowered.compile()
+            compiled = lowered.compile(compiler_options=options or None)
         except Exception as e:  # noqa: BLE001 - jax's runtime error type moved between versions
             if _CUDA_LIBRARIES not in str(e):
                 raise
-            compiled = lowered.compile(compiler_options=_NO_CUB_SORT)
+            compiled = lowered.compile(compiler_options={**options, **_NO_CUB_SORT})
             notes.append("compiled with XLA's sort: the CUB radix sort needs the CUDA runtime to size its scratch")
     m = compiled.memory_analysis()
     memory = Memory(int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.alias_size_in_bytes),

@@ -37,8 +37,10 @@ class Program:
     mesh: Mesh
     jit_kwargs: dict = dataclasses.field(default_factory=dict)
 
-    def compile(self) -> aot.Compiled:
-        return aot.compile_for(self.fn, *self.args, mesh=self.mesh, **self.jit_kwargs)
+    def compile(self, compiler_options: dict | None = None) -> aot.Compiled:
+        """`compiler_options`: XLA debug options for this compile only (`aot.compile_for`)."""
+        return aot.compile_for(self.fn, *self.args, mesh=self.mesh, compiler_options=compiler_options,
+                               **self.jit_kwargs)
 
 
 def _replicated(tree, mesh: Mesh):
@@ -136,15 +138,15 @@ def model_forward(config, mesh: Mesh, tokens: int, *, batch: int = 1, dtype="bfl
 
 def serve_step(config, mesh: Mesh, *, absorbed: bool, rows: int, tokens: int, table_pages: int, num_pages: int,
                page_size: int = 16, dtype="bfloat16", cache_dtype=None, quantize: str | None = None,
-               cache_axes: tuple[str, ...] = ()) -> Program:
+               cache_axes: tuple[str, ...] = (), scan_layers: bool = True) -> Program:
     """The engine's model step (`paged.logits_step`, as `Engine._run` dispatches it; the sampler is a separate small
     program): decode ([rows, 1]) or one prefill chunk ([rows, tokens]), absorbed MLA over the pages as the engine
     runs both (absorbed=False: the expanded reference), over a page table `table_pages` wide; the paged cache
     [layers, num_pages, page_size, width] replicated over the mesh (or its pages sharded over `cache_axes`, the
-    rows with them, as the engine's data-parallel attention) and donated."""
+    rows with them, as the engine's data-parallel attention) and donated. `scan_layers=False` unrolls the layers."""
     from small4_jax.paged import PagedCache, logits_step
 
-    graphdef, state = abstract_placed_model(config, mesh, dtype, quantize)
+    graphdef, state = abstract_placed_model(config, mesh, dtype, quantize, scan_layers)
     cache_dtype = cache_dtype or dtype
     pages = jax.eval_shape(lambda: PagedCache.create(config, num_pages, page_size, cache_dtype).pages)
 
