@@ -112,13 +112,14 @@ def gmm_quant(mesh: Mesh, rows: int, fmt: str, *, groups: int = 128, k: int = 40
 # ----------------------------------------------------------------------------------------------------------------------
 # The model.
 def abstract_placed_model(config, mesh: Mesh, dtype="bfloat16", quantize: str | None = None,
-                          scan_layers: bool = True):
+                          scan_layers: bool = True, activations: str | None = None):
     """(graphdef, state) of the model with every weight abstract and placed on `mesh` (`sharding.spec_for`), its
-    linears and experts in `quantize`'s format (small4_jax.quant) when given; `scan_layers=False` unrolls the
+    linears and experts in `quantize`'s format (small4_jax.quant) when given (with activations="fp8": W8A8, the
+    static activation scales as parameters too); `scan_layers=False` unrolls the
     layer loop (model.run_layers; compile-time comparison)."""
     from small4_jax.model import abstract_model
 
-    model = abstract_model(config, dtype=dtype, quantize=quantize)
+    model = abstract_model(config, dtype=dtype, quantize=quantize, activations=activations)
     model.scan_layers = scan_layers
     graphdef, state = nnx.split(model)
     return graphdef, aot.placed(state, mesh)
@@ -138,7 +139,8 @@ def model_forward(config, mesh: Mesh, tokens: int, *, batch: int = 1, dtype="bfl
 
 def serve_step(config, mesh: Mesh, *, absorbed: bool, rows: int, tokens: int, table_pages: int, num_pages: int,
                page_size: int = 16, dtype="bfloat16", cache_dtype=None, quantize: str | None = None,
-               cache_axes: tuple[str, ...] = (), scan_layers: bool = True) -> Program:
+               cache_axes: tuple[str, ...] = (), scan_layers: bool = True,
+               activations: str | None = None) -> Program:
     """The engine's model step (`paged.logits_step`, as `Engine._run` dispatches it; the sampler is a separate small
     program): decode ([rows, 1]) or one prefill chunk ([rows, tokens]), absorbed MLA over the pages as the engine
     runs both (absorbed=False: the expanded reference), over a page table `table_pages` wide; the paged cache
@@ -146,7 +148,7 @@ def serve_step(config, mesh: Mesh, *, absorbed: bool, rows: int, tokens: int, ta
     rows with them, as the engine's data-parallel attention) and donated. `scan_layers=False` unrolls the layers."""
     from small4_jax.paged import PagedCache, logits_step
 
-    graphdef, state = abstract_placed_model(config, mesh, dtype, quantize, scan_layers)
+    graphdef, state = abstract_placed_model(config, mesh, dtype, quantize, scan_layers, activations)
     cache_dtype = cache_dtype or dtype
     pages = jax.eval_shape(lambda: PagedCache.create(config, num_pages, page_size, cache_dtype).pages)
 

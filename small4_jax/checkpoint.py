@@ -174,20 +174,23 @@ def load_weights(
     mesh: Mesh | None = None,
     where: str = "checkpoint",
     quantize: str | None = None,
+    activations: str | None = None,
 ) -> Small4ForCausalLM:
     """Fill an abstract model from `source`, checking every name and shape first.
 
     With `quantize` ("fp8", "int8", "int4") the linears and experts are loaded quantised (`quant.py`): FP8 tensors
     stored with scales are kept as they are (bytes and scale grid, transposed to our layout) when the format is
     "fp8"; anything else is read as float32 on the host and quantised there, one tensor (experts: a block of
-    experts) at a time, so no float copy of a quantised weight ever reaches a device."""
+    experts) at a time, so no float copy of a quantised weight ever reaches a device. activations="fp8" (W8A8)
+    also keeps each FP8 weight's static activation scale (`source.get_act_scale`), required for every one."""
     fmt = quant.check_format(quantize)
+    act = quant.check_activations(activations, fmt)
     graphdef, state = nnx.split(abstract_model(config, dtype=dtype))
     plan = checkpoint_plan(state)
     verify_source(config, plan, source, where)
     quantised = {}
     if fmt is not None:
-        graphdef, qstate = nnx.split(abstract_model(config, dtype=dtype, quantize=fmt))
+        graphdef, qstate = nnx.split(abstract_model(config, dtype=dtype, quantize=fmt, activations=act))
         quantised = dict(nnx.to_flat_state(qstate))
 
     np_dtype = _numpy_dtype(dtype)
@@ -213,7 +216,14 @@ def load_weights(
                 arrs = tuple(jax.device_put(np.ascontiguousarray(h), sharding_for(p, h.shape, mesh))
                              for p, h in ((path, q.values), (scale_path, q.scale)))
                 del q
-            for p, arr in zip((path, scale_path), arrs):
+            paths = (path, scale_path)
+            act_path = path[:-1] + (f"{path[-1]}_act_scale",)
+            if act_path in quantised:  # W8A8: the static activation scale(s) [(E,) 1, 1], per layer of a stack
+                acts = (_read_act_scale(source, name, where) for name in names)
+                arrs += (put_stacked(act_path, acts, len(names), mesh) if is_stacked(path) else
+                         jax.device_put(next(acts), sharding_for(act_path, (1, 1), mesh)),)
+                paths += (act_path,)
+            for p, arr in zip(paths, arrs):
                 flat.append((p, quantised[p].replace(arr)))
             continue
         if is_stacked(path):
@@ -259,6 +269,22 @@ def _read_quantized(source: TensorSource, name: str, fmt: str, transform: Transf
     return quant.QArray(np.concatenate([p.values for p in parts]), np.concatenate([p.scale for p in parts]))
 
 
+def _read_act_scale(source: TensorSource, name: str, where: str) -> np.ndarray:
+    """The static activation scale of FP8 weight `name` as a parameter: [1, 1], or [E, 1, 1] for stacked experts.
+    W8A8 needs the checkpoint's own: a weight without one (or one not stored in FP8) is a CheckpointError."""
+    stored_fp8 = getattr(source, "stored_dtype", lambda n: "")(name).startswith("F8")
+    s = source.get_act_scale(name) if stored_fp8 and hasattr(source, "get_act_scale") else None
+    if s is None:
+        why = ("has no static activation scale (HF `activation_scale`, native `qscale_act`)" if stored_fp8 else
+               "is not stored in FP8, so it has no static activation scale (weights quantised on load carry none)")
+        raise CheckpointError(f"{where}: activations='fp8' (W8A8) needs the checkpoint's activation scales, and "
+                              f"{name} {why}")
+    if not np.all(np.isfinite(s) & (s > 0)):
+        raise CheckpointError(f"{where}: the activation scale of {name} must be positive and finite; got "
+                              f"{np.asarray(s).reshape(-1)[:4].tolist()}")
+    return np.asarray(s, np.float32).reshape(s.shape + (1, 1) if s.ndim else (1, 1))
+
+
 def default_quantize(source) -> str | None:
     """"fp8" when the checkpoint stores its projection weights in FP8 (they then stay FP8), else None."""
     if not hasattr(source, "stored_dtype"):
@@ -293,6 +319,7 @@ def from_pretrained(
     config: Small4Config | None = None,
     quantize: str | None = None,
     calibration=None,
+    activations: str | None = None,
 ) -> Small4ForCausalLM:
     """Load an HF (`config.json` + safetensors) or Mistral-native (`params.json` + consolidated) directory, or a
     sharded Orbax checkpoint written by `python -m small4_jax.convert`.
@@ -307,8 +334,15 @@ def from_pretrained(
     default, keeps an FP8 checkpoint in FP8 and loads anything else unquantised. Embeddings, lm_head, norms and
     the router are never quantised. `calibration` (with "int4": a JSONL file or token-id lists) quantises by GPTQ
     against the inputs each weight sees on that text (`small4_jax.calibration`).
+
+    activations: None (weight-only: activations stay in `dtype`) or "fp8", W8A8 on an FP8 checkpoint: each
+    linear's and expert's input is quantised to e4m3 with the checkpoint's static activation scale (HF
+    `activation_scale`, native `qscale_act`, kept beside the weights) and multiplied fp8 x fp8 (quant.py,
+    kernels/gmm W8A8). Inference only (its experts have no gradient). Models quantised on load have no activation
+    scales: W8A8 is then refused, naming the first weight without one.
     """
     if calibration is not None:
+        quant.check_activations(activations, quantize)  # GPTQ is int4: no W8A8
         from small4_jax.calibration import load_calibrated
 
         return load_calibrated(path, calibration, dtype=dtype, mesh=mesh, config=config, quantize=quantize)
@@ -319,17 +353,25 @@ def from_pretrained(
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
     if sharded_ckpt.is_sharded_checkpoint(path):  # written by `python -m small4_jax.convert`
+        if quant.check_activations(activations, quantize or "fp8"):
+            raise CheckpointError(f"{path}: activations='fp8' (W8A8) loads from the HF or Mistral-native FP8 "
+                                  "checkpoint (its activation scales); a converted sharded checkpoint has none")
         return sharded_ckpt.load_model(path, dtype=dtype, mesh=mesh, config=config, quantize=quantize)
     config = config or load_config(path)
     quant.check_format(quantize)
     reader = CheckpointReader(path, vision=config.vision is not None)
     if quantize is None:
         quantize = default_quantize(reader)
+    if quant.check_activations(activations, quantize or "fp8") and quantize is None:
+        raise CheckpointError(f"{path}: activations='fp8' (W8A8) needs an FP8 checkpoint (its weights and static "
+                              "activation scales); this one is not stored in FP8")
+    quant.check_activations(activations, quantize)
     if dtype == "auto":
         stored = reader.stored_dtype("embed_tokens.weight") if "embed_tokens.weight" in reader else "BF16"
         dtype = "float32" if stored in ("F32", "F64") else "bfloat16"
     try:
-        return load_weights(config, reader, dtype=dtype, mesh=mesh, where=str(path), quantize=quantize)
+        return load_weights(config, reader, dtype=dtype, mesh=mesh, where=str(path), quantize=quantize,
+                            activations=activations)
     finally:
         reader.close()
 

@@ -59,7 +59,7 @@ from small4_jax.errors import ConfigError
 from small4_jax.model import MLA, MLP, Experts, MoE, PerLayer, Router, Shared, Small4ForCausalLM, layer_groups, \
     layer_slice
 from small4_jax.moe import ExpertLoRA
-from small4_jax.quant import QArray, dequantize, logical_shape, qdot
+from small4_jax.quant import QArray, act_scale_of, dequantize, logical_shape, qdot
 from small4_jax.sharding import spec_for
 
 TRAINABLE = nnx.LoRAParam  # the filter of everything training updates
@@ -139,7 +139,7 @@ def base_output(layer, x: jax.Array) -> jax.Array:
     `kernel_scale` is set: `quant.qdot` dequantises in the product), optional `bias`. Shared by the single- and the
     multi-adapter linears (multi_lora.py)."""
     if layer.kernel_scale is not None:
-        y = qdot(x, QArray(layer.kernel[...], layer.kernel_scale[...]), layer.dtype)
+        y = qdot(x, QArray(layer.kernel[...], layer.kernel_scale[...], act_scale_of(layer)), layer.dtype)
     else:
         dims = (((x.ndim - 1,), (0,)), ((), ()))
         y = jax.lax.dot_general(x, layer.kernel[...].astype(layer.dtype), dims, precision=layer.precision)
@@ -167,6 +167,7 @@ class LoRALinear(nnx.Module):
         self.dtype = base.dtype or base.kernel[...].dtype
         self.precision = base.precision
         self.kernel = base.kernel
+        self.kernel_act_scale = getattr(base, "kernel_act_scale", None)  # W8A8 (quant.py)
         self.kernel_scale = getattr(base, "kernel_scale", None)  # a quantised base (QLoRA)
         self.bias = base.bias
         self.rank, self.scale = rank, alpha / rank

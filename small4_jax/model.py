@@ -142,16 +142,21 @@ class Experts(nnx.Module):
         self.down = nnx.Param(init(rngs.params(), (e, f, h), _dtype(dtype)))
         # set by quantize(): gate_up / down then hold quant.QArray values, these their scale grids
         self.gate_up_scale, self.down_scale = nnx.data(None), nnx.data(None)
+        # W8A8 only (quantize(..., activations="fp8")): the experts' static activation scales [E, 1, 1]
+        self.gate_up_act_scale, self.down_act_scale = nnx.data(None), nnx.data(None)
         self.lora = None
 
-    def quantize(self, fmt: str) -> None:
-        """Quantise the stacked weights in place (quant.py formats; fp8 gets one scale per expert)."""
+    def quantize(self, fmt: str, activations: str | None = None) -> None:
+        """Quantise the stacked weights in place (quant.py formats; fp8 gets one scale per expert); with
+        activations="fp8" also placeholder activation scales (1) for a loader to fill (`quant.quantize_model`)."""
         from small4_jax import quant
 
         for name in ("gate_up", "down"):
             q = quant.quantize(getattr(self, name)[...], fmt)
             setattr(self, name, nnx.Param(q.values))
             setattr(self, name + "_scale", nnx.Param(q.scale))
+            if quant.check_activations(activations, fmt):
+                setattr(self, name + "_act_scale", nnx.Param(jnp.ones(q.scale.shape[:-2] + (1, 1), jnp.float32)))
 
     def weights(self):
         """(gate_up, down): float arrays, or `quant.QArray`s (values + scales) for a quantised model; each wrapped
@@ -160,12 +165,14 @@ class Experts(nnx.Module):
             return self.gate_up[...], self.down[...]
         from small4_jax.quant import QArray
 
-        def quantised(values, scale):
+        def quantised(name):
+            values, scale, act = (getattr(self, name + s) for s in ("", "_scale", "_act_scale"))
+            values, scale, act = values[...], scale[...], None if act is None else act[...]
             if isinstance(values, AtLayer):
-                return AtLayer(QArray(values.stack, scale.stack), values.index)
-            return QArray(values, scale)
+                return AtLayer(QArray(values.stack, scale.stack, None if act is None else act.stack), values.index)
+            return QArray(values, scale, act)
 
-        return quantised(self.gate_up[...], self.gate_up_scale[...]), quantised(self.down[...], self.down_scale[...])
+        return quantised("gate_up"), quantised("down")
 
 
 class MoE(nnx.Module):
@@ -450,7 +457,8 @@ class LayerViews:
 
 def _frozen_expert_weight(path, value) -> bool:
     """The routed experts' base weights and scales (not their LoRA adapters): what `run_layers` passes whole."""
-    return (len(path) >= 2 and path[-2] == "experts" and path[-1] in ("gate_up", "down", "gate_up_scale", "down_scale")
+    return (len(path) >= 2 and path[-2] == "experts"
+            and path[-1] in ("gate_up", "down", "gate_up_scale", "down_scale", "gate_up_act_scale", "down_act_scale")
             and not isinstance(value, nnx.LoRAParam))
 
 
@@ -646,11 +654,14 @@ def init_model(config: Small4Config, *, seed: int = 0, dtype="float32", quantize
     return quantize_model(Small4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed)), quantize)
 
 
-def abstract_model(config: Small4Config, *, dtype="float32", quantize: str | None = None):
-    """The model with shape-only parameters (no memory, no FLOPs): what a checkpoint is loaded into."""
+def abstract_model(config: Small4Config, *, dtype="float32", quantize: str | None = None,
+                   activations: str | None = None):
+    """The model with shape-only parameters (no memory, no FLOPs): what a checkpoint is loaded into (with
+    activations="fp8", W8A8: its static activation scales as parameters too, `quant.quantize_model`)."""
     from small4_jax.quant import quantize_model
 
-    return nnx.eval_shape(lambda: quantize_model(Small4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)), quantize))
+    return nnx.eval_shape(lambda: quantize_model(Small4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)), quantize,
+                                                 activations=activations))
 
 
 def param_count(config: Small4Config) -> int:

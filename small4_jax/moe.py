@@ -64,7 +64,7 @@ import jax.numpy as jnp
 
 from small4_jax import kernels, platform
 from small4_jax.kernels.gmm import pallas_triton
-from small4_jax.quant import QArray, dequantize
+from small4_jax.quant import QArray, column_scale, dequantize, quantize_act, w8a8_dot
 from small4_jax.sharding import MoELayout, mesh_of, moe_layout, scale_spec
 
 IMPLS = ("pallas", "ragged_dot", "dense")
@@ -413,18 +413,29 @@ def tile_rows(pairs: int, num_experts: int) -> int:
 
 
 def _expert_weight(w, e, dtype):
-    """Expert `e`'s weight [K, N] in `dtype` (a quantised one dequantised from its values and scale grid); of an
-    AtLayer, expert e of the stack at its layer (one expert's slice: no copy of the layer's weights)."""
+    """Expert `e`'s weight [K, N] in `dtype` (a quantised one dequantised from its values and scale grid; a W8A8
+    one kept as its QArray for `_expert_dot`); of an AtLayer, expert e of the stack at its layer (one expert's
+    slice: no copy of the layer's weights)."""
     if isinstance(w, AtLayer):
         q, i = w.stack, w.index
         if isinstance(q, QArray):
-            scale = q.scale[i, e] if q.scale.ndim == q.values.ndim else q.scale[i]
-            return dequantize(QArray(q.values[i, e], scale), dtype)
+            return _expert_weight(QArray(*(None if a is None else a[i] for a in q)), e, dtype)
         return q[i, e].astype(dtype)
     if isinstance(w, QArray):
         scale = w.scale[e] if w.scale.ndim == w.values.ndim else w.scale
+        if w.act_scale is not None:
+            return QArray(w.values[e], scale, w.act_scale[e])
         return dequantize(QArray(w.values[e], scale), dtype)
     return w[e].astype(dtype)
+
+
+def _expert_dot(lhs, w, e, dtype):
+    """lhs @ expert e's weight in float32: the W8A8 product (`quant.w8a8_dot`) for fp8 weights with activation
+    scales, else a dot with the (dequantised) weight."""
+    w = _expert_weight(w, e, dtype)
+    if isinstance(w, QArray):
+        return w8a8_dot(lhs, w, jnp.float32)
+    return jnp.dot(lhs, w, preferred_element_type=jnp.float32)
 
 
 def _tiled_experts(x, expert_ids, expert_weights, gate_up, down, act, tile: int | None = None):
@@ -456,10 +467,10 @@ def _tiled_experts(x, expert_ids, expert_weights, gate_up, down, act, tile: int 
         lhs, e, used = args
 
         def mlp(lhs):
-            h = jnp.dot(lhs, _expert_weight(gate_up, e, x.dtype), preferred_element_type=jnp.float32)
+            h = _expert_dot(lhs, gate_up, e, x.dtype)
             f = h.shape[-1] // 2
             a = (act(h[:, :f]) * h[:, f:]).astype(x.dtype)
-            return jnp.dot(a, _expert_weight(down, e, x.dtype), preferred_element_type=jnp.float32)
+            return _expert_dot(a, down, e, x.dtype)
 
         return jax.lax.cond(used, mlp, lambda lhs: jnp.zeros((tile, width), jnp.float32), lhs)
 
@@ -478,7 +489,10 @@ def _tiled_experts(x, expert_ids, expert_weights, gate_up, down, act, tile: int 
 def _dense_experts(x, expert_ids, expert_weights, gate_up, down, act, lora=None):
     """Every expert on every token, combined by one-hot routing weights: O(E) work, for reference."""
     num_experts = gate_up.shape[0]
-    if isinstance(gate_up, QArray):  # dequantise-then-compute: the definition the quantised kernels meet
+    w8a8 = isinstance(gate_up, QArray) and gate_up.act_scale is not None
+    if w8a8 and lora is not None:
+        raise ValueError("moe impl 'dense' (a reference) takes no LoRA adapters over W8A8 experts")
+    if isinstance(gate_up, QArray) and not w8a8:  # dequantise-then-compute: the definition the kernels meet
         gate_up, down = dequantize(gate_up, jnp.float32), dequantize(down, jnp.float32)
     per_token = lora is not None and jnp.ndim(lora.scale) == 2  # multi-LoRA: each token's own adapter, unmerged
     if lora is not None and not per_token:  # merged weights: fine for a reference
@@ -487,18 +501,27 @@ def _dense_experts(x, expert_ids, expert_weights, gate_up, down, act, lora=None)
     combine = jnp.einsum(
         "nke,nk->ne", jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32), expert_weights.astype(jnp.float32)
     )
-    h = jnp.einsum("nh,ehf->enf", x, gate_up.astype(x.dtype))
+    h = _dense_w8a8(x, gate_up) if w8a8 else jnp.einsum("nh,ehf->enf", x, gate_up.astype(x.dtype))
     if per_token:
         m = lora.scale.astype(x.dtype)[None]  # [1, N, S*R]
         low = jnp.einsum("nh,ehj->enj", x, lora.gate_up_a.astype(x.dtype)) * m
         h = h + jnp.einsum("enj,ejf->enf", low, lora.gate_up_b.astype(x.dtype))
     f = h.shape[-1] // 2
     a = act(h[..., :f]) * h[..., f:]
-    y = jnp.einsum("enf,efh->enh", a, down.astype(x.dtype))
+    y = _dense_w8a8(a.astype(x.dtype), down) if w8a8 else jnp.einsum("enf,efh->enh", a, down.astype(x.dtype))
     if per_token:
         low = jnp.einsum("enf,efj->enj", a, lora.down_a.astype(x.dtype)) * m
         y = y + jnp.einsum("enj,ejh->enh", low, lora.down_b.astype(x.dtype))
     return jnp.einsum("enh,ne->nh", y.astype(jnp.float32), combine).astype(x.dtype)
+
+
+def _dense_w8a8(x, q: QArray):
+    """Every expert's W8A8 product on every row: x [N, K] (or [E, N, K], one input per expert) quantised with each
+    expert's activation scale, times its fp8 values, scaled -> [E, N, N'] float32 (the reference's definition)."""
+    s_x = q.act_scale.astype(jnp.float32)  # [E, 1, 1]
+    xq = quantize_act(x, s_x).astype(jnp.float32)  # [E, N, K]
+    y = jnp.einsum("enk,ekf->enf", xq, q.values.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return y * s_x * column_scale(q).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -532,7 +555,10 @@ def _weight_spec(spec, w):
     matching scale spec (quantised weights and their scales are sharded together, `sharding.scale_spec`)."""
     if isinstance(w, AtLayer):  # the stack: no layer axis sharding; the index replicated
         return AtLayer(_weight_spec(jax.sharding.PartitionSpec(None, *spec), w.stack), jax.sharding.PartitionSpec())
-    return QArray(spec, scale_spec(spec, w.scale.shape)) if isinstance(w, QArray) else spec
+    if not isinstance(w, QArray):
+        return spec
+    act = None if w.act_scale is None else scale_spec(spec, w.act_scale.shape)  # W8A8: per expert, with its expert
+    return QArray(spec, scale_spec(spec, w.scale.shape), act)
 
 
 PER_TOKEN = "per_token"  # the static LoRA scale of the expert-parallel bodies when each token has its own mask

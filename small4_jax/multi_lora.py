@@ -72,6 +72,7 @@ class MultiLoRALinear(nnx.Module):
         self.dtype = base.dtype or base.kernel[...].dtype
         self.precision = base.precision
         self.kernel = base.kernel
+        self.kernel_act_scale = getattr(base, "kernel_act_scale", None)  # W8A8 (quant.py)
         self.kernel_scale = getattr(base, "kernel_scale", None)  # a quantised base stays quantised
         self.bias = base.bias
         self.rank = rank

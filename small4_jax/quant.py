@@ -408,21 +408,28 @@ class QLinear(nnx.Module):
     `kernel_scale` beside it, both plain (frozen) parameters. Same attribute names as `nnx.Linear`, so the checkpoint
     map, the sharding rules and LoRA see the same paths."""
 
-    def __init__(self, in_features: int, out_features: int, fmt: str, *, dtype, use_bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, fmt: str, *, dtype, use_bias: bool = False,
+                 activations: str | None = None):
         vshape, sshape, vdtype = stored_shapes((in_features, out_features), fmt)
         self.in_features, self.out_features = in_features, out_features
         self.dtype = jnp.dtype(dtype)
         self.precision = None
         self.kernel = nnx.Param(jnp.zeros(vshape, vdtype))
         self.kernel_scale = nnx.Param(jnp.ones(sshape, scale_dtype(fmt)))
+        # W8A8 (activations="fp8"): the checkpoint's static input scale [1, 1], filled by the loader
+        act = check_activations(activations, fmt)
+        self.kernel_act_scale = nnx.Param(jnp.ones((1, 1), jnp.float32)) if act else None
         self.bias = nnx.Param(jnp.zeros((out_features,), self.dtype)) if use_bias else None
 
     @classmethod
-    def from_linear(cls, linear: nnx.Linear, fmt: str, q: QArray | None = None) -> QLinear:
-        """`linear` quantised to `fmt` (or holding the given quantised kernel `q`, e.g. from `gptq_int4`)."""
+    def from_linear(cls, linear: nnx.Linear, fmt: str, q: QArray | None = None,
+                    activations: str | None = None) -> QLinear:
+        """`linear` quantised to `fmt` (or holding the given quantised kernel `q`, e.g. from `gptq_int4`); with
+        activations="fp8" a placeholder activation scale (1) for a loader to fill."""
         q = quantize(linear.kernel[...], fmt) if q is None else q
         dtype = linear.dtype or linear.kernel[...].dtype
-        out = cls(linear.in_features, linear.out_features, fmt, dtype=dtype, use_bias=linear.bias is not None)
+        out = cls(linear.in_features, linear.out_features, fmt, dtype=dtype, use_bias=linear.bias is not None,
+                  activations=activations)
         out.kernel = nnx.Param(q.values)
         out.kernel_scale = nnx.Param(q.scale)
         if linear.bias is not None:
@@ -430,7 +437,7 @@ class QLinear(nnx.Module):
         return out
 
     def qarray(self) -> QArray:
-        return QArray(self.kernel[...], self.kernel_scale[...])
+        return QArray(self.kernel[...], self.kernel_scale[...], act_scale_of(self))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = qdot(x, self.qarray(), self.dtype)
@@ -443,13 +450,23 @@ class QLinear(nnx.Module):
         return dequantize(self.qarray(), self.dtype)
 
 
-def quantize_model(model, fmt: str | None, hessians: dict | None = None):
+def act_scale_of(layer):
+    """A (Q)Linear's static activation scale array (W8A8), or None (weight-only, or a float layer)."""
+    a = getattr(layer, "kernel_act_scale", None)
+    return None if a is None else a[...]
+
+
+def quantize_model(model, fmt: str | None, hessians: dict | None = None, activations: str | None = None):
     """Replace, in place, every quantisable linear by a `QLinear` and quantise the routed experts; returns model.
 
     Used on freshly initialised (random) models and inside `nnx.eval_shape` for the abstract model a checkpoint is
     loaded into; checkpoints themselves are quantised tensor by tensor on the host (checkpoint.py). With `hessians`
-    ({weight path: H}, `calibration.hessians`; int4 only) every weight is quantised by `gptq_int4` against its H."""
+    ({weight path: H}, `calibration.hessians`; int4 only) every weight is quantised by `gptq_int4` against its H.
+    activations="fp8" (W8A8, fp8 only) adds the static activation scales as parameters (`kernel_act_scale`,
+    experts' `gate_up_act_scale` / `down_act_scale`), set to 1: only a loader that fills them from an FP8
+    checkpoint's `activation_scale` / `qscale_act` (checkpoint.py) makes a usable model."""
     fmt = check_format(fmt)
+    activations = check_activations(activations, fmt)
     if fmt is None:
         return model
     if hessians is not None and fmt != "int4":
@@ -465,14 +482,15 @@ def quantize_model(model, fmt: str | None, hessians: dict | None = None):
         if key not in hessians:
             raise ConfigError(f"calibration: no Hessian for {'.'.join(map(str, key))} (no calibration input reached "
                               "it)")
-        return QArray(*(jnp.asarray(a) for a in gptq_int4(np.asarray(w, np.float32), hessians[key])))
+        q = gptq_int4(np.asarray(w, np.float32), hessians[key])
+        return QArray(jnp.asarray(q.values), jnp.asarray(q.scale))
 
     for path, module in list(nnx.iter_graph(model)):
         if path and str(path[0]) in ("vision_tower", "multi_modal_projector"):
             continue  # the vision encoder and projector stay in the model dtype
         if isinstance(module, Experts):
             if hessians is None:
-                module.quantize(fmt)
+                module.quantize(fmt, activations)
                 continue
             for name in ("gate_up", "down"):  # as Experts.quantize, with the calibrated values
                 q = calibrated(tuple(path) + (name,), getattr(module, name)[...])
@@ -485,7 +503,7 @@ def quantize_model(model, fmt: str | None, hessians: dict | None = None):
             child = getattr(module, name, None)
             if type(child) is nnx.Linear:
                 q = None if hessians is None else calibrated(tuple(path) + (name, "kernel"), child.kernel[...])
-                setattr(module, name, QLinear.from_linear(child, fmt, q))
+                setattr(module, name, QLinear.from_linear(child, fmt, q, activations))
     return model
 
 

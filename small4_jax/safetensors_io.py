@@ -13,8 +13,9 @@
 Every tensor is reported under its canonical name: the HF `Mistral4ForCausalLM` text name without the leading `model.`
 (`embed_tokens.weight`, `layers.3.self_attn.q_a_proj.weight`, `layers.3.mlp.experts.gate_up_proj`, ...), in HF's torch
 [out, in] orientation. FP8 tensors are dequantised on read: `W = W_fp8.astype(float32) * scale`, with the scale taken
-from `<name>_scale_inv` (HF) or `<name>.qscale_weight` (native). Activation scales are ignored. Vision-tower and
-projector tensors are skipped and listed in `CheckpointReader.skipped`, unless the reader is opened with
+from `<name>_scale_inv` (HF) or `<name>.qscale_weight` (native). Static activation scales (HF `activation_scale`,
+native `qscale_act`) are not listed by `names()`: `get_act_scale` reads them for W8A8 (small4_jax.quant). Vision-tower
+and projector tensors are skipped and listed in `CheckpointReader.skipped`, unless the reader is opened with
 `vision=True`: then they are read too, under the HF `Mistral3` names without the leading `model.`
 (`vision_tower.transformer.layers.0.attention.q_proj.weight`, `multi_modal_projector.linear_1.weight`, ...); native
 `vision_encoder.*`, `pre_mm_projector_norm`, `patch_merger` and `vision_language_adapter.w_in/w_out` are renamed to
@@ -82,7 +83,7 @@ _HF_TEXT_PREFIXES = (
     ("language_model.model.", ""),
     ("model.", ""),
 )
-_HF_IGNORED_SUFFIXES = (".activation_scale", "_activation_scale")
+_HF_ACT_SUFFIXES = (".activation_scale", "_activation_scale")  # X.weight's / mlp.experts.X's static input scale
 # `X.weight_scale_inv` scales `X.weight`; `mlp.experts.down_proj_scale_inv` scales `mlp.experts.down_proj`.
 _HF_SCALE_SUFFIX = "_scale_inv"
 
@@ -437,6 +438,7 @@ class CheckpointReader:
         self.vision = vision
         self.format, files, index_path, weight_map = _discover(self.directory, fmt)
         self.skipped: list[str] = []
+        self._act: dict[str, list[list[StoredTensor]]] = {}  # weight name -> activation scale(s), per expert part
         self._pool = _FilePool()
         stored = self._read_headers(files, index_path, weight_map)
         if self.format == "hf":
@@ -520,6 +522,31 @@ class CheckpointReader:
             return None  # parts of unequal height do not form a grid
         return out, grid
 
+    def get_act_scale(self, name: str) -> np.ndarray | None:
+        """The static activation scale of weight `name` (what W8A8 divides its input by), float32: shape () for a
+        dense weight, [E] for stacked experts (an HF [E] tensor, or a scalar for all experts; native: per expert,
+        the max of w1's and w3's for the fused gate_up, whose halves share their input). None when the checkpoint
+        has none."""
+        parts = self._act.get(name)
+        if parts is None:
+            return None
+        vals = [[self._pool.read(t, 0, t.end - t.begin).view(t.np_dtype).astype(np.float32) for t in p] for p in parts]
+        if len(vals) > 1:  # native experts: one scalar (per part) per expert
+            return np.asarray([max(float(v.reshape(-1)[0]) for v in p) for p in vals], np.float32)
+        v = vals[0][0]
+        shape = self._entry(name).shape
+        if len(shape) == 3:  # stacked experts
+            if v.size == 1:
+                return np.full((shape[0],), v.reshape(-1)[0], np.float32)
+            if v.size != shape[0]:
+                raise CheckpointError(f"{parts[0][0].path}: activation scale {parts[0][0].key!r} has shape "
+                                      f"{list(parts[0][0].shape)}; expected [{shape[0]}] (one per expert) or one")
+            return v.reshape(shape[0])
+        if v.size != 1:
+            raise CheckpointError(f"{parts[0][0].path}: activation scale {parts[0][0].key!r} has shape "
+                                  f"{list(parts[0][0].shape)}; expected one value (static per-tensor)")
+        return v.reshape(())
+
     def close(self) -> None:
         self._pool.close()
 
@@ -568,7 +595,10 @@ class CheckpointReader:
             if name is None:
                 raise CheckpointError(f"{t.path}: unrecognised tensor {key!r} in an HF checkpoint (expected a "
                                       "model., model.language_model., language_model.model. or lm_head. prefix)")
-            if name.endswith(_HF_IGNORED_SUFFIXES):
+            if name.endswith(_HF_ACT_SUFFIXES):
+                dot = name.endswith(_HF_ACT_SUFFIXES[0])
+                target = name[: -len(_HF_ACT_SUFFIXES[0])] + ".weight" if dot else name[: -len(_HF_ACT_SUFFIXES[1])]
+                self._act[target] = [[t]]
                 continue
             is_scale = name.endswith(_HF_SCALE_SUFFIX)
             target, bucket = (name[: -len(_HF_SCALE_SUFFIX)], scales) if is_scale else (name, tensors)
@@ -580,11 +610,12 @@ class CheckpointReader:
     def _build_native(self, stored: dict[str, StoredTensor]) -> dict[str, _Entry]:
         tensors: dict[str, StoredTensor] = {}  # native key -> tensor (experts included)
         scales: dict[str, StoredTensor] = {}  # native weight key -> its qscale_weight
+        acts: dict[str, StoredTensor] = {}  # native weight key -> its qscale_act
         for key, t in stored.items():
             if key.startswith(_NATIVE_VISION_PREFIXES) and not self.vision:
                 self.skipped.append(key)
             elif key.endswith(".qscale_act"):
-                continue
+                acts[key[: -len(".qscale_act")] + ".weight"] = t
             elif key.endswith(".qscale_weight"):
                 scales[key[: -len(".qscale_weight")] + ".weight"] = t
             else:
@@ -607,6 +638,19 @@ class CheckpointReader:
         self._check_orphan_scales(scales)
         for layer, per_expert in experts.items():
             entries.update(_fuse_native_experts(layer, per_expert))
+        expert_acts: dict[str, dict[int, dict[str, StoredTensor]]] = {}
+        for key, t in acts.items():
+            m = _NATIVE_EXPERT_RE.match(key)
+            if m:
+                base = f"layers.{m[1]}.mlp.experts."
+                for fused in (("gate_up_proj",) if m[3] in ("w1", "w3") else ("down_proj",)):
+                    expert_acts.setdefault(base + fused, {}).setdefault(int(m[2]), {})[m[3]] = t
+            elif (name := _native_name(key)) is not None:
+                self._act[name] = [[t]]
+        for name, per_expert in expert_acts.items():  # the fused gate_up's scale: max of w1's and w3's (one input)
+            order = ("w1", "w3") if name.endswith("gate_up_proj") else ("w2",)
+            if all(all(w in per_expert.get(e, {}) for w in order) for e in range(len(per_expert))):
+                self._act[name] = [[per_expert[e][w] for w in order] for e in range(len(per_expert))]
         return entries
 
     def _pair_scales(self, tensors: dict[str, StoredTensor], scales: dict[str, StoredTensor]) -> dict[str, _Entry]:

@@ -42,8 +42,8 @@ def param_axes(path: Sequence, ndim: int) -> tuple[str | None, ...]:
         return (None,) + param_axes(names[2:], ndim - 1)
     leaf = names[-1]
     parent = names[-2] if len(names) > 1 else ""
-    if leaf.endswith("_scale"):  # a quantised weight's scale grid: the axes of its weight (quant.py)
-        leaf = leaf[: -len("_scale")]
+    if leaf.endswith("_scale"):  # a quantised weight's scale grid (or W8A8 activation scale): its weight's axes
+        leaf = leaf[: -len("_act_scale" if leaf.endswith("_act_scale") else "_scale")]
     if parent == "experts" and leaf == "gate_up":
         return ("experts", None, "expert_mlp")
     if parent == "experts" and leaf == "down":

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import torch
 from ckpt_utils import make_hf_model, save_hf_fp8, save_native, tiny_hf_config
 from flax import nnx
 
@@ -271,6 +272,128 @@ def test_fp8_checkpoint_stays_fp8_in_memory_and_computes_the_dequantised_model(h
     deq = small4_jax.from_pretrained(fp8_dirs / layout, dtype="bfloat16", quantize="none")
     ids = _ids(config.vocab_size)
     assert _rel(model(ids), deq(ids)) < 2e-2
+
+
+def _random_act_scales(src, dst, seed):
+    """A copy of checkpoint directory `src` whose static activation scales are random positive values (what a
+    calibrated release has: each tensor its own, each expert its own), or with `drop` keys removed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    rng = np.random.default_rng(seed)
+    raw = {}
+    for f in sorted(dst.glob("*.safetensors")):
+        tensors = load_file(f)
+        for key, t in tensors.items():
+            if key.endswith(("activation_scale", ".qscale_act")):
+                tensors[key] = torch.tensor(rng.uniform(0.01, 0.1, size=tuple(t.shape)).astype(np.float32))
+                raw[key] = tensors[key].numpy()
+        save_file(tensors, f, metadata={"format": "pt"})
+    return raw
+
+
+@pytest.mark.parametrize("layout", ["hf", "native"])
+def test_w8a8_load_keeps_the_checkpoint_activation_scales(hf_model, fp8_dirs, tmp_path, layout):
+    """activations="fp8": every fp8 weight's static activation scale becomes a parameter beside it (HF per tensor
+    and [E] per expert; native per tensor, the fused gate_up taking the max of w1's and w3's), and the model's
+    activations are quantised: its logits move from the weight-only fp8 model's by about e4m3's rounding."""
+    raw = _random_act_scales(fp8_dirs / layout, tmp_path / layout, seed=int(np.random.SeedSequence().entropy % 2**31))
+    model = small4_jax.from_pretrained(tmp_path / layout, dtype="float32", activations="fp8")
+    config = model.config
+    state = dict(per_layer_items(config, nnx.state(model)))
+    acts = {p: v for p, v in state.items() if p[-1].endswith("_act_scale")}
+    assert len(acts) == sum(p[-1].endswith("_scale") and not p[-1].endswith("_act_scale") for p in state)
+    layer = config.num_hidden_layers - 1  # a MoE layer
+    o_proj, experts = ("layers", str(layer), "self_attn", "o_proj"), ("layers", str(layer), "mlp", "experts")
+    if layout == "hf":
+        want_o = raw[f"model.layers.{layer}.self_attn.o_proj.activation_scale"]
+        want_gu = raw[f"model.layers.{layer}.mlp.experts.gate_up_proj_activation_scale"]
+    else:
+        want_o = raw[f"layers.{layer}.attention.wo.qscale_act"]
+        want_gu = [max(raw[f"layers.{layer}.experts.{e}.{w}.qscale_act"] for w in ("w1", "w3"))
+                   for e in range(config.n_routed_experts)]
+    np.testing.assert_array_equal(np.asarray(acts[o_proj + ("kernel_act_scale",)]).reshape(()), want_o)
+    np.testing.assert_array_equal(np.asarray(acts[experts + ("gate_up_act_scale",)]).reshape(-1), np.float32(want_gu))
+    if layout == "hf":  # (one layout is enough for the logits: the compute does not depend on it)
+        weight_only = small4_jax.from_pretrained(tmp_path / layout, dtype="float32")
+        ids = _ids(config.vocab_size, seed=5)[:1, :8]
+        assert 1e-3 < _rel(model(ids), weight_only(ids)) < 6e-2
+
+
+def test_w8a8_misuse_is_a_clear_error(hf_model, fp8_dirs, tmp_path):
+    from ckpt_utils import save_hf
+
+    from small4_jax.errors import CheckpointError, ConfigError
+
+    _, hf = hf_model
+    with pytest.raises(ConfigError, match=r"^activations = 'fp8' \(W8A8\) needs fp8 weights; quantize = 'int4'$"):
+        small4_jax.from_pretrained(fp8_dirs / "hf", quantize="int4", activations="fp8")
+    with pytest.raises(ConfigError, match=r"^activations = 'int8': expected 'fp8' \(W8A8"):
+        small4_jax.from_pretrained(fp8_dirs / "hf", activations="int8")
+    save_hf(hf, tmp_path / "bf16")
+    with pytest.raises(CheckpointError, match="needs an FP8 checkpoint .* this one is not stored in FP8"):
+        small4_jax.from_pretrained(tmp_path / "bf16", activations="fp8")
+    with pytest.raises(CheckpointError, match=r"activation scales, and \S+ is not stored in FP8"):
+        small4_jax.from_pretrained(tmp_path / "bf16", quantize="fp8", activations="fp8")
+    # a native checkpoint without one weight's qscale_act: the error names that weight
+    from safetensors.torch import load_file, save_file
+
+    import shutil
+
+    shutil.copytree(fp8_dirs / "native", tmp_path / "native")
+    f = next((tmp_path / "native").glob("*.safetensors"))
+    tensors = load_file(f)
+    del tensors["layers.0.attention.wo.qscale_act"]
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"layers\.0\.self_attn\.o_proj\.weight has no static activation scale"):
+        small4_jax.from_pretrained(tmp_path / "native", activations="fp8")
+    small4_jax.from_pretrained(tmp_path / "native")  # weight-only fp8 does not need it
+
+
+def test_w8a8_linear_and_routed_experts_match_numpy():
+    """W8A8 products against numpy: the dense `quant.w8a8_dot` (what `QLinear` runs) and every impl of
+    `moe.routed_experts` over W8A8 experts (CPU auto: the tile loop; ragged_dot; dense; the Pallas kernel in interpret
+    mode), each expert quantising its own rows with its own activation scale."""
+    from small4_jax import moe
+
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    rng = np.random.default_rng(seed)
+
+    def fp8(shape, scale_shape):
+        w = rng.normal(size=shape).astype(np.float32)
+        s = rng.uniform(0.002, 0.01, size=scale_shape).astype(np.float32)
+        return np.clip(w / 0.004, -448, 448).astype(ml_dtypes.float8_e4m3fn), s
+
+    def w8a8(x, v, s_w, s_x):  # numpy: e4m3(clip(x / s_x)) @ v * s_x * s_w
+        q = np.clip(np.asarray(x, np.float32) / s_x, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+        return (q @ v.astype(np.float64)) * s_x * s_w
+
+    v, s = fp8((64, 40), (1, 1))
+    x = rng.normal(size=(3, 5, 64)).astype(np.float32)
+    q = quant.QArray(jnp.asarray(v), jnp.asarray(s), jnp.asarray(np.float32([[0.02]])))
+    np.testing.assert_allclose(quant.w8a8_dot(jnp.asarray(x), q, jnp.float32), w8a8(x, v, s[0, 0], 0.02),
+                               rtol=1e-5, atol=1e-5, err_msg=f"seed {seed}")
+
+    e, h, f, k, n = 6, 64, 32, 2, 9
+    (gv, gs), (dv, ds) = fp8((e, h, 2 * f), (e, 1, 1)), fp8((e, f, h), (e, 1, 1))
+    ga, da = (rng.uniform(0.005, 0.02, size=(e, 1, 1)).astype(np.float32) for _ in range(2))
+    gu = quant.QArray(*map(jnp.asarray, (gv, gs, ga)))
+    dn = quant.QArray(*map(jnp.asarray, (dv, ds, da)))
+    x = rng.normal(size=(n, h)).astype(np.float32)
+    ids = np.stack([rng.choice(e, k, replace=False) for _ in range(n)]).astype(np.int32)
+    w = rng.uniform(size=(n, k)).astype(np.float32)
+    want = np.zeros((n, h))
+    for t in range(n):
+        for j in range(k):
+            i = ids[t, j]
+            hh = w8a8(x[t:t + 1], gv[i], gs[i, 0, 0], ga[i, 0, 0]).astype(np.float32)
+            a = hh[:, :f] / (1 + np.exp(-hh[:, :f])) * hh[:, f:]
+            want[t] += w[t, j] * w8a8(a, dv[i], ds[i, 0, 0], da[i, 0, 0])[0]
+    for impl in ("auto", "ragged_dot", "dense"):  # the Pallas kernel: test_gmm_w8a8_kernel_matches_reference
+        got = moe.routed_experts(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(w), gu, dn, impl=impl)
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4, err_msg=f"seed {seed} {impl}")
 
 
 @pytest.mark.parametrize("fmt,tol", [("fp8", 4e-2), ("int8", 1e-2), ("int4", 0.12)])

@@ -7,6 +7,8 @@
              stay below one bf16 copy of the smallest quantised projection)
 """
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -55,14 +57,47 @@ def test_w8a8_gmm_compiles(rows, k, n):
     assert c.memory.temp < E * k * n  # no widened copy of the experts
 
 
+def _fp8_gemm_fusions(hlo: str) -> int:
+    """XLA GPU GEMM fusions (its Triton GEMM emitter) whose operands are both float8: an fp8 x fp8 dot."""
+    return len(re.findall(r"gemm_fusion_dot[.\d]*_computation \(\S+: f8e4m3fn\[[\d,]+\], \S+: f8e4m3fn\[", hlo))
+
+
 @pytest.mark.gpu_compile
-def test_fp8_decode_step_compiles_on_one_h200():
+def test_w8a8_dense_linear_compiles_to_an_fp8_gemm():
+    """A W8A8 dense linear (`quant.w8a8_dot`, o_proj's shape at 64 rows) is an fp8 x fp8 GEMM in the compiled sm_90a
+    HLO: XLA's Triton GEMM fusion with both operands fp8 by default (a deviceless compile cannot autotune, so XLA
+    takes its Triton emitter), and cuBLASLt's FP8 GEMM (`__cublas$lt$matmul$f8`, the scales folded into alpha) when
+    the Triton GEMM is off. cuBLASLt's FP8 GEMM on Hopper takes the weight K-major, so for our [in, out] kernel XLA
+    adds a transpose of the weight before it (a copy per call, in the temporaries): which of the two a GPU should
+    use is for `benchmarks/quant_decode.py` on one to decide."""
+    mesh = aot.gpu_mesh("h200", {"x": 1}, topology="1x1x1")
+
+    def linear(x, values, scale, act):
+        return quant.w8a8_dot(x, quant.QArray(values, scale, act), jnp.bfloat16)
+
+    args = (aot.spec((64, H), jnp.bfloat16, mesh), aot.spec((H, H), jnp.float8_e4m3fn, mesh),
+            aot.spec((1, 1), jnp.float32, mesh), aot.spec((1, 1), jnp.float32, mesh))
+    triton = aot.compile_for(linear, *args, mesh=mesh)
+    assert _fp8_gemm_fusions(triton.compiled.as_text()) == 1
+    assert triton.memory.temp < H * H  # the weight is not widened
+    cublas = aot.compile_for(linear, *args, mesh=mesh, compiler_options={"xla_gpu_enable_triton_gemm": False})
+    assert cublas.compiled.as_text().count('custom_call_target="__cublas$lt$matmul$f8"') == 1
+
+
+@pytest.mark.gpu_compile
+@pytest.mark.parametrize("activations", [None, "fp8"], ids=["weight-only", "w8a8"])
+def test_fp8_decode_step_compiles_on_one_h200(activations):
+    """fp8 weights; with activations="fp8" (W8A8) the routed experts go through the fp8 x fp8 kernel and the seven
+    dense linears of the layer (q_a, q_b, kv_a, o_proj; the shared expert's gate, up, down: kv_b is folded into the
+    query and output by absorbed decode) are fp8 x fp8 GEMM fusions."""
     config = Small4Config.from_yaml("configs/small4-119b.yaml").replace(num_hidden_layers=1)
     mesh = aot.gpu_mesh("h200", {"data": 1, "expert": 1, "tensor": 1}, topology="1x1x1")
     program = ap.serve_step(config, mesh, absorbed=True, rows=16, tokens=1, table_pages=64, num_pages=1024,
-                            quantize="fp8")
+                            quantize="fp8", activations=activations)
     c = program.compile()
     assert c.uses_triton  # the routed experts through the dequantising kernel
+    assert ("small4_gmm_w8a8" in c.text) == (activations == "fp8")
+    assert _fp8_gemm_fusions(c.compiled.as_text()) == (7 if activations else 0)
     state = program.args[0]
     leaves = [x for x in __import__("jax").tree.leaves(state)]
     fp8 = sum(int(np.prod(x.shape)) for x in leaves if x.dtype == jnp.float8_e4m3fn)
