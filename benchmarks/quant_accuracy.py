@@ -117,12 +117,12 @@ def main(argv=None) -> int:
                     domain_top1=float(np.mean([np.mean(g[s].argmax(-1) == r[s].argmax(-1))
                                                for g, r, s in zip(got, ref_seq, ans)])))
 
-    for fmt in quant.FORMATS + ("int4-gptq",):
+    for fmt in quant.FORMATS + ("int4-gptq", "int4-gptq-act-order"):
         q = merge_into(init_model(rcfg.model, seed=rcfg.base.seed, dtype="float32"), model)
-        if fmt == "int4-gptq":
-            from small4_jax.calibration import hessians
+        if fmt.startswith("int4-gptq"):
+            from small4_jax.calibration import quantize_in_memory
 
-            quant.quantize_model(q, "int4", hessians=hessians(q, cal))
+            quantize_in_memory(q, cal, act_order=fmt.endswith("act-order"))
         else:
             quant.quantize_model(q, fmt)
         logits = np.asarray(q(ids))

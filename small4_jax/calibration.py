@@ -1,17 +1,24 @@
-"""Calibrated int4 quantisation (GPTQ): the inputs every quantised weight sees on calibration text, as Hessians.
+"""Calibrated int4 quantisation (GPTQ), one decoder layer at a time.
 
     model = small4_jax.from_pretrained(DIR, quantize="int4", calibration="calib.jsonl")
-    python -m small4_jax.convert --from DIR --to OUT --quantize int4 --calibration calib.jsonl
+    python -m small4_jax.convert --from DIR --to OUT --quantize int4 --calibration calib.jsonl [--gptq-act-order]
 
-For each quantised linear, H = sum_t x_t x_t^T over the calibration tokens' inputs x_t to it [K, K]; for the routed
+The sequential pipeline of the GPTQ paper: the calibration tokens are embedded once (`embed`: hidden states [N, H]
+of every token), then for each layer in order (`calibrate_layer`): the layer's float weights alone are held (read
+from the checkpoint by `checkpoint.load_layer`, or copied out of an in-memory model by `layer_copy`), the hidden
+states run through it while the inputs of every quantisable weight are gathered as Hessians, each weight is
+quantised by `quant.gptq_int4` against its own, and the hidden states run through the QUANTISED layer to become
+the next layer's inputs, so later layers are calibrated on what the quantised model will feed them. The converter
+writes each layer as it is done and saves the hidden states between layers (resumable, `convert._write_calibrated`):
+memory holds one float layer, its Hessians and the hidden states, never the model.
+
+Hessians: for each quantised linear, H = sum_t x_t x_t^T over its calibration inputs x_t [K, K]; for the routed
 experts one H per expert from the tokens routed to it, each token weighted by its routing weight squared (the
 expert's output enters the layer's output times that weight), for gate_up from the token's hidden state and for down
-from its activation act(x W_gate) * (x W_up). `quant.gptq_int4` then quantises each weight against its H.
-
-The float model runs eagerly (no jit) over the calibration sequences, one at a time, with the linears and the
-routed-expert dispatch observed through temporary wrappers of their classes' calls: nothing in model.py knows about
-calibration. A layer's weights are named by their per-layer path ("layers", i, ...) as `nnx.iter_graph` gives it,
-with i counted from the decoder layers' calls, so the names do not depend on how the layers are stored.
+from its activation act(x W_gate) * (x W_up) (the per-expert sums by `kernels.tgmm` over the tokens sorted by expert).
+They are gathered by running the model's own layer code (jit-compiled, float32) with the linears and the routed
+experts observed through temporary wrappers of their calls (`_observed`): nothing in model.py knows about
+calibration. Weights are named by their path in the layer, as `nnx.iter_graph` gives it.
 
 Calibration file: JSONL, one sequence per line, `{"text": "..."}` (tokenised with the checkpoint's tokenizer, BOS
 first) or `{"ids": [1, 2, ...]}`. What the field uses: a few hundred sequences of in-domain text (GPTQ used 128
@@ -20,6 +27,8 @@ sequences of 2048 tokens); the sequences must not be the text you then evaluate 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,47 +71,62 @@ def read_calibration(path: str | Path, tokenizer=None) -> list[list[int]]:
     return out
 
 
-def hessians(model, sequences: Sequence[Sequence[int]], max_len: int = 2048) -> dict[tuple, np.ndarray]:
-    """{weight path: H} for every quantisable weight of the float `model` over `sequences` (module docstring).
+def check_tokens(sequences: Sequence[Sequence[int]], vocab: int, max_len: int) -> list[list[int]]:
+    """The sequences cut to `max_len` tokens; a token id outside the vocabulary is a ConfigError."""
+    out = [list(map(int, s))[:max_len] for s in sequences]
+    if not out or any(not s for s in out):
+        raise ConfigError("calibration: no tokens (every sequence needs at least one)")
+    for s in out:
+        if any(not 0 <= t < vocab for t in s):
+            raise ConfigError(f"calibration: token id out of range for a vocabulary of {vocab}")
+    return out
 
-    Paths are ("layers", i, ..., linear name, "kernel") [K, K] and ("layers", i, ..., "experts", "gate_up" | "down")
-    [E, K, K], float64. Each sequence is cut to `max_len` tokens."""
+
+def embed(table, sequences: list[list[int]]) -> jax.Array:
+    """The calibration hidden states entering layer 0: rows of the embedding `table` [V, H] for every token of
+    every sequence, concatenated [N, H] in float32 (sequence s is rows sum(len[:s]) ... + len(s))."""
+    ids = np.concatenate([np.asarray(s, np.int64) for s in sequences])
+    return jnp.asarray(np.asarray(table)[ids], jnp.float32)
+
+
+_BATCH_TOKENS = 8192  # calibration tokens per layer call (equal-length sequences batched together)
+
+
+def _batches(sequences: list[list[int]]) -> list[tuple[int, int, int]]:
+    """(first row of h, sequences, tokens each): runs of consecutive equal-length sequences, up to _BATCH_TOKENS."""
+    out, row = [], 0
+    for s in sequences:
+        t = len(s)
+        if out and out[-1][2] == t and (out[-1][1] + 1) * t <= _BATCH_TOKENS:
+            out[-1] = (out[-1][0], out[-1][1] + 1, t)
+        else:
+            out.append((row, 1, t))
+        row += t
+    return out
+
+
+@contextlib.contextmanager
+def _observed(layer, acc: dict):
+    """Within the block, calls of `layer`'s quantisable linears add x^T x of their inputs to acc[path + ("kernel",)]
+    and its routed experts add one H per expert (module docstring) to acc[path + ("gate_up" | "down",)]; paths are
+    relative to the layer. Works traced (inside jit) and eagerly."""
     from small4_jax import model as m
-    from small4_jax.moe import AtLayer
+    from small4_jax import moe
+    from small4_jax.kernels import gmm, tgmm
     from small4_jax.quant import QUANTISED_LINEARS
 
-    vocab = model.config.vocab_size
-    for s in sequences:
-        if any(not 0 <= int(t) < vocab for t in s):
-            raise ConfigError(f"calibration: token id out of range for a vocabulary of {vocab}")
-    found: dict[tuple, np.ndarray] = {}
-    names: dict[int, tuple] = {}  # id(module) -> its path, for the layer being run
-    counter = {"layer": 0}
-    num_layers = model.config.num_hidden_layers
+    names = {id(sub): tuple(map(str, path)) for path, sub in nnx.iter_graph(layer) if isinstance(sub, nnx.Module)}
+    current = {}
 
-    def layer_call(self, *args, **kwargs):
-        i = counter["layer"] % num_layers
-        counter["layer"] += 1
-        for path, sub in nnx.iter_graph(self):
-            if isinstance(sub, nnx.Module):
-                names[id(sub)] = ("layers", i) + tuple(path)
-        return layer_orig(self, *args, **kwargs)
-
-    def concrete(x):
-        if isinstance(x, jax.core.Tracer):
-            raise RuntimeError("calibration.hessians: the model traced a layer (a jit or scan around the layers); "
-                               "it needs the layers run one by one")
-        return np.asarray(x, np.float64)
+    def add(key, value):
+        acc[key] = value if acc.get(key) is None else acc[key] + value
 
     def linear_call(self, x):
         path = names.get(id(self))
         if path is not None and path[-1] in QUANTISED_LINEARS:
-            xs = concrete(x).reshape(-1, x.shape[-1])
-            key = path + ("kernel",)
-            found[key] = found.get(key, 0) + xs.T @ xs
+            xs = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+            add(path + ("kernel",), xs.T @ xs)
         return linear_orig(self, x)
-
-    current = {}
 
     def moe_call(self, x):
         current["path"] = names.get(id(self.experts))
@@ -111,52 +135,131 @@ def hessians(model, sequences: Sequence[Sequence[int]], max_len: int = 2048) -> 
     def experts_call(x, expert_ids, expert_weights, gate_up, down, *, act=jax.nn.silu, **kwargs):
         path = current.get("path")
         if path is not None:
-            gu = concrete(gate_up.get() if isinstance(gate_up, AtLayer) else gate_up)  # the layer's stack slice
-            e, h, f2 = gu.shape
-            f = f2 // 2
-            xs, ids, wt = concrete(x), concrete(expert_ids).astype(np.int64), concrete(expert_weights)
-            hg = found.setdefault(path + ("gate_up",), np.zeros((e, h, h)))
-            hd = found.setdefault(path + ("down",), np.zeros((e, f, f)))
-            for j in range(e):
-                rows, slot = np.nonzero(ids == j)
-                if rows.size == 0:
-                    continue
-                xe = xs[rows] * wt[rows, slot][:, None]  # weighted by the routing weight (squared in H)
-                hg[j] += xe.T @ xe
-                y = xs[rows] @ gu[j]
-                a = np.asarray(act(jnp.asarray(y[:, :f], jnp.float32)), np.float64) * y[:, f:]
-                a *= wt[rows, slot][:, None]
-                hd[j] += a.T @ a
+            e, _, f2 = gate_up.shape
+            f, k = f2 // 2, expert_ids.shape[-1]
+            backend = {"pallas": "pallas"}.get(moe.resolve_impl("auto", x), "ragged_dot")
+            d = moe.sort_by_expert(expert_ids, e)
+            xs = x.astype(jnp.float32)[d.order // k]  # token rows in expert order
+            wt = expert_weights.reshape(-1)[d.order].astype(jnp.float32)[:, None]
+            xw = xs * wt  # weighted by the routing weight (squared in H)
+            add(path + ("gate_up",), tgmm(xw, xw, d.group_sizes, backend=backend))
+            y = gmm(xs, gate_up.astype(jnp.float32), d.group_sizes, backend=backend)
+            a = act(y[:, :f]) * y[:, f:] * wt
+            add(path + ("down",), tgmm(a, a, d.group_sizes, backend=backend))
         return experts_orig(x, expert_ids, expert_weights, gate_up, down, act=act, **kwargs)
 
-    layer_orig, linear_orig, moe_orig, experts_orig = (m.DecoderLayer.__call__, nnx.Linear.__call__,
-                                                       m.MoE.__call__, m.routed_experts)
-    scan = getattr(model, "scan_layers", None)
-    m.DecoderLayer.__call__, nnx.Linear.__call__, m.MoE.__call__, m.routed_experts = (layer_call, linear_call,
-                                                                                      moe_call, experts_call)
+    linear_orig, moe_orig, experts_orig = nnx.Linear.__call__, m.MoE.__call__, m.routed_experts
+    nnx.Linear.__call__, m.MoE.__call__, m.routed_experts = linear_call, moe_call, experts_call
     try:
-        if scan is not None:
-            model.scan_layers = False  # a Python loop over the layers: concrete inputs, one layer at a time
-        for s in sequences:
-            model(jnp.asarray([list(s)[:max_len]], jnp.int32))
+        yield
     finally:
-        m.DecoderLayer.__call__, nnx.Linear.__call__, m.MoE.__call__, m.routed_experts = (layer_orig, linear_orig,
-                                                                                          moe_orig, experts_orig)
-        if scan is not None:
-            model.scan_layers = scan
-    return found
+        nnx.Linear.__call__, m.MoE.__call__, m.routed_experts = linear_orig, moe_orig, experts_orig
 
 
-def load_calibrated(path, calibration, *, dtype="bfloat16", mesh=None, config=None, quantize: str | None = "int4"):
-    """`from_pretrained(path, quantize="int4", calibration=...)`: the float model is loaded (in `dtype`, on `mesh`),
-    run over the calibration sequences (a JSONL file, module docstring, or a list of token-id lists), and its
-    linears and experts are quantised by GPTQ against the Hessians. The float model must fit where it is loaded
-    (the layer-at-a-time pipeline that would not need that is not written)."""
+def _rope(config, b: int, t: int):
+    """(positions [b, t], (cos, sin)) of b sequences of t tokens from position 0."""
+    from small4_jax.model import rope_cos_sin
+
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+    return positions, rope_cos_sin(config, positions)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=5)
+def _collect(graphdef, state, h, positions, rope, acc):
+    """acc + the Hessians of one batch of calibration inputs h [B, T, H] to the float layer (graphdef, state)."""
+    layer = nnx.merge(graphdef, state)
+    acc = dict(acc)
+    with _observed(layer, acc), jax.default_matmul_precision("float32"):
+        layer(h, positions, *rope)
+    return acc
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, h, positions, rope):
+    return nnx.merge(graphdef, state)(h, positions, *rope)[0]
+
+
+def calibrate_layer(layer, h: jax.Array, sequences: list[list[int]], *, act_order: bool = False):
+    """One step of the sequential pipeline: (layer quantised by GPTQ, the next layer's calibration inputs).
+
+    `layer` is one float DecoderLayer (unstacked: `layer_copy(model, i)` or `checkpoint.load_layer`), `h` [N, H]
+    its inputs on the calibration `sequences` (`embed`, then this function's output). Its Hessians (module
+    docstring) are collected over `h`, every quantisable weight is quantised by `quant.gptq_int4` against its own
+    (in place: the linears become QLinears, the experts int4), and `h` is run through the QUANTISED layer, so the
+    next layer is calibrated on the inputs it will see in the quantised model (later layers absorb the error of
+    earlier ones, as in the GPTQ paper). Sequences run in batches of equal length, jit-compiled once per layer kind
+    and batch shape, on jax's default device (an accelerator when there is one)."""
+    from small4_jax import quant
+
+    config = layer.self_attn.config
+    batches = _batches(sequences)
+    graphdef, state = nnx.split(layer)
+    dtype = jax.tree.leaves(state)[0].dtype
+
+    def rows(row0, b, t):
+        return h[row0:row0 + b * t].reshape(b, t, -1).astype(dtype)
+
+    row0, b, t = batches[0]
+    shapes = jax.eval_shape(lambda s, x, p, r: _collect(graphdef, s, x, p, r, {}), state, rows(row0, b, t),
+                            *_rope(config, b, t))
+    acc = {key: jnp.zeros(v.shape, jnp.float32) for key, v in shapes.items()}
+    for row0, b, t in batches:
+        acc = _collect(graphdef, state, rows(row0, b, t), *_rope(config, b, t), acc)
+    quant.quantize_model(layer, "int4", hessians=acc, act_order=act_order)
+    del acc
+    graphdef, state = nnx.split(layer)
+    out = [_forward(graphdef, state, rows(row0, b, t), *_rope(config, b, t)).reshape(b * t, -1)
+           for row0, b, t in batches]
+    return layer, jnp.concatenate(out).astype(jnp.float32)
+
+
+def layer_copy(model, i: int):
+    """Layer i of `model` as an ordinary unstacked module (a writable copy of slice i - start of its stack)."""
+    from small4_jax.model import Shared, layer_groups
+
+    for stack, (start, n) in zip(model.layer_stacks, layer_groups(model.config)):
+        if start <= i < start + n:
+            graphdef, shared, params = nnx.split(stack, Shared, ...)
+            return nnx.merge(graphdef, shared, jax.tree.map(lambda x: x[i - start], params))
+    raise IndexError(f"layer {i} out of range")
+
+
+def quantize_in_memory(model, sequences: Sequence[Sequence[int]], *, act_order: bool = False, max_len: int = 2048):
+    """GPTQ of a float model held whole (small models; the converter streams the layers from the checkpoint
+    instead, `convert --quantize int4 --calibration`): the same sequential pipeline (`calibrate_layer`) over copies
+    of its layers, the quantised layers then stacked back into `model.layer_stacks`. Returns the model, quantised
+    in place."""
+    from small4_jax.model import layer_groups, stack_modules
+
+    config = model.config
+    sequences = check_tokens(sequences, config.vocab_size, max_len)
+    h = embed(model.embed_tokens.embedding[...], sequences)
+    quantised = []
+    for i in range(config.num_hidden_layers):
+        layer, h = calibrate_layer(layer_copy(model, i), h, sequences, act_order=act_order)
+        quantised.append(layer)
+    model.layer_stacks = nnx.List([stack_modules(quantised[start:start + n]) for start, n in layer_groups(config)])
+    return model
+
+
+def load_calibrated(path, calibration, *, dtype="bfloat16", mesh=None, config=None, quantize: str | None = "int4",
+                    act_order: bool = False):
+    """`from_pretrained(path, quantize="int4", calibration=...)`: the float model is loaded (in `dtype`, on `mesh`)
+    and quantised by GPTQ layer by layer (`quantize_in_memory`) on the calibration sequences (a JSONL file, module
+    docstring, or a list of token-id lists). The float model must fit where it is loaded; for models that do not,
+    `python -m small4_jax.convert --quantize int4 --calibration FILE` holds one layer at a time."""
     from small4_jax import quant
     from small4_jax.checkpoint import from_pretrained
 
     if quant.check_format(quantize) != "int4":
         raise ConfigError(f"calibration is for quantize='int4' (GPTQ); got quantize={quantize!r}")
+    model = from_pretrained(path, dtype=dtype, mesh=mesh, config=config, quantize="none")
+    return quantize_in_memory(model, read_sequences(path, calibration), act_order=act_order)
+
+
+def read_sequences(path, calibration) -> list[list[int]]:
+    """Calibration token-id sequences from a JSONL file (tokenised with the checkpoint's tokenizer at `path`, if it
+    has one) or given as lists of ids."""
     if isinstance(calibration, (str, Path)):
         from small4_jax.errors import TokenizerError
         from small4_jax.tokenizer import load_tokenizer
@@ -165,7 +268,5 @@ def load_calibrated(path, calibration, *, dtype="bfloat16", mesh=None, config=No
             tok = load_tokenizer(path)
         except TokenizerError:  # a checkpoint without a tokenizer: only {"ids"} rows can be read
             tok = None
-        calibration = read_calibration(calibration, tok)
-    model = from_pretrained(path, dtype=dtype, mesh=mesh, config=config, quantize="none")
-    h = hessians(model, calibration)
-    return quant.quantize_model(model, "int4", hessians=h)
+        return read_calibration(calibration, tok)
+    return [list(map(int, s)) for s in calibration]

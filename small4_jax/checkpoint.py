@@ -237,6 +237,22 @@ def load_weights(
     return model
 
 
+def load_layer(config: Small4Config, source: TensorSource, i: int, *, dtype="float32") -> nnx.Module:
+    """Decoder layer i alone, unstacked, in `dtype` on the default device: only its tensors are read from `source`
+    (`layers.{i}.*`, mapped as `checkpoint_plan` maps a stack's slice). What the layer-at-a-time GPTQ pipeline
+    (`convert --quantize int4 --calibration`) holds of a model at any time."""
+    from small4_jax.model import DecoderLayer
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: DecoderLayer(config, i, dtype=dtype, rngs=nnx.Rngs(0))))
+    np_dtype = _numpy_dtype(dtype)
+    flat = []
+    for path, entry in checkpoint_plan(state).items():
+        host = entry[2](source.get(f"layers.{i}.{entry[0]}", dtype=np_dtype))
+        flat.append((path, jax.device_put(np.ascontiguousarray(host))))
+    values = dict(flat)
+    return nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(values[p])) for p, v in nnx.to_flat_state(state)]))
+
+
 _EXPERT_BLOCK = 8  # experts quantised per host step (bounds host memory to a block in float32)
 
 

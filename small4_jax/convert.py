@@ -34,18 +34,20 @@ DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp8": "fp8", "f32": "floa
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf16", progress=sys.stderr,
-            quantize: str | None = None, calibration=None) -> Path:
+            quantize: str | None = None, calibration=None, act_order: bool = False) -> Path:
     """Convert `src` into the sharded checkpoint `out`; returns `out`. Resumes an interrupted run of the same job.
 
     With `quantize` ("fp8", "int8", "int4"; `small4_jax.quant`) the linears and experts are written in that format,
     values and scale grids as the quantised model holds them (an FP8 source's own bytes and scales for "fp8"), so
     `from_pretrained` restores them without requantising; the other parameters are stored in `dtype`. With
-    `calibration` (int4; a JSONL file or token-id lists, `small4_jax.calibration`) they are quantised by GPTQ: the
-    float model is then loaded whole on the host and calibrated first, and the arrays written from it."""
+    `calibration` (int4; a JSONL file or token-id lists, `small4_jax.calibration`) they are quantised by GPTQ, one
+    layer at a time (`_write_calibrated`: host memory holds one float layer and the calibration hidden states);
+    `act_order` visits each weight's inputs by decreasing Hessian diagonal (`quant.gptq_int4`)."""
     if calibration is not None and quantize is None:
         raise CheckpointError("--calibration goes with --quantize int4")
     if quantize is not None:
-        return _convert_quantized(src, out, dtype=dtype, progress=progress, fmt=quantize, calibration=calibration)
+        return _convert_quantized(src, out, dtype=dtype, progress=progress, fmt=quantize, calibration=calibration,
+                                  act_order=act_order)
     import ml_dtypes
     from flax import nnx
 
@@ -151,7 +153,7 @@ def _partial(out: Path, job: dict) -> tuple[Path, Path, dict]:
     return partial, progress_file, {}
 
 
-def _convert_quantized(src, out, *, dtype: str, progress, fmt: str, calibration=None) -> Path:
+def _convert_quantized(src, out, *, dtype: str, progress, fmt: str, calibration=None, act_order: bool = False) -> Path:
     import ml_dtypes
     from flax import nnx
 
@@ -181,19 +183,20 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str, calibration=
     _, qstate = nnx.split(abstract_model(config, dtype=storage, quantize=fmt))
     qshapes = {p: (tuple(v.shape), v.dtype) for p, v in nnx.to_flat_state(qstate)}
     job = {"source": str(src.resolve()), "dtype": storage, "quantize": fmt, "config": config.to_dict()}
-    if calibration is None:
-        read = functools.partial(_read_quantized, reader)
-    else:  # GPTQ needs the float model's activations: calibrate it whole, then write from it
+    read = functools.partial(_read_quantized, reader)
+    if calibration is not None:  # GPTQ: the layers are quantised and written one at a time (_write_calibrated)
         import hashlib
 
-        from small4_jax.calibration import load_calibrated
+        if fmt != "int4":
+            raise CheckpointError(f"--calibration is for --quantize int4 (GPTQ), not {fmt}")
+
+        from small4_jax.calibration import check_tokens, read_sequences
 
         text = Path(calibration).read_bytes() if isinstance(calibration, (str, os.PathLike)) else json.dumps(
             [list(map(int, s)) for s in calibration]).encode()
         job["calibration"] = hashlib.sha256(text).hexdigest()
-        model = load_calibrated(src, calibration, dtype="float32", quantize=fmt)
-        read = _held_reader({p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model))}, plan)
-        del model
+        job["act_order"] = bool(act_order)
+        sequences = check_tokens(read_sequences(src, calibration), config.vocab_size, 2048)
     partial, progress_file, saved = _partial(out, job)
     done: set[str] = set(saved.get("done", []))
     # the stored shapes of what is done (an FP8 source's scale grid is the checkpoint's, known only once read)
@@ -209,6 +212,8 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str, calibration=
             continue
         scale_path = path[:-1] + (f"{path[-1]}_scale",)
         stacked = is_stacked(path)
+        if stacked and calibration is not None:
+            continue  # written layer by layer below
         lead = (len(names),) if stacked else ()  # a layer stack: each layer into its slice j
         if scale_path not in qshapes:
             store = None
@@ -242,6 +247,9 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str, calibration=
         _mark_done(progress_file, job, done, key, tree_shapes)
         if progress is not None:
             print(f"\r[{i + 1}/{len(plan)}] {name:<60}", end="", file=progress, flush=True)
+    if calibration is not None:
+        _write_calibrated(reader, writer, partial, progress_file, job, done, tree_shapes, config, qshapes, sequences,
+                          out_dtype, act_order, progress)
     reader.close()
     if progress is not None:
         print(file=progress)
@@ -254,25 +262,66 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str, calibration=
     return out
 
 
-def _held_reader(held: dict, plan: dict):
-    """`_read_quantized`'s signature over a quantised model's arrays in memory (`held`: flat path -> array)."""
+def _write_calibrated(reader, writer, partial: Path, progress_file: Path, job: dict, done: set[str], tree_shapes: dict,
+                      config, qshapes: dict, sequences: list[list[int]], out_dtype, act_order: bool, progress) -> None:
+    """The layer stacks of a GPTQ conversion, layer by layer (`calibration.calibrate_layer`): layer i's float
+    weights are read alone (`checkpoint.load_layer`), calibrated on the hidden states of the sequences, quantised,
+    written into slice i of its stacks, and dropped; the hidden states its quantised version produces go to the
+    next layer. So the host holds one float layer and the hidden states, never the model.
+
+    Resuming: after layer i is written, the hidden states entering layer i + 1 are saved (`_hidden.{i+1}.npy`,
+    atomically, float32 [tokens, H]) and then "layers.i" is marked done; a resumed run starts at the first layer not
+    done, from its saved inputs (the embeddings for layer 0), and rewrites that layer whole. The same inputs give
+    the same bytes, so a resumed conversion is identical to an uninterrupted one."""
+    import jax
+    from flax import nnx
+
     from small4_jax import quant
+    from small4_jax import sharded_ckpt as sc
+    from small4_jax.calibration import calibrate_layer, embed
+    from small4_jax.checkpoint import load_layer
+    from small4_jax.model import layer_groups
 
-    from small4_jax.checkpoint import is_stacked, plan_names
-
-    where = {name: (path, j if is_stacked(path) else None) for path, entry in plan.items()
-             for j, name in enumerate(plan_names(entry))}  # a checkpoint name -> its array (and layer of a stack)
-
-    def read(name, fmt, transform, rows=None):
-        path, j = where[name]
-        values, scale = held[path], held[path[:-1] + (f"{path[-1]}_scale",)]
-        if j is not None:
-            values, scale = values[j], scale[j]
-        if rows is not None:
-            values, scale = values[rows[0]:rows[1]], scale[rows[0]:rows[1]]
-        return quant.QArray(values, scale)
-
-    return read
+    stacked = {sc.param_key(p): v for p, v in qshapes.items() if len(p) > 2 and str(p[0]) == "layer_stacks"}
+    for key, (shape, _) in stacked.items():
+        tree_shapes[("params",) + key] = shape
+    stores: dict[tuple[str, ...], object] = {}
+    n = config.num_hidden_layers
+    first = next((i for i in range(n) if f"layers.{i}" not in done), n)
+    if first == n:
+        return
+    h = np.load(partial / f"_hidden.{first}.npy") if first else embed(reader.get("embed_tokens.weight"), sequences)
+    groups = layer_groups(config)
+    for i in range(first, n):
+        g, (start, _) = next((g, s) for g, s in enumerate(groups) if s[0] <= i < s[0] + s[1])
+        layer, h = calibrate_layer(load_layer(config, reader, i), jax.numpy.asarray(h), sequences,
+                                   act_order=act_order)
+        written = set()
+        for rel, var in nnx.to_flat_state(nnx.state(layer)):
+            key = ("layer_stacks", str(g)) + sc.param_key(rel)
+            shape, dtype = stacked[key]
+            arr = np.asarray(var[...])
+            if not quant.is_quantised_dtype(arr.dtype):
+                arr = arr.astype(out_dtype)
+            if key not in stores:
+                stores[key] = writer.create(("params",) + key, shape, arr.dtype, keep=True)
+            writer.write_rows(stores[key], arr, 0, (i - start,))
+            written.add(key)
+        missing = {k for k in stacked if k[1] == str(g)} - written
+        if missing:
+            raise CheckpointError(f"layer {i}: the quantised layer has no {sorted(missing)[0]}")
+        del layer
+        hidden = np.asarray(h)
+        tmp = partial / f"_hidden.{i + 1}.npy.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, hidden)
+        os.replace(tmp, partial / f"_hidden.{i + 1}.npy")
+        _mark_done(progress_file, job, done, ("layers", str(i)), tree_shapes)
+        (partial / f"_hidden.{i}.npy").unlink(missing_ok=True)
+        _release_freed_memory()
+        if progress is not None:
+            print(f"\r[layer {i + 1}/{n}] GPTQ", end="", file=progress, flush=True)
+    (partial / f"_hidden.{n}.npy").unlink(missing_ok=True)
 
 
 def _mark_done(progress_file: Path, job: dict, done: set[str], key: tuple[str, ...], tree_shapes: dict) -> None:
@@ -324,12 +373,14 @@ def main(argv=None) -> int:
                    help="store linears and experts quantised (small4_jax.quant; loads without requantising)")
     p.add_argument("--calibration", metavar="FILE", default=None,
                    help="with --quantize int4: GPTQ against the activations of this JSONL text "
-                        "(small4_jax.calibration; loads the float model whole on the host)")
+                        "(small4_jax.calibration; one float layer at a time)")
+    p.add_argument("--gptq-act-order", action="store_true",
+                   help="with --calibration: quantise each weight's inputs by decreasing Hessian diagonal")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     try:
         out = convert(a.src, a.out, dtype=a.dtype, progress=None if a.quiet else sys.stderr, quantize=a.quantize,
-                      calibration=a.calibration)
+                      calibration=a.calibration, act_order=a.gptq_act_order)
     except Small4Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -192,17 +192,24 @@ def int4_scale(blocks, importance=None):
     idx = xp.argmax(xp.abs(blocks), axis=-2)[..., None, :]
     ext = xp.take_along_axis(blocks, idx, axis=-2)[..., 0, :]  # signed extreme [..., K/g, N]
     base = xp.where(ext != 0, -ext / 8.0, 1.0).astype(xp.float32)
-    best_s = best_err = None
-    for r in INT4_CLIP:
-        s = _bf16(base * xp.float32(r))
+
+    def candidate(r):
+        s = _bf16(base * r)
         d = xp.clip(xp.round(blocks / s[..., None, :]), -8, 7) * s[..., None, :] - blocks
-        err = xp.sum(d * d if importance is None else importance * (d * d), axis=-2)
-        if best_s is None:
-            best_s, best_err = s, err
-        else:
-            better = err < best_err
-            best_s, best_err = xp.where(better, s, best_s), xp.where(better, err, best_err)
-    return best_s
+        return s, xp.sum(d * d if importance is None else importance * (d * d), axis=-2)
+
+    def keep_better(best, cand):
+        better = cand[1] < best[1]
+        return xp.where(better, cand[0], best[0]), xp.where(better, cand[1], best[1])
+
+    best = candidate(xp.float32(INT4_CLIP[0]))
+    if xp is np:
+        for r in INT4_CLIP[1:]:
+            best = keep_better(best, candidate(np.float32(r)))
+    else:  # a loop, not 17 unrolled copies (compile time inside GPTQ's scan)
+        ratios = jnp.asarray(INT4_CLIP[1:], jnp.float32)
+        best = jax.lax.fori_loop(0, len(ratios), lambda i, b: keep_better(b, candidate(ratios[i])), best)
+    return best[0]
 
 
 @functools.cache
@@ -242,58 +249,110 @@ def quantize_int4(w, importance=None, scale=None) -> QArray:
             *xp.shape(importance)[:-1], k // g, g, 1)
         scale = int4_scale(blocks, imp) if xp is jnp else _host_int4_scale(blocks, imp)
     s = xp.asarray(scale, xp.float32)
-    q = (xp.clip(xp.round(blocks / s[..., None, :]), -8, 7) + 8).astype(xp.uint8)  # [..., K/g, g, N] in [0, 15]
-    packed = q[..., : g // 2, :] | (q[..., g // 2:, :] << 4)
-    return QArray(packed.reshape(*lead, k // 2, n), s.astype(ml_dtypes.bfloat16 if xp is np else jnp.bfloat16))
+    q = xp.clip(xp.round(blocks / s[..., None, :]), -8, 7) + 8  # [..., K/g, g, N] in [0, 15]
+    return QArray(_pack_int4(q.reshape(*lead, k, n), g), s.astype(ml_dtypes.bfloat16 if xp is np else jnp.bfloat16))
 
 
 GPTQ_DAMP = 0.01  # fraction of the mean Hessian diagonal added to it (GPTQ's `percdamp`)
+_GPTQ_ELEMENTS = 1 << 27  # stacked problems solved at once: about this many elements of w and H per batch
 
 
-def gptq_int4(w, hessian, damp: float = GPTQ_DAMP) -> QArray:
+def gptq_int4(w, hessian, damp: float = GPTQ_DAMP, act_order: bool = False) -> QArray:
     """int4 by GPTQ (Frantar et al. 2022): rows of w [..., K, N] (its inputs) are quantised in order, and each row's
     rounding error is fed back into the rows not yet quantised, weighted by the inverse of the Hessian
     H = sum_t x_t x_t^T [..., K, K] of the calibration inputs x_t, so the error of x W on those inputs is what is
-    minimised rather than the error of W. Each group's scales are chosen (`int4_scale`, weighted by diag H) when the
-    group is reached, from its rows as the feedback has left them. Lazy block updates, one block per group; numpy in
-    float64 on the host. Leading axes (stacked layers or experts) are independent problems, each with its own H.
+    minimised rather than the error of W. Lazy block updates, one block per group of `int4_group(K)` rows. Leading
+    axes (stacked experts) are independent problems, each with its own H, solved a batch at a time (vmapped).
 
-    Rows no calibration input touched (H[k, k] = 0) carry no information: they are quantised as they are. Returns
-    the same QArray layout as `quantize_int4` (levels [-8, 7], bf16 scales)."""
-    w = np.asarray(w, np.float64)
-    hessian = np.asarray(hessian, np.float64)
-    *lead, k, n = w.shape
-    if hessian.shape != (*lead, k, k):
-        raise ValueError(f"gptq_int4: Hessian {hessian.shape} for a weight {w.shape}; expected {(*lead, k, k)}")
-    if lead:
-        parts = [gptq_int4(w[i], hessian[i], damp) for i in np.ndindex(*lead)]
-        values = np.stack([p.values for p in parts]).reshape(*lead, *parts[0].values.shape)
-        return QArray(values, np.stack([p.scale for p in parts]).reshape(*lead, *parts[0].scale.shape))
+    Scales: without `act_order`, each group's scales are chosen (`int4_scale`, rows weighted by diag H) when the
+    group is reached, from its rows as the feedback has left them. With `act_order` the rows are visited in order of
+    decreasing H[k, k] (the inputs that matter most first, while the most rows are left to absorb their error); the
+    groups are still 128 consecutive rows of the original order (the packed layout is fixed), so their scales are
+    chosen up front from the unmodified weight ("static groups") and each visited row uses its own group's.
+
+    Rows no calibration input touched (H[k, k] = 0) carry no information: they are quantised as they are. jax in
+    float32 on the default device (an accelerator when there is one: jit-compiled, one program per shape), matmuls
+    at full float32 precision. Returns the same QArray layout as `quantize_int4` (levels [-8, 7], bf16 scales), as
+    numpy arrays when `w` is one."""
+    host = isinstance(w, np.ndarray)
+    *lead, k, n = np.shape(w)
+    if np.shape(hessian) != (*lead, k, k):
+        raise ValueError(f"gptq_int4: Hessian {np.shape(hessian)} for a weight {np.shape(w)}; expected {(*lead, k, k)}")
     g = int4_group(k)
-    h = hessian.copy()
-    diag = np.diag(h).copy()
+    m = math.prod(lead)
+    w = jnp.asarray(w, jnp.float32).reshape(m, k, n)
+    hessian = jnp.asarray(hessian, jnp.float32).reshape(m, k, k)
+    batch = max(1, min(m, _GPTQ_ELEMENTS // (k * (k + n))))
+    parts = [_gptq_batch(w[i:i + batch], hessian[i:i + batch], jnp.float32(damp), g, bool(act_order))
+             for i in range(0, m, batch)]
+    values = jnp.concatenate([p[0] for p in parts]).reshape(*lead, k // 2, n)
+    scale = jnp.concatenate([p[1] for p in parts]).reshape(*lead, k // g, n)
+    return QArray(np.asarray(values), np.asarray(scale)) if host else QArray(values, scale)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _gptq_batch(w, hessian, damp, g: int, act_order: bool):
+    """`_gptq_one` over a batch of problems [B, K, N] / [B, K, K] -> packed values [B, K/2, N], bf16 scales."""
+    with jax.default_matmul_precision("float32"):
+        levels, scale = jax.vmap(lambda a, b: _gptq_one(a, b, damp, g, act_order))(w, hessian)
+    return _pack_int4(levels + 8, g), scale.astype(jnp.bfloat16)
+
+
+def _gptq_one(w, h, damp, g: int, act_order: bool):
+    """One GPTQ problem (`gptq_int4`): w [K, N], H [K, K] -> levels int8 [K, N] in [-8, 7], scales f32 [K/g, N]."""
+    k, n = w.shape
+    diag = jnp.diagonal(h)
     dead = diag <= 0
-    h[dead, dead] = 1.0
-    h[np.diag_indices(k)] += damp * (np.mean(diag[~dead]) if np.any(~dead) else 1.0)
-    u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper Cholesky factor of H^-1: row j's feedback coefficients
-    imp = np.where(dead, 1.0, diag)[:, None].astype(np.float32)
-    w = w.copy()
-    levels = np.zeros((k, n), np.float64)
-    scales = np.zeros((k // g, n), np.float32)
-    for b in range(k // g):
-        r0, r1 = b * g, (b + 1) * g
-        block = w[r0:r1]  # a view: updated in place by the feedback within the block
-        s = np.asarray(int4_scale(block.astype(np.float32)[None], imp[None, r0:r1])[0], np.float64)
-        scales[b] = s
-        errs = np.zeros((g, n))
-        for j in range(g):
-            q = np.clip(np.round(block[j] / s), -8, 7)
-            levels[r0 + j] = q
-            e = (block[j] - q * s) / u[r0 + j, r0 + j]
-            block[j + 1:] -= np.outer(u[r0 + j, r0 + j + 1:r1], e)
-            errs[j] = e
-        w[r1:] -= u[r0:r1, r1:].T @ errs
-    return quantize_int4(levels.astype(np.float32) * scales.repeat(g, axis=0), scale=scales)
+    live = jnp.sum(~dead)
+    mean = jnp.where(live > 0, jnp.sum(jnp.where(dead, 0.0, diag)) / jnp.maximum(live, 1), 1.0)
+    h = h + jnp.diag(jnp.where(dead, 1.0, 0.0) + damp * mean)
+    imp = jnp.where(dead, 1.0, diag)
+    if act_order:
+        perm = jnp.argsort(-diag, stable=True)
+        static = int4_scale(w.reshape(k // g, g, n), imp.reshape(k // g, g, 1))  # [K/g, N], original groups
+        w, h, imp = w[perm], h[perm][:, perm], imp[perm]
+    chol = jnp.linalg.cholesky(h)
+    h_inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(k, dtype=h.dtype))
+    u = jnp.linalg.cholesky(h_inv).T  # upper Cholesky factor of H^-1: row j's feedback coefficients
+    rows_after = jnp.arange(k)
+    within = jnp.arange(g)
+
+    def block(w, b):
+        r0 = b * g
+        rows = jax.lax.dynamic_slice_in_dim(w, r0, g, 0)  # [g, N]
+        ub = jax.lax.dynamic_slice_in_dim(u, r0, g, 0)  # [g, K]
+        ublk = jax.lax.dynamic_slice_in_dim(ub, r0, g, 1)  # [g, g]
+        if act_order:
+            s = static[jax.lax.dynamic_slice_in_dim(perm, r0, g) // g]  # each visited row's own group's scales
+        else:
+            s = int4_scale(rows[None], jax.lax.dynamic_slice_in_dim(imp, r0, g)[None, :, None])[0]
+            s = jnp.broadcast_to(s, (g, n))
+
+        def row(j, carry):
+            rows, levels, errs = carry
+            q = jnp.clip(jnp.round(rows[j] / s[j]), -8, 7)
+            e = (rows[j] - q * s[j]) / ublk[j, j]
+            rows = rows - jnp.where(within > j, ublk[j], 0.0)[:, None] * e[None, :]
+            return rows, levels.at[j].set(q), errs.at[j].set(e)
+
+        zeros = jnp.zeros((g, n), jnp.float32)
+        _, levels, errs = jax.lax.fori_loop(0, g, row, (rows, zeros, zeros))
+        w = w - jnp.where(rows_after >= r0 + g, ub, 0.0).T @ errs  # the lazy update of the rows after the block
+        return w, (levels, s[0])
+
+    _, (levels, scales) = jax.lax.scan(block, w, jnp.arange(k // g))
+    levels = levels.reshape(k, n)
+    if act_order:
+        levels, scales = levels[jnp.argsort(perm)], static
+    return levels.astype(jnp.int8), scales
+
+
+def _pack_int4(q, g: int):
+    """Levels + 8 in [0, 15] [..., K, N] -> uint8 [..., K/2, N], the layout of the module docstring."""
+    xp = _xp(q)
+    *lead, k, n = q.shape
+    q = q.astype(xp.uint8).reshape(*lead, k // g, g, n)
+    return (q[..., : g // 2, :] | (q[..., g // 2:, :] << 4)).reshape(*lead, k // 2, n)
 
 
 def unpack_int4(packed, group: int):
@@ -456,12 +515,15 @@ def act_scale_of(layer):
     return None if a is None else a[...]
 
 
-def quantize_model(model, fmt: str | None, hessians: dict | None = None, activations: str | None = None):
+def quantize_model(model, fmt: str | None, hessians: dict | None = None, activations: str | None = None,
+                   act_order: bool = False):
     """Replace, in place, every quantisable linear by a `QLinear` and quantise the routed experts; returns model.
 
     Used on freshly initialised (random) models and inside `nnx.eval_shape` for the abstract model a checkpoint is
     loaded into; checkpoints themselves are quantised tensor by tensor on the host (checkpoint.py). With `hessians`
-    ({weight path: H}, `calibration.hessians`; int4 only) every weight is quantised by `gptq_int4` against its H.
+    (int4 only) `model` is one unstacked decoder layer and every weight is quantised by `gptq_int4` against its H,
+    keyed by its path in the layer (`calibration.calibrate_layer`, which runs GPTQ one layer at a time).
+
     activations="fp8" (W8A8, fp8 only) adds the static activation scales as parameters (`kernel_act_scale`,
     experts' `gate_up_act_scale` / `down_act_scale`), set to 1: only a loader that fills them from an FP8
     checkpoint's `activation_scale` / `qscale_act` (checkpoint.py) makes a usable model."""
@@ -471,19 +533,13 @@ def quantize_model(model, fmt: str | None, hessians: dict | None = None, activat
         return model
     if hessians is not None and fmt != "int4":
         raise ConfigError(f"calibrated quantisation (GPTQ) is for int4; quantize = {fmt!r}")
-    from small4_jax.model import Experts, layer_groups  # model.py does not import this module's users
+    from small4_jax.model import Experts  # model.py does not import this module's users
 
     def calibrated(path, w) -> QArray:
-        key = tuple(path)
-        if len(key) > 2 and str(key[0]) == "layer_stacks":  # a layer stack [n, ...]: layer by layer, named per layer
-            start = layer_groups(model.config)[int(key[1])][0]
-            parts = [calibrated(("layers", start + j) + key[2:], w[j]) for j in range(w.shape[0])]
-            return QArray(jnp.stack([p.values for p in parts]), jnp.stack([p.scale for p in parts]))
+        key = tuple(map(str, path))
         if key not in hessians:
-            raise ConfigError(f"calibration: no Hessian for {'.'.join(map(str, key))} (no calibration input reached "
-                              "it)")
-        q = gptq_int4(np.asarray(w, np.float32), hessians[key])
-        return QArray(jnp.asarray(q.values), jnp.asarray(q.scale))
+            raise ConfigError(f"calibration: no Hessian for {'.'.join(key)} (no calibration input reached it)")
+        return gptq_int4(w, hessians[key], act_order=act_order)
 
     for path, module in list(nnx.iter_graph(model)):
         if path and str(path[0]) in ("vision_tower", "multi_modal_projector"):

@@ -91,8 +91,9 @@ class Writer:
         store = self.create(key, array.shape, array.dtype)
         self.write_rows(store, array, 0)
 
-    def create(self, key: tuple[str, ...], shape: Sequence[int], dtype) -> object:
-        """Create (or replace) the array `key`; fill it with `write_rows`."""
+    def create(self, key: tuple[str, ...], shape: Sequence[int], dtype, keep: bool = False) -> object:
+        """Create (or replace) the array `key`; fill it with `write_rows`. `keep`: open it with what it holds when
+        it exists (a layer stack written one layer at a time, resumed)."""
         chunks = _chunks(shape, np.dtype(dtype).itemsize)
         spec = {
             "driver": "zarr",
@@ -104,7 +105,8 @@ class Writer:
                 "compressor": None,
             },
         }
-        return self._ts.open(spec, create=True, delete_existing=True, context=self._context).result()
+        mode = {"open": True} if keep else {"delete_existing": True}
+        return self._ts.open(spec, create=True, context=self._context, **mode).result()
 
     @staticmethod
     def write_rows(store, array: np.ndarray, row0: int, at: tuple[int, ...] = ()) -> None:

@@ -414,11 +414,17 @@ def test_quantised_logits_stay_near_the_float_model(hf_model, tmp_path_factory, 
     assert _rel(q(ids), ref(ids)) < tol
 
 
-def test_calibrated_int4_checkpoint_load_fits_its_calibration_text_better(hf_model, tmp_path_factory):
+def test_calibrated_int4_checkpoint_load_fits_its_calibration_text_better(hf_model, tmp_path_factory, monkeypatch):
     """from_pretrained(quantize="int4", calibration=...): every linear and expert is quantised by GPTQ against the
-    inputs it saw on the calibration sequences, so on those sequences the model is closer to the float one than
-    the uncalibrated int4 model (what GPTQ minimises, layer by layer)."""
+    inputs it saw on the calibration sequences, layer after layer through the already quantised layers, so on those
+    sequences the model is closer to the float one than the uncalibrated int4 model. `convert --quantize int4
+    --calibration FILE` runs the same pipeline reading one layer at a time from the checkpoint, and a conversion
+    killed inside a layer resumes from its saved hidden states to the same bytes."""
     from ckpt_utils import save_hf
+
+    from small4_jax import sharded_ckpt
+    from small4_jax.convert import main
+    from small4_jax.safetensors_io import CheckpointReader
 
     config, hf = hf_model
     d = tmp_path_factory.getbasetemp() / "float_ckpt"
@@ -436,18 +442,46 @@ def test_calibrated_int4_checkpoint_load_fits_its_calibration_text_better(hf_mod
     assert errs[0] < 0.9 * errs[1], errs  # measured 0.068 against 0.089
     with pytest.raises(small4_jax.ConfigError, match="calibration is for quantize='int4'"):
         small4_jax.from_pretrained(d, quantize="fp8", calibration=cal.tolist())
-    # convert --quantize int4 --calibration FILE writes that model: it loads back byte for byte
-    from small4_jax.convert import main
 
+    # convert: killed while writing layer 1 (the first MoE layer: its expert values written, their scales not)
     f = tmp_path_factory.mktemp("calib") / "calib.jsonl"
     f.write_text("".join(json.dumps({"ids": row}) + "\n" for row in cal.tolist()))
     out = f.parent / "ckpt"
-    assert main(["--from", str(d), "--to", str(out), "--dtype", "f32", "--quantize", "int4", "--calibration",
-                 str(f), "--quiet"]) == 0
+    args = ["--from", str(d), "--to", str(out), "--dtype", "f32", "--quantize", "int4", "--calibration", str(f),
+            "--quiet"]
+    reads, writes = [], []
+    real_get, real_create = CheckpointReader.get, sharded_ckpt.Writer.create
+    moe_stack = ("params", "layer_stacks", str(len(layer_groups(small4_jax.load_config(d))) - 1))
+
+    def get(self, name, *a, **k):
+        reads.append(int(name.split(".")[1]) if name.startswith("layers.") else None)
+        return real_get(self, name, *a, **k)
+
+    def create(self, key, *a, kill=True, **k):
+        if kill and key == moe_stack + ("mlp", "experts", "gate_up_scale"):
+            raise KeyboardInterrupt("simulated kill")
+        writes.append(key)
+        return real_create(self, key, *a, **k)
+
+    monkeypatch.setattr(CheckpointReader, "get", get)
+    monkeypatch.setattr(sharded_ckpt.Writer, "create", create)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert moe_stack + ("mlp", "experts", "gate_up") in writes and not out.exists()
+    layers = [i for i in reads if i is not None]
+    assert layers == sorted(layers) and set(layers) == {0, 1}  # the loader was asked for one layer at a time
+    reads.clear(), writes.clear()
+    monkeypatch.setattr(sharded_ckpt.Writer, "create",
+                        lambda self, key, *a, **k: create(self, key, *a, kill=False, **k))
+    assert main(args) == 0
+    layers = [i for i in reads if i is not None]
+    assert layers == sorted(layers) and set(layers) == {1, 2}  # resumed at layer 1, from its saved inputs
+    assert not any(k[2] == "0" for k in writes if k[1] == "layer_stacks")  # layer 0's stack not written again
+    assert not list(out.glob("_hidden*")) and not list(out.glob("_progress*"))
     loaded = small4_jax.from_pretrained(out, dtype="float32")
     loaded = dict(per_layer_items(loaded.config, nnx.state(loaded)))
     assert loaded.keys() == state.keys()
-    for path, v in state.items():
+    for path, v in state.items():  # the in-memory pipeline's model, byte for byte
         assert np.asarray(loaded[path]).tobytes() == np.asarray(v).tobytes(), path
 
 
