@@ -36,6 +36,10 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch: int = 16) -> None:
     g.add_argument("--quantize", choices=["fp8", "int8", "int4", "none"], default=None,
                    help="weights of the linears and experts in memory and compute (small4_jax.quant; default: an FP8 "
                    "checkpoint stays fp8, others unquantised; none dequantises)")
+    g.add_argument("--activations", choices=["fp8", "none"], default=None,
+                   help="fp8: W8A8 on an FP8 checkpoint, each linear's and expert's input quantised to e4m3 with the "
+                   "checkpoint's static activation scales and multiplied fp8 x fp8 (inference only; default none: "
+                   "weight-only, activations in the compute dtype)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -97,6 +101,12 @@ def preflight(args: argparse.Namespace, need_tokenizer: bool = False):
             if need_tokenizer:
                 raise InputError(f"{e}; pass --tokenizer FILE") from None
     check_engine_args(args, config)
+    if getattr(args, "activations", None) == "fp8":
+        if args.config:
+            raise InputError("--activations fp8 (W8A8) needs an FP8 checkpoint's static activation scales: pass "
+                             "--checkpoint DIR (a random --config model has none)")
+        if args.quantize not in (None, "fp8"):
+            raise InputError(f"--activations fp8 (W8A8) needs fp8 weights; --quantize {args.quantize}")
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise InputError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{config.vocab_size}")
@@ -128,5 +138,6 @@ def load_model_and_tokenizer(args: argparse.Namespace):
         if mesh is not None:
             place_model(model, mesh)
     else:
-        model = from_pretrained(args.checkpoint, dtype=args.dtype or "auto", mesh=mesh, quantize=args.quantize)
+        model = from_pretrained(args.checkpoint, dtype=args.dtype or "auto", mesh=mesh, quantize=args.quantize,
+                                activations=getattr(args, "activations", None))
     return model, tokenizer, mesh

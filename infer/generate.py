@@ -173,7 +173,8 @@ def run(args: argparse.Namespace) -> dict:
             file=sys.stderr,
         )
     else:
-        model = from_pretrained(args.checkpoint, dtype=args.dtype or "auto", mesh=mesh, quantize=args.quantize)
+        model = from_pretrained(args.checkpoint, dtype=args.dtype or "auto", mesh=mesh, quantize=args.quantize,
+                                activations=args.activations)
     if single_lora:
         from small4_jax.lora import load_peft, shard_lora
 

@@ -119,6 +119,8 @@ def test_generate_rejects_bad_input_before_building_a_model(tmp_path, capsys, no
         "error: --chat needs a tokenizer: pass --tokenizer (a tekken.json)"
     assert err("--checkpoint", str(no_tokenizer_ckpt), "--prompt-ids", "1,600") == \
         "error: --prompt-ids: ids [600] are outside the vocabulary [0, 512)"
+    assert err("--checkpoint", str(no_tokenizer_ckpt), "--prompt-ids", "1,2", "--quantize", "int4", "--activations",
+               "fp8") == "error: --activations fp8 (W8A8) needs fp8 weights; --quantize int4"
     assert err("--checkpoint", str(no_tokenizer_ckpt), "--prompt", "hi") == (
         f"error: no tokenizer found in directory {no_tokenizer_ckpt}: expected tekken.json, tokenizer.model, "
         "tokenizer.model.v* or another *.model file; pass --tokenizer FILE")
@@ -493,3 +495,6 @@ def test_serve_command_line_rejects_bad_input_before_building(tmp_path, capsys, 
         assert err("--config", TINY, "--port", str(port)) == \
             f"error: --port {port}: 127.0.0.1:{port} is already in use"
     assert err("--config", TINY, "--port", "70000") == "error: --port 70000: expected 0-65535"
+    assert err("--config", TINY, "--activations", "fp8") == (
+        "error: --activations fp8 (W8A8) needs an FP8 checkpoint's static activation scales: pass --checkpoint DIR "
+        "(a random --config model has none)")
