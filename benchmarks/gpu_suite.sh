@@ -88,7 +88,7 @@ step train_step 150 $PY benchmarks/train_step.py --layers 4 --seq 4096 --iters 5
 
 # 5. Quantised decode (fp8 / int8 / int4 vs bf16, 4-layer full-width proxy) against the bandwidth floor, and tokamax's
 #    quantised ragged_dot on the same weights.
-step quant_decode 150 $PY benchmarks/quant_decode.py --layers 4 --batches 1,64 --iters 10
+step quant_decode 180 $PY benchmarks/quant_decode.py --layers 4 --batches 1,64 --iters 10
 { echo; echo '```'; cat "$WORK/quant_decode.out"; echo '```'; } >> "$RESULTS"
 
 # 6. The HTTP server under load (tiny model, in-process).

@@ -11,6 +11,13 @@ B x context latent rows, divided by the measured device copy bandwidth. Decode i
 per weight should be speed: PERFORMANCE.md's batch-1 floor on an H100 is 3.64 ms/token in bf16, 1.98 in fp8 and 1.15
 in int4 for the full model.
 
+W8A8 (`fp8-w8a8`): the fp8 model with fp8 activations (`from_pretrained(..., activations="fp8")`: each linear's and
+expert's input quantised with a static scale, fp8 x fp8 products). A random model has no calibrated activation
+scales, so this row uses placeholder scales of 1: right for timing (the work does not depend on the values), not
+for accuracy. Whether W8A8 beats weight-only fp8 is what this row on a GPU decides: on sm_90a the Pallas Triton
+kernel's fp8 dot is lowered as f16 mma.sync after widening (kernels/gmm/quant_triton.py), and XLA's dense fp8 GEMM
+is its Triton emitter or cuBLASLt (which transposes our [in, out] weight first).
+
 Peer (on a GPU; import-guarded): tokamax's `ragged_dot` at the same decode shapes (one MoE layer's gate_up, B x top-k
 rows) on the same weights, passed in tokamax's own quantised operand (`qwix.QArray`: int4 / int8 / fp8 values with
 the per-column scale grid), beside our grouped matmul on our QArray: microseconds each, their ratio, and the largest
@@ -74,7 +81,7 @@ def tokamax_weights(q: "quant.QArray | None", w):
     return qwix.QArray(qvalue=values, scale=quant.column_scale(q))
 
 
-def tokamax_peer(config, batch: int, fmt: str | None, dtype, on_cpu: bool = False) -> dict:
+def tokamax_peer(config, batch: int, fmt: str | None, dtype, on_cpu: bool = False, w8a8: bool = False) -> dict:
     """tokamax.ragged_dot on one layer's gate_up at B x top-k rows, on the same (quantised) weights as our grouped
     matmul: microseconds each, and the largest difference of tokamax's output from ours relative to our largest
     output (both dequantise the same values; tokamax's quantised path is its own kernel). On a GPU only unless
@@ -98,6 +105,9 @@ def tokamax_peer(config, batch: int, fmt: str | None, dtype, on_cpu: bool = Fals
     x = jnp.asarray(rng.normal(size=(rows, c.hidden_size)), dtype)
     w = jnp.asarray(rng.normal(size=(c.n_routed_experts, c.hidden_size, 2 * c.moe_intermediate_size)) * 0.02, dtype)
     q = quant.quantize(w, fmt) if fmt else None
+    if q is not None and w8a8:  # ours: fp8 x fp8 with a static scale per expert; tokamax gets the weight-only QArray
+        q = q._replace(act_scale=jnp.full((c.n_routed_experts, 1, 1), float(jnp.max(jnp.abs(x))) / quant.FP8_MAX,
+                                          jnp.float32))
     gs = jnp.asarray(sizes)
 
     def timed(f, *args):
@@ -113,7 +123,7 @@ def tokamax_peer(config, batch: int, fmt: str | None, dtype, on_cpu: bool = Fals
     out["ours_us"] = ours_us
     try:
         peer_us, peer = timed(jax.jit(lambda x, w, gs: tokamax.ragged_dot(x, w, gs, preferred_element_type=dtype)),
-                              x, tokamax_weights(q, w), gs)
+                              x, tokamax_weights(q and q._replace(act_scale=None), w), gs)
         out["tokamax_us"] = peer_us
         out["tokamax_vs_ours"] = ours_us / peer_us
         ref = jnp.max(jnp.abs(ours.astype(jnp.float32)))
@@ -129,7 +139,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=8, help="proxy depth (full width, all experts)")
     p.add_argument("--batches", default="1,64")
     p.add_argument("--context", type=int, default=None, help="tokens per row in the cache (default 1024; --small 64)")
-    p.add_argument("--formats", default="none,fp8,int8,int4", help="comma-separated; none = bf16")
+    p.add_argument("--formats", default="none,fp8,fp8-w8a8,int8,int4",
+                   help="comma-separated; none = bf16, fp8-w8a8 = fp8 weights and activations")
     p.add_argument("--iters", type=int, default=None, help="timed steps (default 20; --small 3)")
     p.add_argument("--peer-on-cpu", action="store_true", help="call tokamax on the CPU too (a check, not a timing)")
     a = p.parse_args(argv)
@@ -140,19 +151,24 @@ def main(argv=None) -> int:
     page_size = 16
     bandwidth = copy_bandwidth(1 << 26 if a.small else 1 << 30)
     device = jax.devices()[0].device_kind
-    for fmt in a.formats.split(","):
-        fmt = quant.check_format(fmt)
-        model = init_model(config, seed=0, dtype=dtype, quantize=fmt)
+    for name in a.formats.split(","):
+        w8a8 = name == "fp8-w8a8"
+        fmt = "fp8" if w8a8 else quant.check_format(name)
+        if w8a8:  # placeholder activation scales (1): module docstring
+            model = quant.quantize_model(init_model(config, seed=0, dtype=dtype), fmt, activations="fp8")
+        else:
+            model = init_model(config, seed=0, dtype=dtype, quantize=fmt)
         graphdef, state = nnx.split(model)
         for batch in (int(b) for b in a.batches.split(",")):
             t = time_decode(graphdef, state, config, dtype, batch, context, page_size, iters)
             floor = floor_bytes(model, dtype, batch, context) / bandwidth
-            row = dict(device=device, layers=config.num_hidden_layers, format=fmt or str(dtype), batch=batch,
+            row = dict(device=device, layers=config.num_hidden_layers, format=name if w8a8 else fmt or str(dtype),
+                       batch=batch,
                        context=context, step_ms=t * 1e3, tokens_per_s=batch / t, floor_ms=floor * 1e3,
                        fraction_of_floor=floor / t, copy_bandwidth_gbs=bandwidth / 1e9,
                        weight_gib=quant.weight_bytes(model) / 2**30)
             if not a.small or a.peer_on_cpu:
-                row.update(tokamax_peer(config, batch, fmt, dtype, on_cpu=a.peer_on_cpu))
+                row.update(tokamax_peer(config, batch, fmt, dtype, on_cpu=a.peer_on_cpu, w8a8=w8a8))
             print(json.dumps(row), flush=True)
         del model, state
     return 0

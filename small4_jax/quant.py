@@ -491,6 +491,8 @@ class QLinear(nnx.Module):
                   activations=activations)
         out.kernel = nnx.Param(q.values)
         out.kernel_scale = nnx.Param(q.scale)
+        if out.kernel_act_scale is not None:  # one per layer of a stacked linear
+            out.kernel_act_scale = nnx.Param(jnp.ones(q.scale.shape[:-2] + (1, 1), jnp.float32))
         if linear.bias is not None:
             out.bias = nnx.Param(linear.bias[...])
         return out

@@ -302,6 +302,12 @@ def test_w8a8_load_keeps_the_checkpoint_activation_scales(hf_model, fp8_dirs, tm
     raw = _random_act_scales(fp8_dirs / layout, tmp_path / layout, seed=int(np.random.SeedSequence().entropy % 2**31))
     model = small4_jax.from_pretrained(tmp_path / layout, dtype="float32", activations="fp8")
     config = model.config
+    from small4_jax.model import abstract_model
+
+    shapes = lambda m: {p: (v.shape, v.dtype) for p, v in nnx.to_flat_state(nnx.state(m))  # noqa: E731
+                        if str(p[-1]).endswith("_act_scale")}
+    # the abstract W8A8 model (what aot_programs compiles) has the loaded model's activation scales
+    assert shapes(abstract_model(config, dtype="float32", quantize="fp8", activations="fp8")) == shapes(model)
     state = dict(per_layer_items(config, nnx.state(model)))
     acts = {p: v for p, v in state.items() if p[-1].endswith("_act_scale")}
     assert len(acts) == sum(p[-1].endswith("_scale") and not p[-1].endswith("_act_scale") for p in state)
