@@ -152,3 +152,37 @@ def test_per_token_adapters_inside_the_expert_parallel_shard_map(mesh_name, stra
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
     base = routed_experts(x, ids, w, gate_up, down, impl="dense", mesh=None, strategy="none")
     assert float(jnp.abs(want - base)[5:10].max()) == 0.0 and float(jnp.abs(want - base)[:5].max()) > 1e-2
+
+
+@pytest.mark.parametrize("mesh_name, strategy, impl", [("2x2x2", "replicated", "ragged_dot"),
+                                                       ("1x8x1", "all_to_all", "ragged_dot")])
+def test_w8a8_experts_match_one_device(mesh_name, strategy, impl):
+    """W8A8 experts (fp8 values, per-expert weight and activation scales) placed by the loader's rule
+    (`sharding_for`: values, scales and activation scales over `expert`, gate_up columns over `tensor`) give one
+    device's output: each shard quantises its rows with its own experts' activation scales. (The Pallas kernel's
+    window is checked in test_quant's W8A8 kernel test; under this shard_map interpret mode takes ~25 s.)"""
+    import ml_dtypes
+
+    from small4_jax import quant
+    from small4_jax.sharding import sharding_for
+
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % (1 << 31)))
+    ids, (x, w, *_) = _moe_inputs(int(rng.integers(1 << 30)))
+
+    def w8a8(shape):
+        v = np.clip(rng.normal(size=shape) / 0.01, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+        return quant.QArray(jnp.asarray(v), jnp.asarray(rng.uniform(0.005, 0.02, (E, 1, 1)), jnp.float32),
+                            jnp.asarray(rng.uniform(0.002, 0.01, (E, 1, 1)), jnp.float32))
+
+    gate_up, down = w8a8((E, H, 2 * F)), w8a8((E, F, H))
+    want = routed_experts(x, ids, w, gate_up, down, impl="dense", mesh=None, strategy="none")
+    mesh = make_mesh(MESHES[mesh_name])
+
+    def place(q, name):
+        return quant.QArray(*(jax.device_put(a, sharding_for(("experts", name + suffix), a.shape, mesh))
+                              for a, suffix in zip(q, ("", "_scale", "_act_scale"))))
+
+    gu, dn = place(gate_up, "gate_up"), place(down, "down")
+    assert gu.act_scale.sharding.spec[0] == "expert"
+    got = routed_experts(x, ids, w, gu, dn, impl=impl, mesh=mesh, strategy=strategy)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
