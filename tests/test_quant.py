@@ -276,7 +276,7 @@ def test_fp8_checkpoint_stays_fp8_in_memory_and_computes_the_dequantised_model(h
 
 def _random_act_scales(src, dst, seed):
     """A copy of checkpoint directory `src` whose static activation scales are random positive values (what a
-    calibrated release has: each tensor its own, each expert its own), or with `drop` keys removed."""
+    calibrated release has: each tensor its own, each expert its own); returns the new values by key."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -329,7 +329,10 @@ def test_w8a8_load_keeps_the_checkpoint_activation_scales(hf_model, fp8_dirs, tm
 
 
 def test_w8a8_misuse_is_a_clear_error(hf_model, fp8_dirs, tmp_path):
+    import shutil
+
     from ckpt_utils import save_hf
+    from safetensors.torch import load_file, save_file
 
     from small4_jax.errors import CheckpointError, ConfigError
 
@@ -344,10 +347,6 @@ def test_w8a8_misuse_is_a_clear_error(hf_model, fp8_dirs, tmp_path):
     with pytest.raises(CheckpointError, match=r"activation scales, and \S+ is not stored in FP8"):
         small4_jax.from_pretrained(tmp_path / "bf16", quantize="fp8", activations="fp8")
     # a native checkpoint without one weight's qscale_act: the error names that weight
-    from safetensors.torch import load_file, save_file
-
-    import shutil
-
     shutil.copytree(fp8_dirs / "native", tmp_path / "native")
     f = next((tmp_path / "native").glob("*.safetensors"))
     tensors = load_file(f)
@@ -356,12 +355,18 @@ def test_w8a8_misuse_is_a_clear_error(hf_model, fp8_dirs, tmp_path):
     with pytest.raises(CheckpointError, match=r"layers\.0\.self_attn\.o_proj\.weight has no static activation scale"):
         small4_jax.from_pretrained(tmp_path / "native", activations="fp8")
     small4_jax.from_pretrained(tmp_path / "native")  # weight-only fp8 does not need it
+    sharded = tmp_path / "sharded"  # what `convert` writes (the markers are enough: the check comes first)
+    sharded.mkdir()
+    (sharded / "small4_config.json").write_text("{}")
+    (sharded / "_METADATA").write_text("{}")
+    with pytest.raises(CheckpointError, match="a converted sharded checkpoint has none"):
+        small4_jax.from_pretrained(sharded, activations="fp8")
 
 
 def test_w8a8_linear_and_routed_experts_match_numpy():
     """W8A8 products against numpy: the dense `quant.w8a8_dot` (what `QLinear` runs) and every impl of
-    `moe.routed_experts` over W8A8 experts (CPU auto: the tile loop; ragged_dot; dense; the Pallas kernel in interpret
-    mode), each expert quantising its own rows with its own activation scale."""
+    `moe.routed_experts` over W8A8 experts (CPU auto: the tile loop; ragged_dot; dense), each expert quantising its
+    own rows with its own activation scale."""
     from small4_jax import moe
 
     seed = int(np.random.SeedSequence().entropy % 2**31)
