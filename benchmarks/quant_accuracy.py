@@ -4,7 +4,8 @@
 
 1. LoRA: `train.trainer.train` on configs/finetune-tiny.yaml (the demo data) with a float32 base; the adapters are
    merged into the base (`lora.merge_into`), giving a fine-tuned tiny model.
-2. That model quantised to fp8 / int8 / int4 (`quant.quantize_model`), and int4 by GPTQ ("int4-gptq", calibrated on
+2. That model quantised to each `quantize=` spelling (`quant.quantize_model`: "int4" is the routed experts in int4
+   and the dense linears in int8, "int4-all" int4 everywhere), and their int4 parts by GPTQ ("...-gptq", calibrated on
    the fine-tuning config's eval split, data/demo_eval.jsonl: conversations that are not the prompts measured
    below). Logit metrics, float32 compute (the weight format alone differs), relative error = Frobenius norm
    ||q - ref|| / ||ref|| over the whole [B, T, V] logits (centring each row first changes it by < 1e-4 here, so a
@@ -117,12 +118,12 @@ def main(argv=None) -> int:
                     domain_top1=float(np.mean([np.mean(g[s].argmax(-1) == r[s].argmax(-1))
                                                for g, r, s in zip(got, ref_seq, ans)])))
 
-    for fmt in quant.FORMATS + ("int4-gptq", "int4-gptq-act-order"):
+    for fmt in quant.SPELLINGS + ("int4-gptq", "int4-gptq-act-order", "int4-all-gptq"):
         q = merge_into(init_model(rcfg.model, seed=rcfg.base.seed, dtype="float32"), model)
-        if fmt.startswith("int4-gptq"):
+        if "-gptq" in fmt:
             from small4_jax.calibration import quantize_in_memory
 
-            quantize_in_memory(q, cal, act_order=fmt.endswith("act-order"))
+            quantize_in_memory(q, cal, quantize=fmt.split("-gptq")[0], act_order=fmt.endswith("act-order"))
         else:
             quant.quantize_model(q, fmt)
         logits = np.asarray(q(ids))

@@ -33,9 +33,10 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch: int = 16) -> None:
                    "more leave room for loading at run time)")
     g.add_argument("--max-lora-rank", type=int, default=None, help="largest adapter rank a slot holds (default: the "
                    "largest given)")
-    g.add_argument("--quantize", choices=["fp8", "int8", "int4", "none"], default=None,
-                   help="weights of the linears and experts in memory and compute (small4_jax.quant; default: an FP8 "
-                   "checkpoint stays fp8, others unquantised; none dequantises)")
+    g.add_argument("--quantize", metavar="FORMAT", default=None,
+                   help="weights of the linears and experts in memory and compute: fp8, int8, int4 (routed experts "
+                   "int4, dense linears int8), int4-all (int4 everywhere) or none (small4_jax.quant.SPELLINGS; "
+                   "default: an FP8 checkpoint stays fp8, others unquantised; none dequantises)")
     g.add_argument("--activations", choices=["fp8", "none"], default=None,
                    help="fp8: W8A8 on an FP8 checkpoint, each linear's and expert's input quantised to e4m3 with the "
                    "checkpoint's static activation scales and multiplied fp8 x fp8 (inference only; default none: "
@@ -82,6 +83,10 @@ def preflight(args: argparse.Namespace, need_tokenizer: bool = False):
 
     if args.dtype is not None and args.dtype not in DTYPES:
         raise InputError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPES)}")
+    if getattr(args, "quantize", None) is not None:
+        from small4_jax.quant import check_format
+
+        check_format(args.quantize, "--quantize")
     mesh = _parse_mesh(args.mesh)
     config = Small4Config.from_yaml(args.config) if args.config else checkpoint_config(args.checkpoint)
     tokenizer = None

@@ -275,7 +275,8 @@ def _size(b: float) -> str:
 
 def memory_report(weights, cache, device=None) -> tuple[str, dict]:
     """(one line, figures) for one device (default: the first device the weights are on): weight bytes (quantised
-    values at their stored width plus scales, with the format), cache bytes, and the headroom the backend reports
+    values at their stored width plus scales; and the values' bytes per format, `weights_by_format`: "int4" has
+    int4 experts and int8 dense linears), cache bytes, and the headroom the backend reports
     (bytes_limit - bytes_in_use; None where it reports no limit, as on CPUs)."""
     from small4_jax.quant import format_of, is_quantised_dtype
 
@@ -283,7 +284,10 @@ def memory_report(weights, cache, device=None) -> tuple[str, dict]:
     if device is None:
         device = min(leaves[0].sharding.device_set, key=lambda d: d.id) if leaves else jax.devices()[0]
     fmts = sorted({format_of(x.dtype) for x in leaves if is_quantised_dtype(x.dtype)})
-    figures = {"weights": device_bytes(weights, device), "cache": device_bytes(cache, device), "headroom": None}
+    by_format = {f: device_bytes([x for x in leaves if is_quantised_dtype(x.dtype) and format_of(x.dtype) == f],
+                                 device) for f in fmts}
+    figures = {"weights": device_bytes(weights, device), "cache": device_bytes(cache, device), "headroom": None,
+               "weights_by_format": by_format}
     try:
         stats = device.memory_stats()
     except Exception:  # some backends raise instead of returning None
@@ -293,7 +297,8 @@ def memory_report(weights, cache, device=None) -> tuple[str, dict]:
         headroom = f"{_size(figures['headroom'])} headroom of {_size(stats['bytes_limit'])}"
     else:
         headroom = "headroom unknown (the backend reports no memory limit)"
-    kind = f" ({', '.join(fmts)} weights + scales)" if fmts else ""
+    kind = f" ({', '.join(f'{f} {_size(b)}' for f, b in by_format.items())}; the rest scales and float " \
+           "parameters)" if fmts else ""
     line = f"per device ({device}): weights {_size(figures['weights'])}{kind}, cache {_size(figures['cache'])}, " \
            f"{headroom}"
     return line, figures

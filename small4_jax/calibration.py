@@ -179,13 +179,15 @@ def _forward(graphdef, state, h, positions, rope):
     return nnx.merge(graphdef, state)(h, positions, *rope)[0]
 
 
-def calibrate_layer(layer, h: jax.Array, sequences: list[list[int]], *, act_order: bool = False):
+def calibrate_layer(layer, h: jax.Array, sequences: list[list[int]], *, quantize: str = "int4",
+                    act_order: bool = False):
     """One step of the sequential pipeline: (layer quantised by GPTQ, the next layer's calibration inputs).
 
     `layer` is one float DecoderLayer (unstacked: `layer_copy(model, i)` or `checkpoint.load_layer`), `h` [N, H]
     its inputs on the calibration `sequences` (`embed`, then this function's output). Its Hessians (module
-    docstring) are collected over `h`, every quantisable weight is quantised by `quant.gptq_int4` against its own
-    (in place: the linears become QLinears, the experts int4), and `h` is run through the QUANTISED layer, so the
+    docstring) are collected over `h`, and the layer is quantised in place to `quantize` (`quant.policy`: for "int4"
+    the experts int4 and the dense linears int8, "int4-all" int4 everywhere), each int4 weight by `quant.gptq_int4`
+    against its own H, int8 ones rounded to nearest, and `h` is run through the QUANTISED layer, so the
     next layer is calibrated on the inputs it will see in the quantised model (later layers absorb the error of
     earlier ones, as in the GPTQ paper). Sequences run in batches of equal length, jit-compiled once per layer kind
     and batch shape, on jax's default device (an accelerator when there is one)."""
@@ -205,7 +207,7 @@ def calibrate_layer(layer, h: jax.Array, sequences: list[list[int]], *, act_orde
     acc = {key: jnp.zeros(v.shape, jnp.float32) for key, v in shapes.items()}
     for row0, b, t in batches:
         acc = _collect(graphdef, state, rows(row0, b, t), *_rope(config, b, t), acc)
-    quant.quantize_model(layer, "int4", hessians=acc, act_order=act_order)
+    quant.quantize_model(layer, quantize, hessians=acc, act_order=act_order)
     del acc
     graphdef, state = nnx.split(layer)
     out = [_forward(graphdef, state, rows(row0, b, t), *_rope(config, b, t)).reshape(b * t, -1)
@@ -224,7 +226,8 @@ def layer_copy(model, i: int):
     raise IndexError(f"layer {i} out of range")
 
 
-def quantize_in_memory(model, sequences: Sequence[Sequence[int]], *, act_order: bool = False, max_len: int = 2048):
+def quantize_in_memory(model, sequences: Sequence[Sequence[int]], *, quantize: str = "int4", act_order: bool = False,
+                       max_len: int = 2048):
     """GPTQ of a float model held whole (small models; the converter streams the layers from the checkpoint
     instead, `convert --quantize int4 --calibration`): the same sequential pipeline (`calibrate_layer`) over copies
     of its layers, the quantised layers then stacked back into `model.layer_stacks`. Returns the model, quantised
@@ -236,7 +239,7 @@ def quantize_in_memory(model, sequences: Sequence[Sequence[int]], *, act_order: 
     h = embed(model.embed_tokens.embedding[...], sequences)
     quantised = []
     for i in range(config.num_hidden_layers):
-        layer, h = calibrate_layer(layer_copy(model, i), h, sequences, act_order=act_order)
+        layer, h = calibrate_layer(layer_copy(model, i), h, sequences, quantize=quantize, act_order=act_order)
         quantised.append(layer)
     model.layer_stacks = nnx.List([stack_modules(quantised[start:start + n]) for start, n in layer_groups(config)])
     return model
@@ -251,10 +254,11 @@ def load_calibrated(path, calibration, *, dtype="bfloat16", mesh=None, config=No
     from small4_jax import quant
     from small4_jax.checkpoint import from_pretrained
 
-    if quant.check_format(quantize) != "int4":
-        raise ConfigError(f"calibration is for quantize='int4' (GPTQ); got quantize={quantize!r}")
+    if "int4" not in (quant.policy(quantize) or ()):
+        raise ConfigError(f"calibration is for quantize='int4' or 'int4-all' (GPTQ on the int4 weights); got "
+                          f"quantize={quantize!r}")
     model = from_pretrained(path, dtype=dtype, mesh=mesh, config=config, quantize="none")
-    return quantize_in_memory(model, read_sequences(path, calibration), act_order=act_order)
+    return quantize_in_memory(model, read_sequences(path, calibration), quantize=quantize, act_order=act_order)
 
 
 def read_sequences(path, calibration) -> list[list[int]]:

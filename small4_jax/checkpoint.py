@@ -178,11 +178,13 @@ def load_weights(
 ) -> Small4ForCausalLM:
     """Fill an abstract model from `source`, checking every name and shape first.
 
-    With `quantize` ("fp8", "int8", "int4") the linears and experts are loaded quantised (`quant.py`): FP8 tensors
-    stored with scales are kept as they are (bytes and scale grid, transposed to our layout) when the format is
-    "fp8"; anything else is read as float32 on the host and quantised there, one tensor (experts: a block of
-    experts) at a time, so no float copy of a quantised weight ever reaches a device. activations="fp8" (W8A8)
-    also keeps each FP8 weight's static activation scale (`source.get_act_scale`), required for every one."""
+    With `quantize` (a `quant.SPELLINGS` spelling) the linears and experts are loaded quantised (`quant.py`), each in
+    the format its part gets (`quant.policy`: "int4" is int4 experts and int8 dense linears), read off the abstract
+    quantised model's values dtype: FP8 tensors stored with scales are kept as they are (bytes and scale grid,
+    transposed to our layout) when that format is fp8; anything else is read as float32 on the host and quantised
+    there, one tensor (experts: a block of experts) at a time, so no float copy of a quantised weight ever reaches
+    a device. activations="fp8" (W8A8) also keeps each FP8 weight's static activation scale
+    (`source.get_act_scale`), required for every one."""
     fmt = quant.check_format(quantize)
     act = quant.check_activations(activations, fmt)
     graphdef, state = nnx.split(abstract_model(config, dtype=dtype))
@@ -200,19 +202,20 @@ def load_weights(
         names, transform = plan_names(entry), entry[2]
         scale_path = path[:-1] + (f"{path[-1]}_scale",)
         if scale_path in quantised:
+            part = quant.format_of(quantised[path].dtype)  # this tensor's format under the policy
             if is_stacked(path):  # values layer by layer; each layer's (small) scale grid waits in a list
                 scales: list[np.ndarray] = []
 
-                def values(names=names, transform=transform, scales=scales):
+                def values(names=names, transform=transform, scales=scales, part=part):
                     for name in names:
-                        q = _read_quantized(source, name, fmt, transform)
+                        q = _read_quantized(source, name, part, transform)
                         scales.append(q.scale)
                         yield q.values
 
                 arrs = (put_stacked(path, values(), len(names), mesh),)
                 arrs += (put_stacked(scale_path, scales, len(names), mesh),)
             else:
-                q = _read_quantized(source, names[0], fmt, transform)
+                q = _read_quantized(source, names[0], part, transform)
                 arrs = tuple(jax.device_put(np.ascontiguousarray(h), sharding_for(p, h.shape, mesh))
                              for p, h in ((path, q.values), (scale_path, q.scale)))
                 del q
@@ -346,11 +349,11 @@ def from_pretrained(
 
     quantize: the weight format of the linears and routed experts in memory and in compute (`small4_jax.quant`):
     "fp8" (e4m3, per-tensor / per-expert scales: an FP8 checkpoint's own bytes and scales, kept), "int8" (per output
-    channel), "int4" (groups of 128 along the input, two per byte), or "none" (dequantised to `dtype`). None, the
+    channel), "int4" (routed experts in groups of 128 along the input, two per byte; the dense linears int8 per
+    channel), "int4-all" (int4 everywhere), or "none" (dequantised to `dtype`). None, the
     default, keeps an FP8 checkpoint in FP8 and loads anything else unquantised. Embeddings, lm_head, norms and
-    the router are never quantised. `calibration` (with "int4": a JSONL file or token-id lists) quantises by GPTQ
-    against the inputs each weight sees on that text (`small4_jax.calibration`).
-
+    the router are never quantised. `calibration` (with "int4" / "int4-all": a JSONL file or token-id lists)
+    quantises the int4 weights by GPTQ against the inputs each sees on that text (`small4_jax.calibration`).
     activations: None (weight-only: activations stay in `dtype`) or "fp8", W8A8 on an FP8 checkpoint: each
     linear's and expert's input is quantised to e4m3 with the checkpoint's static activation scale (HF
     `activation_scale`, native `qscale_act`, kept beside the weights) and multiplied fp8 x fp8 (quant.py,

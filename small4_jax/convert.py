@@ -37,10 +37,11 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
             quantize: str | None = None, calibration=None, act_order: bool = False) -> Path:
     """Convert `src` into the sharded checkpoint `out`; returns `out`. Resumes an interrupted run of the same job.
 
-    With `quantize` ("fp8", "int8", "int4"; `small4_jax.quant`) the linears and experts are written in that format,
+    With `quantize` (a `small4_jax.quant.SPELLINGS` spelling: "int4" is int4 experts and int8 dense linears) the
+    linears and experts are written in the format of their part,
     values and scale grids as the quantised model holds them (an FP8 source's own bytes and scales for "fp8"), so
     `from_pretrained` restores them without requantising; the other parameters are stored in `dtype`. With
-    `calibration` (int4; a JSONL file or token-id lists, `small4_jax.calibration`) they are quantised by GPTQ, one
+    `calibration` (the int4 parts; a JSONL file or token-id lists, `small4_jax.calibration`) they are quantised by GPTQ, one
     layer at a time (`_write_calibrated`: host memory holds one float layer and the calibration hidden states);
     `act_order` visits each weight's inputs by decreasing Hessian diagonal (`quant.gptq_int4`)."""
     if calibration is not None and quantize is None:
@@ -187,8 +188,9 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str, calibration=
     if calibration is not None:  # GPTQ: the layers are quantised and written one at a time (_write_calibrated)
         import hashlib
 
-        if fmt != "int4":
-            raise CheckpointError(f"--calibration is for --quantize int4 (GPTQ), not {fmt}")
+        if "int4" not in quant.policy(fmt):
+            raise CheckpointError(f"--calibration is for --quantize int4 or int4-all (GPTQ on the int4 weights), not "
+                                  f"{fmt}")
 
         from small4_jax.calibration import check_tokens, read_sequences
 
@@ -234,7 +236,7 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str, calibration=
             e = qshapes[path][0][len(lead)] if experts else 1
             for e0 in range(0, e, 8):  # experts: a block at a time, values and scales row by row
                 rows = (e0, min(e, e0 + 8)) if experts else None
-                q = read(layer_name, fmt, transform, rows=rows)
+                q = read(layer_name, quant.format_of(qshapes[path][1]), transform, rows=rows)  # the part's format
                 if vstore is None:
                     vshape = lead + ((e,) + q.values.shape[1:] if experts else q.values.shape)
                     sshape = lead + ((e,) + q.scale.shape[1:] if experts else q.scale.shape)
@@ -295,7 +297,7 @@ def _write_calibrated(reader, writer, partial: Path, progress_file: Path, job: d
     for i in range(first, n):
         g, (start, _) = next((g, s) for g, s in enumerate(groups) if s[0] <= i < s[0] + s[1])
         layer, h = calibrate_layer(load_layer(config, reader, i), jax.numpy.asarray(h), sequences,
-                                   act_order=act_order)
+                                   quantize=job["quantize"], act_order=act_order)
         written = set()
         for rel, var in nnx.to_flat_state(nnx.state(layer)):
             key = ("layer_stacks", str(g)) + sc.param_key(rel)
@@ -369,10 +371,11 @@ def main(argv=None) -> int:
     p.add_argument("--from", dest="src", required=True, help="HF or Mistral-native checkpoint directory")
     p.add_argument("--to", dest="out", required=True, help="output directory (built in OUT.partial, then renamed)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp8", "f32"], help="storage dtype (default bf16)")
-    p.add_argument("--quantize", choices=["fp8", "int8", "int4"], default=None,
-                   help="store linears and experts quantised (small4_jax.quant; loads without requantising)")
+    p.add_argument("--quantize", metavar="FORMAT", default=None,
+                   help="store linears and experts quantised: fp8, int8, int4 (routed experts int4, dense linears "
+                   "int8) or int4-all (int4 everywhere) (small4_jax.quant.SPELLINGS; loads without requantising)")
     p.add_argument("--calibration", metavar="FILE", default=None,
-                   help="with --quantize int4: GPTQ against the activations of this JSONL text "
+                   help="with --quantize int4 / int4-all: GPTQ on the int4 weights against the activations of this JSONL text "
                         "(small4_jax.calibration; one float layer at a time)")
     p.add_argument("--gptq-act-order", action="store_true",
                    help="with --calibration: quantise each weight's inputs by decreasing Hessian diagonal")

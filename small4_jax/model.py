@@ -648,7 +648,7 @@ def chunked_cross_entropy(head: nnx.Module, h: jax.Array, targets, weights, chun
 
 def init_model(config: Small4Config, *, seed: int = 0, dtype="float32", quantize: str | None = None):
     """A randomly initialised model (weights from `seed`), its linears and experts quantised when `quantize` is
-    "fp8", "int8" or "int4" (quant.py)."""
+    a quant.SPELLINGS spelling ("int4": int4 experts, int8 dense linears; `quant.policy`)."""
     from small4_jax.quant import quantize_model
 
     return quantize_model(Small4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed)), quantize)

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from small4_jax.config import Small4Config
-from small4_jax.errors import CheckpointError
+from small4_jax.errors import CheckpointError, ConfigError
 from small4_jax.model import Small4ForCausalLM, abstract_model
 from small4_jax.sharding import sharding_for
 
@@ -202,6 +202,7 @@ def load_model(path: str | os.PathLike, *, dtype="bfloat16", mesh: Mesh | None =
     asked = quant.check_format(quantize)
     stored = fmt.get("quantize")
     if stored is not None:
+        stored = _stored_format(path, config, stored)
         if quantize is not None and asked != stored:
             raise CheckpointError(f"{path}: holds {stored} weights; it loads as {stored} (quantize=None), not as "
                                   f"{quantize!r}: convert the original checkpoint again for another format")
@@ -247,6 +248,37 @@ def _restore(path: Path, abstract: dict) -> dict:
         return ocp.StandardCheckpointer().restore(path, abstract)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"{path}: cannot restore the sharded checkpoint ({e})") from None
+
+
+def _stored_format(path: Path, config: Small4Config, written: str) -> str:
+    """The `quantize` spelling that the stored values dtypes of a converted checkpoint make up (each part, routed
+    experts and dense linears, in one format; `quant.policy`): what the checkpoint holds, whatever the spelling it
+    was converted with meant then (before int4 became experts-only, "int4" had int4 dense linears)."""
+    import tensorstore as ts
+
+    from small4_jax import quant
+
+    flat = dict(nnx.to_flat_state(nnx.split(abstract_model(config, quantize=written))[1]))
+    parts: dict[str, set] = {"experts": set(), "dense": set()}
+    for p in flat:
+        if p[:-1] + (f"{p[-1]}_scale",) not in flat:
+            continue
+        spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{path}",
+                                              "path": ".".join(("params",) + param_key(p))}}
+        try:
+            dtype = ts.open(spec, open=True, read=True).result().dtype.numpy_dtype
+        except ValueError as e:
+            raise CheckpointError(f"{path}: cannot read {'.'.join(param_key(p))} ({e})") from None
+        parts["experts" if _is_experts(p) else "dense"].add(quant.format_of(dtype))
+    if not parts["experts"]:  # no routed experts in the model: the dense format names it
+        parts["experts"] = set(parts["dense"])
+    if any(len(v) != 1 for v in parts.values()):
+        raise CheckpointError(f"{path}: quantised tensors in mixed formats within a part: "
+                              f"{ {k: sorted(v) for k, v in parts.items()} }")
+    try:
+        return quant.spelling(quant.Policy(experts=parts["experts"].pop(), dense=parts["dense"].pop()))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _load_quantized(path: Path, config: Small4Config, dtype, mesh: Mesh | None, fmt: str,

@@ -407,12 +407,14 @@ def test_w8a8_linear_and_routed_experts_match_numpy():
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4, err_msg=f"seed {seed} {impl}")
 
 
-@pytest.mark.parametrize("fmt,tol", [("fp8", 4e-2), ("int8", 1e-2), ("int4", 0.12)])
+@pytest.mark.parametrize("fmt,tol", [("fp8", 4e-2), ("int8", 1e-2), ("int4", 5e-2), ("int4-all", 0.12)])
 def test_quantised_logits_stay_near_the_float_model(hf_model, tmp_path_factory, fmt, tol):
     """Float32 compute, so the difference is the weight format alone; relative error = Frobenius norm over the whole
-    logits. Measured here: fp8 3.2%, int8 0.6%, int4 9.5%. fp8's 2e-2 target is below e4m3's floor on random
-    models (2.6% rms weight error at any scale, amplified 1.3x by this model: quant.py's docstring and
-    benchmarks/quant_logits.py), hence 4e-2."""
+    logits. Measured here: fp8 3.2%, int8 0.6%, int4 (experts int4, dense linears int8) 3.2% (3.0-3.9% over five
+    input seeds), int4-all 9.5%. int4 meets the issue's 5e-2; int4 everywhere does not (9.4% rms weight error,
+    amplified by the dense linears every token passes through), hence 0.12 for it. fp8's 2e-2 target is below
+    e4m3's floor on random models (2.6% rms weight error at any scale, amplified 1.3x by this model: quant.py's
+    docstring and benchmarks/quant_logits.py), hence 4e-2."""
     from ckpt_utils import save_hf
 
     config, hf = hf_model
@@ -446,8 +448,13 @@ def test_calibrated_int4_checkpoint_load_fits_its_calibration_text_better(hf_mod
     plain = small4_jax.from_pretrained(d, dtype="float32", quantize="int4")
     gptq = small4_jax.from_pretrained(d, dtype="float32", quantize="int4", calibration=cal.tolist())
     state = dict(per_layer_items(gptq.config, nnx.state(gptq)))  # the stacks unstacked to per-layer paths
-    assert state[("layers", "1", "mlp", "experts", "gate_up")].dtype == jnp.uint8
-    assert state[("layers", "0", "self_attn", "o_proj", "kernel_scale")].dtype == jnp.bfloat16
+    plain_state = dict(per_layer_items(plain.config, nnx.state(plain)))
+    experts = ("layers", "1", "mlp", "experts", "gate_up")
+    assert state[experts].dtype == jnp.uint8  # GPTQ chose the int4 experts' values ...
+    assert np.asarray(state[experts]).tobytes() != np.asarray(plain_state[experts]).tobytes()
+    o_proj = ("layers", "0", "self_attn", "o_proj", "kernel")  # ... and left the int8 dense linears rounded to nearest
+    assert state[o_proj].dtype == jnp.int8
+    assert np.asarray(state[o_proj]).tobytes() == np.asarray(plain_state[o_proj]).tobytes()
     want = np.asarray(ref(cal))
     errs = [_rel(np.asarray(m(cal)), want) for m in (gptq, plain)]
     assert errs[0] < 0.9 * errs[1], errs  # measured 0.068 against 0.089
@@ -496,9 +503,62 @@ def test_calibrated_int4_checkpoint_load_fits_its_calibration_text_better(hf_mod
         assert np.asarray(loaded[path]).tobytes() == np.asarray(v).tobytes(), path
 
 
-def test_unknown_format_is_a_clear_error(fp8_dirs):
-    with pytest.raises(small4_jax.ConfigError, match=r"quantize = 'int3': expected one of fp8, int8, int4"):
+def test_unknown_format_is_a_clear_error(fp8_dirs, tmp_path, capsys):
+    with pytest.raises(small4_jax.ConfigError,
+                       match=r"^quantize = 'int3': expected one of fp8, int8, int4, int4-all \(or none\)$"):
         small4_jax.from_pretrained(fp8_dirs / "hf", quantize="int3")
+    from infer.generate import main as generate
+    from small4_jax.convert import main as convert
+
+    for main, argv in ((convert, ["--from", str(fp8_dirs / "hf"), "--to", str(tmp_path / "out")]),
+                       (generate, ["--config", "configs/tiny.yaml", "--prompt", "hi"])):  # before any model is built
+        assert main(argv + ["--quantize", "int3"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == \
+            "error: --quantize = 'int3': expected one of fp8, int8, int4, int4-all (or none)"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("fmt,dense", [("int4", "int8"), ("int4-all", "int4"), ("fp8", "fp8")])
+def test_policy_puts_int4_on_the_routed_experts_and_int8_on_the_dense_linears(hf_model, fmt, dense):
+    """quantize="int4": the routed expert stacks int4 g128 (packed [E, K/2, N], bf16 scales [E, K/g, N]); every other
+    quantised linear (attention projections, the shared expert, the first layer's dense MLP) int8 per output channel
+    ([K, N], float32 scales [1, N]); "int4-all" int4 everywhere. Embeddings, lm_head, norms, router stay float."""
+    from small4_jax.config import Small4Config
+    from small4_jax.model import abstract_model
+
+    assert quant.policy(fmt) == quant.Policy(experts="fp8" if fmt == "fp8" else "int4", dense=dense)
+    assert quant.spelling(quant.policy(fmt)) == fmt
+    config = Small4Config.from_hf_dict(hf_model[0].to_dict())  # first_k_dense_replace = 1: a dense MLP layer too
+    def flat(model):  # {path of str: ShapeDtypeStruct}; layer stacks keep their leading layer axis
+        return {tuple(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model))}
+
+    floats, state = flat(abstract_model(config)), flat(abstract_model(config, quantize=fmt))
+    moe = str(len(layer_groups(config)) - 1)  # the MoE layers' stack (the dense first layer's is "0")
+    seen = {"experts": 0, "dense": 0, "dense_mlp": 0, "shared": 0, "float": 0}
+    for path, v in state.items():
+        names = path
+        if names[-1].endswith("_scale"):
+            continue
+        if (path[:-1] + (names[-1] + "_scale",)) not in state:  # never quantised
+            assert v.dtype == jnp.float32 and v.shape == floats[path].shape, path
+            seen["float"] += 1
+            continue
+        part = "experts" if "experts" in names else "dense"
+        f = fmt if fmt == "fp8" else ("int4" if part == "experts" else dense)
+        vshape, sshape, vdtype = quant.stored_shapes(floats[path].shape, f)
+        scale = state[path[:-1] + (names[-1] + "_scale",)]
+        assert (v.shape, v.dtype, scale.shape, scale.dtype) == (vshape, vdtype, sshape, quant.scale_dtype(f)), path
+        seen[part] += 1
+        seen["dense_mlp"] += names[:2] == ("layer_stacks", "0") and "mlp" in names
+        seen["shared"] += "shared_experts" in names
+    assert all(seen.values()), seen
+    if fmt == "int4":
+        n, e, h, f2 = layer_groups(config)[-1][1], config.n_routed_experts, config.hidden_size, \
+            2 * config.moe_intermediate_size
+        assert state[("layer_stacks", moe, "mlp", "experts", "gate_up")].shape == (n, e, h // 2, f2)
+        assert state[("layer_stacks", moe, "mlp", "experts", "gate_up_scale")].shape == (n, e, 1, f2)  # K = 64: one group
+        assert state[("layer_stacks", moe, "self_attn", "o_proj", "kernel")].dtype == jnp.int8
+        assert state[("layer_stacks", moe, "self_attn", "o_proj", "kernel_scale")].shape == (n, 1, h)
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int4"])
@@ -525,6 +585,25 @@ def test_quantized_sharded_checkpoint_loads_without_requantising(hf_model, fp8_d
     assert got[("layer_stacks", moe, "mlp", "experts", "gate_up_scale")][...].sharding.spec[1] == "expert"
     ids = _ids(config.vocab_size)
     assert _rel(loaded(ids), direct(ids)) < 1e-5  # expert-parallel over quantised experts = one device
+
+
+def test_converted_checkpoint_loads_as_its_stored_dtypes_say(fp8_dirs, tmp_path):
+    """A converted checkpoint's parts load in the formats its stored arrays hold, not as its format file's spelling
+    says: one converted with int4 everywhere and labelled "int4" (as conversions before the per-part policy wrote
+    it) loads as int4-all, byte for byte, and asking for "int4" (experts-only) is refused, not requantised."""
+    from small4_jax.convert import convert
+
+    out = convert(fp8_dirs / "native", tmp_path / "all", dtype="f32", quantize="int4-all", progress=None)
+    fmt_file = out / "small4_format.json"
+    want = dict(nnx.to_flat_state(nnx.state(small4_jax.from_pretrained(out, dtype="float32"))))
+    fmt_file.write_text(json.dumps({**json.loads(fmt_file.read_text()), "quantize": "int4"}))
+    got = dict(nnx.to_flat_state(nnx.state(small4_jax.from_pretrained(out, dtype="float32"))))
+    assert got.keys() == want.keys()
+    assert got[("layer_stacks", 0, "self_attn", "o_proj", "kernel")].dtype == jnp.uint8  # int4 dense linears
+    for path, v in want.items():
+        assert got[path].dtype == v.dtype and np.asarray(got[path][...]).tobytes() == np.asarray(v[...]).tobytes()
+    with pytest.raises(small4_jax.CheckpointError, match="holds int4-all weights; it loads as int4-all"):
+        small4_jax.from_pretrained(out, quantize="int4")
 
 
 def test_interrupted_quantized_conversion_resumes_to_the_same_bytes(fp8_dirs, tmp_path, monkeypatch):
@@ -609,7 +688,10 @@ def test_engine_start_up_report_states_quantised_weights_cache_and_headroom():
     assert engine.memory["weights"] == sum(x.nbytes for x in jax.tree.leaves(state))
     assert engine.memory["weights"] < dense.memory["weights"] / 2  # int8 linears and experts, f32 embeddings/head
     assert engine.memory["cache"] == sum(x.nbytes for x in jax.tree.leaves(engine.pages))
-    assert "int8 weights + scales" in engine.report and "headroom unknown" in engine.report  # CPU: no limit
+    assert engine.memory["weights_by_format"] == {"int8": sum(x.nbytes for x in jax.tree.leaves(state)
+                                                              if x.dtype == jnp.int8)}
+    assert f"int8 {engine.memory['weights_by_format']['int8'] / 2**20:.2f} MiB;" in engine.report
+    assert "headroom unknown" in engine.report  # CPU: no limit
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int4"])

@@ -26,7 +26,7 @@ class BaseSection:
     dtype: str = "bfloat16"  # base weights and activations; LoRA parameters are always float32
     tokenizer: str | None = None  # default: the checkpoint's, or the bundled tiny one for random weights
     moe_impl: str | None = None  # override of the config's grouped-matmul implementation
-    quantize: str | None = None  # frozen base in fp8 / int8 / int4 (QLoRA, small4_jax.quant); FP8 checkpoints: fp8
+    quantize: str | None = None  # frozen base: a small4_jax.quant.SPELLINGS spelling (QLoRA); FP8 checkpoints: fp8
 
 
 @dataclasses.dataclass(frozen=True)

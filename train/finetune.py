@@ -23,8 +23,9 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", help="override train.out_dir")
     p.add_argument("--steps", type=int, help="override train.steps")
     p.add_argument("--mesh", help="override train.mesh, e.g. data=2,expert=4,tensor=1")
-    p.add_argument("--quantize", choices=["fp8", "int8", "int4", "none"],
-                   help="override base.quantize: QLoRA over a frozen fp8/int8/int4 base (small4_jax.quant)")
+    p.add_argument("--quantize", metavar="FORMAT",
+                   help="override base.quantize: QLoRA over a frozen quantised base: fp8, int8, int4 (routed experts "
+                   "int4, dense linears int8), int4-all (int4 everywhere) or none (small4_jax.quant.SPELLINGS)")
     args = p.parse_args(argv)
     from small4_jax.console import setup_logging
 
@@ -46,6 +47,9 @@ def main(argv=None) -> int:
         if changes:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
         if args.quantize is not None:
+            from small4_jax.quant import check_format
+
+            check_format(args.quantize, "--quantize")
             cfg = dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, quantize=args.quantize))
         train(cfg, resume=args.resume)
     except Small4Error as e:
