@@ -13,7 +13,9 @@ that layer's weight, made each layer of each step. Per step = the copied bytes o
 Variants: "default" (what our programs compile with), XLA options that could remove the copies ("ds-fusion":
 dynamic-slice fusion, which lets a cuBLAS GEMM read its operand at an offset; "cublas": XLA's GEMMs on cuBLAS instead
 of Triton; "cublas+ds-fusion"; "xla-unroll": XLA unrolls the while loop; "double-buffer": XLA's loop double
-buffering), and "unrolled" (`scan_layers=False`: a Python loop over static slices, the compile time the scan saves).
+buffering), "unrolled" (`scan_layers=False`: a Python loop over static slices, the compile time the scan saves), and
+"dense-gmm" (`dense_impl: gmm`: the dense projections read their stacks in place through the grouped-matmul kernel,
+model.run_layers; what remains is absorbed MLA's kv_b, which it folds into the query as a per-head weight).
 Results and the compiled-HLO evidence: benchmarks/RESULTS.md, "Dense weights under the layer scan".
 """
 
@@ -35,14 +37,16 @@ from small4_jax import aot  # noqa: E402
 from small4_jax import aot_programs as ap  # noqa: E402
 
 MODEL = Path(__file__).resolve().parent.parent / "configs" / "small4-119b.yaml"
-VARIANTS = {  # name -> (XLA options, scan the layers)
-    "default": ({}, True),
-    "ds-fusion": ({"xla_gpu_enable_dynamic_slice_fusion": True}, True),
-    "cublas": ({"xla_gpu_enable_triton_gemm": False}, True),
-    "cublas+ds-fusion": ({"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_dynamic_slice_fusion": True}, True),
-    "xla-unroll": ({"xla_gpu_enable_while_loop_unrolling": "WHILE_LOOP_UNROLLING_FULL_UNROLL"}, True),
-    "double-buffer": ({"xla_gpu_enable_while_loop_double_buffering": True}, True),
-    "unrolled": ({}, False),
+VARIANTS = {  # name -> (XLA options, scan the layers, config.dense_impl)
+    "default": ({}, True, "xla"),
+    "ds-fusion": ({"xla_gpu_enable_dynamic_slice_fusion": True}, True, "xla"),
+    "cublas": ({"xla_gpu_enable_triton_gemm": False}, True, "xla"),
+    "cublas+ds-fusion": ({"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_dynamic_slice_fusion": True}, True,
+                         "xla"),
+    "xla-unroll": ({"xla_gpu_enable_while_loop_unrolling": "WHILE_LOOP_UNROLLING_FULL_UNROLL"}, True, "xla"),
+    "double-buffer": ({"xla_gpu_enable_while_loop_double_buffering": True}, True, "xla"),
+    "unrolled": ({}, False, "xla"),
+    "dense-gmm": ({}, True, "gmm"),
 }
 MIN_BYTES = 64 * 1024  # smaller layer slices (norm weights, 8 KiB) are left out: too small to matter, too easy to alias
 
@@ -113,8 +117,8 @@ def main(argv=None) -> int:
     print("| variant | compiles | temp MiB | layer-weight copies / layer | MiB / layer | GiB / step | copied | s |")
     print("|---|---|---|---|---|---|---|---|")
     for name in a.variants:
-        options, scanned = VARIANTS[name]
-        program = ap.serve_step(config, mesh, absorbed=True, rows=a.rows, tokens=a.tokens, table_pages=64,
+        options, scanned, dense = VARIANTS[name]
+        program = ap.serve_step(config.replace(dense_impl=dense), mesh, absorbed=True, rows=a.rows, tokens=a.tokens, table_pages=64,
                                 num_pages=1024, quantize=a.quantize, scan_layers=scanned)
         r = measure(program, options, full.num_hidden_layers, a.layers)
         if "error" in r:

@@ -40,6 +40,7 @@ from small4_jax.errors import ConfigError
 _ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
 MOE_IMPLS = ("auto", "pallas", "ragged_dot", "dense")  # "auto": the fastest correct one here (moe.resolve_impl)
 ATTN_IMPLS = ("auto", "blockwise", "pallas", "reference")  # small4_jax.kernels.attention (api.py)
+DENSE_IMPLS = ("xla", "gmm", "auto")  # the layers' dense projections in inference programs (moe.resolve_dense_impl)
 MOE_STRATEGIES = ("auto", "replicated", "all_to_all", "none")  # must equal moe.STRATEGIES
 
 
@@ -241,6 +242,11 @@ class Small4Config:
     # Implementation choices (not part of the checkpoint's math).
     moe_impl: str = "auto"  # grouped matmul of the routed experts: "auto", "pallas", "ragged_dot", "dense" (see moe.py)
     attn_impl: str = "auto"  # softmax attention: "auto", "blockwise", "pallas", "reference" (kernels/attention/api.py)
+    # The layers' dense projections (attention, shared expert, router) in inference programs: "xla" (XLA slices
+    # each layer's weights out of the stacks: a copy per layer on GPUs), "gmm" (the grouped-matmul kernel reads the
+    # stacks in place, model.run_layers), "auto" (gmm where the experts' kernel is picked, i.e. on GPUs). "xla" by
+    # default until a GPU has measured gmm's speed at decode shapes (benchmarks/RESULTS.md, scan_copies).
+    dense_impl: str = "xla"
     # Expert parallelism when the expert weights sit on a mesh with an 'expert' axis (see moe.py): "auto" (by token
     # count), "replicated" (tokens replicated, local experts, psum), "all_to_all" (dispatch/combine), "none".
     moe_strategy: str = "auto"
@@ -302,6 +308,8 @@ class Small4Config:
             bad("moe_impl", f"one of {', '.join(MOE_IMPLS)}")
         if self.attn_impl not in ATTN_IMPLS:
             bad("attn_impl", f"one of {', '.join(ATTN_IMPLS)}")
+        if self.dense_impl not in DENSE_IMPLS:
+            bad("dense_impl", f"one of {', '.join(DENSE_IMPLS)}")
         if self.moe_strategy not in MOE_STRATEGIES:
             bad("moe_strategy", f"one of {', '.join(MOE_STRATEGIES)}")
         if self.moe_a2a_min_tokens < 0:

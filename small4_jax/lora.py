@@ -58,7 +58,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from small4_jax.errors import ConfigError
 from small4_jax.model import MLA, MLP, Experts, MoE, PerLayer, Router, Shared, Small4ForCausalLM, layer_groups, \
     layer_slice
-from small4_jax.moe import ExpertLoRA
+from small4_jax.moe import AtLayer, ExpertLoRA, _sliced, at_layer
 from small4_jax.quant import QArray, act_scale_of, dequantize, logical_shape, qdot
 from small4_jax.sharding import spec_for
 
@@ -138,11 +138,14 @@ def base_output(layer, x: jax.Array) -> jax.Array:
     """x W + b of an adapted linear's frozen base in its compute dtype: `kernel` [in, out] (quantised when
     `kernel_scale` is set: `quant.qdot` dequantises in the product), optional `bias`. Shared by the single- and the
     multi-adapter linears (multi_lora.py)."""
+    kernel = layer.kernel[...]
     if layer.kernel_scale is not None:
-        y = qdot(x, QArray(layer.kernel[...], layer.kernel_scale[...], act_scale_of(layer)), layer.dtype)
+        y = qdot(x, at_layer(QArray, kernel, layer.kernel_scale[...], act_scale_of(layer)), layer.dtype)
+    elif isinstance(kernel, AtLayer):  # the stack, read at the layer in place (model.run_layers, dense_impl)
+        y = kernel.matmul(x, layer.dtype)
     else:
         dims = (((x.ndim - 1,), (0,)), ((), ()))
-        y = jax.lax.dot_general(x, layer.kernel[...].astype(layer.dtype), dims, precision=layer.precision)
+        y = jax.lax.dot_general(x, kernel.astype(layer.dtype), dims, precision=layer.precision)
     if layer.bias is not None:
         y = y + layer.bias[...].astype(layer.dtype)
     return y
@@ -200,8 +203,8 @@ class LoRALinear(nnx.Module):
     def base_kernel(self) -> jax.Array:
         """The frozen base matrix [in, out] in float32 (dequantised for a quantised base)."""
         if self.kernel_scale is not None:
-            return dequantize(QArray(self.kernel[...], self.kernel_scale[...]), jnp.float32)
-        return self.kernel[...].astype(jnp.float32)
+            return dequantize(_sliced(at_layer(QArray, self.kernel[...], self.kernel_scale[...])), jnp.float32)
+        return _sliced(self.kernel[...]).astype(jnp.float32)
 
 
 class ExpertsLoRA(nnx.Module):
@@ -248,9 +251,13 @@ class LoRARouter(nnx.Module):
         self.active = _per_layer(active, lead, jnp.float32)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.weight[...]
+        base = Router.__call__(self, x) if isinstance(w, AtLayer) else None  # its stack read in place (run_layers)
         x = x.astype(jnp.float32)
         low = (x @ self.lora_a[...]) @ self.lora_b[...]
-        return jnp.dot(x, self.weight[...].astype(jnp.float32)) + self.scale * self.active[...] * low
+        if base is None:
+            base = jnp.dot(x, w.astype(jnp.float32))
+        return base + self.scale * self.active[...] * low
 
     def delta(self) -> jax.Array:
         return self.scale * self.active[...][..., None, None] * (self.lora_a[...] @ self.lora_b[...])

@@ -30,10 +30,13 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx.nn import dtypes as nnx_dtypes
 
 from small4_jax.config import Small4Config
 from small4_jax.kernels.attention import attention
-from small4_jax.moe import AtLayer, route, routed_experts
+from small4_jax.moe import AtLayer, at_layer, resolve_dense_impl, route, routed_experts
+from small4_jax.quant import QUANTISED_LINEARS
+from small4_jax.sharding import RULES, mesh_of, param_axes
 
 _ACT = {
     "silu": jax.nn.silu,
@@ -91,6 +94,25 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * y.astype(x.dtype)
 
 
+def _promote_dtype(args, *, dtype=None, inexact=True):
+    """nnx.Linear's dtype promotion of (x, kernel, bias), leaving a kernel given as `AtLayer` (its whole stack, passed
+    by `run_layers`) as it is: `_dot_general` reads it in place."""
+    x, kernel, bias = args
+    if not isinstance(kernel, AtLayer):
+        return nnx_dtypes.promote_dtype(args, dtype=dtype, inexact=inexact)
+    x, bias = nnx_dtypes.promote_dtype((x, bias), dtype=dtype, inexact=inexact)
+    return x, kernel, bias
+
+
+def _dot_general(x, kernel, dims, precision=None, preferred_element_type=None, **kwargs):
+    """nnx.Linear's product: `jax.lax.dot_general`, or for an `AtLayer` kernel its stack read at the layer in place
+    by the grouped-matmul kernel (`AtLayer.matmul`; run_layers, `dense_impl`)."""
+    if isinstance(kernel, AtLayer):
+        return kernel.matmul(x, preferred_element_type or x.dtype)
+    return jax.lax.dot_general(x, kernel, dims, precision=precision, preferred_element_type=preferred_element_type,
+                               **kwargs)
+
+
 def _linear(din: int, dout: int, config: Small4Config, dtype, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
     return nnx.Linear(
         din,
@@ -99,6 +121,8 @@ def _linear(din: int, dout: int, config: Small4Config, dtype, rngs: nnx.Rngs, bi
         dtype=_dtype(dtype),
         param_dtype=_dtype(dtype),
         kernel_init=nnx.initializers.normal(config.initializer_range),
+        dot_general=_dot_general,
+        promote_dtype=_promote_dtype,
         rngs=rngs,
     )
 
@@ -125,7 +149,10 @@ class Router(nnx.Module):
         self.weight = nnx.Param(init(rngs.params(), (config.hidden_size, config.n_routed_experts), _dtype(dtype)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.dot(x.astype(jnp.float32), self.weight[...].astype(jnp.float32))
+        w = self.weight[...]
+        if isinstance(w, AtLayer):  # its stack read in place (run_layers); x is in the weight's (the model's) dtype
+            return w.matmul(x.astype(w.stack.dtype), jnp.float32)
+        return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
 
 
 class Experts(nnx.Module):
@@ -166,11 +193,9 @@ class Experts(nnx.Module):
         from small4_jax.quant import QArray
 
         def quantised(name):
-            values, scale, act = (getattr(self, name + s) for s in ("", "_scale", "_act_scale"))
-            values, scale, act = values[...], scale[...], None if act is None else act[...]
-            if isinstance(values, AtLayer):
-                return AtLayer(QArray(values.stack, scale.stack, None if act is None else act.stack), values.index)
-            return QArray(values, scale, act)
+            act = getattr(self, name + "_act_scale")
+            return at_layer(QArray, getattr(self, name)[...], getattr(self, name + "_scale")[...],
+                            None if act is None else act[...])
 
         return quantised("gate_up"), quantised("down")
 
@@ -462,8 +487,26 @@ def _frozen_expert_weight(path, value) -> bool:
             and not isinstance(value, nnx.LoRAParam))
 
 
+def _dense_weight(path, value) -> bool:
+    """A dense projection's base weight (an attention / MLP linear's `kernel`, its quantised scales) or the router's
+    weight, not sharded over the mesh it lives on: what `run_layers` passes whole with `dense_impl` "gmm". A
+    projection sharded over `tensor` stays with XLA (the kernel runs unpartitioned outside a shard_map: XLA would
+    gather its stack)."""
+    names = tuple(str(p) for p in path)
+    if len(names) < 2 or isinstance(value, nnx.LoRAParam):
+        return False
+    module, leaf = names[-2], names[-1]
+    if not ((module in QUANTISED_LINEARS and leaf.startswith("kernel")) or (module == "gate" and leaf == "weight")):
+        return False
+    mesh = mesh_of(value[...] if isinstance(value, nnx.Variable) else value)
+    if mesh is None:
+        return True
+    axes = param_axes(names[:-1] + ("kernel",), 2)
+    return not any(mesh.shape.get(RULES.get(a), 1) > 1 for a in axes if a)
+
+
 def run_layers(stacks, groups, h: jax.Array, carry, fn, *, scan: bool = True, remat: bool = False,
-               frozen_experts: bool = True):
+               frozen_experts: bool = True, dense: str = "xla"):
     """h, carry through every layer in order: `fn(layer, i, h, carry) -> (h, carry)` with `layer` an unstacked
     DecoderLayer (the stack's slice) and i its global index (a traced int32 under the scan, a Python int unrolled).
 
@@ -477,10 +520,20 @@ def run_layers(stacks, groups, h: jax.Array, carry, fn, *, scan: bool = True, re
     the grouped-matmul kernel. Sliced by the scan instead, each layer's experts were copied into a temporary
     before the kernel (a dynamic-slice fusion in the loop body): twice the weight reads of a decode step. Pass
     False where their gradient is wanted (full fine-tuning of the experts): it then comes one slice a layer.
+
+    `dense` (`config.dense_impl`, resolved by `moe.resolve_dense_impl`; callers pass it for inference programs only,
+    "xla" where the dense weights are differentiated): with "gmm" the dense projections' base weights (attention,
+    shared expert and dense MLP linears, router; `_dense_weight`) are closed over the same way, and each linear
+    multiplies its `AtLayer` through the grouped-matmul kernel (`AtLayer.matmul`): XLA's GEMMs take no
+    dynamic-slice operand, so under the scan every layer's dense weights were copied out of the stacks first
+    (102.5 MiB a layer a device for Small 4 on 8 x H200: benchmarks/scan_copies.py), and a quantised weight was
+    also dequantised by XLA; the kernel reads the bytes in place. LoRA adapters and biases stay scanned.
     """
+    dense = dense if dense == "xla" else resolve_dense_impl(dense, h)
+    closed = [f for f, on in ((_frozen_expert_weight, frozen_experts), (_dense_weight, dense == "gmm")) if on]
     for stack, (start, n) in zip(stacks, groups):
-        if frozen_experts:
-            graphdef, shared, whole, params = nnx.split(stack, Shared, _frozen_expert_weight, ...)
+        if closed:
+            graphdef, shared, whole, params = nnx.split(stack, Shared, nnx.Any(*closed), ...)
         else:
             (graphdef, shared, params), whole = nnx.split(stack, Shared, ...), None
 
@@ -557,7 +610,8 @@ class Small4ForCausalLM(nnx.Module):
 
         kv = None if cache is None else (cache.latent, cache.rope_key)
         h, kv = run_layers(self.layer_stacks, layer_groups(self.config), h, kv, layer_fn, scan=self.scan_layers,
-                           remat=remat, frozen_experts=not self.train_experts)
+                           remat=remat, frozen_experts=not self.train_experts,
+                           dense="xla" if cache is None else self.config.dense_impl)  # cached: an inference program
         h = self.norm(h)
         if not head:  # the final hidden states, for the chunked loss
             return h, None

@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 
 from small4_jax import kernels, platform
+from small4_jax.config import DENSE_IMPLS
 from small4_jax.kernels.gmm import pallas_triton
 from small4_jax.quant import QArray, column_scale, dequantize, quantize_act, w8a8_dot
 from small4_jax.sharding import MoELayout, mesh_of, moe_layout, scale_spec
@@ -98,6 +99,33 @@ class AtLayer:
     def get(self):
         """stack[index] (a dynamic slice: a copy of the layer's weights)."""
         return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, self.index, 0, keepdims=False), self.stack)
+
+    def matmul(self, x: jax.Array, out_dtype) -> jax.Array:
+        """x [..., K] @ stack[index] [K, N] -> [..., N] in `out_dtype`, accumulated in float32: a dense projection
+        whose stack `model.run_layers` passed whole (`dense_impl`, model.py). The grouped-matmul kernel runs it with
+        one group holding every row ("pallas": compiled on GPUs, Pallas interpret mode elsewhere), reading the
+        float or quantised stack at the layer in place (a QArray dequantised tile by tile in the kernel), so
+        neither a copy of the layer's weights nor a dequantised one is written. The stack gets a group axis of one
+        ([L, 1, K, N]: a bitcast). A float stack in another dtype than x is sliced and multiplied by XLA instead
+        (the kernel would cast the whole stack)."""
+        stack = self.stack
+        if not isinstance(stack, QArray) and jnp.dtype(stack.dtype) != jnp.dtype(x.dtype):
+            return jnp.dot(x, self.get().astype(x.dtype), preferred_element_type=jnp.float32).astype(out_dtype)
+        rows = x.reshape(-1, x.shape[-1])
+        grouped = jax.tree.map(lambda a: a[:, None], stack)
+        y = kernels.gmm(rows, grouped, jnp.full((1,), rows.shape[0], jnp.int32), layer=self.index,
+                        preferred_element_type=out_dtype, backend="pallas")
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def at_layer(make, *parts):
+    """`make(*parts)` of one layer's weight parts (e.g. a QArray's values and scales), or, where `run_layers` passed
+    them as AtLayers of their whole stacks, one AtLayer of `make` over the stacks, at their index. None parts stay
+    None."""
+    first = next(p for p in parts if p is not None)
+    if isinstance(first, AtLayer):
+        return AtLayer(make(*(None if p is None else p.stack for p in parts)), first.index)
+    return make(*parts)
 
 
 def _sliced(w):
@@ -168,6 +196,19 @@ def resolve_impl(impl: str, *placed) -> str:
         return "pallas" if kernel_self_check() is None else "ragged_dot"
     if impl not in IMPLS:
         raise ValueError(f"unknown moe impl {impl!r}; expected 'auto' or one of {IMPLS}")
+    return impl
+
+
+def resolve_dense_impl(impl: str, *placed) -> str:
+    """"xla" or "gmm": how the layers' dense projections multiply in an inference program (`config.dense_impl`;
+    model.run_layers). "gmm" reads each stack at the layer in place (`AtLayer.matmul`); "xla" lets XLA slice
+    the layer out of the stack (a copy of every dense weight each layer on GPUs: benchmarks/scan_copies.py). "auto"
+    is "gmm" where `resolve_impl("auto")` picks the Pallas kernel for the experts (GPUs, after its first-use
+    self-check), else "xla"."""
+    if impl not in DENSE_IMPLS:
+        raise ValueError(f"unknown dense impl {impl!r}; expected one of {DENSE_IMPLS}")
+    if impl == "auto":
+        return "gmm" if resolve_impl("auto", *placed) == "pallas" else "xla"
     return impl
 
 

@@ -38,7 +38,7 @@ from flax import nnx
 from small4_jax.errors import ConfigError, InputError
 from small4_jax.lora import ExpertsLoRA, LoRALinear, LoRARouter, _modules, base_output, load_peft
 from small4_jax.model import Shared
-from small4_jax.moe import ExpertLoRA
+from small4_jax.moe import ExpertLoRA, _sliced, at_layer
 from small4_jax.quant import QArray, dequantize
 
 
@@ -98,8 +98,8 @@ class MultiLoRALinear(nnx.Module):
     def base_kernel(self, dtype) -> jax.Array:
         """The base [in, out] matrix (dequantised if quantised), without any adapter."""
         if self.kernel_scale is not None:
-            return dequantize(QArray(self.kernel[...], self.kernel_scale[...]), dtype)
-        return self.kernel[...].astype(dtype)
+            return dequantize(_sliced(at_layer(QArray, self.kernel[...], self.kernel_scale[...])), dtype)
+        return _sliced(self.kernel[...]).astype(dtype)
 
     def _halves(self, nh: int, dn: int):
         b = self.lora_b[...].reshape(-1, nh, self.out_features // nh)

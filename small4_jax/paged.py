@@ -46,6 +46,7 @@ from small4_jax.batch_sampling import RowSampling, TokenHistory, sample_rows
 from small4_jax.config import Small4Config
 from small4_jax.kernels.mla_decode import gather_keys, mla_attention
 from small4_jax.model import Small4ForCausalLM, apply_rope, layer_groups, llama4_query_scale, rope_cos_sin, run_layers
+from small4_jax.moe import AtLayer
 
 NULL_PAGE = 0
 
@@ -92,7 +93,8 @@ def _kernel(linear, din: int, dtype) -> jax.Array:
     any other linear-like module is evaluated on the identity, which yields its effective matrix.
     """
     if type(linear) is nnx.Linear and linear.bias is None:
-        return linear.kernel[...].astype(dtype)
+        kernel = linear.kernel[...]
+        return (kernel.get() if isinstance(kernel, AtLayer) else kernel).astype(dtype)  # a stack: slice the layer
     if hasattr(linear, "row_lora"):  # per-row adapters (multi_lora.py): the base here, each row's adapter in low rank
         return linear.base_kernel(dtype)
     if hasattr(linear, "effective_kernel") and getattr(linear, "bias", None) is None:
@@ -252,7 +254,7 @@ def forward(
         return h, pages
 
     h, pages = run_layers(model.layer_stacks, layer_groups(config), h, pages, layer_fn,
-                          scan=getattr(model, "scan_layers", True))
+                          scan=getattr(model, "scan_layers", True), dense=config.dense_impl)
     index = logit_index if logit_index.ndim == 2 else logit_index[:, None]
     normed = model.norm(h) if with_hidden else None
     last = jnp.take_along_axis(normed, index[:, :, None], axis=1) if with_hidden \

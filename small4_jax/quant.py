@@ -433,8 +433,13 @@ def column_scale(q: QArray):
 
 def qdot(x: jax.Array, q: QArray, dtype) -> jax.Array:
     """x [..., K] @ W [K, N] for a dense quantised kernel, accumulated in float32, returned in `dtype` (W8A8 when
-    `q.act_scale` is set: `w8a8_dot`)."""
+    `q.act_scale` is set: `w8a8_dot`; an `moe.AtLayer` of a stacked QArray: `AtLayer.matmul`, the stack read and
+    dequantised tile by tile in the grouped-matmul kernel)."""
     dtype = jnp.dtype(dtype)
+    from small4_jax.moe import AtLayer  # moe imports this module
+
+    if isinstance(q, AtLayer):  # the weight's stack, read at the layer in place (model.run_layers, dense_impl)
+        return q.matmul(x.astype(dtype), dtype)
     if q.act_scale is not None:
         return w8a8_dot(x, q, dtype)
     x = x.astype(dtype)
@@ -536,7 +541,10 @@ class QLinear(nnx.Module):
         return out
 
     def qarray(self) -> QArray:
-        return QArray(self.kernel[...], self.kernel_scale[...], act_scale_of(self))
+        """The QArray, or one `moe.AtLayer` of the stacks' QArray where `run_layers` passed them whole."""
+        from small4_jax.moe import at_layer
+
+        return at_layer(QArray, self.kernel[...], self.kernel_scale[...], act_scale_of(self))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = qdot(x, self.qarray(), self.dtype)
@@ -546,7 +554,10 @@ class QLinear(nnx.Module):
 
     def effective_kernel(self) -> jax.Array:
         """The dequantised [in, out] matrix (absorbed MLA decode folds kv_b_proj into the query with it)."""
-        return dequantize(self.qarray(), self.dtype)
+        from small4_jax.moe import AtLayer
+
+        q = self.qarray()
+        return dequantize(q.get() if isinstance(q, AtLayer) else q, self.dtype)
 
 
 def act_scale_of(layer):

@@ -75,21 +75,30 @@ def test_a_gemm_under_the_layer_scan_writes_its_weight_slice_unless_the_kernel_r
 def test_the_scan_copies_benchmark_finds_the_dense_weight_copies_of_the_decode_step():
     """benchmarks/scan_copies.py at the real dims (a scan of two layers: XLA drops a loop of one): the compiled decode
     step on 8 x H200 copies each layer's attention projections and shared expert (~0.1 GiB a layer a device;
-    RESULTS.md), not its routed experts (read in place)."""
+    RESULTS.md), not its routed experts (read in place). With `dense_impl: gmm` the dense projections read their
+    stacks in place too: the only layer-weight copy left is absorbed MLA's kv_b (3 MiB, folded into the query per
+    head), and the temporaries shrink by the largest copy (o_proj's 32 MiB)."""
     import re
     import subprocess
     import sys
     from pathlib import Path
 
-    proc = subprocess.run([sys.executable, "benchmarks/scan_copies.py", "--layers", "2", "--variants", "default"],
+    proc = subprocess.run([sys.executable, "benchmarks/scan_copies.py", "--layers", "2", "--variants", "default",
+                           "dense-gmm"],
                           cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    row = re.search(r"^\| default \| yes \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (.*) \| \d+ \|$",
-                    proc.stdout, re.M)
-    assert row, proc.stdout
-    temp, copies, per_layer, per_step = (float(row.group(i)) for i in range(1, 5))
-    copied = row.group(5).split(", ")
+
+    def row(variant):
+        number = r"([\d.]+) \| "
+        found = re.search(rf"^\| {variant} \| yes \| {number * 4}(.*) \| \d+ \|$", proc.stdout, re.M)
+        assert found, proc.stdout
+        return (*(float(found.group(i)) for i in range(1, 5)), found.group(5).split(", "))
+
+    temp, copies, per_layer, per_step, copied = row("default")
     assert {"self_attn.o_proj", "self_attn.q_b_proj", "mlp.shared_experts.down_proj"} <= set(copied)
     assert not any(c.startswith("mlp.experts.") for c in copied)
     assert 90 < per_layer < 120 and abs(per_step - per_layer * 36 / 1024) < 0.01 and copies >= 8
     assert temp >= 32  # o_proj's 4096 x 4096 bf16 copy is the largest temporary
+    gmm_temp, gmm_copies, gmm_per_layer, _, gmm_copied = row("dense-gmm")
+    assert gmm_copied == ["self_attn.kv_b_proj"] and gmm_copies == 1 and gmm_per_layer == 3.0  # [256, 6144] bf16
+    assert gmm_temp < 8 and gmm_temp < temp - 24
