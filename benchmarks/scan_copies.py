@@ -35,6 +35,7 @@ import jax  # noqa: E402
 
 from small4_jax import aot  # noqa: E402
 from small4_jax import aot_programs as ap  # noqa: E402
+from small4_jax.quant import SPELLINGS  # noqa: E402
 
 MODEL = Path(__file__).resolve().parent.parent / "configs" / "small4-119b.yaml"
 VARIANTS = {  # name -> (XLA options, scan the layers, config.dense_impl)
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--target", choices=aot.TARGETS, default="h200")
     p.add_argument("--rows", type=int, default=16, help="decode batch (the serve default max_batch)")
     p.add_argument("--tokens", type=int, default=1, help="tokens per row: 1 = a decode step, more = a prefill chunk")
-    p.add_argument("--quantize", choices=("fp8", "int8", "int4"), help="weights in this format (small4_jax.quant)")
+    p.add_argument("--quantize", choices=SPELLINGS, help="weights in this format (small4_jax.quant policies)")
     a = p.parse_args(argv)
     ok, why = aot.available()
     if not ok:
