@@ -59,7 +59,7 @@ EOF
 
 # 2. The grouped matmul against its peers (ragged_dot, gshard, dense, torch grouped_mm), Small 4 shapes.
 step moe_gmm 180 $PY benchmarks/moe_gmm.py --tokens 1 64 4096 16384 --routings uniform skewed --iters 10 \
-  --json "$WORK/moe_gmm.json"
+  --no-quant-peers --json "$WORK/moe_gmm.json"
 $PY - "$WORK/moe_gmm.json" >> "$RESULTS" <<'EOF'
 import json, sys
 try:
@@ -90,6 +90,12 @@ step train_step 150 $PY benchmarks/train_step.py --layers 4 --seq 4096 --iters 5
 #    quantised ragged_dot on the same weights.
 step quant_decode 180 $PY benchmarks/quant_decode.py --layers 4 --batches 1,64 --iters 10
 { echo; echo '```'; cat "$WORK/quant_decode.out"; echo '```'; } >> "$RESULTS"
+
+# 5b. fp8 experts: weight-only (tiles dequantised in the kernel) against W8A8 (fp8 x fp8, static activation scales),
+#     decode and prefill sizes; whether W8A8 should be the default for FP8 checkpoints (README "W8A8").
+step moe_gmm_quant 90 $PY benchmarks/moe_gmm.py --levels A --tokens 64 4096 --routings uniform --iters 10
+{ echo; echo '```'; grep -E "^A .* fwd .* (pallas|pallas_fp8|pallas_w8a8) +[0-9.]+ms" "$WORK/moe_gmm_quant.out"; echo '```'; } \
+  >> "$RESULTS"
 
 # 6. The HTTP server under load (tiny model, in-process).
 step serve_load 60 $PY benchmarks/serve_load.py --requests 64 --concurrency 16

@@ -11,6 +11,11 @@ and routings uniform / skewed (Zipf 1.2) / four (every token to the same four ex
 forward and dx (the input gradient: gmm with the transposed weights). Peers in this process:
 
     pallas          small4_jax.kernels.gmm (the kernel under test)
+    pallas_fp8      the same on fp8 experts (per-expert scales), tiles dequantised in the kernel (forward only)
+    pallas_w8a8     the same fp8 experts with the rows quantised to fp8 too (W8A8, a static scale; forward only):
+                    against pallas_fp8 it says whether W8A8 is worth being the default (quant.py, README)
+                    (both off with --small unless --quant-peers: interpret mode is slow; their GB/s counts the
+                    row's bf16 bytes, so compare their times)
     ragged_dot      jax.lax.ragged_dot, default lowering (run only where it fits; failures are recorded)
     ragged_triton   the same under jax_ragged_dot_use_gpu_pallas_triton_lowering (GPU, when the flag exists)
     gshard          dense one-hot dispatch to [G, C, K] with C = the largest group (dropless), batched einsum
@@ -44,6 +49,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from small4_jax import quant  # noqa: E402
 from small4_jax.kernels import gmm  # noqa: E402
 from small4_jax.moe import routed_experts  # noqa: E402
 
@@ -107,6 +113,8 @@ def level_a(args, dev, rng, results):
     has_flag = on_gpu and hasattr(jax.config, flag)
     for proj, kk, nn in (("gate_up", h, 2 * f), ("down", f, h)):
         w = jnp.asarray(rng.standard_normal((e, kk, nn), np.float32) / math.sqrt(kk), dtype)
+        wq = quant.quantize(w.astype(jnp.float32), "fp8")  # per-expert scales, as the release
+        w_fp8 = quant.dequantize(wq, jnp.float32)  # what the fp8 peers compute with (their checks' reference)
         for tokens in args.tokens:
             for kind in args.routings:
                 ids = routing(kind, tokens, e, k, rng)
@@ -121,6 +129,9 @@ def level_a(args, dev, rng, results):
                 touched = int((sizes > 0).sum())
                 flops = 2.0 * m * kk * nn
                 nbytes = 2.0 * (touched * kk * nn + m * kk + m * nn)
+                s_x = jnp.max(jnp.abs(lhs.astype(jnp.float32))) / quant.FP8_MAX  # one static scale for every expert
+                act = jnp.full((e, 1, 1), s_x, jnp.float32)
+                lhs_fp8 = quant.quantize_act(lhs, s_x).astype(jnp.float32) * s_x  # the rows W8A8 multiplies
                 for pas in ("fwd", "dx"):
                     x_in, w_t, transpose = (lhs, w, False) if pas == "fwd" else (dy, w, True)
                     peers = {
@@ -132,13 +143,19 @@ def level_a(args, dev, rng, results):
                     capacity = int(sizes.max())
                     if pas == "fwd" and m * e * capacity <= args.gshard_max:
                         peers["gshard"] = (jax.jit(lambda a, b, g, c=capacity: gshard(a, b, g, c)), (x_in, w_t, gids))
+                    if pas == "fwd" and args.quant_peers:  # peers with their own check reference (rows, weights)
+                        peers["pallas_fp8"] = (jax.jit(lambda a, v, c, s: gmm(a, quant.QArray(v, c), s)),
+                                               (x_in, wq.values, wq.scale, gs), (lhs, w_fp8))
+                        peers["pallas_w8a8"] = (jax.jit(lambda a, v, c, t, s: gmm(a, quant.QArray(v, c, t), s)),
+                                                (x_in, wq.values, wq.scale, act, gs), (lhs_fp8, w_fp8))
                     if has_flag and pas == "fwd":
                         peers["ragged_triton"] = ("flag", (x_in, w_t, gs))
                     if torch is not None and pas == "fwd":
                         peers["torch_grouped"] = ("torch", None)
                     row = dict(level="A", proj=proj, pass_=pas, tokens=tokens, routing=kind, m=m, k=kk, n=nn,
                                touched_experts=touched, flops=flops, bytes=nbytes, impls={})
-                    for name, (fn, fargs) in peers.items():
+                    for name, (fn, fargs, *ref) in peers.items():
+                        ref_x, ref_w = ref[0] if ref else (x_in, w_t)
                         try:
                             if fn == "flag":
                                 jax.config.update(flag, True)
@@ -151,7 +168,7 @@ def level_a(args, dev, rng, results):
                                 out, t = _torch_grouped(torch, lhs, w, sizes, args.iters)
                             else:
                                 out, t = timed(fn, fargs, args.iters)
-                            err = None if name == "dense" else check(out, x_in, w_t, sizes, transpose, rng,
+                            err = None if name == "dense" else check(out, ref_x, ref_w, sizes, transpose, rng,
                                                                      f"{proj} {pas} T={tokens} {kind} {name}")
                             row["impls"][name] = dict(time_s=t, rel_err=err)
                         except AssertionError:
@@ -322,7 +339,11 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write results here (default $OUT/moe_gmm.json when $OUT is set)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu", action="store_true", help="the CPU expert paths at the medium serving config (level B)")
+    p.add_argument("--quant-peers", action=argparse.BooleanOptionalAction, default=None,
+                   help="the pallas_fp8 / pallas_w8a8 peers of level A (default: on, off with --small)")
     args = p.parse_args(argv)
+    if args.quant_peers is None:
+        args.quant_peers = not args.small
     args.dtype, args.block_impls = jnp.bfloat16, ("pallas", "ragged_dot")
     if args.cpu:
         args.experts, args.top_k, args.hidden, args.intermediate = 16, 4, 512, 512
