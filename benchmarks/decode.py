@@ -181,6 +181,9 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-chunk", type=int, default=2048)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--no-peer", action="store_true", help="skip transformers")
+    p.add_argument("--dense-impl", default="xla", choices=("xla", "gmm", "auto"),
+                   help="config.dense_impl: the dense projections by XLA (a copy of each layer's weights under the "
+                        "scan) or read in place by the grouped-matmul kernel")
     p.add_argument("--markdown", help="append a results table to this file (e.g. benchmarks/RESULTS.md)")
     args = p.parse_args(argv)
     batches = [int(x) for x in (args.batches or ("1,8" if args.small else "1,8,64,256")).split(",")]
@@ -188,7 +191,7 @@ def main(argv=None) -> int:
     dtype = jnp.dtype(args.dtype or ("float32" if args.small else "bfloat16"))
     page_size = min(args.page_size, 16) if args.small else args.page_size
     chunk = min(args.prefill_chunk, 64) if args.small else args.prefill_chunk
-    config = proxy_config(args.small, args.layers)
+    config = proxy_config(args.small, args.layers).replace(dense_impl=args.dense_impl)
     model = init_model(config, seed=0, dtype=dtype)
     graphdef, state = nnx.split(model)
     device = jax.devices()[0].device_kind
@@ -216,7 +219,8 @@ def main(argv=None) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.markdown:
-        lines = [f"\n### decode, {config.num_hidden_layers}-layer proxy, {dtype}, {device} "
+        lines = [f"\n### decode, {config.num_hidden_layers}-layer proxy, {dtype}, dense_impl {args.dense_impl}, "
+                 f"{device} "
                  "(copy bandwidth measured at each step's size, best of 7: "
                  + ", ".join(f"{r['copy_bandwidth_gbs']:.0f}" for r in rows) + " GB/s)\n",
                  "| batch | context | tok/s | step ms | us/layer | floor ms | % of floor | TTFT ms "

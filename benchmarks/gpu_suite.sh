@@ -83,6 +83,11 @@ EOF
 step decode 120 $PY benchmarks/decode.py --layers 4 --batches 1,64 --contexts 1024,8192 --iters 10 \
   --markdown "$RESULTS"
 
+# 3b. The same decode step with the dense projections read in place by the grouped-matmul kernel (dense_impl gmm;
+#     benchmarks/RESULTS.md "Dense weights under the layer scan"): compare its rows with 3's before trusting "auto".
+step decode_dense_gmm 90 $PY benchmarks/decode.py --layers 4 --batches 1,64 --contexts 1024 --iters 10 --no-peer \
+  --dense-impl gmm --markdown "$RESULTS"
+
 # 4. The LoRA train step (4-layer proxy) against transformers + peft.
 step train_step 150 $PY benchmarks/train_step.py --layers 4 --seq 4096 --iters 5 --markdown "$RESULTS"
 

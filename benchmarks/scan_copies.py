@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=16, help="decode batch (the serve default max_batch)")
     p.add_argument("--tokens", type=int, default=1, help="tokens per row: 1 = a decode step, more = a prefill chunk")
     p.add_argument("--quantize", choices=SPELLINGS, help="weights in this format (small4_jax.quant policies)")
+    p.add_argument("--activations", choices=("fp8",), help="W8A8: fp8 activations (with --quantize fp8)")
     a = p.parse_args(argv)
     ok, why = aot.available()
     if not ok:
@@ -112,15 +113,17 @@ def main(argv=None) -> int:
     full = Small4Config.from_yaml(MODEL)
     config = full.replace(num_hidden_layers=a.layers)
     mesh = aot.gpu_mesh(a.target, {"data": 1, "expert": 8, "tensor": 1})
-    print(f"# serve step {a.rows}x{a.tokens} (absorbed MLA, {a.quantize or 'bf16'}), {a.layers} layers compiled, "
+    weights = (a.quantize or "bf16") + (" W8A8" if a.activations else "")
+    print(f"# serve step {a.rows}x{a.tokens} (absorbed MLA, {weights}), {a.layers} layers compiled, "
           f"8 x {a.target.upper()} (expert=8), jax {jax.__version__}; per step = per layer x {full.num_hidden_layers} "
           "layers")
     print("| variant | compiles | temp MiB | layer-weight copies / layer | MiB / layer | GiB / step | copied | s |")
     print("|---|---|---|---|---|---|---|---|")
     for name in a.variants:
         options, scanned, dense = VARIANTS[name]
-        program = ap.serve_step(config.replace(dense_impl=dense), mesh, absorbed=True, rows=a.rows, tokens=a.tokens, table_pages=64,
-                                num_pages=1024, quantize=a.quantize, scan_layers=scanned)
+        program = ap.serve_step(config.replace(dense_impl=dense), mesh, absorbed=True, rows=a.rows, tokens=a.tokens,
+                                table_pages=64, num_pages=1024, quantize=a.quantize, scan_layers=scanned,
+                                activations=a.activations)
         r = measure(program, options, full.num_hidden_layers, a.layers)
         if "error" in r:
             print(f"| {name} | no: {r['error']} | | | | | | {r['seconds']:.0f} |", flush=True)

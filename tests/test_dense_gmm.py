@@ -79,3 +79,19 @@ def test_dense_impl_auto_is_xla_off_gpus_and_a_bad_name_is_refused():
     assert moe.resolve_dense_impl("gmm", jnp.zeros(2)) == "gmm"
     with pytest.raises(ConfigError, match="dense_impl"):
         CONFIG.replace(dense_impl="cublas")
+
+
+def test_one_group_at_decode_is_one_row_tile_with_bounded_split_k_partials():
+    """A dense projection (one group) of up to 64 rows streams its weight once: one row tile; its float32 split-K
+    partials stay at most 256 rows; the tiling fits Hopper's limits (bf16 and float32, Small 4's dense shapes)."""
+    from small4_jax.kernels.gmm import tiling as T
+
+    for m in range(1, 65):
+        for dtype in (jnp.bfloat16, jnp.float32):
+            for k, n in ((4096, 1024), (1024, 4096), (4096, 320), (256, 6144), (4096, 4096), (4096, 2048),
+                         (2048, 4096), (4096, 128)):
+                t = T.gmm_tiling(m, k, n, 1, dtype)
+                assert t.block_m >= m and t.block_m <= 64 and t.split_k * t.block_m <= 256, (m, k, n, t)
+                assert not T.check_tiling(t, dtype, T.HOPPER, "gmm", m=m, n=n), (m, k, n, t)
+    assert T.gmm_tiling(16, 4096, 4096, 1, jnp.bfloat16).split_k == 16  # 64 column tiles x 16 K slices
+    assert T.gmm_tiling(65, 4096, 4096, 1, jnp.bfloat16).split_k == 1  # more rows: the prefill tiling

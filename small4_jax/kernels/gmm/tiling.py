@@ -2,7 +2,9 @@
 
 Decode (few rows per group, bandwidth-bound: the cost is streaming each touched expert's weights once) uses narrow
 row tiles (16, Triton's smallest dot) and splits K across programs so that a handful of experts still fills the
-GPU. Prefill (hundreds of rows per group, compute-bound) uses 128x128 output tiles.
+GPU. One group of at most 64 rows (a dense projection read in place at decode, `moe.AtLayer.matmul`) gets one row
+tile covering them all, so its weight is streamed once, and the same split of K. Prefill (hundreds of rows per
+group, compute-bound) uses 128x128 output tiles.
 
 These numbers are starting points written without a GPU at hand: they respect Triton's constraints (powers of two,
 every dot dimension >= 16) but have not been tuned. `benchmarks/moe_gmm.py` is where they get measured.
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 _MIN = 16  # Triton's smallest dot dimension
 _DECODE_ROWS_PER_GROUP = 64  # below this average, a call is bandwidth-bound: use the decode tiling
 _TARGET_PROGRAMS = 528  # ~4 programs per SM on a 132-SM Hopper part, for choosing split-K at decode
+_ONE_GROUP_PARTIAL_ROWS = 256  # one group at decode: at most this many rows of float32 split-K partials
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,14 +58,21 @@ def is_decode(m: int, num_groups: int) -> bool:
 def gmm_tiling(m: int, k: int, n: int, num_groups: int, dtype) -> GmmTiling:
     """Tiling for gmm of lhs [m, k] by rhs [num_groups, k, n] (the transposed-rhs call uses the same)."""
     wide = jnp.dtype(dtype).itemsize >= 4
-    if is_decode(m, num_groups):
+    one_tile = num_groups == 1 and m <= _DECODE_ROWS_PER_GROUP  # a dense projection at decode (moe.AtLayer.matmul)
+    if is_decode(m, num_groups) or one_tile:
+        # One group: all its rows in one row tile, so the weight is streamed once (16-row tiles would read it
+        # ceil(m / 16) times); 64 rows keep the accumulator at 32 registers a thread. Its K split is capped at
+        # split x rows <= 256: the float32 partials [split, m, n] (written, then summed by XLA) stay within 1/8 of a
+        # bf16 weight of K = 4096 rows.
+        bm = _pow2_at_most(_DECODE_ROWS_PER_GROUP, m) if one_tile else 16
         bk = _pow2_at_most(64 if wide else 128, k)
         bn = _pow2_at_most(64, n)
         programs = max(1, min(m, num_groups)) * -(-n // bn)
         split = 1
-        while programs * split < _TARGET_PROGRAMS and k // (2 * split * bk) >= 2:
+        while (programs * split < _TARGET_PROGRAMS and k // (2 * split * bk) >= 2
+               and not (one_tile and 2 * split * bm > _ONE_GROUP_PARTIAL_ROWS)):
             split *= 2
-        return GmmTiling(block_m=16, block_k=bk, block_n=bn, split_k=split, num_warps=4, num_stages=4)
+        return GmmTiling(block_m=bm, block_k=bk, block_n=bn, split_k=split, num_warps=4, num_stages=4)
     return GmmTiling(
         block_m=_pow2_at_most(128, m), block_k=_pow2_at_most(32 if wide else 64, k), block_n=_pow2_at_most(128, n),
         split_k=1, num_warps=8, num_stages=3,
