@@ -46,6 +46,12 @@ Compute (`qdot`, dense linears): with one scale row (fp8 per tensor or per block
 product is (x @ q) * scale, the cast of q fused into the dot by XLA; otherwise (int4 groups, block grids) the weight
 is dequantised in the compute dtype and multiplied (XLA fuses the dequantisation into the dot's operand on GPUs).
 The routed experts go through `kernels.gmm` with the QArray itself (in-kernel dequantisation with the Pallas backend).
+
+W8A8 (`from_pretrained(..., activations="fp8")`, fp8 only): the QArray also carries the checkpoint's static activation
+scale (`act_scale`, parameters `kernel_act_scale` / `gate_up_act_scale` / `down_act_scale`, [..., 1, 1]); the input
+is quantised to e4m3 with it and the product is fp8 x fp8 in float32, times s_x * s_w (`w8a8_dot`; the experts'
+`gmm_w8a8_pallas`). Inference only. Models quantised here have no activation scales and are refused W8A8 (no
+calibration of them is written); the checkpoint loader names the first weight without one.
 """
 
 from __future__ import annotations
@@ -468,7 +474,8 @@ def check_activations(activations: str | None, quantize: str | None = "fp8") -> 
 
 def quantize_act(x: jax.Array, act_scale) -> jax.Array:
     """x in e4m3 with a static per-tensor scale: clamp(x / s, +-448) cast to float8_e4m3fn (round to nearest even),
-    computed in float32. The W8A8 kernels do exactly this to each activation tile."""
+    computed in float32. `w8a8_dot` does this to its input, the W8A8 grouped matmul to each row with its expert's
+    scale (`kernels/gmm/quant_triton.quantize_rows`)."""
     return jnp.clip(x.astype(jnp.float32) / act_scale, -FP8_MAX, FP8_MAX).astype(_FP8)
 
 
@@ -491,15 +498,6 @@ def w8a8_dot(x: jax.Array, q: QArray, dtype) -> jax.Array:
     s_x = jnp.reshape(q.act_scale, ()).astype(jnp.float32)
     xq = quantize_act(x, s_x)
     y = jax.lax.dot_general(xq, q.values, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return (y * (s_x * column_scale(q)[0].astype(jnp.float32))).astype(dtype)
-
-
-def w8a8_reference(x: jax.Array, q: QArray, dtype=jnp.float32) -> jax.Array:
-    """The definition of a W8A8 product in numbers: (quantised x in float32) @ (fp8 values in float32) at full
-    precision, times s_x * s_w (x [..., K], one dense weight, or one expert's)."""
-    s_x = jnp.reshape(q.act_scale, ()).astype(jnp.float32)
-    xq = quantize_act(x, s_x).astype(jnp.float32)
-    y = jnp.matmul(xq, q.values.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return (y * (s_x * column_scale(q)[0].astype(jnp.float32))).astype(dtype)
 
 
