@@ -176,7 +176,8 @@ def _collect(graphdef, state, h, positions, rope, acc):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _forward(graphdef, state, h, positions, rope):
-    return nnx.merge(graphdef, state)(h, positions, *rope)[0]
+    with jax.default_matmul_precision("float32"):
+        return nnx.merge(graphdef, state)(h, positions, *rope)[0]
 
 
 def calibrate_layer(layer, h: jax.Array, sequences: list[list[int]], *, quantize: str = "int4",

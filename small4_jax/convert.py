@@ -176,8 +176,12 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str, calibration=
         raise CheckpointError(f"{out}: a converted checkpoint is already there; choose another --to or remove it")
     if out.exists():
         raise CheckpointError(f"{out}: exists and is not a finished conversion; remove it first")
-    config = load_config(src)
-    reader = CheckpointReader(src)
+    if sc.is_sharded_checkpoint(src):  # a converted float checkpoint, read a tensor (a layer) at a time
+        reader = sc.TensorReader(src)
+        config = reader.config
+    else:
+        config = load_config(src)
+        reader = CheckpointReader(src)
     _, state = nnx.split(abstract_model(config, dtype="float32"))
     plan = checkpoint_plan(state)
     verify_source(config, plan, reader, str(src))

@@ -298,7 +298,10 @@ def quantize_int4(w, importance=None, scale=None) -> QArray:
 
 
 GPTQ_DAMP = 0.01  # fraction of the mean Hessian diagonal added to it (GPTQ's `percdamp`)
-_GPTQ_ELEMENTS = 1 << 27  # stacked problems solved at once: about this many elements of w and H per batch
+# stacked problems solved at once: about this many elements of w and H per batch (a batch of 4 at 4096 x 4096 takes
+# 1.3 GiB of temporaries compiled for an H200): more on an accelerator, where the row loop's latency is what a
+# bigger batch amortises
+_GPTQ_ELEMENTS = {"gpu": 1 << 30}
 
 
 def gptq_int4(w, hessian, damp: float = GPTQ_DAMP, act_order: bool = False) -> QArray:
@@ -326,12 +329,16 @@ def gptq_int4(w, hessian, damp: float = GPTQ_DAMP, act_order: bool = False) -> Q
     m = math.prod(lead)
     w = jnp.asarray(w, jnp.float32).reshape(m, k, n)
     hessian = jnp.asarray(hessian, jnp.float32).reshape(m, k, k)
-    batch = max(1, min(m, _GPTQ_ELEMENTS // (k * (k + n))))
+    batch = max(1, min(m, gptq_batch_elements() // (k * (k + n))))
     parts = [_gptq_batch(w[i:i + batch], hessian[i:i + batch], jnp.float32(damp), g, bool(act_order))
              for i in range(0, m, batch)]
     values = jnp.concatenate([p[0] for p in parts]).reshape(*lead, k // 2, n)
     scale = jnp.concatenate([p[1] for p in parts]).reshape(*lead, k // g, n)
     return QArray(np.asarray(values), np.asarray(scale)) if host else QArray(values, scale)
+
+
+def gptq_batch_elements() -> int:
+    return _GPTQ_ELEMENTS.get(jax.default_backend(), 1 << 27)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
@@ -355,9 +362,7 @@ def _gptq_one(w, h, damp, g: int, act_order: bool):
         perm = jnp.argsort(-diag, stable=True)
         static = int4_scale(w.reshape(k // g, g, n), imp.reshape(k // g, g, 1))  # [K/g, N], original groups
         w, h, imp = w[perm], h[perm][:, perm], imp[perm]
-    chol = jnp.linalg.cholesky(h)
-    h_inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(k, dtype=h.dtype))
-    u = jnp.linalg.cholesky(h_inv).T  # upper Cholesky factor of H^-1: row j's feedback coefficients
+    u = _upper_cholesky_of_inverse(h)  # row j: the feedback coefficients of row j's error
     rows_after = jnp.arange(k)
     within = jnp.arange(g)
 
@@ -389,6 +394,16 @@ def _gptq_one(w, h, damp, g: int, act_order: bool):
     if act_order:
         levels, scales = levels[jnp.argsort(perm)], static
     return levels.astype(jnp.int8), scales
+
+
+def _upper_cholesky_of_inverse(h):
+    """U upper triangular with U^T U = H^-1, from one Cholesky factorisation and one triangular inverse (half the
+    work of inverting H and factorising the inverse). With J the reversal permutation and J H J = L L^T (L lower),
+    H = (J L J)(J L J)^T, so H^-1 = (J L^-1 J)^T (J L^-1 J) and J L^-1 J is upper triangular with a positive
+    diagonal: the Cholesky factor."""
+    k = h.shape[-1]
+    lower = jnp.linalg.cholesky(h[::-1, ::-1])
+    return jax.scipy.linalg.solve_triangular(lower, jnp.eye(k, dtype=h.dtype), lower=True)[::-1, ::-1]
 
 
 def _pack_int4(q, g: int):

@@ -371,3 +371,73 @@ def _get(tree: dict, keys: tuple[str, ...]):
     for k in keys:
         tree = tree[k]
     return tree
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading one tensor (one layer of a stack) at a time.
+class TensorReader:
+    """A float sharded checkpoint (bf16 / f32, or `--dtype fp8` storage, dequantised) as a `checkpoint.TensorSource`:
+    canonical checkpoint names and shapes (`checkpoint.checkpoint_plan`, inverted), each `get` reading that tensor
+    alone from TensorStore (layer j of a stack: its slice j), so `checkpoint.load_layer` and the converter read it
+    as they read a safetensors directory (e.g. `convert --quantize int4 --calibration` from a converted checkpoint)."""
+
+    def __init__(self, path: str | os.PathLike):
+        import tensorstore as ts
+
+        from small4_jax.checkpoint import checkpoint_plan, plan_names
+
+        self.directory = Path(path).resolve()
+        if not (self.directory / FORMAT_FILE).is_file():
+            raise CheckpointError(f"{self.directory}: incomplete sharded checkpoint (no {FORMAT_FILE})")
+        fmt = json.loads((self.directory / FORMAT_FILE).read_text())
+        if fmt.get("quantize"):
+            raise CheckpointError(f"{self.directory}: holds {fmt['quantize']} weights; convert from the float "
+                                  "checkpoint it came from")
+        self._fp8 = fmt.get("dtype") == "fp8"
+        self.config = Small4Config.from_dict(json.loads((self.directory / CONFIG_FILE).read_text()),
+                                             source=str(self.directory / CONFIG_FILE))
+        _, state = nnx.split(abstract_model(self.config, dtype="float32"))
+        self._ts, self._context = ts, ts.Context()
+        self._where = {}  # name -> (our path, slice j of a stack or None, transform, checkpoint shape)
+        for path, entry in checkpoint_plan(state).items():
+            stacked = _is_stacked(path)
+            for j, name in enumerate(plan_names(entry)):
+                self._where[name] = (path, j if stacked else None, entry[2], tuple(entry[1]))
+
+    def names(self) -> list[str]:
+        return sorted(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._where[name][3]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def _open(self, key: str):
+        spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{self.directory}", "path": key}}
+        return self._ts.open(spec, open=True, context=self._context).result()
+
+    def get(self, name: str, dtype=np.float32, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Tensor `name` in the checkpoint's layout (our transposes are their own inverses), as `dtype`; `rows` reads
+        that range of experts."""
+        path, j, transform, _ = self._where[name]
+        key = ".".join(param_key(path))
+        at = (() if j is None else (j,)) + (() if rows is None else (slice(*rows),))  # experts: the leading axis
+        stored = np.asarray(self._open(f"params.{key}")[at].read().result())
+        if self._fp8 and path in quantised_paths([path]):
+            scale = np.asarray(self._open(f"fp8_scales.{key}")[at].read().result(), np.float32)
+            stored = stored.astype(np.float32) * scale
+        return np.ascontiguousarray(transform(stored).astype(dtype, copy=False))
+
+    def get_fp8(self, name: str, rows=None):
+        """None: the FP8 bytes are not kept through this reader (they are dequantised by `get`)."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass

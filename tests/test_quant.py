@@ -501,6 +501,15 @@ def test_calibrated_int4_checkpoint_load_fits_its_calibration_text_better(hf_mod
     assert loaded.keys() == state.keys()
     for path, v in state.items():  # the in-memory pipeline's model, byte for byte
         assert np.asarray(loaded[path]).tobytes() == np.asarray(v).tobytes(), path
+    # the same from our own sharded float checkpoint (read a layer at a time through TensorStore)
+    from small4_jax.convert import convert
+
+    orbax = convert(d, f.parent / "f32", dtype="f32", progress=None)
+    again = convert(orbax, f.parent / "from_orbax", dtype="f32", quantize="int4", calibration=cal.tolist(),
+                    progress=None)
+    again = dict(per_layer_items(gptq.config, nnx.state(small4_jax.from_pretrained(again, dtype="float32"))))
+    for path, v in state.items():
+        assert np.asarray(again[path]).tobytes() == np.asarray(v).tobytes(), path
 
 
 def test_unknown_format_is_a_clear_error(fp8_dirs, tmp_path, capsys):
