@@ -8,8 +8,9 @@ sqrt(sum (w_q - w)^2 / sum w^2) over every quantised weight, the logits' relativ
 alone differs), and the logits' error when the same weights get Gaussian noise of the format's relative rms instead
 (`noise`): the model's amplification of weight noise, which no choice of format changes. Formats: fp8 per tensor
 (ours: amax/448), fp8 per output column (amax/448 per column: e4m3's relative error hardly depends on the scale,
-so it should not matter), int8 per channel, int4 as first written (round to nearest in [-7, 7], absmax), int4 now
-(levels [-8, 7], MSE-optimal clipping, bf16 scales).
+so it should not matter), int8 per channel, int4 as first written (round to nearest in [-7, 7], absmax, everywhere),
+int4-all (int4 everywhere: levels [-8, 7], MSE-optimal clipping, bf16 scales) and int4 (`quant.policy`: the routed
+experts so, the dense linears int8 per channel).
 
 Output: JSON lines on stdout.
 """
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default=",".join(SIZES))
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--formats", default=None, help="comma-separated subset of the formats (default: all)")
     a = p.parse_args(argv)
 
     from flax import nnx
@@ -73,20 +75,25 @@ def main(argv=None) -> int:
     from small4_jax import load_config, quant
     from small4_jax.model import Experts, init_model
 
-    formats = {"fp8": lambda w: quant.quantize(w, "fp8"), "fp8-columns": fp8_columns,
-               "int8": lambda w: quant.quantize(w, "int8"), "int4-rtn7": int4_rtn7,
-               "int4": lambda w: quant.quantize(w, "int4")}
+    def spelled(fmt):  # a `quantize=` spelling: each part in its policy's format
+        pol = quant.policy(fmt)
+        return lambda w, experts: quant.quantize(w, pol.experts if experts else pol.dense)
 
-    def weights(model):
+    formats = {"fp8": spelled("fp8"), "fp8-columns": lambda w, _: fp8_columns(w), "int8": spelled("int8"),
+               "int4-rtn7": lambda w, _: int4_rtn7(w), "int4-all": spelled("int4-all"), "int4": spelled("int4")}
+    if a.formats:
+        formats = {f: formats[f] for f in a.formats.split(",")}
+
+    def weights(model):  # (module, attribute, is a routed-expert stack)
         for path, m in nnx.iter_graph(model):
             if isinstance(m, Experts):
-                yield m, "gate_up"
-                yield m, "down"
+                yield m, "gate_up", True
+                yield m, "down", True
             elif isinstance(m, nnx.Module) and not (path and str(path[0]) == "vision_tower"):
                 for name in quant.QUANTISED_LINEARS:
                     child = getattr(m, name, None)
                     if type(child) is nnx.Linear:
-                        yield child, "kernel"
+                        yield child, "kernel", False
 
     for size in a.sizes.split(","):
         config = load_config(ROOT / "configs" / "tiny.yaml").replace(vision=None, **SIZES[size])
@@ -98,9 +105,9 @@ def main(argv=None) -> int:
                 noisy = init_model(config, seed=seed, dtype="float32")
                 num = den = 0.0
                 key = jax.random.key(seed)
-                for (mod, name), (nmod, _) in zip(weights(model), weights(noisy)):
+                for (mod, name, experts), (nmod, *_) in zip(weights(model), weights(noisy)):
                     w = getattr(mod, name)[...]
-                    back = quant.dequantize(fn(w))
+                    back = quant.dequantize(fn(w, experts))
                     num += float(jnp.sum((back - w) ** 2))
                     den += float(jnp.sum(w * w))
                     getattr(mod, name).value = back  # the dequantised weight: the format's error alone
