@@ -18,7 +18,8 @@ Deployments (add one by writing a function and listing it in DEPLOYMENTS):
         encoder + projector on one 1540 x 1540 image (12,100 patches, flash attention with image segments), which
         runs before a prompt with images is prefilled.
     serve-119b-fp8-1xH200 / serve-119b-int4-1xH100   the same on ONE GPU with `--quantize fp8` (the release's FP8
-        weights kept, small4_jax.quant) / `--quantize int4` (groups of 128): the whole model on one device.
+        weights kept, small4_jax.quant) / `--quantize int4` (routed experts int4 in groups of 128, dense linears
+        int8 per channel: quant.POLICIES): the whole model on one device.
     finetune-small4-8xH100 / 8xH200   `train.finetune --config configs/finetune-small4.yaml` on its mesh: frozen
         bf16 base, fp32 adapters + AdamW state, one train step (grad_accum x micro-batch x seq_len, remat as set).
     serve-262k-prompt-8xH100   one 262,144-token prompt at the default serve flags: the cache the engine allocates
