@@ -28,8 +28,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def layer_shapes(config) -> dict[tuple[int, int], int]:
-    """{(K, N): how many} of every int4-quantised weight of one decoder layer (the last, an MoE one if any)."""
+def layer_shapes(config) -> dict[tuple[int, int], list[int]]:
+    """{(K, N): [how many, how many a token goes through]} of every quantised weight of one decoder layer (the
+    last, an MoE one if any): a routed expert stack counts E weights of which a token uses top-k."""
     from flax import nnx
 
     from small4_jax.model import DecoderLayer
@@ -37,12 +38,15 @@ def layer_shapes(config) -> dict[tuple[int, int], int]:
 
     layer = nnx.eval_shape(lambda: DecoderLayer(config, config.num_hidden_layers - 1, dtype="float32",
                                                 rngs=nnx.Rngs(0)))
-    out: dict[tuple[int, int], int] = {}
+    out: dict[tuple[int, int], list[int]] = {}
     for path, v in nnx.to_flat_state(nnx.state(layer)):
         names = [str(p) for p in path]
-        if (names[-1] == "kernel" and names[-2] in QUANTISED_LINEARS) or (names[-2:-1] == ["experts"]):
+        experts = names[-2] == "experts"
+        if experts or (names[-1] == "kernel" and names[-2] in QUANTISED_LINEARS):
             *lead, k, n = v.shape
-            out[(k, n)] = out.get((k, n), 0) + math.prod(lead)
+            c = out.setdefault((k, n), [0, 0])
+            c[0] += math.prod(lead)
+            c[1] += config.num_experts_per_tok if experts else 1
     return out
 
 
@@ -85,13 +89,13 @@ def main(argv=None) -> int:
         config = load_config(a.model)
         shapes = layer_shapes(config)
     else:
-        config, shapes = None, {tuple(int(d) for d in a.shape.split("x")): 1}
+        config, shapes = None, {tuple(int(d) for d in a.shape.split("x")): [1, 1]}
     layer_gptq = layer_clip = 0.0
-    for (k, n), count in sorted(shapes.items()):
+    for (k, n), (count, _) in sorted(shapes.items()):
         b = max(1, min(count, quant.gptq_batch_elements() // (k * (k + n)), a.max_batch or count))
         w, h = problem(k, n, b)
         wd, hd = jax.device_put(w), jax.device_put(h)
-        first, warm = timed(lambda: quant.gptq_int4(wd, hd, act_order=a.act_order).values)
+        first, warm = timed(lambda: quant.gptq_int4(wd, hd, act_order=a.act_order).values, repeat=1)
         _, clip = timed(lambda: quant.quantize_int4(w[0]).values, repeat=1)
         per = warm / b
         layer_gptq += per * count
@@ -100,11 +104,14 @@ def main(argv=None) -> int:
                               clip_search_host_s=clip, device=device.device_kind, act_order=a.act_order)), flush=True)
     if config is not None:
         layers = config.num_hidden_layers
-        active = sum(k * n * (config.num_experts_per_tok if count == config.n_routed_experts else count)
-                     for (k, n), count in shapes.items())
+        tokens = a.calibration_tokens
+        forward = 2 * tokens * sum(k * n * used for (k, n), (_, used) in shapes.items())  # weights only
+        # H += x^T x for every weight (linears sharing an input each gather their own, as calibration._observed does)
+        hessians = 2 * tokens * sum(k * k * used for (k, n), (_, used) in shapes.items())
         print(json.dumps(dict(model=a.model, layers=layers, gptq_per_layer_s=layer_gptq,
                               gptq_model_h=layer_gptq * layers / 3600, clip_search_model_h=layer_clip * layers / 3600,
-                              forward_flops=2 * active * layers * a.calibration_tokens,
+                              calibration_tokens=tokens, forward_flops_per_pass=forward * layers,
+                              hessian_flops=hessians * layers,
                               device=device.device_kind)), flush=True)
     return 0
 
