@@ -18,7 +18,8 @@
    measured twice: on the fine-tuning set's own user turns (the domain the model was tuned for: each answer runs
    to EOS; a position past the shorter answer counts as a disagreement), and on random-token prompts, where a tiny
    model's logits are near-ties and any weight noise flips them (reported for completeness).
-3. QLoRA: the same run over a frozen fp8 / int4 base (`base.quantize`); its loss curve against LoRA's: the ratio
+3. QLoRA: the same run over a frozen fp8 / int4 / int4-all base (`base.quantize`; `--qlora-only`: only this step);
+   its loss curve against LoRA's: the ratio
    of the mean losses over the run (the curves' areas), the mean over steps of |loss_q - loss| / loss (dominated by
    step-to-step noise once the loss is near zero), and the final losses.
 
@@ -57,6 +58,17 @@ def losses(records: list[dict]) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
+def qlora(cfg, out: Path, ref_curve: dict[int, float]) -> None:
+    """Step 3: the same fine-tuning over a frozen quantised base, each curve against LoRA's."""
+    for fmt in ("fp8", "int4", "int4-all"):
+        curve = losses(run(cfg, out / f"qlora-{fmt}", fmt))
+        steps = sorted(set(curve) & set(ref_curve))
+        dev = float(np.mean([abs(curve[s] - ref_curve[s]) / ref_curve[s] for s in steps]))
+        area = sum(curve[s] for s in steps) / sum(ref_curve[s] for s in steps)  # mean loss, QLoRA / LoRA
+        print(json.dumps(dict(qlora=fmt, mean_rel_loss_diff=dev, mean_loss_ratio=area, final_loss=curve[steps[-1]],
+                              final_loss_lora=ref_curve[steps[-1]], steps=len(steps))), flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "finetune-tiny.yaml"))
@@ -65,6 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--prompts", type=int, default=16, help="fine-tuning rows whose user turns are the domain prompts")
     p.add_argument("--no-qlora", action="store_true", help="skip the QLoRA runs")
+    p.add_argument("--qlora-only", action="store_true", help="only the LoRA run and the QLoRA runs (step 3)")
     a = p.parse_args(argv)
 
     from small4_jax import quant
@@ -80,6 +93,9 @@ def main(argv=None) -> int:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=a.steps))
     out = Path(a.out)
     ref_curve = losses(run(cfg, out / "lora", None))
+    if a.qlora_only:
+        qlora(cfg, out, ref_curve)
+        return 0
     model, rcfg, _ = load_run(out / "lora")
     plain = merge_into(init_model(rcfg.model, seed=rcfg.base.seed, dtype="float32"), model)
     rng = np.random.default_rng(0)
@@ -132,13 +148,8 @@ def main(argv=None) -> int:
                               greedy_agreement_domain=agreement(q, ref_domain, domain, stop),
                               domain_prompts=len(domain), calibration_sequences=len(cal) if "gptq" in fmt else 0,
                               greedy_agreement_random=agreement(q, ref_gen, prompts, ()))), flush=True)
-    for fmt in () if a.no_qlora else ("fp8", "int4"):
-        curve = losses(run(cfg, out / f"qlora-{fmt}", fmt))
-        steps = sorted(set(curve) & set(ref_curve))
-        dev = float(np.mean([abs(curve[s] - ref_curve[s]) / ref_curve[s] for s in steps]))
-        area = sum(curve[s] for s in steps) / sum(ref_curve[s] for s in steps)  # mean loss, QLoRA / LoRA
-        print(json.dumps(dict(qlora=fmt, mean_rel_loss_diff=dev, mean_loss_ratio=area, final_loss=curve[steps[-1]],
-                              final_loss_lora=ref_curve[steps[-1]], steps=len(steps))), flush=True)
+    if not a.no_qlora:
+        qlora(cfg, out, ref_curve)
     return 0
 
 
