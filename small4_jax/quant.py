@@ -337,8 +337,9 @@ def gptq_int4(w, hessian, damp: float = GPTQ_DAMP, act_order: bool = False) -> Q
     return QArray(np.asarray(values), np.asarray(scale)) if host else QArray(values, scale)
 
 
-def gptq_batch_elements() -> int:
-    return _GPTQ_ELEMENTS.get(jax.default_backend(), 1 << 27)
+def gptq_batch_elements(backend: str | None = None) -> int:
+    """Elements of w and H per vmapped GPTQ batch on `backend` (default: jax's)."""
+    return _GPTQ_ELEMENTS.get(backend or jax.default_backend(), 1 << 27)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))

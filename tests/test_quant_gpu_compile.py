@@ -5,6 +5,7 @@
     model    the engine's decode step of the fp8 model on ONE H200 (one layer: every layer is the same program):
              the expert weights enter as fp8 bytes + scales, and no float copy of a weight is made (temporaries
              stay below one bf16 copy of the smallest quantised projection)
+    gptq     the calibration pipeline's GPU programs: per-expert Hessians (Pallas tgmm, float32) and a GPTQ batch
 """
 
 import re
@@ -120,3 +121,26 @@ def test_fp8_forward_compiles_expert_parallel_on_8_h200():
     # no bf16 copy of this device's experts: the temporaries are those of the bf16 model's same program
     bf16 = ap.model_forward(config, mesh, 4096).compile()
     assert c.memory.temp <= bf16.memory.temp * 1.05
+
+
+@pytest.mark.gpu_compile
+def test_gptq_calibration_programs_compile():
+    """The layer-at-a-time GPTQ pipeline on a GPU (`calibration.py`, `quant.gptq_int4`): the per-expert Hessians of
+    the routed tokens are the Pallas tgmm in float32 (Triton; no dense [tokens, experts] expansion: a few bytes of
+    temporaries for [E, H, H] out), and a batch of GPTQ problems of Small 4's down_proj shape compiles with
+    temporaries of a few copies of its inputs."""
+    from small4_jax.kernels import tgmm
+
+    mesh = aot.gpu_mesh("h200", {"x": 1}, topology="1x1x1")
+    rows = 4 * 8192  # one calibration batch of 8192 tokens, top-4
+    x, sizes = aot.spec((rows, H), jnp.float32, mesh), aot.spec((E,), jnp.int32, mesh)
+    c = aot.compile_for(lambda x, g: tgmm(x, x, g, backend="pallas", interpret=False), x, sizes, mesh=mesh)
+    assert c.uses_triton and c.memory.output == E * H * H * 4 and c.memory.temp < 1 << 20
+    k, n = F, H
+    b = quant.gptq_batch_elements("gpu") // (k * (k + n))  # what gptq_int4 batches on a GPU
+    w, h = aot.spec((b, k, n), jnp.float32, mesh), aot.spec((b, k, k), jnp.float32, mesh)
+    c = aot.compile_for(lambda w, h, d: quant._gptq_batch.__wrapped__(w, h, d, quant.INT4_GROUP, False), w, h,
+                        aot.spec((), jnp.float32, mesh), mesh=mesh)
+    packed = b * (k // 2) * n + b * (k // quant.INT4_GROUP) * n * 2  # int4 two per byte + bf16 scales
+    assert packed <= c.memory.output < packed + 1024  # (+ the output tuple's few bytes)
+    assert c.memory.temp < 2 * c.memory.argument  # measured 7.8 GB for 4.3 GB in (b = 85): fits an H200 beside a layer
