@@ -106,9 +106,9 @@ def _batches(sequences: list[list[int]]) -> list[tuple[int, int, int]]:
 
 
 @contextlib.contextmanager
-def _observed(layer, acc: dict):
+def _observed(layer, acc: dict, dense: bool = True):
     """Within the block, calls of `layer`'s quantisable linears add x^T x of their inputs to acc[path + ("kernel",)]
-    and its routed experts add one H per expert (module docstring) to acc[path + ("gate_up" | "down",)]; paths are
+    (only with `dense`: GPTQ needs them where the policy puts the dense linears in int4) and its routed experts add one H per expert (module docstring) to acc[path + ("gate_up" | "down",)]; paths are
     relative to the layer. Works traced (inside jit) and eagerly."""
     from small4_jax import model as m
     from small4_jax import moe
@@ -123,7 +123,7 @@ def _observed(layer, acc: dict):
 
     def linear_call(self, x):
         path = names.get(id(self))
-        if path is not None and path[-1] in QUANTISED_LINEARS:
+        if dense and path is not None and path[-1] in QUANTISED_LINEARS:
             xs = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
             add(path + ("kernel",), xs.T @ xs)
         return linear_orig(self, x)
@@ -164,12 +164,13 @@ def _rope(config, b: int, t: int):
     return positions, rope_cos_sin(config, positions)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=5)
-def _collect(graphdef, state, h, positions, rope, acc):
-    """acc + the Hessians of one batch of calibration inputs h [B, T, H] to the float layer (graphdef, state)."""
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=5)
+def _collect(graphdef, state, h, positions, rope, acc, dense: bool = True):
+    """acc + the Hessians of one batch of calibration inputs h [B, T, H] to the float layer (graphdef, state); the
+    dense linears' only with `dense` (`_observed`)."""
     layer = nnx.merge(graphdef, state)
     acc = dict(acc)
-    with _observed(layer, acc), jax.default_matmul_precision("float32"):
+    with _observed(layer, acc, dense), jax.default_matmul_precision("float32"):
         layer(h, positions, *rope)
     return acc
 
@@ -202,12 +203,13 @@ def calibrate_layer(layer, h: jax.Array, sequences: list[list[int]], *, quantize
     def rows(row0, b, t):
         return h[row0:row0 + b * t].reshape(b, t, -1).astype(dtype)
 
+    dense = getattr(quant.policy(quantize), "dense", None) == "int4"  # int8 dense linears round to nearest: no Hessian needed
     row0, b, t = batches[0]
-    shapes = jax.eval_shape(lambda s, x, p, r: _collect(graphdef, s, x, p, r, {}), state, rows(row0, b, t),
+    shapes = jax.eval_shape(lambda s, x, p, r: _collect(graphdef, s, x, p, r, {}, dense), state, rows(row0, b, t),
                             *_rope(config, b, t))
     acc = {key: jnp.zeros(v.shape, jnp.float32) for key, v in shapes.items()}
     for row0, b, t in batches:
-        acc = _collect(graphdef, state, rows(row0, b, t), *_rope(config, b, t), acc)
+        acc = _collect(graphdef, state, rows(row0, b, t), *_rope(config, b, t), acc, dense)
     quant.quantize_model(layer, quantize, hessians=acc, act_order=act_order)
     del acc
     graphdef, state = nnx.split(layer)
