@@ -42,7 +42,7 @@ def temp_bytes(impl: str, target: str, b: int, t: int, heads: int, dim: int, dty
         ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
         compiled = jax.jit(program(impl, forward_only)).lower(x, x, x, ids, ids).compile()
         return int(compiled.memory_analysis().temp_size_in_bytes)
-    from small4_jax import aot
+    from small4_jax.tools import aot
 
     mesh = aot.gpu_mesh(target, {"data": 1}, topology="1x1x1")
     x = aot.spec((b, t, heads, dim), dtype, mesh)

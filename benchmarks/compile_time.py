@@ -1,4 +1,4 @@
-"""Compile time of the model's forward with the layers scanned vs unrolled, deviceless for 8 x H200 (`small4_jax/aot.py`).
+"""Compile time of the model's forward with the layers scanned vs unrolled, deviceless for 8 x H200 (`small4_jax/tools/aot.py`).
 
     JAX_PLATFORMS=cpu python benchmarks/compile_time.py --layers 2 4 8        # a few depths (minutes)
     JAX_PLATFORMS=cpu python benchmarks/compile_time.py --layers 36           # the model (the unrolled one: 13+ min)
@@ -27,8 +27,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def compile_seconds(layers: int, scan: bool, tokens: int) -> float:
-    from small4_jax import aot
-    from small4_jax import aot_programs as ap
+    from small4_jax.tools import aot
+    from small4_jax.tools import aot_programs as ap
     from small4_jax.config import Small4Config
 
     config = Small4Config.from_yaml(ROOT / "configs" / "small4-119b.yaml").replace(num_hidden_layers=layers,
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=4096, help="sequence length of the forward (default 4096)")
     p.add_argument("--scanned-only", action="store_true", help="skip the unrolled compiles")
     a = p.parse_args(argv)
-    from small4_jax import aot
+    from small4_jax.tools import aot
 
     ok, why = aot.available()
     if not ok:

@@ -3,7 +3,7 @@
     python benchmarks/convert_memory.py                # ~2 GB bf16 checkpoint in 8 files (the acceptance case)
     python benchmarks/convert_memory.py --layers 2 --hidden 256 --experts 8 --moe-intermediate 128 --vocab 4096
 
-The conversion runs in a fresh process (`small4_jax.convert.main`), whose peak RSS (VmHWM) is
+The conversion runs in a fresh process (`small4_jax.tools.convert.main`), whose peak RSS (VmHWM) is
 compared with the largest tensor and the checkpoint total. The goal: peak under 600 MB for the 2 GB checkpoint,
 i.e. about one tensor plus the interpreter, JAX and TensorStore.
 
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
         code = ("import sys, json; sys.path.insert(0, sys.argv[1]); from synthetic_ckpt import peak_rss_bytes; "
-                "from small4_jax.convert import main; rc = main(sys.argv[2:]); "
+                "from small4_jax.tools.convert import main; rc = main(sys.argv[2:]); "
                 "print(json.dumps({'rc': rc, 'peak': peak_rss_bytes()}))")
         proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), "--from", str(src), "--to",
                                str(out), *extra, "--quiet"], cwd=REPO, env=env, capture_output=True,

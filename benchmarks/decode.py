@@ -3,7 +3,7 @@
     python benchmarks/decode.py                       # P-8L-bf16: 8 layers, all 128 experts, random weights (GPU)
     python benchmarks/decode.py --small --no-peer     # a CPU smoke test on tiny dimensions
 
-For each batch B and context T it times the engine's decode step (`small4_jax.paged.step`, absorbed MLA over a
+For each batch B and context T it times the engine's decode step (`small4_jax.nn.paged.step`, absorbed MLA over a
 paged latent cache holding T tokens per row) and reports output tokens/s, the time per layer, and the fraction of
 the bandwidth floor: the bytes a step must read (every attention / router / shared-expert weight, the routed
 experts B x top-k can touch, the lm_head and the B x T latent rows) divided by the measured device copy bandwidth.
@@ -30,10 +30,10 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from small4_jax.batch_sampling import RowSampling, TokenHistory  # noqa: E402
+from small4_jax.decode.sampler import RowSampling, TokenHistory  # noqa: E402
 from small4_jax.config import Small4Config  # noqa: E402
-from small4_jax.model import init_model  # noqa: E402
-from small4_jax.paged import PagedCache, cache_bytes_per_token_per_layer, step  # noqa: E402
+from small4_jax.nn.model import init_model  # noqa: E402
+from small4_jax.nn.paged import PagedCache, cache_bytes_per_token_per_layer, step  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Per-token host cost of streaming detokenisation (`small4_jax.tokenizer.StreamDecoder`) against output length.
+"""Per-token host cost of streaming detokenisation (`small4_jax.inputs.tokenizer.StreamDecoder`) against output length.
 
     python benchmarks/detokenize.py                     # the real Tekken vocabulary (mistral-common's tekken_240911)
     python benchmarks/detokenize.py --lengths 1024 32768 --window 1000
@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 def real_tekken():
     import mistral_common
 
-    from small4_jax.tokenizer import TekkenTokenizer
+    from small4_jax.inputs.tokenizer import TekkenTokenizer
 
     return TekkenTokenizer(Path(mistral_common.__file__).parent / "data" / "tekken_240911.json")
 
@@ -42,7 +42,7 @@ def corpus_ids(tok, n: int) -> list[int]:
 
 def per_token_us(tok, ids, ends, window, full=False):
     """{end: (median, mean) microseconds per push over the `window` ids ending at `end`}."""
-    from small4_jax.tokenizer import StreamDecoder
+    from small4_jax.inputs.tokenizer import StreamDecoder
 
     dec = StreamDecoder(tok)
     out, times, done = {}, [], set(ends)

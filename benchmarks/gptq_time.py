@@ -33,8 +33,8 @@ def layer_shapes(config) -> dict[tuple[int, int], list[int]]:
     last, an MoE one if any): a routed expert stack counts E weights of which a token uses top-k."""
     from flax import nnx
 
-    from small4_jax.model import DecoderLayer
-    from small4_jax.quant import QUANTISED_LINEARS
+    from small4_jax.nn.model import DecoderLayer
+    from small4_jax.quant.formats import QUANTISED_LINEARS
 
     layer = nnx.eval_shape(lambda: DecoderLayer(config, config.num_hidden_layers - 1, dtype="float32",
                                                 rngs=nnx.Rngs(0)))
@@ -73,7 +73,7 @@ def timed(fn, repeat: int = 2) -> tuple[float, float]:
 
 
 def main(argv=None) -> int:
-    from small4_jax import quant
+    from small4_jax.quant import formats as quant
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="a config YAML: time every weight shape of one layer and estimate the model")

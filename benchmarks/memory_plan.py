@@ -1,4 +1,4 @@
-"""Per-device memory of the documented deployments, from compiled GPU programs (deviceless, `small4_jax/aot.py`).
+"""Per-device memory of the documented deployments, from compiled GPU programs (deviceless, `small4_jax/tools/aot.py`).
 
     JAX_PLATFORMS=cpu python benchmarks/memory_plan.py                  # every deployment, full depth (minutes)
     JAX_PLATFORMS=cpu python benchmarks/memory_plan.py --only serve-119b-bf16-8xH200 --layers 2   # quick look
@@ -18,7 +18,7 @@ Deployments (add one by writing a function and listing it in DEPLOYMENTS):
         encoder + projector on one 1540 x 1540 image (12,100 patches, flash attention with image segments), which
         runs before a prompt with images is prefilled.
     serve-119b-fp8-1xH200 / serve-119b-int4-1xH100   the same on ONE GPU with `--quantize fp8` (the release's FP8
-        weights kept, small4_jax.quant) / `--quantize int4` (routed experts int4 in groups of 128, dense linears
+        weights kept, small4_jax.quant.formats) / `--quantize int4` (routed experts int4 in groups of 128, dense linears
         int8 per channel: quant.POLICIES): the whole model on one device.
     finetune-small4-8xH100 / 8xH200   `train.finetune --config configs/finetune-small4.yaml` on its mesh: frozen
         bf16 base, fp32 adapters + AdamW state, one train step (grad_accum x micro-batch x seq_len, remat as set).
@@ -52,8 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from small4_jax import aot  # noqa: E402
-from small4_jax import aot_programs as ap  # noqa: E402
+from small4_jax.tools import aot  # noqa: E402
+from small4_jax.tools import aot_programs as ap  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "configs" / "small4-119b.yaml"
@@ -86,7 +86,7 @@ def _mesh_shape(text: str) -> dict[str, int]:
 def serve_plan(target: str, layers: int | None, mem_fraction: float, quantize: str | None = None,
                mesh_text: str = SERVE_MESH) -> Plan:
     """`infer.serve --checkpoint DIR --mesh MESH [--quantize Q]` at the default engine flags (bf16 unless Q)."""
-    from infer.engine import MAX_CONTEXT, free_device_memory_after, pages_for_memory
+    from infer.engine.engine import MAX_CONTEXT, free_device_memory_after, pages_for_memory
     from infer.serve import parse_args
     from small4_jax.config import Small4Config
 
@@ -151,9 +151,9 @@ def long_prompt_plan(target: str, layers: int | None, mem_fraction: float) -> Pl
 def ragged_decode_plan(target: str, layers: int | None, mem_fraction: float, batch: int = 64,
                        long: int = 262_144, short: int = 1024) -> Plan:
     """A decode step over one `long` row and batch - 1 `short` rows: the cache holds exactly their pages."""
-    from infer.engine import MAX_CONTEXT
+    from infer.engine.engine import MAX_CONTEXT
     from small4_jax.config import Small4Config
-    from small4_jax.paged import cache_bytes_per_token_per_layer
+    from small4_jax.nn.paged import cache_bytes_per_token_per_layer
 
     config = Small4Config.from_yaml(MODEL)
     if layers:

@@ -49,9 +49,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from small4_jax import quant  # noqa: E402
+from small4_jax.quant import formats as quant  # noqa: E402
 from small4_jax.kernels import gmm  # noqa: E402
-from small4_jax.moe import routed_experts  # noqa: E402
+from small4_jax.nn.moe import routed_experts  # noqa: E402
 
 PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}  # bf16 dense TF/s, HBM B/s (spec)
 

@@ -21,8 +21,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from small4_jax import aot  # noqa: E402
-from small4_jax import aot_programs as ap  # noqa: E402
+from small4_jax.tools import aot  # noqa: E402
+from small4_jax.tools import aot_programs as ap  # noqa: E402
 
 
 def main(argv=None) -> int:

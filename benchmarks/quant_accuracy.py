@@ -80,11 +80,11 @@ def main(argv=None) -> int:
     p.add_argument("--qlora-only", action="store_true", help="only the LoRA run and the QLoRA runs (step 3)")
     a = p.parse_args(argv)
 
-    from small4_jax import quant
-    from small4_jax.generation import generate
-    from small4_jax.lora import merge_into
-    from small4_jax.model import init_model
-    from small4_jax.tokenizer import load_tokenizer
+    from small4_jax.quant import formats as quant
+    from small4_jax.decode.generation import generate
+    from small4_jax.lora.adapters import merge_into
+    from small4_jax.nn.model import init_model
+    from small4_jax.inputs.tokenizer import load_tokenizer
     from train.data import encode_row, prompt_ids, read_jsonl
     from train import config as run_config
     from train.export import load_run
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     for fmt in quant.SPELLINGS + ("int4-gptq", "int4-gptq-act-order", "int4-all-gptq"):
         q = merge_into(init_model(rcfg.model, seed=rcfg.base.seed, dtype="float32"), model)
         if "-gptq" in fmt:
-            from small4_jax.calibration import quantize_in_memory
+            from small4_jax.quant.calibration import quantize_in_memory
 
             quantize_in_memory(q, cal, quantize=fmt.split("-gptq")[0], act_order=fmt.endswith("act-order"))
         else:

@@ -46,9 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode import copy_bandwidth, proxy_config, time_decode  # noqa: E402
 
-from small4_jax import quant  # noqa: E402
-from small4_jax.model import init_model  # noqa: E402
-from small4_jax.paged import cache_bytes_per_token_per_layer  # noqa: E402
+from small4_jax.quant import formats as quant  # noqa: E402
+from small4_jax.nn.model import init_model  # noqa: E402
+from small4_jax.nn.paged import cache_bytes_per_token_per_layer  # noqa: E402
 
 
 def floor_bytes(model, dtype, batch: int, context: int) -> int:

@@ -44,7 +44,7 @@ SIZES = {  # overrides of configs/tiny.yaml (initializer_range 0.1); "-02": tran
 
 def fp8_columns(w):
     """fp8 e4m3 with one amax/448 scale per output column (the comparison; not a format of quant.py)."""
-    from small4_jax import quant
+    from small4_jax.quant import formats as quant
 
     w = jnp.asarray(w, jnp.float32)
     amax = jnp.max(jnp.abs(w), axis=-2, keepdims=True)
@@ -54,7 +54,7 @@ def fp8_columns(w):
 
 def int4_rtn7(w):
     """int4 as first written: absmax scale per group column, round to nearest in [-7, 7] (float32 scales)."""
-    from small4_jax import quant
+    from small4_jax.quant import formats as quant
 
     w = jnp.asarray(w, jnp.float32)
     *lead, k, n = w.shape
@@ -72,8 +72,9 @@ def main(argv=None) -> int:
 
     from flax import nnx
 
-    from small4_jax import load_config, quant
-    from small4_jax.model import Experts, init_model
+    from small4_jax import load_config
+    from small4_jax.quant import formats as quant
+    from small4_jax.nn.model import Experts, init_model
 
     def spelled(fmt):  # a `quantize=` spelling: each part in its policy's format
         pol = quant.policy(fmt)

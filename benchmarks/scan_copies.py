@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
 
-from small4_jax import aot  # noqa: E402
-from small4_jax import aot_programs as ap  # noqa: E402
-from small4_jax.quant import SPELLINGS  # noqa: E402
+from small4_jax.tools import aot  # noqa: E402
+from small4_jax.tools import aot_programs as ap  # noqa: E402
+from small4_jax.quant.formats import SPELLINGS  # noqa: E402
 
 MODEL = Path(__file__).resolve().parent.parent / "configs" / "small4-119b.yaml"
 VARIANTS = {  # name -> (XLA options, scan the layers, config.dense_impl)
@@ -57,7 +57,7 @@ def layer_slices(state) -> dict[tuple[int, ...], list[str]]:
     also the shapes of its dequantised copy) -> the weights' names."""
     from flax import nnx
 
-    from small4_jax.quant import int4_group, is_quantised_dtype, logical_shape
+    from small4_jax.quant.formats import int4_group, is_quantised_dtype, logical_shape
 
     shapes = defaultdict(list)
     for path, var in nnx.to_flat_state(state):
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--target", choices=aot.TARGETS, default="h200")
     p.add_argument("--rows", type=int, default=16, help="decode batch (the serve default max_batch)")
     p.add_argument("--tokens", type=int, default=1, help="tokens per row: 1 = a decode step, more = a prefill chunk")
-    p.add_argument("--quantize", choices=SPELLINGS, help="weights in this format (small4_jax.quant policies)")
+    p.add_argument("--quantize", choices=SPELLINGS, help="weights in this format (small4_jax.quant.formats policies)")
     p.add_argument("--activations", choices=("fp8",), help="W8A8: fp8 activations (with --quantize fp8)")
     a = p.parse_args(argv)
     ok, why = aot.available()

@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _start_tiny(max_batch: int, warmup: bool = False):
-    from infer.engine import Engine
+    from infer.engine.engine import Engine
     from infer.serve import Running, Server
     from small4_jax.config import Small4Config
-    from small4_jax.model import init_model
-    from small4_jax.tokenizer import ASSETS_DIR, load_tokenizer
+    from small4_jax.nn.model import init_model
+    from small4_jax.inputs.tokenizer import ASSETS_DIR, load_tokenizer
 
     repo = Path(__file__).resolve().parent.parent
     model = init_model(Small4Config.from_yaml(repo / "configs" / "tiny.yaml"), seed=0)

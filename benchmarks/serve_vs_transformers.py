@@ -53,7 +53,7 @@ def main(argv=None):
     from ckpt_utils import make_hf_model, save_hf, tiny_hf_config
 
     import small4_jax
-    from infer.engine import Engine, SamplingOptions
+    from infer.engine.engine import Engine, SamplingOptions
 
     torch.manual_seed(0)
     hf = make_hf_model(tiny_hf_config(**MEDIUM), seed=0)

@@ -41,7 +41,7 @@ def real_v15_tekken(directory: Path):
     import mistral_common
     from make_tiny_tekken import NAMED_SPECIALS
 
-    from small4_jax.tokenizer import TekkenTokenizer
+    from small4_jax.inputs.tokenizer import TekkenTokenizer
 
     data = json.loads((Path(mistral_common.__file__).parent / "data" / "tekken_240911.json").read_text())
     n = data["config"]["default_num_special_tokens"]

@@ -5,7 +5,7 @@
 
 Both peers run one LoRA step (forward, backward into the adapters only, global-norm clipping, AdamW) on the same
 random base weights, the same adapters and the same batch, in this process:
-- ours: LoRA targets "all" (`small4_jax.lora`: attention, shared expert, every routed expert as stacked
+- ours: LoRA targets "all" (`small4_jax.lora.adapters`: attention, shared expert, every routed expert as stacked
   [E, in, r] / [E, r, out] adapters) trained by the jitted step of `train.trainer.make_steps` (what
   `python -m train.finetune` runs) or, where that step does not trace (with remat it currently raises flax's
   TraceContextError), by the same step built with NNX transforms (`--step`; the table says which one ran);
@@ -13,7 +13,7 @@ random base weights, the same adapters and the same batch, in this process:
   PEFT LoRA (`target_modules` for the linears, `target_parameters` for the fused experts), gradient checkpointing
   (non-reentrant) when remat is on, `torch.optim.AdamW` after `clip_grad_norm_`.
 The base weights are drawn once by transformers (seeded) and loaded into our model through
-`small4_jax.checkpoint.load_weights` (the loader `from_pretrained` uses, fed from memory instead of files); the
+`small4_jax.ckpt.load.load_weights` (the loader `from_pretrained` uses, fed from memory instead of files); the
 adapter is drawn once by `apply_lora` (A kaiming-uniform, B = 0), written in PEFT layout (`lora.save_peft`) and
 loaded by both sides, so the two start from identical parameters.
 
@@ -74,7 +74,7 @@ from flax import nnx  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from small4_jax import lora  # noqa: E402
+from small4_jax.lora import adapters as lora  # noqa: E402
 from small4_jax.config import Small4Config  # noqa: E402
 
 PEAK_BF16 = 989e12  # H100 / H200 SXM bf16 dense peak, FLOP/s (NVIDIA spec)
@@ -155,7 +155,7 @@ def _stats(times: list[float]) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Ours.
 class _StateDictSource:
-    """`small4_jax.checkpoint.TensorSource` over an in-memory HF state dict (CPU torch tensors)."""
+    """`small4_jax.ckpt.load.TensorSource` over an in-memory HF state dict (CPU torch tensors)."""
 
     def __init__(self, state: dict):
         self.state = {k.removeprefix("model."): v for k, v in state.items()}
@@ -294,8 +294,8 @@ def run_ours(model, ids: np.ndarray, warmup: int, iters: int, step_impl: str = "
 
 def build_ours(config: Small4Config, dtype: str, state: dict | None, adapter_dir: Path | None, lcfg, remat: bool):
     """Our model with adapters: base from `state` (an HF state dict) or random, adapters from `adapter_dir` or new."""
-    from small4_jax.checkpoint import load_weights
-    from small4_jax.model import init_model
+    from small4_jax.ckpt.load import load_weights
+    from small4_jax.nn.model import init_model
 
     if state is not None:
         model = load_weights(config, _StateDictSource(state), dtype=dtype, where="transformers state dict")
@@ -311,7 +311,7 @@ def build_ours(config: Small4Config, dtype: str, state: dict | None, adapter_dir
 
 def write_adapter(config: Small4Config, lcfg, out: Path) -> None:
     """The adapter both peers load: `apply_lora` on a shape-only model (no base weights drawn), in PEFT layout."""
-    from small4_jax.model import abstract_model
+    from small4_jax.nn.model import abstract_model
 
     abstract = abstract_model(config, dtype="float32")
     lora.apply_lora(abstract, lcfg)

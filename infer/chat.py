@@ -30,8 +30,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from small4_jax.errors import InputError, TokenizerError
-from small4_jax.images import image_hash, prepare_messages
-from small4_jax.tokenizer import StreamDecoder, TekkenTokenizer, Tokenizer
+from small4_jax.inputs.images import image_hash, prepare_messages
+from small4_jax.inputs.tokenizer import StreamDecoder, TekkenTokenizer, Tokenizer
 
 REASONING_EFFORTS = ("none", "high")
 _ALPHANUMERIC = string.ascii_letters + string.digits
@@ -47,7 +47,7 @@ class ChatPrompt:
     ids: list[int]  # the whole prompt, forced prefix included
     forced: list[int]  # ids that start the assistant turn (tool_choice), already in `ids`; parse them as output
     # Preprocessed images [C, H, W] (mistral-common's), in the order of their [IMG] runs in `ids`, and their
-    # content hashes (small4_jax.images.image_hash), e.g. to key a prefix cache.
+    # content hashes (small4_jax.inputs.images.image_hash), e.g. to key a prefix cache.
     images: list = dataclasses.field(default_factory=list)
     image_hashes: list[str] = dataclasses.field(default_factory=list)
 
@@ -122,7 +122,7 @@ def encode_chat(
     """Prompt ids for an OpenAI-style conversation; InputError (naming the problem) for a malformed one.
 
     Image parts (`image_url` with a `data:` URL; local files only inside `image_dir`) are checked by
-    small4_jax.images and tokenised with their pixels by mistral-common.
+    small4_jax.inputs.images and tokenised with their pixels by mistral-common.
 
     force_prefix: start the assistant turn with the forced tool call's ids (tool_choice required / named); False
     where a grammar (`infer.structured`) forces the call instead, which also lets reasoning come first.

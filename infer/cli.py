@@ -27,7 +27,7 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch: int = 16) -> None:
     g.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="compile every step shape before serving, with a progress line each (default on)")
     g.add_argument("--speculative", metavar="METHOD", help="speculative decoding: 'ngram' (prompt lookup) or "
-                   "'eagle:DIR' (an EAGLE draft head checkpoint); see infer/speculative.py")
+                   "'eagle:DIR' (an EAGLE draft head checkpoint); see infer/speculative/decoder.py")
     g.add_argument("--num-draft-tokens", type=int, default=4, help="draft tokens per row and step (--speculative)")
     g.add_argument("--max-loras", type=int, default=None, help="LoRA adapter slots (default: the adapters given; "
                    "more leave room for loading at run time)")
@@ -35,7 +35,7 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch: int = 16) -> None:
                    "largest given)")
     g.add_argument("--quantize", metavar="FORMAT", default=None,
                    help="weights of the linears and experts in memory and compute: fp8, int8, int4 (routed experts "
-                   "int4, dense linears int8), int4-all (int4 everywhere) or none (small4_jax.quant.SPELLINGS; "
+                   "int4, dense linears int8), int4-all (int4 everywhere) or none (small4_jax.quant.formats.SPELLINGS; "
                    "default: an FP8 checkpoint stays fp8, others unquantised; none dequantises)")
     g.add_argument("--activations", choices=["fp8", "none"], default=None,
                    help="fp8: W8A8 on an FP8 checkpoint, each linear's and expert's input quantised to e4m3 with the "
@@ -46,10 +46,10 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch: int = 16) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     speculative = None
     if getattr(args, "speculative", None):
-        from infer.speculative import SpeculativeConfig
+        from infer.speculative.decoder import SpeculativeConfig
 
         speculative = SpeculativeConfig.parse(args.speculative, args.num_draft_tokens)
-    from small4_jax.multi_lora import parse_lora_flags
+    from small4_jax.lora.multi import parse_lora_flags
 
     loras = parse_lora_flags(getattr(args, "lora_adapters", None))
     return dict(speculative=speculative, lora_adapters=loras, max_loras=getattr(args, "max_loras", None),
@@ -77,14 +77,14 @@ def preflight(args: argparse.Namespace, need_tokenizer: bool = False):
     `base.tokenizer`, else the bundled tiny tekken.json; a checkpoint without one gives None unless `need_tokenizer`.
     """
     from infer.generate import _parse_mesh
-    from small4_jax.checkpoint import checkpoint_config
+    from small4_jax.ckpt.load import checkpoint_config
     from small4_jax.config import Small4Config, read_yaml
-    from small4_jax.tokenizer import ASSETS_DIR, load_tokenizer
+    from small4_jax.inputs.tokenizer import ASSETS_DIR, load_tokenizer
 
     if args.dtype is not None and args.dtype not in DTYPES:
         raise InputError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPES)}")
     if getattr(args, "quantize", None) is not None:
-        from small4_jax.quant import check_format
+        from small4_jax.quant.formats import check_format
 
         check_format(args.quantize, "--quantize")
     mesh = _parse_mesh(args.mesh)
@@ -133,9 +133,9 @@ def check_engine_args(args: argparse.Namespace, config) -> None:
 
 def load_model_and_tokenizer(args: argparse.Namespace):
     """(model, tokenizer, mesh) from --config / --checkpoint, --tokenizer, --dtype, --seed, --mesh."""
-    from small4_jax.checkpoint import from_pretrained
-    from small4_jax.model import init_model
-    from small4_jax.placement import place_model
+    from small4_jax.ckpt.load import from_pretrained
+    from small4_jax.nn.model import init_model
+    from small4_jax.parallel.placement import place_model
 
     config, tokenizer, mesh = preflight(args)
     if args.config:

@@ -9,10 +9,10 @@
     python -m infer.generate --checkpoint DIR --lora a=DIR_A --lora b=DIR_B --input prompts.jsonl   # per prompt
 
 `--lora DIR` attaches one PEFT adapter to the model for every prompt. `--lora NAME=DIR` (repeatable) serves several
-side by side as the server does (`small4_jax/multi_lora.py`, one batch mixing them): each prompt picks one with
+side by side as the server does (`small4_jax/lora/multi.py`, one batch mixing them): each prompt picks one with
 `--adapter NAME` (--prompt / --prompt-ids) or its input line's "adapter"; prompts without a choice use the base model.
 
-Everything runs through the serving engine (`infer/engine.py`). Text is streamed to stdout as tokens arrive
+Everything runs through the serving engine (`infer/engine/engine.py`). Text is streamed to stdout as tokens arrive
 (with --chat, the answer; the reasoning goes to stderr); `--json` adds one last line
 `{"token_ids": [...], "text": "..."}` (with --chat also "reasoning_content" and "tool_calls"). The JSONL formats of
 --input / --output are in `infer/batch.py`. Errors in the input (a bad checkpoint, an empty or too long prompt, a bad
@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def lora_flags(values) -> tuple[str | None, list[tuple[str, str]]]:
     """--lora values -> (one adapter directory for every prompt, or None; [(name, dir)] adapters chosen per prompt).
     A value is NAME=DIR when the part before its first '=' is a name (no path separator), else a directory."""
-    from small4_jax.multi_lora import parse_lora_flags
+    from small4_jax.lora.multi import parse_lora_flags
 
     named = [v for v in values if "=" in v and not any(c in v.partition("=")[0] for c in "/\\")]
     plain = [v for v in values if v not in named]
@@ -99,20 +99,20 @@ def _parse_ids(text: str) -> list[int]:
 def _parse_mesh(text: str | None):
     if not text:
         return None
-    from small4_jax.sharding import make_mesh
+    from small4_jax.parallel.sharding import make_mesh
 
     return make_mesh(text, "--mesh")
 
 
 def run(args: argparse.Namespace) -> dict:
-    from small4_jax.checkpoint import from_pretrained
-    from small4_jax.model import init_model
-    from small4_jax.sampling import SamplingParams
+    from small4_jax.ckpt.load import from_pretrained
+    from small4_jax.nn.model import init_model
+    from small4_jax.decode.sampling import SamplingParams
 
     from infer.batch import ResultWriter, check_length, make_item, read_items, result_row
     from infer.chat import ChatParser
     from infer.cli import preflight
-    from infer.engine import MAX_CONTEXT, Engine, SamplingOptions, merge_outputs
+    from infer.engine.engine import MAX_CONTEXT, Engine, SamplingOptions, merge_outputs
 
     # Everything the input says is checked before the model is built (seconds, not the build's minute).
     SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # the CLI's checks
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> dict:
     single_lora, named_loras = lora_flags(args.lora)
     args.lora_adapters = [f"{n}={d}" for n, d in named_loras]  # the engine's multi-LoRA (infer.cli.engine_kwargs)
     names = [n for n, _ in named_loras]
-    from small4_jax.multi_lora import adapter_rank
+    from small4_jax.lora.multi import adapter_rank
 
     for _, directory in named_loras:  # a missing or malformed adapter_config.json is named before the build
         adapter_rank(directory)
@@ -176,12 +176,12 @@ def run(args: argparse.Namespace) -> dict:
         model = from_pretrained(args.checkpoint, dtype=args.dtype or "auto", mesh=mesh, quantize=args.quantize,
                                 activations=args.activations)
     if single_lora:
-        from small4_jax.lora import load_peft, shard_lora
+        from small4_jax.lora.adapters import load_peft, shard_lora
 
         load_peft(model, single_lora)
         shard_lora(model, mesh if args.checkpoint else None)  # beside the base weights (only a checkpoint is sharded)
     if mesh is not None and args.config:
-        from small4_jax.placement import place_model
+        from small4_jax.parallel.placement import place_model
 
         place_model(model, mesh)
     logging.getLogger("small4_jax").info("model ready in %.1fs", time.time() - t0)
@@ -255,7 +255,7 @@ def main(argv=None) -> int:
 
     setup_logging()
     try:
-        from small4_jax import distributed
+        from small4_jax.parallel import distributed
 
         # In a multi-process job (launch/), every process runs the same request in lockstep; one prints.
         if distributed.initialize().multi_process:

@@ -139,7 +139,7 @@ class Server:
     # -- validation --
     def options(self, req: _Common, prompt_len: int, logprobs: int | None, grammar: str | None = None,
                 detokenize: bool = True) -> "SamplingOptions":
-        from infer.engine import SamplingOptions
+        from infer.engine.engine import SamplingOptions
 
         if req.model is not None and req.model not in self.model_names and req.model not in self.adapters():
             raise HTTPError(400, f"model {req.model!r} is not served here; GET /v1/models lists "
@@ -177,7 +177,7 @@ class Server:
             raise HTTPError(400, str(e)) from None
 
     def adapters(self) -> dict:
-        """The LoRA adapters served (name -> adapter), selected by a request's `model` (small4_jax/multi_lora.py)."""
+        """The LoRA adapters served (name -> adapter), selected by a request's `model` (small4_jax/lora/multi.py)."""
         lora = getattr(self.engine, "lora", None)
         return {} if lora is None else dict(lora.adapters)
 
@@ -190,7 +190,7 @@ class Server:
 
         Choices after the first are admitted once the first has cached its prompt pages (`Engine.submit(after=)`),
         so the prompt is computed once; a seeded request gives choice i the seed seed + i."""
-        from infer.engine import QueueFull
+        from infer.engine.engine import QueueFull
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -282,7 +282,7 @@ class Server:
             ("cache_pages_total", "gauge", "Cache pages available to requests.", m["pages_total"]),
             ("cache_usage_ratio", "gauge", "Fraction of cache pages in use.", m["pages_used"] / m["pages_total"]),
         ]
-        if "spec_draft_tokens" in m:  # --speculative (infer/speculative.py)
+        if "spec_draft_tokens" in m:  # --speculative (infer/speculative/decoder.py)
             rows += [
                 ("spec_draft_tokens_total", "counter", "Draft tokens proposed.", m["spec_draft_tokens"]),
                 ("spec_accepted_tokens_total", "counter", "Draft tokens accepted.", m["spec_accepted_tokens"]),
@@ -307,7 +307,7 @@ def build_app(server: Server):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-    from infer.engine import RequestOutput
+    from infer.engine.engine import RequestOutput
 
     app = FastAPI(title="small4-jax", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -755,13 +755,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import uvicorn
 
-    from infer.engine import Engine
+    from infer.engine.engine import Engine
 
     from small4_jax.console import setup_logging
 
     setup_logging()  # our lines only: no library INFO chatter (absl, jax backends)
     try:
-        from small4_jax import distributed
+        from small4_jax.parallel import distributed
 
         # Several processes (launch/): process 0 serves HTTP, every process runs the engine in lockstep.
         spec = distributed.initialize()
@@ -772,7 +772,7 @@ def main(argv=None) -> int:
             raise InputError(f"--image-dir {args.image_dir}: not a directory")
         model, tokenizer, mesh = load_model_and_tokenizer(args)
         if multi:
-            from infer.lockstep import LockstepEngine
+            from infer.server.lockstep import LockstepEngine
 
             engine = LockstepEngine(model, tokenizer, mesh=mesh, **engine_kwargs(args))
         else:

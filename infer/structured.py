@@ -9,7 +9,7 @@ matcher for its allowed-token bitmask ([B, ceil(V/32)] int32, `batch_sampling.Ro
 while the device computes the step's logits, and the sampler masks the logits on the device. After a token is
 sampled the matcher consumes it.
 
-The masks also keep the tokens canonical (`Constrained`, `small4_jax.canonical`): the ids of a finished answer
+The masks also keep the tokens canonical (`Constrained`, `small4_jax.inputs.canonical`): the ids of a finished answer
 are what mistral-common's `encode_assistant_message` gives for the parsed answer (its content, or each call's
 `[TOOL_CALLS]` name `[ARGS]` json.dumps(arguments)), not merely some tokenisation of the same text. The grammar
 is edited to match what mistral-common writes (no optional whitespace around names and JSON; `", "` / `": "`
@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from small4_jax.errors import InputError
-from small4_jax.tokenizer import TekkenTokenizer, Tokenizer
+from small4_jax.inputs.tokenizer import TekkenTokenizer, Tokenizer
 
 _lock = threading.Lock()
 _EXECUTOR = None
@@ -246,7 +246,7 @@ class Constrained:
 
     llguidance allows every tokenisation of an allowed text; a model (a random one for sure) picks others, e.g.
     `{"` as `{` + `"`. Each step `refine` removes from llguidance's mask the tokens that would make the text's last
-    chunk non-canonical (`small4_jax.canonical`: chunk junctions by class string, BPE pair validity), and
+    chunk non-canonical (`small4_jax.inputs.canonical`: chunk junctions by class string, BPE pair validity), and
     special tokens where the text so far may not end. Where few tokens remain it also looks ahead through the
     grammar, so that a token is kept only if its chunk can be finished canonically: after `{"`, `loc` is allowed by
     the grammar and canonical so far, but the key the grammar forces, `location`, is one token, so `loc` leads

@@ -5,7 +5,7 @@
     python launch/local.py --nproc 2 -- python -m small4_jax.distributed        # start-up + preflight only
 
 Each process gets SMALL4_COORDINATOR=127.0.0.1:<free port>, SMALL4_NUM_PROCESSES, SMALL4_PROCESS_ID and
-SMALL4_NUM_HOSTS=1 (read by `small4_jax.distributed`); with --cpu-devices also SMALL4_CPU_DEVICES and
+SMALL4_NUM_HOSTS=1 (read by `small4_jax.parallel.distributed`); with --cpu-devices also SMALL4_CPU_DEVICES and
 JAX_PLATFORMS=cpu. Output lines are prefixed with the process id. When one process fails, the others are stopped
 and the launcher exits with its status; past --timeout all are killed and the exit status is 124.
 """

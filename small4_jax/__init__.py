@@ -12,12 +12,12 @@ before parsing its arguments) does not import JAX: `--help` answers at once.
 from small4_jax.errors import CheckpointError, ConfigError, InputError, Small4Error, TokenizerError
 
 _LAZY = {
-    "from_pretrained": "small4_jax.checkpoint",
+    "from_pretrained": "small4_jax.ckpt.load",
     "Small4Config": "small4_jax.config",
     "load_config": "small4_jax.config",
-    "KVCache": "small4_jax.model",
-    "Small4ForCausalLM": "small4_jax.model",
-    "init_model": "small4_jax.model",
+    "KVCache": "small4_jax.nn.model",
+    "Small4ForCausalLM": "small4_jax.nn.model",
+    "init_model": "small4_jax.nn.model",
 }
 
 
@@ -33,7 +33,7 @@ def __getattr__(name):
 
 def load_tokenizer(path):
     """A tokenizer from a `.model` (sentencepiece), a `tekken.json`, or a checkpoint directory holding one."""
-    from small4_jax.tokenizer import load_tokenizer as _load
+    from small4_jax.inputs.tokenizer import load_tokenizer as _load
 
     return _load(path)
 

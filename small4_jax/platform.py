@@ -2,7 +2,7 @@
 
 Every platform-dependent choice (`moe_impl: auto`, Pallas interpret mode, the real `ragged_all_to_all` or its CPU
 stand-in, tilings) asks `platform_of(...)` about the arrays or mesh at hand instead of `jax.default_backend()`. The
-two differ when a CPU host lowers a program for GPU devices (`small4_jax.aot`, deviceless compilation): the program
+two differ when a CPU host lowers a program for GPU devices (`small4_jax.tools.aot`, deviceless compilation): the program
 must then be the one a GPU would run, with the Triton kernel compiled rather than interpreted.
 
 Resolution order: the first argument that names devices (a Mesh, an AbstractMesh carrying its abstract device, a

@@ -8,7 +8,7 @@ Layouts written (see ARCHITECTURE.md §4):
 * `save_native`: Mistral-native `params.json` + `consolidated*.safetensors` with per-expert `w1/w2/w3`.
 
 The FP8 writers return the dequantised float32 state dict (HF `Mistral4ForCausalLM` keys) so a test can load it into
-transformers for reference values. Nothing here reads checkpoints; that is `small4_jax.safetensors_io`.
+transformers for reference values. Nothing here reads checkpoints; that is `small4_jax.ckpt.safetensors_io`.
 """
 
 from __future__ import annotations

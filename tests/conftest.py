@@ -40,7 +40,7 @@ def _require_gpu_compile() -> bool:
 def _gpu_compile_gate(request):
     if request.node.get_closest_marker("gpu_compile") is None:
         return
-    from small4_jax import aot
+    from small4_jax.tools import aot
 
     ok, why = aot.available()
     if not ok:

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from small4_jax import distributed
+from small4_jax.parallel import distributed
 
 IDS = (np.arange(40, dtype=np.int32)[None] * 7) % 128
 
@@ -38,8 +38,8 @@ def main() -> int:
 
     distributed.preflight(expected_devices=8, deadline_s=60)
     import small4_jax
-    from small4_jax.sharded_ckpt import save_model
-    from small4_jax.sharding import make_mesh
+    from small4_jax.ckpt.sharded import save_model
+    from small4_jax.parallel.sharding import make_mesh
 
     ckpt, out = sys.argv[2], sys.argv[3]
 
@@ -71,8 +71,8 @@ def main() -> int:
         import json
         import threading
 
-        from infer.engine import SamplingOptions, merge_outputs
-        from infer.lockstep import LockstepEngine
+        from infer.engine.engine import SamplingOptions, merge_outputs
+        from infer.server.lockstep import LockstepEngine
 
         mesh = make_mesh({"data": 1, "expert": 8, "tensor": 1})
         engine = LockstepEngine(small4_jax.from_pretrained(ckpt, dtype="float32", mesh=mesh), mesh=mesh, max_loras=1,

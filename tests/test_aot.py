@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from small4_jax import aot
+from small4_jax.tools import aot
 
 
 @pytest.mark.gpu_compile

@@ -13,7 +13,7 @@ from flax import nnx
 
 from small4_jax.config import Small4Config
 from small4_jax.kernels.attention import attention, attention_reference, blockwise_attention_lse, normalise_masks
-from small4_jax.model import MLA, llama4_query_scale, rope_cos_sin
+from small4_jax.nn.model import MLA, llama4_query_scale, rope_cos_sin
 
 B, H, K, U = 2, 3, 24, 16
 BLOCK = 8
@@ -152,7 +152,7 @@ def test_mla_long_packed_row_equals_reference(impl):
 @pytest.mark.gpu_compile
 def test_flash_attention_compiles_for_h100_at_real_dims_with_linear_memory():
     """32 heads, 128-d q/k/v, bf16, 4 packed rows of 8192 tokens per micro-batch, forward + backward, one H100."""
-    from small4_jax import aot
+    from small4_jax.tools import aot
 
     mesh = aot.gpu_mesh("h100", {"data": 1}, topology="1x1x1")
 

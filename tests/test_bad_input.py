@@ -24,14 +24,14 @@ SPM = str(REPO / "small4_jax/assets/tiny_spm.model")
 @pytest.fixture
 def no_build(monkeypatch):
     """Any model build fails the test: every error below must come before one."""
-    import small4_jax.checkpoint
-    import small4_jax.model
+    import small4_jax.ckpt.load
+    import small4_jax.nn.model
 
     def built(*a, **k):
         raise AssertionError("a model was built before the input was checked")
 
-    monkeypatch.setattr(small4_jax.model, "init_model", built)
-    monkeypatch.setattr(small4_jax.checkpoint, "from_pretrained", built)
+    monkeypatch.setattr(small4_jax.nn.model, "init_model", built)
+    monkeypatch.setattr(small4_jax.ckpt.load, "from_pretrained", built)
     monkeypatch.setattr("train.trainer.build_model", built)
 
 
@@ -58,7 +58,7 @@ def test_help_of_every_cli_answers_without_importing_jax():
     script = """
 import runpy, sys, time
 mods = ["infer.generate", "infer.serve", "train.validate_data", "train.finetune", "train.export",
-        "small4_jax.convert", "small4_jax.distributed", "launch/local.py"]
+        "small4_jax.tools.convert", "small4_jax.parallel.distributed", "launch/local.py"]
 for m in mods:
     sys.argv = [m, "--help"]
     t = time.perf_counter()
@@ -171,7 +171,7 @@ def test_generate_input_lines_are_checked_before_the_build(tmp_path, capsys, no_
 def test_result_writer_keeps_input_order_and_flushes_each_row(tmp_path):
     from infer.batch import Item, ResultWriter
     from infer.chat import ChatPrompt
-    from infer.engine import SamplingOptions
+    from infer.engine.engine import SamplingOptions
 
     items = [Item(i, ChatPrompt([1], []), SamplingOptions(), False) for i in range(3)]
     out = tmp_path / "out.jsonl"
@@ -325,7 +325,7 @@ def test_export_names_missing_steps_before_building(tmp_path, capsys, no_build):
 
 
 def test_convert_distributed_and_launcher_bad_input(tmp_path, capsys):
-    from small4_jax.convert import main as convert
+    from small4_jax.tools.convert import main as convert
 
     assert _error(convert, ["--from", str(tmp_path / "nope"), "--to", str(tmp_path / "out")], capsys) == \
         f"error: {tmp_path / 'nope'}: checkpoint directory not found"
@@ -353,7 +353,7 @@ def test_distributed_preflight_on_one_device():
     """The README's cluster check, on a machine with one device (the TypeError at distributed.py:243)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMALL4_", "SLURM_", "JOB_COMPLETION"))}
     env.update(JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "small4_jax.distributed", "--expected-devices", "1"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "small4_jax.parallel.distributed", "--expected-devices", "1"], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("process 0/1 (single): 1 devices, all-reduce ")
@@ -363,11 +363,11 @@ def test_distributed_preflight_on_one_device():
 @pytest.fixture(scope="module")
 def tiny_server():
     """The tiny model behind the HTTP server; every request below is refused before the engine runs anything."""
-    from infer.engine import Engine
+    from infer.engine.engine import Engine
     from infer.serve import Running, Server
     from small4_jax.config import Small4Config
-    from small4_jax.model import init_model
-    from small4_jax.tokenizer import ASSETS_DIR, load_tokenizer
+    from small4_jax.nn.model import init_model
+    from small4_jax.inputs.tokenizer import ASSETS_DIR, load_tokenizer
 
     model = init_model(Small4Config.from_yaml(TINY), seed=0)
     tok = load_tokenizer(ASSETS_DIR / "tiny_tekken.json")

@@ -1,11 +1,11 @@
-"""The serving sampler (`small4_jax.batch_sampling`): logit bias, penalties and the token mask vs numpy, and the
+"""The serving sampler (`small4_jax.decode.sampler`): logit bias, penalties and the token mask vs numpy, and the
 token history kept on the device."""
 
 import jax
 import numpy as np
 import pytest
 
-from small4_jax.batch_sampling import (
+from small4_jax.decode.sampler import (
     RowSampling, TokenHistory, adjusted_logits, allowed_by_mask, mask_words, sample_rows, sampling_logits, set_slot,
 )
 
@@ -98,7 +98,7 @@ def test_sampled_rows_draw_from_the_processed_distribution(rows):
 def test_single_request_sampler_is_the_serving_filter():
     """`sampling.sample` (generation.generate) draws from `filtered_logits`: within top-k and the top-p nucleus
     (numpy), at their probabilities."""
-    from small4_jax.sampling import sample
+    from small4_jax.decode.sampling import sample
 
     logits = np.asarray(jax.random.normal(jax.random.key(0), (2, 50)) * 3, np.float32)
     draw = jax.jit(jax.vmap(lambda k: sample(logits, k, 0.8, 6, 0.7, greedy=False)))

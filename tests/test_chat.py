@@ -14,7 +14,7 @@ from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, 
 
 from infer.chat import ChatParser, encode_chat, parse_output
 from small4_jax.errors import InputError
-from small4_jax.tokenizer import ASSETS_DIR, default_tokenizer, load_tokenizer
+from small4_jax.inputs.tokenizer import ASSETS_DIR, default_tokenizer, load_tokenizer
 
 PARAMS = {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": PARAMS}}]

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from small4_jax.config import Small4Config
-from small4_jax.model import init_model
+from small4_jax.nn.model import init_model
 
 TINY = Small4Config(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
                     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4,

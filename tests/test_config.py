@@ -9,14 +9,14 @@ import pytest
 
 from small4_jax.config import Small4Config, load_config
 from small4_jax.errors import ConfigError
-from small4_jax.model import param_count
+from small4_jax.nn.model import param_count
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 def test_config_and_moe_agree_on_the_strategies():
-    from small4_jax import moe
+    from small4_jax.nn import moe
     from small4_jax.config import MOE_STRATEGIES
 
     assert set(MOE_STRATEGIES) == set(moe.STRATEGIES)

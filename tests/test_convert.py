@@ -11,11 +11,11 @@ from flax import nnx
 
 import small4_jax
 from ckpt_utils import make_hf_model, save_hf, save_native, tiny_hf_config
-from small4_jax import sharded_ckpt
-from small4_jax.convert import convert, main
+from small4_jax.ckpt import sharded as sharded_ckpt
+from small4_jax.tools.convert import convert, main
 from small4_jax.errors import CheckpointError
-from small4_jax.model import layer_groups, per_layer_items
-from small4_jax.sharding import make_mesh
+from small4_jax.nn.model import layer_groups, per_layer_items
+from small4_jax.parallel.sharding import make_mesh
 
 IDS = (np.arange(40, dtype=np.int32)[None] * 7) % 128
 

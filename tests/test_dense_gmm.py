@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from small4_jax import lora, moe, paged
+from small4_jax.lora import adapters as lora
+from small4_jax.nn import moe
+from small4_jax.nn import paged
 from small4_jax.config import Small4Config
 from small4_jax.errors import ConfigError
-from small4_jax.model import init_model
+from small4_jax.nn.model import init_model
 from tests.test_paged import PAGE, TINY, _slots
 
 CONFIG = Small4Config.from_yaml(TINY).replace(vision=None)  # 2 MoE layers: one stack

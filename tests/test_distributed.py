@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from small4_jax.distributed import ClusterSpec, DistributedError, detect, expand_nodelist
+from small4_jax.parallel.distributed import ClusterSpec, DistributedError, detect, expand_nodelist
 
 REPO = Path(__file__).resolve().parent.parent
 SBATCH = sorted((REPO / "launch" / "slurm").glob("*.sbatch"))

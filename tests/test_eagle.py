@@ -1,4 +1,4 @@
-"""EAGLE speculative decoding (`small4_jax/eagle.py`, `infer/eagle_drafter.py`) on a tiny random draft checkpoint.
+"""EAGLE speculative decoding (`small4_jax/nn/eagle.py`, `infer/speculative/eagle_drafter.py`) on a tiny random draft checkpoint.
 
 The draft checkpoint is Mistral-native as the released one is laid out: `params.json` with only some fields (the rest
 come from the target), `consolidated.safetensors` with the layers in native names and `eagle_linear.weight` in FP8
@@ -20,11 +20,11 @@ from safetensors.torch import load_file, save_file
 
 import small4_jax
 from ckpt_utils import make_hf_model, quantize_fp8, save_native, tiny_hf_config
-from infer.engine import Engine, SamplingOptions
-from infer.speculative import SpeculativeConfig
-from small4_jax.eagle import load_eagle, load_eagle_config, reference_forward
+from infer.engine.engine import Engine, SamplingOptions
+from infer.speculative.decoder import SpeculativeConfig
+from small4_jax.nn.eagle import load_eagle, load_eagle_config, reference_forward
 from small4_jax.errors import CheckpointError, ConfigError
-from small4_jax.model import rope_cos_sin
+from small4_jax.nn.model import rope_cos_sin
 from test_speculative import _run  # the speculative tests' engine driver
 
 ENGINE = dict(max_batch=4, page_size=8, prefill_chunk=16, prefill_batch=2, batch_buckets=(4,), page_buckets=(8,),
@@ -145,8 +145,8 @@ def test_eagle_speculative_greedy_equals_plain_greedy_and_drafts_match_the_refer
     if sharded:
         from flax import nnx
 
-        from small4_jax.placement import place_model
-        from small4_jax.sharding import make_mesh
+        from small4_jax.parallel.placement import place_model
+        from small4_jax.parallel.sharding import make_mesh
 
         mesh = make_mesh({"data": 2, "expert": 4, "tensor": 1})
         spec = Engine(place_model(nnx.clone(target), mesh), mesh=mesh,

@@ -1,4 +1,4 @@
-"""The serving engine (`infer.engine`) on a tiny transformers-made checkpoint.
+"""The serving engine (`infer.engine.engine`) on a tiny transformers-made checkpoint.
 
 References: transformers' greedy `generate` on the same weights, one request at a time; the model's full forward
 pass for logprobs. One engine is shared by the module (compiled: prefill [1, 16] and [2, 16], decode [8, 1]).
@@ -10,9 +10,9 @@ import torch
 
 import small4_jax
 from ckpt_utils import make_hf_model, save_hf, tiny_hf_config
-from infer.engine import Engine, QueueFull, SamplingOptions
+from infer.engine.engine import Engine, QueueFull, SamplingOptions
 from small4_jax.errors import InputError
-from small4_jax.tokenizer import ASSETS_DIR, load_tokenizer
+from small4_jax.inputs.tokenizer import ASSETS_DIR, load_tokenizer
 
 VOCAB = 512  # the bundled tiny tekken tokenizer
 
@@ -45,7 +45,7 @@ def _hf_greedy(hf, prompt, n):
 
 def _run(engine, arrivals, max_steps=500):
     """Submit (step, prompt, options) entries at their steps; step until all finish; returns merged outputs."""
-    from infer.engine import merge_outputs
+    from infer.engine.engine import merge_outputs
 
     events = {}
     for step in range(max_steps):
@@ -216,8 +216,8 @@ def test_engine_on_an_expert_parallel_mesh(setup):
     """Weights placed by the sharding rules on data=1,expert=8,tensor=1: the same greedy tokens as transformers."""
     from flax import nnx
 
-    from small4_jax.placement import place_model
-    from small4_jax.sharding import make_mesh
+    from small4_jax.parallel.placement import place_model
+    from small4_jax.parallel.sharding import make_mesh
 
     hf, model, _ = setup
     mesh = make_mesh({"data": 1, "expert": 8, "tensor": 1})
@@ -281,9 +281,9 @@ def test_sharded_cache_equals_the_single_device_engine(setup):
     from flax import nnx
     from jax.sharding import PartitionSpec
 
-    from infer.engine import merge_outputs
-    from small4_jax.placement import place_model
-    from small4_jax.sharding import make_mesh
+    from infer.engine.engine import merge_outputs
+    from small4_jax.parallel.placement import place_model
+    from small4_jax.parallel.sharding import make_mesh
 
     _, model, single = setup
     mesh = make_mesh({"data": 2, "expert": 4, "tensor": 1})
@@ -356,8 +356,8 @@ def test_page_table_rows_follow_every_change_of_the_page_lists():
     random appends, rollbacks (`del pages[k:]`), preemptions (a new list) and slots passing to other requests."""
     import types
 
-    from infer.engine import Engine, PageList, _Request
-    from small4_jax.paged import NULL_PAGE
+    from infer.engine.engine import Engine, PageList, _Request
+    from small4_jax.nn.paged import NULL_PAGE
 
     rng = np.random.default_rng()
     max_batch, width = 4, 12

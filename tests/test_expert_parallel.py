@@ -14,10 +14,10 @@ from flax import nnx
 
 import small4_jax
 from ckpt_utils import make_hf_model, save_hf, tiny_hf_config
-from small4_jax import moe
+from small4_jax.nn import moe
 from small4_jax.config import load_config
-from small4_jax.moe import ExpertLoRA, resolve_strategy, route, routed_experts
-from small4_jax.sharding import make_mesh, mesh_of, moe_layout
+from small4_jax.nn.moe import ExpertLoRA, resolve_strategy, route, routed_experts
+from small4_jax.parallel.sharding import make_mesh, mesh_of, moe_layout
 
 N, H, F, E, K, R = 20, 16, 8, 8, 2, 3  # 20 tokens: not a multiple of 8 token shards (padding is exercised)
 MESHES = {
@@ -131,7 +131,7 @@ def test_per_token_adapters_inside_the_expert_parallel_shard_map(mesh_name, stra
     """Multi-LoRA serving's expert adapters (stacked slots, each row's own slot through a per-row scale mask) inside
     the expert-parallel shard_map, the masks sent along with the rows by the all-to-all: = one device's dense
     per-token reference."""
-    from small4_jax.multi_lora import block_mask
+    from small4_jax.lora.multi import block_mask
 
     slots, rank, rows = 3, 2, 4  # 4 rows of 5 tokens, slots 0 (base), 1, 2
     ks = jax.random.split(jax.random.key(7), 9)
@@ -162,8 +162,8 @@ def test_w8a8_experts_match_one_device():
     mesh_name, strategy, impl = "1x8x1", "all_to_all", "ragged_dot"
     import ml_dtypes
 
-    from small4_jax import quant
-    from small4_jax.sharding import sharding_for
+    from small4_jax.quant import formats as quant
+    from small4_jax.parallel.sharding import sharding_for
 
     rng = np.random.default_rng(int(np.random.SeedSequence().entropy % (1 << 31)))
     ids, (x, w, *_) = _moe_inputs(int(rng.integers(1 << 30)))

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import yaml
 
-from small4_jax import generation, lora
-from small4_jax.tokenizer import default_tokenizer
+from small4_jax.decode import generation
+from small4_jax.lora import adapters as lora
+from small4_jax.inputs.tokenizer import default_tokenizer
 from train import config as run_config
 from train.data import prompt_ids
 
@@ -97,7 +98,7 @@ def test_exports_load_in_transformers_and_peft(trained):
     peft = pytest.importorskip("peft")
     from transformers import Mistral4ForCausalLM
 
-    from small4_jax.model import init_model
+    from small4_jax.nn.model import init_model
     from train.export import load_run, save_merged
 
     cfg, _, tmp, _ = trained
@@ -273,7 +274,7 @@ def test_loss_chunk_from_the_run_config_reaches_the_model(monkeypatch):
     """train.loss_chunk is the chunk the training loss runs with (trainer.configure, as build_model applies it)."""
     import dataclasses
 
-    from small4_jax.model import init_model
+    from small4_jax.nn.model import init_model
     from train import trainer
 
     cfg = run_config.load(ROOT / "configs" / "finetune-tiny.yaml")
@@ -281,7 +282,7 @@ def test_loss_chunk_from_the_run_config_reaches_the_model(monkeypatch):
     model = init_model(cfg.model, dtype="float32")
     trainer.configure(model, cfg)
     assert (model.loss_chunk, model.remat) == (96, True)
-    from small4_jax import model as model_module
+    from small4_jax.nn import model as model_module
 
     seen, real = [], model_module.chunked_cross_entropy
     monkeypatch.setattr(model_module, "chunked_cross_entropy", lambda *a: seen.append(a[-1]) or real(*a))

@@ -15,7 +15,7 @@ from PIL import Image
 from test_vision import tiny_mistral3
 
 import small4_jax
-from small4_jax.tokenizer import ASSETS_DIR, load_tokenizer
+from small4_jax.inputs.tokenizer import ASSETS_DIR, load_tokenizer
 from train import config as run_config
 from train.data import DataError, load_dataset
 from train.trainer import token_loss, with_images
@@ -85,9 +85,9 @@ def test_bad_image_rows_name_the_line(tmp_path):
 
 
 def test_projector_adapters_only_on_request():
-    from small4_jax import lora
+    from small4_jax.lora import adapters as lora
     from small4_jax.config import Small4Config
-    from small4_jax.model import abstract_model
+    from small4_jax.nn.model import abstract_model
 
     model = abstract_model(Small4Config.from_yaml(ROOT / "configs" / "tiny.yaml"))
     assert not [p for p in lora.select_targets(model, ["all", r".*proj.*"]) if "multi_modal" in p]
@@ -99,7 +99,7 @@ def test_lora_run_on_image_rows(tmp_path):
     """Three steps of a LoRA run on image rows (the tiny preset with its vision block) with adapters on attention
     and on the projector: the encoder stays frozen, the projector's adapters learn inside the loss."""
     targets = ["attention", "projector"]
-    from small4_jax import lora
+    from small4_jax.lora import adapters as lora
     from train.trainer import build_model, restore_lora, train
 
     rows = [_row(i, (28 * (1 + i % 3), 56)) for i in range(6)]

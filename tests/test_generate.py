@@ -177,7 +177,7 @@ def test_several_loras_each_prompt_with_its_own(tmp_path, capsys):
     from flax import nnx
 
     import small4_jax
-    from small4_jax import lora
+    from small4_jax.lora import adapters as lora
 
     config = small4_jax.load_config(REPO / "configs" / "tiny.yaml")
     for name, targets, seed in (("a", ("all",), 1), ("b", ("attention", "experts"), 2)):

@@ -1,6 +1,6 @@
 """`python -m infer.generate` chat and batch modes, through the engine.
 
-Reference: `small4_jax.generation.generate` (the single-request loop over the dense latent cache, itself checked
+Reference: `small4_jax.decode.generation.generate` (the single-request loop over the dense latent cache, itself checked
 against transformers in test_generate.py) on the same random tiny preset, with prompt ids from mistral-common.
 """
 
@@ -13,9 +13,9 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
 from infer.generate import main
 from small4_jax.config import Small4Config
-from small4_jax.generation import generate
-from small4_jax.model import init_model
-from small4_jax.tokenizer import ASSETS_DIR, load_tokenizer
+from small4_jax.decode.generation import generate
+from small4_jax.nn.model import init_model
+from small4_jax.inputs.tokenizer import ASSETS_DIR, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.yaml"
@@ -85,7 +85,7 @@ def test_reference_generate_compiles_powers_of_two_not_prompt_lengths(reference)
     and the greedy output equals the argmax of the model's full forward, token by token."""
     import numpy as np
 
-    from small4_jax import generation
+    from small4_jax.decode import generation
 
     gen, _ = reference
     for n in (5, 3):  # chunks 4+1 and 2+1

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from small4_jax import quant
+from small4_jax.quant import formats as quant
 from small4_jax.kernels import GmmTiling, gmm
 from small4_jax.kernels.gmm.reference import gmm_quant_reference, gmm_reference
 

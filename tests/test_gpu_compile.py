@@ -1,8 +1,8 @@
 """Every GPU program of ours compiles for H100 / H200 (sm_90a) on this CPU machine, at Small 4's real dims.
 
-Deviceless compilation (`small4_jax/aot.py`) runs XLA's real GPU pipeline: Pallas -> Triton IR -> PTX -> ptxas with
+Deviceless compilation (`small4_jax/tools/aot.py`) runs XLA's real GPU pipeline: Pallas -> Triton IR -> PTX -> ptxas with
 the target's shared-memory and register limits, so a kernel change that breaks the GPU build fails here. Programs
-(`small4_jax/aot_programs.py`, the same builders `benchmarks/memory_plan.py` uses), each compiled once per module:
+(`small4_jax/tools/aot_programs.py`, the same builders `benchmarks/memory_plan.py` uses), each compiled once per module:
 
     kernels   gmm + its VJP (gmm on both weight layouts, tgmm): decode / prefill tilings, bf16 and fp32, ragged M
     experts   expert parallelism, replicated and all-to-all (the real ragged_all_to_all), on 1x1x8 and 2x1x8
@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from small4_jax import aot
-from small4_jax import aot_programs as ap
+from small4_jax.tools import aot
+from small4_jax.tools import aot_programs as ap
 from small4_jax.config import Small4Config
 from small4_jax.kernels.gmm import tiling as T
 

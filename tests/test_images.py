@@ -1,7 +1,7 @@
 """Image chats: token ids and pixel arrays equal mistral-common's encode_chat_completion; bad images get clear errors.
 
 The reference is called directly (`MistralTokenizer.encode_chat_completion` on `ChatCompletionRequest.from_openai`
-of the same messages, images as data: URLs); ours goes through infer.chat.encode_chat and small4_jax.images.
+of the same messages, images as data: URLs); ours goes through infer.chat.encode_chat and small4_jax.inputs.images.
 """
 
 import base64
@@ -15,8 +15,8 @@ from PIL import Image
 
 from infer.chat import encode_chat
 from small4_jax.errors import InputError
-from small4_jax.images import image_hash
-from small4_jax.tokenizer import ASSETS_DIR, load_tokenizer
+from small4_jax.inputs.images import image_hash
+from small4_jax.inputs.tokenizer import ASSETS_DIR, load_tokenizer
 
 IMG, BREAK, END = 10, 12, 13
 
@@ -155,8 +155,8 @@ def test_generate_cli_with_images(tmp_path, capsys):
 
     from infer.generate import main
     from small4_jax.config import Small4Config
-    from small4_jax.generation import generate
-    from small4_jax.model import init_model
+    from small4_jax.decode.generation import generate
+    from small4_jax.nn.model import init_model
 
     tiny = ASSETS_DIR.parent.parent / "configs" / "tiny.yaml"
     paths = []

@@ -16,9 +16,9 @@ from flax import nnx
 
 import small4_jax
 from ckpt_utils import make_hf_model, save_hf, tiny_hf_config
-from small4_jax import lora
+from small4_jax.lora import adapters as lora
 from small4_jax.errors import ConfigError
-from small4_jax.model import per_layer_items
+from small4_jax.nn.model import per_layer_items
 
 peft = pytest.importorskip("peft")
 

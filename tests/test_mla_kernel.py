@@ -105,7 +105,7 @@ def test_work_items_cover_each_row_once_and_follow_its_length():
 def test_kernel_compiles_for_sm90a_at_small4_dims(batch, t):
     """Small 4's attention dims (32 heads, latent 256, RoPE key 64, bf16, 16-token pages): a decode step at batch 64
     (split-KV) and a prefill chunk of 256 tokens, for one H100; shared memory and registers are the target's."""
-    from small4_jax import aot
+    from small4_jax.tools import aot
 
     mesh = aot.gpu_mesh("h100", {"data": 1}, topology="1x1x1")
     nh, r, dr, page, num_pages, width = 32, 256, 64, 16, 4096, 16384
@@ -147,8 +147,8 @@ def test_sharded_cache_step_compiles_on_8_h100(tokens):
     """The engine's step with the cache's pages sharded over data=2 (each shard's MLA kernel inside the shard_map)
     and the MoE expert-parallel over expert=4, one layer of Small 4: the kernel compiles there and each device holds
     half the pages."""
-    from small4_jax import aot
-    from small4_jax import aot_programs as ap
+    from small4_jax.tools import aot
+    from small4_jax.tools import aot_programs as ap
     from small4_jax.config import Small4Config
 
     config = Small4Config.from_yaml("configs/small4-119b.yaml").replace(num_hidden_layers=1)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from small4_jax.moe import ExpertLoRA, route, routed_experts
+from small4_jax.nn.moe import ExpertLoRA, route, routed_experts
 
 
 def _inputs(seed, n=37, h=16, f=8, e=6, k=2, r=3):
@@ -52,7 +52,7 @@ def test_group_limited_routing_only_picks_kept_groups():
 def test_tiled_experts_equal_the_dense_reference(n, e, k, tile):
     """The CPU tiled loop (what `auto` runs on one CPU device) == the every-expert reference, values and grads, on
     fresh random inputs: one token, uneven groups, tiles of one row, tiles wider than any group."""
-    import small4_jax.moe as moe
+    import small4_jax.nn.moe as moe
 
     x, ids, w, gate_up, down, _ = _inputs(np.random.randint(1 << 30), n=n, e=e, k=k)
     ref = jax.jit(functools.partial(routed_experts, impl="dense"))(x, ids, w, gate_up, down)
@@ -77,8 +77,8 @@ def test_tiled_experts_equal_the_dense_reference(n, e, k, tile):
 
 def test_tiled_experts_quantised_and_bf16():
     """Quantised experts through the tiled loop == the reference on the dequantised weights; bf16 within bf16."""
-    import small4_jax.moe as moe
-    from small4_jax import quant
+    import small4_jax.nn.moe as moe
+    from small4_jax.quant import formats as quant
 
     x, ids, w, gate_up, down, _ = _inputs(np.random.randint(1 << 30), n=19, h=32, f=16, e=6, k=2)
     gu, dn = quant.quantize(gate_up, "int8"), quant.quantize(down, "int8")
@@ -94,7 +94,7 @@ def test_tiled_experts_quantised_and_bf16():
 
 
 def test_tile_rows_follow_the_mean_group_size():
-    from small4_jax.moe import tile_rows
+    from small4_jax.nn.moe import tile_rows
 
     assert [tile_rows(p, 16) for p in (4, 16, 17, 64, 65, 1024, 4096, 1 << 20)] == [1, 1, 2, 4, 8, 64, 128, 128]
     assert tile_rows(8, 4) == 2 and tile_rows(1, 128) == 1
@@ -105,8 +105,8 @@ def test_tiled_experts_read_a_layer_stack_in_place(fmt):
     """Under a layer scan the CPU tiled loop takes the frozen stacks whole (`AtLayer`) and == the dense reference on
     each layer's slice; the compiled scan never holds one layer's experts as an array of their own (the copy that
     slicing the layer first made every step)."""
-    from small4_jax import quant
-    from small4_jax.moe import AtLayer
+    from small4_jax.quant import formats as quant
+    from small4_jax.nn.moe import AtLayer
 
     e, h, f, layers = 6, 16, 8, 3
     x, ids, w, gate_up, down, _ = _inputs(np.random.randint(1 << 30), n=9, h=h, f=f, e=e, k=2)

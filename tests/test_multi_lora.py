@@ -1,4 +1,4 @@
-"""Multi-LoRA serving (`small4_jax/multi_lora.py`): one batch of base rows and rows of different adapters.
+"""Multi-LoRA serving (`small4_jax/lora/multi.py`): one batch of base rows and rows of different adapters.
 
 References: each request run alone through the same paged forward with its adapter attached the single-adapter way
 (`lora.load_peft`: LoRALinear / ExpertsLoRA), and transformers + PEFT for an adapter made by peft itself.
@@ -15,11 +15,11 @@ from flax import nnx
 
 import small4_jax
 from ckpt_utils import make_hf_model, save_hf, tiny_hf_config
-from infer.engine import Engine, SamplingOptions, merge_outputs
-from small4_jax import lora
+from infer.engine.engine import Engine, SamplingOptions, merge_outputs
+from small4_jax.lora import adapters as lora
 from small4_jax.errors import ConfigError, InputError
-from small4_jax.multi_lora import MultiLoRA, parse_lora_flags
-from small4_jax.paged import PagedCache, logits_step
+from small4_jax.lora.multi import MultiLoRA, parse_lora_flags
+from small4_jax.nn.paged import PagedCache, logits_step
 
 peft = pytest.importorskip("peft")
 
@@ -114,7 +114,7 @@ def test_mixed_batch_equals_each_request_alone(setup, alone, mesh_shape):
     """On one device, and on 8 (the routed experts expert-parallel inside their shard_map, expert adapters too)."""
     import contextlib
 
-    from small4_jax.sharding import make_mesh
+    from small4_jax.parallel.sharding import make_mesh
 
     root, cfg, dirs, _ = setup
     mesh = None if mesh_shape is None else make_mesh(mesh_shape)

@@ -15,7 +15,7 @@ import pytest
 
 import small4_jax
 from ckpt_utils import make_hf_model, save_hf, tiny_hf_config
-from small4_jax.convert import convert
+from small4_jax.tools.convert import convert
 
 REPO = Path(__file__).resolve().parent.parent
 IDS = (np.arange(40, dtype=np.int32)[None] * 7) % 128
@@ -74,7 +74,7 @@ def test_lora_finetune_two_processes_equals_one(tmp_path):
 
     from flax import nnx
 
-    from small4_jax import lora
+    from small4_jax.lora import adapters as lora
     from train import config as run_config
     from train.finetune import main as finetune
     from train.trainer import build_model, restore_lora
@@ -187,8 +187,8 @@ def test_adapter_load_and_unload_in_lockstep_across_two_processes(checkpoint, tm
     with the adapter, after unloading it, and with it loaded again into the freed slot give one process's tokens."""
     import json
 
-    from infer.engine import Engine, SamplingOptions
-    from small4_jax import lora
+    from infer.engine.engine import Engine, SamplingOptions
+    from small4_jax.lora import adapters as lora
 
     import jax.numpy as jnp
     from flax import nnx
@@ -213,7 +213,7 @@ def test_adapter_load_and_unload_in_lockstep_across_two_processes(checkpoint, tm
 
 
 def _run_one(engine, prompt, options, adapter):
-    from infer.engine import merge_outputs
+    from infer.engine.engine import merge_outputs
 
     events = []
     engine.submit(prompt, options, adapter=adapter, callback=events.append)

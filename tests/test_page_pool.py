@@ -1,12 +1,12 @@
-"""The prefix cache's keys and hit verification (`infer.page_pool`), pure Python."""
+"""The prefix cache's keys and hit verification (`infer.engine.page_pool`), pure Python."""
 
 import hashlib
 
 import numpy as np
 import pytest
 
-import infer.page_pool as pp
-from infer.page_pool import PagePool, chain_hashes, page_key, prefix_context
+import infer.engine.page_pool as pp
+from infer.engine.page_pool import PagePool, chain_hashes, page_key, prefix_context
 
 SIZE = 4
 

@@ -1,4 +1,4 @@
-"""The paged latent cache and absorbed-MLA decode (`small4_jax.paged`) against the model's un-absorbed forward.
+"""The paged latent cache and absorbed-MLA decode (`small4_jax.nn.paged`) against the model's un-absorbed forward.
 
 The reference is `Small4ForCausalLM.__call__` (itself checked against transformers in test_model_parity.py) run
 on the whole sequence at explicit positions; ours prefills part of it through scattered pages (expanded MLA, or the
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from small4_jax import paged
+from small4_jax.nn import paged
 from small4_jax.config import Small4Config
-from small4_jax.model import init_model
+from small4_jax.nn.model import init_model
 
 PAGE = 4
 REPO = Path(__file__).resolve().parent.parent
@@ -40,7 +40,7 @@ def test_absorbed_decode_equals_unabsorbed_forward(q_lora, start, impl, adapters
         config = config.replace(q_lora_rank=None)
     model = init_model(config, seed=1)
     if adapters:  # LoRA on every attention projection, kv_b_proj included (folded into the absorbed query)
-        from small4_jax import lora
+        from small4_jax.lora import adapters as lora
 
         lora.apply_lora(model, lora.LoRAConfig(targets=["attention"], rank=4, alpha=8.0))
         for _, b in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
@@ -99,7 +99,7 @@ def test_absorbed_prefill_equals_expanded_prefill():
 
 def test_cache_size_of_small4_119b_from_the_config():
     """320 values x dtype bytes per token per layer, computed from the preset (nothing allocated)."""
-    from infer.engine import cache_report
+    from infer.engine.engine import cache_report
 
     config = Small4Config.from_yaml(REPO / "configs" / "small4-119b.yaml")
     assert paged.cache_width(config) == 320
@@ -108,13 +108,13 @@ def test_cache_size_of_small4_119b_from_the_config():
     report = cache_report(config, "bfloat16", 80 * 2**30, page_size=64, num_pages=3641)
     assert "320 values x 2 bytes = 640 B per token per layer, 22.5 KiB per token over 36 layers" in report
     assert "3640 pages of 64 tokens = 232960 cache tokens fit in 80.00 GiB" in report
-    from infer.engine import pages_for_memory
+    from infer.engine.engine import pages_for_memory
 
     assert pages_for_memory(config, "bfloat16", 5.625 * 2**30, page_size=64) == 262_144 // 64  # 256K = 5.63 GiB
 
 
 def test_cache_can_be_sharded_replicated_on_a_mesh():
-    from small4_jax.sharding import make_mesh
+    from small4_jax.parallel.sharding import make_mesh
 
     mesh = make_mesh({"data": 1, "expert": 8, "tensor": 1})
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from small4_jax import aot, kernels, moe, platform
+from small4_jax import kernels, platform
+from small4_jax.tools import aot
+from small4_jax.nn import moe
 from small4_jax.kernels.gmm import api as gmm_pkg
 from small4_jax.kernels.gmm import pallas_triton
 

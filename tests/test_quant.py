@@ -1,4 +1,4 @@
-"""Quantised weights (small4_jax.quant): formats, the in-kernel-dequantising grouped matmul, FP8 checkpoints kept FP8.
+"""Quantised weights (small4_jax.quant.formats): formats, the in-kernel-dequantising grouped matmul, FP8 checkpoints kept FP8.
 
 Every kernel case draws fresh random inputs and compares the Pallas kernel (interpret mode) with
 `gmm_quant_reference` (dequantise in float32, then the plain grouped matmul), forward, transposed and the input
@@ -18,11 +18,11 @@ from ckpt_utils import make_hf_model, save_hf_fp8, save_native, tiny_hf_config
 from flax import nnx
 
 import small4_jax
-from small4_jax import quant
+from small4_jax.quant import formats as quant
 from small4_jax.kernels import GmmTiling
 from small4_jax.kernels.gmm import api
 from small4_jax.kernels.gmm.reference import gmm_quant_reference
-from small4_jax.model import layer_groups, per_layer_items
+from small4_jax.nn.model import layer_groups, per_layer_items
 
 
 def _rel(a, b):
@@ -103,7 +103,7 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs_and_is_rounding_witho
 
 
 def test_calibration_file_errors_name_the_line(tmp_path):
-    from small4_jax.calibration import read_calibration
+    from small4_jax.quant.calibration import read_calibration
 
     f = tmp_path / "calib.jsonl"
     f.write_text('{"ids": [1, 5, 9]}\n\n{"ids": []}\n')
@@ -253,7 +253,7 @@ def test_fp8_checkpoint_stays_fp8_in_memory_and_computes_the_dequantised_model(h
             assert leaf in ("embedding", "weight") or "lm_head" in map(str, path), path
             other_bytes += v.nbytes
     # the expected bytes, counted from the checkpoint's own shapes: every FP8 tensor at one byte per element
-    from small4_jax.safetensors_io import CheckpointReader
+    from small4_jax.ckpt.safetensors_io import CheckpointReader
 
     with CheckpointReader(fp8_dirs / layout) as reader:
         fp8_expected = sum(int(np.prod(reader.shape(n))) for n in reader.names()
@@ -302,7 +302,7 @@ def test_w8a8_load_keeps_the_checkpoint_activation_scales(hf_model, fp8_dirs, tm
     raw = _random_act_scales(fp8_dirs / layout, tmp_path / layout, seed=int(np.random.SeedSequence().entropy % 2**31))
     model = small4_jax.from_pretrained(tmp_path / layout, dtype="float32", activations="fp8")
     config = model.config
-    from small4_jax.model import abstract_model
+    from small4_jax.nn.model import abstract_model
 
     shapes = lambda m: {p: (v.shape, v.dtype) for p, v in nnx.to_flat_state(nnx.state(m))  # noqa: E731
                         if str(p[-1]).endswith("_act_scale")}
@@ -367,7 +367,7 @@ def test_w8a8_linear_and_routed_experts_match_numpy():
     """W8A8 products against numpy: the dense `quant.w8a8_dot` (what `QLinear` runs) and every impl of
     `moe.routed_experts` over W8A8 experts (CPU auto: the tile loop; ragged_dot; dense), each expert quantising its
     own rows with its own activation scale."""
-    from small4_jax import moe
+    from small4_jax.nn import moe
 
     seed = int(np.random.SeedSequence().entropy % 2**31)
     rng = np.random.default_rng(seed)
@@ -435,9 +435,9 @@ def test_calibrated_int4_checkpoint_load_fits_its_calibration_text_better(hf_mod
     killed inside a layer resumes from its saved hidden states to the same bytes."""
     from ckpt_utils import save_hf
 
-    from small4_jax import sharded_ckpt
-    from small4_jax.convert import main
-    from small4_jax.safetensors_io import CheckpointReader
+    from small4_jax.ckpt import sharded as sharded_ckpt
+    from small4_jax.tools.convert import main
+    from small4_jax.ckpt.safetensors_io import CheckpointReader
 
     config, hf = hf_model
     d = tmp_path_factory.getbasetemp() / "float_ckpt"
@@ -502,7 +502,7 @@ def test_calibrated_int4_checkpoint_load_fits_its_calibration_text_better(hf_mod
     for path, v in state.items():  # the in-memory pipeline's model, byte for byte
         assert np.asarray(loaded[path]).tobytes() == np.asarray(v).tobytes(), path
     # the same from our own sharded float checkpoint (read a layer at a time through TensorStore)
-    from small4_jax.convert import convert
+    from small4_jax.tools.convert import convert
 
     orbax = convert(d, f.parent / "f32", dtype="f32", progress=None)
     again = convert(orbax, f.parent / "from_orbax", dtype="f32", quantize="int4", calibration=cal.tolist(),
@@ -517,7 +517,7 @@ def test_unknown_format_is_a_clear_error(fp8_dirs, tmp_path, capsys):
                        match=r"^quantize = 'int3': expected one of fp8, int8, int4, int4-all \(or none\)$"):
         small4_jax.from_pretrained(fp8_dirs / "hf", quantize="int3")
     from infer.generate import main as generate
-    from small4_jax.convert import main as convert
+    from small4_jax.tools.convert import main as convert
 
     for main, argv in ((convert, ["--from", str(fp8_dirs / "hf"), "--to", str(tmp_path / "out")]),
                        (generate, ["--config", "configs/tiny.yaml", "--prompt", "hi"])):  # before any model is built
@@ -533,7 +533,7 @@ def test_policy_puts_int4_on_the_routed_experts_and_int8_on_the_dense_linears(hf
     quantised linear (attention projections, the shared expert, the first layer's dense MLP) int8 per output channel
     ([K, N], float32 scales [1, N]); "int4-all" int4 everywhere. Embeddings, lm_head, norms, router stay float."""
     from small4_jax.config import Small4Config
-    from small4_jax.model import abstract_model
+    from small4_jax.nn.model import abstract_model
 
     assert quant.policy(fmt) == quant.Policy(experts="fp8" if fmt == "fp8" else "int4", dense=dense)
     assert quant.spelling(quant.policy(fmt)) == fmt
@@ -573,8 +573,8 @@ def test_policy_puts_int4_on_the_routed_experts_and_int8_on_the_dense_linears(hf
 @pytest.mark.parametrize("fmt", ["fp8", "int4"])
 def test_quantized_sharded_checkpoint_loads_without_requantising(hf_model, fp8_dirs, tmp_path, fmt):
     """convert --quantize writes the quantised model's own arrays; loading on an expert mesh gives them back."""
-    from small4_jax.convert import convert
-    from small4_jax.sharding import make_mesh
+    from small4_jax.tools.convert import convert
+    from small4_jax.parallel.sharding import make_mesh
 
     config, _ = hf_model
     out = convert(fp8_dirs / "native", tmp_path / fmt, dtype="f32", quantize=fmt, progress=None)
@@ -600,7 +600,7 @@ def test_converted_checkpoint_loads_as_its_stored_dtypes_say(fp8_dirs, tmp_path)
     """A converted checkpoint's parts load in the formats its stored arrays hold, not as its format file's spelling
     says: one converted with int4 everywhere and labelled "int4" (as conversions before the per-part policy wrote
     it) loads as int4-all, byte for byte, and asking for "int4" (experts-only) is refused, not requantised."""
-    from small4_jax.convert import convert
+    from small4_jax.tools.convert import convert
 
     out = convert(fp8_dirs / "native", tmp_path / "all", dtype="f32", quantize="int4-all", progress=None)
     fmt_file = out / "small4_format.json"
@@ -619,8 +619,8 @@ def test_interrupted_quantized_conversion_resumes_to_the_same_bytes(fp8_dirs, tm
     """convert --quantize int4 killed mid-way (inside a stacked expert tensor: its values written, its scales not)
     resumes: finished tensors are not written again, the cut-off one is rewritten whole, and every stored array is
     byte-identical to an uninterrupted conversion's."""
-    from small4_jax import sharded_ckpt
-    from small4_jax.convert import convert
+    from small4_jax.ckpt import sharded as sharded_ckpt
+    from small4_jax.tools.convert import convert
 
     src, out = fp8_dirs / "native", tmp_path / "int4"
     writes = []
@@ -661,8 +661,8 @@ def test_interrupted_quantized_conversion_resumes_to_the_same_bytes(fp8_dirs, tm
 def test_qlora_gradients_flow_through_the_dequantising_kernel():
     """LoRA over an int4 base: gradients reach every adapter through the dequantising matmuls (the base gets none)."""
     from small4_jax import load_config
-    from small4_jax.lora import TRAINABLE, LoRAConfig, apply_lora
-    from small4_jax.model import init_model
+    from small4_jax.lora.adapters import TRAINABLE, LoRAConfig, apply_lora
+    from small4_jax.nn.model import init_model
 
     # the kernel's own input gradient is checked against the reference in test_gmm_quant_kernel_matches_reference;
     # here the model-level wiring, with the XLA grouped matmul (Pallas interpret mode is slow on a whole model)
@@ -685,10 +685,10 @@ def test_qlora_gradients_flow_through_the_dequantising_kernel():
 
 
 def test_engine_start_up_report_states_quantised_weights_cache_and_headroom():
-    from infer.engine import Engine
+    from infer.engine.engine import Engine
 
     from small4_jax import load_config
-    from small4_jax.model import init_model
+    from small4_jax.nn.model import init_model
 
     config = load_config("configs/tiny.yaml")
     dense = Engine(init_model(config), max_batch=2, num_pages=9, max_model_len=64)
@@ -707,7 +707,7 @@ def test_engine_start_up_report_states_quantised_weights_cache_and_headroom():
 def test_routed_experts_on_quantised_weights_match_dequantised_weights(fmt):
     """Every path of moe.routed_experts (CPU auto: gather / dense, and ragged_dot) on a QArray = the same call on the
     dequantised float weights."""
-    from small4_jax import moe
+    from small4_jax.nn import moe
 
     seed = int(np.random.SeedSequence().entropy % 2**31)
     rng = np.random.default_rng(seed)
@@ -729,8 +729,8 @@ def test_qlora_merged_export_equals_the_adapted_quantised_model():
     """merge_into dequantises the base and folds the adapters in: the merged float model computes what the QLoRA
     model (quantised base + unmerged adapters) computes."""
     from small4_jax import load_config
-    from small4_jax.lora import TRAINABLE, LoRAConfig, apply_lora, merge_into
-    from small4_jax.model import init_model
+    from small4_jax.lora.adapters import TRAINABLE, LoRAConfig, apply_lora, merge_into
+    from small4_jax.nn.model import init_model
 
     config = load_config("configs/tiny.yaml").replace(num_hidden_layers=1, moe_impl="ragged_dot")
     model = init_model(config, seed=1, quantize="int8")

@@ -1,4 +1,4 @@
-"""Quantised programs compile for H100 / H200 (sm_90a) at Small 4's dims (deviceless, `small4_jax/aot.py`).
+"""Quantised programs compile for H100 / H200 (sm_90a) at Small 4's dims (deviceless, `small4_jax/tools/aot.py`).
 
     kernel   the in-kernel dequantising grouped matmul (`kernels/gmm/quant_triton.py`): fp8 at decode with the input
              gradient (QLoRA's backward), int4 g128 at prefill with the input gradient, int8 at one row
@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from small4_jax import aot
-from small4_jax import aot_programs as ap
-from small4_jax import quant
+from small4_jax.tools import aot
+from small4_jax.tools import aot_programs as ap
+from small4_jax.quant import formats as quant
 from small4_jax.config import Small4Config
 
 E, H, F = 128, 4096, 2048

@@ -1,4 +1,4 @@
-"""Tests for small4_jax.safetensors_io.CheckpointReader: HF and Mistral-native layouts, FP8, vision skipping, errors."""
+"""Tests for small4_jax.ckpt.safetensors_io.CheckpointReader: HF and Mistral-native layouts, FP8, vision skipping, errors."""
 
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ from ckpt_utils import (
 )
 from safetensors.torch import save_file
 
-import small4_jax.safetensors_io as sio
+import small4_jax.ckpt.safetensors_io as sio
 from small4_jax.errors import CheckpointError
-from small4_jax.safetensors_io import CheckpointReader
+from small4_jax.ckpt.safetensors_io import CheckpointReader
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,9 @@ from flax import nnx
 import small4_jax
 from ckpt_utils import make_hf_model, save_hf, tiny_hf_config
 from infer.chat import encode_chat, parse_output
-from infer.engine import Engine
+from infer.engine.engine import Engine
 from infer.serve import Running, Server
-from small4_jax.tokenizer import ASSETS_DIR, load_tokenizer
+from small4_jax.inputs.tokenizer import ASSETS_DIR, load_tokenizer
 
 KEY = "test-key"
 CONTEXT = 512

@@ -19,9 +19,9 @@ from test_vision import tiny_mistral3
 
 import small4_jax
 from infer.chat import parse_output
-from infer.engine import Engine
+from infer.engine.engine import Engine
 from infer.serve import Running, Server
-from small4_jax.tokenizer import ASSETS_DIR, load_tokenizer
+from small4_jax.inputs.tokenizer import ASSETS_DIR, load_tokenizer
 
 CONTEXT = 256
 

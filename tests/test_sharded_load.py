@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 import small4_jax
 from ckpt_utils import make_hf_model, save_hf, tiny_hf_config
-from small4_jax.sharding import make_mesh
+from small4_jax.parallel.sharding import make_mesh
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Speculative decoding (`infer/speculative.py`, `batch_sampling.verify_rows`).
+"""Speculative decoding (`infer/speculative/decoder.py`, `batch_sampling.verify_rows`).
 
 References: the same engine without speculation (greedy token for token), a brute-force n-gram lookup, and the
 target's own processed distribution (chi-squared over many seeded draws).
@@ -15,11 +15,11 @@ import jax.numpy as jnp
 
 import small4_jax
 from infer.cli import engine_kwargs
-from infer.engine import Engine, SamplingOptions, merge_outputs
+from infer.engine.engine import Engine, SamplingOptions, merge_outputs
 from infer.generate import parse_args
 from infer.serve import Server
-from infer.speculative import SpeculativeConfig, ngram_lookup
-from small4_jax.batch_sampling import RowSampling, TokenHistory, sampling_logits, verify_rows
+from infer.speculative.decoder import SpeculativeConfig, ngram_lookup
+from small4_jax.decode.sampler import RowSampling, TokenHistory, sampling_logits, verify_rows
 from small4_jax.errors import InputError
 
 # 12 usable pages of 8 tokens for 4 rows of up to 64: rows are preempted when long ones grow together. Every engine
@@ -157,8 +157,8 @@ def test_speculative_greedy_on_a_sharded_cache(model):
     are the single-device plain engine's, across preemption within a shard."""
     from flax import nnx
 
-    from small4_jax.placement import place_model
-    from small4_jax.sharding import make_mesh
+    from small4_jax.parallel.placement import place_model
+    from small4_jax.parallel.sharding import make_mesh
 
     prompts = _prompts(13, [24, 30, 19, 27, 9, 14])
     options = [SamplingOptions(max_tokens=19, ignore_eos=True)] * 4 + [

@@ -3,7 +3,7 @@
 Random weights make no attempt at JSON: everything valid here is forced by the grammar. Each output is checked
 by independent parsers (json + jsonschema, `infer.chat.parse_output`), and its token ids against mistral-common's
 encoding of the parsed answer (`encode_assistant_message`): a random model picks any tokenisation llguidance
-allows, so only the canonical filter (`small4_jax.canonical`, `structured.Constrained`) makes them equal.
+allows, so only the canonical filter (`small4_jax.inputs.canonical`, `structured.Constrained`) makes them equal.
 """
 
 import json
@@ -16,10 +16,10 @@ import pytest
 
 from infer import structured
 from infer.chat import encode_chat, parse_output
-from infer.engine import Engine, SamplingOptions
+from infer.engine.engine import Engine, SamplingOptions
 from small4_jax.config import Small4Config
-from small4_jax.model import init_model
-from small4_jax.tokenizer import ASSETS_DIR, load_tokenizer
+from small4_jax.nn.model import init_model
+from small4_jax.inputs.tokenizer import ASSETS_DIR, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 MESSAGES = [{"role": "user", "content": "answer in json"}]
@@ -230,7 +230,7 @@ def test_speculative_constrained_rows_equal_plain_constrained_decoding(setup):
     """Grammar rows in a speculative batch (beside a free row): drafts are checked against each row's grammar, every
     verify position is masked with the grammar's state after the drafts before it, and rejected drafts are rolled
     back in the matcher, so greedy tokens equal plain constrained decoding; sampled rows still validate."""
-    from infer.speculative import SpeculativeConfig
+    from infer.speculative.decoder import SpeculativeConfig
 
     tok, engine = setup
     prompt = encode_chat(tok, MESSAGES).ids

@@ -1,4 +1,4 @@
-"""Tests for small4_jax.tokenizer: the bundled sentencepiece model, tekken files checked against mistral-common,
+"""Tests for small4_jax.inputs.tokenizer: the bundled sentencepiece model, tekken files checked against mistral-common,
 the streaming detokeniser, file discovery and error messages. CPU only, a few seconds."""
 
 import base64
@@ -14,7 +14,7 @@ import pytest
 import sentencepiece as spm
 
 from small4_jax.errors import TokenizerError
-from small4_jax.tokenizer import (
+from small4_jax.inputs.tokenizer import (
     TINY_SPM_PATH,
     SentencePieceTokenizer,
     StreamDecoder,
@@ -223,7 +223,7 @@ def _reference(path):
 
 
 def test_module_import_does_not_touch_mistral_common():
-    code = "import sys, small4_jax.tokenizer; assert 'mistral_common' not in sys.modules, 'imported'"
+    code = "import sys, small4_jax.inputs.tokenizer; assert 'mistral_common' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 

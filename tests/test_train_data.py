@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from small4_jax.tokenizer import TekkenTokenizer, default_tokenizer
+from small4_jax.inputs.tokenizer import TekkenTokenizer, default_tokenizer
 from test_tokenizer import V13_SPECIALS, write_tekken
 from train.data import batch_indices, encode_row, pack, validate_row
 

@@ -22,10 +22,10 @@ from safetensors.torch import save_file
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Mistral4ForCausalLM, PixtralVisionConfig
 
 import small4_jax
-from small4_jax import vision
+from small4_jax.nn import vision
 from small4_jax.errors import InputError
-from small4_jax.generation import generate
-from small4_jax.sampling import SamplingParams
+from small4_jax.decode.generation import generate
+from small4_jax.decode.sampling import SamplingParams
 
 IMG, BREAK, END = 10, 12, 13
 PATCH, MERGE = 4, 2
@@ -181,7 +181,7 @@ def test_logits_match_transformers(models, ours, case):
 
 def test_native_and_sharded_checkpoints_match(models, tmp_path):
     """Native names and the interleaved q/k layout, and a convert()ed copy of each, give the HF logits."""
-    from small4_jax.convert import convert
+    from small4_jax.tools.convert import convert
 
     hf, root = models
     ids, images = _prompt([(16, 24), (8, 8)], seed=3, length=SEQ)
@@ -246,10 +246,10 @@ def test_block_diagonal_attention_blockwise_equals_reference():
 
 
 def test_vision_weights_are_never_quantised():
-    from small4_jax import quant
+    from small4_jax.quant import formats as quant
     from small4_jax.config import load_config
-    from small4_jax.model import init_model
-    from small4_jax.tokenizer import ASSETS_DIR
+    from small4_jax.nn.model import init_model
+    from small4_jax.inputs.tokenizer import ASSETS_DIR
 
     config = load_config(ASSETS_DIR.parent.parent / "configs" / "tiny.yaml")
     model = quant.quantize_model(init_model(config), "int8")
@@ -263,8 +263,8 @@ def test_vision_weights_are_never_quantised():
 def test_engine_with_images_matches_transformers(models, ours):
     """The serving engine: images across prefill chunks, two image requests in one prefill batch, a text-only one
     beside them, and the prefix cache keyed by image content (same ids, other pixels: no sharing)."""
-    from infer.engine import Engine, SamplingOptions
-    from small4_jax.images import image_hash
+    from infer.engine.engine import Engine, SamplingOptions
+    from small4_jax.inputs.images import image_hash
 
     hf, _ = models
     prompts = [_prompt([(16, 16), (8, 24)], seed=7), _prompt([(24, 8)], seed=8)]
@@ -306,10 +306,10 @@ def test_encoder_compiles_for_h200_at_real_dims():
     """The encoder + projector at Small 4's dims (one encoder block: each is the same program) on a 1540 x 1540 image
     (12,100 patches): compiles for sm_90a with the flash-attention kernel, and its temporaries stay far below one
     [heads, N, N] float32 score tensor (9.7 GB)."""
-    from small4_jax import aot
-    from small4_jax import aot_programs as ap
+    from small4_jax.tools import aot
+    from small4_jax.tools import aot_programs as ap
     from small4_jax.config import load_config
-    from small4_jax.tokenizer import ASSETS_DIR
+    from small4_jax.inputs.tokenizer import ASSETS_DIR
 
     config = load_config(ASSETS_DIR.parent.parent / "configs" / "small4-119b.yaml")
     config = config.replace(num_hidden_layers=1, vision=dataclasses.replace(config.vision, num_hidden_layers=1))

@@ -16,7 +16,7 @@ from typing import Any
 
 from small4_jax.config import Small4Config, _check_type
 from small4_jax.errors import ConfigError
-from small4_jax.lora import LoRAConfig
+from small4_jax.lora.adapters import LoRAConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +26,7 @@ class BaseSection:
     dtype: str = "bfloat16"  # base weights and activations; LoRA parameters are always float32
     tokenizer: str | None = None  # default: the checkpoint's, or the bundled tiny one for random weights
     moe_impl: str | None = None  # override of the config's grouped-matmul implementation
-    quantize: str | None = None  # frozen base: a small4_jax.quant.SPELLINGS spelling (QLoRA); FP8 checkpoints: fp8
+    quantize: str | None = None  # frozen base: a small4_jax.quant.formats.SPELLINGS spelling (QLoRA); FP8 checkpoints: fp8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +134,7 @@ def _check(c: RunConfig) -> None:
     if not c.data.train:
         raise ConfigError(f"{s}: data.train: list at least one JSONL file")
     if c.train.mesh is not None:
-        from small4_jax.sharding import parse_mesh
+        from small4_jax.parallel.sharding import parse_mesh
 
         parse_mesh(c.train.mesh, f"{s}: train.mesh")
     if c.data.seq_len <= 0:

@@ -9,7 +9,7 @@ Row schema (mistral-finetune's, plus reasoning chunks):
   message leaves it out of the loss; the last message is the assistant's.
 Loss is on assistant tokens only (their text, reasoning, tool calls and closing </s>). User `content` may also be a list
 of text and image chunks ({"type": "image_url", "image_url": "data:..." or {"url": ...}}, or {"type": "image",
-"image": ...}); an image is a data: URL or a file inside the JSONL file's directory (small4_jax.images: never a
+"image": ...}); an image is a data: URL or a file inside the JSONL file's directory (small4_jax.inputs.images: never a
 fetch), tokenised with its pixels by mistral-common (tekken.json with image settings); its features fill the
 [IMG] tokens (the vision encoder and projector stay frozen).
 
@@ -65,7 +65,7 @@ def _content_text(content: Any, role: str, where: str) -> str | None:
     if isinstance(content, str):
         return None
     if role == "user" and isinstance(content, list):  # text and image chunks (mistral-finetune's image rows)
-        from small4_jax.images import is_image_part
+        from small4_jax.inputs.images import is_image_part
 
         for j, chunk in enumerate(content):
             ok = is_image_part(chunk) or (isinstance(chunk, dict) and chunk.get("type") == "text"
@@ -260,7 +260,7 @@ class TekkenChat:
         from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-        from small4_jax.images import prepare_messages
+        from small4_jax.inputs.images import prepare_messages
 
         messages = [{k: v for k, v in m.items() if k != "weight"} for m in row["messages"]]
         messages, n_images = prepare_messages(messages, image_dir)
@@ -306,7 +306,7 @@ class TekkenChat:
 
 
 def chat_encoder(tokenizer):
-    from small4_jax.tokenizer import TekkenTokenizer
+    from small4_jax.inputs.tokenizer import TekkenTokenizer
 
     return TekkenChat(tokenizer) if isinstance(tokenizer, TekkenTokenizer) else SentencePieceChat(tokenizer)
 
@@ -321,7 +321,7 @@ def encode_row(row: dict, tokenizer, chat=None, images: list | None = None,
     chat = chat or chat_encoder(tokenizer)
     if isinstance(chat, TekkenChat):
         return chat.encode(row, images=images, image_dir=image_dir)
-    from small4_jax.images import is_image_part
+    from small4_jax.inputs.images import is_image_part
 
     if any(isinstance(m.get("content"), list) and any(is_image_part(c) for c in m["content"])
            for m in row["messages"]):

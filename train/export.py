@@ -3,7 +3,7 @@
     python -m train.export --run runs/finetune-tiny --peft OUT_ADAPTER          # adapter_config.json + safetensors
     python -m train.export --run runs/finetune-tiny --merged OUT_CHECKPOINT     # config.json + model.safetensors
 
-The adapter uses PEFT's layout for transformers' Mistral4 (`small4_jax.lora.to_peft`): dense adapters through
+The adapter uses PEFT's layout for transformers' Mistral4 (`small4_jax.lora.adapters.to_peft`): dense adapters through
 `target_modules`, routed experts through `target_parameters` on the fused 3-D `experts.gate_up_proj` /
 `experts.down_proj`; load it with `PeftModel.from_pretrained(model, OUT_ADAPTER)` or `infer.generate --lora`.
 The merged checkpoint holds W + (alpha/r) A B for every adapted weight, in HF names and layout, with the source
@@ -82,9 +82,9 @@ def save_merged(model, out_dir: str | Path, *, source: str | Path | None = None,
     has none, so the export always generates text (`infer.generate --checkpoint OUT`)."""
     from flax import nnx
 
-    from small4_jax import lora
-    from small4_jax.checkpoint import checkpoint_plan, is_stacked, plan_names
-    from small4_jax.model import abstract_model
+    from small4_jax.lora import adapters as lora
+    from small4_jax.ckpt.load import checkpoint_plan, is_stacked, plan_names
+    from small4_jax.nn.model import abstract_model
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     if not args.peft and not args.merged:
         p.error("give --peft DIR and/or --merged DIR")
     try:
-        from small4_jax import lora
+        from small4_jax.lora import adapters as lora
 
         model, cfg, step = load_run(args.run, args.step)
         if args.peft:

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--mesh", help="override train.mesh, e.g. data=2,expert=4,tensor=1")
     p.add_argument("--quantize", metavar="FORMAT",
                    help="override base.quantize: QLoRA over a frozen quantised base: fp8, int8, int4 (routed experts "
-                   "int4, dense linears int8), int4-all (int4 everywhere) or none (small4_jax.quant.SPELLINGS)")
+                   "int4, dense linears int8), int4-all (int4 everywhere) or none (small4_jax.quant.formats.SPELLINGS)")
     args = p.parse_args(argv)
     from small4_jax.console import setup_logging
 
@@ -33,11 +33,11 @@ def main(argv=None) -> int:
     try:
         import dataclasses
 
-        from small4_jax import distributed
+        from small4_jax.parallel import distributed
 
         distributed.initialize()  # joins a multi-process job when the environment describes one (launch/)
         from train import config as run_config
-        from small4_jax.sharding import parse_mesh
+        from small4_jax.parallel.sharding import parse_mesh
         from train.trainer import train
 
         cfg = run_config.load(args.config)
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         if changes:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
         if args.quantize is not None:
-            from small4_jax.quant import check_format
+            from small4_jax.quant.formats import check_format
 
             check_format(args.quantize, "--quantize")
             cfg = dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, quantize=args.quantize))

@@ -39,9 +39,9 @@ import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from small4_jax import lora
+from small4_jax.lora import adapters as lora
 from small4_jax.errors import Small4Error
-from small4_jax.model import Small4ForCausalLM
+from small4_jax.nn.model import Small4ForCausalLM
 from train.config import RunConfig
 from train.data import Packed, batch_indices, load_dataset
 
@@ -57,20 +57,20 @@ class TrainingError(Small4Error):
 def make_mesh(cfg: RunConfig):
     if not cfg.train.mesh:
         return None
-    from small4_jax.sharding import make_mesh as _make
+    from small4_jax.parallel.sharding import make_mesh as _make
 
     return _make(dict(cfg.train.mesh), f"{cfg.source}: train.mesh")
 
 
 def tokenizer_path(cfg: RunConfig) -> str:
     """base.tokenizer, else the checkpoint directory's, else the bundled tiny sentencepiece model."""
-    from small4_jax.tokenizer import TINY_SPM_PATH
+    from small4_jax.inputs.tokenizer import TINY_SPM_PATH
 
     return str(cfg.base.tokenizer or cfg.base.checkpoint or TINY_SPM_PATH)
 
 
 def load_tokenizer(cfg: RunConfig):
-    from small4_jax.tokenizer import load_tokenizer as _load
+    from small4_jax.inputs.tokenizer import load_tokenizer as _load
 
     return _load(tokenizer_path(cfg))
 
@@ -84,15 +84,15 @@ def load_base(cfg: RunConfig, mesh=None) -> Small4ForCausalLM:
     if b.moe_impl:
         config = config.replace(moe_impl=b.moe_impl)
     if b.checkpoint:
-        from small4_jax.checkpoint import from_pretrained
+        from small4_jax.ckpt.load import from_pretrained
 
         found = load_config(b.checkpoint).replace(moe_impl=config.moe_impl)
         diff = sorted(k for k, v in found.to_dict().items() if config.to_dict()[k] != v)
         if diff:
             raise ConfigError(f"{cfg.source}: model differs from {b.checkpoint}'s config in {diff}")
         return from_pretrained(b.checkpoint, dtype=b.dtype, mesh=mesh, config=config, quantize=b.quantize)
-    from small4_jax.model import init_model
-    from small4_jax.sharding import sharding_for
+    from small4_jax.nn.model import init_model
+    from small4_jax.parallel.sharding import sharding_for
 
     model = init_model(config, seed=b.seed, dtype=b.dtype, quantize=b.quantize)
     if mesh is not None:
@@ -140,7 +140,7 @@ def token_loss(model, batch) -> tuple[jax.Array, jax.Array]:
     tokens (`Small4ForCausalLM.token_loss`), so [rows, seq, vocab] logits never exist."""
     embeds = batch.get("input_embeds")
     if "image_tower" in batch:  # projector adapters train: the projector runs here, on the frozen encoder's output
-        from small4_jax.vision import merge_image_features
+        from small4_jax.nn.vision import merge_image_features
 
         features = model.multi_modal_projector(batch["image_tower"][0], batch["image_merge"][0])
         embeds = merge_image_features(model.embed_tokens(batch["inputs"]), batch["image_rows"], features)
@@ -315,7 +315,7 @@ def with_images(batch: dict, data: Packed, idx, model, accum: int = 1) -> dict:
     [accum, 1, M, 4], padded to the step's largest) goes in the batch and the projector runs inside the loss."""
     if model is None or not data.has_images:
         return batch
-    from small4_jax import vision
+    from small4_jax.nn import vision
 
     if not any(p.startswith("multi_modal_projector.") for p in lora.adapters(model)):
         batch["input_embeds"] = vision.input_embeddings(model, batch["inputs"], data.take_images(idx))

@@ -34,14 +34,14 @@ from jax.sharding import PartitionSpec as P
 from small4_jax.kernels.attention.blockwise import HIDDEN, blockwise_attention
 from small4_jax.kernels.attention.reference import attention_reference
 from small4_jax.platform import on_gpu
-from small4_jax.sharding import RULES, mesh_of
+from small4_jax.parallel.sharding import RULES, mesh_of
 
 BACKENDS = ("auto", "blockwise", "pallas", "reference")
 
 
 def resolve_impl(impl: str, *placed) -> str:
     """The backend for `impl`; "auto" follows the platform of `placed` (arrays, mesh; `small4_jax.platform`), so a
-    CPU host compiling for GPU devices (`small4_jax.aot`) gets the GPU kernel."""
+    CPU host compiling for GPU devices (`small4_jax.tools.aot`) gets the GPU kernel."""
     if impl not in BACKENDS:
         raise ValueError(f"attention impl must be one of {', '.join(BACKENDS)}, got {impl!r}")
     if impl == "auto":

@@ -77,7 +77,7 @@ def gmm(
     group_sizes [G] int (G >= G_local, a traced array: no host sync). Output [M, N] in preferred_element_type
     (default lhs.dtype), accumulated in float32. rhs is cast to lhs.dtype.
 
-    rhs may be a `small4_jax.quant.QArray` (fp8 / int8 / int4 values + scale grid): the "pallas" backend then
+    rhs may be a `small4_jax.quant.formats.QArray` (fp8 / int8 / int4 values + scale grid): the "pallas" backend then
     dequantises tiles in the kernel (`quant_triton.py`, differentiable in lhs only: the base of QLoRA is frozen);
     "ragged_dot" dequantises the window's weights in lhs.dtype first (XLA; a float copy of the layer's experts) and
     "reference" is `gmm_quant_reference`. A QArray with `act_scale` (fp8 weights and the experts' static activation
@@ -90,7 +90,7 @@ def gmm(
     passes the whole stack to the kernel, which reads its tiles at that layer: inside the scan the loop-invariant
     stack is read in place instead of being sliced into a per-layer copy. The other backends slice it first.
     """
-    from small4_jax.quant import QArray
+    from small4_jax.quant.formats import QArray
 
     if layer is not None and backend != "pallas":
         rhs = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), rhs)
@@ -163,7 +163,7 @@ def tgmm(
 # Quantised weights.
 def _gmm_quant(lhs, rhs, group_sizes, group_offset, layer, transpose_rhs, preferred_element_type, backend, tiling,
                interpret):
-    from small4_jax.quant import column_scale, dequantize
+    from small4_jax.quant.formats import column_scale, dequantize
 
     _check(lhs, jax.ShapeDtypeStruct(rhs.shape[layer is not None:], jnp.float32), group_sizes, transpose_rhs)
     group_sizes = group_sizes.astype(jnp.int32)
@@ -199,7 +199,7 @@ def _gmm_quant_pallas(cfg: _Config, lhs, values, scale, group_sizes, group_offse
     try:
         quant_triton.quant_tiling(tiling, kw, scale.shape[2], packed, cfg.transpose_rhs)
     except ValueError:  # scale rows / int4 half-groups narrower than any tile (tiny models): dequantise, then gmm
-        from small4_jax.quant import QArray, dequantize
+        from small4_jax.quant.formats import QArray, dequantize
 
         at = functools.partial(jax.lax.dynamic_index_in_dim, index=layer, axis=0, keepdims=True)
         w = dequantize(QArray(at(values), at(scale)), jnp.float32).astype(lhs.dtype)  # scale: column-expanded grid
@@ -240,7 +240,7 @@ W8A8_NO_GRAD = ("gmm W8A8 (fp8 activations) is inference only: it has no gradien
 
 def _gmm_w8a8(lhs, rhs, group_sizes, group_offset, window, layer, transpose_rhs, out_dtype, backend, tiling,
               interpret):
-    from small4_jax.quant import check_w8a8, column_scale
+    from small4_jax.quant.formats import check_w8a8, column_scale
 
     check_w8a8(rhs, "gmm")
     if transpose_rhs:

@@ -7,7 +7,7 @@ its tile of quantised values (fp8, int8, or int4 bytes), dequantises it in regis
 (`tile.astype(f32) * scale[group, tile_row // rows_per_scale, tile columns]`), casts to the activation dtype and
 accumulates the dot in float32. Semantics: `reference.gmm_quant_reference` (dequantise, then `gmm_reference`).
 
-Weights are the logical W [G, Kw, Nw] of `small4_jax.quant` (values [G, Kw, Nw], or [G, Kw/2, Nw] packed int4, and
+Weights are the logical W [G, Kw, Nw] of `small4_jax.quant.formats` (values [G, Kw, Nw], or [G, Kw/2, Nw] packed int4, and
 the scale grid expanded along columns, [G, Kb, Nw]). `transpose_rhs` computes lhs @ W[g]^T (the input gradient,
 dy @ W^T, for QLoRA) reading the same bytes.
 
@@ -138,7 +138,7 @@ def quantize_rows(lhs, act_scale, group_sizes, group_offset, layer=None):
     """lhs [M, K] in e4m3, each row with its group's static scale (`quant.quantize_act`; rows outside the window
     with the first group's: the kernel never reads them). act_scale [G] or a stack [L, G] read at `layer`."""
     from small4_jax.kernels.gmm.reference import row_groups
-    from small4_jax.quant import quantize_act
+    from small4_jax.quant.formats import quantize_act
 
     if layer is not None:
         act_scale = jax.lax.dynamic_index_in_dim(act_scale, layer, 0, keepdims=False)

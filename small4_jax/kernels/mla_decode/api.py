@@ -6,7 +6,7 @@
     "auto"       "pallas" on GPUs when the kernel takes the shapes, else "xla"
 
 The platform is that of the cache (`small4_jax.platform.platform_of`: its mesh, the context mesh, the default device),
-so a CPU host lowering for GPU devices (`small4_jax.aot`) gets the compiled kernel, not the CPU choice.
+so a CPU host lowering for GPU devices (`small4_jax.tools.aot`) gets the compiled kernel, not the CPU choice.
 """
 
 from __future__ import annotations

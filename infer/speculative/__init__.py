@@ -1,0 +1,5 @@
+"""Speculative decoding: the decoder that drafts and verifies through the engine, with the n-gram drafter
+(`decoder`), and the EAGLE drafter on its own paged cache (`eagle_drafter`).
+
+Import direction: imports `infer.engine`, `infer.structured` and `small4_jax`; the engine does not import it.
+"""

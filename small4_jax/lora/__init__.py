@@ -1,0 +1,5 @@
+"""LoRA adapters: attached to one model, trained, merged and exported (`adapters`); many adapters served side by
+side, chosen per batch row (`multi`).
+
+Import direction: imports the core, `parallel`, `quant` and `nn`; `ckpt`, `decode`, `infer` and `train` import it.
+"""

@@ -1,0 +1,726 @@
+"""The Mistral Small 4 text decoder in Flax NNX, in the order the forward pass runs.
+
+    h = embed(ids)
+    for each layer:  h += MLA(RMSNorm(h));  h += MoE(RMSNorm(h))   (dense SwiGLU for the first k layers)
+    logits = RMSNorm(h) @ lm_head
+
+Layers are stacked: each run of consecutive layers of one kind (the dense prefix, then the MoE layers: `layer_groups`)
+is one `DecoderLayer` whose every parameter has a leading layer axis (`layer_stacks[g]`, built by `stack_modules`),
+and the forward runs the layer function under `jax.lax.scan` over that axis (`run_layers`), so a program holds one
+copy of the layer however deep the model is and compile time does not grow with the layer count. `scan_layers =
+False` runs the same function in a Python loop over slices of the same parameters (for comparison only).
+
+Module and parameter names below the stack mirror transformers' `Mistral4ForCausalLM` (`self_attn.q_a_proj` ...),
+so the checkpoint map is a rename, a transpose and slice g of a stack <-> `layers.{start + g}`
+(`checkpoint.checkpoint_plan`): our linear kernels are [in, out] (`x @ W`), expert weights are `experts.gate_up`
+[E, H, 2F] (gate columns first) and `experts.down` [E, F, H]. `model.layers[i]` is a read-only view of layer i.
+
+Numerics: parameters and matmuls in the model dtype; RMSNorm statistics, the router, the attention softmax and
+the expert combine in float32. The math is ARCHITECTURE.md §1; the softmax-scale choice is documented in config.py.
+
+Decoding keeps a latent KV cache (`KVCache`): per token and layer the normalised latent (kv_lora_rank values) and the
+RoPE'd shared key (qk_rope_head_dim values), expanded through kv_b_proj at attention time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes as nnx_dtypes
+
+from small4_jax.config import Small4Config
+from small4_jax.kernels.attention import attention
+from small4_jax.nn.moe import AtLayer, at_layer, resolve_dense_impl, route, routed_experts
+from small4_jax.quant.formats import QUANTISED_LINEARS
+from small4_jax.parallel.sharding import RULES, mesh_of, param_axes
+
+_ACT = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def _dtype(dtype) -> jnp.dtype:
+    return jnp.dtype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# KV cache.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Latent attention cache of every layer: `latent` [L, B, S, kv_lora_rank], `rope_key` [L, B, S, qk_rope_head_dim].
+
+    Slot s of a row holds the token at position s. `length` [B] counts the tokens written per row.
+    """
+
+    latent: jax.Array
+    rope_key: jax.Array
+    length: jax.Array
+
+    @classmethod
+    def create(cls, config: Small4Config, batch: int, max_len: int, dtype="float32") -> KVCache:
+        n = config.num_hidden_layers
+        return cls(
+            latent=jnp.zeros((n, batch, max_len, config.kv_lora_rank), _dtype(dtype)),
+            rope_key=jnp.zeros((n, batch, max_len, config.qk_rope_head_dim), _dtype(dtype)),
+            length=jnp.zeros((batch,), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.latent.shape[2]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks.
+class RMSNorm(nnx.Module):
+    """y = w * (x / sqrt(mean(x^2) + eps)), statistics in float32, normalised value cast back before the scale."""
+
+    def __init__(self, dim: int, eps: float, *, dtype):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), _dtype(dtype)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * y.astype(x.dtype)
+
+
+def _promote_dtype(args, *, dtype=None, inexact=True):
+    """nnx.Linear's dtype promotion of (x, kernel, bias), leaving a kernel given as `AtLayer` (its whole stack, passed
+    by `run_layers`) as it is: `_dot_general` reads it in place."""
+    x, kernel, bias = args
+    if not isinstance(kernel, AtLayer):
+        return nnx_dtypes.promote_dtype(args, dtype=dtype, inexact=inexact)
+    x, bias = nnx_dtypes.promote_dtype((x, bias), dtype=dtype, inexact=inexact)
+    return x, kernel, bias
+
+
+def _dot_general(x, kernel, dims, precision=None, preferred_element_type=None, **kwargs):
+    """nnx.Linear's product: `jax.lax.dot_general`, or for an `AtLayer` kernel its stack read at the layer in place
+    by the grouped-matmul kernel (`AtLayer.matmul`; run_layers, `dense_impl`)."""
+    if isinstance(kernel, AtLayer):
+        return kernel.matmul(x, preferred_element_type or x.dtype)
+    return jax.lax.dot_general(x, kernel, dims, precision=precision, preferred_element_type=preferred_element_type,
+                               **kwargs)
+
+
+def _linear(din: int, dout: int, config: Small4Config, dtype, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=bias,
+        dtype=_dtype(dtype),
+        param_dtype=_dtype(dtype),
+        kernel_init=nnx.initializers.normal(config.initializer_range),
+        dot_general=_dot_general,
+        promote_dtype=_promote_dtype,
+        rngs=rngs,
+    )
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(act(gate x) * up x). Used for dense layers and the shared expert(s)."""
+
+    def __init__(self, config: Small4Config, intermediate: int, *, dtype, rngs: nnx.Rngs):
+        h = config.hidden_size
+        self.act = _ACT[config.hidden_act]
+        self.gate_proj = _linear(h, intermediate, config, dtype, rngs)
+        self.up_proj = _linear(h, intermediate, config, dtype, rngs)
+        self.down_proj = _linear(intermediate, h, config, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nnx.Module):
+    """Router weight [H, E]; logits and routing in float32."""
+
+    def __init__(self, config: Small4Config, *, dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(config.initializer_range)
+        self.weight = nnx.Param(init(rngs.params(), (config.hidden_size, config.n_routed_experts), _dtype(dtype)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.weight[...]
+        if isinstance(w, AtLayer):  # its stack read in place (run_layers); x is in the weight's (the model's) dtype
+            return w.matmul(x.astype(w.stack.dtype), jnp.float32)
+        return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
+
+
+class Experts(nnx.Module):
+    """Routed experts, stacked: gate_up [E, H, 2F] (gate columns then up), down [E, F, H].
+
+    `lora` is None, or a module with `weights() -> moe.ExpertLoRA` (per-expert adapters applied inside the same
+    grouped matmuls; attached by small4_jax.lora.adapters).
+    """
+
+    def __init__(self, config: Small4Config, *, dtype, rngs: nnx.Rngs):
+        e, h, f = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        init = nnx.initializers.normal(config.initializer_range)
+        self.gate_up = nnx.Param(init(rngs.params(), (e, h, 2 * f), _dtype(dtype)))
+        self.down = nnx.Param(init(rngs.params(), (e, f, h), _dtype(dtype)))
+        # set by quantize(): gate_up / down then hold quant.QArray values, these their scale grids
+        self.gate_up_scale, self.down_scale = nnx.data(None), nnx.data(None)
+        # W8A8 only (quantize(..., activations="fp8")): the experts' static activation scales [E, 1, 1]
+        self.gate_up_act_scale, self.down_act_scale = nnx.data(None), nnx.data(None)
+        self.lora = None
+
+    def quantize(self, fmt: str, activations: str | None = None) -> None:
+        """Quantise the stacked weights in place (quant.py formats; fp8 gets one scale per expert); with
+        activations="fp8" also placeholder activation scales (1) for a loader to fill (`quant.quantize_model`)."""
+        from small4_jax.quant import formats as quant
+
+        for name in ("gate_up", "down"):
+            q = quant.quantize(getattr(self, name)[...], fmt)
+            setattr(self, name, nnx.Param(q.values))
+            setattr(self, name + "_scale", nnx.Param(q.scale))
+            if quant.check_activations(activations, fmt):
+                setattr(self, name + "_act_scale", nnx.Param(jnp.ones(q.scale.shape[:-2] + (1, 1), jnp.float32)))
+
+    def weights(self):
+        """(gate_up, down): float arrays, or `quant.QArray`s (values + scales) for a quantised model; each wrapped
+        in one `moe.AtLayer` when `run_layers` passes the layer its stacks whole."""
+        if self.gate_up_scale is None:
+            return self.gate_up[...], self.down[...]
+        from small4_jax.quant.formats import QArray
+
+        def quantised(name):
+            act = getattr(self, name + "_act_scale")
+            return at_layer(QArray, getattr(self, name)[...], getattr(self, name + "_scale")[...],
+                            None if act is None else act[...])
+
+        return quantised("gate_up"), quantised("down")
+
+
+class MoE(nnx.Module):
+    """Routed experts (top-k of a softmax over all experts) plus ungated shared expert(s).
+
+    When the expert weights sit on a mesh with an `expert` axis (loaded with `mesh=`, or under `jax.set_mesh`), the
+    routed experts run expert-parallel (`config.moe_strategy`; see moe.py).
+    """
+
+    def __init__(self, config: Small4Config, *, dtype, rngs: nnx.Rngs):
+        self.config = config
+        self.act = _ACT[config.hidden_act]
+        self.gate = Router(config, dtype=dtype, rngs=rngs)
+        self.experts = Experts(config, dtype=dtype, rngs=rngs)
+        if config.n_shared_experts > 0:
+            self.shared_experts = MLP(
+                config, config.moe_intermediate_size * config.n_shared_experts, dtype=dtype, rngs=rngs
+            )
+        else:
+            self.shared_experts = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        ids, weights = route(
+            self.gate(flat),
+            top_k=c.num_experts_per_tok,
+            n_group=c.n_group,
+            topk_group=c.topk_group,
+            norm_topk_prob=c.norm_topk_prob,
+            routed_scaling_factor=c.routed_scaling_factor,
+        )
+        lora = None if self.experts.lora is None else self.experts.lora.weights()
+        gate_up, down = self.experts.weights()
+        y = routed_experts(
+            flat, ids, weights, gate_up, down, act=self.act, impl=c.moe_impl,
+            lora=lora, mesh="auto", strategy=c.moe_strategy, a2a_min_tokens=c.moe_a2a_min_tokens,
+        )
+        y = y.reshape(shape)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Positions.
+def rope_cos_sin(config: Small4Config, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, rope_dim/2] in float32, times YaRN's magnitude factor (1 for the released model)."""
+    inv_freq = jnp.asarray(config.rope_inv_freq())
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    m = config.rope_magnitude
+    return jnp.cos(angles) * m, jnp.sin(angles) * m
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleave: bool) -> jax.Array:
+    """Rotate the pairs of x [..., T, (heads,) d]; cos/sin broadcast as [..., T, 1?, d/2].
+
+    interleave=True rotates pairs (2i, 2i+1) and writes the result de-interleaved ([rotated evens, rotated odds]) as
+    transformers does; interleave=False rotates pairs (i, i + d/2). Query and keys always go through the same layout,
+    so q.k is what the checkpoint expects.
+    """
+    dt = x.dtype
+    x = x.astype(jnp.float32)
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(dt)
+
+
+def llama4_query_scale(config: Small4Config, positions: jax.Array) -> jax.Array:
+    """lambda(p) = 1 + beta * ln(1 + floor(p / L0)), float32 [B, T]."""
+    beta = config.llama_4_scaling_beta or 0.0
+    p = positions.astype(jnp.float32)
+    return 1.0 + beta * jnp.log1p(jnp.floor(p / config.llama_4_original))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention.
+class MLA(nnx.Module):
+    """Multi-head latent attention (un-absorbed), with a latent cache for decoding."""
+
+    def __init__(self, config: Small4Config, *, dtype, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        h, nh = c.hidden_size, c.num_attention_heads
+        bias = c.attention_bias
+        if c.q_lora_rank is None:
+            self.q_proj = _linear(h, nh * c.qk_head_dim, c, dtype, rngs)
+            self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
+        else:
+            self.q_proj = None
+            self.q_a_proj = _linear(h, c.q_lora_rank, c, dtype, rngs, bias=bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.latent_norm_eps, dtype=dtype)
+            self.q_b_proj = _linear(c.q_lora_rank, nh * c.qk_head_dim, c, dtype, rngs)
+        self.kv_a_proj_with_mqa = _linear(h, c.kv_lora_rank + c.qk_rope_head_dim, c, dtype, rngs, bias=bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.latent_norm_eps, dtype=dtype)
+        self.kv_b_proj = _linear(c.kv_lora_rank, nh * (c.qk_nope_head_dim + c.v_head_dim), c, dtype, rngs)
+        self.o_proj = _linear(nh * c.v_head_dim, h, c, dtype, rngs, bias=bias)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        cache: tuple[jax.Array, jax.Array] | None = None,
+        key_mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x [B, T, H], positions [B, T]; cache = (latent [B, S, R], rope_key [B, S, r]) written at `positions`.
+
+        key_mask [B, S_keys] (True = attend) masks padding; causality comes from positions; segment_ids [B, T]
+        (no cache) restricts attention to keys of the same segment. The softmax itself is
+        `small4_jax.kernels.attention` (O(T) memory; backend from `config.attn_impl`).
+        """
+        c = self.config
+        b, t, _ = x.shape
+        nh, dn, dr, dv = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        if self.q_proj is not None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(b, t, nh, dn + dr)
+        q_nope, q_pe = q[..., :dn], q[..., dn:]
+        kv_a = self.kv_a_proj_with_mqa(x)
+        latent = self.kv_a_layernorm(kv_a[..., : c.kv_lora_rank])  # [B, T, R]
+        k_pe = kv_a[..., c.kv_lora_rank :]  # [B, T, r], one rope key shared by all heads
+        q_pe = apply_rope(q_pe, cos[:, :, None, :], sin[:, :, None, :], c.rope_interleave)
+        k_pe = apply_rope(k_pe, cos, sin, c.rope_interleave)
+
+        if cache is not None:
+            cache_latent, cache_rope = cache
+            start = positions[:, 0]
+            write = jax.vmap(lambda buf, new, s: jax.lax.dynamic_update_slice_in_dim(buf, new, s, axis=0))
+            cache_latent = write(cache_latent, latent.astype(cache_latent.dtype), start)
+            cache_rope = write(cache_rope, k_pe.astype(cache_rope.dtype), start)
+            keys_latent, keys_rope = cache_latent.astype(x.dtype), cache_rope.astype(x.dtype)
+            key_pos = jnp.broadcast_to(jnp.arange(cache_latent.shape[1])[None], (b, cache_latent.shape[1]))
+            cache = (cache_latent, cache_rope)
+        else:
+            keys_latent, keys_rope, key_pos = latent, k_pe, positions
+
+        kv = self.kv_b_proj(keys_latent).reshape(b, keys_latent.shape[1], nh, dn + dv)
+        k_nope, v = kv[..., :dn], kv[..., dn:]
+        # Expanded MLA is ordinary attention with K = dn + dr: the rope key is shared by every head, and the softmax
+        # scale times the Llama-4 per-position factor is folded into q (in float32, then cast).
+        scale = c.attn_softmax_scale * llama4_query_scale(c, positions)  # [B, T]
+        q = jnp.concatenate([q_nope, q_pe], axis=-1)
+        q = (q.astype(jnp.float32) * scale[:, :, None, None]).astype(q.dtype)
+        k_pe_heads = jnp.broadcast_to(keys_rope[:, :, None, :], (*keys_rope.shape[:2], nh, dr)).astype(k_nope.dtype)
+        k = jnp.concatenate([k_nope, k_pe_heads], axis=-1)
+        out = attention(
+            q, k, v, q_positions=positions, k_positions=key_pos, q_segments=segment_ids, k_segments=segment_ids,
+            key_mask=key_mask, impl=c.attn_impl,
+        ).reshape(b, t, nh * dv)
+        return self.o_proj(out), cache
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: Small4Config, layer: int, *, dtype, rngs: nnx.Rngs):
+        c = config
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+        self.self_attn = MLA(c, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+        if c.is_moe_layer(layer):
+            self.mlp = MoE(c, dtype=dtype, rngs=rngs)
+        else:
+            self.mlp = MLP(c, c.intermediate_size, dtype=dtype, rngs=rngs)
+
+    def __call__(self, h, positions, cos, sin, cache=None, key_mask=None, segment_ids=None):
+        a, cache = self.self_attn(self.input_layernorm(h), positions, cos, sin, cache, key_mask, segment_ids)
+        h = h + a
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, cache
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stacked layers.
+def layer_groups(config: Small4Config) -> list[tuple[int, int]]:
+    """(first layer, count) of each run of consecutive layers of one kind (dense MLP or MoE), in order: the layers
+    one stack holds. Small 4 (every layer MoE) is one group; `first_k_dense_replace = k` gives [(0, k), (k, L - k)]."""
+    groups: list[tuple[int, int]] = []
+    for i in range(config.num_hidden_layers):
+        if groups and config.is_moe_layer(i) == config.is_moe_layer(groups[-1][0]):
+            groups[-1] = (groups[-1][0], groups[-1][1] + 1)
+        else:
+            groups.append((i, 1))
+    return groups
+
+
+class Shared(nnx.Variable):
+    """A variable one object of which serves every layer (e.g. the batch rows' adapter ids, the dropout key): a
+    layer stack does not stack it, and the scan passes it to every layer whole. Every other variable of a stacked
+    module (parameters, adapters, per-layer flags) has the leading layer axis."""
+
+
+class PerLayer(nnx.Variable):
+    """A non-trainable per-layer value of a stacked module (e.g. whether layer j of a stack has an adapter)."""
+
+
+def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
+    """One module of the same class whose parameters are those of `modules` stacked on a new leading axis (the
+    modules must have one structure). Works abstractly (inside `nnx.eval_shape`) as well as on arrays."""
+    parts = [nnx.split(m) for m in modules]
+    graphdef = parts[0][0]
+    state = jax.tree.map(lambda *xs: jnp.stack(xs), *(p[1] for p in parts))
+    return nnx.merge(graphdef, state)
+
+
+def build_layer_stacks(config: Small4Config, *, dtype, rngs: nnx.Rngs) -> nnx.List:
+    """The decoder's layer stacks, one per `layer_groups` entry (layers initialised in order from `rngs`)."""
+    return nnx.List([
+        stack_modules([DecoderLayer(config, i, dtype=dtype, rngs=rngs) for i in range(start, start + n)])
+        for start, n in layer_groups(config)
+    ])
+
+
+def _read_only(var, value):
+    raise TypeError("a layer view (model.layers[i], lora.adapters()) is a read-only copy of one layer of a stack: "
+                    "change model.layer_stacks[g] (slice i - start of its group, model.layer_groups) instead")
+
+
+def _take(x, j: int):
+    """x[j], also for the shape-only leaves of an abstract model."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+    return x[j]
+
+
+def layer_slice(stack: nnx.Module, j: int) -> nnx.Module:
+    """Layer j of a stack as an ordinary (unstacked) module: a read-only copy of slice j of its variables (writing
+    one raises a TypeError, rather than silently changing the copy)."""
+    graphdef, shared, params = nnx.split(stack, Shared, ...)
+    view = nnx.merge(graphdef, shared, jax.tree.map(lambda x: _take(x, j), params))
+    for _, var in nnx.iter_graph(view):
+        if isinstance(var, nnx.Variable) and not isinstance(var, Shared):
+            var.set_metadata(on_set_value=_read_only)
+    return view
+
+
+def per_layer_items(config: Small4Config, state) -> list[tuple[tuple[str, ...], jax.Array]]:
+    """(path, array) of every leaf of `state` (the model's, or a part of it such as the LoRA parameters or their
+    gradients) with a layer stack's leaves unstacked to the per-layer paths they had before the layers were
+    stacked: ('layer_stacks', g, *rest) [n, ...] -> ('layers', str(start + j), *rest) for each j."""
+    groups = layer_groups(config)
+    out = []
+    for path, var in nnx.to_flat_state(state):
+        names = tuple(str(p) for p in path)
+        value = var[...] if isinstance(var, nnx.Variable) else var
+        if len(names) > 2 and names[0] == "layer_stacks":
+            start, n = groups[int(names[1])]
+            out += [(("layers", str(start + j)) + names[2:], value[j]) for j in range(n)]
+        else:
+            out.append((names, value))
+    return out
+
+
+class LayerViews:
+    """`model.layers`: a read-only sequence of the layers (`layers[i]` is layer i sliced out of its stack, a copy;
+    change parameters through `layer_stacks`)."""
+
+    def __init__(self, stacks, groups):
+        self._stacks, self._groups = stacks, groups
+
+    def __len__(self) -> int:
+        return sum(n for _, n in self._groups)
+
+    def __getitem__(self, i: int) -> nnx.Module:
+        if i < 0:
+            i += len(self)
+        for stack, (start, n) in zip(self._stacks, self._groups):
+            if start <= i < start + n:
+                return layer_slice(stack, i - start)
+        raise IndexError(f"layer {i} out of range ({len(self)} layers)")
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def _frozen_expert_weight(path, value) -> bool:
+    """The routed experts' base weights and scales (not their LoRA adapters): what `run_layers` passes whole."""
+    return (len(path) >= 2 and path[-2] == "experts"
+            and path[-1] in ("gate_up", "down", "gate_up_scale", "down_scale", "gate_up_act_scale", "down_act_scale")
+            and not isinstance(value, nnx.LoRAParam))
+
+
+def _dense_weight(path, value) -> bool:
+    """A dense projection's base weight (an attention / MLP linear's `kernel`, its quantised scales) or the router's
+    weight, not sharded over the mesh it lives on: what `run_layers` passes whole with `dense_impl` "gmm". A
+    projection sharded over `tensor` stays with XLA (the kernel runs unpartitioned outside a shard_map: XLA would
+    gather its stack)."""
+    names = tuple(str(p) for p in path)
+    if len(names) < 2 or isinstance(value, nnx.LoRAParam):
+        return False
+    module, leaf = names[-2], names[-1]
+    if not ((module in QUANTISED_LINEARS and leaf.startswith("kernel")) or (module == "gate" and leaf == "weight")):
+        return False
+    mesh = mesh_of(value[...] if isinstance(value, nnx.Variable) else value)
+    if mesh is None:
+        return True
+    axes = param_axes(names[:-1] + ("kernel",), 2)
+    return not any(mesh.shape.get(RULES.get(a), 1) > 1 for a in axes if a)
+
+
+def run_layers(stacks, groups, h: jax.Array, carry, fn, *, scan: bool = True, remat: bool = False,
+               frozen_experts: bool = True, dense: str = "xla"):
+    """h, carry through every layer in order: `fn(layer, i, h, carry) -> (h, carry)` with `layer` an unstacked
+    DecoderLayer (the stack's slice) and i its global index (a traced int32 under the scan, a Python int unrolled).
+
+    Each stack runs under `jax.lax.scan` over its parameters' leading axis (`scan=False`: a Python loop over the
+    same slices). `carry` is what every layer reads and writes, e.g. the whole stacked cache, updated in place at
+    row i, so the loop carries one buffer and nothing is copied per layer. `remat` wraps each layer in
+    `jax.checkpoint` (its activations are recomputed in the backward pass, one layer at a time).
+
+    `frozen_experts` (serving, LoRA fine-tuning: no gradient w.r.t. the routed experts' base weights): those stacks
+    are not scanned but closed over, and the layer gets them as `moe.AtLayer(stack, i - start)`, read in place by
+    the grouped-matmul kernel. Sliced by the scan instead, each layer's experts were copied into a temporary
+    before the kernel (a dynamic-slice fusion in the loop body): twice the weight reads of a decode step. Pass
+    False where their gradient is wanted (full fine-tuning of the experts): it then comes one slice a layer.
+
+    `dense` (`config.dense_impl`, resolved by `moe.resolve_dense_impl`; callers pass it for inference programs only,
+    "xla" where the dense weights are differentiated): with "gmm" the dense projections' base weights (attention,
+    shared expert and dense MLP linears, router; `_dense_weight`) are closed over the same way, and each linear
+    multiplies its `AtLayer` through the grouped-matmul kernel (`AtLayer.matmul`): XLA's GEMMs take no
+    dynamic-slice operand, so under the scan every layer's dense weights were copied out of the stacks first
+    (102.5 MiB a layer a device for Small 4 on 8 x H200: benchmarks/scan_copies.py), and a quantised weight was
+    also dequantised by XLA; the kernel reads the bytes in place. LoRA adapters and biases stay scanned.
+    """
+    dense = dense if dense == "xla" else resolve_dense_impl(dense, h)
+    closed = [f for f, on in ((_frozen_expert_weight, frozen_experts), (_dense_weight, dense == "gmm")) if on]
+    for stack, (start, n) in zip(stacks, groups):
+        if closed:
+            graphdef, shared, whole, params = nnx.split(stack, Shared, nnx.Any(*closed), ...)
+        else:
+            (graphdef, shared, params), whole = nnx.split(stack, Shared, ...), None
+
+        def body(c, xs, graphdef=graphdef, shared=shared, whole=whole, start=start):
+            h, carry = c
+            i, p = xs
+            states = (shared, p) if whole is None else (
+                shared, jax.tree.map(lambda x: AtLayer(x, jnp.asarray(i - start, jnp.int32)), whole), p)
+            out, carry = fn(nnx.merge(graphdef, *states), i, h, carry)
+            return (out.astype(h.dtype), carry), None
+
+        if remat:
+            body = jax.checkpoint(body)
+        if scan:
+            (h, carry), _ = jax.lax.scan(body, (h, carry), (jnp.arange(start, start + n, dtype=jnp.int32), params))
+        else:
+            for j in range(n):
+                (h, carry), _ = body((h, carry), (start + j, jax.tree.map(lambda x, j=j: x[j], params)))
+    return h, carry
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model.
+class Small4ForCausalLM(nnx.Module):
+    """Mistral Small 4 text model. `model(input_ids)` -> logits [B, T, vocab]."""
+
+    def __init__(self, config: Small4Config, *, dtype="float32", rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.dtype = _dtype(dtype)
+        self.embed_tokens = nnx.Embed(
+            c.vocab_size,
+            c.hidden_size,
+            dtype=self.dtype,
+            param_dtype=self.dtype,
+            embedding_init=nnx.initializers.normal(c.initializer_range),
+            rngs=rngs,
+        )
+        self.layer_stacks = build_layer_stacks(c, dtype=dtype, rngs=rngs)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
+        self.lm_head = None if c.tie_word_embeddings else _linear(c.hidden_size, c.vocab_size, c, dtype, rngs)
+        if c.vision is not None:  # image input (small4_jax/nn/vision.py); its features come in through input_embeds
+            from small4_jax.nn.vision import MultiModalProjector, PixtralVisionModel
+
+            self.vision_tower = PixtralVisionModel(c.vision, dtype=dtype, rngs=rngs)
+            self.multi_modal_projector = MultiModalProjector(c.vision, c.hidden_size, dtype=dtype, rngs=rngs)
+        else:
+            self.vision_tower = self.multi_modal_projector = None
+        self.remat = False  # recompute each layer's activations in the backward pass (training memory)
+        self.scan_layers = True  # False: the same layers in a Python loop (compile-time comparison only)
+        self.loss_chunk = 1024  # tokens per chunk of `token_loss` (logits held: chunk x vocab float32)
+        # True to differentiate the routed experts' base weights (full fine-tuning): `run_layers` then scans them
+        # per layer. False (serving, LoRA): each layer reads the frozen stacks in place (`run_layers`)
+        self.train_experts = False
+
+    def _forward(self, input_ids, positions, cache: KVCache | None, key_mask, segment_ids=None, input_embeds=None,
+                 head=True):
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        b, t = input_ids.shape
+        if positions is None:
+            start = jnp.zeros((b,), jnp.int32) if cache is None else cache.length
+            positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+        positions = jnp.asarray(positions, jnp.int32)
+        cos, sin = rope_cos_sin(self.config, positions)
+        h = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
+        remat = self.remat and cache is None  # training: recompute each layer in the backward pass
+
+        def layer_fn(layer, i, h, kv):
+            if kv is None:
+                return layer(h, positions, cos, sin, None, key_mask, segment_ids)[0], None
+            latent, rope = kv
+            h, (lat_i, rope_i) = layer(h, positions, cos, sin, (latent[i], rope[i]), key_mask, segment_ids)
+            return h, (latent.at[i].set(lat_i), rope.at[i].set(rope_i))
+
+        kv = None if cache is None else (cache.latent, cache.rope_key)
+        h, kv = run_layers(self.layer_stacks, layer_groups(self.config), h, kv, layer_fn, scan=self.scan_layers,
+                           remat=remat, frozen_experts=not self.train_experts,
+                           dense="xla" if cache is None else self.config.dense_impl)  # cached: an inference program
+        h = self.norm(h)
+        if not head:  # the final hidden states, for the chunked loss
+            return h, None
+        logits = self.logits(h)
+        if cache is None:
+            return logits, None
+        new_cache = KVCache(latent=kv[0], rope_key=kv[1], length=jnp.max(positions, axis=1) + 1)
+        return logits, new_cache
+
+    def __call__(self, input_ids, positions=None, attention_mask=None, segment_ids=None, input_embeds=None) -> jax.Array:
+        """Logits [B, T, vocab] for int32 ids [B, T].
+
+        positions [B, T] default to 0..T-1 (give per-document positions for packed rows); attention_mask [B, T] of
+        0/1 hides padding keys; segment_ids [B, T] keeps attention inside each packed document (equal ids attend).
+        input_embeds [B, T, H], if given, replaces the embedding lookup (image features in the [IMG] rows: vision.py).
+        """
+        key_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        segs = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+        return self._forward(input_ids, positions, None, key_mask, segs, input_embeds)[0]
+
+    @property
+    def layers(self) -> LayerViews:
+        """Layer i as `model.layers[i]` (read-only copies sliced out of the stacks)."""
+        return LayerViews(self.layer_stacks, layer_groups(self.config))
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """The output head on final (normed) hidden states [..., H] -> [..., vocab] (tied to the embeddings or not)."""
+        return self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+
+    def token_loss(self, input_ids, targets, weights, positions=None, segment_ids=None, chunk: int | None = None,
+                   input_embeds=None):
+        """(sum of weights x cross-entropy of `targets`, sum of weights), float32 scalars, for ids [B, T].
+
+        Same as a float32 log-softmax over `self(input_ids)`, without ever holding the [B, T, vocab] logits: the
+        head and the log-softmax run over `chunk` tokens at a time (default `self.loss_chunk`) in a scan whose body
+        is rematerialised, so the backward is chunked too (`chunked_cross_entropy`).
+        """
+        segs = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+        h = self._forward(input_ids, positions, None, None, segs, input_embeds, head=False)[0]
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return chunked_cross_entropy(head, h, targets, weights, chunk or self.loss_chunk)
+
+    def step(self, input_ids, cache: KVCache, positions=None, input_embeds=None) -> tuple[jax.Array, KVCache]:
+        """Run ids [B, T] that continue each row of `cache`; returns (logits [B, T, V], updated cache).
+
+        input_embeds [B, T, H], if given, replaces the embedding lookup (image features in the [IMG] rows: vision.py).
+        """
+        return self._forward(input_ids, positions, cache, None, None, input_embeds)
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache.create(self.config, batch, max_len, self.dtype)
+
+
+def chunked_cross_entropy(head: nnx.Module, h: jax.Array, targets, weights, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """(sum w * (logsumexp(z) - z[target]), sum w) with z = head(h) in float32, over tokens h [..., H].
+
+    The tokens are flattened and cut into chunks of `chunk` (the last padded with weight 0); a `lax.scan` computes
+    each chunk's logits and loss under `jax.checkpoint`, so forward and backward hold one [chunk, vocab] block of
+    logits, never [tokens, vocab]. `head` is the model's lm_head (or the tied embedding, through `attend`), passed
+    as split state (a pure function inside jax.jit / jax.grad of a merged model).
+    """
+    dim = h.shape[-1]
+    h = h.reshape(-1, dim)
+    targets = jnp.asarray(targets, jnp.int32).reshape(-1)
+    weights = jnp.asarray(weights, jnp.float32).reshape(-1)
+    n = h.shape[0]
+    chunk = max(1, min(chunk, n))
+    pad = -n % chunk
+    if pad:
+        h = jnp.pad(h, ((0, pad), (0, 0)))
+        targets, weights = jnp.pad(targets, (0, pad)), jnp.pad(weights, (0, pad))
+    graphdef, state = nnx.split(head)
+
+    @jax.checkpoint
+    def chunk_loss(state, hc, tc, wc):
+        m = nnx.merge(graphdef, state)
+        z = (m.attend(hc) if isinstance(m, nnx.Embed) else m(hc)).astype(jnp.float32)
+        nll = jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, tc[:, None], axis=-1)[:, 0]
+        return jnp.sum(nll * wc)
+
+    def body(total, xs):
+        return total + chunk_loss(state, *xs), None
+
+    xs = (h.reshape(-1, chunk, dim), targets.reshape(-1, chunk), weights.reshape(-1, chunk))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    return total, jnp.sum(weights)
+
+
+def init_model(config: Small4Config, *, seed: int = 0, dtype="float32", quantize: str | None = None):
+    """A randomly initialised model (weights from `seed`), its linears and experts quantised when `quantize` is
+    a quant.SPELLINGS spelling ("int4": int4 experts, int8 dense linears; `quant.policy`)."""
+    from small4_jax.quant.formats import quantize_model
+
+    return quantize_model(Small4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed)), quantize)
+
+
+def abstract_model(config: Small4Config, *, dtype="float32", quantize: str | None = None,
+                   activations: str | None = None):
+    """The model with shape-only parameters (no memory, no FLOPs): what a checkpoint is loaded into (with
+    activations="fp8", W8A8: its static activation scales as parameters too, `quant.quantize_model`)."""
+    from small4_jax.quant.formats import quantize_model
+
+    return nnx.eval_shape(lambda: quantize_model(Small4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)), quantize,
+                                                 activations=activations))
+
+
+def param_count(config: Small4Config) -> int:
+    """Number of parameters, from shapes only."""
+    _, state = nnx.split(abstract_model(config))
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(state)))
+
+

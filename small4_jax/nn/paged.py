@@ -1,0 +1,307 @@
+"""Paged latent cache and absorbed-MLA attention: the serving engine's forward pass over `Small4ForCausalLM`.
+
+What is cached (ARCHITECTURE.md §2): per token and layer, the normalised latent c~ (kv_lora_rank values) and the
+RoPE'd shared key r (qk_rope_head_dim values), side by side in one row of kv_lora_rank + qk_rope_head_dim values
+(320 for Small 4). Rows live in fixed-size pages, `PagedCache.pages` [L, num_pages, page_size, R + r]; a sequence
+owns a list of pages (its page table), so memory follows the tokens held. Page 0 is the null page: it is never
+handed to a sequence, padded page-table entries point to it and padded tokens write into it.
+
+Attention over the cache, chosen statically by `absorbed`:
+- absorbed (the engine's path, prefill chunks and decode alike): W_UK is folded into the query,
+  q~_h = W_UK[h]^T q_nope_h, so the scores are an MQA with one 320-wide key per token, [q~_h ; q_pe_h] . [c~_t ; r_t];
+  the values are the first R columns of the same rows, and W_UV is applied to the attended latent afterwards. The
+  softmax scale stays 1/sqrt(qk_head_dim) times the Llama-4 factor of the query position (never 1/sqrt(320)). It
+  runs over the pages in place (`small4_jax.kernels.mla_decode`, backend `impl`): the ragged split-KV Pallas kernel
+  on GPUs, a blockwise online-softmax loop elsewhere, "reference" (every score materialised) for tests. A prefill
+  chunk of T tokens over a prefix of K tokens costs T x K in latent form with temporaries of one key block, never
+  the prefix re-expanded through kv_b_proj, and a step's work follows the keys held, not the page-table width.
+- expanded (the reference): the gathered latents go through kv_b_proj into per-head k_nope / v, as `model.MLA`
+  does, materialising every score over the page-table width.
+
+The pass reuses the model's own submodules and parameters (norms, MLA linears, MoE / MLP, lm_head); nothing is
+copied. `forward` takes explicit token positions (RoPE and the Llama-4 scale) separately from each token's index in
+its sequence (cache slot and causal mask), so a test can place a sequence at any position up to 262,144 without
+filling the cache below it. T is any number of tokens per row (1 for decode, a chunk for prefill, k + 1 for a
+speculative verify step): token t of row b sees the keys 0 .. seq_index[b, t] of its row.
+
+A sharded cache (`cache_axes`, data-parallel attention): the pages axis is split over mesh axes (`cache_spec`), the
+batch rows with it in order, and each layer's cache write and attention run in a shard_map in which a shard sees
+only its own pages (page ids are the shard's own, each shard has its own null page 0) and its own rows; everything
+else (projections, the expert-parallel MoE) stays as XLA and the MoE place it.
+
+This module knows nothing about requests, scheduling or tokenizers (that is `infer/engine/engine.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from small4_jax.decode.sampler import RowSampling, TokenHistory, sample_rows
+from small4_jax.config import Small4Config
+from small4_jax.kernels.mla_decode import gather_keys, mla_attention
+from small4_jax.nn.model import (Small4ForCausalLM, apply_rope, layer_groups, llama4_query_scale, rope_cos_sin,
+                                 run_layers)
+from small4_jax.nn.moe import AtLayer
+
+NULL_PAGE = 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PagedCache:
+    """`pages` [L, num_pages, page_size, kv_lora_rank + qk_rope_head_dim]: latent then RoPE'd key in each row."""
+
+    pages: jax.Array
+
+    @classmethod
+    def create(cls, config: Small4Config, num_pages: int, page_size: int, dtype="float32", sharding=None):
+        shape = (config.num_hidden_layers, num_pages, page_size, cache_width(config))
+        if sharding is not None:
+            pages = jax.jit(lambda: jnp.zeros(shape, jnp.dtype(dtype)), out_shardings=sharding)()
+        else:
+            pages = jnp.zeros(shape, jnp.dtype(dtype))
+        return cls(pages=pages)
+
+    @property
+    def num_pages(self) -> int:
+        return self.pages.shape[1]
+
+    @property
+    def page_size(self) -> int:
+        return self.pages.shape[2]
+
+
+def cache_width(config: Small4Config) -> int:
+    """Values cached per token per layer: kv_lora_rank + qk_rope_head_dim (320 for Small 4)."""
+    return config.kv_lora_rank + config.qk_rope_head_dim
+
+
+def cache_bytes_per_token_per_layer(config: Small4Config, dtype) -> int:
+    """Bytes of cache per token per layer: cache_width x dtype bytes (640 for Small 4 in bf16)."""
+    return cache_width(config) * jnp.dtype(dtype).itemsize
+
+
+def _kernel(linear, din: int, dtype) -> jax.Array:
+    """The [in, out] matrix of a bias-free linear module.
+
+    A plain `nnx.Linear` gives its kernel; a module with `effective_kernel()` (a LoRA-wrapped linear) gives that;
+    any other linear-like module is evaluated on the identity, which yields its effective matrix.
+    """
+    if type(linear) is nnx.Linear and linear.bias is None:
+        kernel = linear.kernel[...]
+        return (kernel.get() if isinstance(kernel, AtLayer) else kernel).astype(dtype)  # a stack: slice the layer
+    if hasattr(linear, "row_lora"):  # per-row adapters (multi_lora.py): the base here, each row's adapter in low rank
+        return linear.base_kernel(dtype)
+    if hasattr(linear, "effective_kernel") and getattr(linear, "bias", None) is None:
+        return linear.effective_kernel().astype(dtype)
+    return linear(jnp.eye(din, dtype=dtype))
+
+
+def _query(attn, config: Small4Config, x: jax.Array, cos, sin) -> tuple[jax.Array, jax.Array]:
+    """q_nope [B, T, nh, dn] and RoPE'd q_pe [B, T, nh, dr] of x [B, T, H]."""
+    b, t, _ = x.shape
+    nh, dn, dr = config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim
+    if attn.q_proj is not None:
+        q = attn.q_proj(x)
+    else:
+        q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
+    q = q.reshape(b, t, nh, dn + dr)
+    q_pe = apply_rope(q[..., dn:], cos[:, :, None, :], sin[:, :, None, :], config.rope_interleave)
+    return q[..., :dn], q_pe
+
+
+def _cache_rows(attn, config: Small4Config, x: jax.Array, cos, sin) -> jax.Array:
+    """The rows to cache for x [B, T, H]: [normalised latent ; RoPE'd shared key], [B, T, R + r]."""
+    kv_a = attn.kv_a_proj_with_mqa(x)
+    latent = attn.kv_a_layernorm(kv_a[..., : config.kv_lora_rank])
+    k_pe = apply_rope(kv_a[..., config.kv_lora_rank :], cos, sin, config.rope_interleave)
+    return jnp.concatenate([latent, k_pe], axis=-1)
+
+
+def _absorbed_weights(attn, config: Small4Config, dtype) -> tuple[jax.Array, jax.Array]:
+    """W_UK [R, nh, dn] and W_UV [R, nh, dv]: the key and value halves of kv_b_proj's (effective) kernel."""
+    r, nh, dn = config.kv_lora_rank, config.num_attention_heads, config.qk_nope_head_dim
+    w_kvb = _kernel(attn.kv_b_proj, r, dtype).reshape(r, nh, dn + config.v_head_dim)
+    return w_kvb[..., :dn], w_kvb[..., dn:]
+
+
+def _write_and_attend(pages, rows, slots, q_lat, q_pe, page_table, seq_index, scale, layer, *, impl: str):
+    """Write the new tokens' rows [B, T, R + r] at slots [B, T, 2] of `layer` (an int, or a traced int32 under
+    the layer scan), then attend over the pages: the
+    attended latent [B, T, nh, R] (fp32) and the pages. Page ids are those of the `pages` given (a shard's own,
+    inside the sharded cache's shard_map)."""
+    b, t = seq_index.shape
+    pages = pages.at[layer, slots[..., 0].reshape(-1), slots[..., 1].reshape(-1)].set(
+        rows.reshape(b * t, -1).astype(pages.dtype))
+    return mla_attention(q_lat, q_pe, pages, layer, page_table, seq_index, scale, impl=impl), pages
+
+
+def cache_spec(cache_axes: tuple[str, ...]) -> PartitionSpec:
+    """The PartitionSpec of a cache sharded over `cache_axes` (its page axis): [L, P, page, R + r]."""
+    return PartitionSpec(None, cache_axes or None)
+
+
+def absorbed_attention(attn, config: Small4Config, q_nope, q_pe, rows, pages, layer, slots, page_table, seq_index,
+                       scale, *, impl: str = "auto", cache_axes: tuple[str, ...] = ()):
+    """Write `rows` into the cache, then attention of q_nope / q_pe [B, T, nh, *] over the cached rows of `layer`
+    with W_UK folded into the query and W_UV applied to the attended latent; returns ([B, T, nh * dv], pages).
+
+    cache_axes: mesh axes the cache's pages (and the batch rows) are sharded over; each shard writes and reads only
+    its own pages for its own rows (data-parallel attention) inside a shard_map over the context mesh.
+    """
+    b, t, nh, _ = q_nope.shape
+    dtype = q_nope.dtype
+    w_uk, w_uv = _absorbed_weights(attn, config, dtype)
+    row_lora = getattr(attn.kv_b_proj, "row_lora", None)  # multi-LoRA serving: each row's kv_b_proj adapter
+    q_lat = jnp.einsum("bthd,rhd->bthr", q_nope, w_uk, preferred_element_type=jnp.float32)
+    if row_lora is not None:
+        q_lat = q_lat + row_lora.absorb_query(q_nope)
+    q_lat = q_lat.astype(dtype)
+    attend = functools.partial(_write_and_attend, impl=impl)
+    if cache_axes:
+        rows_spec = PartitionSpec(cache_axes)
+        # every mesh axis manual: the attention of a shard's rows is replicated over the other axes
+        attend = jax.shard_map(attend, in_specs=(cache_spec(cache_axes),) + (rows_spec,) * 7 + (PartitionSpec(),),
+                               out_specs=(rows_spec, cache_spec(cache_axes)), check_vma=False)
+    o_lat, pages = attend(pages, rows, slots, q_lat, q_pe, page_table, seq_index, scale,
+                          jnp.asarray(layer, jnp.int32))
+    o_lat = o_lat.astype(dtype)
+    out = jnp.einsum("bthr,rhd->bthd", o_lat, w_uv, preferred_element_type=jnp.float32)
+    if row_lora is not None:
+        out = out + row_lora.absorb_output(o_lat, config.qk_nope_head_dim)
+    return out.astype(dtype).reshape(b, t, nh * config.v_head_dim), pages
+
+
+def expanded_attention(attn, config: Small4Config, q_nope, q_pe, pages, layer, page_table, seq_index,
+                       scale) -> jax.Array:
+    """The reference: the rows of `layer` gathered over the page-table width and expanded by kv_b_proj into
+    per-head keys and values, every score materialised; returns [B, T, nh * dv]."""
+    b, t, nh, dn = q_nope.shape
+    r, dv = config.kv_lora_rank, config.v_head_dim
+    keys = gather_keys(pages, layer, page_table).astype(q_nope.dtype)  # [B, W * page, R + r]
+    valid = jnp.arange(keys.shape[1], dtype=jnp.int32)[None, None, :] <= seq_index[:, :, None]  # [B, T, K]
+    kv = attn.kv_b_proj(keys[..., :r]).reshape(b, keys.shape[1], nh, dn + dv)
+    k_nope, v = kv[..., :dn], kv[..., dn:]
+    scores = jnp.einsum("bthd,bkhd->bhtk", q_nope, k_nope, preferred_element_type=jnp.float32)
+    scores += jnp.einsum("bthd,bkd->bhtk", q_pe, keys[..., r:], preferred_element_type=jnp.float32)
+    scores = jnp.where(valid[:, None], scores * scale[:, None, :, None], -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_nope.dtype)
+    return jnp.einsum("bhtk,bkhd->bthd", probs, v).reshape(b, t, nh * dv)
+
+
+def forward(
+    model: Small4ForCausalLM,
+    pages: jax.Array,
+    ids: jax.Array,
+    positions: jax.Array,
+    seq_index: jax.Array,
+    slots: jax.Array,
+    page_table: jax.Array,
+    logit_index: jax.Array,
+    *,
+    absorbed: bool = True,
+    impl: str = "auto",
+    cache_axes: tuple[str, ...] = (),
+    with_hidden: bool = False,
+    input_embeds: jax.Array | None = None,
+):
+    """Run new tokens through the model over the paged cache; returns (logits [B, V] at `logit_index`, pages).
+
+    ids, positions [B, T]: the new tokens and their RoPE positions. seq_index [B, T]: each token's index in its
+    sequence (keys 0..seq_index are visible to it). slots [B, T, 2]: (page, offset) each token's row is written to
+    (padding: the null page). page_table [B, W]: the pages of each sequence, in order (padding: the null page).
+    logit_index [B]: which of the T tokens to produce logits for; [B, T'] gives logits [B, T', V] (speculative
+    verification scores every draft position). `with_hidden` also returns the final-normed hidden states of all T
+    tokens (what an EAGLE draft head reads): (logits, pages, hidden [B, T, H]). input_embeds [B, T, H], if given,
+    replaces the embedding lookup (an EAGLE draft's fused input; image features in the [IMG] rows of a prompt chunk,
+    small4_jax.nn.vision). absorbed / impl: the attention (module docstring; impl is the `kernels.mla_decode` backend
+    of the absorbed path). cache_axes: the mesh axes the pages are sharded over (`cache_spec`; run under
+    `jax.set_mesh`): then the batch rows are split over them in order (row block s on shard s) and slots /
+    page_table hold each shard's own page ids.
+    """
+    if cache_axes and not absorbed:
+        raise ValueError("the expanded reference attention does not take a sharded cache (cache_axes)")
+    config = model.config
+    b, t = ids.shape
+    cos, sin = rope_cos_sin(config, positions)
+    scale = config.attn_softmax_scale * llama4_query_scale(config, positions)  # [B, T]
+    write_page, write_offset = slots[..., 0].reshape(-1), slots[..., 1].reshape(-1)
+    slots = jnp.asarray(slots, jnp.int32)
+
+    h = model.embed_tokens(jnp.asarray(ids, jnp.int32)) if input_embeds is None else input_embeds
+
+    def layer_fn(layer, i, h, pages):
+        """One layer over the stacked pages [L, ...] (the scan's carry: written in place at layer i)."""
+        attn = layer.self_attn
+        with jax.named_scope("attention"):
+            a = layer.input_layernorm(h)
+            rows = _cache_rows(attn, config, a, cos, sin)
+            q_nope, q_pe = _query(attn, config, a, cos, sin)
+            if absorbed:
+                out, pages = absorbed_attention(attn, config, q_nope, q_pe, rows, pages, i, slots, page_table,
+                                                seq_index, scale, impl=impl, cache_axes=cache_axes)
+            else:
+                pages = pages.at[i, write_page, write_offset].set(rows.reshape(b * t, -1).astype(pages.dtype))
+                out = expanded_attention(attn, config, q_nope, q_pe, pages, i, page_table, seq_index, scale)
+            h = h + attn.o_proj(out)
+        with jax.named_scope("mlp"):
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h, pages
+
+    h, pages = run_layers(model.layer_stacks, layer_groups(config), h, pages, layer_fn,
+                          scan=getattr(model, "scan_layers", True), dense=config.dense_impl)
+    index = logit_index if logit_index.ndim == 2 else logit_index[:, None]
+    normed = model.norm(h) if with_hidden else None
+    last = jnp.take_along_axis(normed, index[:, :, None], axis=1) if with_hidden \
+        else model.norm(jnp.take_along_axis(h, index[:, :, None], axis=1))  # [B, T', H]
+    last = last if logit_index.ndim == 2 else last[:, 0]
+    logits = model.embed_tokens.attend(last) if model.lm_head is None else model.lm_head(last)
+    return (logits, pages, normed) if with_hidden else (logits, pages)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "impl", "cache_axes", "num_top"),
+                   donate_argnames=("pages", "history"))
+def step(
+    graphdef,
+    state,
+    pages: jax.Array,
+    history: TokenHistory,
+    ids: jax.Array,
+    positions: jax.Array,
+    seq_index: jax.Array,
+    slots: jax.Array,
+    page_table: jax.Array,
+    logit_index: jax.Array,
+    sampling: RowSampling,
+    *,
+    absorbed: bool = True,
+    impl: str = "auto",
+    cache_axes: tuple[str, ...] = (),
+    num_top: int,
+):
+    """`forward` then per-row sampling (`batch_sampling.sample_rows`), jitted with the cache and the token history
+    donated.
+
+    Returns (tokens [B], their logprobs [B], top ids [B, num_top], top logprobs [B, num_top], history, pages).
+    """
+    model = nnx.merge(graphdef, state)
+    logits, pages = forward(model, pages, ids, positions, seq_index, slots, page_table, logit_index,
+                            absorbed=absorbed, impl=impl, cache_axes=cache_axes)
+    return (*sample_rows(logits, sampling, history, num_top), pages)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "impl", "cache_axes"),
+                   donate_argnames=("pages",))
+def logits_step(graphdef, state, pages, ids, positions, seq_index, slots, page_table, logit_index, *,
+                absorbed=True, impl="auto", input_embeds=None, cache_axes=()):
+    """`forward` jitted, returning (logits [B, V], pages): the engine's model step (input_embeds, cache_axes: see
+    `forward`)."""
+    model = nnx.merge(graphdef, state)
+    return forward(model, pages, ids, positions, seq_index, slots, page_table, logit_index, absorbed=absorbed,
+                   impl=impl, input_embeds=input_embeds, cache_axes=cache_axes)
