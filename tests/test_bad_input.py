@@ -58,7 +58,7 @@ def test_help_of_every_cli_answers_without_importing_jax():
     script = """
 import runpy, sys, time
 mods = ["infer.generate", "infer.serve", "train.validate_data", "train.finetune", "train.export",
-        "small4_jax.tools.convert", "small4_jax.parallel.distributed", "launch/local.py"]
+        "small4_jax.convert", "small4_jax.distributed", "launch/local.py"]
 for m in mods:
     sys.argv = [m, "--help"]
     t = time.perf_counter()

@@ -1,0 +1,10 @@
+"""`python -m small4_jax.convert`: the command-line name of `small4_jax.tools.convert`, kept after the module moved (README, CI and the
+launch files call it by this name). Code imports `small4_jax.tools.convert`.
+"""
+
+import sys
+
+from small4_jax.tools.convert import main
+
+if __name__ == "__main__":
+    sys.exit(main())

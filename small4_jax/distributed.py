@@ -1,0 +1,10 @@
+"""`python -m small4_jax.distributed`: the command-line name of `small4_jax.parallel.distributed`, kept after the module moved (README, CI and the
+launch files call it by this name). Code imports `small4_jax.parallel.distributed`.
+"""
+
+import sys
+
+from small4_jax.parallel.distributed import main
+
+if __name__ == "__main__":
+    sys.exit(main())
