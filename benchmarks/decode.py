@@ -11,7 +11,9 @@ Time to first token is a chunked prefill of T tokens for one request (absorbed M
 engine). The peer is transformers `Mistral4ForCausalLM` on the same config in the same process (its own KV cache,
 one token per forward).
 
-Output: one JSON object per measurement on stdout and, with --markdown FILE, a table appended to FILE.
+Output: one JSON object per measurement on stdout and, with --markdown FILE, a table appended to FILE row by row (a
+run killed at a time limit keeps the rows it measured). A peer that cannot run (not installed, out of memory) is a
+row saying so.
 """
 
 from __future__ import annotations
@@ -135,12 +137,23 @@ def time_prefill(graphdef, state, config, dtype, context, page_size, chunk):
 
 
 def peer_decode(config, batch, context, iters, device):
-    """transformers Mistral4ForCausalLM on the same config: seconds per decode step (None if unavailable)."""
+    """transformers Mistral4ForCausalLM on the same config: seconds per decode step, or why it did not run ("not
+    installed", "out of memory: ...", another error's first line): a peer that cannot run is a row, not a crash."""
     try:
         import torch
         from transformers import Mistral4Config, Mistral4ForCausalLM
-    except ImportError:
-        return None
+    except ImportError as e:
+        return f"not installed ({e})"
+    try:
+        return _peer_decode(torch, Mistral4Config, Mistral4ForCausalLM, config, batch, context, iters, device)
+    except Exception as e:  # noqa: BLE001 - torch.OutOfMemoryError above all (batch 64 x 8192 on an H100)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+        return ("out of memory: " if oom else f"{type(e).__name__}: ") + str(e).splitlines()[0][:120]
+
+
+def _peer_decode(torch, Mistral4Config, Mistral4ForCausalLM, config, batch, context, iters, device):
     c = config
     hf_config = Mistral4Config(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
@@ -156,7 +169,7 @@ def peer_decode(config, batch, context, iters, device):
         model = Mistral4ForCausalLM(hf_config).to(dtype).eval()
     with torch.no_grad():
         ids = torch.full((batch, context), 5, device=device)
-        out = model(ids, use_cache=True)
+        out = model(ids, use_cache=True, logits_to_keep=1)  # the last position's logits only, as a server does
         past, tok = out.past_key_values, torch.full((batch, 1), 5, device=device)
         for i in range(iters + 1):
             if i == 1:
@@ -168,6 +181,19 @@ def peer_decode(config, batch, context, iters, device):
             torch.cuda.synchronize()
     del model
     return (time.perf_counter() - t0) / iters
+
+
+def markdown_row(r: dict) -> str:
+    peer = (f"{r['peer_tokens_per_s']:.1f}" if r["peer_tokens_per_s"] is not None
+            else f"did not run: {r['peer_error']}" if r.get("peer_error") else "-")
+    return (f"| {r['batch']} | {r['context']} | {r['tokens_per_s']:.1f} | {r['step_ms']:.2f} | "
+            f"{r['us_per_layer']:.0f} | {r['floor_ms']:.2f} | {100 * r['fraction_of_floor']:.0f}% | "
+            f"{r['copy_bandwidth_gbs']:.0f} | {r['ttft_ms']:.0f} | {peer} |")
+
+
+def _append(path: str, lines: list[str]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
@@ -196,6 +222,12 @@ def main(argv=None) -> int:
     graphdef, state = nnx.split(model)
     device = jax.devices()[0].device_kind
     rows = []
+    if args.markdown:  # the heading first, then each row as it is measured: a killed run keeps what it measured
+        _append(args.markdown, [f"\n### decode, {config.num_hidden_layers}-layer proxy, {dtype}, dense_impl "
+                                f"{args.dense_impl}, {device} (copy bandwidth measured at each step's size, best of 7)\n",
+                                "| batch | context | tok/s | step ms | us/layer | floor ms | % of floor | copy GB/s | TTFT ms "
+                                "| transformers tok/s |",
+                                "|---|---|---|---|---|---|---|---|---|---|"])
     for context in contexts:
         ttft = time_prefill(graphdef, state, config, dtype, context, page_size, chunk)
         for batch in batches:
@@ -214,25 +246,12 @@ def main(argv=None) -> int:
                        context=context, step_ms=t * 1e3, tokens_per_s=batch / t,
                        us_per_layer=t * 1e6 / config.num_hidden_layers, floor_ms=floor * 1e3,
                        fraction_of_floor=floor / t, ttft_ms=ttft * 1e3,
-                       peer_tokens_per_s=None if peer is None else batch / peer,
-                       copy_bandwidth_gbs=bandwidth / 1e9)
+                       peer_tokens_per_s=batch / peer if isinstance(peer, float) else None,
+                       peer_error=peer if isinstance(peer, str) else None, copy_bandwidth_gbs=bandwidth / 1e9)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if args.markdown:
-        lines = [f"\n### decode, {config.num_hidden_layers}-layer proxy, {dtype}, dense_impl {args.dense_impl}, "
-                 f"{device} "
-                 "(copy bandwidth measured at each step's size, best of 7: "
-                 + ", ".join(f"{r['copy_bandwidth_gbs']:.0f}" for r in rows) + " GB/s)\n",
-                 "| batch | context | tok/s | step ms | us/layer | floor ms | % of floor | TTFT ms "
-                 "| transformers tok/s |",
-                 "|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            peer = "-" if r["peer_tokens_per_s"] is None else f"{r['peer_tokens_per_s']:.1f}"
-            lines.append(f"| {r['batch']} | {r['context']} | {r['tokens_per_s']:.1f} | {r['step_ms']:.2f} | "
-                         f"{r['us_per_layer']:.0f} | {r['floor_ms']:.2f} | {100 * r['fraction_of_floor']:.0f}% | "
-                         f"{r['ttft_ms']:.0f} | {peer} |")
-        with open(args.markdown, "a", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
+            if args.markdown:
+                _append(args.markdown, [markdown_row(row)])
     return 0
 
 

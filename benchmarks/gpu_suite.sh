@@ -1,110 +1,256 @@
 #!/usr/bin/env bash
-# One command for a lent GPU (H100 / H200; < 8 minutes): the kernel tests compiled for the GPU (not interpreted), then
-# the benchmarks at bounded sizes, and benchmarks/RESULTS.md with the GPU, jax version, commands, figures and the
-# ratios of our programs to the peers measured in the same run.
+# The GPU suite for a lent GPU (H100 / H200): about 15 minutes of device time in all, calls of at most 10 minutes, at
+# most 8 files back from $OUT, no network there. Steps in order of value, each with its own time limit:
+#   part 1: kernel-tests (the Pallas kernels compiled on the GPU, moe_impl auto's self-check), moe_gmm (the MoE
+#           kernel vs ragged_dot / gshard / dense / torch grouped_mm), decode (vs the bandwidth floor and
+#           transformers), train_step (the LoRA step vs transformers + peft);
+#   part 2: quant_decode (fp8 / int8 / int4 decode vs bf16 and tokamax), serve_load (the HTTP server under load), then
+#           the comparisons that decide defaults: dense_impl (decode with dense_impl gmm; compare with part 1's
+#           decode rows at context 1024), w8a8 (fp8 experts weight-only vs W8A8), canonical_mask (the host cost of
+#           canonical structured-output masks per step, with the real Tekken vocabulary).
+# Each part's step limits add up to under 480 s, and a step that would end after --budget seconds (default 560) is
+# shortened or skipped, so a call ends inside the device's 600 s.
 #
-#   bash benchmarks/gpu_suite.sh            # writes benchmarks/RESULTS.md (and $OUT/ copies when $OUT is set)
+#   bash benchmarks/fetch_gpu_wheels.sh                          # here, once: .wheels/ (the image lacks them)
+#   bash benchmarks/gpu_suite.sh --part 1                        # on the device, carry [".wheels"]; then --part 2
+#   bash benchmarks/gpu_suite.sh --dry-run                       # every step at --small sizes on the CPU
+#                                                                # (benchmarks/gpu_replica.sh runs it)
+# Options: --part 1|2|all (default all), --dry-run, --only NAME[,NAME...], --budget SECONDS (0: none),
+#          --steps FILE (step definitions instead of the built-in ones: the suite's own tests use it).
+# Environment: PYTHON (default python3), OUT (where results go; default benchmarks/results/gpu-<time>/),
+#          GPU_SUITE_SITE (where the wheels are installed; default /tmp/gpu_suite_site), GPU_SUITE_WHEELS (default
+#          .wheels), DRY_STEP_LIMIT (default 300).
 #
-# Each step has its own time limit and a failing step is recorded, not fatal: the report says what ran.
+# What it writes, as soon as each step ends: $OUT/GPU_RESULTS.md (the machine, the versions, then each step under its
+# own heading: the command, its table, its exit status and time) and $OUT/gpu_logs.tar.gz (every step's stdout,
+# stderr and files). Nothing else lands in $OUT (the benchmarks' own $OUT files go to the archive), so a call killed
+# mid-step still returns both. It never touches benchmarks/RESULTS.md: copy GPU_RESULTS.md to
+# benchmarks/results/<date>-<gpu>-part<N>.md and merge what it decides by hand.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-python}"
-RESULTS="benchmarks/RESULTS.md"
+REPO="$PWD"
+PY="${PYTHON:-python3}"
+PART=all DRY=0 ONLY="" BUDGET="" STEPS_FILE=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --part) PART="${2:-}"; shift 2 || shift ;;
+    --dry-run) DRY=1; shift ;;
+    --only) ONLY="${2:-}"; shift 2 || shift ;;
+    --budget) BUDGET="${2:-}"; shift 2 || shift ;;
+    --steps) STEPS_FILE="${2:-}"; shift 2 || shift ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu_suite.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+case "$PART" in 1|2|all) ;; *) echo "gpu_suite.sh: --part takes 1, 2 or all, not '$PART'" >&2; exit 2 ;; esac
+[[ "${BUDGET:-0}" =~ ^[0-9]+$ ]] || { echo "gpu_suite.sh: --budget takes seconds, not '$BUDGET'" >&2; exit 2; }
+[ -n "$BUDGET" ] || { if [ "$DRY" = 1 ]; then BUDGET=0; else BUDGET=560; fi; }
+DRY_STEP_LIMIT="${DRY_STEP_LIMIT:-300}"
+
+DEST="${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%dT%H%MZ)}"
+mkdir -p "$DEST" && DEST="$(cd "$DEST" && pwd)"
+RESULTS="$DEST/GPU_RESULTS.md"
+ARCHIVE="$DEST/gpu_logs.tar.gz"
 WORK="$(mktemp -d)"
+LOGS="$WORK/logs"
+mkdir -p "$LOGS"
+trap 'rm -rf "$WORK"' EXIT
+SITE="${GPU_SUITE_SITE:-/tmp/gpu_suite_site}"
+WHEELS="${GPU_SUITE_WHEELS:-.wheels}"
+
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # the torch peers share the GPU
+if [ "$DRY" = 1 ]; then export JAX_PLATFORMS=cpu; TESTS_PLATFORMS=cpu; else TESTS_PLATFORMS=cuda,cpu; fi
 
-gpu="$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)"
-jaxv="$($PY -c 'import jax; print(jax.__version__, jax.default_backend(), jax.devices()[0].device_kind)' 2>&1 | tail -1)"
-{
-  echo "# GPU results"
-  echo
-  echo "- date: $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null)"
-  echo "- GPU: ${gpu:-unknown (no nvidia-smi)}"
-  echo "- jax: $jaxv"
-  echo "- command: \`bash benchmarks/gpu_suite.sh\`"
-} > "$RESULTS"
-
-step() {  # step NAME SECONDS CMD...: run with a limit, record the command, the exit status and the time
-  local name="$1" limit="$2"; shift 2
-  local t0=$SECONDS
-  echo "== $name: $*" >&2
-  timeout "$limit" "$@" > "$WORK/$name.out" 2> "$WORK/$name.err"
-  local rc=$?
-  tail -n 30 "$WORK/$name.err" >&2
-  { echo; echo "## $name"; echo; echo "\`$*\` -> exit $rc in $((SECONDS - t0)) s"; } >> "$RESULTS"
-  return $rc
+archive() {  # every log so far, replaced whole (a partial archive never stands under the final name)
+  tar czf "$ARCHIVE.part" -C "$WORK" logs 2> /dev/null && mv -f "$ARCHIVE.part" "$ARCHIVE"
 }
 
-# 0. Peers that are not dependencies, from wheels downloaded beforehand (benchmarks/fetch_peer_wheels.sh; the device
-#    has no network: pass carry [".wheels"]). Nothing is replaced that is already installed.
-if ls .wheels/*.whl > /dev/null 2>&1; then
-  $PY -m pip install -q --no-index --find-links .wheels tokamax > "$WORK/peers.out" 2>&1 \
-    && echo "- peers: $($PY -c 'import tokamax; print("tokamax", tokamax.__version__)' 2>&1 | tail -1)" >> "$RESULTS" \
-    || { echo "- peers: tokamax did not install: $(tail -n 1 "$WORK/peers.out")" >> "$RESULTS"; }
-fi
+# The wheels the image lacks (benchmarks/fetch_gpu_wheels.sh), installed offline into $SITE, once per machine.
+setup() {
+  local got=0
+  if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+    local sum; sum="$(cd "$WHEELS" && ls -- *.whl | sort | cksum)"
+    if [ "$(cat "$SITE/.wheels.sum" 2>/dev/null)" != "$sum" ]; then
+      rm -rf "$SITE"
+      timeout 180 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        "$WHEELS"/*.whl > "$LOGS/install.txt" 2>&1 && echo "$sum" > "$SITE/.wheels.sum"
+    fi
+    [ -f "$SITE/.wheels.sum" ] && got=1
+  fi
+  export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+  local gpu; gpu="$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+  {
+    echo "# GPU suite results"
+    echo
+    echo "- command: \`bash benchmarks/gpu_suite.sh$([ "$DRY" = 1 ] && echo " --dry-run") --part $PART\`;" \
+         "$(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "- GPU: ${gpu:-none (no nvidia-smi)}"
+    if [ "$got" = 1 ]; then
+      echo "- carried wheels: $(ls "$WHEELS"/*.whl | wc -l) installed into $SITE (--no-deps)"
+    elif ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+      echo "- carried wheels: **did not install**: $(tail -n 1 "$LOGS/install.txt" 2>/dev/null)"
+    else
+      echo "- carried wheels: none ($WHEELS/ is empty: run benchmarks/fetch_gpu_wheels.sh here and carry \".wheels\")"
+    fi
+  } > "$RESULTS"
+  [ "${GPU_SUITE_PROBE:-1}" = 1 ] || { archive; return 0; }  # (the suite's tests skip the versions after one run)
+  timeout 120 "$PY" - >> "$RESULTS" 2> "$LOGS/versions.txt" <<'EOF'
+import importlib, importlib.metadata as md, sys
+print(f"- python {sys.version.split()[0]} ({sys.executable})")
+try:
+    import jax
+    d = jax.devices()[0]
+    print(f"- jax {jax.__version__}, default backend {jax.default_backend()}, {d.device_kind}")
+except Exception as e:  # noqa: BLE001
+    print(f"- jax: {type(e).__name__}: {e}")
+def version(dist):
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "absent"
+print("- image: " + ", ".join(f"{d} {version(d)}" for d in ("jaxlib", "jax-cuda13-plugin", "flax", "numpy", "torch",
+                                                             "transformers", "peft")))
+found, broken = [], []  # the carried packages are imported: a wheel that installs but does not import shows here
+for dist, module in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("pydantic", "pydantic"),
+                     ("mistral-common", "mistral_common"), ("llguidance", "llguidance"), ("openai", "openai"),
+                     ("jsonschema", "jsonschema"), ("tokamax", "tokamax")):
+    try:
+        importlib.import_module(module)
+        found.append(f"{dist} {version(dist)}")
+    except Exception as e:  # noqa: BLE001 - a broken package is reported, not fatal
+        broken.append(f"{dist} ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})")
+print("- carried, importable: " + (", ".join(found) or "none"))
+if broken:
+    print("- **not importable**: " + ", ".join(broken))
+EOF
+  archive
+}
 
-# 1. The kernel tests on the GPU: arrays live on the GPU, so the Pallas kernels compile (platform.platform_of),
-#    plus the first-use self-check of moe_impl auto.
-JAX_PLATFORMS=cuda,cpu step kernel-tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_gmm_kernel.py \
-  tests/test_platform.py
-{ echo; echo '```'; tail -n 5 "$WORK/kernel-tests.out"; echo '```'; } >> "$RESULTS"
-$PY - >> "$RESULTS" 2>&1 <<'EOF'
+N=0
+step() {  # step NAME LIMIT CMD...: the heading, then the command (it may append its table), post_NAME, the status
+  local name="$1" limit="$2"; shift 2
+  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then return 0; fi
+  N=$((N + 1))
+  [ "$DRY" = 1 ] && limit="$DRY_STEP_LIMIT"
+  printf '\n## %s. %s\n\n`%s`\n\n' "$N" "$name" "$*" >> "$RESULTS"
+  if [ "$BUDGET" -gt 0 ] && [ $((BUDGET - SECONDS)) -lt "$limit" ]; then
+    local left=$((BUDGET - SECONDS - 5))
+    if [ "$left" -lt 30 ]; then
+      echo "**skipped**: $((BUDGET - SECONDS)) s of the call's $BUDGET s budget left (the step's limit: $limit s)" \
+        >> "$RESULTS"
+      return 0
+    fi
+    echo "(limit cut from $limit s to $left s: the call's $BUDGET s budget)" >> "$RESULTS"
+    limit="$left"
+  fi
+  mkdir -p "$LOGS/$name"
+  echo "== $name (limit $limit s): $*" >&2
+  local t0=$SECONDS rc
+  OUT="$LOGS/$name" STEP_OUT="$LOGS/$name" timeout -k 10 "$limit" "$@" > "$LOGS/$name/stdout.txt" \
+    2> "$LOGS/$name/stderr.txt"
+  rc=$?
+  local took=$((SECONDS - t0))
+  if declare -F "post_$name" > /dev/null; then "post_$name" "$LOGS/$name" >> "$RESULTS" 2>> "$LOGS/$name/stderr.txt"; fi
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    echo -e "\n**killed at its $limit s limit** (after $took s): the rows above are what it measured before" >> "$RESULTS"
+  elif [ "$rc" = 0 ]; then
+    echo -e "\nexit 0 in $took s" >> "$RESULTS"
+  else
+    { echo -e "\n**exit $rc** in $took s; the end of its stderr:\n"; echo '```'
+      grep -v "^\s*$" "$LOGS/$name/stderr.txt" | tail -n 8 | cut -c1-300; echo '```'; } >> "$RESULTS"
+  fi
+  tail -n 3 "$LOGS/$name/stderr.txt" >&2
+  archive
+  return 0
+}
+
+code_block() { echo '```'; cat; echo '```'; }
+
+# --- the steps' tables (each gets the step's log folder) ---
+post_kernel_tests() {
+  grep -E "passed|failed|error|skipped" "$1/stdout.txt" | tail -n 3 | code_block
+  timeout 120 "$PY" - 2>&1 <<'EOF' | tail -n 2
 import warnings
 from small4_jax import moe, platform
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
     impl = moe.resolve_impl("auto", platform.runnable_gpu())
-print(f"\nmoe_impl auto on this GPU resolves to **{impl}**" + (f" (warning: {w[0].message})" if w else ""))
+print(f"\nmoe_impl auto resolves to **{impl}** here" + (f" (warning: {w[0].message})" if w else ""))
 EOF
+}
 
-# 2. The grouped matmul against its peers (ragged_dot, gshard, dense, torch grouped_mm), Small 4 shapes.
-step moe_gmm 180 $PY benchmarks/moe_gmm.py --tokens 1 64 4096 16384 --routings uniform skewed --iters 10 \
-  --no-quant-peers --json "$WORK/moe_gmm.json"
-$PY - "$WORK/moe_gmm.json" >> "$RESULTS" <<'EOF'
+post_moe_gmm() {
+  "$PY" - "$1/moe_gmm.json" "$1/stdout.txt" <<'EOF'
 import json, sys
 try:
     data = json.load(open(sys.argv[1]))
-except Exception as e:  # the step failed before writing
-    print(f"\n(no moe_gmm results: {e})"); sys.exit()
-print("\n| level | proj | pass | tokens | routing | pallas ms | ratio to peers (peer time / pallas time) |")
+except Exception as e:  # killed before it wrote its JSON: its printed lines instead
+    print(f"(no JSON: {type(e).__name__}; the lines it printed:)\n```")
+    print("".join(line for line in open(sys.argv[2]) if not line.startswith("#")), end="")
+    print("```"); sys.exit()
+print("| level | proj | pass | tokens | routing | pallas ms | peers (peer time / pallas time) |")
 print("|---|---|---|---|---|---|---|")
 for r in data["results"]:
     ours = r["impls"].get("pallas", {})
+    head = f"| {r['level']} | {r['proj']} | {r['pass_']} | {r['tokens']} | {r['routing']} |"
     if "time_s" not in ours:
-        print(f"| {r['level']} | {r['proj']} | {r['pass_']} | {r['tokens']} | {r['routing']} | "
-              f"{ours.get('error', 'not run')} | |"); continue
-    peers = ", ".join(f"{k} {v['time_s'] / ours['time_s']:.2f}x" if "time_s" in v else f"{k} failed"
+        print(f"{head} {ours.get('error', 'not run')} | |")
+        continue
+    peers = ", ".join(f"{k} {v['time_s'] / ours['time_s']:.2f}x" if "time_s" in v
+                      else f"{k} did not run ({str(v.get('error', '?')).splitlines()[0][:60]})"
                       for k, v in r["impls"].items() if k != "pallas")
-    print(f"| {r['level']} | {r['proj']} | {r['pass_']} | {r['tokens']} | {r['routing']} | "
-          f"{ours['time_s'] * 1e3:.3f} | {peers} |")
+    print(f"{head} {ours['time_s'] * 1e3:.3f} | {peers} |")
 EOF
+}
 
-# 3. Decode throughput on the paged cache (8-layer full-width proxy) against transformers.
-step decode 120 $PY benchmarks/decode.py --layers 4 --batches 1,64 --contexts 1024,8192 --iters 10 \
-  --markdown "$RESULTS"
+post_quant_decode() { grep -v "^\s*$" "$1/stdout.txt" | code_block; }
+post_serve_load() { tail -n 4 "$1/stdout.txt" | code_block; }
+post_w8a8() { grep -E "^A .* fwd .* (pallas|pallas_fp8|pallas_w8a8) +[0-9.]+ms" "$1/stdout.txt" | code_block; }
+post_canonical_mask() { grep -v "^\s*$" "$1/stdout.txt" | tail -n 12 | code_block; }
 
-# 3b. The same decode step with the dense projections read in place by the grouped-matmul kernel (dense_impl gmm;
-#     benchmarks/RESULTS.md "Dense weights under the layer scan"): compare its rows with 3's before trusting "auto".
-step decode_dense_gmm 90 $PY benchmarks/decode.py --layers 4 --batches 1,64 --contexts 1024 --iters 10 --no-peer \
-  --dense-impl gmm --markdown "$RESULTS"
+# --- the steps ---
+if [ "$DRY" = 1 ]; then S=--small; else S=""; fi
+small() { [ "$DRY" = 1 ] && echo "$1" || echo "$2"; }  # small() DRY_ARGS GPU_ARGS
 
-# 4. The LoRA train step (4-layer proxy) against transformers + peft.
-step train_step 150 $PY benchmarks/train_step.py --layers 4 --seq 4096 --iters 5 --markdown "$RESULTS"
+builtin_steps() {
+  if [ "$PART" != 2 ]; then
+    step kernel_tests 90 env JAX_PLATFORMS="$TESTS_PLATFORMS" "$PY" -m pytest -q -p no:cacheprovider \
+      tests/test_gmm_kernel.py tests/test_platform.py
+    # shellcheck disable=SC2046
+    step moe_gmm 110 "$PY" benchmarks/moe_gmm.py $S $(small "--routings uniform --tokens 8" \
+      "--tokens 1 64 4096 16384 --routings uniform skewed --iters 10") --no-quant-peers --json "$LOGS/moe_gmm/moe_gmm.json"
+    # shellcheck disable=SC2046
+    step decode 100 "$PY" benchmarks/decode.py $S $(small "--batches 1,4 --contexts 32 --iters 2" \
+      "--layers 4 --batches 1,64 --contexts 1024,8192 --iters 10") --markdown "$RESULTS"
+    # shellcheck disable=SC2046
+    step train_step 100 "$PY" benchmarks/train_step.py $S $(small "" "--layers 4 --seq 4096 --iters 5") \
+      --markdown "$RESULTS"
+  fi
+  if [ "$PART" != 1 ]; then
+    # shellcheck disable=SC2046
+    step quant_decode 110 "$PY" benchmarks/quant_decode.py $S $(small "--batches 1" "--layers 4 --batches 1,64 --iters 10")
+    # shellcheck disable=SC2046
+    step serve_load 60 "$PY" benchmarks/serve_load.py $S $(small "" "--requests 64 --concurrency 16")
+    # shellcheck disable=SC2046
+    step dense_impl 70 "$PY" benchmarks/decode.py $S $(small "--batches 1,4 --contexts 32 --iters 2" \
+      "--layers 4 --batches 1,64 --contexts 1024 --iters 10") --no-peer --dense-impl gmm --markdown "$RESULTS"
+    # shellcheck disable=SC2046
+    step w8a8 60 "$PY" benchmarks/moe_gmm.py $S --levels A --routings uniform $(small "--tokens 8 --quant-peers" \
+      "--tokens 64 4096 --iters 10")
+    # shellcheck disable=SC2046
+    step canonical_mask 40 "$PY" benchmarks/structured_mask.py $(small "--rows 1 --repeats 1 --walk 20" \
+      "--rows 1 16 --repeats 2 --walk 100")
+  fi
+}
 
-# 5. Quantised decode (fp8 / int8 / int4 vs bf16, 4-layer full-width proxy) against the bandwidth floor, and tokamax's
-#    quantised ragged_dot on the same weights.
-step quant_decode 180 $PY benchmarks/quant_decode.py --layers 4 --batches 1,64 --iters 10
-{ echo; echo '```'; cat "$WORK/quant_decode.out"; echo '```'; } >> "$RESULTS"
-
-# 5b. fp8 experts: weight-only (tiles dequantised in the kernel) against W8A8 (fp8 x fp8, static activation scales),
-#     decode and prefill sizes; whether W8A8 should be the default for FP8 checkpoints (README "W8A8").
-step moe_gmm_quant 90 $PY benchmarks/moe_gmm.py --levels A --tokens 64 4096 --routings uniform --iters 10
-{ echo; echo '```'; grep -E "^A .* fwd .* (pallas|pallas_fp8|pallas_w8a8) +[0-9.]+ms" "$WORK/moe_gmm_quant.out"; echo '```'; } \
-  >> "$RESULTS"
-
-# 6. The HTTP server under load (tiny model, in-process).
-step serve_load 60 $PY benchmarks/serve_load.py --requests 64 --concurrency 16
-{ echo; echo '```'; tail -n 3 "$WORK/serve_load.out"; echo '```'; } >> "$RESULTS"
-
-if [ -n "${OUT:-}" ]; then cp "$RESULTS" "$WORK"/*.out "$WORK"/*.err "$WORK"/*.json "$OUT"/ 2>/dev/null; fi
-echo "wrote $RESULTS" >&2
+setup
+if [ -n "$STEPS_FILE" ]; then
+  # shellcheck disable=SC1090
+  . "$STEPS_FILE"
+else
+  builtin_steps
+fi
+[ "$N" -gt 0 ] || echo -e "\nno step ran (--only '$ONLY' names none of this part's steps)" >> "$RESULTS"
+archive
+echo "wrote $RESULTS and $ARCHIVE" >&2

@@ -16,24 +16,30 @@ from small4_jax.kernels.gmm import api as gmm_pkg
 from small4_jax.kernels.gmm import pallas_triton
 
 
+def _on_cpu(x):
+    """`x` placed on the CPU: on a GPU machine (gpu_suite.sh's kernel tests) the default device is the GPU."""
+    return jax.device_put(x, jax.devices("cpu")[0])
+
+
 def test_cpu_arrays_and_meshes_resolve_to_cpu():
-    x = jnp.ones(4)
-    mesh = jax.make_mesh((8,), ("expert",))
+    x = _on_cpu(jnp.ones(4))
+    mesh = jax.make_mesh((8,), ("expert",), devices=jax.devices("cpu"))
     assert platform.platform_of(x) == "cpu"
     assert platform.platform_of(mesh) == "cpu"
-    assert platform.platform_of() == "cpu"
+    if jax.default_backend() == "cpu":  # nothing placed: the default backend decides
+        assert platform.platform_of() == "cpu"
     assert moe.resolve_impl("auto", x) == "ragged_dot"
     assert gmm_pkg.default_interpret(x)
 
 
 @pytest.mark.gpu_compile
 def test_gpu_devices_decide_over_the_default_backend():
-    """On this CPU host, arrays placed on (compile-only) GPUs resolve to the GPU: eagerly, under jit, inside a
-    shard_map, and through the default device; the first argument that names devices wins."""
+    """Arrays placed on (compile-only) GPUs resolve to the GPU, whatever the default backend (the CPU here, the GPU
+    in gpu_suite.sh): eagerly, under jit, inside a shard_map, and through the default device; the first argument that
+    names devices wins."""
     mesh = aot.gpu_mesh("h100", {"data": 1, "expert": 8, "tensor": 1})
-    assert jax.default_backend() == "cpu"
     assert platform.platform_of(mesh) == "gpu"
-    assert platform.platform_of(jnp.ones(2), mesh) == "cpu"
+    assert platform.platform_of(_on_cpu(jnp.ones(2)), mesh) == "cpu"
     assert platform.platform_of(None, "auto", mesh.abstract_mesh) == "gpu"
     seen = {}
 

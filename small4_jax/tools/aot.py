@@ -172,7 +172,11 @@ def written_arrays(hlo_text: str, min_bytes: int = 1) -> list[WrittenArray]:
     """The arrays of at least `min_bytes` that a compiled (optimised, scheduled) HLO module writes: every array
     output of an instruction in a computation that runs as a sequence of kernels (the entry, while bodies and
     conditions, branches), not inside a fusion (whose values stay in registers / shared memory) and not a buffer
-    alias (`_NO_WRITE`). A per-layer weight slice found here in a scan's while body is copied every iteration."""
+    alias (`_NO_WRITE`). A per-layer weight slice found here in a scan's while body is copied every iteration.
+
+    An asynchronous pair (`fusion-start` / `fusion-done`, `copy-start` / `copy-done`, ...; XLA of jaxlib 0.11 runs a
+    scan's dynamic-slice copies so) writes its output once: it is counted at the `-done`, whose value is that output.
+    The `-start`'s tuple only names the operands, the output in flight and a context."""
     computations: dict[str, list[str]] = {}
     current = None
     for line in hlo_text.splitlines():
@@ -206,7 +210,7 @@ def written_arrays(hlo_text: str, min_bytes: int = 1) -> list[WrittenArray]:
             continue
         for line in lines:
             m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\(", line)
-            if not m or m.group(3) in _NO_WRITE:
+            if not m or m.group(3) in _NO_WRITE or m.group(3).endswith("-start"):
                 continue
             for dtype, dims in re.findall(r"([a-z]\w*)\[([\d,]*)\]", m.group(2)):
                 if dtype not in _ELEMENT_BITS:
@@ -278,13 +282,20 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def install_plugin() -> int:
-    """pip-install jax's CUDA plugin at this jaxlib's exact version, plus ptxas (nvidia-cuda-nvcc-cu12)."""
+PTXAS = {12: "nvidia-cuda-nvcc-cu12<13", 13: "nvidia-cuda-nvcc>=13,<14"}  # ptxas of each CUDA generation
+
+
+def install_plugin(cuda: int = 12) -> int:
+    """pip-install jax's CUDA `cuda` plugin at this jaxlib's exact version, plus that CUDA generation's ptxas.
+
+    12 is what CI compiles with; 13 is the GPU machines' own generation (`jax-cuda13-plugin`, CUDA 13's ptxas)."""
     import jaxlib
 
+    if cuda not in PTXAS:
+        raise ValueError(f"--cuda {cuda}: expected one of {sorted(PTXAS)}")
     v = jaxlib.__version__
-    cmd = [sys.executable, "-m", "pip", "install", "-q", f"jax-cuda12-plugin=={v}", f"jax-cuda12-pjrt=={v}",
-           "nvidia-cuda-nvcc-cu12<13"]
+    cmd = [sys.executable, "-m", "pip", "install", "-q", f"jax-cuda{cuda}-plugin=={v}", f"jax-cuda{cuda}-pjrt=={v}",
+           PTXAS[cuda]]
     print("+", " ".join(cmd), flush=True)
     return subprocess.call(cmd)
 
@@ -292,10 +303,12 @@ def install_plugin() -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m small4_jax.aot", description=__doc__.split("\n\n")[0])
     p.add_argument("--install-plugin", action="store_true", help="install the CUDA plugin and ptxas for this jaxlib")
+    p.add_argument("--cuda", type=int, choices=sorted(PTXAS), default=12,
+                   help="the CUDA generation of the plugin --install-plugin installs (default 12; the GPU machines: 13)")
     p.add_argument("--check", action="store_true", help="say whether deviceless GPU compilation works here")
     a = p.parse_args(argv)
     if a.install_plugin:
-        rc = install_plugin()
+        rc = install_plugin(a.cuda)
         if rc:
             return rc
     if os.environ.get("JAX_PLATFORMS") != "cpu" or a.install_plugin:
