@@ -20,21 +20,20 @@ VENV="${REPLICA_VENV:-.venv-gpu-replica}"
 USED=(jax jaxlib jax-cuda13-plugin jax-cuda13-pjrt flax optax orbax-checkpoint tensorstore numpy ml-dtypes torch
       triton transformers tokenizers huggingface-hub safetensors sentencepiece tiktoken peft accelerate
       opencv-python-headless pillow jinja2 pyyaml tqdm httpx anyio h11 click requests regex absl-py jaxtyping
-      wadler-lindig attrs annotated-doc protobuf packaging psutil pytest typing-extensions)
+      wadler-lindig attrs annotated-doc protobuf packaging psutil pytest typing-extensions typer)
 PINS="$(python3 benchmarks/gpu_wheels.py pins "${USED[@]}")"
-STAMP="$(printf '%s\n' "$PY" "$PINS" | cksum | cut -d' ' -f1)"
 
-if [ "$(cat "$VENV/.replica" 2>/dev/null)" != "$STAMP" ]; then
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }  # (a local pip.conf's noise)
+if [ "$(cat "$VENV/.replica" 2>/dev/null)" != "$PY" ]; then
   echo "== building $VENV (Python $("$PY" -c 'import sys; print(sys.version.split()[0])'), the image's pins)" >&2
   rm -rf "$VENV"
   "$PY" -m venv "$VENV"
-  quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }  # (a local pip.conf's noise)
   quiet "$VENV/bin/python" -m pip install -q --upgrade pip
-  # shellcheck disable=SC2086
-  quiet "$VENV/bin/python" -m pip install -q $PINS
-  "$VENV/bin/python" -m pip check >&2 || true  # reported; the image itself is not pip-check clean either
-  echo "$STAMP" > "$VENV/.replica"
 fi
+# The pins, every time (nothing to do when they hold; a changed gpu_image.txt moves only what it changed).
+# shellcheck disable=SC2086
+quiet "$VENV/bin/python" -m pip install -q $PINS
+echo "$PY" > "$VENV/.replica"
 # What the image has, and nothing it lacks: every distribution of the replica is named by gpu_image.txt (CUDA's
 # nvidia-* libraries aside: their names differ between torch builds).
 "$VENV/bin/python" - <<'EOF'

@@ -19,7 +19,7 @@
 #          --steps FILE (step definitions instead of the built-in ones: the suite's own tests use it).
 # Environment: PYTHON (default python3), OUT (where results go; default benchmarks/results/gpu-<time>/),
 #          GPU_SUITE_SITE (where the wheels are installed; default /tmp/gpu_suite_site), GPU_SUITE_WHEELS (default
-#          .wheels), DRY_STEP_LIMIT (default 300).
+#          .wheels), DRY_STEP_LIMIT (default 480: a shared 2-core machine can be slow).
 #
 # What it writes, as soon as each step ends: $OUT/GPU_RESULTS.md (the machine, the versions, then each step under its
 # own heading: the command, its table, its exit status and time) and $OUT/gpu_logs.tar.gz (every step's stdout,
@@ -45,7 +45,7 @@ done
 case "$PART" in 1|2|all) ;; *) echo "gpu_suite.sh: --part takes 1, 2 or all, not '$PART'" >&2; exit 2 ;; esac
 [[ "${BUDGET:-0}" =~ ^[0-9]+$ ]] || { echo "gpu_suite.sh: --budget takes seconds, not '$BUDGET'" >&2; exit 2; }
 [ -n "$BUDGET" ] || { if [ "$DRY" = 1 ]; then BUDGET=0; else BUDGET=560; fi; }
-DRY_STEP_LIMIT="${DRY_STEP_LIMIT:-300}"
+DRY_STEP_LIMIT="${DRY_STEP_LIMIT:-480}"
 
 DEST="${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%dT%H%MZ)}"
 mkdir -p "$DEST" && DEST="$(cd "$DEST" && pwd)"
@@ -133,7 +133,9 @@ step() {  # step NAME LIMIT CMD...: the heading, then the command (it may append
   if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then return 0; fi
   N=$((N + 1))
   [ "$DRY" = 1 ] && limit="$DRY_STEP_LIMIT"
-  printf '\n## %s. %s\n\n`%s`\n\n' "$N" "$name" "$*" >> "$RESULTS"
+  local shown="$*"
+  shown="${shown//$LOGS\//}" && shown="${shown//$DEST/\$OUT}"  # (the archive's paths; $OUT)
+  printf '\n## %s. %s\n\n`%s`\n\n' "$N" "$name" "$shown" >> "$RESULTS"
   if [ "$BUDGET" -gt 0 ] && [ $((BUDGET - SECONDS)) -lt "$limit" ]; then
     local left=$((BUDGET - SECONDS - 5))
     if [ "$left" -lt 30 ]; then
@@ -204,7 +206,22 @@ for r in data["results"]:
 EOF
 }
 
-post_quant_decode() { grep -v "^\s*$" "$1/stdout.txt" | code_block; }
+post_quant_decode() {
+  "$PY" - "$1/stdout.txt" <<'EOF'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
+print("| format | batch | context | tok/s | step ms | % of floor | weights GiB | tokamax ragged_dot (one gate_up) |")
+print("|---|---|---|---|---|---|---|---|")
+for r in rows:
+    if "tokamax_us" in r:
+        peer = (f"ours {r['ours_us']:.0f} us, {r['peer']} {r['tokamax_us']:.0f} us (ours / tokamax "
+                f"{r['tokamax_vs_ours']:.2f}), max rel diff {r['tokamax_max_rel_diff']:.1e}")
+    else:
+        peer = f"did not run: {r['tokamax']}" if "tokamax" in r else r.get("peer", "-")
+    print(f"| {r['format']} | {r['batch']} | {r['context']} | {r['tokens_per_s']:.1f} | {r['step_ms']:.2f} | "
+          f"{100 * r['fraction_of_floor']:.0f}% | {r['weight_gib']:.2f} | {peer} |")
+EOF
+}
 post_serve_load() { tail -n 4 "$1/stdout.txt" | code_block; }
 post_w8a8() { grep -E "^A .* fwd .* (pallas|pallas_fp8|pallas_w8a8) +[0-9.]+ms" "$1/stdout.txt" | code_block; }
 post_canonical_mask() { grep -v "^\s*$" "$1/stdout.txt" | tail -n 12 | code_block; }
@@ -229,7 +246,8 @@ builtin_steps() {
   fi
   if [ "$PART" != 1 ]; then
     # shellcheck disable=SC2046
-    step quant_decode 110 "$PY" benchmarks/quant_decode.py $S $(small "--batches 1" "--layers 4 --batches 1,64 --iters 10")
+    step quant_decode 110 "$PY" benchmarks/quant_decode.py $S $(small "--batches 1 --peer-on-cpu" \
+      "--layers 4 --batches 1,64 --iters 10")
     # shellcheck disable=SC2046
     step serve_load 60 "$PY" benchmarks/serve_load.py $S $(small "" "--requests 64 --concurrency 16")
     # shellcheck disable=SC2046

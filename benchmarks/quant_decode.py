@@ -21,7 +21,7 @@ is its Triton emitter or cuBLASLt (which transposes our [in, out] weight first).
 Peer (on a GPU; import-guarded): tokamax's `ragged_dot` at the same decode shapes (one MoE layer's gate_up, B x top-k
 rows) on the same weights, passed in tokamax's own quantised operand (`qwix.QArray`: int4 / int8 / fp8 values with
 the per-column scale grid), beside our grouped matmul on our QArray: microseconds each, their ratio, and the largest
-difference of the outputs. tokamax is not a dependency: `bash benchmarks/fetch_peer_wheels.sh` downloads it and its
+difference of the outputs. tokamax is not a dependency: `bash benchmarks/fetch_gpu_wheels.sh` downloads it and its
 dependencies (Python 3.12 wheels) into .wheels/, which benchmarks/gpu_suite.sh installs offline (carry ".wheels").
 `--peer-on-cpu` calls it on the CPU (tokamax's XLA fallback) to check the call.
 
@@ -91,7 +91,7 @@ def tokamax_peer(config, batch: int, fmt: str | None, dtype, on_cpu: bool = Fals
     try:
         import tokamax
     except ImportError as e:
-        return {"peer": f"tokamax not installed ({e}); benchmarks/fetch_peer_wheels.sh"}
+        return {"peer": f"tokamax not installed ({e}); benchmarks/fetch_gpu_wheels.sh"}
     from absl import flags as absl_flags
 
     if not absl_flags.FLAGS.is_parsed():  # tokamax reads absl flags, which would parse our argv and reject it
