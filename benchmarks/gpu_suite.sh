@@ -174,7 +174,8 @@ post_kernel_tests() {
   grep -E "passed|failed|error|skipped" "$1/stdout.txt" | tail -n 3 | code_block
   timeout 120 "$PY" - 2>&1 <<'EOF' | tail -n 2
 import warnings
-from small4_jax import moe, platform
+from small4_jax import platform
+from small4_jax.nn import moe
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
     impl = moe.resolve_impl("auto", platform.runnable_gpu())
