@@ -9,7 +9,10 @@ The names are imported on first use (PEP 562), so `import small4_jax.errors` (wh
 before parsing its arguments) does not import JAX: `--help` answers at once.
 """
 
+from small4_jax.console import quiet_cuda_plugin
 from small4_jax.errors import CheckpointError, ConfigError, InputError, Small4Error, TokenizerError
+
+quiet_cuda_plugin()  # before anything imports jax: no CUDA-plugin noise on machines without a GPU
 
 _LAZY = {
     "from_pretrained": "small4_jax.ckpt.load",

@@ -29,6 +29,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
@@ -49,6 +50,22 @@ _ACT = {
 
 def _dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
+
+
+def normal_init(stddev: float):
+    """`nnx.initializers.normal(stddev)`, drawn on the host when the key is concrete: a random model is made of
+    many differently shaped weights, and each shape drawn eagerly by jax costs an XLA compile (51 compiles, 5-20 s
+    for the tiny model on a 2-core CPU); numpy's generator, seeded by the key's bits, costs none. Under tracing
+    (`nnx.eval_shape`, jit) it is jax's own normal initializer."""
+    traced = nnx.initializers.normal(stddev)
+
+    def init(key, shape, dtype=jnp.float32):
+        if isinstance(key, jax.core.Tracer):
+            return traced(key, shape, dtype)
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+        return jax.device_put((rng.standard_normal(shape, dtype=np.float32) * np.float32(stddev)).astype(dtype))
+
+    return init
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -120,7 +137,7 @@ def _linear(din: int, dout: int, config: Small4Config, dtype, rngs: nnx.Rngs, bi
         use_bias=bias,
         dtype=_dtype(dtype),
         param_dtype=_dtype(dtype),
-        kernel_init=nnx.initializers.normal(config.initializer_range),
+        kernel_init=normal_init(config.initializer_range),
         dot_general=_dot_general,
         promote_dtype=_promote_dtype,
         rngs=rngs,
@@ -145,7 +162,7 @@ class Router(nnx.Module):
     """Router weight [H, E]; logits and routing in float32."""
 
     def __init__(self, config: Small4Config, *, dtype, rngs: nnx.Rngs):
-        init = nnx.initializers.normal(config.initializer_range)
+        init = normal_init(config.initializer_range)
         self.weight = nnx.Param(init(rngs.params(), (config.hidden_size, config.n_routed_experts), _dtype(dtype)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -164,7 +181,7 @@ class Experts(nnx.Module):
 
     def __init__(self, config: Small4Config, *, dtype, rngs: nnx.Rngs):
         e, h, f = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
-        init = nnx.initializers.normal(config.initializer_range)
+        init = normal_init(config.initializer_range)
         self.gate_up = nnx.Param(init(rngs.params(), (e, h, 2 * f), _dtype(dtype)))
         self.down = nnx.Param(init(rngs.params(), (e, f, h), _dtype(dtype)))
         # set by quantize(): gate_up / down then hold quant.QArray values, these their scale grids
@@ -406,8 +423,22 @@ def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
     modules must have one structure). Works abstractly (inside `nnx.eval_shape`) as well as on arrays."""
     parts = [nnx.split(m) for m in modules]
     graphdef = parts[0][0]
-    state = jax.tree.map(lambda *xs: jnp.stack(xs), *(p[1] for p in parts))
-    return nnx.merge(graphdef, state)
+    states = [p[1] for p in parts]
+    if any(isinstance(x, jax.core.Tracer | jax.ShapeDtypeStruct) for x in jax.tree.leaves(states)):
+        return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+    leaves = jax.tree.leaves(states)
+    if all(isinstance(x.sharding, jax.sharding.SingleDeviceSharding) and next(iter(x.sharding.device_set)).platform == "cpu"
+           for x in leaves):
+        # On one CPU device (a random model as it is built): numpy stacks with no compile at all.
+        return nnx.merge(graphdef, jax.tree.map(
+            lambda *xs: jax.device_put(np.stack([np.asarray(x) for x in xs]), xs[0].sharding), *states))
+    # Elsewhere one compiled program stacks every leaf (eagerly, each leaf's shape would be a compile).
+    return nnx.merge(graphdef, _stack_trees(states))
+
+
+@jax.jit
+def _stack_trees(states):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
 def build_layer_stacks(config: Small4Config, *, dtype, rngs: nnx.Rngs) -> nnx.List:
@@ -569,7 +600,7 @@ class Small4ForCausalLM(nnx.Module):
             c.hidden_size,
             dtype=self.dtype,
             param_dtype=self.dtype,
-            embedding_init=nnx.initializers.normal(c.initializer_range),
+            embedding_init=normal_init(c.initializer_range),
             rngs=rngs,
         )
         self.layer_stacks = build_layer_stacks(c, dtype=dtype, rngs=rngs)

@@ -37,14 +37,14 @@ from flax import nnx
 from small4_jax.config import VisionConfig
 from small4_jax.errors import InputError
 from small4_jax.kernels.attention import attention
-from small4_jax.nn.model import _ACT, RMSNorm, apply_rope
+from small4_jax.nn.model import _ACT, RMSNorm, apply_rope, normal_init
 
 PAD_SEGMENT = -1  # segment id of the padding patches (they attend only to each other)
 
 
 def _linear(din: int, dout: int, config: VisionConfig, dtype, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
     return nnx.Linear(din, dout, use_bias=bias, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype),
-                      kernel_init=nnx.initializers.normal(config.initializer_range), rngs=rngs)
+                      kernel_init=normal_init(config.initializer_range), rngs=rngs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ class PatchConv(nnx.Module):
 
     def __init__(self, config: VisionConfig, *, dtype, rngs: nnx.Rngs):
         p, c, d = config.patch_size, config.num_channels, config.hidden_size
-        init = nnx.initializers.normal(config.initializer_range)
+        init = normal_init(config.initializer_range)
         self.weight = nnx.Param(init(rngs.params(), (d, c, p, p), jnp.dtype(dtype)))
 
     def __call__(self, patches: jax.Array) -> jax.Array:
