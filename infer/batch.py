@@ -24,7 +24,7 @@ from pathlib import Path
 
 from infer.chat import ChatPrompt, encode_chat, parse_output
 from infer.engine.engine import RequestOutput, SamplingOptions
-from small4_jax.errors import InputError, Small4Error
+from small4_jax.errors import InputError, OutputError, Small4Error
 
 _OPTION_KEYS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
                 "min_p": "min_p", "seed": "seed", "stop": "stop"}
@@ -185,6 +185,7 @@ class ResultWriter:
                 self._file.truncate(len(keep))
         self.todo = [it for it in items if json.dumps(it.id) not in done]
         self.skipped = len(items) - len(self.todo)
+        self.written = self.skipped  # complete result lines in the file
         self._pending: dict[int, dict] = {}
         self._next = 0
 
@@ -197,13 +198,22 @@ class ResultWriter:
                 sys.stdout.write(line.decode("utf-8"))
                 sys.stdout.flush()
             else:
-                self._file.write(line)
-                self._file.flush()
+                try:
+                    self._file.write(line)
+                    self._file.flush()
+                except OSError as e:  # a full disk: stop at once, saying what is safe (a cut line is redone)
+                    raise OutputError(f"--output {self.path}: writing a result failed ({e.strerror or e}); "
+                                      f"{self.written} results are safe in it, and a rerun with the same --output "
+                                      "skips them") from None
             self._next += 1
+            self.written += 1
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # the buffered bytes of a failed write; the failure was reported where it happened
+                pass
             self._file = None
 
 

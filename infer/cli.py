@@ -106,6 +106,7 @@ def preflight(args: argparse.Namespace, need_tokenizer: bool = False):
             if need_tokenizer:
                 raise InputError(f"{e}; pass --tokenizer FILE") from None
     check_engine_args(args, config)
+    check_adapters_and_drafter(args)
     if getattr(args, "activations", None) == "fp8":
         if args.config:
             raise InputError("--activations fp8 (W8A8) needs an FP8 checkpoint's static activation scales: pass "
@@ -129,6 +130,20 @@ def check_engine_args(args: argparse.Namespace, config) -> None:
     if args.max_model_len is not None and args.max_model_len > limit:
         raise InputError(f"--max-model-len {args.max_model_len} exceeds the model's context of {limit} tokens "
                          "(max_position_embeddings)")
+
+
+def check_adapters_and_drafter(args: argparse.Namespace) -> None:
+    """--lora NAME=DIR adapters (config and safetensors header) and --speculative (method, EAGLE directory), checked
+    before the model is built: `engine_kwargs` and the engine would find the same problems after the build."""
+    from small4_jax.lora.adapters import check_peft_dir
+    from small4_jax.lora.multi import adapter_rank
+
+    for name, directory in engine_kwargs(args)["lora_adapters"]:  # parses --speculative too
+        check_peft_dir(directory, f"--lora {name}={directory}")
+        adapter_rank(directory)
+    spec = engine_kwargs(args)["speculative"]
+    if spec is not None:
+        spec.check_files()
 
 
 def load_model_and_tokenizer(args: argparse.Namespace):

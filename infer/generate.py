@@ -16,12 +16,15 @@ Everything runs through the serving engine (`infer/engine/engine.py`). Text is s
 (with --chat, the answer; the reasoning goes to stderr); `--json` adds one last line
 `{"token_ids": [...], "text": "..."}` (with --chat also "reasoning_content" and "tool_calls"). The JSONL formats of
 --input / --output are in `infer/batch.py`. Errors in the input (a bad checkpoint, an empty or too long prompt, a bad
-line) print one line on stderr and exit with status 2.
+line, a flag) are checked before the model is built and print one line on stderr, exit status 2. A failed write under
+--output (a full disk) stops generation at once with one line naming the file and how many results are safe in it,
+exit status 1. Ctrl-C: one line saying what was kept, exit status 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -29,7 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-from small4_jax.errors import InputError, Small4Error
+from small4_jax.console import cli_main
+from small4_jax.errors import InputError, OutputError, Small4Error
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -104,17 +108,38 @@ def _parse_mesh(text: str | None):
     return make_mesh(text, "--mesh")
 
 
+@dataclasses.dataclass
+class Plan:
+    """What the command line asks for, checked before the model is built (seconds, not the build's minute)."""
+
+    config: object
+    tokenizer: object
+    mesh: object
+    single_lora: str | None  # `--lora DIR`: one adapter for every prompt
+    item: object = None  # the one --prompt / --prompt-ids prompt
+    writer: object = None  # --input: the results still to write
+
+
 def run(args: argparse.Namespace) -> dict:
-    from small4_jax.ckpt.load import from_pretrained
-    from small4_jax.nn.model import init_model
+    from infer.cli import engine_kwargs
+    from infer.engine.engine import Engine
+
+    plan = check_inputs(args)
+    if args.input and not plan.writer.todo:
+        plan.writer.close()
+        return {"results": []}
+    model = build_model(args, plan)
+    engine = Engine(model, plan.tokenizer, mesh=plan.mesh, **engine_kwargs(args))
+    if args.input:
+        return _run_batch(engine, plan.tokenizer, plan.writer)
+    return _run_one(engine, plan.tokenizer, plan.item, args.json)
+
+
+def _check_flags(args: argparse.Namespace) -> tuple[list[int] | None, str | None, list[str]]:
+    """The flags that need no model config: (--prompt-ids, the single --lora DIR, the --lora NAME=DIR names)."""
+    from small4_jax.lora.adapters import check_peft_dir
     from small4_jax.decode.sampling import SamplingParams
 
-    from infer.batch import ResultWriter, check_length, make_item, read_items, result_row
-    from infer.chat import ChatParser
-    from infer.cli import preflight
-    from infer.engine.engine import MAX_CONTEXT, Engine, SamplingOptions, merge_outputs
-
-    # Everything the input says is checked before the model is built (seconds, not the build's minute).
     SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)  # the CLI's checks
     if args.max_new_tokens <= 0:
         raise InputError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
@@ -122,20 +147,31 @@ def run(args: argparse.Namespace) -> dict:
         raise InputError("empty prompt: --prompt is empty")
     if args.output and not args.input:
         raise InputError("--output is for the results of --input; a single prompt prints to stdout")
+    if args.image and args.input:
+        raise InputError("--image goes with --prompt; in an --input file give image parts in \"messages\"")
     prompt_ids = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else None
     single_lora, named_loras = lora_flags(args.lora)
     args.lora_adapters = [f"{n}={d}" for n, d in named_loras]  # the engine's multi-LoRA (infer.cli.engine_kwargs)
+    if single_lora:
+        check_peft_dir(single_lora, f"--lora {single_lora}")
     names = [n for n, _ in named_loras]
-    from small4_jax.lora.multi import adapter_rank
-
-    for _, directory in named_loras:  # a missing or malformed adapter_config.json is named before the build
-        adapter_rank(directory)
     if args.adapter is not None and args.adapter not in names:
         raise InputError(f"--adapter {args.adapter!r}: not one of the --lora NAME=DIR adapters "
                          f"({', '.join(names) or 'none given'})")
+    return prompt_ids, single_lora, names
+
+
+def check_inputs(args: argparse.Namespace) -> Plan:
+    """Everything the input says, checked before the model is built; --output opened (earlier results read)."""
+    from infer.batch import ResultWriter, check_length, make_item, read_items
+    from infer.cli import preflight
+    from infer.engine.engine import MAX_CONTEXT, SamplingOptions
+    from small4_jax.console import on_interrupt
+
+    prompt_ids, single_lora, names = _check_flags(args)
     chat = dict(chat=args.chat or bool(args.system or args.reasoning_effort), system=args.system,
                 reasoning_effort=args.reasoning_effort, adapter=args.adapter, adapters=names)
-    config, tokenizer, mesh = preflight(args, need_tokenizer=prompt_ids is None)
+    config, tokenizer, mesh = preflight(args, need_tokenizer=prompt_ids is None)  # --lora NAME=DIR, --speculative
     if tokenizer is None and chat["chat"]:
         raise InputError("--chat needs a tokenizer: pass --tokenizer (a tekken.json)")
     if prompt_ids is not None:
@@ -145,27 +181,32 @@ def run(args: argparse.Namespace) -> dict:
     defaults = SamplingOptions(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                top_p=args.top_p, seed=args.seed)
     max_len = args.max_model_len or min(config.max_position_embeddings, MAX_CONTEXT)
-    if args.image and args.input:
-        raise InputError("--image goes with --prompt; in an --input file give image parts in \"messages\"")
+    plan = Plan(config, tokenizer, mesh, single_lora)
     if args.input:
         items = read_items(args.input, tokenizer, defaults, vocab_size=config.vocab_size, max_len=max_len, **chat)
-        writer = ResultWriter(args.output, items, args.input)  # opened (and earlier results read) before the build
+        plan.writer = writer = ResultWriter(args.output, items, args.input)
         if writer.skipped:
             print(f"{args.output}: {writer.skipped} of {len(items)} results already there; "
                   f"{len(writer.todo)} to go", file=sys.stderr)
-        if not writer.todo:
-            writer.close()
-            return {"results": []}
-    elif prompt_ids is not None:
-        item = make_item(tokenizer, {"prompt_ids": prompt_ids}, defaults, index=0, images=args.image, **chat)
-    else:
-        item = make_item(tokenizer, {"prompt": args.prompt}, defaults, index=0, images=args.image, **chat)
-    if not args.input:
-        check_length(item, max_len)
+        if args.output:
+            on_interrupt(lambda: f"{writer.written} of {len(items)} results are in {args.output}; a rerun with "
+                                 "the same --output skips them")
+        return plan
+    source = {"prompt_ids": prompt_ids} if prompt_ids is not None else {"prompt": args.prompt}
+    plan.item = make_item(tokenizer, source, defaults, index=0, images=args.image, **chat)
+    check_length(plan.item, max_len)
+    on_interrupt(lambda: "generation stopped; nothing was written besides the text shown")
+    return plan
+
+
+def build_model(args: argparse.Namespace, plan: Plan):
+    """The model (random from --config, else --checkpoint's), with the single --lora adapter, on the mesh."""
+    from small4_jax.ckpt.load import from_pretrained
+    from small4_jax.nn.model import init_model
 
     t0 = time.time()
     if args.config:
-        model = init_model(config, seed=args.seed, dtype=args.dtype or "float32", quantize=args.quantize)
+        model = init_model(plan.config, seed=args.seed, dtype=args.dtype or "float32", quantize=args.quantize)
         print(
             f"note: the weights are RANDOM ({args.config}, seed {args.seed}), so the text is gibberish"
             + (f" unless the adapters ({', '.join(args.lora)}) were trained on them. " if args.lora else ". ")
@@ -173,27 +214,30 @@ def run(args: argparse.Namespace) -> dict:
             file=sys.stderr,
         )
     else:
-        model = from_pretrained(args.checkpoint, dtype=args.dtype or "auto", mesh=mesh, quantize=args.quantize,
+        model = from_pretrained(args.checkpoint, dtype=args.dtype or "auto", mesh=plan.mesh, quantize=args.quantize,
                                 activations=args.activations)
-    if single_lora:
+    if plan.single_lora:
         from small4_jax.lora.adapters import load_peft, shard_lora
 
-        load_peft(model, single_lora)
-        shard_lora(model, mesh if args.checkpoint else None)  # beside the base weights (only a checkpoint is sharded)
-    if mesh is not None and args.config:
+        load_peft(model, plan.single_lora)
+        shard_lora(model, plan.mesh if args.checkpoint else None)  # beside the base weights (a checkpoint is sharded)
+    if plan.mesh is not None and args.config:
         from small4_jax.parallel.placement import place_model
 
-        place_model(model, mesh)
+        place_model(model, plan.mesh)
     logging.getLogger("small4_jax").info("model ready in %.1fs", time.time() - t0)
-    from infer.cli import engine_kwargs
+    return model
 
-    engine = Engine(model, tokenizer, mesh=mesh, **engine_kwargs(args))
-    if args.input:
-        return _run_batch(engine, tokenizer, writer)
+
+def _run_one(engine, tokenizer, item, as_json: bool) -> dict:
+    """One prompt, its text streamed to stdout (with --chat, the answer; the reasoning to stderr)."""
+    from infer.batch import result_row
+    from infer.chat import ChatParser
+    from infer.engine.engine import merge_outputs
+
     parser = ChatParser(tokenizer, parse_tools=False) if item.chat else None
     for t in item.prompt.forced if parser else ():
         parser.push(t)
-
     events = []
 
     def show(out):
@@ -222,7 +266,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {"token_ids": row["token_ids"], "text": row["text"]}
     if item.chat:
         result.update(reasoning_content=row["reasoning_content"], tool_calls=row["tool_calls"])
-    if args.json:
+    if as_json:
         print(json.dumps(result, ensure_ascii=False))
     sys.stdout.flush()
     return result
@@ -239,7 +283,7 @@ def _run_batch(engine, tokenizer, writer) -> dict:
         with tqdm(total=len(items), desc="prompts", unit="prompt", file=sys.stderr) as bar:
             def done(i, out):
                 rows[i] = result_row(tokenizer, items[i], out)
-                writer.add(i, rows[i])  # written and flushed as soon as the rows before it are
+                writer.add(i, rows[i])  # written and flushed as soon as the rows before it are (a failure stops all)
                 bar.update(1)
 
             engine.generate([it.prompt.ids for it in items], [it.options for it in items], on_finish=done,
@@ -264,6 +308,9 @@ def main(argv=None) -> int:
             if jax.process_index() != 0:
                 sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this process
         run(args)
+    except OutputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except Small4Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -271,4 +318,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

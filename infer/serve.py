@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from infer import structured
 from infer.chat import ChatParser, encode_chat
 from infer.cli import add_engine_args, engine_kwargs, load_model_and_tokenizer
+from small4_jax.console import cli_main
 from small4_jax.errors import InputError, Small4Error
 
 # The engine (and so JAX) is imported where it is used, so `--help` answers without loading JAX.
@@ -801,4 +802,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

@@ -14,8 +14,12 @@ import importlib.abc
 import importlib.util
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
+import traceback
+from collections.abc import Callable
 
 
 class StderrHandler(logging.StreamHandler):
@@ -45,6 +49,9 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
 _PLUGIN_NOISE = ("Could not find cuda drivers on your machine", "All log messages before absl::InitializeLog()")
 
 
+_stderr_fd = 2  # the real stderr, also while native_stderr_filtered captures fd 2
+
+
 def _cuda_driver_present() -> bool:
     import ctypes
 
@@ -59,15 +66,18 @@ def _cuda_driver_present() -> bool:
 def native_stderr_filtered(noise=_PLUGIN_NOISE):
     """Runs the body with file descriptor 2 (what C++ libraries write to) captured; afterwards the captured lines
     are written back to stderr except those containing one of `noise`."""
+    global _stderr_fd
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as f:
         os.dup2(f.fileno(), 2)
+        _stderr_fd = saved
         try:
             yield
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
+            _stderr_fd = 2
             os.close(saved)
             f.seek(0)
             kept = [ln for ln in f.read().decode(errors="replace").splitlines(keepends=True)
@@ -138,3 +148,84 @@ def _wrap_plugin_initialize() -> None:
 
     initialize.small4_quiet = True
     plugin.initialize = initialize
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# How a command-line tool ends: Ctrl-C, and failures in a multi-process job.
+_interrupt_note: Callable[[], str] = lambda: "nothing was written"  # noqa: E731
+_interrupt_lock = threading.Lock()
+
+
+def on_interrupt(note: Callable[[], str]) -> None:
+    """What Ctrl-C should report as kept, e.g. lambda: "3 results are in out.jsonl; a rerun skips them" (called
+    when the interrupt comes, from another thread: keep it cheap)."""
+    global _interrupt_note
+    _interrupt_note = note
+
+
+def _interrupted() -> None:
+    """Ctrl-C: one line saying what was kept, then exit 130 at once. `os._exit`: no traceback, and no interpreter
+    teardown racing XLA's compiler threads (which segfaulted)."""
+    if not _interrupt_lock.acquire(blocking=False):
+        return
+    try:
+        note = _interrupt_note()
+    except Exception as e:  # noqa: BLE001 - the note is best effort; the exit is not
+        note = f"(could not say what was kept: {e})"
+    try:
+        sys.stdout.flush()
+    except Exception:  # noqa: BLE001, S110 - a closed or full stdout must not stop the exit
+        pass
+    lead = "\n" if sys.stdout.isatty() else ""  # after text streamed to a terminal, start a line
+    os.write(_stderr_fd, f"{lead}interrupted: {note}\n".encode())
+    os._exit(130)
+
+
+def _watch_interrupts(fd: int) -> None:
+    while True:
+        data = os.read(fd, 64)
+        if not data or signal.SIGINT in data:
+            break
+    _interrupted()
+
+
+def handle_interrupts() -> None:
+    """Ctrl-C (SIGINT) ends the process with one line and exit status 130, also while the main thread is inside a
+    long native call (an XLA compile), where Python's own handler would not run until the call returns: the signal
+    also wakes a watcher thread (`signal.set_wakeup_fd`), which exits. Main thread only."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGINT, lambda *_: _interrupted())
+    threading.Thread(target=_watch_interrupts, args=(r,), name="small4-interrupt", daemon=True).start()
+
+
+def _multi_process() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    import jax
+
+    return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def cli_main(main: Callable[[], int]) -> int:
+    """`sys.exit(cli_main(main))` in a tool's `__main__`: Ctrl-C handled (`handle_interrupts`); in a multi-process
+    job (launch/) a failing process exits at once with its status, instead of waiting minutes in jax's shutdown
+    barrier for processes that will never get there, so the launcher sees the failure and stops the others."""
+    handle_interrupts()
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        if not _multi_process():
+            raise
+        traceback.print_exc()
+        code = 1
+    if code and _multi_process():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

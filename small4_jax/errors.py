@@ -22,3 +22,8 @@ class TokenizerError(Small4Error):
 
 class InputError(Small4Error):
     """A request (prompt, ids, sampling settings) cannot be served."""
+
+
+class OutputError(Small4Error):
+    """Writing a result failed (a full disk, a vanished directory); the message says what is safe. The command-line
+    tools exit with status 1 for it (2 is for bad input)."""

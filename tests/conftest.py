@@ -10,6 +10,7 @@ _cache = Path(__file__).resolve().parent.parent / ".cache" / "jax"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_cache))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+import small4_jax  # noqa: E402, F401 - first: quiets the CUDA plugin where no GPU driver is (console.quiet_cuda_plugin)
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)

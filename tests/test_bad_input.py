@@ -214,6 +214,47 @@ def test_generate_batch_rerun_completes_a_killed_output(tmp_path, capsys):
     assert out.read_text() == full
 
 
+def test_generate_batch_stops_at_a_full_disk(tmp_path, capsys, monkeypatch):
+    """A write under --output that fails (ENOSPC) stops the batch at the failing result: one error line naming the
+    file and how many results are safe, exit status 1, no traceback; a rerun completes it."""
+    import errno
+    import io
+
+    import infer.batch
+    from infer.generate import main
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "Hello"}\n{"id": "b", "prompt_ids": [1, 5, 6]}\n{"prompt": "cats", "seed": 3}\n')
+    out = tmp_path / "out.jsonl"
+    argv = ["--config", TINY, "--input", str(inp), "--output", str(out), "--max-new-tokens", "3", "--max-batch", "1",
+            "--max-model-len", "64", "--prefill-chunk", "16", "--prefill-batch", "1"]
+
+    class FullDisk(io.BufferedRandom):
+        lines = 0
+
+        def write(self, b):
+            if FullDisk.lines == 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            FullDisk.lines += 1
+            return super().write(b)
+
+    monkeypatch.setattr(infer.batch, "open", lambda path, mode: FullDisk(io.FileIO(path, "a+")), raising=False)
+    finished = []
+    done = infer.batch.ResultWriter.add
+    monkeypatch.setattr(infer.batch.ResultWriter, "add", lambda self, i, row: (finished.append(i), done(self, i, row)))
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"error: --output {out}: writing a result failed (No space left on device); 1 results are safe in it, and "
+        "a rerun with the same --output skips them")
+    assert finished == [0, 1]  # the third prompt was not waited for
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [0]
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [0, "b", 2]
+
+
 # ---- config files -----------------------------------------------------------------------------------------------------
 def test_config_json_typo_is_named(tmp_path, capsys, no_build):
     from infer.generate import main
@@ -498,3 +539,36 @@ def test_serve_command_line_rejects_bad_input_before_building(tmp_path, capsys, 
     assert err("--config", TINY, "--activations", "fp8") == (
         "error: --activations fp8 (W8A8) needs an FP8 checkpoint's static activation scales: pass --checkpoint DIR "
         "(a random --config model has none)")
+
+
+def test_adapters_drafter_and_resume_are_checked_before_the_build(tmp_path, capsys, no_build):
+    """--lora DIR / NAME=DIR (missing, corrupt), --speculative (unknown, missing EAGLE directory) on generate and
+    serve, and finetune --resume with nothing to resume: each one line before any model is built."""
+    from infer.generate import main as generate
+    from infer.serve import main as serve
+    from train.finetune import main as finetune
+
+    missing = tmp_path / "missing"
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4, "peft_type": "LORA"}))
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    g = ["--config", TINY, "--prompt", "hi"]
+    assert _error(generate, [*g, "--lora", str(missing)], capsys) == \
+        f"error: --lora {missing}: not a PEFT adapter directory (adapter_config.json missing)"
+    assert _error(generate, [*g, "--lora", str(corrupt)], capsys).startswith(
+        f"error: --lora {corrupt}: {corrupt / 'adapter_model.safetensors'}: ")
+    assert _error(generate, [*g, "--lora", f"a={corrupt}"], capsys).startswith(
+        f"error: --lora a={corrupt}: {corrupt / 'adapter_model.safetensors'}: ")
+    assert _error(generate, [*g, "--speculative", "bogus"], capsys) == \
+        "error: --speculative 'bogus': expected one of 'ngram', 'eagle:DIR'"
+    assert _error(generate, [*g, "--speculative", f"eagle:{missing}"], capsys) == \
+        f"error: --speculative eagle:{missing}: not a directory"
+    assert _error(serve, ["--config", TINY, "--port", "0", "--lora", f"x={missing}"], capsys) == \
+        f"error: --lora x={missing}: not a PEFT adapter directory (adapter_config.json missing)"
+    assert _error(serve, ["--config", TINY, "--port", "0", "--speculative", f"eagle:{tmp_path}"], capsys) == (
+        f"error: --speculative eagle:{tmp_path}: no params.json or config.json (expected an EAGLE draft checkpoint "
+        "directory)")
+    cfg = _run_yaml(tmp_path)
+    assert _error(finetune, ["--config", cfg, "--resume"], capsys) == \
+        f"error: {tmp_path / 'run'}: --resume but no checkpoint in {tmp_path / 'run' / 'checkpoints'}"

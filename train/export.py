@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from small4_jax.config import Small4Config
+from small4_jax.console import cli_main
 from small4_jax.errors import ConfigError, Small4Error
 
 
@@ -197,4 +198,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

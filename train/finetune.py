@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from small4_jax.console import cli_main
 from small4_jax.errors import Small4Error
 
 
@@ -59,4 +60,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

@@ -55,10 +55,15 @@ class TrainingError(Small4Error):
 # ----------------------------------------------------------------------------------------------------------------------
 # Model, tokenizer, mesh.
 def make_mesh(cfg: RunConfig):
-    if not cfg.train.mesh:
-        return None
+    """train.mesh; with several processes and no train.mesh, data-parallel over every device of the job (one
+    device per process would leave each process alone with arrays the others cannot see)."""
     from small4_jax.parallel.sharding import make_mesh as _make
 
+    if not cfg.train.mesh:
+        if jax.process_count() == 1:
+            return None
+        log.info("train.mesh not set: data=%d over the job's %d processes", jax.device_count(), jax.process_count())
+        return _make({"data": jax.device_count(), "expert": 1, "tensor": 1}, f"{cfg.source}: train.mesh")
     return _make(dict(cfg.train.mesh), f"{cfg.source}: train.mesh")
 
 
@@ -347,20 +352,13 @@ def evaluate(steps: Steps, params, rng, frozen, data: Packed, batch_size: int, m
         batch["weights"] = batch["weights"] * (np.arange(batch_size) < min(batch_size, len(data) - start))[:, None]
         b = {k: v[0] for k, v in _put_batch(batch, 1, mesh).items()}
         t, c = steps.eval(params, rng, frozen, b)
-        total, count = total + float(t), count + float(c)
+        total, count = total + _scalar(t), count + _scalar(c)
     return total / max(count, 1.0)
 
 
 def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None) -> list[dict]:
     """Run (or resume) the configured fine-tune; returns the metrics records of the steps run in this call."""
-    out = Path(cfg.train.out_dir)
-    if not resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
-        raise TrainingError(f"{out}: already holds checkpoints; pass --resume to continue it or pick another out_dir")
-    primary = jax.process_index() == 0  # with several processes, one writes the run's files and progress
-    out.mkdir(parents=True, exist_ok=True)
-    if primary:
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
+    out = prepare_run_dir(cfg, resume)
     tokenizer = load_tokenizer(cfg)
     train_data, stats = load_dataset(cfg.data.train, tokenizer, cfg.data.seq_len, cfg.data.seed)
     eval_data = load_dataset(cfg.data.eval, tokenizer, cfg.data.seq_len, cfg.data.seed)[0] if cfg.data.eval else None
@@ -368,85 +366,175 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
              cfg.data.seq_len, stats.train_tokens)
     mesh = make_mesh(cfg)
     model = build_model(cfg, mesh)
-    tx, sched = optimizer(cfg), schedule(cfg)
-    steps = make_steps(model, tx, sched)
-    _, params, rng, frozen = nnx.split(model, lora.TRAINABLE, lora.DropoutKey, ...)
-    opt_state = tx.init(params)
-    # Commit every input where the step's outputs will live, so the second step does not compile again.
-    if mesh is None:
-        params, opt_state, rng, frozen = jax.device_put((params, opt_state, rng, frozen), jax.devices()[0])
-    else:
-        params, opt_state, rng, frozen = _global((params, opt_state, rng, frozen), mesh)
-
-    mngr = checkpoint_manager(out, cfg.train.keep)
-    start = 0
-    if resume:
-        template = _global({"params": params, "opt_state": opt_state, "rng": rng, "step": np.zeros((), np.int32),
-                            "data_position": np.zeros((), np.int32)}, mesh)
-        state = restore_latest_readable(mngr, out, template)
-        params, opt_state, rng = state["params"], state["opt_state"], state["rng"]
-        start = int(state["step"])
-        log.info("resumed from step %d", start)
-    metrics_path = out / "metrics.jsonl" if primary else Path(os.devnull)
-    if resume and primary and metrics_path.exists():  # drop records past the checkpoint (they will be recomputed)
-        keep = [r for r in metrics_path.read_text().splitlines() if r and json.loads(r).get("step", 0) <= start]
-        metrics_path.write_text("".join(r + "\n" for r in keep))
-
-    t = cfg.train
-    accum, bsz = t.grad_accum, t.batch_size
-    records = []
-    last_good = start if resume else None
-    t0, tokens_seen = time.time(), 0.0
-    end = t.steps if stop_after is None else min(t.steps, stop_after)
-    with metrics_path.open("a") as mf:
-        for step in range(start, end):
-            idx = batch_indices(len(train_data), bsz, step, cfg.data.seed)
-            batch = with_images(train_data.take(idx), train_data, idx, model, accum)
-            params, opt_state, rng, m = steps.train(params, opt_state, rng, frozen, _put_batch(batch, accum, mesh),
-                                                    jnp.int32(step))
-            loss = float(m["loss"])
-            done = step + 1
-            if not math.isfinite(loss):
-                mngr.wait_until_finished()
-                good = mngr.latest_step()
-                mngr.close()
-                where = f"the last good checkpoint is step {good} in {out / 'checkpoints'}" if good is not None \
-                    else "no checkpoint was saved yet"
-                raise TrainingError(f"loss is {loss} at step {done}; stopped. {where} (try a lower optim.lr)")
-            now = time.time()
-            if done == start + 1:  # this process's first step includes compiling it: rates and ETAs start after it
-                t_first, tokens_first = now, float(m["tokens"])
-            tokens_seen += float(m["tokens"])
-            rec = {"step": done, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-                   "tokens": int(m["tokens"]), "elapsed_s": round(now - t0, 3)}
-            steady = done - start - 1  # steps timed after the compiling one
-            rate = (tokens_seen - tokens_first) / max(now - t_first, 1e-9) if steady else tokens_seen / max(now - t0, 1e-9)
-            rec["tokens_per_s"] = round(rate, 1)
-            if eval_data is not None and ((t.eval_every and done % t.eval_every == 0) or done == t.steps):
-                rec["eval_loss"] = evaluate(steps, params, rng, frozen, eval_data, bsz, mesh, model)
-            if done % t.ckpt_every == 0 or done == t.steps:
-                import orbax.checkpoint as ocp
-
-                state = _global({"params": params, "opt_state": opt_state, "rng": rng,
-                                 "step": np.asarray(done, np.int32), "data_position": np.asarray(done * bsz, np.int32)},
-                                mesh)
-                _writing(out, lambda: mngr.save(done, args=ocp.args.StandardSave(state)))
-                last_good = done
-            _writing(out, lambda: (mf.write(json.dumps(rec) + "\n"), mf.flush()))
-            records.append(rec)
-            if primary and (done % t.log_every == 0 or done == end):
-                ev = f" eval {rec['eval_loss']:.4f}" if "eval_loss" in rec else ""
-                if steady:
-                    eta = (end - done) * (time.time() - t_first) / steady
-                    timing = f"tok/s {rate:,.0f} eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
-                else:
-                    timing = f"compile + first step {now - t0:.1f}s (eta from the next step)"
-                print(f"step {done}/{t.steps} loss {loss:.4f}{ev} lr {rec['lr']:.2e} {timing}", file=sys.stderr,
-                      flush=True)
-    _writing(out, mngr.wait_until_finished)
-    mngr.close()
-    del last_good
+    run = _Run(cfg, out, mesh, model)
+    run.start(resume)
+    if run.start_step >= cfg.train.steps:  # (known only now: the newest checkpoint may be unreadable)
+        run.mngr.close()
+        print(f"{out}: the run is already finished (step {run.start_step} of train.steps {cfg.train.steps}); "
+              "nothing to train. Raise --steps to train further.", file=sys.stderr, flush=True)
+        return []
+    records = run.loop(train_data, eval_data, stop_after)
+    if jax.process_index() == 0 and records:
+        _summary(cfg, out, records[-1])
     return records
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
+    """train.out_dir checked and made before anything is built: checkpoints without --resume, --resume with none,
+    an out_dir that cannot be written."""
+    from small4_jax.console import on_interrupt
+
+    out = Path(cfg.train.out_dir)
+    steps = saved_steps(out)
+    if not resume and steps:
+        raise TrainingError(f"{out}: already holds checkpoints; pass --resume to continue it or pick another out_dir")
+    if resume and not steps:
+        raise TrainingError(f"{out}: --resume but no checkpoint in {out / 'checkpoints'}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:  # with several processes, one writes the run's files and progress
+            (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    except OSError as e:
+        raise TrainingError(f"train.out_dir {out}: cannot be written ({e.strerror or e})") from None
+
+    def kept() -> str:
+        done = saved_steps(out)
+        if not done:
+            return f"no checkpoint was saved yet in {out / 'checkpoints'}"
+        return f"the last complete checkpoint is step {done[-1]} in {out / 'checkpoints'}; --resume continues from it"
+
+    on_interrupt(kept)
+    return out
+
+
+def _summary(cfg: RunConfig, out: Path, last: dict) -> None:
+    """The run's two closing lines: where it is, what to run next."""
+    done = last["step"] >= cfg.train.steps
+    state = "finished" if done else "stopped"
+    print(f"run {state} at step {last['step']}/{cfg.train.steps} (loss {last['loss']:.4f}): checkpoints and "
+          f"metrics.jsonl in {out}", file=sys.stderr)
+    nxt = (f"python -m train.export --run {out} --peft {out / 'adapter'}" if done
+           else f"python -m train.finetune --config {cfg.source} --resume")
+    print(f"next: {nxt}", file=sys.stderr, flush=True)
+
+
+def _scalar(x) -> float:
+    """A replicated scalar as a float on any process: read from this process's own copy (with several processes
+    the array also spans devices this process cannot address)."""
+    return float(np.asarray(x.addressable_data(0)))
+
+
+class _Run:
+    """One fine-tune's live state: jitted steps, the split model (trainable / dropout key / frozen), the optimizer
+    state and the checkpoint manager."""
+
+    def __init__(self, cfg: RunConfig, out: Path, mesh, model):
+        self.cfg, self.out, self.mesh, self.model = cfg, out, mesh, model
+        self.tx = optimizer(cfg)
+        self.steps = make_steps(model, self.tx, schedule(cfg))
+        _, params, rng, frozen = nnx.split(model, lora.TRAINABLE, lora.DropoutKey, ...)
+        opt_state = self.tx.init(params)
+        # Commit every input where the step's outputs will live, so the second step does not compile again.
+        if mesh is None:
+            params, opt_state, rng, frozen = jax.device_put((params, opt_state, rng, frozen), jax.local_devices()[0])
+        else:
+            params, opt_state, rng, frozen = _global((params, opt_state, rng, frozen), mesh)
+        self.params, self.opt_state, self.rng, self.frozen = params, opt_state, rng, frozen
+        self.mngr = checkpoint_manager(out, cfg.train.keep)
+        self.start_step = 0
+        self.primary = jax.process_index() == 0
+
+    def state(self, step: int) -> dict:
+        return _global({"params": self.params, "opt_state": self.opt_state, "rng": self.rng,
+                        "step": np.asarray(step, np.int32),
+                        "data_position": np.asarray(step * self.cfg.train.batch_size, np.int32)}, self.mesh)
+
+    def start(self, resume: bool) -> None:
+        """Restore the newest readable checkpoint (--resume); drop metrics records past it."""
+        if not resume:
+            return
+        state = restore_latest_readable(self.mngr, self.out, self.state(0))
+        self.params, self.opt_state, self.rng = state["params"], state["opt_state"], state["rng"]
+        self.start_step = int(state["step"])
+        log.info("resumed from step %d", self.start_step)
+        metrics_path = self.out / "metrics.jsonl"
+        if self.primary and metrics_path.exists():  # drop records past the checkpoint (they will be recomputed)
+            keep = [r for r in metrics_path.read_text().splitlines()
+                    if r and json.loads(r).get("step", 0) <= self.start_step]
+            _writing(self.out, lambda: metrics_path.write_text("".join(r + "\n" for r in keep)))
+
+    def step(self, train_data: Packed, step: int) -> dict:
+        """One optimizer step; its metrics as floats. A non-finite loss stops the run naming the last good step."""
+        cfg = self.cfg
+        idx = batch_indices(len(train_data), cfg.train.batch_size, step, cfg.data.seed)
+        batch = with_images(train_data.take(idx), train_data, idx, self.model, cfg.train.grad_accum)
+        self.params, self.opt_state, self.rng, m = self.steps.train(
+            self.params, self.opt_state, self.rng, self.frozen, _put_batch(batch, cfg.train.grad_accum, self.mesh),
+            jnp.int32(step))
+        m = {k: _scalar(v) for k, v in m.items()}
+        if not math.isfinite(m["loss"]):
+            self.mngr.wait_until_finished()
+            good = self.mngr.latest_step()
+            self.mngr.close()
+            where = f"the last good checkpoint is step {good} in {self.out / 'checkpoints'}" if good is not None \
+                else "no checkpoint was saved yet"
+            raise TrainingError(f"loss is {m['loss']} at step {step + 1}; stopped. {where} (try a lower optim.lr)")
+        return m
+
+    def loop(self, train_data: Packed, eval_data: Packed | None, stop_after: int | None) -> list[dict]:
+        import orbax.checkpoint as ocp
+
+        t = self.cfg.train
+        start = self.start_step
+        end = t.steps if stop_after is None else min(t.steps, stop_after)
+        metrics_path = self.out / "metrics.jsonl" if self.primary else Path(os.devnull)
+        records, clock = [], _Clock(start)
+        with metrics_path.open("a") as mf:
+            for step in range(start, end):
+                m = self.step(train_data, step)
+                done = step + 1
+                rec = {"step": done, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+                       "tokens": int(m["tokens"]), "elapsed_s": round(time.time() - clock.t0, 3)}
+                rec["tokens_per_s"] = round(clock.tick(done, m["tokens"]), 1)
+                if eval_data is not None and ((t.eval_every and done % t.eval_every == 0) or done == t.steps):
+                    rec["eval_loss"] = evaluate(self.steps, self.params, self.rng, self.frozen, eval_data,
+                                                t.batch_size, self.mesh, self.model)
+                if done % t.ckpt_every == 0 or done == t.steps:
+                    state = self.state(done)
+                    _writing(self.out, lambda: self.mngr.save(done, args=ocp.args.StandardSave(state)))
+                _writing(self.out, lambda: (mf.write(json.dumps(rec) + "\n"), mf.flush()))
+                records.append(rec)
+                if self.primary and (done % t.log_every == 0 or done == end):
+                    ev = f" eval {rec['eval_loss']:.4f}" if "eval_loss" in rec else ""
+                    print(f"step {done}/{t.steps} loss {rec['loss']:.4f}{ev} lr {rec['lr']:.2e} "
+                          f"{clock.timing(done, end)}", file=sys.stderr, flush=True)
+        _writing(self.out, self.mngr.wait_until_finished)
+        self.mngr.close()
+        return records
+
+
+class _Clock:
+    """Throughput and ETA of the steps after the first one this process runs (which includes compiling it)."""
+
+    def __init__(self, start: int):
+        self.start, self.t0, self.tokens = start, time.time(), 0.0
+
+    def tick(self, done: int, tokens: float) -> float:
+        self.now = time.time()
+        if done == self.start + 1:
+            self.t_first, self.tokens_first = self.now, tokens
+        self.tokens += tokens
+        self.steady = done - self.start - 1  # steps timed after the compiling one
+        if self.steady:
+            return (self.tokens - self.tokens_first) / max(self.now - self.t_first, 1e-9)
+        return self.tokens / max(self.now - self.t0, 1e-9)
+
+    def timing(self, done: int, end: int) -> str:
+        if not self.steady:
+            return f"compile + first step {self.now - self.t0:.1f}s (eta from the next step)"
+        rate = (self.tokens - self.tokens_first) / max(self.now - self.t_first, 1e-9)
+        eta = (end - done) * (time.time() - self.t_first) / self.steady
+        return f"tok/s {rate:,.0f} eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
 
 
 def _writing(out: Path, write: Callable[[], object]) -> None:

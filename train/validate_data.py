@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from small4_jax.console import cli_main
 from small4_jax.errors import Small4Error
 
 DEFAULT_TOKENS_PER_S = 2000.0  # rough CPU figure for the tiny model; set train.expected_tokens_per_s for a real run
@@ -63,4 +64,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

@@ -645,21 +645,26 @@ class Engine:
                  adapters: Sequence[str | None] | None = None) -> list[RequestOutput]:
         """Run a batch of prompts to completion on this thread; returns one merged `RequestOutput` per prompt.
 
-        Prompts are submitted as queue room allows (back-pressure), so any number can be given. images: per prompt,
+        Prompts are submitted as queue room allows (back-pressure), so any number can be given; an exception from
+        `on_finish` stops the batch and is raised here. images: per prompt,
         its preprocessed images (see `submit`); adapters: per prompt, its LoRA adapter name (None: the base model).
         """
         if isinstance(options, SamplingOptions):
             options = [options] * len(prompts)
         results: list[RequestOutput | None] = [None] * len(prompts)
         parts: list[list[RequestOutput]] = [[] for _ in prompts]
+        failed: list[BaseException] = []  # an on_finish that raised (e.g. a full disk): the batch stops at once
 
         def collect(i):
             def cb(out: RequestOutput):
                 parts[i].append(out)
                 if out.finished:
                     results[i] = merge_outputs(parts[i])
-                    if on_finish is not None:
-                        on_finish(i, results[i])
+                    if on_finish is not None and not failed:
+                        try:
+                            on_finish(i, results[i])
+                        except BaseException as e:  # raised below, on the caller's thread
+                            failed.append(e)
             return cb
 
         todo = list(enumerate(prompts))
@@ -672,6 +677,8 @@ class Engine:
                             images=imgs, image_hashes=[image_hash(im) for im in imgs],
                             adapter=adapters[i] if adapters is not None else None)
             self.step()
+            if failed:
+                raise failed[0]
         return results
 
     def metrics(self) -> dict:

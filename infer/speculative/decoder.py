@@ -38,6 +38,7 @@ import dataclasses
 import functools
 import math
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +76,17 @@ class SpeculativeConfig:
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise InputError(f"ngram sizes must satisfy 1 <= ngram_min <= ngram_max, got {self.ngram_min}, "
                              f"{self.ngram_max}")
+
+    def check_files(self) -> None:
+        """The EAGLE draft directory exists and holds a config (checked before a model is built)."""
+        if self.method != "eagle":
+            return
+        d = Path(self.path)
+        if not d.is_dir():
+            raise InputError(f"--speculative eagle:{self.path}: not a directory")
+        if not any((d / n).is_file() for n in ("params.json", "config.json")):
+            raise InputError(f"--speculative eagle:{self.path}: no params.json or config.json (expected an EAGLE "
+                             "draft checkpoint directory)")
 
     @classmethod
     def parse(cls, text: str, num_draft_tokens: int = 4) -> SpeculativeConfig:

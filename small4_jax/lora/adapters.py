@@ -55,7 +55,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from small4_jax.errors import ConfigError
+from small4_jax.ckpt.safetensors_io import read_safetensors_header
+from small4_jax.errors import CheckpointError, ConfigError, Small4Error
 from small4_jax.nn.model import MLA, MLP, Experts, MoE, PerLayer, Router, Shared, Small4ForCausalLM, layer_groups, \
     layer_slice
 from small4_jax.nn.moe import AtLayer, ExpertLoRA, _sliced, at_layer
@@ -696,20 +697,41 @@ def save_peft(model: Small4ForCausalLM, out_dir, base_model_name_or_path: str | 
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def load_peft(model: Small4ForCausalLM, adapter_dir) -> list[str]:
-    """Attach the PEFT adapter in `adapter_dir` to `model` (unmerged); returns the adapted paths."""
+def check_peft_dir(adapter_dir, flag: str | None = None) -> dict:
+    """What `load_peft` reads, checked without reading a tensor (before a model is built): adapter_config.json a
+    JSON object, adapter_model.safetensors a valid safetensors file (header and sizes). Returns the config; a
+    problem is a ConfigError / CheckpointError naming the file (after `flag`, e.g. "--lora a=DIR", when given)."""
     import json
     from pathlib import Path
 
-    from safetensors.numpy import load_file
-
     d = Path(adapter_dir)
     cfg_path, st_path = d / "adapter_config.json", d / "adapter_model.safetensors"
+    lead = f"{flag}: " if flag else ""
     for p in (cfg_path, st_path):
         if not p.is_file():
-            raise ConfigError(f"{d}: not a PEFT adapter directory ({p.name} missing)")
+            raise ConfigError(f"{lead or f'{d}: '}not a PEFT adapter directory ({p.name} missing)")
     try:
         config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from None
-    return from_peft(model, load_file(str(st_path)), config, where=str(d))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{lead}{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{lead}{cfg_path}: expected a JSON object")
+    try:
+        read_safetensors_header(st_path)
+    except Small4Error as e:
+        raise type(e)(f"{lead}{e}") from None
+    return config
+
+
+def load_peft(model: Small4ForCausalLM, adapter_dir) -> list[str]:
+    """Attach the PEFT adapter in `adapter_dir` to `model` (unmerged); returns the adapted paths."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    config = check_peft_dir(adapter_dir)
+    st_path = f"{adapter_dir}/adapter_model.safetensors"
+    try:
+        tensors = load_file(st_path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{st_path}: cannot be read ({e})") from None
+    return from_peft(model, tensors, config, where=str(adapter_dir))

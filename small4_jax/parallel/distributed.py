@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
+from small4_jax.console import cli_main
 from small4_jax.errors import Small4Error
 
 DEFAULT_PORT = 12321
@@ -314,4 +315,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from small4_jax.console import cli_main
 from small4_jax.errors import CheckpointError, Small4Error
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp8": "fp8", "f32": "float32", "float32": "float32"}
@@ -396,4 +397,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))
