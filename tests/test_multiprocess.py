@@ -6,8 +6,10 @@ fine-tune, and one request through the serving engine.
 """
 
 import os
+import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -220,3 +222,50 @@ def _run_one(engine, prompt, options, adapter):
     while not (events and events[-1].finished):
         engine.step()
     return merge_outputs(events).token_ids
+
+
+def _launcher_examples() -> list[list[str]]:
+    """The commands of launch/local.py's docstring, as written ('python' is this interpreter)."""
+    doc = (REPO / "launch" / "local.py").read_text().split('"""')[1]
+    cmds = [shlex.split(line.split("#")[0]) for line in doc.splitlines() if line.strip().startswith("python launch/")]
+    return [[sys.executable if a == "python" else a for a in cmd] for cmd in cmds]
+
+
+def test_the_launchers_own_examples_run_as_written(tmp_path):
+    """The docstring's fine-tune (no --mesh: data-parallel over both processes; a step, into a temporary out_dir)
+    and its preflight, as written."""
+    finetune, preflight = _launcher_examples()
+    assert finetune[-4:] == ["-m", "train.finetune", "--config", "configs/finetune-tiny.yaml"]
+    proc = subprocess.run([*finetune, "--steps", "1", "--out-dir", str(tmp_path / "run")], cwd=REPO,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[0] step 1/1 loss " in proc.stderr and "[0] next: python -m train.export" in proc.stderr
+    proc = subprocess.run(preflight, cwd=REPO, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(": 2 devices, all-reduce ") == 2
+
+
+def test_a_failing_process_stops_the_job_within_seconds(tmp_path):
+    """Process 1 fails; process 0 would run for minutes: the failing one exits at once (no wait in jax's shutdown
+    barrier), the launcher stops the other and exits with the failing status."""
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from small4_jax import distributed\n"
+        "from small4_jax.console import cli_main\n"
+        "def main():\n"
+        "    distributed.initialize()\n"
+        "    import jax\n"
+        "    print(jax.device_count(), flush=True)\n"
+        "    if os.environ['SMALL4_PROCESS_ID'] == '1':\n"
+        "        raise RuntimeError('process 1 failed')\n"
+        "    time.sleep(600)\n"
+        "    return 0\n"
+        "sys.exit(cli_main(main))\n")
+    t = time.monotonic()
+    proc = subprocess.run([sys.executable, "launch/local.py", "--nproc", "2", "--cpu-devices", "1", "--",
+                           sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "[1] RuntimeError: process 1 failed" in proc.stderr
+    assert time.monotonic() - t < 120

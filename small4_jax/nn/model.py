@@ -426,12 +426,12 @@ def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
     states = [p[1] for p in parts]
     if any(isinstance(x, jax.core.Tracer | jax.ShapeDtypeStruct) for x in jax.tree.leaves(states)):
         return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
-    leaves = jax.tree.leaves(states)
-    if all(isinstance(x.sharding, jax.sharding.SingleDeviceSharding) and next(iter(x.sharding.device_set)).platform == "cpu"
-           for x in leaves):
-        # On one CPU device (a random model as it is built): numpy stacks with no compile at all.
-        return nnx.merge(graphdef, jax.tree.map(
-            lambda *xs: jax.device_put(np.stack([np.asarray(x) for x in xs]), xs[0].sharding), *states))
+    default = jax.local_devices()[0]
+    if default.platform == "cpu" and all(x.sharding.device_set == {default} for x in jax.tree.leaves(states)):
+        # On the default CPU device (a random model as it is built): numpy stacks with no compile at all, and the
+        # stacks stay uncommitted, as eager results are (placing them on a mesh later is then no device transfer).
+        return nnx.merge(graphdef, jax.tree.map(lambda *xs: jax.device_put(np.stack([np.asarray(x) for x in xs])),
+                                                *states))
     # Elsewhere one compiled program stacks every leaf (eagerly, each leaf's shape would be a compile).
     return nnx.merge(graphdef, _stack_trees(states))
 
