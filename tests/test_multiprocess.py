@@ -251,7 +251,7 @@ def test_a_failing_process_stops_the_job_within_seconds(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(
         "import os, sys, time\n"
-        "from small4_jax import distributed\n"
+        "from small4_jax.parallel import distributed\n"
         "from small4_jax.console import cli_main\n"
         "def main():\n"
         "    distributed.initialize()\n"
