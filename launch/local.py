@@ -7,13 +7,15 @@
 Each process gets SMALL4_COORDINATOR=127.0.0.1:<free port>, SMALL4_NUM_PROCESSES, SMALL4_PROCESS_ID and
 SMALL4_NUM_HOSTS=1 (read by `small4_jax.parallel.distributed`); with --cpu-devices also SMALL4_CPU_DEVICES and
 JAX_PLATFORMS=cpu. Output lines are prefixed with the process id. When one process fails, the others are stopped
-and the launcher exits with its status; past --timeout all are killed and the exit status is 124.
+(SIGTERM, SIGKILL 5 s later) and the launcher exits with the status of the first to fail; past --timeout all are
+killed and the exit status is 124.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -55,21 +57,23 @@ def launch(command: list[str], nproc: int, *, cpu_devices: int | None = None, ti
             pumps.append(t)
     deadline = None if timeout is None else time.monotonic() + timeout
     status = 0
+    exits: queue.Queue[int] = queue.Queue()  # exit statuses in the order the processes ended
+    for p in procs:
+        threading.Thread(target=lambda p=p: exits.put(p.wait()), daemon=True).start()
     # SIGTERM (a scheduler, a test) stops the whole job, not just this launcher
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        while any(p.poll() is None for p in procs):
-            failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-            if failed:
-                status = failed[0]
-                break
-            if deadline is not None and time.monotonic() > deadline:
+        for _ in procs:
+            # The first process to fail gives the job's status (the others may then die of its absence).
+            try:
+                code = exits.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
                 print(f"launch/local.py: timed out after {timeout:.0f}s; killing all processes", file=sys.stderr)
                 status = 124
                 break
-            time.sleep(0.05)
-        else:
-            status = next((p.returncode for p in procs if p.returncode != 0), 0)
+            if code != 0:
+                status = code
+                break
     except SystemExit as e:
         status = e.code
     finally:
