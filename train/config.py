@@ -1,4 +1,5 @@
-"""The fine-tuning run config: one YAML with `base`, `model`, `lora`, `data`, `optim` and `train` sections.
+"""The fine-tuning run config: one YAML with `base`, `model`, `lora`, `data`, `optim` and `train` sections, and
+for `train.method: dpo | grpo` the optional `dpo` / `grpo` section (train/dpo.py, train/grpo.py).
 
 `model` holds the architecture (Small4Config fields, as in configs/tiny.yaml), so every YAML in configs/ is also a
 model preset (`load_config` reads a nested `model:` mapping). `base` says where the weights come from: a checkpoint
@@ -51,6 +52,7 @@ class OptimSection:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
+    method: str = "sft"  # sft (train/trainer.py), dpo (train/dpo.py: preference pairs), grpo (train/grpo.py: RL)
     out_dir: str = "runs/default"  # checkpoints/, metrics.jsonl, config.yaml
     steps: int = 100
     batch_size: int = 8  # packed rows per optimizer step (all micro-batches)
@@ -65,6 +67,38 @@ class TrainSection:
     expected_tokens_per_s: float | None = None  # for validate_data's ETA; null = a stated rough default
 
 
+METHODS = ("sft", "dpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOSection:
+    """Direct preference optimisation (train/dpo.py); the reference policy is the base with the adapter off."""
+
+    beta: float = 0.1  # strength of the implicit KL to the reference
+    loss: str = "sigmoid"  # sigmoid (DPO), ipo (IPO's squared loss)
+    label_smoothing: float = 0.0  # conservative DPO (cDPO): assumed fraction of flipped labels, sigmoid loss only
+    reference_free: bool = False  # reference log-probs taken as 0 (no reference forward)
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOSection:
+    """Group-relative policy optimisation with rollouts from the in-process engine (train/grpo.py)."""
+
+    group_size: int = 4  # samples per prompt
+    prompts_per_step: int = 2  # prompts per optimizer step (group_size x this sequences)
+    max_tokens: int = 32  # per sample
+    temperature: float = 1.0
+    top_p: float = 1.0
+    clip_eps: float = 0.2  # PPO ratio clip: [1 - clip_eps, 1 + clip_eps]
+    kl_coef: float = 0.0  # k3 estimator of KL(policy || base with the adapter off), per token
+    scale_rewards: bool = True  # divide advantages by the group's reward std (False: Dr. GRPO)
+    loss_agg: str = "token"  # token: mean over all sampled tokens of the step; sequence: per-sample mean, then mean
+    think: str = "train"  # train: [THINK] ... [/THINK] tokens in the loss; mask: out of the loss (still rewarded)
+    routing: str = "recompute"  # recompute: the trainer routes again; replay: not implemented yet (an error)
+    rewards: tuple[dict, ...] = ({"type": "exact"},)  # train/rewards.py: exact, normalized, regex, json, length, function
+    engine_pages: int = 0  # cache pages of the rollout engine; 0 = enough for every sample at full length
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     base: BaseSection
@@ -74,9 +108,12 @@ class RunConfig:
     optim: OptimSection
     train: TrainSection
     source: str = "config"
+    dpo: DPOSection = DPOSection()
+    grpo: GRPOSection = GRPOSection()
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: dataclasses.asdict(getattr(self, k)) for k in ("base", "lora", "data", "optim", "train")}
+        names = ("base", "lora", "data", "optim", "train") + ((self.train.method,) if self.train.method != "sft" else ())
+        d = {k: dataclasses.asdict(getattr(self, k)) for k in names}
         d["model"] = self.model.to_dict()
         for sec in d.values():
             for k, v in sec.items():
@@ -86,7 +123,7 @@ class RunConfig:
 
 
 _SECTIONS = {"base": BaseSection, "model": Small4Config, "lora": LoRAConfig, "data": DataSection, "optim": OptimSection,
-             "train": TrainSection}
+             "train": TrainSection, "dpo": DPOSection, "grpo": GRPOSection}
 
 
 def _build(cls, d: dict, where: str):
@@ -131,6 +168,19 @@ def load(path: str | Path) -> RunConfig:
 
 def _check(c: RunConfig) -> None:
     s = c.source
+    if c.train.method not in METHODS:
+        raise ConfigError(f"{s}: train.method = {c.train.method!r}; expected one of {list(METHODS)}")
+    if c.dpo.loss not in ("sigmoid", "ipo") or c.dpo.beta <= 0 or not 0 <= c.dpo.label_smoothing < 0.5:
+        raise ConfigError(f"{s}: dpo: expected loss sigmoid | ipo, beta > 0 and 0 <= label_smoothing < 0.5; got "
+                          f"{c.dpo.loss!r}, {c.dpo.beta}, {c.dpo.label_smoothing}")
+    g = c.grpo
+    if g.group_size < 2 or g.prompts_per_step <= 0 or g.max_tokens <= 0:
+        raise ConfigError(f"{s}: grpo: group_size must be >= 2 (advantages are relative to the group), "
+                          "prompts_per_step and max_tokens positive")
+    for name, value, allowed in (("loss_agg", g.loss_agg, ("token", "sequence")), ("think", g.think, ("train", "mask")),
+                                 ("routing", g.routing, ("recompute", "replay"))):
+        if value not in allowed:
+            raise ConfigError(f"{s}: grpo.{name} = {value!r}; expected one of {list(allowed)}")
     if not c.data.train:
         raise ConfigError(f"{s}: data.train: list at least one JSONL file")
     if c.train.mesh is not None:

@@ -161,8 +161,9 @@ def validate_row(row: Any) -> str | None:
     return None
 
 
-def read_jsonl(paths: Sequence[str | Path]) -> tuple[list[tuple[str, int, dict]], list[RowError]]:
-    """All valid rows as (file, line, row) and every bad row as a RowError; blank lines are skipped."""
+def read_jsonl(paths: Sequence[str | Path], validate=validate_row) -> tuple[list[tuple[str, int, dict]], list[RowError]]:
+    """All valid rows as (file, line, row) and every bad row as a RowError; blank lines are skipped. `validate`: the
+    row check (SFT rows by default; train/dpo.py's preference pairs, train/grpo.py's prompts)."""
     rows, errors = [], []
     for path in paths:
         p = Path(path)
@@ -185,7 +186,7 @@ def read_jsonl(paths: Sequence[str | Path]) -> tuple[list[tuple[str, int, dict]]
                 except json.JSONDecodeError as e:
                     errors.append(RowError(str(p), line_no, f"bad JSON ({e.msg} at column {e.colno})"))
                     continue
-                reason = validate_row(row)
+                reason = validate(row)
                 if reason:
                     errors.append(RowError(str(p), line_no, reason))
                 else:

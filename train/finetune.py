@@ -1,4 +1,5 @@
-"""LoRA fine-tuning of Mistral Small 4 (or the tiny model) on mistral-finetune JSONL data.
+"""LoRA fine-tuning of Mistral Small 4 (or the tiny model) on mistral-finetune JSONL data: supervised (SFT, the
+default), preference (`train.method: dpo`, train/dpo.py) or RL with rollouts from the engine (`grpo`, train/grpo.py).
 
     python -m train.finetune --config configs/finetune-tiny.yaml             # a fresh run into train.out_dir
     python -m train.finetune --config configs/finetune-tiny.yaml --resume    # continue from the latest checkpoint
@@ -52,6 +53,14 @@ def main(argv=None) -> int:
 
             check_format(args.quantize, "--quantize")
             cfg = dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, quantize=args.quantize))
+        if cfg.train.method == "dpo":
+            from train import dpo as method  # jax-heavy: loaded after the argument and config checks
+
+            train = method.train
+        elif cfg.train.method == "grpo":
+            from train import grpo as method  # jax-heavy: loaded after the argument and config checks
+
+            train = method.train
         train(cfg, resume=args.resume)
     except Small4Error as e:
         print(f"error: {e}", file=sys.stderr)

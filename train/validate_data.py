@@ -5,6 +5,7 @@
 Reads every train and eval JSONL file of the config, reports each bad row as `file:line: reason` (bad JSON,
 unknown role, last message not the assistant's, malformed tool calls, empty files, ...), then tokenises with the
 run's tokenizer and prints rows, tokens, trained tokens, packed rows, epochs and an ETA for the configured steps.
+With `train.method: dpo` the rows are preference pairs (train/dpo.py), with `grpo` prompts (train/grpo.py).
 Exits 1 when any row is bad (nothing is tokenised or trained), 2 for a bad config.
 """
 
@@ -30,6 +31,8 @@ def main(argv=None) -> int:
 
         cfg = run_config.load(args.config)
         files = list(cfg.data.train) + list(cfg.data.eval)
+        if cfg.train.method != "sft":  # preference pairs (train/dpo.py) or prompts (train/grpo.py)
+            return _check_method(cfg, files)
         rows, errors = read_jsonl(files)
         if errors:
             for e in errors:
@@ -60,6 +63,36 @@ def main(argv=None) -> int:
     except Small4Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _check_method(cfg, files) -> int:
+    """validate_data for train.method dpo / grpo: every bad row as file:line: reason, then row and token counts."""
+    from train.data import DataError, read_jsonl
+    from train.trainer import load_tokenizer
+
+    if cfg.train.method == "dpo":
+        from train import dpo as method
+
+        validate = method.validate_pair
+    else:
+        from train import grpo as method
+
+        validate = method.validate_prompt
+    rows, errors = read_jsonl(files, validate=validate)
+    if errors:
+        for e in errors:
+            print(e)
+        print(f"{len(errors)} bad row(s) in {len(files)} file(s); {len(rows)} good row(s). Fix them before "
+              "training.", file=sys.stderr)
+        return 1
+    try:
+        summary = method.data_summary(cfg, load_tokenizer(cfg))
+    except DataError as e:
+        print("\n".join(x.strip() for x in str(e).splitlines()[1:]))
+        print(f"{str(e).splitlines()[0]} Fix them before training.", file=sys.stderr)
+        return 1
+    print(summary)
     return 0
 
 

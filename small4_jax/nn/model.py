@@ -685,6 +685,14 @@ class Small4ForCausalLM(nnx.Module):
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         return chunked_cross_entropy(head, h, targets, weights, chunk or self.loss_chunk)
 
+    def token_logprobs(self, input_ids, targets, positions=None, segment_ids=None, chunk: int | None = None):
+        """float32 log p(targets) [B, T] for ids [B, T] (teacher-forced), chunked like `token_loss`: what preference
+        and policy-gradient losses (train/dpo.py, train/grpo.py) need per token."""
+        segs = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+        h = self._forward(input_ids, positions, None, None, segs, None, head=False)[0]
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return chunked_token_logprobs(head, h, targets, chunk or self.loss_chunk).reshape(jnp.shape(targets))
+
     def step(self, input_ids, cache: KVCache, positions=None, input_embeds=None) -> tuple[jax.Array, KVCache]:
         """Run ids [B, T] that continue each row of `cache`; returns (logits [B, T, V], updated cache).
 
@@ -729,6 +737,29 @@ def chunked_cross_entropy(head: nnx.Module, h: jax.Array, targets, weights, chun
     xs = (h.reshape(-1, chunk, dim), targets.reshape(-1, chunk), weights.reshape(-1, chunk))
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
     return total, jnp.sum(weights)
+
+
+def chunked_token_logprobs(head: nnx.Module, h: jax.Array, targets, chunk: int) -> jax.Array:
+    """log softmax(head(h))[target] in float32 per token [n] (tokens h [..., H] flattened), one [chunk, vocab] block
+    of logits at a time under `jax.checkpoint`, as `chunked_cross_entropy`."""
+    dim = h.shape[-1]
+    h = h.reshape(-1, dim)
+    targets = jnp.asarray(targets, jnp.int32).reshape(-1)
+    n = h.shape[0]
+    chunk = max(1, min(chunk, n))
+    pad = -n % chunk
+    if pad:
+        h, targets = jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(targets, (0, pad))
+    graphdef, state = nnx.split(head)
+
+    @jax.checkpoint
+    def chunk_logprobs(state, hc, tc):
+        m = nnx.merge(graphdef, state)
+        z = (m.attend(hc) if isinstance(m, nnx.Embed) else m(hc)).astype(jnp.float32)
+        return jnp.take_along_axis(z, tc[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(z, axis=-1)
+
+    out = jax.lax.map(lambda xs: chunk_logprobs(state, *xs), (h.reshape(-1, chunk, dim), targets.reshape(-1, chunk)))
+    return out.reshape(-1)[:n]
 
 
 def init_model(config: Small4Config, *, seed: int = 0, dtype="float32", quantize: str | None = None):
