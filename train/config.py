@@ -67,7 +67,7 @@ class TrainSection:
     expected_tokens_per_s: float | None = None  # for validate_data's ETA; null = a stated rough default
 
 
-METHODS = ("sft", "dpo")
+METHODS = ("sft", "dpo", "grpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +89,13 @@ class GRPOSection:
     max_tokens: int = 32  # per sample
     temperature: float = 1.0
     top_p: float = 1.0
+    epochs: int = 1  # optimizer steps on each step's rollouts (> 1: the ratio to the rollout policy is clipped)
     clip_eps: float = 0.2  # PPO ratio clip: [1 - clip_eps, 1 + clip_eps]
     kl_coef: float = 0.0  # k3 estimator of KL(policy || base with the adapter off), per token
     scale_rewards: bool = True  # divide advantages by the group's reward std (False: Dr. GRPO)
     loss_agg: str = "token"  # token: mean over all sampled tokens of the step; sequence: per-sample mean, then mean
     think: str = "train"  # train: [THINK] ... [/THINK] tokens in the loss; mask: out of the loss (still rewarded)
-    routing: str = "recompute"  # recompute: the trainer routes again; replay: not implemented yet (an error)
+    routing: str = "recompute"  # recompute: the trainer routes again (replay of the engine's expert ids: not yet)
     rewards: tuple[dict, ...] = ({"type": "exact"},)  # train/rewards.py: exact, normalized, regex, json, length, function
     engine_pages: int = 0  # cache pages of the rollout engine; 0 = enough for every sample at full length
 
@@ -174,11 +175,11 @@ def _check(c: RunConfig) -> None:
         raise ConfigError(f"{s}: dpo: expected loss sigmoid | ipo, beta > 0 and 0 <= label_smoothing < 0.5; got "
                           f"{c.dpo.loss!r}, {c.dpo.beta}, {c.dpo.label_smoothing}")
     g = c.grpo
-    if g.group_size < 2 or g.prompts_per_step <= 0 or g.max_tokens <= 0:
+    if g.group_size < 2 or g.prompts_per_step <= 0 or g.max_tokens <= 0 or g.epochs <= 0:
         raise ConfigError(f"{s}: grpo: group_size must be >= 2 (advantages are relative to the group), "
-                          "prompts_per_step and max_tokens positive")
+                          "prompts_per_step, max_tokens and epochs positive")
     for name, value, allowed in (("loss_agg", g.loss_agg, ("token", "sequence")), ("think", g.think, ("train", "mask")),
-                                 ("routing", g.routing, ("recompute", "replay"))):
+                                 ("routing", g.routing, ("recompute",))):
         if value not in allowed:
             raise ConfigError(f"{s}: grpo.{name} = {value!r}; expected one of {list(allowed)}")
     if not c.data.train:

@@ -1,0 +1,361 @@
+"""GRPO of the LoRA adapters with rollouts from the in-process engine: `train.method: grpo`.
+
+Data: JSONL prompt rows, `{"messages": [... ending with a user or tool turn], "answer": "42" (optional), "tools":
+[...] (optional), any other keys}`; the row is what reward functions see (train/rewards.py).
+
+One step:
+1. rollouts: `grpo.prompts_per_step` prompts (batches over per-epoch permutations, a pure function of data.seed and
+   the step) x `group_size` samples through `infer.engine.engine.Engine` in this process. The engine serves the
+   base weights (the same arrays as the trainer's: no copy) with one multi-LoRA slot; the current adapter is written
+   as a PEFT adapter (the `train.export` format) and loaded into that slot after every update, which changes arrays,
+   never compiled programs. A group's samples are admitted `after` its first one, so they share its prompt's cache
+   pages. Sampling seeds are a function of (data.seed, step, prompt, sample): a resumed run draws the same rollouts.
+   The engine returns each sampled token's log-probability (untempered, temperature 1 = the behaviour policy);
+2. rewards (train/rewards.py) per sample, on the reply text without [THINK] segments;
+3. advantages, per group: A = (r - mean(r)) / (std(r) + 1e-4) (std with ddof=1, as TRL), or r - mean(r) with
+   `scale_rewards: false` (Dr. GRPO); every token of a sample gets its sample's advantage;
+4. `epochs` optimizer steps on those sequences (prompt + reply teacher-forced; only reply tokens in the loss, and
+   with `think: mask` not the tokens from [THINK] to [/THINK]). Per token, with r = exp(logp - logp_old) (logp_old:
+   the trainer's log-probs of the rollout policy, computed before the first update):
+       loss_t = -min(r A, clip(r, 1 - clip_eps, 1 + clip_eps) A) + kl_coef * (exp(q) - q - 1),  q = logp_ref - logp
+   (the k3 estimator of KL to the reference = the base with the adapter off: the LoRA parameters zeroed in the step).
+   `loss_agg: token` averages over every reply token of the step (DAPO); `sequence` averages each sample's tokens,
+   then the samples (the GRPO paper).
+
+metrics.jsonl per step: loss, reward (mean) and reward_std, each reward's mean, reply_tokens (mean), clip_frac, kl
+(mean k3, when kl_coef > 0), grad_norm, lr, the engine-vs-trainer token log-prob difference over reply tokens
+(logprob_diff_max, logprob_diff_mean: the same weights, kernels differ only between paged decode and the training
+forward), rollout_s and update_s.
+
+Routing: `routing: recompute` only: the trainer routes every token again. Replaying the engine's expert ids (record
+them in the paged steps, replay them in the training forward) and the router-disagreement metric are not built yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from infer.engine.engine import Engine, SamplingOptions
+from small4_jax.errors import ConfigError
+from small4_jax.lora import adapters as lora
+from train import loop, rewards
+from train.config import RunConfig
+from train.data import DataError, RowError, batch_indices, prompt_ids, read_jsonl, validate_row
+from train.trainer import configure, load_base, load_tokenizer, optimizer, schedule
+
+
+def validate_prompt(row) -> str | None:
+    """None for a valid prompt row, else a one-line reason."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    msgs = row.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        return "expected a non-empty 'messages' list (the prompt conversation)"
+    last = msgs[-1].get("role") if isinstance(msgs[-1], dict) else None
+    if last not in ("user", "tool"):
+        return f"the prompt's last message must be the user's or a tool's, got {last!r}"
+    if "answer" in row and not isinstance(row["answer"], (str, int, float)):
+        return f"'answer' must be a string or a number, got {type(row['answer']).__name__}"
+    probe = {"messages": msgs + [{"role": "assistant", "content": ""}], **({"tools": row["tools"]} if "tools" in row
+                                                                           else {})}
+    return validate_row(probe)
+
+
+@dataclasses.dataclass
+class Prompts:
+    rows: list[dict]
+    ids: list[list[int]]  # the chat prompt's token ids, ready for generation
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def load_prompts(paths: Sequence[str | Path], tokenizer, seq_len: int, max_tokens: int) -> Prompts:
+    """Read, validate and tokenise prompt rows; DataError lists every bad row as file:line: reason."""
+    rows, errors = read_jsonl(paths, validate=validate_prompt)
+    out = Prompts([], [])
+    for file, line, row in rows:
+        try:
+            ids = prompt_ids(tokenizer, row["messages"], row.get("tools"))
+        except Exception as e:  # the tokenizer's own checks
+            errors.append(RowError(file, line, f"cannot be tokenised: {e}"))
+            continue
+        if len(ids) + max_tokens - 1 > seq_len:
+            errors.append(RowError(file, line, f"{len(ids)} prompt tokens + grpo.max_tokens = {max_tokens} do not fit "
+                                               f"data.seq_len = {seq_len} (needs {len(ids) + max_tokens - 1})"))
+            continue
+        out.rows.append(row)
+        out.ids.append(ids)
+    if errors:
+        raise DataError(f"{len(errors)} bad row(s):\n" + "\n".join(f"  {e}" for e in errors))
+    return out
+
+
+def data_summary(cfg: RunConfig, tokenizer) -> str:
+    """What train.validate_data prints for a valid prompt set (DataError for rows that cannot be used)."""
+    g = cfg.grpo
+    p = load_prompts(cfg.data.train, tokenizer, cfg.data.seq_len, g.max_tokens)
+    lens = [len(x) for x in p.ids]
+    answers = sum("answer" in r for r in p.rows)
+    return (f"train: {len(p)} prompts ({answers} with an answer), {min(lens)}-{max(lens)} prompt tokens, "
+            f"replies up to {g.max_tokens} tokens in data.seq_len = {cfg.data.seq_len}\n"
+            f"run: {cfg.train.steps} steps x {g.prompts_per_step} prompts x {g.group_size} samples = "
+            f"{cfg.train.steps * g.prompts_per_step / len(p):.1f} epochs of prompts")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Advantages and the loss (pure functions; the test checks them against numpy).
+def group_advantages(r: np.ndarray, scale: bool = True) -> np.ndarray:
+    """Rewards [prompts, group] -> advantages [prompts, group]: centred per group, divided by its std (ddof=1)."""
+    r = np.asarray(r, np.float64)
+    a = r - r.mean(axis=1, keepdims=True)
+    if scale:
+        a = a / (r.std(axis=1, ddof=1, keepdims=True) + 1e-4)
+    return a.astype(np.float32)
+
+
+def token_coefficients(weights: np.ndarray, agg: str) -> np.ndarray:
+    """Per-token loss coefficients [N, S] whose weighted sum is the configured average (token or sequence)."""
+    w = np.asarray(weights, np.float32)
+    if agg == "token":
+        return w / max(float(w.sum()), 1.0)
+    return w / np.maximum(w.sum(axis=1, keepdims=True), 1.0) / len(w)
+
+
+def policy_loss(logp, old_logp, ref_logp, adv, coef, clip_eps: float, kl_coef: float):
+    """(loss, metrics) of the clipped policy gradient with a k3 KL penalty; arrays [N, S], adv [N]."""
+    ratio = jnp.exp(logp - old_logp)
+    a = adv[:, None]
+    pg = -jnp.minimum(ratio * a, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * a)
+    q = ref_logp - logp
+    k3 = jnp.exp(q) - q - 1.0
+    per_token = pg + kl_coef * k3
+    clipped = (jnp.abs(ratio - 1.0) > clip_eps).astype(jnp.float32)
+    return jnp.sum(per_token * coef), {"clip_frac": jnp.sum(clipped * coef), "kl": jnp.sum(k3 * coef)}
+
+
+def make_steps(graphdef, cfg: RunConfig, tx, sched):
+    g = cfg.grpo
+
+    def logprobs(p, frozen, b):
+        m = nnx.merge(graphdef, p, frozen)
+        return m.token_logprobs(b["inputs"], b["targets"], positions=b["positions"], segment_ids=b["segments"])
+
+    @jax.jit
+    def rollout_logprobs(params, frozen, batch):
+        """(trainer log-probs of the rollout policy, of the reference with the adapter off) [N, S]."""
+        lp = logprobs(params, frozen, batch)
+        ref = logprobs(jax.tree.map(jnp.zeros_like, params), frozen, batch) if g.kl_coef else lp
+        return lp, ref
+
+    def micro(p, frozen, b):
+        lp = logprobs(p, frozen, b)
+        return policy_loss(lp, b["old_logp"], b["ref_logp"], b["adv"], b["coef"], g.clip_eps, g.kl_coef)
+
+    @jax.jit
+    def update(params, opt_state, frozen, batch, step):
+        """batch arrays [grad_accum, rows per micro-batch, ...]."""
+        grad_fn = jax.value_and_grad(micro, has_aux=True)
+
+        def body(carry, mb):
+            g_acc, l_acc, m_acc = carry
+            (loss, m), grad = grad_fn(params, frozen, mb)
+            return (jax.tree.map(jnp.add, g_acc, grad), l_acc + loss, jax.tree.map(jnp.add, m_acc, m)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        m0 = {"clip_frac": jnp.zeros(()), "kl": jnp.zeros(())}
+        (grad, loss, m), _ = jax.lax.scan(body, (zeros, jnp.zeros(()), m0), batch)
+        updates, opt_state = tx.update(grad, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, **m, "grad_norm": optax.tree.norm(grad), "lr": sched(step)}
+
+    return rollout_logprobs, update
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rollouts.
+class Rollouts:
+    """The in-process engine over the base weights with one adapter slot, and the current adapter's installs."""
+
+    def __init__(self, cfg: RunConfig, base_model, tokenizer, longest_prompt: int):
+        g = cfg.grpo
+        self.cfg, self.tokenizer = cfg, tokenizer
+        n = g.prompts_per_step * g.group_size
+        page = 16
+        max_len = -(-(cfg.data.seq_len + 1) // page) * page
+        chunk = max(16, -(-longest_prompt // 16) * 16)
+        pages = g.engine_pages or n * (max_len // page) + 2
+        self.engine = Engine(base_model, tokenizer, max_batch=n, page_size=page, num_pages=pages,
+                             max_model_len=max_len, prefill_chunk=chunk, prefill_chunks=(chunk,), prefill_batch=1,
+                             batch_buckets=(n,), max_queue=max(256, n), seed=cfg.data.seed, max_loras=1,
+                             max_lora_rank=cfg.lora.rank)
+        self.dir = Path(tempfile.mkdtemp(prefix="grpo-adapter-"))
+        self.name: str | None = None
+
+    def install(self, model, step: int) -> str:
+        """Write the model's current adapter (PEFT) and swap it into the engine's slot (no recompilation)."""
+        out = self.dir / f"step{step}"
+        lora.save_peft(model, out)
+        if self.name is not None:
+            self.engine.unload_adapter(self.name)
+        self.name = f"policy-{step}"
+        self.engine.load_adapter(self.name, str(out))
+        if step > 0:
+            shutil.rmtree(self.dir / f"step{step - 1}", ignore_errors=True)
+        return self.name
+
+    def sample(self, prompts: list[list[int]], step: int) -> list[list[tuple[list[int], list[float]]]]:
+        """Per prompt, group_size (token ids, their log-probs) samples of the installed adapter."""
+        g = self.cfg.grpo
+        results: dict[tuple[int, int], tuple[list[int], list[float]]] = {}
+
+        def collect(key):
+            ids, lps = [], []
+
+            def cb(out):
+                ids.extend(out.token_ids)
+                lps.extend(lp.logprob for lp in out.logprobs or ())
+                if out.finished:
+                    if out.finish_reason not in ("stop", "length"):
+                        raise ConfigError(f"rollout {key} ended with {out.finish_reason}: {out.error}")
+                    results[key] = (list(ids), list(lps))
+            return cb
+
+        for i, prompt in enumerate(prompts):
+            first = None
+            for j in range(g.group_size):
+                seed = int(np.random.default_rng([self.cfg.data.seed, step, i, j]).integers(2**31 - 1))
+                opts = SamplingOptions(max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p, seed=seed,
+                                       logprobs=0)
+                rid = self.engine.submit(prompt, opts, callback=collect((i, j)), request_id=f"s{step}-{i}-{j}",
+                                         adapter=self.name, after=first)
+                first = first or rid
+        while self.engine.has_work():
+            self.engine.step()
+        return [[results[(i, j)] for j in range(g.group_size)] for i in range(len(prompts))]
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def think_mask(ids: Sequence[int], think: int | None, end: int | None) -> np.ndarray:
+    """1 outside [THINK] ... [/THINK] (both markers included in the span), 0 inside."""
+    keep, inside = np.ones(len(ids), np.float32), False
+    for k, t in enumerate(ids):
+        if t == think:
+            inside = True
+        if inside:
+            keep[k] = 0.0
+        if t == end:
+            inside = False
+    return keep
+
+
+def build_batch(prompts: list[list[int]], samples, seq_len: int, pad: int, keep_masks) -> dict[str, np.ndarray]:
+    """Teacher-forced rows [N, S] of prompt + reply (N = prompts x group, group-major) and the engine's log-probs
+    aligned with the targets; weights 1 on the reply's targets (times keep_masks, e.g. thinking masked)."""
+    rows = [(p, ids, lps) for p, group in zip(prompts, samples) for ids, lps in group]
+    n = len(rows)
+    out = {k: np.zeros((n, seq_len), np.int32) for k in ("inputs", "targets", "segments", "positions")}
+    out["inputs"][:], out["targets"][:] = pad, pad
+    out["weights"] = np.zeros((n, seq_len), np.float32)
+    out["engine_logp"] = np.zeros((n, seq_len), np.float32)
+    for r, ((p, ids, lps), keep) in enumerate(zip(rows, keep_masks)):
+        seq = list(p) + list(ids)
+        t = len(seq) - 1
+        out["inputs"][r, :t], out["targets"][r, :t] = seq[:-1], seq[1:]
+        out["segments"][r, :t], out["positions"][r, :t] = 1, np.arange(t)
+        at = len(p) - 1
+        out["weights"][r, at:at + len(ids)] = keep
+        out["engine_logp"][r, at:at + len(lps)] = lps
+    return out
+
+
+def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None) -> list[dict]:
+    """Run (or resume) a GRPO fine-tune; returns the metrics records of the steps run in this call."""
+    loop.check_single_device(cfg)
+    g, t = cfg.grpo, cfg.train
+    reward_fn = rewards.build(g.rewards)
+    if t.grad_accum > 1 and (g.prompts_per_step * g.group_size) % t.grad_accum:
+        raise ConfigError(f"{cfg.source}: train.grad_accum = {t.grad_accum} must divide prompts_per_step x group_size")
+    tokenizer = load_tokenizer(cfg)
+    data = load_prompts(cfg.data.train, tokenizer, cfg.data.seq_len, g.max_tokens)
+    model = load_base(cfg)
+    base_graph, base_state = nnx.split(model)
+    engine_model = nnx.merge(base_graph, base_state)  # the same weight arrays, a module tree of its own for serving
+    rollouts = Rollouts(cfg, engine_model, tokenizer, max(len(x) for x in data.ids))
+    lora.apply_lora(model, cfg.lora)
+    configure(model, cfg)
+    tx, sched = optimizer(cfg), schedule(cfg)
+    graphdef, params, frozen = loop.split(model)
+    rollout_logprobs, update = make_steps(graphdef, cfg, tx, sched)
+    specials = []
+    for piece in ("[THINK]", "[/THINK]"):
+        try:
+            specials.append(tokenizer.token_id(piece))
+        except Exception:  # noqa: BLE001 - a tokenizer without thinking markers
+            specials.append(None)
+    pending: dict = {}
+
+    def prepare(step, params):
+        t0 = time.time()
+        nnx.update(model, params)
+        rollouts.install(model, step)
+        idx = batch_indices(len(data), g.prompts_per_step, step, cfg.data.seed)
+        prompts = [data.ids[i] for i in idx]
+        samples = rollouts.sample(prompts, step)
+        t1 = time.time()
+        scores, keeps = [], []
+        for i, group in zip(idx, samples):
+            for ids, _ in group:
+                keep = think_mask(ids, *specials)
+                shown = [tok for tok, k in zip(ids, keep) if k]
+                scores.append(reward_fn(tokenizer.decode(shown), data.rows[i], list(ids)))
+                keeps.append(keep if g.think == "mask" else np.ones(len(ids), np.float32))
+        r = np.asarray([s["reward"] for s in scores], np.float32).reshape(len(prompts), g.group_size)
+        adv = group_advantages(r, g.scale_rewards).reshape(-1)
+        b = build_batch(prompts, samples, cfg.data.seq_len, tokenizer.pad_id or 0, keeps)
+        engine_logp = b.pop("engine_logp")
+        dev = {k: jnp.asarray(v) for k, v in b.items()}
+        old, ref = rollout_logprobs(params, frozen, dev)
+        w = b["weights"] > 0
+        diff = np.abs(np.asarray(old) - engine_logp)[w]
+        b.update(old_logp=np.asarray(old), ref_logp=np.asarray(ref), adv=adv, coef=token_coefficients(b["weights"],
+                                                                                                          g.loss_agg))
+        batch = {k: jnp.asarray(v.reshape(t.grad_accum, -1, *v.shape[1:])) for k, v in b.items()}
+        rec = {"reward": float(r.mean()), "reward_std": float(r.std()),
+               **{f"reward_{k}": float(np.mean([s[k] for s in scores])) for k in scores[0] if k != "reward"},
+               "reply_tokens": float(np.mean([len(ids) for grp in samples for ids, _ in grp])),
+               "logprob_diff_max": float(diff.max()) if diff.size else 0.0,
+               "logprob_diff_mean": float(diff.mean()) if diff.size else 0.0,
+               "rollout_s": round(t1 - t0, 3)}
+        pending["t"] = time.time()
+        return batch, rec
+
+    def epochs(params, opt_state, frozen, batch, step):
+        for _ in range(g.epochs):
+            params, opt_state, m = update(params, opt_state, frozen, batch, step)
+        jax.block_until_ready(params)
+        m = dict(m, update_s=round(time.time() - pending["t"], 3))
+        return params, opt_state, m
+
+    def line(r):
+        return (f"reward {r['reward']:.3f} loss {r['loss']:.4f} reply {r['reply_tokens']:.1f} tok, engine-trainer "
+                f"logprob diff max {r['logprob_diff_max']:.2e} mean {r['logprob_diff_mean']:.2e}")
+
+    try:
+        return loop.run(cfg, params, tx.init(params), frozen, prepare, epochs, resume=resume, stop_after=stop_after,
+                        log_line=line, seed=cfg.data.seed, rows_per_step=g.prompts_per_step)
+    finally:
+        rollouts.close()
