@@ -50,6 +50,7 @@ _PLUGIN_NOISE = ("Could not find cuda drivers on your machine", "All log message
 
 
 _stderr_fd = 2  # the real stderr, also while native_stderr_filtered captures fd 2
+_CUDA_VERSIONS = ("12", "13")  # jax-cuda{12,13}-plugin (`python -m small4_jax.aot --install-plugin [--cuda 13]`)
 
 
 def _cuda_driver_present() -> bool:
@@ -97,7 +98,8 @@ def quiet_cuda_plugin() -> None:
     minus the traceback); with JAX_PLATFORMS set (e.g. "cpu", as deviceless compiles need) it registers as before,
     silently. With a GPU driver present, without the plugin, or with SMALL4_VERBOSE_PLUGINS=1: nothing changes.
     Imports no JAX itself."""
-    if os.environ.get("SMALL4_VERBOSE_PLUGINS") or importlib.util.find_spec("jax_cuda12_plugin") is None:
+    if os.environ.get("SMALL4_VERBOSE_PLUGINS") or not any(importlib.util.find_spec(f"jax_cuda{v}_plugin")
+                                                           for v in _CUDA_VERSIONS):
         return
     if _cuda_driver_present():
         return
@@ -130,14 +132,16 @@ class _QuietJaxImport(importlib.abc.MetaPathFinder):
 
 
 def _wrap_plugin_initialize() -> None:
-    try:
-        import jax_plugins.xla_cuda12 as plugin
-    except ImportError:
-        return
-    if getattr(plugin.initialize, "small4_quiet", False):
-        return
-    real = plugin.initialize
+    for v in _CUDA_VERSIONS:
+        try:
+            plugin = importlib.import_module(f"jax_plugins.xla_cuda{v}")
+        except ImportError:
+            continue
+        if not getattr(plugin.initialize, "small4_quiet", False):
+            plugin.initialize = _quiet_initialize(plugin.initialize)
 
+
+def _quiet_initialize(real):
     def initialize():
         import jax
 
@@ -147,7 +151,7 @@ def _wrap_plugin_initialize() -> None:
             real()
 
     initialize.small4_quiet = True
-    plugin.initialize = initialize
+    return initialize
 
 
 # ----------------------------------------------------------------------------------------------------------------------

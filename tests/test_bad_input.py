@@ -541,6 +541,12 @@ def test_serve_command_line_rejects_bad_input_before_building(tmp_path, capsys, 
         "(a random --config model has none)")
 
 
+def small4_jax_config():
+    from small4_jax.config import Small4Config
+
+    return Small4Config.from_yaml(TINY)
+
+
 def test_adapters_drafter_and_resume_are_checked_before_the_build(tmp_path, capsys, no_build):
     """--lora DIR / NAME=DIR (missing, corrupt), --speculative (unknown, missing EAGLE directory) on generate and
     serve, and finetune --resume with nothing to resume: each one line before any model is built."""
@@ -560,6 +566,12 @@ def test_adapters_drafter_and_resume_are_checked_before_the_build(tmp_path, caps
         f"error: --lora {corrupt}: {corrupt / 'adapter_model.safetensors'}: ")
     assert _error(generate, [*g, "--lora", f"a={corrupt}"], capsys).startswith(
         f"error: --lora a={corrupt}: {corrupt / 'adapter_model.safetensors'}: ")
+    from small4_jax.errors import CheckpointError
+    from small4_jax.lora.adapters import load_peft
+    from small4_jax.nn.model import abstract_model
+
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors: header"):  # the server's load route
+        load_peft(abstract_model(small4_jax_config()), corrupt)
     assert _error(generate, [*g, "--speculative", "bogus"], capsys) == \
         "error: --speculative 'bogus': expected one of 'ngram', 'eagle:DIR'"
     assert _error(generate, [*g, "--speculative", f"eagle:{missing}"], capsys) == \

@@ -2,6 +2,8 @@
 FP8 storage, resumption after an interruption."""
 
 import json
+import shutil
+from pathlib import Path
 
 import jax
 import ml_dtypes
@@ -34,10 +36,18 @@ def _params(model):
 
 
 def test_f32_conversion_loads_on_any_mesh(source, tmp_path):
+    """... and carries the source's tokenizer, so `generate --checkpoint OUT` (README) finds it."""
     src, _, ref = source
     out = tmp_path / "ckpt"
-    assert main(["--from", str(src), "--to", str(out), "--dtype", "f32", "--quiet"]) == 0
+    tekken = Path(small4_jax.__file__).parent / "assets" / "tiny_tekken.json"
+    shutil.copyfile(tekken, src / "tekken.json")
+    try:
+        assert main(["--from", str(src), "--to", str(out), "--dtype", "f32", "--quiet"]) == 0
+    finally:
+        (src / "tekken.json").unlink()
     assert sharded_ckpt.is_sharded_checkpoint(out) and not (tmp_path / "ckpt.partial").exists()
+    assert (out / "tekken.json").read_bytes() == tekken.read_bytes()
+    assert small4_jax.load_tokenizer(out).vocab_size == small4_jax.load_tokenizer(tekken).vocab_size
     for shape in (None, {"data": 1, "expert": 8, "tensor": 1}, {"data": 2, "expert": 2, "tensor": 2}):
         mesh = None if shape is None else make_mesh(shape)
         model = small4_jax.from_pretrained(out, dtype="float32", mesh=mesh)

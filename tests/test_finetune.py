@@ -107,6 +107,9 @@ def test_exports_load_in_transformers_and_peft(trained):
                     "--merged", str(tmp / "merged")], check=True, cwd=ROOT, capture_output=True)
     # the merged export carries the tokenizer the run trained with (base.tokenizer: the bundled sentencepiece model)
     assert (tmp / "merged" / "tokenizer.model").read_bytes() == (ROOT / cfg.base.tokenizer).read_bytes()
+    # every exported file has the mode the others have (safetensors' writer alone made its files 0600)
+    modes = {p.name: p.stat().st_mode & 0o777 for d in ("adapter", "merged") for p in (tmp / d).iterdir()}
+    assert len(set(modes.values())) == 1, modes
     base = init_model(model.config, seed=cfg.base.seed, dtype="float32")  # the run's random base, for PEFT
     save_merged(base, tmp / "base")
 

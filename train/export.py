@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from small4_jax.ckpt.safetensors_io import save_safetensors
 from small4_jax.config import Small4Config
 from small4_jax.console import cli_main
 from small4_jax.errors import ConfigError, Small4Error
@@ -129,8 +130,6 @@ def save_merged(model, out_dir: str | Path, *, source: str | Path | None = None,
 
 
 def _write_shards(out: Path, tensors: dict[str, np.ndarray], max_bytes: int) -> None:
-    from safetensors.numpy import save_file
-
     shards, cur, size = [], {}, 0
     for k, v in tensors.items():
         if cur and size + v.nbytes > max_bytes:
@@ -140,12 +139,12 @@ def _write_shards(out: Path, tensors: dict[str, np.ndarray], max_bytes: int) -> 
         size += v.nbytes
     shards.append(cur)
     if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(shards[0], out / "model.safetensors", metadata={"format": "pt"})
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
+        save_safetensors(shard, out / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
     index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

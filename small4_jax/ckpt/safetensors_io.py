@@ -45,9 +45,20 @@ import numpy.typing as npt
 
 from small4_jax.errors import CheckpointError
 
-__all__ = ["CheckpointReader", "StoredTensor", "read_safetensors_header"]
+__all__ = ["CheckpointReader", "StoredTensor", "read_safetensors_header", "save_safetensors"]
 
 logger = logging.getLogger("small4_jax")
+
+
+def save_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.numpy.save_file`, with the file's mode what any other file written here gets (the package
+    creates its files 0600, whatever the umask)."""
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 # safetensors dtype string -> numpy dtype (safetensors data is little-endian).
 _ST_DTYPES: dict[str, np.dtype] = {

@@ -55,7 +55,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from small4_jax.ckpt.safetensors_io import read_safetensors_header
+from small4_jax.ckpt.safetensors_io import read_safetensors_header, save_safetensors
 from small4_jax.errors import CheckpointError, ConfigError, Small4Error
 from small4_jax.nn.model import MLA, MLP, Experts, MoE, PerLayer, Router, Shared, Small4ForCausalLM, layer_groups, \
     layer_slice
@@ -688,12 +688,10 @@ def save_peft(model: Small4ForCausalLM, out_dir, base_model_name_or_path: str | 
     import json
     from pathlib import Path
 
-    from safetensors.numpy import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors, config = to_peft(model, base_model_name_or_path)
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -29,7 +29,19 @@ from pathlib import Path
 import numpy as np
 
 from small4_jax.console import cli_main
-from small4_jax.errors import CheckpointError, Small4Error
+from small4_jax.errors import CheckpointError, Small4Error, TokenizerError
+from small4_jax.inputs.tokenizer import find_tokenizer_file
+
+def copy_tokenizer(src: Path, out: Path) -> Path | None:
+    """The source checkpoint's tokenizer file (tekken.json or a sentencepiece model) copied beside the converted
+    weights, so `--checkpoint OUT` finds it as it would in the source; None when the source has none."""
+    try:
+        found = find_tokenizer_file(src)
+    except TokenizerError:
+        return None
+    shutil.copyfile(found, out / found.name)
+    return out / found.name
+
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp8": "fp8", "f32": "float32", "float32": "float32"}
 
@@ -135,6 +147,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
     sc.write_metadata(partial, tree_shapes)
     sc._atomic_write(partial / sc.FORMAT_FILE, json.dumps({"dtype": storage, "source": str(src.resolve())}))
     progress_file.unlink()
+    copy_tokenizer(src, partial)
     os.replace(partial, out)
     return out
 
@@ -265,6 +278,7 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str, calibration=
     sc._atomic_write(partial / sc.FORMAT_FILE, json.dumps({"dtype": storage, "quantize": fmt, "scale_shapes":
                                                            scale_shapes, "source": str(src.resolve())}))
     progress_file.unlink()
+    copy_tokenizer(src, partial)
     os.replace(partial, out)
     return out
 
