@@ -37,6 +37,9 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch: int = 16) -> None:
                    help="weights of the linears and experts in memory and compute: fp8, int8, int4 (routed experts "
                    "int4, dense linears int8), int4-all (int4 everywhere) or none (small4_jax.quant.formats.SPELLINGS; "
                    "default: an FP8 checkpoint stays fp8, others unquantised; none dequantises)")
+    g.add_argument("--no-finite-check", dest="check_finite", action="store_false",
+                   help="load a checkpoint without checking its float weights for NaN / inf (the check is one pass "
+                   "over each tensor as it is read)")
     g.add_argument("--activations", choices=["fp8", "none"], default=None,
                    help="fp8: W8A8 on an FP8 checkpoint, each linear's and expert's input quantised to e4m3 with the "
                    "checkpoint's static activation scales and multiplied fp8 x fp8 (inference only; default none: "
@@ -159,5 +162,5 @@ def load_model_and_tokenizer(args: argparse.Namespace):
             place_model(model, mesh)
     else:
         model = from_pretrained(args.checkpoint, dtype=args.dtype or "auto", mesh=mesh, quantize=args.quantize,
-                                activations=getattr(args, "activations", None))
+                                activations=getattr(args, "activations", None), check_finite=args.check_finite)
     return model, tokenizer, mesh

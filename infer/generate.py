@@ -131,8 +131,15 @@ def run(args: argparse.Namespace) -> dict:
     model = build_model(args, plan)
     engine = Engine(model, plan.tokenizer, mesh=plan.mesh, **engine_kwargs(args))
     if args.input:
-        return _run_batch(engine, plan.tokenizer, plan.writer)
-    return _run_one(engine, plan.tokenizer, plan.item, args.json)
+        result = _run_batch(engine, plan.tokenizer, plan.writer)
+    else:
+        result = _run_one(engine, plan.tokenizer, plan.item, args.json)
+    if engine.speculator is not None:
+        m = engine.speculator.metrics()
+        print(f"speculative ({args.speculative}): {m['spec_accepted_tokens']} of {m['spec_draft_tokens']} draft tokens "
+              f"accepted ({100 * m['spec_acceptance_rate']:.0f}%), {m['spec_mean_accepted_length']:.2f} tokens per "
+              "verify step", file=sys.stderr)
+    return result
 
 
 def _check_flags(args: argparse.Namespace) -> tuple[list[int] | None, str | None, list[str]]:
@@ -215,7 +222,7 @@ def build_model(args: argparse.Namespace, plan: Plan):
         )
     else:
         model = from_pretrained(args.checkpoint, dtype=args.dtype or "auto", mesh=plan.mesh, quantize=args.quantize,
-                                activations=args.activations)
+                                activations=args.activations, check_finite=args.check_finite)
     if plan.single_lora:
         from small4_jax.lora.adapters import load_peft, shard_lora
 

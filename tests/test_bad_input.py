@@ -570,7 +570,7 @@ def test_adapters_drafter_and_resume_are_checked_before_the_build(tmp_path, caps
     from small4_jax.lora.adapters import load_peft
     from small4_jax.nn.model import abstract_model
 
-    with pytest.raises(CheckpointError, match="adapter_model.safetensors: header"):  # the server's load route
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors: truncated or corrupt"):  # the server's load route
         load_peft(abstract_model(small4_jax_config()), corrupt)
     assert _error(generate, [*g, "--speculative", "bogus"], capsys) == \
         "error: --speculative 'bogus': expected one of 'ngram', 'eagle:DIR'"
@@ -584,3 +584,31 @@ def test_adapters_drafter_and_resume_are_checked_before_the_build(tmp_path, caps
     cfg = _run_yaml(tmp_path)
     assert _error(finetune, ["--config", cfg, "--resume"], capsys) == \
         f"error: {tmp_path / 'run'}: --resume but no checkpoint in {tmp_path / 'run' / 'checkpoints'}"
+
+
+def test_non_finite_weights_are_named_at_load(tmp_path, capsys):
+    """A NaN in a float checkpoint's weight: one error naming the tensor, from the Python API and the command line
+    (exit 2); check_finite=False / --no-finite-check loads it anyway."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    import small4_jax
+    from ckpt_utils import make_hf_model, save_hf
+    from infer.generate import main as generate
+    from small4_jax.errors import CheckpointError
+
+    save_hf(make_hf_model(tiny_hf_config(), seed=3), tmp_path)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    path = next(p for p in sorted(tmp_path.glob("*.safetensors")) if name in load_file(p))
+    tensors = load_file(path)
+    tensors[name][0, :3] = [np.nan, np.inf, np.nan]
+    save_file(tensors, path, metadata={"format": "pt"})
+    message = (f"{tmp_path}: tensor {name.removeprefix('model.')} holds 3 non-finite values (NaN or inf) of "
+               f"{tensors[name].size}; ")
+    with pytest.raises(CheckpointError) as e:
+        small4_jax.from_pretrained(tmp_path, dtype="float32")
+    assert str(e.value).startswith(message)
+    assert _error(generate, ["--checkpoint", str(tmp_path), "--prompt-ids", "1,2", "--max-new-tokens", "1"],
+                  capsys).startswith(f"error: {message}")
+    model = small4_jax.from_pretrained(tmp_path, dtype="float32", check_finite=False)
+    assert np.isnan(np.asarray(model.layers[1].self_attn.o_proj.kernel[...])).sum() == 2

@@ -260,3 +260,20 @@ def test_speculative_sampling_matches_the_target_in_the_engine(model):
     counts = np.asarray([(sample == t).sum() for t in top] + [(~np.isin(sample, top)).sum()])
     expected = np.append(target[top], 1 - target[top].sum()) * len(sample)
     assert scipy.stats.chisquare(counts, expected).pvalue > 1e-3, (counts, expected)
+
+
+def test_generate_reports_its_acceptance(capsys):
+    """`infer.generate --speculative` ends with the drafts' acceptance (what /metrics reports for the server)."""
+    import re
+
+    from infer.generate import main
+
+    assert main(["--config", "configs/tiny.yaml", "--prompt-ids", "1,5,6,7,5,6,7,5,6", "--max-new-tokens", "6",
+                 "--speculative", "ngram", "--num-draft-tokens", "2", "--max-model-len", "32", "--prefill-chunk",
+                 "16", "--max-batch", "1", "--prefill-batch", "1"]) == 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    m = re.fullmatch(r"speculative \(ngram\): (\d+) of (\d+) draft tokens accepted \((\d+)%\), ([\d.]+) tokens per "
+                     r"verify step", last)
+    assert m, last
+    accepted, proposed = int(m[1]), int(m[2])  # (random weights: the lookup may find nothing to draft)
+    assert 0 <= accepted <= proposed and 0.0 <= float(m[4]) <= 3.0

@@ -749,6 +749,9 @@ class Engine:
         self.history = set_slot(self.history, np.int32(self.max_batch), np.zeros(vocab, np.int32),
                                 np.zeros(vocab, np.bool_))
         if self.speculator is not None:
+            if progress is not None:  # (tens of seconds on a CPU: not silent)
+                progress(f"warm-up: compiling the speculative steps ({self.speculator.config.method}, "
+                         f"{self.speculator.k} draft tokens)...")
             self.speculator.warmup(self)
             if progress is not None:
                 progress(f"warm-up: speculative steps compiled ({time.perf_counter() - t0:.1f} s)")

@@ -166,6 +166,31 @@ def put_stacked(path, layers: Iterable[np.ndarray], n: int, mesh: Mesh | None) -
     return stack
 
 
+class FiniteCheck:
+    """A TensorSource whose float tensors are checked as they are read: a NaN or an infinity in a weight (a damaged
+    file, a diverged run) is a CheckpointError naming the tensor, not a model that silently outputs garbage. One
+    `np.isfinite` pass over each tensor on the host, beside reading it."""
+
+    def __init__(self, source: TensorSource, where: str):
+        self.source, self.where = source, where
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def __contains__(self, name) -> bool:
+        return name in self.source
+
+    def get(self, name: str, *args, **kwargs) -> np.ndarray:
+        x = self.source.get(name, *args, **kwargs)
+        if np.issubdtype(x.dtype, np.floating) or x.dtype == _numpy_dtype("bfloat16"):
+            bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+            if bad:
+                raise CheckpointError(f"{self.where}: tensor {name} holds {bad} non-finite values (NaN or inf) of "
+                                      f"{x.size}; the file is damaged or the weights diverged (check_finite=False, "
+                                      "--no-finite-check, loads it anyway)")
+        return x
+
+
 def load_weights(
     config: Small4Config,
     source: TensorSource,
@@ -175,6 +200,7 @@ def load_weights(
     where: str = "checkpoint",
     quantize: str | None = None,
     activations: str | None = None,
+    check_finite: bool = True,
 ) -> Small4ForCausalLM:
     """Fill an abstract model from `source`, checking every name and shape first.
 
@@ -184,9 +210,12 @@ def load_weights(
     transposed to our layout) when that format is fp8; anything else is read as float32 on the host and quantised
     there, one tensor (experts: a block of experts) at a time, so no float copy of a quantised weight ever reaches
     a device. activations="fp8" (W8A8) also keeps each FP8 weight's static activation scale
-    (`source.get_act_scale`), required for every one."""
+    (`source.get_act_scale`), required for every one. `check_finite`: every float tensor read is checked for NaN
+    and inf (`FiniteCheck`)."""
     fmt = quant.check_format(quantize)
     act = quant.check_activations(activations, fmt)
+    if check_finite:
+        source = FiniteCheck(source, where)
     graphdef, state = nnx.split(abstract_model(config, dtype=dtype))
     plan = checkpoint_plan(state)
     verify_source(config, plan, source, where)
@@ -339,6 +368,7 @@ def from_pretrained(
     quantize: str | None = None,
     calibration=None,
     activations: str | None = None,
+    check_finite: bool = True,
 ) -> Small4ForCausalLM:
     """Load an HF (`config.json` + safetensors) or Mistral-native (`params.json` + consolidated) directory, or a
     sharded Orbax checkpoint written by `python -m small4_jax.convert`.
@@ -359,6 +389,8 @@ def from_pretrained(
     `activation_scale`, native `qscale_act`, kept beside the weights) and multiplied fp8 x fp8 (quant.py,
     kernels/gmm W8A8). Inference only (its experts have no gradient). Models quantised on load have no activation
     scales: W8A8 is then refused, naming the first weight without one.
+    check_finite: an HF or native checkpoint's float tensors are checked for NaN / inf as they are read (a
+    CheckpointError naming the tensor); False skips the check.
     """
     if calibration is not None:
         quant.check_activations(activations, quantize)  # GPTQ is int4: no W8A8
@@ -390,7 +422,7 @@ def from_pretrained(
         dtype = "float32" if stored in ("F32", "F64") else "bfloat16"
     try:
         return load_weights(config, reader, dtype=dtype, mesh=mesh, where=str(path), quantize=quantize,
-                            activations=activations)
+                            activations=activations, check_finite=check_finite)
     finally:
         reader.close()
 
