@@ -570,7 +570,8 @@ def test_adapters_drafter_and_resume_are_checked_before_the_build(tmp_path, caps
     from small4_jax.lora.adapters import load_peft
     from small4_jax.nn.model import abstract_model
 
-    with pytest.raises(CheckpointError, match="adapter_model.safetensors: truncated or corrupt"):  # the server's load route
+    # the server's /v1/load_lora_adapter reads through load_peft: the same error, a 400
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors: truncated or corrupt"):
         load_peft(abstract_model(small4_jax_config()), corrupt)
     assert _error(generate, [*g, "--speculative", "bogus"], capsys) == \
         "error: --speculative 'bogus': expected one of 'ngram', 'eagle:DIR'"
