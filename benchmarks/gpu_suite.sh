@@ -26,6 +26,7 @@
 # stderr and files). Nothing else lands in $OUT (the benchmarks' own $OUT files go to the archive), so a call killed
 # mid-step still returns both. It never touches benchmarks/RESULTS.md: copy GPU_RESULTS.md to
 # benchmarks/results/<date>-<gpu>-part<N>.md and merge what it decides by hand.
+{  # the whole body in one compound command: bash reads it all before running (a file edited meanwhile is harmless)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO="$PWD"
@@ -38,7 +39,7 @@ while [ $# -gt 0 ]; do
     --only) ONLY="${2:-}"; shift 2 || shift ;;
     --budget) BUDGET="${2:-}"; shift 2 || shift ;;
     --steps) STEPS_FILE="${2:-}"; shift 2 || shift ;;
-    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^{  #/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_suite.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -225,7 +226,25 @@ EOF
 }
 post_serve_load() { tail -n 4 "$1/stdout.txt" | code_block; }
 post_w8a8() { grep -E "^A .* fwd .* (pallas|pallas_fp8|pallas_w8a8) +[0-9.]+ms" "$1/stdout.txt" | code_block; }
-post_canonical_mask() { grep -v "^\s*$" "$1/stdout.txt" | tail -n 12 | code_block; }
+post_canonical_mask() {
+  "$PY" - "$1/stdout.txt" <<'EOF'
+import json, sys
+try:
+    report = json.load(open(sys.argv[1]))
+except Exception as e:  # killed before it printed its report
+    print(f"(no report: {type(e).__name__})"); sys.exit()
+print(f"vocabulary {report.pop('vocab_size')}, canonical tables built in {report.pop('canon_build_s')} s\n")
+print("| case | tokens | us per step (median) | us per row-token: median / mean / max | CPU us per row-token (mean) |")
+print("|---|---|---|---|---|")
+for case, r in report.items():
+    if "us_per_step" in r:
+        print(f"| {case} | {r['tokens']} | {r['us_per_step']} | {r['us_per_row_token']} / "
+              f"{r['us_per_row_token_mean']} / {r['us_per_row_token_max']} | {r['cpu_us_per_row_token_mean']} |")
+    else:
+        print(f"| {case} | {r.get('tokens', '')} | | | {r.get('cpu_us_per_token_mean', '')} "
+              f"(median {r.get('cpu_us_per_token_median', '')}; fallbacks {r.get('fallbacks', '')}) |")
+EOF
+}
 
 # --- the steps ---
 if [ "$DRY" = 1 ]; then S=--small; else S=""; fi
@@ -273,3 +292,5 @@ fi
 [ "$N" -gt 0 ] || echo -e "\nno step ran (--only '$ONLY' names none of this part's steps)" >> "$RESULTS"
 archive
 echo "wrote $RESULTS and $ARCHIVE" >&2
+exit 0
+}
