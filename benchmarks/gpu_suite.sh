@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU suite for a lent GPU (H100 / H200): about 15 minutes of device time in all, calls of at most 10 minutes, at
 # most 8 files back from $OUT, no network there. Steps in order of value, each with its own time limit:
-#   part 1: kernel-tests (the Pallas kernels compiled on the GPU, moe_impl auto's self-check), moe_gmm (the MoE
+#   part 1: kernel_tests (the Pallas kernels compiled on the GPU, moe_impl auto's self-check), moe_gmm (the MoE
 #           kernel vs ragged_dot / gshard / dense / torch grouped_mm), decode (vs the bandwidth floor and
 #           transformers), train_step (the LoRA step vs transformers + peft);
 #   part 2: quant_decode (fp8 / int8 / int4 decode vs bf16 and tokamax), serve_load (the HTTP server under load), then

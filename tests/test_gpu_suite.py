@@ -74,15 +74,17 @@ def test_a_call_killed_mid_step_still_returns_what_ended_before(tmp_path):
     """The device kills a command at its limit, process group and all: $OUT keeps the results of the steps that
     ended and the rows the running step had appended."""
     steps = STEPS.split("step slow")[0] + (
-        "step hangs 100 bash -c 'echo \"| measured | before |\" >> \"$0\"; touch \"$1\"; sleep 100' "
+        "step hangs 100 bash -c 'echo \"| measured | before |\" >> \"$0\"; echo $$ > \"$1\"; exec sleep 100' "
         f"\"$RESULTS\" {tmp_path}/hanging\n")
     out, proc = _run_suite(tmp_path, "--dry-run", steps=steps, wait=False)
     deadline = time.monotonic() + 60
     while not (tmp_path / "hanging").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.1)
+    time.sleep(0.2)  # (the pid is written)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
+    os.kill(int((tmp_path / "hanging").read_text()), signal.SIGKILL)  # `timeout` made the step its own group
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and "GPU_RESULTS.md" in files and "gpu_logs.tar.gz" in files
     sections = _sections((out / "GPU_RESULTS.md").read_text())
