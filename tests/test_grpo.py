@@ -97,4 +97,6 @@ def test_one_step_of_the_demo_rolls_out_through_the_engine(tmp_path):
     assert 0.0 <= rec["reward"] <= 2.0 and rec["reply_tokens"] == 4.0
     assert set(rec) >= {"loss", "reward_std", "reward_normalized", "reward_data.grpo_rewards:digit_share", "kl",
                         "clip_frac", "grad_norm", "rollout_s", "update_s"}
+    # a group's 3 later samples reuse its first one's full prompt page (16 of the prompt's 31 tokens), 2 groups
+    assert rec["cached_prompt_tokens"] == 2 * 3 * 16
     assert (tmp_path / "run" / "checkpoints" / "1").is_dir()

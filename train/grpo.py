@@ -25,7 +25,8 @@ One step:
 metrics.jsonl per step: loss, reward (mean) and reward_std, each reward's mean, reply_tokens (mean), clip_frac, kl
 (mean k3, when kl_coef > 0), grad_norm, lr, the engine-vs-trainer token log-prob difference over reply tokens
 (logprob_diff_max, logprob_diff_mean: the same weights, kernels differ only between paged decode and the training
-forward), rollout_s and update_s.
+forward), cached_prompt_tokens (prompt tokens the engine served from cached pages instead of computing them),
+rollout_s and update_s.
 
 Routing: `routing: recompute` only: the trainer routes every token again. Replaying the engine's expert ids (record
 them in the paged steps, replay them in the training forward) and the router-disagreement metric are not built yet.
@@ -241,8 +242,10 @@ class Rollouts:
                 rid = self.engine.submit(prompt, opts, callback=collect((i, j)), request_id=f"s{step}-{i}-{j}",
                                          adapter=self.name, after=first)
                 first = first or rid
+        cached = self.engine.stats["cached_tokens"]
         while self.engine.has_work():
             self.engine.step()
+        self.cached_tokens = self.engine.stats["cached_tokens"] - cached
         return [[results[(i, j)] for j in range(g.group_size)] for i in range(len(prompts))]
 
     def close(self) -> None:
@@ -339,7 +342,7 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
                "reply_tokens": float(np.mean([len(ids) for grp in samples for ids, _ in grp])),
                "logprob_diff_max": float(diff.max()) if diff.size else 0.0,
                "logprob_diff_mean": float(diff.mean()) if diff.size else 0.0,
-               "rollout_s": round(t1 - t0, 3)}
+               "cached_prompt_tokens": rollouts.cached_tokens, "rollout_s": round(t1 - t0, 3)}
         pending["t"] = time.time()
         return batch, rec
 
