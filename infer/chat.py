@@ -16,7 +16,8 @@ Sentencepiece tokenizers (the bundled tiny one) have no mistral-common chat mode
 Decoding works on token ids, so it does not depend on special tokens being visible in the text:
 `[THINK]...[/THINK]` becomes `reasoning_content`, `[TOOL_CALLS]name[ARGS]{json}` (repeated for parallel calls)
 becomes OpenAI tool calls with fresh 9-character alphanumeric ids, everything else is `content`. `ChatParser` is
-incremental: `push(id)` returns the delta to stream (tool calls come out whole, once their arguments end).
+incremental: `push(id)` returns the delta to stream (a tool call's id and name once its name ends, then its
+arguments as they decode, in OpenAI's streaming form).
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ from small4_jax.errors import InputError, TokenizerError
 from small4_jax.inputs.images import image_hash, prepare_messages
 from small4_jax.inputs.tokenizer import StreamDecoder, TekkenTokenizer, Tokenizer
 
-REASONING_EFFORTS = ("none", "high")
+REASONING_EFFORTS = ("none", "high")  # what Mistral Small 4's tokenizer (v15 [MODEL_SETTINGS]) knows
+# what clients send (OpenAI's values, Mistral's SDK adds xhigh and max); `ReasoningPolicy` maps them onto the model's
+CLIENT_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max", "auto")
+DEFAULT_EFFORT_MAP = {"minimal": "none", "low": "high", "medium": "high", "xhigh": "high", "max": "high"}
 _ALPHANUMERIC = string.ascii_letters + string.digits
 
 
@@ -52,6 +56,108 @@ class ChatPrompt:
     image_hashes: list[str] = dataclasses.field(default_factory=list)
 
 
+def model_efforts(tokenizer: Tokenizer) -> tuple[str, ...]:
+    """The reasoning_effort values the tokenizer's chat format takes (v15: its [MODEL_SETTINGS] enum)."""
+    if isinstance(tokenizer, TekkenTokenizer):
+        try:
+            builder = tokenizer.mistral_tokenizer().instruct_tokenizer.tokenizer.model_settings_builder
+            values = tuple(str(v) for v in builder.reasoning_effort.values)
+            if values:
+                return values
+        except Exception:  # older tokenizers have no model settings: mistral-common then refuses the field itself
+            pass
+    return REASONING_EFFORTS
+
+
+@dataclasses.dataclass(frozen=True)
+class ReasoningPolicy:
+    """How a client's `reasoning_effort` becomes one the model knows (server flags `--reasoning-effort-map`,
+    `--reasoning-effort-default`).
+
+    A value the model knows is used as is; another one goes through `mapping` (default `DEFAULT_EFFORT_MAP`:
+    minimal -> none; low, medium, xhigh, max -> high). "auto" and an absent field mean `default` (None: the
+    model's own default, i.e. no setting is sent)."""
+
+    mapping: tuple[tuple[str, str], ...] = tuple(DEFAULT_EFFORT_MAP.items())
+    default: str | None = None
+
+    @classmethod
+    def parse(cls, mapping: str | None = None, default: str | None = None) -> ReasoningPolicy:
+        """From the flags' text: mapping "low=none,medium=high" (on top of the defaults)."""
+        table = dict(DEFAULT_EFFORT_MAP)
+        for item in (mapping or "").split(","):
+            if not item.strip():
+                continue
+            key, sep, value = (x.strip() for x in item.partition("="))
+            if not sep or key not in CLIENT_EFFORTS or key == "auto" or not value:
+                raise InputError(f"--reasoning-effort-map {item!r}: expected CLIENT=MODEL with CLIENT one of "
+                                 f"{', '.join(CLIENT_EFFORTS[:-1])}")
+            table[key] = value
+        if default is not None and default not in CLIENT_EFFORTS[:-1]:
+            raise InputError(f"--reasoning-effort-default {default!r}: expected one of {', '.join(CLIENT_EFFORTS[:-1])}")
+        return cls(tuple(table.items()), default)
+
+    def resolve(self, effort: str | None, known: Sequence[str]) -> str | None:
+        if effort is None or effort == "auto":
+            effort = self.default
+            if effort is None:
+                return None
+        if effort in known:
+            return effort
+        if effort not in CLIENT_EFFORTS:
+            raise InputError(f"reasoning_effort must be one of {list(CLIENT_EFFORTS)}, got {effort!r}")
+        mapped = dict(self.mapping).get(effort)
+        if mapped not in known:
+            raise InputError(f"reasoning_effort {effort!r} maps to {mapped!r}, which this model does not know "
+                             f"(it takes {list(known)}); see --reasoning-effort-map")
+        return mapped
+
+
+def _thinking_text(chunk: dict, where: str) -> str:
+    """The text of a thinking content chunk: mistral-common's (`thinking` a string) or Mistral's API's (`thinking` a
+    list of text chunks)."""
+    value = chunk.get("thinking")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(c, dict) and isinstance(c.get("text", ""), str) for c in value):
+        return "".join(c.get("text", "") for c in value)
+    raise InputError(f"{where}.thinking: expected a string or a list of text chunks")
+
+
+def normalize_messages(messages: Sequence[dict]) -> list[dict]:
+    """Assistant turns as clients send their reasoning back: `reasoning_content` or `reasoning` (OpenAI-compatible
+    servers), or thinking content chunks (Mistral's API), all become one `reasoning_content` string, which
+    mistral-common encodes as `[THINK]...[/THINK]` before the turn's text. Other messages are returned as given."""
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") != "assistant":
+            out.append(m)
+            continue
+        m = dict(m)
+        thoughts = []
+        if isinstance(m.get("content"), list):
+            parts = []
+            for j, c in enumerate(m["content"]):
+                if isinstance(c, dict) and c.get("type") == "thinking":
+                    thoughts.append(_thinking_text(c, f"messages[{i}].content[{j}]"))
+                else:
+                    parts.append(c)
+            m["content"] = parts if parts else None
+        given = [m.pop(k) for k in ("reasoning_content", "reasoning") if k in m]
+        given = [g for g in given if g is not None]
+        if any(not isinstance(g, str) for g in given):
+            raise InputError(f"messages[{i}].reasoning_content: expected a string")
+        if len(set(given)) > 1:
+            raise InputError(f"messages[{i}]: 'reasoning_content' and 'reasoning' differ; send one")
+        thoughts += given[:1]
+        if thoughts:
+            m["reasoning_content"] = "".join(thoughts)
+        if m.get("prefix") is False:  # Mistral's SDK may send `prefix: false` (the default: a complete turn)
+            del m["prefix"]
+        out.append(m)
+    return out
+
+
 def _special(tokenizer: Tokenizer, piece: str) -> int | None:
     try:
         return tokenizer.token_id(piece)
@@ -63,11 +169,11 @@ def _tool_choice_name(tool_choice) -> str | None:
     if isinstance(tool_choice, dict):
         name = (tool_choice.get("function") or {}).get("name")
         if tool_choice.get("type") != "function" or not isinstance(name, str) or not name:
-            raise InputError('tool_choice must be "none", "auto", "required" or '
+            raise InputError('tool_choice must be "none", "auto", "required", "any" or '
                              '{"type": "function", "function": {"name": ...}}')
         return name
     if tool_choice not in (None, "auto", "none", "required"):
-        raise InputError(f'tool_choice must be "none", "auto", "required" or a function, got {tool_choice!r}')
+        raise InputError(f'tool_choice must be "none", "auto", "required", "any" or a function, got {tool_choice!r}')
     return None
 
 
@@ -84,7 +190,8 @@ def check_shape(messages, tools) -> None:
             raise InputError(f"messages[{i}]: expected an object with 'role' and 'content', got {type(m).__name__}")
         if m.get("role") not in ROLES:
             raise InputError(f"messages[{i}].role: {m.get('role')!r}; expected one of {', '.join(ROLES)}")
-        if "content" not in m and not (m["role"] == "assistant" and m.get("tool_calls")):
+        said = m.get("tool_calls") or m.get("reasoning_content") or m.get("reasoning")
+        if "content" not in m and not (m["role"] == "assistant" and said):
             raise InputError(f"messages[{i}]: 'content' is missing")
         if m.get("content") is None and m["role"] != "assistant":
             raise InputError(f"messages[{i}].content: null; expected a string or a list of content parts")
@@ -130,8 +237,11 @@ def encode_chat(
     if not messages:
         raise InputError("messages must be a non-empty list")
     check_shape(messages, tools)
-    if reasoning_effort is not None and reasoning_effort not in REASONING_EFFORTS:
-        raise InputError(f"reasoning_effort must be one of {list(REASONING_EFFORTS)}, got {reasoning_effort!r}")
+    messages = normalize_messages(messages)
+    if reasoning_effort is not None and reasoning_effort not in model_efforts(tokenizer):
+        raise InputError(f"reasoning_effort must be one of {list(model_efforts(tokenizer))}, got {reasoning_effort!r}")
+    if tool_choice == "any":  # Mistral's name for "required"
+        tool_choice = "required"
     name = _tool_choice_name(tool_choice)
     if tool_choice == "none":
         tools = None
@@ -222,14 +332,21 @@ class ToolCall:
 class ChatDelta:
     content: str = ""
     reasoning: str = ""
-    tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)
+    tool_calls: list[ToolCall] = dataclasses.field(default_factory=list)  # calls completed by this token
+    # OpenAI's streaming form of the calls' progress: {"index", "id", "type", "function": {"name", "arguments": ""}}
+    # once a call's name is known, then {"index", "function": {"arguments": fragment}} as its arguments decode;
+    # the fragments of a call concatenate to its final `arguments`
+    tool_call_deltas: list[dict] = dataclasses.field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.content or self.reasoning or self.tool_calls)
+        return bool(self.content or self.reasoning or self.tool_calls or self.tool_call_deltas)
 
 
 class ChatParser:
-    """Splits generated ids into content, reasoning and tool calls as they arrive."""
+    """Splits generated ids into content, reasoning and tool calls as they arrive.
+
+    A tool call's arguments stream as they decode (leading and trailing whitespace held back, as the complete
+    call's arguments are stripped; "{}" for none), so the streamed fragments and the final call agree."""
 
     def __init__(self, tokenizer: Tokenizer, *, parse_tools: bool = True, parse_reasoning: bool = True):
         self.tokenizer = tokenizer
@@ -241,7 +358,8 @@ class ChatParser:
         self.mode = "content"
         self._decoder = StreamDecoder(tokenizer)
         self._name: list[int] = []
-        self._args: list[int] = []
+        self._call: ToolCall | None = None  # the call whose arguments are streaming
+        self._held = ""  # trailing whitespace of the arguments, sent only if more text follows
         self.content = ""
         self.reasoning = ""
         self.tool_calls: list[ToolCall] = []
@@ -254,11 +372,12 @@ class ChatParser:
             self._close_call(delta)
             self.mode = {self.think: "reasoning", self.end_think: "content", self.tool_calls_id: "name"}[t]
         elif self.mode == "name" and t == self.args_id:
+            self._open_call(delta)
             self.mode = "args"
         elif self.mode == "name":
             self._name.append(t)
         elif self.mode == "args":
-            self._args.append(t)
+            self._add_args(delta, self._decoder.push(t))
         else:
             self._add_text(delta, self._decoder.push(t))
         return delta
@@ -282,14 +401,37 @@ class ChatParser:
             self._add_text(delta, self._decoder.flush())
             self._decoder = StreamDecoder(self.tokenizer)
 
+    def _open_call(self, delta: ChatDelta) -> None:
+        call = ToolCall(tool_call_id(), self.tokenizer.decode(self._name).strip(), "")
+        self._name, self._held, self._call = [], "", call
+        self._decoder = StreamDecoder(self.tokenizer)
+        self.tool_calls.append(call)
+        delta.tool_call_deltas.append({"index": len(self.tool_calls) - 1, "id": call.id, "type": "function",
+                                       "function": {"name": call.name, "arguments": ""}})
+
+    def _add_args(self, delta: ChatDelta, text: str) -> None:
+        call = self._call
+        if not call.arguments and not self._held:
+            text = text.lstrip()
+        text = self._held + text
+        body = text.rstrip()
+        self._held = text[len(body):]
+        if body:
+            call.arguments += body
+            delta.tool_call_deltas.append({"index": len(self.tool_calls) - 1, "function": {"arguments": body}})
+
     def _close_call(self, delta: ChatDelta) -> None:
-        if self.mode in ("name", "args") and (self._name or self._args):
-            name = self.tokenizer.decode(self._name).strip()
-            args = self.tokenizer.decode(self._args).strip() or "{}"
-            call = ToolCall(tool_call_id(), name, args)
-            self.tool_calls.append(call)
-            delta.tool_calls.append(call)
-        self._name, self._args = [], []
+        if self.mode == "name" and self._name:  # cut off before [ARGS]: the call has no arguments
+            self._open_call(delta)
+            self.mode = "args"
+        if self.mode == "args" and self._call is not None:
+            self._add_args(delta, self._decoder.flush())
+            self._decoder = StreamDecoder(self.tokenizer)
+            if not self._call.arguments:
+                self._call.arguments = "{}"
+                delta.tool_call_deltas.append({"index": len(self.tool_calls) - 1, "function": {"arguments": "{}"}})
+            delta.tool_calls.append(self._call)
+        self._name, self._held, self._call = [], "", None
 
 
 def parse_output(tokenizer: Tokenizer, ids: Sequence[int], **kwargs) -> ChatParser:

@@ -4,7 +4,9 @@
     python -m infer.serve --checkpoint /models/Mistral-Small-4 --port 8000 --api-key "$KEY"
 
 Endpoints: POST /v1/chat/completions (streaming and not; tools, tool_choice, reasoning_effort; reasoning comes back
-as `reasoning_content`), POST /v1/completions, GET /v1/models, GET /health, GET /metrics (Prometheus text).
+as `reasoning_content` and `reasoning`, and for Mistral's SDK as thinking content chunks), POST /v1/completions
+(OpenAI's prompt shapes, echo with prompt logprobs), GET /v1/models, GET /health, GET /metrics (Prometheus text),
+and vLLM's /tokenize, /detokenize, /tokenizer_info (lm-eval's remote tokenizer).
 It binds 127.0.0.1 unless --host says otherwise. With --api-key, /v1/* answers 401 without
 `Authorization: Bearer KEY` (/health and /metrics stay open for probes and scrapers). Malformed requests get a 400
 with an OpenAI-style error body naming the problem; a full queue gets a 429. A client that disconnects cancels its
@@ -28,7 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from infer import structured
-from infer.chat import ChatParser, encode_chat
+from infer.chat import CLIENT_EFFORTS, ChatParser, ReasoningPolicy, encode_chat, model_efforts, normalize_messages
 from infer.cli import add_engine_args, engine_kwargs, load_model_and_tokenizer
 from small4_jax.console import cli_main
 from small4_jax.errors import InputError, Small4Error
@@ -53,6 +55,19 @@ class _LoadLoRA(BaseModel):
     lora_path: str
 
 
+class _Tokenize(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prompt: str
+    add_special_tokens: bool = True
+    model: str | None = None
+
+
+class _Detokenize(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    tokens: list[int]
+    model: str | None = None
+
+
 class _UnloadLoRA(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     lora_name: str
@@ -67,20 +82,23 @@ class _Common(BaseModel):
 
     model: str | None = None
     max_tokens: int | None = None
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1)
-    min_p: float = Field(0.0, ge=0, le=1)
-    seed: int | None = None
+    # every sampling field is range-checked here (a 400 naming it), never first in the engine's step, where an
+    # overflow would fail the whole batch: seeds are uint32, top_k int32 (values past the vocabulary turn it off)
+    temperature: float = Field(1.0, ge=0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    top_k: int = Field(0, ge=-1, le=2**31 - 1)
+    min_p: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    random_seed: int | None = Field(None, ge=0, le=2**32 - 1)  # Mistral's API's name for `seed`
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_N)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, gt=0)
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0, le=100, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
     user: str | None = None  # an end-user id for the operator's logs; it changes nothing
     cache_salt: str | None = None  # a tenant's prefix-cache salt: requests share cached pages only with the same salt
@@ -90,16 +108,22 @@ class ChatRequest(_Common):
     messages: list[dict[str, Any]]
     max_completion_tokens: int | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    reasoning_effort: Literal["none", "high"] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # none | auto | required | any (Mistral's required) | named
+    # OpenAI's none/minimal/low/medium/high, Mistral's xhigh/max, and auto: mapped onto the model's values by the
+    # server's ReasoningPolicy (infer/chat.py)
+    reasoning_effort: Literal[CLIENT_EFFORTS] | None = None
+    reasoning: dict[str, Any] | None = None  # {"effort": ...}: the same, as some OpenAI-compatible clients send it
+    prompt_mode: Literal["reasoning"] | None = None  # Mistral's API: "reasoning" asks for the reasoning mode
+    safe_prompt: bool = False  # Mistral's API: true is a 400 (no safety prompt is served)
     response_format: dict[str, Any] | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: bool | None = None  # default: true, but a named tool_choice gives exactly one call
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str]
+    # OpenAI's prompt shapes: a string, strings, token ids, lists of token ids (one set of n choices per prompt)
+    prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
 
@@ -127,8 +151,9 @@ class Server:
     """Request handling shared by the endpoints: validation, submission, event streaming, metrics."""
 
     def __init__(self, engine: "Engine", tokenizer, model_name: str, api_key: str | None = None,
-                 image_dir: str | None = None):
+                 image_dir: str | None = None, reasoning: ReasoningPolicy = ReasoningPolicy()):
         self.engine = engine
+        self.reasoning = reasoning  # client reasoning_effort values -> the model's
         self.image_dir = image_dir  # image parts may name files under it (None: data: URLs only)
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -139,7 +164,7 @@ class Server:
 
     # -- validation --
     def options(self, req: _Common, prompt_len: int, logprobs: int | None, grammar: str | None = None,
-                detokenize: bool = True) -> "SamplingOptions":
+                detokenize: bool = True, prompt_logprobs: int | None = None) -> "SamplingOptions":
         from infer.engine.engine import SamplingOptions
 
         if req.model is not None and req.model not in self.model_names and req.model not in self.adapters():
@@ -153,8 +178,11 @@ class Server:
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
         if max_tokens is None:
             max_tokens = context - prompt_len
+        elif max_tokens == 0 and prompt_logprobs is not None:
+            pass  # echo with logprobs: the prompt's log-probabilities only
         elif max_tokens <= 0:
-            raise HTTPError(400, f"max_tokens must be positive, got {max_tokens}", param="max_tokens")
+            raise HTTPError(400, f"max_tokens must be positive (0 only with echo and logprobs), got {max_tokens}",
+                            param="max_tokens")
         elif prompt_len + max_tokens > context:
             raise HTTPError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                                  f"context of {context} tokens", param="max_tokens")
@@ -166,16 +194,22 @@ class Server:
             except ValueError:
                 raise HTTPError(400, "logit_bias keys must be token ids (integers as strings)", param="logit_bias") \
                     from None
+        if req.seed is not None and req.random_seed is not None and req.seed != req.random_seed:
+            raise HTTPError(400, f"seed ({req.seed}) and random_seed ({req.random_seed}) differ; send one",
+                            param="random_seed")
+        seed = req.seed if req.seed is not None else req.random_seed
         try:
             return SamplingOptions(
                 max_tokens=max_tokens, temperature=req.temperature, top_k=max(req.top_k, 0), top_p=req.top_p,
-                min_p=req.min_p, seed=req.seed, stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()),
+                min_p=req.min_p, seed=seed, stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()),
                 ignore_eos=req.ignore_eos, logprobs=logprobs, presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty, logit_bias=bias,
-                grammar=grammar, detokenize=detokenize,
+                grammar=grammar, detokenize=detokenize, prompt_logprobs=prompt_logprobs,
             )
         except InputError as e:
-            raise HTTPError(400, str(e)) from None
+            msg = str(e)
+            raise HTTPError(400, msg, param=msg.split(" ", 1)[0] if msg.split(" ", 1)[0] in _Common.model_fields
+                            else None) from None
 
     def adapters(self) -> dict:
         """The LoRA adapters served (name -> adapter), selected by a request's `model` (small4_jax/lora/multi.py)."""
@@ -186,22 +220,25 @@ class Server:
         return model if model is not None and model not in self.model_names and model in self.adapters() else None
 
     def submit(self, prompt: list[int], options: "SamplingOptions", n: int = 1, cache_salt: str | None = None,
-               images=(), image_hashes=(), adapter: str | None = None):
+               images=(), image_hashes=(), adapter: str | None = None, events: asyncio.Queue | None = None,
+               first: int = 0):
         """Queue the n choices of a request; returns (their engine ids, asyncio queue of (choice, RequestOutput)).
+        events, first: put the events on this queue, the choices numbered from `first` (several prompts in one
+        completion request).
 
         Choices after the first are admitted once the first has cached its prompt pages (`Engine.submit(after=)`),
         so the prompt is computed once; a seeded request gives choice i the seed seed + i."""
         from infer.engine.engine import QueueFull
 
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        events = asyncio.Queue() if events is None else events
         rids: list[str] = []
         base = f"r-{uuid.uuid4().hex[:16]}"
         try:
-            for i in range(n):
+            for i in range(first, first + n):
                 opts = options
-                if i and options.seed is not None:
-                    opts = dataclasses.replace(options, seed=(options.seed + i) % 2**32)
+                if i > first and options.seed is not None:
+                    opts = dataclasses.replace(options, seed=(options.seed + i - first) % 2**32)
 
                 def callback(out: "RequestOutput", i=i):
                     loop.call_soon_threadsafe(events.put_nowait, (i, out))
@@ -216,6 +253,70 @@ class Server:
                 raise HTTPError(429, str(e), kind="rate_limit_error") from None
             raise HTTPError(400, str(e)) from None
         return rids, events
+
+    def need_tokenizer(self):
+        if self.tokenizer is None:
+            raise HTTPError(400, "this server has no tokenizer")
+        return self.tokenizer
+
+    def cancel_all(self, rids) -> None:
+        for rid in rids:
+            self.engine.cancel(rid)
+
+    def reasoning_effort(self, req: "ChatRequest") -> str | None:
+        """The model's reasoning_effort for a request: `reasoning_effort`, `reasoning.effort` or Mistral's
+        `prompt_mode: "reasoning"`, through the server's ReasoningPolicy."""
+        effort = req.reasoning_effort
+        if req.reasoning is not None:
+            given = req.reasoning.get("effort")
+            if set(req.reasoning) - {"effort", "summary"} or given not in CLIENT_EFFORTS:
+                raise HTTPError(400, f"reasoning: expected {{\"effort\": one of {list(CLIENT_EFFORTS)}}}",
+                                param="reasoning")
+            if effort is not None and effort != given:
+                raise HTTPError(400, "reasoning.effort and reasoning_effort differ; send one", param="reasoning")
+            effort = given
+        if effort is None and req.prompt_mode == "reasoning":
+            effort = "high"
+        try:
+            return self.reasoning.resolve(effort, model_efforts(self.tokenizer))
+        except InputError as e:
+            raise HTTPError(400, str(e), param="reasoning_effort") from None
+
+    def plan_chat(self, req: "ChatRequest") -> "ChatPlan":
+        """Prompt ids, output grammar and answer parsing of a chat request; HTTPError 400 naming what is wrong."""
+        if self.tokenizer is None:
+            raise HTTPError(400, "this server has no tokenizer: chat is unavailable")
+        if req.safe_prompt:
+            raise HTTPError(400, "safe_prompt: this server has no safety prompt to prepend; send false or leave it "
+                                 "out", param="safe_prompt")
+        effort = self.reasoning_effort(req)
+        tool_choice = "required" if req.tool_choice == "any" else req.tool_choice  # Mistral's "any"
+        named = isinstance(tool_choice, dict)
+        parallel = req.parallel_tool_calls if req.parallel_tool_calls is not None else not named
+        forced_tools = tool_choice == "required" or named
+        try:
+            messages = normalize_messages(req.messages)
+            use_grammar = (req.response_format not in (None, {"type": "text"})
+                           or (forced_tools and structured.available(self.tokenizer)))
+            prompt = encode_chat(self.tokenizer, messages, tools=req.tools, tool_choice=tool_choice,
+                                 reasoning_effort=effort, force_prefix=not use_grammar, image_dir=self.image_dir)
+        except InputError as e:
+            msg = str(e)
+            param = "tools" if msg.startswith("tools") else msg.split(":")[0] if msg.startswith("messages[") \
+                else "messages"  # an image part's error names it: messages[i].content[j]
+            raise HTTPError(400, msg, param=param) from None
+        grammar = None
+        if use_grammar:
+            try:
+                grammar = structured.chat_grammar(
+                    self.tokenizer, messages, tools=req.tools, tool_choice=tool_choice,
+                    response_format=req.response_format, parallel_tool_calls=parallel,
+                    reasoning=effort not in (None, "none"))
+            except InputError as e:
+                raise HTTPError(400, str(e), param="response_format") from None
+        return ChatPlan(prompt, grammar, (req.top_logprobs or 0) if req.logprobs else None, self.tokenizer,
+                        parse_tools=tool_choice != "none" and bool(req.tools),
+                        max_calls=None if parallel or not forced_tools else 1)
 
     # -- helpers for responses --
     def token_str(self, t: int) -> str:
@@ -232,14 +333,47 @@ class Server:
         return {"content": [dict(entry(x.token_id, x.logprob), top_logprobs=[entry(a, b) for a, b in x.top])
                             for x in lps]}
 
-    def completion_logprobs(self, lps) -> dict | None:
-        if lps is None:
+    def completion_logprobs(self, parts, logprobs: int | None, echo: bool, prompt: list[int]) -> dict | None:
+        """OpenAI's completion logprobs of one choice's events; with echo the prompt's tokens lead (the first one's
+        logprob and top_logprobs null: nothing precedes it)."""
+        if logprobs is None:
             return None
-        return {
-            "tokens": [self.token_str(x.token_id) for x in lps],
-            "token_logprobs": [x.logprob for x in lps],
-            "top_logprobs": [self._top_dict(x.top) for x in lps],
-        }
+        tokens, values, tops = [], [], []
+        for p in parts:
+            lps = p.logprobs or []
+            if echo and p.prompt_logprobs is not None:
+                tokens.append(prompt[0])
+                values.append(None)
+                tops.append(None)
+                lps = p.prompt_logprobs[1:] + lps
+            tokens += [x.token_id for x in lps]
+            values += [x.logprob for x in lps]
+            tops += [self._top_dict(x.top) for x in lps]
+        return {"tokens": [self.token_str(t) for t in tokens], "token_logprobs": values, "top_logprobs": tops}
+
+    def completion_prompts(self, req: "CompletionRequest") -> list[list[int]]:
+        """The prompts of a completion request as id lists: OpenAI's four shapes (a string, strings, token ids,
+        token-id lists)."""
+        p = req.prompt
+        many = isinstance(p, list) and p and not all(isinstance(t, int) for t in p)
+        items = p if many else [p]
+        if not items:
+            raise HTTPError(400, "prompt: expected a string, a list of strings, token ids or lists of token ids "
+                                 "(got an empty list)", param="prompt")
+        prompts = []
+        for k, item in enumerate(items):
+            where = f"prompt[{k}]" if many else "prompt"
+            if isinstance(item, str):
+                if not item:  # BOS alone is not a prompt
+                    raise HTTPError(400, f"{where}: empty prompt", param="prompt")
+                if self.tokenizer is None:
+                    raise HTTPError(400, "this server has no tokenizer: give the prompt as token ids", param="prompt")
+                prompts.append(self.tokenizer.encode(item, bos=True))
+            elif not item:
+                raise HTTPError(400, f"{where}: empty list of token ids", param="prompt")
+            else:
+                prompts.append([int(t) for t in item])
+        return prompts
 
     def _top_dict(self, top) -> dict:
         out: dict[str, float] = {}
@@ -248,11 +382,13 @@ class Server:
         return out
 
     @staticmethod
-    def usage(outs: list["RequestOutput"]) -> dict:
-        """Usage of a request from its choices' final events (the prompt counted once)."""
-        prompt, completion = outs[0].prompt_tokens, sum(o.completion_tokens for o in outs)
+    def usage(outs: list["RequestOutput"], n: int | None = None) -> dict:
+        """Usage of a request from its choices' final events (each prompt counted once: `n` choices per prompt)."""
+        n = n or len(outs)
+        prompt = sum(o.prompt_tokens for o in outs[::n])
+        completion = sum(o.completion_tokens for o in outs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": outs[0].cached_tokens}}
+                "prompt_tokens_details": {"cached_tokens": sum(o.cached_tokens for o in outs[::n])}}
 
     def metrics_text(self) -> str:
         m = self.engine.metrics()
@@ -303,6 +439,150 @@ class Server:
         return "\n".join(lines) + "\n"
 
 
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def reason_of(out: "RequestOutput") -> str:
+    return out.finish_reason if out.finish_reason in ("stop", "length") else "stop"
+
+
+def check_errors(finals: list["RequestOutput"]) -> None:
+    for out in finals:
+        if out.finish_reason == "error":
+            raise HTTPError(500, f"generation failed: {out.error}", kind="server_error")
+
+
+def is_mistral_sdk(user_agent: str) -> bool:
+    """Whether a request comes from Mistral's own SDK ("mistral-client-python/3.7.0", "...mistralai"), which reads
+    reasoning as thinking content chunks, as Mistral's API returns it."""
+    return user_agent.startswith("mistral-client") or user_agent.endswith("mistralai")
+
+
+def thinking_chunk(text: str) -> dict:
+    """Reasoning as Mistral's API returns it: a thinking content chunk (its text as a list of text chunks)."""
+    return {"type": "thinking", "thinking": [{"type": "text", "text": text}]}
+
+
+def chat_message(parser: ChatParser, stop, mistral: bool) -> dict:
+    """The assistant message of a parsed answer: reasoning as `reasoning_content` and `reasoning` (both, as
+    clients read either), and for Mistral's SDK also as a thinking chunk leading `content`."""
+    content = _cut_at_stop(parser.content, stop)
+    message: dict[str, Any] = {"role": "assistant", "content": content if content or not parser.tool_calls else None}
+    if parser.reasoning:
+        message["reasoning_content"] = message["reasoning"] = parser.reasoning
+        if mistral:
+            message["content"] = [thinking_chunk(parser.reasoning), *([{"type": "text", "text": content}]
+                                                                      if content else [])]
+    if parser.tool_calls:
+        message["tool_calls"] = [c.to_openai() for c in parser.tool_calls]
+    return message
+
+
+def chat_finish_reason(out: "RequestOutput", parser: ChatParser) -> str:
+    if out.finish_reason == "stop" and parser.tool_calls:
+        return "tool_calls"
+    return reason_of(out)
+
+
+@dataclasses.dataclass
+class ChatPlan:
+    """A chat request made ready for the engine: its prompt, grammar, and how to parse its answers."""
+
+    prompt: Any  # infer.chat.ChatPrompt
+    grammar: str | None
+    logprobs: int | None
+    tokenizer: Any
+    parse_tools: bool
+    max_calls: int | None  # 1 for a named tool_choice without parallel_tool_calls
+
+    def parser(self) -> ChatParser:
+        parser = ChatParser(self.tokenizer, parse_tools=self.parse_tools)
+        for t in self.prompt.forced:
+            parser.push(t)
+        return parser
+
+    def parse(self, ids) -> ChatParser:
+        parser = self.parser()
+        for t in ids:
+            parser.push(t)
+        parser.finish()
+        if self.max_calls is not None:
+            del parser.tool_calls[self.max_calls:]
+        return parser
+
+
+class ChatStream:
+    """The server-sent events of a streamed chat completion: OpenAI's chunk format (tool calls: index, id and name
+    first, then argument fragments), or for Mistral's SDK thinking chunks and whole tool calls, as its API sends."""
+
+    def __init__(self, server: "Server", plan: ChatPlan, options, rids, events, head: dict, include_usage: bool,
+                 mistral: bool):
+        self.server, self.plan, self.options, self.rids, self.events = server, plan, options, rids, events
+        self.head, self.include_usage, self.mistral = head, include_usage, mistral
+        self.parsers = [plan.parser() for _ in rids]
+        self.sent = [""] * len(rids)  # content sent so far per choice, to cut at stop strings
+        self.finals: list = [None] * len(rids)
+
+    def chunk(self, i, delta, reason=None, lps=None) -> str:
+        return sse({**self.head, "choices": [{"index": i, "delta": delta, "logprobs": lps, "finish_reason": reason}]})
+
+    def delta(self, i: int, d) -> dict:
+        delta: dict[str, Any] = {}
+        if d.reasoning:
+            delta["reasoning_content"] = delta["reasoning"] = d.reasoning
+            if self.mistral:
+                delta["content"] = [thinking_chunk(d.reasoning)]
+        if d.content:
+            text = _cut_at_stop(self.sent[i] + d.content, self.options.stop)[len(self.sent[i]):]
+            self.sent[i] += text
+            if text and isinstance(delta.get("content"), list):
+                delta["content"].append({"type": "text", "text": text})
+            elif text:
+                delta["content"] = text
+        limit = self.plan.max_calls
+        if self.mistral:  # Mistral's API sends each call whole, once its arguments are complete
+            calls = [c.to_openai(self.parsers[i].tool_calls.index(c)) for c in d.tool_calls]
+            calls = [c for c in calls if limit is None or c["index"] < limit]
+        else:
+            calls = [c for c in d.tool_call_deltas if limit is None or c["index"] < limit]
+        if calls:
+            delta["tool_calls"] = calls
+        return delta
+
+    async def run(self):
+        try:
+            for i in range(len(self.rids)):
+                yield self.chunk(i, {"role": "assistant", "content": ""})
+            while not all(self.finals):
+                i, out = await self.events.get()
+                parser = self.parsers[i]
+                deltas = [parser.push(t) for t in out.token_ids]
+                if out.finished:
+                    deltas.append(parser.finish())
+                for d in deltas:
+                    delta = self.delta(i, d)
+                    lps = self.server.chat_logprobs(out.logprobs) if out.logprobs and d is deltas[0] else None
+                    if delta or lps:
+                        yield self.chunk(i, delta, lps=lps)
+                if out.finished:
+                    self.finals[i] = out
+                    if out.finish_reason == "error":  # this request only; the others running go on
+                        yield sse(_error_body(f"generation failed: {out.error}", "server_error", code=500))
+                        self.server.cancel_all(self.rids)
+                        yield "data: [DONE]\n\n"
+                        return
+                    if self.plan.max_calls is not None:
+                        del parser.tool_calls[self.plan.max_calls:]
+                    yield self.chunk(i, {}, chat_finish_reason(out, parser))
+            if self.include_usage:
+                yield sse({**self.head, "choices": [], "usage": self.server.usage(self.finals)})
+            yield "data: [DONE]\n\n"
+        finally:
+            if not all(self.finals):  # the client went away (or the server is stopping)
+                self.server.cancel_all(self.rids)
+
+
 def build_app(server: Server):
     """The FastAPI application for `server`."""
     from fastapi import FastAPI, Request
@@ -333,7 +613,8 @@ def build_app(server: Server):
         try:
             return schema.model_validate(data)
         except ValidationError as e:
-            raise HTTPError(400, _validation_message(e)) from None
+            loc = e.errors()[0]["loc"] if e.errors() else ()
+            raise HTTPError(400, _validation_message(e), param=str(loc[0]) if loc else None) from None
 
     @app.get("/health")
     async def health():
@@ -342,6 +623,35 @@ def build_app(server: Server):
     @app.get("/metrics")
     async def metrics():
         return PlainTextResponse(server.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        """vLLM's tokenizer endpoints (/tokenizer_info, /tokenize, /detokenize), which lm-eval's `local-completions`
+        uses to tokenise on the server (`tokenizer_backend=remote`), so it needs no tokenizer download."""
+        tok = server.need_tokenizer()
+        return {"eos_token": tok.decode([tok.eos_id], skip_special=False),
+                "bos_token": tok.decode([tok.bos_id], skip_special=False),
+                "pad_token": None, "tokenizer_class": type(tok).__name__,
+                "model_max_length": server.engine.max_model_len}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await parse(request, _Tokenize)
+        tok = server.need_tokenizer()
+        try:
+            ids = [tok.token_id(body.prompt)]  # a special token's piece is that token, as vLLM's tokenizers read it
+        except Small4Error:
+            ids = tok.encode(body.prompt, bos=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": server.engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await parse(request, _Detokenize)
+        tok = server.need_tokenizer()
+        bad = [t for t in body.tokens if not 0 <= t < server.engine.config.vocab_size]
+        if bad:
+            raise HTTPError(400, f"tokens {bad[:5]} are outside the vocabulary", param="tokens")
+        return {"prompt": tok.decode(body.tokens)}
 
     @app.get("/v1/models")
     async def models():
@@ -372,9 +682,7 @@ def build_app(server: Server):
             raise HTTPError(400, str(e), param="lora_name") from None
         return {"object": "lora_adapter", "id": body.lora_name, "loaded": False}
 
-    def cancel_all(rids):
-        for rid in rids:
-            server.engine.cancel(rid)
+    cancel_all = server.cancel_all
 
     async def watch_disconnect(request: Request, rids: list[str], done: asyncio.Event):
         while not done.is_set():
@@ -401,61 +709,15 @@ def build_app(server: Server):
             if left:
                 cancel_all(rids)
 
-    def sse(obj) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-    def reason_of(out: RequestOutput) -> str:
-        return out.finish_reason if out.finish_reason in ("stop", "length") else "stop"
-
-    def check_errors(finals: list[RequestOutput]) -> None:
-        for out in finals:
-            if out.finish_reason == "error":
-                raise HTTPError(500, f"generation failed: {out.error}", kind="server_error")
-
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req: ChatRequest = await parse(request, ChatRequest)
-        if server.tokenizer is None:
-            raise HTTPError(400, "this server has no tokenizer: chat is unavailable")
-        forced_tools = req.tool_choice == "required" or isinstance(req.tool_choice, dict)
-        grammar = None
-        try:
-            use_grammar = (req.response_format not in (None, {"type": "text"})
-                           or (forced_tools and structured.available(server.tokenizer)))
-            prompt = encode_chat(server.tokenizer, req.messages, tools=req.tools, tool_choice=req.tool_choice,
-                                 reasoning_effort=req.reasoning_effort, force_prefix=not use_grammar,
-                                 image_dir=server.image_dir)
-        except InputError as e:
-            msg = str(e)
-            param = "tools" if msg.startswith("tools") else msg.split(":")[0] if msg.startswith("messages[") \
-                else "messages"  # an image part's error names it: messages[i].content[j]
-            raise HTTPError(400, msg, param=param) from None
-        if use_grammar:
-            try:
-                grammar = structured.chat_grammar(
-                    server.tokenizer, req.messages, tools=req.tools, tool_choice=req.tool_choice,
-                    response_format=req.response_format, parallel_tool_calls=req.parallel_tool_calls,
-                    reasoning=req.reasoning_effort == "high")
-            except InputError as e:
-                raise HTTPError(400, str(e), param="response_format") from None
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        # the chat parser decodes the ids (once, on this event loop, not on the engine's thread)
-        options = server.options(req, len(prompt.ids), logprobs, grammar, detokenize=False)
-        parse_tools = req.tool_choice != "none" and bool(req.tools)
-        rids, events = server.submit(prompt.ids, options, req.n, req.cache_salt, prompt.images, prompt.image_hashes,
-                                     adapter=server.adapter_for(req.model))
+        mistral = is_mistral_sdk(request.headers.get("user-agent", ""))  # thinking as content chunks, for it
+        plan = server.plan_chat(req)
+        options = server.options(req, len(plan.prompt.ids), plan.logprobs, plan.grammar, detokenize=False)
+        rids, events = server.submit(plan.prompt.ids, options, req.n, req.cache_salt, plan.prompt.images,
+                                     plan.prompt.image_hashes, adapter=server.adapter_for(req.model))
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-
-        def new_parser():
-            parser = ChatParser(server.tokenizer, parse_tools=parse_tools)
-            for t in prompt.forced:
-                parser.push(t)
-            return parser
-
-        def finish_reason(out: RequestOutput, parser: ChatParser) -> str:
-            if out.finish_reason == "stop" and parser.tool_calls:
-                return "tool_calls"
-            return reason_of(out)
 
         if not req.stream:
             parts = await final_outputs(request, rids, events)
@@ -463,140 +725,90 @@ def build_app(server: Server):
             check_errors(finals)
             choices = []
             for i, choice_parts in enumerate(parts):
-                parser = new_parser()
-                for p in choice_parts:
-                    for t in p.token_ids:
-                        parser.push(t)
-                parser.finish()
-                content = _cut_at_stop(parser.content, options.stop)
-                message = {"role": "assistant", "content": content if content or not parser.tool_calls else None}
-                if parser.reasoning:
-                    message["reasoning_content"] = parser.reasoning
-                if parser.tool_calls:
-                    message["tool_calls"] = [c.to_openai() for c in parser.tool_calls]
-                lps = [lp for p in choice_parts if p.logprobs for lp in p.logprobs] if logprobs is not None else None
-                choices.append({"index": i, "message": message, "logprobs": server.chat_logprobs(lps),
-                                "finish_reason": finish_reason(finals[i], parser)})
+                parser = plan.parse([t for p in choice_parts for t in p.token_ids])
+                lps = ([lp for p in choice_parts if p.logprobs for lp in p.logprobs] if plan.logprobs is not None
+                       else None)
+                choices.append({"index": i, "message": chat_message(parser, options.stop, mistral),
+                                "logprobs": server.chat_logprobs(lps),
+                                "finish_reason": chat_finish_reason(finals[i], parser)})
             return {"id": cid, "object": "chat.completion", "created": created, "model": server.model_name,
                     "choices": choices, "usage": server.usage(finals)}
 
         include_usage = req.stream_options is not None and req.stream_options.include_usage
-
-        async def stream():
-            parsers = [new_parser() for _ in rids]
-            sent = [""] * len(rids)  # content sent so far per choice, to cut at stop strings
-            n_calls = [0] * len(rids)
-            finals: list[RequestOutput | None] = [None] * len(rids)
-
-            def chunk(i, delta, reason=None, lps=None):
-                return sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                            "model": server.model_name,
-                            "choices": [{"index": i, "delta": delta, "logprobs": lps, "finish_reason": reason}]})
-
-            try:
-                for i in range(len(rids)):
-                    yield chunk(i, {"role": "assistant", "content": ""})
-                while not all(finals):
-                    i, out = await events.get()
-                    parser = parsers[i]
-                    deltas = [parser.push(t) for t in out.token_ids]
-                    if out.finished:
-                        deltas.append(parser.finish())
-                    for d in deltas:
-                        delta = {}
-                        if d.reasoning:
-                            delta["reasoning_content"] = d.reasoning
-                        if d.content:
-                            text = _cut_at_stop(sent[i] + d.content, options.stop)[len(sent[i]):]
-                            sent[i] += text
-                            if text:
-                                delta["content"] = text
-                        if d.tool_calls:
-                            delta["tool_calls"] = [c.to_openai(n_calls[i] + k) for k, c in enumerate(d.tool_calls)]
-                            n_calls[i] += len(d.tool_calls)
-                        lps = server.chat_logprobs(out.logprobs) if out.logprobs and d is deltas[0] else None
-                        if delta or lps:
-                            yield chunk(i, delta, lps=lps)
-                    if out.finished:
-                        finals[i] = out
-                        if out.finish_reason == "error":
-                            yield sse(_error_body(f"generation failed: {out.error}", "server_error", code=500))
-                            cancel_all(rids)
-                            yield "data: [DONE]\n\n"
-                            return
-                        yield chunk(i, {}, finish_reason(out, parser))
-                if include_usage:
-                    yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                               "model": server.model_name, "choices": [], "usage": server.usage(finals)})
-                yield "data: [DONE]\n\n"
-            finally:
-                if not all(finals):  # the client went away (or the server is stopping)
-                    cancel_all(rids)
-
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": server.model_name}
+        stream = ChatStream(server, plan, options, rids, events, head, include_usage, mistral)
+        return StreamingResponse(stream.run(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req: CompletionRequest = await parse(request, CompletionRequest)
-        if isinstance(req.prompt, str):
-            if not req.prompt:  # BOS alone is not a prompt
-                raise HTTPError(400, "empty prompt", param="prompt")
-            if server.tokenizer is None:
-                raise HTTPError(400, "this server has no tokenizer: give the prompt as token ids", param="prompt")
-            prompt = server.tokenizer.encode(req.prompt, bos=True)
-        elif req.prompt and all(isinstance(t, int) for t in req.prompt):
-            prompt = list(req.prompt)
-        else:
-            raise HTTPError(400, "prompt must be a string or a non-empty list of token ids (one prompt)",
-                            param="prompt")
-        if not prompt:
-            raise HTTPError(400, "empty prompt", param="prompt")
+        prompts = server.completion_prompts(req)
+        with_prompt_lps = req.echo and req.logprobs is not None
+        if req.max_tokens == 0 and not req.echo:
+            raise HTTPError(400, "max_tokens must be positive (0 only with echo), got 0", param="max_tokens")
         # the text is decoded here, on the event loop, not on the engine's thread (`_completion_text`)
-        options = server.options(req, len(prompt), req.logprobs, detokenize=False)
-        rids, events = server.submit(prompt, options, req.n, req.cache_salt, adapter=server.adapter_for(req.model))
+        options = [server.options(req, len(p), req.logprobs, detokenize=False,
+                                   prompt_logprobs=req.logprobs if with_prompt_lps else None) for p in prompts]
+        events: asyncio.Queue = asyncio.Queue()
+        rids: list[str] = []
+        if req.max_tokens != 0 or with_prompt_lps:  # (echo alone with max_tokens 0 runs nothing)
+            try:
+                for k, (prompt, opts) in enumerate(zip(prompts, options)):
+                    rids += server.submit(prompt, opts, req.n, req.cache_salt, adapter=server.adapter_for(req.model),
+                                          events=events, first=k * req.n)[0]
+            except HTTPError:
+                cancel_all(rids)
+                raise
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        echo = server.tokenizer.decode(prompt) if req.echo and server.tokenizer is not None else ""
-
+        echoes = [server.tokenizer.decode(p) if req.echo and server.tokenizer is not None else "" for p in prompts
+                  for _ in range(req.n)]
+        head = {"id": cid, "object": "text_completion", "created": created, "model": server.model_name}
+        if not rids:  # echo only
+            choices = [{"index": i, "text": e, "logprobs": None, "finish_reason": "length"}
+                       for i, e in enumerate(echoes)]
+            n_prompt = sum(len(p) for p in prompts) * req.n
+            return {**head, "choices": choices, "usage": {"prompt_tokens": n_prompt, "completion_tokens": 0,
+                                                          "total_tokens": n_prompt}}
         if not req.stream:
             parts = await final_outputs(request, rids, events)
             finals = [p[-1] for p in parts]
             check_errors(finals)
             choices = []
             for i, choice_parts in enumerate(parts):
-                lps = ([lp for p in choice_parts if p.logprobs for lp in p.logprobs] if req.logprobs is not None
-                       else None)
-                text = _completion_text(server.tokenizer, options)
-                choices.append({"index": i, "text": echo + "".join(text(p) for p in choice_parts),
+                text = _completion_text(server.tokenizer, options[i // req.n])
+                choices.append({"index": i, "text": echoes[i] + "".join(text(p) for p in choice_parts),
                                 "token_ids": [t for p in choice_parts for t in p.token_ids],
-                                "logprobs": server.completion_logprobs(lps), "finish_reason": reason_of(finals[i])})
-            return {"id": cid, "object": "text_completion", "created": created, "model": server.model_name,
-                    "choices": choices, "usage": server.usage(finals)}
+                                "logprobs": server.completion_logprobs(choice_parts, req.logprobs, req.echo,
+                                                                      prompts[i // req.n]),
+                                "finish_reason": reason_of(finals[i])})
+            return {**head, "choices": choices, "usage": server.usage(finals, req.n)}
 
         include_usage = req.stream_options is not None and req.stream_options.include_usage
 
         async def stream():
             finals: list[RequestOutput | None] = [None] * len(rids)
-            texts = [_completion_text(server.tokenizer, options) for _ in rids]
+            texts = [_completion_text(server.tokenizer, options[i // req.n]) for i in range(len(rids))]
 
             def chunk(i, text, reason=None, lps=None):
-                return sse({"id": cid, "object": "text_completion", "created": created, "model": server.model_name,
-                            "choices": [{"index": i, "text": text, "logprobs": lps, "finish_reason": reason}]})
+                return sse({**head, "choices": [{"index": i, "text": text, "logprobs": lps, "finish_reason": reason}]})
 
             try:
-                if echo:
+                if req.echo and not with_prompt_lps:
                     for i in range(len(rids)):
-                        yield chunk(i, echo)
+                        yield chunk(i, echoes[i])
                 while not all(finals):
                     i, out = await events.get()
                     text = texts[i](out)
-                    if text or out.logprobs:
-                        yield chunk(i, text, lps=server.completion_logprobs(out.logprobs))
+                    if out.prompt_logprobs is not None:
+                        text = echoes[i] + text
+                    lps = server.completion_logprobs([out], req.logprobs, req.echo, prompts[i // req.n])
+                    if text or (lps and lps["tokens"]):
+                        yield chunk(i, text, lps=lps)
                     if out.finished:
                         finals[i] = out
                         yield chunk(i, "", reason_of(out))
                 if include_usage:
-                    yield sse({"id": cid, "object": "text_completion", "created": created,
-                               "model": server.model_name, "choices": [], "usage": server.usage(finals)})
+                    yield sse({**head, "choices": [], "usage": server.usage(finals, req.n)})
                 yield "data: [DONE]\n\n"
             finally:
                 if not all(finals):
@@ -624,7 +836,9 @@ def _completion_text(tokenizer, options):
     return text
 
 
-_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/tokenize", "/detokenize",
+          "/tokenizer_info")
+_KEYED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")  # behind --api-key
 
 
 class _AuthAndCount:
@@ -649,7 +863,7 @@ class _AuthAndCount:
 
         path = scope["path"]
         key = self.server.api_key
-        if key is not None and path.startswith("/v1/"):
+        if key is not None and path.startswith(_KEYED):
             given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if given != f"Bearer {key}":
                 body = _error_body("invalid or missing API key", "authentication_error", code=401)
@@ -725,6 +939,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "only as data: URLs; nothing is ever fetched from the network)")
     p.add_argument("--lora", action="append", dest="lora_adapters", metavar="NAME=DIR",
                    help="serve a PEFT LoRA adapter as model NAME (repeatable; see --max-loras, --max-lora-rank)")
+    p.add_argument("--reasoning-effort-map", metavar="CLIENT=MODEL,...",
+                   help="how clients' reasoning_effort values the model does not know map onto its own (default "
+                        "minimal=none,low=high,medium=high,xhigh=high,max=high; Small 4 knows none and high)")
+    p.add_argument("--reasoning-effort-default", metavar="EFFORT",
+                   help="the effort of a request that sends none or 'auto' (default: the model's own, none)")
     add_engine_args(p)
     return p.parse_args(argv)
 
@@ -771,6 +990,7 @@ def main(argv=None) -> int:
             check_address(args.host, args.port)  # a taken port is said now, not after the model build
         if args.image_dir is not None and not os.path.isdir(args.image_dir):
             raise InputError(f"--image-dir {args.image_dir}: not a directory")
+        reasoning = ReasoningPolicy.parse(args.reasoning_effort_map, args.reasoning_effort_default)
         model, tokenizer, mesh = load_model_and_tokenizer(args)
         if multi:
             from infer.server.lockstep import LockstepEngine
@@ -792,7 +1012,7 @@ def main(argv=None) -> int:
 
         print(prepare(tokenizer), file=sys.stderr, flush=True)
     server = Server(engine, tokenizer, args.served_model_name or args.config or args.checkpoint, args.api_key,
-                    image_dir=args.image_dir)
+                    image_dir=args.image_dir, reasoning=reasoning)
     engine.start()
     try:
         uvicorn.run(build_app(server), host=args.host, port=args.port, log_level="info")

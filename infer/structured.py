@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 
+from infer.chat import normalize_messages
 from small4_jax.errors import InputError
 from small4_jax.inputs.tokenizer import TekkenTokenizer, Tokenizer
 
@@ -57,7 +58,10 @@ def _factory(tokenizer: Tokenizer):
         return factory
 
 
-JSON_OBJECT_SCHEMA = {"anyOf": [{"type": "object"}, {"type": "array"}]}  # mistral-common's json_object
+# OpenAI's JSON mode promises an object; mistral-common's json_object grammar also allows an array (its form is
+# response_format {"type": "json_object_or_array"} here)
+JSON_OBJECT_SCHEMA = {"type": "object"}
+JSON_OBJECT_OR_ARRAY_SCHEMA = {"anyOf": [{"type": "object"}, {"type": "array"}]}
 # JSON laid out as json.dumps does (", " and ": ", no other whitespace), unless the schema sets its own layout
 # and strings escaped as json.dumps(ensure_ascii=False) escapes them (no "\/", no "\uXXXX"): mistral-common
 # re-serialises tool-call arguments that way, so only that text encodes to the tokens the model wrote
@@ -98,8 +102,11 @@ def chat_grammar(tokenizer: Tokenizer, messages, *, tools=None, tool_choice=None
     if response_format is None:
         response_format = {"type": "text"}
     rtype = response_format.get("type") if isinstance(response_format, dict) else None
-    if rtype not in ("text", "json_object", "json_schema"):
-        raise InputError('response_format.type must be "text", "json_object" or "json_schema"')
+    if rtype not in ("text", "json_object", "json_object_or_array", "json_schema"):
+        raise InputError('response_format.type must be "text", "json_object", "json_object_or_array" or '
+                         '"json_schema"')
+    if tool_choice == "any":  # Mistral's name for "required"
+        tool_choice = "required"
     forced_tools = tool_choice == "required" or isinstance(tool_choice, dict)
     if rtype == "text" and not forced_tools:
         return None
@@ -110,10 +117,13 @@ def chat_grammar(tokenizer: Tokenizer, messages, *, tools=None, tool_choice=None
     factory = _factory(tokenizer)
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
+    messages = normalize_messages(messages)
+
     kwargs = {}
-    if rtype == "json_object":
+    if rtype in ("json_object", "json_object_or_array"):
+        schema = JSON_OBJECT_SCHEMA if rtype == "json_object" else JSON_OBJECT_OR_ARRAY_SCHEMA
         kwargs["response_format"] = {"type": "json_schema", "json_schema": {
-            "name": "json_object", "schema": _compact(JSON_OBJECT_SCHEMA), "strict": True}}
+            "name": rtype, "schema": _compact(schema), "strict": True}}
     elif rtype == "json_schema":  # the schema is enforced whatever `strict` says
         kwargs["response_format"] = {"type": "json_schema", "json_schema": {
             **spec, "schema": _compact(spec.get("schema", {})), "strict": True}}

@@ -146,3 +146,63 @@ def test_target_matching_nothing_is_an_error(setup):
     paths = lora.apply_lora(model, lora.LoRAConfig(targets=(r"layers\.2\.self_attn\..*_b_proj", "router")))
     assert paths == ["layers.1.mlp.gate", "layers.2.self_attn.q_b_proj", "layers.2.self_attn.kv_b_proj",
                      "layers.2.mlp.gate"]
+
+
+# every adapter shape peft itself writes: (target_modules, target_parameters, rank_pattern, alpha_pattern)
+EXPERT_DOWN, EXPERT_GATE_UP = "mlp.experts.down_proj", "mlp.experts.gate_up_proj"
+PEFT_SHAPES = {
+    "one_expert_weight_down": ([], [EXPERT_DOWN], {}, {}),
+    "one_expert_weight_gate_up": ([], [EXPERT_GATE_UP], {}, {}),
+    "experts_only_both": ([], [EXPERT_DOWN, EXPERT_GATE_UP], {}, {}),
+    "attention_only_patterns": (["q_a_proj", "kv_b_proj", "o_proj"], [], {"o_proj": 4}, {"kv_b_proj": 5.0}),
+    "everything_nested": (["q_b_proj", "o_proj", "gate_proj", "down_proj"], [EXPERT_GATE_UP, EXPERT_DOWN],
+                          {"q_b_proj": 3}, {"o_proj": 1.5}),
+}
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("peft_base")
+    save_hf(make_hf_model(tiny_hf_config(), seed=3), path)
+    return path
+
+
+@pytest.mark.parametrize("shape", list(PEFT_SHAPES))
+def test_every_peft_adapter_shape_loads_and_matches_peft(setup, base_dir, tmp_path, shape):
+    """Adapters written by peft itself (not by our save_peft) load and give PEFT's logits; the multi-LoRA reader
+    (serve's --lora / load_lora_adapter, generate's --lora) takes them too."""
+    from small4_jax.lora.multi import MultiLoRA
+
+    _, _, ids, _, cfg = setup
+    modules, params, ranks, alphas = PEFT_SHAPES[shape]
+    torch.manual_seed(0)
+    ref = peft.get_peft_model(make_hf_model(cfg, seed=3), peft.LoraConfig(
+        r=2, lora_alpha=3.0, target_modules=modules, target_parameters=params, rank_pattern=ranks,
+        alpha_pattern=alphas))
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_" in n:
+                p.copy_(0.05 * torch.randn_like(p))
+        want = ref(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    ref.save_pretrained(tmp_path)
+    ours = small4_jax.from_pretrained(base_dir, dtype="float32")
+    done = lora.load_peft(ours, tmp_path)
+    assert _rel(np.asarray(ours(ids)), want) < 1e-4
+    weights, _ = MultiLoRA(small4_jax.from_pretrained(base_dir, dtype="float32"), 2, 4).read("a", tmp_path)
+    assert sorted(weights) == sorted(done)
+
+
+def test_expert_adapter_of_the_wrong_shape_names_the_tensor(setup, base_dir, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    _, _, _, _, cfg = setup
+    ref = peft.get_peft_model(make_hf_model(cfg, seed=3), peft.LoraConfig(r=2, target_modules=[],
+                                                                           target_parameters=[EXPERT_DOWN]))
+    ref.save_pretrained(tmp_path)
+    f = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(f)
+    key = "base_model.model.model.layers.1.mlp.experts.lora_A.weight"
+    tensors[key] = np.zeros((16, 48), np.float32)  # neither the hidden (64) nor the expert width (32)
+    save_file(tensors, f)
+    with pytest.raises(ConfigError, match=r"layers\.1\.mlp\.experts\.lora_A\.weight has shape \[16, 48\]; expected"):
+        lora.load_peft(small4_jax.from_pretrained(base_dir, dtype="float32"), tmp_path)

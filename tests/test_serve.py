@@ -219,8 +219,9 @@ def test_reasoning_and_tool_calls_split(setup):
         calls += d.tool_calls or []
         reason = chunk.choices[0].finish_reason or reason
     assert (reasoning, content, reason) == (SCRIPT[0], SCRIPT[1], "tool_calls")
-    assert [(c.function.name, c.function.arguments, c.index) for c in calls] == [("get_weather", SCRIPT[3], 0)]
-    assert len(calls[0].id) == 9
+    # OpenAI's form: id and name first, then argument fragments (tests/test_clients.py checks them in detail)
+    assert calls[0].function.name == "get_weather" and calls[0].index == 0 and len(calls[0].id) == 9
+    assert "".join(c.function.arguments for c in calls) == SCRIPT[3] and {c.index for c in calls} == {0}
     # tool_choice "none": no tools in the prompt, no parsing: the call text stays content
     r = client.chat.completions.create(model="scripted", messages=msgs, tools=TOOLS, tool_choice="none",
                                        max_tokens=40, temperature=0)
@@ -275,7 +276,7 @@ def test_auth_and_bad_requests(setup):
     with pytest.raises(openai.BadRequestError, match="model's context is 512"):
         client.chat.completions.create(model="tiny", messages=long, max_tokens=4)
     with pytest.raises(openai.BadRequestError, match="reasoning_effort"):
-        client.chat.completions.create(model="tiny", messages=_messages(0), extra_body={"reasoning_effort": "max"})
+        client.chat.completions.create(model="tiny", messages=_messages(0), extra_body={"reasoning_effort": "extreme"})
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model="tiny", messages=_messages(0), temperature=-1)
 
@@ -353,13 +354,15 @@ def test_structured_output_through_the_client(setup):
         stream = client.chat.completions.create(model="tiny", messages=_messages(2), tools=strict_tools,
                                                 tool_choice=choice, max_tokens=60, temperature=0, stream=True,
                                                 parallel_tool_calls=False, extra_body={"reasoning_effort": "none"})
-        calls, reason = [], None
-        for chunk in stream:
-            calls += chunk.choices[0].delta.tool_calls or []
+        calls, reason = {}, None
+        for chunk in stream:  # OpenAI's deltas: id and name, then argument fragments
+            for d in chunk.choices[0].delta.tool_calls or []:
+                name, args = calls.get(d.index, ("", ""))
+                calls[d.index] = (name + (d.function.name or ""), args + (d.function.arguments or ""))
             reason = chunk.choices[0].finish_reason or reason
         assert len(calls) == 1 and reason == "tool_calls"
-        for call in calls:
-            assert call.function.name == "get_weather" and len(json.loads(call.function.arguments)["location"]) <= 5
+        for name, args in calls.values():
+            assert name == "get_weather" and len(json.loads(args)["location"]) <= 5
     with pytest.raises(openai.BadRequestError, match="response_format"):
         client.chat.completions.create(model="tiny", messages=_messages(1), response_format={"type": "yaml"})
 

@@ -84,13 +84,24 @@ class SamplingOptions:
     # False: events carry ids only (text ""), for a caller that decodes them itself (the chat parser), so each
     # token is detokenised once and not on the engine's thread; stop strings still need (and turn on) the text
     detokenize: bool = True
+    # None: off; n: each prompt token's logprob given the tokens before it (the first: None) and the n most likely,
+    # in the request's first event (`RequestOutput.prompt_logprobs`); with it, max_tokens may be 0 (no generation)
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         def bad(msg):
             raise InputError(msg)
 
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            bad(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            bad(f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.prompt_logprobs}")
+        least = 0 if self.prompt_logprobs is not None else 1
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < least:
+            bad(f"max_tokens must be a positive integer (0 only with prompt_logprobs), got {self.max_tokens!r}")
+        # the sampler's rows hold seeds as uint32 and top_k as int32: out of range, they would fail a whole step
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            bad(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.top_k >= 2**31:
+            bad(f"top_k must be < 2**31, got {self.top_k}")
         if not self.temperature >= 0:
             bad(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -144,6 +155,8 @@ class RequestOutput:
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None  # with finish_reason "error"
+    # SamplingOptions.prompt_logprobs: one entry per prompt token (the first None), in the request's first event
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclasses.dataclass
@@ -173,6 +186,8 @@ class _Request:
     first_token_time: float | None = None
     images: object = None  # vision.PackedImages of the prompt's images (None: text only)
     image_features: object = None  # their features [K, H] on the device, while the prompt is being prefilled
+    prompt_logprobs: list | None = None  # SamplingOptions.prompt_logprobs, computed while it waits; sent once
+    prompt_logprobs_sent: bool = False
 
     @property
     def generated(self) -> int:
@@ -491,6 +506,9 @@ class Engine:
                           mask_seconds=0.0, masked_tokens=0, structured_fallbacks=0)
         self._token_times: deque[tuple[float, int]] = deque(maxlen=256)
         self._waited = 0.0  # seconds of this step spent waiting for the device
+        # requests whose host-side work failed in this step (mask, sampling row, output): finished with an error
+        # at the end of the step, while the step's other rows go on
+        self._failed: dict[str, tuple[_Request, str]] = {}
         self._logits_step = logits_step  # an EAGLE drafter swaps in a step that also keeps the hidden states
         self._flat_steps: dict[tuple, tuple] = {}  # (absorbed, cache_axes) -> (graphdef, treedef, jitted step)
         self.speculator = None
@@ -615,6 +633,8 @@ class Engine:
             raise InputError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
         if options.logprobs is not None and options.logprobs > self.config.vocab_size:
             raise InputError(f"logprobs {options.logprobs} exceeds the vocabulary size")
+        if options.prompt_logprobs is not None and self.lora is not None:
+            raise InputError("prompt_logprobs is not served with LoRA adapter slots (--lora / --max-loras)")
 
     def _matcher(self, options: SamplingOptions):
         if options.grammar is None:
@@ -703,6 +723,8 @@ class Engine:
         t0 = time.perf_counter()
         self._waited = 0.0
         self._drain_inbox()
+        self._failed = {}
+        self._prompt_logprobs()
         self._admit()
         prefilling = [r for r in self._running if len(r.tokens) - r.num_computed > 1 or r.generated == 0]
         try:
@@ -716,8 +738,41 @@ class Engine:
             self.stats["errors"] += 1
             for r in list(self._running):
                 self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+        for r, error in self._failed.values():  # (those `_accept` did not already finish)
+            self._finish(r, "error", error=error)
         self.stats["steps"] += 1
         self.stats["host_seconds"] += time.perf_counter() - t0 - self._waited
+
+    def _fail(self, r: _Request, what: str, e: Exception) -> None:
+        """A host-side error in one request's part of the step: that request fails (at the end of the step, or in
+        `_accept`), the others go on."""
+        log.error("request %s: %s failed: %s: %s", r.id, what, type(e).__name__, e)
+        self.stats["errors"] += 1
+        self._failed.setdefault(r.id, (r, f"{what}: {type(e).__name__}: {e}"))
+
+    def _prompt_logprobs(self) -> None:
+        """Prompt log-probabilities of the waiting requests that ask for them (one teacher-forced forward each);
+        a request with max_tokens 0 is finished here, never admitted."""
+        for r in [r for r in self._waiting if r.options.prompt_logprobs is not None and r.prompt_logprobs is None]:
+            try:
+                r.prompt_logprobs = self._prompt_logprobs_of(r.tokens[: r.num_prompt], r.options.prompt_logprobs)
+            except Exception as e:
+                self._fail(r, "prompt logprobs", e)
+                continue
+            if r.options.max_tokens == 0:
+                self._finish(r, "length")
+
+    def _prompt_logprobs_of(self, prompt: list[int], k: int) -> list[TokenLogprob | None]:
+        n = len(prompt)
+        width = min(max(16, 1 << (n - 1).bit_length()), self.max_model_len)  # one program per power of two
+        ids = np.zeros((1, width), np.int32)
+        ids[0, :n] = prompt
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            chosen, top_ids, top_lp = jax.device_get(
+                _prompt_logprobs_step(self.graphdef, self.state, jnp.asarray(ids), num_top=MAX_TOP_LOGPROBS))
+        return [None] + [TokenLogprob(prompt[j], float(chosen[j - 1]),
+                                      [(int(a), float(b)) for a, b in zip(top_ids[j - 1, :k], top_lp[j - 1, :k])])
+                         for j in range(1, n)]
 
     def warmup_shapes(self) -> list[tuple[str, int, int, int]]:
         """Every (kind, rows, tokens per row, page-table width) the engine's steps compile; with a vision encoder,
@@ -1023,17 +1078,38 @@ class Engine:
         """Settings of `rows` rows (the requests, then padding); `accept[i]`: row i's token joins its output. mask:
         the rows' token masks if the caller made them (speculative verification: one per position), else the
         structured-output rows' masks are computed here."""
-        pad = rows - len(reqs)
-        o = [r.options for r in reqs]
         constrained = [(r.matcher, i) for i, r in enumerate(reqs) if r.matcher is not None and accept[i]]
         if constrained and mask is None:
             from infer.structured import fill_masks
 
             t0 = time.perf_counter()
             mask = np.full((rows, mask_words(self.config.vocab_size)), -1, np.int32)
-            fill_masks(self.tokenizer, constrained, mask)
+            try:
+                fill_masks(self.tokenizer, constrained, mask)
+            except Exception:  # find the rows whose grammar fails: they fail alone (their rows stay unmasked)
+                for m, i in constrained:
+                    try:
+                        fill_masks(self.tokenizer, [(m, i)], mask)
+                    except Exception as e:
+                        mask[i] = -1
+                        self._fail(reqs[i], "structured output mask", e)
             self.stats["mask_seconds"] += time.perf_counter() - t0
             self.stats["masked_tokens"] += len(constrained)
+        try:
+            return self._row_sampling(reqs, rows, accept, mask)
+        except Exception:  # a row the sampler cannot hold fails alone; its row samples with the defaults
+            reqs = list(reqs)
+            for i, r in enumerate(reqs):
+                try:
+                    self._row_sampling([r], 1, [1], None)
+                except Exception as e:
+                    self._fail(r, "sampling settings", e)
+                    reqs[i] = dataclasses.replace(r, options=SamplingOptions(), seed=0)
+            return self._row_sampling(reqs, rows, accept, mask)
+
+    def _row_sampling(self, reqs: Sequence[_Request], rows: int, accept: Sequence[int], mask) -> RowSampling:
+        pad = rows - len(reqs)
+        o = [r.options for r in reqs]
         return RowSampling.from_lists(
             [x.temperature for x in o] + [0.0] * pad, [x.top_k for x in o] + [0] * pad,
             [x.top_p for x in o] + [1.0] * pad, [x.min_p for x in o] + [0.0] * pad,
@@ -1170,31 +1246,41 @@ class Engine:
         with self._metrics_lock:
             self._token_times.append((now, len(reqs)))
         for i, r in enumerate(reqs):
-            t = int(tokens[i])
-            r.tokens.append(t)
-            self.stats["generated_tokens"] += 1
-            if r.first_token_time is None:
-                r.first_token_time = now
-            lp = None
-            if r.options.logprobs is not None:
-                k = r.options.logprobs
-                lp = [TokenLogprob(t, float(logprobs[i]),
-                                   [(int(a), float(b)) for a, b in zip(top_ids[i, :k], top_lp[i, :k])])]
-            reason = None
-            if r.matcher is not None and not r.matcher.consume_token(t):
-                self._emit(r, RequestOutput(r.id, [t], "", lp))
-                self._finish(r, "error", error=f"structured output: {r.matcher.get_error()}")
+            if r.id in self._failed:
+                self._finish(r, "error", error=self._failed.pop(r.id)[1])
                 continue
-            if t in r.stop_ids or (r.matcher is not None and r.matcher.is_stopped()):
-                reason = "stop"
-            elif r.generated >= r.options.max_tokens or len(r.tokens) >= self.max_model_len:
-                reason = "length"
-            new_text, stopped = self._push_text(r, t, final=reason is not None)
-            if stopped:
-                reason = "stop"
-            self._emit(r, RequestOutput(r.id, [t], new_text, lp))
-            if reason is not None:
-                self._finish(r, reason)
+            try:
+                self._accept_one(r, i, tokens, logprobs, top_ids, top_lp, now)
+            except Exception as e:  # this request's output failed (a grammar's consume, a decoder): it alone ends
+                self._fail(r, "output", e)
+                self._finish(r, "error", error=self._failed.pop(r.id)[1])
+
+    def _accept_one(self, r: _Request, i: int, tokens, logprobs, top_ids, top_lp, now: float) -> None:
+        t = int(tokens[i])
+        r.tokens.append(t)
+        self.stats["generated_tokens"] += 1
+        if r.first_token_time is None:
+            r.first_token_time = now
+        lp = None
+        if r.options.logprobs is not None:
+            k = r.options.logprobs
+            lp = [TokenLogprob(t, float(logprobs[i]),
+                               [(int(a), float(b)) for a, b in zip(top_ids[i, :k], top_lp[i, :k])])]
+        reason = None
+        if r.matcher is not None and not r.matcher.consume_token(t):
+            self._emit(r, RequestOutput(r.id, [t], "", lp))
+            self._finish(r, "error", error=f"structured output: {r.matcher.get_error()}")
+            return
+        if t in r.stop_ids or (r.matcher is not None and r.matcher.is_stopped()):
+            reason = "stop"
+        elif r.generated >= r.options.max_tokens or len(r.tokens) >= self.max_model_len:
+            reason = "length"
+        new_text, stopped = self._push_text(r, t, final=reason is not None)
+        if stopped:
+            reason = "stop"
+        self._emit(r, RequestOutput(r.id, [t], new_text, lp))
+        if reason is not None:
+            self._finish(r, reason)
 
     def _push_text(self, r: _Request, token: int, final: bool) -> tuple[str, bool]:
         """Decode `token` into r.text; return (text that can be sent now, whether a stop string was hit)."""
@@ -1223,6 +1309,8 @@ class Engine:
         out.prompt_tokens = r.num_prompt
         out.completion_tokens = r.generated
         out.cached_tokens = r.cached_tokens
+        if r.prompt_logprobs is not None and not r.prompt_logprobs_sent:
+            out.prompt_logprobs, r.prompt_logprobs_sent = r.prompt_logprobs, True
         if r.callback is not None:
             try:
                 r.callback(out)
@@ -1257,6 +1345,17 @@ class Engine:
 _sample_step = jax.jit(sample_rows, static_argnames=("num_top",), donate_argnames=("history",))
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_top"))
+def _prompt_logprobs_step(graphdef, state, ids, *, num_top: int):
+    """Teacher-forced log-probabilities of ids [1, T] (the model's plain forward, no cache): each token's given the
+    ones before it [T - 1], and the num_top most likely there (ids, logprobs)."""
+    logits = nnx.merge(graphdef, state)(ids)[0, :-1].astype(jnp.float32)
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(lp, ids[0, 1:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(lp, num_top)
+    return chosen, top_ids, top_lp
+
+
 @functools.lru_cache(maxsize=64)
 def _flat_logits_step(graphdef, treedef, absorbed: bool, cache_axes: tuple[str, ...]):
     """`paged.logits_step` for one graph definition, jitted over the state's flat list of arrays (`Engine._forward`),
@@ -1281,4 +1380,5 @@ def merge_outputs(parts: Sequence[RequestOutput]) -> RequestOutput:
         last.request_id, [t for p in parts for t in p.token_ids], "".join(p.text for p in parts),
         lps if any(p.logprobs is not None for p in parts) else None, last.finished, last.finish_reason,
         last.prompt_tokens, last.completion_tokens, last.cached_tokens, last.error,
+        next((p.prompt_logprobs for p in parts if p.prompt_logprobs is not None), None),
     )

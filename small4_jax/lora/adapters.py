@@ -621,15 +621,13 @@ def from_peft(model: Small4ForCausalLM, tensors: dict[str, np.ndarray], config: 
     def read(site: _Site) -> tuple | None:
         """(rank, alpha, {field: array}) of the site's adapter in the files, or None."""
         path = site.path
-        key = f"{path}.weight" if site.kind == "router" else (f"{path}.gate_up_proj" if site.kind == "experts" else path)
-        a_name = f"{path}.base_layer.lora_A.weight" if site.kind == "experts" else f"{path}.lora_A.weight"
-        if a_name not in names:
+        key = f"{path}.weight" if site.kind == "router" else path
+        a_name = f"{path}.lora_A.weight"
+        if a_name not in names and f"{path}.base_layer.lora_A.weight" not in names:
             return None
         rank, alpha = int(pattern(rank_pattern, key, r0)), float(pattern(alpha_pattern, key, alpha0))
         if site.kind == "experts":
-            ga, gb = _expert_from_peft(get(a_name), get(f"{path}.base_layer.lora_B.weight"), e)
-            da, db = _expert_from_peft(get(f"{path}.lora_A.weight"), get(f"{path}.lora_B.weight"), e)
-            return rank, alpha, dict(gate_up_a=ga, gate_up_b=gb, down_a=da, down_b=db)
+            return _read_experts(site, names, get, e, model.config, config, pattern, (r0, alpha0), where)
         return rank, alpha, dict(lora_a=get(a_name).T, lora_b=get(f"{path}.lora_B.weight").T)
 
     for members in _modules(model):
@@ -675,6 +673,51 @@ def from_peft(model: Small4ForCausalLM, tensors: dict[str, np.ndarray], config: 
         raise ConfigError(f"{where}: no LoRA tensors found")
     order = {s.path: n for n, s in enumerate(_sites(model))}
     return sorted(done, key=order.get)
+
+
+def _read_experts(site, names, get, e: int, mcfg, config: dict, pattern, defaults, where: str) -> tuple:
+    """(rank, alpha, ExpertsLoRA fields) of a routed-experts adapter as peft writes it, any of its shapes: one
+    parameter (`target_parameters=["mlp.experts.down_proj"]` or gate_up_proj: `experts.lora_*`) or both (the second
+    wrapper nests the first: `experts.base_layer.lora_*` and `experts.lora_*`), each with its rank_pattern /
+    alpha_pattern entry. Which parameter a pair adapts is read from its lora_A's input width (hidden for
+    gate_up_proj, moe_intermediate for down_proj; where they are equal, from the nesting / target_parameters).
+    The two share one rank here: the smaller is zero-padded and each pair's alpha / r is folded into its B (scale 1)."""
+    h, f = mcfg.hidden_size, mcfg.moe_intermediate_size
+    path = site.path
+    pairs = [p for p in (f"{path}.base_layer.", f"{path}.") if f"{p}lora_A.weight" in names]
+    targeted = [t.rsplit(".", 1)[-1] for t in config.get("target_parameters") or [] if "experts" in t]
+    out: dict[str, tuple] = {}
+    for prefix in pairs:
+        a_name, b_name = f"{prefix}lora_A.weight", f"{prefix}lora_B.weight"
+        if b_name not in names:
+            raise ConfigError(f"{where}: {names[a_name]} has no {b_name.rsplit('.', 2)[-2]} partner")
+        a, b = get(a_name), get(b_name)
+        if h != f:
+            param = {h: "gate_up_proj", f: "down_proj"}.get(a.shape[-1])
+        elif len(pairs) == 2:
+            param = "gate_up_proj" if prefix.endswith("base_layer.") else "down_proj"
+        else:
+            param = targeted[0] if len(set(targeted)) == 1 else None
+        if param is None or param in out:
+            raise ConfigError(f"{where}: {names[a_name]} has shape {list(a.shape)}; expected [E*r, {h}] "
+                              f"(experts.gate_up_proj) or [E*r, {f}] (experts.down_proj), each once")
+        din, dout = (h, 2 * f) if param == "gate_up_proj" else (f, h)
+        rank = int(pattern(config.get("rank_pattern") or {}, f"{path}.{param}", defaults[0]))
+        alpha = float(pattern(config.get("alpha_pattern") or {}, f"{path}.{param}", defaults[1]))
+        for name, x, want in ((a_name, a, [e * rank, din]), (b_name, b, [dout, rank * e])):
+            if list(x.shape) != want:
+                raise ConfigError(f"{where}: {names[name]} has shape {list(x.shape)}, expected {want} "
+                                  f"(experts.{param}, {e} experts, rank {rank})")
+        ea, eb = _expert_from_peft(a, b, e)
+        out[param] = (ea, eb * (alpha / rank), rank)
+    r = max(v[2] for v in out.values())
+    fields = {}
+    for param, key in (("gate_up_proj", "gate_up"), ("down_proj", "down")):
+        din, dout = (h, 2 * f) if param == "gate_up_proj" else (f, h)
+        ea, eb, rank = out.get(param, (np.zeros((e, din, r), np.float32), np.zeros((e, r, dout), np.float32), r))
+        fields[f"{key}_a"] = np.pad(ea, ((0, 0), (0, 0), (0, r - rank)))
+        fields[f"{key}_b"] = np.pad(eb, ((0, 0), (0, r - rank), (0, 0)))
+    return r, float(r), fields
 
 
 def _assign(var: nnx.Variable, value: np.ndarray) -> None:
