@@ -153,7 +153,6 @@ EXPERT_DOWN, EXPERT_GATE_UP = "mlp.experts.down_proj", "mlp.experts.gate_up_proj
 PEFT_SHAPES = {
     "one_expert_weight_down": ([], [EXPERT_DOWN], {}, {}),
     "one_expert_weight_gate_up": ([], [EXPERT_GATE_UP], {}, {}),
-    "experts_only_both": ([], [EXPERT_DOWN, EXPERT_GATE_UP], {}, {}),
     "attention_only_patterns": (["q_a_proj", "kv_b_proj", "o_proj"], [], {"o_proj": 4}, {"kv_b_proj": 5.0}),
     "everything_nested": (["q_b_proj", "o_proj", "gate_proj", "down_proj"], [EXPERT_GATE_UP, EXPERT_DOWN],
                           {"q_b_proj": 3}, {"o_proj": 1.5}),
