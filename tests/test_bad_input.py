@@ -445,7 +445,8 @@ CHAT_CASES = [  # (body, param, message)
     ({"messages": HI, "n": 17}, None, "n: Input should be less than or equal to 16"),
     ({"messages": HI, "frobnicate": 1}, "frobnicate", "unsupported parameter 'frobnicate': this server does not "
                                                       "implement it"),
-    ({"messages": HI, "max_tokens": 0}, "max_tokens", "max_tokens must be positive, got 0"),
+    ({"messages": HI, "max_tokens": 0}, "max_tokens", "max_tokens must be positive (0 only with echo and logprobs), "
+                                                      "got 0"),
     ({"messages": HI, "max_tokens": 200}, "max_tokens",
      "prompt (22 tokens) + max_tokens (200) exceeds the model's context of 128 tokens"),
     ({"messages": "hi"}, None, "messages: Input should be a valid list"),
@@ -460,12 +461,16 @@ CHAT_CASES = [  # (body, param, message)
     ({"messages": HI, "tools": [{"type": "function"}]}, "tools",
      "tools[0].function: expected an object with 'name' and 'parameters'"),
     ({"messages": HI, "tools": {"name": "f"}}, None, "tools: Input should be a valid list"),
-    ({"messages": HI, "reasoning_effort": "max"}, None, "reasoning_effort: Input should be 'none' or 'high'"),
+    ({"messages": HI, "reasoning_effort": "extreme"}, "reasoning_effort",
+     "reasoning_effort: Input should be 'none', 'minimal', 'low', 'medium', 'high', 'xhigh', 'max' or 'auto'"),
+    ({"messages": HI, "seed": -1}, "seed", "seed: Input should be greater than or equal to 0"),
+    ({"messages": HI, "top_k": 2**31}, "top_k", "top_k: Input should be less than or equal to 2147483647"),
 ]
 COMPLETION_CASES = [
     ({"prompt": ""}, "prompt", "empty prompt"),
     ({"prompt": [1, 2, 999]}, None, "prompt ids [999] are outside the vocabulary [0, 512)"),
-    ({"prompt": [[1, 2], [3]]}, None, None),
+    ({"prompt": [[1, 2], []]}, "prompt", "prompt[1]: empty list of token ids"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "max_tokens must be positive (0 only with echo), got 0"),
     ({"prompt": "hi", "model": "tiny-2"}, "model", "model 'tiny-2' is not served here; GET /v1/models lists 'tiny'"),
     ({"prompt": "hi", "logprobs": 50}, None, "logprobs: Input should be less than or equal to 20"),
 ]

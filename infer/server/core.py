@@ -43,7 +43,8 @@ class ChatPlan:
 
 
 class Server:
-    """Request handling shared by the endpoints: validation, submission, event streaming, metrics."""
+    """Request handling shared by the endpoints: validation into engine options, submission, the chat plan,
+    response pieces (logprobs, usage)."""
 
     def __init__(self, engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
                  image_dir: str | None = None, reasoning: ReasoningPolicy = ReasoningPolicy()):
@@ -256,7 +257,7 @@ class Server:
             where = f"prompt[{k}]" if many else "prompt"
             if isinstance(item, str):
                 if not item:  # BOS alone is not a prompt
-                    raise HTTPError(400, f"{where}: empty prompt", param="prompt")
+                    raise HTTPError(400, f"{where}: empty prompt" if many else "empty prompt", param="prompt")
                 if self.tokenizer is None:
                     raise HTTPError(400, "this server has no tokenizer: give the prompt as token ids", param="prompt")
                 prompts.append(self.tokenizer.encode(item, bos=True))
