@@ -24,6 +24,7 @@ import sys
 
 from infer.chat import ReasoningPolicy
 from infer.cli import add_engine_args, engine_kwargs, load_model_and_tokenizer
+from small4_jax.console import cli_main
 from small4_jax.errors import InputError, Small4Error
 
 # The server (infer/server/: schemas, core, routes_*, http, metrics, app) and the engine (and so JAX) are imported
