@@ -225,7 +225,9 @@ def test_engine_on_an_expert_parallel_mesh(setup):
     assert len(sharded.layers[1].mlp.experts.gate_up[...].sharding.device_set) == 8
     engine = Engine(sharded, max_batch=8, page_size=8, prefill_chunk=16, batch_buckets=(8,), page_buckets=(8,),
                     mesh=mesh)
-    assert len(engine.pages.sharding.device_set) == 8
+    assert len(engine.pages.sharding.device_set) == 8 and engine.cache_axes == ("expert",)
+    pages = engine.pages  # split 8 ways (data-parallel attention over expert), not one cache copied on every device
+    assert {s.data.shape[1] for s in pages.addressable_shards} == {pages.shape[1] // 8}
     prompts = _prompts(3, seed=23, lengths=[5, 17, 30])
     outs = _run(engine, [(i, p, SamplingOptions(max_tokens=8)) for i, p in enumerate(prompts)])
     for p, o in zip(prompts, outs):
@@ -275,9 +277,10 @@ def test_warmup_compiles_every_step_so_requests_compile_nothing(setup):
 
 
 def test_sharded_cache_equals_the_single_device_engine(setup):
-    """Pages sharded over data=2 (data-parallel attention) with the MoE expert-parallel over expert=4: each request's
-    pages live on the shard it was given, both shards serve, the cache is split in two, and the greedy tokens are
-    those of the single-device engine (itself = transformers above)."""
+    """Pages sharded over data=2 x expert=4 by default (data-parallel attention over both axes, `sharding.RULES`)
+    with the MoE expert-parallel over expert=4: each request's pages live on the shard it was given, several shards
+    serve, the cache is split in eight, and the greedy tokens are those of the single-device engine (itself =
+    transformers above)."""
     from flax import nnx
     from jax.sharding import PartitionSpec
 
@@ -287,11 +290,11 @@ def test_sharded_cache_equals_the_single_device_engine(setup):
 
     _, model, single = setup
     mesh = make_mesh({"data": 2, "expert": 4, "tensor": 1})
-    dp = Engine(place_model(nnx.clone(model), mesh), max_batch=8, page_size=8, num_pages=2 * 20, prefill_chunk=16,
+    dp = Engine(place_model(nnx.clone(model), mesh), max_batch=8, page_size=8, num_pages=8 * 10, prefill_chunk=16,
                 prefill_batch=1, batch_buckets=(8,), mesh=mesh)
-    assert dp.cache_axes == ("data",) and dp.cache_shards == 2 and dp.pool.capacity == 38
-    assert dp.pages.sharding.spec == PartitionSpec(None, "data")
-    assert {s.data.shape[1] for s in dp.pages.addressable_shards} == {20}  # each device holds its shard's pages
+    assert dp.cache_axes == ("data", "expert") and dp.cache_shards == 8 and dp.pool.capacity == 72
+    assert dp.pages.sharding.spec == PartitionSpec(None, ("data", "expert"))
+    assert {s.data.shape[1] for s in dp.pages.addressable_shards} == {10}  # each device holds its shard's pages
     prompts = _prompts(6, seed=29, lengths=[5, 17, 30, 9, 22, 3])
     arrivals = [(0, prompts[0]), (0, prompts[1]), (1, prompts[2]), (2, prompts[3]), (4, prompts[4]), (6, prompts[5])]
     options = SamplingOptions(max_tokens=9)
@@ -308,7 +311,7 @@ def test_sharded_cache_equals_the_single_device_engine(setup):
         if len(events) == len(arrivals) and all(e[-1].finished for e in events.values()):
             break
     got = [merge_outputs(events[i]) for i in range(len(arrivals))]
-    assert used == {0, 1}
+    assert len(used) > 2
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.token_ids == w.token_ids, i
     assert dp.metrics()["pages_used"] == 0

@@ -2,7 +2,7 @@
 
 Deviceless compilation (`small4_jax/tools/aot.py`) runs XLA's real GPU pipeline: Pallas -> Triton IR -> PTX -> ptxas with
 the target's shared-memory and register limits, so a kernel change that breaks the GPU build fails here. Programs
-(`small4_jax/tools/aot_programs.py`, the same builders `benchmarks/memory_plan.py` uses), each compiled once per module:
+(`small4_jax/tools/aot_programs.py`, the same builders `small4_jax/plan.py` uses), each compiled once per module:
 
     kernels   gmm + its VJP (gmm on both weight layouts, tgmm): decode / prefill tilings, bf16 and fp32, ragged M
     experts   expert parallelism, replicated and all-to-all (the real ragged_all_to_all), on 1x1x8 and 2x1x8
@@ -182,7 +182,8 @@ def test_serving_steps_compile_on_8_h100(compiled, decode):
     assert c.uses_triton and "small4_mla" in c.text  # the MLA kernel (kernels/mla_decode) is in the program
     assert c.uses_ragged_all_to_all == (rows * tokens >= config.moe_a2a_min_tokens)
     pages = program.args[1]
-    assert c.memory.alias >= pages.size * pages.dtype.itemsize  # the cache is donated: updated in place
+    shard = int(np.prod(pages.sharding.shard_shape(pages.shape))) * pages.dtype.itemsize
+    assert c.memory.alias >= shard  # the cache (this device's pages) is donated: updated in place
 
 
 @pytest.mark.gpu_compile
@@ -224,8 +225,50 @@ def test_lora_train_step_compiles_on_the_finetune_mesh(compiled):
     run = load(FINETUNE)
     run = dataclasses.replace(run, model=_one_layer(run.model))
     mesh = aot.gpu_mesh("h200", dict(run.train.mesh))
-    program = ap.lora_train_step(run, mesh, micro_batch=1, seq_len=2048, grad_accum=1)
+    program = ap.lora_train_step(run, mesh, **TRAIN_SHAPE)
     c = compiled("lora", lambda: program)
     assert c.uses_triton and c.uses_ragged_all_to_all
     # frozen base: no weight gradient for the experts; the expert adapters' gradients are tgmm calls
     assert c.triton_calls >= 8
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Eight GPUs doing the work of eight: per-device FLOPs against the one-device program's total / 8.
+TRAIN_SHAPE = dict(micro_batch=8, seq_len=256, grad_accum=1)
+DP_MESHES = {"data1-expert8": {"data": 1, "expert": 8, "tensor": 1}, "data2-expert4": {"data": 2, "expert": 4, "tensor": 1}}
+
+
+def _program(kind, target, shape):
+    """The train step (configs/finetune-small4.yaml, one layer) or the decode step (16 rows over a 64-page table,
+    1024 pages) on `shape`; on one device the same rows and table with one cache shard's pages (the cache's size
+    changes no step's work)."""
+    from train.config import load
+
+    mesh = aot.gpu_mesh(target, shape)
+    if kind == "train":
+        run = load(FINETUNE)
+        return ap.lora_train_step(dataclasses.replace(run, model=_one_layer(run.model)), mesh, **TRAIN_SHAPE)
+    pages = 1024 if mesh.size > 1 else 1024 // 8
+    return ap.serve_step(_one_layer(Small4Config.from_yaml(CONFIG)), mesh, absorbed=True, rows=16, tokens=1,
+                         table_pages=64, num_pages=pages)
+
+
+@pytest.mark.gpu_compile
+@pytest.mark.parametrize("mesh", sorted(DP_MESHES))
+@pytest.mark.parametrize("kind", ["train", "decode"])
+def test_each_device_does_an_eighth_of_the_work(compiled, kind, mesh):
+    """Attention, the dense and shared-expert MLPs, lm_head and the loss run data-parallel over data x expert
+    (`sharding.RULES["batch"]`), the routed experts expert-parallel: each of the 8 devices' XLA FLOPs (`aot.hlo_cost`,
+    loops counted per run) are within 1.3x of the one-device program's / 8 (the attention and loss of the whole
+    batch on every device made it ~4x), and the decode step's cache is split 8 ways."""
+    target = "h200" if kind == "train" else "h100"  # the keys the tests above compiled data1-expert8 under
+    shape = DP_MESHES[mesh]
+    key = {"train": "lora", "decode": ("serve", True)}[kind] if mesh == "data1-expert8" else (kind, mesh)
+    program = _program(kind, target, shape)
+    c = compiled(key, lambda: program)
+    one = compiled((kind, "one device"), lambda: _program(kind, target, {"data": 1, "expert": 1, "tensor": 1}))
+    ratio = c.cost.flops * 8 / one.cost.flops
+    assert ratio <= 1.3, (ratio, c.cost, one.cost)
+    if kind == "decode":
+        pages = program.args[1]
+        assert pages.sharding.shard_shape(pages.shape)[1] * 8 == pages.shape[1]  # every device holds 1/8 of the pages

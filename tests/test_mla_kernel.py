@@ -123,22 +123,19 @@ def test_kernel_compiles_for_sm90a_at_small4_dims(batch, t):
 
 @pytest.mark.gpu_compile
 def test_ragged_decode_holds_memory_in_proportion_to_the_rows_lengths():
-    """benchmarks/memory_plan.py's decode-ragged-64 row at one layer: batch 64 = one 262,144-token row + 63 rows of
-    1,024 over the full 16,384-page table; the cache holds just their pages and the step's temporaries are small, so
-    cache + temp is within 2x of sum(lengths) x bytes per token (64 x 256K would be 31x more)."""
-    import sys
-    from pathlib import Path
+    """The planner's decode-ragged-64 preset (small4_jax.plan) at one layer: batch 64 = one 262,144-token row + 63
+    rows of 1,024 over the full 16,384-page table, one cache replicated on every device; the cache holds just their
+    pages and the step's temporaries are small, so cache + temp is within 2x of sum(lengths) x bytes per token
+    (64 x 256K would be 31x more)."""
+    from small4_jax import plan
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import memory_plan
-
-    plan = memory_plan.ragged_decode_plan("h100", 1, memory_plan.MEM_FRACTION)
-    c = plan.programs[0].compile()
+    dep = plan.ragged_decode("h100", 1)
+    c = dep.programs[0].program.compile()
     assert c.uses_triton and "small4_mla" in c.text
     bound = (262_144 + 63 * 1024) * 640  # bf16, 320 values per token, one layer
-    held = plan.resident["cache"] + c.memory.temp
+    held = dep.resident["cache"] + c.memory.temp
     assert bound <= held < 2 * bound, (held, bound)
-    assert "x the bound" in plan.check(c.memory)
+    assert "x the bound" in dep.check(c.memory)
 
 
 @pytest.mark.gpu_compile

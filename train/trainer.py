@@ -42,6 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from small4_jax.lora import adapters as lora
 from small4_jax.errors import Small4Error
 from small4_jax.nn.model import Small4ForCausalLM
+from small4_jax.parallel.sharding import batch_spec
 from train.config import RunConfig
 from train.data import Packed, batch_indices, load_dataset
 
@@ -280,7 +281,8 @@ def restore_lora(model: Small4ForCausalLM, run_dir: str | Path, step: int | None
 # ----------------------------------------------------------------------------------------------------------------------
 # The loop.
 def _put_batch(batch: dict, accum: int, mesh) -> dict:
-    """[B, S] host arrays -> [accum, B / accum, S] on the mesh (rows split over `data` when it divides them).
+    """[B, S] host arrays -> [accum, B / accum, S] on the mesh, the rows split over the batch axes
+    (`sharding.batch_spec`: data and expert, as far as they divide the micro-batch).
 
     Every process holds the same batch (a pure function of seed and step), so with several processes each one
     places its own shards of the same global array.
@@ -291,8 +293,7 @@ def _put_batch(batch: dict, accum: int, mesh) -> dict:
         if mesh is None:
             out[k] = jnp.asarray(v)
             continue
-        split = "data" in mesh.shape and v.shape[1] % mesh.shape["data"] == 0
-        out[k] = jax.device_put(v, NamedSharding(mesh, PartitionSpec(None, "data") if split else PartitionSpec()))
+        out[k] = jax.device_put(v, NamedSharding(mesh, batch_spec(mesh, v.shape[1], leading=1)))
     return out
 
 

@@ -49,6 +49,7 @@ from infer.engine.page_pool import PagePool, chain_hashes, prefix_context
 from small4_jax.decode.sampler import MAX_LOGIT_BIAS, RowSampling, TokenHistory, mask_words, sample_rows, set_slot
 from small4_jax.errors import InputError, Small4Error
 from small4_jax.inputs.images import image_hash
+from small4_jax.parallel.sharding import batch_axes
 from small4_jax.nn.paged import (NULL_PAGE, PagedCache, cache_bytes_per_token_per_layer, cache_spec, cache_width,
                                logits_step)
 
@@ -368,7 +369,8 @@ class Engine:
             max_lora_rank: the largest rank a slot holds (default: the largest given, else 16).
         cache_dtype: dtype of the cache (default the model's).
         mesh: a device mesh (the model's parameters live on it).
-        cache_axes: mesh axes the cache's pages are sharded over (default: "data" when the mesh has it): each shard
+        cache_axes: mesh axes the cache's pages are sharded over (default: the batch axes of `sharding.RULES`, data
+            and expert, that the mesh has; () keeps one cache replicated on every device): each shard
             holds num_pages / shards pages and attends for its own rows (data-parallel attention, while the MoE stays
             expert-parallel), so the cache grows with the devices. A request's pages all live on one shard, chosen
             at admission (most prefix-cache hits, then most free pages); max_batch and the batch buckets count rows
@@ -430,7 +432,7 @@ class Engine:
         self.max_pages_per_seq = math.ceil(self.max_model_len / page_size)
         self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
         if cache_axes is None:
-            cache_axes = ("data",) if mesh is not None and "data" in mesh.shape else ()
+            cache_axes = batch_axes(mesh)
         for a in cache_axes:
             if mesh is None or a not in mesh.shape:
                 where = "there is no mesh" if mesh is None else f"the mesh has axes {dict(mesh.shape)}"

@@ -34,9 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from small4_jax.errors import ConfigError, InputError
-from small4_jax.lora.adapters import ExpertsLoRA, LoRALinear, LoRARouter, _modules, base_output, load_peft
+from small4_jax.lora.adapters import (ExpertsLoRA, LoRALinear, LoRARouter, _modules, base_output, load_peft, lora_spec,
+                             select_targets)
 from small4_jax.nn.model import Shared
 from small4_jax.nn.moe import ExpertLoRA, _sliced, at_layer
 from small4_jax.quant.formats import QArray, dequantize
@@ -67,7 +69,8 @@ def _row_ids(ids: jax.Array, lead: tuple[int, ...]) -> jax.Array:
 class MultiLoRALinear(nnx.Module):
     """An `nnx.Linear` plus `slots` stacked adapters chosen per row by `ids`."""
 
-    def __init__(self, base: nnx.Linear, slots: int, rank: int, ids: AdapterIds, lead: tuple[int, ...] = ()):
+    def __init__(self, base: nnx.Linear, slots: int, rank: int, ids: AdapterIds, lead: tuple[int, ...] = (),
+                 dtype=jnp.float32):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.dtype = base.dtype or base.kernel[...].dtype
         self.precision = base.precision
@@ -76,8 +79,8 @@ class MultiLoRALinear(nnx.Module):
         self.kernel_scale = getattr(base, "kernel_scale", None)  # a quantised base stays quantised
         self.bias = base.bias
         self.rank = rank
-        self.lora_a = MultiLoRAParam(jnp.zeros(lead + (self.in_features, slots * rank), jnp.float32))
-        self.lora_b = MultiLoRAParam(jnp.zeros(lead + (slots * rank, self.out_features), jnp.float32))
+        self.lora_a = MultiLoRAParam(jnp.zeros(lead + (self.in_features, slots * rank), dtype))
+        self.lora_b = MultiLoRAParam(jnp.zeros(lead + (slots * rank, self.out_features), dtype))
         self.scales = MultiLoRAParam(jnp.zeros(lead + (slots,), jnp.float32))
         self.ids = ids
 
@@ -125,16 +128,17 @@ class MultiLoRALinear(nnx.Module):
 class MultiExpertsLoRA(nnx.Module):
     """Stacked per-expert adapters (`experts.lora`): gate_up_a [E, H, S*R] ... down_b [E, S*R, H], scales [S]."""
 
-    def __init__(self, experts, slots: int, rank: int, ids: AdapterIds, lead: tuple[int, ...] = ()):
+    def __init__(self, experts, slots: int, rank: int, ids: AdapterIds, lead: tuple[int, ...] = (),
+                 dtype=jnp.float32):
         from small4_jax.quant.formats import logical_shape
 
         e, h, f2 = logical_shape(experts.gate_up.shape, experts.gate_up.dtype)[-3:]  # [E, H, 2F] also quantised
         j = slots * rank
         self.rank = rank
-        self.gate_up_a = MultiLoRAParam(jnp.zeros(lead + (e, h, j), jnp.float32))
-        self.gate_up_b = MultiLoRAParam(jnp.zeros(lead + (e, j, f2), jnp.float32))
-        self.down_a = MultiLoRAParam(jnp.zeros(lead + (e, f2 // 2, j), jnp.float32))
-        self.down_b = MultiLoRAParam(jnp.zeros(lead + (e, j, h), jnp.float32))
+        self.gate_up_a = MultiLoRAParam(jnp.zeros(lead + (e, h, j), dtype))
+        self.gate_up_b = MultiLoRAParam(jnp.zeros(lead + (e, j, f2), dtype))
+        self.down_a = MultiLoRAParam(jnp.zeros(lead + (e, f2 // 2, j), dtype))
+        self.down_b = MultiLoRAParam(jnp.zeros(lead + (e, j, h), dtype))
         self.scales = MultiLoRAParam(jnp.zeros(lead + (slots,), jnp.float32))
         self.ids = ids
 
@@ -153,34 +157,53 @@ class _Adapter:
 
 
 class MultiLoRA:
-    """The adapters a server holds: `slots - 1` adapters of rank <= `rank` on `model` (modified in place)."""
+    """The adapters a server holds: `slots - 1` adapters of rank <= `rank` on `model` (modified in place).
 
-    def __init__(self, model, slots: int, rank: int):
+    Slots exist only on the modules `targets` selects (`lora.LoRAConfig.targets` spellings: aliases, module names,
+    regexes over paths, or site paths; default every adaptable module; a stack gets slots for all its layers when
+    any is selected), in `dtype` (the model's compute dtype), and with a `mesh` each slot array is placed beside its
+    base weight (`lora.lora_spec`: the experts' slots split over `expert` as the experts are), so what the slots
+    take per device is known before the engine sizes its cache (`device_bytes`)."""
+
+    def __init__(self, model, slots: int, rank: int, *, targets=None, dtype=jnp.float32, mesh=None):
         if slots < 2:
             raise ConfigError(f"max_loras must be at least 1, got {slots - 1}")
         if rank < 1:
             raise ConfigError(f"max_lora_rank must be positive, got {rank}")
         self.model, self.slots, self.rank = model, slots, rank
         self.ids = AdapterIds(jnp.zeros((1,), jnp.int32))
+        chosen = None if targets is None else set(select_targets(model, tuple(targets)))
         self.sites = {}  # per-layer site path -> (holder, its layer's slice in a stack or None)
         for members in _modules(model):
             site = members[0][1]
+            if chosen is not None and not any(s.path in chosen for _, s in members):
+                continue
             base = getattr(site.parent, site.attr)
             lead = (len(members),) if site.index is not None else ()
             if site.kind == "linear":
                 if isinstance(base, (LoRALinear, MultiLoRALinear)):
                     raise ConfigError(f"{site.path}: already has an adapter; multi-LoRA serving needs the base model")
-                m = MultiLoRALinear(base, slots, rank, self.ids, lead)
+                m = MultiLoRALinear(base, slots, rank, self.ids, lead, dtype)
                 setattr(site.parent, site.attr, m)
             elif site.kind == "experts":
-                m = MultiExpertsLoRA(base, slots, rank, self.ids, lead)
+                m = MultiExpertsLoRA(base, slots, rank, self.ids, lead, dtype)
                 base.lora = nnx.data(m)
             else:
                 continue
             for _, s in members:
                 self.sites[s.path] = (m, s.index)
+        if mesh is not None:
+            place_slots(model, mesh)
         self.adapters: dict[str, _Adapter] = {}
         self._ids_path = None
+
+    def device_bytes(self, device=None) -> int:
+        """Bytes the slots take on `device` (default: the first device of the first slot array)."""
+        leaves = [x for x in jax.tree.leaves(nnx.state(self.model, MultiLoRAParam))]
+        if not leaves:
+            return 0
+        device = device or min(leaves[0].sharding.device_set, key=lambda d: d.id)
+        return sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == device)
 
     # ---- the per-step ids ------------------------------------------------------------------------------------------
     def set_ids(self, state, slots_per_row) -> None:
@@ -218,7 +241,7 @@ class MultiLoRA:
         for f in ("adapter_config.json", "adapter_model.safetensors"):
             digest.update((path / f).read_bytes())
         out = {}
-        from small4_jax.lora.adapters import adapters as adapter_modules
+        from small4_jax.lora import adapters as adapter_modules
 
         for site_path, ad in adapter_modules(scratch).items():
             if isinstance(ad, LoRARouter):
@@ -227,7 +250,8 @@ class MultiLoRA:
             if ad.rank > self.rank:
                 raise ConfigError(f"{where}: {site_path} has rank {ad.rank}, above --max-lora-rank {self.rank}")
             if site_path not in self.sites:
-                raise ConfigError(f"{where}: {site_path} is not an adaptable module of the served model")
+                raise ConfigError(f"{where}: {site_path} is not among the modules the server holds adapter slots for "
+                                  "(--lora-targets)")
             if isinstance(ad, ExpertsLoRA):
                 out[site_path] = dict(gate_up_a=ad.gate_up_a[...], gate_up_b=ad.gate_up_b[...], down_a=ad.down_a[...],
                                       down_b=ad.down_b[...], scale=ad.scale, rank=ad.rank)
@@ -244,8 +268,15 @@ class MultiLoRA:
         return free[0]
 
     def install(self, name: str, path, weights: dict, identity: str, slot: int) -> None:
-        """Write `weights` (from `read`) into `slot` of every site (zeros where the adapter has none)."""
+        """Write `weights` (from `read`) into `slot` of every site (zeros where the adapter has none), in the slots'
+        dtype and placement."""
         lo, hi = slot * self.rank, (slot + 1) * self.rank
+
+        def put(var, index, block):
+            old = var[...]
+            new = old.at[index].set(block.astype(old.dtype))
+            var[...] = jax.device_put(new, old.sharding) if hasattr(old, "sharding") else new
+
         for site_path, (m, j) in self.sites.items():
             w = weights.get(site_path)
             scale = 0.0 if w is None else float(w["scale"])
@@ -257,22 +288,22 @@ class MultiLoRA:
                     block = jnp.zeros((e, din, self.rank), jnp.float32)
                     if w is not None:
                         block = block.at[..., : w["rank"]].set(w[field])
-                    var[...] = var[...].at[at + (Ellipsis, slice(lo, hi))].set(block)
+                    put(var, at + (Ellipsis, slice(lo, hi)), block)
                 for field in ("gate_up_b", "down_b"):
                     var = getattr(m, field)
                     e, dout = var.shape[-3], var.shape[-1]
                     block = jnp.zeros((e, self.rank, dout), jnp.float32)
                     if w is not None:
                         block = block.at[:, : w["rank"]].set(w[field])
-                    var[...] = var[...].at[at + (slice(None), slice(lo, hi))].set(block)
+                    put(var, at + (slice(None), slice(lo, hi)), block)
             else:
                 a = jnp.zeros((m.in_features, self.rank), jnp.float32)
                 b = jnp.zeros((self.rank, m.out_features), jnp.float32)
                 if w is not None:
                     a, b = a.at[:, : w["rank"]].set(w["a"]), b.at[: w["rank"]].set(w["b"])
-                m.lora_a[...] = m.lora_a[...].at[at + (Ellipsis, slice(lo, hi))].set(a)
-                m.lora_b[...] = m.lora_b[...].at[at + (slice(lo, hi),)].set(b)
-            m.scales[...] = m.scales[...].at[at + (slot,)].set(scale)
+                put(m.lora_a, at + (Ellipsis, slice(lo, hi)), a)
+                put(m.lora_b, at + (slice(lo, hi),), b)
+            put(m.scales, at + (slot,), jnp.float32(scale))
         if name is not None:
             self.adapters[name] = _Adapter(name, slot, identity, str(path))
 
@@ -287,6 +318,19 @@ class MultiLoRA:
         slot = self.slot_of(name)
         self.install(None, None, {}, "", slot)
         del self.adapters[name]
+
+
+def place_slots(model, mesh) -> None:
+    """Place every multi-LoRA slot array of `model` on `mesh` beside its base weight (`lora.lora_spec`); the
+    scales replicated."""
+    state = nnx.state(model, MultiLoRAParam)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        x = var.get_raw_value() if hasattr(var, "get_raw_value") else var[...]
+        names = [str(p) for p in path]
+        spec = PartitionSpec() if names[-1] == "scales" else lora_spec(names, x.shape, mesh)  # named as training's
+        flat.append((path, var.replace(jax.device_put(x, NamedSharding(mesh, spec)))))
+    nnx.update(model, nnx.from_flat_state(flat))
 
 
 def adapter_rank(path) -> int:

@@ -37,7 +37,7 @@ from small4_jax.config import Small4Config
 from small4_jax.kernels.attention import attention
 from small4_jax.nn.moe import AtLayer, at_layer, resolve_dense_impl, route, routed_experts
 from small4_jax.quant.formats import QUANTISED_LINEARS
-from small4_jax.parallel.sharding import RULES, mesh_of, param_axes
+from small4_jax.parallel.sharding import batch_axes, mesh_axes, mesh_of, param_axes
 
 _ACT = {
     "silu": jax.nn.silu,
@@ -533,7 +533,7 @@ def _dense_weight(path, value) -> bool:
     if mesh is None:
         return True
     axes = param_axes(names[:-1] + ("kernel",), 2)
-    return not any(mesh.shape.get(RULES.get(a), 1) > 1 for a in axes if a)
+    return not any(mesh_axes(a, mesh) for a in axes if a)
 
 
 def run_layers(stacks, groups, h: jax.Array, carry, fn, *, scan: bool = True, remat: bool = False,
@@ -711,17 +711,31 @@ def chunked_cross_entropy(head: nnx.Module, h: jax.Array, targets, weights, chun
     each chunk's logits and loss under `jax.checkpoint`, so forward and backward hold one [chunk, vocab] block of
     logits, never [tokens, vocab]. `head` is the model's lm_head (or the tied embedding, through `attend`), passed
     as split state (a pure function inside jax.jit / jax.grad of a merged model).
+
+    On a mesh the tokens are split over the batch axes (`sharding.batch_axes`, data-parallel): each shard cuts ITS
+    tokens into chunks of `chunk`, and step i of the scan takes chunk i of every shard, so every device computes
+    the loss of its own tokens (`chunk` of them at a time). Cut across the shards instead, a step's chunk lay on
+    one device and every device computed it: the whole batch's logits on each.
     """
     dim = h.shape[-1]
+    mesh = mesh_of(h)
     h = h.reshape(-1, dim)
     targets = jnp.asarray(targets, jnp.int32).reshape(-1)
     weights = jnp.asarray(weights, jnp.float32).reshape(-1)
     n = h.shape[0]
-    chunk = max(1, min(chunk, n))
-    pad = -n % chunk
-    if pad:
-        h = jnp.pad(h, ((0, pad), (0, 0)))
-        targets, weights = jnp.pad(targets, (0, pad)), jnp.pad(weights, (0, pad))
+    shards = math.prod(mesh.shape[a] for a in batch_axes(mesh, n)) if mesh is not None else 1
+    per_shard = n // shards
+    chunk = max(1, min(chunk, per_shard))
+    steps = -(-per_shard // chunk)
+    pad = steps * chunk - per_shard
+
+    def cut(x):  # [n, ...] -> [steps, shards * chunk, ...]: step i holds chunk i of every shard
+        x = x.reshape(shards, per_shard, *x.shape[1:])
+        if pad:
+            x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        x = x.reshape(shards, steps, chunk, *x.shape[2:])
+        return jnp.swapaxes(x, 0, 1).reshape(steps, shards * chunk, *x.shape[3:])
+
     graphdef, state = nnx.split(head)
 
     @jax.checkpoint
@@ -734,7 +748,7 @@ def chunked_cross_entropy(head: nnx.Module, h: jax.Array, targets, weights, chun
     def body(total, xs):
         return total + chunk_loss(state, *xs), None
 
-    xs = (h.reshape(-1, chunk, dim), targets.reshape(-1, chunk), weights.reshape(-1, chunk))
+    xs = (cut(h), cut(targets), cut(weights))
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
     return total, jnp.sum(weights)
 

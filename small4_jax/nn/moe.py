@@ -34,12 +34,14 @@ k=4, H=F=512, fp32, the weights passed as arguments as in the engine): one token
 Permute and unpermute are gathers whose backward passes are gathers too (custom VJPs), never scatter-adds.
 
 Expert parallelism: when the expert weights live on a mesh with an `expert` axis (`sharding.mesh_of`), the dispatch
-runs inside `jax.shard_map` over the mesh axes data / expert / tensor (layout from `sharding.moe_layout`), with one of
-two strategies (`strategy`, default "auto": by tokens per data shard against `a2a_min_tokens`):
+runs inside `jax.shard_map` over the mesh axes data / expert / tensor (layout from `sharding.moe_layout`). Tokens
+enter and leave split over data x expert, as the attention and dense layers hold them (`sharding.RULES["batch"]`:
+data-parallel attention), with one of two strategies (`strategy`, default "auto": by tokens per data shard against `a2a_min_tokens`):
 
-    "replicated"  every expert shard sees all tokens of its data shard, runs its local experts on their rows (the
-                  kernel's local-group window), and a psum over expert (and tensor) combines. Decode, small batches.
-    "all_to_all"  tokens are split over data x expert; each shard sends every routed row to the shard owning its
+    "replicated"  every expert shard gathers the tokens of its expert group, runs its local experts on their rows
+                  (the kernel's local-group window), and a reduce-scatter over expert (a psum over tensor) combines
+                  and returns each shard its own tokens. Decode, small batches.
+    "all_to_all"  each shard sends every routed row of its tokens to the shard owning its
                   expert, runs its local experts, and sends results back. `jax.lax.ragged_all_to_all` on GPU meshes; on
                   other platforms (XLA:CPU has no ragged all-to-all) a padded dense `all_to_all` with the same
                   semantics (`_ragged_all_to_all_dense`). Prefill and training.
@@ -634,9 +636,14 @@ def _local_lora(lora_arrays, scale, pair_scale=None):
 
 def _replicated_body(x, expert_ids, expert_weights, gate_up, down, lora_arrays, token_scale, *, layout: MoELayout,
                      num_experts, act, impl, lora_scale):
-    """All tokens of this data shard; this shard's experts on their rows (zero elsewhere); psum combines."""
+    """All tokens of this expert group (gathered over `expert`: they arrive split as the attention holds them);
+    this shard's experts on their rows (zero elsewhere); a reduce-scatter over `expert` sums the partial outputs
+    and hands each shard its own tokens back (and a psum over `tensor` the tensor-parallel halves)."""
     local = gate_up.shape[0]
     offset = jax.lax.axis_index(layout.expert_axis) * local
+    gather = functools.partial(jax.lax.all_gather, axis_name=layout.expert_axis, tiled=True)
+    x, expert_ids, expert_weights = gather(x), gather(expert_ids), gather(expert_weights)
+    token_scale = None if token_scale is None else gather(token_scale)
     d = sort_by_expert(expert_ids, num_experts)
     rows = permute(x, d.order, d.inverse, expert_ids.shape[1])
     pair_scale = None if token_scale is None else permute(token_scale, d.order, d.inverse, expert_ids.shape[1])
@@ -645,8 +652,10 @@ def _replicated_body(x, expert_ids, expert_weights, gate_up, down, lora_arrays, 
                    lora=_local_lora(lora_arrays, lora_scale, pair_scale),
                    group_offset=offset, tensor_axis=tensor_axis, out_dtype=jnp.float32)
     out = _combine(unpermute(y, d.order, d.inverse), expert_weights)
-    axes = tuple(a for a in (layout.expert_axis, layout.tensor_axis) if a)
-    return jax.lax.psum(out, axes).astype(x.dtype)
+    out = jax.lax.psum_scatter(out, layout.expert_axis, scatter_dimension=0, tiled=True)
+    if tensor_axis is not None:
+        out = jax.lax.psum(out, tensor_axis)
+    return out.astype(x.dtype)
 
 
 def _exclusive_cumsum(a, axis=0):

@@ -18,9 +18,14 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-# logical axis -> mesh axis
-RULES: dict[str, str] = {
-    "batch": "data",  # activations: the token axis
+# logical axis -> mesh axis (or axes, major first)
+RULES: dict[str, str | tuple[str, ...]] = {
+    # Activations' batch / token axis of all non-routed work (attention, dense and shared-expert MLPs, norms,
+    # lm_head, the loss, sampling; and the paged cache's pages): split over `data` AND `expert` together
+    # (data-parallel attention). The routed experts split their weights over `expert` and exchange rows with an
+    # all-to-all (moe.py), so an expert shard computes attention for its own rows instead of every shard repeating
+    # the whole batch's.
+    "batch": ("data", "expert"),
     "experts": "expert",
     "expert_mlp": "tensor",
     "mlp": "tensor",
@@ -67,16 +72,41 @@ def scale_spec(values_spec: PartitionSpec, scale_shape: Sequence[int]) -> Partit
     return PartitionSpec(*(a if d > 1 else None for a, d in zip(spec, scale_shape)))
 
 
+def mesh_axes(logical: str | None, mesh, size: int | None = None) -> tuple[str, ...]:
+    """The mesh axes `RULES` maps `logical` to that `mesh` has with more than one device, major first; with `size`,
+    the longest prefix of them whose product divides it (a dimension the axes do not divide stays replicated on
+    the rest)."""
+    rule = RULES.get(logical) if logical else None
+    names = (rule,) if isinstance(rule, str) else tuple(rule or ())
+    shape = dict(mesh.shape) if mesh is not None else {}
+    out: list[str] = []
+    for name in names:
+        n = shape.get(name, 1)
+        if n > 1 and (size is None or size % (math.prod(shape[a] for a in out) * n) == 0):
+            out.append(name)
+        elif n > 1:
+            break
+    return tuple(out)
+
+
+def _entry(axes: tuple[str, ...]):
+    """A PartitionSpec entry for `axes`: None, one name, or a tuple of names."""
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def batch_axes(mesh, rows: int | None = None) -> tuple[str, ...]:
+    """The mesh axes a batch of `rows` rows (or tokens) of non-routed work is split over (`RULES["batch"]`)."""
+    return mesh_axes("batch", mesh, rows)
+
+
+def batch_spec(mesh, rows: int | None = None, leading: int = 0) -> PartitionSpec:
+    """The PartitionSpec of activations [..., rows, ...] with `leading` unsharded axes before the rows axis."""
+    return PartitionSpec(*(None,) * leading, _entry(batch_axes(mesh, rows)))
+
+
 def spec_for(path: Sequence, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
     axes = param_axes(path, len(shape))
-    out = []
-    for dim, logical in zip(shape, axes):
-        mesh_axis = RULES.get(logical) if logical else None
-        if mesh_axis in mesh.shape and mesh.shape[mesh_axis] > 1 and dim % mesh.shape[mesh_axis] == 0:
-            out.append(mesh_axis)
-        else:
-            out.append(None)
-    return PartitionSpec(*out)
+    return PartitionSpec(*(_entry(mesh_axes(logical, mesh, dim)) for dim, logical in zip(shape, axes)))
 
 
 def sharding_for(path: Sequence, shape: Sequence[int], mesh: Mesh | None) -> jax.sharding.Sharding:
@@ -159,13 +189,14 @@ class MoELayout:
     ep: int
     tp: int
 
-    def token_spec(self, all_to_all: bool) -> PartitionSpec:
-        """Tokens [N, ...]: over data (replicated strategy), or over data x expert (all-to-all strategy)."""
-        axes = tuple(a for a in (self.data_axis, self.expert_axis if all_to_all else None) if a)
+    def token_spec(self, all_to_all: bool = True) -> PartitionSpec:
+        """Tokens [N, ...] enter and leave split over data x expert, as the non-routed work holds them
+        (`RULES["batch"]`), with either strategy: the replicated one gathers its expert group's tokens inside."""
+        axes = tuple(a for a in (self.data_axis, self.expert_axis) if a)
         return PartitionSpec(axes if axes else None)
 
-    def token_shards(self, all_to_all: bool) -> int:
-        return self.data * (self.ep if all_to_all else 1)
+    def token_shards(self, all_to_all: bool = True) -> int:
+        return self.data * self.ep
 
     @property
     def gate_up_spec(self) -> PartitionSpec:  # [E, H, 2F]
@@ -189,7 +220,8 @@ def moe_layout(mesh, num_experts: int, intermediate: int) -> MoELayout | None:
     expert = RULES["experts"]
     if expert not in shape or num_experts % shape[expert]:
         return None
-    data, tensor = RULES["batch"], RULES["expert_mlp"]
+    data = next(a for a in RULES["batch"] if a != expert)  # the batch axis the experts are not sharded over
+    tensor = RULES["expert_mlp"]
     tp = shape.get(tensor, 1)
     if intermediate % tp:
         tp = 1

@@ -141,9 +141,28 @@ class Compiled:
         """Whether the program exchanges rows with the real `ragged_all_to_all` (not the dense CPU stand-in)."""
         return RAGGED_A2A_MARKER in self.text
 
+    @property
+    def cost(self) -> Cost:
+        """Per-device FLOPs and HBM bytes of one run (`cost_of` the compiled module)."""
+        return cost_of(self.compiled)
+
     def written_arrays(self, min_bytes: int = 1) -> list[WrittenArray]:
         """The arrays the compiled program writes to device memory (`written_arrays` of its optimised HLO)."""
         return written_arrays(self.compiled.as_text(), min_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """One device's work in one run of a compiled program (`hlo_cost` of its optimised, partitioned module)."""
+
+    flops: float  # of XLA's dots and convolutions, each times the runs of the loop holding it
+    bytes: float  # read and written by the kernels XLA launches (operands + results of each), times their runs
+    kernel_calls: int  # Pallas (Triton) kernel launches per run: in neither figure but for the bytes they write
+
+
+def cost_of(compiled) -> Cost:
+    """`hlo_cost` of a compiled program: what ONE device of its mesh runs (the module is SPMD-partitioned)."""
+    return hlo_cost(compiled.as_text())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,15 +187,31 @@ _NO_WRITE = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant", "
              "after-all", "opt-barrier"}
 
 
-def written_arrays(hlo_text: str, min_bytes: int = 1) -> list[WrittenArray]:
-    """The arrays of at least `min_bytes` that a compiled (optimised, scheduled) HLO module writes: every array
-    output of an instruction in a computation that runs as a sequence of kernels (the entry, while bodies and
-    conditions, branches), not inside a fusion (whose values stay in registers / shared memory) and not a buffer
-    alias (`_NO_WRITE`). A per-layer weight slice found here in a scan's while body is copied every iteration.
+@dataclasses.dataclass
+class _Module:
+    """An optimised HLO module's text, parsed: its computations' instruction lines, which ones are fused or applied
+    (inlined into another's kernel), and how many times one run of the program runs each (`runs`)."""
 
-    An asynchronous pair (`fusion-start` / `fusion-done`, `copy-start` / `copy-done`, ...; XLA of jaxlib 0.11 runs a
-    scan's dynamic-slice copies so) writes its output once: it is counted at the `-done`, whose value is that output.
-    The `-start`'s tuple only names the operands, the output in flight and a context."""
+    computations: dict[str, list[str]]
+    inlined: set[str]
+    loops: dict[str, tuple[str, int | None]]  # while body / condition -> (computation holding it, trip count)
+    callers: dict[str, str]  # fused / called computation -> the computation of the instruction that calls it
+
+    def runs(self, computation: str, depth: int = 0) -> int | None:
+        """Times one run of the program runs `computation`: 1 for the entry; a loop's body its known trip count times
+        its holder's; a fused computation its caller's; None when a loop's trip count is unknown."""
+        if depth > 32:
+            return None
+        if computation in self.loops:
+            holder, trips = self.loops[computation]
+            outer = self.runs(holder, depth + 1)
+            return None if trips is None or outer is None else trips * outer
+        if computation in self.callers:
+            return self.runs(self.callers[computation], depth + 1)
+        return 1
+
+
+def _parse_module(hlo_text: str) -> _Module:
     computations: dict[str, list[str]] = {}
     current = None
     for line in hlo_text.splitlines():
@@ -189,37 +224,120 @@ def written_arrays(hlo_text: str, min_bytes: int = 1) -> list[WrittenArray]:
         elif current is not None:
             computations[current].append(line)
     inlined = set(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", hlo_text))
-    loops = {}  # while body -> (computation holding the while, known trip count or None)
+    loops, callers = {}, {}
     for holder, lines in computations.items():
         for line in lines:
-            loop = re.search(r" while\(.*body=%([\w.\-]+)", line)
+            loop = re.search(r" while\(.*condition=%([\w.\-]+), body=%([\w.\-]+)", line)
             if loop:
                 trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-                loops[loop.group(1)] = (holder, int(trips.group(1)) if trips else None)
+                n = int(trips.group(1)) if trips else None
+                loops[loop.group(2)] = (holder, n)
+                loops[loop.group(1)] = (holder, None if n is None else n + 1)
+            for called in re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", line):
+                callers.setdefault(called, holder)
+            branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+            for called in re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else ():
+                callers.setdefault(called, holder)
+    return _Module(computations, inlined, loops, callers)
 
-    def writes(computation, depth=0):
-        if computation not in loops:
-            return 1
-        holder, trips = loops[computation]
-        outer = writes(holder, depth + 1) if depth < 16 else None
-        return None if trips is None or outer is None else trips * outer
 
+_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)")
+_ARRAY = re.compile(r"([a-z]\w*)\[([\d,]*)\]")
+
+
+def _arrays(text: str) -> list[tuple[str, tuple[int, ...]]]:
+    return [(dtype, tuple(int(d) for d in dims.split(",") if d)) for dtype, dims in _ARRAY.findall(text)
+            if dtype in _ELEMENT_BITS]
+
+
+def _nbytes(arrays) -> int:
+    return sum(int(np.prod(shape, dtype=np.int64)) * _ELEMENT_BITS[dtype] // 8 for dtype, shape in arrays)
+
+
+def hlo_cost(hlo_text: str) -> Cost:
+    """FLOPs and bytes of one run of an optimised HLO module, counting each loop body as many times as it runs.
+
+    XLA's own `HloCostAnalysis` counts a while body once (a scan over 36 layers as one layer, a chunked loss as one
+    chunk), and a deviceless GPU executable does not answer `cost_analysis()` at all, so this reads the module's
+    text. FLOPs: 2 x result elements x contracted size of every dot (in fused computations too; a convolution as
+    the dot it is), times its computation's runs (`_Module.runs`; a loop of unknown trip count counts once).
+    Element-wise arithmetic is left out (it is memory-bound: its cost is in bytes). Bytes: the operands and results
+    of every kernel XLA launches (each instruction of an unfused computation that is not a buffer alias,
+    `_NO_WRITE`), an in-place update (dynamic-update-slice, scatter) as its update read and written, times its runs.
+    Pallas kernels (custom calls) count their launches and the bytes they write, not their FLOPs nor what they read
+    (a page table's rows of the cache, one layer of a stack: known only to the kernel)."""
+    module = _parse_module(hlo_text)
+    roots = {}  # computation -> the opcode of its root instruction
+    for computation, lines in module.computations.items():
+        for line in lines:
+            m = _INSTRUCTION.match(line)
+            if m and line.lstrip().startswith("ROOT "):
+                roots[computation] = m.group(3)
+    flops = moved = 0.0
+    kernels = 0
+    for computation, lines in module.computations.items():
+        runs = module.runs(computation) or 1
+        shapes: dict[str, list] = {}
+        fused = computation in module.inlined
+        for line in lines:
+            m = _INSTRUCTION.match(line)
+            if not m:
+                continue
+            name, result, op, rest = m.groups()
+            shapes[name] = _arrays(result)
+            if op in ("dot", "convolution"):
+                operands = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+                lhs = shapes.get(operands[0], [(None, ())])[0][1] if operands else ()
+                out = shapes[name][0][1] if shapes[name] else ()
+                if op == "dot":
+                    dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+                    contracted = [int(d) for d in dims.group(1).split(",") if d] if dims else []
+                    k = int(np.prod([lhs[d] for d in contracted], dtype=np.int64)) if lhs else 1
+                else:  # the kernel's spatial window x input features, read off the rhs
+                    rhs = shapes.get(operands[1], [(None, ())])[0][1] if len(operands) > 1 else ()
+                    k = int(np.prod(rhs, dtype=np.int64)) // max(out[-1] if out else 1, 1)
+                flops += 2.0 * int(np.prod(out, dtype=np.int64)) * k * runs
+            if fused or op in _NO_WRITE or op.endswith("-start"):  # an async pair counts at its -done
+                continue
+            result = _nbytes(shapes[name])
+            if op == "custom-call" and TRITON_MARKER.split("$")[-1] in line:
+                kernels += runs
+                moved += result * runs  # what a Pallas kernel reads depends on the data: not counted
+                continue
+            operands = [_nbytes(shapes.get(o, [])) for o in re.findall(r"%([\w.\-]+)", rest.split("), ", 1)[0])]
+            called = re.search(r"calls=%([\w.\-]+)", rest)
+            root = roots.get(called.group(1)) if called and op == "fusion" else op
+            if root in ("dynamic-update-slice", "scatter") and result in operands:  # in place: the update moves
+                operands.remove(result)
+                moved += 2 * sum(operands) * runs
+            else:
+                moved += (result + sum(operands)) * runs
+    return Cost(flops, moved, kernels)
+
+
+def written_arrays(hlo_text: str, min_bytes: int = 1) -> list[WrittenArray]:
+    """The arrays of at least `min_bytes` that a compiled (optimised, scheduled) HLO module writes: every array
+    output of an instruction in a computation that runs as a sequence of kernels (the entry, while bodies and
+    conditions, branches), not inside a fusion (whose values stay in registers / shared memory) and not a buffer
+    alias (`_NO_WRITE`). A per-layer weight slice found here in a scan's while body is copied every iteration.
+
+    An asynchronous pair (`fusion-start` / `fusion-done`, `copy-start` / `copy-done`, ...; XLA of jaxlib 0.11 runs a
+    scan's dynamic-slice copies so) writes its output once: it is counted at the `-done`, whose value is that output.
+    The `-start`'s tuple only names the operands, the output in flight and a context."""
+    module = _parse_module(hlo_text)
     out = []
-    for computation, lines in computations.items():
-        if computation in inlined:
+    for computation, lines in module.computations.items():
+        if computation in module.inlined:
             continue
         for line in lines:
-            m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\(", line)
+            m = _INSTRUCTION.match(line)
             if not m or m.group(3) in _NO_WRITE or m.group(3).endswith("-start"):
                 continue
-            for dtype, dims in re.findall(r"([a-z]\w*)\[([\d,]*)\]", m.group(2)):
-                if dtype not in _ELEMENT_BITS:
-                    continue
-                shape = tuple(int(d) for d in dims.split(",") if d)
-                size = int(np.prod(shape, dtype=np.int64)) * _ELEMENT_BITS[dtype] // 8
+            for dtype, shape in _arrays(m.group(2)):
+                size = _nbytes([(dtype, shape)])
                 if size >= min_bytes:
                     out.append(WrittenArray(m.group(1), m.group(3), shape, dtype, size, computation,
-                                            writes(computation)))
+                                            module.runs(computation)))
     return out
 
 

@@ -1,7 +1,7 @@
 """The GPU programs users run, built as abstract programs for `aot.compile_for` on compile-only GPU meshes.
 
 One builder per program, shared by the compile tests (`tests/test_gpu_compile.py`: every program compiles for sm_90a,
-at real dims) and the memory plan (`benchmarks/memory_plan.py`: per-device bytes of the documented deployments):
+at real dims) and the deployment planner (`small4_jax/plan.py`: per-device memory and work of a deployment):
 
     gmm_vjp          the grouped matmul, forward and gradients (gmm, its transposed-rhs twin, tgmm)
     expert_parallel  the routed experts on an expert mesh (replicated or all-to-all), forward or with gradients
@@ -25,6 +25,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from small4_jax.tools import aot
+from small4_jax.nn.paged import cache_spec
+from small4_jax.parallel.sharding import batch_axes, batch_spec
 
 
 @dataclasses.dataclass
@@ -140,15 +142,17 @@ def model_forward(config, mesh: Mesh, tokens: int, *, batch: int = 1, dtype="bfl
 
 def serve_step(config, mesh: Mesh, *, absorbed: bool, rows: int, tokens: int, table_pages: int, num_pages: int,
                page_size: int = 16, dtype="bfloat16", cache_dtype=None, quantize: str | None = None,
-               cache_axes: tuple[str, ...] = (), scan_layers: bool = True,
+               cache_axes: tuple[str, ...] | None = None, scan_layers: bool = True,
                activations: str | None = None) -> Program:
     """The engine's model step (`paged.logits_step`, as `Engine._run` dispatches it; the sampler is a separate small
     program): decode ([rows, 1]) or one prefill chunk ([rows, tokens]), absorbed MLA over the pages as the engine
     runs both (absorbed=False: the expanded reference), over a page table `table_pages` wide; the paged cache
-    [layers, num_pages, page_size, width] replicated over the mesh (or its pages sharded over `cache_axes`, the
-    rows with them, as the engine's data-parallel attention) and donated. `scan_layers=False` unrolls the layers."""
+    [layers, num_pages, page_size, width] with its pages sharded over `cache_axes` and the rows with them (default:
+    the engine's, `sharding.batch_axes`: data-parallel attention; () replicates it) and donated. `scan_layers=False` unrolls the layers."""
     from small4_jax.nn.paged import PagedCache, logits_step
 
+    if cache_axes is None:  # the engine's default: pages and rows over the batch axes (data-parallel attention)
+        cache_axes = batch_axes(mesh, rows)
     graphdef, state = abstract_placed_model(config, mesh, dtype, quantize, scan_layers, activations)
     cache_dtype = cache_dtype or dtype
     pages = jax.eval_shape(lambda: PagedCache.create(config, num_pages, page_size, cache_dtype).pages)
@@ -163,8 +167,6 @@ def serve_step(config, mesh: Mesh, *, absorbed: bool, rows: int, tokens: int, ta
               jax.ShapeDtypeStruct((rows, table_pages), i32), jax.ShapeDtypeStruct((rows,), i32))
     args = (state, _replicated(pages, mesh), *_replicated(inputs, mesh))
     if cache_axes:
-        from small4_jax.nn.paged import cache_spec
-
         args = (state, aot.spec(pages.shape, pages.dtype, mesh, cache_spec(cache_axes)),
                 *(aot.spec(x.shape, x.dtype, mesh, P(cache_axes)) for x in inputs))
     kind = "decode" if tokens == 1 else "prefill"
@@ -176,7 +178,7 @@ def lora_train_step(run_config, mesh: Mesh, *, micro_batch: int | None = None, s
                     grad_accum: int | None = None) -> Program:
     """`train.trainer.make_steps(...).train` for a run config (e.g. configs/finetune-small4.yaml) on `mesh`: the
     frozen base placed by `sharding.spec_for`, adapters and AdamW state by `lora.lora_spec`, the batch
-    [grad_accum, micro_batch, seq_len] split over `data` as `trainer._put_batch` does. Defaults: the config's."""
+    [grad_accum, micro_batch, seq_len] split over the batch axes as `trainer._put_batch` does (`sharding.batch_spec`). Defaults: the config's."""
     from small4_jax.lora import adapters as lora
     from small4_jax.nn.model import Small4ForCausalLM
     from train import trainer
@@ -204,8 +206,7 @@ def lora_train_step(run_config, mesh: Mesh, *, micro_batch: int | None = None, s
     accum = grad_accum or cfg.train.grad_accum
     micro = micro_batch or cfg.train.batch_size // cfg.train.grad_accum
     seq = seq_len or cfg.data.seq_len
-    split = "data" in mesh.shape and micro % mesh.shape["data"] == 0
-    bspec = P(None, "data") if split else P()
+    bspec = batch_spec(mesh, micro, leading=1)
     batch = {k: aot.spec((accum, micro, seq), jnp.float32 if k == "weights" else jnp.int32, mesh, bspec)
              for k in ("inputs", "targets", "positions", "segments", "weights")}
     step = aot.spec((), jnp.int32, mesh)

@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 from small4_jax.kernels.attention.blockwise import HIDDEN, blockwise_attention
 from small4_jax.kernels.attention.reference import attention_reference
 from small4_jax.platform import on_gpu
-from small4_jax.parallel.sharding import RULES, mesh_of
+from small4_jax.parallel.sharding import mesh_axes, mesh_of
 
 BACKENDS = ("auto", "blockwise", "pallas", "reference")
 
@@ -111,8 +111,8 @@ def _sharded(kernel, mesh, batch: int, heads: int):
     operand onto every device); other mesh axes see replicated attention, as XLA would compute it."""
 
     def axis(logical: str, size: int):
-        name = RULES[logical]
-        return name if name in mesh.shape and size % mesh.shape[name] == 0 else None
+        names = mesh_axes(logical, mesh, size)
+        return None if not names else names[0] if len(names) == 1 else names
 
     b_ax, h_ax = axis("batch", batch), axis("heads", heads)
     x, row = P(b_ax, None, h_ax, None), P(b_ax, None)

@@ -1,0 +1,52 @@
+"""The deployment planner (`python -m small4_jax.plan`): its flags, and the deployments it builds at real dims.
+
+What it measures is tested where the programs are compiled once for the module (tests/test_gpu_compile.py: each
+device's FLOPs against the one-device program's); here nothing is compiled for a GPU.
+"""
+
+import pytest
+
+from small4_jax import plan
+
+MESHES = {"data1-expert8": {"data": 1, "expert": 8, "tensor": 1}, "data2-expert4": {"data": 2, "expert": 4, "tensor": 1}}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpu", "h100", "--devices", "8", "--mesh", "data=1,expert=4"],
+     "error: --mesh data=1,expert=4 spans 4 devices, not --devices 8"),
+    (["--gpu", "h300", "--devices", "8"], "error: argument --gpu: invalid choice: 'h300' (choose from h100, h200)"),
+    (["--gpu", "h100", "--devices", "8", "--mesh", "data=1,exprt=8"],
+     "error: --mesh: unknown mesh axis 'exprt'; expected name=size pairs over the axes data, expert, tensor, e.g. "
+     "data=1,expert=8,tensor=1"),
+    (["--gpu", "h100", "--devices", "8", "--finetune", "nope.yaml"], "error: --finetune nope.yaml: no such file or "
+                                                                      "directory"),
+    (["--devices", "8"], "error: --gpu and --devices are required (or --preset)"),
+    (["--gpu", "h100", "--devices", "8", "--hosts", "3"], "error: --hosts 3 does not divide --devices 8"),
+    (["--gpu", "h100", "--devices", "0"], "error: --devices 0: expected a positive integer"),
+    (["--gpu", "h100", "--devices", "8", "--lora", "4"], "error: --lora 4: expected N:RANK (adapter slots and their "
+                                                         "largest rank), e.g. 4:16"),
+    (["--gpu", "h100", "--devices", "8", "--speculative", "ngram"],
+     "error: --speculative ngram: the planner counts an EAGLE draft (--speculative eagle); n-gram drafts hold no "
+     "device memory"),
+])
+def test_a_bad_flag_is_one_error_line(capsys, argv, message):
+    assert plan.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip().replace("'h100', 'h200'", "h100, h200") == message
+
+
+@pytest.mark.gpu_compile
+@pytest.mark.parametrize("mesh", sorted(MESHES))
+def test_the_serving_cache_is_split_over_data_and_expert(mesh):
+    """The serving deployment's cache (the engine's default: 90% of what is free after the weights) is sharded over
+    data x expert: each device holds 1/8 of the pages, and the prefill and decode steps take their rows sharded the
+    same way (each request's pages on the shard that computes its rows)."""
+    dep = plan.serve("h100", MESHES[mesh], layers=1)
+    assert dep.devices == 8 and "cache over " + "x".join(a for a in ("data", "expert") if MESHES[mesh][a] > 1) \
+        in dep.layout
+    for planned in dep.programs[:2]:
+        pages, ids = planned.program.args[1], planned.program.args[2]
+        assert pages.sharding.shard_shape(pages.shape)[1] * 8 == pages.shape[1]
+        assert ids.sharding.shard_shape(ids.shape)[0] * 8 == ids.shape[0]
+    pages = dep.programs[0].program.args[1]
+    assert dep.resident["cache"] * 8 == pages.size * pages.dtype.itemsize
