@@ -127,7 +127,7 @@ def test_ragged_decode_holds_memory_in_proportion_to_the_rows_lengths():
     rows of 1,024 over the full 16,384-page table, one cache replicated on every device; the cache holds just their
     pages and the step's temporaries are small, so cache + temp is within 2x of sum(lengths) x bytes per token
     (64 x 256K would be 31x more)."""
-    from small4_jax import plan
+    from small4_jax.tools import plan
 
     dep = plan.ragged_decode("h100", 1)
     c = dep.programs[0].program.compile()

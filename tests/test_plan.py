@@ -6,7 +6,7 @@ device's FLOPs against the one-device program's); here nothing is compiled for a
 
 import pytest
 
-from small4_jax import plan
+from small4_jax.tools import plan
 
 MESHES = {"data1-expert8": {"data": 1, "expert": 8, "tensor": 1}, "data2-expert4": {"data": 2, "expert": 4, "tensor": 1}}
 

@@ -241,7 +241,7 @@ class MultiLoRA:
         for f in ("adapter_config.json", "adapter_model.safetensors"):
             digest.update((path / f).read_bytes())
         out = {}
-        from small4_jax.lora import adapters as adapter_modules
+        from small4_jax.lora.adapters import adapters as adapter_modules
 
         for site_path, ad in adapter_modules(scratch).items():
             if isinstance(ad, LoRARouter):
