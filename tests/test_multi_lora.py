@@ -18,7 +18,7 @@ from ckpt_utils import make_hf_model, save_hf, tiny_hf_config
 from infer.engine.engine import Engine, SamplingOptions, merge_outputs
 from small4_jax.lora import adapters as lora
 from small4_jax.errors import ConfigError, InputError
-from small4_jax.lora.multi import MultiLoRA, parse_lora_flags
+from small4_jax.lora.multi import MultiLoRA, MultiLoRAParam, parse_lora_flags
 from small4_jax.nn.paged import PagedCache, logits_step
 
 peft = pytest.importorskip("peft")
@@ -119,10 +119,13 @@ def test_mixed_batch_equals_each_request_alone(setup, alone, mesh_shape):
     root, cfg, dirs, _ = setup
     mesh = None if mesh_shape is None else make_mesh(mesh_shape)
     base = small4_jax.from_pretrained(root / "base", dtype="float32", mesh=mesh)
-    multi = MultiLoRA(base, slots=5, rank=4)
+    multi = MultiLoRA(base, slots=5, rank=4, mesh=mesh)
     for name in ("all4", "attn2", "peft3"):
         multi.load(name, dirs[name])
     assert isinstance(base.layers[2].mlp.experts.lora, nnx.Module)
+    if mesh is not None:  # the experts' slots are split over `expert` as the experts are, not copied on every device
+        stack = base.layer_stacks[1].mlp.experts.lora.gate_up_a[...]  # [L, E, H, S*R]
+        assert stack.sharding.shard_shape(stack.shape)[1] * 4 == stack.shape[1]
     rows = MIXED_ROWS
     ids, alone_logits = alone
     graphdef, state = nnx.split(base)
@@ -214,6 +217,15 @@ def test_bad_lora_flags_and_adapters(setup, tmp_path):
         multi.load("all4", dirs["all4"])
     with pytest.raises(ConfigError, match="not a PEFT adapter directory"):
         multi.load("x", tmp_path)
+    # slots only where --lora-targets may put adapters: an adapter on other modules is refused, naming one
+    targeted = MultiLoRA(small4_jax.from_pretrained(root / "base", dtype="float32"), slots=2, rank=4,
+                         targets=("attention",), dtype=jnp.bfloat16)
+    assert all("self_attn" in path for path in targeted.sites)
+    slots = nnx.to_flat_state(nnx.state(targeted.model, MultiLoRAParam))
+    assert {v[...].dtype for path, v in slots if path[-1] != "scales"} == {jnp.dtype(jnp.bfloat16)}
+    with pytest.raises(ConfigError, match=r"mlp\..* is not among the modules the server holds adapter slots for "
+                                          r"\(--lora-targets\)"):
+        targeted.load("all4", dirs["all4"])
 
 
 def _http(url, path, body=None, key="k"):

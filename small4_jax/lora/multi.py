@@ -275,7 +275,8 @@ class MultiLoRA:
         def put(var, index, block):
             old = var[...]
             new = old.at[index].set(block.astype(old.dtype))
-            var[...] = jax.device_put(new, old.sharding) if hasattr(old, "sharding") else new
+            placed = isinstance(getattr(old, "sharding", None), NamedSharding)  # on a mesh: keep it where it was
+            var[...] = jax.device_put(new, old.sharding) if placed else new
 
         for site_path, (m, j) in self.sites.items():
             w = weights.get(site_path)
