@@ -24,7 +24,7 @@ import sys
 
 from infer.chat import ReasoningPolicy
 from infer.cli import add_engine_args, engine_kwargs, load_model_and_tokenizer
-from small4_jax.console import cli_main
+from small4_jax.console import cli_main, on_interrupt
 from small4_jax.errors import InputError, Small4Error
 
 # The server (infer/server/: schemas, core, routes_*, http, metrics, app) and the engine (and so JAX) are imported
@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     from small4_jax.console import setup_logging
 
     setup_logging()  # our lines only: no library INFO chatter (absl, jax backends)
+    on_interrupt(lambda: "the server stopped; it keeps nothing between runs")
     try:
         from small4_jax.parallel import distributed
 

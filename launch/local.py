@@ -76,6 +76,9 @@ def launch(command: list[str], nproc: int, *, cpu_devices: int | None = None, ti
                 break
     except SystemExit as e:
         status = e.code
+    except KeyboardInterrupt:  # Ctrl-C: the processes (in their own sessions) are stopped below
+        print("\ninterrupted: stopping every process of the job", file=sys.stderr)
+        status = 130
     finally:
         _stop(procs)
         for t in pumps:

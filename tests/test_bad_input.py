@@ -590,6 +590,9 @@ def test_adapters_drafter_and_resume_are_checked_before_the_build(tmp_path, caps
     cfg = _run_yaml(tmp_path)
     assert _error(finetune, ["--config", cfg, "--resume"], capsys) == \
         f"error: {tmp_path / 'run'}: --resume but no checkpoint in {tmp_path / 'run' / 'checkpoints'}"
+    (tmp_path / "file").write_text("")
+    assert _error(finetune, ["--config", cfg, "--out-dir", str(tmp_path / "file" / "run")], capsys) == \
+        f"error: train.out_dir {tmp_path / 'file' / 'run'}: cannot be written (Not a directory)"
 
 
 def test_non_finite_weights_are_named_at_load(tmp_path, capsys):

@@ -68,10 +68,23 @@ def test_corrupted_latest_checkpoint_resumes_from_the_one_before_loudly(four_ste
     assert sum(x.startswith(f"checkpoint step 4 in {out / 'checkpoints'} cannot be restored (") for x in lines) == 1
     assert lines.count("resuming from step 2: the newer checkpoint(s) step 4 are unreadable") == 1
     assert lines.count("resumed from step 2") == 1
+    # moved aside (left in place it would block saving step 4 again: Orbax saves only past its latest step)
+    assert [p.name.split("-")[:2] for p in (out / "checkpoints").glob("unreadable-*")] == [["unreadable", "4"]]
+    assert sum(x.startswith(f"moved the unreadable checkpoint(s) aside in {out / 'checkpoints'}: unreadable-4-")
+               for x in lines) == 1
     assert not [x for x in lines if "absl" in x or x.startswith(("INFO", "I0", "I1"))], lines
     assert len(lines) == len(set(lines)), lines
+    assert lines[-2].startswith("run finished at step 4/4 (loss ")
+    assert lines[-2].endswith(f"): checkpoints and metrics.jsonl in {out}")
+    assert lines[-1] == f"next: python -m train.export --run {out} --peft {out / 'adapter'}"
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # the records past step 2 were recomputed
+    # resuming the finished run says so and trains nothing
+    assert finetune(["--config", str(config), "--resume"]) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"{out}: the run is already finished (step 4 of train.steps 4); nothing to train. Raise --steps to train "
+        "further.")
+    assert (out / "metrics.jsonl").read_text().count("\n") == 4
     for r in records[2:]:  # the batches and state of step 2 replayed exactly
         assert abs(r["loss"] - ref[r["step"]]) < 1e-5, (r, ref)
     # every checkpoint unreadable: an error naming each, not a traceback

@@ -22,7 +22,7 @@ import numpy as np
 
 from small4_jax.ckpt.safetensors_io import save_safetensors
 from small4_jax.config import Small4Config
-from small4_jax.console import cli_main
+from small4_jax.console import cli_main, on_interrupt
 from small4_jax.errors import ConfigError, Small4Error
 
 
@@ -177,6 +177,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.peft and not args.merged:
         p.error("give --peft DIR and/or --merged DIR")
+    on_interrupt(lambda: "the export stopped; what it had written under "
+                         + " and ".join(d for d in (args.peft, args.merged) if d) + " may be incomplete: run it again")
     try:
         from small4_jax.lora import adapters as lora
 

@@ -37,10 +37,12 @@ import numpy as np
 import optax
 import yaml
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from small4_jax.lora import adapters as lora
+from small4_jax.console import on_interrupt
 from small4_jax.errors import Small4Error
+from small4_jax.lora import adapters as lora
 from small4_jax.nn.model import Small4ForCausalLM
 from small4_jax.parallel.sharding import batch_spec
 from train.config import RunConfig
@@ -247,20 +249,37 @@ def restore_latest_readable(mngr, out: Path, template: dict) -> dict:
     steps = sorted(mngr.all_steps(), reverse=True)
     if not steps:
         raise TrainingError(f"{out}: --resume but no checkpoint in {out / 'checkpoints'}")
-    failures = []
+    failures, unreadable = [], []
     for step in steps:
         try:
             state = restore(mngr, step, template)
         except Exception as e:  # Orbax / TensorStore raise many types for a damaged checkpoint
             failures.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            unreadable.append(step)
             log.warning("checkpoint step %d in %s cannot be restored (%s); trying the one before", step,
                         out / "checkpoints", failures[-1])
             continue
         if failures:
             log.warning("resuming from step %d: the newer checkpoint(s) %s are unreadable", step,
                         ", ".join(f.split(":")[0] for f in failures))
+            _move_aside(mngr, out, unreadable)
         return state
     raise TrainingError(f"{out}: no checkpoint in {out / 'checkpoints'} can be restored: " + "; ".join(failures))
+
+
+def _move_aside(mngr, out: Path, steps: list[int]) -> None:
+    """Rename unreadable step directories to `unreadable-<step>` (kept for a post-mortem, ignored by Orbax): left
+    in place, they would make the manager skip saving those steps again (it saves only past its latest step), and
+    the resumed run would end with its newest checkpoint still the damaged one."""
+    if jax.process_index() == 0:
+        moved = []
+        for step in steps:
+            src = out / "checkpoints" / str(step)
+            moved.append(src.rename(src.with_name(f"unreadable-{step}-{time.strftime('%Y%m%d-%H%M%S')}")).name)
+        log.warning("moved the unreadable checkpoint(s) aside in %s: %s", out / "checkpoints", ", ".join(moved))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("small4: unreadable checkpoints moved aside")
+    mngr.reload()
 
 
 def restore_lora(model: Small4ForCausalLM, run_dir: str | Path, step: int | None = None) -> int:
@@ -383,8 +402,6 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
 def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
     """train.out_dir checked and made before anything is built: checkpoints without --resume, --resume with none,
     an out_dir that cannot be written."""
-    from small4_jax.console import on_interrupt
-
     out = Path(cfg.train.out_dir)
     steps = saved_steps(out)
     if not resume and steps:

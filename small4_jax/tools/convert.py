@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from small4_jax.console import cli_main
+from small4_jax.console import cli_main, on_interrupt
 from small4_jax.errors import CheckpointError, Small4Error, TokenizerError
 from small4_jax.inputs.tokenizer import find_tokenizer_file
 
@@ -400,6 +400,8 @@ def main(argv=None) -> int:
                    help="with --calibration: quantise each weight's inputs by decreasing Hessian diagonal")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
+    on_interrupt(lambda: f"{a.out} is not written yet; the same command again resumes the conversion "
+                         f"({a.out}.partial)")
     try:
         out = convert(a.src, a.out, dtype=a.dtype, progress=None if a.quiet else sys.stderr, quantize=a.quantize,
                       calibration=a.calibration, act_order=a.gptq_act_order)
