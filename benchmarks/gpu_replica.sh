@@ -8,6 +8,7 @@
 #
 #   bash benchmarks/gpu_replica.sh        # ~15 min the first time (downloads ~4 GB: torch's CUDA libraries too, as
 #                                         # the image has them); then the dry run alone (~5-10 min on 2 cores)
+#   bash benchmarks/gpu_replica.sh --only serve_load      # arguments go to gpu_suite.sh (--only, --part)
 #
 # Passes (exit 0) when every step of the dry run exits 0, every carried package imports, and at most 8 files (among
 # them GPU_RESULTS.md) are left in its $OUT. Environment: REPLICA_VENV (default .venv-gpu-replica), OUT (default a
@@ -56,15 +57,17 @@ EOF
 OUT="${OUT:-$(mktemp -d /tmp/gpu_replica_out.XXXXXX)}"
 mkdir -p "$OUT"
 SITE="$(mktemp -d /tmp/gpu_replica_site.XXXXXX)"
-NET=(unshare -n)
-if ! unshare -n true 2> /dev/null; then
+# No network but the loopback (a new network namespace starts with `lo` down; serve_load talks to 127.0.0.1).
+# shellcheck disable=SC2016
+NET=(unshare -n sh -c 'ip link set lo up && exec "$@"' sh)
+if ! "${NET[@]}" true 2> /dev/null; then
   NET=()
   echo "== unshare -n does not work here: the dry run keeps the network (pip is offline all the same)" >&2
 fi
-echo "== gpu_suite.sh --dry-run in $VENV (${NET[*]:-network on}); OUT=$OUT" >&2
+echo "== gpu_suite.sh --dry-run $* in $VENV (${NET[*]:+no network: unshare -n}); OUT=$OUT" >&2
 # shellcheck disable=SC1091
 (. "$VENV/bin/activate" && unset PYTHONPATH PYTHON && export PIP_NO_INDEX=1 GPU_SUITE_SITE="$SITE" OUT \
-  && "${NET[@]}" bash benchmarks/gpu_suite.sh --dry-run)
+  && "${NET[@]}" bash benchmarks/gpu_suite.sh --dry-run "$@")
 rm -rf "$SITE"
 
 RESULTS="$OUT/GPU_RESULTS.md"
