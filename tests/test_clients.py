@@ -346,6 +346,13 @@ def test_engine_prompt_logprobs_equal_transformers(setup):
     assert [a for a, _ in got[1].top] == np.argsort(-full[0])[:3].tolist()
 
 
+def _offline(monkeypatch, tmp_path):
+    """lm-eval's datasets: the local JSONL only, nothing looked up on the Hub, the cache in the test's directory."""
+    for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(k, "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+
+
 def _task(tmp_path, output_type: str) -> str:
     name = f"small4_tiny_{output_type}"
     body = {
@@ -367,7 +374,8 @@ def _task(tmp_path, output_type: str) -> str:
     return name
 
 
-def test_lm_eval_local_completions_scores_equal_transformers(setup, tmp_path):
+def test_lm_eval_local_completions_scores_equal_transformers(setup, tmp_path, monkeypatch):
+    _offline(monkeypatch, tmp_path)
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -377,7 +385,7 @@ def test_lm_eval_local_completions_scores_equal_transformers(setup, tmp_path):
         model="local-completions", model_args={"base_url": running.url + "/v1/completions", "model": "tiny",
                                                "tokenizer_backend": "remote", "num_concurrent": 1,
                                                "max_retries": 1},
-        tasks=[name], task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True, limit=None)
+        tasks=[name], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False), log_samples=True, limit=None)
     samples = out["samples"][name]
     docs = [json.loads(line) for line in DATA.read_text().splitlines()]
     for s in samples:
@@ -390,7 +398,8 @@ def test_lm_eval_local_completions_scores_equal_transformers(setup, tmp_path):
     assert out["results"][name]["acc,none"] == np.mean([s["acc"] for s in samples])
 
 
-def test_lm_eval_local_chat_completions(setup, tmp_path):
+def test_lm_eval_local_chat_completions(setup, tmp_path, monkeypatch):
+    _offline(monkeypatch, tmp_path)
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -399,7 +408,7 @@ def test_lm_eval_local_chat_completions(setup, tmp_path):
     out = lm_eval.simple_evaluate(
         model="local-chat-completions", model_args={"base_url": running.url + "/v1/chat/completions",
                                                     "model": "tiny", "num_concurrent": 1, "max_retries": 1},
-        tasks=[name], task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True, apply_chat_template=True)
+        tasks=[name], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False), log_samples=True, apply_chat_template=True)
     # the scripted model answers "Hello" after its reasoning (reasoning is not content), its call text cut by the
     # task's stop string; only the first doc's target is "Hello"
     assert [s["resps"][0][0] for s in out["samples"][name]] == ["Hello"] * 4
