@@ -437,6 +437,12 @@ CHAT_CASES = [  # (body, param, message)
     (b"{not json", None, "the body is not valid JSON: Expecting property name enclosed in double quotes: line 1 "
                          "column 2 (char 1)"),
     (b"[1, 2]", None, "the body must be a JSON object"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', None,
+     "the body is not valid JSON: Infinity is not a JSON number (JSON has no NaN or infinity)"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1e999}', None,
+     "the body is not valid JSON: 1e999 is out of the range of a 64-bit float"),
+    (b'{"messages": ' + b"[" * 10000 + b"]" * 10000 + b"}", None,
+     "the body is not valid JSON here: it nests deeper than the parser's limit"),
     ({"model": "gpt-4", "messages": HI}, "model", "model 'gpt-4' is not served here; GET /v1/models lists 'tiny'"),
     ({"messages": HI, "temperature": "0.5"}, None, "temperature: Input should be a valid number"),
     ({"messages": HI, "max_tokens": 2.5}, None, "max_tokens: Input should be a valid integer"),

@@ -3,6 +3,7 @@ goes away cancels them), and the ASGI middleware for the API key and the HTTP co
 
 import asyncio
 import json
+import math
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -13,13 +14,26 @@ from infer.server.core import Server
 from infer.server.schemas import HTTPError, error_body, validation_message
 
 
+def _non_finite(name: str):
+    raise ValueError(f"{name} is not a JSON number (JSON has no NaN or infinity)")
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise ValueError(f"{text} is out of the range of a 64-bit float")
+    return x
+
+
 async def parse(request: Request, schema):
     """The request's JSON body as `schema`; HTTPError 400 for bad JSON, an unknown field or a bad value (naming it)."""
     body = await request.body()
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_constant=_non_finite, parse_float=_finite_float)
     except (ValueError, UnicodeDecodeError) as e:
         raise HTTPError(400, f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise HTTPError(400, "the body is not valid JSON here: it nests deeper than the parser's limit") from None
     if not isinstance(data, dict):
         raise HTTPError(400, "the body must be a JSON object")
     unknown = [k for k in data if k not in schema.model_fields]
