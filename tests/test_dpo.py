@@ -43,7 +43,7 @@ def test_bad_preference_rows_are_reported_by_file_and_line(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
     assert validate_main(["--config", str(tmp_path / "c.yaml")]) == 1
     out = capsys.readouterr()
-    assert out.out.splitlines()[0] == f"{path}:2: 'chosen' must be an assistant message {{'role': 'assistant', 'content': ...}}"
+    assert out.out.splitlines()[0] == str(errors[0])
     assert "4 bad row(s) in 1 file(s); 1 good row(s)" in out.err
     d["data"]["train"] = [str(ROOT / "data/dpo_train.jsonl")]
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))

@@ -62,7 +62,8 @@ def test_rewards_built_in_and_user_function(tmp_path, monkeypatch):
     got = fn("Answer: 12.0!", row, [5, 6, 7, 8])
     assert got == {"exact": 0.0, "normalized": 2.0, "regex": 1.0, "json": 0.0, "length": -0.5, "reward": 2.5}
     assert fn('{"a": 1}', row, [1])["json"] == 1.0
-    (tmp_path / "my_reward.py").write_text("def score(reply, row, ids):\n    return len(ids) + (reply == row['answer'])\n")
+    (tmp_path / "my_reward.py").write_text("def score(reply, row, ids):\n"
+                                           "    return len(ids) + (reply == row['answer'])\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert rewards.build([{"type": "function", "function": "my_reward:score"}])("12", row, [1, 2])["reward"] == 3.0
     with pytest.raises(ConfigError, match=r"grpo.rewards\[0\]: cannot load my_reward:nope"):
@@ -100,3 +101,19 @@ def test_one_step_of_the_demo_rolls_out_through_the_engine(tmp_path):
     # a group's 3 later samples reuse its first one's full prompt page (16 of the prompt's 31 tokens), 2 groups
     assert rec["cached_prompt_tokens"] == 2 * 3 * 16
     assert (tmp_path / "run" / "checkpoints" / "1").is_dir()
+
+
+def test_think_mask_and_batch_alignment():
+    """[THINK] ... [/THINK] (markers included) leave the loss with think: mask; reply token k's target sits at
+    prompt length - 1 + k, beside the engine's log-prob of that token."""
+    assert grpo.think_mask([7, 30, 8, 9, 31, 5, 2], 30, 31).tolist() == [1, 0, 0, 0, 0, 1, 1]
+    assert grpo.think_mask([7, 8], None, None).tolist() == [1, 1]
+    prompts = [[1, 3, 4], [1, 5]]
+    samples = [[([10, 11], [-0.5, -0.25])], [([12, 2], [-1.0, -2.0])]]
+    b = grpo.build_batch(prompts, samples, 6, 0, [np.ones(2, np.float32), np.array([1.0, 0.0], np.float32)])
+    np.testing.assert_array_equal(b["inputs"], [[1, 3, 4, 10, 0, 0], [1, 5, 12, 0, 0, 0]])
+    np.testing.assert_array_equal(b["targets"], [[3, 4, 10, 11, 0, 0], [5, 12, 2, 0, 0, 0]])
+    np.testing.assert_array_equal(b["weights"], [[0, 0, 1, 1, 0, 0], [0, 1, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(b["engine_logp"], [[0, 0, -0.5, -0.25, 0, 0], [0, -1.0, -2.0, 0, 0, 0]])
+    np.testing.assert_array_equal(b["segments"], [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(b["reply"], [[0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0]])

@@ -96,7 +96,8 @@ class GRPOSection:
     loss_agg: str = "token"  # token: mean over all sampled tokens of the step; sequence: per-sample mean, then mean
     think: str = "train"  # train: [THINK] ... [/THINK] tokens in the loss; mask: out of the loss (still rewarded)
     routing: str = "recompute"  # recompute: the trainer routes again (replay of the engine's expert ids: not yet)
-    rewards: tuple[dict, ...] = ({"type": "exact"},)  # train/rewards.py: exact, normalized, regex, json, length, function
+    # train/rewards.py: exact, normalized, regex, json, length, function (a user's module:function)
+    rewards: tuple[dict, ...] = ({"type": "exact"},)
     engine_pages: int = 0  # cache pages of the rollout engine; 0 = enough for every sample at full length
 
 
@@ -113,7 +114,8 @@ class RunConfig:
     grpo: GRPOSection = GRPOSection()
 
     def to_dict(self) -> dict[str, Any]:
-        names = ("base", "lora", "data", "optim", "train") + ((self.train.method,) if self.train.method != "sft" else ())
+        method = (self.train.method,) if self.train.method != "sft" else ()  # its dpo / grpo section
+        names = ("base", "lora", "data", "optim", "train") + method
         d = {k: dataclasses.asdict(getattr(self, k)) for k in names}
         d["model"] = self.model.to_dict()
         for sec in d.values():

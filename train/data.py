@@ -161,7 +161,24 @@ def validate_row(row: Any) -> str | None:
     return None
 
 
-def read_jsonl(paths: Sequence[str | Path], validate=validate_row) -> tuple[list[tuple[str, int, dict]], list[RowError]]:
+def prompt_reason(row: Any, reply: dict | None = None) -> str | None:
+    """None if `row` is a valid prompt for generation ({"messages": [... ending with a user or tool turn], "tools"?})
+    that `reply` (an assistant message; default an empty one) would validly answer, else a one-line reason: the
+    prompt rows of preference and RL data (train/dpo.py, train/grpo.py)."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    msgs = row.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        return "expected a non-empty 'messages' list (the prompt conversation)"
+    last = msgs[-1].get("role") if isinstance(msgs[-1], dict) else None
+    if last not in ("user", "tool"):
+        return f"the prompt's last message must be the user's or a tool's, got {last!r}"
+    reply = reply if reply is not None else {"role": "assistant", "content": ""}
+    return validate_row({"messages": msgs + [reply], **({"tools": row["tools"]} if "tools" in row else {})})
+
+
+def read_jsonl(paths: Sequence[str | Path],
+               validate=validate_row) -> tuple[list[tuple[str, int, dict]], list[RowError]]:
     """All valid rows as (file, line, row) and every bad row as a RowError; blank lines are skipped. `validate`: the
     row check (SFT rows by default; train/dpo.py's preference pairs, train/grpo.py's prompts)."""
     rows, errors = [], []

@@ -37,27 +37,20 @@ from flax import nnx
 
 from train import loop
 from train.config import RunConfig
-from train.data import DataError, RowError, batch_indices, chat_encoder, encode_row, read_jsonl, validate_row
+from train.data import DataError, RowError, batch_indices, chat_encoder, encode_row, prompt_reason, read_jsonl
 from train.trainer import build_model, load_tokenizer, optimizer, schedule
 
 
 def validate_pair(row) -> str | None:
     """None for a valid preference row, else a one-line reason."""
-    if not isinstance(row, dict):
-        return f"expected a JSON object, got {type(row).__name__}"
-    msgs = row.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        return "expected a non-empty 'messages' list (the prompt conversation)"
-    last = msgs[-1].get("role") if isinstance(msgs[-1], dict) else None
-    if last not in ("user", "tool"):
-        return f"the prompt's last message must be the user's or a tool's, got {last!r}"
     for key in ("chosen", "rejected"):
-        reply = row.get(key)
+        reply = row.get(key) if isinstance(row, dict) else None
         if not isinstance(reply, dict) or reply.get("role") != "assistant":
-            return f"'{key}' must be an assistant message {{'role': 'assistant', 'content': ...}}"
-        reason = validate_row({"messages": msgs + [reply], **({"tools": row["tools"]} if "tools" in row else {})})
+            reason = prompt_reason(row)
+            return reason or f"'{key}' must be an assistant message {{'role': 'assistant', 'content': ...}}"
+        reason = prompt_reason(row, reply)
         if reason:
-            return f"{key}: {reason}"
+            return f"{key}: {reason}" if reason.startswith("messages[") else reason
     return None
 
 
@@ -166,17 +159,8 @@ def make_update(graphdef, cfg: RunConfig, tx, sched):
     @jax.jit
     def update(params, opt_state, frozen, batch, step):
         """batch arrays [grad_accum, pairs per micro-batch, 2, S]."""
-        grad_fn = jax.value_and_grad(micro, has_aux=True)
-
-        def body(carry, mb):
-            g_acc, l_acc, m_acc = carry
-            (loss, m), g = grad_fn(params, frozen, mb)
-            return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss, jax.tree.map(jnp.add, m_acc, m)), None
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
         names = ("rewards_chosen", "rewards_rejected", "margin", "accuracy", "logp_chosen", "logp_rejected")
-        m0 = {k: jnp.zeros((), jnp.float32) for k in names}
-        (g, total, m), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), m0), batch)
+        g, total, m = loop.accumulate(micro, params, frozen, batch, names)
         n = batch["inputs"].shape[0] * batch["inputs"].shape[1]
         g = jax.tree.map(lambda x: x / n, g)
         updates, opt_state = tx.update(g, opt_state, params)

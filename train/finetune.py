@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         distributed.initialize()  # joins a multi-process job when the environment describes one (launch/)
         from train import config as run_config
         from small4_jax.parallel.sharding import parse_mesh
-        from train.trainer import train
+        from train import trainer
 
         cfg = run_config.load(args.config)
         mesh = None if args.mesh is None else parse_mesh(args.mesh, "--mesh")
@@ -53,15 +53,12 @@ def main(argv=None) -> int:
 
             check_format(args.quantize, "--quantize")
             cfg = dataclasses.replace(cfg, base=dataclasses.replace(cfg.base, quantize=args.quantize))
+        method = trainer
         if cfg.train.method == "dpo":
             from train import dpo as method  # jax-heavy: loaded after the argument and config checks
-
-            train = method.train
         elif cfg.train.method == "grpo":
             from train import grpo as method  # jax-heavy: loaded after the argument and config checks
-
-            train = method.train
-        train(cfg, resume=args.resume)
+        method.train(cfg, resume=args.resume)
     except Small4Error as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -52,25 +52,15 @@ from small4_jax.errors import ConfigError
 from small4_jax.lora import adapters as lora
 from train import loop, rewards
 from train.config import RunConfig
-from train.data import DataError, RowError, batch_indices, prompt_ids, read_jsonl, validate_row
+from train.data import DataError, RowError, batch_indices, prompt_ids, prompt_reason, read_jsonl
 from train.trainer import configure, load_base, load_tokenizer, optimizer, schedule
 
 
 def validate_prompt(row) -> str | None:
     """None for a valid prompt row, else a one-line reason."""
-    if not isinstance(row, dict):
-        return f"expected a JSON object, got {type(row).__name__}"
-    msgs = row.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        return "expected a non-empty 'messages' list (the prompt conversation)"
-    last = msgs[-1].get("role") if isinstance(msgs[-1], dict) else None
-    if last not in ("user", "tool"):
-        return f"the prompt's last message must be the user's or a tool's, got {last!r}"
-    if "answer" in row and not isinstance(row["answer"], (str, int, float)):
+    if isinstance(row, dict) and "answer" in row and not isinstance(row["answer"], (str, int, float)):
         return f"'answer' must be a string or a number, got {type(row['answer']).__name__}"
-    probe = {"messages": msgs + [{"role": "assistant", "content": ""}], **({"tools": row["tools"]} if "tools" in row
-                                                                           else {})}
-    return validate_row(probe)
+    return prompt_reason(row)
 
 
 @dataclasses.dataclass
@@ -167,16 +157,7 @@ def make_steps(graphdef, cfg: RunConfig, tx, sched):
     @jax.jit
     def update(params, opt_state, frozen, batch, step):
         """batch arrays [grad_accum, rows per micro-batch, ...]."""
-        grad_fn = jax.value_and_grad(micro, has_aux=True)
-
-        def body(carry, mb):
-            g_acc, l_acc, m_acc = carry
-            (loss, m), grad = grad_fn(params, frozen, mb)
-            return (jax.tree.map(jnp.add, g_acc, grad), l_acc + loss, jax.tree.map(jnp.add, m_acc, m)), None
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        m0 = {"clip_frac": jnp.zeros(()), "kl": jnp.zeros(())}
-        (grad, loss, m), _ = jax.lax.scan(body, (zeros, jnp.zeros(()), m0), batch)
+        grad, loss, m = loop.accumulate(micro, params, frozen, batch, ("clip_frac", "kl"))
         updates, opt_state = tx.update(grad, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, **m, "grad_norm": optax.tree.norm(grad), "lr": sched(step)}
@@ -274,6 +255,7 @@ def build_batch(prompts: list[list[int]], samples, seq_len: int, pad: int, keep_
     out["inputs"][:], out["targets"][:] = pad, pad
     out["weights"] = np.zeros((n, seq_len), np.float32)
     out["engine_logp"] = np.zeros((n, seq_len), np.float32)
+    out["reply"] = np.zeros((n, seq_len), bool)  # every reply target, trained or not
     for r, ((p, ids, lps), keep) in enumerate(zip(rows, keep_masks)):
         seq = list(p) + list(ids)
         t = len(seq) - 1
@@ -282,6 +264,7 @@ def build_batch(prompts: list[list[int]], samples, seq_len: int, pad: int, keep_
         at = len(p) - 1
         out["weights"][r, at:at + len(ids)] = keep
         out["engine_logp"][r, at:at + len(lps)] = lps
+        out["reply"][r, at:at + len(ids)] = True
     return out
 
 
@@ -329,11 +312,10 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
         r = np.asarray([s["reward"] for s in scores], np.float32).reshape(len(prompts), g.group_size)
         adv = group_advantages(r, g.scale_rewards).reshape(-1)
         b = build_batch(prompts, samples, cfg.data.seq_len, tokenizer.pad_id or 0, keeps)
-        engine_logp = b.pop("engine_logp")
+        engine_logp, reply = b.pop("engine_logp"), b.pop("reply")
         dev = {k: jnp.asarray(v) for k, v in b.items()}
         old, ref = rollout_logprobs(params, frozen, dev)
-        w = b["weights"] > 0
-        diff = np.abs(np.asarray(old) - engine_logp)[w]
+        diff = np.abs(np.asarray(old) - engine_logp)[reply]
         b.update(old_logp=np.asarray(old), ref_logp=np.asarray(ref), adv=adv, coef=token_coefficients(b["weights"],
                                                                                                           g.loss_agg))
         batch = {k: jnp.asarray(v.reshape(t.grad_accum, -1, *v.shape[1:])) for k, v in b.items()}

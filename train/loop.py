@@ -40,6 +40,21 @@ def split(model):
     return nnx.split(model, lora.TRAINABLE, ...)
 
 
+def accumulate(loss_fn: Callable, params, frozen, batch: dict, names: tuple[str, ...]):
+    """(summed gradient, summed loss, summed metrics) of `loss_fn(params, frozen, micro) -> (loss, {name: value})`
+    over the micro-batches of `batch` (arrays [grad_accum, ...]), one `lax.scan`, inside the jitted step."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def body(carry, micro):
+        g_acc, l_acc, m_acc = carry
+        (loss, m), g = grad_fn(params, frozen, micro)
+        return (jax.tree.map(jax.numpy.add, g_acc, g), l_acc + loss, jax.tree.map(jax.numpy.add, m_acc, m)), None
+
+    zero = jax.numpy.zeros((), jax.numpy.float32)
+    init = (jax.tree.map(jax.numpy.zeros_like, params), zero, {k: zero for k in names})
+    return jax.lax.scan(body, init, batch)[0]
+
+
 def check_single_device(cfg: RunConfig) -> None:
     if cfg.train.mesh:
         raise ConfigError(f"{cfg.source}: train.mesh: method {cfg.train.method} runs on one device for now; "

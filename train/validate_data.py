@@ -31,15 +31,16 @@ def main(argv=None) -> int:
 
         cfg = run_config.load(args.config)
         files = list(cfg.data.train) + list(cfg.data.eval)
-        if cfg.train.method != "sft":  # preference pairs (train/dpo.py) or prompts (train/grpo.py)
-            return _check_method(cfg, files)
-        rows, errors = read_jsonl(files)
+        method, validate = _method(cfg)
+        rows, errors = read_jsonl(files, validate=validate)
         if errors:
             for e in errors:
                 print(e)
             print(f"{len(errors)} bad row(s) in {len(files)} file(s); {len(rows)} good row(s). Fix them before "
                   "training.", file=sys.stderr)
             return 1
+        if method is not None:  # preference pairs (train/dpo.py) or prompts (train/grpo.py)
+            return _summarise(cfg, method)
         tokenizer = load_tokenizer(cfg)
         try:
             _, stats = load_dataset(cfg.data.train, tokenizer, cfg.data.seq_len, cfg.data.seed)
@@ -66,26 +67,26 @@ def main(argv=None) -> int:
     return 0
 
 
-def _check_method(cfg, files) -> int:
-    """validate_data for train.method dpo / grpo: every bad row as file:line: reason, then row and token counts."""
-    from train.data import DataError, read_jsonl
-    from train.trainer import load_tokenizer
+def _method(cfg):
+    """(None, SFT's row check), or the module of train.method dpo / grpo and its row check."""
+    from train.data import validate_row
 
     if cfg.train.method == "dpo":
-        from train import dpo as method
+        from train import dpo
 
-        validate = method.validate_pair
-    else:
-        from train import grpo as method
+        return dpo, dpo.validate_pair
+    if cfg.train.method == "grpo":
+        from train import grpo
 
-        validate = method.validate_prompt
-    rows, errors = read_jsonl(files, validate=validate)
-    if errors:
-        for e in errors:
-            print(e)
-        print(f"{len(errors)} bad row(s) in {len(files)} file(s); {len(rows)} good row(s). Fix them before "
-              "training.", file=sys.stderr)
-        return 1
+        return grpo, grpo.validate_prompt
+    return None, validate_row
+
+
+def _summarise(cfg, method) -> int:
+    """validate_data's counts for train.method dpo / grpo (rows that cannot be used: file:line: reason)."""
+    from train.data import DataError
+    from train.trainer import load_tokenizer
+
     try:
         summary = method.data_summary(cfg, load_tokenizer(cfg))
     except DataError as e:
