@@ -84,7 +84,7 @@ setup() {
   {
     echo "# GPU suite results"
     echo
-    echo "- command: \`bash benchmarks/gpu_suite.sh$([ "$DRY" = 1 ] && echo " --dry-run") --part $PART\`;" \
+    echo "- command: \`bash benchmarks/gpu_suite.sh$([ "$DRY" = 1 ] && echo " --dry-run") --part $PART${ONLY:+ --only $ONLY}\`;" \
          "$(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
     echo "- GPU: ${gpu:-none (no nvidia-smi)}"
     if [ "$got" = 1 ]; then
