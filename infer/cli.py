@@ -44,6 +44,9 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch: int = 16) -> None:
                    help="fp8: W8A8 on an FP8 checkpoint, each linear's and expert's input quantised to e4m3 with the "
                    "checkpoint's static activation scales and multiplied fp8 x fp8 (inference only; default none: "
                    "weight-only, activations in the compute dtype)")
+    from small4_jax.runtime import add_runtime_args
+
+    add_runtime_args(p)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -91,7 +94,10 @@ def preflight(args: argparse.Namespace, need_tokenizer: bool = False):
 
         check_format(args.quantize, "--quantize")
     mesh = _parse_mesh(args.mesh)
+    from small4_jax import runtime
+
     config = Small4Config.from_yaml(args.config) if args.config else checkpoint_config(args.checkpoint)
+    config = config.with_runtime(runtime.from_args(args, config.runtime))
     tokenizer = None
     if args.tokenizer:
         try:
@@ -162,5 +168,6 @@ def load_model_and_tokenizer(args: argparse.Namespace):
             place_model(model, mesh)
     else:
         model = from_pretrained(args.checkpoint, dtype=args.dtype or "auto", mesh=mesh, quantize=args.quantize,
-                                activations=getattr(args, "activations", None), check_finite=args.check_finite)
+                                activations=getattr(args, "activations", None), check_finite=args.check_finite,
+                                config=config)
     return model, tokenizer, mesh

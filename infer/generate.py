@@ -222,7 +222,7 @@ def build_model(args: argparse.Namespace, plan: Plan):
         )
     else:
         model = from_pretrained(args.checkpoint, dtype=args.dtype or "auto", mesh=plan.mesh, quantize=args.quantize,
-                                activations=args.activations, check_finite=args.check_finite)
+                                activations=args.activations, check_finite=args.check_finite, config=plan.config)
     if plan.single_lora:
         from small4_jax.lora.adapters import load_peft, shard_lora
 

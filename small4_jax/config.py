@@ -10,18 +10,25 @@ Sources of a config:
 Field names follow transformers' `Mistral4Config`; the RoPE settings that HF nests under `rope_parameters` are flat
 here (`rope_factor` is HF's `factor`, `rope_attention_factor` its `attention_factor`, `rope_truncate` its `truncate`).
 
-Softmax scale (ARCHITECTURE.md §6.1: the sources disagree). The attention logits are multiplied by
-`attn_softmax_scale`, chosen in this order:
-1. an explicit `softmax_scale` field wins;
-2. `scale_convention == "hf"` (configs read from `config.json`, and the YAML presets): transformers' Mistral4
-   semantics, `qk_head_dim**-0.5 * mscale**2` with `mscale = 0.1 * mscale_all_dim * ln(factor) + 1` whenever the RoPE
-   type is not "default" and `mscale_all_dim` is non-zero (the checkpoint's HF config gives 0.195);
-3. `scale_convention == "native"` (configs read from `params.json`): `yarn.apply_scale`; false (the shipped value)
-   means plain `qk_head_dim**-0.5` (0.0884) and true means the same mscale**2 factor with `mscale_all_dim = 1`.
-Set `softmax_scale` to pin one value regardless of where the config came from.
+A config holds what the weights need (the architecture); how a run executes it (kernels, expert parallelism, layer
+scanning, a softmax-scale override) is `config.runtime`, a `small4_jax.runtime.Runtime` (`with_runtime`). For
+compatibility, the runtime fields are also accepted flat by `from_dict` / `replace` and readable as attributes
+(`config.moe_impl` is `config.runtime.moe_impl`). `architecture()` is what a checkpoint and a run must agree on.
 
-The RoPE magnitude factor applied to cos/sin follows the same split: transformers' YaRN `attention_factor` for "hf",
-exactly 1 for "native" (YaRN frequency interpolation without magnitude correction).
+Softmax scale (ARCHITECTURE.md §6.1). The attention logits are multiplied by `attn_softmax_scale`:
+1. `runtime.softmax_scale`, when set (`--softmax-scale` on every CLI, `runtime: softmax_scale` in run configs): a
+   number, "plain" or "mscale2";
+2. else `yarn_apply_scale`: true folds YaRN's mscale into it, `qk_head_dim**-0.5 * mscale**2` with
+   `mscale = 0.1 * mscale_all_dim * ln(factor) + 1` (transformers' Mistral4 since PR #47435 does this whenever
+   `mscale_all_dim` is non-zero: 0.195 for Small 4); false, the default, gives the plain `qk_head_dim**-0.5`
+   (0.0884 for Small 4). A native params.json sets it from `yarn.apply_scale` (false in the release); an HF
+   config.json from `rope_parameters.apply_scale` (the same key; absent in the release, so false). Mistral's HF
+   converter writes `mscale = mscale_all_dim = 1.0` for every checkpoint as its encoding of `apply_scale: false`,
+   and the measurements on the real weights (SGLang #26203, vLLM #57563, NeMo Automodel ea16f15e4) favour 0.0884.
+
+The RoPE magnitude factor applied to cos/sin is transformers' YaRN `attention_factor` for HF configs (1 for the
+release: mscale == mscale_all_dim) and exactly 1 for native ones (`scale_convention` records which format a config
+came from; the two agree on the release).
 """
 
 from __future__ import annotations
@@ -36,12 +43,17 @@ from typing import Any
 import numpy as np
 
 from small4_jax.errors import ConfigError
+from small4_jax.runtime import ATTN_IMPLS, DENSE_IMPLS, MOE_IMPLS, MOE_STRATEGIES, Runtime
+
+__all__ = ["ATTN_IMPLS", "DENSE_IMPLS", "MOE_IMPLS", "MOE_STRATEGIES", "Runtime", "Small4Config", "VisionConfig",
+           "load_config", "read_yaml"]
 
 _ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
-MOE_IMPLS = ("auto", "pallas", "ragged_dot", "dense")  # "auto": the fastest correct one here (moe.resolve_impl)
-ATTN_IMPLS = ("auto", "blockwise", "pallas", "reference")  # small4_jax.kernels.attention (api.py)
-DENSE_IMPLS = ("xla", "gmm", "auto")  # the layers' dense projections in inference programs (moe.resolve_dense_impl)
-MOE_STRATEGIES = ("auto", "replicated", "all_to_all", "none")  # must equal moe.STRATEGIES
+_RUNTIME_FIELDS = frozenset(Runtime.field_names())
+# Fields that the two released formats spell differently for the same weights: taken from the checkpoint, never
+# compared (`architecture`). vision.rope_interleave is the q/k row layout the converter chose; the projector norm eps
+# is 1e-6 in HF (the text rms_norm_eps) and 1e-5 in Mistral's native stack (ARCHITECTURE.md §3.3, "negligible").
+FORMAT_FIELDS = ("scale_convention", "vision.rope_interleave", "vision.projector_norm_eps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,21 +248,9 @@ class Small4Config:
     rope_interleave: bool = True
     llama_4_scaling_beta: float | None = 0.1  # None or 0: no Llama-4 query scaling
     llama_4_original_max_position_embeddings: int | None = None  # None: original_max_position_embeddings
-    scale_convention: str = "hf"  # "hf" or "native"; see the module docstring
-    yarn_apply_scale: bool = False  # native `yarn.apply_scale`; used when scale_convention == "native"
-    softmax_scale: float | None = None  # explicit override of the attention softmax scale
-    # Implementation choices (not part of the checkpoint's math).
-    moe_impl: str = "auto"  # grouped matmul of the routed experts: "auto", "pallas", "ragged_dot", "dense" (see moe.py)
-    attn_impl: str = "auto"  # softmax attention: "auto", "blockwise", "pallas", "reference" (kernels/attention/api.py)
-    # The layers' dense projections (attention, shared expert, router) in inference programs: "xla" (XLA slices
-    # each layer's weights out of the stacks: a copy per layer on GPUs), "gmm" (the grouped-matmul kernel reads the
-    # stacks in place, model.run_layers), "auto" (gmm where the experts' kernel is picked, i.e. on GPUs). "xla" by
-    # default until a GPU has measured gmm's speed at decode shapes (benchmarks/RESULTS.md, scan_copies).
-    dense_impl: str = "xla"
-    # Expert parallelism when the expert weights sit on a mesh with an 'expert' axis (see moe.py): "auto" (by token
-    # count), "replicated" (tokens replicated, local experts, psum), "all_to_all" (dispatch/combine), "none".
-    moe_strategy: str = "auto"
-    moe_a2a_min_tokens: int = 512  # "auto" uses all_to_all from this many tokens per data shard (untuned)
+    scale_convention: str = "hf"  # the format the config came from: "hf" or "native" (the RoPE magnitude; see above)
+    # YaRN's mscale^2 folded into the softmax scale (native `yarn.apply_scale`, HF `rope_parameters.apply_scale`).
+    yarn_apply_scale: bool = False
     # Embeddings and special ids.
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
@@ -259,8 +259,12 @@ class Small4Config:
     pad_token_id: int | None = 11
     # Image input (ARCHITECTURE.md §3): the vision encoder and projector; None for a text-only model.
     vision: VisionConfig | None = None
+    # How the model runs (not part of the weights): kernels, expert parallelism, scan/remat, softmax-scale override.
+    runtime: Runtime = Runtime()
 
     def __post_init__(self):
+        if isinstance(self.runtime, dict):
+            object.__setattr__(self, "runtime", Runtime.from_dict(self.runtime))
         if isinstance(self.vision, dict):
             object.__setattr__(self, "vision", VisionConfig.from_dict(self.vision))
         if isinstance(self.eos_token_id, list):
@@ -304,16 +308,9 @@ class Small4Config:
             bad("hidden_act", f"one of {', '.join(_ACTIVATIONS)}")
         if self.rope_type not in ("yarn", "default"):
             bad("rope_type", "'yarn' or 'default'")
-        if self.moe_impl not in MOE_IMPLS:
-            bad("moe_impl", f"one of {', '.join(MOE_IMPLS)}")
-        if self.attn_impl not in ATTN_IMPLS:
-            bad("attn_impl", f"one of {', '.join(ATTN_IMPLS)}")
-        if self.dense_impl not in DENSE_IMPLS:
-            bad("dense_impl", f"one of {', '.join(DENSE_IMPLS)}")
-        if self.moe_strategy not in MOE_STRATEGIES:
-            bad("moe_strategy", f"one of {', '.join(MOE_STRATEGIES)}")
-        if self.moe_a2a_min_tokens < 0:
-            bad("moe_a2a_min_tokens", "a non-negative integer")
+        if not isinstance(self.runtime, Runtime):
+            raise ConfigError(f"{source}: field 'runtime' must be a mapping of runtime options")
+        self.runtime.validate(f"{source}: runtime")
         if self.scale_convention not in ("hf", "native"):
             bad("scale_convention", "'hf' or 'native'")
         if self.rope_type == "yarn" and self.yarn_factor <= 0:
@@ -340,21 +337,77 @@ class Small4Config:
 
     @property
     def attn_softmax_scale(self) -> float:
-        """The factor applied to q·k before the softmax (see the module docstring for the convention)."""
-        if self.softmax_scale is not None:
-            return float(self.softmax_scale)
+        """The factor applied to q·k before the softmax (see the module docstring)."""
+        override = self.runtime.softmax_scale
+        if isinstance(override, (int, float)):
+            return float(override)
+        if override == "mscale2" or (override is None and self.yarn_apply_scale):
+            return self.mscale2_softmax_scale
+        return self.qk_head_dim**-0.5
+
+    @property
+    def mscale2_softmax_scale(self) -> float:
+        """transformers' Mistral4 scale (`yarn_apply_mscale`): qk_head_dim**-0.5 times mscale(factor,
+        mscale_all_dim)**2 for a YaRN config with a non-zero mscale_all_dim, else the plain one."""
         base = self.qk_head_dim**-0.5
-        if self.rope_type == "default":
+        if self.rope_type == "default" or not self.mscale_all_dim:
             return base
-        if self.scale_convention == "hf":
-            if self.mscale_all_dim:
-                m = _yarn_mscale(self.yarn_factor, self.mscale_all_dim)
-                return base * m * m
-            return base
-        if self.yarn_apply_scale:
-            m = _yarn_mscale(self.yarn_factor, 1.0)
-            return base * m * m
-        return base
+        m = _yarn_mscale(self.yarn_factor, self.mscale_all_dim)
+        return base * m * m
+
+    # Runtime options, readable where they used to be fields (config.runtime holds them).
+    @property
+    def moe_impl(self) -> str:
+        return self.runtime.moe_impl
+
+    @property
+    def moe_strategy(self) -> str:
+        return self.runtime.moe_strategy
+
+    @property
+    def moe_a2a_min_tokens(self) -> int:
+        return self.runtime.moe_a2a_min_tokens
+
+    @property
+    def attn_impl(self) -> str:
+        return self.runtime.attn_impl
+
+    @property
+    def dense_impl(self) -> str:
+        return self.runtime.dense_impl
+
+    @property
+    def softmax_scale(self) -> float | str | None:
+        return self.runtime.softmax_scale
+
+    def with_runtime(self, runtime: Runtime | dict | None = None, **changes) -> Small4Config:
+        """This architecture with `runtime` (a Runtime, or a mapping of options over the current ones) and/or the
+        runtime fields in `changes` replaced."""
+        rt = self.runtime
+        if isinstance(runtime, Runtime):
+            rt = runtime
+        elif runtime is not None:
+            rt = Runtime.from_dict(runtime, base=rt)
+        if changes:
+            rt = Runtime.from_dict(changes, base=rt)
+        return dataclasses.replace(self, runtime=rt)
+
+    def architecture(self) -> dict[str, Any]:
+        """What the weights need, resolved: the fields a run and its checkpoint must agree on. Leaves out the runtime
+        options and the FORMAT_FIELDS, and resolves spellings that mean the same thing (the Llama-4 original length
+        left to default, a null rope_factor, the vision encoder's attn_impl)."""
+        d = self.to_dict()
+        d["llama_4_original_max_position_embeddings"] = self.llama_4_original
+        d["rope_factor"] = self.yarn_factor if self.rope_type == "yarn" else None
+        for f in FORMAT_FIELDS:
+            if "." not in f:
+                d.pop(f, None)
+        if d.get("vision") is not None:
+            for f in FORMAT_FIELDS:
+                if f.startswith("vision."):
+                    d["vision"].pop(f.removeprefix("vision."), None)
+            d["vision"].pop("attn_impl", None)
+        return d
 
     @property
     def rope_magnitude(self) -> float:
@@ -403,7 +456,14 @@ class Small4Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> Small4Config:
-        """Build from a flat dict of our field names; unknown keys are an error naming them."""
+        """Build from a flat dict of our field names; unknown keys are an error naming them. Runtime options may be
+        given flat (the presets' old spelling) or as a `runtime` mapping."""
+        d = dict(d)
+        flat_runtime = {k: d.pop(k) for k in list(d) if k in _RUNTIME_FIELDS}
+        if flat_runtime or isinstance(d.get("runtime"), dict) or "runtime" in d:
+            nested = d.pop("runtime", None)
+            base = nested if isinstance(nested, Runtime) else Runtime.from_dict(nested, f"{source}: runtime")
+            d["runtime"] = Runtime.from_dict(flat_runtime, source, base=base)
         known = set(cls.field_names())
         unknown = sorted(set(d) - known)
         if unknown:
@@ -413,7 +473,7 @@ class Small4Config:
         if isinstance(d.get("vision"), dict):
             d["vision"] = VisionConfig.from_dict(d["vision"], source=source)
         for k, v in d.items():
-            if k == "vision" and (v is None or isinstance(v, VisionConfig)):
+            if (k == "vision" and (v is None or isinstance(v, VisionConfig))) or k == "runtime":
                 continue
             _check_type(k, v, types[k], source)
         try:
@@ -459,7 +519,8 @@ class Small4Config:
         out: dict[str, Any] = {}
         # Fields with the same name in config.json; the RoPE ones live under rope_parameters and are read below.
         direct = set(cls.field_names()) - {"rope_type", "rope_factor", "rope_attention_factor", "rope_truncate",
-                                           "llama_4_scaling_beta"}
+                                           "llama_4_scaling_beta", "yarn_apply_scale", "scale_convention", "runtime",
+                                           "vision"}
         _check_typos(d, direct | {"rope_parameters", "rope_scaling", "rope_theta"}, source)
         for k in direct:
             if k in d and d[k] is not None:
@@ -484,6 +545,10 @@ class Small4Config:
             out["mscale_all_dim"] = rope.get("mscale_all_dim")
             out["rope_attention_factor"] = rope.get("attention_factor")
             out["rope_truncate"] = bool(rope.get("truncate", True))
+            apply = rope.get("apply_scale", False)
+            if not isinstance(apply, bool):
+                raise ConfigError(f"{source}: rope_parameters.apply_scale = {apply!r}; expected true or false")
+            out["yarn_apply_scale"] = apply
         elif "original_max_position_embeddings" in rope:
             out["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
         out["llama_4_scaling_beta"] = rope.get("llama_4_scaling_beta")
@@ -580,18 +645,27 @@ class Small4Config:
         return cls.from_dict(out, source=source)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        if isinstance(d["eos_token_id"], tuple):
-            d["eos_token_id"] = list(d["eos_token_id"])
+        """The architecture fields (what a checkpoint stores; `runtime` is left out: `runtime.to_dict()`)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "runtime"}
+        d = json.loads(json.dumps({k: dataclasses.asdict(v) if isinstance(v, VisionConfig) else v
+                                   for k, v in d.items()}))
         return d
 
     def replace(self, **changes) -> Small4Config:
-        return dataclasses.replace(self, **changes)
+        """A copy with fields replaced; runtime options (`moe_impl=...`, `runtime=...`) go to `runtime`."""
+        rt = {k: changes.pop(k) for k in list(changes) if k in _RUNTIME_FIELDS}
+        out = dataclasses.replace(self, **changes) if changes else self
+        return out.with_runtime(**rt) if rt else out
 
 
-def load_config(path: str | os.PathLike) -> Small4Config:
-    """A config from a YAML preset, an HF `config.json`, a native `params.json`, or a directory holding either."""
-    path = Path(path)
+def load_config(path: str | os.PathLike, runtime: Runtime | dict | None = None) -> Small4Config:
+    """A config from a YAML preset, an HF `config.json`, a native `params.json`, or a directory holding either;
+    `runtime` (a Runtime or a mapping of its options) replaces the runtime options."""
+    config = _load_config(Path(path))
+    return config if runtime is None else config.with_runtime(runtime)
+
+
+def _load_config(path: Path) -> Small4Config:
     if path.is_dir():
         if (path / "config.json").is_file():
             return Small4Config.from_hf_json(path / "config.json")
@@ -644,7 +718,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return d
 
 
-_ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "apply_scale", "original_max_position_embeddings", "beta_fast", "beta_slow",
               "mscale", "mscale_all_dim", "attention_factor", "truncate", "llama_4_scaling_beta"}
 
 

@@ -122,9 +122,23 @@ def tiny_hf_config(**overrides) -> Mistral4Config:
     return Mistral4Config(**kw)
 
 
+def pin_hf_softmax_scale(model, scale: float | None = None):
+    """Set every Mistral4 attention's softmax scale of a transformers model (Mistral4 or Mistral3) to `scale`, by
+    default the plain 1/sqrt(qk_head_dim) our configs default to (ARCHITECTURE.md §6.1). transformers folds YaRN's
+    mscale^2 in since PR #47435 and may change again: parity tests set both sides explicitly. Returns the model."""
+    n = 0
+    for module in model.modules():
+        if type(module).__name__ == "Mistral4Attention":
+            module.scaling = module.qk_head_dim**-0.5 if scale is None else float(scale)
+            n += 1
+    assert n, "no Mistral4Attention module in the model"
+    return model
+
+
 @torch.no_grad()
-def make_hf_model(config: Mistral4Config, seed: int = 0) -> Mistral4ForCausalLM:
-    """A float32 `Mistral4ForCausalLM` with every weight redrawn from a seeded generator.
+def make_hf_model(config: Mistral4Config, seed: int = 0, softmax_scale: float | None = None) -> Mistral4ForCausalLM:
+    """A float32 `Mistral4ForCausalLM` with every weight redrawn from a seeded generator, its softmax scale pinned
+    (`pin_hf_softmax_scale`: the plain 1/sqrt(qk_head_dim) unless `softmax_scale`).
 
     Linears and experts: normal std 0.08; embeddings std 0.5; norm weights 1 + 0.1 * normal (non-unit); routers
     std 0.3 so router logits have std ~2 and top-k choices are not near-ties.
@@ -141,7 +155,7 @@ def make_hf_model(config: Mistral4Config, seed: int = 0) -> Mistral4ForCausalLM:
             p.copy_(0.5 * noise)
         else:
             p.copy_(0.08 * noise)
-    return model
+    return pin_hf_softmax_scale(model, softmax_scale)
 
 
 def hf_state_dict(model: Mistral4ForCausalLM) -> dict[str, torch.Tensor]:
@@ -402,6 +416,51 @@ def save_native(
     _write_shards(out_dir, on_disk, "consolidated", num_shards)
     (out_dir / "params.json").write_text(json.dumps(native_params(model.config, fp8), indent=2))
     return reference
+
+
+def save_native_mistral3(hf, out_dir, image_break_token_id: int = 12, image_end_token_id: int = 13) -> None:
+    """A transformers Mistral3ForConditionalGeneration's weights as a Mistral-native checkpoint: text through
+    `save_native`, vision renamed and the encoder's q/k rows permuted from rotate-half (HF) back to interleaved
+    pairs, and a `vision_encoder` block in params.json."""
+    out_dir = Path(out_dir)
+    text = Mistral4ForCausalLM(hf.config.text_config).float().eval()
+    state = {k: v for k, v in hf.state_dict().items()}
+    text.model.load_state_dict({k.removeprefix("model.language_model."): v for k, v in state.items()
+                                if k.startswith("model.language_model.")})
+    text.lm_head.weight.data.copy_(state["lm_head.weight"])
+    save_native(text, out_dir)
+    vc = hf.config.vision_config
+    nh, hd = vc.num_attention_heads, vc.hidden_size // vc.num_attention_heads
+    names = {"attention.q_proj": "attention.wq", "attention.k_proj": "attention.wk", "attention.v_proj": "attention.wv",
+             "attention.o_proj": "attention.wo", "feed_forward.gate_proj": "feed_forward.w1",
+             "feed_forward.down_proj": "feed_forward.w2", "feed_forward.up_proj": "feed_forward.w3",
+             "attention_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+    native = {}
+    for k, v in state.items():
+        if k.startswith("model.vision_tower.transformer.layers."):
+            layer, rest = k.removeprefix("model.vision_tower.transformer.layers.").split(".", 1)
+            module = rest.removesuffix(".weight")
+            if module in ("attention.q_proj", "attention.k_proj"):  # (head, half, i) -> (head, i, half)
+                v = v.view(nh, 2, hd // 2, -1).transpose(1, 2).reshape(nh * hd, -1)
+            native[f"vision_encoder.transformer.layers.{layer}.{names[module]}.weight"] = v
+        elif k.startswith("model.vision_tower."):
+            native["vision_encoder." + k.removeprefix("model.vision_tower.")] = v
+    proj = "model.multi_modal_projector."
+    native["pre_mm_projector_norm.weight"] = state[proj + "norm.weight"]
+    native["patch_merger.merging_layer.weight"] = state[proj + "patch_merger.merging_layer.weight"]
+    native["vision_language_adapter.w_in.weight"] = state[proj + "linear_1.weight"]
+    native["vision_language_adapter.w_out.weight"] = state[proj + "linear_2.weight"]
+    save_file({k: v.contiguous() for k, v in native.items()}, str(out_dir / "consolidated-vision.safetensors"))
+    params = json.loads((out_dir / "params.json").read_text())
+    params["vision_encoder"] = {
+        "hidden_size": vc.hidden_size, "num_channels": 3, "max_image_size": vc.image_size, "image_size": vc.image_size,
+        "patch_size": vc.patch_size, "rope_theta": 10000.0, "intermediate_size": vc.intermediate_size,
+        "num_hidden_layers": vc.num_hidden_layers, "num_attention_heads": vc.num_attention_heads,
+        "image_token_id": hf.config.image_token_id, "image_break_token_id": image_break_token_id,
+        "image_end_token_id": image_end_token_id, "spatial_merge_size": hf.config.spatial_merge_size,
+        "mm_projector_id": "patch_merge", "add_pre_mm_projector_layer_norm": True, "adapter_bias": False,
+    }
+    (out_dir / "params.json").write_text(json.dumps(params))
 
 
 def truncate_file(path: str | os.PathLike, nbytes: int) -> None:

@@ -67,22 +67,29 @@ def test_yarn_frequencies_equal_transformers():
 
 
 def test_softmax_scale_conventions(tmp_path):
+    """Plain 1/sqrt(qk_head_dim) unless the config asks for mscale^2 (ARCHITECTURE.md §6.1); "mscale2" is exactly
+    transformers' Mistral4 scale, and a runtime override wins over both."""
+    plain = 128**-0.5
     hf = Small4Config.from_hf_dict({"model_type": "mistral4", **_hf_rope(mscale_all_dim=1.0)})
-    assert math.isclose(hf.attn_softmax_scale, 128**-0.5 * (1 + 0.1 * math.log(128)) ** 2)  # 0.195, transformers
-    assert math.isclose(hf.attn_softmax_scale, 0.19496949, rel_tol=1e-6)
-    no_mscale = Small4Config.from_hf_dict({"model_type": "mistral4", **_hf_rope(mscale_all_dim=0.0)})
-    assert math.isclose(no_mscale.attn_softmax_scale, 128**-0.5)
+    assert hf.attn_softmax_scale == plain and not hf.yarn_apply_scale  # the release's mscale = mscale_all_dim = 1
+    asked = Small4Config.from_hf_dict({"model_type": "mistral4", **_hf_rope(mscale_all_dim=1.0, apply_scale=True)})
+    assert math.isclose(asked.attn_softmax_scale, plain * (1 + 0.1 * math.log(128)) ** 2)
+    assert math.isclose(asked.attn_softmax_scale, 0.19496949, rel_tol=1e-6)
+    no_mscale = Small4Config.from_hf_dict({"model_type": "mistral4", **_hf_rope(mscale_all_dim=0.0, apply_scale=True)})
+    assert no_mscale.attn_softmax_scale == plain  # transformers folds nothing in when mscale_all_dim is 0
     native = Small4Config.from_native_dict(_native_params(apply_scale=False))
-    assert math.isclose(native.attn_softmax_scale, 128**-0.5)  # 0.0884
-    assert math.isclose(Small4Config.from_native_dict(_native_params(apply_scale=True)).attn_softmax_scale,
-                        hf.attn_softmax_scale)
-    assert hf.replace(softmax_scale=0.05).attn_softmax_scale == 0.05  # explicit field wins
-    # transformers computes the same scale for the same config.json
+    assert native.attn_softmax_scale == plain  # 0.0884
+    assert Small4Config.from_native_dict(_native_params(apply_scale=True)).attn_softmax_scale == asked.attn_softmax_scale
+    assert hf.replace(softmax_scale=0.05).attn_softmax_scale == 0.05  # the runtime override wins
+    assert asked.with_runtime(softmax_scale="plain").attn_softmax_scale == plain
+    with pytest.raises(ConfigError, match=r"rope_parameters\.apply_scale = 'yes'; expected true or false"):
+        Small4Config.from_hf_dict({"model_type": "mistral4", **_hf_rope(mscale_all_dim=1.0, apply_scale="yes")})
+    # transformers (any version since #47435) computes exactly "mscale2" for the release's config.json
     from transformers import Mistral4Config
     from transformers.models.mistral4.modeling_mistral4 import Mistral4Attention
 
     attn = Mistral4Attention(Mistral4Config(**_hf_rope(mscale_all_dim=1.0)), layer_idx=0)
-    assert math.isclose(attn.scaling, hf.attn_softmax_scale, rel_tol=1e-9)
+    assert attn.scaling == hf.with_runtime(softmax_scale="mscale2").attn_softmax_scale
 
 
 def test_mistral3_wrapper_and_native_params_give_the_same_text_config(tmp_path):
@@ -152,11 +159,11 @@ def test_bad_configs_name_the_file_and_field(tmp_path):
         load_config(empty)
 
 
-def _hf_rope(mscale_all_dim: float) -> dict:
+def _hf_rope(mscale_all_dim: float, **extra) -> dict:
     return {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 128.0,
                                 "original_max_position_embeddings": 8192, "beta_fast": 32.0, "beta_slow": 1.0,
                                 "mscale": 1.0, "mscale_all_dim": mscale_all_dim, "llama_4_scaling_beta": 0.1,
-                                "partial_rotary_factor": 0.5}}
+                                "partial_rotary_factor": 0.5, **extra}}
 
 
 def _native_params(apply_scale: bool) -> dict:

@@ -58,7 +58,7 @@ def _step(graphdef, state):
     return jax.jit(run)(state, *args), _pallas_calls(jax.make_jaxpr(run)(state, *args).jaxpr)
 
 
-@pytest.mark.parametrize("fmt", [None, "int4-all", "fp8"])  # int8 reads its scales as fp8 does: per column
+@pytest.mark.parametrize("fmt", [None, "int8", "int4-all", "fp8"])  # int8: the default int4 policy's dense linears
 def test_the_serving_step_with_dense_gmm_equals_xla(fmt):
     out = {}
     for impl in ("xla", "gmm"):

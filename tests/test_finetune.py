@@ -94,8 +94,9 @@ def test_base_is_frozen_no_grad_no_optimizer_state(trained):
 
 
 def test_exports_load_in_transformers_and_peft(trained):
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
+    import peft
+    import torch
+    from ckpt_utils import pin_hf_softmax_scale
     from transformers import Mistral4ForCausalLM
 
     from small4_jax.nn.model import init_model
@@ -121,10 +122,10 @@ def test_exports_load_in_transformers_and_peft(trained):
     assert rel(ours_merged, ours) < 1e-4
 
     with torch.no_grad():
-        hf = Mistral4ForCausalLM.from_pretrained(str(tmp / "merged")).float().eval()
+        hf = pin_hf_softmax_scale(Mistral4ForCausalLM.from_pretrained(str(tmp / "merged")).float().eval())
         hf_logits = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
-        ref = peft.PeftModel.from_pretrained(Mistral4ForCausalLM.from_pretrained(str(tmp / "base")).float(),
-                                             str(tmp / "adapter")).eval()
+        base_hf = pin_hf_softmax_scale(Mistral4ForCausalLM.from_pretrained(str(tmp / "base")).float())
+        ref = peft.PeftModel.from_pretrained(base_hf, str(tmp / "adapter")).eval()
         peft_logits = ref(torch.tensor(ids, dtype=torch.long)).logits.numpy()
     assert rel(ours_merged, hf_logits) < 1e-4
     assert rel(ours, peft_logits) < 1e-4

@@ -61,9 +61,6 @@ def test_greedy_equals_transformers_native_layout_and_grouped_routing(tmp_path, 
     config = tiny_hf_config(n_group=4, topk_group=2, num_experts_per_tok=3)
     hf = make_hf_model(config, seed=5)
     save_native(hf, tmp_path)
-    params = json.loads((tmp_path / "params.json").read_text())
-    params["yarn"]["apply_scale"] = True  # = HF semantics with mscale_all_dim 1
-    (tmp_path / "params.json").write_text(json.dumps(params))
     assert main(["--checkpoint", str(tmp_path), "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "16",
                  "--json"]) == 0
     ours = _last_json(capsys.readouterr().out)["token_ids"]

@@ -186,6 +186,9 @@ def test_tilings_are_decode_or_prefill_from_static_shapes():
     assert tgmm_tiling(m=4, k=4096, n=8, num_groups=128, dtype=jnp.bfloat16).block_n == 16
 
 
+NO_GPU_TO_LOWER_FOR = "No supported GPU devices found"
+
+
 def test_kernels_lower_to_triton_for_gpus():
     """The kernels (forward, dlhs, tgmm; both tilings; fp32 and bf16) are valid Pallas-Triton programs: they lower to
     Triton IR for CUDA on this CPU-only machine (Triton's own compilation to PTX needs the GPU toolchain)."""
@@ -202,8 +205,10 @@ def test_kernels_lower_to_triton_for_gpus():
             args = (jnp.zeros((M, K), dtype), jnp.zeros((4, K, N), dtype))
             try:
                 text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-            except Exception as e:  # newer jaxlibs compile Triton while lowering, which needs a GPU toolchain
-                if jaxlib_version > (0, 10, 2):
-                    pytest.skip(f"jaxlib {jaxlib_version} cannot lower Triton kernels without a GPU: {e}")
+            except RuntimeError as e:
+                # jaxlib 0.11 compiles Triton while lowering and asks the GPU for its compute capability: with no GPU
+                # it raises exactly this (measured with 0.11.2 on a CPU-only machine). Anything else is a failure.
+                if NO_GPU_TO_LOWER_FOR in str(e) and not any(d.platform == "gpu" for d in jax.devices()):
+                    pytest.skip(f"jaxlib {jaxlib_version} lowers Triton kernels only with a GPU present: {e}")
                 raise
             assert text.count("xla.gpu.triton") == 3

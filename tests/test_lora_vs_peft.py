@@ -10,6 +10,7 @@ Adapters are randomised (B != 0) so every adapter changes the output. The expert
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
 import torch
 from flax import nnx
@@ -20,7 +21,6 @@ from small4_jax.lora import adapters as lora
 from small4_jax.errors import ConfigError
 from small4_jax.nn.model import per_layer_items
 
-peft = pytest.importorskip("peft")
 
 B, T = 2, 24
 

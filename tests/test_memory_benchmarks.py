@@ -31,4 +31,4 @@ def test_convert_memory_benchmark_prints_the_table():
     assert proc.returncode == 0, proc.stderr
     peak = float(re.search(r"peak RSS of the conversion process\s+([\d.]+)", proc.stdout).group(1))
     assert 50 < peak < 2000  # MiB: a real reading of the child (interpreter + jax + tensorstore at least)
-    assert re.search(r"under 600 MB\s+(yes|NO)", proc.stdout)
+    assert re.search(r"under 600 MB\s+yes", proc.stdout), proc.stdout  # the goal, met by this small checkpoint too

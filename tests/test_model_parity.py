@@ -6,6 +6,10 @@ magnitude factor (mscale_all_dim = 0) and mscale != mscale_all_dim, tied embeddi
 Sequences (40 tokens) run well past original_max_position_embeddings (16), so YaRN and the Llama-4 query scaling act.
 """
 
+import math
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -27,7 +31,7 @@ def rope(**changes):
 
 
 CASES = {
-    # 3 layers (layer 0 dense), q-LoRA, interleaved RoPE, top-2 of 8, mscale == mscale_all_dim (HF softmax mscale^2).
+    # 3 layers (layer 0 dense), q-LoRA, interleaved RoPE, top-2 of 8, mscale == mscale_all_dim (the release's spelling).
     "default": {},
     "plain_q_grouped_halfsplit": dict(
         q_lora_rank=None, rope_interleave=False, n_group=4, topk_group=2, num_experts_per_tok=3,
@@ -75,22 +79,28 @@ def test_logits_match_transformers(case, tmp_path):
 def test_native_layout_matches_hf(tmp_path):
     """Same weights as an HF directory and as a Mistral-native one (per-expert w1/w2/w3, sharded) give equal logits.
 
-    Native yarn.apply_scale=true folds mscale^2 into the softmax scale, as HF does when mscale_all_dim = 1; with
-    apply_scale=false the plain 1/sqrt(d) scale matches an HF config with mscale_all_dim = 0 and attention_factor 1.
+    The scale each side asks for: native yarn.apply_scale = HF rope_parameters.apply_scale. False (the release)
+    is the plain 1/sqrt(d); true folds mscale^2 in, which transformers is set to through its own `yarn_apply_mscale`.
     """
     import json
 
+    from transformers.modeling_rope_utils import yarn_apply_mscale
+
     ids = _ids(128, seed=3)
-    for apply_scale, rope_changes in ((True, {}), (False, dict(mscale=0.0, mscale_all_dim=0.0, attention_factor=1.0))):
-        config = tiny_hf_config(rope_parameters=rope(**rope_changes))
-        hf = make_hf_model(config, seed=7)
+    for apply_scale in (True, False):
+        config = tiny_hf_config(rope_parameters=rope(**({"apply_scale": True} if apply_scale else {})))
+        qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+        hf = make_hf_model(config, seed=7, softmax_scale=yarn_apply_mscale(config.rope_parameters, qk**-0.5)
+                           if apply_scale else None)
         hf_dir, native_dir = tmp_path / f"hf{apply_scale}", tmp_path / f"native{apply_scale}"
         save_hf(hf, hf_dir)
         save_native(hf, native_dir, num_shards=3)
         params = json.loads((native_dir / "params.json").read_text())
         params["yarn"]["apply_scale"] = apply_scale
         (native_dir / "params.json").write_text(json.dumps(params))
-        from_hf = np.asarray(small4_jax.from_pretrained(hf_dir, dtype="float32")(ids))
+        from_hf = small4_jax.from_pretrained(hf_dir, dtype="float32")
+        assert math.isclose(from_hf.config.attn_softmax_scale, hf.model.layers[0].self_attn.scaling, rel_tol=1e-12)
+        from_hf = np.asarray(from_hf(ids))
         from_native = np.asarray(small4_jax.from_pretrained(native_dir, dtype="float32")(ids))
         assert _rel(from_native, from_hf) < 1e-6
         assert _rel(from_native, _hf_logits(hf, ids)) < 1e-4
@@ -135,3 +145,56 @@ def test_packed_segments_equal_separate_sequences(tmp_path):
     out = np.asarray(ours(packed, positions=positions, segment_ids=segments))[0]
     np.testing.assert_allclose(out[:23], np.asarray(ours(a[None]))[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out[23:], np.asarray(ours(b[None]))[0], rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_matches_transformers_bf16_routing_and_logits(tmp_path, monkeypatch):
+    """bf16 against transformers in bf16 (the same bf16 weights on disk), with the float32 model as the truth.
+
+    Routing: transformers rounds its router logits to bf16 (F.linear in the weights' dtype) and so ties experts that
+    ours (float32 products and softmax) tells apart; every decision whose transformers margin between the k-th and
+    the (k+1)-th logit is wider than ROUTING_MARGIN (a few bf16 ulps of logits of magnitude ~8, plus the bf16 noise
+    of the router's input) must pick the same experts, and nearly all decisions must be that clear.
+    Logits: both are bf16 computations of one function, so the yardstick is transformers' own bf16 error against its
+    float32 run: ours must be no further from the float32 logits than transformers' bf16 is at worst (the max),
+    as far on average (within 25%: two bf16 computations with as many roundings), and no further from
+    transformers' bf16 than twice that error on average."""
+    import sys
+
+    ROUTING_MARGIN = 0.05
+    config = tiny_hf_config()
+    ids = _ids(config.vocab_size, seed=5)
+    truth = _hf_logits(make_hf_model(config, seed=3), ids)
+    hf = make_hf_model(config, seed=3).to(torch.bfloat16)
+    theirs_routes = []
+    for layer in hf.model.layers:
+        if hasattr(layer.mlp, "gate"):  # Mistral4TopkRouter -> (router_logits, weights, indices)
+            layer.mlp.gate.register_forward_hook(
+                lambda m, i, out: theirs_routes.append((out[0].float().numpy(), out[2].numpy())))
+    theirs = _hf_logits(hf, ids)
+    save_hf(hf, tmp_path)  # bf16 tensors
+    ours_model = small4_jax.from_pretrained(tmp_path, dtype="bfloat16")
+    assert ours_model.embed_tokens.embedding[...].dtype == jnp.bfloat16
+    model_module = sys.modules[type(ours_model).__module__]
+    route, our_routes = model_module.route, []
+
+    def recording_route(logits, **kw):  # under the layer scan: the values leave through a callback, in order
+        out = route(logits, **kw)
+        jax.debug.callback(lambda ids: our_routes.append(np.asarray(ids)), out[0], ordered=True)
+        return out
+
+    monkeypatch.setattr(model_module, "route", recording_route)
+    ours = np.asarray(ours_model(ids), np.float32)
+    k = config.num_experts_per_tok
+    assert len(our_routes) == len(theirs_routes) == config.num_hidden_layers - config.first_k_dense_replace
+    clear = 0
+    for mine, (their_logits, their_ids) in zip(our_routes, theirs_routes):
+        top = np.sort(their_logits, -1)[:, ::-1]
+        decided = top[:, k - 1] - top[:, k] > ROUTING_MARGIN
+        np.testing.assert_array_equal(np.sort(mine, -1)[decided], np.sort(their_ids, -1)[decided])
+        clear += decided.sum()
+    assert clear >= 0.9 * len(our_routes) * BATCH * SEQ
+    bf16_error = np.abs(theirs - truth)
+    assert np.abs(ours - truth).max() <= bf16_error.max()
+    assert np.abs(ours - truth).mean() <= 1.25 * bf16_error.mean()
+    assert np.abs(ours - theirs).mean() <= 2 * bf16_error.mean()
+    assert bf16_error.mean() < 0.01 * np.abs(truth).max()  # and that error is bf16-sized

@@ -9,6 +9,7 @@ ranks and alphas) and one made by peft (`get_peft_model(..., target_parameters=e
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
 import torch
 from flax import nnx
@@ -21,7 +22,6 @@ from small4_jax.errors import ConfigError, InputError
 from small4_jax.lora.multi import MultiLoRA, MultiLoRAParam, parse_lora_flags
 from small4_jax.nn.paged import PagedCache, logits_step
 
-peft = pytest.importorskip("peft")
 
 VOCAB = 128
 

@@ -9,17 +9,15 @@ in two turns, with text around them.
 
 import dataclasses
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from ckpt_utils import save_native, tiny_hf_config
+from ckpt_utils import pin_hf_softmax_scale, save_native_mistral3, tiny_hf_config
 from flax import nnx
-from safetensors.torch import save_file
-from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Mistral4ForCausalLM, PixtralVisionConfig
+from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig
 
 import small4_jax
 from small4_jax.nn import vision
@@ -69,50 +67,11 @@ def tiny_mistral3(seed=0, patch=PATCH, image_size=64, **text_overrides):
             p.copy_(0.5 * z)
         else:
             p.copy_(0.08 * z)
-    return model
+    return pin_hf_softmax_scale(model)
 
 
 def _to_native(hf, out_dir):
-    """The same weights as a Mistral-native checkpoint: text through ckpt_utils.save_native, vision renamed and the
-    encoder's q/k rows permuted from rotate-half (HF) back to interleaved pairs."""
-    text = Mistral4ForCausalLM(hf.config.text_config).float().eval()
-    state = {k: v for k, v in hf.state_dict().items()}
-    text.model.load_state_dict({k.removeprefix("model.language_model."): v for k, v in state.items()
-                                if k.startswith("model.language_model.")})
-    text.lm_head.weight.data.copy_(state["lm_head.weight"])
-    save_native(text, out_dir)
-    vc = hf.config.vision_config
-    nh, hd = vc.num_attention_heads, vc.hidden_size // vc.num_attention_heads
-    names = {"attention.q_proj": "attention.wq", "attention.k_proj": "attention.wk", "attention.v_proj": "attention.wv",
-             "attention.o_proj": "attention.wo", "feed_forward.gate_proj": "feed_forward.w1",
-             "feed_forward.down_proj": "feed_forward.w2", "feed_forward.up_proj": "feed_forward.w3",
-             "attention_norm": "attention_norm", "ffn_norm": "ffn_norm"}
-    native = {}
-    for k, v in state.items():
-        if k.startswith("model.vision_tower.transformer.layers."):
-            layer, rest = k.removeprefix("model.vision_tower.transformer.layers.").split(".", 1)
-            module = rest.removesuffix(".weight")
-            if module in ("attention.q_proj", "attention.k_proj"):  # (head, half, i) -> (head, i, half)
-                v = v.view(nh, 2, hd // 2, -1).transpose(1, 2).reshape(nh * hd, -1)
-            native[f"vision_encoder.transformer.layers.{layer}.{names[module]}.weight"] = v
-        elif k.startswith("model.vision_tower."):
-            native["vision_encoder." + k.removeprefix("model.vision_tower.")] = v
-    proj = "model.multi_modal_projector."
-    native["pre_mm_projector_norm.weight"] = state[proj + "norm.weight"]
-    native["patch_merger.merging_layer.weight"] = state[proj + "patch_merger.merging_layer.weight"]
-    native["vision_language_adapter.w_in.weight"] = state[proj + "linear_1.weight"]
-    native["vision_language_adapter.w_out.weight"] = state[proj + "linear_2.weight"]
-    save_file({k: v.contiguous() for k, v in native.items()}, str(out_dir / "consolidated-vision.safetensors"))
-    params = json.loads((out_dir / "params.json").read_text())
-    params["yarn"]["apply_scale"] = True  # the HF text config folds mscale^2 into the softmax scale
-    params["vision_encoder"] = {
-        "hidden_size": vc.hidden_size, "num_channels": 3, "max_image_size": vc.image_size, "image_size": vc.image_size,
-        "patch_size": vc.patch_size, "rope_theta": 10000.0, "intermediate_size": vc.intermediate_size,
-        "num_hidden_layers": vc.num_hidden_layers, "num_attention_heads": vc.num_attention_heads,
-        "image_token_id": IMG, "image_break_token_id": BREAK, "image_end_token_id": END, "spatial_merge_size": MERGE,
-        "mm_projector_id": "patch_merge", "add_pre_mm_projector_layer_norm": True, "adapter_bias": False,
-    }
-    (out_dir / "params.json").write_text(json.dumps(params))
+    save_native_mistral3(hf, out_dir, image_break_token_id=BREAK, image_end_token_id=END)
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +295,8 @@ def test_merged_export_loads_in_transformers_mistral3(models, ours, tmp_path):
     ids, images = _prompt([(16, 24)], seed=11, length=SEQ)
     with torch.no_grad():
         ref = hf(**_hf_inputs(ids, images)).logits.numpy()
-        again = HFMistral3.from_pretrained(str(out)).float().eval()(**_hf_inputs(ids, images)).logits.numpy()
+        again = pin_hf_softmax_scale(HFMistral3.from_pretrained(str(out)).float().eval())
+        again = again(**_hf_inputs(ids, images)).logits.numpy()
     assert _rel(again, ref) < 1e-5
     back = small4_jax.from_pretrained(out, dtype="float32")
     assert back.config.vision == ours.config.vision

@@ -3,9 +3,11 @@ for `train.method: dpo | grpo` the optional `dpo` / `grpo` section (train/dpo.py
 
 `model` holds the architecture (Small4Config fields, as in configs/tiny.yaml), so every YAML in configs/ is also a
 model preset (`load_config` reads a nested `model:` mapping). `base` says where the weights come from: a checkpoint
-directory (whose config must then equal `model`) or random weights from a seed. Every other section is a frozen
-dataclass; unknown keys are an error naming the file, section and key. Relative paths are resolved against the
-current directory (run from the repo root, as the examples do).
+directory (whose architecture must then equal `model`'s, except what `model` leaves out, e.g. the vision tower,
+which comes from the checkpoint: `trainer.resolve_model`) or random weights from a seed. `runtime` (optional) sets
+the implementation choices of `small4_jax.runtime.Runtime` (kernels, expert parallelism, `softmax_scale`
+override); they are no part of the architecture. Every other section is a frozen dataclass; unknown keys are an
+error naming the file, section and key. Relative paths are resolved against the current directory (run from the repo root, as the examples do).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from small4_jax.config import Small4Config, _check_type
 from small4_jax.errors import ConfigError
 from small4_jax.lora.adapters import LoRAConfig
+from small4_jax.runtime import Runtime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +29,7 @@ class BaseSection:
     seed: int = 0  # random init when there is no checkpoint
     dtype: str = "bfloat16"  # base weights and activations; LoRA parameters are always float32
     tokenizer: str | None = None  # default: the checkpoint's, or the bundled tiny one for random weights
-    moe_impl: str | None = None  # override of the config's grouped-matmul implementation
+    moe_impl: str | None = None  # kept for old run configs: the same as runtime.moe_impl
     quantize: str | None = None  # frozen base: a small4_jax.quant.formats.SPELLINGS spelling (QLoRA); FP8 checkpoints: fp8
 
 
@@ -112,12 +115,21 @@ class RunConfig:
     source: str = "config"
     dpo: DPOSection = DPOSection()
     grpo: GRPOSection = GRPOSection()
+    # The keys the YAML's `model:` block gave: what it leaves out (the vision tower) comes from the checkpoint.
+    model_keys: frozenset = frozenset()
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.model.runtime
 
     def to_dict(self) -> dict[str, Any]:
         method = (self.train.method,) if self.train.method != "sft" else ()  # its dpo / grpo section
         names = ("base", "lora", "data", "optim", "train") + method
         d = {k: dataclasses.asdict(getattr(self, k)) for k in names}
         d["model"] = self.model.to_dict()
+        if "vision" not in self.model_keys and self.model.vision is None:
+            del d["model"]["vision"]  # left out: the checkpoint's (trainer.resolve_model)
+        d["runtime"] = self.model.runtime.to_dict()
         for sec in d.values():
             for k, v in sec.items():
                 if isinstance(v, tuple):
@@ -125,8 +137,8 @@ class RunConfig:
         return d
 
 
-_SECTIONS = {"base": BaseSection, "model": Small4Config, "lora": LoRAConfig, "data": DataSection, "optim": OptimSection,
-             "train": TrainSection, "dpo": DPOSection, "grpo": GRPOSection}
+_SECTIONS = {"base": BaseSection, "model": Small4Config, "runtime": Runtime, "lora": LoRAConfig, "data": DataSection,
+             "optim": OptimSection, "train": TrainSection, "dpo": DPOSection, "grpo": GRPOSection}
 
 
 def _build(cls, d: dict, where: str):
@@ -154,11 +166,16 @@ def from_dict(d: dict, source: str = "config") -> RunConfig:
     unknown = sorted(set(d) - set(_SECTIONS))
     if unknown:
         raise ConfigError(f"{source}: unknown section(s) {unknown}; expected {sorted(_SECTIONS)}")
-    secs = {k: _build(cls, d.get(k), f"{source}: {k}") for k, cls in _SECTIONS.items() if k != "model"}
+    secs = {k: _build(cls, d.get(k), f"{source}: {k}") for k, cls in _SECTIONS.items()
+            if k not in ("model", "runtime")}
     if not isinstance(d.get("model"), dict):
         raise ConfigError(f"{source}: model: expected a mapping of architecture fields (as in configs/tiny.yaml)")
-    secs["model"] = Small4Config.from_dict(d["model"], source=f"{source}: model")
-    cfg = RunConfig(**secs, source=source)
+    model = Small4Config.from_dict(d["model"], source=f"{source}: model")
+    runtime = Runtime.from_dict(d.get("runtime"), f"{source}: runtime", base=model.runtime)
+    if secs["base"].moe_impl:
+        runtime = runtime.replace(moe_impl=secs["base"].moe_impl)
+    secs["model"] = model.with_runtime(runtime)
+    cfg = RunConfig(**secs, source=source, model_keys=frozenset(d["model"]))
     _check(cfg)
     return cfg
 

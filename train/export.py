@@ -27,10 +27,8 @@ from small4_jax.errors import ConfigError, Small4Error
 
 
 def hf_config_dict(c: Small4Config, dtype: str = "float32") -> dict:
-    """A transformers `Mistral4Config` dict for `c` (HF softmax-scale convention only)."""
-    if c.scale_convention != "hf" or c.softmax_scale is not None:
-        raise ConfigError("a config.json can only be written for HF-convention configs; export from a checkpoint "
-                          "directory that has one")
+    """A transformers `Mistral4Config` dict for `c`, spelled as Mistral's converter writes the release (the rope
+    block's mscale fields; `apply_scale: true` only when `c.yarn_apply_scale`). Runtime options are not written."""
     rope = {"rope_type": c.rope_type, "rope_theta": c.rope_theta}
     if c.rope_type == "yarn":
         rope.update(factor=c.rope_factor, original_max_position_embeddings=c.original_max_position_embeddings,
@@ -38,6 +36,8 @@ def hf_config_dict(c: Small4Config, dtype: str = "float32") -> dict:
                     truncate=c.rope_truncate)
         if c.rope_attention_factor is not None:
             rope["attention_factor"] = c.rope_attention_factor
+        if c.yarn_apply_scale:
+            rope["apply_scale"] = True
     if c.llama_4_scaling_beta is not None:
         rope["llama_4_scaling_beta"] = c.llama_4_scaling_beta
     if c.llama_4_original_max_position_embeddings not in (None, c.original_max_position_embeddings):

@@ -83,21 +83,45 @@ def load_tokenizer(cfg: RunConfig):
     return _load(tokenizer_path(cfg))
 
 
-def load_base(cfg: RunConfig, mesh=None) -> Small4ForCausalLM:
-    """The frozen base model (checkpoint weights, or random ones from base.seed), placed on the mesh."""
-    from small4_jax.config import load_config
+def resolve_model(cfg: RunConfig, found, where: str):
+    """The model config of a run from a checkpoint: the checkpoint's architecture (`found`) with the run's runtime
+    options, after checking that the run's `model:` block agrees with it (`Small4Config.architecture`: runtime
+    options and the fields the two released formats spell differently are not compared). What the block leaves out
+    comes from the checkpoint: the vision tower when `vision` is not given (`vision: null` trains the text model
+    alone). A mismatch is one ConfigError naming every differing field with both values."""
     from small4_jax.errors import ConfigError
 
-    b, config = cfg.base, cfg.model
-    if b.moe_impl:
-        config = config.replace(moe_impl=b.moe_impl)
-    if b.checkpoint:
-        from small4_jax.ckpt.load import from_pretrained
+    run = cfg.model
+    keep_vision = run.vision is not None or "vision" not in cfg.model_keys
+    if "vision" not in cfg.model_keys:
+        run = run.replace(vision=found.vision)
+    if not keep_vision:
+        found = found.replace(vision=None)
+    diff = _differences(run.architecture(), found.architecture())
+    if diff:
+        lines = "; ".join(f"{k} = {a!r} in the run, {b!r} in the checkpoint" for k, a, b in diff)
+        raise ConfigError(f"{cfg.source}: model: differs from the checkpoint {where}: {lines}")
+    return found.with_runtime(cfg.model.runtime)
 
-        found = load_config(b.checkpoint).replace(moe_impl=config.moe_impl)
-        diff = sorted(k for k, v in found.to_dict().items() if config.to_dict()[k] != v)
-        if diff:
-            raise ConfigError(f"{cfg.source}: model differs from {b.checkpoint}'s config in {diff}")
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append((prefix + k, va, vb))
+    return out
+
+
+def load_base(cfg: RunConfig, mesh=None) -> Small4ForCausalLM:
+    """The frozen base model (checkpoint weights, or random ones from base.seed), placed on the mesh."""
+    b, config = cfg.base, cfg.model
+    if b.checkpoint:
+        from small4_jax.ckpt.load import checkpoint_config, from_pretrained
+
+        config = resolve_model(cfg, checkpoint_config(b.checkpoint), b.checkpoint)
         return from_pretrained(b.checkpoint, dtype=b.dtype, mesh=mesh, config=config, quantize=b.quantize)
     from small4_jax.nn.model import init_model
     from small4_jax.parallel.sharding import sharding_for
@@ -122,7 +146,7 @@ def build_model(cfg: RunConfig, mesh=None) -> Small4ForCausalLM:
 
 def configure(model: Small4ForCausalLM, cfg: RunConfig) -> None:
     """The run config's settings of the model's training forward: `train.remat` and `train.loss_chunk`."""
-    model.remat = bool(cfg.train.remat)
+    model.remat = bool(cfg.train.remat or cfg.runtime.remat)
     model.loss_chunk = int(cfg.train.loss_chunk)
 
 

@@ -369,6 +369,7 @@ def from_pretrained(
     calibration=None,
     activations: str | None = None,
     check_finite: bool = True,
+    runtime=None,
 ) -> Small4ForCausalLM:
     """Load an HF (`config.json` + safetensors) or Mistral-native (`params.json` + consolidated) directory, or a
     sharded Orbax checkpoint written by `python -m small4_jax.convert`.
@@ -391,7 +392,11 @@ def from_pretrained(
     scales: W8A8 is then refused, naming the first weight without one.
     check_finite: an HF or native checkpoint's float tensors are checked for NaN / inf as they are read (a
     CheckpointError naming the tensor); False skips the check.
+    runtime: a small4_jax.runtime.Runtime (or a mapping of its options) replacing the config's runtime options
+    (kernels, expert parallelism, `softmax_scale` override).
     """
+    if runtime is not None:
+        config = (config or checkpoint_config(path)).with_runtime(runtime)
     if calibration is not None:
         quant.check_activations(activations, quantize)  # GPTQ is int4: no W8A8
         from small4_jax.quant.calibration import load_calibrated

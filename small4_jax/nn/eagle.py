@@ -115,8 +115,7 @@ _ROPE_FIELDS = ("rope_type", "rope_theta", "rope_factor", "original_max_position
                 "mscale", "mscale_all_dim", "rope_attention_factor", "rope_truncate", "scale_convention",
                 "yarn_apply_scale", "rope_interleave")
 # Target fields the draft inherits unless its file names them (runtime choices and position handling).
-_INHERITED = ("moe_impl", "attn_impl", "dense_impl", "moe_strategy", "moe_a2a_min_tokens",
-              "llama_4_scaling_beta", "llama_4_original_max_position_embeddings", "bos_token_id", "eos_token_id")
+_INHERITED = ("runtime", "llama_4_scaling_beta", "llama_4_original_max_position_embeddings", "bos_token_id", "eos_token_id")
 
 
 def _unwrap(d: dict) -> dict:

@@ -166,10 +166,13 @@ class Router(nnx.Module):
         self.weight = nnx.Param(init(rngs.params(), (config.hidden_size, config.n_routed_experts), _dtype(dtype)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        # One numeric path for every `dense_impl`: x in the weight's dtype (the model's: x already is), each product
+        # exact in float32 (bf16 x bf16 fits), accumulated in float32, whether XLA multiplies the layer's slice or
+        # the grouped-matmul kernel reads the stack in place (run_layers, dense_impl "gmm").
         w = self.weight[...]
-        if isinstance(w, AtLayer):  # its stack read in place (run_layers); x is in the weight's (the model's) dtype
+        if isinstance(w, AtLayer):
             return w.matmul(x.astype(w.stack.dtype), jnp.float32)
-        return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
+        return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
 
 
 class Experts(nnx.Module):
@@ -613,8 +616,8 @@ class Small4ForCausalLM(nnx.Module):
             self.multi_modal_projector = MultiModalProjector(c.vision, c.hidden_size, dtype=dtype, rngs=rngs)
         else:
             self.vision_tower = self.multi_modal_projector = None
-        self.remat = False  # recompute each layer's activations in the backward pass (training memory)
-        self.scan_layers = True  # False: the same layers in a Python loop (compile-time comparison only)
+        self.remat = c.runtime.remat  # recompute each layer's activations in the backward pass (training memory)
+        self.scan_layers = c.runtime.scan_layers  # False: the layers in a Python loop (compile-time comparison only)
         self.loss_chunk = 1024  # tokens per chunk of `token_loss` (logits held: chunk x vocab float32)
         # True to differentiate the routed experts' base weights (full fine-tuning): `run_layers` then scans them
         # per layer. False (serving, LoRA): each layer reads the frozen stacks in place (`run_layers`)
@@ -776,11 +779,15 @@ def chunked_token_logprobs(head: nnx.Module, h: jax.Array, targets, chunk: int) 
     return out.reshape(-1)[:n]
 
 
-def init_model(config: Small4Config, *, seed: int = 0, dtype="float32", quantize: str | None = None):
+def init_model(config: Small4Config, *, seed: int = 0, dtype="float32", quantize: str | None = None,
+               runtime=None):
     """A randomly initialised model (weights from `seed`), its linears and experts quantised when `quantize` is
-    a quant.SPELLINGS spelling ("int4": int4 experts, int8 dense linears; `quant.policy`)."""
+    a quant.SPELLINGS spelling ("int4": int4 experts, int8 dense linears; `quant.policy`). `runtime` (a
+    small4_jax.runtime.Runtime or a mapping of its options) replaces the config's runtime options."""
     from small4_jax.quant.formats import quantize_model
 
+    if runtime is not None:
+        config = config.with_runtime(runtime)
     return quantize_model(Small4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed)), quantize)
 
 
