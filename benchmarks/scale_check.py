@@ -32,7 +32,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from small4_jax.ckpt.load import checkpoint_config, from_pretrained  # noqa: E402
+from small4_jax.ckpt.load import checkpoint_config, default_quantize, from_pretrained, load_weights  # noqa: E402
+from small4_jax.ckpt.safetensors_io import CheckpointReader  # noqa: E402
 from small4_jax.errors import Small4Error  # noqa: E402
 from small4_jax.runtime import parse_softmax_scale  # noqa: E402
 from small4_jax.inputs.tokenizer import load_tokenizer  # noqa: E402
@@ -53,6 +54,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="default: the checkpoint's")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=1,expert=8,tensor=1 (default: one device)")
     return p.parse_args(argv)
+
+
+class FirstLayers:
+    """A checkpoint reader showing only the text layers below `n` (a truncated model: `--layers`)."""
+
+    def __init__(self, reader, n: int):
+        self.reader, self.n = reader, n
+
+    def _kept(self, name: str) -> bool:
+        parts = name.split(".")
+        return not (parts[0] == "layers" and parts[1].isdigit() and int(parts[1]) >= self.n)
+
+    def names(self) -> list[str]:
+        return [x for x in self.reader.names() if self._kept(x)]
+
+    def __contains__(self, name: str) -> bool:
+        return self._kept(name) and name in self.reader
+
+    def __getattr__(self, name):
+        return getattr(self.reader, name)
+
+
+def load(a: argparse.Namespace, config, mesh):
+    """The model: `from_pretrained`, or with --layers the first layers of an HF / native directory."""
+    if a.layers is None:
+        return from_pretrained(a.checkpoint, dtype=a.dtype, mesh=mesh, config=config, quantize=a.quantize)
+    if not (Path(a.checkpoint) / "config.json").is_file() and not (Path(a.checkpoint) / "params.json").is_file():
+        raise Small4Error(f"{a.checkpoint}: --layers reads an HF or Mistral-native directory (config.json or "
+                          "params.json), not a converted one")
+    reader = CheckpointReader(a.checkpoint, vision=False)
+    try:
+        source = FirstLayers(reader, config.num_hidden_layers)
+        quantize = a.quantize if a.quantize is not None else default_quantize(source)
+        return load_weights(config, source, dtype=a.dtype, mesh=mesh, where=a.checkpoint, quantize=quantize)
+    finally:
+        reader.close()
 
 
 def scales_of(text: str) -> list:
@@ -112,7 +149,7 @@ def main(argv=None) -> int:
 
             mesh = make_mesh(a.mesh, "--mesh")
         t0 = time.time()
-        model = from_pretrained(a.checkpoint, dtype=a.dtype, mesh=mesh, config=config, quantize=a.quantize)
+        model = load(a, config, mesh)
         print(f"loaded {a.checkpoint} ({config.num_hidden_layers} layers, {a.dtype}) in {time.time() - t0:.0f} s; "
               f"{rows} rows of {a.seq_len}, {int(data.weights[:rows].sum())} scored tokens", file=sys.stderr)
         results = []

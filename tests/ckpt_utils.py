@@ -467,3 +467,57 @@ def truncate_file(path: str | os.PathLike, nbytes: int) -> None:
     """Cut `path` to its first `nbytes` bytes (a negative `nbytes` drops that many bytes from the end)."""
     size = os.path.getsize(path)
     os.truncate(path, nbytes if nbytes >= 0 else size + nbytes)
+
+
+def unstack_orbax(src, out, groups: list[tuple[int, int]]) -> Path:
+    """An Orbax checkpoint directory in the layout of before the decoder layers were stacked: every array
+    `….layer_stacks.G.REST` [n, ...] written as n arrays `….layers.N.REST` (N = the stack's first layer + row), FP8
+    scales of a stacked tensor as () / [E, 1, 1]; Orbax's metadata entries keep their key types. `groups`:
+    `layer_groups(config)`. What an old conversion or LoRA run left on disk, for the migration tests."""
+    import numpy as np
+    import tensorstore as ts
+
+    from small4_jax.ckpt import sharded
+
+    import base64
+
+    src, out = Path(src).resolve(), Path(out)
+    meta = json.loads((src / "_METADATA").read_text())
+    writer, tree = sharded.Writer(out), {}
+    b64 = lambda key: base64.b64encode(".".join(key).encode()).decode()  # noqa: E731  (Orbax's `_sharding` keys)
+    old_sharding = json.loads((src / "_sharding").read_text()) if (src / "_sharding").is_file() else None
+    sharding = {}
+    for e in meta["tree_metadata"].values():
+        key = tuple(k["key"] for k in e["key_metadata"])
+        if e["value_metadata"].get("skip_deserialize"):  # no array behind it (an empty optimizer state, ...)
+            tree[str(key)] = e
+            continue
+        spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{src}", "path": ".".join(key)}}
+        arr = np.asarray(ts.open(spec).result().read().result())
+        if "layer_stacks" not in key:
+            writer.write(key, arr)
+            tree[str(key)] = e
+            if old_sharding is not None and b64(key) in old_sharding:
+                sharding[b64(key)] = old_sharding[b64(key)]
+            continue
+        at = key.index("layer_stacks")
+        start = groups[int(key[at + 1])][0]
+        for j in range(arr.shape[0]):
+            row = arr[j]
+            if key[0] == "fp8_scales":
+                row = row.reshape(row.shape[:-2] + (1, 1) if key[-2] == "experts" else ())
+            old = key[:at] + ("layers", str(start + j)) + key[at + 2:]
+            writer.write(old, row)
+            entry = json.loads(json.dumps(e))
+            entry["key_metadata"] = [dict(m, key=k) for m, k in zip(entry["key_metadata"], old)]
+            entry["value_metadata"]["write_shape"] = list(row.shape)
+            tree[str(old)] = entry
+            if old_sharding is not None and b64(key) in old_sharding:
+                sharding[b64(old)] = old_sharding[b64(key)]
+    (out / "_METADATA").write_text(json.dumps(dict(meta, tree_metadata=tree)))
+    if old_sharding is not None:
+        (out / "_sharding").write_text(json.dumps(sharding))
+    for name in (sharded.CONFIG_FILE, sharded.FORMAT_FILE):
+        if (src / name).is_file():
+            (out / name).write_bytes((src / name).read_bytes())
+    return out

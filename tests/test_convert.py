@@ -12,8 +12,9 @@ import pytest
 from flax import nnx
 
 import small4_jax
-from ckpt_utils import make_hf_model, save_hf, save_native, tiny_hf_config
+from ckpt_utils import make_hf_model, save_hf, save_native, tiny_hf_config, unstack_orbax
 from small4_jax.ckpt import sharded as sharded_ckpt
+from small4_jax.config import Small4Config
 from small4_jax.tools.convert import convert, main
 from small4_jax.errors import CheckpointError
 from small4_jax.nn.model import layer_groups, per_layer_items
@@ -146,3 +147,21 @@ def test_native_source_and_errors(source, tmp_path):
     (partial / "_progress.json").write_text(json.dumps({"job": {"source": "elsewhere"}, "done": []}))
     with pytest.raises(CheckpointError, match="interrupted conversion of a different source"):
         convert(src, tmp_path / "other", progress=None)
+
+
+def test_a_per_layer_checkpoint_names_migrate_which_stacks_it(source, tmp_path):
+    src, _, _ = source
+    new = convert(src, tmp_path / "new", dtype="fp8", progress=None)
+    config = Small4Config.from_dict(json.loads((new / sharded_ckpt.CONFIG_FILE).read_text()))
+    old = unstack_orbax(new, tmp_path / "old", layer_groups(config))
+    assert sharded_ckpt.is_per_layer(old) and not sharded_ckpt.is_per_layer(new)
+    with pytest.raises(CheckpointError, match=r"saved before the layers were stacked .*`python -m small4_jax.convert "
+                                              r"--migrate --from .*old --to .*old-stacked`"):
+        small4_jax.from_pretrained(old, dtype="float32")
+    assert main(["--migrate", "--from", str(old), "--to", str(tmp_path / "migrated"), "--quiet"]) == 0
+    for quantize in (None, "none"):  # FP8 kept (its scale grids) and dequantised
+        want = _params(small4_jax.from_pretrained(new, dtype="float32", quantize=quantize))
+        got = _params(small4_jax.from_pretrained(tmp_path / "migrated", dtype="float32", quantize=quantize))
+        assert got.keys() == want.keys()
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=str(k))

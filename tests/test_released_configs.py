@@ -12,11 +12,12 @@ import math
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
 import yaml
-from ckpt_utils import pin_hf_softmax_scale, save_native_mistral3
+from ckpt_utils import pin_hf_softmax_scale, save_native_mistral3, unstack_orbax
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 from transformers.models.mistral4.modeling_mistral4 import Mistral4Attention
 
@@ -175,6 +176,37 @@ def test_finetune_small4_starts_on_the_released_layout(fmt, tiny_dirs, tmp_path)
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert "vision" not in saved["model"]  # left out of the run: the checkpoint's again on reload
+    if fmt == "hf":
+        _run_saved_before_the_stacking_migrates(tmp_path / "run", tmp_path)
+
+
+def _run_saved_before_the_stacking_migrates(run: Path, tmp_path: Path):
+    """The run's checkpoint rewritten per layer (as a run trained before the layer stacking saved it) is refused
+    with the command that migrates it, and that command gives back the stacked checkpoint, array for array."""
+    import orbax.checkpoint as ocp
+
+    from small4_jax.nn.model import layer_groups
+    from small4_jax.tools.convert import main as convert_main
+    from train.trainer import TrainingError, check_stacked
+
+    items = [d for d in (run / "checkpoints").glob("*/*") if (d / "_METADATA").is_file()]
+    assert items
+    old = tmp_path / "old_run"
+    shutil.copytree(run, old, ignore=lambda d, names: [n for n in names if Path(d, n) in items])
+    groups = layer_groups(load_config(RELEASED / "hf").replace(**TINY))
+    for item in items:
+        unstack_orbax(item, old / item.relative_to(run), groups)
+    with pytest.raises(TrainingError, match=r"saved before the layers were stacked .*`python -m small4_jax.convert "
+                                            r"--migrate --from .*old_run --to .*old_run-stacked`"):
+        check_stacked(old)
+    assert convert_main(["--migrate", "--from", str(old), "--to", str(tmp_path / "migrated"), "--quiet"]) == 0
+    check_stacked(tmp_path / "migrated")
+    for item in items:
+        want = ocp.PyTreeCheckpointer().restore(item)
+        got = ocp.PyTreeCheckpointer().restore(tmp_path / "migrated" / item.relative_to(run))
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_tiny_release_weights_match_transformers_with_both_scales(tiny_dirs):
@@ -198,19 +230,19 @@ def test_tiny_release_weights_match_transformers_with_both_scales(tiny_dirs):
 
 
 def test_scale_check_prints_both_scales_side_by_side(tiny_dirs, capsys):
-    """benchmarks/scale_check.py on the tiny native directory, its first layer only: one row per scale, each NLL
-    the model's own chunked loss over the scored tokens at that scale."""
+    """benchmarks/scale_check.py on the tiny native directory, its first layer only (a reader that hides the
+    others): one row per scale with its NLL over the scored tokens."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("scale_check", REPO / "benchmarks" / "scale_check.py")
     scale_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(scale_check)
+    assert scale_check.scales_of("0.3, mscale2") == ["plain", "mscale2", 0.3]
     assert scale_check.main(["--checkpoint", str(tiny_dirs["native"]), "--data", str(REPO / "data" / "demo_eval.jsonl"),
-                             "--layers", "1", "--dtype", "float32", "--seq-len", "256", "--scales", "0.3"]) == 0
+                             "--layers", "1", "--dtype", "float32", "--seq-len", "256"]) == 0
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
-    names = [r[0].strip() for r in rows]
-    assert names == ["plain", "mscale2", "0.3"]
+    assert [r[0].strip() for r in rows] == ["plain", "mscale2"]
     values = [float(r[1]) for r in rows]
-    assert values[0] == pytest.approx(16**-0.5) and values[2] == 0.3 and values[1] > values[0]
+    assert values[0] == pytest.approx(16**-0.5) and values[1] > values[0]
     nlls = [float(r[2]) for r in rows]
-    assert all(0 < v < 20 for v in nlls) and len(set(nlls)) == 3
+    assert all(0 < v < 20 for v in nlls) and nlls[0] != nlls[1]

@@ -40,8 +40,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from small4_jax.ckpt.sharded import is_per_layer
 from small4_jax.console import on_interrupt
-from small4_jax.errors import Small4Error
+from small4_jax.errors import ConfigError, Small4Error
 from small4_jax.lora import adapters as lora
 from small4_jax.nn.model import Small4ForCausalLM
 from small4_jax.parallel.sharding import batch_spec
@@ -89,8 +90,6 @@ def resolve_model(cfg: RunConfig, found, where: str):
     options and the fields the two released formats spell differently are not compared). What the block leaves out
     comes from the checkpoint: the vision tower when `vision` is not given (`vision: null` trains the text model
     alone). A mismatch is one ConfigError naming every differing field with both values."""
-    from small4_jax.errors import ConfigError
-
     run = cfg.model
     keep_vision = run.vision is not None or "vision" not in cfg.model_keys
     if "vision" not in cfg.model_keys:
@@ -267,9 +266,20 @@ def check_step(run_dir: str | Path, step: int | None) -> int:
     return step
 
 
+def check_stacked(run_dir: str | Path) -> None:
+    """A TrainingError naming the migration command when the run's checkpoints were saved before the decoder layers
+    were stacked (per-layer `layers.N` adapters): they cannot be restored into today's model as they are."""
+    run_dir = Path(run_dir)
+    if any(is_per_layer(d) for d in (run_dir / "checkpoints").glob("*/*")):
+        raise TrainingError(f"{run_dir}: its checkpoints were saved before the layers were stacked (per-layer "
+                            f"adapters); rewrite the run once with `python -m small4_jax.convert --migrate --from "
+                            f"{run_dir} --to {run_dir}-stacked`")
+
+
 def restore_latest_readable(mngr, out: Path, template: dict) -> dict:
     """The newest checkpoint that restores. One that does not (a corrupted or half-deleted step) is skipped with a
     warning naming it and the step used instead; none readable is a TrainingError."""
+    check_stacked(out)
     steps = sorted(mngr.all_steps(), reverse=True)
     if not steps:
         raise TrainingError(f"{out}: --resume but no checkpoint in {out / 'checkpoints'}")
@@ -310,6 +320,7 @@ def restore_lora(model: Small4ForCausalLM, run_dir: str | Path, step: int | None
     """Load the LoRA parameters of a run's checkpoint (latest, or `step`) into `model` (adapters attached)."""
     import orbax.checkpoint as ocp
 
+    check_stacked(run_dir)
     mngr = ocp.CheckpointManager(Path(run_dir).resolve() / "checkpoints")
     step = check_step(run_dir, step)
     params = nnx.state(model, lora.TRAINABLE)

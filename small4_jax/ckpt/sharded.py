@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from small4_jax.config import Small4Config
 from small4_jax.errors import CheckpointError, ConfigError
-from small4_jax.nn.model import Small4ForCausalLM, abstract_model
+from small4_jax.nn.model import Small4ForCausalLM, abstract_model, layer_groups
 from small4_jax.parallel.sharding import sharding_for
 
 CONFIG_FILE = "small4_config.json"
@@ -194,6 +194,10 @@ def load_model(path: str | os.PathLike, *, dtype="bfloat16", mesh: Mesh | None =
     path = Path(path).resolve()
     if not (path / FORMAT_FILE).is_file():
         raise CheckpointError(f"{path}: incomplete sharded checkpoint (no {FORMAT_FILE}); resume the conversion")
+    if is_per_layer(path):
+        raise CheckpointError(f"{path}: saved before the layers were stacked (per-layer 'layers.N' arrays); turn it "
+                              f"into the stacked layout once with `python -m small4_jax.convert --migrate --from "
+                              f"{path} --to {path}-stacked`")
     fmt = json.loads((path / FORMAT_FILE).read_text())
     stored_config = Small4Config.from_dict(json.loads((path / CONFIG_FILE).read_text()), source=str(path / CONFIG_FILE))
     config = config or stored_config
@@ -441,3 +445,132 @@ class TensorReader:
 
     def __exit__(self, *exc) -> None:
         pass
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints saved before the layers were stacked.
+def _tree_keys(path: Path) -> list[tuple[str, ...]]:
+    """The array keys of an Orbax checkpoint, from its `_METADATA` (e.g. ("params", "layers", "0", ...))."""
+    meta = json.loads((path / "_METADATA").read_text())
+    return [tuple(k["key"] for k in entry["key_metadata"]) for entry in meta["tree_metadata"].values()]
+
+
+def _b64(key: tuple[str, ...]) -> str:
+    import base64
+
+    return base64.b64encode(".".join(key).encode()).decode()
+
+
+def _layer_at(key: tuple[str, ...]) -> int | None:
+    """Where `layers`, N sits in a per-layer key (`params.layers.3.…`, `opt_state.0.mu.layers.3.…`), else None."""
+    for i in range(len(key) - 1):
+        if key[i] == "layers" and key[i + 1].isdigit():
+            return i
+    return None
+
+
+def is_per_layer(path: str | os.PathLike) -> bool:
+    """An Orbax checkpoint (a converted model, or one step of a LoRA run) with per-layer arrays `...layers.N...`:
+    the layout before the decoder layers were stacked (`layer_stacks.G`, leading layer axis)."""
+    path = Path(path)
+    if not (path / "_METADATA").is_file():
+        return False
+    return any(_layer_at(k) is not None for k in _tree_keys(path))
+
+
+def migrate_per_layer(src: str | os.PathLike, out: str | os.PathLike, config: Small4Config,
+                      progress=None, fill_missing: bool = False) -> Path:
+    """Rewrite the Orbax checkpoint `src` (per-layer arrays `….layers.N.REST`) as `out` in the stacked layout:
+    `….layer_stacks.G.REST` with a leading axis over the layers of stack G (`layer_groups(config)`), every other
+    array copied unchanged, one layer's array in memory at a time. A per-tensor FP8 scale of a stacked weight gets
+    the stacked scale shape (`fp8_scale_shape`). `fill_missing` (LoRA runs, whose old adapters sat only on the
+    layers their targets picked): a layer without the array gets zeros (a stacked adapter there is inactive).
+    Our config and format files are copied. Built in `out.partial`, renamed when complete."""
+    import shutil
+
+    import tensorstore as ts
+
+    src, out = Path(src).resolve(), Path(out).resolve()
+    if not is_per_layer(src):
+        raise CheckpointError(f"{src}: not a per-layer checkpoint (nothing to migrate)")
+    if out.exists():
+        raise CheckpointError(f"{out}: exists; choose another --to or remove it")
+    where = {}  # layer index -> (stack, row)
+    groups = layer_groups(config)
+    for g, (start, n) in enumerate(groups):
+        for j in range(n):
+            where[start + j] = (g, j)
+    context = ts.Context()
+
+    def read(key: tuple[str, ...]) -> np.ndarray:
+        spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{src}", "path": ".".join(key)}}
+        return np.asarray(ts.open(spec, context=context).result().read().result())
+
+    meta = json.loads((src / "_METADATA").read_text())
+    entries = {tuple(k["key"] for k in e["key_metadata"]): e for e in meta["tree_metadata"].values()}
+    stacked: dict[tuple[str, ...], dict[int, tuple[str, ...]]] = {}
+    plain = []
+    for k in entries:
+        at = _layer_at(k)
+        if at is None or entries[k]["value_metadata"].get("skip_deserialize"):  # no array behind it (None, {})
+            plain.append(k)
+            continue
+        layer = int(k[at + 1])
+        if layer not in where:
+            raise CheckpointError(f"{src}: array {'.'.join(k)} is beyond the config's {config.num_hidden_layers} "
+                                  "layers")
+        g, j = where[layer]
+        stacked.setdefault(k[:at] + ("layer_stacks", str(g)) + k[at + 2:], {})[j] = k
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    writer = Writer(partial)
+    tree: dict[str, dict] = {}  # Orbax's _METADATA entries: the old ones' key types, the new keys and shapes
+    # Orbax's `_sharding` (base64 of the dotted key -> the saved sharding), which a restore without a target reads
+    old_sharding = json.loads((src / "_sharding").read_text()) if (src / "_sharding").is_file() else None
+    new_sharding = {}
+
+    def entry(old: tuple[str, ...], new: tuple[str, ...], shape) -> None:
+        if old_sharding is not None and _b64(old) in old_sharding:
+            new_sharding[_b64(new)] = old_sharding[_b64(old)]
+        e = json.loads(json.dumps(entries[old]))
+        e["key_metadata"] = [dict(m, key=k) for m, k in zip(e["key_metadata"], new)]
+        if isinstance(e.get("value_metadata"), dict) and "write_shape" in e["value_metadata"]:
+            e["value_metadata"]["write_shape"] = list(shape)
+        tree[str(new)] = e
+
+    for k in plain:
+        if entries[k]["value_metadata"].get("skip_deserialize"):
+            tree[str(k)] = entries[k]
+            continue
+        arr = read(k)
+        writer.write(k, arr)
+        entry(k, k, arr.shape)
+    for i, (new, rows) in enumerate(sorted(stacked.items())):
+        at = new.index("layer_stacks")
+        start, n = groups[int(new[at + 1])]
+        missing = sorted(set(range(n)) - set(rows))
+        if missing and not fill_missing:
+            raise CheckpointError(f"{src}: {'.'.join(new[:at] + ('layers', str(start + missing[0])) + new[at + 2:])}"
+                                  " is missing (a stack needs every layer)")
+        first = read(rows[min(rows)])
+        row_shape = first.shape
+        if new[0] == "fp8_scales":  # () per dense tensor, [E, 1, 1] per expert stack -> [n, 1, 1] / [n, E, 1, 1]
+            row_shape = fp8_scale_shape(new[1:], (n,) + first.shape)[1:]
+        store = writer.create(new, (n,) + tuple(row_shape), first.dtype)
+        for j in range(n):
+            arr = read(rows[j]) if j in rows else np.zeros(first.shape, first.dtype)
+            writer.write_rows(store, arr.reshape(row_shape), 0, (j,))
+        entry(rows[min(rows)], new, (n,) + tuple(row_shape))
+        if progress is not None:
+            print(f"\r[{i + 1}/{len(stacked)}] {'.'.join(new):<70}", end="", file=progress, flush=True)
+    if progress is not None:
+        print(file=progress)
+    _atomic_write(partial / "_METADATA", json.dumps(dict(meta, tree_metadata=tree)))
+    if old_sharding is not None:
+        _atomic_write(partial / "_sharding", json.dumps(new_sharding))
+    for name in (CONFIG_FILE, FORMAT_FILE):  # a converted model's own files (a LoRA step has none)
+        if (src / name).is_file():
+            shutil.copy2(src / name, partial / name)
+    os.replace(partial, out)
+    return out

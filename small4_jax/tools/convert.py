@@ -12,6 +12,13 @@ mesh, including one with a different device count.
 
 `--dtype fp8` stores projection and expert weights as float8_e4m3fn with an amax/448 scale per tensor (per expert
 for stacked experts) and dequantises on load; embeddings, head, norms and the router stay bf16.
+
+    python -m small4_jax.convert --migrate --from /ckpt/old --to /ckpt/old-stacked
+
+`--migrate` rewrites a sharded checkpoint converted, or a LoRA run directory trained, before the decoder layers
+were stacked (per-layer arrays `layers.N`) into the stacked layout (`layer_stacks.G`, one leading layer axis), one
+layer's array at a time (`small4_jax.ckpt.sharded.migrate_per_layer`); loading or resuming an old one names this
+command.
 """
 
 from __future__ import annotations
@@ -385,6 +392,40 @@ def _write_experts(reader, writer, store, at, name, transform, shape, read_dtype
     return np.concatenate(scales) if quantise else None
 
 
+def migrate(src: str | os.PathLike, out: str | os.PathLike, progress=sys.stderr) -> Path:
+    """A sharded checkpoint or a LoRA run directory saved before the layers were stacked (per-layer `layers.N`
+    arrays) rewritten in the stacked layout as `out` (`--migrate`)."""
+    import shutil
+
+    from small4_jax.ckpt import sharded as sc
+    from small4_jax.config import Small4Config, read_yaml
+
+    src, out = Path(src), Path(out)
+    if sc.is_sharded_checkpoint(src):
+        f = src / sc.CONFIG_FILE
+        config = Small4Config.from_dict(json.loads(f.read_text()), source=str(f))
+        return sc.migrate_per_layer(src, out, config, progress=progress)
+    if not ((src / "config.yaml").is_file() and (src / "checkpoints").is_dir()):
+        raise CheckpointError(f"{src}: neither a sharded checkpoint ({sc.CONFIG_FILE} and _METADATA) nor a training "
+                              "run directory (config.yaml and checkpoints/): --migrate rewrites one saved before the "
+                              "layers were stacked")
+    if out.exists():
+        raise CheckpointError(f"{out}: exists; choose another --to or remove it")
+    model = read_yaml(src / "config.yaml").get("model")
+    config = Small4Config.from_dict(model if isinstance(model, dict) else {}, source=f"{src / 'config.yaml'}: model")
+    items = [d for d in sorted((src / "checkpoints").glob("*/*")) if sc.is_per_layer(d)]
+    if not items:
+        raise CheckpointError(f"{src}: no per-layer checkpoint in {src / 'checkpoints'} (nothing to migrate)")
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    shutil.copytree(src, partial, ignore=lambda d, names: [n for n in names if Path(d, n) in items])
+    for item in items:  # each saved step's state: LoRA parameters, the optimizer's moments over them
+        sc.migrate_per_layer(item, partial / item.relative_to(src), config, progress=progress, fill_missing=True)
+    os.replace(partial, out)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m small4_jax.convert", description=__doc__.split("\n")[0])
     p.add_argument("--from", dest="src", required=True, help="HF or Mistral-native checkpoint directory")
@@ -398,11 +439,18 @@ def main(argv=None) -> int:
                         "(small4_jax.quant.calibration; one float layer at a time)")
     p.add_argument("--gptq-act-order", action="store_true",
                    help="with --calibration: quantise each weight's inputs by decreasing Hessian diagonal")
+    p.add_argument("--migrate", action="store_true",
+                   help="--from is a sharded checkpoint or a LoRA run directory saved before the layers were stacked: "
+                   "rewrite it in the stacked layout")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     on_interrupt(lambda: f"{a.out} is not written yet; the same command again resumes the conversion "
                          f"({a.out}.partial)")
     try:
+        if a.migrate:
+            out = migrate(a.src, a.out, progress=None if a.quiet else sys.stderr)
+            print(f"wrote {out}", file=sys.stderr)
+            return 0
         out = convert(a.src, a.out, dtype=a.dtype, progress=None if a.quiet else sys.stderr, quantize=a.quantize,
                       calibration=a.calibration, act_order=a.gptq_act_order)
     except Small4Error as e:
