@@ -7,7 +7,8 @@ directory (whose architecture must then equal `model`'s, except what `model` lea
 which comes from the checkpoint: `trainer.resolve_model`) or random weights from a seed. `runtime` (optional) sets
 the implementation choices of `small4_jax.runtime.Runtime` (kernels, expert parallelism, `softmax_scale`
 override); they are no part of the architecture. Every other section is a frozen dataclass; unknown keys are an
-error naming the file, section and key. Relative paths are resolved against the current directory (run from the repo root, as the examples do).
+error naming the file, section and key. Relative paths are resolved against the current directory (run from the
+repo root, as the examples do).
 """
 
 from __future__ import annotations
