@@ -355,30 +355,11 @@ class Small4Config:
         m = _yarn_mscale(self.yarn_factor, self.mscale_all_dim)
         return base * m * m
 
-    # Runtime options, readable where they used to be fields (config.runtime holds them).
-    @property
-    def moe_impl(self) -> str:
-        return self.runtime.moe_impl
-
-    @property
-    def moe_strategy(self) -> str:
-        return self.runtime.moe_strategy
-
-    @property
-    def moe_a2a_min_tokens(self) -> int:
-        return self.runtime.moe_a2a_min_tokens
-
-    @property
-    def attn_impl(self) -> str:
-        return self.runtime.attn_impl
-
-    @property
-    def dense_impl(self) -> str:
-        return self.runtime.dense_impl
-
-    @property
-    def softmax_scale(self) -> float | str | None:
-        return self.runtime.softmax_scale
+    def __getattr__(self, name: str):
+        """The runtime options read where they used to be fields: `config.moe_impl` is `config.runtime.moe_impl`."""
+        if name in _RUNTIME_FIELDS and "runtime" in self.__dict__:
+            return getattr(self.__dict__["runtime"], name)
+        raise AttributeError(f"'Small4Config' object has no attribute {name!r}")
 
     def with_runtime(self, runtime: Runtime | dict | None = None, **changes) -> Small4Config:
         """This architecture with `runtime` (a Runtime, or a mapping of options over the current ones) and/or the
