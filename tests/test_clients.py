@@ -335,7 +335,9 @@ def test_completions_prompt_shapes_echo_and_prompt_logprobs(setup):
     assert status == 400 and body["error"]["param"] == "max_tokens"
 
 
-def test_engine_prompt_logprobs_equal_transformers(setup):
+def test_engine_prompt_logprobs_equal_transformers(setup, monkeypatch):
+    import infer.engine.engine as engine_module
+
     hf, tok, running = setup
     prompt = tok.encode("what is the weather in rome today?", bos=True)
     [out] = running.server.engine.generate([prompt], SamplingOptions(max_tokens=0, prompt_logprobs=3))
@@ -344,6 +346,9 @@ def test_engine_prompt_logprobs_equal_transformers(setup):
     assert got[0] is None and [x.token_id for x in got[1:]] == prompt[1:]
     np.testing.assert_allclose([x.logprob for x in got[1:]], ref, atol=2e-4)
     assert [a for a, _ in got[1].top] == np.argsort(-full[0])[:3].tolist()
+    monkeypatch.setattr(engine_module, "MAX_PROMPT_LOGPROBS_TOKENS", 4)  # (the [T, vocab] logits are held at once)
+    with pytest.raises(InputError, match=f"the prompt has {len(prompt)} tokens; .* up to 4 tokens"):
+        running.server.engine.submit(prompt, SamplingOptions(max_tokens=0, prompt_logprobs=1))
 
 
 def _offline(monkeypatch, tmp_path):

@@ -56,6 +56,9 @@ from small4_jax.nn.paged import (NULL_PAGE, PagedCache, cache_bytes_per_token_pe
 log = logging.getLogger("small4_jax")
 
 MAX_TOP_LOGPROBS = 20
+# prompt_logprobs run the model's plain forward over the whole prompt, whose [T, vocab] float32 logits (and their
+# log-softmax) are held at once: 4096 x 131072 x 4 B = 2 GiB each at Small 4's vocabulary
+MAX_PROMPT_LOGPROBS_TOKENS = 4096
 MAX_CONTEXT = 262_144  # Small 4 is served at 256K (ARCHITECTURE.md §6.15)
 
 
@@ -637,6 +640,9 @@ class Engine:
             raise InputError(f"logprobs {options.logprobs} exceeds the vocabulary size")
         if options.prompt_logprobs is not None and self.lora is not None:
             raise InputError("prompt_logprobs is not served with LoRA adapter slots (--lora / --max-loras)")
+        if options.prompt_logprobs is not None and len(prompt) > MAX_PROMPT_LOGPROBS_TOKENS:
+            raise InputError(f"prompt_logprobs: the prompt has {len(prompt)} tokens; prompt log-probabilities are "
+                             f"computed for prompts of up to {MAX_PROMPT_LOGPROBS_TOKENS} tokens")
 
     def _matcher(self, options: SamplingOptions):
         if options.grammar is None:
