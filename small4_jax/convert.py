@@ -4,7 +4,8 @@ launch files call it by this name). Code imports `small4_jax.tools.convert`.
 
 import sys
 
+from small4_jax.console import cli_main
 from small4_jax.tools.convert import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))  # Ctrl-C: one line, exit 130; a failing process of a job exits at once

@@ -6,6 +6,8 @@ Adapters: two written by our export (`lora.save_peft`: attention, shared and den
 ranks and alphas) and one made by peft (`get_peft_model(..., target_parameters=experts)`, random init).
 """
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -263,6 +265,7 @@ def test_server_selects_adapters_by_model_and_loads_them_behind_the_key(setup):
             status, out = _http(running.url, "/v1/completions", dict(model=model, prompt=prompt, max_tokens=5,
                                                                        temperature=0, logprobs=0, ignore_eos=True))
             assert status == 200, out
+            assert out["model"] == model  # an adapter's answers name the adapter, not the base
             lp = out["choices"][0]["logprobs"]
             return [int(t) for t in lp["tokens"]], lp["token_logprobs"]
 
@@ -281,6 +284,12 @@ def test_server_selects_adapters_by_model_and_loads_them_behind_the_key(setup):
         assert ids != tuned and np.abs(np.asarray(lp[:1]) - np.asarray(base_lp[:1])).max() > 1e-4
         status, err = _http(running.url, "/v1/load_lora_adapter", dict(lora_name="x", lora_path=str(root)))
         assert status == 400 and "not a PEFT adapter directory" in err["error"]["message"]
+        corrupt = root / "corrupt"  # a damaged adapter file: a JSON 400 naming it (was a text/plain 500)
+        shutil.copytree(dirs["attn2"], corrupt)
+        (corrupt / "adapter_model.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{")
+        status, err = _http(running.url, "/v1/load_lora_adapter", dict(lora_name="y", lora_path=str(corrupt)))
+        assert status == 400 and err["error"]["message"].startswith(
+            f"{corrupt / 'adapter_model.safetensors'}: truncated or corrupt safetensors file"), err
         assert _http(running.url, "/v1/unload_lora_adapter", dict(lora_name="all4"))[0] == 200
         assert [m["id"] for m in _http(running.url, "/v1/models")[1]["data"]] == ["base", "attn2"]
         assert complete("base")[0] == want[None]

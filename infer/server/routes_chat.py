@@ -128,7 +128,7 @@ def register(app: FastAPI, server: Server) -> None:
         rids, events = server.submit(plan.prompt.ids, options, req.n, req.cache_salt, plan.prompt.images,
                                      plan.prompt.image_hashes, adapter=server.adapter_for(req.model))
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
-                "created": int(time.time()), "model": server.model_name}
+                "created": int(time.time()), "model": server.adapter_for(req.model) or server.model_name}
         if req.stream:
             include_usage = req.stream_options is not None and req.stream_options.include_usage
             stream = ChatStream(server, plan, options, rids, events, head, include_usage, mistral)

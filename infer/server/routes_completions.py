@@ -52,7 +52,7 @@ def submit(server: Server, req: CompletionRequest) -> CompletionJob:
     echoes = [server.tokenizer.decode(p) if req.echo and server.tokenizer is not None else "" for p in prompts
               for _ in range(req.n)]
     head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-            "model": server.model_name}
+            "model": server.adapter_for(req.model) or server.model_name}
     return CompletionJob(req, prompts, options, rids, events, echoes, head)
 
 
