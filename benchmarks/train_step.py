@@ -99,8 +99,8 @@ def proxy_config(small: bool, layers: int | None) -> Small4Config:
 
 
 def hf_config_dict(c: Small4Config) -> dict:
-    """transformers `Mistral4Config` keyword arguments for `c`."""
-    assert c.rope_interleave and c.rope_type == "yarn" and c.softmax_scale is None, "HF Mistral4 semantics only"
+    """transformers `Mistral4Config` keyword arguments for `c`, and our softmax scale (`softmax_scale`)."""
+    assert c.rope_interleave and c.rope_type == "yarn", "HF Mistral4 semantics only"
     keys = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
             "num_attention_heads", "num_key_value_heads", "n_routed_experts", "num_experts_per_tok",
             "n_shared_experts", "routed_scaling_factor", "n_group", "topk_group", "norm_topk_prob",
@@ -115,6 +115,7 @@ def hf_config_dict(c: Small4Config) -> dict:
         "mscale": c.mscale, "mscale_all_dim": c.mscale_all_dim, "llama_4_scaling_beta": c.llama_4_scaling_beta,
         "partial_rotary_factor": c.qk_rope_head_dim / c.qk_head_dim,
     }
+    d["softmax_scale"] = c.attn_softmax_scale  # not a Mistral4Config field: build_peer_base sets it on the modules
     return d
 
 
@@ -321,9 +322,14 @@ def write_adapter(config: Small4Config, lcfg, out: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # The peer.
 def build_peer_base(hf_kwargs: dict, dtype: str, device: str, seed: int = 0):
-    """A seeded transformers `Mistral4ForCausalLM`, built directly in `dtype` on `device`."""
+    """A seeded transformers `Mistral4ForCausalLM`, built directly in `dtype` on `device`, its attention softmax
+    scale set to ours (`hf_kwargs["softmax_scale"]`: the plain 1/sqrt(qk_head_dim) for these configs, where
+    transformers would fold YaRN's mscale^2 in; README "Numerics")."""
     import torch
     from transformers import Mistral4Config, Mistral4ForCausalLM
+
+    hf_kwargs = dict(hf_kwargs)
+    scale = hf_kwargs.pop("softmax_scale")
 
     tdtype = getattr(torch, dtype)
     torch.manual_seed(seed)
@@ -334,6 +340,9 @@ def build_peer_base(hf_kwargs: dict, dtype: str, device: str, seed: int = 0):
             model = Mistral4ForCausalLM(Mistral4Config(**hf_kwargs))
     finally:
         torch.set_default_dtype(old)
+    for module in model.modules():
+        if type(module).__name__ == "Mistral4Attention":
+            module.scaling = scale
     return model.to(tdtype)
 
 
