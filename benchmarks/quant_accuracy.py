@@ -4,7 +4,7 @@
 
 1. LoRA: `train.trainer.train` on configs/finetune-tiny.yaml (the demo data) with a float32 base; the adapters are
    merged into the base (`lora.merge_into`), giving a fine-tuned tiny model.
-2. That model quantised to each `quantize=` spelling (`quant.quantize_model`: "int4" is the routed experts in int4
+2. That model quantised to each `quantize=` spelling (`qlinear.quantize_model`: "int4" is the routed experts in int4
    and the dense linears in int8, "int4-all" int4 everywhere), and their int4 parts by GPTQ ("...-gptq", calibrated on
    the fine-tuning config's eval split, data/demo_eval.jsonl: conversations that are not the prompts measured
    below). Logit metrics, float32 compute (the weight format alone differs), relative error = Frobenius norm
@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     from small4_jax.decode.generation import generate
     from small4_jax.lora.adapters import merge_into
     from small4_jax.nn.model import init_model
+    from small4_jax.nn.qlinear import quantize_model
     from small4_jax.inputs.tokenizer import load_tokenizer
     from train.data import encode_row, prompt_ids, read_jsonl
     from train import config as run_config
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
 
             quantize_in_memory(q, cal, quantize=fmt.split("-gptq")[0], act_order=fmt.endswith("act-order"))
         else:
-            quant.quantize_model(q, fmt)
+            quantize_model(q, fmt)
         logits = np.asarray(q(ids))
         rel = float(np.linalg.norm(logits - ref_logits) / np.linalg.norm(ref_logits))
         print(json.dumps(dict(format=fmt, logits_rel=rel, **teacher_forced(q), tokens=a.tokens,

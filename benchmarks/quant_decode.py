@@ -48,6 +48,7 @@ from decode import copy_bandwidth, proxy_config, time_decode  # noqa: E402
 
 from small4_jax.quant import formats as quant  # noqa: E402
 from small4_jax.nn.model import init_model  # noqa: E402
+from small4_jax.nn.qlinear import quantize_model, weight_bytes  # noqa: E402
 from small4_jax.nn.paged import cache_bytes_per_token_per_layer  # noqa: E402
 
 
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
         w8a8 = name == "fp8-w8a8"
         fmt = "fp8" if w8a8 else quant.check_format(name)
         if w8a8:  # placeholder activation scales (1): module docstring
-            model = quant.quantize_model(init_model(config, seed=0, dtype=dtype), fmt, activations="fp8")
+            model = quantize_model(init_model(config, seed=0, dtype=dtype), fmt, activations="fp8")
         else:
             model = init_model(config, seed=0, dtype=dtype, quantize=fmt)
         graphdef, state = nnx.split(model)
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
                        batch=batch,
                        context=context, step_ms=t * 1e3, tokens_per_s=batch / t, floor_ms=floor * 1e3,
                        fraction_of_floor=floor / t, copy_bandwidth_gbs=bandwidth / 1e9,
-                       weight_gib=quant.weight_bytes(model) / 2**30)
+                       weight_gib=weight_bytes(model) / 2**30)
             if not a.small or a.peer_on_cpu:
                 row.update(tokamax_peer(config, batch, fmt, dtype, on_cpu=a.peer_on_cpu, w8a8=w8a8))
             print(json.dumps(row), flush=True)

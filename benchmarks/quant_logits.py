@@ -74,7 +74,8 @@ def main(argv=None) -> int:
 
     from small4_jax import load_config
     from small4_jax.quant import formats as quant
-    from small4_jax.nn.model import Experts, init_model
+    from small4_jax.nn.model import init_model
+    from small4_jax.nn.moe import Experts
 
     def spelled(fmt):  # a `quantize=` spelling: each part in its policy's format
         pol = quant.policy(fmt)

@@ -25,6 +25,7 @@ from pathlib import Path
 from infer.chat import ChatPrompt, encode_chat, parse_output
 from infer.engine.engine import RequestOutput, SamplingOptions
 from small4_jax.errors import InputError, OutputError, Small4Error
+from small4_jax.inputs.images import file_part
 
 _OPTION_KEYS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
                 "min_p": "min_p", "seed": "seed", "stop": "stop"}
@@ -44,8 +45,6 @@ def chat_messages(text: str, system: str | None, images=()) -> list[dict]:
     """System + user turn; `images` (file paths) go before the text, as image parts."""
     messages = [{"role": "system", "content": system}] if system else []
     if images:
-        from small4_jax.inputs.images import file_part
-
         parts = [file_part(p) for p in images] + [{"type": "text", "text": text}]
         return messages + [{"role": "user", "content": parts}]
     return messages + [{"role": "user", "content": text}]

@@ -65,6 +65,15 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 prefix_caching=not args.no_prefix_caching, cache_axes=_cache_axes(getattr(args, "cache_axes", None)))
 
 
+def parse_mesh(text: str | None):
+    """--mesh: None, or the device mesh it names (`sharding.make_mesh`)."""
+    if not text:
+        return None
+    from small4_jax.parallel.sharding import make_mesh
+
+    return make_mesh(text, "--mesh")
+
+
 def _cache_axes(text: str | None) -> tuple[str, ...] | None:
     if text is None:
         return None
@@ -82,7 +91,6 @@ def preflight(args: argparse.Namespace, need_tokenizer: bool = False):
     The tokenizer is the --tokenizer given, else the checkpoint's, else (with --config) the run config's
     `base.tokenizer`, else the bundled tiny tekken.json; a checkpoint without one gives None unless `need_tokenizer`.
     """
-    from infer.generate import _parse_mesh
     from small4_jax.ckpt.load import checkpoint_config
     from small4_jax.config import Small4Config, read_yaml
     from small4_jax.inputs.tokenizer import ASSETS_DIR, load_tokenizer
@@ -93,7 +101,7 @@ def preflight(args: argparse.Namespace, need_tokenizer: bool = False):
         from small4_jax.quant.formats import check_format
 
         check_format(args.quantize, "--quantize")
-    mesh = _parse_mesh(args.mesh)
+    mesh = parse_mesh(args.mesh)
     from small4_jax import runtime
 
     config = Small4Config.from_yaml(args.config) if args.config else checkpoint_config(args.checkpoint)

@@ -100,14 +100,6 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
-def _parse_mesh(text: str | None):
-    if not text:
-        return None
-    from small4_jax.parallel.sharding import make_mesh
-
-    return make_mesh(text, "--mesh")
-
-
 @dataclasses.dataclass
 class Plan:
     """What the command line asks for, checked before the model is built (seconds, not the build's minute)."""

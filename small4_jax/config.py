@@ -135,7 +135,7 @@ class VisionConfig:
                               f"fields: {', '.join(sorted(known))}")
         types = {f.name: f.type for f in dataclasses.fields(cls)}
         for k, v in d.items():
-            _check_type("vision." + k, v, types[k], source)
+            check_type("vision." + k, v, types[k], source)
         try:
             return cls(**d)
         except ConfigError as e:
@@ -456,7 +456,7 @@ class Small4Config:
         for k, v in d.items():
             if (k == "vision" and (v is None or isinstance(v, VisionConfig))) or k == "runtime":
                 continue
-            _check_type(k, v, types[k], source)
+            check_type(k, v, types[k], source)
         try:
             cfg = cls(**d)
         except ConfigError as e:
@@ -716,7 +716,7 @@ def _check_typos(d: dict[str, Any], read: set[str], source: str) -> None:
                               f"'{close[0]}' takes its default)")
 
 
-def _check_type(key: str, value: Any, annotation: str, source: str) -> None:
+def check_type(key: str, value: Any, annotation: str, source: str) -> None:
     """Light type check of one field against its annotation string (the module uses postponed annotations)."""
     ann = str(annotation)
     allowed: list[type] = []

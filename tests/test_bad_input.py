@@ -508,7 +508,7 @@ def test_metrics_while_the_engine_thread_appends(tiny_server):
 
     def engine_thread():
         while not stop.is_set():
-            engine._accept([], empty)
+            engine.accept([], empty)
 
     t = threading.Thread(target=engine_thread, daemon=True)
     interval = sys.getswitchinterval()

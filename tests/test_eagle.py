@@ -22,7 +22,8 @@ import small4_jax
 from ckpt_utils import make_hf_model, quantize_fp8, save_native, tiny_hf_config
 from infer.engine.engine import Engine, SamplingOptions
 from infer.speculative.decoder import SpeculativeConfig
-from small4_jax.nn.eagle import load_eagle, load_eagle_config, reference_forward
+from small4_jax.ckpt.eagle import load_eagle, load_eagle_config
+from small4_jax.nn.eagle import reference_forward
 from small4_jax.errors import CheckpointError, ConfigError
 from small4_jax.nn.model import rope_cos_sin
 from test_speculative import _run  # the speculative tests' engine driver

@@ -305,7 +305,7 @@ def test_sharded_cache_equals_the_single_device_engine(setup):
             if at == step:
                 dp.submit(p, options, callback=lambda o, i=i: events.setdefault(i, []).append(o))
         dp.step()
-        for r in dp._running:
+        for r in dp.running:
             used.add(r.shard)
             assert {dp.pool.shard_of(pg) for pg in r.pages} <= {r.shard}, (r.id, r.shard, r.pages)
         if len(events) == len(arrivals) and all(e[-1].finished for e in events.values()):
@@ -386,7 +386,7 @@ def test_page_table_rows_follow_every_change_of_the_page_lists():
         step = [q for q in reqs if rng.random() < 0.7]
         rows = len(step) + int(rng.integers(0, 2))
         n_pages = max([len(q.pages) for q in step] + [1])
-        got = eng._page_table(step, rows, n_pages)
+        got = eng.page_table(step, rows, n_pages)
         want = np.full((rows, 5 if n_pages <= 5 else width), NULL_PAGE, np.int32)
         for i, q in enumerate(step):
             want[i, : len(q.pages)] = q.pages[: want.shape[1]]

@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 import small4_jax
 from ckpt_utils import make_hf_model, save_hf, tiny_hf_config
 from small4_jax.ckpt import sharded as sharded_ckpt
-from small4_jax.ckpt.load import checkpoint_plan, is_stacked, plan_names
+from small4_jax.ckpt.plan import checkpoint_plan, is_stacked, plan_names
 from small4_jax.config import Small4Config
 from small4_jax.nn.model import layer_groups, rope_cos_sin
 

@@ -173,7 +173,7 @@ def test_speculative_greedy_on_a_sharded_cache(model):
         spec.submit(p, o, callback=events[i].append)
     for _ in range(400):
         spec.step()
-        for r in spec._running:
+        for r in spec.running:
             shards.add(r.shard)
             assert {spec.pool.shard_of(pg) for pg in r.pages} <= {r.shard}
         if all(e and e[-1].finished for e in events.values()):

@@ -205,8 +205,8 @@ def test_block_diagonal_attention_blockwise_equals_reference():
 
 
 def test_vision_weights_are_never_quantised():
-    from small4_jax.quant import formats as quant
     from small4_jax.config import load_config
+    from small4_jax.nn import qlinear as quant
     from small4_jax.nn.model import init_model
     from small4_jax.inputs.tokenizer import ASSETS_DIR
 

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 
-from small4_jax.config import Small4Config, _check_type
+from small4_jax.config import Small4Config, check_type, read_yaml
 from small4_jax.errors import ConfigError
 from small4_jax.lora.adapters import LoRAConfig
+from small4_jax.parallel.sharding import parse_mesh
 from small4_jax.runtime import Runtime
 
 
@@ -153,7 +154,7 @@ def _build(cls, d: dict, where: str):
         raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(names)}")
     types = {f.name: f.type for f in dataclasses.fields(cls)}
     for k, v in d.items():  # e.g. `steps: "abc"` is an error naming train.steps, not a TypeError later
-        _check_type(k, v, types[k], where)
+        check_type(k, v, types[k], where)
     d = {k: tuple(v) if isinstance(v, list) and k in ("train", "eval", "targets") else v for k, v in d.items()}
     try:
         return cls(**d)
@@ -182,8 +183,6 @@ def from_dict(d: dict, source: str = "config") -> RunConfig:
 
 
 def load(path: str | Path) -> RunConfig:
-    from small4_jax.config import read_yaml
-
     return from_dict(read_yaml(path), source=str(path))
 
 
@@ -205,8 +204,6 @@ def _check(c: RunConfig) -> None:
     if not c.data.train:
         raise ConfigError(f"{s}: data.train: list at least one JSONL file")
     if c.train.mesh is not None:
-        from small4_jax.parallel.sharding import parse_mesh
-
         parse_mesh(c.train.mesh, f"{s}: train.mesh")
     if c.data.seq_len <= 0:
         raise ConfigError(f"{s}: data.seq_len must be positive")

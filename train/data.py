@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 
 from small4_jax.errors import InputError
+from small4_jax.inputs.images import is_image_part, prepare_messages
+from small4_jax.inputs.tokenizer import TekkenTokenizer
 
 ROLES = ("system", "user", "assistant", "tool")
 _TOOL_ID = re.compile(r"[A-Za-z0-9]{9}")
@@ -65,8 +67,6 @@ def _content_text(content: Any, role: str, where: str) -> str | None:
     if isinstance(content, str):
         return None
     if role == "user" and isinstance(content, list):  # text and image chunks (mistral-finetune's image rows)
-        from small4_jax.inputs.images import is_image_part
-
         for j, chunk in enumerate(content):
             ok = is_image_part(chunk) or (isinstance(chunk, dict) and chunk.get("type") == "text"
                                           and isinstance(chunk.get("text"), str))
@@ -278,8 +278,6 @@ class TekkenChat:
         from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-        from small4_jax.inputs.images import prepare_messages
-
         messages = [{k: v for k, v in m.items() if k != "weight"} for m in row["messages"]]
         messages, n_images = prepare_messages(messages, image_dir)
         if n_images and getattr(self.mt.instruct_tokenizer, "image_encoder", None) is None:
@@ -324,8 +322,6 @@ class TekkenChat:
 
 
 def chat_encoder(tokenizer):
-    from small4_jax.inputs.tokenizer import TekkenTokenizer
-
     return TekkenChat(tokenizer) if isinstance(tokenizer, TekkenTokenizer) else SentencePieceChat(tokenizer)
 
 
@@ -339,8 +335,6 @@ def encode_row(row: dict, tokenizer, chat=None, images: list | None = None,
     chat = chat or chat_encoder(tokenizer)
     if isinstance(chat, TekkenChat):
         return chat.encode(row, images=images, image_dir=image_dir)
-    from small4_jax.inputs.images import is_image_part
-
     if any(isinstance(m.get("content"), list) and any(is_image_part(c) for c in m["content"])
            for m in row["messages"]):
         raise DataError("image chunks need a tekken.json tokenizer with image settings")

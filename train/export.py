@@ -85,7 +85,7 @@ def save_merged(model, out_dir: str | Path, *, source: str | Path | None = None,
     from flax import nnx
 
     from small4_jax.lora import adapters as lora
-    from small4_jax.ckpt.load import checkpoint_plan, is_stacked, plan_names
+    from small4_jax.ckpt.plan import checkpoint_plan, is_stacked, plan_names
     from small4_jax.nn.model import abstract_model
 
     out = Path(out_dir)

@@ -40,12 +40,16 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from small4_jax.ckpt.load import checkpoint_config, from_pretrained
 from small4_jax.ckpt.sharded import is_per_layer
 from small4_jax.console import on_interrupt
 from small4_jax.errors import ConfigError, Small4Error
+from small4_jax.inputs.tokenizer import TINY_SPM_PATH, load_tokenizer as _load
 from small4_jax.lora import adapters as lora
-from small4_jax.nn.model import Small4ForCausalLM
-from small4_jax.parallel.sharding import batch_spec
+from small4_jax.nn import vision
+from small4_jax.nn.model import Small4ForCausalLM, init_model
+from small4_jax.nn.vision import merge_image_features
+from small4_jax.parallel.sharding import batch_spec, make_mesh as _make, sharding_for
 from train.config import RunConfig
 from train.data import Packed, batch_indices, load_dataset
 
@@ -61,8 +65,6 @@ class TrainingError(Small4Error):
 def make_mesh(cfg: RunConfig):
     """train.mesh; with several processes and no train.mesh, data-parallel over every device of the job (one
     device per process would leave each process alone with arrays the others cannot see)."""
-    from small4_jax.parallel.sharding import make_mesh as _make
-
     if not cfg.train.mesh:
         if jax.process_count() == 1:
             return None
@@ -73,14 +75,10 @@ def make_mesh(cfg: RunConfig):
 
 def tokenizer_path(cfg: RunConfig) -> str:
     """base.tokenizer, else the checkpoint directory's, else the bundled tiny sentencepiece model."""
-    from small4_jax.inputs.tokenizer import TINY_SPM_PATH
-
     return str(cfg.base.tokenizer or cfg.base.checkpoint or TINY_SPM_PATH)
 
 
 def load_tokenizer(cfg: RunConfig):
-    from small4_jax.inputs.tokenizer import load_tokenizer as _load
-
     return _load(tokenizer_path(cfg))
 
 
@@ -118,13 +116,8 @@ def load_base(cfg: RunConfig, mesh=None) -> Small4ForCausalLM:
     """The frozen base model (checkpoint weights, or random ones from base.seed), placed on the mesh."""
     b, config = cfg.base, cfg.model
     if b.checkpoint:
-        from small4_jax.ckpt.load import checkpoint_config, from_pretrained
-
         config = resolve_model(cfg, checkpoint_config(b.checkpoint), b.checkpoint)
         return from_pretrained(b.checkpoint, dtype=b.dtype, mesh=mesh, config=config, quantize=b.quantize)
-    from small4_jax.nn.model import init_model
-    from small4_jax.parallel.sharding import sharding_for
-
     model = init_model(config, seed=b.seed, dtype=b.dtype, quantize=b.quantize)
     if mesh is not None:
         flat = [(p, v.replace(jax.device_put(v[...], sharding_for(p, v.shape, mesh))))
@@ -171,8 +164,6 @@ def token_loss(model, batch) -> tuple[jax.Array, jax.Array]:
     tokens (`Small4ForCausalLM.token_loss`), so [rows, seq, vocab] logits never exist."""
     embeds = batch.get("input_embeds")
     if "image_tower" in batch:  # projector adapters train: the projector runs here, on the frozen encoder's output
-        from small4_jax.nn.vision import merge_image_features
-
         features = model.multi_modal_projector(batch["image_tower"][0], batch["image_merge"][0])
         embeds = merge_image_features(model.embed_tokens(batch["inputs"]), batch["image_rows"], features)
     return model.token_loss(batch["inputs"], batch["targets"], batch["weights"], positions=batch["positions"],
@@ -375,8 +366,6 @@ def with_images(batch: dict, data: Packed, idx, model, accum: int = 1) -> dict:
     [accum, 1, M, 4], padded to the step's largest) goes in the batch and the projector runs inside the loss."""
     if model is None or not data.has_images:
         return batch
-    from small4_jax.nn import vision
-
     if not any(p.startswith("multi_modal_projector.") for p in lora.adapters(model)):
         batch["input_embeds"] = vision.input_embeddings(model, batch["inputs"], data.take_images(idx))
         return batch

@@ -46,12 +46,16 @@ import numpy as np
 from flax import nnx
 
 from infer.engine.page_pool import PagePool, chain_hashes, prefix_context
+from infer.structured import fill_masks, new_matcher
 from small4_jax.decode.sampler import MAX_LOGIT_BIAS, RowSampling, TokenHistory, mask_words, sample_rows, set_slot
 from small4_jax.errors import InputError, Small4Error
 from small4_jax.inputs.images import image_hash
+from small4_jax.lora.multi import MultiLoRA, adapter_rank
+from small4_jax.nn import vision
 from small4_jax.parallel.sharding import batch_axes
 from small4_jax.nn.paged import (NULL_PAGE, PagedCache, cache_bytes_per_token_per_layer, cache_spec, cache_width,
-                               logits_step)
+                                 logits_step)
+from small4_jax.quant.formats import format_of, is_quantised_dtype
 
 log = logging.getLogger("small4_jax")
 
@@ -200,7 +204,7 @@ class _Request:
 
 class PageList(list):
     """A request's cache pages (a list) that remembers the lowest index changed in place since the engine last copied
-    it into its page table (`Engine._page_table`): appends need no note (the length says), anything else (`del
+    it into its page table (`Engine.page_table`): appends need no note (the length says), anything else (`del
     pages[k:]` on a speculative rollback, item assignment, ...) moves `changed_from` down to where it acted."""
 
     def __init__(self, *args):
@@ -297,8 +301,6 @@ def memory_report(weights, cache, device=None) -> tuple[str, dict]:
     values at their stored width plus scales; and the values' bytes per format, `weights_by_format`: "int4" has
     int4 experts and int8 dense linears), cache bytes, and the headroom the backend reports
     (bytes_limit - bytes_in_use; None where it reports no limit, as on CPUs)."""
-    from small4_jax.quant.formats import format_of, is_quantised_dtype
-
     leaves = jax.tree.leaves(weights)
     if device is None:
         device = min(leaves[0].sharding.device_set, key=lambda d: d.id) if leaves else jax.devices()[0]
@@ -410,8 +412,6 @@ class Engine:
         config = model.config
         self.lora = None  # multi-LoRA serving (small4_jax/lora/multi.py): adapters chosen per request
         if lora_adapters or max_loras:
-            from small4_jax.lora.multi import MultiLoRA, adapter_rank
-
             rank = max_lora_rank or max([adapter_rank(path) for _, path in lora_adapters] or [16])
             self.lora = MultiLoRA(model, (max_loras or len(lora_adapters)) + 1, rank)
             for name, path in lora_adapters:
@@ -487,7 +487,7 @@ class Engine:
                                            sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0]))
         self._free_slots = list(range(max_batch - 1, -1, -1))
         # The page table of every slot (rows: slots, the last one padding's, all null), kept on the host and updated by
-        # what changed (`_page_table`): a step copies its rows' slices, instead of converting every row's page list
+        # what changed (`page_table`): a step copies its rows' slices, instead of converting every row's page list
         # (at 256K context and 64 rows that was 1M Python ints, 125 ms, per step). _table_copy[slot]: the page list
         # and the length last copied into that row.
         self._table = np.full((max_batch + 1, self.max_pages_per_seq), NULL_PAGE, np.int32)
@@ -501,7 +501,7 @@ class Engine:
         self._lock = threading.Condition()
         self._pending = 0  # submitted, not yet admitted (or dropped)
         self._waiting: deque[_Request] = deque()
-        self._running: list[_Request] = []  # admitted, in admission order
+        self.running: list[_Request] = []  # admitted, in admission order
         self._ids = itertools.count()
         self._seeds = np.random.default_rng(seed)
         self._thread: threading.Thread | None = None
@@ -514,13 +514,11 @@ class Engine:
         # requests whose host-side work failed in this step (mask, sampling row, output): finished with an error
         # at the end of the step, while the step's other rows go on
         self._failed: dict[str, tuple[_Request, str]] = {}
-        self._logits_step = logits_step  # an EAGLE drafter swaps in a step that also keeps the hidden states
+        self.logits_step = logits_step  # an EAGLE drafter swaps in a step that also keeps the hidden states
         self._flat_steps: dict[tuple, tuple] = {}  # (absorbed, cache_axes) -> (graphdef, treedef, jitted step)
-        self.speculator = None
-        if speculative is not None:  # infer/speculative/decoder.py: drafter + batched verify instead of the decode step
-            from infer.speculative.decoder import Speculator
-
-            self.speculator = Speculator(speculative, self)
+        # infer/speculative/decoder.py: drafter + batched verify instead of the decode step (built by its config: the
+        # engine does not import the speculative package, which drives the engine through its step API)
+        self.speculator = None if speculative is None else speculative.build(self)
         # metrics() runs on the HTTP thread while the engine thread appends: both hold this lock
         self._metrics_lock = threading.Lock()
         self._shapes_seen: set[tuple] = set()  # step shapes run so far (each new one compiles)
@@ -598,7 +596,7 @@ class Engine:
 
     def _remove_adapter(self, name):
         slot = self.lora.slot_of(name)
-        busy = [r.id for r in list(self._waiting) + self._running if r.adapter_slot == slot]
+        busy = [r.id for r in list(self._waiting) + self.running if r.adapter_slot == slot]
         if busy:
             raise InputError(f"adapter {name!r} is in use by {len(busy)} request(s); retry when they finish")
         self.lora.unload(name)
@@ -649,8 +647,6 @@ class Engine:
             return None
         if self.tokenizer is None:
             raise InputError("structured output needs a tokenizer")
-        from infer.structured import new_matcher
-
         return new_matcher(self.tokenizer, options.grammar, max_tokens=options.max_tokens)  # closes within it
 
     def start(self) -> None:
@@ -716,13 +712,13 @@ class Engine:
             times, stats = list(self._token_times), dict(self.stats)
         recent = [(t, n) for t, n in times if now - t <= 10.0]
         tps = sum(n for _, n in recent) / 10.0 if recent else 0.0
-        return dict(stats, running=len(self._running), waiting=self._pending, pages_total=self.pool.capacity,
+        return dict(stats, running=len(self.running), waiting=self._pending, pages_total=self.pool.capacity,
                     pages_used=self.pool.in_use(), pages_cached=self.pool.cached(), tokens_per_second=tps,
                     cache_tokens=self.pool.capacity * self.page_size,
                     **(self.speculator.metrics() if self.speculator is not None else {}))
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._running or not self._inbox.empty())
+        return bool(self._waiting or self.running or not self._inbox.empty())
 
     # ---- the step ------------------------------------------------------------------------------------------------
 
@@ -734,26 +730,26 @@ class Engine:
         self._failed = {}
         self._prompt_logprobs()
         self._admit()
-        prefilling = [r for r in self._running if len(r.tokens) - r.num_computed > 1 or r.generated == 0]
+        prefilling = [r for r in self.running if len(r.tokens) - r.num_computed > 1 or r.generated == 0]
         try:
             if prefilling:
                 self._prefill(self._per_shard(prefilling, self.prefill_buckets[-1] // self.cache_shards))
-            decoding = [r for r in self._running if len(r.tokens) - r.num_computed == 1 and r.generated > 0]
+            decoding = [r for r in self.running if len(r.tokens) - r.num_computed == 1 and r.generated > 0]
             if decoding:
                 self._decode(decoding) if self.speculator is None else self.speculator.decode(self, decoding)
         except Exception as e:  # a failing step fails its requests, not the engine
             log.exception("engine step failed")
             self.stats["errors"] += 1
-            for r in list(self._running):
+            for r in list(self.running):
                 self._finish(r, "error", error=f"{type(e).__name__}: {e}")
-        for r, error in self._failed.values():  # (those `_accept` did not already finish)
+        for r, error in self._failed.values():  # (those `accept` did not already finish)
             self._finish(r, "error", error=error)
         self.stats["steps"] += 1
         self.stats["host_seconds"] += time.perf_counter() - t0 - self._waited
 
     def _fail(self, r: _Request, what: str, e: Exception) -> None:
         """A host-side error in one request's part of the step: that request fails (at the end of the step, or in
-        `_accept`), the others go on."""
+        `accept`), the others go on."""
         log.error("request %s: %s failed: %s: %s", r.id, what, type(e).__name__, e)
         self.stats["errors"] += 1
         self._failed.setdefault(r.id, (r, f"{what}: {type(e).__name__}: {e}"))
@@ -836,8 +832,6 @@ class Engine:
             return None
         if not len(images) and vc.image_token_id not in prompt:
             return None
-        from small4_jax.nn import vision
-
         packed = vision.pack_images(vc, images)
         vision.check_image_tokens(vc, np.asarray(prompt), packed)
         return packed
@@ -847,8 +841,6 @@ class Engine:
         when the chunk has none. Each request's image features are computed once, by its first chunk with them."""
         if not any(r.images is not None for r in reqs):
             return None
-        from small4_jax.nn import vision
-
         rows, chunk = ids.shape
         vc = self.config.vision
         index = np.full((rows, chunk), -1, np.int32)
@@ -882,13 +874,13 @@ class Engine:
         if shape not in self._shapes_seen:  # a new shape compiles first: say so, or the wait looks like a hang
             self._shapes_seen.add(shape)
             log.info("compiling the %s step for %d x %d tokens over %d pages (once per shape)...", *shape)
-        (ids, positions, seq_index, logit_index, input_embeds), slots, page_table, perm = self._to_shards(
+        (ids, positions, seq_index, logit_index, input_embeds), slots, page_table, perm = self.to_shards(
             reqs, rows, (ids, positions, seq_index, logit_index, input_embeds), slots, page_table)
         inv = None if perm is None else np.argsort(perm)
         if input_embeds is not None:  # one placement, so the image prefill step compiles once per shape (warm-up)
             input_embeds = jax.device_put(input_embeds, self._replicated)
         # under the mesh, so mesh-aware code in the model (the expert-parallel MoE) sees it while tracing
-        self._set_adapters(reqs, rows, perm)
+        self.set_adapters(reqs, rows, perm)
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             extra = {} if input_embeds is None else {"input_embeds": input_embeds}  # prompt chunks with images
             if self.cache_axes:
@@ -897,7 +889,7 @@ class Engine:
                                                absorbed=absorbed, **extra)
             if inv is not None:
                 logits = logits[inv]
-            sampling = self._sampling(reqs, rows, accept)
+            sampling = self.row_sampling(reqs, rows, accept)
             *out, self.history = _sample_step(logits, sampling, self.history, num_top=MAX_TOP_LOGPROBS)
         t0 = time.perf_counter()
         out = jax.device_get(out)
@@ -912,10 +904,10 @@ class Engine:
         at the medium config). An EAGLE drafter's own step (`eagle_drafter`) is called as it is.
         """
         extra = {} if input_embeds is None else {"input_embeds": input_embeds}
-        if self._logits_step is not logits_step:
+        if self.logits_step is not logits_step:
             if cache_axes:
                 extra["cache_axes"] = cache_axes
-            return self._logits_step(self.graphdef, self.state, self.pages, *inputs, absorbed=absorbed, **extra)
+            return self.logits_step(self.graphdef, self.state, self.pages, *inputs, absorbed=absorbed, **extra)
         leaves, treedef = jax.tree.flatten(self.state)
         key = (absorbed, tuple(cache_axes))
         held = self._flat_steps.get(key)
@@ -924,7 +916,7 @@ class Engine:
                                             _flat_logits_step(self.graphdef, treedef, absorbed, tuple(cache_axes)))
         return held[2](leaves, self.pages, *inputs, **extra)
 
-    def _set_adapters(self, reqs, rows, perm=None) -> None:
+    def set_adapters(self, reqs, rows, perm=None) -> None:
         """Each row's adapter slot into the state before a step (padding rows: the base model; `perm`: the rows'
         order on a sharded cache)."""
         if self.lora is not None:
@@ -958,7 +950,7 @@ class Engine:
             self.stats["prompt_tokens"] += value.num_prompt
             self._waiting.append(value)
         elif kind == "cancel":
-            for r in list(self._waiting) + self._running:
+            for r in list(self._waiting) + self.running:
                 if r.id == value:
                     self._finish(r, "cancelled")
         elif kind == "call":  # a function to run between steps (adapter loading): (fn, done event, result, op)
@@ -989,7 +981,7 @@ class Engine:
         if self.cache_shards == 1:
             return 0
         rows = [0] * self.cache_shards
-        for r in self._running:
+        for r in self.running:
             rows[r.shard] += 1
         open_ = [s for s in range(self.cache_shards) if rows[s] < self.rows_per_shard]
         if not open_:
@@ -998,7 +990,7 @@ class Engine:
                                          -rows[s], -s))
 
     def _admit(self) -> None:
-        while self._waiting and len(self._running) < self.max_batch:
+        while self._waiting and len(self.running) < self.max_batch:
             req = self._waiting[0]
             if req.after is not None and self._prompt_pending(req.after):
                 return
@@ -1013,7 +1005,7 @@ class Engine:
             fresh = self.pool.allocate(need, shard)
             if fresh is None:
                 self.pool.release(cached)
-                if not self._running:  # nothing will free pages: cannot happen for prompts < max_model_len
+                if not self.running:  # nothing will free pages: cannot happen for prompts < max_model_len
                     raise RuntimeError("cache too small for one prompt")
                 return
             self._waiting.popleft()
@@ -1026,14 +1018,14 @@ class Engine:
             if req.generated == 0:
                 req.cached_tokens = req.num_computed
                 self.stats["cached_tokens"] += req.num_computed
-            self._running.append(req)
+            self.running.append(req)
             self._release_pending()
             if req.decoder is None and self.tokenizer is not None and (req.options.detokenize or req.options.stop):
                 req.decoder = self.tokenizer.stream_decoder()
 
     def _prompt_pending(self, request_id: str) -> bool:
         """Whether request `request_id` is queued or still computing the full pages of its prompt."""
-        for r in self._running:
+        for r in self.running:
             if r.id == request_id:
                 return r.num_computed < (r.num_prompt - 1) // self.page_size * self.page_size
         return any(r.id == request_id for r in self._waiting)
@@ -1046,7 +1038,7 @@ class Engine:
         prompt[req.tokens[: req.num_prompt]] = True
         self.history = set_slot(self.history, np.int32(req.slot), counts, prompt)
 
-    def _ensure_pages(self, req: _Request, n_tokens: int) -> bool:
+    def ensure_pages(self, req: _Request, n_tokens: int) -> bool:
         """Give `req` pages for n_tokens tokens, preempting younger requests if needed; False if it was preempted."""
         need = math.ceil(n_tokens / self.page_size) - len(req.pages)
         while need > 0:
@@ -1054,7 +1046,7 @@ class Engine:
             if fresh is not None:
                 req.pages += fresh
                 return True
-            victim = [r for r in self._running if r.shard == req.shard][-1]  # only its shard's pages help
+            victim = [r for r in self.running if r.shard == req.shard][-1]  # only its shard's pages help
             self._preempt(victim)
             if victim is req:
                 return False
@@ -1065,13 +1057,13 @@ class Engine:
         self.pool.release(req.pages)
         req.pages, req.hashes, req.num_computed = PageList(), [], 0
         self._free_slots.append(req.slot)
-        self._running.remove(req)
+        self.running.remove(req)
         self._waiting.appendleft(req)
         with self._lock:
             self._pending += 1
         self.stats["preempted"] += 1
 
-    def _register_pages(self, req: _Request) -> None:
+    def register_pages(self, req: _Request) -> None:
         full = min(req.num_computed, len(req.tokens)) // self.page_size
         if full > len(req.hashes):
             req.hashes = chain_hashes(req.tokens, self.page_size, full, req.hashes, req.context)
@@ -1082,14 +1074,12 @@ class Engine:
 
     # ---- model steps ---------------------------------------------------------------------------------------------
 
-    def _sampling(self, reqs: Sequence[_Request], rows: int, accept: Sequence[int], mask=None) -> RowSampling:
+    def row_sampling(self, reqs: Sequence[_Request], rows: int, accept: Sequence[int], mask=None) -> RowSampling:
         """Settings of `rows` rows (the requests, then padding); `accept[i]`: row i's token joins its output. mask:
         the rows' token masks if the caller made them (speculative verification: one per position), else the
         structured-output rows' masks are computed here."""
         constrained = [(r.matcher, i) for i, r in enumerate(reqs) if r.matcher is not None and accept[i]]
         if constrained and mask is None:
-            from infer.structured import fill_masks
-
             t0 = time.perf_counter()
             mask = np.full((rows, mask_words(self.config.vocab_size)), -1, np.int32)
             try:
@@ -1129,16 +1119,16 @@ class Engine:
             slot=[r.slot for r in reqs] + [self.max_batch] * pad, accept=list(accept) + [0] * pad,
         )
 
-    def _rows(self, reqs: Sequence[_Request], buckets: Sequence[int]) -> int:
+    def padded_rows(self, reqs: Sequence[_Request], buckets: Sequence[int]) -> int:
         """Rows of a step over `reqs`: a bucket holding them, and with a sharded cache, holding each shard's
-        requests in its block of rows / shards rows (`_shard_layout`)."""
+        requests in its block of rows / shards rows (`shard_layout`)."""
         d = self.cache_shards
         if d == 1:
             return _bucket(len(reqs), buckets)
         most = max(sum(r.shard == s for r in reqs) for s in range(d))
         return _bucket(d * most, buckets)
 
-    def _shard_layout(self, reqs: Sequence[_Request], rows: int) -> np.ndarray:
+    def shard_layout(self, reqs: Sequence[_Request], rows: int) -> np.ndarray:
         """perm [rows]: the step's row j in the sharded layout is row perm[j] of the request-ordered arrays (requests
         first, then padding), so that block s of rows / shards rows holds shard s's requests."""
         d, local = self.cache_shards, rows // self.cache_shards
@@ -1150,18 +1140,18 @@ class Engine:
         perm[perm < 0] = np.arange(len(reqs), rows)
         return perm
 
-    def _to_shards(self, reqs, rows, arrays, slots, page_table):
+    def to_shards(self, reqs, rows, arrays, slots, page_table):
         """A step's inputs for the sharded cache: each of `arrays` ([rows, ...] or None), slots and page_table with
-        their rows in shard blocks (`_shard_layout`) and page ids made each shard's own, and perm (outputs[argsort(
+        their rows in shard blocks (`shard_layout`) and page ids made each shard's own, and perm (outputs[argsort(
         perm)] are back in request order). Unchanged, with perm None, on an unsharded cache."""
         if self.cache_shards == 1:
             return arrays, slots, page_table, None
-        perm = self._shard_layout(reqs, rows)
+        perm = self.shard_layout(reqs, rows)
         slots, page_table = slots[perm].copy(), page_table[perm] % self.pool.per_shard
         slots[..., 0] %= self.pool.per_shard
         return [None if a is None else a[perm] for a in arrays], slots, page_table, perm
 
-    def _page_table(self, reqs: Sequence[_Request], rows: int, n_pages: int) -> np.ndarray:
+    def page_table(self, reqs: Sequence[_Request], rows: int, n_pages: int) -> np.ndarray:
         """The page table [rows, width] of a step over `reqs` (then padding rows, all null), width the page bucket of
         n_pages: each request's slot row of the engine's table, brought up to date with what changed in its pages."""
         width = _bucket(n_pages, self.page_buckets)
@@ -1186,7 +1176,7 @@ class Engine:
 
     def _prefill(self, reqs: Sequence[_Request]) -> None:
         """One chunk of prompt for each of `reqs` (up to `prefill_batch` rows); rows that reach the end sample."""
-        rows, size = self._rows(reqs, self.prefill_buckets), self.page_size
+        rows, size = self.padded_rows(reqs, self.prefill_buckets), self.page_size
         longest = max(min(len(r.tokens) - r.num_computed, self.prefill_chunk) for r in reqs)
         chunk = _bucket(longest, self.prefill_chunks)
         ids = np.zeros((rows, chunk), np.int32)
@@ -1205,7 +1195,7 @@ class Engine:
             slots[i, :n, 1] = np.arange(start, end) % size
             logit_index[i] = n - 1
             ends.append(end)
-        table = self._page_table(reqs, rows, math.ceil(max(ends) / size))
+        table = self.page_table(reqs, rows, math.ceil(max(ends) / size))
         accept = [int(end == len(r.tokens)) for r, end in zip(reqs, ends)]
         embeds = self._image_embeds(reqs, ids, [r.num_computed for r in reqs])
         out = self._run(ids, seq_index, seq_index, slots, table, logit_index, reqs, rows, accept, input_embeds=embeds)
@@ -1215,22 +1205,22 @@ class Engine:
             r.num_computed = end
             if end >= r.num_prompt:
                 r.image_features = None  # the prompt's cache rows are written (a preempted request recomputes them)
-            self._register_pages(r)
+            self.register_pages(r)
             if end == len(r.tokens):
                 done.append(i)
         if done:
-            self._accept([reqs[i] for i in done], [x[done] for x in out])
+            self.accept([reqs[i] for i in done], [x[done] for x in out])
         if self.speculator is not None:  # an EAGLE draft writes its rows of this chunk
             self.speculator.prefilled(self, reqs, ends)
 
     def _decode(self, reqs: list[_Request]) -> None:
         for r in list(reqs):
-            if r in self._running and not self._ensure_pages(r, r.num_computed + 1):
+            if r in self.running and not self.ensure_pages(r, r.num_computed + 1):
                 reqs.remove(r)
-        reqs = [r for r in reqs if r in self._running]
+        reqs = [r for r in reqs if r in self.running]
         if not reqs:
             return
-        rows = self._rows(reqs, self.batch_buckets)
+        rows = self.padded_rows(reqs, self.batch_buckets)
         ids = np.zeros((rows, 1), np.int32)
         seq_index = np.zeros((rows, 1), np.int32)
         slots = np.zeros((rows, 1, 2), np.int32)
@@ -1238,16 +1228,16 @@ class Engine:
             ids[i, 0] = r.tokens[r.num_computed]
             seq_index[i, 0] = r.num_computed
             slots[i, 0] = (r.pages[r.num_computed // self.page_size], r.num_computed % self.page_size)
-        table = self._page_table(reqs, rows, max(len(r.pages) for r in reqs))
+        table = self.page_table(reqs, rows, max(len(r.pages) for r in reqs))
         out = self._run(ids, seq_index, seq_index, slots, table, np.zeros((rows,), np.int32), reqs, rows,
                         [1] * len(reqs))
         self.stats["decode_steps"] += 1
         for r in reqs:
             r.num_computed += 1
-            self._register_pages(r)
-        self._accept(reqs, out)
+            self.register_pages(r)
+        self.accept(reqs, out)
 
-    def _accept(self, reqs: Sequence[_Request], out) -> None:
+    def accept(self, reqs: Sequence[_Request], out) -> None:
         """Append each row's sampled token, emit its event, finish the requests that are done."""
         tokens, logprobs, top_ids, top_lp = out
         now = time.time()
@@ -1326,8 +1316,8 @@ class Engine:
                 log.exception("request %s: callback failed", r.id)
 
     def _finish(self, r: _Request, reason: str, error: str | None = None) -> None:
-        if r in self._running:
-            self._running.remove(r)
+        if r in self.running:
+            self.running.remove(r)
             self.pool.release(r.pages)
             r.pages = PageList()
             self._free_slots.append(r.slot)

@@ -4,6 +4,6 @@ choices, the API-key and counting middleware), `routes_chat`, `routes_completion
 models, adapters, tokenizer endpoints), `metrics` (Prometheus text), `app` (`build_app`, `Running`); and the engine
 run in lockstep on every process of a multi-host server (`lockstep`).
 
-Import direction: imports `infer.engine`, `infer.chat`, `infer.structured` and `small4_jax`; only `infer.serve`
-imports it.
+Import direction (tests/test_imports.py, `INFER_ORDER`): imports `infer.engine`, `infer.chat`, `infer.structured`
+and `small4_jax`; only `infer.serve` imports it.
 """

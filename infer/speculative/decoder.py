@@ -21,11 +21,11 @@ Each speculative decode step, for every generating row (`decode`):
    pages beyond what the row now needs go back to the pool.
 
 On a sharded cache (`cache_axes`) the verify step is the engine's layout: each shard's rows in its block of the
-batch, attending over that shard's own pages (`Engine._to_shards`), logits handed back in request order; a row's
+batch, attending over that shard's own pages (`Engine.to_shards`), logits handed back in request order; a row's
 pages all come from its shard, so rollback returns them there. An EAGLE draft's own cache is sharded the same way
 (`infer/speculative/eagle_drafter.py`).
 
-Tokens are handed to the engine's `_accept` one position at a time, so stop ids, stop strings, max_tokens, logprobs
+Tokens are handed to the engine's `accept` one position at a time, so stop ids, stop strings, max_tokens, logprobs
 and streaming behave exactly as without speculation (a row that stops mid-draft drops the rest).
 Counters for /metrics: draft tokens proposed, accepted, verify rows; acceptance rate = accepted / proposed, mean
 accepted length = (accepted + rows) / rows tokens per row and step.
@@ -46,6 +46,8 @@ import numpy as np
 from flax import nnx
 
 from infer.engine.engine import MAX_TOP_LOGPROBS
+from infer.speculative.eagle_drafter import EagleDrafter
+from infer.structured import fill_masks
 from small4_jax.decode.sampler import mask_words, verify_rows
 from small4_jax.errors import InputError
 from small4_jax.nn.paged import forward
@@ -94,6 +96,10 @@ class SpeculativeConfig:
         method, _, path = text.partition(":")
         return cls(method.strip().lower(), path or None, num_draft_tokens)
 
+    def build(self, engine) -> Speculator:
+        """The engine's speculative step for this config (`Engine` calls it; the engine does not import this package)."""
+        return Speculator(self, engine)
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Drafters. Each proposes, for rows `reqs`, up to rooms[i] tokens continuing reqs[i].tokens (deterministically: the
@@ -138,7 +144,7 @@ class NgramDrafter:
 
     def propose(self, engine, reqs, rooms) -> list[list[int]]:
         c = self.config
-        live = {r.id for r in engine._running}
+        live = {r.id for r in engine.running}
         for rid in [rid for rid in self._arrays if rid not in live]:
             del self._arrays[rid]
         return [ngram_lookup(self._tokens(r), room, c.ngram_max, c.ngram_min) for r, room in zip(reqs, rooms)]
@@ -147,8 +153,6 @@ class NgramDrafter:
 def make_drafter(config: SpeculativeConfig, engine):
     if config.method == "ngram":
         return NgramDrafter(config)
-    from infer.speculative.eagle_drafter import EagleDrafter
-
     return EagleDrafter(config, engine)
 
 
@@ -171,13 +175,11 @@ def draft_masks(tokenizer, reqs, drafts: np.ndarray, num_drafts: np.ndarray, mas
     """Structured-output rows in a verify step: cut each row's drafts to what its grammar allows and write the
     token mask of every verify position into mask [B, T, W] (position j: the matcher's state after d_1..d_j, so
     verification masks each position as plain decoding would after those tokens). The matchers are walked forward
-    through the drafts and rolled back, so they end as they began; `Engine._accept` consumes what is accepted.
+    through the drafts and rolled back, so they end as they began; `Engine.accept` consumes what is accepted.
 
     Rows without a matcher are left alone (all bits set). num_drafts is lowered in place where a draft is not
     allowed (the grammar rejects it, or a token before it already ends the output); returns the masked rows'
     number of positions (the mask work done)."""
-    from infer.structured import fill_masks
-
     flat = mask.reshape(-1, mask.shape[-1])  # a view: position j of row i is flat row i * T + j
     t = mask.shape[1]
     rows = [(i, r.matcher) for i, r in enumerate(reqs) if r.matcher is not None]
@@ -237,10 +239,10 @@ class Speculator:
 
     def _run(self, engine, ids, seq_index, slots, table, drafts, num_drafts, reqs, rows):
         """The verify forward, then `verify_rows` with the rows' settings (built while the device runs). On a sharded
-        cache the forward runs with each shard's rows in its block (`Engine._to_shards`) and its logits come back in
+        cache the forward runs with each shard's rows in its block (`Engine.to_shards`) and its logits come back in
         request order, so verification, drafts and rollback never see the layout."""
-        (ids, seq_index), slots, table, perm = engine._to_shards(reqs, rows, (ids, seq_index), slots, table)
-        engine._set_adapters(reqs, rows, perm)
+        (ids, seq_index), slots, table, perm = engine.to_shards(reqs, rows, (ids, seq_index), slots, table)
+        engine.set_adapters(reqs, rows, perm)
         with jax.set_mesh(engine.mesh) if engine.mesh is not None else contextlib.nullcontext():
             out = verify_forward(engine.graphdef, engine.state, engine.pages, ids, seq_index, seq_index, slots, table,
                                  with_hidden=getattr(self.drafter, "needs_hidden", False),
@@ -255,7 +257,7 @@ class Speculator:
                 t0 = time.perf_counter()
                 engine.stats["masked_tokens"] += draft_masks(engine.tokenizer, reqs, drafts, num_drafts, mask)
                 engine.stats["mask_seconds"] += time.perf_counter() - t0
-            sampling = engine._sampling(reqs, rows, [1] * len(reqs), mask=mask)
+            sampling = engine.row_sampling(reqs, rows, [1] * len(reqs), mask=mask)
             *result, engine.history = _verify(logits, drafts, num_drafts, sampling, engine.history,
                                               num_top=MAX_TOP_LOGPROBS)
         return jax.device_get(result), hidden
@@ -265,17 +267,17 @@ class Speculator:
         size = engine.page_size
         rooms = {}
         for r in list(reqs):
-            if r not in engine._running:
+            if r not in engine.running:
                 continue
             room = min(self.k, r.options.max_tokens - r.generated - 1, engine.max_model_len - len(r.tokens) - 1)
             rooms[r.id] = max(room, 0)
-            if not engine._ensure_pages(r, r.num_computed + 1 + rooms[r.id]):
+            if not engine.ensure_pages(r, r.num_computed + 1 + rooms[r.id]):
                 reqs.remove(r)
-        reqs = [r for r in reqs if r in engine._running]
+        reqs = [r for r in reqs if r in engine.running]
         if not reqs:
             return
         drafts = self.drafter.propose(engine, reqs, [rooms[r.id] for r in reqs])
-        rows, t = engine._rows(reqs, engine.batch_buckets), self.k + 1
+        rows, t = engine.padded_rows(reqs, engine.batch_buckets), self.k + 1
         ids = np.zeros((rows, t), np.int32)
         seq_index = np.zeros((rows, t), np.int32)
         slots = np.zeros((rows, t, 2), np.int32)  # padding writes go to the null page
@@ -291,7 +293,7 @@ class Speculator:
             slots[i, : n + 1, 1] = np.arange(start, start + n + 1) % size
             draft_ids[i, :n] = d
             num_drafts[i] = n
-        table = engine._page_table(reqs, rows, max(len(r.pages) for r in reqs))
+        table = engine.page_table(reqs, rows, max(len(r.pages) for r in reqs))
         (accepted, tokens, logprobs, top_ids, top_lp), hidden = self._run(
             engine, ids, seq_index, slots, table, draft_ids, num_drafts, reqs, rows)
         engine.stats["decode_steps"] += 1
@@ -300,16 +302,16 @@ class Speculator:
         self.stats["spec_accepted_tokens"] += int(accepted[: len(reqs)].sum())
         for i, r in enumerate(reqs):
             r.num_computed += 1 + int(accepted[i])
-            engine._register_pages(r)
+            engine.register_pages(r)
         if hidden is not None:
             self.drafter.verified(engine, reqs, tokens, accepted, hidden)
         for j in range(int(accepted[: len(reqs)].max()) + 1):
-            idx = [i for i, r in enumerate(reqs) if accepted[i] >= j and r in engine._running]
+            idx = [i for i, r in enumerate(reqs) if accepted[i] >= j and r in engine.running]
             if idx:
-                engine._accept([reqs[i] for i in idx], (tokens[idx, j], logprobs[idx, j], top_ids[idx, j],
+                engine.accept([reqs[i] for i in idx], (tokens[idx, j], logprobs[idx, j], top_ids[idx, j],
                                                         top_lp[idx, j]))
         for r in reqs:  # roll back: pages past what the row now holds go back to the pool
-            if r in engine._running:
+            if r in engine.running:
                 keep = math.ceil(len(r.tokens) / size)
                 if len(r.pages) > keep:
                     engine.pool.release(r.pages[keep:])

@@ -18,7 +18,7 @@ The target's hidden states come from the engine's own steps: prefill runs `hidde
 returning the final-normed hidden states), and verify asks `verify_forward` for them (`needs_hidden`).
 
 On a sharded cache (`cache_axes`) the draft's pages are sharded as the target's (a request's draft rows live on its
-shard) and every draft step runs in the engine's layout (`Engine._to_shards`: each shard's rows in its block, page
+shard) and every draft step runs in the engine's layout (`Engine.to_shards`: each shard's rows in its block, page
 ids the shard's own); drafts come back in request order.
 """
 
@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from small4_jax.nn.eagle import as_model, load_eagle
+from small4_jax.ckpt.eagle import load_eagle
+from small4_jax.nn.eagle import as_model
 from small4_jax.nn.paged import PagedCache, cache_spec, forward
 
 
@@ -111,7 +112,7 @@ class EagleDrafter:
                                 device=sharding)
         self.pending: dict[str, int] = {}
         self._stash = None
-        engine._logits_step = self._prefill_forward
+        engine.logits_step = self._prefill_forward
 
     def _mesh(self, engine):
         return jax.set_mesh(engine.mesh) if engine.mesh is not None else contextlib.nullcontext()
@@ -131,13 +132,13 @@ class EagleDrafter:
         hidden, seq_index, slots, table = self._stash
         self._stash = None
         rows, chunk = seq_index.shape
-        at = np.arange(len(reqs)) if engine.cache_shards == 1 else np.argsort(engine._shard_layout(reqs, rows))
+        at = np.arange(len(reqs)) if engine.cache_shards == 1 else np.argsort(engine.shard_layout(reqs, rows))
         ids = np.zeros((rows, chunk), np.int32)
         write = np.zeros_like(slots)
         pend_rows, pend_slot, pend_start = [], [], []
         for q, (r, end) in enumerate(zip(reqs, ends)):
             i = int(at[q])  # the request's row of the step
-            if r not in engine._running:
+            if r not in engine.running:
                 continue
             start = int(seq_index[i, 0])
             n = end - start
@@ -159,7 +160,7 @@ class EagleDrafter:
     # ---- decode ----------------------------------------------------------------------------------------------------
     def propose(self, engine, reqs, rooms) -> list[list[int]]:
         size, k = engine.page_size, self.k
-        rows, t = engine._rows(reqs, engine.batch_buckets), k + 1
+        rows, t = engine.padded_rows(reqs, engine.batch_buckets), k + 1
         ids = np.zeros((rows, t), np.int32)
         seq_index = np.zeros((rows, t), np.int32)
         slots = np.zeros((rows, t, 2), np.int32)
@@ -186,8 +187,8 @@ class EagleDrafter:
                 step_index[i, s] = p
                 if s < room - 1:
                     step_slots[i, s] = (r.pages[p // size], p % size)
-        table = engine._page_table(reqs, rows, max(len(r.pages) for r in reqs))
-        (ids, seq_index, last, buffer_slot, step_index, step_slots), slots, table, perm = engine._to_shards(
+        table = engine.page_table(reqs, rows, max(len(r.pages) for r in reqs))
+        (ids, seq_index, last, buffer_slot, step_index, step_slots), slots, table, perm = engine.to_shards(
             reqs, rows, (ids, seq_index, last, buffer_slot, step_index, step_slots), slots, table)
         if perm is not None:
             step_slots[..., 0] %= engine.pool.per_shard  # (a copy: indexed by perm)
@@ -208,7 +209,7 @@ class EagleDrafter:
         with self._mesh(engine):
             self.buffer = put_pending(self.buffer, *self._padded(engine, hidden.shape[0], [r.slot for r in reqs],
                                                                  range(n), [0] * n), hidden=hidden)
-        running = {r.id for r in engine._running}
+        running = {r.id for r in engine.running}
         self.pending = {i: c for i, c in self.pending.items() if i in running}
 
     @staticmethod

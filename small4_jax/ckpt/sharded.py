@@ -28,10 +28,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from small4_jax.ckpt.plan import checkpoint_plan, plan_names
 from small4_jax.config import Small4Config
 from small4_jax.errors import CheckpointError, ConfigError
 from small4_jax.nn.model import Small4ForCausalLM, abstract_model, layer_groups
 from small4_jax.parallel.sharding import sharding_for
+from small4_jax.quant import formats as quant
 
 CONFIG_FILE = "small4_config.json"
 FORMAT_FILE = "small4_format.json"
@@ -56,7 +58,7 @@ def _zarr_dtype(dtype: np.dtype) -> str:
     return np.dtype(dtype).str
 
 
-def _chunks(shape: Sequence[int], itemsize: int) -> list[int]:
+def storage_chunks(shape: Sequence[int], itemsize: int) -> list[int]:
     """Storage chunks under CHUNK_BYTES as float32 (whatever the storage dtype, so a writer that quantises one chunk
     at a time holds one CHUNK_BYTES float32 buffer at most): the leading axes are split to 1 (a layer stack's
     layers) until the rest is small enough, then the next axis into blocks (stacked experts: a few per chunk)."""
@@ -94,7 +96,7 @@ class Writer:
     def create(self, key: tuple[str, ...], shape: Sequence[int], dtype, keep: bool = False) -> object:
         """Create (or replace) the array `key`; fill it with `write_rows`. `keep`: open it with what it holds when
         it exists (a layer stack written one layer at a time, resumed)."""
-        chunks = _chunks(shape, np.dtype(dtype).itemsize)
+        chunks = storage_chunks(shape, np.dtype(dtype).itemsize)
         spec = {
             "driver": "zarr",
             "kvstore": {"driver": "ocdbt", "base": f"file://{self.directory.resolve()}", "path": ".".join(key)},
@@ -115,7 +117,7 @@ class Writer:
         if not array.shape:
             store[at].write(np.array(array, order="C")).result() if at else store.write(np.array(array)).result()
             return
-        step = _chunks(array.shape, array.dtype.itemsize)[0]
+        step = storage_chunks(array.shape, array.dtype.itemsize)[0]
         for start in range(0, array.shape[0], step):
             stop = min(start + step, array.shape[0])
             store[at + (slice(row0 + start, row0 + stop),)].write(np.ascontiguousarray(array[start:stop])).result()
@@ -132,10 +134,10 @@ def write_metadata(directory: Path, tree_shapes: dict[tuple[str, ...], Sequence[
     }
     meta = {"tree_metadata": tree, "use_ocdbt": True, "use_zarr3": False,
             "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
-    _atomic_write(directory / "_METADATA", json.dumps(meta))
+    atomic_write(directory / "_METADATA", json.dumps(meta))
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -170,8 +172,8 @@ def save_model(model: Small4ForCausalLM, path: str | os.PathLike) -> Path:
     checkpointer.save(path, {"params": params})
     checkpointer.wait_until_finished()
     if jax.process_index() == 0:
-        _atomic_write(path / CONFIG_FILE, json.dumps(model.config.to_dict(), indent=1))
-        _atomic_write(path / FORMAT_FILE, json.dumps({"dtype": "float32" if dtypes == {"float32"} else "bfloat16"}))
+        atomic_write(path / CONFIG_FILE, json.dumps(model.config.to_dict(), indent=1))
+        atomic_write(path / FORMAT_FILE, json.dumps({"dtype": "float32" if dtypes == {"float32"} else "bfloat16"}))
     multihost_utils.sync_global_devices(f"small4 save_model {path}")
     return path
 
@@ -188,8 +190,6 @@ def load_model(path: str | os.PathLike, *, dtype="bfloat16", mesh: Mesh | None =
     quantize="none". A float checkpoint cannot be quantised here: convert it with `--quantize`.
     """
     import orbax.checkpoint as ocp
-
-    from small4_jax.quant import formats as quant
 
     path = Path(path).resolve()
     if not (path / FORMAT_FILE).is_file():
@@ -260,8 +260,6 @@ def _stored_format(path: Path, config: Small4Config, written: str) -> str:
     was converted with meant then (before int4 became experts-only, "int4" had int4 dense linears)."""
     import tensorstore as ts
 
-    from small4_jax.quant import formats as quant
-
     flat = dict(nnx.to_flat_state(nnx.split(abstract_model(config, quantize=written))[1]))
     parts: dict[str, set] = {"experts": set(), "dense": set()}
     for p in flat:
@@ -273,7 +271,7 @@ def _stored_format(path: Path, config: Small4Config, written: str) -> str:
             dtype = ts.open(spec, open=True, read=True).result().dtype.numpy_dtype
         except ValueError as e:
             raise CheckpointError(f"{path}: cannot read {'.'.join(param_key(p))} ({e})") from None
-        parts["experts" if _is_experts(p) else "dense"].add(quant.format_of(dtype))
+        parts["experts" if is_experts(p) else "dense"].add(quant.format_of(dtype))
     if not parts["experts"]:  # no routed experts in the model: the dense format names it
         parts["experts"] = set(parts["dense"])
     if any(len(v) != 1 for v in parts.values()):
@@ -337,7 +335,7 @@ def _replicated(mesh: Mesh | None) -> jax.sharding.Sharding:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def _is_experts(path) -> bool:
+def is_experts(path) -> bool:
     return len(path) >= 2 and str(path[-2]) == "experts"
 
 
@@ -348,7 +346,7 @@ def _is_stacked(path) -> bool:
 def fp8_scale_shape(path, shape: Sequence[int]) -> tuple[int, ...]:
     """The stored scale of an FP8-stored weight: one per tensor, i.e. per layer of a layer stack ([n, 1, 1]) and per
     expert of stacked experts ([n, E, 1, 1]); () for an unstacked dense weight."""
-    lead = int(_is_stacked(path)) + int(_is_experts(path))
+    lead = int(_is_stacked(path)) + int(is_experts(path))
     return tuple(shape[:lead]) + (1, 1) if lead else ()
 
 
@@ -360,7 +358,7 @@ def quantised_paths(paths) -> set:
         names = [str(x) for x in p]
         if names[0] in ("vision_tower", "multi_modal_projector"):
             continue
-        if _is_experts(p) or (names[-1] == "kernel" and names[-2] != "lm_head"):
+        if is_experts(p) or (names[-1] == "kernel" and names[-2] != "lm_head"):
             out.add(p)
     return out
 
@@ -380,15 +378,13 @@ def _get(tree: dict, keys: tuple[str, ...]):
 # ----------------------------------------------------------------------------------------------------------------------
 # Reading one tensor (one layer of a stack) at a time.
 class TensorReader:
-    """A float sharded checkpoint (bf16 / f32, or `--dtype fp8` storage, dequantised) as a `checkpoint.TensorSource`:
-    canonical checkpoint names and shapes (`checkpoint.checkpoint_plan`, inverted), each `get` reading that tensor
+    """A float sharded checkpoint (bf16 / f32, or `--dtype fp8` storage, dequantised) as a `ckpt.plan.TensorSource`:
+    canonical checkpoint names and shapes (`ckpt.plan.checkpoint_plan`, inverted), each `get` reading that tensor
     alone from TensorStore (layer j of a stack: its slice j), so `checkpoint.load_layer` and the converter read it
     as they read a safetensors directory (e.g. `convert --quantize int4 --calibration` from a converted checkpoint)."""
 
     def __init__(self, path: str | os.PathLike):
         import tensorstore as ts
-
-        from small4_jax.ckpt.load import checkpoint_plan, plan_names
 
         self.directory = Path(path).resolve()
         if not (self.directory / FORMAT_FILE).is_file():

@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from small4_jax.decode.sampling import SamplingParams, sample
 from small4_jax.errors import InputError
 from small4_jax.nn.model import KVCache, Small4ForCausalLM
-from small4_jax.decode.sampling import SamplingParams, sample
+from small4_jax.nn.vision import input_embeddings
 
 CACHE_BUCKET = 128  # cache lengths are rounded up to this, so nearby request sizes share compiled steps
 
@@ -96,8 +97,6 @@ def generate(
     embeds = None
     vision = model.config.vision
     if len(images) or (vision is not None and vision.image_token_id in prompt):  # [IMG] slots need their images
-        from small4_jax.nn.vision import input_embeddings
-
         embeds = input_embeddings(model, ids, images)
     start = 0
     for n in _chunks(len(prompt)):

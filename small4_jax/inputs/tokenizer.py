@@ -22,6 +22,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from small4_jax.errors import TokenizerError
+from small4_jax.inputs.canonical import Canon
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 TINY_SPM_PATH = ASSETS_DIR / "tiny_spm.model"
@@ -329,8 +330,6 @@ class TekkenTokenizer(Tokenizer):
         second for the 131K vocabulary) and shared by every structured-output request."""
         with _CANON_LOCK:
             if getattr(self, "_canon", None) is None:
-                from small4_jax.inputs.canonical import Canon
-
                 tk = self.tekkenizer
                 model = tk._model  # tiktoken.Encoding: its ranks and regex are the tokenizer's definition
                 self._canon = Canon(model._mergeable_ranks, model._pat_str, tk.num_special_tokens, tk.n_words)

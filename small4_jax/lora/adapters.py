@@ -57,10 +57,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from small4_jax.ckpt.safetensors_io import read_safetensors_header, save_safetensors
 from small4_jax.errors import CheckpointError, ConfigError, Small4Error
-from small4_jax.nn.model import MLA, MLP, Experts, MoE, PerLayer, Router, Shared, Small4ForCausalLM, layer_groups, \
-    layer_slice
-from small4_jax.nn.moe import AtLayer, ExpertLoRA, _sliced, at_layer
-from small4_jax.quant.formats import QArray, act_scale_of, dequantize, logical_shape, qdot
+from small4_jax.nn.model import MLA, MLP, MoE, PerLayer, Router, Shared, Small4ForCausalLM, layer_groups, layer_slice
+from small4_jax.nn.moe import AtLayer, ExpertLoRA, Experts, at_layer, sliced
+from small4_jax.nn.qlinear import act_scale_of, qdot
+from small4_jax.quant.formats import QArray, dequantize, logical_shape
 from small4_jax.parallel.sharding import spec_for
 
 TRAINABLE = nnx.LoRAParam  # the filter of everything training updates
@@ -137,7 +137,7 @@ def _per_layer(value, lead: tuple[int, ...], dtype) -> PerLayer:
 
 def base_output(layer, x: jax.Array) -> jax.Array:
     """x W + b of an adapted linear's frozen base in its compute dtype: `kernel` [in, out] (quantised when
-    `kernel_scale` is set: `quant.qdot` dequantises in the product), optional `bias`. Shared by the single- and the
+    `kernel_scale` is set: `qlinear.qdot` dequantises in the product), optional `bias`. Shared by the single- and the
     multi-adapter linears (multi_lora.py)."""
     kernel = layer.kernel[...]
     if layer.kernel_scale is not None:
@@ -160,8 +160,8 @@ class DropoutKey(Shared):
 class LoRALinear(nnx.Module):
     """An `nnx.Linear` (kernel [in, out], optional bias) plus a low-rank update: x W + b + s (x A) B.
 
-    Over a `quant.QLinear` (QLoRA) the frozen base stays quantised: `kernel` holds its values and `kernel_scale` its
-    scales, and x W is `quant.qdot` (gradients flow to x through the dequantising product, never to the base)."""
+    Over a `qlinear.QLinear` (QLoRA) the frozen base stays quantised: `kernel` holds its values and `kernel_scale` its
+    scales, and x W is `qlinear.qdot` (gradients flow to x through the dequantising product, never to the base)."""
 
     def __init__(self, base: nnx.Linear, rank: int, alpha: float, dropout: float = 0.0, *, key,
                  dropout_key: DropoutKey | None = None, index=0, active=1.0):
@@ -204,8 +204,8 @@ class LoRALinear(nnx.Module):
     def base_kernel(self) -> jax.Array:
         """The frozen base matrix [in, out] in float32 (dequantised for a quantised base)."""
         if self.kernel_scale is not None:
-            return dequantize(_sliced(at_layer(QArray, self.kernel[...], self.kernel_scale[...])), jnp.float32)
-        return _sliced(self.kernel[...]).astype(jnp.float32)
+            return dequantize(sliced(at_layer(QArray, self.kernel[...], self.kernel_scale[...])), jnp.float32)
+        return sliced(self.kernel[...]).astype(jnp.float32)
 
 
 class ExpertsLoRA(nnx.Module):
@@ -304,7 +304,7 @@ def _sites(model: Small4ForCausalLM) -> Iterator[_Site]:
             yield _Site(f"multi_modal_projector.{name}", "linear", "projector", parent, attr)
 
 
-def _modules(model: Small4ForCausalLM) -> list[list[tuple[int, _Site]]]:
+def site_groups(model: Small4ForCausalLM) -> list[list[tuple[int, _Site]]]:
     """The sites grouped by the module that holds them (a stacked module's per-layer sites together, in layer
     order), each with its model-order number."""
     groups: dict[tuple[int, str], list[tuple[int, _Site]]] = {}
@@ -377,7 +377,7 @@ def apply_lora(model: Small4ForCausalLM, config: LoRAConfig) -> list[str]:
     dropout_key = DropoutKey(jax.random.PRNGKey(config.seed + 1)) if config.dropout > 0 else None
     top_k = model.config.num_experts_per_tok
     done = []
-    for members in _modules(model):
+    for members in site_groups(model):
         picked = [site.path for _, site in members if site.path in chosen]
         if not picked:
             continue
@@ -415,7 +415,7 @@ def _stacked_adapters(model: Small4ForCausalLM) -> dict[tuple[str, ...], nnx.Mod
     """State path of each adapted module (a stack's module: stacked) -> its adapter module, for merging."""
     paths = {id(m): tuple(str(p) for p in path) for path, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
     out = {}
-    for members in _modules(model):
+    for members in site_groups(model):
         site = members[0][1]
         ad = _adapter_of(site)
         if ad is not None:
@@ -436,7 +436,7 @@ def num_lora_params(model: nnx.Module) -> int:
     if not isinstance(model, Small4ForCausalLM):
         return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, TRAINABLE))))
     total = 0
-    for members in _modules(model):
+    for members in site_groups(model):
         site = members[0][1]
         ad = _adapter_of(site)
         if ad is None:
@@ -630,7 +630,7 @@ def from_peft(model: Small4ForCausalLM, tensors: dict[str, np.ndarray], config: 
             return _read_experts(site, names, get, e, model.config, config, pattern, (r0, alpha0), where)
         return rank, alpha, dict(lora_a=get(a_name).T, lora_b=get(f"{path}.lora_B.weight").T)
 
-    for members in _modules(model):
+    for members in site_groups(model):
         found = [(site, read(site)) for _, site in members]
         present = [(site, r) for site, r in found if r is not None]
         if not present:

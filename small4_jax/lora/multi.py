@@ -37,11 +37,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from small4_jax.errors import ConfigError, InputError
-from small4_jax.lora.adapters import (ExpertsLoRA, LoRALinear, LoRARouter, _modules, base_output, load_peft, lora_spec,
-                             select_targets)
-from small4_jax.nn.model import Shared
-from small4_jax.nn.moe import ExpertLoRA, _sliced, at_layer
-from small4_jax.quant.formats import QArray, dequantize
+from small4_jax.lora.adapters import (ExpertsLoRA, LoRALinear, LoRARouter, adapters as adapter_modules, base_output,
+                                      load_peft, lora_spec, select_targets, site_groups)
+from small4_jax.nn.model import Shared, abstract_model
+from small4_jax.nn.moe import ExpertLoRA, at_layer, sliced
+from small4_jax.quant.formats import QArray, dequantize, logical_shape
 
 
 class AdapterIds(Shared):
@@ -101,8 +101,8 @@ class MultiLoRALinear(nnx.Module):
     def base_kernel(self, dtype) -> jax.Array:
         """The base [in, out] matrix (dequantised if quantised), without any adapter."""
         if self.kernel_scale is not None:
-            return dequantize(_sliced(at_layer(QArray, self.kernel[...], self.kernel_scale[...])), dtype)
-        return _sliced(self.kernel[...]).astype(dtype)
+            return dequantize(sliced(at_layer(QArray, self.kernel[...], self.kernel_scale[...])), dtype)
+        return sliced(self.kernel[...]).astype(dtype)
 
     def _halves(self, nh: int, dn: int):
         b = self.lora_b[...].reshape(-1, nh, self.out_features // nh)
@@ -130,8 +130,6 @@ class MultiExpertsLoRA(nnx.Module):
 
     def __init__(self, experts, slots: int, rank: int, ids: AdapterIds, lead: tuple[int, ...] = (),
                  dtype=jnp.float32):
-        from small4_jax.quant.formats import logical_shape
-
         e, h, f2 = logical_shape(experts.gate_up.shape, experts.gate_up.dtype)[-3:]  # [E, H, 2F] also quantised
         j = slots * rank
         self.rank = rank
@@ -174,7 +172,7 @@ class MultiLoRA:
         self.ids = AdapterIds(jnp.zeros((1,), jnp.int32))
         chosen = None if targets is None else set(select_targets(model, tuple(targets)))
         self.sites = {}  # per-layer site path -> (holder, its layer's slice in a stack or None)
-        for members in _modules(model):
+        for members in site_groups(model):
             site = members[0][1]
             if chosen is not None and not any(s.path in chosen for _, s in members):
                 continue
@@ -229,8 +227,6 @@ class MultiLoRA:
 
     def read(self, name: str, path) -> tuple[dict, str]:
         """Read the PEFT adapter in `path` (host side, no state touched): (site path -> arrays, identity)."""
-        from small4_jax.nn.model import abstract_model
-
         path = Path(path)
         if not name or "/" in name or name in self.adapters:
             raise InputError(f"adapter name {name!r} is empty, has a '/', or is already loaded")
@@ -241,8 +237,6 @@ class MultiLoRA:
         for f in ("adapter_config.json", "adapter_model.safetensors"):
             digest.update((path / f).read_bytes())
         out = {}
-        from small4_jax.lora.adapters import adapters as adapter_modules
-
         for site_path, ad in adapter_modules(scratch).items():
             if isinstance(ad, LoRARouter):
                 raise ConfigError(f"{where}: adapter on the router ({site_path}) is not supported in multi-LoRA "

@@ -12,7 +12,7 @@ False` runs the same function in a Python loop over slices of the same parameter
 
 Module and parameter names below the stack mirror transformers' `Mistral4ForCausalLM` (`self_attn.q_a_proj` ...),
 so the checkpoint map is a rename, a transpose and slice g of a stack <-> `layers.{start + g}`
-(`checkpoint.checkpoint_plan`): our linear kernels are [in, out] (`x @ W`), expert weights are `experts.gate_up`
+(`ckpt.plan.checkpoint_plan`): our linear kernels are [in, out] (`x @ W`), expert weights are `experts.gate_up`
 [E, H, 2F] (gate columns first) and `experts.down` [E, F, H]. `model.layers[i]` is a read-only view of layer i.
 
 Numerics: parameters and matmuls in the model dtype; RMSNorm statistics, the router, the attention softmax and
@@ -31,41 +31,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.nnx.nn import dtypes as nnx_dtypes
 
 from small4_jax.config import Small4Config
 from small4_jax.kernels.attention import attention
-from small4_jax.nn.moe import AtLayer, at_layer, resolve_dense_impl, route, routed_experts
-from small4_jax.quant.formats import QUANTISED_LINEARS
+from small4_jax.nn.initializers import normal_init
+from small4_jax.nn.layers import ACT, RMSNorm, apply_rope, linear
+from small4_jax.nn.moe import AtLayer, Experts, resolve_dense_impl, route, routed_experts
+from small4_jax.nn.qlinear import quantize_model
+from small4_jax.nn.vision import MultiModalProjector, PixtralVisionModel
 from small4_jax.parallel.sharding import batch_axes, mesh_axes, mesh_of, param_axes
-
-_ACT = {
-    "silu": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-}
+from small4_jax.quant.formats import QUANTISED_LINEARS
 
 
 def _dtype(dtype) -> jnp.dtype:
     return jnp.dtype(dtype)
-
-
-def normal_init(stddev: float):
-    """`nnx.initializers.normal(stddev)`, drawn on the host when the key is concrete: a random model is made of
-    many differently shaped weights, and each shape drawn eagerly by jax costs an XLA compile (51 compiles, 5-20 s
-    for the tiny model on a 2-core CPU); numpy's generator, seeded by the key's bits, costs none. Under tracing
-    (`nnx.eval_shape`, jit) it is jax's own normal initializer."""
-    traced = nnx.initializers.normal(stddev)
-
-    def init(key, shape, dtype=jnp.float32):
-        if isinstance(key, jax.core.Tracer):
-            return traced(key, shape, dtype)
-        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
-        return jax.device_put((rng.standard_normal(shape, dtype=np.float32) * np.float32(stddev)).astype(dtype))
-
-    return init
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -98,61 +77,15 @@ class KVCache:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Building blocks.
-class RMSNorm(nnx.Module):
-    """y = w * (x / sqrt(mean(x^2) + eps)), statistics in float32, normalised value cast back before the scale."""
-
-    def __init__(self, dim: int, eps: float, *, dtype):
-        self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), _dtype(dtype)))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * y.astype(x.dtype)
-
-
-def _promote_dtype(args, *, dtype=None, inexact=True):
-    """nnx.Linear's dtype promotion of (x, kernel, bias), leaving a kernel given as `AtLayer` (its whole stack, passed
-    by `run_layers`) as it is: `_dot_general` reads it in place."""
-    x, kernel, bias = args
-    if not isinstance(kernel, AtLayer):
-        return nnx_dtypes.promote_dtype(args, dtype=dtype, inexact=inexact)
-    x, bias = nnx_dtypes.promote_dtype((x, bias), dtype=dtype, inexact=inexact)
-    return x, kernel, bias
-
-
-def _dot_general(x, kernel, dims, precision=None, preferred_element_type=None, **kwargs):
-    """nnx.Linear's product: `jax.lax.dot_general`, or for an `AtLayer` kernel its stack read at the layer in place
-    by the grouped-matmul kernel (`AtLayer.matmul`; run_layers, `dense_impl`)."""
-    if isinstance(kernel, AtLayer):
-        return kernel.matmul(x, preferred_element_type or x.dtype)
-    return jax.lax.dot_general(x, kernel, dims, precision=precision, preferred_element_type=preferred_element_type,
-                               **kwargs)
-
-
-def _linear(din: int, dout: int, config: Small4Config, dtype, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
-    return nnx.Linear(
-        din,
-        dout,
-        use_bias=bias,
-        dtype=_dtype(dtype),
-        param_dtype=_dtype(dtype),
-        kernel_init=normal_init(config.initializer_range),
-        dot_general=_dot_general,
-        promote_dtype=_promote_dtype,
-        rngs=rngs,
-    )
-
-
 class MLP(nnx.Module):
     """SwiGLU: down(act(gate x) * up x). Used for dense layers and the shared expert(s)."""
 
     def __init__(self, config: Small4Config, intermediate: int, *, dtype, rngs: nnx.Rngs):
         h = config.hidden_size
-        self.act = _ACT[config.hidden_act]
-        self.gate_proj = _linear(h, intermediate, config, dtype, rngs)
-        self.up_proj = _linear(h, intermediate, config, dtype, rngs)
-        self.down_proj = _linear(intermediate, h, config, dtype, rngs)
+        self.act = ACT[config.hidden_act]
+        self.gate_proj = linear(h, intermediate, config, dtype, rngs)
+        self.up_proj = linear(h, intermediate, config, dtype, rngs)
+        self.down_proj = linear(intermediate, h, config, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
@@ -175,51 +108,6 @@ class Router(nnx.Module):
         return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
 
 
-class Experts(nnx.Module):
-    """Routed experts, stacked: gate_up [E, H, 2F] (gate columns then up), down [E, F, H].
-
-    `lora` is None, or a module with `weights() -> moe.ExpertLoRA` (per-expert adapters applied inside the same
-    grouped matmuls; attached by small4_jax.lora.adapters).
-    """
-
-    def __init__(self, config: Small4Config, *, dtype, rngs: nnx.Rngs):
-        e, h, f = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
-        init = normal_init(config.initializer_range)
-        self.gate_up = nnx.Param(init(rngs.params(), (e, h, 2 * f), _dtype(dtype)))
-        self.down = nnx.Param(init(rngs.params(), (e, f, h), _dtype(dtype)))
-        # set by quantize(): gate_up / down then hold quant.QArray values, these their scale grids
-        self.gate_up_scale, self.down_scale = nnx.data(None), nnx.data(None)
-        # W8A8 only (quantize(..., activations="fp8")): the experts' static activation scales [E, 1, 1]
-        self.gate_up_act_scale, self.down_act_scale = nnx.data(None), nnx.data(None)
-        self.lora = None
-
-    def quantize(self, fmt: str, activations: str | None = None) -> None:
-        """Quantise the stacked weights in place (quant.py formats; fp8 gets one scale per expert); with
-        activations="fp8" also placeholder activation scales (1) for a loader to fill (`quant.quantize_model`)."""
-        from small4_jax.quant import formats as quant
-
-        for name in ("gate_up", "down"):
-            q = quant.quantize(getattr(self, name)[...], fmt)
-            setattr(self, name, nnx.Param(q.values))
-            setattr(self, name + "_scale", nnx.Param(q.scale))
-            if quant.check_activations(activations, fmt):
-                setattr(self, name + "_act_scale", nnx.Param(jnp.ones(q.scale.shape[:-2] + (1, 1), jnp.float32)))
-
-    def weights(self):
-        """(gate_up, down): float arrays, or `quant.QArray`s (values + scales) for a quantised model; each wrapped
-        in one `moe.AtLayer` when `run_layers` passes the layer its stacks whole."""
-        if self.gate_up_scale is None:
-            return self.gate_up[...], self.down[...]
-        from small4_jax.quant.formats import QArray
-
-        def quantised(name):
-            act = getattr(self, name + "_act_scale")
-            return at_layer(QArray, getattr(self, name)[...], getattr(self, name + "_scale")[...],
-                            None if act is None else act[...])
-
-        return quantised("gate_up"), quantised("down")
-
-
 class MoE(nnx.Module):
     """Routed experts (top-k of a softmax over all experts) plus ungated shared expert(s).
 
@@ -229,7 +117,7 @@ class MoE(nnx.Module):
 
     def __init__(self, config: Small4Config, *, dtype, rngs: nnx.Rngs):
         self.config = config
-        self.act = _ACT[config.hidden_act]
+        self.act = ACT[config.hidden_act]
         self.gate = Router(config, dtype=dtype, rngs=rngs)
         self.experts = Experts(config, dtype=dtype, rngs=rngs)
         if config.n_shared_experts > 0:
@@ -273,23 +161,6 @@ def rope_cos_sin(config: Small4Config, positions: jax.Array) -> tuple[jax.Array,
     return jnp.cos(angles) * m, jnp.sin(angles) * m
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleave: bool) -> jax.Array:
-    """Rotate the pairs of x [..., T, (heads,) d]; cos/sin broadcast as [..., T, 1?, d/2].
-
-    interleave=True rotates pairs (2i, 2i+1) and writes the result de-interleaved ([rotated evens, rotated odds]) as
-    transformers does; interleave=False rotates pairs (i, i + d/2). Query and keys always go through the same layout,
-    so q.k is what the checkpoint expects.
-    """
-    dt = x.dtype
-    x = x.astype(jnp.float32)
-    if interleave:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-    else:
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(dt)
-
-
 def llama4_query_scale(config: Small4Config, positions: jax.Array) -> jax.Array:
     """lambda(p) = 1 + beta * ln(1 + floor(p / L0)), float32 [B, T]."""
     beta = config.llama_4_scaling_beta or 0.0
@@ -308,17 +179,17 @@ class MLA(nnx.Module):
         h, nh = c.hidden_size, c.num_attention_heads
         bias = c.attention_bias
         if c.q_lora_rank is None:
-            self.q_proj = _linear(h, nh * c.qk_head_dim, c, dtype, rngs)
+            self.q_proj = linear(h, nh * c.qk_head_dim, c, dtype, rngs)
             self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
         else:
             self.q_proj = None
-            self.q_a_proj = _linear(h, c.q_lora_rank, c, dtype, rngs, bias=bias)
+            self.q_a_proj = linear(h, c.q_lora_rank, c, dtype, rngs, bias=bias)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.latent_norm_eps, dtype=dtype)
-            self.q_b_proj = _linear(c.q_lora_rank, nh * c.qk_head_dim, c, dtype, rngs)
-        self.kv_a_proj_with_mqa = _linear(h, c.kv_lora_rank + c.qk_rope_head_dim, c, dtype, rngs, bias=bias)
+            self.q_b_proj = linear(c.q_lora_rank, nh * c.qk_head_dim, c, dtype, rngs)
+        self.kv_a_proj_with_mqa = linear(h, c.kv_lora_rank + c.qk_rope_head_dim, c, dtype, rngs, bias=bias)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.latent_norm_eps, dtype=dtype)
-        self.kv_b_proj = _linear(c.kv_lora_rank, nh * (c.qk_nope_head_dim + c.v_head_dim), c, dtype, rngs)
-        self.o_proj = _linear(nh * c.v_head_dim, h, c, dtype, rngs, bias=bias)
+        self.kv_b_proj = linear(c.kv_lora_rank, nh * (c.qk_nope_head_dim + c.v_head_dim), c, dtype, rngs)
+        self.o_proj = linear(nh * c.v_head_dim, h, c, dtype, rngs, bias=bias)
 
     def __call__(
         self,
@@ -608,10 +479,8 @@ class Small4ForCausalLM(nnx.Module):
         )
         self.layer_stacks = build_layer_stacks(c, dtype=dtype, rngs=rngs)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dtype)
-        self.lm_head = None if c.tie_word_embeddings else _linear(c.hidden_size, c.vocab_size, c, dtype, rngs)
+        self.lm_head = None if c.tie_word_embeddings else linear(c.hidden_size, c.vocab_size, c, dtype, rngs)
         if c.vision is not None:  # image input (small4_jax/nn/vision.py); its features come in through input_embeds
-            from small4_jax.nn.vision import MultiModalProjector, PixtralVisionModel
-
             self.vision_tower = PixtralVisionModel(c.vision, dtype=dtype, rngs=rngs)
             self.multi_modal_projector = MultiModalProjector(c.vision, c.hidden_size, dtype=dtype, rngs=rngs)
         else:
@@ -784,8 +653,6 @@ def init_model(config: Small4Config, *, seed: int = 0, dtype="float32", quantize
     """A randomly initialised model (weights from `seed`), its linears and experts quantised when `quantize` is
     a quant.SPELLINGS spelling ("int4": int4 experts, int8 dense linears; `quant.policy`). `runtime` (a
     small4_jax.runtime.Runtime or a mapping of its options) replaces the config's runtime options."""
-    from small4_jax.quant.formats import quantize_model
-
     if runtime is not None:
         config = config.with_runtime(runtime)
     return quantize_model(Small4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(seed)), quantize)
@@ -795,8 +662,6 @@ def abstract_model(config: Small4Config, *, dtype="float32", quantize: str | Non
                    activations: str | None = None):
     """The model with shape-only parameters (no memory, no FLOPs): what a checkpoint is loaded into (with
     activations="fp8", W8A8: its static activation scales as parameters too, `quant.quantize_model`)."""
-    from small4_jax.quant.formats import quantize_model
-
     return nnx.eval_shape(lambda: quantize_model(Small4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)), quantize,
                                                  activations=activations))
 

@@ -63,11 +63,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from small4_jax import kernels, platform
-from small4_jax.config import DENSE_IMPLS
+from small4_jax.config import DENSE_IMPLS, Small4Config
 from small4_jax.kernels.gmm import pallas_triton
-from small4_jax.quant.formats import QArray, column_scale, dequantize, quantize_act, w8a8_dot
+from small4_jax.nn.initializers import normal_init
+from small4_jax.quant.formats import QArray, check_activations, column_scale, dequantize, quantize, quantize_act, w8a8_dot
 from small4_jax.parallel.sharding import MoELayout, mesh_of, moe_layout, scale_spec
 
 IMPLS = ("pallas", "ragged_dot", "dense")
@@ -130,7 +132,48 @@ def at_layer(make, *parts):
     return make(*parts)
 
 
-def _sliced(w):
+class Experts(nnx.Module):
+    """Routed experts, stacked: gate_up [E, H, 2F] (gate columns then up), down [E, F, H].
+
+    `lora` is None, or a module with `weights() -> moe.ExpertLoRA` (per-expert adapters applied inside the same
+    grouped matmuls; attached by small4_jax.lora.adapters).
+    """
+
+    def __init__(self, config: Small4Config, *, dtype, rngs: nnx.Rngs):
+        e, h, f = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        init = normal_init(config.initializer_range)
+        self.gate_up = nnx.Param(init(rngs.params(), (e, h, 2 * f), jnp.dtype(dtype)))
+        self.down = nnx.Param(init(rngs.params(), (e, f, h), jnp.dtype(dtype)))
+        # set by quantize(): gate_up / down then hold quant.QArray values, these their scale grids
+        self.gate_up_scale, self.down_scale = nnx.data(None), nnx.data(None)
+        # W8A8 only (quantize(..., activations="fp8")): the experts' static activation scales [E, 1, 1]
+        self.gate_up_act_scale, self.down_act_scale = nnx.data(None), nnx.data(None)
+        self.lora = None
+
+    def quantize(self, fmt: str, activations: str | None = None) -> None:
+        """Quantise the stacked weights in place (quant.py formats; fp8 gets one scale per expert); with
+        activations="fp8" also placeholder activation scales (1) for a loader to fill (`qlinear.quantize_model`)."""
+        for name in ("gate_up", "down"):
+            q = quantize(getattr(self, name)[...], fmt)
+            setattr(self, name, nnx.Param(q.values))
+            setattr(self, name + "_scale", nnx.Param(q.scale))
+            if check_activations(activations, fmt):
+                setattr(self, name + "_act_scale", nnx.Param(jnp.ones(q.scale.shape[:-2] + (1, 1), jnp.float32)))
+
+    def weights(self):
+        """(gate_up, down): float arrays, or `quant.QArray`s (values + scales) for a quantised model; each wrapped
+        in one `moe.AtLayer` when `run_layers` passes the layer its stacks whole."""
+        if self.gate_up_scale is None:
+            return self.gate_up[...], self.down[...]
+        def quantised(name):
+            act = getattr(self, name + "_act_scale")
+            return at_layer(QArray, getattr(self, name)[...], getattr(self, name + "_scale")[...],
+                            None if act is None else act[...])
+
+        return quantised("gate_up"), quantised("down")
+
+
+def sliced(w):
     """An expert weight as its layer's own array (an AtLayer's slice: a copy of the layer's weights)."""
     return w.get() if isinstance(w, AtLayer) else w
 
@@ -432,7 +475,7 @@ def routed_experts(
         if impl == "tiled":  # reads an AtLayer stack one expert at a time (`_expert_weight`)
             return _tiled_experts(x, expert_ids, expert_weights, gate_up, down, act)
         if impl != "pallas":
-            gate_up, down = _sliced(gate_up), _sliced(down)
+            gate_up, down = sliced(gate_up), sliced(down)
         if impl == "dense":
             return _dense_experts(x, expert_ids, expert_weights, gate_up, down, act, lora)
         d = sort_by_expert(expert_ids, gate_up.shape[0])
@@ -443,7 +486,7 @@ def routed_experts(
         return _combine(unpermute(y, d.order, d.inverse), expert_weights).astype(x.dtype)
     strategy = resolve_strategy(strategy, x.shape[0] // layout.data, layout.ep, a2a_min_tokens)
     if impl != "pallas":
-        gate_up, down = _sliced(gate_up), _sliced(down)
+        gate_up, down = sliced(gate_up), sliced(down)
     return _expert_parallel(x, expert_ids, expert_weights, gate_up, down, layout=layout,
                             all_to_all=strategy == "all_to_all", act=act, impl=impl, lora=lora)
 

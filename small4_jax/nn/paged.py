@@ -45,8 +45,8 @@ from jax.sharding import PartitionSpec
 from small4_jax.decode.sampler import RowSampling, TokenHistory, sample_rows
 from small4_jax.config import Small4Config
 from small4_jax.kernels.mla_decode import gather_keys, mla_attention
-from small4_jax.nn.model import (Small4ForCausalLM, apply_rope, layer_groups, llama4_query_scale, rope_cos_sin,
-                                 run_layers)
+from small4_jax.nn.layers import apply_rope
+from small4_jax.nn.model import Small4ForCausalLM, layer_groups, llama4_query_scale, rope_cos_sin, run_layers
 from small4_jax.nn.moe import AtLayer
 
 NULL_PAGE = 0

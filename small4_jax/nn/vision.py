@@ -18,7 +18,7 @@ is compiled once per bucket, not once per image size.
 Weight layout: module and parameter names mirror transformers' (`vision_tower.transformer.layers.3.attention.q_proj`,
 `multi_modal_projector.patch_merger.merging_layer`), linear kernels are [in, out], and `patch_conv.weight` keeps
 torch's conv layout [D, C, P, P]. The q/k rows of HF checkpoints are in the rotate-half RoPE layout, those of
-native checkpoints interleaved: `VisionConfig.rope_interleave` picks the matching rotation (model.apply_rope).
+native checkpoints interleaved: `VisionConfig.rope_interleave` picks the matching rotation (layers.apply_rope).
 
 Numerics: as the text model (norm statistics and the attention softmax in float32).
 """
@@ -37,7 +37,8 @@ from flax import nnx
 from small4_jax.config import VisionConfig
 from small4_jax.errors import InputError
 from small4_jax.kernels.attention import attention
-from small4_jax.nn.model import _ACT, RMSNorm, apply_rope, normal_init
+from small4_jax.nn.initializers import normal_init
+from small4_jax.nn.layers import ACT, RMSNorm, apply_rope
 
 PAD_SEGMENT = -1  # segment id of the padding patches (they attend only to each other)
 
@@ -120,7 +121,7 @@ class VisionMLP(nnx.Module):
 
     def __init__(self, config: VisionConfig, *, dtype, rngs: nnx.Rngs):
         d, i = config.hidden_size, config.intermediate_size
-        self.act = _ACT[config.hidden_act]
+        self.act = ACT[config.hidden_act]
         self.gate_proj = _linear(d, i, config, dtype, rngs)
         self.up_proj = _linear(d, i, config, dtype, rngs)
         self.down_proj = _linear(i, d, config, dtype, rngs)
@@ -188,7 +189,7 @@ class MultiModalProjector(nnx.Module):
 
     def __init__(self, config: VisionConfig, text_hidden: int, *, dtype, rngs: nnx.Rngs):
         bias = config.multimodal_projector_bias
-        self.act = _ACT[config.projector_hidden_act]
+        self.act = ACT[config.projector_hidden_act]
         self.norm = RMSNorm(config.hidden_size, config.projector_norm_eps, dtype=dtype)
         self.patch_merger = PatchMerger(config, dtype=dtype, rngs=rngs)
         self.linear_1 = _linear(config.hidden_size, text_hidden, config, dtype, rngs, bias=bias)
@@ -295,7 +296,7 @@ def encode_images(model, packed: PackedImages) -> jax.Array:
     if getattr(model, "vision_tower", None) is None:
         raise InputError("this model has no vision encoder (its config has no 'vision' block); images cannot be used")
     graphdef, state = nnx.split((model.vision_tower, model.multi_modal_projector))
-    return _encode(graphdef, state, packed.patches, packed.rows, packed.cols, packed.segment_ids, packed.merge_index)
+    return encode_packed(graphdef, state, packed.patches, packed.rows, packed.cols, packed.segment_ids, packed.merge_index)
 
 
 def encode_tower(model, packed: PackedImages) -> jax.Array:
@@ -311,7 +312,7 @@ def _tower(graphdef, state, patches, rows, cols, segment_ids):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _encode(graphdef, state, patches, rows, cols, segment_ids, merge_index):
+def encode_packed(graphdef, state, patches, rows, cols, segment_ids, merge_index):
     tower, projector = nnx.merge(graphdef, state)
     return projector(tower(patches, rows, cols, segment_ids), merge_index)
 

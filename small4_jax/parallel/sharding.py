@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
+from small4_jax.errors import ConfigError
+
 # logical axis -> mesh axis (or axes, major first)
 RULES: dict[str, str | tuple[str, ...]] = {
     # Activations' batch / token axis of all non-routed work (attention, dense and shared-expert MLPs, norms,
@@ -124,8 +126,6 @@ def parse_mesh(spec: str | dict, where: str = "--mesh") -> dict[str, int]:
     Axis names must be among MESH_AXES (a typo such as `exprt` would otherwise run unsharded) and sizes positive
     integers; a ConfigError names `where` and the offending part.
     """
-    from small4_jax.errors import ConfigError
-
     expected = f"name=size pairs over the axes {', '.join(MESH_AXES)}, e.g. data=1,expert=8,tensor=1"
     if isinstance(spec, str):
         pairs = []
@@ -156,8 +156,6 @@ def parse_mesh(spec: str | dict, where: str = "--mesh") -> dict[str, int]:
 def make_mesh(shape: str | dict[str, int], where: str = "--mesh") -> Mesh:
     """A mesh from {'data': 1, 'expert': 8, 'tensor': 1} (or its text form); the product of the sizes must equal the
     number of devices in the job (a ConfigError saying both otherwise)."""
-    from small4_jax.errors import ConfigError
-
     shape = parse_mesh(shape, where)
     names = tuple(shape)
     size, n = math.prod(shape.values()), jax.device_count()

@@ -38,7 +38,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from small4_jax.errors import ConfigError
+from small4_jax.errors import ConfigError, TokenizerError
+from small4_jax.inputs.tokenizer import load_tokenizer
+from small4_jax.kernels import gmm, tgmm
+from small4_jax.nn import model as m
+from small4_jax.nn import moe
+from small4_jax.nn.model import Shared, layer_groups, rope_cos_sin, stack_modules
+from small4_jax.nn.qlinear import quantize_model
+from small4_jax.quant import formats as quant
+from small4_jax.quant.formats import QUANTISED_LINEARS
 
 
 def read_calibration(path: str | Path, tokenizer=None) -> list[list[int]]:
@@ -110,11 +118,6 @@ def _observed(layer, acc: dict, dense: bool = True):
     """Within the block, calls of `layer`'s quantisable linears add x^T x of their inputs to acc[path + ("kernel",)]
     (only with `dense`: GPTQ needs them where the policy puts the dense linears in int4) and its routed experts add one H per expert (module docstring) to acc[path + ("gate_up" | "down",)]; paths are
     relative to the layer. Works traced (inside jit) and eagerly."""
-    from small4_jax.nn import model as m
-    from small4_jax.nn import moe
-    from small4_jax.kernels import gmm, tgmm
-    from small4_jax.quant.formats import QUANTISED_LINEARS
-
     names = {id(sub): tuple(map(str, path)) for path, sub in nnx.iter_graph(layer) if isinstance(sub, nnx.Module)}
     current = {}
 
@@ -158,8 +161,6 @@ def _observed(layer, acc: dict, dense: bool = True):
 
 def _rope(config, b: int, t: int):
     """(positions [b, t], (cos, sin)) of b sequences of t tokens from position 0."""
-    from small4_jax.nn.model import rope_cos_sin
-
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
     return positions, rope_cos_sin(config, positions)
 
@@ -193,8 +194,6 @@ def calibrate_layer(layer, h: jax.Array, sequences: list[list[int]], *, quantize
     next layer is calibrated on the inputs it will see in the quantised model (later layers absorb the error of
     earlier ones, as in the GPTQ paper). Sequences run in batches of equal length, jit-compiled once per layer kind
     and batch shape, on jax's default device (an accelerator when there is one)."""
-    from small4_jax.quant import formats as quant
-
     config = layer.self_attn.config
     batches = _batches(sequences)
     graphdef, state = nnx.split(layer)
@@ -210,7 +209,7 @@ def calibrate_layer(layer, h: jax.Array, sequences: list[list[int]], *, quantize
     acc = {key: jnp.zeros(v.shape, jnp.float32) for key, v in shapes.items()}
     for row0, b, t in batches:
         acc = _collect(graphdef, state, rows(row0, b, t), *_rope(config, b, t), acc, dense)
-    quant.quantize_model(layer, quantize, hessians=acc, act_order=act_order)
+    quantize_model(layer, quantize, hessians=acc, act_order=act_order)
     del acc
     graphdef, state = nnx.split(layer)
     out = [_forward(graphdef, state, rows(row0, b, t), *_rope(config, b, t)).reshape(b * t, -1)
@@ -220,8 +219,6 @@ def calibrate_layer(layer, h: jax.Array, sequences: list[list[int]], *, quantize
 
 def layer_copy(model, i: int):
     """Layer i of `model` as an ordinary unstacked module (a writable copy of slice i - start of its stack)."""
-    from small4_jax.nn.model import Shared, layer_groups
-
     for stack, (start, n) in zip(model.layer_stacks, layer_groups(model.config)):
         if start <= i < start + n:
             graphdef, shared, params = nnx.split(stack, Shared, ...)
@@ -235,8 +232,6 @@ def quantize_in_memory(model, sequences: Sequence[Sequence[int]], *, quantize: s
     instead, `convert --quantize int4 --calibration`): the same sequential pipeline (`calibrate_layer`) over copies
     of its layers, the quantised layers then stacked back into `model.layer_stacks`. Returns the model, quantised
     in place."""
-    from small4_jax.nn.model import layer_groups, stack_modules
-
     config = model.config
     sequences = check_tokens(sequences, config.vocab_size, max_len)
     h = embed(model.embed_tokens.embedding[...], sequences)
@@ -248,29 +243,10 @@ def quantize_in_memory(model, sequences: Sequence[Sequence[int]], *, quantize: s
     return model
 
 
-def load_calibrated(path, calibration, *, dtype="bfloat16", mesh=None, config=None, quantize: str | None = "int4",
-                    act_order: bool = False):
-    """`from_pretrained(path, quantize="int4", calibration=...)`: the float model is loaded (in `dtype`, on `mesh`)
-    and quantised by GPTQ layer by layer (`quantize_in_memory`) on the calibration sequences (a JSONL file, module
-    docstring, or a list of token-id lists). The float model must fit where it is loaded; for models that do not,
-    `python -m small4_jax.convert --quantize int4 --calibration FILE` holds one layer at a time."""
-    from small4_jax.quant import formats as quant
-    from small4_jax.ckpt.load import from_pretrained
-
-    if "int4" not in (quant.policy(quantize) or ()):
-        raise ConfigError(f"calibration is for quantize='int4' or 'int4-all' (GPTQ on the int4 weights); got "
-                          f"quantize={quantize!r}")
-    model = from_pretrained(path, dtype=dtype, mesh=mesh, config=config, quantize="none")
-    return quantize_in_memory(model, read_sequences(path, calibration), quantize=quantize, act_order=act_order)
-
-
 def read_sequences(path, calibration) -> list[list[int]]:
     """Calibration token-id sequences from a JSONL file (tokenised with the checkpoint's tokenizer at `path`, if it
     has one) or given as lists of ids."""
     if isinstance(calibration, (str, Path)):
-        from small4_jax.errors import TokenizerError
-        from small4_jax.inputs.tokenizer import load_tokenizer
-
         try:
             tok = load_tokenizer(path)
         except TokenizerError:  # a checkpoint without a tokenizer: only {"ids"} rows can be read

@@ -33,6 +33,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from small4_jax.parallel.sharding import spec_for
+
 TARGETS = ("h100", "h200")
 _ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TRITON_MARKER = "__gpu$xla.gpu.triton"  # custom-call target of a Pallas Triton kernel in lowered text
@@ -384,8 +386,6 @@ def placed(state, mesh: Mesh, spec_fn: Callable | None = None):
     """An nnx State (e.g. of `model.abstract_model`) as abstract arguments on `mesh`, each leaf at the sharding
     `spec_fn(path, shape, mesh)` gives it (default `sharding.spec_for`, the rule every loader places weights by)."""
     from flax import nnx
-
-    from small4_jax.parallel.sharding import spec_for
 
     spec_fn = spec_fn or spec_for
     flat = []

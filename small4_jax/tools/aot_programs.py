@@ -7,7 +7,7 @@ at real dims) and the deployment planner (`small4_jax/plan.py`: per-device memor
     expert_parallel  the routed experts on an expert mesh (replicated or all-to-all), forward or with gradients
     model_forward    the model's forward over a batch of tokens
     serve_step       the serving engine's model step (`paged.logits_step`): a prefill chunk or a decode step
-    vision_encode    the vision encoder + projector on images packed as the engine packs them (`vision._encode`)
+    vision_encode    the vision encoder + projector on images packed as the engine packs them (`vision.encode_packed`)
     lora_train_step  the fine-tuning step of `train.trainer.make_steps` (grad accumulation scan, AdamW)
 
 Arguments are `jax.ShapeDtypeStruct`s placed the way the real code places them (weights by `sharding.spec_for`,
@@ -24,9 +24,16 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from small4_jax import kernels
+from small4_jax.lora import adapters as lora
+from small4_jax.nn import moe
+from small4_jax.nn.model import Small4ForCausalLM, abstract_model
+from small4_jax.nn.paged import PagedCache, cache_spec, logits_step
+from small4_jax.nn.vision import encode_packed, pack_images
+from small4_jax.parallel.sharding import batch_axes, batch_spec, spec_for
+from small4_jax.quant import formats as quant
 from small4_jax.tools import aot
-from small4_jax.nn.paged import cache_spec
-from small4_jax.parallel.sharding import batch_axes, batch_spec
+from train import trainer
 
 
 @dataclasses.dataclass
@@ -56,8 +63,6 @@ def gmm_vjp(mesh: Mesh, rows: int, *, groups: int = 128, k: int = 4096, n: int =
             transpose_rhs: bool = False, grad: bool = True, tiling=None) -> Program:
     """sum(gmm(x, w)) and its gradients in x and w: gmm on the given rhs layout, gmm on the other layout (dlhs) and
     tgmm (dw). Row groups are uneven at run time; shapes are what the compiler sees."""
-    from small4_jax import kernels
-
     def loss(x, w, sizes):
         y = kernels.gmm(x, w, sizes, transpose_rhs=transpose_rhs, backend="pallas", tiling=tiling)
         return jnp.sum(y.astype(jnp.float32))
@@ -73,9 +78,6 @@ def expert_parallel(mesh: Mesh, tokens: int, *, strategy: str, grad: bool, exper
                     intermediate: int = 2048, top_k: int = 4, dtype=jnp.bfloat16, impl: str = "auto") -> Program:
     """`moe.routed_experts` on `mesh` (axes data / expert / tensor) with `strategy`; with `grad`, the gradients in
     the tokens and both expert weights (the full-training backward: gmm, transposed gmm and tgmm in the shard_map)."""
-    from small4_jax.nn import moe
-    from small4_jax.parallel.sharding import spec_for
-
     def run(x, ids, weights, gate_up, down):
         y = moe.routed_experts(x, ids, weights, gate_up, down, impl=impl, mesh=mesh, strategy=strategy)
         return jnp.sum(y.astype(jnp.float32))
@@ -95,9 +97,6 @@ def gmm_quant(mesh: Mesh, rows: int, fmt: str, *, groups: int = 128, k: int = 40
     """gmm over quantised experts (`quant.QArray` [groups, k, n] in `fmt`: the in-kernel dequantising kernel); with
     `grad`, also the input gradient (dy @ W^T from the same bytes: QLoRA's backward through the frozen base). With
     `w8a8` (fp8 only, no grad): the fp8 x fp8 kernel, with the experts' static activation scales [groups, 1, 1]."""
-    from small4_jax import kernels
-    from small4_jax.quant import formats as quant
-
     def loss(x, values, scale, sizes, *act):
         y = kernels.gmm(x, quant.QArray(values, scale, *act), sizes, backend="pallas", tiling=tiling)
         return jnp.sum(y.astype(jnp.float32))
@@ -120,8 +119,6 @@ def abstract_placed_model(config, mesh: Mesh, dtype="bfloat16", quantize: str | 
     linears and experts in `quantize`'s format (small4_jax.quant.formats) when given (with activations="fp8": W8A8, the
     static activation scales as parameters too); `scan_layers=False` unrolls the
     layer loop (model.run_layers; compile-time comparison)."""
-    from small4_jax.nn.model import abstract_model
-
     model = abstract_model(config, dtype=dtype, quantize=quantize, activations=activations)
     model.scan_layers = scan_layers
     graphdef, state = nnx.split(model)
@@ -149,8 +146,6 @@ def serve_step(config, mesh: Mesh, *, absorbed: bool, rows: int, tokens: int, ta
     runs both (absorbed=False: the expanded reference), over a page table `table_pages` wide; the paged cache
     [layers, num_pages, page_size, width] with its pages sharded over `cache_axes` and the rows with them (default:
     the engine's, `sharding.batch_axes`: data-parallel attention; () replicates it) and donated. `scan_layers=False` unrolls the layers."""
-    from small4_jax.nn.paged import PagedCache, logits_step
-
     if cache_axes is None:  # the engine's default: pages and rows over the batch axes (data-parallel attention)
         cache_axes = batch_axes(mesh, rows)
     graphdef, state = abstract_placed_model(config, mesh, dtype, quantize, scan_layers, activations)
@@ -179,10 +174,6 @@ def lora_train_step(run_config, mesh: Mesh, *, micro_batch: int | None = None, s
     """`train.trainer.make_steps(...).train` for a run config (e.g. configs/finetune-small4.yaml) on `mesh`: the
     frozen base placed by `sharding.spec_for`, adapters and AdamW state by `lora.lora_spec`, the batch
     [grad_accum, micro_batch, seq_len] split over the batch axes as `trainer._put_batch` does (`sharding.batch_spec`). Defaults: the config's."""
-    from small4_jax.lora import adapters as lora
-    from small4_jax.nn.model import Small4ForCausalLM
-    from train import trainer
-
     cfg = run_config
 
     def build():  # adapters attached while tracing: apply_lora reads the base weights' shapes through [...]
@@ -222,21 +213,17 @@ def vision_encode(config, mesh: Mesh, images: tuple[tuple[int, int], ...] = ((15
     12,100 patches (padded to 12,288), 3,025 merged tokens."""
     import numpy as np
 
-    from small4_jax.nn.vision import _encode, pack_images
-
     vc = config.vision
     if vc is None:
         raise ValueError("vision_encode needs a config with a 'vision' block")
     graphdef, state = abstract_placed_model(config, mesh, dtype)
     vision_state = nnx.State({k: state[k] for k in ("vision_tower", "multi_modal_projector")})
-    from small4_jax.nn.model import abstract_model
-
     model = abstract_model(config, dtype=dtype)
     vision_def, _ = nnx.split((model.vision_tower, model.multi_modal_projector))
     packed = pack_images(vc, [np.zeros((vc.num_channels, h, w), np.float32) for h, w in images])
 
     def run(tower, projector, patches, rows, cols, segment_ids, merge_index):
-        return _encode(vision_def, nnx.State({0: tower, 1: projector}), patches, rows, cols, segment_ids,
+        return encode_packed(vision_def, nnx.State({0: tower, 1: projector}), patches, rows, cols, segment_ids,
                        merge_index)
 
     inputs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (packed.patches, packed.rows, packed.cols,

@@ -73,7 +73,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
     from flax import nnx
 
     from small4_jax.ckpt import sharded as sc
-    from small4_jax.ckpt.load import checkpoint_plan, is_stacked, plan_names, verify_source
+    from small4_jax.ckpt.plan import checkpoint_plan, is_stacked, plan_names, verify_source
     from small4_jax.config import load_config
     from small4_jax.nn.model import abstract_model
     from small4_jax.ckpt.safetensors_io import CheckpointReader
@@ -98,7 +98,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
     job = {"source": str(src.resolve()), "dtype": storage, "config": config.to_dict()}
     partial, progress_file, saved = _partial(out, job)
     done: set[str] = set(saved.get("done", []))
-    sc._atomic_write(partial / sc.CONFIG_FILE, json.dumps(config.to_dict(), indent=1))
+    sc.atomic_write(partial / sc.CONFIG_FILE, json.dumps(config.to_dict(), indent=1))
 
     quantised = sc.quantised_paths(plan) if storage == "fp8" else set()
     out_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "fp8": ml_dtypes.bfloat16}[storage]
@@ -113,7 +113,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
         key = sc.param_key(path)
         our_shape = our_shapes[path]
         tree_shapes[("params",) + key] = our_shape
-        per_expert = sc._is_experts(path)
+        per_expert = sc.is_experts(path)
         if path in quantised:
             tree_shapes[("fp8_scales",) + key] = sc.fp8_scale_shape(path, our_shape)
         nbytes = int(np.prod(our_shape)) * np.dtype(out_dtype).itemsize
@@ -142,7 +142,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
             if path in quantised:
                 writer.write(("fp8_scales",) + key, np.stack(scales).reshape(sc.fp8_scale_shape(path, our_shape)))
             done.add(".".join(key))
-            sc._atomic_write(progress_file, json.dumps({"job": job, "done": sorted(done)}))
+            sc.atomic_write(progress_file, json.dumps({"job": job, "done": sorted(done)}))
         written += nbytes
         if progress is not None:
             rate = (written - skipped) / max(time.perf_counter() - t0, 1e-9) / 2**20
@@ -152,7 +152,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
     if progress is not None:
         print(file=progress)
     sc.write_metadata(partial, tree_shapes)
-    sc._atomic_write(partial / sc.FORMAT_FILE, json.dumps({"dtype": storage, "source": str(src.resolve())}))
+    sc.atomic_write(partial / sc.FORMAT_FILE, json.dumps({"dtype": storage, "source": str(src.resolve())}))
     progress_file.unlink()
     copy_tokenizer(src, partial)
     os.replace(partial, out)
@@ -181,7 +181,7 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str, calibration=
 
     from small4_jax.quant import formats as quant
     from small4_jax.ckpt import sharded as sc
-    from small4_jax.ckpt.load import _read_quantized, checkpoint_plan, is_stacked, plan_names, verify_source
+    from small4_jax.ckpt.plan import checkpoint_plan, is_stacked, plan_names, read_quantized, verify_source
     from small4_jax.config import load_config
     from small4_jax.nn.model import abstract_model
     from small4_jax.ckpt.safetensors_io import CheckpointReader
@@ -209,7 +209,7 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str, calibration=
     _, qstate = nnx.split(abstract_model(config, dtype=storage, quantize=fmt))
     qshapes = {p: (tuple(v.shape), v.dtype) for p, v in nnx.to_flat_state(qstate)}
     job = {"source": str(src.resolve()), "dtype": storage, "quantize": fmt, "config": config.to_dict()}
-    read = functools.partial(_read_quantized, reader)
+    read = functools.partial(read_quantized, reader)
     if calibration is not None:  # GPTQ: the layers are quantised and written one at a time (_write_calibrated)
         import hashlib
 
@@ -228,7 +228,7 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str, calibration=
     done: set[str] = set(saved.get("done", []))
     # the stored shapes of what is done (an FP8 source's scale grid is the checkpoint's, known only once read)
     tree_shapes = {("params",) + tuple(k.split(".")): tuple(v) for k, v in saved.get("shapes", {}).items()}
-    sc._atomic_write(partial / sc.CONFIG_FILE, json.dumps(config.to_dict(), indent=1))
+    sc.atomic_write(partial / sc.CONFIG_FILE, json.dumps(config.to_dict(), indent=1))
     writer = sc.Writer(partial)
     out_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}[storage]
     for i, (path, entry) in enumerate(plan.items()):
@@ -282,7 +282,7 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str, calibration=
         print(file=progress)
     sc.write_metadata(partial, tree_shapes)
     scale_shapes = {".".join(k[1:]): list(v) for k, v in tree_shapes.items() if k[-1].endswith("_scale")}
-    sc._atomic_write(partial / sc.FORMAT_FILE, json.dumps({"dtype": storage, "quantize": fmt, "scale_shapes":
+    sc.atomic_write(partial / sc.FORMAT_FILE, json.dumps({"dtype": storage, "quantize": fmt, "scale_shapes":
                                                            scale_shapes, "source": str(src.resolve())}))
     progress_file.unlink()
     copy_tokenizer(src, partial)
@@ -358,7 +358,7 @@ def _mark_done(progress_file: Path, job: dict, done: set[str], key: tuple[str, .
 
     done.add(".".join(key))
     shapes = {".".join(k[1:]): list(v) for k, v in tree_shapes.items()}
-    sc._atomic_write(progress_file, json.dumps({"job": job, "done": sorted(done), "shapes": shapes}))
+    sc.atomic_write(progress_file, json.dumps({"job": job, "done": sorted(done), "shapes": shapes}))
 
 
 def _release_freed_memory() -> None:
@@ -378,7 +378,7 @@ def _write_experts(reader, writer, store, at, name, transform, shape, read_dtype
     from small4_jax.ckpt import sharded as sc
 
     stored_dtype = ml_dtypes.float8_e4m3fn if quantise else out_dtype
-    block = sc._chunks(shape, np.dtype(stored_dtype).itemsize)[0]  # whole storage chunks: each written once
+    block = sc.storage_chunks(shape, np.dtype(stored_dtype).itemsize)[0]  # whole storage chunks: each written once
     # FP8 quantisation works on a float32 copy: read at most one chunk's worth of float32 at a time
     scales = []
     for e in range(0, shape[0], block):

@@ -32,9 +32,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from small4_jax.kernels.attention.blockwise import HIDDEN, blockwise_attention
+from small4_jax.kernels.attention.pallas_triton import pallas_attention
 from small4_jax.kernels.attention.reference import attention_reference
-from small4_jax.platform import on_gpu
 from small4_jax.parallel.sharding import mesh_axes, mesh_of
+from small4_jax.platform import on_gpu
 
 BACKENDS = ("auto", "blockwise", "pallas", "reference")
 
@@ -94,8 +95,6 @@ def attention(
         return attention_reference(q, k, v, qp, kp, qs, ks)
     if impl == "blockwise":
         return blockwise_attention(q, k, v, qp, kp, qs, ks, block_q or 512, block_k or 512)
-    from small4_jax.kernels.attention.pallas_triton import pallas_attention
-
     if interpret is None:
         interpret = not on_gpu(q)
     kernel = functools.partial(pallas_attention, block_q=block_q, block_k=block_k, interpret=interpret)

@@ -30,8 +30,9 @@ from jax.custom_derivatives import SymbolicZero
 from small4_jax.kernels.gmm import pallas_triton, quant_triton
 from small4_jax.kernels.gmm.reference import (gmm_quant_reference, gmm_reference, gmm_w8a8_reference, row_groups,
                                               tgmm_reference)
-from small4_jax.platform import on_gpu
 from small4_jax.kernels.gmm.tiling import GmmTiling, gmm_tiling, tgmm_tiling
+from small4_jax.platform import on_gpu
+from small4_jax.quant.formats import QArray, check_w8a8, column_scale, dequantize
 
 BACKENDS = ("pallas", "ragged_dot", "reference")
 
@@ -90,8 +91,6 @@ def gmm(
     passes the whole stack to the kernel, which reads its tiles at that layer: inside the scan the loop-invariant
     stack is read in place instead of being sliced into a per-layer copy. The other backends slice it first.
     """
-    from small4_jax.quant.formats import QArray
-
     if layer is not None and backend != "pallas":
         rhs = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), rhs)
         layer = None
@@ -163,8 +162,6 @@ def tgmm(
 # Quantised weights.
 def _gmm_quant(lhs, rhs, group_sizes, group_offset, layer, transpose_rhs, preferred_element_type, backend, tiling,
                interpret):
-    from small4_jax.quant.formats import column_scale, dequantize
-
     _check(lhs, jax.ShapeDtypeStruct(rhs.shape[layer is not None:], jnp.float32), group_sizes, transpose_rhs)
     group_sizes = group_sizes.astype(jnp.int32)
     window = group_offset is not None or rhs.shape[0] != group_sizes.shape[0]
@@ -199,8 +196,6 @@ def _gmm_quant_pallas(cfg: _Config, lhs, values, scale, group_sizes, group_offse
     try:
         quant_triton.quant_tiling(tiling, kw, scale.shape[2], packed, cfg.transpose_rhs)
     except ValueError:  # scale rows / int4 half-groups narrower than any tile (tiny models): dequantise, then gmm
-        from small4_jax.quant.formats import QArray, dequantize
-
         at = functools.partial(jax.lax.dynamic_index_in_dim, index=layer, axis=0, keepdims=True)
         w = dequantize(QArray(at(values), at(scale)), jnp.float32).astype(lhs.dtype)  # scale: column-expanded grid
         return _gmm_pallas(cfg, lhs, w, group_sizes, group_offset, jnp.int32(0))
@@ -240,8 +235,6 @@ W8A8_NO_GRAD = ("gmm W8A8 (fp8 activations) is inference only: it has no gradien
 
 def _gmm_w8a8(lhs, rhs, group_sizes, group_offset, window, layer, transpose_rhs, out_dtype, backend, tiling,
               interpret):
-    from small4_jax.quant.formats import check_w8a8, column_scale
-
     check_w8a8(rhs, "gmm")
     if transpose_rhs:
         raise ValueError("gmm W8A8 computes lhs @ W only (no transposed product: it has no backward)")

@@ -27,7 +27,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from small4_jax.kernels.gmm import pallas_triton
+from small4_jax.kernels.gmm.reference import row_groups
 from small4_jax.kernels.gmm.tiling import GmmTiling
+from small4_jax.quant.formats import quantize_act
 
 plgpu = pallas_triton.plgpu
 
@@ -137,9 +139,6 @@ def _w8a8_epilogue(acc, weight_refs, layer, g, col0, col_mask, *, bn: int, num_g
 def quantize_rows(lhs, act_scale, group_sizes, group_offset, layer=None):
     """lhs [M, K] in e4m3, each row with its group's static scale (`quant.quantize_act`; rows outside the window
     with the first group's: the kernel never reads them). act_scale [G] or a stack [L, G] read at `layer`."""
-    from small4_jax.kernels.gmm.reference import row_groups
-    from small4_jax.quant.formats import quantize_act
-
     if layer is not None:
         act_scale = jax.lax.dynamic_index_in_dim(act_scale, layer, 0, keepdims=False)
     local = jnp.maximum(row_groups(group_sizes, group_offset, act_scale.shape[0], lhs.shape[0]), 0)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from small4_jax.quant.formats import column_scale, dequantize, quantize_act
+
 
 def row_groups(group_sizes: jax.Array, group_offset, num_groups: int, num_rows: int) -> jax.Array:
     """Local group of every row [num_rows] int32: g - group_offset for rows of window groups, -1 for all others."""
@@ -79,8 +81,6 @@ def gmm_quant_reference(lhs: jax.Array, rhs, group_sizes: jax.Array, group_offse
     """`gmm_reference` on quantised weights (`small4_jax.quant.formats.QArray` [G, K, N]): dequantise in float32, then the
     weights are cast to lhs.dtype exactly as the kernel casts each dequantised tile. With `layer`, values and scales
     are stacks [L, G, ...] and their slices at `layer` are used."""
-    from small4_jax.quant.formats import dequantize
-
     if layer is not None:
         rhs = jax.tree.map(lambda a: a[layer], rhs)
 
@@ -94,8 +94,6 @@ def gmm_w8a8_reference(lhs: jax.Array, rhs, group_sizes: jax.Array, group_offset
     of fp8 values, one weight-scale row per expert [G, 1, N'] and the static activation scales `act_scale`
     [G, 1, 1]. Row r of group g: q = clamp(lhs[r] / s_x[g], +-448) in e4m3; out[r] = (q @ values[g]) * s_x[g] *
     s_w[g, column], the products and sums in float32 at full precision. Zero outside the window."""
-    from small4_jax.quant.formats import column_scale, quantize_act
-
     if layer is not None:
         rhs = jax.tree.map(lambda a: a[layer], rhs)
     out_dtype = preferred_element_type or lhs.dtype
