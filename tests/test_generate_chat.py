@@ -1,6 +1,6 @@
 """`python -m infer.generate` chat and batch modes, through the engine.
 
-Reference: `small4_jax.decode.generation.generate` (the single-request loop over the dense latent cache, itself checked
+Reference: `dense_reference.dense_generate` (the single-request loop over the dense latent cache, itself checked
 against transformers in test_generate.py) on the same random tiny preset, with prompt ids from mistral-common.
 """
 
@@ -8,12 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+from dense_reference import dense_generate as generate
 from mistral_common.protocol.instruct.messages import SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
 from infer.generate import main
 from small4_jax.config import Small4Config
-from small4_jax.decode.generation import generate
+from small4_jax.decode import generation
 from small4_jax.nn.model import init_model
 from small4_jax.inputs.tokenizer import ASSETS_DIR, load_tokenizer
 
@@ -80,22 +81,28 @@ def test_batch_file_errors_name_the_line(tmp_path, capsys):
     assert f'{src}:2: each line needs "messages", "prompt" or "prompt_ids"' in capsys.readouterr().err
 
 
-def test_reference_generate_compiles_powers_of_two_not_prompt_lengths(reference):
-    """The prompt is read in power-of-two chunks: a new prompt length reuses the chunk programs already compiled,
-    and the greedy output equals the argmax of the model's full forward, token by token."""
+def test_generate_compiles_nothing_for_a_new_prompt_length():
+    """`generation.generate` runs the engine's paged steps at fixed shapes: after one generation, prompts of new
+    lengths (within the same page-table width) compile no program (jax's backend-compile events are counted), and
+    the greedy output equals the argmax of the model's full forward, token by token."""
+    import jax
     import numpy as np
 
-    from small4_jax.decode import generation
+    model = init_model(Small4Config.from_yaml(TINY), seed=0)
+    compiles = []
 
-    gen, _ = reference
-    for n in (5, 3):  # chunks 4+1 and 2+1
-        gen(list(range(40, 40 + n)), 1)
-    sizes = generation._extend._cache_size(), generation._prefill._cache_size()
-    prompt = [1] + list(range(60, 66))  # 7 = 4 + 2 + 1: nothing new to compile
-    out = gen(prompt, 3)
-    assert (generation._extend._cache_size(), generation._prefill._cache_size()) == sizes
-    assert generation._chunks(7) == [4, 2, 1] and generation._chunks(64) == [64]
-    model = init_model(Small4Config.from_yaml(TINY), seed=0)  # the fixture's weights
+    def listen(event, *_, **__):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    generation.generate(model, list(range(40, 45)), max_new_tokens=3)  # warm-up
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        outs = {n: generation.generate(model, [1] + list(range(60, 60 + n)), max_new_tokens=3) for n in (6, 33, 70)}
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiles == [], f"{len(compiles)} programs compiled for new prompt lengths"
+    prompt, out = [1] + list(range(60, 66)), outs[6]
     seq = list(prompt)
     for t in out:
         assert t == int(np.argmax(np.asarray(model(np.asarray([seq], np.int32)))[0, -1]))

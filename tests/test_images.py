@@ -155,7 +155,7 @@ def test_generate_cli_with_images(tmp_path, capsys):
 
     from infer.generate import main
     from small4_jax.config import Small4Config
-    from small4_jax.decode.generation import generate
+    from dense_reference import dense_generate as generate
     from small4_jax.nn.model import init_model
 
     tiny = ASSETS_DIR.parent.parent / "configs" / "tiny.yaml"

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from ckpt_utils import pin_hf_softmax_scale, save_native_mistral3, tiny_hf_config
+from dense_reference import dense_generate
 from flax import nnx
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig
 
@@ -248,7 +249,7 @@ def test_engine_with_images_matches_transformers(models, ours):
                           images=[images for _, images in prompts] + [[]])
     assert compiled() == before  # the image chunks compiled no model step
     assert [o.token_ids for o in out[:2]] == want
-    assert out[2].token_ids == generate(ours, text, max_new_tokens=6, sampling=SamplingParams(temperature=0.0))
+    assert out[2].token_ids == dense_generate(ours, text, max_new_tokens=6, sampling=SamplingParams(temperature=0.0))
     ids, images = prompts[0]
     again = engine.generate([ids[0].tolist()], opts, images=[images])[0]
     assert again.token_ids == want[0] and again.cached_tokens >= 8

@@ -191,6 +191,26 @@ class MLA(nnx.Module):
         self.kv_b_proj = linear(c.kv_lora_rank, nh * (c.qk_nope_head_dim + c.v_head_dim), c, dtype, rngs)
         self.o_proj = linear(nh * c.v_head_dim, h, c, dtype, rngs, bias=bias)
 
+    def query(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """q_nope [B, T, nh, dn] and the RoPE'd q_pe [B, T, nh, dr] of x [B, T, H] (q_proj, or the q-LoRA path)."""
+        c = self.config
+        b, t, _ = x.shape
+        nh, dn, dr = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim
+        if self.q_proj is not None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(b, t, nh, dn + dr)
+        return q[..., :dn], apply_rope(q[..., dn:], cos[:, :, None, :], sin[:, :, None, :], c.rope_interleave)
+
+    def latent(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """What is cached per token: the normalised latent [B, T, R] and the RoPE'd key [B, T, r] shared by every
+        head."""
+        c = self.config
+        kv_a = self.kv_a_proj_with_mqa(x)
+        latent = self.kv_a_layernorm(kv_a[..., : c.kv_lora_rank])
+        return latent, apply_rope(kv_a[..., c.kv_lora_rank :], cos, sin, c.rope_interleave)
+
     def __call__(
         self,
         x: jax.Array,
@@ -210,17 +230,8 @@ class MLA(nnx.Module):
         c = self.config
         b, t, _ = x.shape
         nh, dn, dr, dv = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
-        if self.q_proj is not None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.reshape(b, t, nh, dn + dr)
-        q_nope, q_pe = q[..., :dn], q[..., dn:]
-        kv_a = self.kv_a_proj_with_mqa(x)
-        latent = self.kv_a_layernorm(kv_a[..., : c.kv_lora_rank])  # [B, T, R]
-        k_pe = kv_a[..., c.kv_lora_rank :]  # [B, T, r], one rope key shared by all heads
-        q_pe = apply_rope(q_pe, cos[:, :, None, :], sin[:, :, None, :], c.rope_interleave)
-        k_pe = apply_rope(k_pe, cos, sin, c.rope_interleave)
+        q_nope, q_pe = self.query(x, cos, sin)
+        latent, k_pe = self.latent(x, cos, sin)
 
         if cache is not None:
             cache_latent, cache_rope = cache
@@ -262,10 +273,17 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(c, c.intermediate_size, dtype=dtype, rngs=rngs)
 
     def __call__(self, h, positions, cos, sin, cache=None, key_mask=None, segment_ids=None):
-        a, cache = self.self_attn(self.input_layernorm(h), positions, cos, sin, cache, key_mask, segment_ids)
-        h = h + a
-        h = h + self.mlp(self.post_attention_layernorm(h))
-        return h, cache
+        return self.residual(h, lambda attn, a: attn(a, positions, cos, sin, cache, key_mask, segment_ids))
+
+    def residual(self, h: jax.Array, attend):
+        """The layer body: h + attention(norm(h)), then + mlp(norm(h)). `attend(self_attn, a)` -> (output [B, T, H],
+        carry): the contiguous cache here, the paged one in `paged.forward`; returns (h, carry)."""
+        with jax.named_scope("attention"):
+            a, carry = attend(self.self_attn, self.input_layernorm(h))
+            h = h + a
+        with jax.named_scope("mlp"):
+            h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, carry
 
 
 # ----------------------------------------------------------------------------------------------------------------------

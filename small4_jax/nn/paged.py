@@ -45,7 +45,6 @@ from jax.sharding import PartitionSpec
 from small4_jax.decode.sampler import RowSampling, TokenHistory, sample_rows
 from small4_jax.config import Small4Config
 from small4_jax.kernels.mla_decode import gather_keys, mla_attention
-from small4_jax.nn.layers import apply_rope
 from small4_jax.nn.model import Small4ForCausalLM, layer_groups, llama4_query_scale, rope_cos_sin, run_layers
 from small4_jax.nn.moe import AtLayer
 
@@ -101,27 +100,6 @@ def _kernel(linear, din: int, dtype) -> jax.Array:
     if hasattr(linear, "effective_kernel") and getattr(linear, "bias", None) is None:
         return linear.effective_kernel().astype(dtype)
     return linear(jnp.eye(din, dtype=dtype))
-
-
-def _query(attn, config: Small4Config, x: jax.Array, cos, sin) -> tuple[jax.Array, jax.Array]:
-    """q_nope [B, T, nh, dn] and RoPE'd q_pe [B, T, nh, dr] of x [B, T, H]."""
-    b, t, _ = x.shape
-    nh, dn, dr = config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim
-    if attn.q_proj is not None:
-        q = attn.q_proj(x)
-    else:
-        q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
-    q = q.reshape(b, t, nh, dn + dr)
-    q_pe = apply_rope(q[..., dn:], cos[:, :, None, :], sin[:, :, None, :], config.rope_interleave)
-    return q[..., :dn], q_pe
-
-
-def _cache_rows(attn, config: Small4Config, x: jax.Array, cos, sin) -> jax.Array:
-    """The rows to cache for x [B, T, H]: [normalised latent ; RoPE'd shared key], [B, T, R + r]."""
-    kv_a = attn.kv_a_proj_with_mqa(x)
-    latent = attn.kv_a_layernorm(kv_a[..., : config.kv_lora_rank])
-    k_pe = apply_rope(kv_a[..., config.kv_lora_rank :], cos, sin, config.rope_interleave)
-    return jnp.concatenate([latent, k_pe], axis=-1)
 
 
 def _absorbed_weights(attn, config: Small4Config, dtype) -> tuple[jax.Array, jax.Array]:
@@ -238,21 +216,19 @@ def forward(
 
     def layer_fn(layer, i, h, pages):
         """One layer over the stacked pages [L, ...] (the scan's carry: written in place at layer i)."""
-        attn = layer.self_attn
-        with jax.named_scope("attention"):
-            a = layer.input_layernorm(h)
-            rows = _cache_rows(attn, config, a, cos, sin)
-            q_nope, q_pe = _query(attn, config, a, cos, sin)
+
+        def attend(attn, a):
+            rows = jnp.concatenate(attn.latent(a, cos, sin), axis=-1)  # [B, T, R + r]
+            q_nope, q_pe = attn.query(a, cos, sin)
             if absorbed:
-                out, pages = absorbed_attention(attn, config, q_nope, q_pe, rows, pages, i, slots, page_table,
-                                                seq_index, scale, impl=impl, cache_axes=cache_axes)
+                out, new_pages = absorbed_attention(attn, config, q_nope, q_pe, rows, pages, i, slots, page_table,
+                                                    seq_index, scale, impl=impl, cache_axes=cache_axes)
             else:
-                pages = pages.at[i, write_page, write_offset].set(rows.reshape(b * t, -1).astype(pages.dtype))
-                out = expanded_attention(attn, config, q_nope, q_pe, pages, i, page_table, seq_index, scale)
-            h = h + attn.o_proj(out)
-        with jax.named_scope("mlp"):
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return h, pages
+                new_pages = pages.at[i, write_page, write_offset].set(rows.reshape(b * t, -1).astype(pages.dtype))
+                out = expanded_attention(attn, config, q_nope, q_pe, new_pages, i, page_table, seq_index, scale)
+            return attn.o_proj(out), new_pages
+
+        return layer.residual(h, attend)
 
     h, pages = run_layers(model.layer_stacks, layer_groups(config), h, pages, layer_fn,
                           scan=getattr(model, "scan_layers", True), dense=config.dense_impl)
