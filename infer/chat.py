@@ -23,7 +23,6 @@ arguments as they decode, in OpenAI's streaming form).
 from __future__ import annotations
 
 import dataclasses
-import json
 import secrets
 import string
 from collections.abc import Sequence
@@ -441,11 +440,3 @@ def parse_output(tokenizer: Tokenizer, ids: Sequence[int], **kwargs) -> ChatPars
         parser.push(t)
     parser.finish()
     return parser
-
-
-def arguments_are_json(call: ToolCall) -> bool:
-    try:
-        json.loads(call.arguments)
-        return True
-    except ValueError:
-        return False

@@ -306,9 +306,6 @@ class Constrained:
         self.ids.append(int(t))
         return True
 
-    def consume_tokens(self, ts) -> bool:
-        return all(self.consume_token(t) for t in ts)
-
     def rollback(self, n: int) -> bool:
         ok = self.llm.rollback(n)
         if ok and n:
@@ -600,11 +597,3 @@ def fill_masks(tokenizer: Tokenizer, rows: list[tuple[object, int]], mask: np.nd
         m.refine(buf[i])
         mask[row, : buf.shape[1]] = buf[i]
         mask[row, buf.shape[1] :] = 0
-
-
-def parse_json(text: str):
-    """json.loads with the error as an InputError (for tests and callers that validate)."""
-    try:
-        return json.loads(text)
-    except ValueError as e:
-        raise InputError(f"not JSON: {e}") from None

@@ -720,12 +720,6 @@ def _read_experts(site, names, get, e: int, mcfg, config: dict, pattern, default
     return r, float(r), fields
 
 
-def _assign(var: nnx.Variable, value: np.ndarray) -> None:
-    if tuple(value.shape) != tuple(var.shape):
-        raise ValueError(f"shape {list(value.shape)}, expected {list(var.shape)}")
-    var[...] = jnp.asarray(value, jnp.float32)
-
-
 def save_peft(model: Small4ForCausalLM, out_dir, base_model_name_or_path: str | None = None) -> None:
     """Write `out_dir/adapter_config.json` and `out_dir/adapter_model.safetensors`."""
     import json

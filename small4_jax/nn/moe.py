@@ -25,11 +25,8 @@ fixed-size row tiles that never straddle two experts, and an XLA loop runs each 
 (gate_up, SwiGLU, down), skipping the unused tail of the static tile bound. Its work follows the routed pairs: at
 most P + E (T - 1) rows for P pairs over E experts with tile T, where T is the mean group size P / E rounded up to a
 power of two (capped at 128), so padding adds at most about the routed work and the loop runs at most about 2E
-tiles. Measured on the shared 2-core CPU (load 6-7, so noisy) with `python benchmarks/moe_gmm.py --cpu` (E=16,
-k=4, H=F=512, fp32, the weights passed as arguments as in the engine): one token 2.0 ms tiled vs 38 ms dense vs
-61 ms ragged_dot (the top-k weight gather this replaced: about the same, 0.4-1.8 ms); 16 tokens 4.8 / 81 / 80 ms
-(gather 68-208 ms); 256 tokens 17 / 187 / 476 ms; 1024 tokens 125 / 736 / 1465 ms; transformers' eager experts
-0.6 / 15 / 66 / 164 ms.
+tiles. Timings against the dense and ragged_dot paths: benchmarks/RESULTS.md ("The CPU routed-experts loop",
+`python benchmarks/moe_gmm.py --cpu`).
 
 Permute and unpermute are gathers whose backward passes are gathers too (custom VJPs), never scatter-adds.
 

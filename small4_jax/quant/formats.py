@@ -36,11 +36,8 @@ Why our own layer and not qwix: qwix quantises by intercepting `dot_general` / `
 checkpoint's fp8 bytes and scales, and feeding them to our own Triton grouped matmul, would mean converting to and
 from its QArray at every boundary. The format above is the same idea (values + a tiled scale) in one small file.
 
-Accuracy (README "Quantised weights", benchmarks/quant_logits.py): the formats' rms relative weight errors are fp8
-2.6% (e4m3's 3 mantissa bits, independent of the scale), int8 per channel 0.6%, int4 g128 9.4% (10.7% with the
-first round-to-nearest [-7, 7]); tiny random models amplify that into their logits (1.3x for the test model, more
-for wider and deeper random models), so the tests' tolerances are fp8 4e-2, int8 1e-2, int4-all 0.12 relative;
-int4 (experts-only) measures 3.2% on the test model and is held to the issue's 5e-2.
+Accuracy (README "Quantised weights", `benchmarks/quant_logits.py`): the formats' weight and logit errors are in
+benchmarks/RESULTS.md ("Quantisation accuracy: the formats' errors"); the tests' tolerances follow from them.
 
 Compute (`qdot`, dense linears): with one scale row (fp8 per tensor or per block column, int8 per channel) the
 product is (x @ q) * scale, the cast of q fused into the dot by XLA; otherwise (int4 groups, block grids) the weight

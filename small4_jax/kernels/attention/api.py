@@ -18,9 +18,8 @@ Backends:
 "auto" picks by the platform of the devices the program runs on (`small4_jax.platform`). On a mesh the Pallas kernels
 run inside a `shard_map`: rows over the batch axis, heads over the heads axis (`sharding.RULES`).
 
-Measured (XLA memory analysis, B=4, H=32, 128-d, bf16, forward + backward; `benchmarks/attention_memory.py`):
-temporaries grow linearly with T for "pallas" (1.0 GiB at T=8192 on an H100, deviceless) and "blockwise", and
-quadratically for "reference" (96 GiB at T=8192).
+Temporaries grow linearly with T for "pallas" and "blockwise", quadratically for "reference" (figures:
+benchmarks/RESULTS.md, "Attention temporaries vs sequence length", `benchmarks/attention_memory.py`).
 """
 
 from __future__ import annotations
