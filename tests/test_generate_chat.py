@@ -89,19 +89,24 @@ def test_generate_compiles_nothing_for_a_new_prompt_length():
     import numpy as np
 
     model = init_model(Small4Config.from_yaml(TINY), seed=0)
-    compiles = []
+    compiles, recording = [], [False]
 
     def listen(event, *_, **__):
-        if event == "/jax/core/compile/backend_compile_duration":
+        if recording[0] and event == "/jax/core/compile/backend_compile_duration":
             compiles.append(event)
 
-    generation.generate(model, list(range(40, 45)), max_new_tokens=3)  # warm-up
     jax.monitoring.register_event_duration_secs_listener(listen)
+    generation.generate(model, list(range(40, 45)), max_new_tokens=3)  # warm-up
+    recording[0] = True
     try:
         outs = {n: generation.generate(model, [1] + list(range(60, 60 + n)), max_new_tokens=3) for n in (6, 33, 70)}
+        assert compiles == [], f"{len(compiles)} programs compiled for new prompt lengths"
+        generation.generate(model, [1 + i % 500 for i in range(600)], max_new_tokens=3)  # a wider page table
+        assert compiles, "no compile event seen: the count above would not see one either"
     finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
-    assert compiles == [], f"{len(compiles)} programs compiled for new prompt lengths"
+        recording[0] = False
+        if hasattr(jax.monitoring, "unregister_event_duration_listener"):
+            jax.monitoring.unregister_event_duration_listener(listen)
     prompt, out = [1] + list(range(60, 66)), outs[6]
     seq = list(prompt)
     for t in out:
