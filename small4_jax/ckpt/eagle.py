@@ -20,11 +20,10 @@ import json
 import re
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from small4_jax.ckpt.plan import checkpoint_plan, is_stacked, plan_names, verify_source
+from small4_jax.ckpt.plan import checkpoint_plan, load_state, verify_source
 from small4_jax.ckpt.safetensors_io import CheckpointReader
 from small4_jax.config import Small4Config
 from small4_jax.errors import CheckpointError, ConfigError
@@ -193,13 +192,6 @@ def load_eagle(path: str | Path, target, *, dtype=None) -> EagleDraft:
         graphdef, state = nnx.split(abstract)
         plan = checkpoint_plan(state)
         verify_source(config, plan, source, f"{path} (EAGLE draft)")
-        np_dtype = np.dtype(jnp.dtype(dtype)) if jnp.dtype(dtype) != jnp.bfloat16 else jnp.bfloat16
-        flat = []
-        for p, value in nnx.to_flat_state(state):
-            entry = plan[p]
-            host = [np.ascontiguousarray(entry[2](source.get(n, dtype=np_dtype))) for n in plan_names(entry)]
-            arr = jnp.asarray(np.stack(host) if is_stacked(p) else host[0])  # the draft: a couple of layers
-            flat.append((p, value.replace(arr) if hasattr(value, "replace") else arr))
-        return nnx.merge(graphdef, nnx.from_flat_state(flat))
+        return load_state(graphdef, state, plan, source, dtype=dtype, where=f"{path} (EAGLE draft)")
     finally:
         reader.close()

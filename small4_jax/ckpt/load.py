@@ -16,19 +16,15 @@ import logging
 import os
 from pathlib import Path
 
-import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from small4_jax.ckpt import sharded as sharded_ckpt
-from small4_jax.ckpt.plan import (TensorSource, checkpoint_plan, is_stacked, numpy_dtype, plan_names, put_stacked,
-                                  read_act_scale, read_quantized, verify_source)
+from small4_jax.ckpt.plan import TensorSource, checkpoint_plan, load_state, verify_source
 from small4_jax.ckpt.safetensors_io import CheckpointReader
 from small4_jax.config import Small4Config, load_config
 from small4_jax.errors import CheckpointError, ConfigError
 from small4_jax.nn.model import DecoderLayer, Small4ForCausalLM, abstract_model
-from small4_jax.parallel.sharding import sharding_for
 from small4_jax.quant import formats as quant
 from small4_jax.quant.calibration import quantize_in_memory, read_sequences
 
@@ -93,49 +89,7 @@ def load_weights(
         graphdef, qstate = nnx.split(abstract_model(config, dtype=dtype, quantize=fmt, activations=act))
         quantised = dict(nnx.to_flat_state(qstate))
 
-    np_dtype = numpy_dtype(dtype)
-    flat = []
-    for path, value in nnx.to_flat_state(state):
-        entry = plan[path]
-        names, transform = plan_names(entry), entry[2]
-        scale_path = path[:-1] + (f"{path[-1]}_scale",)
-        if scale_path in quantised:
-            part = quant.format_of(quantised[path].dtype)  # this tensor's format under the policy
-            if is_stacked(path):  # values layer by layer; each layer's (small) scale grid waits in a list
-                scales: list[np.ndarray] = []
-
-                def values(names=names, transform=transform, scales=scales, part=part):
-                    for name in names:
-                        q = read_quantized(source, name, part, transform)
-                        scales.append(q.scale)
-                        yield q.values
-
-                arrs = (put_stacked(path, values(), len(names), mesh),)
-                arrs += (put_stacked(scale_path, scales, len(names), mesh),)
-            else:
-                q = read_quantized(source, names[0], part, transform)
-                arrs = tuple(jax.device_put(np.ascontiguousarray(h), sharding_for(p, h.shape, mesh))
-                             for p, h in ((path, q.values), (scale_path, q.scale)))
-                del q
-            paths = (path, scale_path)
-            act_path = path[:-1] + (f"{path[-1]}_act_scale",)
-            if act_path in quantised:  # W8A8: the static activation scale(s) [(E,) 1, 1], per layer of a stack
-                acts = (read_act_scale(source, name, where) for name in names)
-                arrs += (put_stacked(act_path, acts, len(names), mesh) if is_stacked(path) else
-                         jax.device_put(next(acts), sharding_for(act_path, (1, 1), mesh)),)
-                paths += (act_path,)
-            for p, arr in zip(paths, arrs):
-                flat.append((p, quantised[p].replace(arr)))
-            continue
-        if is_stacked(path):
-            arr = put_stacked(path, (transform(source.get(name, dtype=np_dtype)) for name in names), len(names), mesh)
-        else:
-            host = transform(source.get(names[0], dtype=np_dtype))
-            arr = jax.device_put(np.ascontiguousarray(host), sharding_for(path, host.shape, mesh))
-            del host
-        flat.append((path, value.replace(arr) if hasattr(value, "replace") else arr))
-    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
-    return model
+    return load_state(graphdef, state, plan, source, dtype=dtype, mesh=mesh, where=where, quantised=quantised)
 
 
 def load_layer(config: Small4Config, source: TensorSource, i: int, *, dtype="float32") -> nnx.Module:
@@ -143,13 +97,7 @@ def load_layer(config: Small4Config, source: TensorSource, i: int, *, dtype="flo
     (`layers.{i}.*`, mapped as `checkpoint_plan` maps a stack's slice). What the layer-at-a-time GPTQ pipeline
     (`convert --quantize int4 --calibration`) holds of a model at any time."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: DecoderLayer(config, i, dtype=dtype, rngs=nnx.Rngs(0))))
-    np_dtype = numpy_dtype(dtype)
-    flat = []
-    for path, entry in checkpoint_plan(state).items():
-        host = entry[2](source.get(f"layers.{i}.{entry[0]}", dtype=np_dtype))
-        flat.append((path, jax.device_put(np.ascontiguousarray(host))))
-    values = dict(flat)
-    return nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(values[p])) for p, v in nnx.to_flat_state(state)]))
+    return load_state(graphdef, state, checkpoint_plan(state), source, dtype=dtype, prefix=f"layers.{i}.")
 
 
 def default_quantize(source) -> str | None:

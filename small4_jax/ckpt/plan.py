@@ -206,3 +206,59 @@ def numpy_dtype(dtype) -> np.dtype:
     if d == jnp.bfloat16:
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(d)
+
+
+def load_state(graphdef, state, plan: dict, source: TensorSource, *, dtype, mesh: Mesh | None = None,
+               where: str = "checkpoint", quantised: dict | None = None, prefix: str = "") -> nnx.Module:
+    """The one loop over a checkpoint plan (`from_pretrained`, a decoder layer for GPTQ, an EAGLE draft): each
+    parameter of the abstract `state` read from `source` under its plan names (each after `prefix`), transformed to
+    our layout and put on its devices (`sharding_for` on `mesh`, the default device without one; a layer stack one
+    layer at a time, `put_stacked`); returns the module merged from `graphdef`. The caller checks the source first
+    (`verify_source`).
+
+    `quantised` (the flat state of the quantised abstract model, or None): a parameter whose `<name>_scale` it holds is
+    read quantised in the format of its values' dtype (`read_quantized`: FP8 bytes and scales kept for fp8, else
+    quantised on the host), with its W8A8 activation scale when it has one (`read_act_scale`)."""
+    quantised = quantised or {}
+    np_dtype = numpy_dtype(dtype)
+    flat = []
+    for path, value in nnx.to_flat_state(state):
+        entry = plan[path]
+        names, transform = plan_names(entry), entry[2]
+        scale_path = path[:-1] + (f"{path[-1]}_scale",)
+        if scale_path in quantised:
+            part = quant.format_of(quantised[path].dtype)  # this tensor's format under the policy
+            if is_stacked(path):  # values layer by layer; each layer's (small) scale grid waits in a list
+                scales: list[np.ndarray] = []
+
+                def values(names=names, transform=transform, scales=scales, part=part):
+                    for name in names:
+                        q = read_quantized(source, prefix + name, part, transform)
+                        scales.append(q.scale)
+                        yield q.values
+
+                arrs = (put_stacked(path, values(), len(names), mesh),)
+                arrs += (put_stacked(scale_path, scales, len(names), mesh),)
+            else:
+                q = read_quantized(source, prefix + names[0], part, transform)
+                arrs = tuple(jax.device_put(np.ascontiguousarray(h), sharding_for(p, h.shape, mesh))
+                             for p, h in ((path, q.values), (scale_path, q.scale)))
+                del q
+            paths = (path, scale_path)
+            act_path = path[:-1] + (f"{path[-1]}_act_scale",)
+            if act_path in quantised:  # W8A8: the static activation scale(s) [(E,) 1, 1], per layer of a stack
+                acts = (read_act_scale(source, prefix + name, where) for name in names)
+                arrs += (put_stacked(act_path, acts, len(names), mesh) if is_stacked(path) else
+                         jax.device_put(next(acts), sharding_for(act_path, (1, 1), mesh)),)
+                paths += (act_path,)
+            for p, arr in zip(paths, arrs):
+                flat.append((p, quantised[p].replace(arr)))
+            continue
+        if is_stacked(path):
+            arr = put_stacked(path, (transform(source.get(prefix + name, dtype=np_dtype)) for name in names), len(names), mesh)
+        else:
+            host = transform(source.get(prefix + names[0], dtype=np_dtype))
+            arr = jax.device_put(np.ascontiguousarray(host), sharding_for(path, host.shape, mesh))
+            del host
+        flat.append((path, value.replace(arr) if hasattr(value, "replace") else arr))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
