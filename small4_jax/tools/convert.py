@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import functools
 import json
 import os
 import shutil
@@ -73,7 +72,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
     from flax import nnx
 
     from small4_jax.ckpt import sharded as sc
-    from small4_jax.ckpt.plan import checkpoint_plan, is_stacked, plan_names, verify_source
+    from small4_jax.ckpt.plan import checkpoint_plan, plan_names, verify_source
     from small4_jax.config import load_config
     from small4_jax.nn.model import abstract_model
     from small4_jax.ckpt.safetensors_io import CheckpointReader
@@ -81,13 +80,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype!r}: expected one of bf16, fp8, f32")
     storage = DTYPES[dtype]
-    src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise CheckpointError(f"{src}: checkpoint directory not found")
-    if sc.is_sharded_checkpoint(out) and (out / sc.FORMAT_FILE).is_file():
-        raise CheckpointError(f"{out}: a converted checkpoint is already there; choose another --to or remove it")
-    if out.exists():
-        raise CheckpointError(f"{out}: exists and is not a finished conversion; remove it first")
+    src, out = _check_paths(src, out)
     config = load_config(src)
     reader = CheckpointReader(src, vision=config.vision is not None)
     _, state = nnx.split(abstract_model(config, dtype="float32"))
@@ -113,34 +106,13 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
         key = sc.param_key(path)
         our_shape = our_shapes[path]
         tree_shapes[("params",) + key] = our_shape
-        per_expert = sc.is_experts(path)
         if path in quantised:
             tree_shapes[("fp8_scales",) + key] = sc.fp8_scale_shape(path, our_shape)
         nbytes = int(np.prod(our_shape)) * np.dtype(out_dtype).itemsize
         if ".".join(key) in done:
             skipped += nbytes
         else:
-            read_dtype = np.float32 if path in quantised else out_dtype
-            stored_dtype = ml_dtypes.float8_e4m3fn if path in quantised else out_dtype
-            stacked = is_stacked(path)
-            store = writer.create(("params",) + key, our_shape, stored_dtype)
-            scales = []
-            for j, layer_name in enumerate(names):  # a layer stack: layer by layer into its slice j
-                at = (j,) if stacked else ()
-                layer_shape = our_shape[1:] if stacked else our_shape
-                if per_expert:
-                    scales.append(_write_experts(reader, writer, store, at, layer_name, transform, layer_shape,
-                                                 read_dtype, out_dtype, quantise=path in quantised))
-                else:
-                    arr = transform(reader.get(layer_name, dtype=read_dtype))
-                    if path in quantised:
-                        arr, scale = sc.quantize_fp8(arr, per_expert=False)
-                        scales.append(scale)
-                    writer.write_rows(store, arr.astype(stored_dtype, copy=False), 0, at)
-                    del arr
-                _release_freed_memory()
-            if path in quantised:
-                writer.write(("fp8_scales",) + key, np.stack(scales).reshape(sc.fp8_scale_shape(path, our_shape)))
+            _write_float(reader, writer, path, names, transform, our_shape, out_dtype, fp8=path in quantised)
             done.add(".".join(key))
             sc.atomic_write(progress_file, json.dumps({"job": job, "done": sorted(done)}))
         written += nbytes
@@ -149,14 +121,127 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "bf1
             print(f"\r[{i + 1}/{n}] {100 * written / total_bytes:5.1f}%  {rate:8.1f} MiB/s  {name:<60}", end="",
                   file=progress, flush=True)
     reader.close()
+    return _finish(src, partial, out, progress_file, tree_shapes, {"dtype": storage, "source": str(src.resolve())},
+                   progress)
+
+
+def _check_paths(src, out) -> tuple[Path, Path]:
+    """(src, out) as paths: src an existing directory, out not a finished conversion nor anything else."""
+    from small4_jax.ckpt import sharded as sc
+
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: checkpoint directory not found")
+    if sc.is_sharded_checkpoint(out) and (out / sc.FORMAT_FILE).is_file():
+        raise CheckpointError(f"{out}: a converted checkpoint is already there; choose another --to or remove it")
+    if out.exists():
+        raise CheckpointError(f"{out}: exists and is not a finished conversion; remove it first")
+    return src, out
+
+
+def _finish(src: Path, partial: Path, out: Path, progress_file: Path, tree_shapes: dict, fmt: dict, progress) -> Path:
+    """Orbax's metadata, our format file and the source's tokenizer, then OUT.partial renamed to OUT (the conversion
+    is complete)."""
+    from small4_jax.ckpt import sharded as sc
+
     if progress is not None:
         print(file=progress)
     sc.write_metadata(partial, tree_shapes)
-    sc.atomic_write(partial / sc.FORMAT_FILE, json.dumps({"dtype": storage, "source": str(src.resolve())}))
+    sc.atomic_write(partial / sc.FORMAT_FILE, json.dumps(fmt))
     progress_file.unlink()
     copy_tokenizer(src, partial)
     os.replace(partial, out)
     return out
+
+
+def _write_float(reader, writer, path, names, transform, our_shape, out_dtype, *, fp8: bool) -> None:
+    """One parameter in the float storage dtype (`fp8`: float8_e4m3fn with an amax/448 scale per tensor, per
+    expert for stacked experts, written beside it); a layer stack layer by layer into its slice j."""
+    import ml_dtypes
+
+    from small4_jax.ckpt import sharded as sc
+    from small4_jax.ckpt.plan import is_stacked
+
+    key = sc.param_key(path)
+    read_dtype = np.float32 if fp8 else out_dtype
+    stored_dtype = ml_dtypes.float8_e4m3fn if fp8 else out_dtype
+    stacked, per_expert = is_stacked(path), sc.is_experts(path)
+    store = writer.create(("params",) + key, our_shape, stored_dtype)
+    scales = []
+    for j, layer_name in enumerate(names):
+        at = (j,) if stacked else ()
+        layer_shape = our_shape[1:] if stacked else our_shape
+        if per_expert:
+            scales.append(_write_experts(reader, writer, store, at, layer_name, transform, layer_shape, read_dtype,
+                                         out_dtype, quantise=fp8))
+        else:
+            arr = transform(reader.get(layer_name, dtype=read_dtype))
+            if fp8:
+                arr, scale = sc.quantize_fp8(arr, per_expert=False)
+                scales.append(scale)
+            writer.write_rows(store, arr.astype(stored_dtype, copy=False), 0, at)
+            del arr
+        _release_freed_memory()
+    if fp8:
+        writer.write(("fp8_scales",) + key, np.stack(scales).reshape(sc.fp8_scale_shape(path, our_shape)))
+
+
+def _write_plain(reader, writer, key, names, transform, out_dtype, tree_shapes: dict, stacked: bool) -> None:
+    """One unquantised parameter of a quantised conversion, in the storage dtype (a stack layer by layer)."""
+    lead = (len(names),) if stacked else ()
+    store = None
+    for j, layer_name in enumerate(names):
+        arr = transform(reader.get(layer_name, dtype=out_dtype))
+        if store is None:
+            shape = lead + arr.shape
+            store = writer.create(("params",) + key, shape, arr.dtype)
+            tree_shapes[("params",) + key] = shape
+        writer.write_rows(store, arr, 0, (j,) if stacked else ())
+
+
+def _write_quantized(reader, writer, path, names, transform, qshapes: dict, tree_shapes: dict, stacked: bool) -> None:
+    """One quantised parameter, values and scales, in its part's format (`plan.read_quantized`); stacked experts a
+    block of 8 at a time, row by row."""
+    from small4_jax.ckpt import sharded as sc
+    from small4_jax.ckpt.plan import read_quantized
+    from small4_jax.quant import formats as quant
+
+    key, skey = sc.param_key(path), sc.param_key(path[:-1] + (f"{path[-1]}_scale",))
+    lead = (len(names),) if stacked else ()
+    vstore = sstore = None
+    experts = len(qshapes[path][0]) - len(lead) == 3
+    for j, layer_name in enumerate(names):
+        at = (j,) if stacked else ()
+        e = qshapes[path][0][len(lead)] if experts else 1
+        for e0 in range(0, e, 8):
+            rows = (e0, min(e, e0 + 8)) if experts else None
+            q = read_quantized(reader, layer_name, quant.format_of(qshapes[path][1]), transform, rows=rows)
+            if vstore is None:
+                vshape = lead + ((e,) + q.values.shape[1:] if experts else q.values.shape)
+                sshape = lead + ((e,) + q.scale.shape[1:] if experts else q.scale.shape)
+                vstore = writer.create(("params",) + key, vshape, q.values.dtype)
+                sstore = writer.create(("params",) + skey, sshape, q.scale.dtype)
+                tree_shapes[("params",) + key], tree_shapes[("params",) + skey] = vshape, sshape
+            writer.write_rows(vstore, q.values, e0 if experts else 0, at)
+            writer.write_rows(sstore, np.asarray(q.scale), e0 if experts else 0, at)
+            _release_freed_memory()
+
+
+def _calibration_job(job: dict, src: Path, calibration, act_order: bool, fmt: str, config) -> list[list[int]]:
+    """The GPTQ conversion's calibration token sequences; the job records their hash and act_order (a resumed run
+    must use the same)."""
+    import hashlib
+
+    from small4_jax.quant import formats as quant
+    from small4_jax.quant.calibration import check_tokens, read_sequences
+
+    if "int4" not in quant.policy(fmt):
+        raise CheckpointError(f"--calibration is for --quantize int4 or int4-all (GPTQ on the int4 weights), not {fmt}")
+    text = Path(calibration).read_bytes() if isinstance(calibration, (str, os.PathLike)) else json.dumps(
+        [list(map(int, s)) for s in calibration]).encode()
+    job["calibration"] = hashlib.sha256(text).hexdigest()
+    job["act_order"] = bool(act_order)
+    return check_tokens(read_sequences(src, calibration), config.vocab_size, 2048)
 
 
 def _partial(out: Path, job: dict) -> tuple[Path, Path, dict]:
@@ -181,7 +266,7 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str, calibration=
 
     from small4_jax.quant import formats as quant
     from small4_jax.ckpt import sharded as sc
-    from small4_jax.ckpt.plan import checkpoint_plan, is_stacked, plan_names, read_quantized, verify_source
+    from small4_jax.ckpt.plan import checkpoint_plan, is_stacked, plan_names, verify_source
     from small4_jax.config import load_config
     from small4_jax.nn.model import abstract_model
     from small4_jax.ckpt.safetensors_io import CheckpointReader
@@ -190,13 +275,7 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str, calibration=
     if fmt is None or DTYPES.get(dtype) not in ("bfloat16", "float32"):
         raise CheckpointError(f"--quantize {fmt} stores the unquantised parameters in bf16 or f32, not {dtype!r}")
     storage = DTYPES[dtype]
-    src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise CheckpointError(f"{src}: checkpoint directory not found")
-    if sc.is_sharded_checkpoint(out) and (out / sc.FORMAT_FILE).is_file():
-        raise CheckpointError(f"{out}: a converted checkpoint is already there; choose another --to or remove it")
-    if out.exists():
-        raise CheckpointError(f"{out}: exists and is not a finished conversion; remove it first")
+    src, out = _check_paths(src, out)
     if sc.is_sharded_checkpoint(src):  # a converted float checkpoint, read a tensor (a layer) at a time
         reader = sc.TensorReader(src)
         config = reader.config
@@ -209,21 +288,8 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str, calibration=
     _, qstate = nnx.split(abstract_model(config, dtype=storage, quantize=fmt))
     qshapes = {p: (tuple(v.shape), v.dtype) for p, v in nnx.to_flat_state(qstate)}
     job = {"source": str(src.resolve()), "dtype": storage, "quantize": fmt, "config": config.to_dict()}
-    read = functools.partial(read_quantized, reader)
     if calibration is not None:  # GPTQ: the layers are quantised and written one at a time (_write_calibrated)
-        import hashlib
-
-        if "int4" not in quant.policy(fmt):
-            raise CheckpointError(f"--calibration is for --quantize int4 or int4-all (GPTQ on the int4 weights), not "
-                                  f"{fmt}")
-
-        from small4_jax.quant.calibration import check_tokens, read_sequences
-
-        text = Path(calibration).read_bytes() if isinstance(calibration, (str, os.PathLike)) else json.dumps(
-            [list(map(int, s)) for s in calibration]).encode()
-        job["calibration"] = hashlib.sha256(text).hexdigest()
-        job["act_order"] = bool(act_order)
-        sequences = check_tokens(read_sequences(src, calibration), config.vocab_size, 2048)
+        sequences = _calibration_job(job, src, calibration, act_order, fmt, config)
     partial, progress_file, saved = _partial(out, job)
     done: set[str] = set(saved.get("done", []))
     # the stored shapes of what is done (an FP8 source's scale grid is the checkpoint's, known only once read)
@@ -241,36 +307,11 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str, calibration=
         stacked = is_stacked(path)
         if stacked and calibration is not None:
             continue  # written layer by layer below
-        lead = (len(names),) if stacked else ()  # a layer stack: each layer into its slice j
         if scale_path not in qshapes:
-            store = None
-            for j, layer_name in enumerate(names):
-                arr = transform(reader.get(layer_name, dtype=out_dtype))
-                if store is None:
-                    shape = lead + arr.shape
-                    store = writer.create(("params",) + key, shape, arr.dtype)
-                    tree_shapes[("params",) + key] = shape
-                writer.write_rows(store, arr, 0, (j,) if stacked else ())
+            _write_plain(reader, writer, key, names, transform, out_dtype, tree_shapes, stacked)
             _mark_done(progress_file, job, done, key, tree_shapes)
             continue
-        skey = sc.param_key(scale_path)
-        vstore = sstore = None
-        experts = len(qshapes[path][0]) - len(lead) == 3
-        for j, layer_name in enumerate(names):
-            at = (j,) if stacked else ()
-            e = qshapes[path][0][len(lead)] if experts else 1
-            for e0 in range(0, e, 8):  # experts: a block at a time, values and scales row by row
-                rows = (e0, min(e, e0 + 8)) if experts else None
-                q = read(layer_name, quant.format_of(qshapes[path][1]), transform, rows=rows)  # the part's format
-                if vstore is None:
-                    vshape = lead + ((e,) + q.values.shape[1:] if experts else q.values.shape)
-                    sshape = lead + ((e,) + q.scale.shape[1:] if experts else q.scale.shape)
-                    vstore = writer.create(("params",) + key, vshape, q.values.dtype)
-                    sstore = writer.create(("params",) + skey, sshape, q.scale.dtype)
-                    tree_shapes[("params",) + key], tree_shapes[("params",) + skey] = vshape, sshape
-                writer.write_rows(vstore, q.values, e0 if experts else 0, at)
-                writer.write_rows(sstore, np.asarray(q.scale), e0 if experts else 0, at)
-                _release_freed_memory()
+        _write_quantized(reader, writer, path, names, transform, qshapes, tree_shapes, stacked)
         _mark_done(progress_file, job, done, key, tree_shapes)
         if progress is not None:
             print(f"\r[{i + 1}/{len(plan)}] {name:<60}", end="", file=progress, flush=True)
@@ -278,16 +319,9 @@ def _convert_quantized(src, out, *, dtype: str, progress, fmt: str, calibration=
         _write_calibrated(reader, writer, partial, progress_file, job, done, tree_shapes, config, qshapes, sequences,
                           out_dtype, act_order, progress)
     reader.close()
-    if progress is not None:
-        print(file=progress)
-    sc.write_metadata(partial, tree_shapes)
     scale_shapes = {".".join(k[1:]): list(v) for k, v in tree_shapes.items() if k[-1].endswith("_scale")}
-    sc.atomic_write(partial / sc.FORMAT_FILE, json.dumps({"dtype": storage, "quantize": fmt, "scale_shapes":
-                                                           scale_shapes, "source": str(src.resolve())}))
-    progress_file.unlink()
-    copy_tokenizer(src, partial)
-    os.replace(partial, out)
-    return out
+    return _finish(src, partial, out, progress_file, tree_shapes, {"dtype": storage, "quantize": fmt, "scale_shapes":
+                                                                   scale_shapes, "source": str(src.resolve())}, progress)
 
 
 def _write_calibrated(reader, writer, partial: Path, progress_file: Path, job: dict, done: set[str], tree_shapes: dict,
