@@ -3,6 +3,9 @@ rotary rotation and the linear layer whose kernel may be a whole layer stack rea
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -82,3 +85,34 @@ def linear(din: int, dout: int, config: Small4Config, dtype, rngs: nnx.Rngs, bia
         promote_dtype=_promote_dtype,
         rngs=rngs,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Interception points: what a tool sees of the forward pass (GPTQ calibration's Hessians) without patching classes.
+_TAP: contextvars.ContextVar = contextvars.ContextVar("small4_jax_tap", default=None)
+
+
+@contextlib.contextmanager
+def tapping(fn):
+    """Within the block, `fn(point, module, *arrays)` is called at the model's interception points as the forward
+    runs or is traced: ("linear", the linear, its input x) for every linear of an attention block or MLP
+    (`project`), and ("experts", the Experts module, x, expert_ids, expert_weights, gate_up, down, act) before the
+    routed experts of a MoE layer. With no tap the points cost nothing (one context-variable read while tracing)."""
+    token = _TAP.set(fn)
+    try:
+        yield
+    finally:
+        _TAP.reset(token)
+
+
+def tap(point: str, module, *arrays) -> None:
+    """An interception point (`tapping`)."""
+    fn = _TAP.get()
+    if fn is not None:
+        fn(point, module, *arrays)
+
+
+def project(linear, x: jax.Array) -> jax.Array:
+    """linear(x), announced to a tap first (`tapping`)."""
+    tap("linear", linear, x)
+    return linear(x)

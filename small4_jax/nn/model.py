@@ -35,7 +35,7 @@ from flax import nnx
 from small4_jax.config import Small4Config
 from small4_jax.kernels.attention import attention
 from small4_jax.nn.initializers import normal_init
-from small4_jax.nn.layers import ACT, RMSNorm, apply_rope, linear
+from small4_jax.nn.layers import ACT, RMSNorm, apply_rope, linear, project, tap
 from small4_jax.nn.moe import AtLayer, Experts, resolve_dense_impl, route, routed_experts
 from small4_jax.nn.qlinear import quantize_model
 from small4_jax.nn.vision import MultiModalProjector, PixtralVisionModel
@@ -88,7 +88,7 @@ class MLP(nnx.Module):
         self.down_proj = linear(intermediate, h, config, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return project(self.down_proj, self.act(project(self.gate_proj, x)) * project(self.up_proj, x))
 
 
 class Router(nnx.Module):
@@ -141,6 +141,7 @@ class MoE(nnx.Module):
         )
         lora = None if self.experts.lora is None else self.experts.lora.weights()
         gate_up, down = self.experts.weights()
+        tap("experts", self.experts, flat, ids, weights, gate_up, down, self.act)  # GPTQ calibration's point
         y = routed_experts(
             flat, ids, weights, gate_up, down, act=self.act, impl=c.moe_impl,
             lora=lora, mesh="auto", strategy=c.moe_strategy, a2a_min_tokens=c.moe_a2a_min_tokens,
@@ -197,9 +198,9 @@ class MLA(nnx.Module):
         b, t, _ = x.shape
         nh, dn, dr = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim
         if self.q_proj is not None:
-            q = self.q_proj(x)
+            q = project(self.q_proj, x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = project(self.q_b_proj, self.q_a_layernorm(project(self.q_a_proj, x)))
         q = q.reshape(b, t, nh, dn + dr)
         return q[..., :dn], apply_rope(q[..., dn:], cos[:, :, None, :], sin[:, :, None, :], c.rope_interleave)
 
@@ -207,7 +208,7 @@ class MLA(nnx.Module):
         """What is cached per token: the normalised latent [B, T, R] and the RoPE'd key [B, T, r] shared by every
         head."""
         c = self.config
-        kv_a = self.kv_a_proj_with_mqa(x)
+        kv_a = project(self.kv_a_proj_with_mqa, x)
         latent = self.kv_a_layernorm(kv_a[..., : c.kv_lora_rank])
         return latent, apply_rope(kv_a[..., c.kv_lora_rank :], cos, sin, c.rope_interleave)
 
@@ -245,7 +246,7 @@ class MLA(nnx.Module):
         else:
             keys_latent, keys_rope, key_pos = latent, k_pe, positions
 
-        kv = self.kv_b_proj(keys_latent).reshape(b, keys_latent.shape[1], nh, dn + dv)
+        kv = project(self.kv_b_proj, keys_latent).reshape(b, keys_latent.shape[1], nh, dn + dv)
         k_nope, v = kv[..., :dn], kv[..., dn:]
         # Expanded MLA is ordinary attention with K = dn + dr: the rope key is shared by every head, and the softmax
         # scale times the Llama-4 per-position factor is folded into q (in float32, then cast).
@@ -258,7 +259,7 @@ class MLA(nnx.Module):
             q, k, v, q_positions=positions, k_positions=key_pos, q_segments=segment_ids, k_segments=segment_ids,
             key_mask=key_mask, impl=c.attn_impl,
         ).reshape(b, t, nh * dv)
-        return self.o_proj(out), cache
+        return project(self.o_proj, out), cache
 
 
 class DecoderLayer(nnx.Module):

@@ -41,8 +41,8 @@ from flax import nnx
 from small4_jax.errors import ConfigError, TokenizerError
 from small4_jax.inputs.tokenizer import load_tokenizer
 from small4_jax.kernels import gmm, tgmm
-from small4_jax.nn import model as m
 from small4_jax.nn import moe
+from small4_jax.nn.layers import tapping
 from small4_jax.nn.model import Shared, layer_groups, rope_cos_sin, stack_modules
 from small4_jax.nn.qlinear import quantize_model
 from small4_jax.quant import formats as quant
@@ -116,47 +116,39 @@ def _batches(sequences: list[list[int]]) -> list[tuple[int, int, int]]:
 @contextlib.contextmanager
 def _observed(layer, acc: dict, dense: bool = True):
     """Within the block, calls of `layer`'s quantisable linears add x^T x of their inputs to acc[path + ("kernel",)]
-    (only with `dense`: GPTQ needs them where the policy puts the dense linears in int4) and its routed experts add one H per expert (module docstring) to acc[path + ("gate_up" | "down",)]; paths are
-    relative to the layer. Works traced (inside jit) and eagerly."""
+    (only with `dense`: GPTQ needs them where the policy puts the dense linears in int4) and its routed experts add
+    one H per expert (module docstring) to acc[path + ("gate_up" | "down",)]; paths are relative to the layer. It
+    listens at the model's interception points (`nn.layers.tapping`); works traced (inside jit) and eagerly."""
     names = {id(sub): tuple(map(str, path)) for path, sub in nnx.iter_graph(layer) if isinstance(sub, nnx.Module)}
-    current = {}
 
     def add(key, value):
         acc[key] = value if acc.get(key) is None else acc[key] + value
 
-    def linear_call(self, x):
-        path = names.get(id(self))
-        if dense and path is not None and path[-1] in QUANTISED_LINEARS:
+    def linear_input(path, x):
+        if dense and path[-1] in QUANTISED_LINEARS:
             xs = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
             add(path + ("kernel",), xs.T @ xs)
-        return linear_orig(self, x)
 
-    def moe_call(self, x):
-        current["path"] = names.get(id(self.experts))
-        return moe_orig(self, x)
+    def experts_input(path, x, expert_ids, expert_weights, gate_up, down, act):
+        e, _, f2 = gate_up.shape
+        f, k = f2 // 2, expert_ids.shape[-1]
+        backend = {"pallas": "pallas"}.get(moe.resolve_impl("auto", x), "ragged_dot")
+        d = moe.sort_by_expert(expert_ids, e)
+        xs = x.astype(jnp.float32)[d.order // k]  # token rows in expert order
+        wt = expert_weights.reshape(-1)[d.order].astype(jnp.float32)[:, None]
+        xw = xs * wt  # weighted by the routing weight (squared in H)
+        add(path + ("gate_up",), tgmm(xw, xw, d.group_sizes, backend=backend))
+        y = gmm(xs, gate_up.astype(jnp.float32), d.group_sizes, backend=backend)
+        a = act(y[:, :f]) * y[:, f:] * wt
+        add(path + ("down",), tgmm(a, a, d.group_sizes, backend=backend))
 
-    def experts_call(x, expert_ids, expert_weights, gate_up, down, *, act=jax.nn.silu, **kwargs):
-        path = current.get("path")
+    def observe(point, module, *arrays):
+        path = names.get(id(module))
         if path is not None:
-            e, _, f2 = gate_up.shape
-            f, k = f2 // 2, expert_ids.shape[-1]
-            backend = {"pallas": "pallas"}.get(moe.resolve_impl("auto", x), "ragged_dot")
-            d = moe.sort_by_expert(expert_ids, e)
-            xs = x.astype(jnp.float32)[d.order // k]  # token rows in expert order
-            wt = expert_weights.reshape(-1)[d.order].astype(jnp.float32)[:, None]
-            xw = xs * wt  # weighted by the routing weight (squared in H)
-            add(path + ("gate_up",), tgmm(xw, xw, d.group_sizes, backend=backend))
-            y = gmm(xs, gate_up.astype(jnp.float32), d.group_sizes, backend=backend)
-            a = act(y[:, :f]) * y[:, f:] * wt
-            add(path + ("down",), tgmm(a, a, d.group_sizes, backend=backend))
-        return experts_orig(x, expert_ids, expert_weights, gate_up, down, act=act, **kwargs)
+            (linear_input if point == "linear" else experts_input)(path, *arrays)
 
-    linear_orig, moe_orig, experts_orig = nnx.Linear.__call__, m.MoE.__call__, m.routed_experts
-    nnx.Linear.__call__, m.MoE.__call__, m.routed_experts = linear_call, moe_call, experts_call
-    try:
+    with tapping(observe):
         yield
-    finally:
-        nnx.Linear.__call__, m.MoE.__call__, m.routed_experts = linear_orig, moe_orig, experts_orig
 
 
 def _rope(config, b: int, t: int):
