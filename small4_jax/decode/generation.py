@@ -39,7 +39,7 @@ def table_pages(tokens: int, context: int) -> int:
     return min(need, max(math.ceil(context / PAGE_SIZE), math.ceil(tokens / PAGE_SIZE)))
 
 
-def _check(model: Small4ForCausalLM, prompt: list[int], max_new_tokens: int) -> int:
+def check_request(model: Small4ForCausalLM, prompt: list[int], max_new_tokens: int) -> int:
     """max_new_tokens within the context; InputError for an empty prompt, a bad id or no room."""
     context = model.config.max_position_embeddings
     if not prompt:
@@ -89,7 +89,7 @@ def generate(
     Sampled tokens (temperature > 0) are drawn as the serving engine draws a request's with this `seed`.
     """
     prompt = [int(t) for t in prompt_ids]
-    max_new_tokens = _check(model, prompt, max_new_tokens)
+    max_new_tokens = check_request(model, prompt, max_new_tokens)
     config, vocab = model.config, model.config.vocab_size
     width = table_pages(len(prompt) + max_new_tokens, config.max_position_embeddings)
     graphdef, state = nnx.split(model)
