@@ -49,7 +49,8 @@ from small4_jax.lora import adapters as lora
 from small4_jax.nn import vision
 from small4_jax.nn.model import Small4ForCausalLM, init_model
 from small4_jax.nn.vision import merge_image_features
-from small4_jax.parallel.sharding import batch_spec, make_mesh as _make, sharding_for
+from small4_jax.parallel.placement import place_model
+from small4_jax.parallel.sharding import batch_spec, make_mesh as _make
 from train.config import RunConfig
 from train.data import Packed, batch_indices, load_dataset
 
@@ -120,9 +121,7 @@ def load_base(cfg: RunConfig, mesh=None) -> Small4ForCausalLM:
         return from_pretrained(b.checkpoint, dtype=b.dtype, mesh=mesh, config=config, quantize=b.quantize)
     model = init_model(config, seed=b.seed, dtype=b.dtype, quantize=b.quantize)
     if mesh is not None:
-        flat = [(p, v.replace(jax.device_put(v[...], sharding_for(p, v.shape, mesh))))
-                for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-        nnx.update(model, nnx.from_flat_state(flat))
+        place_model(model, mesh, nnx.Param)
     return model
 
 

@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from small4_jax.ckpt.safetensors_io import read_safetensors_header, save_safetensors
 from small4_jax.errors import CheckpointError, ConfigError, Small4Error
@@ -61,6 +61,7 @@ from small4_jax.nn.model import MLA, MLP, MoE, PerLayer, Router, Shared, Small4F
 from small4_jax.nn.moe import AtLayer, ExpertLoRA, Experts, at_layer, sliced
 from small4_jax.nn.qlinear import act_scale_of, qdot
 from small4_jax.quant.formats import QArray, dequantize, logical_shape
+from small4_jax.parallel.placement import place_model
 from small4_jax.parallel.sharding import spec_for
 
 TRAINABLE = nnx.LoRAParam  # the filter of everything training updates
@@ -474,14 +475,8 @@ def lora_spec(path: Sequence, shape: Sequence[int], mesh: Mesh) -> PartitionSpec
 
 def shard_lora(model: nnx.Module, mesh: Mesh | None) -> None:
     """Place every LoRA parameter on `mesh` beside its base (no-op without a mesh)."""
-    if mesh is None:
-        return
-    state = nnx.state(model, TRAINABLE)
-    flat = []
-    for path, var in nnx.to_flat_state(state):
-        spec = lora_spec(path, var.shape, mesh)
-        flat.append((path, var.replace(jax.device_put(var[...], NamedSharding(mesh, spec)))))
-    nnx.update(model, nnx.from_flat_state(flat))
+    if mesh is not None:
+        place_model(model, mesh, TRAINABLE, lora_spec)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

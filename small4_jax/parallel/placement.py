@@ -1,26 +1,31 @@
-"""Put an in-memory model's parameters on a device mesh, by the rules `from_pretrained` uses when it loads.
+"""Put an in-memory model's variables on a device mesh, by the rules `from_pretrained` uses when it loads.
 
 `from_pretrained(path, mesh=...)` places each tensor as it is read; a model built in memory (a random preset, a
-test model) is placed afterwards with `place_model`, through the same `small4_jax.parallel.sharding.sharding_for`, so the
-serving engine sees one layout whichever way the model was made.
+test model, a fine-tuning base) and LoRA adapters are placed afterwards with `place_model`, through the same
+`small4_jax.parallel.sharding.spec_for` table (adapters: `lora.lora_spec`, beside their base), so the serving engine
+and the trainer see one layout whichever way the model was made.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
-from small4_jax.parallel.sharding import sharding_for
+from small4_jax.parallel.sharding import spec_for
 
 
-def place_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
-    """Move every parameter of `model` to its sharding on `mesh` (in place); returns the model."""
-    _, state = nnx.split(model)
+def place_model(model: nnx.Module, mesh: Mesh, what=..., spec: Callable | None = None) -> nnx.Module:
+    """Move the variables of `model` that `what` selects (an nnx filter; all of them by default) to their sharding on
+    `mesh`, in place; returns the model. `spec(path, shape, mesh)` gives each one's PartitionSpec (default
+    `sharding.spec_for`: the base weights' table)."""
+    spec = spec or spec_for
     flat = []
-    for path, value in nnx.to_flat_state(state):
+    for path, value in nnx.to_flat_state(nnx.state(model, what)):
         arr = value[...] if hasattr(value, "replace") else value
-        placed = jax.device_put(arr, sharding_for(path, arr.shape, mesh))
+        placed = jax.device_put(arr, NamedSharding(mesh, spec(path, arr.shape, mesh)))
         flat.append((path, value.replace(placed) if hasattr(value, "replace") else placed))
     nnx.update(model, nnx.from_flat_state(flat))
     return model
