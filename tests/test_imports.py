@@ -64,6 +64,7 @@ def _modules() -> dict[str, Path]:
 
 
 MODULES = _modules()
+TREES = {m: ast.parse(p.read_text()) for m, p in MODULES.items()}
 
 
 def _resolve(name: str) -> str | None:
@@ -72,9 +73,9 @@ def _resolve(name: str) -> str | None:
     return name or None
 
 
-def _imports(module: str, path: Path):
+def _imports(module: str):
     """(imported module, names taken from it, line, function-local) of every first-party import of `module`."""
-    tree = ast.parse(path.read_text())
+    tree = TREES[module]
     for node in ast.walk(tree):
         for child in ast.iter_child_nodes(node):
             child.parent = node
@@ -103,7 +104,7 @@ def _imports(module: str, path: Path):
                     yield _resolve(node.module), (a.name,), node.lineno, local(node)
 
 
-GRAPH = {m: [(t, names, line, lazy) for t, names, line, lazy in _imports(m, p) if t != m] for m, p in MODULES.items()}
+GRAPH = {m: [(t, names, line, lazy) for t, names, line, lazy in _imports(m) if t != m] for m in MODULES}
 
 
 def _layer(module: str) -> tuple[int, int]:
@@ -170,8 +171,7 @@ def test_no_private_names_across_modules():
            if name.startswith("_") and not name.startswith("__")]
     # attribute access: module._x, and obj._x where _x is a member defined in another module only
     defined: dict[str, set[str]] = {}
-    for m, path in MODULES.items():
-        tree = ast.parse(path.read_text())
+    for m, tree in TREES.items():
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name.startswith("_"):
                 defined.setdefault(node.name, set()).add(m)
@@ -179,7 +179,7 @@ def test_no_private_names_across_modules():
                   and node.value.id == "self" and node.attr.startswith("_")):
                 defined.setdefault(node.attr, set()).add(m)
     for m, path in MODULES.items():
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(TREES[m]):
             if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
                     and isinstance(node.value, ast.Name) and node.value.id not in ("self", "cls")
                     and node.attr in defined and m not in defined[node.attr]):
