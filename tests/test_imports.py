@@ -18,8 +18,9 @@ PACKAGES = ("small4_jax", "infer", "train")
 # the longest prefix listed (a package name covers its modules).
 LAYERS = [
     ("core", ["small4_jax.errors", "small4_jax.config", "small4_jax.platform", "small4_jax.console"]),
-    ("leaves: placement on meshes, tokens and images, quantised formats, the batch sampler",
-     ["small4_jax.parallel", "small4_jax.inputs", "small4_jax.quant", "small4_jax.decode.sampler"]),
+    ("leaves: placement on meshes, tokens and images, quantised formats, the batch sampler, the safetensors reader",
+     ["small4_jax.parallel", "small4_jax.inputs", "small4_jax.quant", "small4_jax.decode.sampler",
+      "small4_jax.ckpt.safetensors_io"]),
     ("kernels", ["small4_jax.kernels"]),
     ("model math", ["small4_jax.nn"]),
     ("adapters, calibrated quantisation", ["small4_jax.lora", "small4_jax.quant.calibration"]),

@@ -3,5 +3,6 @@ model's parameters to checkpoint tensors (`plan`), a checkpoint directory into a
 sharded Orbax checkpoints written tensor by tensor and loaded onto any mesh (`sharded`), EAGLE draft heads (`eagle`).
 
 Import direction (tests/test_imports.py, `LAYERS`): imports the core, `parallel`, `quant`, `nn` and `lora`;
-`decode`, `tools`, `infer` and `train` import it.
+`decode`, `tools`, `infer` and `train` import it. `safetensors_io` is a leaf over the core (LoRA reads PEFT files
+with it).
 """

@@ -680,7 +680,7 @@ def init_model(config: Small4Config, *, seed: int = 0, dtype="float32", quantize
 def abstract_model(config: Small4Config, *, dtype="float32", quantize: str | None = None,
                    activations: str | None = None):
     """The model with shape-only parameters (no memory, no FLOPs): what a checkpoint is loaded into (with
-    activations="fp8", W8A8: its static activation scales as parameters too, `quant.quantize_model`)."""
+    activations="fp8", W8A8: its static activation scales as parameters too, `qlinear.quantize_model`)."""
     return nnx.eval_shape(lambda: quantize_model(Small4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)), quantize,
                                                  activations=activations))
 
