@@ -27,13 +27,13 @@ LAYERS = [
     ("checkpoints", ["small4_jax.ckpt"]),
     ("the Python API's decoding", ["small4_jax.decode"]),
     ("the public API", ["small4_jax"]),
-    ("training", ["train"]),
     ("serving: engine, speculative decoding, structured output, server, command line", ["infer"]),
+    ("training (GRPO samples with the serving engine)", ["train"]),
     ("tools (deviceless compiles of the serving and training programs, conversion)",
      ["small4_jax.tools", "small4_jax.aot", "small4_jax.convert", "small4_jax.distributed"]),
 ]
 # Inside `infer`, the engine is below what drives it.
-INFER_ORDER = ["infer.structured", "infer.engine", "infer.speculative", "infer.chat", "infer.batch", "infer.server",
+INFER_ORDER = ["infer.chat", "infer.structured", "infer.engine", "infer.speculative", "infer.batch", "infer.server",
                "infer.cli", "infer.generate", "infer.serve"]
 
 # Modules whose first-party imports may stay inside functions, and why.

@@ -192,6 +192,6 @@ def load_eagle(path: str | Path, target, *, dtype=None) -> EagleDraft:
         graphdef, state = nnx.split(abstract)
         plan = checkpoint_plan(state)
         verify_source(config, plan, source, f"{path} (EAGLE draft)")
-        return load_state(graphdef, state, plan, source, dtype=dtype, where=f"{path} (EAGLE draft)")
+        return load_state(graphdef, state, plan, source, dtype=dtype, where=f"{path} (EAGLE draft)", committed=False)
     finally:
         reader.close()

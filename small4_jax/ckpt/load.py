@@ -16,11 +16,12 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from small4_jax.ckpt import sharded as sharded_ckpt
-from small4_jax.ckpt.plan import TensorSource, checkpoint_plan, load_state, verify_source
+from small4_jax.ckpt.plan import TensorSource, checkpoint_plan, load_state, numpy_dtype, verify_source
 from small4_jax.ckpt.safetensors_io import CheckpointReader
 from small4_jax.config import Small4Config, load_config
 from small4_jax.errors import CheckpointError, ConfigError
@@ -97,7 +98,8 @@ def load_layer(config: Small4Config, source: TensorSource, i: int, *, dtype="flo
     (`layers.{i}.*`, mapped as `checkpoint_plan` maps a stack's slice). What the layer-at-a-time GPTQ pipeline
     (`convert --quantize int4 --calibration`) holds of a model at any time."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: DecoderLayer(config, i, dtype=dtype, rngs=nnx.Rngs(0))))
-    return load_state(graphdef, state, checkpoint_plan(state), source, dtype=dtype, prefix=f"layers.{i}.")
+    return load_state(graphdef, state, checkpoint_plan(state), source, dtype=dtype, prefix=f"layers.{i}.",
+                      committed=False)
 
 
 def default_quantize(source) -> str | None:

@@ -209,12 +209,14 @@ def numpy_dtype(dtype) -> np.dtype:
 
 
 def load_state(graphdef, state, plan: dict, source: TensorSource, *, dtype, mesh: Mesh | None = None,
-               where: str = "checkpoint", quantised: dict | None = None, prefix: str = "") -> nnx.Module:
+               where: str = "checkpoint", quantised: dict | None = None, prefix: str = "",
+               committed: bool = True) -> nnx.Module:
     """The one loop over a checkpoint plan (`from_pretrained`, a decoder layer for GPTQ, an EAGLE draft): each
     parameter of the abstract `state` read from `source` under its plan names (each after `prefix`), transformed to
     our layout and put on its devices (`sharding_for` on `mesh`, the default device without one; a layer stack one
     layer at a time, `put_stacked`); returns the module merged from `graphdef`. The caller checks the source first
-    (`verify_source`).
+    (`verify_source`). `committed=False` (float parameters, no mesh: a GPTQ layer, an EAGLE draft) leaves them
+    uncommitted on the default device, usable under any mesh the caller later runs them in.
 
     `quantised` (the flat state of the quantised abstract model, or None): a parameter whose `<name>_scale` it holds is
     read quantised in the format of its values' dtype (`read_quantized`: FP8 bytes and scales kept for fp8, else
@@ -254,11 +256,12 @@ def load_state(graphdef, state, plan: dict, source: TensorSource, *, dtype, mesh
             for p, arr in zip(paths, arrs):
                 flat.append((p, quantised[p].replace(arr)))
             continue
+        layers = (transform(source.get(prefix + name, dtype=np_dtype)) for name in names)
         if is_stacked(path):
-            arr = put_stacked(path, (transform(source.get(prefix + name, dtype=np_dtype)) for name in names), len(names), mesh)
+            arr = put_stacked(path, layers, len(names), mesh) if committed else jnp.asarray(np.stack(list(layers)))
         else:
-            host = transform(source.get(prefix + names[0], dtype=np_dtype))
-            arr = jax.device_put(np.ascontiguousarray(host), sharding_for(path, host.shape, mesh))
+            host = next(layers)
+            arr = jax.device_put(np.ascontiguousarray(host), sharding_for(path, host.shape, mesh) if committed else None)
             del host
         flat.append((path, value.replace(arr) if hasattr(value, "replace") else arr))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
