@@ -30,7 +30,7 @@ LAYERS = [
     ("serving: engine, speculative decoding, structured output, server, command line", ["infer"]),
     ("training (GRPO samples with the serving engine)", ["train"]),
     ("tools (deviceless compiles of the serving and training programs, conversion)",
-     ["small4_jax.tools", "small4_jax.aot", "small4_jax.convert", "small4_jax.distributed"]),
+     ["small4_jax.tools", "small4_jax.aot", "small4_jax.convert", "small4_jax.distributed", "small4_jax.plan"]),
 ]
 # Inside `infer`, the engine is below what drives it.
 INFER_ORDER = ["infer.chat", "infer.structured", "infer.engine", "infer.speculative", "infer.batch", "infer.server",
@@ -49,7 +49,7 @@ LAZY = {
     "train.export": "`python -m train.export --help` answers without importing JAX",
 }
 # The `python -m` aliases of moved command-line modules: nothing may import them.
-CLI_ALIASES = ("small4_jax.aot", "small4_jax.convert", "small4_jax.distributed")
+CLI_ALIASES = ("small4_jax.aot", "small4_jax.convert", "small4_jax.distributed", "small4_jax.plan")
 
 
 def _modules() -> dict[str, Path]:
