@@ -17,7 +17,8 @@ PACKAGES = ("small4_jax", "infer", "train")
 # Low to high: a module may import modules of its own layer and of the layers before it. A module's layer is that of
 # the longest prefix listed (a package name covers its modules).
 LAYERS = [
-    ("core", ["small4_jax.errors", "small4_jax.config", "small4_jax.platform", "small4_jax.console"]),
+    ("core", ["small4_jax.errors", "small4_jax.runtime", "small4_jax.config", "small4_jax.platform",
+              "small4_jax.console"]),
     ("leaves: placement on meshes, tokens and images, quantised formats, the batch sampler, the safetensors reader",
      ["small4_jax.parallel", "small4_jax.inputs", "small4_jax.quant", "small4_jax.decode.sampler",
       "small4_jax.ckpt.safetensors_io"]),

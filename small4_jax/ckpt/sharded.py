@@ -562,9 +562,9 @@ def migrate_per_layer(src: str | os.PathLike, out: str | os.PathLike, config: Sm
             print(f"\r[{i + 1}/{len(stacked)}] {'.'.join(new):<70}", end="", file=progress, flush=True)
     if progress is not None:
         print(file=progress)
-    _atomic_write(partial / "_METADATA", json.dumps(dict(meta, tree_metadata=tree)))
+    atomic_write(partial / "_METADATA", json.dumps(dict(meta, tree_metadata=tree)))
     if old_sharding is not None:
-        _atomic_write(partial / "_sharding", json.dumps(new_sharding))
+        atomic_write(partial / "_sharding", json.dumps(new_sharding))
     for name in (CONFIG_FILE, FORMAT_FILE):  # a converted model's own files (a LoRA step has none)
         if (src / name).is_file():
             shutil.copy2(src / name, partial / name)
