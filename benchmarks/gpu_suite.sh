@@ -160,7 +160,8 @@ step() {  # step NAME LIMIT CMD...: the heading, then the command (it may append
   elif [ "$rc" = 0 ]; then
     echo -e "\nexit 0 in $took s" >> "$RESULTS"
   else
-    { echo -e "\n**exit $rc** in $took s; the end of its stderr:\n"; echo '```'
+    { echo -e "\n**exit $rc** in $took s; the end of its stdout and stderr:\n"; echo '```'
+      grep -v "^\s*$" "$LOGS/$name/stdout.txt" | tail -n 3 | cut -c1-300
       grep -v "^\s*$" "$LOGS/$name/stderr.txt" | tail -n 8 | cut -c1-300; echo '```'; } >> "$RESULTS"
   fi
   tail -n 3 "$LOGS/$name/stderr.txt" >&2

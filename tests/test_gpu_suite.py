@@ -24,7 +24,7 @@ STEPS = r"""
 step fast 2 bash -c 'printf "| a | b |\n|---|---|\n| 1 | 2 |\n" >> "$0"' "$RESULTS"
 step litters 2 bash -c 'for i in $(seq 12); do echo "{}" > "$OUT/r$i.json"; done; echo wrote'
 step slow 2 bash -c 'echo "| partial | row |" >> "$0"; sleep 30' "$RESULTS"
-step fails 2 bash -c 'echo "Traceback: torch.OutOfMemoryError: CUDA out of memory" >&2; exit 3'
+step fails 2 bash -c 'echo "loss 7.95 vs 7.95: MISMATCH"; echo "Traceback: torch.OutOfMemoryError: CUDA out of memory" >&2; exit 3'
 step last 2 true
 """
 
@@ -62,6 +62,7 @@ def test_each_step_lands_under_its_heading_and_at_most_two_files_come_back(tmp_p
     assert "| 1 | 2 |" in sections["fast"] and "exit 0 in" in sections["fast"]
     assert "| partial | row |" in sections["slow"] and "**killed at its 2 s limit**" in sections["slow"]
     assert "**exit 3**" in sections["fails"] and "CUDA out of memory" in sections["fails"]
+    assert "MISMATCH" in sections["fails"]  # its stdout too: a failed check prints there
     assert "exit 0 in" in sections["last"]
     with tarfile.open(out / "gpu_logs.tar.gz") as tar:
         names = set(tar.getnames())
