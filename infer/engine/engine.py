@@ -375,7 +375,8 @@ class Engine:
         cache_dtype: dtype of the cache (default the model's).
         mesh: a device mesh (the model's parameters live on it).
         cache_axes: mesh axes the cache's pages are sharded over (default: the batch axes of `sharding.RULES`, data
-            and expert, that the mesh has; () keeps one cache replicated on every device): each shard
+            and expert, that the mesh has, as far as their sizes divide max_batch; () keeps one cache replicated on
+            every device): each shard
             holds num_pages / shards pages and attends for its own rows (data-parallel attention, while the MoE stays
             expert-parallel), so the cache grows with the devices. A request's pages all live on one shard, chosen
             at admission (most prefix-cache hits, then most free pages); max_batch and the batch buckets count rows
@@ -435,7 +436,7 @@ class Engine:
         self.max_pages_per_seq = math.ceil(self.max_model_len / page_size)
         self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
         if cache_axes is None:
-            cache_axes = batch_axes(mesh)
+            cache_axes = batch_axes(mesh, max_batch)
         for a in cache_axes:
             if mesh is None or a not in mesh.shape:
                 where = "there is no mesh" if mesh is None else f"the mesh has axes {dict(mesh.shape)}"
