@@ -676,7 +676,8 @@ def _read_experts(site, names, get, e: int, mcfg, config: dict, pattern, default
     wrapper nests the first: `experts.base_layer.lora_*` and `experts.lora_*`), each with its rank_pattern /
     alpha_pattern entry. Which parameter a pair adapts is read from its lora_A's input width (hidden for
     gate_up_proj, moe_intermediate for down_proj; where they are equal, from the nesting / target_parameters).
-    The two share one rank here: the smaller is zero-padded and each pair's alpha / r is folded into its B (scale 1)."""
+    The two share one rank here: the smaller is zero-padded; where the pairs' alpha / r differ, each is folded into
+    its B (scale 1)."""
     h, f = mcfg.hidden_size, mcfg.moe_intermediate_size
     path = site.path
     pairs = [p for p in (f"{path}.base_layer.", f"{path}.") if f"{p}lora_A.weight" in names]
@@ -704,15 +705,21 @@ def _read_experts(site, names, get, e: int, mcfg, config: dict, pattern, default
                 raise ConfigError(f"{where}: {names[name]} has shape {list(x.shape)}, expected {want} "
                                   f"(experts.{param}, {e} experts, rank {rank})")
         ea, eb = _expert_from_peft(a, b, e)
-        out[param] = (ea, eb * (alpha / rank), rank)
+        out[param] = (ea, eb, rank, alpha / rank)
     r = max(v[2] for v in out.values())
+    scales = {v[3] for v in out.values()}
+    # One alpha / r for both (peft's usual case): B stays as peft wrote it, so training from the adapter follows
+    # peft's parametrisation (gradients and all); different scales are folded into each B (scale 1).
+    scale = scales.pop() if len(scales) == 1 else None
     fields = {}
     for param, key in (("gate_up_proj", "gate_up"), ("down_proj", "down")):
         din, dout = (h, 2 * f) if param == "gate_up_proj" else (f, h)
-        ea, eb, rank = out.get(param, (np.zeros((e, din, r), np.float32), np.zeros((e, r, dout), np.float32), r))
+        zeros = (np.zeros((e, din, r), np.float32), np.zeros((e, r, dout), np.float32), r, 1.0)
+        ea, eb, rank, s = out.get(param, zeros)
+        eb = eb if scale is not None else eb * s
         fields[f"{key}_a"] = np.pad(ea, ((0, 0), (0, 0), (0, r - rank)))
         fields[f"{key}_b"] = np.pad(eb, ((0, 0), (0, r - rank), (0, 0)))
-    return r, float(r), fields
+    return r, float(r) * (scale if scale is not None else 1.0), fields
 
 
 def save_peft(model: Small4ForCausalLM, out_dir, base_model_name_or_path: str | None = None) -> None:
