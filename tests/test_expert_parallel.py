@@ -89,6 +89,9 @@ def test_strategy_choice_and_layout():
     assert (layout.data, layout.ep, layout.tp) == (2, 2, 2)
     assert layout.token_spec(all_to_all=True) == jax.sharding.PartitionSpec(("data", "expert"))
     assert moe_layout(mesh, num_experts=7, intermediate=2048) is None  # experts must divide: no EP
+    tp = moe_layout(make_mesh({"tensor": 8}), num_experts=128, intermediate=2048)  # the latency layout
+    assert (tp.expert_axis, tp.ep, tp.tensor_axis, tp.tp) == (None, 1, "tensor", 8)
+    assert moe_layout(make_mesh({"data": 2, "tensor": 4}), num_experts=8, intermediate=6) is None  # 4 must divide F
     assert moe_layout(make_mesh({"data": 8}), num_experts=8, intermediate=8) is None  # no expert axis
     assert mesh_of(jnp.ones(3)) is None
     placed = jax.device_put(jnp.ones((8, 4)), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert")))

@@ -52,9 +52,10 @@ from small4_jax.errors import InputError, Small4Error
 from small4_jax.inputs.images import image_hash
 from small4_jax.lora.multi import MultiLoRA, adapter_rank
 from small4_jax.nn import vision
-from small4_jax.parallel.sharding import batch_axes
+from small4_jax.nn.model import interleave_experts
 from small4_jax.nn.paged import (NULL_PAGE, PagedCache, cache_bytes_per_token_per_layer, cache_spec, cache_width,
                                  logits_step)
+from small4_jax.parallel.sharding import batch_axes
 from small4_jax.quant.formats import format_of, is_quantised_dtype
 
 log = logging.getLogger("small4_jax")
@@ -382,6 +383,11 @@ class Engine:
             at admission (most prefix-cache hits, then most free pages); max_batch and the batch buckets count rows
             over all shards (multiples of the shard count), prefill_batch counts requests per shard, num_pages all
             pages (rounded down to a multiple of the shard count).
+        context_axes: mesh axes one sequence's pages are split over by position (decode context parallelism: page
+            j of a sequence on shard j % shards, each shard attends over its own keys, partial softmax results
+            combined; `paged.absorbed_attention`), so one long sequence's cache is spread over the devices. Not
+            with cache_axes (then defaulted to none). num_pages counts all pages; max_model_len needs
+            ceil(its pages / shards) + 1 per shard.
         prefix_caching: reuse cached pages of shared prompt prefixes.
     """
 
@@ -409,6 +415,7 @@ class Engine:
         lora_adapters: Sequence[tuple[str, str]] = (),
         max_loras: int | None = None,
         max_lora_rank: int | None = None,
+        context_axes: Sequence[str] = (),
     ):
         config = model.config
         self.lora = None  # multi-LoRA serving (small4_jax/lora/multi.py): adapters chosen per request
@@ -436,23 +443,33 @@ class Engine:
         self.max_pages_per_seq = math.ceil(self.max_model_len / page_size)
         self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
         if cache_axes is None:
-            cache_axes = batch_axes(mesh, max_batch)
-        for a in cache_axes:
-            if mesh is None or a not in mesh.shape:
-                where = "there is no mesh" if mesh is None else f"the mesh has axes {dict(mesh.shape)}"
-                raise InputError(f"cache axis {a!r} is not an axis of the mesh: {where}")
+            cache_axes = () if context_axes else batch_axes(mesh, max_batch)
+        for kind, axes in (("cache", cache_axes), ("context", context_axes)):
+            for a in axes:
+                if mesh is None or a not in mesh.shape:
+                    where = "there is no mesh" if mesh is None else f"the mesh has axes {dict(mesh.shape)}"
+                    raise InputError(f"{kind} axis {a!r} is not an axis of the mesh: {where}")
         self.cache_axes = tuple(a for a in cache_axes if mesh.shape[a] > 1)
+        self.context_axes = tuple(a for a in context_axes if mesh.shape[a] > 1)
+        if self.cache_axes and self.context_axes:
+            raise InputError(f"cache axes {self.cache_axes} and context axes {self.context_axes} together are not "
+                             "supported: give one of them")
+        c = self.context_shards = math.prod(mesh.shape[a] for a in self.context_axes) if self.context_axes else 1
         d = self.cache_shards = math.prod(mesh.shape[a] for a in self.cache_axes) if self.cache_axes else 1
         self.rows_per_shard = math.ceil(max_batch / d)
         cache_bytes = None
         if num_pages is None:
             cache_bytes = free_device_memory()
             if cache_bytes is not None:  # per device: each shard's pages fit its devices
-                num_pages = d * pages_for_memory(config, self.cache_dtype, cache_bytes, page_size)
+                num_pages = d * c * pages_for_memory(config, self.cache_dtype, cache_bytes, page_size)
             else:
-                num_pages = d * (self.rows_per_shard * self.max_pages_per_seq + 1)
-        num_pages -= num_pages % d
-        if num_pages // d - 1 < self.max_pages_per_seq:
+                num_pages = d * c * (self.rows_per_shard * math.ceil(self.max_pages_per_seq / c) + 1)
+        num_pages -= num_pages % (d * c)
+        if c > 1 and num_pages // c - 1 < math.ceil(self.max_pages_per_seq / c):
+            raise InputError(f"the cache holds {(num_pages // c - 1) * page_size} tokens per context shard, less "
+                             f"than 1/{c} of a sequence of max_model_len {self.max_model_len}: lower max_model_len or "
+                             "give it more memory")
+        if c == 1 and num_pages // d - 1 < self.max_pages_per_seq:
             per = " per shard" if d > 1 else ""
             raise InputError(f"the cache holds {(num_pages // d - 1) * page_size} tokens{per}, less than one sequence "
                              f"of max_model_len {self.max_model_len}: lower max_model_len or give it more memory")
@@ -477,12 +494,15 @@ class Engine:
         if mesh is not None:
             sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self._replicated = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        tp = 1 if mesh is None else dict(mesh.shape).get("tensor", 1)
+        if tp > 1 and config.moe_intermediate_size % tp == 0 and self.lora is None:
+            interleave_experts(model, tp)  # each tensor shard reads its gate and up columns without an all-gather
         self.graphdef, self.state = nnx.split(model)
         # placed (committed) from the start, as every step returns it: the first step compiles for the same input
         cache_sharding = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None
-                          else jax.sharding.NamedSharding(mesh, cache_spec(self.cache_axes)))
+                          else jax.sharding.NamedSharding(mesh, cache_spec(self.cache_axes, self.context_axes)))
         self.pages = PagedCache.create(config, num_pages, page_size, self.cache_dtype, cache_sharding).pages
-        self.pool = PagePool(num_pages, page_size, prefix_caching, shards=d)
+        self.pool = PagePool(num_pages, page_size, prefix_caching, shards=d * c, by_position=c > 1)
         # last slot: padding rows; committed like the cache, so the first sampling step does not compile twice
         self.history = TokenHistory.create(max_batch + 1, config.vocab_size,
                                            sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0]))
@@ -493,7 +513,7 @@ class Engine:
         # and the length last copied into that row.
         self._table = np.full((max_batch + 1, self.max_pages_per_seq), NULL_PAGE, np.int32)
         self._table_copy: list[tuple[PageList | None, int]] = [(None, 0)] * (max_batch + 1)
-        self.report = cache_report(config, self.cache_dtype, cache_bytes, page_size, num_pages, d)
+        self.report = cache_report(config, self.cache_dtype, cache_bytes, page_size, num_pages, d * c)
         line, self.memory = memory_report(self.state, self.pages)  # weights / cache / headroom bytes, one device
         self.report += "\n" + line
         log.info("%s", self.report)
@@ -886,6 +906,8 @@ class Engine:
             extra = {} if input_embeds is None else {"input_embeds": input_embeds}  # prompt chunks with images
             if self.cache_axes:
                 extra["cache_axes"] = self.cache_axes
+            if self.context_axes:
+                extra["context_axes"] = self.context_axes
             logits, self.pages = self._forward(ids, positions, seq_index, slots, page_table, logit_index,
                                                absorbed=absorbed, **extra)
             if inv is not None:
@@ -897,7 +919,7 @@ class Engine:
         self._waited += time.perf_counter() - t0
         return out
 
-    def _forward(self, *inputs, absorbed: bool, input_embeds=None, cache_axes=()):
+    def _forward(self, *inputs, absorbed: bool, input_embeds=None, cache_axes=(), context_axes=()):
         """The model step (`paged.logits_step`) on the engine's state and cache -> (logits, pages).
 
         The state goes in as its flat list of arrays, to a jitted function closed over the graph definition, so a
@@ -908,13 +930,16 @@ class Engine:
         if self.logits_step is not logits_step:
             if cache_axes:
                 extra["cache_axes"] = cache_axes
+            if context_axes:
+                extra["context_axes"] = context_axes
             return self.logits_step(self.graphdef, self.state, self.pages, *inputs, absorbed=absorbed, **extra)
         leaves, treedef = jax.tree.flatten(self.state)
-        key = (absorbed, tuple(cache_axes))
+        key = (absorbed, tuple(cache_axes), tuple(context_axes))
         held = self._flat_steps.get(key)
         if held is None or held[0] is not self.graphdef or held[1] != treedef:
             held = self._flat_steps[key] = (self.graphdef, treedef,
-                                            _flat_logits_step(self.graphdef, treedef, absorbed, tuple(cache_axes)))
+                                            _flat_logits_step(self.graphdef, treedef, absorbed, tuple(cache_axes),
+                                                              tuple(context_axes)))
         return held[2](leaves, self.pages, *inputs, **extra)
 
     def set_adapters(self, reqs, rows, perm=None) -> None:
@@ -1003,7 +1028,7 @@ class Engine:
             req.shard = shard
             cached = self.pool.match(hashes, req.tokens, req.context, shard)
             need = math.ceil(len(req.tokens) / self.page_size) - len(cached)
-            fresh = self.pool.allocate(need, shard)
+            fresh = self._allocate(len(cached), need, shard)
             if fresh is None:
                 self.pool.release(cached)
                 if not self.running:  # nothing will free pages: cannot happen for prompts < max_model_len
@@ -1043,7 +1068,7 @@ class Engine:
         """Give `req` pages for n_tokens tokens, preempting younger requests if needed; False if it was preempted."""
         need = math.ceil(n_tokens / self.page_size) - len(req.pages)
         while need > 0:
-            fresh = self.pool.allocate(need, req.shard)
+            fresh = self._allocate(len(req.pages), need, req.shard)
             if fresh is not None:
                 req.pages += fresh
                 return True
@@ -1052,6 +1077,11 @@ class Engine:
             if victim is req:
                 return False
         return True
+
+    def _allocate(self, first: int, n: int, shard: int) -> list[int] | None:
+        """n fresh pages for page indices first .. of a request on `shard`, or with context parallelism each on
+        the context shard owning its position (`PagePool.allocate_at`); None when they are not available."""
+        return self.pool.allocate_at(first, n) if self.context_shards > 1 else self.pool.allocate(n, shard)
 
     def _preempt(self, req: _Request) -> None:
         """Release the pages of `req` and put it first in the queue; it recomputes its tokens when readmitted."""
@@ -1145,6 +1175,13 @@ class Engine:
         """A step's inputs for the sharded cache: each of `arrays` ([rows, ...] or None), slots and page_table with
         their rows in shard blocks (`shard_layout`) and page ids made each shard's own, and perm (outputs[argsort(
         perm)] are back in request order). Unchanged, with perm None, on an unsharded cache."""
+        if self.context_shards > 1:  # each context shard's columns in turn, its own page ids (`forward`)
+            c, (b, w) = self.context_shards, page_table.shape
+            table = np.pad(page_table, ((0, 0), (0, -w % c)))  # padding: the null page
+            table = table.reshape(b, -1, c).transpose(0, 2, 1).reshape(b, -1) % self.pool.per_shard
+            slots = slots.copy()
+            slots[..., 0] %= self.pool.per_shard
+            return arrays, slots, table, None
         if self.cache_shards == 1:
             return arrays, slots, page_table, None
         perm = self.shard_layout(reqs, rows)
@@ -1356,7 +1393,8 @@ def _prompt_logprobs_step(graphdef, state, ids, *, num_top: int):
 
 
 @functools.lru_cache(maxsize=64)
-def _flat_logits_step(graphdef, treedef, absorbed: bool, cache_axes: tuple[str, ...]):
+def _flat_logits_step(graphdef, treedef, absorbed: bool, cache_axes: tuple[str, ...],
+                      context_axes: tuple[str, ...] = ()):
     """`paged.logits_step` for one graph definition, jitted over the state's flat list of arrays (`Engine._forward`),
     with the cache donated. Cached by value: a new split of an equal model (an adapter loaded into a free slot)
     gets the same jitted function, so it compiles nothing."""
@@ -1365,6 +1403,8 @@ def _flat_logits_step(graphdef, treedef, absorbed: bool, cache_axes: tuple[str, 
         extra = {} if input_embeds is None else {"input_embeds": input_embeds}
         if cache_axes:
             extra["cache_axes"] = cache_axes
+        if context_axes:
+            extra["context_axes"] = context_axes
         return logits_step(graphdef, jax.tree.unflatten(treedef, leaves), pages, ids, positions, seq_index, slots,
                            page_table, logit_index, absorbed=absorbed, **extra)
 

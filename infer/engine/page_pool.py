@@ -76,7 +76,8 @@ class PagePool:
     """Allocates pages (all but each shard's null page), with reference counts and an LRU prefix cache of released
     full pages per shard."""
 
-    def __init__(self, num_pages: int, page_size: int, prefix_caching: bool = True, shards: int = 1):
+    def __init__(self, num_pages: int, page_size: int, prefix_caching: bool = True, shards: int = 1,
+                 by_position: bool = False):
         if shards < 1 or num_pages % shards:
             raise ValueError(f"{num_pages} pages do not split into {shards} equal shards")
         if num_pages // shards < 2:
@@ -85,6 +86,9 @@ class PagePool:
         self.page_size = page_size
         self.prefix_caching = prefix_caching
         self.shards = shards
+        # by_position (decode context parallelism): page i of every sequence lives on shard i % shards
+        # (`allocate_at`), instead of a sequence's pages all on one shard
+        self.by_position = by_position
         self.per_shard = num_pages // shards
         # pop() hands out low ids first
         self._free = [list(range((s + 1) * self.per_shard - 1, s * self.per_shard, -1)) for s in range(shards)]
@@ -142,6 +146,16 @@ class PagePool:
             out.append(page)
         return out
 
+    def allocate_at(self, first: int, n: int) -> list[int] | None:
+        """By position: fresh pages for page indices first .. first + n - 1 of a sequence, index i on shard
+        i % shards; None (and nothing allocated) when some shard lacks them."""
+        need = [0] * self.shards
+        for i in range(first, first + n):
+            need[i % self.shards] += 1
+        if any(k > self.available(s) for s, k in enumerate(need)):
+            return None
+        return [self.allocate(1, i % self.shards)[0] for i in range(first, first + n)]
+
     def release(self, pages: Sequence[int]) -> None:
         """Drop one reference to each page; unreferenced pages become free, or idle if they are cached."""
         for page in pages:
@@ -161,7 +175,7 @@ class PagePool:
             return out
         size = self.page_size
         for i, h in enumerate(hashes):
-            page = self._by_hash.get((shard, h))
+            page = self._by_hash.get((i % self.shards if self.by_position else shard, h))
             if page is None:
                 break
             parent = hashes[i - 1] if i else context
@@ -183,7 +197,7 @@ class PagePool:
         out = self._matching(hashes, tokens, context, shard)
         for page in out:
             if self._refs[page] == 0:
-                del self._idle[shard][page]
+                del self._idle[self.shard_of(page)][page]
             self._refs[page] += 1
         return out
 

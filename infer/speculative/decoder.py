@@ -153,22 +153,27 @@ class NgramDrafter:
 def make_drafter(config: SpeculativeConfig, engine):
     if config.method == "ngram":
         return NgramDrafter(config)
+    if engine.context_axes:
+        raise InputError("--speculative eagle with --context-axes is not supported: the draft's cache is not split "
+                         "by position; use ngram drafts")
     return EagleDrafter(config, engine)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The verify step.
-@functools.partial(jax.jit, static_argnames=("graphdef", "with_hidden", "cache_axes"), donate_argnames=("pages",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "with_hidden", "cache_axes", "context_axes"),
+                   donate_argnames=("pages",))
 def verify_forward(graphdef, state, pages, ids, positions, seq_index, slots, page_table, *, with_hidden: bool = False,
-                   cache_axes: tuple[str, ...] = ()):
+                   cache_axes: tuple[str, ...] = (), context_axes: tuple[str, ...] = ()):
     """The target over ids [B, T] = [last token, drafts] on the paged cache (absorbed MLA, as decode), logits at
     every position: (logits [B, T, V], pages[, final-normed hidden [B, T, H]]). cache_axes: a sharded cache's axes
-    (rows in shard blocks, page ids each shard's own: `paged.forward`)."""
+    (rows in shard blocks, page ids each shard's own: `paged.forward`); context_axes: one sequence's pages split
+    by position (`paged.absorbed_attention`)."""
     model = nnx.merge(graphdef, state)
     b, t = ids.shape
     index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     return forward(model, pages, ids, positions, seq_index, slots, page_table, index, absorbed=True,
-                   with_hidden=with_hidden, cache_axes=cache_axes)
+                   with_hidden=with_hidden, cache_axes=cache_axes, context_axes=context_axes)
 
 
 def draft_masks(tokenizer, reqs, drafts: np.ndarray, num_drafts: np.ndarray, mask: np.ndarray) -> list[int]:
@@ -246,7 +251,7 @@ class Speculator:
         with jax.set_mesh(engine.mesh) if engine.mesh is not None else contextlib.nullcontext():
             out = verify_forward(engine.graphdef, engine.state, engine.pages, ids, seq_index, seq_index, slots, table,
                                  with_hidden=getattr(self.drafter, "needs_hidden", False),
-                                 cache_axes=engine.cache_axes)
+                                 cache_axes=engine.cache_axes, context_axes=engine.context_axes)
             engine.pages = out[1]
             logits, hidden = out[0], (out[2] if len(out) > 2 else None)
             if perm is not None:

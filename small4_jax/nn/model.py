@@ -36,7 +36,7 @@ from small4_jax.config import Small4Config
 from small4_jax.kernels.attention import attention
 from small4_jax.nn.initializers import normal_init
 from small4_jax.nn.layers import ACT, RMSNorm, apply_rope, linear, project, tap
-from small4_jax.nn.moe import AtLayer, Experts, resolve_dense_impl, route, routed_experts
+from small4_jax.nn.moe import AtLayer, Experts, interleave_gate_up, resolve_dense_impl, route, routed_experts
 from small4_jax.nn.qlinear import quantize_model
 from small4_jax.nn.vision import MultiModalProjector, PixtralVisionModel
 from small4_jax.parallel.sharding import batch_axes, mesh_axes, mesh_of, param_axes
@@ -142,14 +142,13 @@ class MoE(nnx.Module):
         lora = None if self.experts.lora is None else self.experts.lora.weights()
         gate_up, down = self.experts.weights()
         tap("experts", self.experts, flat, ids, weights, gate_up, down, self.act)  # GPTQ calibration's point
+        shared = self.shared_experts
         y = routed_experts(
             flat, ids, weights, gate_up, down, act=self.act, impl=c.moe_impl,
             lora=lora, mesh="auto", strategy=c.moe_strategy, a2a_min_tokens=c.moe_a2a_min_tokens,
+            gate_up_blocks=self.experts.gate_up_blocks, shared=shared,
         )
-        y = y.reshape(shape)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y
+        return y.reshape(shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -593,6 +592,33 @@ class Small4ForCausalLM(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache.create(self.config, batch, max_len, self.dtype)
+
+
+def interleave_experts(model: Small4ForCausalLM, blocks: int) -> None:
+    """Reorder every routed-expert stack's gate_up columns (and per-column scales) in place into `blocks` blocks
+    [gate_t | up_t] (`moe.interleave_gate_up`; blocks=1 restores [gate | up]) and record it (`Experts.gate_up_blocks`),
+    so that a tensor-parallel layout of width `blocks` reads each shard's gate and up columns without an all-gather.
+    Each array keeps its sharding; the old one is donated. The serving engine does this on a tensor-parallel mesh."""
+    for stack in model.layer_stacks:
+        experts = getattr(stack.mlp, "experts", None)
+        if experts is None or experts.gate_up_blocks == blocks:
+            continue
+        if experts.lora is not None:
+            raise ValueError("interleave_experts: the routed experts carry LoRA adapters in the [gate | up] order")
+        current = experts.gate_up_blocks
+
+        def reorder(w, current=current):
+            if current > 1:
+                w = interleave_gate_up(w, current, inverse=True)
+            return w if blocks == 1 else interleave_gate_up(w, blocks)
+
+        names = ["gate_up"] + (["gate_up_scale"] if experts.gate_up_scale is not None
+                               and experts.gate_up_scale[...].shape[-1] > 1 else [])
+        for name in names:
+            value = getattr(experts, name)[...]
+            out = jax.jit(reorder, out_shardings=getattr(value, "sharding", None), donate_argnums=0)(value)
+            setattr(experts, name, nnx.Param(out))
+        experts.gate_up_blocks = blocks
 
 
 def chunked_cross_entropy(head: nnx.Module, h: jax.Array, targets, weights, chunk: int) -> tuple[jax.Array, jax.Array]:

@@ -67,7 +67,7 @@ from small4_jax.config import DENSE_IMPLS, Small4Config
 from small4_jax.kernels.gmm import pallas_triton
 from small4_jax.nn.initializers import normal_init
 from small4_jax.quant.formats import QArray, check_activations, column_scale, dequantize, quantize, quantize_act, w8a8_dot
-from small4_jax.parallel.sharding import MoELayout, mesh_of, moe_layout, scale_spec
+from small4_jax.parallel.sharding import MoELayout, mesh_of, moe_layout, scale_spec, spec_for
 
 IMPLS = ("pallas", "ragged_dot", "dense")
 STRATEGIES = ("auto", "replicated", "all_to_all", "none")
@@ -146,6 +146,9 @@ class Experts(nnx.Module):
         # W8A8 only (quantize(..., activations="fp8")): the experts' static activation scales [E, 1, 1]
         self.gate_up_act_scale, self.down_act_scale = nnx.data(None), nnx.data(None)
         self.lora = None
+        # gate_up's column order: 1 is [gate | up]; tp is tp blocks [gate_t | up_t] (interleave_gate_up), what a
+        # tensor-parallel layout of width tp reads without an all-gather (`model.interleave_experts`)
+        self.gate_up_blocks = 1
 
     def quantize(self, fmt: str, activations: str | None = None) -> None:
         """Quantise the stacked weights in place (quant.py formats; fp8 gets one scale per expert); with
@@ -436,6 +439,8 @@ def routed_experts(
     mesh=None,
     strategy: str = "auto",
     a2a_min_tokens: int = 512,
+    gate_up_blocks: int = 1,
+    shared=None,
 ) -> jax.Array:
     """Mixture of routed SwiGLU experts.
 
@@ -446,6 +451,12 @@ def routed_experts(
     are W_e + scale * A_e B_e, computed as extra grouped matmuls over the same sorted rows (never merged).
     With `mesh` (a mesh with an `expert` axis, or "auto": the one gate_up lives on, `sharding.mesh_of`) the experts
     run expert-parallel with `strategy` (module docstring); the result equals one device's.
+
+    gate_up_blocks: the column order of gate_up (`interleave_gate_up`): 1 is [gate | up]; tp is tp blocks
+    [gate_t | up_t], so that each `tensor` shard of a tensor-parallel layout holds the gate and up columns of its F / tp
+    and needs no all-gather; it must equal the layout's tp. shared: the shared expert(s) (an `MLP` module) whose
+    output is added: on a tensor-parallel layout inside the same shard_map, so routed and shared partial sums
+    take one reduction (`_replicated_body`); otherwise `shared(x)` is added after.
     """
     if isinstance(mesh, str):
         if mesh != "auto":
@@ -459,6 +470,14 @@ def routed_experts(
     layout = None
     if mesh is not None and strategy != "none":
         layout = moe_layout(mesh, gate_up.shape[0], down.shape[1])
+    if gate_up_blocks > 1 and (layout is None or layout.tp != gate_up_blocks):
+        raise ValueError(f"gate_up holds {gate_up_blocks} interleaved [gate | up] blocks (interleave_gate_up) but "
+                         f"this call runs the experts at tensor parallelism "
+                         f"{1 if layout is None else layout.tp}; run it on the mesh it was interleaved for")
+    if layout is None and shared is not None:
+        y = routed_experts(x, expert_ids, expert_weights, gate_up, down, act=act, impl=requested, lora=lora,
+                           mesh=mesh, strategy=strategy, a2a_min_tokens=a2a_min_tokens)
+        return y + shared(x)
     if impl == "tiled" and (layout is not None or lora is not None):
         raise ValueError("moe impl 'tiled' runs on one device without LoRA adapters; use 'auto' or 'ragged_dot'")
     if lora is not None and jnp.ndim(lora.scale) == 2:
@@ -484,8 +503,34 @@ def routed_experts(
     strategy = resolve_strategy(strategy, x.shape[0] // layout.data, layout.ep, a2a_min_tokens)
     if impl != "pallas":
         gate_up, down = sliced(gate_up), sliced(down)
-    return _expert_parallel(x, expert_ids, expert_weights, gate_up, down, layout=layout,
-                            all_to_all=strategy == "all_to_all", act=act, impl=impl, lora=lora)
+    fused = shared if layout.tp > 1 and shared is not None and _fusable(shared) else None
+    all_to_all = strategy == "all_to_all" and layout.expert_axis is not None
+    y = _expert_parallel(x, expert_ids, expert_weights, gate_up, down, layout=layout, all_to_all=all_to_all, act=act,
+                         impl=impl, lora=lora, interleaved=gate_up_blocks > 1, shared=fused)
+    if shared is not None and fused is None:
+        y = y + shared(x)
+    return y
+
+
+def interleave_gate_up(w, blocks: int, inverse: bool = False):
+    """gate_up's last axis [gate | up] (2F columns) reordered into `blocks` blocks [gate_t | up_t] of F / blocks
+    columns each (inverse=True: back). A tensor-parallel layout with tp = blocks then gives every shard the gate and
+    up columns of the same F / tp (`routed_experts(gate_up_blocks=...)`): no all-gather of the gate_up output.
+    `w` is an array or a QArray (per-column scale grids follow their columns; per-expert ones have one column)."""
+    if isinstance(w, QArray):
+        return QArray(interleave_gate_up(w.values, blocks, inverse),
+                      w.scale if w.scale.shape[-1] == 1 else interleave_gate_up(w.scale, blocks, inverse), w.act_scale)
+    lead, n = w.shape[:-1], w.shape[-1]
+    if inverse:
+        return w.reshape(*lead, blocks, 2, n // (2 * blocks)).swapaxes(-3, -2).reshape(*lead, n)
+    return w.reshape(*lead, 2, blocks, n // (2 * blocks)).swapaxes(-3, -2).reshape(*lead, n)
+
+
+def _fusable(shared) -> bool:
+    """Whether the shared expert module can run inside the tensor-parallel shard_map: its parameters are plain
+    weights (no adapters) whose shardings follow `sharding.spec_for`."""
+    return all(type(v) is nnx.Param and isinstance(v[...], jax.Array | jax.ShapeDtypeStruct)
+               for _, v in nnx.to_flat_state(nnx.state(shared)))
 
 
 def tile_rows(pairs: int, num_experts: int) -> int:
@@ -610,7 +655,7 @@ def _dense_w8a8(x, q: QArray):
 # ----------------------------------------------------------------------------------------------------------------------
 # Expert parallelism.
 def _expert_parallel(x, expert_ids, expert_weights, gate_up, down, *, layout: MoELayout, all_to_all: bool, act,
-                     impl, lora):
+                     impl, lora, interleaved: bool = False, shared=None):
     n = x.shape[0]
     shards = layout.token_shards(all_to_all)
     pad = -n % shards
@@ -624,12 +669,20 @@ def _expert_parallel(x, expert_ids, expert_weights, gate_up, down, *, layout: Mo
         token_scale = None if token_scale is None else jnp.pad(token_scale, ((0, pad), (0, 0)))
     lora_arrays = None if lora is None else tuple(lora[:4])
     weight_specs = (_weight_spec(layout.gate_up_spec, gate_up), _weight_spec(layout.down_spec, down))
-    key = (layout, all_to_all, gate_up.shape[0], act, impl, None if lora is None else lora.scale, weight_specs)
+    shared_graph, shared_leaves, shared_specs = None, None, None
+    if shared is not None:  # the shared expert's weights enter as the rules place them (`sharding.spec_for`)
+        shared_graph, state = nnx.split(shared)
+        flat = nnx.to_flat_state(state)
+        shared_leaves = tuple(v[...] for _, v in flat)
+        shared_specs = tuple(spec_for(p, a.shape, layout.mesh) for (p, _), a in zip(flat, shared_leaves))
+        shared_graph = (shared_graph, tuple(p for p, _ in flat))
+    key = (layout, all_to_all, gate_up.shape[0], act, impl, None if lora is None else lora.scale, weight_specs,
+           interleaved, shared_graph, shared_specs)
     try:
         fn = _expert_parallel_fn(*key)
     except TypeError:  # an unhashable key (e.g. an array LoRA scale): build it uncached
         fn = _expert_parallel_fn.__wrapped__(*key)
-    out = fn(x, expert_ids, expert_weights, gate_up, down, lora_arrays, token_scale)
+    out = fn(x, expert_ids, expert_weights, gate_up, down, lora_arrays, token_scale, shared_leaves)
     return out[:n] if pad else out
 
 
@@ -649,19 +702,20 @@ PER_TOKEN = "per_token"  # the static LoRA scale of the expert-parallel bodies w
 
 @functools.lru_cache(maxsize=256)
 def _expert_parallel_fn(layout: MoELayout, all_to_all: bool, num_experts: int, act, impl: str, lora_scale,
-                        weight_specs=None):
+                        weight_specs=None, interleaved: bool = False, shared_graph=None, shared_specs=None):
     """The jitted shard_map of one configuration, cached so that eager calls do not retrace and recompile."""
     tokens = layout.token_spec(all_to_all)
     lora_specs = None if lora_scale is None else layout.lora_specs
     body = functools.partial(_all_to_all_body if all_to_all else _replicated_body, layout=layout,
-                             num_experts=num_experts, act=act, impl=impl, lora_scale=lora_scale)
+                             num_experts=num_experts, act=act, impl=impl, lora_scale=lora_scale,
+                             interleaved=interleaved, shared_graph=shared_graph)
     # check_vma=False: a pallas_call inside shard_map does not type-check under varying-manual-axes checking (jax
     # 0.10/0.11); gradients through psum / all_gather / all_to_all stay correct (tests compare with one device).
     return jax.jit(jax.shard_map(
         body,
         mesh=layout.mesh,
         in_specs=(tokens, tokens, tokens, *(weight_specs or (layout.gate_up_spec, layout.down_spec)), lora_specs,
-                  tokens if isinstance(lora_scale, str) else None),
+                  tokens if isinstance(lora_scale, str) else None, shared_specs),
         out_specs=tokens,
         check_vma=False,
     ))
@@ -674,37 +728,46 @@ def _local_lora(lora_arrays, scale, pair_scale=None):
     return ExpertLoRA(*lora_arrays, scale if pair_scale is None else pair_scale)
 
 
-def _replicated_body(x, expert_ids, expert_weights, gate_up, down, lora_arrays, token_scale, *, layout: MoELayout,
-                     num_experts, act, impl, lora_scale):
+def _replicated_body(x, expert_ids, expert_weights, gate_up, down, lora_arrays, token_scale, shared_leaves, *,
+                     layout: MoELayout, num_experts, act, impl, lora_scale, interleaved=False, shared_graph=None):
     """All tokens of this expert group (gathered over `expert`: they arrive split as the attention holds them);
     this shard's experts on their rows (zero elsewhere); a reduce-scatter over `expert` sums the partial outputs
-    and hands each shard its own tokens back (and a psum over `tensor` the tensor-parallel halves)."""
+    and hands each shard its own tokens back (and a psum over `tensor` the tensor-parallel parts). With the shared
+    expert (`shared_graph`: tensor-parallel layouts), its partial sum over this shard's F / tp for the shard's own
+    tokens joins the routed one before that psum: one reduction over `tensor` for both."""
     local = gate_up.shape[0]
-    offset = jax.lax.axis_index(layout.expert_axis) * local
-    gather = functools.partial(jax.lax.all_gather, axis_name=layout.expert_axis, tiled=True)
-    x, expert_ids, expert_weights = gather(x), gather(expert_ids), gather(expert_weights)
-    token_scale = None if token_scale is None else gather(token_scale)
+    own = x
+    if layout.expert_axis is not None:
+        offset = jax.lax.axis_index(layout.expert_axis) * local
+        gather = functools.partial(jax.lax.all_gather, axis_name=layout.expert_axis, tiled=True)
+        x, expert_ids, expert_weights = gather(x), gather(expert_ids), gather(expert_weights)
+        token_scale = None if token_scale is None else gather(token_scale)
+    else:
+        offset = 0
     d = sort_by_expert(expert_ids, num_experts)
     rows = permute(x, d.order, d.inverse, expert_ids.shape[1])
     pair_scale = None if token_scale is None else permute(token_scale, d.order, d.inverse, expert_ids.shape[1])
-    tensor_axis = layout.tensor_axis if layout.tp > 1 else None
+    tensor_axis = layout.tensor_axis if layout.tp > 1 and not interleaved else None
     y = expert_mlp(rows, d.group_sizes, gate_up, down, act=act, impl=impl,
                    lora=_local_lora(lora_arrays, lora_scale, pair_scale),
                    group_offset=offset, tensor_axis=tensor_axis, out_dtype=jnp.float32)
     out = _combine(unpermute(y, d.order, d.inverse), expert_weights)
-    out = jax.lax.psum_scatter(out, layout.expert_axis, scatter_dimension=0, tiled=True)
-    if tensor_axis is not None:
-        out = jax.lax.psum(out, tensor_axis)
-    return out.astype(x.dtype)
+    if layout.expert_axis is not None:
+        out = jax.lax.psum_scatter(out, layout.expert_axis, scatter_dimension=0, tiled=True)
+    out = out + _shared_partial(shared_graph, shared_leaves, own)
+    if layout.tp > 1:
+        out = jax.lax.psum(out, layout.tensor_axis)
+    return out.astype(own.dtype)
 
 
 def _exclusive_cumsum(a, axis=0):
     return jnp.cumsum(a, axis=axis) - a
 
 
-def _all_to_all_body(x, expert_ids, expert_weights, gate_up, down, lora_arrays, token_scale, *, layout: MoELayout,
-                     num_experts, act, impl, lora_scale):
-    """This shard's tokens: rows go to their experts' shards (ragged all-to-all), run there, and come back."""
+def _all_to_all_body(x, expert_ids, expert_weights, gate_up, down, lora_arrays, token_scale, shared_leaves, *,
+                     layout: MoELayout, num_experts, act, impl, lora_scale, interleaved=False, shared_graph=None):
+    """This shard's tokens: rows go to their experts' shards (ragged all-to-all), run there, and come back (the
+    shared expert as in `_replicated_body`)."""
     axis = layout.expert_axis
     n, k = expert_ids.shape
     ep, local = layout.ep, gate_up.shape[0]
@@ -741,7 +804,7 @@ def _all_to_all_body(x, expert_ids, expert_weights, gate_up, down, lora_arrays, 
     recv_ids = jnp.sum(within[:, None] >= jnp.cumsum(counts, axis=1)[source], axis=1).astype(jnp.int32)
     recv_ids = jnp.where(r < recv_offsets[-1] + recv_sizes[-1], recv_ids, local)  # unused rows: past every group
     d2 = sort_by_expert(recv_ids[:, None], local + 1)
-    tensor_axis = layout.tensor_axis if layout.tp > 1 else None
+    tensor_axis = layout.tensor_axis if layout.tp > 1 and not interleaved else None
     pair_scale = None if recv_scale is None else permute(recv_scale, d2.order, d2.inverse, 1)
     y = expert_mlp(permute(recv, d2.order, d2.inverse, 1), d2.group_sizes[:local], gate_up, down, act=act, impl=impl,
                    lora=_local_lora(lora_arrays, lora_scale, pair_scale), tensor_axis=tensor_axis,
@@ -751,10 +814,19 @@ def _all_to_all_body(x, expert_ids, expert_weights, gate_up, down, lora_arrays, 
     back_offsets = _exclusive_cumsum(sizes, axis=1)[:, me]  # where each source keeps its rows for me
     y = exchange(y, jnp.zeros((pairs, y.shape[1]), y.dtype), recv_offsets, recv_sizes, back_offsets, send_sizes,
                  axis_name=axis)
-    out = _combine(unpermute(y, d.order, d.inverse), expert_weights)
-    if tensor_axis is not None:
-        out = jax.lax.psum(out, tensor_axis)
+    out = _combine(unpermute(y, d.order, d.inverse), expert_weights) + _shared_partial(shared_graph, shared_leaves, x)
+    if layout.tp > 1:
+        out = jax.lax.psum(out, layout.tensor_axis)
     return out.astype(x.dtype)
+
+
+def _shared_partial(shared_graph, shared_leaves, x):
+    """The shared expert on this shard's tokens x, float32: a partial sum over its F / tp (0 without it)."""
+    if shared_graph is None:
+        return 0.0
+    graph, paths = shared_graph
+    module = nnx.merge(graph, nnx.from_flat_state(list(zip(paths, (nnx.Param(a) for a in shared_leaves)))))
+    return module(x).astype(jnp.float32)
 
 
 def _ragged_all_to_all_dense(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):

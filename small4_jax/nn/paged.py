@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -44,9 +45,10 @@ from jax.sharding import PartitionSpec
 
 from small4_jax.decode.sampler import RowSampling, TokenHistory, sample_rows
 from small4_jax.config import Small4Config
-from small4_jax.kernels.mla_decode import gather_keys, mla_attention
+from small4_jax.kernels.mla_decode import combine_partials, gather_keys, mla_attention
 from small4_jax.nn.model import Small4ForCausalLM, layer_groups, llama4_query_scale, rope_cos_sin, run_layers
 from small4_jax.nn.moe import AtLayer
+from small4_jax.parallel.sharding import RULES, mesh_of
 
 NULL_PAGE = 0
 
@@ -109,29 +111,73 @@ def _absorbed_weights(attn, config: Small4Config, dtype) -> tuple[jax.Array, jax
     return w_kvb[..., :dn], w_kvb[..., dn:]
 
 
-def _write_and_attend(pages, rows, slots, q_lat, q_pe, page_table, seq_index, scale, layer, *, impl: str):
+def context_limit(seq_index, page_size: int, shards: int, shard):
+    """The last visible key of each query among the keys one shard of a context-parallel cache holds (-1: none).
+
+    Pages are dealt to the shards by position: page j of a sequence (keys j * page_size ...) lives on shard
+    j % shards, at column j // shards of that shard's page table. A query sees keys 0 .. seq_index of its sequence,
+    which on shard s are the first `context_limit + 1` keys of its own table (their positions grow with the column)."""
+    n = seq_index + 1
+    full, rem = n // page_size, n % page_size
+    pages = jnp.maximum(0, (full - shard + shards - 1) // shards)
+    return pages * page_size + jnp.where(full % shards == shard, rem, 0) - 1
+
+
+def _write_and_attend(pages, rows, slots, q_lat, q_pe, page_table, seq_index, scale, layer, *, impl: str,
+                      context_axes: tuple[str, ...] = ()):
     """Write the new tokens' rows [B, T, R + r] at slots [B, T, 2] of `layer` (an int, or a traced int32 under
     the layer scan), then attend over the pages: the
     attended latent [B, T, nh, R] (fp32) and the pages. Page ids are those of the `pages` given (a shard's own,
-    inside the sharded cache's shard_map)."""
+    inside the sharded cache's shard_map).
+
+    context_axes (inside the shard_map): the cache's pages are split by position over these axes
+    (`context_limit`): a token's row is written on the shard owning its position only (elsewhere into the null
+    page), each shard attends over its own keys, and the partial results (output and log-sum-exp) are all-gathered
+    over the axes and merged (`combine_partials`)."""
     b, t = seq_index.shape
-    pages = pages.at[layer, slots[..., 0].reshape(-1), slots[..., 1].reshape(-1)].set(
+    page_ids = slots[..., 0]
+    limit = seq_index
+    if context_axes:
+        shards = math.prod(jax.lax.axis_size(a) for a in context_axes)
+        me = jax.lax.axis_index(context_axes)
+        size = pages.shape[2]
+        page_ids = jnp.where((seq_index // size) % shards == me, page_ids, NULL_PAGE)
+        limit = context_limit(seq_index, size, shards, me)
+    pages = pages.at[layer, page_ids.reshape(-1), slots[..., 1].reshape(-1)].set(
         rows.reshape(b * t, -1).astype(pages.dtype))
-    return mla_attention(q_lat, q_pe, pages, layer, page_table, seq_index, scale, impl=impl), pages
+    if not context_axes:
+        return mla_attention(q_lat, q_pe, pages, layer, page_table, seq_index, scale, impl=impl), pages
+    out, lse = mla_attention(q_lat, q_pe, pages, layer, page_table, limit, scale, impl=impl, return_lse=True)
+    out, _ = combine_partials(jax.lax.all_gather(out, context_axes), jax.lax.all_gather(lse, context_axes))
+    return out, pages
 
 
-def cache_spec(cache_axes: tuple[str, ...]) -> PartitionSpec:
-    """The PartitionSpec of a cache sharded over `cache_axes` (its page axis): [L, P, page, R + r]."""
-    return PartitionSpec(None, cache_axes or None)
+def cache_spec(cache_axes: tuple[str, ...], context_axes: tuple[str, ...] = ()) -> PartitionSpec:
+    """The PartitionSpec of a cache sharded over `cache_axes` (rows' pages, data-parallel attention) and then
+    `context_axes` (one sequence's pages by position): its page axis, [L, P, page, R + r]."""
+    return PartitionSpec(None, tuple(cache_axes) + tuple(context_axes) or None)
+
+
+def head_axis(mesh, num_heads: int, taken: tuple[str, ...] = ()) -> str | None:
+    """The mesh axis the attention heads are sharded over (`RULES["heads"]` where it is in `mesh` with more than one
+    shard, divides the heads and is not one of `taken`), else None."""
+    axis = RULES["heads"]
+    if mesh is None or axis in taken or mesh.shape.get(axis, 1) == 1 or num_heads % mesh.shape[axis]:
+        return None
+    return axis
 
 
 def absorbed_attention(attn, config: Small4Config, q_nope, q_pe, rows, pages, layer, slots, page_table, seq_index,
-                       scale, *, impl: str = "auto", cache_axes: tuple[str, ...] = ()):
+                       scale, *, impl: str = "auto", cache_axes: tuple[str, ...] = (),
+                       context_axes: tuple[str, ...] = ()):
     """Write `rows` into the cache, then attention of q_nope / q_pe [B, T, nh, *] over the cached rows of `layer`
     with W_UK folded into the query and W_UV applied to the attended latent; returns ([B, T, nh * dv], pages).
 
     cache_axes: mesh axes the cache's pages (and the batch rows) are sharded over; each shard writes and reads only
     its own pages for its own rows (data-parallel attention) inside a shard_map over the context mesh.
+    context_axes: mesh axes one sequence's pages are split over by position (`_write_and_attend`); page_table
+    [B, shards * W'] then holds each shard's W' columns in turn. On a mesh whose `tensor` axis shards the heads
+    (and is not a context axis) each shard attends for its own heads, in the same shard_map.
     """
     b, t, nh, _ = q_nope.shape
     dtype = q_nope.dtype
@@ -141,12 +187,17 @@ def absorbed_attention(attn, config: Small4Config, q_nope, q_pe, rows, pages, la
     if row_lora is not None:
         q_lat = q_lat + row_lora.absorb_query(q_nope)
     q_lat = q_lat.astype(dtype)
-    attend = functools.partial(_write_and_attend, impl=impl)
-    if cache_axes:
-        rows_spec = PartitionSpec(cache_axes)
-        # every mesh axis manual: the attention of a shard's rows is replicated over the other axes
-        attend = jax.shard_map(attend, in_specs=(cache_spec(cache_axes),) + (rows_spec,) * 7 + (PartitionSpec(),),
-                               out_specs=(rows_spec, cache_spec(cache_axes)), check_vma=False)
+    attend = functools.partial(_write_and_attend, impl=impl, context_axes=tuple(context_axes))
+    mesh = mesh_of(q_lat)
+    heads = head_axis(mesh, nh, tuple(cache_axes) + tuple(context_axes))
+    if cache_axes or context_axes or heads:
+        rows_spec = PartitionSpec(tuple(cache_axes) or None)
+        q_spec = PartitionSpec(tuple(cache_axes) or None, None, heads)
+        table_spec = PartitionSpec(tuple(cache_axes) or None, tuple(context_axes) or None)
+        # every mesh axis manual: the attention of a shard's rows (heads) is replicated over the other axes
+        attend = jax.shard_map(attend, in_specs=(cache_spec(cache_axes, context_axes), rows_spec, rows_spec, q_spec,
+                                                 q_spec, table_spec, rows_spec, rows_spec, PartitionSpec()),
+                               out_specs=(q_spec, cache_spec(cache_axes, context_axes)), check_vma=False)
     o_lat, pages = attend(pages, rows, slots, q_lat, q_pe, page_table, seq_index, scale,
                           jnp.asarray(layer, jnp.int32))
     o_lat = o_lat.astype(dtype)
@@ -154,6 +205,29 @@ def absorbed_attention(attn, config: Small4Config, q_nope, q_pe, rows, pages, la
     if row_lora is not None:
         out = out + row_lora.absorb_output(o_lat, config.qk_nope_head_dim)
     return out.astype(dtype).reshape(b, t, nh * config.v_head_dim), pages
+
+
+def embed(model: Small4ForCausalLM, ids: jax.Array, batch_axes: tuple[str, ...] = ()) -> jax.Array:
+    """The embeddings of ids [B, T]. With the table's vocab sharded over a mesh axis (the tensor-parallel layout),
+    each shard looks up the ids in its rows and a psum over the axis combines them (one [B, T, H] all-reduce, where
+    XLA would all-gather the whole table); `batch_axes`: the axes the rows are split over (data-parallel)."""
+    table = model.embed_tokens.embedding[...]
+    mesh = mesh_of(table)
+    axis = RULES["vocab"]
+    if mesh is None or mesh.shape.get(axis, 1) == 1 or table.shape[0] % mesh.shape[axis] or axis in batch_axes:
+        return model.embed_tokens(ids)
+
+    def local(tab, ids):
+        n = tab.shape[0]
+        i = ids - jax.lax.axis_index(axis) * n
+        ok = (i >= 0) & (i < n)
+        rows = jnp.where(ok[..., None], jnp.take(tab, jnp.clip(i, 0, n - 1), axis=0), 0)
+        return jax.lax.psum(rows, axis)
+
+    spec = PartitionSpec(tuple(batch_axes) or None)
+    out = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(axis, None), spec), out_specs=spec,
+                        check_vma=False)(table, ids)
+    return out.astype(model.embed_tokens.dtype or out.dtype)
 
 
 def expanded_attention(attn, config: Small4Config, q_nope, q_pe, pages, layer, page_table, seq_index,
@@ -188,6 +262,7 @@ def forward(
     cache_axes: tuple[str, ...] = (),
     with_hidden: bool = False,
     input_embeds: jax.Array | None = None,
+    context_axes: tuple[str, ...] = (),
 ):
     """Run new tokens through the model over the paged cache; returns (logits [B, V] at `logit_index`, pages).
 
@@ -201,10 +276,12 @@ def forward(
     small4_jax.nn.vision). absorbed / impl: the attention (module docstring; impl is the `kernels.mla_decode` backend
     of the absorbed path). cache_axes: the mesh axes the pages are sharded over (`cache_spec`; run under
     `jax.set_mesh`): then the batch rows are split over them in order (row block s on shard s) and slots /
-    page_table hold each shard's own page ids.
+    page_table hold each shard's own page ids. context_axes: the mesh axes one sequence's pages are split over by
+    position (decode context parallelism, `absorbed_attention`): page_table holds each context shard's own page ids,
+    shard after shard, and slots the owner's.
     """
-    if cache_axes and not absorbed:
-        raise ValueError("the expanded reference attention does not take a sharded cache (cache_axes)")
+    if (cache_axes or context_axes) and not absorbed:
+        raise ValueError("the expanded reference attention does not take a sharded cache (cache_axes, context_axes)")
     config = model.config
     b, t = ids.shape
     cos, sin = rope_cos_sin(config, positions)
@@ -212,7 +289,7 @@ def forward(
     write_page, write_offset = slots[..., 0].reshape(-1), slots[..., 1].reshape(-1)
     slots = jnp.asarray(slots, jnp.int32)
 
-    h = model.embed_tokens(jnp.asarray(ids, jnp.int32)) if input_embeds is None else input_embeds
+    h = embed(model, jnp.asarray(ids, jnp.int32), tuple(cache_axes)) if input_embeds is None else input_embeds
 
     def layer_fn(layer, i, h, pages):
         """One layer over the stacked pages [L, ...] (the scan's carry: written in place at layer i)."""
@@ -222,7 +299,8 @@ def forward(
             q_nope, q_pe = attn.query(a, cos, sin)
             if absorbed:
                 out, new_pages = absorbed_attention(attn, config, q_nope, q_pe, rows, pages, i, slots, page_table,
-                                                    seq_index, scale, impl=impl, cache_axes=cache_axes)
+                                                    seq_index, scale, impl=impl, cache_axes=cache_axes,
+                                                    context_axes=context_axes)
             else:
                 new_pages = pages.at[i, write_page, write_offset].set(rows.reshape(b * t, -1).astype(pages.dtype))
                 out = expanded_attention(attn, config, q_nope, q_pe, new_pages, i, page_table, seq_index, scale)
@@ -241,7 +319,7 @@ def forward(
     return (logits, pages, normed) if with_hidden else (logits, pages)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "impl", "cache_axes", "num_top"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "impl", "cache_axes", "num_top", "context_axes"),
                    donate_argnames=("pages", "history"))
 def step(
     graphdef,
@@ -260,6 +338,7 @@ def step(
     impl: str = "auto",
     cache_axes: tuple[str, ...] = (),
     num_top: int,
+    context_axes: tuple[str, ...] = (),
 ):
     """`forward` then per-row sampling (`batch_sampling.sample_rows`), jitted with the cache and the token history
     donated.
@@ -268,16 +347,16 @@ def step(
     """
     model = nnx.merge(graphdef, state)
     logits, pages = forward(model, pages, ids, positions, seq_index, slots, page_table, logit_index,
-                            absorbed=absorbed, impl=impl, cache_axes=cache_axes)
+                            absorbed=absorbed, impl=impl, cache_axes=cache_axes, context_axes=context_axes)
     return (*sample_rows(logits, sampling, history, num_top), pages)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "impl", "cache_axes"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "impl", "cache_axes", "context_axes"),
                    donate_argnames=("pages",))
 def logits_step(graphdef, state, pages, ids, positions, seq_index, slots, page_table, logit_index, *,
-                absorbed=True, impl="auto", input_embeds=None, cache_axes=()):
+                absorbed=True, impl="auto", input_embeds=None, cache_axes=(), context_axes=()):
     """`forward` jitted, returning (logits [B, V], pages): the engine's model step (input_embeds, cache_axes: see
     `forward`)."""
     model = nnx.merge(graphdef, state)
     return forward(model, pages, ids, positions, seq_index, slots, page_table, logit_index, absorbed=absorbed,
-                   impl=impl, input_embeds=input_embeds, cache_axes=cache_axes)
+                   impl=impl, input_embeds=input_embeds, cache_axes=cache_axes, context_axes=context_axes)

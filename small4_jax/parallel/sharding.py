@@ -181,7 +181,7 @@ class MoELayout:
 
     mesh: Mesh | AbstractMesh
     data_axis: str | None
-    expert_axis: str
+    expert_axis: str | None
     tensor_axis: str | None
     data: int
     ep: int
@@ -213,23 +213,28 @@ class MoELayout:
 
 
 def moe_layout(mesh, num_experts: int, intermediate: int) -> MoELayout | None:
-    """The expert-parallel layout on `mesh`, or None when the mesh has no expert axis / it cannot shard the experts."""
+    """The expert-parallel (and / or tensor-parallel) layout on `mesh`, or None when its `expert` axis does not divide
+    the experts, or it has no expert axis and no `tensor` axis dividing F. On a mesh with a tensor axis but no expert
+    axis (the latency layout, `--mesh tensor=8`), expert_axis is None and ep 1: every shard holds all experts at
+    F / tp of their width."""
     shape = dict(mesh.shape)
     expert = RULES["experts"]
-    if expert not in shape or num_experts % shape[expert]:
-        return None
     data = next(a for a in RULES["batch"] if a != expert)  # the batch axis the experts are not sharded over
     tensor = RULES["expert_mlp"]
     tp = shape.get(tensor, 1)
     if intermediate % tp:
         tp = 1
+    if expert in shape and num_experts % shape[expert]:
+        return None  # the experts cannot split over `expert`: XLA partitions the single-device code
+    if expert not in shape and tp == 1:
+        return None
     return MoELayout(
         mesh=mesh,
         data_axis=data if data in shape else None,
-        expert_axis=expert,
+        expert_axis=expert if expert in shape else None,
         tensor_axis=tensor if tensor in shape else None,
         data=shape.get(data, 1),
-        ep=shape[expert],
+        ep=shape.get(expert, 1),
         tp=tp,
     )
 

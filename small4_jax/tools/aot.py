@@ -343,6 +343,54 @@ def written_arrays(hlo_text: str, min_bytes: int = 1) -> list[WrittenArray]:
     return out
 
 
+COLLECTIVE_OPS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "ragged-all-to-all",
+                  "collective-permute", "collective-broadcast")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective of a compiled program: its op (async pairs counted once, by their `-done`), the bytes of its
+    result on one device, the instruction and computation, and how many times one run of the program runs it
+    (a layer scan's trip count inside the loop; None when XLA does not know it)."""
+
+    op: str
+    bytes: int
+    name: str
+    computation: str
+    runs: int | None
+    groups: str  # the replica groups text (which mesh axes it spans)
+
+
+_GROUPS = r"replica_groups=(\S+(?: \{[^}]*\})?)"
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+    """Every collective of a compiled (optimised) HLO module: synchronous ones (`all-reduce(`, ...) and the `-done`
+    halves of asynchronous pairs (`all-reduce-start` / `-done`: one collective), in the entry, loop bodies and
+    async wrappers, each with its run count (`Collective.runs`)."""
+    module = _parse_module(hlo_text)
+    ops = "|".join(re.escape(op) for op in COLLECTIVE_OPS)
+    pattern = re.compile(rf"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ({ops})(-done)?\(")
+    out = []
+    for computation, lines in module.computations.items():
+        for line in lines:
+            m = pattern.match(line)
+            if not m:
+                continue
+            groups = ""
+            if m.group(4):  # the -done half: its start names the replica groups
+                start = re.search(r"\(%([\w.\-]+)\)", line[m.end() - 1:])
+                starter = next((s for s in lines if start and re.match(rf"\s*%{re.escape(start.group(1))} = ", s)),
+                               "")
+                g = re.search(_GROUPS, starter)
+            else:
+                g = re.search(_GROUPS, line)
+            groups = g.group(1).rstrip(",") if g else ""
+            out.append(Collective(m.group(3), _nbytes(_arrays(m.group(2))), m.group(1), computation,
+                                  module.runs(computation), groups))
+    return out
+
+
 def _default_device(mesh: Mesh):
     # jax >= 0.11 resolves some placements against the default device: make it one of the target devices.
     return jax.default_device(mesh.devices.flat[0])

@@ -114,13 +114,18 @@ def gmm_quant(mesh: Mesh, rows: int, fmt: str, *, groups: int = 128, k: int = 40
 # ----------------------------------------------------------------------------------------------------------------------
 # The model.
 def abstract_placed_model(config, mesh: Mesh, dtype="bfloat16", quantize: str | None = None,
-                          scan_layers: bool = True, activations: str | None = None):
+                          scan_layers: bool = True, activations: str | None = None, tensor_interleave: bool = False):
     """(graphdef, state) of the model with every weight abstract and placed on `mesh` (`sharding.spec_for`), its
     linears and experts in `quantize`'s format (small4_jax.quant.formats) when given (with activations="fp8": W8A8, the
     static activation scales as parameters too); `scan_layers=False` unrolls the
     layer loop (model.run_layers; compile-time comparison)."""
     model = abstract_model(config, dtype=dtype, quantize=quantize, activations=activations)
     model.scan_layers = scan_layers
+    tp = dict(mesh.shape).get("tensor", 1)
+    if tensor_interleave and tp > 1 and config.moe_intermediate_size % tp == 0:
+        for stack in model.layer_stacks:  # the engine's column order (model.interleave_experts); shapes unchanged
+            if getattr(stack.mlp, "experts", None) is not None:
+                stack.mlp.experts.gate_up_blocks = tp
     graphdef, state = nnx.split(model)
     return graphdef, aot.placed(state, mesh)
 
@@ -140,30 +145,39 @@ def model_forward(config, mesh: Mesh, tokens: int, *, batch: int = 1, dtype="bfl
 def serve_step(config, mesh: Mesh, *, absorbed: bool, rows: int, tokens: int, table_pages: int, num_pages: int,
                page_size: int = 16, dtype="bfloat16", cache_dtype=None, quantize: str | None = None,
                cache_axes: tuple[str, ...] | None = None, scan_layers: bool = True,
-               activations: str | None = None) -> Program:
+               activations: str | None = None, context_axes: tuple[str, ...] = (),
+               tensor_interleave: bool = True) -> Program:
     """The engine's model step (`paged.logits_step`, as `Engine._run` dispatches it; the sampler is a separate small
     program): decode ([rows, 1]) or one prefill chunk ([rows, tokens]), absorbed MLA over the pages as the engine
     runs both (absorbed=False: the expanded reference), over a page table `table_pages` wide; the paged cache
     [layers, num_pages, page_size, width] with its pages sharded over `cache_axes` and the rows with them (default:
-    the engine's, `sharding.batch_axes`: data-parallel attention; () replicates it) and donated. `scan_layers=False` unrolls the layers."""
+    the engine's, `sharding.batch_axes`: data-parallel attention; () replicates it) and donated. `scan_layers=False`
+    unrolls the layers. context_axes: one sequence's pages split over these axes by position (decode context
+    parallelism; the engine then shards no rows, so cache_axes defaults to ()): the page table holds each shard's
+    columns in turn. On a mesh with a `tensor` axis the routed experts' gate_up is in the engine's interleaved order
+    (`model.interleave_experts`) unless tensor_interleave=False."""
     if cache_axes is None:  # the engine's default: pages and rows over the batch axes (data-parallel attention)
-        cache_axes = batch_axes(mesh, rows)
-    graphdef, state = abstract_placed_model(config, mesh, dtype, quantize, scan_layers, activations)
+        cache_axes = () if context_axes else batch_axes(mesh, rows)
+    graphdef, state = abstract_placed_model(config, mesh, dtype, quantize, scan_layers, activations,
+                                            tensor_interleave=tensor_interleave)
     cache_dtype = cache_dtype or dtype
     pages = jax.eval_shape(lambda: PagedCache.create(config, num_pages, page_size, cache_dtype).pages)
 
     def run(state, pages, ids, positions, seq_index, slots, page_table, logit_index):
         return logits_step(graphdef, state, pages, ids, positions, seq_index, slots, page_table, logit_index,
-                           absorbed=absorbed, cache_axes=cache_axes)
+                           absorbed=absorbed, cache_axes=cache_axes, context_axes=context_axes)
 
     i32 = jnp.int32
     inputs = (jax.ShapeDtypeStruct((rows, tokens), i32), jax.ShapeDtypeStruct((rows, tokens), i32),
               jax.ShapeDtypeStruct((rows, tokens), i32), jax.ShapeDtypeStruct((rows, tokens, 2), i32),
               jax.ShapeDtypeStruct((rows, table_pages), i32), jax.ShapeDtypeStruct((rows,), i32))
     args = (state, _replicated(pages, mesh), *_replicated(inputs, mesh))
-    if cache_axes:
-        args = (state, aot.spec(pages.shape, pages.dtype, mesh, cache_spec(cache_axes)),
-                *(aot.spec(x.shape, x.dtype, mesh, P(cache_axes)) for x in inputs))
+    if cache_axes or context_axes:
+        batch = tuple(cache_axes) or None
+        table = inputs[4]
+        args = (state, aot.spec(pages.shape, pages.dtype, mesh, cache_spec(cache_axes, context_axes)),
+                *(aot.spec(x.shape, x.dtype, mesh, P(batch, tuple(context_axes) or None) if x is table else P(batch))
+                  for x in inputs))
     kind = "decode" if tokens == 1 else "prefill"
     return Program(f"serve {kind} {rows}x{tokens}, {table_pages} pages/seq", run, args, mesh,
                    dict(donate_argnums=(1,)))

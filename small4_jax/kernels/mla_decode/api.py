@@ -31,19 +31,21 @@ def resolve(impl: str, q_lat_shape, q_pe_shape, page_size: int, *placed) -> str:
 
 
 def mla_attention(q_lat, q_pe, pages, layer, page_table, seq_index, scale, *, impl: str = "auto",
-                  kv_splits: int | None = None, interpret: bool | None = None):
+                  kv_splits: int | None = None, interpret: bool | None = None, return_lse: bool = False):
     """The attended latent [B, T, nh, R] (fp32) of queries q_lat [B, T, nh, R] / q_pe [B, T, nh, r] over rows of
     pages [L, P, page, R + r] at `layer` listed by page_table [B, W]; key k is visible to token (b, t) when
     k <= seq_index[b, t]; scale [B, T] multiplies the fp32 scores.
 
     kv_splits: split-KV work items beyond one per row for the kernel (default: 64 for steps of up to 8 tokens per
     row, decode and speculative verify; none for prefill chunks, whose query blocks already fill the GPU).
+    return_lse: return (latent, its log-sum-exp [B, T, nh]): the partial result of one shard of a context-parallel
+    cache (seq_index -1 where none of the shard's keys is visible: 0 and -inf), merged by `combine_partials`.
     """
     impl = resolve(impl, q_lat.shape, q_pe.shape, pages.shape[2], pages)
     if impl == "reference":
-        return mla_reference(q_lat, q_pe, pages, layer, page_table, seq_index, scale)
+        return mla_reference(q_lat, q_pe, pages, layer, page_table, seq_index, scale, return_lse)
     if impl == "xla":
-        return mla_blockwise(q_lat, q_pe, pages, layer, page_table, seq_index, scale)
+        return mla_blockwise(q_lat, q_pe, pages, layer, page_table, seq_index, scale, return_lse=return_lse)
     ok, why = pallas_triton.supports(q_lat.shape, q_pe.shape, pages.shape[2])
     if not ok:
         raise ValueError(f"the MLA kernel cannot take these shapes: {why}; use impl='xla'")
@@ -52,4 +54,4 @@ def mla_attention(q_lat, q_pe, pages, layer, page_table, seq_index, scale, *, im
     if interpret is None:
         interpret = not on_gpu(pages)
     return pallas_triton.mla_pallas(q_lat, q_pe, pages, layer, page_table, seq_index, scale, kv_splits=kv_splits,
-                                    interpret=interpret)
+                                    interpret=interpret, return_lse=return_lse)

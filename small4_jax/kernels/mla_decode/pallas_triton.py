@@ -123,25 +123,33 @@ def _kernel(layer_ref, row_ref, start_ref, end_ref, table_ref, q_ref, qpe_ref, l
     plgpu.store(lse_ref.at[w, rows], jnp.where(has, m + jnp.log(l_safe), -jnp.inf))
 
 
-def combine(o, lse, row, num_rows: int) -> jax.Array:
-    """Merge the spans: o [N, M, R], lse [N, M] of work items on rows `row` [N] -> [num_rows, M, R] fp32."""
+def combine(o, lse, row, num_rows: int, return_lse: bool = False):
+    """Merge the spans: o [N, M, R], lse [N, M] of work items on rows `row` [N] -> [num_rows, M, R] fp32 (with
+    return_lse, and the rows' log-sum-exps [num_rows, M]; a row with no visible key: 0 and -inf)."""
     m = jax.ops.segment_max(lse, row, num_segments=num_rows + 1)  # row == num_rows: unused items
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
     weight = jnp.exp(lse - m[row])
     weight = jnp.where(jnp.isfinite(lse), weight, 0.0)
     num = jax.ops.segment_sum(weight[..., None] * o, row, num_segments=num_rows + 1)
-    den = jax.ops.segment_sum(weight, row, num_segments=num_rows + 1)
-    return num[:num_rows] / den[:num_rows, :, None]
+    den = jax.ops.segment_sum(weight, row, num_segments=num_rows + 1)[:num_rows]
+    has = den > 0
+    den = jnp.where(has, den, 1.0)
+    out = num[:num_rows] / den[:, :, None]
+    if return_lse:
+        return out, jnp.where(has, m[:num_rows] + jnp.log(den), -jnp.inf)
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("kv_splits", "min_split", "block_m", "num_warps", "num_stages",
-                                             "interpret"))
+                                             "interpret", "return_lse"))
 def mla_pallas(q_lat, q_pe, pages, layer, page_table, seq_index, scale, *, kv_splits: int = 64,
                min_split: int = 256, block_m: int = 32, num_warps: int = 4, num_stages: int = 2,
-               interpret: bool = False) -> jax.Array:
+               interpret: bool = False, return_lse: bool = False):
     """The attended latent [B, T, nh, R] (fp32) of `reference.mla_reference`, as split-KV work items + combine.
 
     kv_splits: work items beyond one per row (0: one item per row, the whole prefix; for prefill chunks, whose
-    query blocks already fill the GPU). min_split: fewest keys per span.
+    query blocks already fill the GPU). min_split: fewest keys per span. return_lse: also the log-sum-exp
+    [B, T, nh] (a query with no visible key, seq_index -1: output 0, lse -inf; a context shard's partial).
     """
     if plgpu is None:
         raise NotImplementedError(f"jax {jax.__version__} has no Pallas Triton backend")
@@ -177,7 +185,8 @@ def mla_pallas(q_lat, q_pe, pages, layer, page_table, seq_index, scale, *, kv_sp
     )(jnp.asarray(layer, jnp.int32).reshape(1), row, start, end, page_table.astype(jnp.int32), q, qpe, limit, scale,
       pages)
     if kv_splits > 0:
-        out = combine(o, lse, row, b)
+        out, lse = combine(o, lse, row, b, return_lse=True)
     else:
         out = o
-    return out[:, :m].reshape(b, t, nh, r)
+    out = out[:, :m].reshape(b, t, nh, r)
+    return (out, lse[:, :m].reshape(b, t, nh)) if return_lse else out

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 
-def latent_attention(q_lat, q_pe, keys, valid, scale) -> jax.Array:
+def latent_attention(q_lat, q_pe, keys, valid, scale, return_lse: bool = False):
     """q_lat [B, T, nh, R], q_pe [B, T, nh, r] over keys [B, K, R + r]; valid [B, T, K]; scale [B, T].
 
     Returns the attended latent [B, T, nh, R] in float32. Probabilities are rounded to the keys' dtype before the
@@ -34,8 +34,26 @@ def latent_attention(q_lat, q_pe, keys, valid, scale) -> jax.Array:
     scores += jnp.einsum("bthd,bkd->bhtk", f32(q_pe), rope_key, precision=hi)
     scores = scores * scale[:, None, :, None]
     scores = jnp.where(valid[:, None], scores, -jnp.inf)
-    probs = f32(jax.nn.softmax(scores, axis=-1).astype(keys.dtype))
-    return jnp.einsum("bhtk,bkr->bthr", probs, latent, precision=hi)
+    lse = jax.nn.logsumexp(scores, axis=-1)  # [B, nh, T]; -inf where no key is visible
+    has = jnp.isfinite(lse)[..., None]  # a query with no visible key (a context shard's): output 0
+    probs = jnp.where(has, jax.nn.softmax(jnp.where(has, scores, 0.0), axis=-1), 0.0)
+    probs = f32(probs.astype(keys.dtype))
+    out = jnp.einsum("bhtk,bkr->bthr", probs, latent, precision=hi)
+    return (out, lse.transpose(0, 2, 1)) if return_lse else out
+
+
+def combine_partials(o, lse):
+    """Merge attention over disjoint key sets: o [S, ..., R] (each normalised over its keys, fp32) and lse [S, ...]
+    (their log-sum-exps; -inf for an empty set) -> (o [..., R], lse [...]), the attention over the union. A
+    context-parallel cache's shards each return one partial (`mla_attention(return_lse=True)`)."""
+    m = jnp.max(lse, axis=0)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.where(jnp.isfinite(lse), jnp.exp(lse - m_safe), 0.0)  # [S, ...]
+    den = jnp.sum(w, axis=0)
+    num = jnp.sum(w[..., None] * o, axis=0)
+    has = den > 0
+    out = num / jnp.where(has, den, 1.0)[..., None]
+    return out, jnp.where(has, m_safe + jnp.log(jnp.where(has, den, 1.0)), -jnp.inf)
 
 
 def gather_keys(pages, layer, page_table) -> jax.Array:
@@ -44,9 +62,10 @@ def gather_keys(pages, layer, page_table) -> jax.Array:
     return pages[layer, page_table].reshape(b, w * pages.shape[2], pages.shape[3])
 
 
-def mla_reference(q_lat, q_pe, pages, layer, page_table, seq_index, scale) -> jax.Array:
-    """Absorbed attention over the paged cache (see the module docstring): the attended latent [B, T, nh, R], fp32."""
+def mla_reference(q_lat, q_pe, pages, layer, page_table, seq_index, scale, return_lse: bool = False):
+    """Absorbed attention over the paged cache (see the module docstring): the attended latent [B, T, nh, R], fp32
+    (with return_lse, and its log-sum-exp [B, T, nh])."""
     keys = gather_keys(pages, layer, page_table).astype(q_lat.dtype)
     key_index = jnp.arange(keys.shape[1], dtype=jnp.int32)
     valid = key_index[None, None, :] <= seq_index[:, :, None]
-    return latent_attention(q_lat, q_pe, keys, valid, scale)
+    return latent_attention(q_lat, q_pe, keys, valid, scale, return_lse)

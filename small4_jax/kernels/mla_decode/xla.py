@@ -14,9 +14,12 @@ import jax
 import jax.numpy as jnp
 
 
-def mla_blockwise(q_lat, q_pe, pages, layer, page_table, seq_index, scale, *, block_pages: int = 16) -> jax.Array:
+def mla_blockwise(q_lat, q_pe, pages, layer, page_table, seq_index, scale, *, block_pages: int = 16,
+                  return_lse: bool = False):
     """q_lat [B, T, nh, R], q_pe [B, T, nh, r] over pages[layer] via page_table [B, W]; keys 0..seq_index[b, t]
-    visible; scale [B, T]. Returns the attended latent [B, T, nh, R] in float32."""
+    visible; scale [B, T]. Returns the attended latent [B, T, nh, R] in float32; with return_lse also its
+    log-sum-exp [B, T, nh] (a query with no visible key, seq_index -1: output 0, lse -inf), the partial result a
+    shard of a context-parallel cache returns (`combine_partials`)."""
     b, t, nh, r = q_lat.shape
     page = pages.shape[2]
     w = page_table.shape[1]
@@ -40,9 +43,10 @@ def mla_blockwise(q_lat, q_pe, pages, layer, page_table, seq_index, scale, *, bl
         s = s * scale
         key_index = j * block + jnp.arange(block, dtype=jnp.int32)
         s = jnp.where(key_index <= limit, s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(-1))  # finite: key 0 is visible to every query, and block 0 runs first
-        alpha = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new[..., None])
+        m_new = jnp.maximum(m, s.max(-1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a query with no visible key so far (seq_index -1)
+        alpha = jnp.exp(m - m_safe)
+        p = jnp.exp(s - m_safe[..., None])
         l = l * alpha + p.sum(-1)
         acc = acc * alpha[..., None] + jnp.einsum("bthk,bkr->bthr", p.astype(dtype), latent,
                                                   preferred_element_type=jnp.float32)
@@ -50,5 +54,10 @@ def mla_blockwise(q_lat, q_pe, pages, layer, page_table, seq_index, scale, *, bl
 
     init = (jnp.full((b, t, nh), -jnp.inf, jnp.float32), jnp.zeros((b, t, nh), jnp.float32),
             jnp.zeros((b, t, nh, r), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
-    return acc / l[..., None]
+    m, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    has = l > 0
+    l_safe = jnp.where(has, l, 1.0)
+    out = acc / l_safe[..., None]
+    if return_lse:
+        return out, jnp.where(has, m + jnp.log(l_safe), -jnp.inf)
+    return out

@@ -1,0 +1,130 @@
+"""Latency layouts on 8 simulated CPU devices: tensor parallelism (`--mesh tensor=8`, tensor x expert) and decode
+context parallelism (`context_axes`: one sequence's pages split by position over a mesh axis) give one device's
+greedy tokens; the merge of partial softmax statistics equals attention over all keys; the tensor-parallel decode
+step compiled for 8 x H100 has at most two collectives per layer.
+
+References: the single-device engine on the same random tiny model (8 heads, so `tensor=8` shards them), and for
+the partial-softmax merge the materialised reference attention over every key (`mla_reference`). "Long" positions
+are cheap here: 4-token pages, so a 150-token prompt spreads 38 pages over the 8 context shards.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from infer.engine.engine import Engine, SamplingOptions
+from infer.speculative.decoder import SpeculativeConfig
+from small4_jax.config import load_config
+from small4_jax.kernels.mla_decode import combine_partials, mla_attention, mla_reference
+from small4_jax.nn.model import init_model
+from small4_jax.nn.paged import context_limit
+from small4_jax.parallel.placement import place_model
+from small4_jax.parallel.sharding import make_mesh
+from small4_jax.tools import aot, token_cost
+
+ENGINE = dict(max_batch=2, page_size=4, prefill_chunk=32, prefill_chunks=(32,), batch_buckets=(2,), max_model_len=256)
+
+
+@pytest.fixture(scope="module")
+def case():
+    """The model, prompts (one long, one short) and one device's greedy tokens for them."""
+    config = dataclasses.replace(load_config("configs/tiny.yaml"), num_attention_heads=8, num_key_value_heads=8)
+    model = init_model(config, seed=3)
+    rng = np.random.default_rng(0)
+    prompts = [[1] + rng.integers(40, 512, n - 1).tolist() for n in (150, 37)]
+    ref = Engine(nnx.clone(model), **ENGINE).generate(prompts, SamplingOptions(max_tokens=6))
+    return model, prompts, [o.token_ids for o in ref]
+
+
+def _engine(model, shape, **kw):
+    mesh = make_mesh(shape)
+    return Engine(place_model(nnx.clone(model), mesh), mesh=mesh, **{**ENGINE, **kw})
+
+
+@pytest.mark.parametrize("shape", [{"tensor": 8}, {"expert": 2, "tensor": 4}])
+def test_tensor_parallel_greedy_equals_one_device(case, shape):
+    """Heads, the shared expert and the routed experts' width over `tensor` (gate_up interleaved per shard)."""
+    model, prompts, ref = case
+    engine = _engine(model, shape)
+    experts = engine.model.layer_stacks[0].mlp.experts
+    assert experts.gate_up_blocks == shape["tensor"]
+    assert len(experts.gate_up[...].sharding.device_set) == 8
+    out = engine.generate(prompts, SamplingOptions(max_tokens=6))
+    assert [o.token_ids for o in out] == ref
+
+
+@pytest.mark.parametrize("shape,axes", [({"tensor": 8}, ("tensor",)), ({"data": 2, "tensor": 4}, ("data",))])
+def test_context_parallel_greedy_equals_one_device(case, shape, axes):
+    """One sequence's pages dealt over the context axes by position: each device holds 1/shards of its cache."""
+    model, prompts, ref = case
+    engine = _engine(model, shape, context_axes=axes)
+    shards = engine.context_shards
+    assert engine.pages.sharding.shard_shape(engine.pages.shape)[1] == engine.pages.shape[1] // shards
+    out = engine.generate(prompts, SamplingOptions(max_tokens=6))
+    assert [o.token_ids for o in out] == ref
+
+
+def test_context_parallel_speculative_verify(case):
+    """n-gram drafts verified 4 tokens at a time (T = 5 per row) over the context-parallel cache."""
+    model, prompts, ref = case
+    engine = _engine(model, {"tensor": 8}, context_axes=("tensor",),
+                     speculative=SpeculativeConfig("ngram", num_draft_tokens=4))
+    out = engine.generate(prompts, SamplingOptions(max_tokens=6))
+    assert [o.token_ids for o in out] == ref
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas", "reference"])
+def test_partial_softmax_merge_equals_attention_over_all_keys(impl):
+    """Each of S shards attends over its own pages (page j on shard j % S, `context_limit` its visible keys) and
+    returns (output, log-sum-exp); `combine_partials` of the S partials equals the reference over every key, for
+    decode and a verify step (T = 3), including queries that see no key of some shard."""
+    seed = int(np.random.SeedSequence().entropy % (1 << 31))
+    ks = jax.random.split(jax.random.key(seed), 4)
+    b, t, nh, r, dr, page, width, shards = 2, 3, 4, 32, 16, 4, 12, 4
+    num_pages = 1 + b * width
+    pages = jax.random.normal(ks[0], (1, num_pages, page, r + dr))
+    q_lat = jax.random.normal(ks[1], (b, t, nh, r))
+    q_pe = jax.random.normal(ks[2], (b, t, nh, dr))
+    scale = jnp.full((b, t), 0.3)
+    table = 1 + np.arange(b * width, dtype=np.int32).reshape(b, width)
+    ends = np.array([[2, 3, 4], [38, 39, 40]])  # row 0 sees one page: shards 1.. see nothing
+    seq_index = jnp.asarray(ends, jnp.int32)
+    want = mla_reference(q_lat, q_pe, pages, 0, jnp.asarray(table), seq_index, scale)
+
+    @jax.jit
+    def merged(q_lat, q_pe, pages, seq_index, scale):
+        outs, lses = [], []
+        for s in range(shards):
+            limit = context_limit(seq_index, page, shards, s)
+            o, lse = mla_attention(q_lat, q_pe, pages, 0, jnp.asarray(table[:, s::shards]), limit, scale, impl=impl,
+                                   return_lse=True)
+            outs.append(o)
+            lses.append(lse)
+        return combine_partials(jnp.stack(outs), jnp.stack(lses))[0]
+
+    got = merged(q_lat, q_pe, pages, seq_index, scale)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5, err_msg=f"seed {seed}")
+
+
+@pytest.mark.gpu_compile
+def test_tensor_parallel_decode_step_collectives_per_layer():
+    """The engine's batch-1 decode step at the released dims (2 layers), fp8, compiled deviceless for 8 x H100 on
+    `--mesh tensor=8`: two collectives in the layer loop (the attention output's and the MoE's all-reduce, the
+    shared expert's partial sum joining the routed experts' in one), one more per token (the embedding lookup), no
+    weight ever gathered, and each device reads its 1/8 of the sharded weights."""
+    config = dataclasses.replace(load_config("configs/small4-119b.yaml"), num_hidden_layers=2, vision=None)
+    row, compiled = token_cost.decode_row(config, "h100", {"tensor": 8}, batch=1, context=4096)
+    found = aot.collectives(compiled.compiled.as_text())
+    in_loop = [c for c in found if c.runs == 2]
+    assert [c.op for c in in_loop] == ["all-reduce", "all-reduce"], found
+    assert row.collectives_per_layer == 2 and row.collectives_per_token == 2 * 2 + 1
+    assert max(c.bytes for c in found) <= 4 * config.hidden_size  # one token's f32 hidden state at most
+    # replicated: q_a_proj, kv_a_proj (fp8) and the bf16 router of each layer, read whole by every device
+    h = config.hidden_size
+    replicated = config.num_hidden_layers * (h * (config.q_lora_rank + config.kv_lora_rank + config.qk_rope_head_dim)
+                                             + 2 * h * config.n_routed_experts)
+    assert row.weights_read <= row.weights_ideal + replicated * 1.01
