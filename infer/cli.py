@@ -24,6 +24,9 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch: int = 16) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="turn off prefix caching")
     g.add_argument("--cache-axes", default=None, help="mesh axes the paged cache is sharded over, comma-separated "
                    "(data-parallel attention: the cache grows with them); 'none' replicates it (default: data)")
+    g.add_argument("--context-axes", default=None, help="mesh axes one sequence's cache is split over by position, "
+                   "comma-separated (decode context parallelism: one long request's cache spread over the devices, "
+                   "e.g. --mesh tensor=8 --context-axes tensor); not with --cache-axes")
     g.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="compile every step shape before serving, with a progress line each (default on)")
     g.add_argument("--speculative", metavar="METHOD", help="speculative decoding: 'ngram' (prompt lookup) or "
@@ -62,7 +65,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_lora_rank=getattr(args, "max_lora_rank", None), max_batch=args.max_batch, page_size=args.page_size, num_pages=args.num_pages,
                 max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk, prefill_batch=args.prefill_batch,
                 max_queue=args.max_queue,
-                prefix_caching=not args.no_prefix_caching, cache_axes=_cache_axes(getattr(args, "cache_axes", None)))
+                prefix_caching=not args.no_prefix_caching, cache_axes=_cache_axes(getattr(args, "cache_axes", None)),
+                context_axes=_cache_axes(getattr(args, "context_axes", None)) or ())
 
 
 def parse_mesh(text: str | None):

@@ -66,6 +66,9 @@ def test_context_parallel_greedy_equals_one_device(case, shape, axes):
     assert engine.pages.sharding.shard_shape(engine.pages.shape)[1] == engine.pages.shape[1] // shards
     out = engine.generate(prompts, SamplingOptions(max_tokens=6))
     assert [o.token_ids for o in out] == ref
+    again = engine.generate(prompts[:1], SamplingOptions(max_tokens=6))  # its full pages from the prefix cache
+    assert again[0].token_ids == ref[0]
+    assert engine.stats["cached_tokens"] == (len(prompts[0]) - 1) // 4 * 4
 
 
 def test_context_parallel_speculative_verify(case):
@@ -75,6 +78,7 @@ def test_context_parallel_speculative_verify(case):
                      speculative=SpeculativeConfig("ngram", num_draft_tokens=4))
     out = engine.generate(prompts, SamplingOptions(max_tokens=6))
     assert [o.token_ids for o in out] == ref
+    assert engine.speculator.stats["spec_verify_rows"] > 0
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas", "reference"])
@@ -128,3 +132,17 @@ def test_tensor_parallel_decode_step_collectives_per_layer():
     replicated = config.num_hidden_layers * (h * (config.q_lora_rank + config.kv_lora_rank + config.qk_rope_head_dim)
                                              + 2 * h * config.n_routed_experts)
     assert row.weights_read <= row.weights_ideal + replicated * 1.01
+
+
+@pytest.mark.gpu_compile
+def test_context_parallel_plan_row_holds_one_eighth_of_a_long_request():
+    """One 262,144-token request on 8 x H100, `--mesh tensor=8 --context-axes tensor` (2 layers, fp8): each device
+    holds and reads 1/8 of its cache (the pages argument's shard), with three collectives per layer (the query
+    gathered over the context shards, the partial outputs with their log-sum-exps, the attention output's
+    all-reduce) plus the MoE's."""
+    config = dataclasses.replace(load_config("configs/small4-119b.yaml"), num_hidden_layers=2, vision=None)
+    row, compiled = token_cost.decode_row(config, "h100", {"tensor": 8}, batch=1, context=262144,
+                                          context_axes=("tensor",))
+    assert row.cache_read == row.cache_ideal == 262144 * 2 * 320 * 2 // 8
+    assert compiled.compiled.input_shardings[0][1].spec == jax.sharding.PartitionSpec(None, "tensor")
+    assert row.collectives_per_layer == 4

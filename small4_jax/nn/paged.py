@@ -148,7 +148,8 @@ def _write_and_attend(pages, rows, slots, q_lat, q_pe, page_table, seq_index, sc
     if not context_axes:
         return mla_attention(q_lat, q_pe, pages, layer, page_table, seq_index, scale, impl=impl), pages
     out, lse = mla_attention(q_lat, q_pe, pages, layer, page_table, limit, scale, impl=impl, return_lse=True)
-    out, _ = combine_partials(jax.lax.all_gather(out, context_axes), jax.lax.all_gather(lse, context_axes))
+    both = jax.lax.all_gather(jnp.concatenate([out, lse[..., None]], axis=-1), context_axes)  # one collective
+    out, _ = combine_partials(both[..., :-1], both[..., -1])
     return out, pages
 
 
