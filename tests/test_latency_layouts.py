@@ -45,37 +45,40 @@ def _engine(model, shape, **kw):
     return Engine(place_model(nnx.clone(model), mesh), mesh=mesh, **{**ENGINE, **kw})
 
 
-@pytest.mark.parametrize("shape", [{"tensor": 8}, {"expert": 2, "tensor": 4}])
-def test_tensor_parallel_greedy_equals_one_device(case, shape):
-    """Heads, the shared expert and the routed experts' width over `tensor` (gate_up interleaved per shard)."""
+def test_tensor_parallel_greedy_equals_one_device(case):
+    """`--mesh tensor=8`: heads, the shared expert and the routed experts' width over `tensor` (gate_up interleaved
+    per shard)."""
     model, prompts, ref = case
-    engine = _engine(model, shape)
+    engine = _engine(model, {"tensor": 8})
     experts = engine.model.layer_stacks[0].mlp.experts
-    assert experts.gate_up_blocks == shape["tensor"]
+    assert experts.gate_up_blocks == 8
     assert len(experts.gate_up[...].sharding.device_set) == 8
     out = engine.generate(prompts, SamplingOptions(max_tokens=6))
     assert [o.token_ids for o in out] == ref
 
 
-@pytest.mark.parametrize("shape,axes", [({"tensor": 8}, ("tensor",)), ({"data": 2, "tensor": 4}, ("data",))])
-def test_context_parallel_greedy_equals_one_device(case, shape, axes):
-    """One sequence's pages dealt over the context axes by position: each device holds 1/shards of its cache."""
+def test_context_parallel_greedy_equals_one_device(case):
+    """`--mesh tensor=8 --context-axes tensor`: one sequence's pages dealt over the 8 devices by position, each
+    holding 1/8 of the cache; a repeated prompt takes its full pages from the prefix cache, each on its shard."""
     model, prompts, ref = case
-    engine = _engine(model, shape, context_axes=axes)
-    shards = engine.context_shards
-    assert engine.pages.sharding.shard_shape(engine.pages.shape)[1] == engine.pages.shape[1] // shards
+    engine = _engine(model, {"tensor": 8}, context_axes=("tensor",))
+    assert engine.pages.sharding.shard_shape(engine.pages.shape)[1] == engine.pages.shape[1] // 8
     out = engine.generate(prompts, SamplingOptions(max_tokens=6))
     assert [o.token_ids for o in out] == ref
-    again = engine.generate(prompts[:1], SamplingOptions(max_tokens=6))  # its full pages from the prefix cache
+    again = engine.generate(prompts[:1], SamplingOptions(max_tokens=6))
     assert again[0].token_ids == ref[0]
     assert engine.stats["cached_tokens"] == (len(prompts[0]) - 1) // 4 * 4
 
 
-def test_context_parallel_speculative_verify(case):
-    """n-gram drafts verified 4 tokens at a time (T = 5 per row) over the context-parallel cache."""
+def test_expert_tensor_mix_with_context_parallel_speculative_verify(case):
+    """`--mesh expert=2,tensor=4 --context-axes expert`: experts over expert, their width, the shared expert and the
+    heads over tensor (gate_up in 4 blocks), one sequence's pages over expert; n-gram drafts verified 4 at a time
+    (T = 5 per row) over the split cache."""
     model, prompts, ref = case
-    engine = _engine(model, {"tensor": 8}, context_axes=("tensor",),
+    engine = _engine(model, {"expert": 2, "tensor": 4}, context_axes=("expert",),
                      speculative=SpeculativeConfig("ngram", num_draft_tokens=4))
+    assert engine.model.layer_stacks[0].mlp.experts.gate_up_blocks == 4
+    assert engine.pages.sharding.shard_shape(engine.pages.shape)[1] == engine.pages.shape[1] // 2
     out = engine.generate(prompts, SamplingOptions(max_tokens=6))
     assert [o.token_ids for o in out] == ref
     assert engine.speculator.stats["spec_verify_rows"] > 0
@@ -101,14 +104,14 @@ def test_partial_softmax_merge_equals_attention_over_all_keys(impl):
 
     @jax.jit
     def merged(q_lat, q_pe, pages, seq_index, scale):
-        outs, lses = [], []
-        for s in range(shards):
+        def shard(args):  # one shard's partial: its own pages, its visible keys
+            local, s = args
             limit = context_limit(seq_index, page, shards, s)
-            o, lse = mla_attention(q_lat, q_pe, pages, 0, jnp.asarray(table[:, s::shards]), limit, scale, impl=impl,
-                                   return_lse=True)
-            outs.append(o)
-            lses.append(lse)
-        return combine_partials(jnp.stack(outs), jnp.stack(lses))[0]
+            return mla_attention(q_lat, q_pe, pages, 0, local, limit, scale, impl=impl, return_lse=True)
+
+        tables = jnp.asarray(np.stack([table[:, s::shards] for s in range(shards)]))
+        outs, lses = jax.lax.map(shard, (tables, jnp.arange(shards, dtype=jnp.int32)))
+        return combine_partials(outs, lses)[0]
 
     got = merged(q_lat, q_pe, pages, seq_index, scale)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5, err_msg=f"seed {seed}")
