@@ -36,6 +36,9 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch: int = 16) -> None:
                    "more leave room for loading at run time)")
     g.add_argument("--max-lora-rank", type=int, default=None, help="largest adapter rank a slot holds (default: the "
                    "largest given)")
+    g.add_argument("--lora-targets", default=None, help="modules LoRA slots are held for, comma-separated (lora "
+                   "targets: all, attention, experts, module names, regexes; default: the modules the --lora adapters "
+                   "have, else all)")
     g.add_argument("--quantize", metavar="FORMAT", default=None,
                    help="weights of the linears and experts in memory and compute: fp8, int8, int4 (routed experts "
                    "int4, dense linears int8), int4-all (int4 everywhere) or none (small4_jax.quant.formats.SPELLINGS; "
@@ -62,7 +65,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 
     loras = parse_lora_flags(getattr(args, "lora_adapters", None))
     return dict(speculative=speculative, lora_adapters=loras, max_loras=getattr(args, "max_loras", None),
-                max_lora_rank=getattr(args, "max_lora_rank", None), max_batch=args.max_batch, page_size=args.page_size, num_pages=args.num_pages,
+                max_lora_rank=getattr(args, "max_lora_rank", None), lora_targets=_lora_targets(args), max_batch=args.max_batch, page_size=args.page_size, num_pages=args.num_pages,
                 max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk, prefill_batch=args.prefill_batch,
                 max_queue=args.max_queue,
                 prefix_caching=not args.no_prefix_caching, cache_axes=_cache_axes(getattr(args, "cache_axes", None)),
@@ -76,6 +79,11 @@ def parse_mesh(text: str | None):
     from small4_jax.parallel.sharding import make_mesh
 
     return make_mesh(text, "--mesh")
+
+
+def _lora_targets(args) -> tuple[str, ...] | None:
+    text = getattr(args, "lora_targets", None)
+    return None if text is None else tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def _cache_axes(text: str | None) -> tuple[str, ...] | None:

@@ -156,6 +156,9 @@ def test_eagle_speculative_greedy_equals_plain_greedy_and_drafts_match_the_refer
     else:
         spec = Engine(target, speculative=SpeculativeConfig("eagle", str(path), k), **ENGINE)
     drafter = spec.speculator.drafter
+    # the draft was loaded (and placed) before the cache was sized; the start-up report lists it and its pages
+    assert drafter.draft is spec.draft and "draft cache" in spec.report
+    assert spec.memory["draft"] > 0 and spec.memory["draft cache"] > 0
     drafter.warmup(spec)  # compiles the draft's shapes ahead (what --warmup runs)
     calls = []
     propose = drafter.propose

@@ -166,6 +166,10 @@ def test_engine_mixes_adapters_and_keys_the_prefix_cache_by_adapter(setup):
     kw = dict(max_batch=4, page_size=8, prefill_chunk=16, batch_buckets=(4,), page_buckets=(4,), max_model_len=32)
     engine = Engine(small4_jax.from_pretrained(root / "base", dtype="float32"),
                     lora_adapters=[("all4", str(dirs["all4"])), ("peft3", str(dirs["peft3"]))], max_loras=3, **kw)
+    # the slots are resident before the cache and the start-up report lists them beside every other item
+    slots = sum(x.nbytes for x in jax.tree.leaves(nnx.state(engine.model, MultiLoRAParam)))
+    assert engine.memory["lora slots"] == slots > 0 and "lora slots" in engine.report
+    assert engine.memory["weights"] + slots == sum(x.nbytes for x in jax.tree.leaves(engine.state))
     prompt = np.random.RandomState(2).randint(3, VOCAB, 19).tolist()
     opts = SamplingOptions(max_tokens=6, ignore_eos=True)
 

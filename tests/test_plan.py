@@ -6,7 +6,7 @@ device's FLOPs against the one-device program's); here nothing is compiled for a
 
 import pytest
 
-from small4_jax.tools import plan
+from small4_jax.tools import aot, plan
 
 MESHES = {"data1-expert8": {"data": 1, "expert": 8, "tensor": 1}, "data2-expert4": {"data": 2, "expert": 4, "tensor": 1}}
 
@@ -50,3 +50,25 @@ def test_the_serving_cache_is_split_over_data_and_expert(mesh):
         assert ids.sharding.shard_shape(ids.shape)[0] * 8 == ids.shape[0]
     pages = dep.programs[0].program.args[1]
     assert dep.resident["cache"] * 8 == pages.size * pages.dtype.itemsize
+
+
+@pytest.mark.gpu_compile
+@pytest.mark.parametrize("extra", ["lora", "eagle"])
+def test_multi_lora_and_eagle_plans_fit_8_h100(extra):
+    """Serving the 119B (full depth) on 8 x H100 with 4 adapters of rank 16 on the routed experts, or with an EAGLE
+    draft: the slots (bf16, split over `expert` like the experts) or the draft and its pages are resident before the
+    cache is sized, the cache still holds a 262,144-token sequence per shard, and resident + the engine's 10% for
+    temporaries is within the allocator's limit."""
+    kw = dict(lora=(4, 16), lora_targets=("experts",)) if extra == "lora" else dict(eagle=True)
+    dep = plan.serve("h100", MESHES["data1-expert8"], **kw)
+    r = dep.resident
+    if extra == "lora":  # 36 layers x 16 local experts x (H J + J 2F + F J + J H) bf16, J = 5 slots x rank 16
+        j = 5 * 16
+        assert r["lora slots"] == 36 * 16 * (4096 * j + j * 4096 + 2048 * j + j * 4096) * 2 + 36 * 5 * 4  # + scales
+    else:  # one decoder layer of the model's dims, replicated but for its experts; its pages as many as the target's
+        assert 0 < r["draft"] < r["weights"] / 20
+        assert r["draft cache"] * 36 == r["cache"]  # one layer's pages beside 36
+    assert "refuses" not in dep.note and dep.cache_tokens // 8 >= 262_144
+    limit = plan.MEM_FRACTION * aot.device_memory_bytes("h100")
+    free = limit - sum(v for k, v in r.items() if k not in ("cache", "draft cache"))
+    assert sum(r.values()) <= limit - 0.1 * free + 2**20  # the engine's rule: the cache takes 90% of what is free

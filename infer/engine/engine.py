@@ -50,11 +50,13 @@ from infer.structured import fill_masks, new_matcher
 from small4_jax.decode.sampler import MAX_LOGIT_BIAS, RowSampling, TokenHistory, mask_words, sample_rows, set_slot
 from small4_jax.errors import InputError, Small4Error
 from small4_jax.inputs.images import image_hash
-from small4_jax.lora.multi import MultiLoRA, adapter_rank
+from small4_jax.ckpt.eagle import load_eagle
+from small4_jax.lora.multi import MultiLoRA, MultiLoRAParam, adapter_rank, read_adapter
 from small4_jax.nn import vision
 from small4_jax.nn.model import interleave_experts
 from small4_jax.nn.paged import (NULL_PAGE, PagedCache, cache_bytes_per_token_per_layer, cache_spec, cache_width,
                                  logits_step)
+from small4_jax.parallel.placement import place_model
 from small4_jax.parallel.sharding import batch_axes
 from small4_jax.quant.formats import format_of, is_quantised_dtype
 
@@ -267,17 +269,23 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
-def cache_report(config, dtype, cache_bytes: int | None, page_size: int, num_pages: int, shards: int = 1) -> str:
+def cache_report(config, dtype, cache_bytes: int | None, page_size: int, num_pages: int, shards: int = 1,
+                 draft=None) -> str:
     """One line on what the cache holds per token and how many tokens fit (config arithmetic; allocates nothing).
-    cache_bytes: per device; shards: the cache's shards (each with its own null page)."""
+    cache_bytes: per device; shards: the cache's shards (each with its own null page); draft: an EAGLE draft's
+    config (its layers' cache rides on the same pages)."""
     per_layer = cache_bytes_per_token_per_layer(config, dtype)
-    per_token = per_layer * config.num_hidden_layers
+    layers = config.num_hidden_layers
+    per_token = per_layer * layers
+    if draft is not None:
+        per_token += cache_bytes_per_token_per_layer(draft, dtype) * draft.num_hidden_layers
+        layers = f"{layers} + {draft.num_hidden_layers} draft"
     tokens = (num_pages - shards) * page_size
     where = f" in {cache_bytes / 2**30:.2f} GiB" if cache_bytes is not None else ""
     over = f" over {shards} shards" if shards > 1 else ""
     return (
         f"latent cache: {cache_width(config)} values x {jnp.dtype(dtype).itemsize} bytes = {per_layer} B per token "
-        f"per layer, {per_token / 1024:.1f} KiB per token over {config.num_hidden_layers} layers; "
+        f"per layer, {per_token / 1024:.1f} KiB per token over {layers} layers; "
         f"{num_pages - shards} pages of {page_size} tokens = {tokens} cache tokens fit{over}"
         f"{where + ' per device' if where and shards > 1 else where}"
     )
@@ -297,19 +305,19 @@ def _size(b: float) -> str:
     return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.2f} MiB"
 
 
-def memory_report(weights, cache, device=None) -> tuple[str, dict]:
-    """(one line, figures) for one device (default: the first device the weights are on): weight bytes (quantised
-    values at their stored width plus scales; and the values' bytes per format, `weights_by_format`: "int4" has
-    int4 experts and int8 dense linears), cache bytes, and the headroom the backend reports
+def memory_report(resident: dict, device=None) -> tuple[str, dict]:
+    """(one line, figures) for one device (default: the first device the weights are on): the bytes of every
+    resident item (`Engine.resident`: name -> arrays; "weights" also split per quantised format,
+    `weights_by_format`: "int4" has int4 experts and int8 dense linears), and the headroom the backend reports
     (bytes_limit - bytes_in_use; None where it reports no limit, as on CPUs)."""
-    leaves = jax.tree.leaves(weights)
+    leaves = jax.tree.leaves(resident["weights"])
     if device is None:
         device = min(leaves[0].sharding.device_set, key=lambda d: d.id) if leaves else jax.devices()[0]
     fmts = sorted({format_of(x.dtype) for x in leaves if is_quantised_dtype(x.dtype)})
     by_format = {f: device_bytes([x for x in leaves if is_quantised_dtype(x.dtype) and format_of(x.dtype) == f],
                                  device) for f in fmts}
-    figures = {"weights": device_bytes(weights, device), "cache": device_bytes(cache, device), "headroom": None,
-               "weights_by_format": by_format}
+    figures = {name: device_bytes(tree, device) for name, tree in resident.items()}
+    figures.update(headroom=None, weights_by_format=by_format)
     try:
         stats = device.memory_stats()
     except Exception:  # some backends raise instead of returning None
@@ -321,15 +329,17 @@ def memory_report(weights, cache, device=None) -> tuple[str, dict]:
         headroom = "headroom unknown (the backend reports no memory limit)"
     kind = f" ({', '.join(f'{f} {_size(b)}' for f, b in by_format.items())}; the rest scales and float " \
            "parameters)" if fmts else ""
-    line = f"per device ({device}): weights {_size(figures['weights'])}{kind}, cache {_size(figures['cache'])}, " \
-           f"{headroom}"
-    return line, figures
+    items = ", ".join(f"{name} {_size(figures[name])}{kind if name == 'weights' else ''}" for name in resident)
+    return f"resident per device ({device}): {items}; {headroom}", figures
 
 
-def pages_for_memory(config, dtype, cache_bytes: int, page_size: int) -> int:
-    """Pages (plus the null page) that fit in `cache_bytes`."""
-    per_page = cache_bytes_per_token_per_layer(config, dtype) * config.num_hidden_layers * page_size
-    return int(cache_bytes // per_page)
+def pages_for_memory(config, dtype, cache_bytes: int, page_size: int, draft=None) -> int:
+    """Pages (plus the null page) that fit in `cache_bytes`; with an EAGLE draft's config, each page also holds the
+    draft's layers (its cache has as many pages as the target's)."""
+    per_token = cache_bytes_per_token_per_layer(config, dtype) * config.num_hidden_layers
+    if draft is not None:
+        per_token += cache_bytes_per_token_per_layer(draft, dtype) * draft.num_hidden_layers
+    return int(cache_bytes // (per_token * page_size))
 
 
 def free_device_memory_after(bytes_limit: int, bytes_in_use: int, fraction: float = 0.9) -> int:
@@ -372,7 +382,13 @@ class Engine:
         speculative: an `infer.speculative.decoder.SpeculativeConfig` (n-gram or EAGLE drafts, batched verify), or None.
         lora_adapters: (name, PEFT directory) pairs served side by side; `submit(adapter=name)` picks one per
             request. max_loras: adapter slots (default: as many as given; more leave room for `load_adapter`).
-            max_lora_rank: the largest rank a slot holds (default: the largest given, else 16).
+            max_lora_rank: the largest rank a slot holds (default: the largest given, else 16). lora_targets: the
+            modules slots are held for (`lora.LoRAConfig.targets` spellings or site paths; default: those the
+            adapters given have, else every adaptable module); slots are in the model's dtype, placed beside their
+            base weights, and resident before the cache is sized. lora_targets: the
+            modules slots are held for (`lora.LoRAConfig.targets` spellings or site paths; default: those the
+            adapters given have, else every adaptable module); slots are in the model's dtype, placed beside their
+            base weights, and resident before the cache is sized.
         cache_dtype: dtype of the cache (default the model's).
         mesh: a device mesh (the model's parameters live on it).
         cache_axes: mesh axes the cache's pages are sharded over (default: the batch axes of `sharding.RULES`, data
@@ -416,14 +432,13 @@ class Engine:
         max_loras: int | None = None,
         max_lora_rank: int | None = None,
         context_axes: Sequence[str] = (),
+        lora_targets: Sequence[str] | None = None,
     ):
         config = model.config
-        self.lora = None  # multi-LoRA serving (small4_jax/lora/multi.py): adapters chosen per request
-        if lora_adapters or max_loras:
-            rank = max_lora_rank or max([adapter_rank(path) for _, path in lora_adapters] or [16])
-            self.lora = MultiLoRA(model, (max_loras or len(lora_adapters)) + 1, rank)
-            for name, path in lora_adapters:
-                self.lora.load(name, path)
+        self.model, self.config, self.mesh = model, config, mesh
+        # Everything else resident comes first, so that the cache takes what it leaves.
+        self.lora = self._build_adapters(lora_adapters, max_loras, max_lora_rank, lora_targets)
+        self.draft = self._load_draft(speculative)
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
@@ -461,7 +476,8 @@ class Engine:
         if num_pages is None:
             cache_bytes = free_device_memory()
             if cache_bytes is not None:  # per device: each shard's pages fit its devices
-                num_pages = d * c * pages_for_memory(config, self.cache_dtype, cache_bytes, page_size)
+                draft = self.draft.config if self.draft is not None else None
+                num_pages = d * c * pages_for_memory(config, self.cache_dtype, cache_bytes, page_size, draft)
             else:
                 num_pages = d * c * (self.rows_per_shard * math.ceil(self.max_pages_per_seq / c) + 1)
         num_pages -= num_pages % (d * c)
@@ -513,10 +529,8 @@ class Engine:
         # and the length last copied into that row.
         self._table = np.full((max_batch + 1, self.max_pages_per_seq), NULL_PAGE, np.int32)
         self._table_copy: list[tuple[PageList | None, int]] = [(None, 0)] * (max_batch + 1)
-        self.report = cache_report(config, self.cache_dtype, cache_bytes, page_size, num_pages, d * c)
-        line, self.memory = memory_report(self.state, self.pages)  # weights / cache / headroom bytes, one device
-        self.report += "\n" + line
-        log.info("%s", self.report)
+        self.report = cache_report(config, self.cache_dtype, cache_bytes, page_size, num_pages, d * c,
+                                   self.draft.config if self.draft is not None else None)
 
         self._inbox: queue.Queue = queue.Queue()
         self._lock = threading.Condition()
@@ -540,9 +554,49 @@ class Engine:
         # infer/speculative/decoder.py: drafter + batched verify instead of the decode step (built by its config: the
         # engine does not import the speculative package, which drives the engine through its step API)
         self.speculator = None if speculative is None else speculative.build(self)
+        line, self.memory = memory_report(self.resident())  # every resident item's bytes on one device, headroom
+        self.report += "\n" + line
+        log.info("%s", self.report)
         # metrics() runs on the HTTP thread while the engine thread appends: both hold this lock
         self._metrics_lock = threading.Lock()
         self._shapes_seen: set[tuple] = set()  # step shapes run so far (each new one compiles)
+
+    def _build_adapters(self, lora_adapters, max_loras, max_lora_rank, lora_targets):
+        """Multi-LoRA slots (small4_jax/lora/multi.py), or None: only on the modules `lora_targets` names (default:
+        those the adapters given at start have; every adaptable module when none is given), in the model's dtype,
+        placed beside their base weights, with the given adapters loaded."""
+        if not (lora_adapters or max_loras):
+            return None
+        rank = max_lora_rank or max([adapter_rank(path) for _, path in lora_adapters] or [16])
+        read = [read_adapter(self.config, path) for _, path in lora_adapters]
+        targets = lora_targets
+        if targets is None and lora_adapters:
+            targets = sorted({site for weights, _ in read for site in weights})
+        multi = MultiLoRA(self.model, (max_loras or len(lora_adapters)) + 1, rank, targets=targets,
+                          dtype=self.model.dtype, mesh=self.mesh)
+        for (name, path), done in zip(lora_adapters, read):
+            weights, identity = multi.read(name, path, done)
+            multi.install(name, path, weights, identity, multi.free_slot())
+        return multi
+
+    def _load_draft(self, speculative):
+        """An EAGLE draft model loaded and placed on the mesh before the cache is sized (or None)."""
+        if speculative is None or getattr(speculative, "method", None) != "eagle":
+            return None
+        draft = load_eagle(speculative.path, self.model)
+        return place_model(draft, self.mesh) if self.mesh is not None else draft
+
+    def resident(self) -> dict:
+        """Every item the engine keeps on the devices, by name: the base weights, the multi-LoRA slots, the EAGLE
+        draft's weights, its cache and hidden-state buffer, the paged cache, the token history."""
+        lora = nnx.state(self.model, MultiLoRAParam) if self.lora is not None else None
+        weights = nnx.state(self.model, nnx.Not(MultiLoRAParam)) if self.lora is not None else self.state
+        drafter = getattr(self.speculator, "drafter", None)
+        items = {"weights": weights, "lora slots": lora,
+                 "draft": None if self.draft is None else nnx.state(self.draft),
+                 "draft cache": getattr(drafter, "pages", None), "draft buffer": getattr(drafter, "buffer", None),
+                 "cache": self.pages, "token history": self.history}
+        return {k: v for k, v in items.items() if v is not None}
 
     # ---- public API (any thread) ---------------------------------------------------------------------------------
 

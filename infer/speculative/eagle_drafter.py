@@ -99,7 +99,9 @@ class EagleDrafter:
 
     def __init__(self, config, engine):
         self.k = config.num_draft_tokens
-        self.draft = load_eagle(config.path, engine.model)
+        # the engine loaded and placed it before sizing its cache (`Engine._load_draft`)
+        draft = getattr(engine, "draft", None)
+        self.draft = draft if draft is not None else load_eagle(config.path, engine.model)
         self.draft_def, self.draft_state = nnx.split(self.draft)
         sharding = pages_sharding = None
         if engine.mesh is not None:

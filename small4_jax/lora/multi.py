@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from small4_jax.errors import ConfigError, InputError
 from small4_jax.lora.adapters import (ExpertsLoRA, LoRALinear, LoRARouter, adapters as adapter_modules, base_output,
                                       load_peft, lora_spec, select_targets, site_groups)
-from small4_jax.nn.model import Shared, abstract_model
+from small4_jax.nn.model import Shared, Small4ForCausalLM, abstract_model
 from small4_jax.nn.moe import ExpertLoRA, at_layer, sliced
 from small4_jax.quant.formats import QArray, dequantize, logical_shape
 
@@ -225,34 +225,20 @@ class MultiLoRA:
     def identity(self, name: str | None) -> str | None:
         return None if name is None else self.adapters[name].identity
 
-    def read(self, name: str, path) -> tuple[dict, str]:
-        """Read the PEFT adapter in `path` (host side, no state touched): (site path -> arrays, identity)."""
+    def read(self, name: str, path, read: tuple[dict, str] | None = None) -> tuple[dict, str]:
+        """Read the PEFT adapter in `path` (host side, no state touched; `read`: what `read_adapter` already gave)
+        and check it fits the slots: (site path -> arrays, identity)."""
         path = Path(path)
         if not name or "/" in name or name in self.adapters:
             raise InputError(f"adapter name {name!r} is empty, has a '/', or is already loaded")
-        scratch = abstract_model(self.model.config, dtype="float32")
-        done = load_peft(scratch, path)
-        where = str(path)
-        digest = hashlib.sha256()
-        for f in ("adapter_config.json", "adapter_model.safetensors"):
-            digest.update((path / f).read_bytes())
-        out = {}
-        for site_path, ad in adapter_modules(scratch).items():
-            if isinstance(ad, LoRARouter):
-                raise ConfigError(f"{where}: adapter on the router ({site_path}) is not supported in multi-LoRA "
-                                  "serving")
-            if ad.rank > self.rank:
-                raise ConfigError(f"{where}: {site_path} has rank {ad.rank}, above --max-lora-rank {self.rank}")
+        out, digest = read or read_adapter(self.model.config, path)
+        for site_path, w in out.items():
+            if w["rank"] > self.rank:
+                raise ConfigError(f"{path}: {site_path} has rank {w['rank']}, above --max-lora-rank {self.rank}")
             if site_path not in self.sites:
-                raise ConfigError(f"{where}: {site_path} is not among the modules the server holds adapter slots for "
+                raise ConfigError(f"{path}: {site_path} is not among the modules the server holds adapter slots for "
                                   "(--lora-targets)")
-            if isinstance(ad, ExpertsLoRA):
-                out[site_path] = dict(gate_up_a=ad.gate_up_a[...], gate_up_b=ad.gate_up_b[...], down_a=ad.down_a[...],
-                                      down_b=ad.down_b[...], scale=ad.scale, rank=ad.rank)
-            else:
-                out[site_path] = dict(a=ad.lora_a[...], b=ad.lora_b[...], scale=ad.scale, rank=ad.rank)
-        assert done
-        return out, f"{name}#{digest.hexdigest()[:32]}"
+        return out, f"{name}#{digest}"
 
     def free_slot(self) -> int:
         used = {a.slot for a in self.adapters.values()}
@@ -315,6 +301,27 @@ class MultiLoRA:
         del self.adapters[name]
 
 
+def read_adapter(config, path) -> tuple[dict, str]:
+    """The PEFT adapter in `path` read on the host: (site path -> its arrays, rank and scale; content digest)."""
+    path = Path(path)
+    scratch = abstract_model(config, dtype="float32")
+    done = load_peft(scratch, path)
+    digest = hashlib.sha256()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        digest.update((path / f).read_bytes())
+    out = {}
+    for site_path, ad in adapter_modules(scratch).items():
+        if isinstance(ad, LoRARouter):
+            raise ConfigError(f"{path}: adapter on the router ({site_path}) is not supported in multi-LoRA serving")
+        if isinstance(ad, ExpertsLoRA):
+            out[site_path] = dict(gate_up_a=ad.gate_up_a[...], gate_up_b=ad.gate_up_b[...], down_a=ad.down_a[...],
+                                  down_b=ad.down_b[...], scale=ad.scale, rank=ad.rank)
+        else:
+            out[site_path] = dict(a=ad.lora_a[...], b=ad.lora_b[...], scale=ad.scale, rank=ad.rank)
+    assert done
+    return out, digest.hexdigest()[:32]
+
+
 def place_slots(model, mesh) -> None:
     """Place every multi-LoRA slot array of `model` on `mesh` beside its base weight (`lora.lora_spec`); the
     scales replicated."""
@@ -322,10 +329,25 @@ def place_slots(model, mesh) -> None:
     flat = []
     for path, var in nnx.to_flat_state(state):
         x = var.get_raw_value() if hasattr(var, "get_raw_value") else var[...]
-        names = [str(p) for p in path]
-        spec = PartitionSpec() if names[-1] == "scales" else lora_spec(names, x.shape, mesh)  # named as training's
-        flat.append((path, var.replace(jax.device_put(x, NamedSharding(mesh, spec)))))
+        flat.append((path, var.replace(jax.device_put(x, NamedSharding(mesh, slot_spec(path, x.shape, mesh))))))
     nnx.update(model, nnx.from_flat_state(flat))
+
+
+def slot_spec(path, shape, mesh) -> PartitionSpec:
+    """The PartitionSpec of the multi-LoRA slot array at `path`: a training adapter's (`lora.lora_spec`; the slots'
+    names are the same: {module}.lora_{a,b}, experts.lora.{gate_up,down}_{a,b}); the scales replicated."""
+    names = [str(p) for p in path]
+    return PartitionSpec() if names[-1] == "scales" else lora_spec(names, shape, mesh)
+
+
+def abstract_slots(config, slots: int, rank: int, *, targets=None, dtype=jnp.bfloat16):
+    """The slot arrays `MultiLoRA` would add to a model of `config`, as shapes (nothing allocated): an nnx State."""
+    def build():
+        model = Small4ForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0))
+        MultiLoRA(model, slots, rank, targets=targets, dtype=dtype)
+        return model
+
+    return nnx.state(nnx.eval_shape(build), MultiLoRAParam)
 
 
 def adapter_rank(path) -> int:

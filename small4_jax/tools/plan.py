@@ -45,11 +45,15 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 
 from infer.cli import add_engine_args
 from infer.engine.engine import MAX_CONTEXT, free_device_memory_after, pages_for_memory
 from small4_jax.config import Small4Config, load_config
 from small4_jax.errors import Small4Error
+from small4_jax.lora.multi import abstract_slots, slot_spec
+from small4_jax.ckpt.eagle import load_eagle_config
+from small4_jax.nn.eagle import EagleDraft
 from small4_jax.nn.paged import cache_bytes_per_token_per_layer
 from small4_jax.parallel.sharding import MESH_AXES, batch_axes, parse_mesh
 from small4_jax.tools import aot
@@ -84,6 +88,7 @@ class Deployment:
     note: str = ""
     check: Callable[[aot.Memory], str] | None = None  # a line on the compiled memory, added to the note
     mem_fraction: float = MEM_FRACTION  # of the device's memory the allocator may hand out
+    cache_tokens: int = 0  # tokens the paged cache holds (all shards)
 
 
 def shard_bytes(tree) -> int:
@@ -115,9 +120,13 @@ def _layout(shape: dict[str, int], mesh, rows: int | None = None, cache: tuple[s
 # Deployments.
 def serve(target: str, shape: dict[str, int], *, config=None, layers: int | None = None, quantize: str | None = None,
           mem_fraction: float = MEM_FRACTION, hosts: int = 1, engine_flags: tuple[str, ...] = (),
-          cache_axes: tuple[str, ...] | None = None, name: str | None = None) -> Deployment:
+          cache_axes: tuple[str, ...] | None = None, name: str | None = None, lora: tuple[int, int] | None = None,
+          lora_targets: tuple[str, ...] | None = None, eagle: bool = False, draft_path=None) -> Deployment:
     """`infer.serve --mesh SHAPE [--quantize Q] [engine flags]` on `target` GPUs: weights, the engine's default
-    cache, the largest prefill and decode steps, the vision encoder."""
+    cache, the largest prefill and decode steps, the vision encoder. `lora` (slots, rank): multi-LoRA slots on the
+    modules `lora_targets` selects (default all), in the model dtype, placed beside their bases; `eagle`: an EAGLE
+    draft (its config from `draft_path`, default one decoder layer of the model's dims) and its cache. Both are
+    resident before the engine sizes its cache, as `Engine.__init__` orders them."""
     flags = argparse.ArgumentParser()
     add_engine_args(flags)  # infer.serve's engine flags, at its defaults
     args = flags.parse_args(list(engine_flags))
@@ -129,12 +138,20 @@ def serve(target: str, shape: dict[str, int], *, config=None, layers: int | None
     if cache_axes is None:
         cache_axes = batch_axes(mesh)  # the engine's default
     d = math.prod(mesh.shape[a] for a in cache_axes)
-    weights = shard_bytes(ap.abstract_placed_model(config, mesh, dtype, quantize)[1])
+    resident = {"weights": shard_bytes(ap.abstract_placed_model(config, mesh, dtype, quantize)[1])}
+    if lora is not None:
+        slots = abstract_slots(config, lora[0] + 1, lora[1], targets=lora_targets, dtype=dtype)
+        resident["lora slots"] = shard_bytes(aot.placed(slots, mesh, slot_spec))
+    draft = None
+    if eagle:
+        draft = load_eagle_config(draft_path, config) if draft_path else config.replace(num_hidden_layers=1)
+        state = nnx.state(nnx.eval_shape(lambda: EagleDraft(draft, dtype=dtype, rngs=nnx.Rngs(0))))
+        resident["draft"] = shard_bytes(aot.placed(state, mesh))
     limit = int(mem_fraction * aot.device_memory_bytes(target))
     max_len = args.max_model_len or min(config.max_position_embeddings, MAX_CONTEXT)
     table = -(-max_len // args.page_size)
-    num_pages = args.num_pages or d * pages_for_memory(config, dtype, free_device_memory_after(limit, weights),
-                                                       args.page_size)
+    num_pages = args.num_pages or d * pages_for_memory(
+        config, dtype, free_device_memory_after(limit, sum(resident.values())), args.page_size, draft)
     num_pages -= num_pages % d
     note = ""
     if num_pages // d - 1 < table:
@@ -158,13 +175,17 @@ def serve(target: str, shape: dict[str, int], *, config=None, layers: int | None
     if config.vision is not None:  # a prompt's images are encoded (one 1540 x 1540 image: 12,100 patches) first
         programs.append(Planned(ap.vision_encode(config, mesh, ((1540, 1540),), dtype=dtype),
                                 lambda: ap.vision_encode(config, one, ((1540, 1540),), dtype=dtype)))
-    cache = shard_bytes(programs[0].program.args[1])
+    resident["cache"] = shard_bytes(programs[0].program.args[1])
+    if draft is not None:  # the draft's own pages: as many as the target's, its layers wide
+        per_token = cache_bytes_per_token_per_layer(draft, dtype) * draft.num_hidden_layers
+        resident["draft cache"] = num_pages // d * args.page_size * per_token
     tokens = (num_pages - d) * args.page_size
     note = "; ".join(filter(None, [note, f"{tokens:,} cache tokens ({tokens // d:,} per cache shard)"]))
     n = math.prod(shape.values())
-    return Deployment(name or f"serve-{quantize or 'bf16'}-{n}x{target.upper()}", target, n,
-                      _layout(shape, mesh, max_batch, cache_axes), programs, {"weights": weights, "cache": cache},
-                      note, mem_fraction=mem_fraction)
+    extra = (f"-lora{lora[0]}x{lora[1]}" if lora else "") + ("-eagle" if eagle else "")
+    return Deployment(name or f"serve-{quantize or 'bf16'}{extra}-{n}x{target.upper()}", target, n,
+                      _layout(shape, mesh, max_batch, cache_axes), programs, resident, note,
+                      mem_fraction=mem_fraction, cache_tokens=tokens)
 
 
 def finetune(target: str, config_path: str | os.PathLike = FINETUNE, *, shape: dict[str, int] | None = None,
@@ -296,7 +317,8 @@ def program_row(dep: Deployment, planned: Planned, *, ideal: bool = True, compil
     except Exception as e:  # noqa: BLE001 - report it in the table, keep going
         return dict(deployment=dep.name, layout=dep.layout, program=planned.program.name,
                     error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-    row = dict(deployment=dep.name, layout=dep.layout, program=planned.program.name, devices=dep.devices)
+    row = dict(deployment=dep.name, layout=dep.layout, program=planned.program.name, devices=dep.devices,
+               cache_tokens=dep.cache_tokens)
     for column in ROW_COLUMNS:
         row.update(column(dep, planned.program, c, ref))
     checked = dep.check(c.memory) if dep.check is not None else ""
@@ -306,20 +328,23 @@ def program_row(dep: Deployment, planned: Planned, *, ideal: bool = True, compil
 
 
 def table(rows: list[dict]) -> str:
-    gib = lambda n: f"{n / 2**30:.1f}"  # noqa: E731
-    tf = lambda n: f"{n / 1e12:.2f}"  # noqa: E731
-    head = ("| deployment | layout | program | weights GiB | cache / state GiB | temp GiB | need GiB | "
-            "limit GiB (device) | headroom GiB | TFLOP / device (x ideal) | HBM GB / device (x ideal) | kernels |")
-    out = [head, "|" + "---|" * 12]
+    gib = lambda n: f"{n / 2**30:.1f}" if n else "-"  # noqa: E731
+    head = ("| deployment | layout | program | weights GiB | cache GiB (tokens) | adapters GiB | draft GiB | temp GiB | "
+            "need GiB | limit GiB (device) | headroom GiB | TFLOP / device (x ideal) | HBM GB / device (x ideal) | "
+            "kernels |")
+    out = [head, "|" + "---|" * 14]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['deployment']} | {r['layout']} | {r['program']} | compile error: {r['error']} |")
             continue
-        state = sum(v for k, v in r.items() if k in ("cache", "adapters+adam", "lora slots", "draft"))
         ratio = lambda key: f" ({r[key]:.2f}x)" if key in r else ""  # noqa: E731
-        out.append(f"| {r['deployment']} | {r['layout']} | {r['program']} | {gib(r['weights'])} | {gib(state)} | "
-                   f"{gib(r['temp'])} | {gib(r['need'])} | {gib(r['limit'])} ({gib(r['device'])}) | "
-                   f"{gib(r['headroom'])}{'' if r['fits'] else ' (does NOT fit)'} | {tf(r['flops'])}"
+        tokens = f" ({r['cache_tokens'] / 1e6:.2f} M)" if r.get("cache_tokens") else ""
+        adapters = r.get("lora slots", 0) + r.get("adapters+adam", 0)
+        draft = r.get("draft", 0) + r.get("draft cache", 0)
+        out.append(f"| {r['deployment']} | {r['layout']} | {r['program']} | {gib(r['weights'])} | "
+                   f"{gib(r.get('cache', 0))}{tokens} | {gib(adapters)} | {gib(draft)} | {gib(r['temp'])} | "
+                   f"{gib(r['need'])} | {gib(r['limit'])} ({gib(r['device'])}) | "
+                   f"{gib(r['headroom'])}{'' if r['fits'] else ' (does NOT fit)'} | {r['flops'] / 1e12:.2f}"
                    f"{ratio('flops_ratio')} | {r['hbm_bytes'] / 1e9:.1f}{ratio('hbm_ratio')} | {r['kernels']} |")
     return "\n".join(out)
 
@@ -405,8 +430,10 @@ def deployments(a: argparse.Namespace) -> list[Deployment]:
             if x not in a.shape:
                 raise Small4Error(f"--cache-axes: {x!r} is not an axis of the mesh {mesh_text(a.shape)}")
         cache_axes = tuple(x for x in cache_axes if a.shape[x] > 1)
+    targets = None if a.lora_targets is None else tuple(t.strip() for t in a.lora_targets.split(",") if t.strip())
     out = [serve(a.gpu, a.shape, config=config, layers=a.layers, quantize=a.quantize, mem_fraction=a.mem_fraction,
-                 hosts=a.hosts, engine_flags=tuple(flags), cache_axes=cache_axes)]
+                 hosts=a.hosts, engine_flags=tuple(flags), cache_axes=cache_axes, lora=a.lora, lora_targets=targets,
+                 eagle=a.speculative == "eagle", draft_path=a.draft)]
     if a.finetune:
         out.append(finetune(a.gpu, a.finetune, shape=a.shape, layers=a.layers, hosts=a.hosts,
                             mem_fraction=a.mem_fraction))
