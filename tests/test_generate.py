@@ -104,7 +104,7 @@ def test_quick_start_prints_only_its_own_lines():
         r"--checkpoint DIR .*",
         r"model ready in \d+\.\ds",
         r"latent cache: 48 values x 4 bytes = 192 B per token per layer, .* cache tokens fit",
-        r"per device \(cpu:0\): weights 4\.29 MiB, cache .*",
+        r"resident per device \(cpu:0\): weights 4\.29 MiB, cache .*",
         r"compiling the prefill step for 1 x \d+ tokens over \d+ pages \(once per shape\)\.\.\.",
         r"compiling the decode step for 1 x 1 tokens over \d+ pages \(once per shape\)\.\.\.",
     ]
@@ -226,7 +226,7 @@ def test_several_loras_each_prompt_with_its_own(tmp_path, capsys):
     assert _error([*common, "--lora", str(tmp_path / "a"), *loras, "--prompt-ids", ids], capsys).startswith(
         "error: --lora: give one adapter DIR (applied to every prompt) or NAME=DIR adapters")
     assert _error([*common, "--lora", f"c={tmp_path}", "--prompt-ids", ids], capsys) == \
-        f"error: {tmp_path}: not a PEFT adapter directory (adapter_config.json missing)"
+        f"error: --lora c={tmp_path}: not a PEFT adapter directory (adapter_config.json missing)"
 
 
 def test_ctrl_c_during_compilation_exits_130_with_one_line(tmp_path):
