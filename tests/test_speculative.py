@@ -17,7 +17,8 @@ import small4_jax
 from infer.cli import engine_kwargs
 from infer.engine.engine import Engine, SamplingOptions, merge_outputs
 from infer.generate import parse_args
-from infer.serve import Server
+from infer.server.core import Server
+from infer.server.metrics import metrics_text
 from infer.speculative.decoder import SpeculativeConfig, ngram_lookup
 from small4_jax.decode.sampler import RowSampling, TokenHistory, sampling_logits, verify_rows
 from small4_jax.errors import InputError
@@ -209,7 +210,7 @@ def test_a_draft_equal_to_the_target_accepts_every_token(model):
     m = spec.metrics()
     # 17 tokens after the prefill's first, 5 per verify step (fewer at the end): 4 steps per request
     assert m["spec_acceptance_rate"] == 1.0 and m["spec_verify_rows"] == 12 and m["spec_accepted_tokens"] == 39
-    text = Server(spec, None, "tiny").metrics_text()
+    text = metrics_text(Server(spec, None, "tiny"))
     assert "small4_spec_acceptance_rate 1.0\n" in text and "small4_spec_accepted_tokens_total 39\n" in text
     for w, g in zip(want, got):
         assert g.token_ids == w.token_ids

@@ -160,7 +160,11 @@ def test_forced_tool_calls_parse(setup, tools):
                 assert call.name == choice["function"]["name"]
             schema = next(t["function"]["parameters"] for t in tools if t["function"]["name"] == call.name)
             jsonschema.validate(json.loads(call.arguments), schema)
-        assert _ended(tok, out.token_ids) == _assistant_ids(tok, parsed), tok.decode(out.token_ids, skip_special=False)
+        # mistral-common re-serialises the arguments (json.loads / dumps): numbers a random model writes unusually
+        # (5.000000000000000000, 2e2673) do not round-trip to the same tokens
+        if all(json.dumps(json.loads(c.arguments), ensure_ascii=False) == c.arguments for c in parsed.tool_calls):
+            assert _ended(tok, out.token_ids) == _assistant_ids(tok, parsed), tok.decode(out.token_ids,
+                                                                                         skip_special=False)
 
 
 def test_reasoning_may_precede_a_forced_call_only_when_on(setup):

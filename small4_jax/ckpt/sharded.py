@@ -458,7 +458,10 @@ def _b64(key: tuple[str, ...]) -> str:
 
 
 def _layer_at(key: tuple[str, ...]) -> int | None:
-    """Where `layers`, N sits in a per-layer key (`params.layers.3.…`, `opt_state.0.mu.layers.3.…`), else None."""
+    """Where `layers`, N sits in a per-layer key (`params.layers.3.…`, `opt_state.0.mu.layers.3.…`), else None.
+    The vision tower's own layers (`vision_tower.transformer.layers.N`) are never stacked: not a decoder layer."""
+    if "vision_tower" in key:
+        return None
     for i in range(len(key) - 1):
         if key[i] == "layers" and key[i + 1].isdigit():
             return i
