@@ -259,6 +259,40 @@ def test_speculative_constrained_rows_equal_plain_constrained_decoding(setup):
     assert m["masked_tokens"] > sum(len(w.token_ids) for w in want[:4])  # a mask per verify position
     assert m["running"] == 0 and m["pages_used"] == 0
 
+    # a grammar failing inside a verify step's draft masks fails its own request; the others' tokens are unchanged
+    new_matcher, failing = spec._matcher, []
+
+    class Failing:  # the grammar engine failing mid-answer: its third mask raises
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def refine(self, words):
+            self.calls += 1
+            if self.calls >= 3:
+                raise RuntimeError("injected grammar failure")
+            return self.inner.refine(words)
+
+    def matcher(options):
+        m = new_matcher(options)
+        if m is not None and options.grammar is grammars[0]:
+            failing.append(Failing(m))
+            return failing[-1]
+        return m
+
+    spec._matcher = matcher
+    try:
+        got = spec.generate([prompt] * 3, [options[0], options[1], options[4]])
+    finally:
+        del spec._matcher
+    assert failing and failing[0].calls >= 3
+    assert got[0].finish_reason == "error" and "injected grammar failure" in got[0].error
+    for g, w in zip(got[1:], [want[1], want[4]]):
+        assert g.token_ids == w.token_ids and g.finish_reason == w.finish_reason
+    assert spec.metrics()["running"] == 0 and spec.metrics()["pages_used"] == 0
+
 
 # ---- canonical tokenisation -----------------------------------------------------------------------------------
 

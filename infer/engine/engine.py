@@ -822,7 +822,7 @@ class Engine:
         self.stats["steps"] += 1
         self.stats["host_seconds"] += time.perf_counter() - t0 - self._waited
 
-    def _fail(self, r: _Request, what: str, e: Exception) -> None:
+    def fail(self, r: _Request, what: str, e: Exception) -> None:
         """A host-side error in one request's part of the step: that request fails (at the end of the step, or in
         `accept`), the others go on."""
         log.error("request %s: %s failed: %s: %s", r.id, what, type(e).__name__, e)
@@ -836,7 +836,7 @@ class Engine:
             try:
                 r.prompt_logprobs = self._prompt_logprobs_of(r.tokens[: r.num_prompt], r.options.prompt_logprobs)
             except Exception as e:
-                self._fail(r, "prompt logprobs", e)
+                self.fail(r, "prompt logprobs", e)
                 continue
             if r.options.max_tokens == 0:
                 self._finish(r, "length")
@@ -1175,7 +1175,7 @@ class Engine:
                         fill_masks(self.tokenizer, [(m, i)], mask)
                     except Exception as e:
                         mask[i] = -1
-                        self._fail(reqs[i], "structured output mask", e)
+                        self.fail(reqs[i], "structured output mask", e)
             self.stats["mask_seconds"] += time.perf_counter() - t0
             self.stats["masked_tokens"] += len(constrained)
         try:
@@ -1186,7 +1186,7 @@ class Engine:
                 try:
                     self._row_sampling([r], 1, [1], None)
                 except Exception as e:
-                    self._fail(r, "sampling settings", e)
+                    self.fail(r, "sampling settings", e)
                     reqs[i] = dataclasses.replace(r, options=SamplingOptions(), seed=0)
             return self._row_sampling(reqs, rows, accept, mask)
 
@@ -1342,7 +1342,7 @@ class Engine:
             try:
                 self._accept_one(r, i, tokens, logprobs, top_ids, top_lp, now)
             except Exception as e:  # this request's output failed (a grammar's consume, a decoder): it alone ends
-                self._fail(r, "output", e)
+                self.fail(r, "output", e)
                 self._finish(r, "error", error=self._failed.pop(r.id)[1])
 
     def _accept_one(self, r: _Request, i: int, tokens, logprobs, top_ids, top_lp, now: float) -> None:

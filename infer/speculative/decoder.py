@@ -176,7 +176,8 @@ def verify_forward(graphdef, state, pages, ids, positions, seq_index, slots, pag
                    with_hidden=with_hidden, cache_axes=cache_axes, context_axes=context_axes)
 
 
-def draft_masks(tokenizer, reqs, drafts: np.ndarray, num_drafts: np.ndarray, mask: np.ndarray) -> list[int]:
+def draft_masks(tokenizer, reqs, drafts: np.ndarray, num_drafts: np.ndarray, mask: np.ndarray,
+                on_error=None) -> int:
     """Structured-output rows in a verify step: cut each row's drafts to what its grammar allows and write the
     token mask of every verify position into mask [B, T, W] (position j: the matcher's state after d_1..d_j, so
     verification masks each position as plain decoding would after those tokens). The matchers are walked forward
@@ -184,28 +185,55 @@ def draft_masks(tokenizer, reqs, drafts: np.ndarray, num_drafts: np.ndarray, mas
 
     Rows without a matcher are left alone (all bits set). num_drafts is lowered in place where a draft is not
     allowed (the grammar rejects it, or a token before it already ends the output); returns the masked rows'
-    number of positions (the mask work done)."""
+    number of positions (the mask work done).
+
+    A grammar that raises fails its own row only when `on_error(i, exception)` is given: the rows are then redone
+    one at a time, a failing row's drafts are dropped and its mask left all-ones (the caller fails that request),
+    and the other rows are masked as usual. Without `on_error` the exception propagates."""
+    rows = [(i, r.matcher) for i, r in enumerate(reqs) if r.matcher is not None]
+    try:
+        return _walk_drafts(tokenizer, reqs, rows, drafts, num_drafts, mask)
+    except Exception:
+        if on_error is None:
+            raise
+    done = 0
+    for i, m in rows:
+        try:
+            done += _walk_drafts(tokenizer, reqs, [(i, m)], drafts, num_drafts, mask)
+        except Exception as e:
+            num_drafts[i] = 0
+            mask[i] = -1
+            on_error(i, e)
+    return done
+
+
+def _walk_drafts(tokenizer, reqs, rows, drafts, num_drafts, mask) -> int:
+    """draft_masks for the (row, matcher) pairs `rows`; each matcher is rolled back to where it began even when a
+    mask or a consume raises."""
     flat = mask.reshape(-1, mask.shape[-1])  # a view: position j of row i is flat row i * T + j
     t = mask.shape[1]
-    rows = [(i, r.matcher) for i, r in enumerate(reqs) if r.matcher is not None]
     for i, m in rows:
         n = int(num_drafts[i])
         if n:
             n = m.validate_tokens(drafts[i, :n].tolist())
             ends = [j for j in range(n) if int(drafts[i, j]) in reqs[i].stop_ids]
             num_drafts[i] = min([n] + [j + 1 for j in ends])  # nothing is drafted past a stop token
+    consumed = dict.fromkeys((i for i, _ in rows), 0)
     done = 0
-    for j in range(int(max([num_drafts[i] for i, _ in rows], default=0)) + 1):
-        at = [(m, i * t + j) for i, m in rows if num_drafts[i] >= j]
-        if j:
-            for m, row in at:
-                if not m.consume_token(int(drafts[row // t, j - 1])):
-                    raise RuntimeError(f"structured output: a validated draft was refused: {m.get_error()}")
-        fill_masks(tokenizer, [(m, row) for m, row in at if not m.is_stopped()], flat)  # stopped: nothing follows
-        done += len(at)
-    for i, m in rows:
-        if num_drafts[i]:
-            m.rollback(int(num_drafts[i]))
+    try:
+        for j in range(int(max([num_drafts[i] for i, _ in rows], default=0)) + 1):
+            at = [(m, i * t + j) for i, m in rows if num_drafts[i] >= j]
+            if j:
+                for m, row in at:
+                    if not m.consume_token(int(drafts[row // t, j - 1])):
+                        raise RuntimeError(f"structured output: a validated draft was refused: {m.get_error()}")
+                    consumed[row // t] += 1
+            fill_masks(tokenizer, [(m, row) for m, row in at if not m.is_stopped()], flat)  # stopped: nothing follows
+            done += len(at)
+    finally:
+        for i, m in rows:
+            if consumed[i]:
+                m.rollback(consumed[i])
     return done
 
 
@@ -260,7 +288,9 @@ class Speculator:
             mask = np.full((rows, self.k + 1, mask_words(engine.config.vocab_size)), -1, np.int32)
             if any(r.matcher is not None for r in reqs):
                 t0 = time.perf_counter()
-                engine.stats["masked_tokens"] += draft_masks(engine.tokenizer, reqs, drafts, num_drafts, mask)
+                engine.stats["masked_tokens"] += draft_masks(
+                    engine.tokenizer, reqs, drafts, num_drafts, mask,
+                    on_error=lambda i, e: engine.fail(reqs[i], "structured output mask", e))
                 engine.stats["mask_seconds"] += time.perf_counter() - t0
             sampling = engine.row_sampling(reqs, rows, [1] * len(reqs), mask=mask)
             *result, engine.history = _verify(logits, drafts, num_drafts, sampling, engine.history,
