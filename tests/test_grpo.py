@@ -10,6 +10,8 @@ import pytest
 from small4_jax.errors import ConfigError
 from train import config as run_config
 from train import grpo, rewards
+from train.data import DataError
+from train.trainer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,6 +72,79 @@ def test_rewards_built_in_and_user_function(tmp_path, monkeypatch):
         rewards.build([{"type": "function", "function": "my_reward:nope"}])
     with pytest.raises(ConfigError, match=r"grpo.rewards\[1\]: unknown key\(s\) \['patern'\]"):
         rewards.build([{"type": "exact"}, {"type": "regex", "patern": "x"}])
+
+
+def test_json_schema_reward(tmp_path):
+    """The reply's JSON against a schema in the spec or in the row (jsonschema decides validity); a bad schema is one
+    error naming the config field, a row without its schema is a bad row."""
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name"], "additionalProperties": False}
+    fixed = rewards.build([{"type": "json_schema", "schema": schema}])
+    row = {"messages": []}
+    assert fixed(' {"name": "Ada", "age": 36}\n', row, [])["json_schema"] == 1.0
+    for bad in ('{"age": 36}', '{"name": "Ada", "age": "36"}', '{"name": "Ada", "x": 1}', '["Ada"]', "name: Ada",
+                '{"name": "Ada"} trailing', ""):
+        assert fixed(bad, row, [])["json_schema"] == 0.0, bad
+    per_row = rewards.build([{"type": "json_schema", "schema_key": "schema"}])
+    assert per_row('[1, 2]', {"schema": {"type": "array", "items": {"type": "integer"}}}, [])["reward"] == 1.0
+    assert per_row('[1, "2"]', {"schema": {"type": "array", "items": {"type": "integer"}}}, [])["reward"] == 0.0
+    assert per_row.check_row({"schema": schema}) is None
+    assert per_row.check_row({}) == "no 'schema' key (the JSON schema grpo.rewards[0].schema_key names)"
+    assert per_row.check_row({"schema": {"type": "objekt"}}).startswith("'schema': not a valid JSON schema (")
+    with pytest.raises(ConfigError, match=r"grpo.rewards\[0\]: schema: not a valid JSON schema \(.*objekt"):
+        rewards.build([{"type": "json_schema", "schema": {"type": "objekt"}}])
+    with pytest.raises(ConfigError, match=r"grpo.rewards\[1\]: type json_schema needs exactly one of schema"):
+        rewards.build([{"type": "exact"}, {"type": "json_schema"}])
+    with pytest.raises(ConfigError, match=r"grpo.rewards\[0\]: unknown key\(s\) \['schemas'\]"):
+        rewards.build([{"type": "json_schema", "schemas": {}}])
+    # a prompt row without the schema its reward reads is named by file:line before anything runs
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    tok = load_tokenizer(run_config.load(ROOT / "configs/grpo-tiny.yaml"))
+    with pytest.raises(DataError, match=rf"{path}:1: no 'schema' key"):
+        grpo.load_prompts([path], tok, 64, 4, per_row.check_row)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1}},
+    "required": ["city"]}}}
+
+
+def test_tool_call_reward_reads_calls_with_the_servers_parser():
+    """Replies built from token ids as the model emits them: [TOOL_CALLS]name[ARGS]{json}, parallel calls, thinking
+    first. 1 when every call names a declared tool with valid arguments, 0 otherwise; no call scores no_call."""
+    tok = load_tokenizer(run_config.load(ROOT / "configs/grpo-tiny.yaml"))
+    calls, args, think, end = (tok.token_id(p) for p in ("[TOOL_CALLS]", "[ARGS]", "[THINK]", "[/THINK]"))
+
+    def call(name, arguments):
+        return [calls, *tok.encode(name, bos=False), args, *tok.encode(arguments, bos=False)]
+
+    row = {"messages": [{"role": "user", "content": "weather?"}], "tools": [WEATHER]}
+    fn = rewards.build([{"type": "tool_call"}], tokenizer=tok)
+    score = lambda ids, r=row: fn("", r, ids)["tool_call"]  # noqa: E731
+    assert score(call("get_weather", '{"city": "Paris"}') + [tok.eos_id]) == 1.0
+    assert score(call("get_weather", '{"city": "Paris", "days": 2}') + call("get_weather", '{"city": "Rome"}')) == 1.0
+    assert score([think, *tok.encode("hmm", bos=False), end] + call("get_weather", '{"city": "Oslo"}')) == 1.0
+    assert score(call("get_weather", '{"city": "Paris"}') + call("get_time", '{"city": "Rome"}')) == 0.0  # undeclared
+    assert score(call("get_weather", '{"days": 2}')) == 0.0  # required argument missing
+    assert score(call("get_weather", '{"city": "Paris", "days": 0}')) == 0.0  # minimum
+    assert score(call("get_weather", '{"city": "Par')) == 0.0  # cut off: not JSON
+    assert score(call("get_weather", '"Paris"')) == 0.0  # not an object
+    assert score(call("get_weather", '{"city": "Paris"}'), {"messages": []}) == 0.0  # the row declares no tools
+    assert score(tok.encode("It is sunny.", bos=False)) == 0.0  # no call: no_call, default 0
+    lenient = rewards.build([{"type": "tool_call", "no_call": 1.0}], tokenizer=tok)
+    assert lenient("It is sunny.", row, tok.encode("It is sunny.", bos=False))["reward"] == 1.0
+    # a tool without parameters takes any object
+    free = {"type": "function", "function": {"name": "ping"}}
+    assert fn("", {"tools": [free]}, call("ping", "{}"))["reward"] == 1.0
+    assert fn.check_row(row) is None
+    assert fn.check_row({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 3}}}]}) \
+        .startswith("tools[0].function.parameters: not a valid JSON schema (")
+    with pytest.raises(ConfigError, match=r"grpo.rewards\[0\]: type tool_call parses the reply's token ids and needs "
+                                          r"the run's tokenizer"):
+        rewards.build([{"type": "tool_call"}])
+    with pytest.raises(ConfigError, match=r"grpo.rewards\[0\]: no_call must be a number"):
+        rewards.build([{"type": "tool_call", "no_call": "yes"}], tokenizer=tok)
 
 
 def test_bad_prompt_rows_are_named(tmp_path):

@@ -101,7 +101,7 @@ class GRPOSection:
     loss_agg: str = "token"  # token: mean over all sampled tokens of the step; sequence: per-sample mean, then mean
     think: str = "train"  # train: [THINK] ... [/THINK] tokens in the loss; mask: out of the loss (still rewarded)
     routing: str = "recompute"  # recompute: the trainer routes again (replay of the engine's expert ids: not yet)
-    # train/rewards.py: exact, normalized, regex, json, length, function (a user's module:function)
+    # train/rewards.py: exact, normalized, regex, json, json_schema, tool_call, length, function (module:function)
     rewards: tuple[dict, ...] = ({"type": "exact"},)
     engine_pages: int = 0  # cache pages of the rollout engine; 0 = enough for every sample at full length
 

@@ -72,9 +72,11 @@ class Prompts:
         return len(self.rows)
 
 
-def load_prompts(paths: Sequence[str | Path], tokenizer, seq_len: int, max_tokens: int) -> Prompts:
-    """Read, validate and tokenise prompt rows; DataError lists every bad row as file:line: reason."""
-    rows, errors = read_jsonl(paths, validate=validate_prompt)
+def load_prompts(paths: Sequence[str | Path], tokenizer, seq_len: int, max_tokens: int,
+                 check_row=None) -> Prompts:
+    """Read, validate and tokenise prompt rows; DataError lists every bad row as file:line: reason. `check_row`: the
+    rewards' own check of a row (`rewards.Reward.check_row`: e.g. the JSON schema a reward reads from it)."""
+    rows, errors = read_jsonl(paths, validate=lambda row: validate_prompt(row) or (check_row and check_row(row)))
     out = Prompts([], [])
     for file, line, row in rows:
         try:
@@ -96,7 +98,8 @@ def load_prompts(paths: Sequence[str | Path], tokenizer, seq_len: int, max_token
 def data_summary(cfg: RunConfig, tokenizer) -> str:
     """What train.validate_data prints for a valid prompt set (DataError for rows that cannot be used)."""
     g = cfg.grpo
-    p = load_prompts(cfg.data.train, tokenizer, cfg.data.seq_len, g.max_tokens)
+    p = load_prompts(cfg.data.train, tokenizer, cfg.data.seq_len, g.max_tokens,
+                     rewards.build(g.rewards, tokenizer=tokenizer).check_row)
     lens = [len(x) for x in p.ids]
     answers = sum("answer" in r for r in p.rows)
     return (f"train: {len(p)} prompts ({answers} with an answer), {min(lens)}-{max(lens)} prompt tokens, "
@@ -272,11 +275,11 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
     """Run (or resume) a GRPO fine-tune; returns the metrics records of the steps run in this call."""
     loop.check_single_device(cfg)
     g, t = cfg.grpo, cfg.train
-    reward_fn = rewards.build(g.rewards)
     if t.grad_accum > 1 and (g.prompts_per_step * g.group_size) % t.grad_accum:
         raise ConfigError(f"{cfg.source}: train.grad_accum = {t.grad_accum} must divide prompts_per_step x group_size")
     tokenizer = load_tokenizer(cfg)
-    data = load_prompts(cfg.data.train, tokenizer, cfg.data.seq_len, g.max_tokens)
+    reward_fn = rewards.build(g.rewards, tokenizer=tokenizer)
+    data = load_prompts(cfg.data.train, tokenizer, cfg.data.seq_len, g.max_tokens, reward_fn.check_row)
     model = load_base(cfg)
     base_graph, base_state = nnx.split(model)
     engine_model = nnx.merge(base_graph, base_state)  # the same weight arrays, a module tree of its own for serving

@@ -7,6 +7,10 @@
       - {type: normalized, extract: "Answer: (.*)"}    # same after normalising (case, spaces, punctuation, 1.0 = 1)
       - {type: regex, pattern: "^Answer: \\d+$"}       # 1 if the pattern matches the reply (re.search), else 0
       - {type: json, required: [name, age]}            # 1 if the reply is a JSON object holding those keys, else 0
+      - {type: json_schema, schema: {type: object, required: [name]}}   # 1 if the reply's JSON validates, else 0
+      - {type: json_schema, schema_key: schema}        # the same against the JSON schema in the row's "schema" key
+      - {type: tool_call}                              # 1 if the reply's tool calls are valid for the row's "tools"
+      - {type: tool_call, no_call: 1.0}               # ... and a reply without any call scores 1 (default 0)
       - {type: length, target: 16, weight: 0.5}        # -min(1, max(0, tokens - target) / target)
       - {type: function, function: "my_pkg.rewards:score", weight: 1.0}
 
@@ -17,6 +21,20 @@ at the last match; no match scores 0. A user function is called once per sample 
 
 with the reply's text (thinking segments removed), the prompt's JSONL row (its "messages", "answer" and any other
 keys the user put there) and the generated token ids; it must return a finite number.
+
+`json_schema`: the reply (surrounding whitespace ignored) must parse as JSON and validate against the JSON schema
+given in the spec (`schema`) or in each prompt row under the key `schema_key` (a row without it, or with a value
+that is not a valid schema, is a bad row: train.validate_data names it by file:line). Validation is `jsonschema`'s
+(the schema's own `$schema` draft, Draft 2020-12 when it names none); a reply that is not JSON scores 0.
+
+`tool_call`: the reply's tool calls (`[TOOL_CALLS]name[ARGS]{json}`, read from the generated token ids by the
+server's own parser, `infer.chat.parse_output`, thinking segments skipped) are checked against the prompt row's
+`tools` (OpenAI / Mistral function format, `{"type": "function", "function": {"name", "parameters"}}`; the key is
+`tools_key`, default "tools"). The reply scores 1 when it makes at least one call and every call names a declared
+tool and its arguments are a JSON object that validates against that tool's `parameters` schema (no `parameters`:
+any object); 0 when any call fails. A reply with no call scores `no_call` (default 0: the reward is for calling
+well; set 1.0 where declining to call is as good, e.g. rows whose right answer is plain text). A row without the
+key declares no tools, so any call in its replies scores 0.
 """
 
 from __future__ import annotations
@@ -28,11 +46,15 @@ import re
 import string
 from collections.abc import Callable, Sequence
 
+import jsonschema
+
+from infer.chat import parse_output
 from small4_jax.errors import ConfigError
 
-TYPES = ("exact", "normalized", "regex", "json", "length", "function")
+TYPES = ("exact", "normalized", "regex", "json", "json_schema", "tool_call", "length", "function")
 _KEYS = {"exact": {"extract"}, "normalized": {"extract"}, "regex": {"pattern"}, "json": {"required"},
-         "length": {"target"}, "function": {"function"}}
+         "json_schema": {"schema", "schema_key"}, "tool_call": {"tools_key", "no_call"}, "length": {"target"},
+         "function": {"function"}}
 
 
 def normalize(text: str) -> str:
@@ -63,11 +85,36 @@ def _answer(row: dict) -> str:
     return "" if answer is None else str(answer)
 
 
-def build(specs: Sequence[dict], where: str = "grpo.rewards") -> Callable[[str, dict, list[int]], dict[str, float]]:
-    """The reward function of a config: (reply, row, token_ids) -> {name: weighted value, ..., "reward": total}."""
+class Reward:
+    """The reward of a config: `reward(reply, row, token_ids) -> {name: weighted value, ..., "reward": total}`;
+    `check_row(row)` is None for a prompt row the rewards can score, else a one-line reason (a missing schema)."""
+
+    def __init__(self, parts: list, checks: list, where: str):
+        self.parts, self.checks, self.where = parts, checks, where
+
+    def __call__(self, reply: str, row: dict, token_ids: list[int]) -> dict[str, float]:
+        out = {}
+        for name, weight, fn in self.parts:
+            value = float(fn(reply, row, token_ids))
+            if not math.isfinite(value):
+                raise ConfigError(f"{self.where}: reward {name} returned {value} (not finite)")
+            out[name] = out.get(name, 0.0) + weight * value
+        out["reward"] = sum(out.values())
+        return out
+
+    def check_row(self, row: dict) -> str | None:
+        for check in self.checks:
+            reason = check(row)
+            if reason:
+                return reason
+        return None
+
+
+def build(specs: Sequence[dict], where: str = "grpo.rewards", tokenizer=None) -> Reward:
+    """The reward of a config's specs; `tokenizer` (the run's) is needed by `tool_call`, which parses token ids."""
     if not specs:
         raise ConfigError(f"{where}: list at least one reward")
-    parts = []
+    parts, checks = [], []
     for i, spec in enumerate(specs):
         w = f"{where}[{i}]"
         if not isinstance(spec, dict) or spec.get("type") not in TYPES:
@@ -80,20 +127,127 @@ def build(specs: Sequence[dict], where: str = "grpo.rewards") -> Callable[[str, 
         weight = spec.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             raise ConfigError(f"{w}: weight must be a number, got {weight!r}")
-        parts.append((spec.get("name", kind if kind != "function" else spec.get("function", "function")), float(weight),
-                      _one(kind, spec, w)))
+        name = spec.get("name", kind if kind != "function" else spec.get("function", "function"))
+        if kind == "json_schema":
+            fn, check = _json_schema(spec, w)
+        elif kind == "tool_call":
+            fn, check = _tool_call(spec, w, tokenizer)
+        else:
+            fn, check = _one(kind, spec, w), None
+        parts.append((name, float(weight), fn))
+        if check is not None:
+            checks.append(check)
+    return Reward(parts, checks, where)
 
-    def reward(reply: str, row: dict, token_ids: list[int]) -> dict[str, float]:
+
+# ----------------------------------------------------------------------------------------------------------------------
+# JSON-schema validity and tool calls.
+class _Validators:
+    """jsonschema validators by schema (rows repeat theirs), each schema checked once against its metaschema."""
+
+    def __init__(self):
+        self.cache: dict[str, jsonschema.protocols.Validator | str] = {}
+
+    def get(self, schema) -> jsonschema.protocols.Validator | str:
+        """The schema's validator, or a one-line reason it is not a JSON schema."""
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self.cache:
+            if not isinstance(schema, (dict, bool)):
+                self.cache[key] = f"expected a JSON schema (an object), got {type(schema).__name__}"
+            else:
+                cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+                try:
+                    cls.check_schema(schema)
+                    self.cache[key] = cls(schema)
+                except jsonschema.SchemaError as e:
+                    self.cache[key] = f"not a valid JSON schema ({e.message})"
+        return self.cache[key]
+
+
+def _json_schema(spec: dict, w: str):
+    if ("schema" in spec) == ("schema_key" in spec):
+        raise ConfigError(f"{w}: type json_schema needs exactly one of schema (a JSON schema) or schema_key (the "
+                          "prompt row's key holding one)")
+    validators = _Validators()
+    if "schema" in spec:
+        fixed = validators.get(spec["schema"])
+        if isinstance(fixed, str):
+            raise ConfigError(f"{w}: schema: {fixed}")
+    else:
+        key = spec["schema_key"]
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{w}: schema_key must be a row key name (a string), got {key!r}")
+
+    def schema_of(row):
+        return fixed if "schema" in spec else validators.get(row[key])
+
+    def check(row):
+        if "schema" in spec:
+            return None
+        if key not in row:
+            return f"no '{key}' key (the JSON schema {w}.schema_key names)"
+        got = validators.get(row[key])
+        return f"'{key}': {got}" if isinstance(got, str) else None
+
+    def valid(reply, row, ids):
+        try:
+            obj = json.loads(reply)
+        except json.JSONDecodeError:
+            return 0.0
+        return float(schema_of(row).is_valid(obj))
+
+    return valid, check
+
+
+def _tool_call(spec: dict, w: str, tokenizer):
+    if tokenizer is None:
+        raise ConfigError(f"{w}: type tool_call parses the reply's token ids and needs the run's tokenizer")
+    key = spec.get("tools_key", "tools")
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"{w}: tools_key must be a row key name (a string), got {key!r}")
+    no_call = spec.get("no_call", 0.0)
+    if not isinstance(no_call, (int, float)) or isinstance(no_call, bool):
+        raise ConfigError(f"{w}: no_call must be a number (the score of a reply without a tool call), got "
+                          f"{no_call!r}")
+    validators = _Validators()
+
+    def declared(row) -> dict | str:
+        """{tool name: validator of its parameters}, or a one-line reason the row's tools are unusable."""
+        tools = row.get(key, [])
+        if not isinstance(tools, list):
+            return f"'{key}' must be a list of tools"
         out = {}
-        for name, weight, fn in parts:
-            value = float(fn(reply, row, token_ids))
-            if not math.isfinite(value):
-                raise ConfigError(f"{where}: reward {name} returned {value} (not finite)")
-            out[name] = out.get(name, 0.0) + weight * value
-        out["reward"] = sum(out.values())
+        for j, t in enumerate(tools):
+            fn = t.get("function") if isinstance(t, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                return f"{key}[{j}]: expected {{'type': 'function', 'function': {{'name': ..., 'parameters': ...}}}}"
+            got = validators.get(fn.get("parameters", {"type": "object"}))
+            if isinstance(got, str):
+                return f"{key}[{j}].function.parameters: {got}"
+            out[fn["name"]] = got
         return out
 
-    return reward
+    def check(row):
+        got = declared(row)
+        return got if isinstance(got, str) else None
+
+    def valid(reply, row, ids):
+        calls = parse_output(tokenizer, ids).tool_calls
+        if not calls:
+            return float(no_call)
+        tools = declared(row)
+        for call in calls:
+            if call.name not in tools:
+                return 0.0
+            try:
+                args = json.loads(call.arguments)
+            except json.JSONDecodeError:
+                return 0.0
+            if not isinstance(args, dict) or not tools[call.name].is_valid(args):
+                return 0.0
+        return 1.0
+
+    return valid, check
 
 
 def _compile(pattern, w: str, key: str) -> re.Pattern | None:
