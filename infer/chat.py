@@ -211,8 +211,24 @@ def check_shape(messages, tools) -> None:
             raise InputError(f"tools[{i}].function.name: expected a non-empty string, got {f.get('name')!r}")
         if not isinstance(f.get("parameters", {}), dict):
             raise InputError(f"tools[{i}].function.parameters: expected a JSON Schema object")
+        check_schema(f.get("parameters") or {}, f"tools[{i}].function.parameters")
         if not isinstance(f.get("description", ""), (str, type(None))):
             raise InputError(f"tools[{i}].function.description: expected a string")
+
+
+def check_schema(schema, where: str) -> None:
+    """InputError naming `where` and the place inside the schema where `schema` breaks its JSON Schema meta-schema
+    (the draft its `$schema` names, else the newest), regular expressions included."""
+    from jsonschema.exceptions import SchemaError  # (mistral-common's dependency, imported with it)
+    from jsonschema.validators import validator_for
+
+    if not isinstance(schema, (dict, bool)):
+        raise InputError(f"{where}: a JSON schema must be an object, got {type(schema).__name__}")
+    try:
+        validator_for(schema).check_schema(schema)
+    except SchemaError as e:
+        inside = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.absolute_path)
+        raise InputError(f"{where}{inside}: not a valid JSON schema: {e.message}") from None
 
 
 def encode_chat(

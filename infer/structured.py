@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from infer.chat import normalize_messages
+from infer.chat import check_schema, normalize_messages
 from small4_jax.errors import InputError
 from small4_jax.inputs.tokenizer import TekkenTokenizer, Tokenizer
 
@@ -114,6 +114,11 @@ def chat_grammar(tokenizer: Tokenizer, messages, *, tools=None, tool_choice=None
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
             raise InputError("response_format.json_schema must be an object with a JSON schema under 'schema'")
+        check_schema(spec.get("schema", {}), "response_format.json_schema.schema")
+    if tools and forced_tools:
+        for i, t in enumerate(tools):
+            if isinstance(t, dict) and isinstance(t.get("function"), dict):
+                check_schema(t["function"].get("parameters") or {}, f"tools[{i}].function.parameters")
     factory = _factory(tokenizer)
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
@@ -137,8 +142,10 @@ def chat_grammar(tokenizer: Tokenizer, messages, *, tools=None, tool_choice=None
             parallel_tool_calls=parallel_tool_calls, **kwargs)
         grammar = factory.get_grammar_for_chat_request(request, factory.select_jinja_template())
     except Exception as e:  # mistral-common raises pydantic, ValueError and its own exception types
-        raise InputError(f"cannot build the output grammar: {type(e).__name__}: {str(e).splitlines()[0][:300]}") \
-            from None
+        errors = e.errors() if callable(getattr(e, "errors", None)) else None  # pydantic: say where and what
+        what = "; ".join(f"{'.'.join(map(str, err.get('loc', ()))) or 'request'}: {err.get('msg')}"
+                         for err in errors[:3]) if errors else str(e).splitlines()[0]
+        raise InputError(f"cannot build the output grammar: {type(e).__name__}: {what[:300]}") from None
     return _edit(grammar, reasoning=reasoning, forced_tools=forced_tools and rtype == "text")
 
 
@@ -174,6 +181,7 @@ def json_schema_grammar(tokenizer: Tokenizer, schema: dict) -> str:
     factory = _factory(tokenizer)
     if not isinstance(schema, dict):
         raise InputError("the JSON schema must be an object")
+    check_schema(schema, "the JSON schema")
     grammar = factory.get_lark_for_json_schema(factory.select_jinja_template(), _compact(schema))
     return _edit(grammar, reasoning=False, forced_tools=False)  # mistral-common's template allows [THINK] first
 

@@ -471,6 +471,18 @@ CHAT_CASES = [  # (body, param, message)
      "reasoning_effort: Input should be 'none', 'minimal', 'low', 'medium', 'high', 'xhigh', 'max' or 'auto'"),
     ({"messages": HI, "seed": -1}, "seed", "seed: Input should be greater than or equal to 0"),
     ({"messages": HI, "top_k": 2**31}, "top_k", "top_k: Input should be less than or equal to 2147483647"),
+    ({"messages": HI, "max_completion_tokens": 200}, "max_completion_tokens",
+     "prompt (22 tokens) + max_completion_tokens (200) exceeds the model's context of 128 tokens"),
+    ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": "x"}}}}}}, "response_format",
+     "response_format.json_schema.schema.properties.a.minimum: not a valid JSON schema: 'x' is not of type 'number'"),
+    ({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {
+        "type": "string", "pattern": "("}}}}, "response_format",
+     "response_format.json_schema.schema.pattern: not a valid JSON schema: '(' is not a 'regex'"),
+    ({"messages": HI, "tool_choice": "required", "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "int"}}}}}]}, "tools",
+     "tools[0].function.parameters.properties.x.type: not a valid JSON schema: 'int' is not valid under any of the "
+     "given schemas"),
 ]
 COMPLETION_CASES = [
     ({"prompt": ""}, "prompt", "empty prompt"),
@@ -479,6 +491,7 @@ COMPLETION_CASES = [
     ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "max_tokens must be positive (0 only with echo), got 0"),
     ({"prompt": "hi", "model": "tiny-2"}, "model", "model 'tiny-2' is not served here; GET /v1/models lists 'tiny'"),
     ({"prompt": "hi", "logprobs": 50}, None, "logprobs: Input should be less than or equal to 20"),
+    ({"prompt": [5] * 130}, "prompt", "prompt has 130 tokens but the model's context is 128; shorten the prompt"),
 ]
 
 

@@ -66,20 +66,22 @@ class Server:
                                  f"{', '.join(map(repr, sorted(self.model_names | set(self.adapters()))))}",
                             param="model")
         context = self.engine.max_model_len
+        prompt_field = "prompt" if isinstance(req, CompletionRequest) else "messages"
         if prompt_len >= context:
             raise HTTPError(400, f"prompt has {prompt_len} tokens but the model's context is {context}; "
-                                 "shorten the prompt", param="messages")
-        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+                                 "shorten the prompt", param=prompt_field)
+        field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
+        max_tokens = getattr(req, field)
         if max_tokens is None:
             max_tokens = context - prompt_len
         elif max_tokens == 0 and prompt_logprobs is not None:
             pass  # echo with logprobs: the prompt's log-probabilities only
         elif max_tokens <= 0:
-            raise HTTPError(400, f"max_tokens must be positive (0 only with echo and logprobs), got {max_tokens}",
-                            param="max_tokens")
+            raise HTTPError(400, f"{field} must be positive (0 only with echo and logprobs), got {max_tokens}",
+                            param=field)
         elif prompt_len + max_tokens > context:
-            raise HTTPError(400, f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                                 f"context of {context} tokens", param="max_tokens")
+            raise HTTPError(400, f"prompt ({prompt_len} tokens) + {field} ({max_tokens}) exceeds the model's "
+                                 f"context of {context} tokens", param=field)
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         bias = None
         if req.logit_bias:
@@ -205,7 +207,8 @@ class Server:
                     response_format=req.response_format, parallel_tool_calls=parallel,
                     reasoning=effort not in (None, "none"))
             except InputError as e:
-                raise HTTPError(400, str(e), param="response_format") from None
+                raise HTTPError(400, str(e), param="tools" if str(e).startswith("tools") else "response_format") \
+                    from None
         return ChatPlan(prompt, grammar, (req.top_logprobs or 0) if req.logprobs else None, self.tokenizer,
                         parse_tools=tool_choice != "none" and bool(req.tools),
                         max_calls=None if parallel or not forced_tools else 1)
