@@ -10,6 +10,12 @@ import argparse
 from small4_jax.errors import InputError, Small4Error
 
 
+SHARD_LATENT_PROJ_HELP = (
+    "split q_a_proj and kv_a_proj over the mesh's tensor axis by their input dim: each GPU reads 1/tp of them "
+    "instead of all (36 layers x 5.5 MB in fp8) for one more all-reduce per layer (three instead of two); pays only "
+    "where a collective costs under ~1.4 us (README, 'Choosing a layout on 8 GPUs')")
+
+
 def add_engine_args(p: argparse.ArgumentParser, max_batch: int = 16) -> None:
     """The engine's sizing flags (shared by infer.serve and infer.generate)."""
     g = p.add_argument_group("engine")
@@ -27,6 +33,7 @@ def add_engine_args(p: argparse.ArgumentParser, max_batch: int = 16) -> None:
     g.add_argument("--context-axes", default=None, help="mesh axes one sequence's cache is split over by position, "
                    "comma-separated (decode context parallelism: one long request's cache spread over the devices, "
                    "e.g. --mesh tensor=8 --context-axes tensor); not with --cache-axes")
+    g.add_argument("--shard-latent-proj", action="store_true", help=SHARD_LATENT_PROJ_HELP)
     g.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="compile every step shape before serving, with a progress line each (default on)")
     g.add_argument("--speculative", metavar="METHOD", help="speculative decoding: 'ngram' (prompt lookup) or "
@@ -69,7 +76,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_model_len=args.max_model_len, prefill_chunk=args.prefill_chunk, prefill_batch=args.prefill_batch,
                 max_queue=args.max_queue,
                 prefix_caching=not args.no_prefix_caching, cache_axes=_cache_axes(getattr(args, "cache_axes", None)),
-                context_axes=_cache_axes(getattr(args, "context_axes", None)) or ())
+                context_axes=_cache_axes(getattr(args, "context_axes", None)) or (),
+                shard_latent_proj=getattr(args, "shard_latent_proj", False))
 
 
 def parse_mesh(text: str | None):

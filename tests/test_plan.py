@@ -6,6 +6,8 @@ device's FLOPs against the one-device program's); here nothing is compiled for a
 
 import pytest
 
+from small4_jax.config import load_config
+from small4_jax.nn.paged import default_cache_axes
 from small4_jax.tools import aot, plan
 
 MESHES = {"data1-expert8": {"data": 1, "expert": 8, "tensor": 1}, "data2-expert4": {"data": 2, "expert": 4, "tensor": 1}}
@@ -41,7 +43,7 @@ def test_the_serving_cache_is_split_over_data_and_expert(mesh):
     """The serving deployment's cache (the engine's default: 90% of what is free after the weights) is sharded over
     data x expert: each device holds 1/8 of the pages, and the prefill and decode steps take their rows sharded the
     same way (each request's pages on the shard that computes its rows)."""
-    dep = plan.serve("h100", MESHES[mesh], layers=1)
+    dep = plan.serve("h100", MESHES[mesh], config=load_config(plan.MODEL).replace(vision=None), layers=1)
     assert dep.devices == 8 and "cache over " + "x".join(a for a in ("data", "expert") if MESHES[mesh][a] > 1) \
         in dep.layout
     for planned in dep.programs[:2]:
@@ -50,6 +52,22 @@ def test_the_serving_cache_is_split_over_data_and_expert(mesh):
         assert ids.sharding.shard_shape(ids.shape)[0] * 8 == ids.shape[0]
     pages = dep.programs[0].program.args[1]
     assert dep.resident["cache"] * 8 == pages.size * pages.dtype.itemsize
+
+
+@pytest.mark.gpu_compile
+def test_the_planned_cache_is_split_as_the_engine_splits_it():
+    """`--max-batch 4` on data=2,expert=4: the engine shards its cache over the batch axes whose sizes divide
+    max_batch (data: 2 divides 4; data x expert = 8 does not), and the planner plans that cache, not one over all
+    eight devices (both take `paged.default_cache_axes`)."""
+    shape = MESHES["data2-expert4"]
+    config = load_config(plan.MODEL).replace(vision=None)  # the vision tower's abstract build would cost 10 s
+    dep = plan.serve("h100", shape, config=config, layers=1, engine_flags=("--max-batch", "4"))
+    assert default_cache_axes(aot.gpu_mesh("h100", shape), 4) == ("data",)
+    assert dep.layout.endswith("; cache over data")
+    decode = dep.programs[1].program
+    pages, ids = decode.args[1], decode.args[2]
+    assert ids.shape[0] == 4 and ids.sharding.shard_shape(ids.shape)[0] == 2
+    assert pages.sharding.shard_shape(pages.shape)[1] * 2 == pages.shape[1]
 
 
 @pytest.mark.gpu_compile

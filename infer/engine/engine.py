@@ -53,11 +53,10 @@ from small4_jax.inputs.images import image_hash
 from small4_jax.ckpt.eagle import load_eagle
 from small4_jax.lora.multi import MultiLoRA, MultiLoRAParam, adapter_rank, read_adapter
 from small4_jax.nn import vision
-from small4_jax.nn.model import interleave_experts
+from small4_jax.nn.model import interleave_experts, shard_latent_projections
 from small4_jax.nn.paged import (NULL_PAGE, PagedCache, cache_bytes_per_token_per_layer, cache_spec, cache_width,
-                                 logits_step)
+                                 default_cache_axes, logits_step)
 from small4_jax.parallel.placement import place_model
-from small4_jax.parallel.sharding import batch_axes
 from small4_jax.quant.formats import format_of, is_quantised_dtype
 
 log = logging.getLogger("small4_jax")
@@ -404,6 +403,9 @@ class Engine:
             combined; `paged.absorbed_attention`), so one long sequence's cache is spread over the devices. Not
             with cache_axes (then defaulted to none). num_pages counts all pages; max_model_len needs
             ceil(its pages / shards) + 1 per shard.
+        shard_latent_proj: split q_a_proj and kv_a_proj over the mesh's `tensor` axis by their input dim
+            (`model.shard_latent_projections`): each device reads 1/tp of them instead of all, for one more
+            all-reduce per layer (README, "Choosing a layout on 8 GPUs").
         prefix_caching: reuse cached pages of shared prompt prefixes.
     """
 
@@ -433,9 +435,17 @@ class Engine:
         max_lora_rank: int | None = None,
         context_axes: Sequence[str] = (),
         lora_targets: Sequence[str] | None = None,
+        shard_latent_proj: bool = False,
     ):
         config = model.config
         self.model, self.config, self.mesh = model, config, mesh
+        if shard_latent_proj:  # before anything is sized by what the weights leave free
+            tp = 1 if mesh is None else dict(mesh.shape).get("tensor", 1)
+            if tp == 1:
+                where = "there is no mesh" if mesh is None else f"the mesh {dict(mesh.shape)} has no tensor axis > 1"
+                raise InputError(f"shard_latent_proj (--shard-latent-proj) splits q_a_proj and kv_a_proj over the "
+                                 f"'tensor' mesh axis, but {where}")
+            shard_latent_projections(model, mesh)
         # Everything else resident comes first, so that the cache takes what it leaves.
         self.lora = self._build_adapters(lora_adapters, max_loras, max_lora_rank, lora_targets)
         self.draft = self._load_draft(speculative)
@@ -458,7 +468,7 @@ class Engine:
         self.max_pages_per_seq = math.ceil(self.max_model_len / page_size)
         self.cache_dtype = jnp.dtype(cache_dtype or model.dtype)
         if cache_axes is None:
-            cache_axes = () if context_axes else batch_axes(mesh, max_batch)
+            cache_axes = default_cache_axes(mesh, max_batch, tuple(context_axes))
         for kind, axes in (("cache", cache_axes), ("context", context_axes)):
             for a in axes:
                 if mesh is None or a not in mesh.shape:

@@ -145,7 +145,7 @@ def put_stacked(path, layers: Iterable[np.ndarray], n: int, mesh: Mesh | None) -
     for j, host in enumerate(layers):
         if stack is None:
             shape = (n,) + tuple(host.shape)
-            sharding = sharding_for(path, shape, mesh)
+            sharding = sharding_for(path, shape, mesh, host.dtype)
             stack = _zeros_fn(shape, jnp.dtype(host.dtype), sharding)()
         layer = jax.device_put(np.ascontiguousarray(host), _slice_sharding(stack.sharding))
         del host
@@ -243,7 +243,7 @@ def load_state(graphdef, state, plan: dict, source: TensorSource, *, dtype, mesh
                 arrs += (put_stacked(scale_path, scales, len(names), mesh),)
             else:
                 q = read_quantized(source, prefix + names[0], part, transform)
-                arrs = tuple(jax.device_put(np.ascontiguousarray(h), sharding_for(p, h.shape, mesh))
+                arrs = tuple(jax.device_put(np.ascontiguousarray(h), sharding_for(p, h.shape, mesh, h.dtype))
                              for p, h in ((path, q.values), (scale_path, q.scale)))
                 del q
             paths = (path, scale_path)
@@ -261,7 +261,8 @@ def load_state(graphdef, state, plan: dict, source: TensorSource, *, dtype, mesh
             arr = put_stacked(path, layers, len(names), mesh) if committed else jnp.asarray(np.stack(list(layers)))
         else:
             host = next(layers)
-            arr = jax.device_put(np.ascontiguousarray(host), sharding_for(path, host.shape, mesh) if committed else None)
+            arr = jax.device_put(np.ascontiguousarray(host),
+                                 sharding_for(path, host.shape, mesh, host.dtype) if committed else None)
             del host
         flat.append((path, value.replace(arr) if hasattr(value, "replace") else arr))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -292,7 +292,7 @@ def _load_quantized(path: Path, config: Small4Config, dtype, mesh: Mesh | None, 
     params: dict = {}
     for p, v in flat:
         shape = tuple(scale_shapes.get(".".join(param_key(p)), v.shape))
-        _nest(params, param_key(p), jax.ShapeDtypeStruct(shape, v.dtype, sharding=sharding_for(p, shape, mesh)))
+        _nest(params, param_key(p), jax.ShapeDtypeStruct(shape, v.dtype, sharding=sharding_for(p, shape, mesh, v.dtype)))
     restored = _restore(path, {"params": params})
     return nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(_get(restored["params"], param_key(p))))
                                                     for p, v in flat]))

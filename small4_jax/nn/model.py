@@ -39,7 +39,9 @@ from small4_jax.nn.layers import ACT, RMSNorm, apply_rope, linear, project, tap
 from small4_jax.nn.moe import AtLayer, Experts, interleave_gate_up, resolve_dense_impl, route, routed_experts
 from small4_jax.nn.qlinear import quantize_model
 from small4_jax.nn.vision import MultiModalProjector, PixtralVisionModel
-from small4_jax.parallel.sharding import batch_axes, mesh_axes, mesh_of, param_axes
+from small4_jax.parallel.placement import place_model
+from small4_jax.parallel.sharding import (LATENT_PROJ, batch_axes, keep_last_dim_whole, mesh_axes, mesh_of,
+                                         param_axes)
 from small4_jax.quant.formats import QUANTISED_LINEARS
 
 
@@ -190,6 +192,14 @@ class MLA(nnx.Module):
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.latent_norm_eps, dtype=dtype)
         self.kv_b_proj = linear(c.kv_lora_rank, nh * (c.qk_nope_head_dim + c.v_head_dim), c, dtype, rngs)
         self.o_proj = linear(nh * c.v_head_dim, h, c, dtype, rngs, bias=bias)
+        self.latent_split = False  # q_a_proj / kv_a_proj split by their input dim (`shard_latent_projections`)
+
+    def _latent_proj(self, linear, x: jax.Array) -> jax.Array:
+        """linear(x) for a latent projection; split over `tensor` (`latent_split`), its input and output are pinned
+        whole on the hidden / latent dim: each device multiplies its slice of x by its rows, one all-reduce sums them."""
+        if not self.latent_split:
+            return project(linear, x)
+        return keep_last_dim_whole(project(linear, keep_last_dim_whole(x)))
 
     def query(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
         """q_nope [B, T, nh, dn] and the RoPE'd q_pe [B, T, nh, dr] of x [B, T, H] (q_proj, or the q-LoRA path)."""
@@ -199,7 +209,7 @@ class MLA(nnx.Module):
         if self.q_proj is not None:
             q = project(self.q_proj, x)
         else:
-            q = project(self.q_b_proj, self.q_a_layernorm(project(self.q_a_proj, x)))
+            q = project(self.q_b_proj, self.q_a_layernorm(self._latent_proj(self.q_a_proj, x)))
         q = q.reshape(b, t, nh, dn + dr)
         return q[..., :dn], apply_rope(q[..., dn:], cos[:, :, None, :], sin[:, :, None, :], c.rope_interleave)
 
@@ -207,7 +217,7 @@ class MLA(nnx.Module):
         """What is cached per token: the normalised latent [B, T, R] and the RoPE'd key [B, T, r] shared by every
         head."""
         c = self.config
-        kv_a = project(self.kv_a_proj_with_mqa, x)
+        kv_a = self._latent_proj(self.kv_a_proj_with_mqa, x)
         latent = self.kv_a_layernorm(kv_a[..., : c.kv_lora_rank])
         return latent, apply_rope(kv_a[..., c.kv_lora_rank :], cos, sin, c.rope_interleave)
 
@@ -619,6 +629,21 @@ def interleave_experts(model: Small4ForCausalLM, blocks: int) -> None:
             out = jax.jit(reorder, out_shardings=getattr(value, "sharding", None), donate_argnums=0)(value)
             setattr(experts, name, nnx.Param(out))
         experts.gate_up_blocks = blocks
+
+
+def shard_latent_projections(model: Small4ForCausalLM, mesh=None) -> None:
+    """The `shard_latent_proj` layout (`--shard-latent-proj`): q_a_proj and kv_a_proj_with_mqa split over `tensor` by
+    their input dim (`sharding.spec_for`), each device reading 1/tp of them for one more collective a layer (the two
+    projections' partial sums, all-reduced together). With `mesh`, the weights are re-placed in place; without, only
+    the attention is marked (an abstract model the caller places with `shard_latent_proj=True`, `aot.placed`)."""
+    if mesh is not None:
+        place_model(model, mesh, _latent_weight, shard_latent_proj=True)
+    for stack in model.layer_stacks:
+        stack.self_attn.latent_split = True
+
+
+def _latent_weight(path, value) -> bool:
+    return any(str(p) in LATENT_PROJ for p in path)
 
 
 def chunked_cross_entropy(head: nnx.Module, h: jax.Array, targets, weights, chunk: int) -> tuple[jax.Array, jax.Array]:

@@ -48,7 +48,7 @@ from small4_jax.config import Small4Config
 from small4_jax.kernels.mla_decode import combine_partials, gather_keys, mla_attention
 from small4_jax.nn.model import Small4ForCausalLM, layer_groups, llama4_query_scale, rope_cos_sin, run_layers
 from small4_jax.nn.moe import AtLayer
-from small4_jax.parallel.sharding import RULES, mesh_of
+from small4_jax.parallel.sharding import RULES, batch_axes, mesh_of
 
 NULL_PAGE = 0
 
@@ -157,6 +157,16 @@ def cache_spec(cache_axes: tuple[str, ...], context_axes: tuple[str, ...] = ()) 
     """The PartitionSpec of a cache sharded over `cache_axes` (rows' pages, data-parallel attention) and then
     `context_axes` (one sequence's pages by position): its page axis, [L, P, page, R + r]."""
     return PartitionSpec(None, tuple(cache_axes) + tuple(context_axes) or None)
+
+
+def default_cache_axes(mesh, max_batch: int | None, context_axes: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The axes the engine shards the cache's pages (and its rows) over when not told (`Engine(cache_axes=None)`):
+    none when one sequence's pages are split by position (`context_axes`), else the batch axes of `sharding.RULES`
+    the mesh has with more than one device, as far as their sizes divide `max_batch` (`sharding.batch_axes`). The
+    planner sizes its cache with the same axes."""
+    if mesh is None or context_axes:
+        return ()
+    return batch_axes(mesh, max_batch)
 
 
 def head_axis(mesh, num_heads: int, taken: tuple[str, ...] = ()) -> str | None:

@@ -17,15 +17,17 @@ from jax.sharding import Mesh, NamedSharding
 from small4_jax.parallel.sharding import spec_for
 
 
-def place_model(model: nnx.Module, mesh: Mesh, what=..., spec: Callable | None = None) -> nnx.Module:
+def place_model(model: nnx.Module, mesh: Mesh, what=..., spec: Callable | None = None,
+                shard_latent_proj: bool = False) -> nnx.Module:
     """Move the variables of `model` that `what` selects (an nnx filter; all of them by default) to their sharding on
     `mesh`, in place; returns the model. `spec(path, shape, mesh)` gives each one's PartitionSpec (default
-    `sharding.spec_for`: the base weights' table)."""
-    spec = spec or spec_for
+    `sharding.spec_for`: the base weights' table, with the `shard_latent_proj` layout option)."""
     flat = []
     for path, value in nnx.to_flat_state(nnx.state(model, what)):
         arr = value[...] if hasattr(value, "replace") else value
-        placed = jax.device_put(arr, NamedSharding(mesh, spec(path, arr.shape, mesh)))
+        pspec = (spec(path, arr.shape, mesh) if spec is not None else
+                 spec_for(path, arr.shape, mesh, dtype=arr.dtype, shard_latent_proj=shard_latent_proj))
+        placed = jax.device_put(arr, NamedSharding(mesh, pspec))
         flat.append((path, value.replace(placed) if hasattr(value, "replace") else placed))
     nnx.update(model, nnx.from_flat_state(flat))
     return model

@@ -16,9 +16,11 @@ import math
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from small4_jax.errors import ConfigError
+from small4_jax.quant.formats import int4_group
 
 # logical axis -> mesh axis (or axes, major first)
 RULES: dict[str, str | tuple[str, ...]] = {
@@ -33,20 +35,26 @@ RULES: dict[str, str | tuple[str, ...]] = {
     "mlp": "tensor",
     "heads": "tensor",
     "vocab": "tensor",
+    # the input (hidden) dim of the latent projections, q_a_proj and kv_a_proj_with_mqa, sharded only with the
+    # `shard_latent_proj` layout option (`spec_for`): each device reads 1/tp of them and their outputs are summed
+    # over `tensor` (one more all-reduce a layer, XLA's combiner merging the two projections'); replicated otherwise
+    "latent_in": "tensor",
 }
 
 _COLUMN = ("q_b_proj", "kv_b_proj", "q_proj", "gate_proj", "up_proj")  # [in, out]: shard the output dim
 _ROW = ("o_proj", "down_proj")  # [in, out]: shard the input dim
+LATENT_PROJ = ("q_a_proj", "kv_a_proj_with_mqa")  # [in, out]: the input dim with `shard_latent_proj`, else whole
 
 
-def param_axes(path: Sequence, ndim: int) -> tuple[str | None, ...]:
+def param_axes(path: Sequence, ndim: int, shard_latent_proj: bool = False) -> tuple[str | None, ...]:
     """Logical axes of the parameter at `path` (a tuple of module names / indices ending in the parameter name).
 
     A layer stack's parameter (`layer_stacks/g/...`, model.py) has the axes of its layer behind a leading layer axis,
-    which is never sharded: every device holds its share of every layer, and the scan slices it locally."""
+    which is never sharded: every device holds its share of every layer, and the scan slices it locally.
+    shard_latent_proj: the latent projections' input dim is "latent_in" (`RULES`), else they stay whole."""
     names = [str(p) for p in path]
     if len(names) > 2 and names[0] == "layer_stacks":
-        return (None,) + param_axes(names[2:], ndim - 1)
+        return (None,) + param_axes(names[2:], ndim - 1, shard_latent_proj)
     leaf = names[-1]
     parent = names[-2] if len(names) > 1 else ""
     if leaf.endswith("_scale"):  # a quantised weight's scale grid (or W8A8 activation scale): its weight's axes
@@ -63,6 +71,8 @@ def param_axes(path: Sequence, ndim: int) -> tuple[str | None, ...]:
         return (None, "heads" if parent.endswith("_b_proj") or parent == "q_proj" else "mlp")
     if leaf == "kernel" and parent in _ROW:
         return ("heads" if parent == "o_proj" else "mlp", None)
+    if leaf == "kernel" and parent in LATENT_PROJ and shard_latent_proj and ndim == 2:
+        return ("latent_in", None)
     return (None,) * ndim
 
 
@@ -106,15 +116,46 @@ def batch_spec(mesh, rows: int | None = None, leading: int = 0) -> PartitionSpec
     return PartitionSpec(*(None,) * leading, _entry(batch_axes(mesh, rows)))
 
 
-def spec_for(path: Sequence, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-    axes = param_axes(path, len(shape))
-    return PartitionSpec(*(_entry(mesh_axes(logical, mesh, dim)) for dim, logical in zip(shape, axes)))
+def spec_for(path: Sequence, shape: Sequence[int], mesh: Mesh, *, dtype=None,
+             shard_latent_proj: bool = False) -> PartitionSpec:
+    """The PartitionSpec of the parameter at `path` of `shape` (and `dtype`, when known) on `mesh` (`param_axes`,
+    `RULES`).
+
+    shard_latent_proj (the `--shard-latent-proj` layout option): q_a_proj and kv_a_proj_with_mqa split over `tensor`
+    by their input dim, so a tensor-parallel device reads 1/tp of them instead of all, for one more collective a
+    layer (README, "Choosing a layout on 8 GPUs").
+
+    The routed experts' int4 `down` [.., E, F/2, H] (uint8, two rows a byte within each group of
+    `quant.formats.int4_group(F)` rows) is interpreted per shard inside the expert-parallel `shard_map`: a shard of
+    F / tp rows that is not a whole number of groups would read other groups' rows as its own. Such a split is
+    refused (ConfigError naming the mesh, the width per shard and the group size)."""
+    axes = param_axes(path, len(shape), shard_latent_proj)
+    spec = PartitionSpec(*(_entry(mesh_axes(logical, mesh, dim)) for dim, logical in zip(shape, axes)))
+    if dtype is not None and np.dtype(dtype) == np.uint8 and len(shape) >= 3:
+        _check_int4_split(path, shape, spec, mesh)
+    return spec
 
 
-def sharding_for(path: Sequence, shape: Sequence[int], mesh: Mesh | None) -> jax.sharding.Sharding:
+def _check_int4_split(path, shape, spec: PartitionSpec, mesh) -> None:
+    names = [str(p) for p in path]
+    if names[-2:] != ["experts", "down"] or spec[-2] is None:
+        return
+    axes = (spec[-2],) if isinstance(spec[-2], str) else tuple(spec[-2])
+    n = math.prod(dict(mesh.shape)[a] for a in axes)
+    width, group = 2 * shape[-2], int4_group(2 * shape[-2])
+    if (width // n) % group:
+        text = ",".join(f"{k}={v}" for k, v in dict(mesh.shape).items())
+        raise ConfigError(
+            f"int4 routed experts on the mesh {text}: {'/'.join(names)} splits the expert width {width} over "
+            f"{'x'.join(axes)} ({n} shards) into {width // n} rows per shard, not a multiple of the int4 group size "
+            f"{group}; use a {'x'.join(axes)} size that leaves whole groups (dividing {width // group}), or fp8 / "
+            "int8 experts")
+
+
+def sharding_for(path: Sequence, shape: Sequence[int], mesh: Mesh | None, dtype=None) -> jax.sharding.Sharding:
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return NamedSharding(mesh, spec_for(path, shape, mesh))
+    return NamedSharding(mesh, spec_for(path, shape, mesh, dtype=dtype))
 
 
 MESH_AXES = ("data", "expert", "tensor")  # the mesh axis names RULES and the MoE layout use
@@ -237,6 +278,17 @@ def moe_layout(mesh, num_experts: int, intermediate: int) -> MoELayout | None:
         ep=shape.get(expert, 1),
         tp=tp,
     )
+
+
+def keep_last_dim_whole(x: jax.Array) -> jax.Array:
+    """x with its last dim unsharded on the mesh it lives on (`mesh_of`), its other dims as XLA chooses; x itself
+    off a mesh. The `shard_latent_proj` layout pins the latent projections' input and outputs with it, so XLA slices
+    the replicated residual locally and all-reduces the partial sums, instead of splitting the residual stream."""
+    mesh = mesh_of(x)
+    if mesh is None:
+        return x
+    spec = PartitionSpec(*(PartitionSpec.UNCONSTRAINED,) * (x.ndim - 1), None)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def mesh_of(x: jax.Array) -> Mesh | AbstractMesh | None:

@@ -430,16 +430,18 @@ def compile_for(fn: Callable, *args, mesh: Mesh, compiler_options: dict | None =
     return Compiled(compiled, text, memory, time.perf_counter() - t0, notes)
 
 
-def placed(state, mesh: Mesh, spec_fn: Callable | None = None):
+def placed(state, mesh: Mesh, spec_fn: Callable | None = None, shard_latent_proj: bool = False):
     """An nnx State (e.g. of `model.abstract_model`) as abstract arguments on `mesh`, each leaf at the sharding
-    `spec_fn(path, shape, mesh)` gives it (default `sharding.spec_for`, the rule every loader places weights by)."""
+    `spec_fn(path, shape, mesh)` gives it (default `sharding.spec_for`, the rule every loader places weights by, with
+    the `shard_latent_proj` layout option)."""
     from flax import nnx
 
-    spec_fn = spec_fn or spec_for
     flat = []
     for path, value in nnx.to_flat_state(state):
         arr = value.get_raw_value() if hasattr(value, "get_raw_value") else value
-        s = spec(arr.shape, arr.dtype, mesh, spec_fn(path, arr.shape, mesh))
+        pspec = (spec_fn(path, arr.shape, mesh) if spec_fn is not None else
+                 spec_for(path, arr.shape, mesh, dtype=arr.dtype, shard_latent_proj=shard_latent_proj))
+        s = spec(arr.shape, arr.dtype, mesh, pspec)
         flat.append((path, value.replace(s) if hasattr(value, "replace") else s))
     return nnx.from_flat_state(flat)
 

@@ -27,10 +27,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from small4_jax import kernels
 from small4_jax.lora import adapters as lora
 from small4_jax.nn import moe
-from small4_jax.nn.model import Small4ForCausalLM, abstract_model
-from small4_jax.nn.paged import PagedCache, cache_spec, logits_step
+from small4_jax.nn.model import Small4ForCausalLM, abstract_model, shard_latent_projections
+from small4_jax.nn.paged import PagedCache, cache_spec, default_cache_axes, logits_step
 from small4_jax.nn.vision import encode_packed, pack_images
-from small4_jax.parallel.sharding import batch_axes, batch_spec, spec_for
+from small4_jax.parallel.sharding import batch_spec, spec_for
 from small4_jax.quant import formats as quant
 from small4_jax.tools import aot
 from train import trainer
@@ -114,8 +114,10 @@ def gmm_quant(mesh: Mesh, rows: int, fmt: str, *, groups: int = 128, k: int = 40
 # ----------------------------------------------------------------------------------------------------------------------
 # The model.
 def abstract_placed_model(config, mesh: Mesh, dtype="bfloat16", quantize: str | None = None,
-                          scan_layers: bool = True, activations: str | None = None, tensor_interleave: bool = False):
-    """(graphdef, state) of the model with every weight abstract and placed on `mesh` (`sharding.spec_for`), its
+                          scan_layers: bool = True, activations: str | None = None, tensor_interleave: bool = False,
+                          shard_latent_proj: bool = False):
+    """(graphdef, state) of the model with every weight abstract and placed on `mesh` (`sharding.spec_for`, with the
+    `shard_latent_proj` layout option), its
     linears and experts in `quantize`'s format (small4_jax.quant.formats) when given (with activations="fp8": W8A8, the
     static activation scales as parameters too); `scan_layers=False` unrolls the
     layer loop (model.run_layers; compile-time comparison)."""
@@ -126,8 +128,10 @@ def abstract_placed_model(config, mesh: Mesh, dtype="bfloat16", quantize: str | 
         for stack in model.layer_stacks:  # the engine's column order (model.interleave_experts); shapes unchanged
             if getattr(stack.mlp, "experts", None) is not None:
                 stack.mlp.experts.gate_up_blocks = tp
+    if shard_latent_proj:
+        shard_latent_projections(model)  # marked here, placed below
     graphdef, state = nnx.split(model)
-    return graphdef, aot.placed(state, mesh)
+    return graphdef, aot.placed(state, mesh, shard_latent_proj=shard_latent_proj)
 
 
 def model_forward(config, mesh: Mesh, tokens: int, *, batch: int = 1, dtype="bfloat16",
@@ -146,20 +150,21 @@ def serve_step(config, mesh: Mesh, *, absorbed: bool, rows: int, tokens: int, ta
                page_size: int = 16, dtype="bfloat16", cache_dtype=None, quantize: str | None = None,
                cache_axes: tuple[str, ...] | None = None, scan_layers: bool = True,
                activations: str | None = None, context_axes: tuple[str, ...] = (),
-               tensor_interleave: bool = True) -> Program:
+               tensor_interleave: bool = True, shard_latent_proj: bool = False) -> Program:
     """The engine's model step (`paged.logits_step`, as `Engine._run` dispatches it; the sampler is a separate small
     program): decode ([rows, 1]) or one prefill chunk ([rows, tokens]), absorbed MLA over the pages as the engine
     runs both (absorbed=False: the expanded reference), over a page table `table_pages` wide; the paged cache
     [layers, num_pages, page_size, width] with its pages sharded over `cache_axes` and the rows with them (default:
-    the engine's, `sharding.batch_axes`: data-parallel attention; () replicates it) and donated. `scan_layers=False`
+    the engine's, `paged.default_cache_axes`: data-parallel attention; () replicates it) and donated. `scan_layers=False`
     unrolls the layers. context_axes: one sequence's pages split over these axes by position (decode context
     parallelism; the engine then shards no rows, so cache_axes defaults to ()): the page table holds each shard's
     columns in turn. On a mesh with a `tensor` axis the routed experts' gate_up is in the engine's interleaved order
-    (`model.interleave_experts`) unless tensor_interleave=False."""
+    (`model.interleave_experts`) unless tensor_interleave=False. shard_latent_proj: the latent projections split over
+    `tensor` (`sharding.spec_for`)."""
     if cache_axes is None:  # the engine's default: pages and rows over the batch axes (data-parallel attention)
-        cache_axes = () if context_axes else batch_axes(mesh, rows)
+        cache_axes = default_cache_axes(mesh, rows, tuple(context_axes))
     graphdef, state = abstract_placed_model(config, mesh, dtype, quantize, scan_layers, activations,
-                                            tensor_interleave=tensor_interleave)
+                                            tensor_interleave=tensor_interleave, shard_latent_proj=shard_latent_proj)
     cache_dtype = cache_dtype or dtype
     pages = jax.eval_shape(lambda: PagedCache.create(config, num_pages, page_size, cache_dtype).pages)
 

@@ -54,7 +54,7 @@ from small4_jax.errors import Small4Error
 from small4_jax.lora.multi import abstract_slots, slot_spec
 from small4_jax.ckpt.eagle import load_eagle_config
 from small4_jax.nn.eagle import EagleDraft
-from small4_jax.nn.paged import cache_bytes_per_token_per_layer
+from small4_jax.nn.paged import cache_bytes_per_token_per_layer, default_cache_axes
 from small4_jax.parallel.sharding import MESH_AXES, batch_axes, parse_mesh
 from small4_jax.tools import aot
 from small4_jax.tools import aot_programs as ap
@@ -136,7 +136,7 @@ def serve(target: str, shape: dict[str, int], *, config=None, layers: int | None
     dtype = "bfloat16"  # infer.serve's default for a checkpoint
     mesh, one = _meshes(target, shape, hosts)
     if cache_axes is None:
-        cache_axes = batch_axes(mesh)  # the engine's default
+        cache_axes = default_cache_axes(mesh, args.max_batch)  # the engine's default
     d = math.prod(mesh.shape[a] for a in cache_axes)
     resident = {"weights": shard_bytes(ap.abstract_placed_model(config, mesh, dtype, quantize)[1])}
     if lora is not None:

@@ -28,6 +28,7 @@ import sys
 import numpy as np
 from flax import nnx
 
+from infer.cli import SHARD_LATENT_PROJ_HELP
 from small4_jax.config import load_config
 from small4_jax.nn.paged import cache_width
 from small4_jax.parallel.sharding import parse_mesh
@@ -86,6 +87,7 @@ class TokenCost:
     collectives_per_token: int  # all of them: per layer x layers + the rest
     collective_bytes: int  # per token, one device's results
     layers: int
+    shard_latent_proj: bool = False  # the latent projections split over `tensor` (`--shard-latent-proj`)
 
     @property
     def read(self) -> int:
@@ -116,9 +118,10 @@ def per_layer_collectives(hlo_text: str, layers: int) -> tuple[int, int, int]:
 
 def decode_row(config, target: str, mesh_shape: dict[str, int], *, batch: int = 1, context: int = 4096,
                quantize: str | None = "fp8", context_axes: tuple[str, ...] = (), cache_axes: tuple[str, ...] = (),
-               page_size: int = 64, dtype="bfloat16") -> tuple[TokenCost, aot.Compiled]:
+               page_size: int = 64, dtype="bfloat16", shard_latent_proj: bool = False) -> tuple[TokenCost, aot.Compiled]:
     """Compile the engine's decode step deviceless for `target` on `mesh_shape` (batch rows at `context` tokens each,
-    the cache's pages sharded over `context_axes` by position or over `cache_axes` by row) and account for it."""
+    the cache's pages sharded over `context_axes` by position or over `cache_axes` by row; `shard_latent_proj`: the
+    latent projections split over `tensor`, `sharding.spec_for`) and account for it."""
     mesh = aot.gpu_mesh(target, mesh_shape)
     devices = math.prod(mesh_shape.values())
     shards = math.prod(mesh_shape[a] for a in tuple(context_axes) + tuple(cache_axes))
@@ -128,7 +131,7 @@ def decode_row(config, target: str, mesh_shape: dict[str, int], *, batch: int = 
     num_pages = shards * (math.ceil(rows * pages_per_seq / shards) + 1)
     program = serve_step(config, mesh, absorbed=True, rows=rows, tokens=1, table_pages=table, num_pages=num_pages,
                          page_size=page_size, dtype=dtype, quantize=quantize, context_axes=tuple(context_axes),
-                         cache_axes=tuple(cache_axes))
+                         cache_axes=tuple(cache_axes), shard_latent_proj=shard_latent_proj)
     compiled = program.compile()
     state = program.args[0]
     weights_read, whole = weight_reads(state, config, batch)
@@ -138,7 +141,7 @@ def decode_row(config, target: str, mesh_shape: dict[str, int], *, batch: int = 
     text = ",".join(f"{k}={v}" for k, v in mesh_shape.items())
     return TokenCost(target, text, ",".join(context_axes), batch, context, weights_read, whole // devices,
                      cache_bytes // shards, cache_bytes // devices, per_layer, total, coll_bytes,
-                     config.num_hidden_layers), compiled
+                     config.num_hidden_layers, shard_latent_proj), compiled
 
 
 def main(argv=None) -> int:
@@ -148,6 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--mesh", default="tensor=8")
     p.add_argument("--context-axes", default="", help="mesh axes one sequence's cache is split over by position")
     p.add_argument("--cache-axes", default="", help="mesh axes the rows' caches are split over (data parallel)")
+    p.add_argument("--shard-latent-proj", action="store_true", help=SHARD_LATENT_PROJ_HELP)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--quantize", default="fp8")
@@ -164,7 +168,7 @@ def main(argv=None) -> int:
     for b in a.batch:
         row, compiled = decode_row(config, a.target, parse_mesh(a.mesh), batch=b, context=a.context,
                                    quantize=None if a.quantize == "none" else a.quantize, context_axes=axes,
-                                   cache_axes=cache_axes)
+                                   cache_axes=cache_axes, shard_latent_proj=a.shard_latent_proj)
         d = row.as_dict()
         d["temp_gib"] = round(compiled.memory.temp / 2**30, 3)
         d["argument_gib"] = round(compiled.memory.argument / 2**30, 3)
