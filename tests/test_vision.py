@@ -166,6 +166,26 @@ def test_greedy_generation_matches_transformers(models, ours):
     assert got == want
 
 
+def test_encoder_split_over_8_devices_equals_one_device(models, ours):
+    """The encoder's heads and MLP width are split over every mesh axis (`sharding.RULES["vision_heads"]`), the
+    patches' rows between blocks too: on 8 CPU devices the image features equal one device's, and each device
+    holds 1/8 of every block projection."""
+    from small4_jax.parallel.placement import place_model
+    from small4_jax.parallel.sharding import make_mesh
+
+    mesh = make_mesh({"data": 2, "expert": 2, "tensor": 2})
+    placed = place_model(small4_jax.from_pretrained(models[1] / "hf", dtype="float32"), mesh)
+    attn = placed.vision_tower.transformer.layers[0].attention
+    for w in (attn.q_proj.kernel, attn.o_proj.kernel, placed.vision_tower.transformer.layers[0].feed_forward.down_proj.kernel):
+        assert w[...].addressable_shards[0].data.size * 8 == w[...].size, w[...].sharding
+    _, images = _prompt([(16, 24), (8, 8)], seed=3)
+    packed = vision.pack_images(ours.config.vision, images)
+    want = np.asarray(vision.encode_images(ours, packed))
+    with jax.set_mesh(mesh):
+        got = vision.encode_images(placed, packed)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+
+
 def test_image_token_count_must_match(ours):
     ids, images = _prompt([(8, 16)], seed=1)
     with pytest.raises(InputError, match=r"the prompt has 2 \[IMG\] tokens but its images give 8 \(8\)"):
@@ -282,6 +302,12 @@ def test_encoder_compiles_for_h200_at_real_dims():
     scores = 16 * 12288 * 12288 * 4
     assert c.memory.temp < scores / 16
     assert c.memory.output == 3072 * 4096 * 2  # 3,025 merged tokens (padded to 3,072) x text hidden, bf16
+    # per device: the block's projections and the projector's MLP at 1/8 (heads and widths over all 8 devices), the
+    # patch convolution at 1/8 (rows), the 2x2 merge whole (the flash kernel's FLOPs are not counted: aot.hlo_cost)
+    n, m, d, f, text = 12288, 3072, 1024, 4096, 4096
+    split = 2 * n * (4 * d * d + 3 * d * f) + 2 * m * (d * text + text * text) + 2 * n * (3 * 14 * 14) * d
+    whole = 2 * m * (4 * d) * d
+    assert c.cost.flops == pytest.approx(split / 8 + whole, rel=0.01)
 
 
 def test_merged_export_loads_in_transformers_mistral3(models, ours, tmp_path):

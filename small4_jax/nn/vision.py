@@ -33,12 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from small4_jax.config import VisionConfig
 from small4_jax.errors import InputError
 from small4_jax.kernels.attention import attention
 from small4_jax.nn.initializers import normal_init
 from small4_jax.nn.layers import ACT, RMSNorm, apply_rope
+from small4_jax.parallel.sharding import mesh_axes, mesh_of
 
 PAD_SEGMENT = -1  # segment id of the padding patches (they attend only to each other)
 
@@ -90,7 +92,7 @@ def block_diagonal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_i
     zeros = jnp.zeros((1, q.shape[0]), jnp.int32)
     segs = segment_ids[None].astype(jnp.int32)
     out = attention((q * scale)[None], k[None], v[None], q_positions=zeros, k_positions=zeros, q_segments=segs,
-                    k_segments=segs, impl=impl)
+                    k_segments=segs, impl=impl, heads_axis="vision_heads")
     return out[0]
 
 
@@ -158,14 +160,28 @@ class PixtralVisionModel(nnx.Module):
 
     def __call__(self, patches, rows, cols, segment_ids) -> jax.Array:
         c = self.config
-        x = self.ln_pre(self.patch_conv(patches))
+        rows_split = _row_split(patches)
+        x = rows_split(self.ln_pre(self.patch_conv(patches)))
         cos, sin = rope_2d(c, rows, cols)
         layers = list(self.transformer.layers)
         # hidden_states[0] is ln_pre's output, hidden_states[i] that of block i (as transformers counts them)
         last = c.vision_feature_layer % (len(layers) + 1)
         for layer in layers[:last]:
-            x = layer(x, cos, sin, segment_ids)
+            x = rows_split(layer(x, cos, sin, segment_ids))
         return x
+
+
+def _row_split(x: jax.Array):
+    """On a mesh: a constraint keeping [N, ...] activations split by rows over the vision axes between blocks (the
+    heads and MLP width are split over the same axes: `sharding.RULES`), so the norms and residual adds run on 1/N of
+    the patches and XLA gathers the rows before each block's projections and reduce-scatters after (sequence
+    parallel); the identity elsewhere."""
+    mesh = mesh_of(x)
+    axes = mesh_axes("vision_heads", mesh, x.shape[0]) if mesh is not None else ()
+    if not axes:
+        return lambda y: y
+    spec = PartitionSpec(axes[0] if len(axes) == 1 else axes, *([None] * (x.ndim - 1)))
+    return lambda y: jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

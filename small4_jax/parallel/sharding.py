@@ -39,6 +39,10 @@ RULES: dict[str, str | tuple[str, ...]] = {
     # `shard_latent_proj` layout option (`spec_for`): each device reads 1/tp of them and their outputs are summed
     # over `tensor` (one more all-reduce a layer, XLA's combiner merging the two projections'); replicated otherwise
     "latent_in": "tensor",
+    # The vision encoder (nn/vision.py) runs once per image, for one packed sequence (no batch to split): its heads
+    # and MLP width are split over every mesh axis, so each device does 1/N of the encoding whatever the layout.
+    "vision_heads": ("tensor", "expert", "data"),
+    "vision_mlp": ("tensor", "expert", "data"),
 }
 
 _COLUMN = ("q_b_proj", "kv_b_proj", "q_proj", "gate_proj", "up_proj")  # [in, out]: shard the output dim
@@ -57,6 +61,18 @@ def param_axes(path: Sequence, ndim: int, shard_latent_proj: bool = False) -> tu
         return (None,) + param_axes(names[2:], ndim - 1, shard_latent_proj)
     leaf = names[-1]
     parent = names[-2] if len(names) > 1 else ""
+    if names[0] in ("vision_tower", "multi_modal_projector") and leaf == "kernel" and ndim == 2:
+        if parent in ("q_proj", "k_proj", "v_proj"):
+            return (None, "vision_heads")
+        if parent == "o_proj":
+            return ("vision_heads", None)
+        if parent in ("gate_proj", "up_proj", "linear_1"):
+            return (None, "vision_mlp")
+        if parent in ("down_proj", "linear_2"):
+            return ("vision_mlp", None)
+        return (None,) * ndim
+    if names[0] in ("vision_tower", "multi_modal_projector"):
+        return (None,) * ndim
     if leaf.endswith("_scale"):  # a quantised weight's scale grid (or W8A8 activation scale): its weight's axes
         leaf = leaf[: -len("_act_scale" if leaf.endswith("_act_scale") else "_scale")]
     if parent == "experts" and leaf == "gate_up":

@@ -79,8 +79,11 @@ def attention(
     block_q: int | None = None,
     block_k: int | None = None,
     interpret: bool | None = None,
+    heads_axis: str = "heads",
 ) -> jax.Array:
-    """Masked softmax attention (see the module docstring); block sizes and interpret mode default per backend."""
+    """Masked softmax attention (see the module docstring); block sizes and interpret mode default per backend.
+    heads_axis: the logical axis (`sharding.RULES`) the heads are split over on a mesh ("vision_heads": the
+    vision encoder's)."""
     b, t, h, d = q.shape
     if k.shape[:3] != (b, k.shape[1], h) or k.shape[3] != d or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"attention expects q [B, T, H, K], k [B, S, H, K], v [B, S, H, U]; got {q.shape}, "
@@ -100,10 +103,10 @@ def attention(
     mesh = mesh_of(q)
     if mesh is None:
         return kernel(q, k, v, qp, kp, qs, ks)
-    return _sharded(kernel, mesh, b, h)(q, k, v, qp, kp, qs, ks)
+    return _sharded(kernel, mesh, b, h, heads_axis)(q, k, v, qp, kp, qs, ks)
 
 
-def _sharded(kernel, mesh, batch: int, heads: int):
+def _sharded(kernel, mesh, batch: int, heads: int, heads_axis: str = "heads"):
     """The kernel per shard: rows over the batch axis and heads over the heads axis of `sharding.RULES` where the
     mesh has them and they divide (a Pallas call is opaque to XLA's partitioner, which would otherwise gather every
     operand onto every device); other mesh axes see replicated attention, as XLA would compute it."""
@@ -112,7 +115,11 @@ def _sharded(kernel, mesh, batch: int, heads: int):
         names = mesh_axes(logical, mesh, size)
         return None if not names else names[0] if len(names) == 1 else names
 
-    b_ax, h_ax = axis("batch", batch), axis("heads", heads)
+    h_ax = axis(heads_axis, heads)
+    taken = set() if h_ax is None else {h_ax} if isinstance(h_ax, str) else set(h_ax)
+    b_ax = axis("batch", batch)
+    if b_ax is not None and taken & ({b_ax} if isinstance(b_ax, str) else set(b_ax)):
+        b_ax = None  # (the vision heads take every axis: its one packed row is whole on each)
     x, row = P(b_ax, None, h_ax, None), P(b_ax, None)
     # check_vma=False: a pallas_call inside shard_map does not type-check under varying-manual-axes checking
     return jax.shard_map(kernel, mesh=mesh, in_specs=(x, x, x, row, row, row, row), out_specs=x, check_vma=False)
