@@ -1,13 +1,21 @@
 """GRPO (train/grpo.py, train/rewards.py): advantages and the clipped, KL-penalised loss against straightforward
-numpy loops; the built-in rewards; one real step of the tiny demo (engine rollouts, engine-vs-trainer log-probs)."""
+numpy loops; the built-in rewards; routing replay (a MoE layer with forced expert ids against a plain gather
+reference, the router-disagreement count against a loop); one real step of the tiny demo (engine rollouts with
+their routing recorded and replayed, engine-vs-trainer log-probs and router decisions)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from small4_jax.config import load_config
 from small4_jax.errors import ConfigError
+from small4_jax.nn.model import MoE
 from train import config as run_config
 from train import grpo, rewards
 from train.data import DataError
@@ -162,14 +170,79 @@ def test_bad_prompt_rows_are_named(tmp_path):
         f"{path}:3: 'answer' must be a string or a number, got list"]
 
 
+def test_moe_replay_equals_a_plain_gather_reference():
+    """MoE(x, expert_ids) (routing replay) == a plain per-token gather of the forced experts, weighted by the router's
+    own softmax at those ids, renormalised and scaled; values and the gradient w.r.t. x (which reaches the router
+    through the weights). A row holding -1 routes itself; the layer also returns the router's own top-k."""
+    config = dataclasses.replace(load_config(ROOT / "configs/tiny.yaml"), routed_scaling_factor=2.5).with_runtime(
+        moe_impl="ragged_dot")  # (the dispatch impls equal each other: test_moe.py; this one compiles fastest)
+    moe = MoE(config, dtype="float32", rngs=nnx.Rngs(3))
+    e, k, f = config.n_routed_experts, config.num_experts_per_tok, config.moe_intermediate_size
+    x = jax.random.normal(jax.random.key(0), (2, 5, config.hidden_size))
+    rng = np.random.default_rng(0)
+    forced = np.stack([rng.permutation(e)[:k] for _ in range(10)]).astype(np.int32)
+    forced[3] = -1
+    w_router, gate_up, down = moe.gate.weight[...], moe.experts.gate_up[...], moe.experts.down[...]
+
+    def reference(x):
+        flat = x.reshape(-1, x.shape[-1])
+        probs = jax.nn.softmax(jnp.dot(flat, w_router, precision="highest"), axis=-1)
+        own = jnp.argsort(-probs, axis=-1)[:, :k]
+        ids = jnp.where(jnp.asarray(forced)[:, :1] >= 0, forced, own)
+        w = jnp.take_along_axis(probs, ids, axis=-1)
+        w = w / w.sum(-1, keepdims=True) * 2.5
+        h = jnp.einsum("nh,nkhf->nkf", flat, gate_up[ids], precision="highest")
+        y = jnp.einsum("nkf,nkfh->nkh", jax.nn.silu(h[..., :f]) * h[..., f:], down[ids], precision="highest")
+        return (jnp.sum(w[..., None] * y, axis=1) + moe.shared_experts(flat)).reshape(x.shape), own, ids
+
+    cot = jax.random.normal(jax.random.key(1), x.shape)
+
+    @jax.jit  # one program for both, values and gradients
+    def both(x):
+        ours, ref = moe(x, forced, return_ids=True), reference(x)
+        grads = [jax.grad(lambda x, f=f: jnp.sum(f(x) * cot))(x) for f in (lambda x: moe(x, forced),
+                                                                           lambda x: reference(x)[0])]
+        return ours, ref, grads
+
+    (y, used, own), (want, want_own, want_ids), (g, g_ref) = both(x)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(used, want_ids)
+    np.testing.assert_array_equal(np.sort(own, -1), np.sort(want_own, -1))
+    assert not np.array_equal(np.sort(used, -1), np.sort(own, -1))  # the forced ids are not the router's choice
+    np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-5)
+
+
+def test_router_disagreement_counts_like_a_loop():
+    rng = np.random.default_rng(0)
+    own = rng.integers(0, 6, (3, 5, 2, 3))
+    recorded = np.where(rng.uniform(size=own.shape) < 0.7, own, rng.integers(0, 6, own.shape))
+    recorded[0, 1] = -1  # a token the engine did not record
+    recorded[:, :, 0] = -1  # a dense layer
+    differ = total = 0
+    for token in np.ndindex(own.shape[:3]):
+        if (recorded[token] < 0).any():
+            continue
+        for e in recorded[token]:
+            differ, total = differ + (e not in set(own[token])), total + 1
+    assert float(grpo.router_disagreement(own, recorded)) == pytest.approx(differ / total)
+    assert float(grpo.router_disagreement(recorded, recorded)) == 0.0
+
+
 def test_one_step_of_the_demo_rolls_out_through_the_engine(tmp_path):
-    """configs/grpo-tiny.yaml, one step with smaller groups: the trainer's log-probs of the engine's samples equal
-    the engine's (same weights, same adapter through its PEFT export), and the run writes what SFT runs write."""
+    """configs/grpo-tiny.yaml, one step with smaller groups and routing replay: the trainer's log-probs of the
+    engine's samples equal the engine's (same weights, same adapter through its PEFT export); the engine recorded
+    every token's routing (prompt pages served from the cache too: else build_batch refuses the batch), its ids
+    equal the trainer's own top-k (the router-disagreement metric: an off-by-one alignment would not), the
+    replayed forward used exactly them; the run writes what SFT runs write."""
     d = run_config.load(ROOT / "configs/grpo-tiny.yaml").to_dict()
-    d["grpo"].update(group_size=4, prompts_per_step=2, max_tokens=4, kl_coef=0.05)
+    d["grpo"].update(group_size=4, prompts_per_step=2, max_tokens=4, kl_coef=0.05, routing="bogus")
+    with pytest.raises(ConfigError, match=r"grpo.routing = 'bogus'; expected one of \['replay', 'recompute'\]"):
+        run_config.from_dict(d)
+    d["grpo"]["routing"] = "replay"
     d["train"].update(steps=1, out_dir=str(tmp_path / "run"))
     (rec,) = grpo.train(run_config.from_dict(d))
     assert rec["logprob_diff_max"] < 1e-4, rec
+    assert rec["router_disagree_replayed"] == 0.0 and rec["router_disagree"] < 1e-3, rec
     assert 0.0 <= rec["reward"] <= 2.0 and rec["reply_tokens"] == 4.0
     assert set(rec) >= {"loss", "reward_std", "reward_normalized", "reward_data.grpo_rewards:digit_share", "kl",
                         "clip_frac", "grad_norm", "rollout_s", "update_s"}
@@ -184,8 +257,15 @@ def test_think_mask_and_batch_alignment():
     assert grpo.think_mask([7, 30, 8, 9, 31, 5, 2], 30, 31).tolist() == [1, 0, 0, 0, 0, 1, 1]
     assert grpo.think_mask([7, 8], None, None).tolist() == [1, 1]
     prompts = [[1, 3, 4], [1, 5]]
-    samples = [[([10, 11], [-0.5, -0.25])], [([12, 2], [-1.0, -2.0])]]
+    routed = [np.arange(4 * 2 * 3).reshape(4, 2, 3), 100 + np.arange(3 * 2 * 3).reshape(3, 2, 3)]
+    samples = [[([10, 11], [-0.5, -0.25], routed[0])], [([12, 2], [-1.0, -2.0], routed[1])]]
     b = grpo.build_batch(prompts, samples, 6, 0, [np.ones(2, np.float32), np.array([1.0, 0.0], np.float32)])
+    np.testing.assert_array_equal(b["routing"][0, :4], routed[0])  # input token j's routing at position j
+    np.testing.assert_array_equal(b["routing"][1, :3], routed[1])
+    assert (b["routing"][0, 4:] == -1).all() and (b["routing"][1, 3:] == -1).all()
+    routed[1][1] = -1
+    with pytest.raises(ValueError, match=r"sample 1: the engine recorded no routing for the tokens at \[1\]"):
+        grpo.build_batch(prompts, samples, 6, 0, [np.ones(2, np.float32)] * 2)
     np.testing.assert_array_equal(b["inputs"], [[1, 3, 4, 10, 0, 0], [1, 5, 12, 0, 0, 0]])
     np.testing.assert_array_equal(b["targets"], [[3, 4, 10, 11, 0, 0], [5, 12, 2, 0, 0, 0]])
     np.testing.assert_array_equal(b["weights"], [[0, 0, 1, 1, 0, 0], [0, 1, 0, 0, 0, 0]])

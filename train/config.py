@@ -100,7 +100,9 @@ class GRPOSection:
     scale_rewards: bool = True  # divide advantages by the group's reward std (False: Dr. GRPO)
     loss_agg: str = "token"  # token: mean over all sampled tokens of the step; sequence: per-sample mean, then mean
     think: str = "train"  # train: [THINK] ... [/THINK] tokens in the loss; mask: out of the loss (still rewarded)
-    routing: str = "recompute"  # recompute: the trainer routes again (replay of the engine's expert ids: not yet)
+    # replay: the trainer's MoE layers use the expert ids the engine routed each rollout token to (weights from its
+    # own routers: rollout routing replay); recompute: the trainer routes every token again (train/grpo.py)
+    routing: str = "recompute"
     # train/rewards.py: exact, normalized, regex, json, json_schema, tool_call, length, function (module:function)
     rewards: tuple[dict, ...] = ({"type": "exact"},)
     engine_pages: int = 0  # cache pages of the rollout engine; 0 = enough for every sample at full length
@@ -198,7 +200,7 @@ def _check(c: RunConfig) -> None:
         raise ConfigError(f"{s}: grpo: group_size must be >= 2 (advantages are relative to the group), "
                           "prompts_per_step, max_tokens and epochs positive")
     for name, value, allowed in (("loss_agg", g.loss_agg, ("token", "sequence")), ("think", g.think, ("train", "mask")),
-                                 ("routing", g.routing, ("recompute",))):
+                                 ("routing", g.routing, ("replay", "recompute"))):
         if value not in allowed:
             raise ConfigError(f"{s}: grpo.{name} = {value!r}; expected one of {list(allowed)}")
     if not c.data.train:

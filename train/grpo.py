@@ -25,11 +25,25 @@ One step:
 metrics.jsonl per step: loss, reward (mean) and reward_std, each reward's mean, reply_tokens (mean), clip_frac, kl
 (mean k3, when kl_coef > 0), grad_norm, lr, the engine-vs-trainer token log-prob difference over reply tokens
 (logprob_diff_max, logprob_diff_mean: the same weights, kernels differ only between paged decode and the training
-forward), cached_prompt_tokens (prompt tokens the engine served from cached pages instead of computing them),
-rollout_s and update_s.
+forward), router_disagree (below), cached_prompt_tokens (prompt tokens the engine served from cached pages instead
+of computing them), rollout_s and update_s. The step line prints the log-prob difference and router_disagree.
 
-Routing: `routing: recompute` only: the trainer routes every token again. Replaying the engine's expert ids (record
-them in the paged steps, replay them in the training forward) and the router-disagreement metric are not built yet.
+Routing (`routing: replay | recompute`): the engine records, for every token it runs through the model (prompt
+chunks in prefill, each sampled token fed back in decode), the expert ids each MoE layer routed it to
+(`Engine(record_routing=True)`: an extra output of its compiled steps, kept on the host beside the token's cache row,
+so a group's later samples get the prompt's ids from the pages they share), and returns them per sample as
+[prompt + reply - 1, L, k] (every token the model read; the reply's last token is never read). `build_batch` lays
+them beside the teacher-forced inputs ([N, S, L, k]). With `replay` (rollout routing replay, R3) the trainer's
+forwards (the old-policy and reference log-probs and every update) use those ids in every MoE layer, for the prompt
+as well as the reply tokens (the replies' log-probs depend on the prompt's hidden states, so replaying the reply
+alone would still leave the trainer's prompt routing free to differ), with the gate weights recomputed from the
+trainer's own router probabilities at those ids and renormalised as normal routing does (`moe.replay_route`:
+Megatron-LM's definition), so gradients still flow through the weights. With `recompute` the trainer's routers choose
+again. In both modes `router_disagree` is the fraction of router decisions (token, layer, slot; over every token the
+engine recorded, prompt and reply) whose recorded expert is not among the trainer's own top-k at that layer
+(`router_disagreement`; under replay: what its router would choose given the replayed history, i.e. what
+recompute would change); with replay `router_disagree_replayed` compares the ids the forward used: 0 by
+construction.
 """
 
 from __future__ import annotations
@@ -139,19 +153,35 @@ def policy_loss(logp, old_logp, ref_logp, adv, coef, clip_eps: float, kl_coef: f
     return jnp.sum(per_token * coef), {"clip_frac": jnp.sum(clipped * coef), "kl": jnp.sum(k3 * coef)}
 
 
+def router_disagreement(own, recorded):
+    """The fraction of router decisions (token, layer, slot) where the expert the engine used (`recorded`) is not
+    among the trainer's top-k (`own`), both [..., L, k]: the top-k compared as sets per token and layer. Counted
+    over the (token, layer) rows the engine recorded (no -1: dense layers, padding, tokens it did not record)."""
+    recorded, own = jnp.asarray(recorded, jnp.int32), jnp.asarray(own, jnp.int32)
+    valid = jnp.all(recorded >= 0, axis=-1, keepdims=True)  # [..., L, 1]
+    missing = ~jnp.any(recorded[..., :, None] == own[..., None, :], axis=-1) & valid
+    return jnp.sum(missing) / jnp.maximum(jnp.sum(valid) * recorded.shape[-1], 1)
+
+
 def make_steps(graphdef, cfg: RunConfig, tx, sched):
     g = cfg.grpo
+    replay = g.routing == "replay"
 
-    def logprobs(p, frozen, b):
+    def logprobs(p, frozen, b, return_routing=False):
         m = nnx.merge(graphdef, p, frozen)
-        return m.token_logprobs(b["inputs"], b["targets"], positions=b["positions"], segment_ids=b["segments"])
+        return m.token_logprobs(b["inputs"], b["targets"], positions=b["positions"], segment_ids=b["segments"],
+                                routing=b["routing"] if replay else None, return_routing=return_routing)
 
     @jax.jit
     def rollout_logprobs(params, frozen, batch):
-        """(trainer log-probs of the rollout policy, of the reference with the adapter off) [N, S]."""
-        lp = logprobs(params, frozen, batch)
+        """(trainer log-probs of the rollout policy, of the reference with the adapter off) [N, S], and the router
+        disagreement with the engine's recorded ids: of the trainer's own top-k, and (replay) of the ids it used."""
+        lp, (used, own) = logprobs(params, frozen, batch, return_routing=True)
         ref = logprobs(jax.tree.map(jnp.zeros_like, params), frozen, batch) if g.kl_coef else lp
-        return lp, ref
+        m = {"router_disagree": router_disagreement(own, batch["routing"])}
+        if replay:
+            m["router_disagree_replayed"] = router_disagreement(used, batch["routing"])
+        return lp, ref, m
 
     def micro(p, frozen, b):
         lp = logprobs(p, frozen, b)
@@ -184,7 +214,7 @@ class Rollouts:
         self.engine = Engine(base_model, tokenizer, max_batch=n, page_size=page, num_pages=pages,
                              max_model_len=max_len, prefill_chunk=chunk, prefill_chunks=(chunk,), prefill_batch=1,
                              batch_buckets=(n,), max_queue=max(256, n), seed=cfg.data.seed, max_loras=1,
-                             max_lora_rank=cfg.lora.rank)
+                             max_lora_rank=cfg.lora.rank, record_routing=True)
         self.dir = Path(tempfile.mkdtemp(prefix="grpo-adapter-"))
         self.name: str | None = None
 
@@ -200,10 +230,11 @@ class Rollouts:
             shutil.rmtree(self.dir / f"step{step - 1}", ignore_errors=True)
         return self.name
 
-    def sample(self, prompts: list[list[int]], step: int) -> list[list[tuple[list[int], list[float]]]]:
-        """Per prompt, group_size (token ids, their log-probs) samples of the installed adapter."""
+    def sample(self, prompts: list[list[int]], step: int) -> list[list[tuple[list[int], list[float], np.ndarray]]]:
+        """Per prompt, group_size (token ids, their log-probs, the routed expert ids of prompt + reply but the last
+        token [T - 1, L, k]) samples of the installed adapter."""
         g = self.cfg.grpo
-        results: dict[tuple[int, int], tuple[list[int], list[float]]] = {}
+        results: dict[tuple[int, int], tuple[list[int], list[float], np.ndarray]] = {}
 
         def collect(key):
             ids, lps = [], []
@@ -214,7 +245,7 @@ class Rollouts:
                 if out.finished:
                     if out.finish_reason not in ("stop", "length"):
                         raise ConfigError(f"rollout {key} ended with {out.finish_reason}: {out.error}")
-                    results[key] = (list(ids), list(lps))
+                    results[key] = (list(ids), list(lps), out.routed_experts)
             return cb
 
         for i, prompt in enumerate(prompts):
@@ -251,17 +282,26 @@ def think_mask(ids: Sequence[int], think: int | None, end: int | None) -> np.nda
 
 def build_batch(prompts: list[list[int]], samples, seq_len: int, pad: int, keep_masks) -> dict[str, np.ndarray]:
     """Teacher-forced rows [N, S] of prompt + reply (N = prompts x group, group-major) and the engine's log-probs
-    aligned with the targets; weights 1 on the reply's targets (times keep_masks, e.g. thinking masked)."""
-    rows = [(p, ids, lps) for p, group in zip(prompts, samples) for ids, lps in group]
+    aligned with the targets; weights 1 on the reply's targets (times keep_masks, e.g. thinking masked); the
+    engine's routed expert ids of each input token [N, S, L, k] (-1 past the sequence)."""
+    rows = [(p, *sample) for p, group in zip(prompts, samples) for sample in group]
     n = len(rows)
     out = {k: np.zeros((n, seq_len), np.int32) for k in ("inputs", "targets", "segments", "positions")}
     out["inputs"][:], out["targets"][:] = pad, pad
     out["weights"] = np.zeros((n, seq_len), np.float32)
     out["engine_logp"] = np.zeros((n, seq_len), np.float32)
     out["reply"] = np.zeros((n, seq_len), bool)  # every reply target, trained or not
-    for r, ((p, ids, lps), keep) in enumerate(zip(rows, keep_masks)):
+    out["routing"] = np.full((n, seq_len, *rows[0][3].shape[1:]), -1, np.int16)
+    for r, ((p, ids, lps, routed), keep) in enumerate(zip(rows, keep_masks)):
         seq = list(p) + list(ids)
         t = len(seq) - 1
+        if len(routed) != t:
+            raise ValueError(f"sample {r}: the engine recorded the routing of {len(routed)} tokens, not the {t} "
+                             "the model read (prompt + reply but its last token)")
+        unrecorded = np.flatnonzero(np.all(routed < 0, axis=(1, 2)))  # (a model without MoE layers records none)
+        if unrecorded.size and (routed >= 0).any():
+            raise ValueError(f"sample {r}: the engine recorded no routing for the tokens at {unrecorded.tolist()}")
+        out["routing"][r, :t] = routed
         out["inputs"][r, :t], out["targets"][r, :t] = seq[:-1], seq[1:]
         out["segments"][r, :t], out["positions"][r, :t] = 1, np.arange(t)
         at = len(p) - 1
@@ -307,7 +347,7 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
         t1 = time.time()
         scores, keeps = [], []
         for i, group in zip(idx, samples):
-            for ids, _ in group:
+            for ids, *_ in group:
                 keep = think_mask(ids, *specials)
                 shown = [tok for tok, k in zip(ids, keep) if k]
                 scores.append(reward_fn(tokenizer.decode(shown), data.rows[i], list(ids)))
@@ -317,16 +357,19 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
         b = build_batch(prompts, samples, cfg.data.seq_len, tokenizer.pad_id or 0, keeps)
         engine_logp, reply = b.pop("engine_logp"), b.pop("reply")
         dev = {k: jnp.asarray(v) for k, v in b.items()}
-        old, ref = rollout_logprobs(params, frozen, dev)
+        old, ref, routing = rollout_logprobs(params, frozen, dev)
         diff = np.abs(np.asarray(old) - engine_logp)[reply]
+        if g.routing != "replay":  # the update's forward routes itself
+            del b["routing"]
         b.update(old_logp=np.asarray(old), ref_logp=np.asarray(ref), adv=adv, coef=token_coefficients(b["weights"],
                                                                                                           g.loss_agg))
         batch = {k: jnp.asarray(v.reshape(t.grad_accum, -1, *v.shape[1:])) for k, v in b.items()}
         rec = {"reward": float(r.mean()), "reward_std": float(r.std()),
                **{f"reward_{k}": float(np.mean([s[k] for s in scores])) for k in scores[0] if k != "reward"},
-               "reply_tokens": float(np.mean([len(ids) for grp in samples for ids, _ in grp])),
+               "reply_tokens": float(np.mean([len(ids) for grp in samples for ids, *_ in grp])),
                "logprob_diff_max": float(diff.max()) if diff.size else 0.0,
                "logprob_diff_mean": float(diff.mean()) if diff.size else 0.0,
+               **{k: float(v) for k, v in routing.items()},
                "cached_prompt_tokens": rollouts.cached_tokens, "rollout_s": round(t1 - t0, 3)}
         pending["t"] = time.time()
         return batch, rec
@@ -340,7 +383,8 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
 
     def line(r):
         return (f"reward {r['reward']:.3f} loss {r['loss']:.4f} reply {r['reply_tokens']:.1f} tok, engine-trainer "
-                f"logprob diff max {r['logprob_diff_max']:.2e} mean {r['logprob_diff_mean']:.2e}")
+                f"logprob diff max {r['logprob_diff_max']:.2e} mean {r['logprob_diff_mean']:.2e}, router disagree "
+                f"{r['router_disagree']:.2%} ({g.routing})")
 
     try:
         return loop.run(cfg, params, tx.init(params), frozen, prepare, epochs, resume=resume, stop_after=stop_after,

@@ -167,6 +167,10 @@ class RequestOutput:
     error: str | None = None  # with finish_reason "error"
     # SamplingOptions.prompt_logprobs: one entry per prompt token (the first None), in the request's first event
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # Engine(record_routing=True), in the finishing event: the expert ids every MoE layer routed each token of the
+    # sequence to, [tokens - 1, layers, k] int16 (prompt and generated tokens, in order: all but the last, which
+    # the model never read; -1 in dense layers), vLLM's `routed_experts` layout
+    routed_experts: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -407,6 +411,12 @@ class Engine:
             (`model.shard_latent_projections`): each device reads 1/tp of them instead of all, for one more
             all-reduce per layer (README, "Choosing a layout on 8 GPUs").
         prefix_caching: reuse cached pages of shared prompt prefixes.
+        record_routing: record the expert ids each MoE layer routes every token to (rollout routing replay,
+            train/grpo.py) and return them with each finished request (`RequestOutput.routed_experts`). The steps
+            then are programs that also return the ids ([B, T, L, k] int16 a step, copied to the host with the
+            sampled tokens); the ids are kept on the host beside the cache's rows, one row of L x k int16 per cache
+            token (so a prompt's prefix served from cached pages has the ids of the request that computed it).
+            Off (the default), the steps and their compiles are the ones without it. Not with `speculative`.
     """
 
     def __init__(
@@ -436,8 +446,11 @@ class Engine:
         context_axes: Sequence[str] = (),
         lora_targets: Sequence[str] | None = None,
         shard_latent_proj: bool = False,
+        record_routing: bool = False,
     ):
         config = model.config
+        if record_routing and speculative is not None:
+            raise InputError("record_routing: routed expert ids are not recorded with speculative decoding")
         self.model, self.config, self.mesh = model, config, mesh
         if shard_latent_proj:  # before anything is sized by what the weights leave free
             tp = 1 if mesh is None else dict(mesh.shape).get("tensor", 1)
@@ -529,6 +542,10 @@ class Engine:
                           else jax.sharding.NamedSharding(mesh, cache_spec(self.cache_axes, self.context_axes)))
         self.pages = PagedCache.create(config, num_pages, page_size, self.cache_dtype, cache_sharding).pages
         self.pool = PagePool(num_pages, page_size, prefix_caching, shards=d * c, by_position=c > 1)
+        # record_routing: the routed expert ids of the token in each cache row (page, offset), written by the step
+        # that writes the row (`_run`), read when a request finishes (`_finish`)
+        self.routing = (np.full((num_pages, page_size, config.num_hidden_layers, config.num_experts_per_tok), -1,
+                                np.int16) if record_routing else None)
         # last slot: padding rows; committed like the cache, so the first sampling step does not compile twice
         self.history = TokenHistory.create(max_batch + 1, config.vocab_size,
                                            sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0]))
@@ -959,7 +976,7 @@ class Engine:
         if shape not in self._shapes_seen:  # a new shape compiles first: say so, or the wait looks like a hang
             self._shapes_seen.add(shape)
             log.info("compiling the %s step for %d x %d tokens over %d pages (once per shape)...", *shape)
-        (ids, positions, seq_index, logit_index, input_embeds), slots, page_table, perm = self.to_shards(
+        (ids, positions, seq_index, logit_index, input_embeds), shard_slots, page_table, perm = self.to_shards(
             reqs, rows, (ids, positions, seq_index, logit_index, input_embeds), slots, page_table)
         inv = None if perm is None else np.argsort(perm)
         if input_embeds is not None:  # one placement, so the image prefill step compiles once per shape (warm-up)
@@ -972,15 +989,17 @@ class Engine:
                 extra["cache_axes"] = self.cache_axes
             if self.context_axes:
                 extra["context_axes"] = self.context_axes
-            logits, self.pages = self._forward(ids, positions, seq_index, slots, page_table, logit_index,
-                                               absorbed=absorbed, **extra)
+            logits, self.pages, *routed = self._forward(ids, positions, seq_index, shard_slots, page_table,
+                                                        logit_index, absorbed=absorbed, **extra)
             if inv is not None:
                 logits = logits[inv]
             sampling = self.row_sampling(reqs, rows, accept)
             *out, self.history = _sample_step(logits, sampling, self.history, num_top=MAX_TOP_LOGPROBS)
         t0 = time.perf_counter()
-        out = jax.device_get(out)
+        out, routed = jax.device_get((out, routed))
         self._waited += time.perf_counter() - t0
+        if routed:  # record_routing: each token's ids into its cache row's (padding rows write the null page's)
+            self.routing[slots[..., 0], slots[..., 1]] = routed[0] if inv is None else routed[0][inv]
         return out
 
     def _forward(self, *inputs, absorbed: bool, input_embeds=None, cache_axes=(), context_axes=()):
@@ -1003,7 +1022,7 @@ class Engine:
         if held is None or held[0] is not self.graphdef or held[1] != treedef:
             held = self._flat_steps[key] = (self.graphdef, treedef,
                                             _flat_logits_step(self.graphdef, treedef, absorbed, tuple(cache_axes),
-                                                              tuple(context_axes)))
+                                                              tuple(context_axes), self.routing is not None))
         return held[2](leaves, self.pages, *inputs, **extra)
 
     def set_adapters(self, reqs, rows, perm=None) -> None:
@@ -1418,7 +1437,11 @@ class Engine:
                 log.exception("request %s: callback failed", r.id)
 
     def _finish(self, r: _Request, reason: str, error: str | None = None) -> None:
+        routed = None
         if r in self.running:
+            if self.routing is not None:  # the ids of every token it read, from its pages' rows, before their release
+                pos = np.arange(r.num_computed)
+                routed = self.routing[np.asarray(r.pages, np.int64)[pos // self.page_size], pos % self.page_size]
             self.running.remove(r)
             self.pool.release(r.pages)
             r.pages = PageList()
@@ -1439,7 +1462,8 @@ class Engine:
             self.stats["structured_fallbacks"] += getattr(r.matcher, "fallbacks", 0)
         if reason == "cancelled":
             self.stats["cancelled"] += 1
-        self._emit(r, RequestOutput(r.id, [], tail, None, finished=True, finish_reason=reason, error=error))
+        self._emit(r, RequestOutput(r.id, [], tail, None, finished=True, finish_reason=reason, error=error,
+                                    routed_experts=routed))
 
 
 _sample_step = jax.jit(sample_rows, static_argnames=("num_top",), donate_argnames=("history",))
@@ -1458,7 +1482,7 @@ def _prompt_logprobs_step(graphdef, state, ids, *, num_top: int):
 
 @functools.lru_cache(maxsize=64)
 def _flat_logits_step(graphdef, treedef, absorbed: bool, cache_axes: tuple[str, ...],
-                      context_axes: tuple[str, ...] = ()):
+                      context_axes: tuple[str, ...] = (), record_routing: bool = False):
     """`paged.logits_step` for one graph definition, jitted over the state's flat list of arrays (`Engine._forward`),
     with the cache donated. Cached by value: a new split of an equal model (an adapter loaded into a free slot)
     gets the same jitted function, so it compiles nothing."""
@@ -1469,6 +1493,8 @@ def _flat_logits_step(graphdef, treedef, absorbed: bool, cache_axes: tuple[str, 
             extra["cache_axes"] = cache_axes
         if context_axes:
             extra["context_axes"] = context_axes
+        if record_routing:  # (a keyword only when on: the default step's trace is the one without it)
+            extra["record_routing"] = True
         return logits_step(graphdef, jax.tree.unflatten(treedef, leaves), pages, ids, positions, seq_index, slots,
                            page_table, logit_index, absorbed=absorbed, **extra)
 
@@ -1484,4 +1510,5 @@ def merge_outputs(parts: Sequence[RequestOutput]) -> RequestOutput:
         lps if any(p.logprobs is not None for p in parts) else None, last.finished, last.finish_reason,
         last.prompt_tokens, last.completion_tokens, last.cached_tokens, last.error,
         next((p.prompt_logprobs for p in parts if p.prompt_logprobs is not None), None),
+        next((p.routed_experts for p in parts if p.routed_experts is not None), None),
     )

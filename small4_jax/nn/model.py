@@ -36,7 +36,8 @@ from small4_jax.config import Small4Config
 from small4_jax.kernels.attention import attention
 from small4_jax.nn.initializers import normal_init
 from small4_jax.nn.layers import ACT, RMSNorm, apply_rope, linear, project, tap
-from small4_jax.nn.moe import AtLayer, Experts, interleave_gate_up, resolve_dense_impl, route, routed_experts
+from small4_jax.nn.moe import (AtLayer, Experts, interleave_gate_up, replay_route, resolve_dense_impl, route,
+                               routed_experts)
 from small4_jax.nn.qlinear import quantize_model
 from small4_jax.nn.vision import MultiModalProjector, PixtralVisionModel
 from small4_jax.parallel.placement import place_model
@@ -129,18 +130,19 @@ class MoE(nnx.Module):
         else:
             self.shared_experts = None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, expert_ids: jax.Array | None = None, return_ids: bool = False):
+        """x [..., H] -> [..., H]. Routing replay (`moe.replay_route`): expert_ids [N, k] (N = the tokens of x,
+        flattened; a row with a negative id routes itself) are used instead of the router's top-k, with weights
+        from this forward's router. return_ids: also return (ids used [N, k], the router's own top-k [N, k])."""
         c = self.config
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        ids, weights = route(
-            self.gate(flat),
-            top_k=c.num_experts_per_tok,
-            n_group=c.n_group,
-            topk_group=c.topk_group,
-            norm_topk_prob=c.norm_topk_prob,
-            routed_scaling_factor=c.routed_scaling_factor,
-        )
+        options = dict(top_k=c.num_experts_per_tok, n_group=c.n_group, topk_group=c.topk_group,
+                       norm_topk_prob=c.norm_topk_prob, routed_scaling_factor=c.routed_scaling_factor)
+        if expert_ids is None and not return_ids:
+            ids, weights = route(self.gate(flat), **options)
+        else:
+            ids, weights, own = replay_route(self.gate(flat), expert_ids, **options)
         lora = None if self.experts.lora is None else self.experts.lora.weights()
         gate_up, down = self.experts.weights()
         tap("experts", self.experts, flat, ids, weights, gate_up, down, self.act)  # GPTQ calibration's point
@@ -150,7 +152,7 @@ class MoE(nnx.Module):
             lora=lora, mesh="auto", strategy=c.moe_strategy, a2a_min_tokens=c.moe_a2a_min_tokens,
             gate_up_blocks=self.experts.gate_up_blocks, shared=shared,
         )
-        return y.reshape(shape)
+        return (y.reshape(shape), ids, own) if return_ids else y.reshape(shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -285,15 +287,52 @@ class DecoderLayer(nnx.Module):
     def __call__(self, h, positions, cos, sin, cache=None, key_mask=None, segment_ids=None):
         return self.residual(h, lambda attn, a: attn(a, positions, cos, sin, cache, key_mask, segment_ids))
 
-    def residual(self, h: jax.Array, attend):
+    def residual(self, h: jax.Array, attend, expert_ids: jax.Array | None = None, return_ids: bool = False):
         """The layer body: h + attention(norm(h)), then + mlp(norm(h)). `attend(self_attn, a)` -> (output [B, T, H],
-        carry): the contiguous cache here, the paged one in `paged.forward`; returns (h, carry)."""
+        carry): the contiguous cache here, the paged one in `paged.forward`; returns (h, carry).
+
+        Routing replay and recording (MoE layers; a dense layer ignores them): expert_ids [B * T, k] are used
+        instead of the router's top-k (`MoE.__call__`); return_ids returns (h, carry, ids) with ids = (used, the
+        router's own top-k) [B * T, k] each, or None in a dense layer (`record_ids`)."""
         with jax.named_scope("attention"):
             a, carry = attend(self.self_attn, self.input_layernorm(h))
             h = h + a
+        ids = None
         with jax.named_scope("mlp"):
-            h = h + self.mlp(self.post_attention_layernorm(h))
-        return h, carry
+            a = self.post_attention_layernorm(h)
+            if not isinstance(self.mlp, MoE):
+                y = self.mlp(a)
+            elif return_ids:
+                y, *ids = self.mlp(a, expert_ids, return_ids=True)
+            else:
+                y = self.mlp(a, expert_ids)
+            h = h + y
+        return (h, carry, ids) if return_ids else (h, carry)
+
+
+def routing_buffers(config: Small4Config, tokens: int) -> tuple[jax.Array, jax.Array]:
+    """(used, own) [L, tokens, k] int32 of -1: what `record_ids` fills as the layers run (dense layers stay -1)."""
+    empty = jnp.full((config.num_hidden_layers, tokens, config.num_experts_per_tok), -1, jnp.int32)
+    return empty, empty
+
+
+def record_ids(buffers: tuple[jax.Array, jax.Array], i, ids) -> tuple[jax.Array, jax.Array]:
+    """Write layer i's (used, own) ids [N, k] (`DecoderLayer.residual(return_ids=True)`) into the buffers."""
+    if ids is None:  # a dense layer
+        return buffers
+    return tuple(buf.at[i].set(x.astype(buf.dtype)) for buf, x in zip(buffers, ids))
+
+
+def layers_first(routing: jax.Array) -> jax.Array:
+    """Expert ids per token [B, T, L, k] (as the engine returns them, vLLM's `routed_experts` layout) -> per layer
+    [L, B * T, k] (what the layers read)."""
+    b, t, n, k = routing.shape
+    return jnp.moveaxis(jnp.asarray(routing, jnp.int32).reshape(b * t, n, k), 1, 0)
+
+
+def tokens_first(ids: jax.Array, b: int, t: int) -> jax.Array:
+    """[L, B * T, k] -> [B, T, L, k] (`layers_first` inverted)."""
+    return jnp.moveaxis(ids, 0, 1).reshape(b, t, ids.shape[0], ids.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -521,9 +560,18 @@ class Small4ForCausalLM(nnx.Module):
         self.train_experts = False
 
     def _forward(self, input_ids, positions, cache: KVCache | None, key_mask, segment_ids=None, input_embeds=None,
-                 head=True):
+                 head=True, routing=None, return_routing=False):
+        """(logits or the final hidden states, the cache), then with return_routing (used, own) [L, B * T, k]
+        (`record_ids`). routing: expert ids per token [B, T, L, k] replayed in the MoE layers (`replay_route`)."""
         input_ids = jnp.asarray(input_ids, jnp.int32)
         b, t = input_ids.shape
+        forced = None
+        if routing is not None:
+            want = (b, t, self.config.num_hidden_layers, self.config.num_experts_per_tok)
+            if tuple(routing.shape) != want:
+                raise ValueError(f"routing replay: expert ids of shape {tuple(routing.shape)}, expected {want} "
+                                 "(tokens x layers x experts per token)")
+            forced = layers_first(routing)
         if positions is None:
             start = jnp.zeros((b,), jnp.int32) if cache is None else cache.length
             positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
@@ -532,25 +580,33 @@ class Small4ForCausalLM(nnx.Module):
         h = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
         remat = self.remat and cache is None  # training: recompute each layer in the backward pass
 
-        def layer_fn(layer, i, h, kv):
-            if kv is None:
-                return layer(h, positions, cos, sin, None, key_mask, segment_ids)[0], None
-            latent, rope = kv
-            h, (lat_i, rope_i) = layer(h, positions, cos, sin, (latent[i], rope[i]), key_mask, segment_ids)
-            return h, (latent.at[i].set(lat_i), rope.at[i].set(rope_i))
+        def layer_fn(layer, i, h, carry):
+            kv, rec = carry if return_routing else (carry, None)
+            layer_cache = None if kv is None else (kv[0][i], kv[1][i])
+            out = layer.residual(h, lambda attn, a: attn(a, positions, cos, sin, layer_cache, key_mask, segment_ids),
+                                 None if forced is None else forced[i], return_routing)
+            h = out[0]
+            if kv is not None:
+                kv = (kv[0].at[i].set(out[1][0]), kv[1].at[i].set(out[1][1]))
+            if return_routing:
+                return h, (kv, record_ids(rec, i, out[2]))
+            return h, kv
 
         kv = None if cache is None else (cache.latent, cache.rope_key)
-        h, kv = run_layers(self.layer_stacks, layer_groups(self.config), h, kv, layer_fn, scan=self.scan_layers,
-                           remat=remat, frozen_experts=not self.train_experts,
-                           dense="xla" if cache is None else self.config.dense_impl)  # cached: an inference program
+        carry = (kv, routing_buffers(self.config, b * t)) if return_routing else kv
+        h, carry = run_layers(self.layer_stacks, layer_groups(self.config), h, carry, layer_fn, scan=self.scan_layers,
+                              remat=remat, frozen_experts=not self.train_experts,
+                              dense="xla" if cache is None else self.config.dense_impl)  # cached: inference
+        kv, rec = carry if return_routing else (carry, None)
+        extra = (rec,) if return_routing else ()
         h = self.norm(h)
         if not head:  # the final hidden states, for the chunked loss
-            return h, None
+            return h, None, *extra
         logits = self.logits(h)
         if cache is None:
-            return logits, None
+            return logits, None, *extra
         new_cache = KVCache(latent=kv[0], rope_key=kv[1], length=jnp.max(positions, axis=1) + 1)
-        return logits, new_cache
+        return logits, new_cache, *extra
 
     def __call__(self, input_ids, positions=None, attention_mask=None, segment_ids=None, input_embeds=None) -> jax.Array:
         """Logits [B, T, vocab] for int32 ids [B, T].
@@ -585,13 +641,24 @@ class Small4ForCausalLM(nnx.Module):
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         return chunked_cross_entropy(head, h, targets, weights, chunk or self.loss_chunk)
 
-    def token_logprobs(self, input_ids, targets, positions=None, segment_ids=None, chunk: int | None = None):
+    def token_logprobs(self, input_ids, targets, positions=None, segment_ids=None, chunk: int | None = None,
+                       routing=None, return_routing: bool = False):
         """float32 log p(targets) [B, T] for ids [B, T] (teacher-forced), chunked like `token_loss`: what preference
-        and policy-gradient losses (train/dpo.py, train/grpo.py) need per token."""
+        and policy-gradient losses (train/dpo.py, train/grpo.py) need per token.
+
+        routing: expert ids [B, T, L, k] to replay in the MoE layers instead of their routers' top-k (rollout routing
+        replay, `moe.replay_route`: the weights still come from this forward's routers; a token whose ids hold a
+        negative entry routes itself). return_routing: also return (ids used, the routers' own top-k), each
+        [B, T, L, k] int32 (-1 in dense layers)."""
         segs = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
-        h = self._forward(input_ids, positions, None, None, segs, None, head=False)[0]
+        out = self._forward(input_ids, positions, None, None, segs, None, head=False, routing=routing,
+                            return_routing=return_routing)
         head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return chunked_token_logprobs(head, h, targets, chunk or self.loss_chunk).reshape(jnp.shape(targets))
+        lp = chunked_token_logprobs(head, out[0], targets, chunk or self.loss_chunk).reshape(jnp.shape(targets))
+        if not return_routing:
+            return lp
+        b, t = jnp.shape(targets)
+        return lp, tuple(tokens_first(x, b, t) for x in out[2])
 
     def step(self, input_ids, cache: KVCache, positions=None, input_embeds=None) -> tuple[jax.Array, KVCache]:
         """Run ids [B, T] that continue each row of `cache`; returns (logits [B, T, V], updated cache).

@@ -1,7 +1,9 @@
 """Routing and the routed-expert dispatch of the Mistral Small 4 MoE layer, as plain functions.
 
 `route` turns router logits into top-k expert ids and weights (fp32: softmax over all experts, group-limited top-k,
-renormalise, scale). `routed_experts` is the one dispatch function every MoE layer calls:
+renormalise, scale); `replay_route` takes given expert ids instead of the top-k (rollout routing replay: the ids
+a serving engine used, train/grpo.py) with the weights recomputed from the router. `routed_experts` is the one
+dispatch function every MoE layer calls:
 
     sort_by_expert -> permute (gather rows into expert order) -> expert_mlp -> unpermute (gather back) -> combine
 
@@ -282,6 +284,41 @@ def route(
     among them. Weights are the unmasked probabilities of the picks, renormalised when `norm_topk_prob`.
     """
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    ids = _select(probs, top_k, n_group, topk_group)
+    return ids, _gate_weights(probs, ids, norm_topk_prob, routed_scaling_factor)
+
+
+def replay_route(
+    logits: jax.Array,
+    forced_ids: jax.Array | None,
+    *,
+    top_k: int,
+    n_group: int = 1,
+    topk_group: int = 1,
+    norm_topk_prob: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Routing replay: router logits [N, E] and recorded expert ids [N, k] -> (ids used [N, k], their weights
+    [N, k] float32, the router's own top-k ids [N, k]).
+
+    The definition of Megatron-LM's routing replay (`moe_enable_routing_replay`, NVIDIA/Megatron-LM#2101, as verl's
+    and NeMo RL's "rollout routing replay" R3 use it, arXiv:2510.11370): only the discrete selection is replayed.
+    The softmax over all experts is recomputed from this forward's own router logits, the weights are those
+    probabilities gathered at the replayed ids and renormalised and scaled exactly as `route` does, so gradients
+    flow through the weights into the router's input (and the router, where it is trained). A row whose ids
+    hold a negative entry (not recorded: -1) keeps its own top-k, as do all rows with forced_ids None. The own
+    top-k comes back too, so a caller can measure how often the router would have chosen differently."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    own = _select(probs, top_k, n_group, topk_group)
+    ids = own
+    if forced_ids is not None:
+        forced = jnp.asarray(forced_ids, jnp.int32).reshape(own.shape)
+        ids = jnp.where(jnp.all(forced >= 0, axis=-1, keepdims=True), forced, own)
+    return ids, _gate_weights(probs, ids, norm_topk_prob, routed_scaling_factor), own
+
+
+def _select(probs: jax.Array, top_k: int, n_group: int, topk_group: int) -> jax.Array:
+    """The top-k experts [N, k] int32 of probabilities [N, E], among the best `topk_group` groups (`route`)."""
     n, e = probs.shape
     choice = probs
     if n_group > 1:
@@ -291,10 +328,15 @@ def route(
         group_mask = jnp.zeros((n, n_group), jnp.bool_).at[jnp.arange(n)[:, None], keep].set(True)
         choice = jnp.where(jnp.repeat(group_mask, e // n_group, axis=1), probs, 0.0)
     _, ids = jax.lax.top_k(choice, top_k)
+    return ids.astype(jnp.int32)
+
+
+def _gate_weights(probs: jax.Array, ids: jax.Array, norm_topk_prob: bool, scale: float) -> jax.Array:
+    """The unmasked probabilities of the picks, renormalised when `norm_topk_prob`, times `scale`."""
     weights = jnp.take_along_axis(probs, ids, axis=-1)
     if norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
-    return ids.astype(jnp.int32), weights * routed_scaling_factor
+    return weights * scale
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ from jax.sharding import PartitionSpec
 from small4_jax.decode.sampler import RowSampling, TokenHistory, sample_rows
 from small4_jax.config import Small4Config
 from small4_jax.kernels.mla_decode import combine_partials, gather_keys, mla_attention
-from small4_jax.nn.model import Small4ForCausalLM, layer_groups, llama4_query_scale, rope_cos_sin, run_layers
+from small4_jax.nn.model import (Small4ForCausalLM, layer_groups, llama4_query_scale, record_ids, rope_cos_sin,
+                                 routing_buffers, run_layers, tokens_first)
 from small4_jax.nn.moe import AtLayer
 from small4_jax.parallel.sharding import RULES, batch_axes, mesh_of
 
@@ -274,6 +275,7 @@ def forward(
     with_hidden: bool = False,
     input_embeds: jax.Array | None = None,
     context_axes: tuple[str, ...] = (),
+    record_routing: bool = False,
 ):
     """Run new tokens through the model over the paged cache; returns (logits [B, V] at `logit_index`, pages).
 
@@ -289,7 +291,9 @@ def forward(
     `jax.set_mesh`): then the batch rows are split over them in order (row block s on shard s) and slots /
     page_table hold each shard's own page ids. context_axes: the mesh axes one sequence's pages are split over by
     position (decode context parallelism, `absorbed_attention`): page_table holds each context shard's own page ids,
-    shard after shard, and slots the owner's.
+    shard after shard, and slots the owner's. record_routing (rollout routing replay: train/grpo.py) appends the
+    expert ids every MoE layer routed each of the T tokens to, [B, T, L, k] int16 (-1 in dense layers), to what is
+    returned; off, the program is the one without it.
     """
     if (cache_axes or context_axes) and not absorbed:
         raise ValueError("the expanded reference attention does not take a sharded cache (cache_axes, context_axes)")
@@ -302,8 +306,10 @@ def forward(
 
     h = embed(model, jnp.asarray(ids, jnp.int32), tuple(cache_axes)) if input_embeds is None else input_embeds
 
-    def layer_fn(layer, i, h, pages):
-        """One layer over the stacked pages [L, ...] (the scan's carry: written in place at layer i)."""
+    def layer_fn(layer, i, h, carry):
+        """One layer over the stacked pages [L, ...] (the scan's carry: written in place at layer i; with
+        record_routing, the expert ids recorded so far beside them)."""
+        pages, rec = carry if record_routing else (carry, None)
 
         def attend(attn, a):
             rows = jnp.concatenate(attn.latent(a, cos, sin), axis=-1)  # [B, T, R + r]
@@ -317,17 +323,24 @@ def forward(
                 out = expanded_attention(attn, config, q_nope, q_pe, new_pages, i, page_table, seq_index, scale)
             return attn.o_proj(out), new_pages
 
-        return layer.residual(h, attend)
+        if not record_routing:
+            return layer.residual(h, attend)
+        h, pages, ids = layer.residual(h, attend, return_ids=True)
+        return h, (pages, record_ids(rec, i, ids))
 
-    h, pages = run_layers(model.layer_stacks, layer_groups(config), h, pages, layer_fn,
+    carry = (pages, routing_buffers(config, b * t)) if record_routing else pages
+    h, carry = run_layers(model.layer_stacks, layer_groups(config), h, carry, layer_fn,
                           scan=getattr(model, "scan_layers", True), dense=config.dense_impl)
+    pages, rec = carry if record_routing else (carry, None)
+    # the expert ids each token was routed to, [B, T, L, k] (int16: ids < 32768; -1 in dense layers)
+    routed = (tokens_first(rec[0], b, t).astype(jnp.int16),) if record_routing else ()
     index = logit_index if logit_index.ndim == 2 else logit_index[:, None]
     normed = model.norm(h) if with_hidden else None
     last = jnp.take_along_axis(normed, index[:, :, None], axis=1) if with_hidden \
         else model.norm(jnp.take_along_axis(h, index[:, :, None], axis=1))  # [B, T', H]
     last = last if logit_index.ndim == 2 else last[:, 0]
     logits = model.embed_tokens.attend(last) if model.lm_head is None else model.lm_head(last)
-    return (logits, pages, normed) if with_hidden else (logits, pages)
+    return (logits, pages, normed, *routed) if with_hidden else (logits, pages, *routed)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "impl", "cache_axes", "num_top", "context_axes"),
@@ -362,12 +375,13 @@ def step(
     return (*sample_rows(logits, sampling, history, num_top), pages)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "impl", "cache_axes", "context_axes"),
-                   donate_argnames=("pages",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "impl", "cache_axes", "context_axes",
+                                             "record_routing"), donate_argnames=("pages",))
 def logits_step(graphdef, state, pages, ids, positions, seq_index, slots, page_table, logit_index, *,
-                absorbed=True, impl="auto", input_embeds=None, cache_axes=(), context_axes=()):
-    """`forward` jitted, returning (logits [B, V], pages): the engine's model step (input_embeds, cache_axes: see
-    `forward`)."""
+                absorbed=True, impl="auto", input_embeds=None, cache_axes=(), context_axes=(), record_routing=False):
+    """`forward` jitted, returning (logits [B, V], pages): the engine's model step (input_embeds, cache_axes,
+    record_routing (then also the routed expert ids [B, T, L, k]): see `forward`)."""
     model = nnx.merge(graphdef, state)
     return forward(model, pages, ids, positions, seq_index, slots, page_table, logit_index, absorbed=absorbed,
-                   impl=impl, input_embeds=input_embeds, cache_axes=cache_axes, context_axes=context_axes)
+                   impl=impl, input_embeds=input_embeds, cache_axes=cache_axes, context_axes=context_axes,
+                   record_routing=record_routing)
