@@ -133,10 +133,11 @@ def _reference_drafts(target, draft, tokens, n):
     return out
 
 
-@pytest.mark.parametrize("k,sharded", [(3, False), (3, True)])
+@pytest.mark.parametrize("k,sharded", [(3, None), (3, "cache"), (3, "context")])
 def test_eagle_speculative_greedy_equals_plain_greedy_and_drafts_match_the_reference(draft_dir, target, k, sharded):
-    """On one device, and on a cache sharded over data=2 (8 devices, the MoE expert-parallel over expert=4): the
-    draft's cache is sharded as the target's and its steps run in the engine's shard layout."""
+    """On one device, on a cache sharded over data=2 by row (8 devices, the MoE expert-parallel over expert=4), and
+    split over data=2 by position (`context_axes`, decode context parallelism): the draft's cache is sharded as the
+    target's and its steps run in the engine's layout."""
     path, _ = draft_dir
     rng = np.random.default_rng(k)
     prompts = [[1] + rng.integers(3, 512, n - 1).tolist() for n in (9, 23, 14, 30, 6)]
@@ -150,9 +151,11 @@ def test_eagle_speculative_greedy_equals_plain_greedy_and_drafts_match_the_refer
         from small4_jax.parallel.sharding import make_mesh
 
         mesh = make_mesh({"data": 2, "expert": 4, "tensor": 1})
+        axes = dict(context_axes=("data",)) if sharded == "context" else {}
         spec = Engine(place_model(nnx.clone(target), mesh), mesh=mesh,
-                      speculative=SpeculativeConfig("eagle", str(path), k), **dict(ENGINE, num_pages=2 * 13))
-        assert spec.cache_shards == 2 and spec.speculator.drafter.pages.sharding.spec == spec.pages.sharding.spec
+                      speculative=SpeculativeConfig("eagle", str(path), k), **dict(ENGINE, num_pages=2 * 13), **axes)
+        assert (spec.context_shards if axes else spec.cache_shards) == 2
+        assert spec.speculator.drafter.pages.sharding.spec == spec.pages.sharding.spec
     else:
         spec = Engine(target, speculative=SpeculativeConfig("eagle", str(path), k), **ENGINE)
     drafter = spec.speculator.drafter

@@ -7,7 +7,7 @@ device's FLOPs against the one-device program's); here nothing is compiled for a
 import pytest
 
 from small4_jax.config import load_config
-from small4_jax.nn.paged import default_cache_axes
+from small4_jax.nn.paged import cache_width, default_cache_axes
 from small4_jax.tools import aot, plan
 
 MESHES = {"data1-expert8": {"data": 1, "expert": 8, "tensor": 1}, "data2-expert4": {"data": 2, "expert": 4, "tensor": 1}}
@@ -68,6 +68,25 @@ def test_the_planned_cache_is_split_as_the_engine_splits_it():
     pages, ids = decode.args[1], decode.args[2]
     assert ids.shape[0] == 4 and ids.sharding.shard_shape(ids.shape)[0] == 2
     assert pages.sharding.shard_shape(pages.shape)[1] * 2 == pages.shape[1]
+
+
+@pytest.mark.gpu_compile
+def test_the_decode_row_carries_the_per_token_accounting():
+    """`--mesh tensor=8 --max-batch 1` (a tiny model with 8 heads, 2 layers): the decode step's row carries
+    token_cost's accounting of that compiled step: one max-length request's cache rows read whole on every device,
+    the weights' shards, two collectives in the layer loop and one more a token, and the floor they imply."""
+    config = load_config("configs/tiny.yaml").replace(num_attention_heads=8, num_key_value_heads=8, vision=None,
+                                                      num_hidden_layers=2)
+    dep = plan.serve("h100", {"tensor": 8}, config=config,
+                     engine_flags=("--max-batch", "1", "--max-model-len", "2048", "--num-pages", "1024"))
+    row = plan.program_row(dep, dep.programs[1], ideal=False)
+    t = row["per_token_batch_1"]
+    assert row["per_token_planned_batch"] == t and t["batch"] == 1 and t["context"] == 2048
+    assert t["cache_read"] == 2048 * 2 * cache_width(config) * 2  # bf16, replicated over tensor
+    assert t["collectives_per_layer"] == 2 and t["collectives_per_token"] == 2 * 2 + 1
+    assert t["weights_ideal"] < t["weights_read"] < row["weights"]  # 1/8 of most; the routed experts' share of 4/16
+    assert t["floor_ms"] == round((t["read"] / 3.35e12 + 5 * 5e-6) * 1e3, 3)
+    assert "1 x 2,048: 0.00 GB, 2, 0.03 ms" in plan.table([row])
 
 
 @pytest.mark.gpu_compile

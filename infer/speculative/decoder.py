@@ -22,7 +22,8 @@ Each speculative decode step, for every generating row (`decode`):
 
 On a sharded cache (`cache_axes`) the verify step is the engine's layout: each shard's rows in its block of the
 batch, attending over that shard's own pages (`Engine.to_shards`), logits handed back in request order; a row's
-pages all come from its shard, so rollback returns them there. An EAGLE draft's own cache is sharded the same way
+pages all come from its shard, so rollback returns them there. With `context_axes` the verify step attends over
+the position-split cache as decode does. An EAGLE draft's own cache is sharded the same way, by row or by position
 (`infer/speculative/eagle_drafter.py`).
 
 Tokens are handed to the engine's `accept` one position at a time, so stop ids, stop strings, max_tokens, logprobs
@@ -153,9 +154,6 @@ class NgramDrafter:
 def make_drafter(config: SpeculativeConfig, engine):
     if config.method == "ngram":
         return NgramDrafter(config)
-    if engine.context_axes:
-        raise InputError("--speculative eagle with --context-axes is not supported: the draft's cache is not split "
-                         "by position; use ngram drafts")
     return EagleDrafter(config, engine)
 
 

@@ -19,7 +19,9 @@ returning the final-normed hidden states), and verify asks `verify_forward` for 
 
 On a sharded cache (`cache_axes`) the draft's pages are sharded as the target's (a request's draft rows live on its
 shard) and every draft step runs in the engine's layout (`Engine.to_shards`: each shard's rows in its block, page
-ids the shard's own); drafts come back in request order.
+ids the shard's own); drafts come back in request order. With `context_axes` (one sequence's pages split by
+position) the draft's pages are split the same way, since they share the page ids: its rows are written on the
+shard owning their positions and its attention merges the shards' partial results, as the target's.
 """
 
 from __future__ import annotations
@@ -38,41 +40,47 @@ from small4_jax.nn.eagle import as_model
 from small4_jax.nn.paged import PagedCache, cache_spec, forward
 
 
-def _draft_forward(target, draft, pages, ids, hidden, positions, seq_index, slots, table, logit_index, cache_axes):
+def _draft_forward(target, draft, pages, ids, hidden, positions, seq_index, slots, table, logit_index, cache_axes,
+                   context_axes):
     """One draft step: (greedy token [B], state g [B, H] at logit_index, pages)."""
     view = as_model(draft, target)
     embeds = draft.fuse(target.embed_tokens(ids), hidden)
     logits, pages, g = forward(view, pages, ids, positions, seq_index, slots, table, logit_index, absorbed=True,
-                               with_hidden=True, input_embeds=embeds, cache_axes=cache_axes)
+                               with_hidden=True, input_embeds=embeds, cache_axes=cache_axes,
+                               context_axes=context_axes)
     g_last = jnp.take_along_axis(g, logit_index[:, None, None], axis=1)[:, 0]
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), g_last, pages
 
 
-@functools.partial(jax.jit, static_argnames=("target_def", "draft_def", "cache_axes"), donate_argnames=("pages",))
+_STATIC = ("target_def", "draft_def", "cache_axes", "context_axes")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("pages",))
 def draft_rows(target_def, target_state, draft_def, draft_state, pages, ids, hidden, seq_index, slots, table,
-               cache_axes=()):
+               cache_axes=(), context_axes=()):
     """Write draft rows for ids/hidden [B, T(, H)] at seq_index/slots (prefill); returns pages."""
     target, draft = nnx.merge(target_def, target_state), nnx.merge(draft_def, draft_state)
     index = jnp.zeros((ids.shape[0],), jnp.int32)
-    return _draft_forward(target, draft, pages, ids, hidden, seq_index, seq_index, slots, table, index, cache_axes)[2]
+    return _draft_forward(target, draft, pages, ids, hidden, seq_index, seq_index, slots, table, index, cache_axes,
+                          context_axes)[2]
 
 
-@functools.partial(jax.jit, static_argnames=("target_def", "draft_def", "cache_axes"), donate_argnames=("pages",))
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("pages",))
 def propose_step(target_def, target_state, draft_def, draft_state, pages, buffer, ids, buffer_slot, seq_index, slots,
-                 table, last, step_index, step_slots, cache_axes=()):
+                 table, last, step_index, step_slots, cache_axes=(), context_axes=()):
     """Catch up the pending rows (ids [B, T], hidden buffer[buffer_slot], seq_index/slots [B, T], logits at `last`),
     then k - 1 greedy steps at step_index [B, k - 1] writing step_slots [B, k - 1, 2]. Returns (drafts [B, k], pages).
     """
     target, draft = nnx.merge(target_def, target_state), nnx.merge(draft_def, draft_state)
     hidden = buffer[buffer_slot]  # [B, T, H]
     token, g, pages = _draft_forward(target, draft, pages, ids, hidden, seq_index, seq_index, slots, table, last,
-                                     cache_axes)
+                                     cache_axes, context_axes)
     drafts = [token]
     zero = jnp.zeros_like(last)
     for s in range(step_index.shape[1]):
         pos = step_index[:, s : s + 1]
         token, g, pages = _draft_forward(target, draft, pages, token[:, None], g[:, None], pos, pos,
-                                         step_slots[:, s : s + 1], table, zero, cache_axes)
+                                         step_slots[:, s : s + 1], table, zero, cache_axes, context_axes)
         drafts.append(token)
     return jnp.stack(drafts, axis=1), pages
 
@@ -85,13 +93,14 @@ def put_pending(buffer, buffer_slot, rows, start, *, hidden):
     return buffer.at[buffer_slot].set(hidden[rows[:, None], cols].astype(buffer.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "cache_axes"), donate_argnames=("pages",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "absorbed", "cache_axes", "context_axes"),
+                   donate_argnames=("pages",))
 def hidden_step(graphdef, state, pages, ids, positions, seq_index, slots, page_table, logit_index, *, absorbed,
-                input_embeds=None, cache_axes=()):
+                input_embeds=None, cache_axes=(), context_axes=()):
     """`paged.logits_step` that also returns the final-normed hidden states of every token."""
     model = nnx.merge(graphdef, state)
     return forward(model, pages, ids, positions, seq_index, slots, page_table, logit_index, absorbed=absorbed,
-                   with_hidden=True, input_embeds=input_embeds, cache_axes=cache_axes)
+                   with_hidden=True, input_embeds=input_embeds, cache_axes=cache_axes, context_axes=context_axes)
 
 
 class EagleDrafter:
@@ -106,7 +115,8 @@ class EagleDrafter:
         sharding = pages_sharding = None
         if engine.mesh is not None:
             sharding = jax.sharding.NamedSharding(engine.mesh, jax.sharding.PartitionSpec())
-            pages_sharding = jax.sharding.NamedSharding(engine.mesh, cache_spec(engine.cache_axes))
+            pages_sharding = jax.sharding.NamedSharding(engine.mesh, cache_spec(engine.cache_axes,
+                                                                                engine.context_axes))
         num_pages, page_size = engine.pages.shape[1], engine.pages.shape[2]
         self.pages = PagedCache.create(self.draft.config, num_pages, page_size, engine.cache_dtype,
                                        pages_sharding).pages
@@ -114,6 +124,7 @@ class EagleDrafter:
                                 device=sharding)
         self.pending: dict[str, int] = {}
         self._stash = None
+        self._axes = dict(cache_axes=engine.cache_axes, context_axes=engine.context_axes)
         engine.logits_step = self._prefill_forward
 
     def _mesh(self, engine):
@@ -121,10 +132,10 @@ class EagleDrafter:
 
     # ---- prefill ---------------------------------------------------------------------------------------------------
     def _prefill_forward(self, graphdef, state, pages, ids, positions, seq_index, slots, page_table, logit_index, *,
-                         absorbed, input_embeds=None, cache_axes=()):
+                         absorbed, input_embeds=None, cache_axes=(), context_axes=()):
         logits, pages, hidden = hidden_step(graphdef, state, pages, ids, positions, seq_index, slots, page_table,
                                             logit_index, absorbed=absorbed, input_embeds=input_embeds,
-                                            cache_axes=cache_axes)
+                                            cache_axes=cache_axes, context_axes=context_axes)
         self._stash = (hidden, np.asarray(seq_index), np.asarray(slots), np.asarray(page_table))
         return logits, pages
 
@@ -154,7 +165,7 @@ class EagleDrafter:
             write[i, :n] = slots[i, :n]
         with self._mesh(engine):
             self.pages = draft_rows(engine.graphdef, engine.state, self.draft_def, self.draft_state, self.pages, ids,
-                                    hidden, seq_index, write, table, cache_axes=engine.cache_axes)
+                                    hidden, seq_index, write, table, **self._axes)
             if pend_rows:
                 self.buffer = put_pending(self.buffer, *self._padded(engine, rows, pend_slot, pend_rows, pend_start),
                                           hidden=hidden)
@@ -192,12 +203,13 @@ class EagleDrafter:
         table = engine.page_table(reqs, rows, max(len(r.pages) for r in reqs))
         (ids, seq_index, last, buffer_slot, step_index, step_slots), slots, table, perm = engine.to_shards(
             reqs, rows, (ids, seq_index, last, buffer_slot, step_index, step_slots), slots, table)
-        if perm is not None:
-            step_slots[..., 0] %= engine.pool.per_shard  # (a copy: indexed by perm)
+        if perm is not None or engine.context_shards > 1:  # each shard's own page ids, as `to_shards` made slots
+            step_slots = step_slots.copy()
+            step_slots[..., 0] %= engine.pool.per_shard
         with self._mesh(engine):
             drafts, self.pages = propose_step(engine.graphdef, engine.state, self.draft_def, self.draft_state,
                                               self.pages, self.buffer, ids, buffer_slot, seq_index, slots, table,
-                                              last, step_index, step_slots, cache_axes=engine.cache_axes)
+                                              last, step_index, step_slots, **self._axes)
         drafts = np.asarray(jax.device_get(drafts))
         if perm is not None:
             drafts = drafts[np.argsort(perm)]
@@ -224,21 +236,22 @@ class EagleDrafter:
 
     def warmup(self, engine) -> None:
         """Compile the draft's steps for every batch and prefill shape (the target's are the engine's)."""
-        k, hdim = self.k, engine.config.hidden_size
+        k, hdim, c = self.k, engine.config.hidden_size, engine.context_shards
+        widths = sorted({-(-w // c) * c for w in engine.page_buckets})  # `to_shards` pads a split table to c columns
         with self._mesh(engine):
-            for width, b in itertools.product(engine.page_buckets, engine.batch_buckets):
+            for width, b in itertools.product(widths, engine.batch_buckets):
                 zeros = np.zeros((b, k + 1), np.int32)
                 _, self.pages = propose_step(
                     engine.graphdef, engine.state, self.draft_def, self.draft_state, self.pages, self.buffer, zeros,
                     np.full((b,), engine.max_batch, np.int32), zeros, np.zeros((b, k + 1, 2), np.int32),
                     np.zeros((b, width), np.int32), np.zeros((b,), np.int32), np.zeros((b, max(k - 1, 0)), np.int32),
-                    np.zeros((b, max(k - 1, 0), 2), np.int32), cache_axes=engine.cache_axes)
+                    np.zeros((b, max(k - 1, 0), 2), np.int32), **self._axes)
                 hidden = jnp.zeros((b, k + 1, hdim), self.buffer.dtype)
                 self.buffer = put_pending(self.buffer, *self._padded(engine, b, [], [], []), hidden=hidden)
-            for width, p in itertools.product(engine.page_buckets, engine.prefill_buckets):
+            for width, p in itertools.product(widths, engine.prefill_buckets):
                 zeros = np.zeros((p, engine.prefill_chunk), np.int32)
                 hidden = jnp.zeros((p, engine.prefill_chunk, hdim), self.buffer.dtype)
                 self.pages = draft_rows(engine.graphdef, engine.state, self.draft_def, self.draft_state, self.pages,
                                         zeros, hidden, zeros, np.zeros((p, engine.prefill_chunk, 2), np.int32),
-                                        np.zeros((p, width), np.int32), cache_axes=engine.cache_axes)
+                                        np.zeros((p, width), np.int32), **self._axes)
                 self.buffer = put_pending(self.buffer, *self._padded(engine, p, [], [], []), hidden=hidden)

@@ -19,6 +19,9 @@ program and device it prints:
              devices split the work, N when each device repeats all of it. Pallas kernels (the routed experts'
              grouped matmul, flash / MLA attention) count their bytes but not their FLOPs (`kernels` says how many
              launch per step).
+    per token  the decode step's row, at batch 1 and at the planned batch (`small4_jax.tools.token_cost`): bytes
+             each device reads a token (weights, cache), collectives per layer and per token in the compiled HLO,
+             and the floor they imply (bytes / HBM bandwidth + collectives x 5 us).
 
 Serving is `infer.serve` at its engine flags (`infer.cli.add_engine_args` defaults): the cache the engine allocates
 (90% of what is free after everything else resident, `infer.engine.engine.pages_for_memory`), sharded over the batch axes
@@ -47,7 +50,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from infer.cli import add_engine_args
+from infer.cli import SHARD_LATENT_PROJ_HELP, add_engine_args
 from infer.engine.engine import MAX_CONTEXT, free_device_memory_after, pages_for_memory
 from small4_jax.config import Small4Config, load_config
 from small4_jax.errors import Small4Error
@@ -56,7 +59,7 @@ from small4_jax.ckpt.eagle import load_eagle_config
 from small4_jax.nn.eagle import EagleDraft
 from small4_jax.nn.paged import cache_bytes_per_token_per_layer, default_cache_axes
 from small4_jax.parallel.sharding import MESH_AXES, batch_axes, parse_mesh
-from small4_jax.tools import aot
+from small4_jax.tools import aot, token_cost
 from small4_jax.tools import aot_programs as ap
 from train.config import load as load_run
 
@@ -89,6 +92,8 @@ class Deployment:
     check: Callable[[aot.Memory], str] | None = None  # a line on the compiled memory, added to the note
     mem_fraction: float = MEM_FRACTION  # of the device's memory the allocator may hand out
     cache_tokens: int = 0  # tokens the paged cache holds (all shards)
+    # (program, compiled) -> the per-token columns of the program if it is the deployment's decode step, else {}
+    per_token: Callable[[ap.Program, aot.Compiled], dict] | None = None
 
 
 def shard_bytes(tree) -> int:
@@ -121,12 +126,14 @@ def _layout(shape: dict[str, int], mesh, rows: int | None = None, cache: tuple[s
 def serve(target: str, shape: dict[str, int], *, config=None, layers: int | None = None, quantize: str | None = None,
           mem_fraction: float = MEM_FRACTION, hosts: int = 1, engine_flags: tuple[str, ...] = (),
           cache_axes: tuple[str, ...] | None = None, name: str | None = None, lora: tuple[int, int] | None = None,
-          lora_targets: tuple[str, ...] | None = None, eagle: bool = False, draft_path=None) -> Deployment:
+          lora_targets: tuple[str, ...] | None = None, eagle: bool = False, draft_path=None,
+          shard_latent_proj: bool = False) -> Deployment:
     """`infer.serve --mesh SHAPE [--quantize Q] [engine flags]` on `target` GPUs: weights, the engine's default
     cache, the largest prefill and decode steps, the vision encoder. `lora` (slots, rank): multi-LoRA slots on the
     modules `lora_targets` selects (default all), in the model dtype, placed beside their bases; `eagle`: an EAGLE
     draft (its config from `draft_path`, default one decoder layer of the model's dims) and its cache. Both are
-    resident before the engine sizes its cache, as `Engine.__init__` orders them."""
+    resident before the engine sizes its cache, as `Engine.__init__` orders them. `shard_latent_proj`: the
+    `--shard-latent-proj` layout. The decode step's row carries the per-token accounting (`per_token_columns`)."""
     flags = argparse.ArgumentParser()
     add_engine_args(flags)  # infer.serve's engine flags, at its defaults
     args = flags.parse_args(list(engine_flags))
@@ -138,7 +145,8 @@ def serve(target: str, shape: dict[str, int], *, config=None, layers: int | None
     if cache_axes is None:
         cache_axes = default_cache_axes(mesh, args.max_batch)  # the engine's default
     d = math.prod(mesh.shape[a] for a in cache_axes)
-    resident = {"weights": shard_bytes(ap.abstract_placed_model(config, mesh, dtype, quantize)[1])}
+    resident = {"weights": shard_bytes(ap.abstract_placed_model(config, mesh, dtype, quantize,
+                                                                shard_latent_proj=shard_latent_proj)[1])}
     if lora is not None:
         slots = abstract_slots(config, lora[0] + 1, lora[1], targets=lora_targets, dtype=dtype)
         resident["lora slots"] = shard_bytes(aot.placed(slots, mesh, slot_spec))
@@ -159,7 +167,8 @@ def serve(target: str, shape: dict[str, int], *, config=None, layers: int | None
                 f"sequence ({table} pages)")
         num_pages = d * (table + 1)
     max_batch = -(-args.max_batch // d) * d
-    common = dict(table_pages=table, num_pages=num_pages, page_size=args.page_size, dtype=dtype, quantize=quantize)
+    common = dict(table_pages=table, num_pages=num_pages, page_size=args.page_size, dtype=dtype, quantize=quantize,
+                  shard_latent_proj=shard_latent_proj)
 
     def step(m, rows, tokens, axes, pages=num_pages):
         return lambda: ap.serve_step(config, m, absorbed=True, rows=rows, tokens=tokens, cache_axes=axes,
@@ -183,9 +192,24 @@ def serve(target: str, shape: dict[str, int], *, config=None, layers: int | None
     note = "; ".join(filter(None, [note, f"{tokens:,} cache tokens ({tokens // d:,} per cache shard)"]))
     n = math.prod(shape.values())
     extra = (f"-lora{lora[0]}x{lora[1]}" if lora else "") + ("-eagle" if eagle else "")
+    decode = programs[1].program
+
+    def per_token(program: ap.Program, compiled: aot.Compiled) -> dict:
+        """The decode step at the planned batch (each row as long as the cache holds for it, at most max_len) and
+        at batch 1 (one max_len request, as `--max-batch 1` runs it: compiled here), `token_cost.account`."""
+        if program is not decode:
+            return {}
+        kw = dict(dtype=dtype, shard_latent_proj=shard_latent_proj)
+        planned = token_cost.account(config, target, shape, program, compiled, batch=max_batch,
+                                     context=min(max_len, tokens // max_batch), cache_axes=cache_axes, **kw)[0]
+        one = planned if max_batch == 1 else token_cost.decode_row(
+            config, target, shape, batch=1, context=min(max_len, tokens // d), quantize=quantize,
+            cache_axes=default_cache_axes(mesh, 1), page_size=args.page_size, **kw)[0]
+        return {"per_token_batch_1": one.as_dict(), "per_token_planned_batch": planned.as_dict()}
+
     return Deployment(name or f"serve-{quantize or 'bf16'}{extra}-{n}x{target.upper()}", target, n,
                       _layout(shape, mesh, max_batch, cache_axes), programs, resident, note,
-                      mem_fraction=mem_fraction, cache_tokens=tokens)
+                      mem_fraction=mem_fraction, cache_tokens=tokens, per_token=per_token)
 
 
 def finetune(target: str, config_path: str | os.PathLike = FINETUNE, *, shape: dict[str, int] | None = None,
@@ -305,8 +329,15 @@ def cost_columns(dep: Deployment, program: ap.Program, c: aot.Compiled, ref: aot
     return out
 
 
+def per_token_columns(dep: Deployment, program: ap.Program, c: aot.Compiled, ref: aot.Compiled | None) -> dict:
+    """For a serving deployment's decode step, per device and token at batch 1 and at the planned batch
+    (`small4_jax.tools.token_cost`): bytes read (weights, cache), collectives per layer and per token, and the floor
+    (bytes / HBM bandwidth + collectives x `token_cost.COLLECTIVE_LATENCY_S`)."""
+    return dep.per_token(program, c) if dep.per_token is not None else {}
+
+
 # A column builder: (deployment, program, compiled on the deployment's mesh, compiled on one device or None) -> fields.
-ROW_COLUMNS: list[Callable[..., dict]] = [memory_columns, cost_columns]
+ROW_COLUMNS: list[Callable[..., dict]] = [memory_columns, cost_columns, per_token_columns]
 
 
 def program_row(dep: Deployment, planned: Planned, *, ideal: bool = True, compiled: aot.Compiled | None = None, reference: aot.Compiled | None = None) -> dict:
@@ -331,8 +362,8 @@ def table(rows: list[dict]) -> str:
     gib = lambda n: f"{n / 2**30:.1f}" if n else "-"  # noqa: E731
     head = ("| deployment | layout | program | weights GiB | cache GiB (tokens) | adapters GiB | draft GiB | temp GiB | "
             "need GiB | limit GiB (device) | headroom GiB | TFLOP / device (x ideal) | HBM GB / device (x ideal) | "
-            "kernels |")
-    out = [head, "|" + "---|" * 14]
+            "kernels | per token, batch 1 / planned: GB read, collectives per layer, floor ms |")
+    out = [head, "|" + "---|" * 15]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['deployment']} | {r['layout']} | {r['program']} | compile error: {r['error']} |")
@@ -345,8 +376,19 @@ def table(rows: list[dict]) -> str:
                    f"{gib(r.get('cache', 0))}{tokens} | {gib(adapters)} | {gib(draft)} | {gib(r['temp'])} | "
                    f"{gib(r['need'])} | {gib(r['limit'])} ({gib(r['device'])}) | "
                    f"{gib(r['headroom'])}{'' if r['fits'] else ' (does NOT fit)'} | {r['flops'] / 1e12:.2f}"
-                   f"{ratio('flops_ratio')} | {r['hbm_bytes'] / 1e9:.1f}{ratio('hbm_ratio')} | {r['kernels']} |")
+                   f"{ratio('flops_ratio')} | {r['hbm_bytes'] / 1e9:.1f}{ratio('hbm_ratio')} | {r['kernels']} | "
+                   f"{_per_token_text(r)} |")
     return "\n".join(out)
+
+
+def _per_token_text(r: dict) -> str:
+    parts = []
+    for key in ("per_token_batch_1", "per_token_planned_batch"):
+        t = r.get(key)
+        if t:
+            parts.append(f"{t['batch']} x {t['context']:,}: {t['read'] / 1e9:.2f} GB, {t['collectives_per_layer']}, "
+                         f"{t['floor_ms']:.2f} ms")
+    return " / ".join(parts) or "-"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -372,6 +414,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-batch", type=int, help="infer.serve's flag")
     p.add_argument("--page-size", type=int, help="infer.serve's flag")
     p.add_argument("--cache-axes", help="mesh axes the cache is sharded over (default: the engine's; 'none')")
+    p.add_argument("--shard-latent-proj", action="store_true", help=SHARD_LATENT_PROJ_HELP)
     p.add_argument("--lora", metavar="N:RANK", help="multi-LoRA serving: N adapter slots of rank <= RANK")
     p.add_argument("--lora-targets", help="modules the adapters may target (lora.targets spellings, comma-separated; "
                                           "default all)")
@@ -433,7 +476,7 @@ def deployments(a: argparse.Namespace) -> list[Deployment]:
     targets = None if a.lora_targets is None else tuple(t.strip() for t in a.lora_targets.split(",") if t.strip())
     out = [serve(a.gpu, a.shape, config=config, layers=a.layers, quantize=a.quantize, mem_fraction=a.mem_fraction,
                  hosts=a.hosts, engine_flags=tuple(flags), cache_axes=cache_axes, lora=a.lora, lora_targets=targets,
-                 eagle=a.speculative == "eagle", draft_path=a.draft)]
+                 eagle=a.speculative == "eagle", draft_path=a.draft, shard_latent_proj=a.shard_latent_proj)]
     if a.finetune:
         out.append(finetune(a.gpu, a.finetune, shape=a.shape, layers=a.layers, hosts=a.hosts,
                             mem_fraction=a.mem_fraction))

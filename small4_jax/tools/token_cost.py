@@ -37,6 +37,7 @@ from small4_jax.tools.aot_programs import serve_step
 
 HBM_BYTES_PER_S = {"h100": 3.35e12, "h200": 4.8e12}  # spec sheet (PERFORMANCE.md)
 COLLECTIVE_LATENCY_S = 5e-6  # per collective on 8 GPUs of one NVLink node: the middle of the 3-10 us range (issue 21)
+_IMAGE_MODULES = ("vision_tower", "multi_modal_projector")
 _EXPERT_LEAVES = ("gate_up", "down", "gate_up_scale", "down_scale", "gate_up_act_scale", "down_act_scale")
 
 
@@ -52,12 +53,15 @@ def _shard_bytes(leaf) -> int:
 
 def weight_reads(state, config, tokens: int) -> tuple[int, int]:
     """(bytes one device reads of the weights in one decode step of `tokens` tokens, bytes one device would read
-    if it held every weight whole): the denominators' "weights" is the second over the device count."""
+    if it held every weight whole): the denominators' "weights" is the second over the device count. The vision
+    tower and projector are not counted: a decode step reads only the text model."""
     share = routed_share(config.n_routed_experts, config.num_experts_per_tok, tokens)
     device = whole = 0
     for path, value in nnx.to_flat_state(state):
         leaf = value.get_raw_value() if hasattr(value, "get_raw_value") else value
         names = [str(p) for p in path]
+        if names[0] in _IMAGE_MODULES:  # a text decode step never reads them (jit drops them)
+            continue
         full = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
         part = _shard_bytes(leaf)
         if len(names) >= 2 and names[-2] == "experts" and names[-1] in _EXPERT_LEAVES:
@@ -123,7 +127,6 @@ def decode_row(config, target: str, mesh_shape: dict[str, int], *, batch: int = 
     the cache's pages sharded over `context_axes` by position or over `cache_axes` by row; `shard_latent_proj`: the
     latent projections split over `tensor`, `sharding.spec_for`) and account for it."""
     mesh = aot.gpu_mesh(target, mesh_shape)
-    devices = math.prod(mesh_shape.values())
     shards = math.prod(mesh_shape[a] for a in tuple(context_axes) + tuple(cache_axes))
     pages_per_seq = math.ceil(context / page_size)
     table = -(-pages_per_seq // shards) * shards if context_axes else pages_per_seq
@@ -132,10 +135,21 @@ def decode_row(config, target: str, mesh_shape: dict[str, int], *, batch: int = 
     program = serve_step(config, mesh, absorbed=True, rows=rows, tokens=1, table_pages=table, num_pages=num_pages,
                          page_size=page_size, dtype=dtype, quantize=quantize, context_axes=tuple(context_axes),
                          cache_axes=tuple(cache_axes), shard_latent_proj=shard_latent_proj)
-    compiled = program.compile()
-    state = program.args[0]
-    weights_read, whole = weight_reads(state, config, batch)
-    cache_bytes = rows * context * config.num_hidden_layers * cache_width(config) * np.dtype(dtype).itemsize
+    return account(config, target, mesh_shape, program, program.compile(), batch=batch, context=context,
+                   context_axes=context_axes, cache_axes=cache_axes, dtype=dtype,
+                   shard_latent_proj=shard_latent_proj)
+
+
+def account(config, target: str, mesh_shape: dict[str, int], program, compiled: aot.Compiled, *, batch: int,
+            context: int, context_axes: tuple[str, ...] = (), cache_axes: tuple[str, ...] = (), dtype="bfloat16",
+            shard_latent_proj: bool = False) -> tuple[TokenCost, aot.Compiled]:
+    """The row of a compiled decode step (`aot_programs.serve_step` with `batch` rows, its weights the program's
+    first argument): each row at `context` tokens, the cache split over `context_axes` / `cache_axes`. The planner
+    accounts for its own decode step with this (`small4_jax.plan`)."""
+    devices = math.prod(mesh_shape.values())
+    shards = math.prod(mesh_shape[a] for a in tuple(context_axes) + tuple(cache_axes))
+    weights_read, whole = weight_reads(program.args[0], config, batch)
+    cache_bytes = batch * context * config.num_hidden_layers * cache_width(config) * np.dtype(dtype).itemsize
     # cache rows per device: split over the cache's shards (by position or by row), replicated over the other axes
     per_layer, total, coll_bytes = per_layer_collectives(compiled.compiled.as_text(), config.num_hidden_layers)
     text = ",".join(f"{k}={v}" for k, v in mesh_shape.items())
