@@ -571,7 +571,7 @@ def small4_jax_config():
     return Small4Config.from_yaml(TINY)
 
 
-def test_adapters_drafter_and_resume_are_checked_before_the_build(tmp_path, capsys, no_build):
+def test_adapters_drafter_and_resume_are_checked_before_the_build(tmp_path, capsys, no_build, monkeypatch):
     """--lora DIR / NAME=DIR (missing, corrupt), --speculative (unknown, missing EAGLE directory) on generate and
     serve, and finetune --resume with nothing to resume: each one line before any model is built."""
     from infer.generate import main as generate
@@ -612,6 +612,20 @@ def test_adapters_drafter_and_resume_are_checked_before_the_build(tmp_path, caps
     (tmp_path / "file").write_text("")
     assert _error(finetune, ["--config", cfg, "--out-dir", str(tmp_path / "file" / "run")], capsys) == \
         f"error: train.out_dir {tmp_path / 'file' / 'run'}: cannot be written (Not a directory)"
+    # DPO and GRPO runs take SFT's run directory checks (train.trainer.prepare_run_dir), before any build
+    def built(*a, **k):
+        raise AssertionError("a model was built before the run directory was checked")
+
+    monkeypatch.setattr("train.dpo.build_model", built)
+    monkeypatch.setattr("train.grpo.load_base", built)
+    for method in ("dpo", "grpo"):
+        cfg = _run_yaml(tmp_path, train__method=method)
+        assert _error(finetune, ["--config", cfg, "--resume"], capsys) == \
+            f"error: {tmp_path / 'run'}: --resume but no checkpoint in {tmp_path / 'run' / 'checkpoints'}"
+        (tmp_path / "run" / "checkpoints" / "3").mkdir(parents=True)
+        assert _error(finetune, ["--config", cfg], capsys) == (f"error: {tmp_path / 'run'}: already holds checkpoints; "
+                                                               "pass --resume to continue it or pick another out_dir")
+        (tmp_path / "run" / "checkpoints" / "3").rmdir()
 
 
 def test_non_finite_weights_are_named_at_load(tmp_path, capsys):

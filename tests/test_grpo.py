@@ -228,8 +228,9 @@ def test_router_disagreement_counts_like_a_loop():
     assert float(grpo.router_disagreement(recorded, recorded)) == 0.0
 
 
-def test_one_step_of_the_demo_rolls_out_through_the_engine(tmp_path):
-    """configs/grpo-tiny.yaml, one step with smaller groups and routing replay: the trainer's log-probs of the
+def test_one_step_of_the_demo_rolls_out_through_the_engine_on_a_mesh(tmp_path):
+    """configs/grpo-tiny.yaml, one step with smaller groups and routing replay on train.mesh data=2,expert=2,tensor=2
+    (8 simulated devices; the engine serves the trainer's base arrays on the same mesh): the trainer's log-probs of the
     engine's samples equal the engine's (same weights, same adapter through its PEFT export); the engine recorded
     every token's routing (prompt pages served from the cache too: else build_batch refuses the batch), its ids
     equal the trainer's own top-k (the router-disagreement metric: an off-by-one alignment would not), the
@@ -239,15 +240,16 @@ def test_one_step_of_the_demo_rolls_out_through_the_engine(tmp_path):
     with pytest.raises(ConfigError, match=r"grpo.routing = 'bogus'; expected one of \['replay', 'recompute'\]"):
         run_config.from_dict(d)
     d["grpo"]["routing"] = "replay"
-    d["train"].update(steps=1, out_dir=str(tmp_path / "run"))
+    d["train"].update(steps=1, out_dir=str(tmp_path / "run"), mesh={"data": 2, "expert": 2, "tensor": 2})
     (rec,) = grpo.train(run_config.from_dict(d))
     assert rec["logprob_diff_max"] < 1e-4, rec
     assert rec["router_disagree_replayed"] == 0.0 and rec["router_disagree"] < 1e-3, rec
     assert 0.0 <= rec["reward"] <= 2.0 and rec["reply_tokens"] == 4.0
     assert set(rec) >= {"loss", "reward_std", "reward_normalized", "reward_data.grpo_rewards:digit_share", "kl",
                         "clip_frac", "grad_norm", "rollout_s", "update_s"}
-    # a group's 3 later samples reuse its first one's full prompt page (16 of the prompt's 31 tokens), 2 groups
-    assert rec["cached_prompt_tokens"] == 2 * 3 * 16
+    # the cache's pages are split over data x expert = 4 shards of 2 rows: a group (4 rows) spans 2 shards, and its
+    # second sample, beside the first on its shard, reuses its full prompt page (16 of the prompt's 31 tokens)
+    assert rec["cached_prompt_tokens"] == 2 * 1 * 16
     assert (tmp_path / "run" / "checkpoints" / "1").is_dir()
 
 

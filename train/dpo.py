@@ -38,7 +38,8 @@ from flax import nnx
 from train import loop
 from train.config import RunConfig
 from train.data import DataError, RowError, batch_indices, chat_encoder, encode_row, prompt_reason, read_jsonl
-from train.trainer import build_model, load_tokenizer, optimizer, schedule
+from train.trainer import (Run, build_model, load_tokenizer, make_mesh, optimizer, prepare_run_dir, put_batch,
+                           schedule)
 
 
 def validate_pair(row) -> str | None:
@@ -172,24 +173,28 @@ def make_update(graphdef, cfg: RunConfig, tx, sched):
 
 
 def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None) -> list[dict]:
-    """Run (or resume) a DPO fine-tune; returns the metrics records of the steps run in this call."""
-    loop.check_single_device(cfg)
+    """Run (or resume) a DPO fine-tune; returns the metrics records of the steps run in this call. The run (its
+    directory, train.mesh placement, checkpoints, metrics, resume) is SFT's: `train.trainer.Run`."""
+    out = prepare_run_dir(cfg, resume)
     tokenizer = load_tokenizer(cfg)
     data = load_pairs(cfg.data.train, tokenizer, cfg.data.seq_len)
-    model = build_model(cfg)
+    mesh = make_mesh(cfg)
+    model = build_model(cfg, mesh)
     tx, sched = optimizer(cfg), schedule(cfg)
     graphdef, params, frozen = loop.split(model)
     update = make_update(graphdef, cfg, tx, sched)
     t = cfg.train
+    rng = np.asarray(jax.random.key_data(jax.random.key(cfg.data.seed)))  # no randomness; kept for the format
+    run = Run(cfg, out, mesh, params, tx.init(params), rng, frozen, rows_per_step=t.batch_size)
 
-    def prepare(step, params):
-        idx = batch_indices(len(data), t.batch_size, step, cfg.data.seed)
-        b = data.take(idx)
-        return {k: jnp.asarray(v.reshape(t.grad_accum, -1, *v.shape[1:])) for k, v in b.items()}, {}
+    def step(s: int) -> dict:
+        idx = batch_indices(len(data), t.batch_size, s, cfg.data.seed)
+        batch = put_batch(data.take(idx), t.grad_accum, mesh)
+        run.params, run.opt_state, m = update(run.params, run.opt_state, run.frozen, batch, jnp.int32(s))
+        return m
 
     def line(r):
         return (f"loss {r['loss']:.4f} margin {r['margin']:.3f} acc {r['accuracy']:.2f} "
                 f"chosen {r['rewards_chosen']:.3f} rejected {r['rewards_rejected']:.3f}")
 
-    return loop.run(cfg, params, tx.init(params), frozen, prepare, update, resume=resume, stop_after=stop_after,
-                    log_line=line, seed=cfg.data.seed, rows_per_step=t.batch_size)
+    return run.loop(step, line, resume=resume, stop_after=stop_after)

@@ -67,7 +67,8 @@ from small4_jax.lora import adapters as lora
 from train import loop, rewards
 from train.config import RunConfig
 from train.data import DataError, RowError, batch_indices, prompt_ids, prompt_reason, read_jsonl
-from train.trainer import configure, load_base, load_tokenizer, optimizer, schedule
+from train.trainer import (Run, build_model, load_base, load_tokenizer, make_mesh, optimizer, prepare_run_dir,
+                           put_batch, schedule)
 
 
 def validate_prompt(row) -> str | None:
@@ -203,7 +204,7 @@ def make_steps(graphdef, cfg: RunConfig, tx, sched):
 class Rollouts:
     """The in-process engine over the base weights with one adapter slot, and the current adapter's installs."""
 
-    def __init__(self, cfg: RunConfig, base_model, tokenizer, longest_prompt: int):
+    def __init__(self, cfg: RunConfig, base_model, tokenizer, longest_prompt: int, mesh=None):
         g = cfg.grpo
         self.cfg, self.tokenizer = cfg, tokenizer
         n = g.prompts_per_step * g.group_size
@@ -214,7 +215,7 @@ class Rollouts:
         self.engine = Engine(base_model, tokenizer, max_batch=n, page_size=page, num_pages=pages,
                              max_model_len=max_len, prefill_chunk=chunk, prefill_chunks=(chunk,), prefill_batch=1,
                              batch_buckets=(n,), max_queue=max(256, n), seed=cfg.data.seed, max_loras=1,
-                             max_lora_rank=cfg.lora.rank, record_routing=True)
+                             max_lora_rank=cfg.lora.rank, record_routing=True, mesh=mesh)
         self.dir = Path(tempfile.mkdtemp(prefix="grpo-adapter-"))
         self.name: str | None = None
 
@@ -312,30 +313,33 @@ def build_batch(prompts: list[list[int]], samples, seq_len: int, pad: int, keep_
 
 
 def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None) -> list[dict]:
-    """Run (or resume) a GRPO fine-tune; returns the metrics records of the steps run in this call."""
-    loop.check_single_device(cfg)
+    """Run (or resume) a GRPO fine-tune; returns the metrics records of the steps run in this call. The run (its
+    directory, train.mesh placement, checkpoints, metrics, resume) is SFT's: `train.trainer.Run`; the rollout engine
+    serves the same base arrays on the same mesh."""
     g, t = cfg.grpo, cfg.train
     if t.grad_accum > 1 and (g.prompts_per_step * g.group_size) % t.grad_accum:
         raise ConfigError(f"{cfg.source}: train.grad_accum = {t.grad_accum} must divide prompts_per_step x group_size")
+    out = prepare_run_dir(cfg, resume)
     tokenizer = load_tokenizer(cfg)
     reward_fn = rewards.build(g.rewards, tokenizer=tokenizer)
     data = load_prompts(cfg.data.train, tokenizer, cfg.data.seq_len, g.max_tokens, reward_fn.check_row)
-    model = load_base(cfg)
+    mesh = make_mesh(cfg)
+    model = load_base(cfg, mesh)
     base_graph, base_state = nnx.split(model)
     engine_model = nnx.merge(base_graph, base_state)  # the same weight arrays, a module tree of its own for serving
-    rollouts = Rollouts(cfg, engine_model, tokenizer, max(len(x) for x in data.ids))
-    lora.apply_lora(model, cfg.lora)
-    configure(model, cfg)
+    rollouts = Rollouts(cfg, engine_model, tokenizer, max(len(x) for x in data.ids), mesh)
+    build_model(cfg, mesh, base=model)
     tx, sched = optimizer(cfg), schedule(cfg)
     graphdef, params, frozen = loop.split(model)
     rollout_logprobs, update = make_steps(graphdef, cfg, tx, sched)
+    rng = np.asarray(jax.random.key_data(jax.random.key(cfg.data.seed)))  # sampling seeds come from data.seed
+    run = Run(cfg, out, mesh, params, tx.init(params), rng, frozen, rows_per_step=g.prompts_per_step)
     specials = []
     for piece in ("[THINK]", "[/THINK]"):
         try:
             specials.append(tokenizer.token_id(piece))
         except Exception:  # noqa: BLE001 - a tokenizer without thinking markers
             specials.append(None)
-    pending: dict = {}
 
     def prepare(step, params):
         t0 = time.time()
@@ -356,14 +360,12 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
         adv = group_advantages(r, g.scale_rewards).reshape(-1)
         b = build_batch(prompts, samples, cfg.data.seq_len, tokenizer.pad_id or 0, keeps)
         engine_logp, reply = b.pop("engine_logp"), b.pop("reply")
-        dev = {k: jnp.asarray(v) for k, v in b.items()}
-        old, ref, routing = rollout_logprobs(params, frozen, dev)
+        old, ref, routing = rollout_logprobs(params, run.frozen, {k: v[0] for k, v in put_batch(b, 1, mesh).items()})
         diff = np.abs(np.asarray(old) - engine_logp)[reply]
         if g.routing != "replay":  # the update's forward routes itself
             del b["routing"]
         b.update(old_logp=np.asarray(old), ref_logp=np.asarray(ref), adv=adv, coef=token_coefficients(b["weights"],
                                                                                                           g.loss_agg))
-        batch = {k: jnp.asarray(v.reshape(t.grad_accum, -1, *v.shape[1:])) for k, v in b.items()}
         rec = {"reward": float(r.mean()), "reward_std": float(r.std()),
                **{f"reward_{k}": float(np.mean([s[k] for s in scores])) for k in scores[0] if k != "reward"},
                "reply_tokens": float(np.mean([len(ids) for grp in samples for ids, *_ in grp])),
@@ -371,15 +373,15 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
                "logprob_diff_mean": float(diff.mean()) if diff.size else 0.0,
                **{k: float(v) for k, v in routing.items()},
                "cached_prompt_tokens": rollouts.cached_tokens, "rollout_s": round(t1 - t0, 3)}
-        pending["t"] = time.time()
-        return batch, rec
+        return put_batch(b, t.grad_accum, mesh), rec
 
-    def epochs(params, opt_state, frozen, batch, step):
+    def step(s: int) -> dict:
+        batch, rec = prepare(s, run.params)
+        t0 = time.time()
         for _ in range(g.epochs):
-            params, opt_state, m = update(params, opt_state, frozen, batch, step)
-        jax.block_until_ready(params)
-        m = dict(m, update_s=round(time.time() - pending["t"], 3))
-        return params, opt_state, m
+            run.params, run.opt_state, m = update(run.params, run.opt_state, run.frozen, batch, jnp.int32(s))
+        jax.block_until_ready(run.params)
+        return {**m, "update_s": round(time.time() - t0, 3), **rec}
 
     def line(r):
         return (f"reward {r['reward']:.3f} loss {r['loss']:.4f} reply {r['reply_tokens']:.1f} tok, engine-trainer "
@@ -387,7 +389,6 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
                 f"{r['router_disagree']:.2%} ({g.routing})")
 
     try:
-        return loop.run(cfg, params, tx.init(params), frozen, prepare, epochs, resume=resume, stop_after=stop_after,
-                        log_line=line, seed=cfg.data.seed, rows_per_step=g.prompts_per_step)
+        return run.loop(step, line, resume=resume, stop_after=stop_after)
     finally:
         rollouts.close()

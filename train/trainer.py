@@ -125,9 +125,10 @@ def load_base(cfg: RunConfig, mesh=None) -> Small4ForCausalLM:
     return model
 
 
-def build_model(cfg: RunConfig, mesh=None) -> Small4ForCausalLM:
-    """Base + adapters (sharded beside their base), remat and the loss chunk as configured."""
-    model = load_base(cfg, mesh)
+def build_model(cfg: RunConfig, mesh=None, base: Small4ForCausalLM | None = None) -> Small4ForCausalLM:
+    """Base + adapters (sharded beside their base), remat and the loss chunk as configured. `base`: the base model
+    already loaded on `mesh` (`load_base`; GRPO's engine serves it too), else it is loaded here."""
+    model = load_base(cfg, mesh) if base is None else base
     paths = lora.apply_lora(model, cfg.lora)
     lora.shard_lora(model, mesh)
     configure(model, cfg)
@@ -324,7 +325,7 @@ def restore_lora(model: Small4ForCausalLM, run_dir: str | Path, step: int | None
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The loop.
-def _put_batch(batch: dict, accum: int, mesh) -> dict:
+def put_batch(batch: dict, accum: int, mesh) -> dict:
     """[B, S] host arrays -> [accum, B / accum, S] on the mesh, the rows split over the batch axes
     (`sharding.batch_spec`: data and expert, as far as they divide the micro-batch).
 
@@ -393,7 +394,7 @@ def evaluate(steps: Steps, params, rng, frozen, data: Packed, batch_size: int, m
         idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])  # fixed shape; repeats weighted 0
         batch = with_images(data.take(idx), data, idx, model)
         batch["weights"] = batch["weights"] * (np.arange(batch_size) < min(batch_size, len(data) - start))[:, None]
-        b = {k: v[0] for k, v in _put_batch(batch, 1, mesh).items()}
+        b = {k: v[0] for k, v in put_batch(batch, 1, mesh).items()}
         t, c = steps.eval(params, rng, frozen, b)
         total, count = total + _scalar(t), count + _scalar(c)
     return total / max(count, 1.0)
@@ -409,22 +410,34 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
              cfg.data.seq_len, stats.train_tokens)
     mesh = make_mesh(cfg)
     model = build_model(cfg, mesh)
-    run = _Run(cfg, out, mesh, model)
-    run.start(resume)
-    if run.start_step >= cfg.train.steps:  # (known only now: the newest checkpoint may be unreadable)
-        run.mngr.close()
-        print(f"{out}: the run is already finished (step {run.start_step} of train.steps {cfg.train.steps}); "
-              "nothing to train. Raise --steps to train further.", file=sys.stderr, flush=True)
-        return []
-    records = run.loop(train_data, eval_data, stop_after)
-    if jax.process_index() == 0 and records:
-        _summary(cfg, out, records[-1])
-    return records
+    t = cfg.train
+    tx = optimizer(cfg)
+    steps = make_steps(model, tx, schedule(cfg))
+    _, params, rng, frozen = nnx.split(model, lora.TRAINABLE, lora.DropoutKey, ...)
+    run = Run(cfg, out, mesh, params, tx.init(params), rng, frozen, rows_per_step=t.batch_size)
+
+    def step(s: int) -> dict:
+        idx = batch_indices(len(train_data), t.batch_size, s, cfg.data.seed)
+        batch = put_batch(with_images(train_data.take(idx), train_data, idx, model, t.grad_accum), t.grad_accum, mesh)
+        run.params, run.opt_state, run.rng, m = steps.train(run.params, run.opt_state, run.rng, run.frozen, batch,
+                                                             jnp.int32(s))
+        return m
+
+    def after(done: int) -> dict:
+        if eval_data is None or not ((t.eval_every and done % t.eval_every == 0) or done == t.steps):
+            return {}
+        return {"eval_loss": evaluate(steps, run.params, run.rng, run.frozen, eval_data, t.batch_size, mesh, model)}
+
+    def line(r: dict) -> str:
+        ev = f" eval {r['eval_loss']:.4f}" if "eval_loss" in r else ""
+        return f"loss {r['loss']:.4f}{ev} lr {r['lr']:.2e}"
+
+    return run.loop(step, line, resume=resume, stop_after=stop_after, after=after)
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path:
-    """train.out_dir checked and made before anything is built: checkpoints without --resume, --resume with none,
-    an out_dir that cannot be written."""
+    """train.out_dir checked and made before anything is built (every method: SFT, DPO, GRPO): checkpoints without
+    --resume, --resume with none, an out_dir that cannot be written; Ctrl-C then prints what --resume continues."""
     out = Path(cfg.train.out_dir)
     steps = saved_steps(out)
     if not resume and steps:
@@ -465,16 +478,15 @@ def _scalar(x) -> float:
     return float(np.asarray(x.addressable_data(0)))
 
 
-class _Run:
-    """One fine-tune's live state: jitted steps, the split model (trainable / dropout key / frozen), the optimizer
-    state and the checkpoint manager."""
+class Run:
+    """One fine-tune's live state, whatever the method (SFT here, DPO in train/dpo.py, GRPO in train/grpo.py): the
+    trainable LoRA parameters, the optimizer state, the dropout key (SFT; None otherwise) and the frozen rest of the
+    model, committed to the mesh (or the one device), and the checkpoint manager of the run directory
+    (`prepare_run_dir`). A method runs its steps through `loop`; the state it updates is `run.params`,
+    `run.opt_state` (and `run.rng`)."""
 
-    def __init__(self, cfg: RunConfig, out: Path, mesh, model):
-        self.cfg, self.out, self.mesh, self.model = cfg, out, mesh, model
-        self.tx = optimizer(cfg)
-        self.steps = make_steps(model, self.tx, schedule(cfg))
-        _, params, rng, frozen = nnx.split(model, lora.TRAINABLE, lora.DropoutKey, ...)
-        opt_state = self.tx.init(params)
+    def __init__(self, cfg: RunConfig, out: Path, mesh, params, opt_state, rng, frozen, *, rows_per_step: int):
+        self.cfg, self.out, self.mesh, self.rows_per_step = cfg, out, mesh, rows_per_step
         # Commit every input where the step's outputs will live, so the second step does not compile again.
         if mesh is None:
             params, opt_state, rng, frozen = jax.device_put((params, opt_state, rng, frozen), jax.local_devices()[0])
@@ -488,12 +500,13 @@ class _Run:
     def state(self, step: int) -> dict:
         return _global({"params": self.params, "opt_state": self.opt_state, "rng": self.rng,
                         "step": np.asarray(step, np.int32),
-                        "data_position": np.asarray(step * self.cfg.train.batch_size, np.int32)}, self.mesh)
+                        "data_position": np.asarray(step * self.rows_per_step, np.int32)}, self.mesh)
 
-    def start(self, resume: bool) -> None:
-        """Restore the newest readable checkpoint (--resume); drop metrics records past it."""
+    def start(self, resume: bool) -> bool:
+        """Restore the newest readable checkpoint (--resume) and drop metrics records past it; False (and a note)
+        when that checkpoint already ends the run."""
         if not resume:
-            return
+            return True
         state = restore_latest_readable(self.mngr, self.out, self.state(0))
         self.params, self.opt_state, self.rng = state["params"], state["opt_state"], state["rng"]
         self.start_step = int(state["step"])
@@ -503,69 +516,86 @@ class _Run:
             keep = [r for r in metrics_path.read_text().splitlines()
                     if r and json.loads(r).get("step", 0) <= self.start_step]
             _writing(self.out, lambda: metrics_path.write_text("".join(r + "\n" for r in keep)))
-
-    def step(self, train_data: Packed, step: int) -> dict:
-        """One optimizer step; its metrics as floats. A non-finite loss stops the run naming the last good step."""
-        cfg = self.cfg
-        idx = batch_indices(len(train_data), cfg.train.batch_size, step, cfg.data.seed)
-        batch = with_images(train_data.take(idx), train_data, idx, self.model, cfg.train.grad_accum)
-        self.params, self.opt_state, self.rng, m = self.steps.train(
-            self.params, self.opt_state, self.rng, self.frozen, _put_batch(batch, cfg.train.grad_accum, self.mesh),
-            jnp.int32(step))
-        m = {k: _scalar(v) for k, v in m.items()}
-        if not math.isfinite(m["loss"]):
-            self.mngr.wait_until_finished()
-            good = self.mngr.latest_step()
+        if self.start_step >= self.cfg.train.steps:  # (known only now: the newest checkpoint may be unreadable)
             self.mngr.close()
-            where = f"the last good checkpoint is step {good} in {self.out / 'checkpoints'}" if good is not None \
-                else "no checkpoint was saved yet"
-            raise TrainingError(f"loss is {m['loss']} at step {step + 1}; stopped. {where} (try a lower optim.lr)")
-        return m
+            print(f"{self.out}: the run is already finished (step {self.start_step} of train.steps "
+                  f"{self.cfg.train.steps}); nothing to train. Raise --steps to train further.", file=sys.stderr,
+                  flush=True)
+            return False
+        return True
 
-    def loop(self, train_data: Packed, eval_data: Packed | None, stop_after: int | None) -> list[dict]:
+    def _stop_if_not_finite(self, loss: float, done: int) -> None:
+        if math.isfinite(loss):
+            return
+        self.mngr.wait_until_finished()
+        good = self.mngr.latest_step()
+        self.mngr.close()
+        where = f"the last good checkpoint is step {good} in {self.out / 'checkpoints'}" if good is not None \
+            else "no checkpoint was saved yet"
+        raise TrainingError(f"loss is {loss} at step {done}; stopped. {where} (try a lower optim.lr)")
+
+    def loop(self, step: Callable[[int], dict], line: Callable[[dict], str], *, resume: bool,
+             stop_after: int | None, after: Callable[[int], dict] | None = None) -> list[dict]:
+        """Restore (--resume), then run steps start..end: `step(s)` does optimizer step s (updating the state above)
+        and returns its metrics (device scalars and host values; "loss" required, "tokens" optional); `after(done)`
+        adds metrics measured after it (SFT's eval loss). A non-finite loss stops the run before anything is saved
+        for that step, naming the last good checkpoint. Each step's record goes to metrics.jsonl, a checkpoint every
+        train.ckpt_every steps and at the end, a progress line (`line(record)`, then timing) on stderr every
+        train.log_every steps; the closing lines name what to run next. Returns this call's records."""
         import orbax.checkpoint as ocp
 
+        if not self.start(resume):
+            return []
         t = self.cfg.train
         start = self.start_step
         end = t.steps if stop_after is None else min(t.steps, stop_after)
         metrics_path = self.out / "metrics.jsonl" if self.primary else Path(os.devnull)
         records, clock = [], _Clock(start)
         with metrics_path.open("a") as mf:
-            for step in range(start, end):
-                m = self.step(train_data, step)
-                done = step + 1
-                rec = {"step": done, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-                       "tokens": int(m["tokens"]), "elapsed_s": round(time.time() - clock.t0, 3)}
-                rec["tokens_per_s"] = round(clock.tick(done, m["tokens"]), 1)
-                if eval_data is not None and ((t.eval_every and done % t.eval_every == 0) or done == t.steps):
-                    rec["eval_loss"] = evaluate(self.steps, self.params, self.rng, self.frozen, eval_data,
-                                                t.batch_size, self.mesh, self.model)
+            for s in range(start, end):
+                m = {k: _scalar(v) if isinstance(v, jax.Array) else v for k, v in step(s).items()}
+                done = s + 1
+                self._stop_if_not_finite(m["loss"], done)
+                rec = {"step": done, **m, "elapsed_s": round(time.time() - clock.t0, 3)}
+                if "tokens" in m:
+                    rec["tokens"] = int(m["tokens"])
+                rate = clock.tick(done, m.get("tokens"))
+                if rate is not None:
+                    rec["tokens_per_s"] = round(rate, 1)
+                if after is not None:
+                    rec.update(after(done))
                 if done % t.ckpt_every == 0 or done == t.steps:
                     state = self.state(done)
                     _writing(self.out, lambda: self.mngr.save(done, args=ocp.args.StandardSave(state)))
                 _writing(self.out, lambda: (mf.write(json.dumps(rec) + "\n"), mf.flush()))
                 records.append(rec)
                 if self.primary and (done % t.log_every == 0 or done == end):
-                    ev = f" eval {rec['eval_loss']:.4f}" if "eval_loss" in rec else ""
-                    print(f"step {done}/{t.steps} loss {rec['loss']:.4f}{ev} lr {rec['lr']:.2e} "
-                          f"{clock.timing(done, end)}", file=sys.stderr, flush=True)
+                    print(f"step {done}/{t.steps} {line(rec)} {clock.timing(done, end)}", file=sys.stderr, flush=True)
         _writing(self.out, self.mngr.wait_until_finished)
         self.mngr.close()
+        if self.primary and records:
+            _summary(self.cfg, self.out, records[-1])
         return records
 
 
 class _Clock:
-    """Throughput and ETA of the steps after the first one this process runs (which includes compiling it)."""
+    """Throughput (when the steps count tokens) and ETA of the steps after the first one this process runs (which
+    includes compiling it)."""
 
     def __init__(self, start: int):
         self.start, self.t0, self.tokens = start, time.time(), 0.0
 
-    def tick(self, done: int, tokens: float) -> float:
+    def tick(self, done: int, tokens: float | None) -> float | None:
+        """The step's tokens per second so far (None for steps that count none)."""
         self.now = time.time()
+        self.counted = tokens is not None
+        tokens = tokens or 0.0
         if done == self.start + 1:
             self.t_first, self.tokens_first = self.now, tokens
         self.tokens += tokens
         self.steady = done - self.start - 1  # steps timed after the compiling one
+        if not self.counted:
+            return None
         if self.steady:
             return (self.tokens - self.tokens_first) / max(self.now - self.t_first, 1e-9)
         return self.tokens / max(self.now - self.t0, 1e-9)
@@ -573,9 +603,12 @@ class _Clock:
     def timing(self, done: int, end: int) -> str:
         if not self.steady:
             return f"compile + first step {self.now - self.t0:.1f}s (eta from the next step)"
-        rate = (self.tokens - self.tokens_first) / max(self.now - self.t_first, 1e-9)
         eta = (end - done) * (time.time() - self.t_first) / self.steady
-        return f"tok/s {rate:,.0f} eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+        eta = f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+        if not self.counted:
+            return f"{(self.now - self.t_first) / self.steady:.2f}s/step {eta}"
+        rate = (self.tokens - self.tokens_first) / max(self.now - self.t_first, 1e-9)
+        return f"tok/s {rate:,.0f} {eta}"
 
 
 def _writing(out: Path, write: Callable[[], object]) -> None:

@@ -192,7 +192,7 @@ def lora_train_step(run_config, mesh: Mesh, *, micro_batch: int | None = None, s
                     grad_accum: int | None = None) -> Program:
     """`train.trainer.make_steps(...).train` for a run config (e.g. configs/finetune-small4.yaml) on `mesh`: the
     frozen base placed by `sharding.spec_for`, adapters and AdamW state by `lora.lora_spec`, the batch
-    [grad_accum, micro_batch, seq_len] split over the batch axes as `trainer._put_batch` does (`sharding.batch_spec`). Defaults: the config's."""
+    [grad_accum, micro_batch, seq_len] split over the batch axes as `trainer.put_batch` does (`sharding.batch_spec`). Defaults: the config's."""
     cfg = run_config
 
     def build():  # adapters attached while tracing: apply_lora reads the base weights' shapes through [...]
