@@ -4,6 +4,7 @@ References: transformers' greedy `generate` on the same weights, one request at 
 pass for logprobs. One engine is shared by the module (compiled: prefill [1, 16] and [2, 16], decode [8, 1]).
 """
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -291,7 +292,7 @@ def test_sharded_cache_equals_the_single_device_engine(setup):
     _, model, single = setup
     mesh = make_mesh({"data": 2, "expert": 4, "tensor": 1})
     dp = Engine(place_model(nnx.clone(model), mesh), max_batch=8, page_size=8, num_pages=8 * 10, prefill_chunk=16,
-                prefill_batch=1, batch_buckets=(8,), mesh=mesh)
+                prefill_batch=1, batch_buckets=(8,), mesh=mesh, record_routing=True)
     assert dp.cache_axes == ("data", "expert") and dp.cache_shards == 8 and dp.pool.capacity == 72
     assert dp.pages.sharding.spec == PartitionSpec(None, ("data", "expert"))
     assert {s.data.shape[1] for s in dp.pages.addressable_shards} == {10}  # each device holds its shard's pages
@@ -315,6 +316,16 @@ def test_sharded_cache_equals_the_single_device_engine(setup):
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.token_ids == w.token_ids, i
     assert dp.metrics()["pages_used"] == 0
+    # record_routing (GRPO's routing replay) with the rows in shard blocks: each token's recorded expert ids are the
+    # top-k of the plain (unpaged, one-device) forward over the same sequence
+    seqs = [p + g.token_ids for (_, p), g in zip(arrivals, got)]
+    ids = np.zeros((len(seqs), max(map(len, seqs)) - 1), np.int32)
+    for r, seq in enumerate(seqs):
+        ids[r, :len(seq) - 1] = seq[:-1]
+    _, (_, own) = jax.jit(lambda x: model.token_logprobs(x, x, return_routing=True))(ids)
+    for r, (seq, g) in enumerate(zip(seqs, got)):
+        assert g.routed_experts.shape == (len(seq) - 1, *own.shape[2:]), r
+        np.testing.assert_array_equal(np.sort(g.routed_experts, -1), np.sort(own[r, :len(seq) - 1], -1))
 
 
 def _hf_penalised_greedy(hf, prompt, n, rep=1.0, freq=0.0, pres=0.0, bias=None):
