@@ -15,10 +15,12 @@ from flax import nnx
 
 from small4_jax.config import load_config
 from small4_jax.errors import ConfigError
-from small4_jax.nn.model import MoE
+from small4_jax.lora import adapters as lora
+from small4_jax.nn.model import MoE, init_model
 from train import config as run_config
 from train import grpo, rewards
 from train.data import DataError
+from train.export import load_run, main as export
 from train.trainer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -256,7 +258,7 @@ def test_one_step_of_the_demo_rolls_out_through_the_engine_on_a_mesh(tmp_path):
 def test_a_stopped_run_resumes_exactly(tmp_path):
     """GRPO stopped after step 1 (its checkpoint: adapter, AdamW, step, data position, RNG) and resumed with --resume
     draws the same rollouts and takes the same update at step 2 as a run never stopped: every metric but the
-    timings equal, metrics.jsonl holding each step once."""
+    timings equal, metrics.jsonl holding each step once; `train.export --peft` of it gives that run's adapter."""
     d = run_config.load(ROOT / "configs/grpo-tiny.yaml").to_dict()
     d["grpo"].update(group_size=2, prompts_per_step=2, max_tokens=3)
     d["train"].update(steps=2, ckpt_every=1, out_dir=str(tmp_path / "whole"))
@@ -272,6 +274,16 @@ def test_a_stopped_run_resumes_exactly(tmp_path):
     assert [same(first), same(second)] == [same(r) for r in whole]
     lines = (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2]
+    # the run exports like an SFT one: its PEFT adapter on the plain base equals the never-stopped run's adapter
+    assert export(["--run", str(tmp_path / "stopped"), "--peft", str(tmp_path / "adapter")]) == 0
+    whole_model, _, step = load_run(tmp_path / "whole")
+    plain = init_model(cfg.model, seed=cfg.base.seed, dtype=cfg.base.dtype)
+    base = lora.merged_params(plain)
+    assert step == 2 and lora.load_peft(plain, tmp_path / "adapter")
+    want, got = lora.merged_params(whole_model), lora.merged_params(plain)
+    assert want.keys() == got.keys() and any(not np.allclose(want[k], base[k]) for k in want)  # the adapter trained
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=str(k))
 
 
 def test_think_mask_and_batch_alignment():
