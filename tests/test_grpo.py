@@ -82,6 +82,28 @@ def test_rewards_built_in_and_user_function(tmp_path, monkeypatch):
         rewards.build([{"type": "function", "function": "my_reward:nope"}])
     with pytest.raises(ConfigError, match=r"grpo.rewards\[1\]: unknown key\(s\) \['patern'\]"):
         rewards.build([{"type": "exact"}, {"type": "regex", "patern": "x"}])
+    # a file path; a bool is a number; what cannot be called as (reply, row, token_ids), raises or returns no number
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "more.py").write_text("import math\n"
+                                              "def right(reply, row, ids):\n    return reply == row['answer']\n"
+                                              "def two(reply, row):\n    return 1.0\n"
+                                              "def boom(reply, row, ids):\n    raise KeyError('grade')\n"
+                                              "def text(reply, row, ids):\n    return '1'\n"
+                                              "def nan(reply, row, ids):\n    return math.nan\n")
+    monkeypatch.chdir(tmp_path)
+    ref = "sub/more.py:"
+    assert rewards.build([{"type": "function", "function": ref + "right"}])("12", row, [1])["reward"] == 1.0
+    with pytest.raises(ConfigError, match=r"^grpo.rewards\[0\]: sub/more.py:two\(reply, row\) cannot be called as "
+                                          r"\(reply, row, token_ids\)$"):
+        rewards.build([{"type": "function", "function": ref + "two"}])
+    with pytest.raises(ConfigError, match=r"^grpo.rewards\[0\]: sub/nope.py:f: no file "):
+        rewards.build([{"type": "function", "function": "sub/nope.py:f"}])
+    for name, error in (("boom", "raised KeyError: 'grade' (on the reply '7' to the prompt row "
+                                 '{"messages": [], "answer": "12"})'),
+                        ("text", "returned '1'; expected a number"), ("nan", "returned nan (not finite)")):
+        with pytest.raises(ConfigError) as e:
+            rewards.build([{"type": "function", "function": ref + name}])("7", row, [1])
+        assert str(e.value) == f"grpo.rewards: reward {ref}{name} {error}"
 
 
 def test_json_schema_reward(tmp_path):
@@ -170,6 +192,14 @@ def test_bad_prompt_rows_are_named(tmp_path):
     assert [str(e) for e in errors] == [
         f"{path}:2: the prompt's last message must be the user's or a tool's, got 'assistant'",
         f"{path}:3: 'answer' must be a string or a number, got list"]
+    # a row an answer reward cannot grade (no "answer") is a bad row for it, not for a reward that needs none
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"messages": rows[0]["messages"]}) + "\n")
+    for specs, want in (([{"type": "regex", "pattern": "x"}], []),
+                        ([{"type": "regex", "pattern": "x"}, {"type": "normalized"}],
+                         [f"{path}:2: no 'answer' key (the normalized reward compares the reply with it)"])):
+        check = rewards.build(specs).check_row
+        _, errors = read_jsonl([path], validate=lambda r: grpo.validate_prompt(r) or check(r))
+        assert [str(e) for e in errors] == want
 
 
 def test_moe_replay_equals_a_plain_gather_reference():

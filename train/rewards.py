@@ -13,14 +13,17 @@
       - {type: tool_call, no_call: 1.0}               # ... and a reply without any call scores 1 (default 0)
       - {type: length, target: 16, weight: 0.5}        # -min(1, max(0, tokens - target) / target)
       - {type: function, function: "my_pkg.rewards:score", weight: 1.0}
+      - {type: function, function: "rewards/mine.py:score"}   # a file, relative to the current directory
 
-`extract` (exact / normalized): a regular expression; the reply's text is its first group's (or whole match's) text
+`exact` / `normalized` read the prompt row's "answer" (a row without one is a bad row). `extract`: a regular expression; the reply's text is its first group's (or whole match's) text
 at the last match; no match scores 0. A user function is called once per sample as
 
     score(reply: str, row: dict, token_ids: list[int]) -> float
 
 with the reply's text (thinking segments removed), the prompt's JSONL row (its "messages", "answer" and any other
-keys the user put there) and the generated token ids; it must return a finite number.
+keys the user put there) and the generated token ids; it must return a finite number (a function that cannot be
+called that way is refused at start; one that raises or returns anything else stops the run naming it, the reply
+and the row).
 
 `json_schema`: the reply (surrounding whitespace ignored) must parse as JSON and validate against the JSON schema
 given in the spec (`schema`) or in each prompt row under the key `schema_key` (a row without it, or with a value
@@ -40,13 +43,17 @@ key declares no tools, so any call in its replies scores 0.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import inspect
 import json
 import math
 import re
 import string
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import jsonschema
+import numpy as np
 
 from infer.chat import parse_output
 from small4_jax.errors import ConfigError
@@ -80,6 +87,15 @@ def _extract(pattern: re.Pattern | None, text: str) -> str | None:
     return m.group(1) if m.groups() else m.group(0)
 
 
+def _row_text(row: dict) -> str:
+    text = json.dumps(row, ensure_ascii=False)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _needs_answer(kind: str):
+    return lambda row: None if "answer" in row else f"no 'answer' key (the {kind} reward compares the reply with it)"
+
+
 def _answer(row: dict) -> str:
     answer = row.get("answer")
     return "" if answer is None else str(answer)
@@ -95,7 +111,17 @@ class Reward:
     def __call__(self, reply: str, row: dict, token_ids: list[int]) -> dict[str, float]:
         out = {}
         for name, weight, fn in self.parts:
-            value = float(fn(reply, row, token_ids))
+            try:
+                got = fn(reply, row, token_ids)
+            except Exception as e:  # noqa: BLE001 - a user's reward: say which one failed, on what
+                raise ConfigError(f"{self.where}: reward {name} raised {type(e).__name__}: {e} (on the reply "
+                                  f"{reply[:80]!r} to the prompt row {_row_text(row)})") from e
+            try:
+                value = float(got) if not isinstance(got, (str, bytes)) and np.ndim(got) == 0 else None
+            except (TypeError, ValueError):
+                value = None
+            if value is None:
+                raise ConfigError(f"{self.where}: reward {name} returned {got!r}; expected a number")
             if not math.isfinite(value):
                 raise ConfigError(f"{self.where}: reward {name} returned {value} (not finite)")
             out[name] = out.get(name, 0.0) + weight * value
@@ -132,6 +158,8 @@ def build(specs: Sequence[dict], where: str = "grpo.rewards", tokenizer=None) ->
             fn, check = _json_schema(spec, w)
         elif kind == "tool_call":
             fn, check = _tool_call(spec, w, tokenizer)
+        elif kind in ("exact", "normalized"):
+            fn, check = _one(kind, spec, w), _needs_answer(kind)
         else:
             fn, check = _one(kind, spec, w), None
         parts.append((name, float(weight), fn))
@@ -296,14 +324,34 @@ def _one(kind: str, spec: dict, w: str):
 
 
 def load_function(ref, where: str) -> Callable:
-    """`module:function` -> the callable (module importable from the current directory or the Python path)."""
-    if not isinstance(ref, str) or ref.count(":") != 1:
-        raise ConfigError(f"{where}: function must be 'module:function', got {ref!r}")
+    """`module:function` (importable from the current directory or the Python path) or `path/to/file.py:function`
+    (relative to the current directory) -> the callable, checked to take (reply, row, token_ids)."""
+    if not isinstance(ref, str) or ref.count(":") != 1 or not all(ref.split(":")):
+        raise ConfigError(f"{where}: function must be 'module:function' or 'path/to/file.py:function', got {ref!r}")
     mod, name = ref.split(":")
     try:
-        fn = getattr(importlib.import_module(mod), name)
+        if mod.endswith(".py"):
+            path = Path(mod)
+            if not path.is_file():
+                raise ConfigError(f"{where}: {ref}: no file {path.resolve()}")
+            spec = importlib.util.spec_from_file_location(f"small4_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod)
+        fn = getattr(module, name)
+    except ConfigError:
+        raise
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"{where}: cannot load {ref} ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - the user's module failed while it was imported
+        raise ConfigError(f"{where}: importing {mod} raised {type(e).__name__}: {e}") from None
     if not callable(fn):
         raise ConfigError(f"{where}: {ref} is not callable")
+    try:
+        inspect.signature(fn).bind(None, None, None)
+    except TypeError:
+        raise ConfigError(f"{where}: {ref}{inspect.signature(fn)} cannot be called as (reply, row, token_ids)") from None
+    except ValueError:  # no signature to read (a builtin): called as documented
+        pass
     return fn
