@@ -73,3 +73,31 @@ def test_chunked_loss_holds_one_chunk_of_logits():
 
     logits_bytes = b * t * 4096 * 4
     assert temp_bytes(chunked) < logits_bytes < 3 * logits_bytes < temp_bytes(full)
+
+
+def test_token_logprobs_on_a_mesh_each_shard_cuts_its_own_tokens():
+    """`chunked_token_logprobs` (DPO's and GRPO's per-token log-probs) with the tokens split over 8 devices: each
+    shard's tokens in its own chunks (the last one padded), results put back in token order, equal to the float32
+    log-softmax of the full logits; and the compiled program computes no chunk on a device that does not own it
+    (its FLOPs per device: 1/8 of one device's, where chunks cut across the shards put every chunk on every device)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from small4_jax.nn.model import chunked_token_logprobs
+    from small4_jax.tools.aot import hlo_cost
+
+    mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+    rng = np.random.RandomState(3)
+    n, dim, vocab = 8 * 13, 32, 96  # 13 tokens per shard in chunks of 5: 5, 5, 3 (+ 2 padding)
+    head = nnx.Linear(dim, vocab, rngs=nnx.Rngs(0))
+    h = jnp.asarray(rng.randn(n, dim), jnp.float32)
+    targets = jnp.asarray(rng.randint(0, vocab, n), jnp.int32)
+    z = head(h)
+    ref = np.asarray(jnp.take_along_axis(jax.nn.log_softmax(z, -1), targets[:, None], -1)[:, 0])
+    f = jax.jit(lambda h, t: chunked_token_logprobs(head, h, t, 5))
+    with jax.set_mesh(mesh):
+        hs, ts = (jax.device_put(x, NamedSharding(mesh, P("expert"))) for x in (h, targets))
+        got = f(hs, ts)
+        flops = hlo_cost(f.lower(hs, ts).compile().as_text()).flops  # each loop body times its trips
+    np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5)
+    one = hlo_cost(f.lower(h, targets).compile().as_text()).flops
+    assert flops * 8 <= 1.2 * one, (flops, one)

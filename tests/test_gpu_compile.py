@@ -7,7 +7,8 @@ the target's shared-memory and register limits, so a kernel change that breaks t
     kernels   gmm + its VJP (gmm on both weight layouts, tgmm): decode / prefill tilings, bf16 and fp32, ragged M
     experts   expert parallelism, replicated and all-to-all (the real ragged_all_to_all), on 1x1x8 and 2x1x8
     model     the forward (moe_impl auto) on 8 x H200; the serving engine's prefill and decode steps on 8 x H100;
-              the LoRA train step on configs/finetune-small4.yaml's mesh
+              the LoRA train step on configs/finetune-small4.yaml's mesh; GRPO's update and its rollout engine's
+              decode step with a multi-LoRA slot (configs/grpo-small4.yaml)
 Layers: one (every layer is the same program; depth changes argument bytes, not what compiles). The tilings are also
 checked analytically against the target limits for every row count 1 .. 2^17 the heuristics can see.
 """
@@ -27,6 +28,7 @@ from small4_jax.kernels.gmm import tiling as T
 E, H, F, TOP_K = 128, 4096, 2048, 4
 CONFIG = "configs/small4-119b.yaml"
 FINETUNE = "configs/finetune-small4.yaml"
+GRPO = "configs/grpo-small4.yaml"
 
 
 def _one_layer(config: Small4Config) -> Small4Config:
@@ -272,3 +274,54 @@ def test_each_device_does_an_eighth_of_the_work(compiled, kind, mesh):
     if kind == "decode":
         pages = program.args[1]
         assert pages.sharding.shard_shape(pages.shape)[1] * 8 == pages.shape[1]  # every device holds 1/8 of the pages
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GRPO at real dims (configs/grpo-small4.yaml): the trainer's update and the rollout engine's step.
+@pytest.mark.gpu_compile
+def test_grpo_update_compiles_and_splits_like_the_train_step(compiled):
+    """GRPO's update (`train.grpo.make_steps`, built from the run config and the model's abstract state: no data, no
+    engine) at the train step's shape (8 rollouts x 256 tokens) on the fine-tune mesh, routing replayed: the expert
+    kernels and the all-to-all, and each device's FLOPs within 1.15x of the SFT step's, itself ~1/8 of the one-device
+    program's (test_each_device_does_an_eighth_of_the_work). With loss_chunk 128 each device's 256 tokens are two
+    chunks: the per-token log-probs cut across the shards (each chunk on one device, every device computing it)
+    made them 3.9x."""
+    from train.config import load
+
+    run = load(GRPO)
+    run = dataclasses.replace(run, model=_one_layer(run.model),
+                              train=dataclasses.replace(run.train, grad_accum=1, loss_chunk=128),
+                              grpo=dataclasses.replace(run.grpo, prompts_per_step=1, group_size=8))
+    mesh = aot.gpu_mesh("h200", dict(run.train.mesh))
+    update = ap.grpo_steps(run, mesh, seq_len=TRAIN_SHAPE["seq_len"])[1]
+    c = compiled("grpo update", lambda: update)
+    sft = compiled("lora", lambda: _program("train", "h200", DP_MESHES["data1-expert8"]))
+    assert c.uses_triton and c.uses_ragged_all_to_all and c.triton_calls >= 8
+    assert c.cost.flops <= 1.15 * sft.cost.flops, (c.cost, sft.cost)
+
+
+@pytest.mark.gpu_compile
+def test_rollout_decode_step_with_a_lora_slot_compiles_on_8_h100(compiled):
+    """The GRPO engine's decode step (`Engine(max_loras=1, record_routing=True)`: slot 0 the base, slot 1 the policy's
+    adapter, rank 16 on every adaptable module, bf16, split like their base weights) at the serving test's dims: the
+    MLA and expert kernels, the slots and the rows' adapter ids among the arguments beside the same weights, the cache
+    donated, each row's routed expert ids [rows, 1, layers, top-k] among the outputs."""
+    from flax import nnx
+
+    from small4_jax.lora.multi import AdapterIds, MultiLoRAParam
+
+    config = _one_layer(Small4Config.from_yaml(CONFIG))
+    mesh = aot.gpu_mesh("h100", {"data": 1, "expert": 8, "tensor": 1})
+    program = ap.serve_step(config, mesh, absorbed=True, rows=16, tokens=1, table_pages=64, num_pages=1024,
+                            lora_slots=(2, 16), record_routing=True)
+    c = compiled("rollout decode", lambda: program)
+    with jax.set_mesh(mesh):
+        routed = jax.eval_shape(program.fn, *program.args)[-1]
+    assert (routed.shape, routed.dtype) == ((16, 1, 1, TOP_K), jnp.int16)
+    assert c.uses_triton and "small4_mla" in c.text
+    slots, ids, base = nnx.split_state(program.args[0], MultiLoRAParam, AdapterIds, ...)
+    plain = ap.serve_step(config, mesh, absorbed=True, rows=16, tokens=1, table_pages=64, num_pages=1024).args[0]
+    assert _sharded_bytes(base) == _sharded_bytes(plain) and [x.shape for x in jax.tree.leaves(ids)] == [(16,)]
+    assert c.memory.argument >= _sharded_bytes(plain, skip=("vision", "multi_modal")) + _sharded_bytes(slots) > 0
+    pages = program.args[1]
+    assert c.memory.alias >= int(np.prod(pages.sharding.shard_shape(pages.shape))) * pages.dtype.itemsize

@@ -266,13 +266,15 @@ def test_one_step_of_the_demo_rolls_out_through_the_engine_on_a_mesh(tmp_path):
     engine's samples equal the engine's (same weights, same adapter through its PEFT export); the engine recorded
     every token's routing (prompt pages served from the cache too: else build_batch refuses the batch), its ids
     equal the trainer's own top-k (the router-disagreement metric: an off-by-one alignment would not), the
-    replayed forward used exactly them; the run writes what SFT runs write."""
+    replayed forward used exactly them; with grad_accum 2 the trainer's log-probs are taken one micro-batch at a
+    time and put back in row order (a mix-up would break the equalities); the run writes what SFT runs write."""
     d = run_config.load(ROOT / "configs/grpo-tiny.yaml").to_dict()
     d["grpo"].update(group_size=4, prompts_per_step=2, max_tokens=4, kl_coef=0.05, routing="bogus")
     with pytest.raises(ConfigError, match=r"grpo.routing = 'bogus'; expected one of \['replay', 'recompute'\]"):
         run_config.from_dict(d)
     d["grpo"]["routing"] = "replay"
-    d["train"].update(steps=1, out_dir=str(tmp_path / "run"), mesh={"data": 2, "expert": 2, "tensor": 2})
+    d["train"].update(steps=1, batch_size=2, grad_accum=2, out_dir=str(tmp_path / "run"),
+                      mesh={"data": 2, "expert": 2, "tensor": 2})
     (rec,) = grpo.train(run_config.from_dict(d))
     assert rec["logprob_diff_max"] < 1e-4, rec
     assert rec["router_disagree_replayed"] == 0.0 and rec["router_disagree"] < 1e-3, rec

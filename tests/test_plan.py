@@ -109,3 +109,37 @@ def test_multi_lora_and_eagle_plans_fit_8_h100(extra):
     limit = plan.MEM_FRACTION * aot.device_memory_bytes("h100")
     free = limit - sum(v for k, v in r.items() if k not in ("cache", "draft cache"))
     assert sum(r.values()) <= limit - 0.1 * free + 2**20  # the engine's rule: the cache takes 90% of what is free
+
+
+@pytest.mark.gpu_compile
+def test_grpo_plan_holds_the_weights_once_beside_the_engine_and_the_trainer():
+    """configs/grpo-small4.yaml (8 prompts x 8 samples, data.seq_len 8192) on 8 x H100, one layer, nothing compiled:
+    the rollout engine's steps and the trainer's programs take the same base weights, resident once; the engine
+    holds one multi-LoRA slot (beside slot 0, the base) of the programs' own bytes, and a cache page for every token
+    of every sample, split over `expert`; the trainer holds fp32 adapters and AdamW's two moments. `--finetune` with
+    a grpo / dpo config plans that method."""
+    from flax import nnx
+
+    from small4_jax.lora.multi import AdapterIds, MultiLoRAParam
+
+    dep = plan.finetune("h100", plan.GRPO, layers=1)
+    r = dep.resident
+    assert dep.name == "grpo-small4-8xH100" and set(r) == {"weights", "adapters+adam", "lora slots", "cache"}
+    prefill, decode, logprobs, update = (p.program for p in dep.programs)
+    slots, ids, base = nnx.split_state(decode.args[0], MultiLoRAParam, AdapterIds, ...)
+    assert r["weights"] == plan.shard_bytes(update.args[2]) == plan.shard_bytes(logprobs.args[1])
+    assert 0 <= r["weights"] - plan.shard_bytes(base) < 1024  # + the adapters' per-layer flags (lora.PerLayer)
+    assert plan.shard_bytes(slots) == r["lora slots"] > 0 and plan.shard_bytes(ids) == 64 * 4
+    params, opt_state = update.args[:2]
+    assert 3 * plan.shard_bytes(params) <= r["adapters+adam"] <= 3 * plan.shard_bytes(params) + 64
+    rows, table = 64, -(-(8192 + 1) // 16)  # every sample, its longest sequence's pages
+    pages = decode.args[1]
+    assert pages.sharding.shard_shape(pages.shape)[1] * 8 == pages.shape[1] >= 8 * (rows // 8 * table + 1)
+    assert r["cache"] == plan.shard_bytes(pages) and dep.cache_tokens >= rows * 8193
+    assert decode.args[2].shape == (rows, 1) and decode.args[6].shape == (rows, table)
+    assert prefill.args[2].shape == (8, 8192 - 4096 + 1 + 15 - (8192 - 4096) % 16)  # the longest prompt, 16-aligned
+    assert update.args[3]["inputs"].shape == (8, 8, 8192)  # grad_accum 8 micro-batches of 8 rows, one per GPU
+    dpo = plan.finetune("h100", plan.DPO, layers=1)
+    assert dpo.name == "dpo-small4-8xH100" and [p.program.args[3]["inputs"].shape for p in dpo.programs] == \
+        [(4, 4, 2, 8192)]
+    assert dpo.resident["weights"] == r["weights"]

@@ -158,10 +158,16 @@ def router_disagreement(own, recorded):
     """The fraction of router decisions (token, layer, slot) where the expert the engine used (`recorded`) is not
     among the trainer's top-k (`own`), both [..., L, k]: the top-k compared as sets per token and layer. Counted
     over the (token, layer) rows the engine recorded (no -1: dense layers, padding, tokens it did not record)."""
+    missing, decisions = _disagreement_counts(own, recorded)
+    return missing / jnp.maximum(decisions, 1)
+
+
+def _disagreement_counts(own, recorded):
+    """(decisions missing from `own`, decisions counted): `router_disagreement`'s numerator and denominator."""
     recorded, own = jnp.asarray(recorded, jnp.int32), jnp.asarray(own, jnp.int32)
     valid = jnp.all(recorded >= 0, axis=-1, keepdims=True)  # [..., L, 1]
     missing = ~jnp.any(recorded[..., :, None] == own[..., None, :], axis=-1) & valid
-    return jnp.sum(missing) / jnp.maximum(jnp.sum(valid) * recorded.shape[-1], 1)
+    return jnp.sum(missing), jnp.sum(valid) * recorded.shape[-1]
 
 
 def make_steps(graphdef, cfg: RunConfig, tx, sched):
@@ -175,14 +181,20 @@ def make_steps(graphdef, cfg: RunConfig, tx, sched):
 
     @jax.jit
     def rollout_logprobs(params, frozen, batch):
-        """(trainer log-probs of the rollout policy, of the reference with the adapter off) [N, S], and the router
-        disagreement with the engine's recorded ids: of the trainer's own top-k, and (replay) of the ids it used."""
-        lp, (used, own) = logprobs(params, frozen, batch, return_routing=True)
-        ref = logprobs(jax.tree.map(jnp.zeros_like, params), frozen, batch) if g.kl_coef else lp
-        m = {"router_disagree": router_disagreement(own, batch["routing"])}
-        if replay:
-            m["router_disagree_replayed"] = router_disagreement(used, batch["routing"])
-        return lp, ref, m
+        """(trainer log-probs of the rollout policy, of the reference with the adapter off) for batch arrays
+        [grad_accum, rows per micro-batch, S], one micro-batch at a time (`lax.map`, as the update takes them), and
+        the router disagreement with the engine's recorded ids over all of them: of the trainer's own top-k, and
+        (replay) of the ids it used."""
+        def micro(b):
+            lp, (used, own) = logprobs(params, frozen, b, return_routing=True)
+            ref = logprobs(jax.tree.map(jnp.zeros_like, params), frozen, b) if g.kl_coef else lp
+            counts = {"router_disagree": _disagreement_counts(own, b["routing"])}
+            if replay:
+                counts["router_disagree_replayed"] = _disagreement_counts(used, b["routing"])
+            return lp, ref, counts
+
+        lp, ref, counts = jax.lax.map(micro, batch)
+        return lp, ref, {k: jnp.sum(c[0]) / jnp.maximum(jnp.sum(c[1]), 1) for k, c in counts.items()}
 
     def micro(p, frozen, b):
         lp = logprobs(p, frozen, b)
@@ -204,18 +216,24 @@ def make_steps(graphdef, cfg: RunConfig, tx, sched):
 class Rollouts:
     """The in-process engine over the base weights with one adapter slot, and the current adapter's installs."""
 
-    def __init__(self, cfg: RunConfig, base_model, tokenizer, longest_prompt: int, mesh=None):
+    @staticmethod
+    def engine_limits(cfg: RunConfig, longest_prompt: int) -> dict:
+        """The engine's sizes (also what `small4_jax.plan` plans): every sample of a step decoded together, a cache
+        page for each of their tokens at data.seq_len, prompts prefilled in one chunk, one adapter slot."""
         g = cfg.grpo
-        self.cfg, self.tokenizer = cfg, tokenizer
-        n = g.prompts_per_step * g.group_size
-        page = 16
+        n, page = g.prompts_per_step * g.group_size, 16
         max_len = -(-(cfg.data.seq_len + 1) // page) * page
         chunk = max(16, -(-longest_prompt // 16) * 16)
-        pages = g.engine_pages or n * (max_len // page) + 2
-        self.engine = Engine(base_model, tokenizer, max_batch=n, page_size=page, num_pages=pages,
-                             max_model_len=max_len, prefill_chunk=chunk, prefill_chunks=(chunk,), prefill_batch=1,
-                             batch_buckets=(n,), max_queue=max(256, n), seed=cfg.data.seed, max_loras=1,
-                             max_lora_rank=cfg.lora.rank, record_routing=True, mesh=mesh)
+        return dict(max_batch=n, page_size=page, num_pages=g.engine_pages or n * (max_len // page) + 2,
+                    max_model_len=max_len, prefill_chunk=chunk, prefill_batch=1, max_loras=1,
+                    max_lora_rank=cfg.lora.rank, record_routing=True)
+
+    def __init__(self, cfg: RunConfig, base_model, tokenizer, longest_prompt: int, mesh=None):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        lim = self.engine_limits(cfg, longest_prompt)
+        n, chunk = lim["max_batch"], lim["prefill_chunk"]
+        self.engine = Engine(base_model, tokenizer, **lim, prefill_chunks=(chunk,), batch_buckets=(n,),
+                             max_queue=max(256, n), seed=cfg.data.seed, mesh=mesh)
         self.dir = Path(tempfile.mkdtemp(prefix="grpo-adapter-"))
         self.name: str | None = None
 
@@ -360,12 +378,12 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
         adv = group_advantages(r, g.scale_rewards).reshape(-1)
         b = build_batch(prompts, samples, cfg.data.seq_len, tokenizer.pad_id or 0, keeps)
         engine_logp, reply = b.pop("engine_logp"), b.pop("reply")
-        old, ref, routing = rollout_logprobs(params, run.frozen, {k: v[0] for k, v in put_batch(b, 1, mesh).items()})
-        diff = np.abs(np.asarray(old) - engine_logp)[reply]
+        old, ref, routing = rollout_logprobs(params, run.frozen, put_batch(b, t.grad_accum, mesh))
+        old, ref = (np.asarray(x).reshape(engine_logp.shape) for x in (old, ref))
+        diff = np.abs(old - engine_logp)[reply]
         if g.routing != "replay":  # the update's forward routes itself
             del b["routing"]
-        b.update(old_logp=np.asarray(old), ref_logp=np.asarray(ref), adv=adv, coef=token_coefficients(b["weights"],
-                                                                                                          g.loss_agg))
+        b.update(old_logp=old, ref_logp=ref, adv=adv, coef=token_coefficients(b["weights"], g.loss_agg))
         rec = {"reward": float(r.mean()), "reward_std": float(r.std()),
                **{f"reward_{k}": float(np.mean([s[k] for s in scores])) for k in scores[0] if k != "reward"},
                "reply_tokens": float(np.mean([len(ids) for grp in samples for ids, *_ in grp])),

@@ -713,6 +713,32 @@ def _latent_weight(path, value) -> bool:
     return any(str(p) in LATENT_PROJ for p in path)
 
 
+def _shard_chunks(h: jax.Array, chunk: int):
+    """(cut, uncut) for the tokens h [n, H] in chunks of `chunk` per batch shard (`chunked_cross_entropy`):
+    cut [n, ...] -> [steps, shards * chunk, ...], step i holding chunk i of every shard (each shard's last chunk
+    padded with zeros); uncut [steps, shards * chunk, ...] -> [n, ...], the inverse for per-token results."""
+    mesh = mesh_of(h)
+    n = h.shape[0]
+    shards = math.prod(mesh.shape[a] for a in batch_axes(mesh, n)) if mesh is not None else 1
+    per_shard = n // shards
+    chunk = max(1, min(chunk, per_shard))
+    steps = -(-per_shard // chunk)
+    pad = steps * chunk - per_shard
+
+    def cut(x):
+        x = x.reshape(shards, per_shard, *x.shape[1:])
+        if pad:
+            x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        x = x.reshape(shards, steps, chunk, *x.shape[2:])
+        return jnp.swapaxes(x, 0, 1).reshape(steps, shards * chunk, *x.shape[3:])
+
+    def uncut(y):
+        y = jnp.swapaxes(y.reshape(steps, shards, chunk, *y.shape[2:]), 0, 1)
+        return y.reshape(shards, steps * chunk, *y.shape[3:])[:, :per_shard].reshape(n, *y.shape[3:])
+
+    return cut, uncut
+
+
 def chunked_cross_entropy(head: nnx.Module, h: jax.Array, targets, weights, chunk: int) -> tuple[jax.Array, jax.Array]:
     """(sum w * (logsumexp(z) - z[target]), sum w) with z = head(h) in float32, over tokens h [..., H].
 
@@ -727,24 +753,10 @@ def chunked_cross_entropy(head: nnx.Module, h: jax.Array, targets, weights, chun
     one device and every device computed it: the whole batch's logits on each.
     """
     dim = h.shape[-1]
-    mesh = mesh_of(h)
     h = h.reshape(-1, dim)
     targets = jnp.asarray(targets, jnp.int32).reshape(-1)
     weights = jnp.asarray(weights, jnp.float32).reshape(-1)
-    n = h.shape[0]
-    shards = math.prod(mesh.shape[a] for a in batch_axes(mesh, n)) if mesh is not None else 1
-    per_shard = n // shards
-    chunk = max(1, min(chunk, per_shard))
-    steps = -(-per_shard // chunk)
-    pad = steps * chunk - per_shard
-
-    def cut(x):  # [n, ...] -> [steps, shards * chunk, ...]: step i holds chunk i of every shard
-        x = x.reshape(shards, per_shard, *x.shape[1:])
-        if pad:
-            x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
-        x = x.reshape(shards, steps, chunk, *x.shape[2:])
-        return jnp.swapaxes(x, 0, 1).reshape(steps, shards * chunk, *x.shape[3:])
-
+    cut, _ = _shard_chunks(h, chunk)
     graphdef, state = nnx.split(head)
 
     @jax.checkpoint
@@ -764,15 +776,12 @@ def chunked_cross_entropy(head: nnx.Module, h: jax.Array, targets, weights, chun
 
 def chunked_token_logprobs(head: nnx.Module, h: jax.Array, targets, chunk: int) -> jax.Array:
     """log softmax(head(h))[target] in float32 per token [n] (tokens h [..., H] flattened), one [chunk, vocab] block
-    of logits at a time under `jax.checkpoint`, as `chunked_cross_entropy`."""
+    of logits at a time under `jax.checkpoint`, as `chunked_cross_entropy` (on a mesh each shard cuts its own tokens:
+    each device computes its tokens' logits, not the whole batch's)."""
     dim = h.shape[-1]
     h = h.reshape(-1, dim)
     targets = jnp.asarray(targets, jnp.int32).reshape(-1)
-    n = h.shape[0]
-    chunk = max(1, min(chunk, n))
-    pad = -n % chunk
-    if pad:
-        h, targets = jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(targets, (0, pad))
+    cut, uncut = _shard_chunks(h, chunk)
     graphdef, state = nnx.split(head)
 
     @jax.checkpoint
@@ -781,8 +790,7 @@ def chunked_token_logprobs(head: nnx.Module, h: jax.Array, targets, chunk: int) 
         z = (m.attend(hc) if isinstance(m, nnx.Embed) else m(hc)).astype(jnp.float32)
         return jnp.take_along_axis(z, tc[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(z, axis=-1)
 
-    out = jax.lax.map(lambda xs: chunk_logprobs(state, *xs), (h.reshape(-1, chunk, dim), targets.reshape(-1, chunk)))
-    return out.reshape(-1)[:n]
+    return uncut(jax.lax.map(lambda xs: chunk_logprobs(state, *xs), (cut(h), cut(targets))))
 
 
 def init_model(config: Small4Config, *, seed: int = 0, dtype="float32", quantize: str | None = None,

@@ -27,7 +27,10 @@ Serving is `infer.serve` at its engine flags (`infer.cli.add_engine_args` defaul
 (90% of what is free after everything else resident, `infer.engine.engine.pages_for_memory`), sharded over the batch axes
 (`sharding.RULES`: data-parallel attention, the engine's default `cache_axes`), the largest prefill step (the
 engine's [shards x prefill_batch, prefill_chunk]) and decode step ([max_batch, 1]) over the widest page table, and
-the vision encoder on one 1540 x 1540 image. `--finetune CONFIG` adds `train.finetune`'s step on the same GPUs.
+the vision encoder on one 1540 x 1540 image. `--finetune CONFIG` adds `train.finetune`'s step on the same GPUs; for
+a config with `train.method: grpo` (configs/grpo-small4.yaml) the rollout engine's prefill and decode steps (one
+multi-LoRA slot, a cache for every sample) and the trainer's two programs, the base weights resident once for both;
+for `dpo` (configs/dpo-small4.yaml) its step (policy and adapter-off reference forwards).
 
 Extending: a deployment is a `Deployment` (programs + resident bytes); a preset is a function in `PRESETS`; a
 column of the per-program rows is a function in `ROW_COLUMNS` (deployment, program, compiled, one-device compiled
@@ -62,10 +65,13 @@ from small4_jax.parallel.sharding import MESH_AXES, batch_axes, parse_mesh
 from small4_jax.tools import aot, token_cost
 from small4_jax.tools import aot_programs as ap
 from train.config import load as load_run
+from train.grpo import Rollouts
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "configs" / "small4-119b.yaml"
 FINETUNE = ROOT / "configs" / "finetune-small4.yaml"
+GRPO = ROOT / "configs" / "grpo-small4.yaml"
+DPO = ROOT / "configs" / "dpo-small4.yaml"
 SERVE_MESH = "data=1,expert=8,tensor=1"  # the README's serving command
 MEM_FRACTION = 0.92  # XLA_PYTHON_CLIENT_MEM_FRACTION in launch/slurm/*.sbatch and launch/k8s
 
@@ -212,13 +218,22 @@ def serve(target: str, shape: dict[str, int], *, config=None, layers: int | None
                       mem_fraction=mem_fraction, cache_tokens=tokens, per_token=per_token)
 
 
-def finetune(target: str, config_path: str | os.PathLike = FINETUNE, *, shape: dict[str, int] | None = None,
-             layers: int | None = None, hosts: int = 1, name: str | None = None,
-             mem_fraction: float = MEM_FRACTION) -> Deployment:
-    """`train.finetune --config CONFIG`: one train step at the config's batch, on its mesh (or `shape`)."""
+def _run_config(config_path, layers: int | None):
     run = load_run(config_path)
     if layers:
         run = dataclasses.replace(run, model=run.model.replace(num_hidden_layers=layers))
+    return run
+
+
+def finetune(target: str, config_path: str | os.PathLike = FINETUNE, *, shape: dict[str, int] | None = None,
+             layers: int | None = None, hosts: int = 1, name: str | None = None,
+             mem_fraction: float = MEM_FRACTION) -> Deployment:
+    """`train.finetune --config CONFIG`: one train step at the config's batch, on its mesh (or `shape`); a config
+    with `train.method: grpo | dpo` is planned by `grpo` / `dpo`."""
+    run = _run_config(config_path, layers)
+    if run.train.method in ("grpo", "dpo"):
+        return {"grpo": grpo, "dpo": dpo}[run.train.method](target, config_path, shape=shape, layers=layers,
+                                                            hosts=hosts, name=name, mem_fraction=mem_fraction)
     shape = shape or dict(run.train.mesh)
     mesh, one = _meshes(target, shape, hosts)
     program = ap.lora_train_step(run, mesh)
@@ -230,6 +245,77 @@ def finetune(target: str, config_path: str | os.PathLike = FINETUNE, *, shape: d
                       {"weights": shard_bytes(frozen), "adapters+adam": shard_bytes((params, opt_state))},
                       f"micro-batch {micro} x {run.data.seq_len} tokens, {run.train.grad_accum} accumulated",
                       mem_fraction=mem_fraction)
+
+
+def grpo(target: str, config_path: str | os.PathLike = GRPO, *, shape: dict[str, int] | None = None,
+         layers: int | None = None, hosts: int = 1, name: str | None = None,
+         mem_fraction: float = MEM_FRACTION) -> Deployment:
+    """`train.finetune --config CONFIG` with `train.method: grpo` on its mesh (or `shape`): the in-process engine's
+    prefill and decode steps (train/grpo.py's `Rollouts.engine_limits`: one multi-LoRA slot of lora.rank, a cache
+    page for every token of every sample at data.seq_len, split over the batch axes as the engine splits it, the
+    longest prompt data.seq_len - grpo.max_tokens + 1 prefilled in one chunk per cache shard, the decode batch every
+    sample of a step) and the trainer's (`ap.grpo_steps`: the rollouts' log-probs, the update). Resident on every
+    GPU through all of them: the base weights ONCE (the engine serves the trainer's arrays), the adapters + AdamW,
+    the engine's slot and its cache."""
+    run = _run_config(config_path, layers)
+    shape = shape or dict(run.train.mesh)
+    mesh, one = _meshes(target, shape, hosts)
+    config, dtype, g = run.model, run.base.dtype, run.grpo
+    lim = Rollouts.engine_limits(run, run.data.seq_len - g.max_tokens + 1)
+    cache_axes = default_cache_axes(mesh, lim["max_batch"])  # the engine's default
+    d = math.prod(mesh.shape[a] for a in cache_axes)
+    page, table = lim["page_size"], lim["max_model_len"] // lim["page_size"]
+    num_pages = -(-lim["num_pages"] // d) * d
+    rows, chunk = -(-lim["max_batch"] // d) * d, lim["prefill_chunk"]
+    slots = (lim["max_loras"] + 1, lim["max_lora_rank"])
+    kw = dict(table_pages=table, page_size=page, dtype=dtype, lora_slots=slots, absorbed=True,
+              record_routing=lim["record_routing"])
+    ref_pages = max(num_pages // d, table + 1)  # one cache shard's pages (as `serve`'s one-device reference)
+
+    def step(m, n, tokens, axes, pages):
+        return lambda: ap.serve_step(config, m, rows=n, tokens=tokens, num_pages=pages, cache_axes=axes, **kw)
+
+    prefill, decode = step(mesh, d * lim["prefill_batch"], chunk, cache_axes, num_pages)(), \
+        step(mesh, rows, 1, cache_axes, num_pages)()
+    logprobs, update = ap.grpo_steps(run, mesh)
+    params, opt_state, frozen = update.args[:3]
+    lora_slots = abstract_slots(config, *slots, dtype=dtype)
+    resident = {"weights": shard_bytes(frozen), "adapters+adam": shard_bytes((params, opt_state)),
+                "lora slots": shard_bytes(aot.placed(lora_slots, mesh, slot_spec)),
+                "cache": shard_bytes(prefill.args[1])}
+    programs = [Planned(prefill, step(one, d * lim["prefill_batch"], chunk, (), ref_pages)),
+                Planned(decode, step(one, rows, 1, (), ref_pages)),
+                Planned(logprobs, lambda: ap.grpo_steps(run, one)[0]),
+                Planned(update, lambda: ap.grpo_steps(run, one)[1])]
+    n = math.prod(shape.values())
+    tokens = (num_pages - d) * page
+    samples = g.prompts_per_step * g.group_size
+    note = (f"{g.prompts_per_step} prompts x {g.group_size} samples of up to {g.max_tokens} tokens in data.seq_len "
+            f"{run.data.seq_len}; {tokens:,} cache tokens; update micro-batch {samples // run.train.grad_accum} x "
+            f"{run.data.seq_len}, {run.train.grad_accum} accumulated")
+    return Deployment(name or f"{Path(config_path).stem}-{n}x{target.upper()}", target, n,
+                      _layout(shape, mesh, samples // run.train.grad_accum, cache_axes), programs, resident, note,
+                      mem_fraction=mem_fraction, cache_tokens=tokens)
+
+
+def dpo(target: str, config_path: str | os.PathLike = DPO, *, shape: dict[str, int] | None = None,
+        layers: int | None = None, hosts: int = 1, name: str | None = None,
+        mem_fraction: float = MEM_FRACTION) -> Deployment:
+    """`train.finetune --config CONFIG` with `train.method: dpo` on its mesh (or `shape`): one step
+    (`ap.dpo_update_step`: the policy's forward and backward and the adapter-off reference's forward over the same
+    weights)."""
+    run = _run_config(config_path, layers)
+    shape = shape or dict(run.train.mesh)
+    mesh, one = _meshes(target, shape, hosts)
+    program = ap.dpo_update_step(run, mesh)
+    params, opt_state, frozen = program.args[:3]
+    n = math.prod(shape.values())
+    pairs = run.train.batch_size // run.train.grad_accum
+    return Deployment(name or f"{Path(config_path).stem}-{n}x{target.upper()}", target, n,
+                      _layout(shape, mesh, 2 * pairs), [Planned(program, lambda: ap.dpo_update_step(run, one))],
+                      {"weights": shard_bytes(frozen), "adapters+adam": shard_bytes((params, opt_state))},
+                      f"micro-batch {pairs} pairs (2 x {pairs} rows) x {run.data.seq_len} tokens, "
+                      f"{run.train.grad_accum} accumulated", mem_fraction=mem_fraction)
 
 
 def long_prompt(target: str, layers: int | None = None, mem_fraction: float = MEM_FRACTION) -> Deployment:
@@ -298,6 +384,8 @@ PRESETS: dict[str, Callable[[int | None, float], Deployment]] = {
                                                       mem_fraction=f),
     "finetune-small4-8xH200": lambda layers, f: finetune("h200", layers=layers, name="finetune-small4-8xH200",
                                                       mem_fraction=f),
+    "grpo-small4-8xH100": lambda layers, f: grpo("h100", layers=layers, name="grpo-small4-8xH100", mem_fraction=f),
+    "dpo-small4-8xH100": lambda layers, f: dpo("h100", layers=layers, name="dpo-small4-8xH100", mem_fraction=f),
     "serve-262k-prompt-8xH100": lambda layers, f: long_prompt("h100", layers, f),
     "decode-ragged-64-8xH100": lambda layers, f: ragged_decode("h100", layers, f),
 }
@@ -342,19 +430,25 @@ ROW_COLUMNS: list[Callable[..., dict]] = [memory_columns, cost_columns, per_toke
 
 def program_row(dep: Deployment, planned: Planned, *, ideal: bool = True, compiled: aot.Compiled | None = None, reference: aot.Compiled | None = None) -> dict:
     """One row of the table: the program compiled for the deployment (and on one device for the ideal)."""
+    def error(e):
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
     try:
         c = compiled or planned.program.compile()
-        ref = reference or (planned.reference().compile() if ideal and planned.reference else None)
     except Exception as e:  # noqa: BLE001 - report it in the table, keep going
-        return dict(deployment=dep.name, layout=dep.layout, program=planned.program.name,
-                    error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        return dict(deployment=dep.name, layout=dep.layout, program=planned.program.name, error=error(e))
+    ref, unplanned = reference, ""
+    try:
+        ref = ref or (planned.reference().compile() if ideal and planned.reference else None)
+    except Exception as e:  # noqa: BLE001 - the program's row without its ideal (e.g. XLA at one device's batch)
+        unplanned = f"no ideal: the one-device program did not compile ({error(e)[:120]})"
     row = dict(deployment=dep.name, layout=dep.layout, program=planned.program.name, devices=dep.devices,
                cache_tokens=dep.cache_tokens)
     for column in ROW_COLUMNS:
         row.update(column(dep, planned.program, c, ref))
     checked = dep.check(c.memory) if dep.check is not None else ""
     row.update(seconds=round(c.seconds + (ref.seconds if ref else 0.0), 1),
-               note="; ".join(filter(None, [dep.note, checked, *c.notes])))
+               note="; ".join(filter(None, [dep.note, checked, unplanned, *c.notes])))
     return row
 
 
