@@ -256,7 +256,10 @@ class MultiLoRA:
             old = var[...]
             new = old.at[index].set(block.astype(old.dtype))
             placed = isinstance(getattr(old, "sharding", None), NamedSharding)  # on a mesh: keep it where it was
-            var[...] = jax.device_put(new, old.sharding) if placed else new
+            # on one device, a copy: jax 0.10's eager scatter leaves in its result's type the mesh of an earlier call
+            # on a same-shaped array on a mesh, and a later one-device engine's step then traced a shard_map with no
+            # context mesh (tests/test_grpo.py: a one-device run after one on a mesh)
+            var[...] = jax.device_put(new, old.sharding, may_alias=None if placed else False)
 
         for site_path, (m, j) in self.sites.items():
             w = weights.get(site_path)
