@@ -287,6 +287,25 @@ def test_one_step_of_the_demo_rolls_out_through_the_engine_on_a_mesh(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "1").is_dir()
 
 
+def test_the_rollout_engine_holds_every_sample_on_a_split_cache():
+    """The engine GRPO builds on train.mesh (its cache split over data x expert = 4 shards of one row each) takes
+    every sample of a step at full length: each shard holds its rows' pages beside its own null page (the rule the
+    engine checks when it starts; a cache sized for one device, 18 pages, left each shard 48 of 64 tokens)."""
+    from infer.engine.engine import Engine
+    from small4_jax.parallel.placement import place_model
+    from small4_jax.parallel.sharding import make_mesh
+
+    d = run_config.load(ROOT / "configs/grpo-tiny.yaml").to_dict()
+    d["grpo"].update(group_size=2, prompts_per_step=2, max_tokens=3)
+    cfg = run_config.from_dict(d)
+    mesh = make_mesh({"data": 2, "expert": 2, "tensor": 2})
+    lim = grpo.Rollouts.engine_limits(cfg, 31, mesh)
+    assert lim["num_pages"] == 4 * (1 * 64 // 16 + 2) and lim["max_model_len"] == 64
+    model = place_model(init_model(cfg.model, seed=0, dtype="float32"), mesh)
+    engine = Engine(model, load_tokenizer(cfg), **lim, prefill_chunks=(lim["prefill_chunk"],), mesh=mesh)
+    assert engine.cache_shards == 4 and engine.pool.capacity >= 4 * 64 // 16
+
+
 def test_a_stopped_run_resumes_exactly(tmp_path):
     """GRPO stopped after step 1 (its checkpoint: adapter, AdamW, step, data position, RNG) and resumed with --resume
     draws the same rollouts and takes the same update at step 2 as a run never stopped: every metric but the

@@ -49,6 +49,7 @@ construction.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import tempfile
 import time
@@ -64,6 +65,7 @@ from flax import nnx
 from infer.engine.engine import Engine, SamplingOptions
 from small4_jax.errors import ConfigError
 from small4_jax.lora import adapters as lora
+from small4_jax.nn.paged import default_cache_axes
 from train import loop, rewards
 from train.config import RunConfig
 from train.data import DataError, RowError, batch_indices, prompt_ids, prompt_reason, read_jsonl
@@ -217,20 +219,24 @@ class Rollouts:
     """The in-process engine over the base weights with one adapter slot, and the current adapter's installs."""
 
     @staticmethod
-    def engine_limits(cfg: RunConfig, longest_prompt: int) -> dict:
+    def engine_limits(cfg: RunConfig, longest_prompt: int, mesh=None) -> dict:
         """The engine's sizes (also what `small4_jax.plan` plans): every sample of a step decoded together, a cache
-        page for each of their tokens at data.seq_len, prompts prefilled in one chunk, one adapter slot."""
+        page for each of their tokens at data.seq_len, prompts prefilled in one chunk, one adapter slot. On `mesh`
+        the cache is split over the engine's default cache axes (`paged.default_cache_axes`), each shard holding its
+        rows' pages and a null page of its own."""
         g = cfg.grpo
         n, page = g.prompts_per_step * g.group_size, 16
         max_len = -(-(cfg.data.seq_len + 1) // page) * page
         chunk = max(16, -(-longest_prompt // 16) * 16)
-        return dict(max_batch=n, page_size=page, num_pages=g.engine_pages or n * (max_len // page) + 2,
+        d = math.prod(mesh.shape[a] for a in default_cache_axes(mesh, n)) if mesh is not None else 1
+        pages = g.engine_pages or d * (-(-n // d) * (max_len // page) + 2)
+        return dict(max_batch=n, page_size=page, num_pages=pages,
                     max_model_len=max_len, prefill_chunk=chunk, prefill_batch=1, max_loras=1,
                     max_lora_rank=cfg.lora.rank, record_routing=True)
 
     def __init__(self, cfg: RunConfig, base_model, tokenizer, longest_prompt: int, mesh=None):
         self.cfg, self.tokenizer = cfg, tokenizer
-        lim = self.engine_limits(cfg, longest_prompt)
+        lim = self.engine_limits(cfg, longest_prompt, mesh)
         n, chunk = lim["max_batch"], lim["prefill_chunk"]
         self.engine = Engine(base_model, tokenizer, **lim, prefill_chunks=(chunk,), batch_buckets=(n,),
                              max_queue=max(256, n), seed=cfg.data.seed, mesh=mesh)
