@@ -9,6 +9,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 _cache = Path(__file__).resolve().parent.parent / ".cache" / "jax"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_cache))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# The suite compiles hundreds of tiny programs on XLA:CPU; most of each compile is LLVM optimising code that then runs
+# for milliseconds. jax's own switch for that case (LLVM at -O0, its expensive passes off; XLA's HLO passes and the
+# numerics' rules - no fast math - are unchanged) cut tests/test_paged.py's CPU time by a third. Set in the
+# environment, so the subprocesses the tests start (launch/local.py's jobs, the CLIs) inherit it. Deviceless GPU
+# compiles (`gpu_compile`) run with every optimisation on: they stand for the real GPU build (pytest_runtest_protocol).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import small4_jax  # noqa: E402, F401 - first: quiets the CUDA plugin where no GPU driver is (console.quiet_cuda_plugin)
 import jax  # noqa: E402
@@ -30,6 +36,25 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu_compile: compiles programs for H100/H200 (sm_90a) without a GPU")
+    config.addinivalue_line("markers", "optimized: compiles with every optimisation on (long-running programs)")
+
+
+_FAST_COMPILES = jax.config.values["jax_disable_most_optimizations"]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Fast compiles but for `gpu_compile` tests and `optimized` ones (programs that run long enough to repay LLVM's
+    work: a 100-step fine-tune ran 20% longer at -O0), their module-scoped fixtures (set up inside the test) and the
+    subprocesses they start included."""
+    fast = _FAST_COMPILES and not any(item.get_closest_marker(m) for m in ("gpu_compile", "optimized"))
+    jax.config.update("jax_disable_most_optimizations", fast)
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = str(int(fast))
+    try:
+        return (yield)
+    finally:
+        jax.config.update("jax_disable_most_optimizations", _FAST_COMPILES)
+        os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = str(int(_FAST_COMPILES))
 
 
 def _require_gpu_compile() -> bool:

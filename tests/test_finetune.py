@@ -54,6 +54,7 @@ def trained(tmp_path_factory):
     return cfg, records, tmp, time.time() - t0
 
 
+@pytest.mark.optimized  # sets up `trained`: 100 steps run longer at -O0 than LLVM's optimisation takes
 def test_fine_tune_cuts_loss_and_generation_reproduces_answers(trained):
     from train.export import load_run
 
@@ -152,6 +153,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs}
 
 
+@pytest.mark.optimized  # 3 runs of 14 steps
 def test_sigkill_then_resume_reproduces_losses(tmp_path):
     import orbax.checkpoint as ocp
 
