@@ -273,7 +273,11 @@ def test_one_step_of_the_demo_rolls_out_through_the_engine_on_a_mesh(tmp_path):
     with pytest.raises(ConfigError, match=r"grpo.routing = 'bogus'; expected one of \['replay', 'recompute'\]"):
         run_config.from_dict(d)
     d["grpo"]["routing"] = "replay"
-    d["train"].update(steps=1, batch_size=2, grad_accum=2, out_dir=str(tmp_path / "run"),
+    d["train"].update(grad_accum=3)  # the step's 8 rollouts split into micro-batches (train.batch_size not read)
+    with pytest.raises(ConfigError, match=r": train.grad_accum = 3 must divide grpo.prompts_per_step x group_size = 8 "
+                                          r"\(the step's rollouts, split into micro-batches\)$"):
+        run_config.from_dict(d)
+    d["train"].update(steps=1, batch_size=1, grad_accum=2, out_dir=str(tmp_path / "run"),
                       mesh={"data": 2, "expert": 2, "tensor": 2})
     (rec,) = grpo.train(run_config.from_dict(d))
     assert rec["logprob_diff_max"] < 1e-4, rec

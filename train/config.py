@@ -212,7 +212,12 @@ def _check(c: RunConfig) -> None:
     t = c.train
     if t.steps <= 0 or t.batch_size <= 0 or t.grad_accum <= 0:
         raise ConfigError(f"{s}: train.steps, batch_size and grad_accum must be positive")
-    if t.batch_size % t.grad_accum:
+    if t.method == "grpo":  # a step's rows are its rollouts (train.batch_size is not read)
+        rows = g.prompts_per_step * g.group_size
+        if rows % t.grad_accum:
+            raise ConfigError(f"{s}: train.grad_accum = {t.grad_accum} must divide grpo.prompts_per_step x "
+                              f"group_size = {rows} (the step's rollouts, split into micro-batches)")
+    elif t.batch_size % t.grad_accum:
         raise ConfigError(f"{s}: train.batch_size = {t.batch_size} must be a multiple of grad_accum = {t.grad_accum}")
     if t.loss_chunk <= 0:
         raise ConfigError(f"{s}: train.loss_chunk = {t.loss_chunk} must be a positive number of tokens (the "

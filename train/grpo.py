@@ -341,8 +341,6 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
     directory, train.mesh placement, checkpoints, metrics, resume) is SFT's: `train.trainer.Run`; the rollout engine
     serves the same base arrays on the same mesh."""
     g, t = cfg.grpo, cfg.train
-    if t.grad_accum > 1 and (g.prompts_per_step * g.group_size) % t.grad_accum:
-        raise ConfigError(f"{cfg.source}: train.grad_accum = {t.grad_accum} must divide prompts_per_step x group_size")
     out = prepare_run_dir(cfg, resume)
     tokenizer = load_tokenizer(cfg)
     reward_fn = rewards.build(g.rewards, tokenizer=tokenizer)
