@@ -382,12 +382,14 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
         adv = group_advantages(r, g.scale_rewards).reshape(-1)
         b = build_batch(prompts, samples, cfg.data.seq_len, tokenizer.pad_id or 0, keeps)
         engine_logp, reply = b.pop("engine_logp"), b.pop("reply")
-        old, ref, routing = rollout_logprobs(params, run.frozen, put_batch(b, t.grad_accum, mesh))
+        batch = put_batch(b, t.grad_accum, mesh)  # on the devices once, for both programs
+        old, ref, routing = rollout_logprobs(params, run.frozen, batch)
         old, ref = (np.asarray(x).reshape(engine_logp.shape) for x in (old, ref))
         diff = np.abs(old - engine_logp)[reply]
         if g.routing != "replay":  # the update's forward routes itself
-            del b["routing"]
-        b.update(old_logp=old, ref_logp=ref, adv=adv, coef=token_coefficients(b["weights"], g.loss_agg))
+            del batch["routing"]
+        batch.update(put_batch(dict(old_logp=old, ref_logp=ref, adv=adv,
+                                    coef=token_coefficients(b["weights"], g.loss_agg)), t.grad_accum, mesh))
         rec = {"reward": float(r.mean()), "reward_std": float(r.std()),
                **{f"reward_{k}": float(np.mean([s[k] for s in scores])) for k in scores[0] if k != "reward"},
                "reply_tokens": float(np.mean([len(ids) for grp in samples for ids, *_ in grp])),
@@ -395,7 +397,7 @@ def train(cfg: RunConfig, *, resume: bool = False, stop_after: int | None = None
                "logprob_diff_mean": float(diff.mean()) if diff.size else 0.0,
                **{k: float(v) for k, v in routing.items()},
                "cached_prompt_tokens": rollouts.cached_tokens, "rollout_s": round(t1 - t0, 3)}
-        return put_batch(b, t.grad_accum, mesh), rec
+        return batch, rec
 
     def step(s: int) -> dict:
         batch, rec = prepare(s, run.params)
