@@ -14,7 +14,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # numerics' rules - no fast math - are unchanged) cut tests/test_paged.py's CPU time by a third. Set in the
 # environment, so the subprocesses the tests start (launch/local.py's jobs, the CLIs) inherit it. Deviceless GPU
 # compiles (`gpu_compile`) run with every optimisation on: they stand for the real GPU build (pytest_runtest_protocol).
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# Only on the CPU platform: on a GPU machine (benchmarks/gpu_suite.sh: JAX_PLATFORMS=cuda,cpu) every program is
+# compiled as it runs in production.
+if os.environ["JAX_PLATFORMS"] == "cpu":
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import small4_jax  # noqa: E402, F401 - first: quiets the CUDA plugin where no GPU driver is (console.quiet_cuda_plugin)
 import jax  # noqa: E402
@@ -39,7 +42,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "optimized: compiles with every optimisation on (long-running programs)")
 
 
-_FAST_COMPILES = jax.config.values["jax_disable_most_optimizations"]
+_FAST_COMPILES = bool(jax.config.values.get("jax_disable_most_optimizations", False))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -47,7 +50,9 @@ def pytest_runtest_protocol(item, nextitem):
     """Fast compiles but for `gpu_compile` tests and `optimized` ones (programs that run long enough to repay LLVM's
     work: a 100-step fine-tune ran 20% longer at -O0), their module-scoped fixtures (set up inside the test) and the
     subprocesses they start included."""
-    fast = _FAST_COMPILES and not any(item.get_closest_marker(m) for m in ("gpu_compile", "optimized"))
+    if not _FAST_COMPILES:  # (a GPU machine: nothing to switch)
+        return (yield)
+    fast = not any(item.get_closest_marker(m) for m in ("gpu_compile", "optimized"))
     jax.config.update("jax_disable_most_optimizations", fast)
     os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = str(int(fast))
     try:
